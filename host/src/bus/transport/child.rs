@@ -1,0 +1,470 @@
+//! The child-process transport: length-delimited CBOR frames over a byte
+//! stream (a child's stdin and stdout).
+//!
+//! # Wire format
+//! Each frame is a 4-byte big-endian length followed by that many bytes of
+//! CBOR: one [`Frame`]. Payloads inside a frame are themselves CBOR byte
+//! strings, so the envelope can be read without knowing the message types,
+//! and f32 vectors travel as byte strings, not arrays of floats.
+//!
+//! # Invariants
+//! - No frame larger than `max_frame` is sent or accepted. Sending one fails
+//!   that request with [`BusError::FrameTooLarge`] and leaves the connection
+//!   up; receiving one (or any bytes that are not a frame) means the stream
+//!   can no longer be trusted, so the connection is closed and every request
+//!   in flight fails at once with [`BusError::PeerGone`] naming the cause.
+//! - A request's caller that gives up (drops its future) removes its pending
+//!   entry and sends a `Cancel` frame; the peer drops the handler's future.
+//!   A reply for an id no longer pending is dropped and counted
+//!   (`bus_late_replies_total`).
+//! - End of stream or a read error fails every pending request at once,
+//!   rather than at its timeout.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::bus::{Body, BoxFuture, BusError, Envelope, ErrorCode, RemoteError, RequestId, Router, TraceContext};
+use crate::limits;
+
+/// Metric: replies that arrived after their caller gave up.
+pub const METRIC_LATE_REPLIES: &str = "bus_late_replies_total";
+
+/// Frames queued for the writer before senders wait: enough to keep the pipe
+/// busy, small enough to bound memory.
+const WRITE_QUEUE: usize = 64;
+
+/// Length of the frame header.
+const HEADER: usize = 4;
+
+/// One unit on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Frame {
+    Request {
+        id: u64,
+        message: String,
+        /// Microseconds left before the caller's deadline.
+        deadline_us: Option<u64>,
+        trace: TraceContext,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    Response {
+        id: u64,
+        result: Result<serde_bytes::ByteBuf, RemoteError>,
+    },
+    Cancel {
+        id: u64,
+    },
+}
+
+/// Why the frame layer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Length-delimited frames with an explicit maximum, reporting an oversized
+/// frame as [`FrameError::TooLarge`] before reading (or allocating for) it.
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl FrameCodec {
+    /// A codec accepting frames of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        let inner = LengthDelimitedCodec::builder().length_field_length(HEADER).max_frame_length(max).new_codec();
+        FrameCodec { inner, max }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        if src.len() >= HEADER {
+            let size = (&src[..HEADER]).get_u32() as usize;
+            if size > self.max {
+                return Err(FrameError::TooLarge { size, max: self.max });
+            }
+        }
+        Ok(self.inner.decode(src)?)
+    }
+}
+
+impl Encoder<Bytes> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), FrameError> {
+        if item.len() > self.max {
+            return Err(FrameError::TooLarge { size: item.len(), max: self.max });
+        }
+        Ok(self.inner.encode(item, dst)?)
+    }
+}
+
+fn encode_frame(frame: &Frame, max: usize) -> Result<Bytes, BusError> {
+    let mut out = Vec::new();
+    ciborium::into_writer(frame, &mut out)
+        .map_err(|e| BusError::Encode { what: "frame".into(), reason: e.to_string() })?;
+    if out.len() > max {
+        return Err(BusError::FrameTooLarge { size: out.len(), max });
+    }
+    Ok(out.into())
+}
+
+fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
+    ciborium::from_reader(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Result<Body, BusError>>>;
+
+struct Shared {
+    peer: String,
+    max_frame: usize,
+    pending: Mutex<Pending>,
+    /// Why the connection is closed, once it is.
+    closed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gone(&self, reason: &str) -> BusError {
+        BusError::PeerGone { peer: self.peer.clone(), reason: reason.to_string() }
+    }
+
+    /// Closes the connection for `reason` and fails every pending request.
+    fn close(&self, reason: String) {
+        {
+            let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            if closed.is_some() {
+                return;
+            }
+            tracing::debug!(peer = %self.peer, %reason, "connection closed");
+            *closed = Some(reason.clone());
+        }
+        for (_, waiter) in self.pending().drain() {
+            let _ = waiter.send(Err(self.gone(&reason)));
+        }
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.closed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The client end of a frame connection: a [`super::Transport`].
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<Bytes>,
+}
+
+impl Connection {
+    /// Runs a connection over `reader`/`writer` (the peer's stdout and stdin)
+    /// on background tasks, which end when the stream ends.
+    pub fn new<R, W>(peer: &str, reader: R, writer: W, max_frame: usize) -> Self
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = Arc::new(Shared {
+            peer: peer.to_string(),
+            max_frame,
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(write_loop(FramedWrite::new(writer, FrameCodec::new(max_frame)), rx, shared.clone()));
+        tokio::spawn(client_read_loop(FramedRead::new(reader, FrameCodec::new(max_frame)), shared.clone()));
+        Connection { shared, writer: tx }
+    }
+
+    /// Why the connection is closed, or `None` while it is up.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.shared.closed_reason()
+    }
+
+    /// Closes the connection: every pending request fails with `reason`.
+    pub fn close(&self, reason: impl Into<String>) {
+        self.shared.close(reason.into());
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut sink: FramedWrite<W, FrameCodec>,
+    mut frames: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+) {
+    while let Some(frame) = frames.recv().await {
+        // Feed what is queued, then flush once: fewer syscalls under load.
+        let mut result = sink.feed(frame).await;
+        while result.is_ok() {
+            match frames.try_recv() {
+                Ok(frame) => result = sink.feed(frame).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result.and(sink.flush().await) {
+            shared.close(format!("cannot write to the peer: {e}"));
+            return;
+        }
+    }
+}
+
+async fn client_read_loop<R: AsyncRead + Unpin>(mut frames: FramedRead<R, FrameCodec>, shared: Arc<Shared>) {
+    let reason = loop {
+        let bytes = match frames.next().await {
+            None => break "the peer closed its output".to_string(),
+            Some(Err(e)) => break format!("bad data from the peer: {e}"),
+            Some(Ok(bytes)) => bytes,
+        };
+        match decode_frame(&bytes) {
+            Ok(Frame::Response { id, result }) => {
+                let waiter = shared.pending().remove(&id);
+                match waiter {
+                    Some(waiter) => {
+                        let result = result
+                            .map(|b| Body::Encoded(Bytes::from(b.into_vec())))
+                            .map_err(BusError::Remote);
+                        let _ = waiter.send(result);
+                    }
+                    None => {
+                        tracing::debug!(peer = %shared.peer, id, "late reply dropped");
+                        metrics::counter!(METRIC_LATE_REPLIES).increment(1);
+                    }
+                }
+            }
+            Ok(other) => break format!("the peer sent an unexpected frame: {other:?}"),
+            Err(e) => break format!("bad data from the peer: {e}"),
+        }
+    };
+    shared.close(reason);
+}
+
+impl super::Transport for Connection {
+    fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    fn call(&self, envelope: Envelope) -> BoxFuture<Result<Body, BusError>> {
+        let shared = self.shared.clone();
+        let writer = self.writer.clone();
+        async move {
+            if let Some(reason) = shared.closed_reason() {
+                return Err(shared.gone(&reason));
+            }
+            let id = envelope.id.0;
+            let body = envelope.body.into_bytes(&envelope.message)?;
+            let frame = Frame::Request {
+                id,
+                message: envelope.message.into_owned(),
+                deadline_us: envelope.deadline.map(|d| d.as_micros().min(u64::MAX as u128) as u64),
+                trace: envelope.trace,
+                body: body.into(),
+            };
+            let bytes = encode_frame(&frame, shared.max_frame)?;
+            let (tx, rx) = oneshot::channel();
+            shared.pending().insert(id, tx);
+            // From here on, dropping this future cancels the request.
+            let mut guard = CancelOnDrop { shared: shared.clone(), writer: writer.clone(), id, armed: true };
+            if writer.send(bytes).await.is_err() {
+                guard.armed = false;
+                shared.pending().remove(&id);
+                let reason = shared.closed_reason().unwrap_or_else(|| "the writer stopped".into());
+                return Err(shared.gone(&reason));
+            }
+            let result = match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(shared.gone(&shared.closed_reason().unwrap_or_default())),
+            };
+            guard.armed = false;
+            result
+        }
+        .boxed()
+    }
+}
+
+struct CancelOnDrop {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<Bytes>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.shared.pending().remove(&self.id).is_some() {
+            if let Ok(frame) = encode_frame(&Frame::Cancel { id: self.id }, self.shared.max_frame) {
+                // Best effort: a full queue means the peer is far behind; the
+                // reply will then be dropped as late.
+                let _ = self.writer.try_send(frame);
+            }
+        }
+    }
+}
+
+/// Serves `router` to the client at the other end of `reader`/`writer` until
+/// the stream ends. Each request runs on its own task; a `Cancel` frame
+/// aborts it.
+///
+/// # Errors
+/// Returns why the connection ended, if not by a clean end of stream.
+pub async fn serve_stream<R, W>(router: Router, reader: R, writer: W, max_frame: usize) -> Result<(), FrameError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let router = Arc::new(router);
+    let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let shared = Arc::new(Shared {
+        peer: "client".into(),
+        max_frame,
+        pending: Mutex::new(HashMap::new()),
+        closed: Mutex::new(None),
+    });
+    let writer_task = tokio::spawn(write_loop(FramedWrite::new(writer, FrameCodec::new(max_frame)), rx, shared));
+    let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
+    let mut frames = FramedRead::new(reader, FrameCodec::new(max_frame));
+    let result = loop {
+        let bytes = match frames.next().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e),
+            Some(Ok(bytes)) => bytes,
+        };
+        match decode_frame(&bytes) {
+            Ok(Frame::Request { id, message, deadline_us, trace, body }) => {
+                let envelope = Envelope {
+                    id: RequestId(id),
+                    message: message.into(),
+                    deadline: deadline_us.map(Duration::from_micros),
+                    trace,
+                    body: Body::Encoded(body.into()),
+                };
+                let handler = router.dispatch(envelope);
+                let tx = tx.clone();
+                let running_for_task = running.clone();
+                let mut table = running.lock().unwrap_or_else(|p| p.into_inner());
+                let task = tokio::spawn(async move {
+                    let result = match handler.await {
+                        Ok(body) => body.into_bytes("response").map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string())),
+                        Err(e) => Err(e),
+                    };
+                    running_for_task.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    let frame = Frame::Response { id, result: result.map(|b| serde_bytes::ByteBuf::from(b.to_vec())) };
+                    let bytes = match encode_frame(&frame, max_frame) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            let code = if matches!(e, BusError::FrameTooLarge { .. }) { ErrorCode::FrameTooLarge } else { ErrorCode::Internal };
+                            let frame = Frame::Response { id, result: Err(RemoteError::new(code, e.to_string())) };
+                            match encode_frame(&frame, max_frame) {
+                                Ok(bytes) => bytes,
+                                Err(_) => return,
+                            }
+                        }
+                    };
+                    let _ = tx.send(bytes).await;
+                });
+                table.insert(id, task.abort_handle());
+            }
+            Ok(Frame::Cancel { id }) => {
+                if let Some(task) = running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                    tracing::debug!(id, "request cancelled by the client");
+                    task.abort();
+                }
+            }
+            Ok(Frame::Response { .. }) => break Err(FrameError::Malformed("a client sent a response frame".into())),
+            Err(e) => break Err(e),
+        }
+    };
+    for (_, task) in running.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        task.abort();
+    }
+    drop(tx);
+    let _ = writer_task.await;
+    result
+}
+
+/// Serves `router` on this process's stdin/stdout: the body of a child
+/// process. Nothing else may write to stdout.
+///
+/// # Errors
+/// As [`serve_stream`].
+pub async fn serve_stdio(router: Router, max_frame: usize) -> Result<(), FrameError> {
+    serve_stream(router, tokio::io::stdin(), tokio::io::stdout(), max_frame).await
+}
+
+/// A child process serving the bus on its stdin/stdout. Its stderr lines are
+/// forwarded to `tracing` with the child's pid. The child is killed when this
+/// value is dropped.
+pub struct ChildProcess {
+    connection: Connection,
+    child: tokio::process::Child,
+    pid: u32,
+}
+
+impl ChildProcess {
+    /// Spawns `command` with piped stdio and connects to it.
+    ///
+    /// # Errors
+    /// The spawn error, if the program cannot be started.
+    pub fn spawn(mut command: tokio::process::Command, name: &str) -> io::Result<Self> {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = child.stdin.take().ok_or_else(|| io::Error::other("child has no stdin"))?;
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("child has no stdout"))?;
+        if let Some(stderr) = child.stderr.take() {
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(target: "embedhost::child", child = %name, pid, "{line}");
+                }
+            });
+        }
+        let connection = Connection::new(&format!("{name} (pid {pid})"), stdout, stdin, limits::MAX_FRAME_BYTES);
+        Ok(ChildProcess { connection, child, pid })
+    }
+
+    /// The bus connection to the child.
+    pub fn connection(&self) -> Connection {
+        self.connection.clone()
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Kills the child and waits for it to exit.
+    ///
+    /// # Errors
+    /// The error of the kill or wait system calls.
+    pub async fn kill(&mut self) -> io::Result<()> {
+        self.child.kill().await
+    }
+}

@@ -1,0 +1,168 @@
+//! The message catalogue: every message the bus carries, with its request
+//! and response types (the seed's catalogue, in Rust).
+//!
+//! Idempotence decides retries (see [`crate::bus::Message::IDEMPOTENT`]):
+//! reads and embeddings are idempotent; `worker.index` queues work, but
+//! queueing the same paths twice is harmless (files already queued or
+//! unchanged are skipped), so it is idempotent too. `worker.init`,
+//! `model.download` and `shutdown` have effects a second run could repeat
+//! while the first is still under way, so they are not retried.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Empty, Message};
+use crate::vectors::Vectors;
+
+macro_rules! message {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, idempotent = $idem:literal, $req:ty => $resp:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $ty;
+        impl Message for $ty {
+            const NAME: &'static str = $name;
+            const IDEMPOTENT: bool = $idem;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}
+
+/// `worker.init`: open or create the index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub db_dir: PathBuf,
+    pub user_data_path: PathBuf,
+}
+
+/// Answer to `worker.init`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitResponse {
+    pub ready: bool,
+}
+
+/// `worker.search`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchRequest {
+    pub query: String,
+    pub limit: u32,
+}
+
+/// One search hit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub path: PathBuf,
+    pub start_line: u32,
+    pub end_line: u32,
+    pub score: f32,
+    pub text: String,
+}
+
+/// Answer to `worker.search`, best first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub results: Vec<SearchResult>,
+}
+
+/// `worker.index`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexRequest {
+    pub paths: Vec<PathBuf>,
+}
+
+/// Answer to `worker.index`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexResponse {
+    pub queued: u64,
+}
+
+/// Answer to `worker.stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsResponse {
+    pub indexed: u64,
+    pub queued: u64,
+    pub processing: u64,
+}
+
+/// `embedder.embed`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmbedRequest {
+    pub texts: Vec<String>,
+    /// The seed's `isQuery`: queries and documents may embed differently.
+    pub is_query: bool,
+}
+
+/// Answer to `embedder.embed`: one vector per text, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmbedResponse {
+    pub vectors: Vectors,
+}
+
+/// Answer to `embedder.health`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthResponse {
+    /// Memory in use, in bytes.
+    pub memory: u64,
+    /// Texts processed since the embedder started.
+    pub processed_count: u64,
+}
+
+/// Answer to `model.check`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelCheckResponse {
+    pub exists: bool,
+    pub path: Option<PathBuf>,
+}
+
+/// `model.download`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelDownloadRequest {
+    pub path: PathBuf,
+}
+
+/// Answer to `model.download`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelDownloadResponse {
+    pub success: bool,
+    pub error: Option<String>,
+}
+
+/// `shutdown`: stop gracefully.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    /// Why the host asks (logged by the peer).
+    pub reason: String,
+}
+
+message!(/// Open or create the index.
+    WorkerInit, "worker.init", idempotent = false, InitRequest => InitResponse);
+message!(/// Search the index by meaning.
+    WorkerSearch, "worker.search", idempotent = true, SearchRequest => SearchResponse);
+message!(/// Queue files and folders for indexing.
+    WorkerIndex, "worker.index", idempotent = true, IndexRequest => IndexResponse);
+message!(/// Index counters.
+    WorkerStats, "worker.stats", idempotent = true, Empty => StatsResponse);
+message!(/// Embed a batch of texts.
+    EmbedderEmbed, "embedder.embed", idempotent = true, EmbedRequest => EmbedResponse);
+message!(/// The embedder's memory and processed count.
+    EmbedderHealth, "embedder.health", idempotent = true, Empty => HealthResponse);
+message!(/// Whether the model files are present.
+    ModelCheck, "model.check", idempotent = true, Empty => ModelCheckResponse);
+message!(/// Fetch the model files.
+    ModelDownload, "model.download", idempotent = false, ModelDownloadRequest => ModelDownloadResponse);
+message!(/// Stop gracefully.
+    Shutdown, "shutdown", idempotent = false, ShutdownRequest => Empty);
+
+/// Every message name, for checks that each is served.
+pub const ALL: &[&str] = &[
+    WorkerInit::NAME,
+    WorkerSearch::NAME,
+    WorkerIndex::NAME,
+    WorkerStats::NAME,
+    EmbedderEmbed::NAME,
+    EmbedderHealth::NAME,
+    ModelCheck::NAME,
+    ModelDownload::NAME,
+    Shutdown::NAME,
+];
