@@ -1,0 +1,276 @@
+//! `embedhost.toml`: which backend, which plugin, with which settings.
+//!
+//! Lookup order: `--config FILE`, else `./embedhost.toml`, else
+//! `embedhost.toml` in the user's config directory, else built-in defaults
+//! (the built-in stub plugin), so `embedhost embed "hello"` runs with no
+//! file at all.
+//!
+//! # Invariants
+//! - Unknown keys are errors naming the key and the file: a typo never
+//!   silently falls back to a default.
+//! - Relative paths in a file are relative to that file's directory, so a
+//!   config works from any working directory.
+//!
+//! ```toml
+//! backend = "wasm"
+//!
+//! [plugin]
+//! path = "plugins/my-embedder.wasm"   # omit for the built-in stub
+//! config = { dimension = 384 }        # passed to the plugin's `init`
+//!
+//! [limits]
+//! memory_mb = 1024
+//! call_deadline_ms = 30000
+//! init_deadline_ms = 60000
+//!
+//! [cache]
+//! dir = "/var/cache/embedhost"        # precompiled plugins
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::limits;
+use crate::wasm::{InstanceLimits, PluginSource};
+
+/// The config file's name.
+pub const FILE_NAME: &str = "embedhost.toml";
+
+/// Environment variable that overrides the artifact cache directory.
+pub const CACHE_DIR_ENV: &str = "EMBEDHOST_CACHE_DIR";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file `{path}`: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Which embedder implementation serves `embedder.*`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A WebAssembly component run by wasmtime.
+    #[default]
+    Wasm,
+}
+
+/// A plugin config value: TOML strings, numbers and booleans are all passed
+/// to the plugin as strings (the contract's table is `string -> string`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::String(s) => f.write_str(s),
+            Value::Integer(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    /// The plugin file; `None` for the built-in stub.
+    pub path: Option<PathBuf>,
+    /// Passed to the plugin's `init`.
+    #[serde(default)]
+    pub config: BTreeMap<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Cap on each instance's linear memory, in MiB.
+    pub memory_mb: u64,
+    /// Deadline of one `embed` or `health` call, in milliseconds.
+    pub call_deadline_ms: u64,
+    /// Deadline of `init`, in milliseconds.
+    pub init_deadline_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            memory_mb: limits::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024),
+            call_deadline_ms: limits::DEFAULT_CALL_DEADLINE.as_millis() as u64,
+            init_deadline_ms: limits::DEFAULT_INIT_DEADLINE.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Where precompiled plugins are kept.
+    pub dir: Option<PathBuf>,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default)]
+    pub plugin: PluginSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub cache: CacheSection,
+    /// The file this came from, if any.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses `text`, read from `path`; relative paths are resolved against
+    /// `path`'s directory.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the file and the offending key.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(plugin) = config.plugin.path.as_mut() {
+            if plugin.is_relative() {
+                *plugin = base.join(&*plugin);
+            }
+        }
+        if let Some(dir) = config.cache.dir.as_mut() {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        if config.limits.memory_mb == 0 || config.limits.call_deadline_ms == 0 || config.limits.init_deadline_ms == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "every value in [limits] must be greater than zero".into(),
+            });
+        }
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Reads the config file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Invalid`], naming the file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// The configuration by the lookup order in the module docs.
+    ///
+    /// # Errors
+    /// As [`Config::read`], for the file found.
+    pub fn discover(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(path) = explicit {
+            return Self::read(path);
+        }
+        let local = PathBuf::from(FILE_NAME);
+        if local.is_file() {
+            return Self::read(&local);
+        }
+        if let Some(dirs) = project_dirs() {
+            let user = dirs.config_dir().join(FILE_NAME);
+            if user.is_file() {
+                return Self::read(&user);
+            }
+        }
+        Ok(Config::default())
+    }
+
+    /// The plugin to load.
+    pub fn plugin_source(&self) -> PluginSource {
+        match &self.plugin.path {
+            Some(path) => PluginSource::File(path.clone()),
+            None => PluginSource::builtin_stub(),
+        }
+    }
+
+    /// The table passed to the plugin's `init`.
+    pub fn plugin_config(&self) -> Vec<(String, String)> {
+        self.plugin.config.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+    }
+
+    /// Per-instance limits.
+    pub fn instance_limits(&self) -> InstanceLimits {
+        InstanceLimits {
+            memory_bytes: self.limits.memory_mb.saturating_mul(1024 * 1024),
+            call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
+            init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
+        }
+    }
+
+    /// The artifact cache directory: `$EMBEDHOST_CACHE_DIR`, else the
+    /// config's `[cache] dir`, else the user's cache directory.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        std::env::var_os(CACHE_DIR_ENV)
+            .map(PathBuf::from)
+            .or_else(|| self.cache.dir.clone())
+            .or_else(|| project_dirs().map(|d| d.cache_dir().join("artifacts")))
+    }
+}
+
+fn project_dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "embedhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("/etc/x/embedhost.toml")).unwrap();
+        assert_eq!(c.backend, Backend::Wasm);
+        assert!(c.plugin.path.is_none());
+        assert_eq!(c.instance_limits(), InstanceLimits::default());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_and_values_become_strings() {
+        let text = "backend = \"wasm\"\n[plugin]\npath = \"p.wasm\"\nconfig = { dimension = 8, name = \"x\", on = true }\n";
+        let c = Config::parse(text, Path::new("/etc/x/embedhost.toml")).unwrap();
+        assert_eq!(c.plugin.path.as_deref(), Some(Path::new("/etc/x/p.wasm")));
+        assert_eq!(
+            c.plugin_config(),
+            vec![("dimension".into(), "8".into()), ("name".into(), "x".into()), ("on".into(), "true".into())]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let err = Config::parse("[limits]\nmemory_mbs = 5\n", Path::new("conf/embedhost.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("memory_mbs"), "{msg}");
+        assert!(msg.contains("conf/embedhost.toml"), "{msg}");
+        let err = Config::parse("backnd = \"wasm\"\n", Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("backnd") && err.contains("a.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_backend_and_zero_limits_are_refused() {
+        let err = Config::parse("backend = \"gpu\"\n", Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("gpu"), "{err}");
+        let err = Config::parse("[limits]\nmemory_mb = 0\n", Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("greater than zero"), "{err}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The embedder as a bus peer: the `embedder.*` handlers over a backend.
+//!
+//! Error mapping (backend error → [`RemoteError`] code), which decides what
+//! the bus may retry:
+//! - a crash of the instance (trap, memory cap, lost instance) →
+//!   [`ErrorCode::Unavailable`]: retryable, the next attempt runs on a fresh
+//!   instance;
+//! - a call past its deadline → [`ErrorCode::DeadlineExceeded`]: not
+//!   retried, the same input would take as long again;
+//! - an input the plugin refuses → [`ErrorCode::InvalidInput`] with its index;
+//! - invalid output, a refused configuration, a model failure →
+//!   [`ErrorCode::Failed`].
+
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{Empty, ErrorCode, RemoteError, RequestContext, Router};
+use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHealth, HealthResponse, Shutdown};
+use crate::vectors::Vectors;
+use crate::wasm::{PluginError, WasmEmbedder, WasmError};
+
+impl From<WasmError> for RemoteError {
+    fn from(e: WasmError) -> Self {
+        let message = e.to_string();
+        match e {
+            WasmError::DeadlineExceeded { .. } => RemoteError::new(ErrorCode::DeadlineExceeded, message),
+            e if e.is_crash() => RemoteError::new(ErrorCode::Unavailable, message),
+            WasmError::Plugin { error: PluginError::InvalidInput { index, .. }, .. } => {
+                RemoteError::invalid_input(index, message)
+            }
+            WasmError::InvalidOutput { index, .. } => {
+                RemoteError { code: ErrorCode::Failed, message, index }
+            }
+            _ => RemoteError::new(ErrorCode::Failed, message),
+        }
+    }
+}
+
+/// A router serving `embedder.embed`, `embedder.health` and `shutdown` from a
+/// WASM embedder. The request's remaining deadline becomes the plugin call's
+/// deadline.
+pub fn wasm_router(embedder: WasmEmbedder) -> Router {
+    let mut router = Router::new();
+    let for_embed = embedder.clone();
+    router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
+        let embedder = for_embed.clone();
+        async move {
+            let vectors = embedder.embed(request.texts, request.is_query, ctx.deadline).await?;
+            Ok(EmbedResponse { vectors })
+        }
+    });
+    router.handle::<EmbedderHealth, _, _>(move |ctx: RequestContext, _: Empty| {
+        let embedder = embedder.clone();
+        async move {
+            let health = embedder.health(ctx.deadline).await?;
+            Ok(HealthResponse { memory: health.memory_bytes, processed_count: health.processed })
+        }
+    });
+    router.handle::<Shutdown, _, _>(|_, request| async move {
+        tracing::info!(reason = %request.reason, "shutdown requested");
+        Ok(Empty {})
+    });
+    router
+}
+
+/// A router serving the stub engine natively, in this process: the body of
+/// the `embedhost child` process. It computes the same vectors as the stub
+/// plugin, from the same crate.
+pub fn native_stub_router(config: embedhost_stub_engine::StubConfig) -> Router {
+    let engine = Arc::new(Mutex::new(embedhost_stub_engine::StubEngine::new(config)));
+    let mut router = Router::new();
+    let for_embed = engine.clone();
+    router.handle::<EmbedderEmbed, _, _>(move |_, request: EmbedRequest| {
+        let engine = for_embed.clone();
+        async move {
+            let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+            let data = engine.embed(&request.texts);
+            let vectors = Vectors::new(engine.dimension(), data)
+                .map_err(|e| RemoteError::new(ErrorCode::Failed, e.to_string()))?;
+            Ok(EmbedResponse { vectors })
+        }
+    });
+    router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {
+        let engine = engine.clone();
+        async move {
+            let processed = engine.lock().unwrap_or_else(|p| p.into_inner()).processed();
+            Ok(HealthResponse { memory: 0, processed_count: processed })
+        }
+    });
+    router.handle::<Shutdown, _, _>(|_, _| async { Ok(Empty {}) });
+    router
+}

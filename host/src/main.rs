@@ -1,0 +1,5 @@
+//! The `embedhost` binary; see [`embedhost::cli`].
+
+fn main() -> std::process::ExitCode {
+    embedhost::cli::main()
+}

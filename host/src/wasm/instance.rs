@@ -1,0 +1,332 @@
+//! Plugin instances: a synchronous [`Instance`] (one `Store`), and
+//! [`WasmEmbedder`], which runs one on a dedicated thread for async callers.
+//!
+//! Why a dedicated thread: a call into a plugin is CPU-bound for as long as
+//! the model takes. Running it on a tokio worker would stall every other task
+//! on that worker; a thread per instance gives each instance a core and keeps
+//! the runtime responsive.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use wasmtime::Store;
+
+use super::bindings::Plugin;
+use super::bindings::exports::embedhost::embedder::embedder::InputKind;
+use super::host::HostState;
+use super::{InstanceLimits, ModelInfo, PluginError, WasmError, WasmPlugin, deadline_ticks};
+use crate::vectors::Vectors;
+
+/// Jobs queued for an instance's thread before callers wait. One instance
+/// runs one call at a time; a short queue keeps it busy between calls.
+const JOB_QUEUE: usize = 16;
+
+/// A plugin's health report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub memory_bytes: u64,
+    pub processed: u64,
+}
+
+/// One live instance of a plugin: a `Store`, initialised.
+pub struct Instance {
+    store: Store<HostState>,
+    plugin: Plugin,
+    info: ModelInfo,
+    limits: InstanceLimits,
+}
+
+impl Instance {
+    /// Instantiates `plugin` in a fresh store and calls `init(config)`.
+    ///
+    /// # Errors
+    /// [`WasmError::Instantiate`], a crash of `init` ([`WasmError::Trap`],
+    /// [`WasmError::DeadlineExceeded`], [`WasmError::MemoryCap`]), or
+    /// [`WasmError::Plugin`] when `init` refuses the configuration.
+    pub fn start(plugin: &WasmPlugin, limits: InstanceLimits, config: &[(String, String)]) -> Result<Self, WasmError> {
+        let engine = plugin.engine().engine();
+        let mut store = Store::new(engine, HostState::new(plugin.shared_name(), limits.memory_bytes));
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
+        let bindings = plugin.pre().instantiate(&mut store).map_err(|e| {
+            classify(&store, "instantiate", limits.init_deadline, e, |reason| WasmError::Instantiate {
+                name: plugin.name().to_string(),
+                reason,
+            })
+        })?;
+        let mut instance = Instance {
+            store,
+            plugin: bindings,
+            info: ModelInfo { model_id: String::new(), dimension: 0, max_input_tokens: 0, normalized: false },
+            limits,
+        };
+        let info = instance.call("init", limits.init_deadline, |plugin, store| {
+            plugin.embedhost_embedder_embedder().call_init(store, config)
+        })?;
+        let info: ModelInfo = info.map_err(|e| WasmError::Plugin { call: "init", error: e.into() })?.into();
+        if info.dimension == 0 {
+            return Err(WasmError::InvalidOutput { index: None, reason: "`init` declared dimension 0".into() });
+        }
+        instance.info = info;
+        Ok(instance)
+    }
+
+    /// What `init` reported.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Embeds `texts`, validating the output.
+    ///
+    /// # Errors
+    /// A crash ([`WasmError::is_crash`]: the instance must then be dropped),
+    /// the plugin's error value, or [`WasmError::InvalidOutput`].
+    pub fn embed(&mut self, texts: &[String], kind: InputKind, deadline: Option<Duration>) -> Result<Vectors, WasmError> {
+        let deadline = deadline.unwrap_or(self.limits.call_deadline);
+        let result = self.call("embed", deadline, |plugin, store| {
+            plugin.embedhost_embedder_embedder().call_embed(store, texts, kind)
+        })?;
+        let embeddings = result.map_err(|e| WasmError::Plugin { call: "embed", error: e.into() })?;
+        validate(&self.info, texts.len(), embeddings.dimension, embeddings.data)
+    }
+
+    /// Calls `health`.
+    ///
+    /// # Errors
+    /// A crash, as for [`Instance::embed`].
+    pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
+        let deadline = deadline.unwrap_or(self.limits.call_deadline);
+        let report =
+            self.call("health", deadline, |plugin, store| plugin.embedhost_embedder_embedder().call_health(store))?;
+        Ok(Health { memory_bytes: report.memory_bytes, processed: report.processed })
+    }
+
+    fn call<T>(
+        &mut self,
+        name: &'static str,
+        deadline: Duration,
+        f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, WasmError> {
+        self.store.set_epoch_deadline(deadline_ticks(deadline));
+        f(&self.plugin, &mut self.store).map_err(|e| {
+            classify(&self.store, name, deadline, e, |reason| WasmError::Trap { call: name, reason })
+        })
+    }
+}
+
+/// Turns a wasmtime error into the typed error it stands for.
+fn classify(
+    store: &Store<HostState>,
+    call: &'static str,
+    deadline: Duration,
+    error: wasmtime::Error,
+    otherwise: impl FnOnce(String) -> WasmError,
+) -> WasmError {
+    if let Some(hit) = error.downcast_ref::<super::MemoryCapHit>() {
+        return WasmError::MemoryCap { call, source: super::MemoryCapHit { limit: hit.limit, desired: hit.desired } };
+    }
+    if let Some(desired) = store.data().limiter.hit {
+        // The growth was refused and the plugin trapped on the failure.
+        return WasmError::MemoryCap { call, source: super::MemoryCapHit { limit: store.data().limiter.limit, desired } };
+    }
+    if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+        return WasmError::DeadlineExceeded { call, deadline };
+    }
+    otherwise(format!("{error:#}"))
+}
+
+/// Checks the contract on a plugin's output.
+fn validate(info: &ModelInfo, texts: usize, dimension: u32, data: Vec<f32>) -> Result<Vectors, WasmError> {
+    if dimension != info.dimension {
+        return Err(WasmError::InvalidOutput {
+            index: None,
+            reason: format!("vectors of dimension {dimension}, but `init` declared {}", info.dimension),
+        });
+    }
+    let expected = texts * dimension as usize;
+    if data.len() != expected {
+        return Err(WasmError::InvalidOutput {
+            index: None,
+            reason: format!(
+                "{} floats for {texts} texts of dimension {dimension} (expected {expected})",
+                data.len()
+            ),
+        });
+    }
+    if let Some(at) = data.iter().position(|x| !x.is_finite()) {
+        let index = (at / dimension as usize) as u32;
+        return Err(WasmError::InvalidOutput {
+            index: Some(index),
+            reason: format!("the vector of input {index} contains {}", data[at]),
+        });
+    }
+    Vectors::new(dimension as usize, data)
+        .map_err(|e| WasmError::InvalidOutput { index: None, reason: e.to_string() })
+}
+
+enum Job {
+    Embed {
+        texts: Vec<String>,
+        kind: InputKind,
+        deadline: Option<Duration>,
+        reply: oneshot::Sender<Result<Vectors, WasmError>>,
+    },
+    Health {
+        deadline: Option<Duration>,
+        reply: oneshot::Sender<Result<Health, WasmError>>,
+    },
+}
+
+/// One plugin instance on its own thread, for async callers.
+///
+/// After a crash the `Store` is dropped, and the next call starts a fresh
+/// instance (calling `init` again). Supervision policy (restart intensity,
+/// backoff, pools) builds on this; see `supervisor`.
+#[derive(Clone)]
+pub struct WasmEmbedder {
+    jobs: mpsc::Sender<Job>,
+    info: Arc<ModelInfo>,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for WasmEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmEmbedder").field("name", &self.name).field("info", &self.info).finish()
+    }
+}
+
+impl WasmEmbedder {
+    /// Starts an instance of `plugin` on a new thread and initialises it.
+    ///
+    /// # Errors
+    /// The first instance's start error (see [`Instance::start`]).
+    pub async fn start(
+        plugin: WasmPlugin,
+        limits: InstanceLimits,
+        config: Vec<(String, String)>,
+    ) -> Result<Self, WasmError> {
+        let name = plugin.shared_name();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs, rx) = mpsc::channel(JOB_QUEUE);
+        let thread_name = name.clone();
+        std::thread::Builder::new()
+            .name("embedhost-wasm".into())
+            .spawn(move || run(plugin, limits, config, rx, ready_tx))
+            .map_err(|e| WasmError::Instantiate { name: thread_name.to_string(), reason: format!("no thread: {e}") })?;
+        let gone = || WasmError::InstanceGone { name: name.to_string() };
+        let info = ready_rx.await.map_err(|_| gone())??;
+        Ok(WasmEmbedder { jobs, info: Arc::new(info), name })
+    }
+
+    /// What the plugin's `init` reported.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Embeds `texts` within `deadline` (or the configured call deadline).
+    ///
+    /// # Errors
+    /// As [`Instance::embed`], or [`WasmError::InstanceGone`].
+    pub async fn embed(&self, texts: Vec<String>, is_query: bool, deadline: Option<Duration>) -> Result<Vectors, WasmError> {
+        let kind = if is_query { InputKind::Query } else { InputKind::Document };
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Embed { texts, kind, deadline, reply }).await?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    /// Calls the plugin's `health`.
+    ///
+    /// # Errors
+    /// As [`Instance::health`], or [`WasmError::InstanceGone`].
+    pub async fn health(&self, deadline: Option<Duration>) -> Result<Health, WasmError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Health { deadline, reply }).await?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), WasmError> {
+        self.jobs.send(job).await.map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> WasmError {
+        WasmError::InstanceGone { name: self.name.to_string() }
+    }
+}
+
+fn run(
+    plugin: WasmPlugin,
+    limits: InstanceLimits,
+    config: Vec<(String, String)>,
+    mut jobs: mpsc::Receiver<Job>,
+    ready: oneshot::Sender<Result<ModelInfo, WasmError>>,
+) {
+    let mut instance = match Instance::start(&plugin, limits, &config) {
+        Ok(instance) => {
+            let _ = ready.send(Ok(instance.model_info().clone()));
+            Some(instance)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut incarnation = 1u64;
+    while let Some(job) = jobs.blocking_recv() {
+        let cancelled = match &job {
+            Job::Embed { reply, .. } => reply.is_closed(),
+            Job::Health { reply, .. } => reply.is_closed(),
+        };
+        if cancelled {
+            continue;
+        }
+        if instance.is_none() {
+            incarnation += 1;
+            let started = Instant::now();
+            match Instance::start(&plugin, limits, &config) {
+                Ok(fresh) => {
+                    tracing::info!(plugin = plugin.name(), incarnation, elapsed = ?started.elapsed(), "instance restarted");
+                    instance = Some(fresh);
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = plugin.name(), incarnation, error = %e, "instance restart failed");
+                    match job {
+                        Job::Embed { reply, .. } => drop(reply.send(Err(e))),
+                        Job::Health { reply, .. } => drop(reply.send(Err(e))),
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(live) = instance.as_mut() else { continue };
+        let crashed = match job {
+            Job::Embed { texts, kind, deadline, reply } => {
+                let result = live.embed(&texts, kind, deadline);
+                let crashed = result.as_ref().err().filter(|e| e.is_crash()).map(ToString::to_string);
+                let _ = reply.send(result);
+                crashed
+            }
+            Job::Health { deadline, reply } => {
+                let result = live.health(deadline);
+                let crashed = result.as_ref().err().filter(|e| e.is_crash()).map(ToString::to_string);
+                let _ = reply.send(result);
+                crashed
+            }
+        };
+        if let Some(reason) = crashed {
+            tracing::warn!(plugin = plugin.name(), incarnation, %reason, "instance crashed; its store is dropped");
+            instance = None;
+        }
+    }
+}
+
+impl PluginError {
+    /// Whether this error names one input of the batch.
+    pub fn index(&self) -> Option<u32> {
+        match self {
+            PluginError::InvalidInput { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+}

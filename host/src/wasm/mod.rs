@@ -1,0 +1,358 @@
+//! The WebAssembly backend: plugins are components of `wit/embedder.wit`,
+//! run by wasmtime in a sandbox.
+//!
+//! # Invariants
+//! - One [`WasmEngine`] per process: one compiler configuration, one epoch
+//!   ticker thread (which stops when the engine is dropped).
+//! - A [`WasmPlugin`] is compiled once (or loaded from the artifact cache) and
+//!   linked once (`InstancePre`); each instance is a fresh `Store` from it.
+//! - Every call into a plugin has a deadline (epoch interruption) and every
+//!   instance a memory cap. A trap, a deadline or the cap yields a typed
+//!   [`WasmError`]; it never crashes or hangs the host. A `Store` that trapped
+//!   is never entered again: the instance is discarded.
+//! - Plugin output is validated at the boundary: a vector of the wrong
+//!   dimension, or with a NaN or infinite value, is an error, never passed on.
+
+mod cache;
+mod host;
+mod instance;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, OptLevel};
+
+pub use cache::{ArtifactCache, CacheOutcome, sha256_hex, write_atomic};
+pub use host::MemoryCapHit;
+pub use instance::{Instance, WasmEmbedder};
+
+use crate::limits;
+
+/// Host bindings of the `plugin` world, generated from `wit/`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+/// The contract's interface a plugin must export.
+pub const EXPORTED_INTERFACE: &str = "embedhost:embedder/embedder@0.1.0";
+
+/// Errors of the WASM backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WasmError {
+    /// The plugin file cannot be read.
+    #[error("cannot read plugin `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+
+    /// The file is not a WebAssembly component.
+    #[error("`{name}` is not a WebAssembly component: {reason}")]
+    NotAComponent { name: String, reason: String },
+
+    /// The component does not implement the embedder world.
+    #[error("`{name}` is a component but not an embedhost plugin: {reason}")]
+    WrongWorld { name: String, reason: String },
+
+    /// The component failed to compile.
+    #[error("cannot compile `{name}`: {reason}")]
+    Compile { name: String, reason: String },
+
+    /// Instantiation failed (for example, the start function trapped).
+    #[error("cannot instantiate `{name}`: {reason}")]
+    Instantiate { name: String, reason: String },
+
+    /// The plugin trapped. The instance is discarded.
+    #[error("plugin trapped in `{call}`: {reason}")]
+    Trap { call: &'static str, reason: String },
+
+    /// A call ran past its deadline and was interrupted. The instance is
+    /// discarded.
+    #[error("`{call}` ran past its {deadline:?} deadline and was interrupted")]
+    DeadlineExceeded { call: &'static str, deadline: Duration },
+
+    /// The plugin tried to grow its memory past the cap. The instance is
+    /// discarded.
+    #[error("plugin exceeded its memory limit in `{call}`: {source}")]
+    MemoryCap { call: &'static str, source: MemoryCapHit },
+
+    /// The plugin returned an error value.
+    #[error("plugin refused `{call}`: {error}")]
+    Plugin { call: &'static str, error: PluginError },
+
+    /// The plugin's output breaks the contract.
+    #[error("plugin returned invalid output: {reason}")]
+    InvalidOutput { index: Option<u32>, reason: String },
+
+    /// The instance's worker thread is gone (it panicked or was shut down).
+    #[error("plugin instance `{name}` is gone")]
+    InstanceGone { name: String },
+}
+
+impl WasmError {
+    /// Whether the instance that produced this error must be discarded.
+    pub fn is_crash(&self) -> bool {
+        matches!(
+            self,
+            WasmError::Trap { .. }
+                | WasmError::DeadlineExceeded { .. }
+                | WasmError::MemoryCap { .. }
+                | WasmError::InstanceGone { .. }
+        )
+    }
+}
+
+/// An `embed-error` value returned by a plugin, in host types.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid input {index}: {reason}")]
+    InvalidInput { index: u32, reason: String },
+    #[error("not initialized")]
+    NotInitialized,
+    #[error("model failure: {0}")]
+    ModelFailure(String),
+}
+
+impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
+    fn from(e: bindings::embedhost::embedder::types::EmbedError) -> Self {
+        use bindings::embedhost::embedder::types::EmbedError as E;
+        match e {
+            E::InvalidConfig(s) => PluginError::InvalidConfig(s),
+            E::InvalidInput(i) => PluginError::InvalidInput { index: i.index, reason: i.reason },
+            E::NotInitialized => PluginError::NotInitialized,
+            E::ModelFailure(s) => PluginError::ModelFailure(s),
+        }
+    }
+}
+
+/// The wasmtime engine shared by every plugin of the process, with its epoch
+/// ticker and artifact cache.
+#[derive(Clone)]
+pub struct WasmEngine {
+    engine: Engine,
+    cache: Option<ArtifactCache>,
+}
+
+impl std::fmt::Debug for WasmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmEngine").field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl WasmEngine {
+    /// An engine with epoch interruption, caching compiled components in
+    /// `cache` (or not at all).
+    ///
+    /// # Errors
+    /// wasmtime's error if the configuration is refused on this machine.
+    pub fn new(cache: Option<ArtifactCache>) -> wasmtime::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&config)?;
+        spawn_epoch_ticker(&engine);
+        Ok(WasmEngine { engine, cache })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The artifact cache, if any.
+    pub fn cache(&self) -> Option<&ArtifactCache> {
+        self.cache.as_ref()
+    }
+}
+
+/// Increments the engine's epoch every [`limits::EPOCH_TICK`] until the
+/// engine is dropped. Deadlines are counted in ticks.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new().name("embedhost-epoch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(limits::EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        // Without the ticker no deadline fires; refuse to run blind.
+        panic!("cannot start the epoch ticker thread: {e}");
+    }
+}
+
+/// Epoch ticks for a deadline, rounded up, at least one.
+pub(crate) fn deadline_ticks(deadline: Duration) -> u64 {
+    let tick = limits::EPOCH_TICK.as_nanos();
+    (deadline.as_nanos().div_ceil(tick)).max(1) as u64
+}
+
+/// Where a plugin comes from.
+#[derive(Clone, Debug)]
+pub enum PluginSource {
+    /// A `.wasm` file.
+    File(PathBuf),
+    /// Bytes with a name (the built-in stub).
+    Bytes { name: String, bytes: &'static [u8] },
+}
+
+impl PluginSource {
+    /// The built-in stub plugin.
+    pub fn builtin_stub() -> Self {
+        PluginSource::Bytes { name: "builtin:stub".into(), bytes: crate::plugins::STUB_WASM_BYTES }
+    }
+
+    /// A short name for messages.
+    pub fn name(&self) -> String {
+        match self {
+            PluginSource::File(p) => p.display().to_string(),
+            PluginSource::Bytes { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// Limits of each instance of a plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceLimits {
+    /// Cap on linear memory, in bytes.
+    pub memory_bytes: u64,
+    /// Deadline of `init`.
+    pub init_deadline: Duration,
+    /// Deadline of `embed` and `health` when the request carries none.
+    pub call_deadline: Duration,
+}
+
+impl Default for InstanceLimits {
+    fn default() -> Self {
+        InstanceLimits {
+            memory_bytes: limits::DEFAULT_MEMORY_LIMIT_BYTES,
+            init_deadline: limits::DEFAULT_INIT_DEADLINE,
+            call_deadline: limits::DEFAULT_CALL_DEADLINE,
+        }
+    }
+}
+
+/// A compiled and linked plugin, ready to instantiate any number of times.
+#[derive(Clone)]
+pub struct WasmPlugin {
+    name: Arc<str>,
+    engine: WasmEngine,
+    pre: bindings::PluginPre<host::HostState>,
+    cache_outcome: CacheOutcome,
+}
+
+impl std::fmt::Debug for WasmPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmPlugin").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// The first bytes of every WebAssembly binary.
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// Version and layer field of a core module (version 1, layer 0).
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+
+impl WasmPlugin {
+    /// Loads, compiles (or fetches from the cache) and links a plugin, and
+    /// checks it against the `plugin` world.
+    ///
+    /// # Errors
+    /// [`WasmError::Read`], [`WasmError::NotAComponent`],
+    /// [`WasmError::Compile`] or [`WasmError::WrongWorld`], each naming the
+    /// plugin and the problem.
+    pub fn load(engine: &WasmEngine, source: &PluginSource) -> Result<Self, WasmError> {
+        let name = source.name();
+        let owned;
+        let bytes: &[u8] = match source {
+            PluginSource::File(path) => {
+                owned = std::fs::read(path).map_err(|source| WasmError::Read { path: path.clone(), source })?;
+                &owned
+            }
+            PluginSource::Bytes { bytes, .. } => bytes,
+        };
+        check_header(&name, bytes)?;
+        let (component, cache_outcome) = match engine.cache() {
+            Some(cache) => cache.load_or_compile(engine.engine(), bytes),
+            None => Component::new(engine.engine(), bytes).map(|c| (c, CacheOutcome::Compiled)),
+        }
+        .map_err(|e| WasmError::Compile { name: name.clone(), reason: format!("{e:#}") })?;
+        let pre = link(engine, &component).map_err(|reason| WasmError::WrongWorld { name: name.clone(), reason })?;
+        tracing::debug!(plugin = %name, cache = ?cache_outcome, "plugin loaded");
+        Ok(WasmPlugin { name: name.into(), engine: engine.clone(), pre, cache_outcome })
+    }
+
+    /// The plugin's name (its path, or `builtin:stub`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether loading hit the artifact cache.
+    pub fn cache_outcome(&self) -> CacheOutcome {
+        self.cache_outcome
+    }
+
+    pub(crate) fn engine(&self) -> &WasmEngine {
+        &self.engine
+    }
+
+    pub(crate) fn pre(&self) -> &bindings::PluginPre<host::HostState> {
+        &self.pre
+    }
+
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+}
+
+fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
+    let not_component = |reason: &str| WasmError::NotAComponent { name: name.to_string(), reason: reason.to_string() };
+    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+        return Err(not_component("the file does not start with the WebAssembly magic bytes"));
+    }
+    if bytes[4..8] == CORE_MODULE_VERSION {
+        return Err(not_component(
+            "it is a core WebAssembly module; build the plugin for the wasm32-wasip2 target to get a component",
+        ));
+    }
+    Ok(())
+}
+
+fn link(engine: &WasmEngine, component: &Component) -> Result<bindings::PluginPre<host::HostState>, String> {
+    let mut linker: Linker<host::HostState> = Linker::new(engine.engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("{e:#}"))?;
+    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(|e| format!("{e:#}"))?;
+    let instance_pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("it imports something the host does not provide: {e:#}"))?;
+    bindings::PluginPre::new(instance_pre)
+        .map_err(|e| format!("it does not export `{EXPORTED_INTERFACE}` as the contract defines it: {e:#}"))
+}
+
+/// The model information a plugin reports from `init`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    pub model_id: String,
+    pub dimension: u32,
+    pub max_input_tokens: u32,
+    pub normalized: bool,
+}
+
+impl From<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {
+    fn from(m: bindings::embedhost::embedder::types::ModelInfo) -> Self {
+        ModelInfo {
+            model_id: m.model_id,
+            dimension: m.dimension,
+            max_input_tokens: m.max_input_tokens,
+            normalized: m.normalized,
+        }
+    }
+}
