@@ -96,7 +96,8 @@ where
     }
 }
 
-/// Records [`METRIC_REQUESTS`], [`METRIC_DURATION`] and [`METRIC_IN_FLIGHT`]
+/// Records [`METRIC_REQUESTS`] (outcome `cancelled` when the caller gave up
+/// first, which is how a timeout shows),, [`METRIC_DURATION`] and [`METRIC_IN_FLIGHT`]
 /// through the `metrics` facade (free when no recorder is installed).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MetricsLayer;
@@ -146,31 +147,32 @@ where
         let started = tokio::time::Instant::now();
         let in_flight = metrics::gauge!(METRIC_IN_FLIGHT, "message" => message.clone());
         in_flight.increment(1.0);
-        // Decrements even if the caller drops the future (a cancellation).
-        let guard = scopeguard(move || in_flight.decrement(1.0));
+        // Runs when the request ends, or when the caller drops it (a timeout
+        // or a cancellation), which is then counted as `cancelled`.
+        let mut finish = Finish { message, started, in_flight, outcome: "cancelled" };
         self.inner
             .call(envelope)
             .map(move |result| {
-                drop(guard);
-                metrics::counter!(METRIC_REQUESTS, "message" => message.clone(), "outcome" => outcome(&result))
-                    .increment(1);
-                metrics::histogram!(METRIC_DURATION, "message" => message).record(started.elapsed().as_secs_f64());
+                finish.outcome = outcome(&result);
+                drop(finish);
                 result
             })
             .boxed()
     }
 }
 
-struct Guard<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
+struct Finish {
+    message: std::borrow::Cow<'static, str>,
+    started: tokio::time::Instant,
+    in_flight: metrics::Gauge,
+    outcome: &'static str,
 }
 
-fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
-    Guard(Some(f))
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+        metrics::counter!(METRIC_REQUESTS, "message" => self.message.clone(), "outcome" => self.outcome).increment(1);
+        metrics::histogram!(METRIC_DURATION, "message" => self.message.clone())
+            .record(self.started.elapsed().as_secs_f64());
+    }
 }

@@ -84,7 +84,7 @@ impl Instance {
     /// A crash ([`WasmError::is_crash`]: the instance must then be dropped),
     /// the plugin's error value, or [`WasmError::InvalidOutput`].
     pub fn embed(&mut self, texts: &[String], kind: InputKind, deadline: Option<Duration>) -> Result<Vectors, WasmError> {
-        let deadline = deadline.unwrap_or(self.limits.call_deadline);
+        let deadline = self.deadline(deadline);
         let result = self.call("embed", deadline, |plugin, store| {
             plugin.embedhost_embedder_embedder().call_embed(store, texts, kind)
         })?;
@@ -97,10 +97,15 @@ impl Instance {
     /// # Errors
     /// A crash, as for [`Instance::embed`].
     pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
-        let deadline = deadline.unwrap_or(self.limits.call_deadline);
+        let deadline = self.deadline(deadline);
         let report =
             self.call("health", deadline, |plugin, store| plugin.embedhost_embedder_embedder().call_health(store))?;
         Ok(Health { memory_bytes: report.memory_bytes, processed: report.processed })
+    }
+
+    /// A call's deadline: the caller's, but never past the configured one.
+    fn deadline(&self, requested: Option<Duration>) -> Duration {
+        requested.map_or(self.limits.call_deadline, |d| d.min(self.limits.call_deadline))
     }
 
     fn call<T>(
@@ -131,10 +136,15 @@ fn classify(
         // The growth was refused and the plugin trapped on the failure.
         return WasmError::MemoryCap { call, source: super::MemoryCapHit { limit: store.data().limiter.limit, desired } };
     }
-    if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
-        return WasmError::DeadlineExceeded { call, deadline };
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => WasmError::DeadlineExceeded { call, deadline },
+        // The trap's kind is the message; its wasm backtrace goes to the debug log.
+        Some(trap) => {
+            tracing::debug!(call, "trap details: {error:?}");
+            otherwise(format!("wasm trap: {trap}"))
+        }
+        None => otherwise(format!("{error:#}")),
     }
-    otherwise(format!("{error:#}"))
 }
 
 /// Checks the contract on a plugin's output.

@@ -227,7 +227,8 @@ pub struct InstanceLimits {
     pub memory_bytes: u64,
     /// Deadline of `init`.
     pub init_deadline: Duration,
-    /// Deadline of `embed` and `health` when the request carries none.
+    /// Deadline of `embed` and `health`; a request's own deadline can only
+    /// shorten it.
     pub call_deadline: Duration,
 }
 

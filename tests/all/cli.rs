@@ -1,0 +1,109 @@
+//! The `embedhost` binary, as a user runs it.
+
+use std::process::{Command, Output};
+
+fn embedhost(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(args)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run embedhost")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn vectors(o: &Output) -> Vec<(String, Vec<f32>)> {
+    stdout(o)
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let vector: Vec<f32> = serde_json::from_value(v["vector"].clone()).unwrap();
+            assert_eq!(v["dimension"].as_u64().unwrap() as usize, vector.len());
+            (v["text"].as_str().unwrap().to_string(), vector)
+        })
+        .collect()
+}
+
+#[test]
+fn embed_prints_a_unit_vector_per_text_and_is_deterministic() {
+    let out = embedhost(&["embed", "--plugin", embedhost::plugins::STUB, "hello world"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = vectors(&out);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, "hello world");
+    assert_eq!(rows[0].1.len(), 384);
+    let norm: f32 = rows[0].1.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+    // With no flags and no config file, the built-in stub gives the same vector.
+    let again = embedhost(&["embed", "hello world"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(vectors(&again), rows);
+    let pair = vectors(&embedhost(&["embed", "--query", "hello world", "hello big world", "zebra crossing"]));
+    let (a, b, c) = (&pair[0].1, &pair[1].1, &pair[2].1);
+    assert!(embedhost::vectors::cosine(a, b) > embedhost::vectors::cosine(a, c));
+}
+
+#[test]
+fn plugin_check_accepts_the_stub() {
+    let out = embedhost(&["plugin", "check", embedhost::plugins::STUB]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("embedhost/stub-feature-hash") && text.contains("dimension:        384"), "{text}");
+}
+
+#[test]
+fn plugin_check_rejects_a_non_component_and_a_component_of_another_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = embedhost(&["plugin", "check", core.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("core.wasm") && err.contains("not a WebAssembly component"), "{err}");
+
+    let out = embedhost(&["plugin", "check", embedhost::plugins::SHAPE_PROBE]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("not an embedhost plugin") && err.contains("embedhost:embedder/embedder@0.1.0"), "{err}");
+}
+
+#[test]
+fn a_config_with_an_unknown_key_is_refused_naming_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(&config, "backend = \"wasm\"\n[limits]\ncall_deadline = 5\n").unwrap();
+    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "x"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("call_deadline") && err.contains(config.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn the_example_config_works_and_passes_its_plugin_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let config = root.join("examples/config/wasm.toml");
+    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(vectors(&out)[0].1.len(), 384);
+}
+
+#[test]
+fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(&config, "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n").unwrap();
+    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "BOOM"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains("trapped") && last.contains("unreachable"), "{err}");
+}
