@@ -1,1 +1,258 @@
-fn main(){}
+//! Bus, codec and backend overheads, each measured against its baseline in
+//! the same run. `cargo bench --bench bus` (or `./x bench`); filter by group:
+//! `./x bench -- in-process`, `child-process`, `cbor`, `embed`, `wit-shape`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use embedhost::bus::transport::InProcess;
+use embedhost::bus::transport::child::ChildProcess;
+use embedhost::bus::{Bus, Empty, Router};
+use embedhost::messages::{EmbedderHealth, HealthResponse};
+use embedhost::vectors::Vectors;
+use embedhost::wasm::{InstanceLimits, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `iters` sequential round trips on one task of the runtime (as a
+/// real caller would run) and times them, so neither `block_on`'s entry cost
+/// nor its cross-thread wake-up is part of the figure.
+fn timed<F, Fut>(rt: &Runtime, iters: u64, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    rt.block_on(rt.spawn(async move {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f().await;
+        }
+        start.elapsed()
+    }))
+    .unwrap()
+}
+
+fn health_router() -> Router {
+    let mut router = Router::new();
+    router.handle::<EmbedderHealth, _, _>(|_, _| async {
+        Ok(HealthResponse {
+            memory: 1,
+            processed_count: 2,
+        })
+    });
+    router
+}
+
+fn in_process(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("in-process");
+    group.bench_function("raw-oneshot", |b| {
+        b.iter_custom(|iters| {
+            timed(&rt, iters, || async {
+                // The same work as the transport minus the bus: a task per
+                // request and a oneshot for its answer.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = tx.send(HealthResponse {
+                        memory: 1,
+                        processed_count: 2,
+                    });
+                });
+                std::hint::black_box(rx.await.unwrap());
+            })
+        })
+    });
+    let bus = Bus::new(InProcess::new(health_router()));
+    group.bench_function("bus-with-middleware", |b| {
+        b.iter_custom(|iters| {
+            let bus = bus.clone();
+            timed(&rt, iters, move || {
+                let bus = bus.clone();
+                async move {
+                    std::hint::black_box(bus.request::<EmbedderHealth>(Empty {}).await.unwrap());
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+fn child_process(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("child-process");
+    // Baseline: `cat` echoing a message of the size of a health frame.
+    const ECHO: usize = 96;
+    let (stdin, stdout, _cat) = rt.block_on(async {
+        let mut cat = tokio::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        (cat.stdin.take().unwrap(), cat.stdout.take().unwrap(), cat)
+    });
+    let pipes = std::sync::Arc::new(tokio::sync::Mutex::new((stdin, stdout)));
+    group.bench_function("raw-pipe-echo", |b| {
+        b.iter_custom(|iters| {
+            let pipes = pipes.clone();
+            timed(&rt, iters, move || {
+                let pipes = pipes.clone();
+                async move {
+                    let mut pipes = pipes.lock().await;
+                    let (stdin, stdout) = &mut *pipes;
+                    let mut back = [0u8; ECHO];
+                    stdin.write_all(&[7u8; ECHO]).await.unwrap();
+                    stdout.read_exact(&mut back).await.unwrap();
+                    std::hint::black_box(back);
+                }
+            })
+        })
+    });
+    let child = rt.block_on(async {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_embedhost"));
+        cmd.args(["child", "--engine", "stub"]);
+        ChildProcess::spawn(cmd, "bench-child").unwrap()
+    });
+    let bus = Bus::new(child.connection());
+    group.bench_function("bus-health", |b| {
+        b.iter_custom(|iters| {
+            let bus = bus.clone();
+            timed(&rt, iters, move || {
+                let bus = bus.clone();
+                async move {
+                    std::hint::black_box(bus.request::<EmbedderHealth>(Empty {}).await.unwrap());
+                }
+            })
+        })
+    });
+    group.finish();
+    drop(child);
+}
+
+fn cbor(c: &mut Criterion) {
+    let (rows, dim) = (256, 384);
+    let flat: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+    let vectors = Vectors::new(dim, flat.clone()).unwrap();
+    let nested: Vec<Vec<f32>> = flat.chunks(dim).map(<[f32]>::to_vec).collect();
+    let mut group = c.benchmark_group("cbor");
+    group.bench_function("256x384-float-arrays", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            ciborium::into_writer(&nested, &mut out).unwrap();
+            let back: Vec<Vec<f32>> = ciborium::from_reader(out.as_slice()).unwrap();
+            std::hint::black_box(back)
+        })
+    });
+    group.bench_function("256x384-byte-string", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            ciborium::into_writer(&vectors, &mut out).unwrap();
+            let back: Vectors = ciborium::from_reader(out.as_slice()).unwrap();
+            std::hint::black_box(back)
+        })
+    });
+    group.finish();
+}
+
+fn sentences(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("sentence number {i} about a quick brown fox and a lazy dog"))
+        .collect()
+}
+
+fn embed(c: &mut Criterion) {
+    let rt = runtime();
+    let engine = WasmEngine::new(None).unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap();
+    let embedder = rt
+        .block_on(WasmEmbedder::start(
+            plugin,
+            InstanceLimits::default(),
+            vec![],
+        ))
+        .unwrap();
+    let texts = sentences(32);
+    let mut group = c.benchmark_group("embed");
+    group.bench_function("stub-32-native", |b| {
+        let mut engine = embedhost_stub_engine::StubEngine::new(Default::default());
+        b.iter(|| std::hint::black_box(engine.embed(&texts)))
+    });
+    group.bench_function("stub-32-wasm", |b| {
+        b.iter_custom(|iters| {
+            let (embedder, texts) = (embedder.clone(), texts.clone());
+            timed(&rt, iters, move || {
+                let (embedder, texts) = (embedder.clone(), texts.clone());
+                async move {
+                    std::hint::black_box(embedder.embed(texts, false, None).await.unwrap());
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+mod probe {
+    wasmtime::component::bindgen!({ path: "../plugins/shape-probe/wit", world: "probe" });
+}
+
+struct ProbeState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for ProbeState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Why the contract returns one flat `list<f32>`: lifting it against
+/// lifting `list<list<f32>>` of the same floats.
+fn wit_shape(c: &mut Criterion) {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let component =
+        wasmtime::component::Component::from_file(&engine, embedhost::plugins::SHAPE_PROBE)
+            .unwrap();
+    let mut linker = wasmtime::component::Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+    let state = ProbeState {
+        wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+        table: Default::default(),
+    };
+    let mut store = wasmtime::Store::new(&engine, state);
+    let probe = probe::Probe::instantiate(&mut store, &component, &linker).unwrap();
+    let mut group = c.benchmark_group("wit-shape");
+    for rows in [32u32, 256] {
+        group.bench_with_input(BenchmarkId::new("flat", rows), &rows, |b, &rows| {
+            b.iter(|| std::hint::black_box(probe.call_flat(&mut store, rows, 384).unwrap()))
+        });
+        group.bench_with_input(BenchmarkId::new("nested", rows), &rows, |b, &rows| {
+            b.iter(|| std::hint::black_box(probe.call_nested(&mut store, rows, 384).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    // Short runs: the whole suite must stay within minutes on 2 cores.
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! { name = benches; config = config(); targets = in_process, child_process, cbor, embed, wit_shape }
+criterion_main!(benches);

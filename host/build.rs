@@ -24,12 +24,22 @@ const PLUGINS: &[(&str, &str)] = &[
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .expect("host/ lives in the workspace root")
+        .to_path_buf();
     let plugins_dir = root.join("plugins");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
 
-    for watched in ["plugins/Cargo.toml", "plugins/Cargo.lock", "plugins", "wit", "crates/stub-engine"] {
+    for watched in [
+        "plugins/Cargo.toml",
+        "plugins/Cargo.lock",
+        "plugins",
+        "wit",
+        "crates/stub-engine",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
@@ -70,9 +80,14 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo to build the plugins: {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build the plugins: {e}"));
     if !status.success() {
-        panic!("building the WASM plugins in {} failed ({status})", plugins_dir.display());
+        panic!(
+            "building the WASM plugins in {} failed ({status})",
+            plugins_dir.display()
+        );
     }
 
     let wasm_dir = target_dir.join(TARGET).join("release");
@@ -80,12 +95,30 @@ fn main() {
     for (package, name) in PLUGINS {
         let file = wasm_dir.join(format!("{}.wasm", package.replace('-', "_")));
         assert!(file.exists(), "plugin build produced no {}", file.display());
-        writeln!(generated, "/// The `{package}` component, built for {TARGET}.").unwrap();
-        writeln!(generated, "pub const {name}: &str = {:?};", file.display().to_string()).unwrap();
+        writeln!(
+            generated,
+            "/// The `{package}` component, built for {TARGET}."
+        )
+        .unwrap();
+        writeln!(
+            generated,
+            "pub const {name}: &str = {:?};",
+            file.display().to_string()
+        )
+        .unwrap();
     }
     let stub = wasm_dir.join("embedhost_plugin_stub.wasm");
-    writeln!(generated, "/// The stub plugin's bytes, embedded as the built-in default plugin.").unwrap();
-    writeln!(generated, "pub static STUB_WASM_BYTES: &[u8] = include_bytes!({:?});", stub.display().to_string()).unwrap();
+    writeln!(
+        generated,
+        "/// The stub plugin's bytes, embedded as the built-in default plugin."
+    )
+    .unwrap();
+    writeln!(
+        generated,
+        "pub static STUB_WASM_BYTES: &[u8] = include_bytes!({:?});",
+        stub.display().to_string()
+    )
+    .unwrap();
     std::fs::write(out_dir.join("plugins.rs"), generated).expect("write plugins.rs");
 }
 

@@ -81,7 +81,18 @@ pub struct ChildArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A child serves frames on one thread: its handlers hand CPU-bound work
+    // to blocking threads, and one thread saves a cross-thread wake-up per
+    // frame, the largest cost of a round trip through a child.
+    let builder = match cli.command {
+        Command::Child(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match builder {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -107,7 +118,10 @@ fn init_tracing(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Logs go to stderr: stdout carries results (and, for `child`, frames).
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -119,7 +133,8 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn engine_for(config: &Config) -> Result<WasmEngine, String> {
-    WasmEngine::new(config.cache_dir().map(ArtifactCache::new)).map_err(|e| format!("cannot start wasmtime: {e:#}"))
+    WasmEngine::new(config.cache_dir().map(ArtifactCache::new))
+        .map_err(|e| format!("cannot start wasmtime: {e:#}"))
 }
 
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {
@@ -131,12 +146,25 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     let engine = engine_for(&config)?;
     let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
     let limits = config.instance_limits();
-    let embedder = WasmEmbedder::start(plugin, limits, config.plugin_config()).await.map_err(|e| e.to_string())?;
-    let bus = Bus::new(InProcess::named("embedder", crate::embedder::wasm_router(embedder)));
+    let embedder = WasmEmbedder::start(plugin, limits, config.plugin_config())
+        .await
+        .map_err(|e| e.to_string())?;
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        crate::embedder::wasm_router(embedder),
+    ));
     let texts = args.texts;
-    let options = SendOptions::default().timeout(limits.call_deadline).retries(2);
+    let options = SendOptions::default()
+        .timeout(limits.call_deadline)
+        .retries(2);
     let response = bus
-        .send::<EmbedderEmbed>(EmbedRequest { texts: texts.clone(), is_query: args.query }, options)
+        .send::<EmbedderEmbed>(
+            EmbedRequest {
+                texts: texts.clone(),
+                is_query: args.query,
+            },
+            options,
+        )
         .await
         .map_err(|e| e.to_string())?;
     let mut out = String::new();
@@ -152,7 +180,8 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
 async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let engine = engine_for(&config)?;
-    let plugin = WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
+    let plugin =
+        WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
     let embedder = WasmEmbedder::start(plugin, config.instance_limits(), config.plugin_config())
         .await
         .map_err(|e| format!("`{}` failed to initialise: {e}", path.display()))?;
@@ -160,24 +189,41 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
     let probe = embedder
         .embed(vec!["embedhost plugin check".into()], false, None)
         .await
-        .map_err(|e| format!("`{}` initialised but failed a test embedding: {e}", path.display()))?;
-    println!("ok: {} implements {}", path.display(), crate::wasm::EXPORTED_INTERFACE);
+        .map_err(|e| {
+            format!(
+                "`{}` initialised but failed a test embedding: {e}",
+                path.display()
+            )
+        })?;
+    println!(
+        "ok: {} implements {}",
+        path.display(),
+        crate::wasm::EXPORTED_INTERFACE
+    );
     println!("model id:         {}", info.model_id);
     println!("dimension:        {}", info.dimension);
     println!("max input tokens: {}", info.max_input_tokens);
     println!("normalized:       {}", info.normalized);
-    println!("test embedding:   {} vector(s) of dimension {}", probe.len(), probe.dimension());
+    println!(
+        "test embedding:   {} vector(s) of dimension {}",
+        probe.len(),
+        probe.dimension()
+    );
     Ok(())
 }
 
 async fn child(args: ChildArgs) -> Result<(), String> {
     if args.engine != "stub" {
-        return Err(format!("unknown child engine `{}`; this build serves `stub`", args.engine));
+        return Err(format!(
+            "unknown child engine `{}`; this build serves `stub`",
+            args.engine
+        ));
     }
     let mut pairs = Vec::new();
     for setting in &args.settings {
-        let (key, value) =
-            setting.split_once('=').ok_or_else(|| format!("`--set {setting}` is not of the form KEY=VALUE"))?;
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("`--set {setting}` is not of the form KEY=VALUE"))?;
         pairs.push((key, value));
     }
     let config = embedhost_stub_engine::StubConfig::from_pairs(pairs).map_err(|e| e.to_string())?;

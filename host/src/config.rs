@@ -46,7 +46,10 @@ pub const CACHE_DIR_ENV: &str = "EMBEDHOST_CACHE_DIR";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file `{path}`: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -144,20 +147,25 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the file and the offending key.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(plugin) = config.plugin.path.as_mut() {
-            if plugin.is_relative() {
-                *plugin = base.join(&*plugin);
-            }
+        if let Some(plugin) = config.plugin.path.as_mut()
+            && plugin.is_relative()
+        {
+            *plugin = base.join(&*plugin);
         }
-        if let Some(dir) = config.cache.dir.as_mut() {
-            if dir.is_relative() {
-                *dir = base.join(&*dir);
-            }
+        if let Some(dir) = config.cache.dir.as_mut()
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
         }
-        if config.limits.memory_mb == 0 || config.limits.call_deadline_ms == 0 || config.limits.init_deadline_ms == 0 {
+        if config.limits.memory_mb == 0
+            || config.limits.call_deadline_ms == 0
+            || config.limits.init_deadline_ms == 0
+        {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message: "every value in [limits] must be greater than zero".into(),
@@ -172,7 +180,10 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Invalid`], naming the file.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -207,7 +218,11 @@ impl Config {
 
     /// The table passed to the plugin's `init`.
     pub fn plugin_config(&self) -> Vec<(String, String)> {
-        self.plugin.config.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+        self.plugin
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
     }
 
     /// Per-instance limits.
@@ -252,25 +267,39 @@ mod tests {
         assert_eq!(c.plugin.path.as_deref(), Some(Path::new("/etc/x/p.wasm")));
         assert_eq!(
             c.plugin_config(),
-            vec![("dimension".into(), "8".into()), ("name".into(), "x".into()), ("on".into(), "true".into())]
+            vec![
+                ("dimension".into(), "8".into()),
+                ("name".into(), "x".into()),
+                ("on".into(), "true".into())
+            ]
         );
     }
 
     #[test]
     fn unknown_keys_name_the_key_and_the_file() {
-        let err = Config::parse("[limits]\nmemory_mbs = 5\n", Path::new("conf/embedhost.toml")).unwrap_err();
+        let err = Config::parse(
+            "[limits]\nmemory_mbs = 5\n",
+            Path::new("conf/embedhost.toml"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("memory_mbs"), "{msg}");
         assert!(msg.contains("conf/embedhost.toml"), "{msg}");
-        let err = Config::parse("backnd = \"wasm\"\n", Path::new("a.toml")).unwrap_err().to_string();
+        let err = Config::parse("backnd = \"wasm\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("backnd") && err.contains("a.toml"), "{err}");
     }
 
     #[test]
     fn unknown_backend_and_zero_limits_are_refused() {
-        let err = Config::parse("backend = \"gpu\"\n", Path::new("a.toml")).unwrap_err().to_string();
+        let err = Config::parse("backend = \"gpu\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gpu"), "{err}");
-        let err = Config::parse("[limits]\nmemory_mb = 0\n", Path::new("a.toml")).unwrap_err().to_string();
+        let err = Config::parse("[limits]\nmemory_mb = 0\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("greater than zero"), "{err}");
     }
 }

@@ -11,10 +11,13 @@
 //! - invalid output, a refused configuration, a model failure →
 //!   [`ErrorCode::Failed`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Empty, ErrorCode, RemoteError, RequestContext, Router};
-use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHealth, HealthResponse, Shutdown};
+use crate::messages::{
+    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHealth, HealthResponse, Shutdown,
+};
 use crate::vectors::Vectors;
 use crate::wasm::{PluginError, WasmEmbedder, WasmError};
 
@@ -22,14 +25,19 @@ impl From<WasmError> for RemoteError {
     fn from(e: WasmError) -> Self {
         let message = e.to_string();
         match e {
-            WasmError::DeadlineExceeded { .. } => RemoteError::new(ErrorCode::DeadlineExceeded, message),
+            WasmError::DeadlineExceeded { .. } => {
+                RemoteError::new(ErrorCode::DeadlineExceeded, message)
+            }
             e if e.is_crash() => RemoteError::new(ErrorCode::Unavailable, message),
-            WasmError::Plugin { error: PluginError::InvalidInput { index, .. }, .. } => {
-                RemoteError::invalid_input(index, message)
-            }
-            WasmError::InvalidOutput { index, .. } => {
-                RemoteError { code: ErrorCode::Failed, message, index }
-            }
+            WasmError::Plugin {
+                error: PluginError::InvalidInput { index, .. },
+                ..
+            } => RemoteError::invalid_input(index, message),
+            WasmError::InvalidOutput { index, .. } => RemoteError {
+                code: ErrorCode::Failed,
+                message,
+                index,
+            },
             _ => RemoteError::new(ErrorCode::Failed, message),
         }
     }
@@ -44,7 +52,9 @@ pub fn wasm_router(embedder: WasmEmbedder) -> Router {
     router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
         let embedder = for_embed.clone();
         async move {
-            let vectors = embedder.embed(request.texts, request.is_query, ctx.deadline).await?;
+            let vectors = embedder
+                .embed(request.texts, request.is_query, ctx.deadline)
+                .await?;
             Ok(EmbedResponse { vectors })
         }
     });
@@ -52,7 +62,10 @@ pub fn wasm_router(embedder: WasmEmbedder) -> Router {
         let embedder = embedder.clone();
         async move {
             let health = embedder.health(ctx.deadline).await?;
-            Ok(HealthResponse { memory: health.memory_bytes, processed_count: health.processed })
+            Ok(HealthResponse {
+                memory: health.memory_bytes,
+                processed_count: health.processed,
+            })
         }
     });
     router.handle::<Shutdown, _, _>(|_, request| async move {
@@ -67,23 +80,38 @@ pub fn wasm_router(embedder: WasmEmbedder) -> Router {
 /// plugin, from the same crate.
 pub fn native_stub_router(config: embedhost_stub_engine::StubConfig) -> Router {
     let engine = Arc::new(Mutex::new(embedhost_stub_engine::StubEngine::new(config)));
+    // Outside the engine's lock, so a health check never waits for an embed.
+    let processed = Arc::new(AtomicU64::new(0));
     let mut router = Router::new();
-    let for_embed = engine.clone();
+    let for_embed = processed.clone();
     router.handle::<EmbedderEmbed, _, _>(move |_, request: EmbedRequest| {
-        let engine = for_embed.clone();
+        let engine = engine.clone();
+        let processed = for_embed.clone();
         async move {
-            let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
-            let data = engine.embed(&request.texts);
-            let vectors = Vectors::new(engine.dimension(), data)
+            // CPU-bound (and, with faults, possibly endless): off the runtime,
+            // so frames, cancellations and health checks keep flowing.
+            let embedded = tokio::task::spawn_blocking(move || {
+                let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                let data = engine.embed(&request.texts);
+                processed.fetch_add(request.texts.len() as u64, Ordering::Relaxed);
+                (engine.dimension(), data)
+            })
+            .await;
+            let (dimension, data) = embedded.map_err(|e| {
+                RemoteError::new(ErrorCode::Unavailable, format!("the engine crashed: {e}"))
+            })?;
+            let vectors = Vectors::new(dimension, data)
                 .map_err(|e| RemoteError::new(ErrorCode::Failed, e.to_string()))?;
             Ok(EmbedResponse { vectors })
         }
     });
     router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {
-        let engine = engine.clone();
+        let processed = processed.load(Ordering::Relaxed);
         async move {
-            let processed = engine.lock().unwrap_or_else(|p| p.into_inner()).processed();
-            Ok(HealthResponse { memory: 0, processed_count: processed })
+            Ok(HealthResponse {
+                memory: 0,
+                processed_count: processed,
+            })
         }
     });
     router.handle::<Shutdown, _, _>(|_, _| async { Ok(Empty {}) });

@@ -29,8 +29,11 @@ impl Vectors {
     /// # Errors
     /// [`ShapeError`] if `dimension` is zero or does not divide `data.len()`.
     pub fn new(dimension: usize, data: Vec<f32>) -> Result<Self, ShapeError> {
-        if dimension == 0 || data.len() % dimension != 0 {
-            return Err(ShapeError { dimension, len: data.len() });
+        if dimension == 0 || !data.len().is_multiple_of(dimension) {
+            return Err(ShapeError {
+                dimension,
+                len: data.len(),
+            });
         }
         Ok(Vectors { dimension, data })
     }
@@ -42,7 +45,7 @@ impl Vectors {
 
     /// The number of vectors.
     pub fn len(&self) -> usize {
-        if self.dimension == 0 { 0 } else { self.data.len() / self.dimension }
+        self.data.len().checked_div(self.dimension).unwrap_or(0)
     }
 
     /// Whether there are no vectors.
@@ -84,7 +87,11 @@ impl Serialize for Vectors {
         for x in &self.data {
             bytes.extend_from_slice(&x.to_le_bytes());
         }
-        Wire { dimension: self.dimension as u32, data: serde_bytes::ByteBuf::from(bytes) }.serialize(serializer)
+        Wire {
+            dimension: self.dimension as u32,
+            data: serde_bytes::ByteBuf::from(bytes),
+        }
+        .serialize(serializer)
     }
 }
 
@@ -97,7 +104,11 @@ impl<'de> Deserialize<'de> for Vectors {
                 wire.data.len()
             )));
         }
-        let data = wire.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = wire
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         Vectors::new(wire.dimension as usize, data).map_err(serde::de::Error::custom)
     }
 }
@@ -107,7 +118,11 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na * nb) }
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
 }
 
 #[cfg(test)]
@@ -122,7 +137,10 @@ mod tests {
         // 6 floats as a byte string: 24 payload bytes plus a 2-byte header.
         let value: ciborium::Value = ciborium::from_reader(bytes.as_slice()).unwrap();
         let map = value.as_map().unwrap();
-        let data = map.iter().find(|(k, _)| k.as_text() == Some("data")).unwrap();
+        let data = map
+            .iter()
+            .find(|(k, _)| k.as_text() == Some("data"))
+            .unwrap();
         assert_eq!(data.1.as_bytes().unwrap().len(), 24);
         let back: Vectors = ciborium::from_reader(bytes.as_slice()).unwrap();
         assert_eq!(back, v);
@@ -132,12 +150,24 @@ mod tests {
 
     #[test]
     fn rejects_ragged_data() {
-        assert_eq!(Vectors::new(4, vec![0.0; 6]), Err(ShapeError { dimension: 4, len: 6 }));
+        assert_eq!(
+            Vectors::new(4, vec![0.0; 6]),
+            Err(ShapeError {
+                dimension: 4,
+                len: 6
+            })
+        );
         assert!(Vectors::new(0, vec![]).is_err());
-        let wire = Wire { dimension: 2, data: serde_bytes::ByteBuf::from(vec![0u8; 7]) };
+        let wire = Wire {
+            dimension: 2,
+            data: serde_bytes::ByteBuf::from(vec![0u8; 7]),
+        };
         let mut bytes = Vec::new();
         ciborium::into_writer(&wire, &mut bytes).unwrap();
         let err = ciborium::from_reader::<Vectors, _>(bytes.as_slice()).unwrap_err();
-        assert!(err.to_string().contains("not a whole number of f32s"), "{err}");
+        assert!(
+            err.to_string().contains("not a whole number of f32s"),
+            "{err}"
+        );
     }
 }

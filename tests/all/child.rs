@@ -21,12 +21,18 @@ const MAX: usize = 64 * 1024;
 fn pipes(max_frame: usize) -> (Connection, DuplexStream, DuplexStream) {
     let (client_out, server_in) = tokio::io::duplex(1 << 20);
     let (server_out, client_in) = tokio::io::duplex(1 << 20);
-    (Connection::new("test-peer", client_in, client_out, max_frame), server_in, server_out)
+    (
+        Connection::new("test-peer", client_in, client_out, max_frame),
+        server_in,
+        server_out,
+    )
 }
 
 fn served(router: Router, max_frame: usize) -> Bus {
     let (conn, server_in, server_out) = pipes(max_frame);
-    tokio::spawn(child::serve_stream(router, server_in, server_out, max_frame));
+    tokio::spawn(child::serve_stream(
+        router, server_in, server_out, max_frame,
+    ));
     Bus::new(conn)
 }
 
@@ -34,7 +40,9 @@ fn echo_router() -> Router {
     let mut router = Router::new();
     router.handle::<EmbedderEmbed, _, _>(|_, req: EmbedRequest| async move {
         let data: Vec<f32> = req.texts.iter().map(|t| t.len() as f32).collect();
-        Ok(EmbedResponse { vectors: Vectors::new(1, data).unwrap() })
+        Ok(EmbedResponse {
+            vectors: Vectors::new(1, data).unwrap(),
+        })
     });
     router
 }
@@ -42,11 +50,26 @@ fn echo_router() -> Router {
 #[tokio::test]
 async fn requests_round_trip_as_cbor_frames() {
     let bus = served(echo_router(), MAX);
-    let r = bus.request::<EmbedderEmbed>(EmbedRequest { texts: vec!["ab".into(), "abcd".into()], is_query: true }).await.unwrap();
+    let r = bus
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: vec!["ab".into(), "abcd".into()],
+            is_query: true,
+        })
+        .await
+        .unwrap();
     assert_eq!(r.vectors.as_flat(), &[2.0, 4.0]);
     // Errors travel typed.
     let err = bus.request::<EmbedderHealth>(Empty {}).await.unwrap_err();
-    assert!(matches!(&err, BusError::Remote(RemoteError { code: ErrorCode::NoHandler, .. })), "{err}");
+    assert!(
+        matches!(
+            &err,
+            BusError::Remote(RemoteError {
+                code: ErrorCode::NoHandler,
+                ..
+            })
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +91,13 @@ async fn dropping_the_callers_future_cancels_the_handler_across_the_stream() {
         }
     });
     let bus = served(router, MAX);
-    let err = bus.send::<EmbedderHealth>(Empty {}, SendOptions::default().timeout(Duration::from_millis(50))).await.unwrap_err();
+    let err = bus
+        .send::<EmbedderHealth>(
+            Empty {},
+            SendOptions::default().timeout(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(err, BusError::Timeout { .. }));
     for _ in 0..200 {
         if dropped.load(Ordering::SeqCst) {
@@ -90,43 +119,143 @@ async fn a_late_reply_is_dropped_and_never_reaches_another_caller() {
         let mut requests = Vec::new();
         while requests.len() < 2 {
             let bytes = reader.next().await.unwrap().unwrap();
-            if let Frame::Request { id, .. } = ciborium::from_reader::<Frame, _>(&bytes[..]).unwrap() {
+            if let Frame::Request { id, .. } =
+                ciborium::from_reader::<Frame, _>(&bytes[..]).unwrap()
+            {
                 requests.push(id);
             }
         }
         for (id, processed) in [(requests[0], 111), (requests[1], 222)] {
             let mut body = Vec::new();
-            ciborium::into_writer(&HealthResponse { memory: 0, processed_count: processed }, &mut body).unwrap();
+            ciborium::into_writer(
+                &HealthResponse {
+                    memory: 0,
+                    processed_count: processed,
+                },
+                &mut body,
+            )
+            .unwrap();
             let mut frame = Vec::new();
-            ciborium::into_writer(&Frame::Response { id, result: Ok(serde_bytes::ByteBuf::from(body)) }, &mut frame).unwrap();
+            ciborium::into_writer(
+                &Frame::Response {
+                    id,
+                    result: Ok(serde_bytes::ByteBuf::from(body)),
+                },
+                &mut frame,
+            )
+            .unwrap();
             writer.send(Bytes::from(frame)).await.unwrap();
         }
     });
     let bus = Bus::new(conn);
-    let first = bus.send::<EmbedderHealth>(Empty {}, SendOptions::default().timeout(Duration::from_millis(20))).await;
+    let first = bus
+        .send::<EmbedderHealth>(
+            Empty {},
+            SendOptions::default().timeout(Duration::from_millis(20)),
+        )
+        .await;
     assert!(matches!(first, Err(BusError::Timeout { .. })));
     let second = bus.request::<EmbedderHealth>(Empty {}).await.unwrap();
-    assert_eq!(second.processed_count, 222, "the late reply (111) must not be delivered");
+    assert_eq!(
+        second.processed_count, 222,
+        "the late reply (111) must not be delivered"
+    );
     peer.await.unwrap();
+}
+
+#[test]
+fn a_frame_arriving_in_pieces_decodes_once_whole() {
+    use tokio_util::codec::{Decoder, Encoder};
+    let mut codec = FrameCodec::new(MAX);
+    let mut wire = bytes::BytesMut::new();
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    codec
+        .encode(Bytes::from(payload.clone()), &mut wire)
+        .unwrap();
+    codec
+        .encode(Bytes::from_static(b"second"), &mut wire)
+        .unwrap();
+    let mut buffer = bytes::BytesMut::new();
+    let mut frames = Vec::new();
+    for byte in wire {
+        buffer.extend_from_slice(&[byte]);
+        if let Some(frame) = codec.decode(&mut buffer).unwrap() {
+            frames.push(frame.to_vec());
+        }
+    }
+    assert_eq!(frames, vec![payload, b"second".to_vec()]);
+    assert!(buffer.is_empty());
+}
+
+#[tokio::test]
+async fn a_large_response_crosses_the_pipe_in_pieces() {
+    let mut router = Router::new();
+    router.handle::<EmbedderEmbed, _, _>(|_, _| async {
+        Ok(EmbedResponse {
+            vectors: Vectors::new(384, vec![0.25; 384 * 256]).unwrap(),
+        })
+    });
+    let bus = served(router, embedhost::limits::MAX_FRAME_BYTES);
+    for _ in 0..3 {
+        let r = bus
+            .request::<EmbedderEmbed>(EmbedRequest {
+                texts: vec![],
+                is_query: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.vectors.len(), 256);
+    }
 }
 
 #[tokio::test]
 async fn an_oversized_request_fails_alone_and_the_connection_stays_up() {
     let bus = served(echo_router(), 1024);
-    let big = EmbedRequest { texts: vec!["x".repeat(4096)], is_query: false };
+    let big = EmbedRequest {
+        texts: vec!["x".repeat(4096)],
+        is_query: false,
+    };
     let err = bus.request::<EmbedderEmbed>(big).await.unwrap_err();
-    assert!(matches!(err, BusError::FrameTooLarge { max: 1024, size } if size > 4096), "{err}");
-    let ok = bus.request::<EmbedderEmbed>(EmbedRequest { texts: vec!["abc".into()], is_query: false }).await.unwrap();
+    assert!(
+        matches!(err, BusError::FrameTooLarge { max: 1024, size } if size > 4096),
+        "{err}"
+    );
+    let ok = bus
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: vec!["abc".into()],
+            is_query: false,
+        })
+        .await
+        .unwrap();
     assert_eq!(ok.vectors.as_flat(), &[3.0]);
 }
 
 #[tokio::test]
 async fn an_oversized_response_is_a_typed_remote_error() {
     let mut router = Router::new();
-    router.handle::<EmbedderEmbed, _, _>(|_, _| async { Ok(EmbedResponse { vectors: Vectors::new(1, vec![0.5; 4096]).unwrap() }) });
+    router.handle::<EmbedderEmbed, _, _>(|_, _| async {
+        Ok(EmbedResponse {
+            vectors: Vectors::new(1, vec![0.5; 4096]).unwrap(),
+        })
+    });
     let bus = served(router, 1024);
-    let err = bus.request::<EmbedderEmbed>(EmbedRequest { texts: vec![], is_query: false }).await.unwrap_err();
-    assert!(matches!(&err, BusError::Remote(RemoteError { code: ErrorCode::FrameTooLarge, .. })), "{err}");
+    let err = bus
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: vec![],
+            is_query: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            BusError::Remote(RemoteError {
+                code: ErrorCode::FrameTooLarge,
+                ..
+            })
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -136,9 +265,19 @@ async fn a_frame_header_past_the_limit_closes_the_connection_and_fails_pending_r
     let pending = tokio::spawn(async move { bus.request::<EmbedderHealth>(Empty {}).await });
     tokio::time::sleep(Duration::from_millis(10)).await;
     // A length prefix claiming 1 GiB: refused before any allocation.
-    server_out.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap_err();
-    assert!(matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("exceeds the 65536-byte limit")), "{err}");
+    server_out
+        .write_all(&(1u32 << 30).to_be_bytes())
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("exceeds the 65536-byte limit")),
+        "{err}"
+    );
     assert!(conn.closed_reason().is_some());
 }
 
@@ -148,9 +287,19 @@ async fn garbage_on_the_stream_closes_the_connection_with_a_clear_reason() {
     let bus = Bus::new(conn);
     let pending = tokio::spawn(async move { bus.request::<EmbedderHealth>(Empty {}).await });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    server_out.write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap_err();
-    assert!(matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("malformed frame")), "{err}");
+    server_out
+        .write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd])
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("malformed frame")),
+        "{err}"
+    );
 }
 
 fn child_command(settings: &[&str]) -> tokio::process::Command {
@@ -166,9 +315,20 @@ fn child_command(settings: &[&str]) -> tokio::process::Command {
 async fn a_real_child_process_serves_the_stub_engine_bit_for_bit() {
     let child = ChildProcess::spawn(child_command(&["dimension=32"]), "stub-child").unwrap();
     let bus = Bus::new(child.connection());
-    let texts = vec!["hello world".to_string(), "Grüße, Welt".to_string(), String::new()];
-    let r = bus.request::<EmbedderEmbed>(EmbedRequest { texts: texts.clone(), is_query: false }).await.unwrap();
-    let expected = StubEngine::new(StubConfig::from_pairs([("dimension", "32")]).unwrap()).embed(&texts);
+    let texts = vec![
+        "hello world".to_string(),
+        "Grüße, Welt".to_string(),
+        String::new(),
+    ];
+    let r = bus
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: texts.clone(),
+            is_query: false,
+        })
+        .await
+        .unwrap();
+    let expected =
+        StubEngine::new(StubConfig::from_pairs([("dimension", "32")]).unwrap()).embed(&texts);
     assert_eq!(r.vectors.dimension(), 32);
     assert_eq!(r.vectors.as_flat(), expected.as_slice());
     let health = bus.request::<EmbedderHealth>(Empty {}).await.unwrap();
@@ -177,15 +337,30 @@ async fn a_real_child_process_serves_the_stub_engine_bit_for_bit() {
 
 #[tokio::test]
 async fn a_killed_child_fails_requests_in_flight_at_once() {
-    let mut child = ChildProcess::spawn(child_command(&["fault.sleep_ms=10000"]), "slow-child").unwrap();
+    let mut child =
+        ChildProcess::spawn(child_command(&["fault.sleep_ms=10000"]), "slow-child").unwrap();
     let bus = Bus::new(child.connection());
     let pending = tokio::spawn(async move {
-        bus.request::<EmbedderEmbed>(EmbedRequest { texts: vec!["a".into()], is_query: false }).await
+        bus.request::<EmbedderEmbed>(EmbedRequest {
+            texts: vec!["a".into()],
+            is_query: false,
+        })
+        .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let killed = std::time::Instant::now();
     child.kill().await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap_err();
-    assert!(matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("closed its output")), "{err}");
-    assert!(killed.elapsed() < Duration::from_secs(1), "failed fast, not at the 30 s timeout");
+    let err = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("closed its output")),
+        "{err}"
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "failed fast, not at the 30 s timeout"
+    );
 }

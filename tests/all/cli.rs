@@ -45,7 +45,13 @@ fn embed_prints_a_unit_vector_per_text_and_is_deterministic() {
     let again = embedhost(&["embed", "hello world"]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(vectors(&again), rows);
-    let pair = vectors(&embedhost(&["embed", "--query", "hello world", "hello big world", "zebra crossing"]));
+    let pair = vectors(&embedhost(&[
+        "embed",
+        "--query",
+        "hello world",
+        "hello big world",
+        "zebra crossing",
+    ]));
     let (a, b, c) = (&pair[0].1, &pair[1].1, &pair[2].1);
     assert!(embedhost::vectors::cosine(a, b) > embedhost::vectors::cosine(a, c));
 }
@@ -55,7 +61,10 @@ fn plugin_check_accepts_the_stub() {
     let out = embedhost(&["plugin", "check", embedhost::plugins::STUB]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("embedhost/stub-feature-hash") && text.contains("dimension:        384"), "{text}");
+    assert!(
+        text.contains("embedhost/stub-feature-hash") && text.contains("dimension:        384"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -67,13 +76,20 @@ fn plugin_check_rejects_a_non_component_and_a_component_of_another_world() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains("core.wasm") && err.contains("not a WebAssembly component"), "{err}");
+    assert!(
+        err.contains("core.wasm") && err.contains("not a WebAssembly component"),
+        "{err}"
+    );
 
     let out = embedhost(&["plugin", "check", embedhost::plugins::SHAPE_PROBE]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains("not an embedhost plugin") && err.contains("embedhost:embedder/embedder@0.1.0"), "{err}");
+    assert!(
+        err.contains("not an embedhost plugin")
+            && err.contains("embedhost:embedder/embedder@0.1.0"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -84,12 +100,17 @@ fn a_config_with_an_unknown_key_is_refused_naming_key_and_file() {
     let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "x"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("call_deadline") && err.contains(config.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("call_deadline") && err.contains(config.to_str().unwrap()),
+        "{err}"
+    );
 }
 
 #[test]
 fn the_example_config_works_and_passes_its_plugin_config() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let config = root.join("examples/config/wasm.toml");
     let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "hello"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -100,10 +121,17 @@ fn the_example_config_works_and_passes_its_plugin_config() {
 fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("embedhost.toml");
-    std::fs::write(&config, "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n").unwrap();
+    std::fs::write(
+        &config,
+        "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n",
+    )
+    .unwrap();
     let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "BOOM"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: ") && last.contains("trapped") && last.contains("unreachable"), "{err}");
+    assert!(
+        last.starts_with("error: ") && last.contains("trapped") && last.contains("unreachable"),
+        "{err}"
+    );
 }

@@ -77,7 +77,10 @@ pub struct StubConfig {
 
 impl Default for StubConfig {
     fn default() -> Self {
-        StubConfig { dimension: DEFAULT_DIMENSION, faults: Faults::default() }
+        StubConfig {
+            dimension: DEFAULT_DIMENSION,
+            faults: Faults::default(),
+        }
     }
 }
 
@@ -121,9 +124,14 @@ impl StubConfig {
     ) -> Result<Self, ConfigError> {
         let mut config = StubConfig::default();
         for (key, value) in pairs {
-            let err = |reason: String| ConfigError { key: key.to_string(), reason };
+            let err = |reason: String| ConfigError {
+                key: key.to_string(),
+                reason,
+            };
             let number = |v: &str| -> Result<u64, ConfigError> {
-                v.trim().parse::<u64>().map_err(|e| err(format!("`{v}` is not a whole number: {e}")))
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|e| err(format!("`{v}` is not a whole number: {e}")))
             };
             let marker = |v: &str| -> Result<Option<String>, ConfigError> {
                 if v.is_empty() {
@@ -136,7 +144,9 @@ impl StubConfig {
                 "dimension" => {
                     let d = number(value)? as usize;
                     if d == 0 || d > MAX_DIMENSION {
-                        return Err(err(format!("must be between 1 and {MAX_DIMENSION}, got {d}")));
+                        return Err(err(format!(
+                            "must be between 1 and {MAX_DIMENSION}, got {d}"
+                        )));
                     }
                     config.dimension = d;
                 }
@@ -144,7 +154,9 @@ impl StubConfig {
                 "fault.trap_marker" => config.faults.trap_marker = marker(value)?,
                 "fault.loop_marker" => config.faults.loop_marker = marker(value)?,
                 "fault.grow_marker" => config.faults.grow_marker = marker(value)?,
-                "fault.sleep_ms" => config.faults.sleep = Some(Duration::from_millis(number(value)?)),
+                "fault.sleep_ms" => {
+                    config.faults.sleep = Some(Duration::from_millis(number(value)?))
+                }
                 "fault.wrong_dimension_marker" => {
                     config.faults.wrong_dimension_marker = marker(value)?
                 }
@@ -172,7 +184,11 @@ pub struct StubEngine {
 impl StubEngine {
     /// Creates an engine with this configuration.
     pub fn new(config: StubConfig) -> Self {
-        StubEngine { config, calls: 0, processed: 0 }
+        StubEngine {
+            config,
+            calls: 0,
+            processed: 0,
+        }
     }
 
     /// The configured dimension.
@@ -193,10 +209,13 @@ impl StubEngine {
     pub fn embed<S: AsRef<str>>(&mut self, texts: &[S]) -> Vec<f32> {
         self.calls += 1;
         let faults = &self.config.faults;
-        if let Some(n) = faults.trap_after {
-            if self.calls > n {
-                panic!("stub fault: trap after {n} calls (this is call {})", self.calls);
-            }
+        if let Some(n) = faults.trap_after
+            && self.calls > n
+        {
+            panic!(
+                "stub fault: trap after {n} calls (this is call {})",
+                self.calls
+            );
         }
         if let Some(sleep) = faults.sleep {
             busy_wait(sleep);
@@ -249,7 +268,10 @@ pub fn embed_into(text: &str, out: &mut [f32]) {
     out.fill(0.0);
     let lower = text.to_lowercase();
     let mut any = false;
-    for word in lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for word in lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
         add_word(word, out);
         any = true;
     }
@@ -324,7 +346,11 @@ mod tests {
     #[test]
     fn shared_words_score_higher_than_unrelated_text() {
         let mut e = StubEngine::new(StubConfig::default());
-        let v = e.embed(&["the cat sat on the mat", "a cat on a mat", "quantum chromodynamics"]);
+        let v = e.embed(&[
+            "the cat sat on the mat",
+            "a cat on a mat",
+            "quantum chromodynamics",
+        ]);
         let (a, b, c) = (&v[..384], &v[384..768], &v[768..]);
         assert!(cosine(a, b) > 0.3, "{}", cosine(a, b));
         assert!(cosine(a, b) > cosine(a, c) + 0.3);
@@ -339,8 +365,12 @@ mod tests {
 
     #[test]
     fn config_parses_faults_and_rejects_unknown_keys() {
-        let c = StubConfig::from_pairs([("dimension", "8"), ("fault.sleep_ms", "5"), ("fault.nan_marker", "X")])
-            .unwrap();
+        let c = StubConfig::from_pairs([
+            ("dimension", "8"),
+            ("fault.sleep_ms", "5"),
+            ("fault.nan_marker", "X"),
+        ])
+        .unwrap();
         assert_eq!(c.dimension, 8);
         assert_eq!(c.faults.sleep, Some(Duration::from_millis(5)));
         let e = StubConfig::from_pairs([("dimenson", "8")]).unwrap_err();
@@ -348,7 +378,12 @@ mod tests {
         assert!(e.to_string().contains("unknown key"));
         assert!(StubConfig::from_pairs([("dimension", "0")]).is_err());
         assert!(StubConfig::from_pairs([("fault.trap_marker", "")]).is_err());
-        assert!(StubConfig::from_pairs([("fault.trap_after", "x")]).unwrap_err().to_string().contains("`x`"));
+        assert!(
+            StubConfig::from_pairs([("fault.trap_after", "x")])
+                .unwrap_err()
+                .to_string()
+                .contains("`x`")
+        );
     }
 
     #[test]

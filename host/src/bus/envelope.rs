@@ -90,15 +90,20 @@ tokio::task_local! {
 impl TraceContext {
     /// The trace of the request being handled on this task, or a new trace.
     pub fn current_or_new() -> Self {
-        CURRENT_TRACE.try_with(|t| *t).unwrap_or_else(|_| TraceContext {
-            trace_id: fastrand::u64(1..),
-            parent_span: 0,
-        })
+        CURRENT_TRACE
+            .try_with(|t| *t)
+            .unwrap_or_else(|_| TraceContext {
+                trace_id: fastrand::u64(1..),
+                parent_span: 0,
+            })
     }
 
     /// A child context for a request sent from within this one.
     pub fn child(self) -> Self {
-        TraceContext { trace_id: self.trace_id, parent_span: fastrand::u64(1..) }
+        TraceContext {
+            trace_id: self.trace_id,
+            parent_span: fastrand::u64(1..),
+        }
     }
 
     /// Runs `fut` with `self` as the current trace, so that requests it sends
@@ -176,10 +181,15 @@ impl Body {
     pub fn into_bytes(self, what: &str) -> Result<Bytes, BusError> {
         match self {
             Body::Encoded(bytes) => Ok(bytes),
-            Body::Local(value) => value
-                .encode()
-                .map(Bytes::from)
-                .map_err(|reason| BusError::Encode { what: what.to_string(), reason }),
+            Body::Local(value) => {
+                value
+                    .encode()
+                    .map(Bytes::from)
+                    .map_err(|reason| BusError::Encode {
+                        what: what.to_string(),
+                        reason,
+                    })
+            }
         }
     }
 
@@ -190,12 +200,22 @@ impl Body {
     /// of another type.
     pub fn decode<T: DeserializeOwned + 'static>(self, what: &str) -> Result<T, BusError> {
         match self {
-            Body::Local(value) => value.into_any().downcast::<T>().map(|b| *b).map_err(|_| BusError::Decode {
-                what: what.to_string(),
-                reason: format!("the value is not a `{}`", std::any::type_name::<T>()),
-            }),
-            Body::Encoded(bytes) => ciborium::from_reader(bytes.as_ref())
-                .map_err(|e| BusError::Decode { what: what.to_string(), reason: e.to_string() }),
+            Body::Local(value) => {
+                value
+                    .into_any()
+                    .downcast::<T>()
+                    .map(|b| *b)
+                    .map_err(|_| BusError::Decode {
+                        what: what.to_string(),
+                        reason: format!("the value is not a `{}`", std::any::type_name::<T>()),
+                    })
+            }
+            Body::Encoded(bytes) => {
+                ciborium::from_reader(bytes.as_ref()).map_err(|e| BusError::Decode {
+                    what: what.to_string(),
+                    reason: e.to_string(),
+                })
+            }
         }
     }
 

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 pub enum BusError {
     /// One attempt got no answer within its timeout.
     #[error("`{message}` timed out after {after:?}")]
-    Timeout { message: &'static str, after: Duration },
+    Timeout {
+        message: &'static str,
+        after: Duration,
+    },
 
     /// The overall deadline ran out, across all attempts.
     #[error("`{message}` exceeded its deadline of {deadline:?} after {attempts} attempt(s){}", last_error_suffix(.last_error))]
@@ -67,7 +70,9 @@ impl BusError {
     /// way every time.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BusError::Timeout { .. } | BusError::PeerGone { .. } | BusError::Overloaded { .. } => true,
+            BusError::Timeout { .. } | BusError::PeerGone { .. } | BusError::Overloaded { .. } => {
+                true
+            }
             BusError::Remote(remote) => remote.code == ErrorCode::Unavailable,
             _ => false,
         }
@@ -76,7 +81,10 @@ impl BusError {
     /// Whether the request certainly never reached the peer, so retrying it
     /// is safe even for a message that is not idempotent.
     pub fn never_sent(&self) -> bool {
-        matches!(self, BusError::Overloaded { .. } | BusError::FrameTooLarge { .. } | BusError::Encode { .. })
+        matches!(
+            self,
+            BusError::Overloaded { .. } | BusError::FrameTooLarge { .. } | BusError::Encode { .. }
+        )
     }
 }
 
@@ -118,11 +126,19 @@ pub struct RemoteError {
 impl RemoteError {
     /// An error of this code with this message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        RemoteError { code, message: message.into(), index: None }
+        RemoteError {
+            code,
+            message: message.into(),
+            index: None,
+        }
     }
 
     /// An [`ErrorCode::InvalidInput`] error naming input `index`.
     pub fn invalid_input(index: u32, message: impl Into<String>) -> Self {
-        RemoteError { code: ErrorCode::InvalidInput, message: message.into(), index: Some(index) }
+        RemoteError {
+            code: ErrorCode::InvalidInput,
+            message: message.into(),
+            index: Some(index),
+        }
     }
 }

@@ -46,7 +46,10 @@ impl TraceLayer {
 impl<S> Layer<S> for TraceLayer {
     type Service = Trace<S>;
     fn layer(&self, inner: S) -> Trace<S> {
-        Trace { inner, peer: self.peer.clone() }
+        Trace {
+            inner,
+            peer: self.peer.clone(),
+        }
     }
 }
 
@@ -149,7 +152,12 @@ where
         in_flight.increment(1.0);
         // Runs when the request ends, or when the caller drops it (a timeout
         // or a cancellation), which is then counted as `cancelled`.
-        let mut finish = Finish { message, started, in_flight, outcome: "cancelled" };
+        let mut finish = Finish {
+            message,
+            started,
+            in_flight,
+            outcome: "cancelled",
+        };
         self.inner
             .call(envelope)
             .map(move |result| {

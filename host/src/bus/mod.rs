@@ -129,7 +129,9 @@ pub struct BusConfig {
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { max_in_flight: limits::DEFAULT_MAX_IN_FLIGHT }
+        BusConfig {
+            max_in_flight: limits::DEFAULT_MAX_IN_FLIGHT,
+        }
     }
 }
 
@@ -159,7 +161,9 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bus").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("Bus")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -181,12 +185,18 @@ impl Bus {
             .map_err(move |e: tower::BoxError| match e.downcast::<BusError>() {
                 Ok(bus) => *bus,
                 // The only other error of the stack: load shedding.
-                Err(_) => BusError::Overloaded { peer: overloaded_peer.to_string(), limit },
+                Err(_) => BusError::Overloaded {
+                    peer: overloaded_peer.to_string(),
+                    limit,
+                },
             })
             .load_shed()
             .concurrency_limit(limit)
             .service(transport);
-        Bus { stack: BoxCloneSyncService::new(stack), peer }
+        Bus {
+            stack: BoxCloneSyncService::new(stack),
+            peer,
+        }
     }
 
     /// The peer's name, for logs.
@@ -205,7 +215,11 @@ impl Bus {
     ///
     /// # Cancellation
     /// Dropping the returned future cancels the request at the peer.
-    pub async fn send<M: Message>(&self, request: M::Request, options: SendOptions) -> Result<M::Response, BusError> {
+    pub async fn send<M: Message>(
+        &self,
+        request: M::Request,
+        options: SendOptions,
+    ) -> Result<M::Response, BusError> {
         let started = Instant::now();
         let deadline_at = options.deadline.map(|d| started + d);
         let mut delays = options.delays();
@@ -224,7 +238,9 @@ impl Bus {
             let payload = if options.retries == 0 {
                 request.take().expect("one attempt without retries")
             } else {
-                request.clone().expect("the request is kept while retries remain")
+                request
+                    .clone()
+                    .expect("the request is kept while retries remain")
             };
             let envelope = Envelope {
                 id: RequestId::next(),
@@ -244,7 +260,10 @@ impl Bus {
                     attempts,
                     last_error: None,
                 },
-                Err(_) => BusError::Timeout { message: M::NAME, after: attempt_timeout },
+                Err(_) => BusError::Timeout {
+                    message: M::NAME,
+                    after: attempt_timeout,
+                },
             };
             let retry_allowed = error.is_retryable() && (M::IDEMPOTENT || error.never_sent());
             if !retry_allowed || matches!(error, BusError::DeadlineExceeded { .. }) {
@@ -253,15 +272,15 @@ impl Bus {
             let Some(delay) = delays.next() else {
                 return Err(error);
             };
-            if let (Some(at), Some(deadline)) = (deadline_at, options.deadline) {
-                if Instant::now() + delay >= at {
-                    return Err(BusError::DeadlineExceeded {
-                        message: M::NAME,
-                        deadline,
-                        attempts,
-                        last_error: Some(Box::new(error)),
-                    });
-                }
+            if let (Some(at), Some(deadline)) = (deadline_at, options.deadline)
+                && Instant::now() + delay >= at
+            {
+                return Err(BusError::DeadlineExceeded {
+                    message: M::NAME,
+                    deadline,
+                    attempts,
+                    last_error: Some(Box::new(error)),
+                });
             }
             tracing::debug!(message = M::NAME, attempt = attempts, ?delay, error = %error, "retrying");
             tokio::time::sleep(delay).await;
@@ -283,7 +302,10 @@ impl Service<Envelope> for transport::TransportService {
     type Error = BusError;
     type Future = BoxFuture<Result<Body, BusError>>;
 
-    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BusError>> {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BusError>> {
         std::task::Poll::Ready(Ok(()))
     }
 

@@ -19,7 +19,8 @@ pub struct RequestContext {
     pub trace: TraceContext,
 }
 
-type ErasedHandler = dyn Fn(RequestContext, Body) -> BoxFuture<Result<Body, RemoteError>> + Send + Sync;
+type ErasedHandler =
+    dyn Fn(RequestContext, Body) -> BoxFuture<Result<Body, RemoteError>> + Send + Sync;
 
 /// Handlers by message name. Build it, then hand it to a transport's server
 /// side ([`super::transport::InProcess::new`],
@@ -53,14 +54,21 @@ impl Router {
         Fut: Future<Output = Result<M::Response, RemoteError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let erased = move |ctx: RequestContext, body: Body| -> BoxFuture<Result<Body, RemoteError>> {
-            let request = match body.decode::<M::Request>(M::NAME) {
-                Ok(request) => request,
-                Err(e) => return futures::future::ready(Err(RemoteError::new(ErrorCode::Decode, e.to_string()))).boxed(),
+        let erased =
+            move |ctx: RequestContext, body: Body| -> BoxFuture<Result<Body, RemoteError>> {
+                let request = match body.decode::<M::Request>(M::NAME) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        return futures::future::ready(Err(RemoteError::new(
+                            ErrorCode::Decode,
+                            e.to_string(),
+                        )))
+                        .boxed();
+                    }
+                };
+                let handler = handler.clone();
+                async move { handler(ctx, request).await.map(Body::local) }.boxed()
             };
-            let handler = handler.clone();
-            async move { handler(ctx, request).await.map(Body::local) }.boxed()
-        };
         self.handlers.insert(M::NAME, Arc::new(erased));
         self
     }
@@ -73,13 +81,24 @@ impl Router {
     /// Runs the handler for `envelope` within its deadline, in a span that
     /// carries the caller's trace id.
     pub fn dispatch(&self, envelope: Envelope) -> BoxFuture<Result<Body, RemoteError>> {
-        let Envelope { id, message, deadline, trace, body } = envelope;
+        let Envelope {
+            id,
+            message,
+            deadline,
+            trace,
+            body,
+        } = envelope;
         let Some(handler) = self.handlers.get(message.as_ref()).cloned() else {
-            let error = RemoteError::new(ErrorCode::NoHandler, format!("no handler for `{message}`"));
+            let error =
+                RemoteError::new(ErrorCode::NoHandler, format!("no handler for `{message}`"));
             return futures::future::ready(Err(error)).boxed();
         };
         let span = tracing::debug_span!("bus.handle", message = %message, request_id = id.0, trace_id = trace.trace_id);
-        let ctx = RequestContext { id, deadline, trace };
+        let ctx = RequestContext {
+            id,
+            deadline,
+            trace,
+        };
         let fut = trace.scope(handler(ctx, body));
         async move {
             match deadline {

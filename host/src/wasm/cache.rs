@@ -29,7 +29,10 @@ pub struct ArtifactCache {
 
 /// Hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl ArtifactCache {
@@ -55,7 +58,11 @@ impl ArtifactCache {
     ///
     /// # Errors
     /// The compilation error, if `bytes` is not a valid component.
-    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+    ) -> wasmtime::Result<(Component, CacheOutcome)> {
         let key = self.key(engine, &sha256_hex(bytes));
         let artifact = self.dir.join(format!("{key}.cwasm"));
         let digest = self.dir.join(format!("{key}.sha256"));
@@ -78,7 +85,12 @@ impl ArtifactCache {
         Ok((component, CacheOutcome::Compiled))
     }
 
-    fn load_verified(&self, engine: &Engine, artifact: &Path, digest: &Path) -> Result<Component, String> {
+    fn load_verified(
+        &self,
+        engine: &Engine,
+        artifact: &Path,
+        digest: &Path,
+    ) -> Result<Component, String> {
         let expected = std::fs::read_to_string(digest).map_err(|e| format!("no digest: {e}"))?;
         let bytes = std::fs::read(artifact).map_err(|e| format!("unreadable: {e}"))?;
         if sha256_hex(&bytes) != expected.trim() {
@@ -89,7 +101,8 @@ impl ArtifactCache {
         // `precompile_component` (the key includes the engine's compatibility
         // hash), and its digest matches what was written, so it is unaltered;
         // wasmtime checks the compatibility again on load.
-        unsafe { Component::deserialize_file(engine, artifact) }.map_err(|e| format!("wasmtime refused it: {e}"))
+        unsafe { Component::deserialize_file(engine, artifact) }
+            .map_err(|e| format!("wasmtime refused it: {e}"))
     }
 
     fn store(&self, artifact: &Path, digest: &Path, serialized: &[u8]) -> std::io::Result<()> {

@@ -33,8 +33,14 @@ impl HostState {
     /// stdout and stderr routed to the log.
     pub fn new(plugin: Arc<str>, memory_limit: u64) -> Self {
         let wasi = WasiCtxBuilder::new()
-            .stdout(LogStream { plugin: plugin.clone(), stream: "stdout" })
-            .stderr(LogStream { plugin: plugin.clone(), stream: "stderr" })
+            .stdout(LogStream {
+                plugin: plugin.clone(),
+                stream: "stdout",
+            })
+            .stderr(LogStream {
+                plugin: plugin.clone(),
+                stream: "stderr",
+            })
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -42,7 +48,10 @@ impl HostState {
         HostState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryCap { limit: usize::try_from(memory_limit).unwrap_or(usize::MAX), hit: None },
+            limiter: MemoryCap {
+                limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+                hit: None,
+            },
             plugin,
         }
     }
@@ -50,7 +59,10 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -98,17 +110,31 @@ pub struct MemoryCapHit {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.hit = Some(desired);
             // An error (not `Ok(false)`) traps at the growth itself, so the
             // plugin cannot swallow the failure and limp on.
-            return Err(MemoryCapHit { limit: self.limit, desired }.into());
+            return Err(MemoryCapHit {
+                limit: self.limit,
+                desired,
+            }
+            .into());
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -128,7 +154,10 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(LogOutput { target: self.clone(), line: Vec::new() })
+        Box::new(LogOutput {
+            target: self.clone(),
+            line: Vec::new(),
+        })
     }
 
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {

@@ -44,30 +44,54 @@ impl Instance {
     /// [`WasmError::Instantiate`], a crash of `init` ([`WasmError::Trap`],
     /// [`WasmError::DeadlineExceeded`], [`WasmError::MemoryCap`]), or
     /// [`WasmError::Plugin`] when `init` refuses the configuration.
-    pub fn start(plugin: &WasmPlugin, limits: InstanceLimits, config: &[(String, String)]) -> Result<Self, WasmError> {
+    pub fn start(
+        plugin: &WasmPlugin,
+        limits: InstanceLimits,
+        config: &[(String, String)],
+    ) -> Result<Self, WasmError> {
         let engine = plugin.engine().engine();
-        let mut store = Store::new(engine, HostState::new(plugin.shared_name(), limits.memory_bytes));
+        let mut store = Store::new(
+            engine,
+            HostState::new(plugin.shared_name(), limits.memory_bytes),
+        );
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
         let bindings = plugin.pre().instantiate(&mut store).map_err(|e| {
-            classify(&store, "instantiate", limits.init_deadline, e, |reason| WasmError::Instantiate {
-                name: plugin.name().to_string(),
-                reason,
+            classify(&store, "instantiate", limits.init_deadline, e, |reason| {
+                WasmError::Instantiate {
+                    name: plugin.name().to_string(),
+                    reason,
+                }
             })
         })?;
         let mut instance = Instance {
             store,
             plugin: bindings,
-            info: ModelInfo { model_id: String::new(), dimension: 0, max_input_tokens: 0, normalized: false },
+            info: ModelInfo {
+                model_id: String::new(),
+                dimension: 0,
+                max_input_tokens: 0,
+                normalized: false,
+            },
             limits,
         };
         let info = instance.call("init", limits.init_deadline, |plugin, store| {
-            plugin.embedhost_embedder_embedder().call_init(store, config)
+            plugin
+                .embedhost_embedder_embedder()
+                .call_init(store, config)
         })?;
-        let info: ModelInfo = info.map_err(|e| WasmError::Plugin { call: "init", error: e.into() })?.into();
+        let info: ModelInfo = info
+            .map_err(|e| WasmError::Plugin {
+                call: "init",
+                error: e.into(),
+            })?
+            .into();
         if info.dimension == 0 {
-            return Err(WasmError::InvalidOutput { index: None, reason: "`init` declared dimension 0".into() });
+            return Err(WasmError::InvalidOutput {
+                index: None,
+                reason: "`init` declared dimension 0".into(),
+            });
         }
         instance.info = info;
         Ok(instance)
@@ -83,13 +107,28 @@ impl Instance {
     /// # Errors
     /// A crash ([`WasmError::is_crash`]: the instance must then be dropped),
     /// the plugin's error value, or [`WasmError::InvalidOutput`].
-    pub fn embed(&mut self, texts: &[String], kind: InputKind, deadline: Option<Duration>) -> Result<Vectors, WasmError> {
+    pub fn embed(
+        &mut self,
+        texts: &[String],
+        kind: InputKind,
+        deadline: Option<Duration>,
+    ) -> Result<Vectors, WasmError> {
         let deadline = self.deadline(deadline);
         let result = self.call("embed", deadline, |plugin, store| {
-            plugin.embedhost_embedder_embedder().call_embed(store, texts, kind)
+            plugin
+                .embedhost_embedder_embedder()
+                .call_embed(store, texts, kind)
         })?;
-        let embeddings = result.map_err(|e| WasmError::Plugin { call: "embed", error: e.into() })?;
-        validate(&self.info, texts.len(), embeddings.dimension, embeddings.data)
+        let embeddings = result.map_err(|e| WasmError::Plugin {
+            call: "embed",
+            error: e.into(),
+        })?;
+        validate(
+            &self.info,
+            texts.len(),
+            embeddings.dimension,
+            embeddings.data,
+        )
     }
 
     /// Calls `health`.
@@ -98,14 +137,20 @@ impl Instance {
     /// A crash, as for [`Instance::embed`].
     pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let deadline = self.deadline(deadline);
-        let report =
-            self.call("health", deadline, |plugin, store| plugin.embedhost_embedder_embedder().call_health(store))?;
-        Ok(Health { memory_bytes: report.memory_bytes, processed: report.processed })
+        let report = self.call("health", deadline, |plugin, store| {
+            plugin.embedhost_embedder_embedder().call_health(store)
+        })?;
+        Ok(Health {
+            memory_bytes: report.memory_bytes,
+            processed: report.processed,
+        })
     }
 
     /// A call's deadline: the caller's, but never past the configured one.
     fn deadline(&self, requested: Option<Duration>) -> Duration {
-        requested.map_or(self.limits.call_deadline, |d| d.min(self.limits.call_deadline))
+        requested.map_or(self.limits.call_deadline, |d| {
+            d.min(self.limits.call_deadline)
+        })
     }
 
     fn call<T>(
@@ -116,7 +161,10 @@ impl Instance {
     ) -> Result<T, WasmError> {
         self.store.set_epoch_deadline(deadline_ticks(deadline));
         f(&self.plugin, &mut self.store).map_err(|e| {
-            classify(&self.store, name, deadline, e, |reason| WasmError::Trap { call: name, reason })
+            classify(&self.store, name, deadline, e, |reason| WasmError::Trap {
+                call: name,
+                reason,
+            })
         })
     }
 }
@@ -130,11 +178,23 @@ fn classify(
     otherwise: impl FnOnce(String) -> WasmError,
 ) -> WasmError {
     if let Some(hit) = error.downcast_ref::<super::MemoryCapHit>() {
-        return WasmError::MemoryCap { call, source: super::MemoryCapHit { limit: hit.limit, desired: hit.desired } };
+        return WasmError::MemoryCap {
+            call,
+            source: super::MemoryCapHit {
+                limit: hit.limit,
+                desired: hit.desired,
+            },
+        };
     }
     if let Some(desired) = store.data().limiter.hit {
         // The growth was refused and the plugin trapped on the failure.
-        return WasmError::MemoryCap { call, source: super::MemoryCapHit { limit: store.data().limiter.limit, desired } };
+        return WasmError::MemoryCap {
+            call,
+            source: super::MemoryCapHit {
+                limit: store.data().limiter.limit,
+                desired,
+            },
+        };
     }
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => WasmError::DeadlineExceeded { call, deadline },
@@ -148,11 +208,19 @@ fn classify(
 }
 
 /// Checks the contract on a plugin's output.
-fn validate(info: &ModelInfo, texts: usize, dimension: u32, data: Vec<f32>) -> Result<Vectors, WasmError> {
+fn validate(
+    info: &ModelInfo,
+    texts: usize,
+    dimension: u32,
+    data: Vec<f32>,
+) -> Result<Vectors, WasmError> {
     if dimension != info.dimension {
         return Err(WasmError::InvalidOutput {
             index: None,
-            reason: format!("vectors of dimension {dimension}, but `init` declared {}", info.dimension),
+            reason: format!(
+                "vectors of dimension {dimension}, but `init` declared {}",
+                info.dimension
+            ),
         });
     }
     let expected = texts * dimension as usize;
@@ -172,8 +240,10 @@ fn validate(info: &ModelInfo, texts: usize, dimension: u32, data: Vec<f32>) -> R
             reason: format!("the vector of input {index} contains {}", data[at]),
         });
     }
-    Vectors::new(dimension as usize, data)
-        .map_err(|e| WasmError::InvalidOutput { index: None, reason: e.to_string() })
+    Vectors::new(dimension as usize, data).map_err(|e| WasmError::InvalidOutput {
+        index: None,
+        reason: e.to_string(),
+    })
 }
 
 enum Job {
@@ -203,7 +273,10 @@ pub struct WasmEmbedder {
 
 impl std::fmt::Debug for WasmEmbedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmEmbedder").field("name", &self.name).field("info", &self.info).finish()
+        f.debug_struct("WasmEmbedder")
+            .field("name", &self.name)
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -224,10 +297,19 @@ impl WasmEmbedder {
         std::thread::Builder::new()
             .name("embedhost-wasm".into())
             .spawn(move || run(plugin, limits, config, rx, ready_tx))
-            .map_err(|e| WasmError::Instantiate { name: thread_name.to_string(), reason: format!("no thread: {e}") })?;
-        let gone = || WasmError::InstanceGone { name: name.to_string() };
+            .map_err(|e| WasmError::Instantiate {
+                name: thread_name.to_string(),
+                reason: format!("no thread: {e}"),
+            })?;
+        let gone = || WasmError::InstanceGone {
+            name: name.to_string(),
+        };
         let info = ready_rx.await.map_err(|_| gone())??;
-        Ok(WasmEmbedder { jobs, info: Arc::new(info), name })
+        Ok(WasmEmbedder {
+            jobs,
+            info: Arc::new(info),
+            name,
+        })
     }
 
     /// What the plugin's `init` reported.
@@ -239,10 +321,25 @@ impl WasmEmbedder {
     ///
     /// # Errors
     /// As [`Instance::embed`], or [`WasmError::InstanceGone`].
-    pub async fn embed(&self, texts: Vec<String>, is_query: bool, deadline: Option<Duration>) -> Result<Vectors, WasmError> {
-        let kind = if is_query { InputKind::Query } else { InputKind::Document };
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Option<Duration>,
+    ) -> Result<Vectors, WasmError> {
+        let kind = if is_query {
+            InputKind::Query
+        } else {
+            InputKind::Document
+        };
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::Embed { texts, kind, deadline, reply }).await?;
+        self.submit(Job::Embed {
+            texts,
+            kind,
+            deadline,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| self.gone())?
     }
 
@@ -261,7 +358,9 @@ impl WasmEmbedder {
     }
 
     fn gone(&self) -> WasmError {
-        WasmError::InstanceGone { name: self.name.to_string() }
+        WasmError::InstanceGone {
+            name: self.name.to_string(),
+        }
     }
 }
 
@@ -309,17 +408,32 @@ fn run(
                 }
             }
         }
-        let Some(live) = instance.as_mut() else { continue };
+        let Some(live) = instance.as_mut() else {
+            continue;
+        };
         let crashed = match job {
-            Job::Embed { texts, kind, deadline, reply } => {
+            Job::Embed {
+                texts,
+                kind,
+                deadline,
+                reply,
+            } => {
                 let result = live.embed(&texts, kind, deadline);
-                let crashed = result.as_ref().err().filter(|e| e.is_crash()).map(ToString::to_string);
+                let crashed = result
+                    .as_ref()
+                    .err()
+                    .filter(|e| e.is_crash())
+                    .map(ToString::to_string);
                 let _ = reply.send(result);
                 crashed
             }
             Job::Health { deadline, reply } => {
                 let result = live.health(deadline);
-                let crashed = result.as_ref().err().filter(|e| e.is_crash()).map(ToString::to_string);
+                let crashed = result
+                    .as_ref()
+                    .err()
+                    .filter(|e| e.is_crash())
+                    .map(ToString::to_string);
                 let _ = reply.send(result);
                 crashed
             }

@@ -47,7 +47,10 @@ pub const EXPORTED_INTERFACE: &str = "embedhost:embedder/embedder@0.1.0";
 pub enum WasmError {
     /// The plugin file cannot be read.
     #[error("cannot read plugin `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// The file is not a WebAssembly component.
     #[error("`{name}` is not a WebAssembly component: {reason}")]
@@ -72,16 +75,25 @@ pub enum WasmError {
     /// A call ran past its deadline and was interrupted. The instance is
     /// discarded.
     #[error("`{call}` ran past its {deadline:?} deadline and was interrupted")]
-    DeadlineExceeded { call: &'static str, deadline: Duration },
+    DeadlineExceeded {
+        call: &'static str,
+        deadline: Duration,
+    },
 
     /// The plugin tried to grow its memory past the cap. The instance is
     /// discarded.
     #[error("plugin exceeded its memory limit in `{call}`: {source}")]
-    MemoryCap { call: &'static str, source: MemoryCapHit },
+    MemoryCap {
+        call: &'static str,
+        source: MemoryCapHit,
+    },
 
     /// The plugin returned an error value.
     #[error("plugin refused `{call}`: {error}")]
-    Plugin { call: &'static str, error: PluginError },
+    Plugin {
+        call: &'static str,
+        error: PluginError,
+    },
 
     /// The plugin's output breaks the contract.
     #[error("plugin returned invalid output: {reason}")]
@@ -123,7 +135,10 @@ impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
         use bindings::embedhost::embedder::types::EmbedError as E;
         match e {
             E::InvalidConfig(s) => PluginError::InvalidConfig(s),
-            E::InvalidInput(i) => PluginError::InvalidInput { index: i.index, reason: i.reason },
+            E::InvalidInput(i) => PluginError::InvalidInput {
+                index: i.index,
+                reason: i.reason,
+            },
             E::NotInitialized => PluginError::NotInitialized,
             E::ModelFailure(s) => PluginError::ModelFailure(s),
         }
@@ -140,7 +155,9 @@ pub struct WasmEngine {
 
 impl std::fmt::Debug for WasmEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmEngine").field("cache", &self.cache).finish_non_exhaustive()
+        f.debug_struct("WasmEngine")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
     }
 }
 
@@ -175,15 +192,17 @@ impl WasmEngine {
 /// engine is dropped. Deadlines are counted in ticks.
 fn spawn_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
-    let spawned = std::thread::Builder::new().name("embedhost-epoch".into()).spawn(move || {
-        loop {
-            std::thread::sleep(limits::EPOCH_TICK);
-            match weak.upgrade() {
-                Some(engine) => engine.increment_epoch(),
-                None => return,
+    let spawned = std::thread::Builder::new()
+        .name("embedhost-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(limits::EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         // Without the ticker no deadline fires; refuse to run blind.
         panic!("cannot start the epoch ticker thread: {e}");
@@ -208,7 +227,10 @@ pub enum PluginSource {
 impl PluginSource {
     /// The built-in stub plugin.
     pub fn builtin_stub() -> Self {
-        PluginSource::Bytes { name: "builtin:stub".into(), bytes: crate::plugins::STUB_WASM_BYTES }
+        PluginSource::Bytes {
+            name: "builtin:stub".into(),
+            bytes: crate::plugins::STUB_WASM_BYTES,
+        }
     }
 
     /// A short name for messages.
@@ -253,7 +275,9 @@ pub struct WasmPlugin {
 
 impl std::fmt::Debug for WasmPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmPlugin").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("WasmPlugin")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -275,7 +299,10 @@ impl WasmPlugin {
         let owned;
         let bytes: &[u8] = match source {
             PluginSource::File(path) => {
-                owned = std::fs::read(path).map_err(|source| WasmError::Read { path: path.clone(), source })?;
+                owned = std::fs::read(path).map_err(|source| WasmError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 &owned
             }
             PluginSource::Bytes { bytes, .. } => bytes,
@@ -285,10 +312,21 @@ impl WasmPlugin {
             Some(cache) => cache.load_or_compile(engine.engine(), bytes),
             None => Component::new(engine.engine(), bytes).map(|c| (c, CacheOutcome::Compiled)),
         }
-        .map_err(|e| WasmError::Compile { name: name.clone(), reason: format!("{e:#}") })?;
-        let pre = link(engine, &component).map_err(|reason| WasmError::WrongWorld { name: name.clone(), reason })?;
+        .map_err(|e| WasmError::Compile {
+            name: name.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let pre = link(engine, &component).map_err(|reason| WasmError::WrongWorld {
+            name: name.clone(),
+            reason,
+        })?;
         tracing::debug!(plugin = %name, cache = ?cache_outcome, "plugin loaded");
-        Ok(WasmPlugin { name: name.into(), engine: engine.clone(), pre, cache_outcome })
+        Ok(WasmPlugin {
+            name: name.into(),
+            engine: engine.clone(),
+            pre,
+            cache_outcome,
+        })
     }
 
     /// The plugin's name (its path, or `builtin:stub`).
@@ -315,9 +353,14 @@ impl WasmPlugin {
 }
 
 fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
-    let not_component = |reason: &str| WasmError::NotAComponent { name: name.to_string(), reason: reason.to_string() };
+    let not_component = |reason: &str| WasmError::NotAComponent {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
     if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
-        return Err(not_component("the file does not start with the WebAssembly magic bytes"));
+        return Err(not_component(
+            "the file does not start with the WebAssembly magic bytes",
+        ));
     }
     if bytes[4..8] == CORE_MODULE_VERSION {
         return Err(not_component(
@@ -327,15 +370,20 @@ fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
     Ok(())
 }
 
-fn link(engine: &WasmEngine, component: &Component) -> Result<bindings::PluginPre<host::HostState>, String> {
+fn link(
+    engine: &WasmEngine,
+    component: &Component,
+) -> Result<bindings::PluginPre<host::HostState>, String> {
     let mut linker: Linker<host::HostState> = Linker::new(engine.engine());
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("{e:#}"))?;
-    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(|e| format!("{e:#}"))?;
+    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+        .map_err(|e| format!("{e:#}"))?;
     let instance_pre = linker
         .instantiate_pre(component)
         .map_err(|e| format!("it imports something the host does not provide: {e:#}"))?;
-    bindings::PluginPre::new(instance_pre)
-        .map_err(|e| format!("it does not export `{EXPORTED_INTERFACE}` as the contract defines it: {e:#}"))
+    bindings::PluginPre::new(instance_pre).map_err(|e| {
+        format!("it does not export `{EXPORTED_INTERFACE}` as the contract defines it: {e:#}")
+    })
 }
 
 /// The model information a plugin reports from `init`.

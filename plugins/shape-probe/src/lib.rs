@@ -12,12 +12,28 @@ fn value(row: u32, col: u32) -> f32 {
 }
 
 impl Guest for Probe {
+    // Both shapes are built the same way (exact capacity, plain loops), so
+    // the difference a benchmark sees is the cost of lifting them.
     fn flat(rows: u32, dim: u32) -> Vec<f32> {
-        (0..rows).flat_map(|r| (0..dim).map(move |c| value(r, c))).collect()
+        let mut out = Vec::with_capacity((rows * dim) as usize);
+        for r in 0..rows {
+            for c in 0..dim {
+                out.push(value(r, c));
+            }
+        }
+        out
     }
 
     fn nested(rows: u32, dim: u32) -> Vec<Vec<f32>> {
-        (0..rows).map(|r| (0..dim).map(|c| value(r, c)).collect()).collect()
+        let mut out = Vec::with_capacity(rows as usize);
+        for r in 0..rows {
+            let mut row = Vec::with_capacity(dim as usize);
+            for c in 0..dim {
+                row.push(value(r, c));
+            }
+            out.push(row);
+        }
+        out
     }
 }
 

@@ -15,9 +15,7 @@ wit_bindgen::generate!({
 });
 
 use embedhost::embedder::host_log::{self, Level};
-use embedhost::embedder::types::{
-    EmbedError, Embeddings, HealthReport, InputKind, ModelInfo,
-};
+use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
 use exports::embedhost::embedder::embedder::Guest;
 
 /// The stub has no tokenizer; it reports the real default model's limit so a
@@ -33,7 +31,13 @@ impl Guest for Stub {
         let parsed = StubConfig::from_pairs(config.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| EmbedError::InvalidConfig(e.to_string()))?;
         let dimension = parsed.dimension as u32;
-        host_log::log(Level::Debug, &format!("stub initialised: dimension {dimension}, faults {:?}", parsed.faults));
+        host_log::log(
+            Level::Debug,
+            &format!(
+                "stub initialised: dimension {dimension}, faults {:?}",
+                parsed.faults
+            ),
+        );
         *lock() = Some(StubEngine::new(parsed));
         Ok(ModelInfo {
             model_id: MODEL_ID.to_string(),
@@ -47,19 +51,27 @@ impl Guest for Stub {
         let mut guard = lock();
         let engine = guard.as_mut().ok_or(EmbedError::NotInitialized)?;
         let data = engine.embed(&texts);
-        Ok(Embeddings { dimension: engine.dimension() as u32, data })
+        Ok(Embeddings {
+            dimension: engine.dimension() as u32,
+            data,
+        })
     }
 
     fn health() -> HealthReport {
         let processed = lock().as_ref().map_or(0, StubEngine::processed);
-        HealthReport { memory_bytes: linear_memory_bytes(), processed }
+        HealthReport {
+            memory_bytes: linear_memory_bytes(),
+            processed,
+        }
     }
 }
 
 /// A poisoned lock only means an earlier call trapped mid-way, which the host
 /// answers by discarding the instance; recover the guard rather than trap again.
 fn lock() -> std::sync::MutexGuard<'static, Option<StubEngine>> {
-    ENGINE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    ENGINE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn linear_memory_bytes() -> u64 {

@@ -28,7 +28,11 @@ impl InProcess {
 
     /// The same, with a peer name for logs.
     pub fn named(name: &str, router: Router) -> Self {
-        InProcess { router: Arc::new(router), name: name.into(), closed: Arc::new(AtomicBool::new(false)) }
+        InProcess {
+            router: Arc::new(router),
+            name: name.into(),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Shuts the peer down: later requests fail with [`BusError::PeerGone`].
@@ -44,7 +48,10 @@ impl super::Transport for InProcess {
 
     fn call(&self, envelope: Envelope) -> BoxFuture<Result<Body, BusError>> {
         if self.closed.load(Ordering::Acquire) {
-            let error = BusError::PeerGone { peer: self.name.to_string(), reason: "the peer was shut down".into() };
+            let error = BusError::PeerGone {
+                peer: self.name.to_string(),
+                reason: "the peer was shut down".into(),
+            };
             return futures::future::ready(Err(error)).boxed();
         }
         let (reply, answer) = oneshot::channel();

@@ -62,20 +62,30 @@ impl MockTransport {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Scripts message `M`: `respond(request, n)` is called for the n-th
     /// request of `M` (from 1) and says how to answer it.
-    pub fn on<M: Message>(&self, mut respond: impl FnMut(&M::Request, u32) -> MockReply + Send + 'static) -> &Self {
-        let responder: Responder = Box::new(move |envelope, n| match envelope.body.downcast_ref::<M::Request>() {
-            Some(request) => respond(request, n),
-            None => MockReply::Fail(BusError::Decode {
-                what: M::NAME.into(),
-                reason: "the mock expected a local value".into(),
-            }),
-        });
-        self.lock().responders.insert(M::NAME.to_string(), responder);
+    pub fn on<M: Message>(
+        &self,
+        mut respond: impl FnMut(&M::Request, u32) -> MockReply + Send + 'static,
+    ) -> &Self {
+        let responder: Responder =
+            Box::new(
+                move |envelope, n| match envelope.body.downcast_ref::<M::Request>() {
+                    Some(request) => respond(request, n),
+                    None => MockReply::Fail(BusError::Decode {
+                        what: M::NAME.into(),
+                        reason: "the mock expected a local value".into(),
+                    }),
+                },
+            );
+        self.lock()
+            .responders
+            .insert(M::NAME.to_string(), responder);
         self
     }
 
@@ -127,7 +137,11 @@ impl super::Transport for MockTransport {
             state.sent.push((sent, envelope.body));
             reply
         };
-        let guard = CancelGuard { state: self.state.clone(), id, done: false };
+        let guard = CancelGuard {
+            state: self.state.clone(),
+            id,
+            done: false,
+        };
         async move {
             // Move the whole guard in (not just the field it writes).
             let mut guard = guard;
@@ -163,7 +177,10 @@ struct CancelGuard {
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         if !self.done {
-            let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             state.cancelled.push(self.id);
         }
     }

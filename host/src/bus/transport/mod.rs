@@ -46,6 +46,8 @@ pub(crate) struct TransportService {
 
 impl TransportService {
     pub(crate) fn new(transport: impl Transport) -> Self {
-        TransportService { transport: Arc::new(transport) }
+        TransportService {
+            transport: Arc::new(transport),
+        }
     }
 }
