@@ -59,3 +59,43 @@ pub const MAX_PLUGIN_LOG_LINE: usize = 4096;
 
 /// Longest message a plugin may pass to `host-log.log`, for the same reason.
 pub const MAX_PLUGIN_LOG_MESSAGE: usize = 4096;
+
+/// OTP's MaxR default: restarts of one instance allowed within
+/// [`DEFAULT_RESTART_WINDOW`] before the backend is declared failed.
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+
+/// OTP's MaxT default (5 s): the sliding window for [`DEFAULT_MAX_RESTARTS`].
+pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
+
+/// Backoff before the second restart within a window; doubles after. The
+/// first restart is immediate: most crashes are one-offs, and the seed's
+/// recovery target (under 5 s) leaves no room for waiting by default.
+pub const DEFAULT_RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Cap on the restart backoff: no longer than the window itself, so a slot
+/// that keeps failing still reaches escalation instead of sleeping past it.
+pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Uptime after which an instance counts as stable and the backoff starts
+/// over: twice the window, so a slot that fails once per window keeps its
+/// backoff.
+pub const DEFAULT_STABLE_UPTIME: Duration = Duration::from_secs(10);
+
+/// Interval of the periodic health check (the seed's 10 s).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Deadline of one health check (the seed's 5 s): `health` is cheap, so an
+/// instance that cannot answer in 5 s is hung.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The seed's memory threshold for a planned recycle (300 MB). Set for a
+/// leaking stub; the real-model issue re-derives it from measurement.
+pub const DEFAULT_RECYCLE_MEMORY_BYTES: u64 = 300_000_000;
+
+/// The seed's processed-count threshold for a planned recycle (200 texts).
+pub const DEFAULT_RECYCLE_PROCESSED: u64 = 200;
+
+/// A text that crashes this many instances on its own is poison and is
+/// answered with an error instead of being retried (two: one crash may be
+/// bad luck, two in a row on the same text alone is the text).
+pub const DEFAULT_POISON_AFTER: u32 = 2;

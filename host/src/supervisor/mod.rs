@@ -1,0 +1,691 @@
+//! The supervisor: a pool of embedder instances, each restarted on failure
+//! with OTP's semantics (restart types, restart intensity) plus backoff,
+//! health checks, planned make-before-break recycling and poison-input
+//! isolation.
+//!
+//! It is generic over what it supervises ([`Spawner`] starts a [`Worker`]):
+//! a WASM instance (a `Store` on its own thread) or, later, a native child
+//! process. Tests supervise scripted workers on tokio's paused clock.
+//!
+//! # Invariants
+//! - A slot runs one call at a time, pulled from one shared queue: a request
+//!   goes to an idle instance, and a crash fails only the call running on the
+//!   crashed instance.
+//! - A crashed worker is dropped, never called again; its slot starts a new
+//!   incarnation after the delay [`Intensity`] decides.
+//! - More than `max_restarts` failures of one slot within `window` escalate:
+//!   the supervisor is marked failed, every queued and later request gets
+//!   [`SupervisorError::Escalated`] with the reason. No silent restart loop.
+//! - A planned recycle (a health threshold) starts the replacement first and
+//!   swaps it in between two calls, so it fails no request. It is not a
+//!   failure and does not count toward intensity.
+//! - [`Supervisor::embed`] never loses a text: a crashed batch is split and
+//!   retried; a text that crashes `poison_after` instances on its own is
+//!   answered with an error naming its index, and the rest of the batch is
+//!   embedded without it.
+
+mod intensity;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+pub use intensity::{Decision, Intensity, IntensityConfig};
+
+use crate::bus::{BoxFuture, ErrorCode, RemoteError};
+use crate::limits;
+use crate::vectors::Vectors;
+use crate::wasm::ModelInfo;
+
+/// Metric: restarts, by `reason`.
+pub const METRIC_RESTARTS: &str = "restarts_total";
+
+/// Whether a slot's instance is restarted (OTP's restart types).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartType {
+    /// Always restarted.
+    #[default]
+    Permanent,
+    /// Restarted only after an abnormal exit (a crash); a normal stop ends
+    /// the slot.
+    Transient,
+    /// Never restarted.
+    Temporary,
+}
+
+/// Why an instance stopped, as recorded in logs and in `restarts_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FailureReason {
+    /// The instance trapped (with the trap's kind).
+    Trap(String),
+    /// A call ran past its deadline.
+    Deadline,
+    /// The instance hit its memory cap.
+    MemoryCap,
+    /// Starting or initialising the instance failed.
+    InitFailed,
+    /// The health check failed.
+    HealthFailed,
+    /// The health check got no answer in time.
+    HealthTimeout,
+    /// The instance is gone (its thread or process ended).
+    Exited(String),
+    /// A planned recycle after a health threshold (not a failure).
+    Recycle(String),
+}
+
+impl FailureReason {
+    /// The `reason` label: stable, low-cardinality.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailureReason::Trap(_) => "trap",
+            FailureReason::Deadline => "deadline",
+            FailureReason::MemoryCap => "memory_cap",
+            FailureReason::InitFailed => "init_failed",
+            FailureReason::HealthFailed => "health_failed",
+            FailureReason::HealthTimeout => "health_timeout",
+            FailureReason::Exited(_) => "exited",
+            FailureReason::Recycle(_) => "recycle",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureReason::Trap(kind) => write!(f, "trap ({kind})"),
+            FailureReason::Exited(how) => write!(f, "exited ({how})"),
+            FailureReason::Recycle(why) => write!(f, "recycle ({why})"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// Why a call on a worker failed.
+#[derive(Clone, Debug)]
+pub enum CallError {
+    /// The instance crashed and must be discarded.
+    Crash { reason: FailureReason, message: String },
+    /// The instance refused the call but is fine.
+    Refused(RemoteError),
+}
+
+/// What a health check reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Memory in use (linear memory, or a process's resident set), bytes.
+    pub memory_bytes: u64,
+    /// Texts processed since the instance started.
+    pub processed: u64,
+}
+
+/// One incarnation of a supervised embedder.
+pub trait Worker: Send + 'static {
+    /// Embeds a batch.
+    fn embed(&mut self, texts: Vec<String>, is_query: bool, deadline: Duration) -> BoxFuture<Result<Vectors, CallError>>;
+    /// Reports health.
+    fn health(&mut self, deadline: Duration) -> BoxFuture<Result<Health, CallError>>;
+    /// Stops gracefully (the host asked; not a failure).
+    fn stop(self: Box<Self>) -> BoxFuture<()>;
+}
+
+/// Starts incarnations.
+pub trait Spawner: Send + Sync + 'static {
+    /// Starts and initialises incarnation `incarnation` of slot `slot`.
+    fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>;
+}
+
+/// The supervisor's settings. Defaults: the seed's thresholds and OTP's
+/// intensity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SupervisorConfig {
+    /// Instances in the pool.
+    pub pool_size: usize,
+    pub restart: RestartType,
+    pub intensity: IntensityConfig,
+    /// Interval between health checks of an instance.
+    pub health_interval: Duration,
+    /// Deadline of one health check.
+    pub health_timeout: Duration,
+    /// Recycle an instance whose memory exceeds this.
+    pub max_memory_bytes: u64,
+    /// Recycle an instance that has processed more texts than this.
+    pub max_processed: u64,
+    /// A text that crashes this many instances on its own is poison.
+    pub poison_after: u32,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            pool_size: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            restart: RestartType::Permanent,
+            intensity: IntensityConfig {
+                max_restarts: limits::DEFAULT_MAX_RESTARTS,
+                window: limits::DEFAULT_RESTART_WINDOW,
+                backoff_min: limits::DEFAULT_RESTART_BACKOFF_MIN,
+                backoff_max: limits::DEFAULT_RESTART_BACKOFF_MAX,
+                stable_uptime: limits::DEFAULT_STABLE_UPTIME,
+            },
+            health_interval: limits::DEFAULT_HEALTH_INTERVAL,
+            health_timeout: limits::DEFAULT_HEALTH_TIMEOUT,
+            max_memory_bytes: limits::DEFAULT_RECYCLE_MEMORY_BYTES,
+            max_processed: limits::DEFAULT_RECYCLE_PROCESSED,
+            poison_after: limits::DEFAULT_POISON_AFTER,
+        }
+    }
+}
+
+/// Errors of the supervisor.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// Restart intensity was exceeded; the backend is failed for good.
+    #[error("the embedder backend failed: {0}")]
+    Escalated(String),
+    /// No instance could be started at all.
+    #[error("no embedder instance could start: {0}")]
+    StartFailed(String),
+    /// The request's deadline ran out (while waiting, retrying or isolating
+    /// a poison input).
+    #[error("embedding ran out of its {0:?} deadline")]
+    DeadlineExceeded(Duration),
+    /// An instance refused the request.
+    #[error("{0}")]
+    Refused(RemoteError),
+}
+
+impl From<SupervisorError> for RemoteError {
+    fn from(e: SupervisorError) -> Self {
+        match e {
+            SupervisorError::Escalated(_) | SupervisorError::StartFailed(_) => {
+                RemoteError::new(ErrorCode::Failed, e.to_string())
+            }
+            SupervisorError::DeadlineExceeded(_) => RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string()),
+            SupervisorError::Refused(remote) => remote,
+        }
+    }
+}
+
+/// A text the embedder could not embed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedInput {
+    /// Its position in the request.
+    pub index: u32,
+    pub reason: String,
+}
+
+/// The answer to a batch: a vector for every text that could be embedded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchResult {
+    /// Rows of the texts not in `failed`, in input order.
+    pub vectors: Vectors,
+    /// Texts that could not be embedded, by index.
+    pub failed: Vec<FailedInput>,
+}
+
+/// One instance's status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub slot: usize,
+    pub incarnation: u64,
+    pub up: bool,
+    pub uptime_ms: u64,
+    pub served: u64,
+    pub memory_bytes: u64,
+    pub restarts: BTreeMap<String, u64>,
+}
+
+struct Job {
+    texts: Vec<String>,
+    is_query: bool,
+    deadline: Duration,
+    reply: oneshot::Sender<Result<Vectors, CallError>>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    incarnation: u64,
+    up_since: Option<Instant>,
+    served: u64,
+    memory_bytes: u64,
+    restarts: BTreeMap<String, u64>,
+}
+
+struct Inner {
+    config: SupervisorConfig,
+    /// Cancelled on escalation or when the last `Supervisor` handle is
+    /// dropped: every slot stops its instance and ends.
+    stop: tokio_util::sync::CancellationToken,
+    jobs: mpsc::Sender<Job>,
+    queue: tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    escalated: Mutex<Option<String>>,
+    slots: Mutex<Vec<SlotState>>,
+    spawner: Arc<dyn Spawner>,
+    info: Mutex<Option<ModelInfo>>,
+}
+
+/// A supervised pool of embedder instances. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+    _stop_on_drop: Arc<tokio_util::sync::DropGuard>,
+}
+
+impl fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Supervisor").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// Jobs waiting for an idle instance before submitters wait: a few per
+/// instance keeps every instance busy without queueing without bound.
+const QUEUE_PER_INSTANCE: usize = 4;
+
+impl Supervisor {
+    /// Starts the pool and waits until one instance is up.
+    ///
+    /// # Errors
+    /// [`SupervisorError::StartFailed`] or [`SupervisorError::Escalated`] if
+    /// no instance comes up (for example, `init` refuses the configuration).
+    pub async fn start(spawner: impl Spawner, config: SupervisorConfig) -> Result<Self, SupervisorError> {
+        let pool = config.pool_size.max(1);
+        let (jobs, queue) = mpsc::channel(pool * QUEUE_PER_INSTANCE);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let inner = Arc::new(Inner {
+            config,
+            stop: stop.clone(),
+            jobs,
+            queue: tokio::sync::Mutex::new(queue),
+            escalated: Mutex::new(None),
+            slots: Mutex::new((0..pool).map(|_| SlotState::default()).collect()),
+            spawner: Arc::new(spawner),
+            info: Mutex::new(None),
+        });
+        // The first instance is started here, so a plugin that cannot start at
+        // all is reported to the caller rather than retried in the background.
+        let (first, info) = inner
+            .spawner
+            .start(0, 1)
+            .await
+            .map_err(SupervisorError::StartFailed)?;
+        *lock(&inner.info) = Some(info);
+        tokio::spawn(run_slot(inner.clone(), 0, Some(first)));
+        for slot in 1..pool {
+            tokio::spawn(run_slot(inner.clone(), slot, None));
+        }
+        Ok(Supervisor { inner, _stop_on_drop: Arc::new(stop.drop_guard()) })
+    }
+
+    /// What the model reported at the first start.
+    pub fn model_info(&self) -> ModelInfo {
+        lock(&self.inner.info).clone().expect("set before `start` returns")
+    }
+
+    /// Why the backend failed, once it has.
+    pub fn escalated(&self) -> Option<String> {
+        lock(&self.inner.escalated).clone()
+    }
+
+    /// Per-instance status.
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        let now = Instant::now();
+        lock(&self.inner.slots)
+            .iter()
+            .enumerate()
+            .map(|(slot, s)| InstanceStatus {
+                slot,
+                incarnation: s.incarnation,
+                up: s.up_since.is_some(),
+                uptime_ms: s.up_since.map_or(0, |t| now.duration_since(t).as_millis() as u64),
+                served: s.served,
+                memory_bytes: s.memory_bytes,
+                restarts: s.restarts.clone(),
+            })
+            .collect()
+    }
+
+    /// Embeds `texts` within `deadline`, surviving crashes: see the module
+    /// docs for how a crashed batch is split and a poison text isolated.
+    ///
+    /// # Errors
+    /// [`SupervisorError::Escalated`], [`SupervisorError::DeadlineExceeded`],
+    /// or [`SupervisorError::Refused`] for an error other than one input.
+    pub async fn embed(&self, texts: Vec<String>, is_query: bool, deadline: Duration) -> Result<BatchResult, SupervisorError> {
+        let until = Instant::now() + deadline;
+        let dimension = self.model_info().dimension as usize;
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        let mut crashes = vec![0u32; texts.len()];
+        let mut failed: Vec<FailedInput> = Vec::new();
+        let mut work: VecDeque<Vec<usize>> = VecDeque::new();
+        if !texts.is_empty() {
+            work.push_back((0..texts.len()).collect());
+        }
+        while let Some(batch) = work.pop_front() {
+            let remaining = until.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(SupervisorError::DeadlineExceeded(deadline));
+            }
+            let batch_texts = batch.iter().map(|&i| texts[i].clone()).collect();
+            match self.dispatch(batch_texts, is_query, remaining).await? {
+                Ok(vectors) => {
+                    for (k, &i) in batch.iter().enumerate() {
+                        rows[i] = vectors.get(k).map(<[f32]>::to_vec);
+                    }
+                }
+                Err(CallError::Crash { reason, message }) if batch.len() == 1 => {
+                    let i = batch[0];
+                    crashes[i] += 1;
+                    if crashes[i] >= self.inner.config.poison_after {
+                        tracing::warn!(index = i, crashes = crashes[i], %reason, "poison input isolated");
+                        failed.push(FailedInput {
+                            index: i as u32,
+                            reason: format!("crashed {} instances ({reason}): {message}", crashes[i]),
+                        });
+                    } else {
+                        work.push_front(batch);
+                    }
+                }
+                Err(CallError::Crash { .. }) => {
+                    // Which text crashed is unknown: retry the halves.
+                    let (left, right) = batch.split_at(batch.len() / 2);
+                    work.push_front(right.to_vec());
+                    work.push_front(left.to_vec());
+                }
+                Err(CallError::Refused(RemoteError { code: ErrorCode::InvalidInput, index: Some(k), message })) => {
+                    let Some(&i) = batch.get(k as usize) else {
+                        return Err(SupervisorError::Refused(RemoteError::new(
+                            ErrorCode::Failed,
+                            format!("the plugin named input {k} of a batch of {}", batch.len()),
+                        )));
+                    };
+                    failed.push(FailedInput { index: i as u32, reason: message });
+                    let rest: Vec<usize> = batch.into_iter().filter(|&j| j != i).collect();
+                    if !rest.is_empty() {
+                        work.push_front(rest);
+                    }
+                }
+                Err(CallError::Refused(remote)) => return Err(SupervisorError::Refused(remote)),
+            }
+        }
+        failed.sort_by_key(|f| f.index);
+        let data: Vec<f32> = rows.into_iter().flatten().flatten().collect();
+        let vectors = if data.is_empty() {
+            Vectors::default()
+        } else {
+            Vectors::new(dimension, data).map_err(|e| SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string())))?
+        };
+        Ok(BatchResult { vectors, failed })
+    }
+
+    /// One attempt on some idle instance. The outer `Result` is the
+    /// supervisor's own failure; the inner one the call's.
+    async fn dispatch(
+        &self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> Result<Result<Vectors, CallError>, SupervisorError> {
+        if let Some(reason) = self.escalated() {
+            return Err(SupervisorError::Escalated(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job { texts, is_query, deadline, reply };
+        let exhausted = || SupervisorError::DeadlineExceeded(deadline);
+        let until = Instant::now() + deadline;
+        match tokio::time::timeout_at(until, self.inner.jobs.send(job)).await {
+            Err(_) => return Err(exhausted()),
+            Ok(Err(_)) => return Err(SupervisorError::Escalated(self.escalated().unwrap_or_default())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(until, answer).await {
+            Err(_) => Err(exhausted()),
+            Ok(Err(_)) => Err(SupervisorError::Escalated(self.escalated().unwrap_or_else(|| "the pool stopped".into()))),
+            Ok(Ok(result)) => Ok(result),
+        }
+    }
+
+    /// Health of one idle instance (for `embedder.health`).
+    ///
+    /// # Errors
+    /// [`SupervisorError::Escalated`] once the backend failed.
+    pub fn health(&self) -> Result<Health, SupervisorError> {
+        if let Some(reason) = self.escalated() {
+            return Err(SupervisorError::Escalated(reason));
+        }
+        let slots = lock(&self.inner.slots);
+        Ok(Health {
+            memory_bytes: slots.iter().map(|s| s.memory_bytes).sum(),
+            processed: slots.iter().map(|s| s.served).sum(),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a slot's serving loop ended.
+enum Ended {
+    Crashed(FailureReason, String),
+    Shutdown,
+}
+
+async fn run_slot(inner: Arc<Inner>, slot: usize, mut first: Option<Box<dyn Worker>>) {
+    let mut intensity = Intensity::new(inner.config.intensity);
+    let mut incarnation = if first.is_some() { 1 } else { 0 };
+    loop {
+        if inner.stop.is_cancelled() {
+            if let Some(worker) = first.take() {
+                worker.stop().await;
+            }
+            return;
+        }
+        let worker = match first.take() {
+            Some(worker) => worker,
+            None => {
+                incarnation += 1;
+                match inner.spawner.start(slot, incarnation).await {
+                    Ok((worker, _)) => worker,
+                    Err(message) => {
+                        if !on_failure(&inner, slot, &mut intensity, FailureReason::InitFailed, &message, Duration::ZERO).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let started = Instant::now();
+        {
+            let mut slots = lock(&inner.slots);
+            slots[slot].incarnation = incarnation;
+            slots[slot].up_since = Some(started);
+        }
+        tracing::info!(slot, incarnation, "instance started");
+        let ended = serve(&inner, slot, &mut incarnation, worker).await;
+        lock(&inner.slots)[slot].up_since = None;
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Crashed(reason, message) => {
+                let restart = match inner.config.restart {
+                    RestartType::Temporary => false,
+                    RestartType::Permanent | RestartType::Transient => true,
+                };
+                if !restart {
+                    tracing::warn!(slot, incarnation, %reason, "temporary instance crashed; not restarted");
+                    return;
+                }
+                if !on_failure(&inner, slot, &mut intensity, reason, &message, started.elapsed()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Records a failure, and waits out the backoff. Returns `false` when the
+/// supervisor escalated.
+async fn on_failure(
+    inner: &Arc<Inner>,
+    slot: usize,
+    intensity: &mut Intensity,
+    reason: FailureReason,
+    message: &str,
+    uptime: Duration,
+) -> bool {
+    metrics::counter!(METRIC_RESTARTS, "reason" => reason.label()).increment(1);
+    *lock(&inner.slots)[slot].restarts.entry(reason.label().to_string()).or_default() += 1;
+    match intensity.on_failure(Instant::now(), uptime) {
+        Decision::Restart { delay } => {
+            tracing::warn!(slot, %reason, %message, ?delay, "instance failed; restarting");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => true,
+                () = inner.stop.cancelled() => false,
+            }
+        }
+        Decision::Escalate { restarts, window } => {
+            let why = format!(
+                "instance {slot} failed {restarts} times within {window:?} (last: {reason}: {message})"
+            );
+            tracing::error!(slot, %why, "restart intensity exceeded; escalating");
+            escalate(inner, why).await;
+            false
+        }
+    }
+}
+
+async fn escalate(inner: &Arc<Inner>, why: String) {
+    {
+        let mut escalated = lock(&inner.escalated);
+        if escalated.is_none() {
+            *escalated = Some(why);
+        }
+    }
+    // Stop every slot (which releases the queue), then close the queue and
+    // fail every job in it; later submissions fail at once.
+    inner.stop.cancel();
+    let mut queue = inner.queue.lock().await;
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        let _ = job.reply.send(Err(CallError::Refused(RemoteError::new(
+            ErrorCode::Failed,
+            lock(&inner.escalated).clone().unwrap_or_default(),
+        ))));
+    }
+}
+
+async fn next_job(inner: &Inner) -> Option<Job> {
+    inner.queue.lock().await.recv().await
+}
+
+async fn serve(inner: &Arc<Inner>, slot: usize, incarnation: &mut u64, mut worker: Box<dyn Worker>) -> Ended {
+    let config = &inner.config;
+    let mut health = tokio::time::interval_at(Instant::now() + config.health_interval, config.health_interval);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut replacement: Option<BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>> = None;
+    loop {
+        let pending_replacement = async {
+            match replacement.as_mut() {
+                Some(fut) => fut.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = inner.stop.cancelled() => {
+                worker.stop().await;
+                return Ended::Shutdown;
+            }
+            started = pending_replacement => {
+                replacement = None;
+                match started {
+                    Ok((fresh, _)) => {
+                        // Make-before-break: the old instance has no call in
+                        // flight (a slot runs one at a time); stop it and swap.
+                        let old = std::mem::replace(&mut worker, fresh);
+                        old.stop().await;
+                        metrics::counter!(METRIC_RESTARTS, "reason" => "recycle").increment(1);
+                        let mut slots = lock(&inner.slots);
+                        *slots[slot].restarts.entry("recycle".into()).or_default() += 1;
+                        slots[slot].incarnation = *incarnation;
+                        slots[slot].up_since = Some(Instant::now());
+                        tracing::info!(slot, incarnation = *incarnation, "instance recycled");
+                    }
+                    Err(message) => tracing::warn!(slot, %message, "replacement failed to start; keeping the current instance"),
+                }
+            }
+            _ = health.tick() => {
+                match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
+                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout)),
+                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message),
+                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string()),
+                    Ok(Ok(report)) => {
+                        lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
+                        let over = if report.memory_bytes > config.max_memory_bytes {
+                            Some(format!("memory {} > {} bytes", report.memory_bytes, config.max_memory_bytes))
+                        } else if report.processed > config.max_processed {
+                            Some(format!("processed {} > {}", report.processed, config.max_processed))
+                        } else {
+                            None
+                        };
+                        if let (Some(why), None) = (over, replacement.as_ref()) {
+                            tracing::info!(slot, %why, "planned recycle: starting a replacement");
+                            *incarnation += 1;
+                            replacement = Some(inner.spawner.start(slot, *incarnation));
+                        }
+                    }
+                }
+            }
+            job = next_job(inner) => {
+                let Some(job) = job else {
+                    worker.stop().await;
+                    return Ended::Shutdown;
+                };
+                if job.reply.is_closed() {
+                    continue;
+                }
+                let result = worker.embed(job.texts, job.is_query, job.deadline).await;
+                lock(&inner.slots)[slot].served += 1;
+                let crash = match &result {
+                    Err(CallError::Crash { reason, message }) => Some((reason.clone(), message.clone())),
+                    _ => None,
+                };
+                let _ = job.reply.send(result);
+                if let Some((reason, message)) = crash {
+                    return Ended::Crashed(reason, message);
+                }
+            }
+        }
+    }
+}
+
+impl Supervisor {
+    /// A supervisor whose spawner is a closure (handy for tests).
+    pub async fn from_fn<F>(f: F, config: SupervisorConfig) -> Result<Self, SupervisorError>
+    where
+        F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> + Send + Sync + 'static,
+    {
+        struct FnSpawner<F>(F);
+        impl<F> Spawner for FnSpawner<F>
+        where
+            F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> + Send + Sync + 'static,
+        {
+            fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
+                (self.0)(slot, incarnation)
+            }
+        }
+        Self::start(FnSpawner(f), config).await
+    }
+}
+
+/// A boxed future from an async block (for `Spawner` implementations).
+pub fn boxed<T, F: Future<Output = T> + Send + 'static>(f: F) -> BoxFuture<T> {
+    f.boxed()
+}
