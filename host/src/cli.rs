@@ -13,7 +13,8 @@ use crate::bus::transport::InProcess;
 use crate::bus::{Bus, SendOptions};
 use crate::config::Config;
 use crate::messages::{EmbedRequest, EmbedderEmbed};
-use crate::wasm::{ArtifactCache, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin};
+use crate::supervisor::Supervisor;
+use crate::wasm::{ArtifactCache, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner};
 
 /// Run text-embedding plugins under supervision.
 #[derive(Debug, Parser)]
@@ -52,6 +53,10 @@ pub struct EmbedArgs {
     /// Embed the texts as search queries rather than documents.
     #[arg(long)]
     pub query: bool,
+    /// Print the instances' status (incarnation, uptime, requests served,
+    /// memory, restarts by reason) as JSON on stderr afterwards.
+    #[arg(long)]
+    pub stats: bool,
     /// The texts.
     #[arg(required = true)]
     pub texts: Vec<String>,
@@ -146,17 +151,24 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     let engine = engine_for(&config)?;
     let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
     let limits = config.instance_limits();
-    let embedder = WasmEmbedder::start(plugin, limits, config.plugin_config())
+    let spawner = WasmSpawner {
+        plugin,
+        limits,
+        config: config.plugin_config(),
+    };
+    let mut supervision = config.supervisor_config();
+    // One command, one batch: more instances than texts would only start idle.
+    supervision.pool_size = supervision.pool_size.min(args.texts.len().max(1));
+    let supervisor = Supervisor::start(spawner, supervision)
         .await
         .map_err(|e| e.to_string())?;
     let bus = Bus::new(InProcess::named(
         "embedder",
-        crate::embedder::wasm_router(embedder),
+        crate::embedder::supervised_router(supervisor.clone()),
     ));
     let texts = args.texts;
     let options = SendOptions::default()
-        .timeout(limits.call_deadline)
-        .retries(2);
+        .timeout(crate::limits::DEFAULT_REQUEST_TIMEOUT.max(limits.call_deadline));
     let response = bus
         .send::<EmbedderEmbed>(
             EmbedRequest {
@@ -165,16 +177,38 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
             },
             options,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
+    if args.stats {
+        let status = serde_json::to_string(&supervisor.status()).unwrap_or_default();
+        eprintln!("{status}");
+    }
+    let response = response.map_err(|e| e.to_string())?;
+    let rows = response
+        .per_text(texts.len())
+        .ok_or("the embedder's answer does not match the request")?;
     let mut out = String::new();
-    for (text, vector) in texts.iter().zip(response.vectors.iter()) {
-        let line = serde_json::json!({ "text": text, "dimension": vector.len(), "vector": vector });
+    let mut failures = 0;
+    for (text, row) in texts.iter().zip(rows) {
+        let line = match row {
+            Ok(vector) => {
+                serde_json::json!({ "text": text, "dimension": vector.len(), "vector": vector })
+            }
+            Err(failed) => {
+                failures += 1;
+                serde_json::json!({ "text": text, "error": failed.reason })
+            }
+        };
         out.push_str(&line.to_string());
         out.push('\n');
     }
     print!("{out}");
-    Ok(())
+    match failures {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} of {} texts could not be embedded",
+            texts.len()
+        )),
+    }
 }
 
 async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {

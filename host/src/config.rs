@@ -25,6 +25,11 @@
 //!
 //! [cache]
 //! dir = "/var/cache/embedhost"        # precompiled plugins
+//!
+//! [supervisor]
+//! pool_size = 2
+//! max_restarts = 3                    # OTP's MaxR ...
+//! restart_window_ms = 5000            # ... within MaxT
 //! ```
 
 use std::collections::BTreeMap;
@@ -34,6 +39,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::limits;
+use crate::supervisor::{RestartType, SupervisorConfig};
 use crate::wasm::{InstanceLimits, PluginSource};
 
 /// The config file's name.
@@ -116,6 +122,28 @@ impl Default for LimitsSection {
     }
 }
 
+/// `[supervisor]`: every key optional; defaults in [`crate::limits`].
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorSection {
+    /// Instances in the pool (default: the number of cores).
+    pub pool_size: Option<usize>,
+    /// `permanent`, `transient` or `temporary`.
+    pub restart: Option<RestartType>,
+    /// Restarts of one instance allowed within the window (OTP's MaxR).
+    pub max_restarts: Option<u32>,
+    /// The window, in milliseconds (OTP's MaxT).
+    pub restart_window_ms: Option<u64>,
+    pub health_interval_ms: Option<u64>,
+    pub health_timeout_ms: Option<u64>,
+    /// Planned recycle above this memory, in bytes.
+    pub recycle_memory_bytes: Option<u64>,
+    /// Planned recycle after this many texts.
+    pub recycle_processed: Option<u64>,
+    /// A text that crashes this many instances alone is poison.
+    pub poison_after: Option<u32>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
@@ -135,6 +163,8 @@ pub struct Config {
     pub limits: LimitsSection,
     #[serde(default)]
     pub cache: CacheSection,
+    #[serde(default)]
+    pub supervisor: SupervisorSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -232,6 +262,23 @@ impl Config {
             call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
             init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
         }
+    }
+
+    /// The supervisor's settings.
+    pub fn supervisor_config(&self) -> SupervisorConfig {
+        let s = &self.supervisor;
+        let mut c = SupervisorConfig::default();
+        let ms = Duration::from_millis;
+        c.pool_size = s.pool_size.unwrap_or(c.pool_size).max(1);
+        c.restart = s.restart.unwrap_or(c.restart);
+        c.intensity.max_restarts = s.max_restarts.unwrap_or(c.intensity.max_restarts);
+        c.intensity.window = s.restart_window_ms.map_or(c.intensity.window, ms);
+        c.health_interval = s.health_interval_ms.map_or(c.health_interval, ms);
+        c.health_timeout = s.health_timeout_ms.map_or(c.health_timeout, ms);
+        c.max_memory_bytes = s.recycle_memory_bytes.unwrap_or(c.max_memory_bytes);
+        c.max_processed = s.recycle_processed.unwrap_or(c.max_processed);
+        c.poison_after = s.poison_after.unwrap_or(c.poison_after).max(1);
+        c
     }
 
     /// The artifact cache directory: `$EMBEDHOST_CACHE_DIR`, else the

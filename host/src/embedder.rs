@@ -18,8 +18,9 @@ use crate::bus::{Empty, ErrorCode, RemoteError, RequestContext, Router};
 use crate::messages::{
     EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHealth, HealthResponse, Shutdown,
 };
+use crate::supervisor::Supervisor;
 use crate::vectors::Vectors;
-use crate::wasm::{PluginError, WasmEmbedder, WasmError};
+use crate::wasm::{PluginError, WasmError};
 
 impl From<WasmError> for RemoteError {
     fn from(e: WasmError) -> Self {
@@ -44,24 +45,30 @@ impl From<WasmError> for RemoteError {
 }
 
 /// A router serving `embedder.embed`, `embedder.health` and `shutdown` from a
-/// WASM embedder. The request's remaining deadline becomes the plugin call's
-/// deadline.
-pub fn wasm_router(embedder: WasmEmbedder) -> Router {
+/// supervised pool. The request's remaining deadline bounds the whole embed,
+/// retries and poison isolation included.
+pub fn supervised_router(supervisor: Supervisor) -> Router {
     let mut router = Router::new();
-    let for_embed = embedder.clone();
+    let for_embed = supervisor.clone();
     router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
-        let embedder = for_embed.clone();
+        let supervisor = for_embed.clone();
         async move {
-            let vectors = embedder
-                .embed(request.texts, request.is_query, ctx.deadline)
+            let deadline = ctx
+                .deadline
+                .unwrap_or(crate::limits::DEFAULT_REQUEST_TIMEOUT);
+            let result = supervisor
+                .embed(request.texts, request.is_query, deadline)
                 .await?;
-            Ok(EmbedResponse { vectors })
+            Ok(EmbedResponse {
+                vectors: result.vectors,
+                failed: result.failed,
+            })
         }
     });
-    router.handle::<EmbedderHealth, _, _>(move |ctx: RequestContext, _: Empty| {
-        let embedder = embedder.clone();
+    router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {
+        let health = supervisor.health();
         async move {
-            let health = embedder.health(ctx.deadline).await?;
+            let health = health?;
             Ok(HealthResponse {
                 memory: health.memory_bytes,
                 processed_count: health.processed,
@@ -102,7 +109,7 @@ pub fn native_stub_router(config: embedhost_stub_engine::StubConfig) -> Router {
             })?;
             let vectors = Vectors::new(dimension, data)
                 .map_err(|e| RemoteError::new(ErrorCode::Failed, e.to_string()))?;
-            Ok(EmbedResponse { vectors })
+            Ok(EmbedResponse::complete(vectors))
         }
     });
     router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {

@@ -93,10 +93,51 @@ pub struct EmbedRequest {
     pub is_query: bool,
 }
 
-/// Answer to `embedder.embed`: one vector per text, in order.
+/// Answer to `embedder.embed`.
+///
+/// `vectors` holds one row per text that was embedded, in input order;
+/// `failed` names the texts that could not be (a poison input that crashed
+/// the embedder, or an input the plugin refused), so
+/// `vectors.len() + failed.len()` is the number of texts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EmbedResponse {
     pub vectors: Vectors,
+    #[serde(default)]
+    pub failed: Vec<FailedInput>,
+}
+
+/// A text the embedder could not embed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedInput {
+    /// Its position in the request.
+    pub index: u32,
+    pub reason: String,
+}
+
+impl EmbedResponse {
+    /// A response with a vector for every text.
+    pub fn complete(vectors: Vectors) -> Self {
+        EmbedResponse {
+            vectors,
+            failed: Vec::new(),
+        }
+    }
+
+    /// For each of the `n` texts of the request, its vector or its failure;
+    /// `None` if the response does not account for exactly `n` texts.
+    pub fn per_text(&self, n: usize) -> Option<Vec<Result<&[f32], &FailedInput>>> {
+        if self.vectors.len() + self.failed.len() != n {
+            return None;
+        }
+        let mut rows = self.vectors.iter();
+        let mut failed = self.failed.iter().peekable();
+        (0..n)
+            .map(|i| match failed.peek() {
+                Some(f) if f.index as usize == i => failed.next().map(Err),
+                _ => rows.next().map(Ok),
+            })
+            .collect()
+    }
 }
 
 /// Answer to `embedder.health`.

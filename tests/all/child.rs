@@ -40,9 +40,7 @@ fn echo_router() -> Router {
     let mut router = Router::new();
     router.handle::<EmbedderEmbed, _, _>(|_, req: EmbedRequest| async move {
         let data: Vec<f32> = req.texts.iter().map(|t| t.len() as f32).collect();
-        Ok(EmbedResponse {
-            vectors: Vectors::new(1, data).unwrap(),
-        })
+        Ok(EmbedResponse::complete(Vectors::new(1, data).unwrap()))
     });
     router
 }
@@ -191,9 +189,9 @@ fn a_frame_arriving_in_pieces_decodes_once_whole() {
 async fn a_large_response_crosses_the_pipe_in_pieces() {
     let mut router = Router::new();
     router.handle::<EmbedderEmbed, _, _>(|_, _| async {
-        Ok(EmbedResponse {
-            vectors: Vectors::new(384, vec![0.25; 384 * 256]).unwrap(),
-        })
+        Ok(EmbedResponse::complete(
+            Vectors::new(384, vec![0.25; 384 * 256]).unwrap(),
+        ))
     });
     let bus = served(router, embedhost::limits::MAX_FRAME_BYTES);
     for _ in 0..3 {
@@ -234,9 +232,9 @@ async fn an_oversized_request_fails_alone_and_the_connection_stays_up() {
 async fn an_oversized_response_is_a_typed_remote_error() {
     let mut router = Router::new();
     router.handle::<EmbedderEmbed, _, _>(|_, _| async {
-        Ok(EmbedResponse {
-            vectors: Vectors::new(1, vec![0.5; 4096]).unwrap(),
-        })
+        Ok(EmbedResponse::complete(
+            Vectors::new(1, vec![0.5; 4096]).unwrap(),
+        ))
     });
     let bus = served(router, 1024);
     let err = bus

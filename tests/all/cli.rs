@@ -126,12 +126,27 @@ fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host(
         "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n",
     )
     .unwrap();
-    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "BOOM"]);
+    let out = embedhost(&[
+        "--config",
+        config.to_str().unwrap(),
+        "embed",
+        "fine",
+        "BOOM",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let last = err.lines().last().unwrap_or_default();
+    assert_eq!(last, "error: 1 of 2 texts could not be embedded", "{err}");
+    // The poison text is named, the other one embedded.
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["dimension"], 384);
+    assert_eq!(lines[1]["text"], "BOOM");
+    let reason = lines[1]["error"].as_str().unwrap();
     assert!(
-        last.starts_with("error: ") && last.contains("trapped") && last.contains("unreachable"),
-        "{err}"
+        reason.contains("crashed 2 instances") && reason.contains("unreachable"),
+        "{reason}"
     );
 }

@@ -6,12 +6,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use embedhost::bus::transport::InProcess;
-use embedhost::bus::{Bus, BusError, ErrorCode, RemoteError, SendOptions};
+use embedhost::bus::{Bus, BusError, ErrorCode, RemoteError};
 use embedhost::messages::{EmbedRequest, EmbedderEmbed};
+use embedhost::supervisor::{Supervisor, SupervisorConfig, SupervisorError};
 use embedhost::vectors::cosine;
 use embedhost::wasm::{
     ArtifactCache, CacheOutcome, InstanceLimits, PluginError, PluginSource, WasmEmbedder,
-    WasmEngine, WasmError, WasmPlugin,
+    WasmEngine, WasmError, WasmPlugin, WasmSpawner,
 };
 
 fn engine() -> &'static WasmEngine {
@@ -36,36 +37,69 @@ fn limits(deadline_ms: u64) -> InstanceLimits {
     }
 }
 
-async fn start(config: &[(&str, &str)], deadline_ms: u64) -> WasmEmbedder {
-    let config = config
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    WasmEmbedder::start(stub(), limits(deadline_ms), config)
-        .await
-        .unwrap()
-}
-
 fn texts(t: &[&str]) -> Vec<String> {
     t.iter().map(|s| s.to_string()).collect()
 }
 
-/// The instance still serves, with correct output, after a fault.
-async fn assert_serves(embedder: &WasmEmbedder) {
-    let v = embedder
-        .embed(texts(&["still serving"]), false, None)
+fn supervised_config(pool: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        pool_size: pool,
+        ..SupervisorConfig::default()
+    }
+}
+
+async fn supervise(
+    config: &[(&str, &str)],
+    deadline_ms: u64,
+    supervision: SupervisorConfig,
+) -> Supervisor {
+    let spawner = WasmSpawner {
+        plugin: stub(),
+        limits: limits(deadline_ms),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    Supervisor::start(spawner, supervision).await.unwrap()
+}
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The pool still serves, with correct output, after a fault.
+async fn assert_serves(supervisor: &Supervisor) {
+    let r = supervisor
+        .embed(texts(&["still serving"]), false, DEADLINE)
         .await
         .unwrap();
-    assert_eq!(v.len(), 1);
-    assert_eq!(v.dimension(), embedder.model_info().dimension as usize);
+    assert_eq!(r.vectors.len(), 1);
+    assert!(r.failed.is_empty());
+    assert_eq!(
+        r.vectors.get(0).unwrap(),
+        stub_vector("still serving").as_slice()
+    );
+}
+
+fn stub_vector(text: &str) -> Vec<f32> {
+    embedhost_stub_engine::StubEngine::new(Default::default()).embed(&[text])
+}
+
+fn restarts(supervisor: &Supervisor, reason: &str) -> u64 {
+    supervisor
+        .status()
+        .iter()
+        .map(|s| s.restarts.get(reason).copied().unwrap_or(0))
+        .sum()
 }
 
 #[tokio::test]
 async fn stub_vectors_are_unit_deterministic_and_meaningful_through_the_bus() {
-    let embedder = start(&[], 5000).await;
-    assert_eq!(embedder.model_info().dimension, 384);
-    assert!(embedder.model_info().normalized);
-    let bus = Bus::new(InProcess::new(embedhost::embedder::wasm_router(embedder)));
+    let supervisor = supervise(&[], 5000, supervised_config(2)).await;
+    assert_eq!(supervisor.model_info().dimension, 384);
+    assert!(supervisor.model_info().normalized);
+    let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
+        supervisor,
+    )));
     let request = EmbedRequest {
         texts: texts(&["hello world", "hello there world", "quantum chromodynamics"]),
         is_query: false,
@@ -86,65 +120,49 @@ async fn stub_vectors_are_unit_deterministic_and_meaningful_through_the_bus() {
     let unrelated = cosine(a.get(0).unwrap(), a.get(2).unwrap());
     assert!(related > unrelated + 0.3, "{related} vs {unrelated}");
     // The WASM plugin and the native engine compute the same thing.
-    let native = embedhost_stub_engine::StubEngine::new(Default::default()).embed(&["hello world"]);
-    assert_eq!(a.get(0).unwrap(), native.as_slice());
+    assert_eq!(a.get(0).unwrap(), stub_vector("hello world").as_slice());
 }
 
 #[tokio::test]
-async fn trap_after_n_calls_is_a_typed_crash_and_the_next_call_gets_a_fresh_instance() {
-    let embedder = start(&[("fault.trap_after", "2")], 5000).await;
-    for _ in 0..2 {
-        embedder.embed(texts(&["ok"]), false, None).await.unwrap();
+async fn one_incarnation_reports_each_fault_as_a_typed_error_and_then_is_gone() {
+    let start = |config: Vec<(String, String)>, ms| WasmEmbedder::start(stub(), limits(ms), config);
+    let kv = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let e = start(kv("fault.trap_marker", "X"), 5000).await.unwrap();
+    let err = e.embed(texts(&["X"]), false, None).await.unwrap_err();
+    assert!(
+        matches!(&err, WasmError::Trap { call: "embed", reason } if reason.contains("unreachable")),
+        "{err}"
+    );
+    // The trapped store is never entered again.
+    assert!(matches!(
+        e.embed(texts(&["ok"]), false, None).await.unwrap_err(),
+        WasmError::InstanceGone { .. }
+    ));
+
+    let e = start(kv("fault.loop_marker", "L"), 200).await.unwrap();
+    let started = Instant::now();
+    let err = e.embed(texts(&["L"]), false, None).await.unwrap_err();
+    assert!(
+        matches!(err, WasmError::DeadlineExceeded { deadline, .. } if deadline == Duration::from_millis(200)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let e = start(kv("fault.grow_marker", "G"), 10_000).await.unwrap();
+    match e.embed(texts(&["G"]), false, None).await.unwrap_err() {
+        WasmError::MemoryCap { source, .. } => {
+            assert!(source.limit == 64 << 20 && source.desired > source.limit)
+        }
+        other => panic!("expected MemoryCap, got {other}"),
     }
-    let err = embedder
-        .embed(texts(&["third"]), false, None)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, WasmError::Trap { call: "embed", reason } if reason.contains("wasm trap")),
-        "{err}"
-    );
-    assert!(err.is_crash());
-    // A fresh instance counts calls from zero again.
-    assert_serves(&embedder).await;
-}
 
-#[tokio::test]
-async fn trap_on_a_marker() {
-    let embedder = start(&[("fault.trap_marker", "POISON")], 5000).await;
-    let err = embedder
-        .embed(texts(&["fine", "this is POISON"]), false, None)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, WasmError::Trap { .. }), "{err}");
-    assert_serves(&embedder).await;
-}
-
-#[tokio::test]
-async fn an_infinite_loop_is_interrupted_at_the_deadline() {
-    let embedder = start(&[("fault.loop_marker", "LOOP")], 200).await;
+    let e = start(kv("fault.sleep_ms", "5000"), 10_000).await.unwrap();
     let started = Instant::now();
-    let err = embedder
-        .embed(texts(&["LOOP"]), false, None)
-        .await
-        .unwrap_err();
-    let elapsed = started.elapsed();
-    assert!(
-        matches!(err, WasmError::DeadlineExceeded { call: "embed", deadline } if deadline == Duration::from_millis(200)),
-        "{err}"
-    );
-    assert!(
-        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2),
-        "{elapsed:?}"
-    );
-    assert_serves(&embedder).await;
-}
-
-#[tokio::test]
-async fn a_slow_call_past_the_requests_deadline_is_interrupted() {
-    let embedder = start(&[("fault.sleep_ms", "5000")], 10_000).await;
-    let started = Instant::now();
-    let err = embedder
+    let err = e
         .embed(texts(&["slow"]), false, Some(Duration::from_millis(100)))
         .await
         .unwrap_err();
@@ -153,107 +171,220 @@ async fn a_slow_call_past_the_requests_deadline_is_interrupted() {
 }
 
 #[tokio::test]
-async fn unbounded_memory_growth_hits_the_cap() {
-    let embedder = start(&[("fault.grow_marker", "GROW")], 10_000).await;
-    let err = embedder
-        .embed(texts(&["GROW"]), false, None)
-        .await
-        .unwrap_err();
-    match &err {
-        WasmError::MemoryCap { source, .. } => {
-            assert_eq!(source.limit, 64 * 1024 * 1024);
-            assert!(source.desired > source.limit);
-        }
-        other => panic!("expected MemoryCap, got {other}"),
+async fn trap_after_n_calls_is_retried_on_a_fresh_instance() {
+    let supervisor = supervise(&[("fault.trap_after", "2")], 5000, supervised_config(1)).await;
+    for i in 0..5 {
+        let r = supervisor
+            .embed(texts(&[&format!("text {i}")]), false, DEADLINE)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.vectors.get(0).unwrap(),
+            stub_vector(&format!("text {i}")).as_slice()
+        );
     }
-    assert!(err.to_string().contains("memory limit"));
-    assert_serves(&embedder).await;
+    // Calls 3 and 5... trap: incarnations serve 2 calls each.
+    assert_eq!(restarts(&supervisor, "trap"), 2);
+    assert_eq!(supervisor.status()[0].incarnation, 3);
+    assert_serves(&supervisor).await;
 }
 
 #[tokio::test]
-async fn a_wrong_dimension_or_a_nan_is_refused_at_the_boundary() {
-    let embedder = start(
+async fn a_poison_text_in_a_batch_of_1000_gives_999_vectors_and_one_error() {
+    let supervisor = supervise(
+        &[("fault.trap_marker", "POISON")],
+        5000,
+        supervised_config(2),
+    )
+    .await;
+    let mut batch: Vec<String> = (0..1000).map(|i| format!("document {i}")).collect();
+    batch[617] = "this one is POISON".into();
+    let r = supervisor
+        .embed(batch.clone(), false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(r.vectors.len(), 999);
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(r.failed[0].index, 617);
+    assert!(
+        r.failed[0].reason.contains("crashed 2 instances"),
+        "{}",
+        r.failed[0].reason
+    );
+    // Rows are the other texts, in order.
+    assert_eq!(
+        r.vectors.get(617).unwrap(),
+        stub_vector("document 618").as_slice()
+    );
+    // Two crashes: the batch, then the text alone. The backend stays up.
+    assert_eq!(restarts(&supervisor, "trap"), 2);
+    assert!(supervisor.escalated().is_none());
+    assert_serves(&supervisor).await;
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_interrupted_isolated_and_the_pool_keeps_serving() {
+    let supervisor = supervise(&[("fault.loop_marker", "LOOP")], 200, supervised_config(1)).await;
+    let started = Instant::now();
+    let r = supervisor
+        .embed(texts(&["fine", "LOOP"]), false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.vectors.len(), r.failed.len(), r.failed[0].index),
+        (1, 1, 1)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(restarts(&supervisor, "deadline"), 2);
+    assert_serves(&supervisor).await;
+}
+
+#[tokio::test]
+async fn a_slow_call_past_the_deadline_is_restarted_with_its_reason() {
+    let supervisor = supervise(&[("fault.sleep_ms", "1000")], 100, supervised_config(1)).await;
+    let r = supervisor
+        .embed(texts(&["slow"]), false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.failed.len(),
+        1,
+        "every call is too slow: the text is isolated, not retried forever"
+    );
+    assert_eq!(restarts(&supervisor, "deadline"), 2);
+    assert!(supervisor.escalated().is_none());
+}
+
+#[tokio::test]
+async fn unbounded_memory_growth_hits_the_cap_and_is_restarted() {
+    let supervisor = supervise(
+        &[("fault.grow_marker", "GROW")],
+        10_000,
+        supervised_config(1),
+    )
+    .await;
+    let r = supervisor
+        .embed(texts(&["GROW", "fine"]), false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.failed.iter().map(|f| f.index).collect::<Vec<_>>(),
+        vec![0]
+    );
+    assert!(
+        r.failed[0].reason.contains("memory limit"),
+        "{}",
+        r.failed[0].reason
+    );
+    assert_eq!(restarts(&supervisor, "memory_cap"), 2);
+    assert_serves(&supervisor).await;
+}
+
+#[tokio::test]
+async fn a_wrong_dimension_or_a_nan_is_refused_at_the_boundary_without_a_restart() {
+    let supervisor = supervise(
         &[
             ("fault.wrong_dimension_marker", "SHORT"),
             ("fault.nan_marker", "NAN"),
         ],
         5000,
+        supervised_config(1),
     )
     .await;
-    let err = embedder
-        .embed(texts(&["a", "SHORT"]), false, None)
+    let err = supervisor
+        .embed(texts(&["a", "SHORT"]), false, DEADLINE)
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, WasmError::InvalidOutput { reason, .. } if reason.contains("767 floats for 2 texts")),
+        matches!(&err, SupervisorError::Refused(RemoteError { message, .. }) if message.contains("767 floats for 2 texts")),
         "{err}"
     );
-    let err = embedder
-        .embed(texts(&["a", "b", "NAN"]), false, None)
+    let err = supervisor
+        .embed(texts(&["a", "b", "NAN"]), false, DEADLINE)
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, WasmError::InvalidOutput { index: Some(2), reason } if reason.contains("NaN")),
+        matches!(&err, SupervisorError::Refused(RemoteError { index: Some(2), message, .. }) if message.contains("NaN")),
         "{err}"
     );
     assert!(
-        !err.is_crash(),
-        "a bad output is not a reason to drop the instance"
+        supervisor.status()[0].restarts.is_empty(),
+        "a bad output is not a crash"
     );
-    assert_serves(&embedder).await;
+    assert_serves(&supervisor).await;
 }
 
 #[tokio::test]
-async fn faults_reach_bus_callers_as_typed_errors_and_crashes_are_retried() {
-    let embedder = start(
-        &[("fault.trap_after", "1"), ("fault.loop_marker", "LOOP")],
-        300,
-    )
-    .await;
-    let bus = Bus::new(InProcess::new(embedhost::embedder::wasm_router(embedder)));
-    let request = |t: &str| EmbedRequest {
-        texts: texts(&[t]),
-        is_query: false,
-    };
-    bus.request::<EmbedderEmbed>(request("one")).await.unwrap();
-    // Call 2 traps; the bus retries on a fresh instance, which answers.
-    let options = SendOptions::default()
-        .retries(1)
-        .backoff(Duration::from_millis(1), Duration::from_millis(1));
-    let v = bus
-        .send::<EmbedderEmbed>(request("two"), options)
+async fn a_thousand_requests_against_instances_that_trap_every_twentieth_call_are_all_answered() {
+    // Each incarnation serves 19 calls and traps on the 20th: 5% of calls.
+    let mut supervision = supervised_config(2);
+    supervision.intensity.max_restarts = 1000; // the faults are the test, not a loop
+    supervision.poison_after = 5; // 5% faults must not pass for poison (see SupervisorConfig)
+    // Restarts are not a loop here: keep the backoff from dominating the run.
+    supervision.intensity.backoff_min = Duration::from_millis(1);
+    supervision.intensity.backoff_max = Duration::from_millis(5);
+    let supervisor = supervise(&[("fault.trap_after", "19")], 5000, supervision).await;
+    let calls = (0..1000).map(|i| {
+        let supervisor = supervisor.clone();
+        async move {
+            let text = format!("request {i}");
+            let r = supervisor
+                .embed(vec![text.clone()], false, DEADLINE)
+                .await
+                .unwrap();
+            (text, r)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (text, r) in &answers {
+        assert!(r.failed.is_empty(), "{text}: {:?}", r.failed);
+        assert_eq!(r.vectors.len(), 1, "exactly one answer");
+        assert_eq!(
+            r.vectors.get(0).unwrap(),
+            stub_vector(text).as_slice(),
+            "{text} answered correctly"
+        );
+    }
+    let traps = restarts(&supervisor, "trap");
+    assert!(traps >= 45, "{traps} restarts");
+}
+
+#[tokio::test]
+async fn faults_reach_bus_callers_as_typed_errors() {
+    let mut supervision = supervised_config(1);
+    supervision.intensity.max_restarts = 1;
+    let supervisor = supervise(&[("fault.trap_marker", "BOOM")], 5000, supervision).await;
+    let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
+        supervisor.clone(),
+    )));
+    let r = bus
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: texts(&["ok", "BOOM"]),
+            is_query: false,
+        })
         .await
         .unwrap();
-    assert_eq!(v.vectors.len(), 1);
-    // Without retries the crash is a typed, retryable error.
-    let err = bus
-        .request::<EmbedderEmbed>(request("three"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            BusError::Remote(RemoteError {
-                code: ErrorCode::Unavailable,
-                ..
-            })
-        ),
-        "{err}"
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(
+        r.per_text(2).unwrap().iter().filter(|x| x.is_ok()).count(),
+        1
     );
-    assert!(err.is_retryable());
-    // A deadline is not retried: the same input would take as long again.
+    // Two crashes within the window with MaxR = 1: escalated. Every later
+    // call fails with the reason, at once.
+    assert!(supervisor.escalated().is_some());
     let err = bus
-        .send::<EmbedderEmbed>(request("LOOP"), SendOptions::default().retries(3))
+        .request::<EmbedderEmbed>(EmbedRequest {
+            texts: texts(&["ok"]),
+            is_query: false,
+        })
         .await
         .unwrap_err();
     assert!(
-        matches!(
-            &err,
-            BusError::Remote(RemoteError {
-                code: ErrorCode::DeadlineExceeded,
-                ..
-            })
-        ),
+        matches!(&err, BusError::Remote(RemoteError { code: ErrorCode::Failed, message, .. }) if message.contains("failed 2 times")),
         "{err}"
     );
 }

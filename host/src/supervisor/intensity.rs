@@ -48,7 +48,11 @@ pub struct Intensity {
 impl Intensity {
     /// A tracker with no restarts yet.
     pub fn new(config: IntensityConfig) -> Self {
-        Intensity { config, restarts: VecDeque::new(), streak: 0 }
+        Intensity {
+            config,
+            restarts: VecDeque::new(),
+            streak: 0,
+        }
     }
 
     /// Records a failure of an instance that had been up for `uptime`, at
@@ -57,11 +61,18 @@ impl Intensity {
         if uptime >= self.config.stable_uptime {
             self.streak = 0;
         }
-        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > self.config.window) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.config.window)
+        {
             self.restarts.pop_front();
         }
         if self.restarts.len() as u32 >= self.config.max_restarts {
-            return Decision::Escalate { restarts: self.restarts.len() as u32 + 1, window: self.config.window };
+            return Decision::Escalate {
+                restarts: self.restarts.len() as u32 + 1,
+                window: self.config.window,
+            };
         }
         self.restarts.push_back(now);
         self.streak += 1;
@@ -69,7 +80,11 @@ impl Intensity {
             Duration::ZERO
         } else {
             let exponent = (self.streak - 2).min(16);
-            let ceiling = self.config.backoff_min.saturating_mul(1 << exponent).min(self.config.backoff_max);
+            let ceiling = self
+                .config
+                .backoff_min
+                .saturating_mul(1 << exponent)
+                .min(self.config.backoff_max);
             // Full jitter: uniform in [0, ceiling].
             ceiling.mul_f64(fastrand::f64())
         };
@@ -82,7 +97,10 @@ impl Intensity {
         if n <= 1 {
             Duration::ZERO
         } else {
-            config.backoff_min.saturating_mul(1 << (n - 2).min(16)).min(config.backoff_max)
+            config
+                .backoff_min
+                .saturating_mul(1 << (n - 2).min(16))
+                .min(config.backoff_max)
         }
     }
 }

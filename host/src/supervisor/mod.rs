@@ -19,10 +19,11 @@
 //! - A planned recycle (a health threshold) starts the replacement first and
 //!   swaps it in between two calls, so it fails no request. It is not a
 //!   failure and does not count toward intensity.
-//! - [`Supervisor::embed`] never loses a text: a crashed batch is split and
-//!   retried; a text that crashes `poison_after` instances on its own is
-//!   answered with an error naming its index, and the rest of the batch is
-//!   embedded without it.
+//! - [`Supervisor::embed`] never loses a text: the texts of a crashed batch
+//!   are retried one by one; a text present in `poison_after` crashes (the
+//!   last one alone) is answered with an error naming its index, and the rest
+//!   of the batch is embedded without it. A poison text in a batch of any
+//!   size costs two crashes.
 
 mod intensity;
 
@@ -40,6 +41,7 @@ pub use intensity::{Decision, Intensity, IntensityConfig};
 
 use crate::bus::{BoxFuture, ErrorCode, RemoteError};
 use crate::limits;
+pub use crate::messages::FailedInput;
 use crate::vectors::Vectors;
 use crate::wasm::ModelInfo;
 
@@ -112,7 +114,10 @@ impl fmt::Display for FailureReason {
 #[derive(Clone, Debug)]
 pub enum CallError {
     /// The instance crashed and must be discarded.
-    Crash { reason: FailureReason, message: String },
+    Crash {
+        reason: FailureReason,
+        message: String,
+    },
     /// The instance refused the call but is fine.
     Refused(RemoteError),
 }
@@ -129,7 +134,12 @@ pub struct Health {
 /// One incarnation of a supervised embedder.
 pub trait Worker: Send + 'static {
     /// Embeds a batch.
-    fn embed(&mut self, texts: Vec<String>, is_query: bool, deadline: Duration) -> BoxFuture<Result<Vectors, CallError>>;
+    fn embed(
+        &mut self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> BoxFuture<Result<Vectors, CallError>>;
     /// Reports health.
     fn health(&mut self, deadline: Duration) -> BoxFuture<Result<Health, CallError>>;
     /// Stops gracefully (the host asked; not a failure).
@@ -139,7 +149,11 @@ pub trait Worker: Send + 'static {
 /// Starts incarnations.
 pub trait Spawner: Send + Sync + 'static {
     /// Starts and initialises incarnation `incarnation` of slot `slot`.
-    fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>;
+    fn start(
+        &self,
+        slot: usize,
+        incarnation: u64,
+    ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>;
 }
 
 /// The supervisor's settings. Defaults: the seed's thresholds and OTP's
@@ -158,7 +172,10 @@ pub struct SupervisorConfig {
     pub max_memory_bytes: u64,
     /// Recycle an instance that has processed more texts than this.
     pub max_processed: u64,
-    /// A text that crashes this many instances on its own is poison.
+    /// A text present in this many crashes (the last one alone) is poison.
+    /// Random faults can look like poison: with a crash probability `p` per
+    /// call, a text is falsely isolated with probability about
+    /// `p^poison_after`.
     pub poison_after: u32,
 }
 
@@ -207,18 +224,12 @@ impl From<SupervisorError> for RemoteError {
             SupervisorError::Escalated(_) | SupervisorError::StartFailed(_) => {
                 RemoteError::new(ErrorCode::Failed, e.to_string())
             }
-            SupervisorError::DeadlineExceeded(_) => RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string()),
+            SupervisorError::DeadlineExceeded(_) => {
+                RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string())
+            }
             SupervisorError::Refused(remote) => remote,
         }
     }
-}
-
-/// A text the embedder could not embed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailedInput {
-    /// Its position in the request.
-    pub index: u32,
-    pub reason: String,
 }
 
 /// The answer to a batch: a vector for every text that could be embedded.
@@ -280,7 +291,9 @@ pub struct Supervisor {
 
 impl fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Supervisor").field("config", &self.inner.config).finish_non_exhaustive()
+        f.debug_struct("Supervisor")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -294,7 +307,10 @@ impl Supervisor {
     /// # Errors
     /// [`SupervisorError::StartFailed`] or [`SupervisorError::Escalated`] if
     /// no instance comes up (for example, `init` refuses the configuration).
-    pub async fn start(spawner: impl Spawner, config: SupervisorConfig) -> Result<Self, SupervisorError> {
+    pub async fn start(
+        spawner: impl Spawner,
+        config: SupervisorConfig,
+    ) -> Result<Self, SupervisorError> {
         let pool = config.pool_size.max(1);
         let (jobs, queue) = mpsc::channel(pool * QUEUE_PER_INSTANCE);
         let stop = tokio_util::sync::CancellationToken::new();
@@ -320,12 +336,17 @@ impl Supervisor {
         for slot in 1..pool {
             tokio::spawn(run_slot(inner.clone(), slot, None));
         }
-        Ok(Supervisor { inner, _stop_on_drop: Arc::new(stop.drop_guard()) })
+        Ok(Supervisor {
+            inner,
+            _stop_on_drop: Arc::new(stop.drop_guard()),
+        })
     }
 
     /// What the model reported at the first start.
     pub fn model_info(&self) -> ModelInfo {
-        lock(&self.inner.info).clone().expect("set before `start` returns")
+        lock(&self.inner.info)
+            .clone()
+            .expect("set before `start` returns")
     }
 
     /// Why the backend failed, once it has.
@@ -343,7 +364,9 @@ impl Supervisor {
                 slot,
                 incarnation: s.incarnation,
                 up: s.up_since.is_some(),
-                uptime_ms: s.up_since.map_or(0, |t| now.duration_since(t).as_millis() as u64),
+                uptime_ms: s
+                    .up_since
+                    .map_or(0, |t| now.duration_since(t).as_millis() as u64),
                 served: s.served,
                 memory_bytes: s.memory_bytes,
                 restarts: s.restarts.clone(),
@@ -357,7 +380,12 @@ impl Supervisor {
     /// # Errors
     /// [`SupervisorError::Escalated`], [`SupervisorError::DeadlineExceeded`],
     /// or [`SupervisorError::Refused`] for an error other than one input.
-    pub async fn embed(&self, texts: Vec<String>, is_query: bool, deadline: Duration) -> Result<BatchResult, SupervisorError> {
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> Result<BatchResult, SupervisorError> {
         let until = Instant::now() + deadline;
         let dimension = self.model_info().dimension as usize;
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
@@ -379,33 +407,49 @@ impl Supervisor {
                         rows[i] = vectors.get(k).map(<[f32]>::to_vec);
                     }
                 }
-                Err(CallError::Crash { reason, message }) if batch.len() == 1 => {
+                Err(CallError::Crash { reason, message }) => {
+                    for &i in &batch {
+                        crashes[i] += 1;
+                    }
+                    if batch.len() > 1 {
+                        // Which text crashed is unknown: retry each alone, so a
+                        // poison text costs one more crash, not one per
+                        // bisection level (which would exceed the restart
+                        // intensity for any large batch).
+                        for &i in batch.iter().rev() {
+                            work.push_front(vec![i]);
+                        }
+                        continue;
+                    }
                     let i = batch[0];
-                    crashes[i] += 1;
                     if crashes[i] >= self.inner.config.poison_after {
                         tracing::warn!(index = i, crashes = crashes[i], %reason, "poison input isolated");
                         failed.push(FailedInput {
                             index: i as u32,
-                            reason: format!("crashed {} instances ({reason}): {message}", crashes[i]),
+                            reason: format!(
+                                "crashed {} instances ({reason}): {message}",
+                                crashes[i]
+                            ),
                         });
                     } else {
                         work.push_front(batch);
                     }
                 }
-                Err(CallError::Crash { .. }) => {
-                    // Which text crashed is unknown: retry the halves.
-                    let (left, right) = batch.split_at(batch.len() / 2);
-                    work.push_front(right.to_vec());
-                    work.push_front(left.to_vec());
-                }
-                Err(CallError::Refused(RemoteError { code: ErrorCode::InvalidInput, index: Some(k), message })) => {
+                Err(CallError::Refused(RemoteError {
+                    code: ErrorCode::InvalidInput,
+                    index: Some(k),
+                    message,
+                })) => {
                     let Some(&i) = batch.get(k as usize) else {
                         return Err(SupervisorError::Refused(RemoteError::new(
                             ErrorCode::Failed,
                             format!("the plugin named input {k} of a batch of {}", batch.len()),
                         )));
                     };
-                    failed.push(FailedInput { index: i as u32, reason: message });
+                    failed.push(FailedInput {
+                        index: i as u32,
+                        reason: message,
+                    });
                     let rest: Vec<usize> = batch.into_iter().filter(|&j| j != i).collect();
                     if !rest.is_empty() {
                         work.push_front(rest);
@@ -419,7 +463,9 @@ impl Supervisor {
         let vectors = if data.is_empty() {
             Vectors::default()
         } else {
-            Vectors::new(dimension, data).map_err(|e| SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string())))?
+            Vectors::new(dimension, data).map_err(|e| {
+                SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string()))
+            })?
         };
         Ok(BatchResult { vectors, failed })
     }
@@ -436,17 +482,29 @@ impl Supervisor {
             return Err(SupervisorError::Escalated(reason));
         }
         let (reply, answer) = oneshot::channel();
-        let job = Job { texts, is_query, deadline, reply };
+        let job = Job {
+            texts,
+            is_query,
+            deadline,
+            reply,
+        };
         let exhausted = || SupervisorError::DeadlineExceeded(deadline);
         let until = Instant::now() + deadline;
         match tokio::time::timeout_at(until, self.inner.jobs.send(job)).await {
             Err(_) => return Err(exhausted()),
-            Ok(Err(_)) => return Err(SupervisorError::Escalated(self.escalated().unwrap_or_default())),
+            Ok(Err(_)) => {
+                return Err(SupervisorError::Escalated(
+                    self.escalated().unwrap_or_default(),
+                ));
+            }
             Ok(Ok(())) => {}
         }
         match tokio::time::timeout_at(until, answer).await {
             Err(_) => Err(exhausted()),
-            Ok(Err(_)) => Err(SupervisorError::Escalated(self.escalated().unwrap_or_else(|| "the pool stopped".into()))),
+            Ok(Err(_)) => Err(SupervisorError::Escalated(
+                self.escalated()
+                    .unwrap_or_else(|| "the pool stopped".into()),
+            )),
             Ok(Ok(result)) => Ok(result),
         }
     }
@@ -494,7 +552,16 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, mut first: Option<Box<dyn Work
                 match inner.spawner.start(slot, incarnation).await {
                     Ok((worker, _)) => worker,
                     Err(message) => {
-                        if !on_failure(&inner, slot, &mut intensity, FailureReason::InitFailed, &message, Duration::ZERO).await {
+                        if !on_failure(
+                            &inner,
+                            slot,
+                            &mut intensity,
+                            FailureReason::InitFailed,
+                            &message,
+                            Duration::ZERO,
+                        )
+                        .await
+                        {
                             return;
                         }
                         continue;
@@ -522,7 +589,16 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, mut first: Option<Box<dyn Work
                     tracing::warn!(slot, incarnation, %reason, "temporary instance crashed; not restarted");
                     return;
                 }
-                if !on_failure(&inner, slot, &mut intensity, reason, &message, started.elapsed()).await {
+                if !on_failure(
+                    &inner,
+                    slot,
+                    &mut intensity,
+                    reason,
+                    &message,
+                    started.elapsed(),
+                )
+                .await
+                {
                     return;
                 }
             }
@@ -541,7 +617,10 @@ async fn on_failure(
     uptime: Duration,
 ) -> bool {
     metrics::counter!(METRIC_RESTARTS, "reason" => reason.label()).increment(1);
-    *lock(&inner.slots)[slot].restarts.entry(reason.label().to_string()).or_default() += 1;
+    *lock(&inner.slots)[slot]
+        .restarts
+        .entry(reason.label().to_string())
+        .or_default() += 1;
     match intensity.on_failure(Instant::now(), uptime) {
         Decision::Restart { delay } => {
             tracing::warn!(slot, %reason, %message, ?delay, "instance failed; restarting");
@@ -585,9 +664,17 @@ async fn next_job(inner: &Inner) -> Option<Job> {
     inner.queue.lock().await.recv().await
 }
 
-async fn serve(inner: &Arc<Inner>, slot: usize, incarnation: &mut u64, mut worker: Box<dyn Worker>) -> Ended {
+async fn serve(
+    inner: &Arc<Inner>,
+    slot: usize,
+    incarnation: &mut u64,
+    mut worker: Box<dyn Worker>,
+) -> Ended {
     let config = &inner.config;
-    let mut health = tokio::time::interval_at(Instant::now() + config.health_interval, config.health_interval);
+    let mut health = tokio::time::interval_at(
+        Instant::now() + config.health_interval,
+        config.health_interval,
+    );
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut replacement: Option<BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>> = None;
     loop {
@@ -670,14 +757,24 @@ impl Supervisor {
     /// A supervisor whose spawner is a closure (handy for tests).
     pub async fn from_fn<F>(f: F, config: SupervisorConfig) -> Result<Self, SupervisorError>
     where
-        F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> + Send + Sync + 'static,
+        F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>
+            + Send
+            + Sync
+            + 'static,
     {
         struct FnSpawner<F>(F);
         impl<F> Spawner for FnSpawner<F>
         where
-            F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> + Send + Sync + 'static,
+            F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>
+                + Send
+                + Sync
+                + 'static,
         {
-            fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
+            fn start(
+                &self,
+                slot: usize,
+                incarnation: u64,
+            ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
                 (self.0)(slot, incarnation)
             }
         }

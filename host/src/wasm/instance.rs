@@ -7,7 +7,7 @@
 //! the runtime responsive.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use wasmtime::Store;
@@ -16,6 +16,8 @@ use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, PluginError, WasmError, WasmPlugin, deadline_ticks};
+use crate::bus::BoxFuture;
+use crate::supervisor::{CallError, FailureReason, Health as SupervisedHealth, Spawner, Worker};
 use crate::vectors::Vectors;
 
 /// Jobs queued for an instance's thread before callers wait. One instance
@@ -201,7 +203,7 @@ fn classify(
         // The trap's kind is the message; its wasm backtrace goes to the debug log.
         Some(trap) => {
             tracing::debug!(call, "trap details: {error:?}");
-            otherwise(format!("wasm trap: {trap}"))
+            otherwise(trap.to_string())
         }
         None => otherwise(format!("{error:#}")),
     }
@@ -259,11 +261,13 @@ enum Job {
     },
 }
 
-/// One plugin instance on its own thread, for async callers.
+/// One incarnation of a plugin instance, on its own thread, for async
+/// callers.
 ///
-/// After a crash the `Store` is dropped, and the next call starts a fresh
-/// instance (calling `init` again). Supervision policy (restart intensity,
-/// backoff, pools) builds on this; see `supervisor`.
+/// It lives until it crashes: after a trap, a deadline or the memory cap, the
+/// thread drops the `Store` and ends, and every later call gets
+/// [`WasmError::InstanceGone`]. Restarting is the supervisor's job
+/// ([`WasmSpawner`]).
 #[derive(Clone)]
 pub struct WasmEmbedder {
     jobs: mpsc::Sender<Job>,
@@ -284,7 +288,7 @@ impl WasmEmbedder {
     /// Starts an instance of `plugin` on a new thread and initialises it.
     ///
     /// # Errors
-    /// The first instance's start error (see [`Instance::start`]).
+    /// The instance's start error (see [`Instance::start`]).
     pub async fn start(
         plugin: WasmPlugin,
         limits: InstanceLimits,
@@ -317,10 +321,10 @@ impl WasmEmbedder {
         &self.info
     }
 
-    /// Embeds `texts` within `deadline` (or the configured call deadline).
+    /// Embeds `texts` within `deadline` (never past the configured one).
     ///
     /// # Errors
-    /// As [`Instance::embed`], or [`WasmError::InstanceGone`].
+    /// As [`Instance::embed`], or [`WasmError::InstanceGone`] after a crash.
     pub async fn embed(
         &self,
         texts: Vec<String>,
@@ -374,74 +378,127 @@ fn run(
     let mut instance = match Instance::start(&plugin, limits, &config) {
         Ok(instance) => {
             let _ = ready.send(Ok(instance.model_info().clone()));
-            Some(instance)
+            instance
         }
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let mut incarnation = 1u64;
     while let Some(job) = jobs.blocking_recv() {
-        let cancelled = match &job {
-            Job::Embed { reply, .. } => reply.is_closed(),
-            Job::Health { reply, .. } => reply.is_closed(),
-        };
-        if cancelled {
-            continue;
-        }
-        if instance.is_none() {
-            incarnation += 1;
-            let started = Instant::now();
-            match Instance::start(&plugin, limits, &config) {
-                Ok(fresh) => {
-                    tracing::info!(plugin = plugin.name(), incarnation, elapsed = ?started.elapsed(), "instance restarted");
-                    instance = Some(fresh);
-                }
-                Err(e) => {
-                    tracing::warn!(plugin = plugin.name(), incarnation, error = %e, "instance restart failed");
-                    match job {
-                        Job::Embed { reply, .. } => drop(reply.send(Err(e))),
-                        Job::Health { reply, .. } => drop(reply.send(Err(e))),
-                    }
-                    continue;
-                }
-            }
-        }
-        let Some(live) = instance.as_mut() else {
-            continue;
-        };
         let crashed = match job {
+            Job::Embed { reply, .. } if reply.is_closed() => false,
+            Job::Health { reply, .. } if reply.is_closed() => false,
             Job::Embed {
                 texts,
                 kind,
                 deadline,
                 reply,
             } => {
-                let result = live.embed(&texts, kind, deadline);
-                let crashed = result
-                    .as_ref()
-                    .err()
-                    .filter(|e| e.is_crash())
-                    .map(ToString::to_string);
+                let result = instance.embed(&texts, kind, deadline);
+                let crashed = result.as_ref().is_err_and(WasmError::is_crash);
                 let _ = reply.send(result);
                 crashed
             }
             Job::Health { deadline, reply } => {
-                let result = live.health(deadline);
-                let crashed = result
-                    .as_ref()
-                    .err()
-                    .filter(|e| e.is_crash())
-                    .map(ToString::to_string);
+                let result = instance.health(deadline);
+                let crashed = result.as_ref().is_err_and(WasmError::is_crash);
                 let _ = reply.send(result);
                 crashed
             }
         };
-        if let Some(reason) = crashed {
-            tracing::warn!(plugin = plugin.name(), incarnation, %reason, "instance crashed; its store is dropped");
-            instance = None;
+        if crashed {
+            // A trapped store must never be entered again: end the thread,
+            // which drops it. Queued jobs see the channel close.
+            tracing::debug!(
+                plugin = plugin.name(),
+                "instance crashed; its store is dropped"
+            );
+            return;
         }
+    }
+}
+
+impl WasmError {
+    /// The supervisor's view of this error.
+    pub fn into_call_error(self) -> CallError {
+        let reason = match &self {
+            WasmError::Trap { reason, .. } => Some(FailureReason::Trap(reason.clone())),
+            WasmError::DeadlineExceeded { .. } => Some(FailureReason::Deadline),
+            WasmError::MemoryCap { .. } => Some(FailureReason::MemoryCap),
+            WasmError::InstanceGone { .. } => {
+                Some(FailureReason::Exited("instance thread ended".into()))
+            }
+            _ => None,
+        };
+        match reason {
+            Some(reason) => CallError::Crash {
+                reason,
+                message: self.to_string(),
+            },
+            None => CallError::Refused(self.into()),
+        }
+    }
+}
+
+impl Worker for WasmEmbedder {
+    fn embed(
+        &mut self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> BoxFuture<Result<Vectors, CallError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            WasmEmbedder::embed(&this, texts, is_query, Some(deadline))
+                .await
+                .map_err(WasmError::into_call_error)
+        })
+    }
+
+    fn health(&mut self, deadline: Duration) -> BoxFuture<Result<SupervisedHealth, CallError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let h = WasmEmbedder::health(&this, Some(deadline))
+                .await
+                .map_err(WasmError::into_call_error)?;
+            Ok(SupervisedHealth {
+                memory_bytes: h.memory_bytes,
+                processed: h.processed,
+            })
+        })
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        // Dropping the last sender ends the thread after its current call.
+        Box::pin(async move { drop(self) })
+    }
+}
+
+/// Starts WASM instances of one plugin for the supervisor.
+#[derive(Clone, Debug)]
+pub struct WasmSpawner {
+    pub plugin: WasmPlugin,
+    pub limits: InstanceLimits,
+    pub config: Vec<(String, String)>,
+}
+
+impl Spawner for WasmSpawner {
+    fn start(
+        &self,
+        slot: usize,
+        incarnation: u64,
+    ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let embedder = WasmEmbedder::start(this.plugin, this.limits, this.config)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(slot, incarnation, elapsed = ?started.elapsed(), "wasm instance ready");
+            let info = embedder.model_info().clone();
+            Ok((Box::new(embedder) as Box<dyn Worker>, info))
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use wasmtime::{Config, Engine, OptLevel};
 
 pub use cache::{ArtifactCache, CacheOutcome, sha256_hex, write_atomic};
 pub use host::MemoryCapHit;
-pub use instance::{Instance, WasmEmbedder};
+pub use instance::{Instance, WasmEmbedder, WasmSpawner};
 
 use crate::limits;
 
