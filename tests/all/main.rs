@@ -3,6 +3,7 @@
 mod bus;
 mod child;
 mod cli;
+mod supervisor;
 mod wasm;
 
 use std::path::PathBuf;

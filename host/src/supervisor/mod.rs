@@ -505,6 +505,10 @@ impl Supervisor {
                 self.escalated()
                     .unwrap_or_else(|| "the pool stopped".into()),
             )),
+            // A job failed by escalation: report the escalation itself.
+            Ok(Ok(Err(CallError::Refused(_)))) if self.escalated().is_some() => Err(
+                SupervisorError::Escalated(self.escalated().unwrap_or_default()),
+            ),
             Ok(Ok(result)) => Ok(result),
         }
     }

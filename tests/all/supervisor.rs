@@ -1,0 +1,424 @@
+//! The supervisor's policy on tokio's paused clock, with scripted workers:
+//! restart intensity, backoff bands, restart types, health checks and
+//! planned recycling under load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use embedhost::bus::BoxFuture;
+use embedhost::supervisor::{
+    CallError, FailureReason, Health, Intensity, RestartType, Supervisor, SupervisorConfig,
+    SupervisorError, Worker,
+};
+use embedhost::vectors::Vectors;
+use embedhost::wasm::ModelInfo;
+use tokio::time::Instant;
+
+/// What a scripted worker does with one call.
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    Ok,
+    Crash,
+    Sleep(Duration),
+}
+
+type Script = Arc<dyn Fn(usize, u64, &str) -> Act + Send + Sync>;
+
+struct Scripted {
+    slot: usize,
+    incarnation: u64,
+    script: Script,
+    processed: u64,
+    health_hangs: bool,
+}
+
+/// The vector a scripted worker gives a text: its length and the
+/// incarnation that embedded it is not part of it, so answers are
+/// comparable across restarts.
+fn vector_of(text: &str) -> [f32; 2] {
+    [text.len() as f32, 1.0]
+}
+
+impl Worker for Scripted {
+    fn embed(
+        &mut self,
+        texts: Vec<String>,
+        _: bool,
+        _: Duration,
+    ) -> BoxFuture<Result<Vectors, CallError>> {
+        let act = (self.script)(self.slot, self.incarnation, &texts[0]);
+        self.processed += texts.len() as u64;
+        Box::pin(async move {
+            match act {
+                Act::Crash => Err(CallError::Crash {
+                    reason: FailureReason::Trap("scripted".into()),
+                    message: "scripted crash".into(),
+                }),
+                Act::Sleep(d) => {
+                    tokio::time::sleep(d).await;
+                    Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
+                }
+                Act::Ok => {
+                    Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
+                }
+            }
+        })
+    }
+
+    fn health(&mut self, _: Duration) -> BoxFuture<Result<Health, CallError>> {
+        let processed = self.processed;
+        let hangs = self.health_hangs;
+        Box::pin(async move {
+            if hangs {
+                std::future::pending::<()>().await;
+            }
+            Ok(Health {
+                memory_bytes: 1000,
+                processed,
+            })
+        })
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async {})
+    }
+}
+
+fn info() -> ModelInfo {
+    ModelInfo {
+        model_id: "scripted".into(),
+        dimension: 2,
+        max_input_tokens: 16,
+        normalized: false,
+    }
+}
+
+/// Records every start: (slot, incarnation, when).
+type Starts = Arc<Mutex<Vec<(usize, u64, Instant)>>>;
+
+async fn supervise(
+    config: SupervisorConfig,
+    script: impl Fn(usize, u64, &str) -> Act + Send + Sync + 'static,
+    init_fails: impl Fn(usize, u64) -> bool + Send + Sync + 'static,
+    health_hangs: impl Fn(u64) -> bool + Send + Sync + 'static,
+) -> (Supervisor, Starts) {
+    let script: Script = Arc::new(script);
+    let starts: Starts = Arc::default();
+    let log = starts.clone();
+    let init_fails = Arc::new(init_fails);
+    let health_hangs = Arc::new(health_hangs);
+    let supervisor = Supervisor::from_fn(
+        move |slot, incarnation| {
+            log.lock()
+                .unwrap()
+                .push((slot, incarnation, Instant::now()));
+            let (script, fails, hangs) = (
+                script.clone(),
+                init_fails(slot, incarnation),
+                health_hangs(incarnation),
+            );
+            Box::pin(async move {
+                if fails {
+                    return Err(format!(
+                        "scripted init failure of incarnation {incarnation}"
+                    ));
+                }
+                let worker = Scripted {
+                    slot,
+                    incarnation,
+                    script,
+                    processed: 0,
+                    health_hangs: hangs,
+                };
+                Ok((Box::new(worker) as Box<dyn Worker>, info()))
+            })
+        },
+        config,
+    )
+    .await
+    .unwrap();
+    (supervisor, starts)
+}
+
+fn config(pool: usize) -> SupervisorConfig {
+    let mut c = SupervisorConfig {
+        pool_size: pool,
+        ..SupervisorConfig::default()
+    };
+    // Out of the way unless a test is about them.
+    c.max_processed = u64::MAX;
+    c.poison_after = 1000;
+    c
+}
+
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn one(text: &str) -> Vec<String> {
+    vec![text.to_string()]
+}
+
+#[tokio::test(start_paused = true)]
+async fn escalates_after_max_restarts_plus_one_failures_within_the_window() {
+    // Incarnation 1 crashes on "boom"; every later start fails.
+    let (supervisor, starts) = supervise(
+        config(1),
+        |_, _, t| if t == "boom" { Act::Crash } else { Act::Ok },
+        |_, inc| inc > 1,
+        |_| false,
+    )
+    .await;
+    let t0 = Instant::now();
+    let r = supervisor.embed(one("boom"), false, DEADLINE).await;
+    // Failure 1 (the crash) and failures 2..=3 (init) are restarted; failure 4
+    // exceeds MaxR = 3 within 5 s and escalates.
+    let err = r.unwrap_err();
+    assert!(
+        matches!(&err, SupervisorError::Escalated(why) if why.contains("failed 4 times within 5s") && why.contains("init")),
+        "{err}"
+    );
+    assert_eq!(
+        starts.lock().unwrap().len(),
+        4,
+        "the first start and three restarts"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(supervisor.escalated().is_some());
+    // Every later call fails at once, with the reason.
+    let t1 = Instant::now();
+    let err = supervisor
+        .embed(one("fine"), false, DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)));
+    assert_eq!(t1.elapsed(), Duration::ZERO);
+    let status = &supervisor.status()[0];
+    assert_eq!(status.restarts.get("trap"), Some(&1));
+    assert_eq!(status.restarts.get("init_failed"), Some(&3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_spread_beyond_the_window_never_escalate() {
+    // Each "boom-i" text crashes the first instance that sees it, once.
+    let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let script = move |_: usize, _: u64, t: &str| {
+        if t.starts_with("boom") && seen.lock().unwrap().insert(t.to_string()) {
+            Act::Crash
+        } else {
+            Act::Ok
+        }
+    };
+    let (supervisor, starts) = supervise(config(1), script, |_, _| false, |_| false).await;
+    for i in 0..10 {
+        // A failure every 2 s: never more than 3 within a 5 s window.
+        let r = supervisor
+            .embed(one(&format!("boom-{i}")), false, DEADLINE)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.vectors.len(),
+            1,
+            "retried on a fresh instance and answered"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        supervisor.escalated().is_none(),
+        "{:?}",
+        supervisor.escalated()
+    );
+    assert_eq!(starts.lock().unwrap().len(), 11);
+    assert_eq!(supervisor.status()[0].restarts.get("trap"), Some(&10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_delays_fall_within_their_backoff_bands() {
+    let mut c = config(1);
+    c.intensity.max_restarts = 8;
+    c.intensity.window = Duration::from_secs(60);
+    // Incarnation 1 crashes on its first call; every restart fails to init.
+    let (supervisor, starts) = supervise(
+        c.clone(),
+        |_, inc, _| if inc == 1 { Act::Crash } else { Act::Ok },
+        |_, inc| inc > 1,
+        |_| false,
+    )
+    .await;
+    let err = supervisor
+        .embed(one("x"), false, DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
+    let starts = starts.lock().unwrap();
+    assert_eq!(starts.len(), 9, "first start + 8 restarts");
+    // Gap n (from 1) between consecutive starts is drawn from [0, ceiling(n)]:
+    // 0, 100, 200, 400, 800, 1600, 3200, 5000 ms (capped).
+    for (n, pair) in starts.windows(2).enumerate() {
+        let gap = pair[1].2 - pair[0].2;
+        let ceiling = Intensity::ceiling(&c.intensity, n as u32 + 1);
+        assert!(
+            gap <= ceiling + Duration::from_millis(1),
+            "restart {}: {gap:?} > {ceiling:?}",
+            n + 1
+        );
+    }
+    assert_eq!(starts[1].2, starts[0].2, "the first restart is immediate");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_starts_over_after_a_stable_uptime() {
+    let mut c = config(1);
+    c.intensity.max_restarts = 100;
+    c.intensity.window = Duration::from_secs(3600);
+    let (supervisor, starts) = supervise(
+        c.clone(),
+        |_, _, t| if t == "boom" { Act::Crash } else { Act::Ok },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    for _ in 0..4 {
+        let _ = supervisor
+            .embed(one("boom"), false, Duration::from_millis(1))
+            .await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    assert!(
+        starts.lock().unwrap().len() >= 5,
+        "the crashes restarted the instance"
+    );
+    // Stable for longer than `stable_uptime`: the next restart is immediate.
+    tokio::time::sleep(c.intensity.stable_uptime).await;
+    let before = starts.lock().unwrap().len();
+    let crashed_at = Instant::now();
+    let _ = supervisor
+        .embed(one("boom"), false, Duration::from_millis(1))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let starts = starts.lock().unwrap();
+    assert_eq!(starts.len(), before + 1);
+    assert!(starts.last().unwrap().2 - crashed_at <= Duration::from_millis(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_temporary_instance_is_not_restarted() {
+    let mut c = config(1);
+    c.restart = RestartType::Temporary;
+    let (supervisor, starts) = supervise(
+        c,
+        |_, _, t| if t == "boom" { Act::Crash } else { Act::Ok },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let err = supervisor
+        .embed(one("boom"), false, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
+    assert_eq!(starts.lock().unwrap().len(), 1);
+    assert!(!supervisor.status()[0].up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_health_check_restarts_the_instance_with_its_reason() {
+    let mut c = config(1);
+    c.health_interval = Duration::from_secs(10);
+    c.health_timeout = Duration::from_secs(5);
+    let (supervisor, starts) = supervise(c, |_, _, _| Act::Ok, |_, _| false, |inc| inc == 1).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let status = &supervisor.status()[0];
+    assert_eq!(status.restarts.get("health_timeout"), Some(&1));
+    assert_eq!(status.incarnation, 2);
+    let gap = {
+        let starts = starts.lock().unwrap();
+        starts[1].2 - starts[0].2
+    };
+    assert_eq!(gap, Duration::from_secs(15), "interval 10 s + timeout 5 s");
+    assert_eq!(
+        supervisor
+            .embed(one("abc"), false, DEADLINE)
+            .await
+            .unwrap()
+            .vectors
+            .as_flat(),
+        &[3.0, 1.0]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_on_one_instance_never_fails_calls_running_on_another() {
+    let (supervisor, _) = supervise(
+        config(2),
+        |_, _, t| match t {
+            "slow" => Act::Sleep(Duration::from_secs(3)),
+            "boom" => Act::Crash,
+            _ => Act::Ok,
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await; // both slots up
+    let slow = tokio::spawn({
+        let s = supervisor.clone();
+        async move { s.embed(one("slow"), false, DEADLINE).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let boom = supervisor
+        .embed(one("boom"), false, Duration::from_secs(1))
+        .await;
+    assert!(boom.is_err(), "every attempt at `boom` crashes");
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.vectors.as_flat(), &[4.0, 1.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_planned_recycle_under_constant_load_fails_no_request() {
+    let mut c = config(2);
+    c.max_processed = 50;
+    c.health_interval = Duration::from_millis(100);
+    let (supervisor, starts) = supervise(
+        c,
+        |_, _, _| Act::Sleep(Duration::from_millis(1)),
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let answered = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..4)
+        .map(|caller| {
+            let (supervisor, answered) = (supervisor.clone(), answered.clone());
+            tokio::spawn(async move {
+                for i in 0..500 {
+                    let text = format!("caller {caller} request {i}");
+                    let r = supervisor
+                        .embed(one(&text), false, Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    assert_eq!(r.vectors.as_flat(), &vector_of(&text));
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert_eq!(answered.load(Ordering::Relaxed), 2000);
+    let recycles: u64 = supervisor
+        .status()
+        .iter()
+        .map(|s| s.restarts.get("recycle").copied().unwrap_or(0))
+        .sum();
+    let failures: u64 = supervisor
+        .status()
+        .iter()
+        .flat_map(|s| s.restarts.iter())
+        .filter(|(k, _)| *k != "recycle")
+        .map(|(_, v)| v)
+        .sum();
+    assert!(recycles >= 5, "{recycles} recycles");
+    assert_eq!(failures, 0);
+    assert!(starts.lock().unwrap().len() as u64 >= 2 + recycles);
+}
