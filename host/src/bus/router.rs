@@ -81,6 +81,25 @@ impl Router {
     /// Runs the handler for `envelope` within its deadline, in a span that
     /// carries the caller's trace id.
     pub fn dispatch(&self, envelope: Envelope) -> BoxFuture<Result<Body, RemoteError>> {
+        self.dispatch_inner(envelope, true)
+    }
+
+    /// [`Router::dispatch`] without the peer-side deadline timer, for a
+    /// caller in this process: its own timeout drops the request, which
+    /// drops the handler (see `InProcess`), so a second timer for the same
+    /// instant would only cost time.
+    pub(crate) fn dispatch_local(
+        &self,
+        envelope: Envelope,
+    ) -> BoxFuture<Result<Body, RemoteError>> {
+        self.dispatch_inner(envelope, false)
+    }
+
+    fn dispatch_inner(
+        &self,
+        envelope: Envelope,
+        enforce_deadline: bool,
+    ) -> BoxFuture<Result<Body, RemoteError>> {
         let Envelope {
             id,
             message,
@@ -101,7 +120,7 @@ impl Router {
         };
         let fut = trace.scope(handler(ctx, body));
         async move {
-            match deadline {
+            match deadline.filter(|_| enforce_deadline) {
                 None => fut.await,
                 Some(limit) => match tokio::time::timeout(limit, fut).await {
                     Ok(result) => result,

@@ -146,14 +146,13 @@ pub trait Worker: Send + 'static {
     fn stop(self: Box<Self>) -> BoxFuture<()>;
 }
 
+/// A started worker and what its model reported, or why it failed to start.
+pub type Started = Result<(Box<dyn Worker>, ModelInfo), String>;
+
 /// Starts incarnations.
 pub trait Spawner: Send + Sync + 'static {
     /// Starts and initialises incarnation `incarnation` of slot `slot`.
-    fn start(
-        &self,
-        slot: usize,
-        incarnation: u64,
-    ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>;
+    fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started>;
 }
 
 /// The supervisor's settings. Defaults: the seed's thresholds and OTP's
@@ -680,7 +679,7 @@ async fn serve(
         config.health_interval,
     );
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut replacement: Option<BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>> = None;
+    let mut replacement: Option<BoxFuture<Started>> = None;
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -761,24 +760,14 @@ impl Supervisor {
     /// A supervisor whose spawner is a closure (handy for tests).
     pub async fn from_fn<F>(f: F, config: SupervisorConfig) -> Result<Self, SupervisorError>
     where
-        F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>
-            + Send
-            + Sync
-            + 'static,
+        F: Fn(usize, u64) -> BoxFuture<Started> + Send + Sync + 'static,
     {
         struct FnSpawner<F>(F);
         impl<F> Spawner for FnSpawner<F>
         where
-            F: Fn(usize, u64) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>>
-                + Send
-                + Sync
-                + 'static,
+            F: Fn(usize, u64) -> BoxFuture<Started> + Send + Sync + 'static,
         {
-            fn start(
-                &self,
-                slot: usize,
-                incarnation: u64,
-            ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
+            fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started> {
                 (self.0)(slot, incarnation)
             }
         }

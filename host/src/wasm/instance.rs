@@ -17,7 +17,9 @@ use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, PluginError, WasmError, WasmPlugin, deadline_ticks};
 use crate::bus::BoxFuture;
-use crate::supervisor::{CallError, FailureReason, Health as SupervisedHealth, Spawner, Worker};
+use crate::supervisor::{
+    CallError, FailureReason, Health as SupervisedHealth, Spawner, Started, Worker,
+};
 use crate::vectors::Vectors;
 
 /// Jobs queued for an instance's thread before callers wait. One instance
@@ -484,11 +486,7 @@ pub struct WasmSpawner {
 }
 
 impl Spawner for WasmSpawner {
-    fn start(
-        &self,
-        slot: usize,
-        incarnation: u64,
-    ) -> BoxFuture<Result<(Box<dyn Worker>, ModelInfo), String>> {
+    fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started> {
         let this = self.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();

@@ -55,7 +55,7 @@ impl super::Transport for InProcess {
             return futures::future::ready(Err(error)).boxed();
         }
         let (reply, answer) = oneshot::channel();
-        let handler = self.router.dispatch(envelope);
+        let handler = self.router.dispatch_local(envelope);
         tokio::spawn(serve_one(handler, reply));
         let peer = self.name.clone();
         async move {

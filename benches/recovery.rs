@@ -1,0 +1,131 @@
+//! Recovery after a crash, and failures during a planned recycle, under load
+//! (`cargo bench --bench recovery`, also run by `./x bench`).
+//!
+//! A pool of one stub WASM instance serves a caller in a loop. Every few
+//! requests the caller sends a text that traps the instance; the time from
+//! that crash being reported to the next successful answer is the recovery
+//! time (the restart, `init`, and one embed). The baseline is the latency of
+//! an ordinary request in the same run. The restart policy is relaxed (high
+//! intensity, no backoff) so that this measures the mechanism, not the policy.
+//!
+//! Then the same pool recycles itself every 20 texts (planned,
+//! make-before-break) under four concurrent callers; the figure is how many
+//! requests failed (target: zero) and the latency around recycles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::wasm::{InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner};
+
+const CRASHES: usize = 200;
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    println!(
+        "{name:<40} n={:<5} p50={:>10.3?} p99={:>10.3?}",
+        samples.len(),
+        p50,
+        p99
+    );
+    (p50, p99)
+}
+
+fn spawner(engine: &WasmEngine) -> WasmSpawner {
+    let plugin = WasmPlugin::load(engine, &PluginSource::builtin_stub()).unwrap();
+    WasmSpawner {
+        plugin,
+        limits: InstanceLimits::default(),
+        config: vec![("fault.trap_marker".into(), "CRASH".into())],
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter that names another bench skips this one.
+    if std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && !"recovery".contains(a.as_str()))
+    {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = std::env::temp_dir().join("embedhost-bench-cache");
+    let engine = WasmEngine::new(Some(embedhost::wasm::ArtifactCache::new(cache))).unwrap();
+    rt.block_on(async {
+        let mut config = SupervisorConfig { pool_size: 1, poison_after: 1, ..SupervisorConfig::default() };
+        config.intensity.max_restarts = u32::MAX;
+        config.intensity.backoff_min = Duration::ZERO;
+        config.intensity.backoff_max = Duration::ZERO;
+        let supervisor = Supervisor::start(spawner(&engine), config).await.unwrap();
+        let text = |i: usize| vec![format!("an ordinary sentence number {i}")];
+        let mut normal = Vec::new();
+        let mut recovery = Vec::new();
+        for i in 0..CRASHES * 5 {
+            if i % 5 == 4 {
+                let crashed = supervisor.embed(vec!["CRASH".into()], false, DEADLINE).await.unwrap();
+                assert_eq!(crashed.failed.len(), 1);
+                let at = Instant::now();
+                let ok = supervisor.embed(text(i), false, DEADLINE).await.unwrap();
+                assert_eq!(ok.vectors.len(), 1);
+                recovery.push(at.elapsed());
+            } else {
+                let at = Instant::now();
+                supervisor.embed(text(i), false, DEADLINE).await.unwrap();
+                normal.push(at.elapsed());
+            }
+        }
+        println!("recovery (cargo bench --bench recovery): pool of 1 stub WASM instance, {CRASHES} crashes");
+        let (base50, base99) = report("ordinary request (baseline)", normal);
+        let (rec50, rec99) = report("crash -> next successful answer", recovery);
+        println!(
+            "{:<40} p50 {:.1}x, p99 {:.1}x the baseline",
+            "recovery / baseline",
+            rec50.as_secs_f64() / base50.as_secs_f64(),
+            rec99.as_secs_f64() / base99.as_secs_f64()
+        );
+
+        // Planned recycles under load.
+        let mut config = SupervisorConfig { pool_size: 2, ..SupervisorConfig::default() };
+        config.max_processed = 20;
+        config.health_interval = Duration::from_millis(5);
+        let supervisor = Supervisor::start(spawner(&engine), config).await.unwrap();
+        let failed = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..4)
+            .map(|c| {
+                let (supervisor, failed) = (supervisor.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    for i in 0..1000 {
+                        let at = Instant::now();
+                        match supervisor.embed(vec![format!("caller {c} sentence {i}")], false, DEADLINE).await {
+                            Ok(r) if r.failed.is_empty() && r.vectors.len() == 1 => latencies.push(at.elapsed()),
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for caller in callers {
+            latencies.extend(caller.await.unwrap());
+        }
+        let recycles: u64 = supervisor.status().iter().map(|s| s.restarts.get("recycle").copied().unwrap_or(0)).sum();
+        println!("planned recycle: 4 callers x 1000 requests, pool of 2, recycle every 20 texts");
+        report("request latency across recycles", latencies);
+        println!("{:<40} {recycles} recycles, {} failed requests", "recycles", failed.load(Ordering::Relaxed));
+    });
+}
