@@ -680,6 +680,9 @@ async fn serve(
     );
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut replacement: Option<BoxFuture<Started>> = None;
+    // The incarnation serving calls; `*incarnation` runs ahead while a
+    // replacement starts.
+    let mut serving = *incarnation;
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -691,6 +694,7 @@ async fn serve(
             biased;
             () = inner.stop.cancelled() => {
                 worker.stop().await;
+                tracing::info!(slot, incarnation = serving, "instance stopped");
                 return Ended::Shutdown;
             }
             started = pending_replacement => {
@@ -706,7 +710,8 @@ async fn serve(
                         *slots[slot].restarts.entry("recycle".into()).or_default() += 1;
                         slots[slot].incarnation = *incarnation;
                         slots[slot].up_since = Some(Instant::now());
-                        tracing::info!(slot, incarnation = *incarnation, "instance recycled");
+                        tracing::info!(slot, old = serving, incarnation = *incarnation, "instance recycled");
+                        serving = *incarnation;
                     }
                     Err(message) => tracing::warn!(slot, %message, "replacement failed to start; keeping the current instance"),
                 }
@@ -736,15 +741,20 @@ async fn serve(
             job = next_job(inner) => {
                 let Some(job) = job else {
                     worker.stop().await;
+                    tracing::info!(slot, incarnation = serving, "instance stopped");
                     return Ended::Shutdown;
                 };
                 if job.reply.is_closed() {
                     continue;
                 }
-                let result = worker.embed(job.texts, job.is_query, job.deadline).await;
+                let mut result = worker.embed(job.texts, job.is_query, job.deadline).await;
                 lock(&inner.slots)[slot].served += 1;
-                let crash = match &result {
-                    Err(CallError::Crash { reason, message }) => Some((reason.clone(), message.clone())),
+                let crash = match &mut result {
+                    Err(CallError::Crash { reason, message }) => {
+                        // Name the incarnation that died, for the caller and the log.
+                        *message = format!("instance {slot} incarnation {serving}: {message}");
+                        Some((reason.clone(), message.clone()))
+                    }
                     _ => None,
                 };
                 let _ = job.reply.send(result);
