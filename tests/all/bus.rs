@@ -265,13 +265,7 @@ fn hanging_router(started: Arc<AtomicU32>, dropped: Arc<AtomicBool>) -> Router {
         let dropped = dropped.clone();
         started.fetch_add(1, Ordering::SeqCst);
         async move {
-            struct OnDrop(Arc<AtomicBool>);
-            impl Drop for OnDrop {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::SeqCst);
-                }
-            }
-            let _guard = OnDrop(dropped);
+            let _guard = crate::DropFlag(dropped);
             std::future::pending::<Result<EmbedResponse, RemoteError>>().await
         }
     });

@@ -78,13 +78,7 @@ async fn dropping_the_callers_future_cancels_the_handler_across_the_stream() {
     router.handle::<EmbedderHealth, _, _>(move |_, _| {
         let flag = flag.clone();
         async move {
-            struct OnDrop(Arc<AtomicBool>);
-            impl Drop for OnDrop {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::SeqCst);
-                }
-            }
-            let _guard = OnDrop(flag);
+            let _guard = crate::DropFlag(flag);
             std::future::pending::<Result<HealthResponse, RemoteError>>().await
         }
     });
@@ -256,22 +250,26 @@ async fn an_oversized_response_is_a_typed_remote_error() {
     );
 }
 
-#[tokio::test]
-async fn a_frame_header_past_the_limit_closes_the_connection_and_fails_pending_requests() {
+/// Sends one request, then has the peer write `bytes` instead of an answer;
+/// returns the request's error.
+async fn answer_with_raw_bytes(bytes: &[u8]) -> (BusError, Connection) {
     let (conn, _server_in, mut server_out) = pipes(MAX);
     let bus = Bus::new(conn.clone());
     let pending = tokio::spawn(async move { bus.request::<EmbedderHealth>(Empty {}).await });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    // A length prefix claiming 1 GiB: refused before any allocation.
-    server_out
-        .write_all(&(1u32 << 30).to_be_bytes())
-        .await
-        .unwrap();
+    server_out.write_all(bytes).await.unwrap();
     let err = tokio::time::timeout(Duration::from_secs(5), pending)
         .await
         .unwrap()
         .unwrap()
         .unwrap_err();
+    (err, conn)
+}
+
+#[tokio::test]
+async fn a_frame_header_past_the_limit_closes_the_connection_and_fails_pending_requests() {
+    // A length prefix claiming 1 GiB: refused before any allocation.
+    let (err, conn) = answer_with_raw_bytes(&(1u32 << 30).to_be_bytes()).await;
     assert!(
         matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("exceeds the 65536-byte limit")),
         "{err}"
@@ -281,23 +279,12 @@ async fn a_frame_header_past_the_limit_closes_the_connection_and_fails_pending_r
 
 #[tokio::test]
 async fn garbage_on_the_stream_closes_the_connection_with_a_clear_reason() {
-    let (conn, _server_in, mut server_out) = pipes(MAX);
-    let bus = Bus::new(conn);
-    let pending = tokio::spawn(async move { bus.request::<EmbedderHealth>(Empty {}).await });
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    server_out
-        .write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd])
-        .await
-        .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err();
+    let (err, conn) = answer_with_raw_bytes(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await;
     assert!(
         matches!(&err, BusError::PeerGone { reason, .. } if reason.contains("malformed frame")),
         "{err}"
     );
+    assert!(conn.closed_reason().is_some());
 }
 
 fn child_command(settings: &[&str]) -> tokio::process::Command {

@@ -13,3 +13,13 @@ use std::path::PathBuf;
 pub fn test_cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artifact-cache")
 }
+
+/// Sets its flag when dropped: a handler holding one shows whether the peer
+/// dropped (cancelled) the handler's future.
+pub struct DropFlag(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
