@@ -150,3 +150,24 @@ fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host(
         "{reason}"
     );
 }
+
+#[test]
+fn an_escalated_backend_exits_non_zero_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(
+        &config,
+        "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n[supervisor]\npool_size = 1\nmax_restarts = 0\n",
+    )
+    .unwrap();
+    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "BOOM"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains("backend failed")
+            && last.contains("failed 1 times"),
+        "{err}"
+    );
+}
