@@ -51,6 +51,26 @@ fn health_router() -> Router {
     router
 }
 
+/// `embedder.health` round trips through `bus`, the bus's cheapest request.
+fn bench_health(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    rt: &Runtime,
+    bus: &Bus,
+) {
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let bus = bus.clone();
+            timed(rt, iters, move || {
+                let bus = bus.clone();
+                async move {
+                    std::hint::black_box(bus.request::<EmbedderHealth>(Empty {}).await.unwrap());
+                }
+            })
+        })
+    });
+}
+
 fn in_process(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("in-process");
@@ -71,17 +91,7 @@ fn in_process(c: &mut Criterion) {
         })
     });
     let bus = Bus::new(InProcess::new(health_router()));
-    group.bench_function("bus-with-middleware", |b| {
-        b.iter_custom(|iters| {
-            let bus = bus.clone();
-            timed(&rt, iters, move || {
-                let bus = bus.clone();
-                async move {
-                    std::hint::black_box(bus.request::<EmbedderHealth>(Empty {}).await.unwrap());
-                }
-            })
-        })
-    });
+    bench_health(&mut group, "bus-with-middleware", &rt, &bus);
     group.finish();
 }
 
@@ -122,17 +132,7 @@ fn child_process(c: &mut Criterion) {
         ChildProcess::spawn(cmd, "bench-child").unwrap()
     });
     let bus = Bus::new(child.connection());
-    group.bench_function("bus-health", |b| {
-        b.iter_custom(|iters| {
-            let bus = bus.clone();
-            timed(&rt, iters, move || {
-                let bus = bus.clone();
-                async move {
-                    std::hint::black_box(bus.request::<EmbedderHealth>(Empty {}).await.unwrap());
-                }
-            })
-        })
-    });
+    bench_health(&mut group, "bus-health", &rt, &bus);
     group.finish();
     drop(child);
 }
