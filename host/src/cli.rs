@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bus::transport::InProcess;
 use crate::bus::{Bus, SendOptions};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::messages::{EmbedRequest, EmbedderEmbed};
 use crate::supervisor::Supervisor;
 use crate::wasm::{ArtifactCache, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner};
@@ -148,20 +148,27 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
         Some(path) => PluginSource::File(path),
         None => config.plugin_source(),
     };
-    let engine = engine_for(&config)?;
-    let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+    if config.backend == Backend::Native && matches!(source, PluginSource::File(_)) {
+        return Err("`--plugin` and `plugin.path` name a WASM plugin, but the config selects backend = \"native\"".into());
+    }
     let limits = config.instance_limits();
-    let spawner = WasmSpawner {
-        plugin,
-        limits,
-        config: config.plugin_config(),
-    };
     let mut supervision = config.supervisor_config();
     // One command, one batch: more instances than texts would only start idle.
     supervision.pool_size = supervision.pool_size.min(args.texts.len().max(1));
-    let supervisor = Supervisor::start(spawner, supervision)
-        .await
-        .map_err(|e| e.to_string())?;
+    let supervisor = match config.backend {
+        Backend::Wasm => {
+            let engine = engine_for(&config)?;
+            let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+            let spawner = WasmSpawner {
+                plugin,
+                limits,
+                config: config.plugin_config(),
+            };
+            Supervisor::start(spawner, supervision).await
+        }
+        Backend::Native => Supervisor::start(config.native_spawner()?, supervision).await,
+    }
+    .map_err(|e| e.to_string())?;
     let bus = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
@@ -261,8 +268,16 @@ async fn child(args: ChildArgs) -> Result<(), String> {
         pairs.push((key, value));
     }
     let config = embedhost_stub_engine::StubConfig::from_pairs(pairs).map_err(|e| e.to_string())?;
-    let router = crate::embedder::native_stub_router(config);
-    crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES)
-        .await
-        .map_err(|e| format!("child transport: {e}"))
+    let stop = tokio_util::sync::CancellationToken::new();
+    let router = crate::embedder::native_stub_router(config, stop.clone());
+    tokio::select! {
+        served = crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES) => {
+            served.map_err(|e| format!("child transport: {e}"))
+        }
+        () = stop.cancelled() => {
+            // Let the reply to `shutdown` reach the pipe before exiting.
+            tokio::time::sleep(crate::limits::CHILD_SHUTDOWN_FLUSH).await;
+            Ok(())
+        }
+    }
 }

@@ -67,6 +67,31 @@ pub enum Backend {
     /// A WebAssembly component run by wasmtime.
     #[default]
     Wasm,
+    /// An engine in a supervised child process.
+    Native,
+}
+
+/// `[native]`: the native backend's child processes.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NativeSection {
+    /// The engine the child serves: `stub` (the ONNX engine arrives with the
+    /// real model).
+    pub engine: String,
+    /// The executable to run as the child (default: this `embedhost`).
+    pub executable: Option<PathBuf>,
+    /// Grace period of each stop step (`shutdown`, then SIGTERM), in ms.
+    pub grace_ms: u64,
+}
+
+impl Default for NativeSection {
+    fn default() -> Self {
+        NativeSection {
+            engine: "stub".into(),
+            executable: None,
+            grace_ms: limits::DEFAULT_CHILD_GRACE.as_millis() as u64,
+        }
+    }
 }
 
 /// A plugin config value: TOML strings, numbers and booleans are all passed
@@ -165,6 +190,8 @@ pub struct Config {
     pub cache: CacheSection,
     #[serde(default)]
     pub supervisor: SupervisorSection,
+    #[serde(default)]
+    pub native: NativeSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -246,7 +273,26 @@ impl Config {
         }
     }
 
-    /// The table passed to the plugin's `init`.
+    /// The native backend's spawner.
+    ///
+    /// # Errors
+    /// When the path of this executable cannot be found and none is configured.
+    pub fn native_spawner(&self) -> Result<crate::native::NativeSpawner, String> {
+        let executable = match &self.native.executable {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| format!("cannot find the embedhost executable: {e}"))?,
+        };
+        Ok(crate::native::NativeSpawner {
+            executable,
+            engine: self.native.engine.clone(),
+            settings: self.plugin_config(),
+            init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
+            grace: Duration::from_millis(self.native.grace_ms),
+        })
+    }
+
+    /// The table passed to the plugin's `init` (or the native engine).
     pub fn plugin_config(&self) -> Vec<(String, String)> {
         self.plugin
             .config

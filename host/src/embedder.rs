@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{Empty, ErrorCode, RemoteError, RequestContext, Router};
 use crate::messages::{
-    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHealth, HealthResponse, Shutdown,
+    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, EmbedderHealth,
+    HandshakeResponse, HealthResponse, PROTOCOL_VERSION, Shutdown,
 };
 use crate::supervisor::Supervisor;
 use crate::vectors::Vectors;
@@ -85,7 +86,13 @@ pub fn supervised_router(supervisor: Supervisor) -> Router {
 /// A router serving the stub engine natively, in this process: the body of
 /// the `embedhost child` process. It computes the same vectors as the stub
 /// plugin, from the same crate.
-pub fn native_stub_router(config: embedhost_stub_engine::StubConfig) -> Router {
+///
+/// `stop` is cancelled when the host asks the child to shut down.
+pub fn native_stub_router(
+    config: embedhost_stub_engine::StubConfig,
+    stop: tokio_util::sync::CancellationToken,
+) -> Router {
+    let dimension = config.dimension;
     let engine = Arc::new(Mutex::new(embedhost_stub_engine::StubEngine::new(config)));
     // Outside the engine's lock, so a health check never waits for an embed.
     let processed = Arc::new(AtomicU64::new(0));
@@ -121,6 +128,28 @@ pub fn native_stub_router(config: embedhost_stub_engine::StubConfig) -> Router {
             })
         }
     });
-    router.handle::<Shutdown, _, _>(|_, _| async { Ok(Empty {}) });
+    let model = crate::wasm::ModelInfo {
+        model_id: embedhost_stub_engine::MODEL_ID.to_string(),
+        dimension: dimension as u32,
+        max_input_tokens: embedhost_stub_engine::MAX_INPUT_TOKENS,
+        normalized: true,
+    };
+    router.handle::<EmbedderHandshake, _, _>(move |_, _: Empty| {
+        let model = model.clone();
+        async move {
+            Ok(HandshakeResponse {
+                protocol_version: PROTOCOL_VERSION,
+                model,
+            })
+        }
+    });
+    router.handle::<Shutdown, _, _>(move |_, request| {
+        let stop = stop.clone();
+        async move {
+            tracing::info!(reason = %request.reason, "shutdown requested");
+            stop.cancel();
+            Ok(Empty {})
+        }
+    });
     router
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod embedder;
 pub mod limits;
 pub mod messages;
+pub mod native;
 pub mod supervisor;
 pub mod vectors;
 pub mod wasm;

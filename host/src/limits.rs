@@ -99,3 +99,13 @@ pub const DEFAULT_RECYCLE_PROCESSED: u64 = 200;
 /// answered with an error instead of being retried (two: one crash may be
 /// bad luck, two in a row on the same text alone is the text).
 pub const DEFAULT_POISON_AFTER: u32 = 2;
+
+/// How long a native child waits after answering `shutdown` before it exits,
+/// so the answer reaches the pipe: a frame write takes microseconds; 20 ms is
+/// generous and still far below the host's grace period.
+pub const CHILD_SHUTDOWN_FLUSH: Duration = Duration::from_millis(20);
+
+/// Time a native child gets to exit after `shutdown` before SIGTERM, then as
+/// long again before SIGKILL (the 5 s: an engine may be finishing a
+/// batch).
+pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);

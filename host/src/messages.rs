@@ -169,6 +169,17 @@ pub struct ModelDownloadResponse {
     pub error: Option<String>,
 }
 
+/// The version of the embedder protocol a native child speaks. A child of
+/// another version is refused at the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Answer to `embedder.handshake`, the first request to a native child.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HandshakeResponse {
+    pub protocol_version: u32,
+    pub model: crate::wasm::ModelInfo,
+}
+
 /// `shutdown`: stop gracefully.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShutdownRequest {
@@ -186,6 +197,8 @@ message!(/// Index counters.
     WorkerStats, "worker.stats", idempotent = true, Empty => StatsResponse);
 message!(/// Embed a batch of texts.
     EmbedderEmbed, "embedder.embed", idempotent = true, EmbedRequest => EmbedResponse);
+message!(/// Protocol version and model info of a native child.
+    EmbedderHandshake, "embedder.handshake", idempotent = true, Empty => HandshakeResponse);
 message!(/// The embedder's memory and processed count.
     EmbedderHealth, "embedder.health", idempotent = true, Empty => HealthResponse);
 message!(/// Whether the model files are present.
@@ -202,6 +215,7 @@ pub const ALL: &[&str] = &[
     WorkerIndex::NAME,
     WorkerStats::NAME,
     EmbedderEmbed::NAME,
+    EmbedderHandshake::NAME,
     EmbedderHealth::NAME,
     ModelCheck::NAME,
     ModelDownload::NAME,

@@ -532,6 +532,7 @@ fn the_catalogue_has_the_seeds_messages() {
             "worker.index",
             "worker.stats",
             "embedder.embed",
+            "embedder.handshake",
             "embedder.health",
             "model.check",
             "model.download",

@@ -171,3 +171,22 @@ fn an_escalated_backend_exits_non_zero_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn swapping_the_backend_is_one_line_and_changes_no_output() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let texts = ["hello world", "Grüße aus Köln", ""];
+    let run = |config: &str| {
+        let config = root.join("examples/config").join(config);
+        let mut args = vec!["--config", config.to_str().unwrap(), "embed"];
+        args.extend(texts);
+        let out = embedhost(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let wasm = run("wasm.toml");
+    assert_eq!(wasm.lines().count(), 3);
+    assert_eq!(run("native.toml"), wasm, "the same vectors, bit for bit");
+}

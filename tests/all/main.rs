@@ -3,6 +3,7 @@
 mod bus;
 mod child;
 mod cli;
+mod native;
 mod supervisor;
 mod wasm;
 

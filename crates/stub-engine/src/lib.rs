@@ -44,6 +44,10 @@ pub const MAX_DIMENSION: usize = 65_536;
 /// The word a text without words is embedded as.
 pub const EMPTY_TOKEN: &str = "\u{0}empty";
 
+/// The stub has no tokenizer; it reports the real default model's limit so a
+/// stub index is chunked the way a real one would be.
+pub const MAX_INPUT_TOKENS: u32 = 256;
+
 /// The model id the stub reports.
 pub const MODEL_ID: &str = "embedhost/stub-feature-hash";
 

@@ -144,6 +144,10 @@ pub trait Worker: Send + 'static {
     fn health(&mut self, deadline: Duration) -> BoxFuture<Result<Health, CallError>>;
     /// Stops gracefully (the host asked; not a failure).
     fn stop(self: Box<Self>) -> BoxFuture<()>;
+    /// The process id, for a worker that is a process of its own.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A started worker and what its model reported, or why it failed to start.
@@ -245,6 +249,8 @@ pub struct BatchResult {
 pub struct InstanceStatus {
     pub slot: usize,
     pub incarnation: u64,
+    /// The child's process id (native backend).
+    pub pid: Option<u32>,
     pub up: bool,
     pub uptime_ms: u64,
     pub served: u64,
@@ -262,6 +268,7 @@ struct Job {
 #[derive(Default)]
 struct SlotState {
     incarnation: u64,
+    pid: Option<u32>,
     up_since: Option<Instant>,
     served: u64,
     memory_bytes: u64,
@@ -331,6 +338,13 @@ impl Supervisor {
             .await
             .map_err(SupervisorError::StartFailed)?;
         *lock(&inner.info) = Some(info);
+        {
+            // Visible in `status` from the moment `start` returns.
+            let mut slots = lock(&inner.slots);
+            slots[0].incarnation = 1;
+            slots[0].pid = first.pid();
+            slots[0].up_since = Some(Instant::now());
+        }
         tokio::spawn(run_slot(inner.clone(), 0, Some(first)));
         for slot in 1..pool {
             tokio::spawn(run_slot(inner.clone(), slot, None));
@@ -362,6 +376,7 @@ impl Supervisor {
             .map(|(slot, s)| InstanceStatus {
                 slot,
                 incarnation: s.incarnation,
+                pid: s.pid,
                 up: s.up_since.is_some(),
                 uptime_ms: s
                     .up_since
@@ -576,6 +591,7 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, mut first: Option<Box<dyn Work
         {
             let mut slots = lock(&inner.slots);
             slots[slot].incarnation = incarnation;
+            slots[slot].pid = worker.pid();
             slots[slot].up_since = Some(started);
         }
         tracing::info!(slot, incarnation, "instance started");
@@ -705,6 +721,7 @@ async fn serve(
                         // flight (a slot runs one at a time); stop it and swap.
                         let old = std::mem::replace(&mut worker, fresh);
                         old.stop().await;
+                        lock(&inner.slots)[slot].pid = worker.pid();
                         metrics::counter!(METRIC_RESTARTS, "reason" => "recycle").increment(1);
                         let mut slots = lock(&inner.slots);
                         *slots[slot].restarts.entry("recycle".into()).or_default() += 1;

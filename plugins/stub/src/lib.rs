@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use embedhost_stub_engine::{MODEL_ID, StubConfig, StubEngine};
+use embedhost_stub_engine::{MAX_INPUT_TOKENS, MODEL_ID, StubConfig, StubEngine};
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -18,9 +18,6 @@ use embedhost::embedder::host_log::{self, Level};
 use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
 use exports::embedhost::embedder::embedder::Guest;
 
-/// The stub has no tokenizer; it reports the real default model's limit so a
-/// stub index is chunked the way a real one would be.
-const MAX_INPUT_TOKENS: u32 = 256;
 
 static ENGINE: Mutex<Option<StubEngine>> = Mutex::new(None);
 

@@ -579,11 +579,30 @@ impl ChildProcess {
         self.pid
     }
 
-    /// Kills the child and waits for it to exit.
+    /// Kills the child (SIGKILL) and waits for it to exit.
     ///
     /// # Errors
     /// The error of the kill or wait system calls.
     pub async fn kill(&mut self) -> io::Result<()> {
         self.child.kill().await
+    }
+
+    /// Sends `signal` to the child, unless it has already been reaped.
+    pub fn signal(&mut self, signal: i32) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: `kill` has no memory effects; the pid is our unreaped
+            // child, so it cannot have been reused.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// Waits up to `within` for the child to exit; its status if it did.
+    pub async fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
