@@ -209,24 +209,44 @@ impl Config {
             message: e.to_string().trim().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(plugin) = config.plugin.path.as_mut()
-            && plugin.is_relative()
-        {
-            *plugin = base.join(&*plugin);
+        for relative in [
+            &mut config.plugin.path,
+            &mut config.cache.dir,
+            &mut config.native.executable,
+        ] {
+            if let Some(p) = relative.as_mut()
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
         }
-        if let Some(dir) = config.cache.dir.as_mut()
-            && dir.is_relative()
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        };
+        let limits = &config.limits;
+        if [
+            limits.memory_mb,
+            limits.call_deadline_ms,
+            limits.init_deadline_ms,
+        ]
+        .contains(&0)
         {
-            *dir = base.join(&*dir);
+            return Err(invalid("every value in [limits] must be greater than zero"));
         }
-        if config.limits.memory_mb == 0
-            || config.limits.call_deadline_ms == 0
-            || config.limits.init_deadline_ms == 0
-        {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: "every value in [limits] must be greater than zero".into(),
-            });
+        let supervisor = &config.supervisor;
+        let intervals = [
+            supervisor.health_interval_ms,
+            supervisor.health_timeout_ms,
+            supervisor.restart_window_ms,
+        ];
+        if intervals.contains(&Some(0)) {
+            return Err(invalid(
+                "[supervisor] intervals and windows must be greater than zero",
+            ));
+        }
+        if config.native.grace_ms == 0 {
+            return Err(invalid("[native] grace_ms must be greater than zero"));
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -382,6 +402,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("backnd") && err.contains("a.toml"), "{err}");
+    }
+
+    #[test]
+    fn zero_intervals_are_refused_and_the_native_executable_follows_the_file() {
+        let err = Config::parse(
+            "[supervisor]\nhealth_interval_ms = 0\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[supervisor]") && err.contains("a.toml"),
+            "{err}"
+        );
+        let c = Config::parse(
+            "backend = \"native\"\n[native]\nexecutable = \"bin/eh\"\n",
+            Path::new("/etc/x/e.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.native.executable.as_deref(),
+            Some(Path::new("/etc/x/bin/eh"))
+        );
     }
 
     #[test]

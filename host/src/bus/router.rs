@@ -73,11 +73,6 @@ impl Router {
         self
     }
 
-    /// The names of the messages this router serves.
-    pub fn messages(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.handlers.keys().copied()
-    }
-
     /// Runs the handler for `envelope` within its deadline, in a span that
     /// carries the caller's trace id.
     pub fn dispatch(&self, envelope: Envelope) -> BoxFuture<Result<Body, RemoteError>> {

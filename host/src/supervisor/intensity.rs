@@ -76,23 +76,18 @@ impl Intensity {
         }
         self.restarts.push_back(now);
         self.streak += 1;
-        let delay = if self.streak <= 1 || self.restarts.len() <= 1 {
+        // The first restart in a window is immediate; later ones draw from
+        // [0, ceiling] (full jitter).
+        let delay = if self.restarts.len() <= 1 {
             Duration::ZERO
         } else {
-            let exponent = (self.streak - 2).min(16);
-            let ceiling = self
-                .config
-                .backoff_min
-                .saturating_mul(1 << exponent)
-                .min(self.config.backoff_max);
-            // Full jitter: uniform in [0, ceiling].
-            ceiling.mul_f64(fastrand::f64())
+            Self::ceiling(&self.config, self.streak).mul_f64(fastrand::f64())
         };
         Decision::Restart { delay }
     }
 
-    /// The ceiling of the delay of the n-th consecutive restart (n from 1),
-    /// for tests and documentation.
+    /// The ceiling of the delay of the n-th consecutive restart (n from 1):
+    /// zero for the first, then `backoff_min` doubling, capped at `backoff_max`.
     pub fn ceiling(config: &IntensityConfig, n: u32) -> Duration {
         if n <= 1 {
             Duration::ZERO

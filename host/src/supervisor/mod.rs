@@ -32,7 +32,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -800,9 +799,4 @@ impl Supervisor {
         }
         Self::start(FnSpawner(f), config).await
     }
-}
-
-/// A boxed future from an async block (for `Spawner` implementations).
-pub fn boxed<T, F: Future<Output = T> + Send + 'static>(f: F) -> BoxFuture<T> {
-    f.boxed()
 }

@@ -15,11 +15,9 @@ use wasmtime::Store;
 use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::host::HostState;
-use super::{InstanceLimits, ModelInfo, PluginError, WasmError, WasmPlugin, deadline_ticks};
+use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
 use crate::bus::BoxFuture;
-use crate::supervisor::{
-    CallError, FailureReason, Health as SupervisedHealth, Spawner, Started, Worker,
-};
+use crate::supervisor::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
 use crate::vectors::Vectors;
 
 /// Jobs queued for an instance's thread before callers wait. One instance
@@ -424,16 +422,7 @@ fn run(
 impl WasmError {
     /// The supervisor's view of this error.
     pub fn into_call_error(self) -> CallError {
-        let reason = match &self {
-            WasmError::Trap { reason, .. } => Some(FailureReason::Trap(reason.clone())),
-            WasmError::DeadlineExceeded { .. } => Some(FailureReason::Deadline),
-            WasmError::MemoryCap { .. } => Some(FailureReason::MemoryCap),
-            WasmError::InstanceGone { .. } => {
-                Some(FailureReason::Exited("instance thread ended".into()))
-            }
-            _ => None,
-        };
-        match reason {
+        match self.failure_reason() {
             Some(reason) => CallError::Crash {
                 reason,
                 message: self.to_string(),
@@ -497,15 +486,5 @@ impl Spawner for WasmSpawner {
             let info = embedder.model_info().clone();
             Ok((Box::new(embedder) as Box<dyn Worker>, info))
         })
-    }
-}
-
-impl PluginError {
-    /// Whether this error names one input of the batch.
-    pub fn index(&self) -> Option<u32> {
-        match self {
-            PluginError::InvalidInput { index, .. } => Some(*index),
-            _ => None,
-        }
     }
 }

@@ -107,13 +107,21 @@ pub enum WasmError {
 impl WasmError {
     /// Whether the instance that produced this error must be discarded.
     pub fn is_crash(&self) -> bool {
-        matches!(
-            self,
-            WasmError::Trap { .. }
-                | WasmError::DeadlineExceeded { .. }
-                | WasmError::MemoryCap { .. }
-                | WasmError::InstanceGone { .. }
-        )
+        self.failure_reason().is_some()
+    }
+
+    /// For a crash, the reason the supervisor records; `None` otherwise.
+    pub fn failure_reason(&self) -> Option<crate::supervisor::FailureReason> {
+        use crate::supervisor::FailureReason;
+        match self {
+            WasmError::Trap { reason, .. } => Some(FailureReason::Trap(reason.clone())),
+            WasmError::DeadlineExceeded { .. } => Some(FailureReason::Deadline),
+            WasmError::MemoryCap { .. } => Some(FailureReason::MemoryCap),
+            WasmError::InstanceGone { .. } => {
+                Some(FailureReason::Exited("instance thread ended".into()))
+            }
+            _ => None,
+        }
     }
 }
 
