@@ -40,6 +40,9 @@ pub enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Show the configuration in effect, start the backend, and report its
+    /// model and instances.
+    Status(StatusArgs),
     /// Serve the bus on stdin/stdout (started by the host; not for people).
     #[command(hide = true)]
     Child(ChildArgs),
@@ -60,6 +63,13 @@ pub struct EmbedArgs {
     /// The texts.
     #[arg(required = true)]
     pub texts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +143,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Embed(args) => embed(cli.config, args).await,
         Command::Plugin(PluginCommand::Check { path }) => check(cli.config, path).await,
+        Command::Status(args) => status(cli.config, args).await,
         Command::Child(args) => child(args).await,
     }
 }
@@ -152,23 +163,8 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
         return Err("`--plugin` and `plugin.path` name a WASM plugin, but the config selects backend = \"native\"".into());
     }
     let limits = config.instance_limits();
-    let mut supervision = config.supervisor_config();
     // One command, one batch: more instances than texts would only start idle.
-    supervision.pool_size = supervision.pool_size.min(args.texts.len().max(1));
-    let supervisor = match config.backend {
-        Backend::Wasm => {
-            let engine = engine_for(&config)?;
-            let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
-            let spawner = WasmSpawner {
-                plugin,
-                limits,
-                config: config.plugin_config(),
-            };
-            Supervisor::start(spawner, supervision).await
-        }
-        Backend::Native => Supervisor::start(config.native_spawner()?, supervision).await,
-    }
-    .map_err(|e| e.to_string())?;
+    let supervisor = start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
     let bus = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
@@ -218,6 +214,137 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     }
 }
 
+/// Starts the configured backend's supervised pool, of at most `max_pool`
+/// instances.
+async fn start_backend(
+    config: &Config,
+    source: &PluginSource,
+    max_pool: Option<usize>,
+) -> Result<Supervisor, String> {
+    let mut supervision = config.supervisor_config();
+    if let Some(max) = max_pool {
+        supervision.pool_size = supervision.pool_size.min(max);
+    }
+    match config.backend {
+        Backend::Wasm => {
+            let engine = engine_for(config)?;
+            let plugin = WasmPlugin::load(&engine, source).map_err(|e| e.to_string())?;
+            let spawner = WasmSpawner {
+                plugin,
+                limits: config.instance_limits(),
+                config: config.plugin_config(),
+            };
+            Supervisor::start(spawner, supervision).await
+        }
+        Backend::Native => Supervisor::start(config.native_spawner()?, supervision).await,
+    }
+    .map_err(|e| e.to_string())
+}
+
+async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let source = config.plugin_source();
+    let path = |p: Option<&std::path::Path>| p.map(|p| p.display().to_string());
+    let library = crate::native::onnx::resolve_library(config.native.onnxruntime.as_deref());
+    let mut report = serde_json::json!({
+        "config": path(config.source.as_deref()),
+        "backend": match config.backend { Backend::Wasm => "wasm", Backend::Native => "native" },
+        "model_dir": path(config.model.dir.as_deref()),
+        "cache_dir": path(config.cache_dir().as_deref()),
+        "pool_size": config.supervisor_config().pool_size,
+    });
+    match config.backend {
+        Backend::Wasm => {
+            report["plugin"] = match &source {
+                PluginSource::File(p) => p.display().to_string().into(),
+                PluginSource::Bytes { name, .. } => format!("{name} (built in)").into(),
+            };
+        }
+        Backend::Native => {
+            report["engine"] = config.native.engine.clone().into();
+            report["threads_per_child"] = config.native_threads().into();
+        }
+    }
+    // Reported whatever the backend: a user switching to native wants to
+    // know whether it would find the library.
+    report["onnxruntime"] = match &library {
+        Ok(lib) => serde_json::json!({ "path": lib.display().to_string(), "found": lib.exists() }),
+        Err(e) => serde_json::json!({ "path": null, "found": false, "error": e }),
+    };
+    let started = start_backend(&config, &source, None).await;
+    match &started {
+        Ok(supervisor) => {
+            // Report the whole pool, not a snapshot of it starting.
+            let until = std::time::Instant::now() + config.instance_limits().init_deadline;
+            while !supervisor.status().iter().all(|i| i.up) && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            report["model"] = serde_json::to_value(supervisor.model_info()).unwrap_or_default();
+            report["instances"] = serde_json::to_value(supervisor.status()).unwrap_or_default();
+        }
+        Err(e) => report["error"] = e.clone().into(),
+    }
+    if args.json {
+        println!("{report:#}");
+    } else {
+        print_status(&report);
+    }
+    started.map(|_| ())
+}
+
+fn print_status(report: &serde_json::Value) {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let config = report["config"].as_str().unwrap_or("(built-in defaults)");
+    println!("config:       {config}");
+    println!("backend:      {}", text(&report["backend"]));
+    if report.get("plugin").is_some() {
+        println!("plugin:       {}", text(&report["plugin"]));
+    }
+    if report.get("engine").is_some() {
+        println!("engine:       {}", text(&report["engine"]));
+        println!(
+            "threads:      {} per child",
+            text(&report["threads_per_child"])
+        );
+    }
+    println!("model dir:    {}", text(&report["model_dir"]));
+    let ort = &report["onnxruntime"];
+    match ort["path"].as_str() {
+        Some(p) if ort["found"] == true => println!("onnxruntime:  {p}"),
+        Some(p) => println!("onnxruntime:  {p} (missing)"),
+        None => println!("onnxruntime:  not found ({})", text(&ort["error"])),
+    }
+    println!("cache dir:    {}", text(&report["cache_dir"]));
+    println!("pool size:    {}", text(&report["pool_size"]));
+    if let Some(model) = report.get("model") {
+        println!(
+            "model:        {} ({} dimensions, {} tokens max, normalized: {})",
+            text(&model["model_id"]),
+            text(&model["dimension"]),
+            text(&model["max_input_tokens"]),
+            text(&model["normalized"])
+        );
+    }
+    if let Some(instances) = report["instances"].as_array() {
+        for i in instances {
+            let pid = i["pid"]
+                .as_u64()
+                .map(|p| format!(" pid {p}"))
+                .unwrap_or_default();
+            println!(
+                "instance {}:   incarnation {}{pid}, {}",
+                text(&i["slot"]),
+                text(&i["incarnation"]),
+                if i["up"] == true { "up" } else { "starting" }
+            );
+        }
+    }
+}
+
 async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let engine = engine_for(&config)?;
@@ -254,30 +381,12 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
 }
 
 async fn child(args: ChildArgs) -> Result<(), String> {
-    if args.engine != "stub" {
-        return Err(format!(
-            "unknown child engine `{}`; this build serves `stub`",
-            args.engine
-        ));
-    }
-    let mut pairs = Vec::new();
+    let mut settings = Vec::new();
     for setting in &args.settings {
         let (key, value) = setting
             .split_once('=')
             .ok_or_else(|| format!("`--set {setting}` is not of the form KEY=VALUE"))?;
-        pairs.push((key, value));
+        settings.push((key.to_string(), value.to_string()));
     }
-    let config = embedhost_stub_engine::StubConfig::from_pairs(pairs).map_err(|e| e.to_string())?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let router = crate::embedder::native_stub_router(config, stop.clone());
-    tokio::select! {
-        served = crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES) => {
-            served.map_err(|e| format!("child transport: {e}"))
-        }
-        () = stop.cancelled() => {
-            // Let the reply to `shutdown` reach the pipe before exiting.
-            tokio::time::sleep(crate::limits::CHILD_SHUTDOWN_FLUSH).await;
-            Ok(())
-        }
-    }
+    crate::native::run_child(&args.engine, settings).await
 }

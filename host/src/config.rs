@@ -75,9 +75,15 @@ pub enum Backend {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeSection {
-    /// The engine the child serves: `stub` (the ONNX engine arrives with the
-    /// real model).
+    /// The engine the child serves: `onnx` (ONNX Runtime) or `stub`.
     pub engine: String,
+    /// The ONNX Runtime library (default: see
+    /// [`crate::native::onnx::resolve_library`]).
+    pub onnxruntime: Option<PathBuf>,
+    /// ONNX Runtime's intra-op threads per child (default: the cores divided
+    /// among the pool's children, at least one, so a full pool does not
+    /// oversubscribe the machine).
+    pub threads: Option<usize>,
     /// The executable to run as the child (default: this `embedhost`).
     pub executable: Option<PathBuf>,
     /// Grace period of each stop step (`shutdown`, then SIGTERM), in ms.
@@ -88,6 +94,8 @@ impl Default for NativeSection {
     fn default() -> Self {
         NativeSection {
             engine: "stub".into(),
+            onnxruntime: None,
+            threads: None,
             executable: None,
             grace_ms: limits::DEFAULT_CHILD_GRACE.as_millis() as u64,
         }
@@ -169,6 +177,15 @@ pub struct SupervisorSection {
     pub poison_after: Option<u32>,
 }
 
+/// `[model]`: the model files an engine loads.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Directory with the model's files (for the onnx engine: `model.onnx`
+    /// and `tokenizer.json`).
+    pub dir: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
@@ -192,6 +209,8 @@ pub struct Config {
     pub supervisor: SupervisorSection,
     #[serde(default)]
     pub native: NativeSection,
+    #[serde(default)]
+    pub model: ModelSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -213,6 +232,8 @@ impl Config {
             &mut config.plugin.path,
             &mut config.cache.dir,
             &mut config.native.executable,
+            &mut config.native.onnxruntime,
+            &mut config.model.dir,
         ] {
             if let Some(p) = relative.as_mut()
                 && p.is_relative()
@@ -244,6 +265,9 @@ impl Config {
             return Err(invalid(
                 "[supervisor] intervals and windows must be greater than zero",
             ));
+        }
+        if config.native.threads == Some(0) {
+            return Err(invalid("[native] threads must be greater than zero"));
         }
         if config.native.grace_ms == 0 {
             return Err(invalid("[native] grace_ms must be greater than zero"));
@@ -303,12 +327,47 @@ impl Config {
             None => std::env::current_exe()
                 .map_err(|e| format!("cannot find the embedhost executable: {e}"))?,
         };
+        let mut settings = self.plugin_config();
+        if self.native.engine == "onnx" {
+            let dir = self.model.dir.as_ref().ok_or(
+                "the onnx engine needs the model's directory: set `[model] dir` in the config",
+            )?;
+            // Checked here, once, rather than by every child the supervisor
+            // would start and restart before giving up.
+            for file in crate::native::onnx::MODEL_FILES {
+                if !dir.join(file).is_file() {
+                    return Err(format!(
+                        "the model directory `{}` has no `{file}` (`[model] dir` in the config)",
+                        dir.display()
+                    ));
+                }
+            }
+            let library = crate::native::onnx::resolve_library(self.native.onnxruntime.as_deref())?;
+            if !library.exists() {
+                return Err(format!(
+                    "the ONNX Runtime library `{}` does not exist; run `./x setup` or set `[native] onnxruntime`",
+                    library.display()
+                ));
+            }
+            settings.push(("model_dir".into(), dir.display().to_string()));
+            settings.push(("onnxruntime".into(), library.display().to_string()));
+            settings.push(("threads".into(), self.native_threads().to_string()));
+        }
         Ok(crate::native::NativeSpawner {
             executable,
             engine: self.native.engine.clone(),
-            settings: self.plugin_config(),
+            settings,
             init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
+            call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
             grace: Duration::from_millis(self.native.grace_ms),
+        })
+    }
+
+    /// Intra-op threads of each native child.
+    pub fn native_threads(&self) -> usize {
+        self.native.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.supervisor_config().pool_size.max(1)).max(1)
         })
     }
 

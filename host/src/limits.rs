@@ -105,7 +105,13 @@ pub const DEFAULT_POISON_AFTER: u32 = 2;
 /// generous and still far below the host's grace period.
 pub const CHILD_SHUTDOWN_FLUSH: Duration = Duration::from_millis(20);
 
-/// Time a native child gets to exit after `shutdown` before SIGTERM, then as
-/// long again before SIGKILL (the 5 s: an engine may be finishing a
-/// batch).
+/// Time a native child gets to answer `shutdown` and exit before SIGTERM
+/// (the 5 s: an engine may be finishing a batch).
 pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);
+
+/// Time a native child gets to exit after SIGTERM before SIGKILL. Short: the
+/// child has already ignored `shutdown` for a whole grace period, and our
+/// child does not handle SIGTERM (the default action ends it at once), so
+/// SIGTERM is a courtesy to wrappers; a child that ignores everything is
+/// gone within the grace period plus this plus the reap.
+pub const CHILD_SIGTERM_GRACE: Duration = Duration::from_millis(50);

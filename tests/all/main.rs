@@ -4,6 +4,7 @@ mod bus;
 mod child;
 mod cli;
 mod native;
+mod onnx;
 mod supervisor;
 mod wasm;
 

@@ -14,6 +14,7 @@ fn spawner(settings: &[(&str, &str)]) -> NativeSpawner {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         init_deadline: Duration::from_secs(10),
+        call_deadline: Duration::from_secs(30),
         grace: Duration::from_millis(500),
     }
 }
@@ -73,14 +74,203 @@ async fn a_child_killed_during_a_request_is_replaced_and_the_request_succeeds() 
 }
 
 #[tokio::test]
-async fn a_child_that_exits_at_start_up_is_reported_with_its_exit_status() {
-    let err = Supervisor::start(spawner(&[("no.such.key", "1")]), config(1))
+async fn a_child_that_exits_at_start_up_every_time_escalates_with_its_exit_code() {
+    let started = Instant::now();
+    let err = Supervisor::start(spawner(&[("child.exit_at_start", "3")]), config(1))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, SupervisorError::StartFailed(msg) if msg.contains("exit status: 1")),
+        matches!(&err, SupervisorError::Escalated(why)
+            if why.contains("failed 4 times within") && why.contains("exit status: 3")),
         "{err}"
     );
+    // Three restarts with backoff (0, 100, 200 ms), not a silent loop.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_setting_the_engine_refuses_is_reported_naming_the_key() {
+    let err = Supervisor::start(spawner(&[("no.such.key", "1")]), config(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no.such.key"), "{err}");
+}
+
+/// Waits until `pid` is gone (or 2 s pass); whether it is.
+async fn gone(pid: u32) -> bool {
+    for _ in 0..100 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A supervisor whose child writes `marker`'s fault to its stdout: the text
+/// is answered as poison with the transport's typed error, every child that
+/// wrote to the pipe is replaced, and the pool serves afterwards.
+async fn stdout_fault_is_contained(setting: &str, expected: &str) {
+    let supervisor = Supervisor::start(spawner(&[(setting, "BAD")]), config(1))
+        .await
+        .unwrap();
+    let first = supervisor.status()[0].pid.unwrap();
+    let r = supervisor
+        .embed(vec!["a".into(), "BAD".into(), "b".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert_eq!(r.failed[0].index, 1);
+    assert!(
+        r.failed[0].reason.contains(expected),
+        "{}",
+        r.failed[0].reason
+    );
+    assert_eq!(r.vectors.get(0).unwrap(), stub_vector("a").as_slice());
+    assert_eq!(r.vectors.get(1).unwrap(), stub_vector("b").as_slice());
+    assert!(
+        gone(first).await,
+        "the child that broke the pipe was killed"
+    );
+    let status = &supervisor.status()[0];
+    // Two crashes: the batch, then the text alone (poison after 2).
+    assert_eq!(status.restarts.get("exited"), Some(&2), "{status:?}");
+    let ok = supervisor
+        .embed(vec!["fine".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(ok.vectors.get(0).unwrap(), stub_vector("fine").as_slice());
+}
+
+#[tokio::test]
+async fn garbage_on_the_childs_stdout_is_a_typed_error_and_a_restart() {
+    stdout_fault_is_contained("child.garbage_marker", "frame").await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_from_the_child_is_a_typed_error_and_a_restart() {
+    stdout_fault_is_contained("child.oversized_marker", "frame").await;
+}
+
+#[tokio::test]
+async fn an_aborting_child_fails_only_its_text() {
+    stdout_fault_is_contained("child.abort_marker", "exited").await;
+}
+
+#[tokio::test]
+async fn a_child_exiting_mid_request_fails_only_its_text() {
+    stdout_fault_is_contained("child.exit_marker", "exited").await;
+}
+
+#[tokio::test]
+async fn a_hung_child_is_found_by_the_health_check_killed_and_replaced() {
+    let mut supervision = config(1);
+    supervision.health_interval = Duration::from_millis(200);
+    supervision.health_timeout = Duration::from_millis(200);
+    let supervisor = Supervisor::start(spawner(&[("child.hang_marker", "HANG")]), supervision)
+        .await
+        .unwrap();
+    let pid = supervisor.status()[0].pid.unwrap();
+    let started = Instant::now();
+    // The caller's deadline is long: the health check, not the deadline,
+    // finds the hang.
+    let r = supervisor
+        .embed(vec!["ok".into(), "HANG".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(
+        r.failed[0].reason.contains("health"),
+        "{}",
+        r.failed[0].reason
+    );
+    assert_eq!(r.vectors.get(0).unwrap(), stub_vector("ok").as_slice());
+    // Two hangs (the batch, then the text alone), each found within an
+    // interval plus a timeout, plus a restart.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gone(pid).await, "the hung child was killed");
+    let status = &supervisor.status()[0];
+    assert_eq!(
+        status.restarts.get("health_timeout"),
+        Some(&2),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_child_that_ignores_shutdown_and_sigterm_is_gone_within_grace_plus_100ms() {
+    let grace = Duration::from_millis(300);
+    let mut spawner = spawner(&[
+        ("child.hang_marker", "HANG"),
+        ("child.ignore_sigterm", "true"),
+    ]);
+    spawner.grace = grace;
+    let (mut worker, _) = embedhost::supervisor::Spawner::start(&spawner, 0, 1)
+        .await
+        .unwrap();
+    let pid = worker.pid().unwrap();
+    let call = tokio::spawn(worker.embed(vec!["HANG".into()], false, DEADLINE));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    worker.stop().await;
+    let took = started.elapsed();
+    assert!(!alive(pid), "stop returns once the child is reaped");
+    assert!(took >= grace, "it was given its grace period: {took:?}");
+    assert!(took < grace + Duration::from_millis(100), "{took:?}");
+    assert!(call.await.unwrap().is_err(), "the call in flight failed");
+}
+
+#[tokio::test]
+async fn a_leaking_child_is_recycled_before_the_threshold_without_failing_a_request() {
+    let mut supervision = config(1);
+    supervision.health_interval = Duration::from_millis(50);
+    supervision.max_memory_bytes = 150 * 1024 * 1024;
+    supervision.max_processed = u64::MAX;
+    let supervisor = Supervisor::start(spawner(&[("child.leak_mb_per_call", "8")]), supervision)
+        .await
+        .unwrap();
+    let first = supervisor.status()[0].pid.unwrap();
+    let mut served = 0;
+    let started = Instant::now();
+    while supervisor.status()[0]
+        .restarts
+        .get("recycle")
+        .copied()
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no recycle: {:?}",
+            supervisor.status()
+        );
+        let text = format!("text {served}");
+        let r = supervisor
+            .embed(vec![text.clone()], false, DEADLINE)
+            .await
+            .unwrap();
+        assert!(r.failed.is_empty(), "{r:?}");
+        assert_eq!(r.vectors.get(0).unwrap(), stub_vector(&text).as_slice());
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = &supervisor.status()[0];
+    assert_eq!(
+        status.restarts.len(),
+        1,
+        "only planned recycles: {status:?}"
+    );
+    assert_ne!(status.pid, Some(first));
+    assert!(gone(first).await, "the leaking child was stopped");
+    assert!(served > 10, "{served}");
 }
 
 #[tokio::test]

@@ -198,6 +198,55 @@ async fn escalates_after_max_restarts_plus_one_failures_within_the_window() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_first_instance_that_fails_to_start_is_restarted_within_the_intensity() {
+    // Two failed starts, then one that comes up: `start` rides them out.
+    let (supervisor, starts) = supervise(
+        config(1),
+        |_, _, _| Act::Ok,
+        |_, incarnation| incarnation <= 2,
+        |_| false,
+    )
+    .await;
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(starts.len(), 3);
+    // The first restart is immediate, the second waits out the backoff.
+    let gap = starts[2].2 - starts[1].2;
+    assert!(
+        gap >= Duration::from_millis(50) && gap <= Duration::from_millis(150),
+        "{gap:?}"
+    );
+    let status = &supervisor.status()[0];
+    assert_eq!(status.incarnation, 3);
+    assert_eq!(status.restarts.get("init_failed"), Some(&2));
+    let r = supervisor.embed(one("ok"), false, DEADLINE).await.unwrap();
+    assert_eq!(r.vectors.get(0).unwrap(), vector_of("ok"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_instance_that_never_starts_escalates_with_the_last_reason() {
+    let attempts = Arc::new(AtomicU64::new(0));
+    let counter = attempts.clone();
+    let t0 = Instant::now();
+    let err = Supervisor::from_fn(
+        move |_, incarnation| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Err(format!("exit status: 3 (incarnation {incarnation})")) })
+        },
+        config(1),
+    )
+    .await
+    .unwrap_err();
+    // MaxR = 3 restarts are allowed; the 4th failure within 5 s escalates.
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+    assert!(
+        matches!(&err, SupervisorError::Escalated(why)
+            if why.contains("failed 4 times within 5s") && why.contains("exit status: 3 (incarnation 4)")),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
 async fn failures_spread_beyond_the_window_never_escalate() {
     // Each "boom-i" text crashes the first instance that sees it, once.
     let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));

@@ -147,6 +147,14 @@ pub trait Worker: Send + 'static {
     fn pid(&self) -> Option<u32> {
         None
     }
+    /// Whether `health` is answered while a call runs. A child process
+    /// answers health on its frame loop while its engine computes, so the
+    /// supervisor keeps checking it during long calls and a hung process is
+    /// found by the health deadline; a WASM instance runs one call at a time
+    /// and relies on its epoch deadline instead.
+    fn health_during_calls(&self) -> bool {
+        false
+    }
 }
 
 /// A started worker and what its model reported, or why it failed to start.
@@ -208,9 +216,6 @@ pub enum SupervisorError {
     /// Restart intensity was exceeded; the backend is failed for good.
     #[error("the embedder backend failed: {0}")]
     Escalated(String),
-    /// No instance could be started at all.
-    #[error("no embedder instance could start: {0}")]
-    StartFailed(String),
     /// The request's deadline ran out (while waiting, retrying or isolating
     /// a poison input).
     #[error("embedding ran out of its {0:?} deadline")]
@@ -223,9 +228,7 @@ pub enum SupervisorError {
 impl From<SupervisorError> for RemoteError {
     fn from(e: SupervisorError) -> Self {
         match e {
-            SupervisorError::Escalated(_) | SupervisorError::StartFailed(_) => {
-                RemoteError::new(ErrorCode::Failed, e.to_string())
-            }
+            SupervisorError::Escalated(_) => RemoteError::new(ErrorCode::Failed, e.to_string()),
             SupervisorError::DeadlineExceeded(_) => {
                 RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string())
             }
@@ -309,9 +312,15 @@ const QUEUE_PER_INSTANCE: usize = 4;
 impl Supervisor {
     /// Starts the pool and waits until one instance is up.
     ///
+    /// A first instance that fails to start is restarted like any other,
+    /// within the restart intensity: a transient failure (a child killed at
+    /// start-up) is ridden out, a permanent one (`init` refuses the
+    /// configuration, a child that always exits) escalates after
+    /// `max_restarts` restarts with the last failure's message.
+    ///
     /// # Errors
-    /// [`SupervisorError::StartFailed`] or [`SupervisorError::Escalated`] if
-    /// no instance comes up (for example, `init` refuses the configuration).
+    /// [`SupervisorError::Escalated`] if no instance comes up within the
+    /// restart intensity.
     pub async fn start(
         spawner: impl Spawner,
         config: SupervisorConfig,
@@ -331,20 +340,36 @@ impl Supervisor {
         });
         // The first instance is started here, so a plugin that cannot start at
         // all is reported to the caller rather than retried in the background.
-        let (first, info) = inner
-            .spawner
-            .start(0, 1)
-            .await
-            .map_err(SupervisorError::StartFailed)?;
+        let mut intensity = Intensity::new(inner.config.intensity);
+        let mut incarnation = 0;
+        let (first, info) = loop {
+            incarnation += 1;
+            match inner.spawner.start(0, incarnation).await {
+                Ok(started) => break started,
+                Err(message) => {
+                    let failure = FailureReason::InitFailed;
+                    if !on_failure(&inner, 0, &mut intensity, failure, &message, Duration::ZERO)
+                        .await
+                    {
+                        let why = lock(&inner.escalated).clone().unwrap_or(message);
+                        return Err(SupervisorError::Escalated(why));
+                    }
+                }
+            }
+        };
         *lock(&inner.info) = Some(info);
         {
             // Visible in `status` from the moment `start` returns.
             let mut slots = lock(&inner.slots);
-            slots[0].incarnation = 1;
+            slots[0].incarnation = incarnation;
             slots[0].pid = first.pid();
             slots[0].up_since = Some(Instant::now());
         }
-        tokio::spawn(run_slot(inner.clone(), 0, Some(first)));
+        tokio::spawn(run_slot(
+            inner.clone(),
+            0,
+            Some((first, incarnation, intensity)),
+        ));
         for slot in 1..pool {
             tokio::spawn(run_slot(inner.clone(), slot, None));
         }
@@ -552,9 +577,15 @@ enum Ended {
     Shutdown,
 }
 
-async fn run_slot(inner: Arc<Inner>, slot: usize, mut first: Option<Box<dyn Worker>>) {
-    let mut intensity = Intensity::new(inner.config.intensity);
-    let mut incarnation = if first.is_some() { 1 } else { 0 };
+/// The instance `start` brought up, with its incarnation and the intensity
+/// its start-up failures already used.
+type FirstInstance = (Box<dyn Worker>, u64, Intensity);
+
+async fn run_slot(inner: Arc<Inner>, slot: usize, first: Option<FirstInstance>) {
+    let (mut first, mut incarnation, mut intensity) = match first {
+        Some((worker, incarnation, intensity)) => (Some(worker), incarnation, intensity),
+        None => (None, 0, Intensity::new(inner.config.intensity)),
+    };
     loop {
         if inner.stop.is_cancelled() {
             if let Some(worker) = first.take() {
@@ -735,6 +766,7 @@ async fn serve(
             _ = health.tick() => {
                 match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
                     Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout)),
+                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message),
                     Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message),
                     Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string()),
                     Ok(Ok(report)) => {
@@ -763,7 +795,12 @@ async fn serve(
                 if job.reply.is_closed() {
                     continue;
                 }
-                let mut result = worker.embed(job.texts, job.is_query, job.deadline).await;
+                let call = worker.embed(job.texts, job.is_query, job.deadline);
+                let mut result = if worker.health_during_calls() {
+                    watch_call(inner, slot, &mut worker, &mut health, call).await
+                } else {
+                    call.await
+                };
                 lock(&inner.slots)[slot].served += 1;
                 let crash = match &mut result {
                     Err(CallError::Crash { reason, message }) => {
@@ -777,6 +814,44 @@ async fn serve(
                 if let Some((reason, message)) = crash {
                     return Ended::Crashed(reason, message);
                 }
+            }
+        }
+    }
+}
+
+/// Runs `call` while the health checks go on; a failed or late check fails
+/// the call as a crash (the instance is hung or gone), which ends the
+/// instance. Thresholds are left for the next check between calls.
+async fn watch_call(
+    inner: &Arc<Inner>,
+    slot: usize,
+    worker: &mut Box<dyn Worker>,
+    health: &mut tokio::time::Interval,
+    mut call: BoxFuture<Result<Vectors, CallError>>,
+) -> Result<Vectors, CallError> {
+    let timeout = inner.config.health_timeout;
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut call => return result,
+            _ = health.tick() => {
+                let check = tokio::time::timeout(timeout, worker.health(timeout));
+                let (reason, message) = tokio::select! {
+                    biased;
+                    // The call may end (the child died) while the check waits.
+                    result = &mut call => return result,
+                    checked = check => match checked {
+                        Ok(Ok(report)) => {
+                            lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
+                            continue;
+                        }
+                        Err(_) => (FailureReason::HealthTimeout, format!("no health report within {timeout:?} during a call")),
+                        Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => (FailureReason::HealthTimeout, format!("no health report during a call: {message}")),
+                        Ok(Err(CallError::Crash { message, .. })) => (FailureReason::HealthFailed, message),
+                        Ok(Err(CallError::Refused(e))) => (FailureReason::HealthFailed, e.to_string()),
+                    },
+                };
+                return Err(CallError::Crash { reason, message });
             }
         }
     }

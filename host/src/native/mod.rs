@@ -2,7 +2,8 @@
 //! over CBOR frames on their stdin/stdout, supervised like WASM instances.
 //!
 //! The child is `embedhost child --engine NAME` (this very binary), so a
-//! host and its children always come from one build.
+//! host and its children always come from one build. [`child`] is its side
+//! of the pipe; [`onnx`] its ONNX Runtime engine.
 //!
 //! # Invariants
 //! - The first request is `embedder.handshake`; a child of another protocol
@@ -14,8 +15,13 @@
 //! - Stopping is graceful first: `shutdown`, then SIGTERM after the grace
 //!   period, then SIGKILL, then the child is reaped.
 
+pub mod child;
+pub mod onnx;
+
 use std::path::PathBuf;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::transport::child::ChildProcess;
 use crate::bus::{BoxFuture, Bus, BusError, Empty, ErrorCode, SendOptions};
@@ -38,6 +44,9 @@ pub struct NativeSpawner {
     pub settings: Vec<(String, String)>,
     /// Deadline of the handshake (start-up, model loading).
     pub init_deadline: Duration,
+    /// Longest a single `embed` call may take, whatever the request's
+    /// deadline (as a WASM instance's call deadline).
+    pub call_deadline: Duration,
     /// Grace period of each stop step.
     pub grace: Duration,
 }
@@ -91,6 +100,7 @@ impl Spawner for NativeSpawner {
                 process,
                 bus,
                 grace: this.grace,
+                call_deadline: this.call_deadline,
             };
             Ok((Box::new(worker) as Box<dyn Worker>, hello.model))
         })
@@ -102,6 +112,7 @@ pub struct NativeWorker {
     process: ChildProcess,
     bus: Bus,
     grace: Duration,
+    call_deadline: Duration,
 }
 
 fn call_error(error: BusError) -> CallError {
@@ -151,6 +162,7 @@ impl Worker for NativeWorker {
         deadline: Duration,
     ) -> BoxFuture<Result<Vectors, CallError>> {
         let bus = self.bus.clone();
+        let deadline = deadline.min(self.call_deadline);
         Box::pin(async move {
             let options = SendOptions::default().timeout(deadline);
             let response = bus
@@ -181,24 +193,37 @@ impl Worker for NativeWorker {
         Some(self.process.pid())
     }
 
+    fn health_during_calls(&self) -> bool {
+        true
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             let NativeWorker {
                 mut process,
                 bus,
                 grace,
+                ..
             } = *self;
+            // One grace period for the whole polite part: the request and
+            // the exit it leads to.
+            let until = tokio::time::Instant::now() + grace;
             let request = ShutdownRequest {
                 reason: "the host asked".into(),
             };
             let _ = bus
                 .send::<Shutdown>(request, SendOptions::default().timeout(grace))
                 .await;
-            if process.wait_for_exit(grace).await.is_some() {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if process.wait_for_exit(left).await.is_some() {
                 return;
             }
             process.signal(libc::SIGTERM);
-            if process.wait_for_exit(grace).await.is_some() {
+            if process
+                .wait_for_exit(crate::limits::CHILD_SIGTERM_GRACE)
+                .await
+                .is_some()
+            {
                 return;
             }
             tracing::warn!(
@@ -207,5 +232,69 @@ impl Worker for NativeWorker {
             );
             let _ = process.kill().await;
         })
+    }
+}
+
+/// The engines a child can serve.
+pub const ENGINES: &[&str] = &["stub", "onnx"];
+
+/// The body of `embedhost child`: serves `engine`, configured by
+/// `settings`, on stdin/stdout until the host sends `shutdown` or closes the
+/// pipe.
+///
+/// A setting or model the engine refuses does not end the process: the
+/// handshake is answered with the reason, so the host can report it.
+///
+/// # Errors
+/// A failure of the transport itself.
+pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Result<(), String> {
+    let stop = CancellationToken::new();
+    let router = match child::ProcessFaults::take_from(&mut settings) {
+        Err(reason) => child::failed_router(reason, stop.clone()),
+        Ok(faults) => {
+            if let Some(code) = faults.exit_at_start {
+                tracing::warn!(code, "fault: exiting at start-up");
+                std::process::exit(code);
+            }
+            if faults.ignore_sigterm {
+                // SAFETY: installs the "ignore" disposition; no handler runs.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
+            match load_engine(engine, &settings) {
+                Ok(engine) => child::engine_router(engine, faults, stop.clone()),
+                Err(reason) => {
+                    tracing::error!(%reason, "the engine cannot start");
+                    child::failed_router(reason, stop.clone())
+                }
+            }
+        }
+    };
+    tokio::select! {
+        served = crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES) => {
+            served.map_err(|e| format!("child transport: {e}"))
+        }
+        () = stop.cancelled() => {
+            // Let the reply to `shutdown` reach the pipe before exiting.
+            tokio::time::sleep(crate::limits::CHILD_SHUTDOWN_FLUSH).await;
+            Ok(())
+        }
+    }
+}
+
+fn load_engine(
+    engine: &str,
+    settings: &[(String, String)],
+) -> Result<Box<dyn child::Engine>, String> {
+    match engine {
+        "stub" => Ok(Box::new(child::StubEngine::new(settings)?)),
+        "onnx" => {
+            let settings = onnx::OnnxSettings::from_pairs(settings)?;
+            tracing::info!(library = %settings.library.display(), model = %settings.model_dir.display(), threads = settings.threads, "loading the onnx engine");
+            Ok(Box::new(onnx::OnnxEngine::load(&settings)?))
+        }
+        other => Err(format!(
+            "unknown engine `{other}` (known: {})",
+            ENGINES.join(", ")
+        )),
     }
 }

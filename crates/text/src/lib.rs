@@ -1,0 +1,341 @@
+//! The text side of a sentence-embedding model, shared by every engine:
+//! tokenization with the model's own `tokenizer.json`, truncation, padding
+//! into a rectangular batch, and mean pooling over the attention mask with L2
+//! normalization.
+//!
+//! The native ONNX child and the WASM model plugin both call this crate, so
+//! the two backends feed their inference engines the same token ids and turn
+//! the same hidden states into the same vectors; only the matrix arithmetic
+//! in between differs.
+//!
+//! # Invariants
+//! - A text longer than the model's limit is truncated to
+//!   [`TextEncoder::max_tokens`] tokens (special tokens included), never
+//!   refused: callers that must not lose text (the indexer) chunk first with
+//!   [`TextEncoder::count_tokens`].
+//! - A batch is padded to its longest member; padding has attention mask 0
+//!   and never contributes to a pooled vector.
+//! - Pooling divides by the number of real tokens (at least one: every
+//!   encoding carries the model's special tokens), and normalization leaves a
+//!   zero vector zero rather than dividing by zero, as sentence-transformers
+//!   does (`max(norm, 1e-12)`).
+//! - Pure Rust (the tokenizer's regexes are fancy-regex, not oniguruma), so it
+//!   builds unchanged for `wasm32-wasip2`.
+
+use std::path::Path;
+
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// Smallest norm divided by when normalizing; sentence-transformers' value.
+pub const NORM_EPSILON: f32 = 1e-12;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// The tokenizer file could not be read.
+    #[error("cannot read tokenizer `{path}`: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The tokenizer definition is not one the `tokenizers` crate accepts.
+    #[error("invalid tokenizer `{origin}`: {message}")]
+    Invalid { origin: String, message: String },
+    /// Tokenizing a batch failed.
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    /// The hidden states do not have the shape the batch implies.
+    #[error(
+        "hidden states have {got} values, expected {expected} (batch {batch} x tokens {tokens} x dimension {dimension})"
+    )]
+    Shape {
+        got: usize,
+        expected: usize,
+        batch: usize,
+        tokens: usize,
+        dimension: usize,
+    },
+}
+
+/// A tokenized batch, row-major `[batch, tokens]`, ready for a BERT-style
+/// graph's `input_ids`, `attention_mask` and `token_type_ids`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Number of texts.
+    pub batch: usize,
+    /// Tokens per text after padding.
+    pub tokens: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+}
+
+/// A model's tokenizer, configured to truncate and pad.
+#[derive(Clone)]
+pub struct TextEncoder {
+    /// Truncates and pads: for batches.
+    tokenizer: Tokenizer,
+    /// Neither truncates nor pads: for counting.
+    counter: Tokenizer,
+    max_tokens: usize,
+}
+
+impl std::fmt::Debug for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEncoder")
+            .field("max_tokens", &self.max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextEncoder {
+    /// Loads `tokenizer.json` from `path`.
+    ///
+    /// # Errors
+    /// [`TextError::Read`] or [`TextError::Invalid`], naming the file.
+    pub fn from_file(path: &Path, max_tokens: usize) -> Result<Self, TextError> {
+        let bytes = std::fs::read(path).map_err(|source| TextError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string(), max_tokens)
+    }
+
+    /// Parses a `tokenizer.json` held in memory; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`TextError::Invalid`] if the definition does not parse.
+    pub fn from_bytes(bytes: &[u8], origin: &str, max_tokens: usize) -> Result<Self, TextError> {
+        let invalid = |message: String| TextError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let mut tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .map_err(|e| invalid(e.to_string()))?;
+        counter.with_padding(None);
+        let max_tokens = max_tokens.max(2);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| invalid(e.to_string()))?;
+        // Keep the model's own pad token if it names one.
+        let padding = tokenizer.get_padding().cloned().unwrap_or_default();
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..padding
+        }));
+        Ok(TextEncoder {
+            tokenizer,
+            counter,
+            max_tokens,
+        })
+    }
+
+    /// The most tokens one text is given, special tokens included.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Tokens `text` has before truncation, special tokens included: what a
+    /// chunker compares with [`Self::max_tokens`].
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer fails.
+    pub fn count_tokens(&self, text: &str) -> Result<usize, TextError> {
+        let encoding = self
+            .counter
+            .encode(text, true)
+            .map_err(|e| TextError::Encode(e.to_string()))?;
+        Ok(encoding.len())
+    }
+
+    /// Tokenizes, truncates and pads `texts` into one batch.
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer fails.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Batch, TextError> {
+        if texts.is_empty() {
+            return Ok(Batch::default());
+        }
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| TextError::Encode(e.to_string()))?;
+        let tokens = encodings.first().map_or(0, |e| e.len());
+        let mut batch = Batch {
+            batch: encodings.len(),
+            tokens,
+            input_ids: Vec::with_capacity(encodings.len() * tokens),
+            attention_mask: Vec::with_capacity(encodings.len() * tokens),
+            token_type_ids: Vec::with_capacity(encodings.len() * tokens),
+        };
+        for encoding in &encodings {
+            if encoding.len() != tokens {
+                return Err(TextError::Encode(format!(
+                    "padding produced rows of {} and {tokens} tokens",
+                    encoding.len()
+                )));
+            }
+            batch
+                .input_ids
+                .extend(encoding.get_ids().iter().map(|&v| i64::from(v)));
+            batch
+                .attention_mask
+                .extend(encoding.get_attention_mask().iter().map(|&v| i64::from(v)));
+            batch
+                .token_type_ids
+                .extend(encoding.get_type_ids().iter().map(|&v| i64::from(v)));
+        }
+        Ok(batch)
+    }
+}
+
+/// Mean-pools `hidden` (`[batch, tokens, dimension]`, row-major) over the
+/// batch's attention mask and L2-normalizes each row: one flat
+/// `batch x dimension` matrix.
+///
+/// # Errors
+/// [`TextError::Shape`] if `hidden` does not hold `batch x tokens x
+/// dimension` values.
+pub fn mean_pool(batch: &Batch, hidden: &[f32], dimension: usize) -> Result<Vec<f32>, TextError> {
+    let expected = batch.batch * batch.tokens * dimension;
+    if hidden.len() != expected {
+        return Err(TextError::Shape {
+            got: hidden.len(),
+            expected,
+            batch: batch.batch,
+            tokens: batch.tokens,
+            dimension,
+        });
+    }
+    let mut out = vec![0f32; batch.batch * dimension];
+    for (b, row) in out.chunks_exact_mut(dimension.max(1)).enumerate() {
+        let mut count = 0f32;
+        for t in 0..batch.tokens {
+            if batch.attention_mask[b * batch.tokens + t] == 0 {
+                continue;
+            }
+            count += 1.0;
+            let state = &hidden[(b * batch.tokens + t) * dimension..][..dimension];
+            for (acc, &h) in row.iter_mut().zip(state) {
+                *acc += h;
+            }
+        }
+        let count = count.max(1.0);
+        for v in row.iter_mut() {
+            *v /= count;
+        }
+        l2_normalize(row);
+    }
+    Ok(out)
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(NORM_EPSILON);
+    for x in v {
+        *x /= norm;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer with BERT's special tokens, small enough to
+    /// write by hand.
+    pub(crate) const TINY_TOKENIZER: &str = r#"{
+      "version": "1.0",
+      "truncation": null,
+      "padding": null,
+      "added_tokens": [],
+      "normalizer": {"type": "Lowercase"},
+      "pre_tokenizer": {"type": "Whitespace"},
+      "post_processor": {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {
+          "[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]},
+          "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]}
+        }
+      },
+      "decoder": null,
+      "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "hello": 4, "world": 5, "cats": 6}, "unk_token": "[UNK]"}
+    }"#;
+
+    fn encoder(max: usize) -> TextEncoder {
+        TextEncoder::from_bytes(TINY_TOKENIZER.as_bytes(), "tiny", max).unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_padded_to_its_longest_text_with_mask_zero() {
+        let batch = encoder(16).encode(&["hello world cats", "Hello"]).unwrap();
+        assert_eq!((batch.batch, batch.tokens), (2, 5));
+        assert_eq!(batch.input_ids, [1, 4, 5, 6, 2, 1, 4, 2, 0, 0]);
+        assert_eq!(batch.attention_mask, [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
+        assert_eq!(batch.token_type_ids, [0; 10]);
+    }
+
+    #[test]
+    fn long_texts_are_truncated_and_counted_in_full() {
+        let e = encoder(4);
+        let text = "hello world cats hello world";
+        assert_eq!(e.count_tokens(text).unwrap(), 7);
+        let batch = e.encode(&[text]).unwrap();
+        assert_eq!(batch.input_ids, [1, 4, 5, 2], "truncated, [SEP] kept");
+    }
+
+    #[test]
+    fn unknown_words_map_to_unk_and_empty_text_keeps_special_tokens() {
+        let batch = encoder(16).encode(&["zebra", ""]).unwrap();
+        assert_eq!(batch.input_ids, [1, 3, 2, 1, 2, 0]);
+    }
+
+    #[test]
+    fn mean_pooling_ignores_padding_and_normalizes() {
+        let batch = Batch {
+            batch: 2,
+            tokens: 2,
+            input_ids: vec![1, 2, 1, 0],
+            attention_mask: vec![1, 1, 1, 0],
+            token_type_ids: vec![0; 4],
+        };
+        // Row 0: mean of (3,0) and (1,0) = (2,0) -> (1,0).
+        // Row 1: only (0,5) counts (the padding holds garbage) -> (0,1).
+        let hidden = [3.0, 0.0, 1.0, 0.0, 0.0, 5.0, 99.0, 99.0];
+        let pooled = mean_pool(&batch, &hidden, 2).unwrap();
+        assert_eq!(pooled, [1.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_hidden_state_of_the_wrong_shape_is_an_error() {
+        let batch = encoder(8).encode(&["hello"]).unwrap();
+        let err = mean_pool(&batch, &[0.0; 5], 2).unwrap_err();
+        assert!(err.to_string().contains("expected 6"), "{err}");
+    }
+
+    #[test]
+    fn zero_vectors_stay_zero() {
+        let mut v = [0.0f32; 3];
+        l2_normalize(&mut v);
+        assert_eq!(v, [0.0; 3]);
+    }
+
+    #[test]
+    fn a_broken_tokenizer_is_refused_with_its_origin() {
+        let err = TextEncoder::from_bytes(b"{not json", "models/x/tokenizer.json", 8).unwrap_err();
+        assert!(err.to_string().contains("models/x/tokenizer.json"), "{err}");
+    }
+}

@@ -1,0 +1,339 @@
+//! The child side of the native backend: `embedhost child`, an [`Engine`]
+//! served over CBOR frames on stdin/stdout.
+//!
+//! # Invariants
+//! - Nothing but frames is ever written to stdout (logs go to stderr, which
+//!   the host forwards to its tracing) — except by the `child.garbage_marker`
+//!   and `child.oversized_marker` faults, whose whole point is to break that.
+//! - The engine runs on a blocking thread, one batch at a time: the frame
+//!   loop stays free to answer `embedder.health` and `shutdown` while a batch
+//!   is computed, so only a truly hung process misses its health check.
+//! - A start-up failure (a bad setting, a missing model or library) is still
+//!   answered: the handshake fails with the reason, so the host reports what
+//!   went wrong instead of a bare exit status.
+//!
+//! # Process faults
+//! The failures a process can have and a WASM instance cannot, for tests.
+//! They are `child.*` settings, honoured whatever the engine:
+//!
+//! | key | effect |
+//! |---|---|
+//! | `child.exit_at_start = CODE` | exit with `CODE` before the handshake |
+//! | `child.abort_marker = M` | abort (SIGABRT) on a text containing `M` |
+//! | `child.exit_marker = M` | exit with `child.exit_code` (default 3) on a text containing `M` |
+//! | `child.hang_marker = M` | stop answering anything, forever, on a text containing `M` |
+//! | `child.ignore_sigterm = true` | ignore SIGTERM (with a hang: a child that ignores everything) |
+//! | `child.leak_mb_per_call = N` | keep `N` MiB more resident memory after every embed |
+//! | `child.garbage_marker = M` | write bytes that are not a frame to stdout |
+//! | `child.oversized_marker = M` | write a frame header announcing more than the frame limit |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Empty, ErrorCode, RemoteError, Router};
+use crate::messages::{
+    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, EmbedderHealth,
+    HandshakeResponse, HealthResponse, PROTOCOL_VERSION, Shutdown,
+};
+use crate::vectors::Vectors;
+use crate::wasm::ModelInfo;
+
+/// Exit code of `child.exit_marker` when `child.exit_code` is not set.
+pub const DEFAULT_FAULT_EXIT_CODE: i32 = 3;
+
+/// Why an engine refused a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// One input cannot be embedded; the rest of the batch can.
+    #[error("input {index}: {message}")]
+    InvalidInput { index: u32, message: String },
+    /// The batch failed as a whole.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<EngineError> for RemoteError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidInput { index, message } => {
+                RemoteError::invalid_input(index, message)
+            }
+            EngineError::Failed(message) => RemoteError::new(ErrorCode::Failed, message),
+        }
+    }
+}
+
+/// An embedding engine inside a child process. Calls are serialized and run
+/// on a blocking thread.
+pub trait Engine: Send + 'static {
+    /// What the engine serves.
+    fn model_info(&self) -> ModelInfo;
+    /// Embeds a batch: one row per text, in order.
+    ///
+    /// # Errors
+    /// [`EngineError`] for a refused input or a failed batch.
+    fn embed(&mut self, texts: &[String], is_query: bool) -> Result<Vectors, EngineError>;
+}
+
+/// The stub engine, from the crate the stub WASM plugin wraps: the same
+/// vectors and the same in-engine faults on both backends.
+pub struct StubEngine(embedhost_stub_engine::StubEngine);
+
+impl StubEngine {
+    /// A stub engine from its settings table.
+    ///
+    /// # Errors
+    /// An unknown key or a bad value, naming the key.
+    pub fn new(settings: &[(String, String)]) -> Result<Self, String> {
+        let config = embedhost_stub_engine::StubConfig::from_pairs(
+            settings.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(StubEngine(embedhost_stub_engine::StubEngine::new(config)))
+    }
+}
+
+impl Engine for StubEngine {
+    fn model_info(&self) -> ModelInfo {
+        ModelInfo {
+            model_id: embedhost_stub_engine::MODEL_ID.to_string(),
+            dimension: self.0.dimension() as u32,
+            max_input_tokens: embedhost_stub_engine::MAX_INPUT_TOKENS,
+            normalized: true,
+        }
+    }
+
+    fn embed(&mut self, texts: &[String], _is_query: bool) -> Result<Vectors, EngineError> {
+        let data = self.0.embed(texts);
+        Vectors::new(self.0.dimension(), data).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+}
+
+/// The process faults of the module docs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessFaults {
+    pub exit_at_start: Option<i32>,
+    pub abort_marker: Option<String>,
+    pub exit_marker: Option<String>,
+    pub exit_code: i32,
+    pub hang_marker: Option<String>,
+    pub ignore_sigterm: bool,
+    pub leak_mb_per_call: usize,
+    pub garbage_marker: Option<String>,
+    pub oversized_marker: Option<String>,
+}
+
+impl ProcessFaults {
+    /// Takes the `child.*` keys out of `settings`, leaving the engine's.
+    ///
+    /// # Errors
+    /// An unknown `child.*` key or a value that does not parse, naming it.
+    pub fn take_from(settings: &mut Vec<(String, String)>) -> Result<Self, String> {
+        let mut faults = ProcessFaults {
+            exit_code: DEFAULT_FAULT_EXIT_CODE,
+            ..ProcessFaults::default()
+        };
+        let mut rest = Vec::new();
+        for (key, value) in settings.drain(..) {
+            let Some(name) = key.strip_prefix("child.") else {
+                rest.push((key, value));
+                continue;
+            };
+            let number = |v: &str| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|e| format!("setting `{key}`: `{v}` is not a whole number: {e}"))
+            };
+            let marker = Some(value.clone());
+            match name {
+                "exit_at_start" => faults.exit_at_start = Some(number(&value)? as i32),
+                "abort_marker" => faults.abort_marker = marker,
+                "exit_marker" => faults.exit_marker = marker,
+                "exit_code" => faults.exit_code = number(&value)? as i32,
+                "hang_marker" => faults.hang_marker = marker,
+                "ignore_sigterm" => {
+                    faults.ignore_sigterm = value.trim().parse::<bool>().map_err(|e| {
+                        format!("setting `{key}`: `{value}` is not true or false: {e}")
+                    })?;
+                }
+                "leak_mb_per_call" => faults.leak_mb_per_call = number(&value)?.max(0) as usize,
+                "garbage_marker" => faults.garbage_marker = marker,
+                "oversized_marker" => faults.oversized_marker = marker,
+                _ => {
+                    return Err(format!(
+                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker)"
+                    ));
+                }
+            }
+        }
+        *settings = rest;
+        Ok(faults)
+    }
+
+    fn hit(marker: &Option<String>, texts: &[String]) -> bool {
+        marker
+            .as_deref()
+            .is_some_and(|m| texts.iter().any(|t| t.contains(m)))
+    }
+
+    /// Carries out the faults a batch triggers, before the engine sees it.
+    fn before_embed(&self, texts: &[String], leaked: &Mutex<Vec<Vec<u8>>>) {
+        if Self::hit(&self.abort_marker, texts) {
+            tracing::warn!("fault: aborting");
+            std::process::abort();
+        }
+        if Self::hit(&self.exit_marker, texts) {
+            tracing::warn!(code = self.exit_code, "fault: exiting");
+            std::process::exit(self.exit_code);
+        }
+        if Self::hit(&self.garbage_marker, texts) {
+            tracing::warn!("fault: writing garbage to stdout");
+            write_stdout(b"this is not a frame\n\0\xff\xfe garbage garbage garbage");
+        }
+        if Self::hit(&self.oversized_marker, texts) {
+            tracing::warn!("fault: announcing an oversized frame");
+            // A length prefix past any frame limit (the host's codec reads a
+            // big-endian u32 length first).
+            write_stdout(&u32::MAX.to_be_bytes());
+        }
+        if Self::hit(&self.hang_marker, texts) {
+            tracing::warn!("fault: hanging");
+            // Blocks the child's only runtime thread: no frame, no health
+            // answer, nothing, until the host kills the process.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        if self.leak_mb_per_call > 0 {
+            // Touch every page, so the memory is resident, not just reserved.
+            let block = vec![1u8; self.leak_mb_per_call * 1024 * 1024];
+            leaked.lock().unwrap_or_else(|p| p.into_inner()).push(block);
+        }
+    }
+}
+
+/// Writes straight to file descriptor 1, past the frame writer.
+fn write_stdout(bytes: &[u8]) {
+    // SAFETY: writing a valid buffer to a file descriptor we own.
+    let _ = unsafe { libc::write(1, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+/// The router of a child serving `engine`; `stop` is cancelled when the host
+/// asks the child to shut down.
+pub fn engine_router(
+    engine: Box<dyn Engine>,
+    faults: ProcessFaults,
+    stop: CancellationToken,
+) -> Router {
+    let model = engine.model_info();
+    let engine = Arc::new(Mutex::new(engine));
+    // Outside the engine's lock, so a health check never waits for an embed.
+    let processed = Arc::new(AtomicU64::new(0));
+    let leaked = Arc::new(Mutex::new(Vec::new()));
+    let faults = Arc::new(faults);
+    let mut router = Router::new();
+    let for_embed = processed.clone();
+    router.handle::<EmbedderEmbed, _, _>(move |_, request: EmbedRequest| {
+        let engine = engine.clone();
+        let processed = for_embed.clone();
+        let faults = faults.clone();
+        let leaked = leaked.clone();
+        async move {
+            // Faults run on the frame loop's thread: a hang must stop it.
+            faults.before_embed(&request.texts, &leaked);
+            // CPU-bound (and, with faults, possibly endless): off the runtime,
+            // so frames, cancellations and health checks keep flowing.
+            let embedded = tokio::task::spawn_blocking(move || {
+                let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                let result = engine.embed(&request.texts, request.is_query);
+                processed.fetch_add(request.texts.len() as u64, Ordering::Relaxed);
+                result
+            })
+            .await;
+            let vectors = embedded.map_err(|e| {
+                RemoteError::new(ErrorCode::Unavailable, format!("the engine crashed: {e}"))
+            })??;
+            Ok(EmbedResponse::complete(vectors))
+        }
+    });
+    router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {
+        let processed = processed.load(Ordering::Relaxed);
+        async move {
+            Ok(HealthResponse {
+                // The host reads the resident set itself, from /proc.
+                memory: 0,
+                processed_count: processed,
+            })
+        }
+    });
+    router.handle::<EmbedderHandshake, _, _>(move |_, _: Empty| {
+        let model = model.clone();
+        async move {
+            Ok(HandshakeResponse {
+                protocol_version: PROTOCOL_VERSION,
+                model,
+            })
+        }
+    });
+    add_shutdown(&mut router, stop);
+    router
+}
+
+/// The router of a child whose engine could not start: every request,
+/// the handshake first, fails with `reason`.
+pub fn failed_router(reason: String, stop: CancellationToken) -> Router {
+    let mut router = Router::new();
+    router.handle::<EmbedderHandshake, _, _>(move |_, _: Empty| {
+        let reason = reason.clone();
+        async move { Err::<HandshakeResponse, _>(RemoteError::new(ErrorCode::Failed, reason)) }
+    });
+    add_shutdown(&mut router, stop);
+    router
+}
+
+fn add_shutdown(router: &mut Router, stop: CancellationToken) {
+    router.handle::<Shutdown, _, _>(move |_, request| {
+        let stop = stop.clone();
+        async move {
+            tracing::info!(reason = %request.reason, "shutdown requested");
+            stop.cancel();
+            Ok(Empty {})
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn process_faults_are_taken_out_and_the_rest_left_for_the_engine() {
+        let mut settings = pairs(&[
+            ("dimension", "8"),
+            ("child.exit_marker", "BYE"),
+            ("child.exit_code", "7"),
+            ("child.leak_mb_per_call", "2"),
+        ]);
+        let faults = ProcessFaults::take_from(&mut settings).unwrap();
+        assert_eq!(settings, pairs(&[("dimension", "8")]));
+        assert_eq!(faults.exit_marker.as_deref(), Some("BYE"));
+        assert_eq!(faults.exit_code, 7);
+        assert_eq!(faults.leak_mb_per_call, 2);
+    }
+
+    #[test]
+    fn an_unknown_or_malformed_process_fault_names_the_key() {
+        let err = ProcessFaults::take_from(&mut pairs(&[("child.explode", "1")])).unwrap_err();
+        assert!(err.contains("child.explode"), "{err}");
+        let err = ProcessFaults::take_from(&mut pairs(&[("child.exit_code", "x")])).unwrap_err();
+        assert!(err.contains("child.exit_code"), "{err}");
+    }
+}

@@ -1,0 +1,382 @@
+//! The `onnx` engine: a sentence-transformer ONNX graph run by ONNX Runtime
+//! (through `ort`), with tokenization and pooling from `embedhost-text`.
+//!
+//! ONNX Runtime is loaded at run time from a shared library (`ort`'s
+//! `load-dynamic`), by default the one `./x setup` unpacks from the PyPI
+//! wheel: `ort`'s build-time download cannot work offline, and a library
+//! found at run time can be swapped without rebuilding. See
+//! [`resolve_library`] for where it is looked for.
+//!
+//! # The model directory
+//! - `model.onnx`: inputs among `input_ids`, `attention_mask` and
+//!   `token_type_ids` (int64, `[batch, sequence]`); output either
+//!   `last_hidden_state` (`[batch, sequence, dimension]`, mean-pooled here)
+//!   or `sentence_embedding` (`[batch, dimension]`, already pooled). Either
+//!   way the vectors are L2-normalized here.
+//! - `tokenizer.json`: the model's Hugging Face tokenizer.
+//! - `sentence_bert_config.json` (optional): its `max_seq_length` is the
+//!   truncation length unless the `max_tokens` setting overrides it.
+//!
+//! # Invariants
+//! - Loading checks everything it can before the handshake (library version,
+//!   graph inputs, output rank, dimension), so a bad model fails the start,
+//!   not the first request.
+//! - One session per child, run by one thread at a time; parallelism within
+//!   a batch is ONNX Runtime's intra-op pool (`threads`).
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use embedhost_text::{Batch, TextEncoder};
+use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::value::Tensor;
+
+use super::child::{Engine, EngineError};
+use crate::vectors::Vectors;
+use crate::wasm::ModelInfo;
+
+/// The library's file name, as `./x setup` links it.
+pub const LIBRARY_NAME: &str = "libonnxruntime.so";
+
+/// The files a model directory must hold.
+pub const MODEL_FILES: &[&str] = &["model.onnx", "tokenizer.json"];
+
+/// Environment variable naming the library (ort's own convention).
+pub const LIBRARY_ENV: &str = "ORT_DYLIB_PATH";
+
+/// Truncation length when neither the settings nor the model say: BERT's
+/// position table has 512 entries.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// The onnx engine's settings (the `--set` table of `embedhost child`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnnxSettings {
+    /// Directory with `model.onnx` and `tokenizer.json`.
+    pub model_dir: PathBuf,
+    /// The ONNX Runtime shared library.
+    pub library: PathBuf,
+    /// Intra-op threads.
+    pub threads: usize,
+    /// Truncation length, if overridden.
+    pub max_tokens: Option<usize>,
+    /// The model id reported, if overridden (default: the directory's name).
+    pub model_id: Option<String>,
+}
+
+impl OnnxSettings {
+    /// Settings from the child's table: `model_dir` (required),
+    /// `onnxruntime`, `threads`, `max_tokens`, `model_id`.
+    ///
+    /// # Errors
+    /// A missing `model_dir`, an unknown key or a bad number, naming it.
+    pub fn from_pairs(settings: &[(String, String)]) -> Result<Self, String> {
+        let mut model_dir = None;
+        let mut library = None;
+        let mut threads = None;
+        let mut max_tokens = None;
+        let mut model_id = None;
+        for (key, value) in settings {
+            let number = || {
+                value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        format!("setting `{key}`: `{value}` is not a positive whole number")
+                    })
+            };
+            match key.as_str() {
+                "model_dir" => model_dir = Some(PathBuf::from(value)),
+                "onnxruntime" => library = Some(PathBuf::from(value)),
+                "threads" => threads = Some(number()?),
+                "max_tokens" => max_tokens = Some(number()?),
+                "model_id" => model_id = Some(value.clone()),
+                other => {
+                    return Err(format!(
+                        "unknown onnx engine setting `{other}` (known: model_dir, onnxruntime, threads, max_tokens, model_id)"
+                    ));
+                }
+            }
+        }
+        Ok(OnnxSettings {
+            model_dir: model_dir.ok_or("the onnx engine needs `model_dir`")?,
+            library: match library {
+                Some(path) => path,
+                None => resolve_library(None)?,
+            },
+            threads: threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            max_tokens,
+            model_id,
+        })
+    }
+}
+
+/// Environment variable naming the directory `./x setup` fills.
+pub const DEPS_ENV: &str = "EMBEDHOST_DEPS";
+
+/// Finds the ONNX Runtime library: `configured` if given, else
+/// `$ORT_DYLIB_PATH`, else `libonnxruntime.so` next to this executable, else
+/// in `onnxruntime/` of `$EMBEDHOST_DEPS` or of `embedhost-deps/` beside the
+/// executable's directory (the layout `./x setup` makes under `target/`).
+///
+/// # Errors
+/// When no candidate exists, listing the places looked at.
+pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(path) = configured {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os(LIBRARY_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let mut looked = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        let mut candidates = vec![dir.join(LIBRARY_NAME)];
+        if let Some(deps) = std::env::var_os(DEPS_ENV) {
+            candidates.push(PathBuf::from(deps).join("onnxruntime").join(LIBRARY_NAME));
+        }
+        // target/debug/deps/<test> and target/release/embedhost alike.
+        for ancestor in dir.ancestors().skip(1).take(2) {
+            candidates.push(
+                ancestor
+                    .join("embedhost-deps/onnxruntime")
+                    .join(LIBRARY_NAME),
+            );
+        }
+        for candidate in candidates {
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+            looked.push(candidate.display().to_string());
+        }
+    }
+    Err(format!(
+        "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
+        looked.join(", ")
+    ))
+}
+
+/// Loads ONNX Runtime from `library` (once per process) and reports its
+/// version.
+///
+/// # Errors
+/// When the library cannot be loaded or is older than the API `ort` needs.
+pub fn load_library(library: &Path) -> Result<ort::environment::Environment, String> {
+    ort::init_from(library)
+        .map_err(|e| format!("cannot load ONNX Runtime from `{}`: {e}", library.display()))?
+        .with_name("embedhost")
+        .build()
+        .map_err(|e| {
+            format!(
+                "cannot start ONNX Runtime from `{}`: {e}",
+                library.display()
+            )
+        })
+}
+
+/// Which graph input a tokenizer output feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Input {
+    Ids,
+    Mask,
+    TypeIds,
+}
+
+/// The graph's output and how to turn it into vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pooling {
+    /// `[batch, sequence, dimension]`: mean-pool over the attention mask.
+    Mean,
+    /// `[batch, dimension]`: already pooled.
+    Pooled,
+}
+
+/// A loaded model.
+pub struct OnnxEngine {
+    session: Session,
+    encoder: TextEncoder,
+    inputs: Vec<(String, Input)>,
+    output: String,
+    pooling: Pooling,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for OnnxEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxEngine")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnnxEngine {
+    /// Loads ONNX Runtime and the model.
+    ///
+    /// # Errors
+    /// A message naming the file or library at fault.
+    pub fn load(settings: &OnnxSettings) -> Result<Self, String> {
+        let environment = load_library(&settings.library)?;
+        let dir = &settings.model_dir;
+        let model_path = dir.join("model.onnx");
+        if !model_path.is_file() {
+            return Err(format!("no model at `{}`", model_path.display()));
+        }
+        let max_tokens = match settings.max_tokens {
+            Some(n) => n,
+            None => max_seq_length(dir)?.unwrap_or(DEFAULT_MAX_TOKENS),
+        };
+        let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), max_tokens)
+            .map_err(|e| e.to_string())?;
+        let session_error = |e: ort::Error<_>| format!("`{}`: {e}", model_path.display());
+        let session = Session::builder(&environment)
+            .map_err(|e| format!("`{}`: {e}", model_path.display()))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(session_error)?
+            .with_intra_threads(settings.threads)
+            .map_err(session_error)?
+            .commit_from_file(&model_path)
+            .map_err(|e| format!("cannot load `{}`: {e}", model_path.display()))?;
+        let mut inputs = Vec::new();
+        for input in session.inputs() {
+            let kind = match input.name() {
+                "input_ids" => Input::Ids,
+                "attention_mask" => Input::Mask,
+                "token_type_ids" => Input::TypeIds,
+                other => {
+                    return Err(format!(
+                        "`{}` has input `{other}`; the onnx engine feeds input_ids, attention_mask and token_type_ids",
+                        model_path.display()
+                    ));
+                }
+            };
+            inputs.push((input.name().to_string(), kind));
+        }
+        if !inputs.iter().any(|(_, k)| *k == Input::Ids) {
+            return Err(format!(
+                "`{}` has no `input_ids` input",
+                model_path.display()
+            ));
+        }
+        let outputs = session.outputs();
+        let chosen = outputs
+            .iter()
+            .find(|o| o.name() == "sentence_embedding")
+            .or_else(|| outputs.iter().find(|o| o.name() == "last_hidden_state"))
+            .or_else(|| outputs.first())
+            .ok_or_else(|| format!("`{}` has no output", model_path.display()))?;
+        let shape = chosen
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        let pooling = match shape.len() {
+            3 => Pooling::Mean,
+            2 => Pooling::Pooled,
+            n => {
+                return Err(format!(
+                    "`{}` output `{}` has rank {n}; expected [batch, sequence, dimension] or [batch, dimension]",
+                    model_path.display(),
+                    chosen.name()
+                ));
+            }
+        };
+        let output = chosen.name().to_string();
+        let declared = shape.last().copied().filter(|&d| d > 0);
+        let model_id = settings.model_id.clone().unwrap_or_else(|| {
+            dir.file_name().map_or_else(
+                || dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        });
+        let mut engine = OnnxEngine {
+            session,
+            encoder,
+            inputs,
+            output,
+            pooling,
+            info: ModelInfo {
+                model_id,
+                dimension: declared.unwrap_or(0) as u32,
+                max_input_tokens: max_tokens as u32,
+                normalized: true,
+            },
+        };
+        // A dynamic dimension is learnt from one embedding; a static one is
+        // checked by it.
+        let probe = engine
+            .embed(&["embedhost".to_string()], false)
+            .map_err(|e| format!("`{}` failed a test embedding: {e}", model_path.display()))?;
+        engine.info.dimension = probe.dimension() as u32;
+        Ok(engine)
+    }
+
+    fn run(&mut self, batch: &Batch) -> Result<Vec<f32>, EngineError> {
+        let failed = |e: ort::Error| EngineError::Failed(format!("onnx runtime: {e}"));
+        let shape = vec![batch.batch as i64, batch.tokens as i64];
+        let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+        for (name, kind) in &self.inputs {
+            let data = match kind {
+                Input::Ids => batch.input_ids.clone(),
+                Input::Mask => batch.attention_mask.clone(),
+                Input::TypeIds => batch.token_type_ids.clone(),
+            };
+            let tensor = Tensor::from_array((shape.clone(), data)).map_err(failed)?;
+            feeds.push((Cow::Owned(name.clone()), tensor.into()));
+        }
+        let outputs = self.session.run(feeds).map_err(failed)?;
+        let value = outputs.get(&self.output).ok_or_else(|| {
+            EngineError::Failed(format!("the model produced no `{}`", self.output))
+        })?;
+        let (shape, data) = value.try_extract_tensor::<f32>().map_err(failed)?;
+        let dimension = shape.last().copied().unwrap_or(0).max(0) as usize;
+        let pooled = match self.pooling {
+            Pooling::Mean => embedhost_text::mean_pool(batch, data, dimension)
+                .map_err(|e| EngineError::Failed(e.to_string()))?,
+            Pooling::Pooled => {
+                let mut rows = data.to_vec();
+                for row in rows.chunks_exact_mut(dimension.max(1)) {
+                    embedhost_text::l2_normalize(row);
+                }
+                rows
+            }
+        };
+        Ok(pooled)
+    }
+}
+
+impl Engine for OnnxEngine {
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    fn embed(&mut self, texts: &[String], _is_query: bool) -> Result<Vectors, EngineError> {
+        if texts.is_empty() {
+            return Ok(Vectors::default());
+        }
+        let batch = self
+            .encoder
+            .encode(texts)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let data = self.run(&batch)?;
+        let dimension = data.len() / texts.len();
+        Vectors::new(dimension, data).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+}
+
+/// `max_seq_length` from the model's `sentence_bert_config.json`, if any.
+fn max_seq_length(dir: &Path) -> Result<Option<usize>, String> {
+    let path = dir.join("sentence_bert_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    Ok(value
+        .get("max_seq_length")
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize))
+}

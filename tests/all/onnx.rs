@@ -1,0 +1,226 @@
+//! The native `onnx` engine: ONNX Runtime loaded at run time from the PyPI
+//! library that `./x setup` unpacks, on a tiny BERT-shaped graph that
+//! `scripts/tiny_bert_onnx.py` writes (the real model is its own issue).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use embedhost::native::NativeSpawner;
+use embedhost::supervisor::{Supervisor, SupervisorConfig};
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// Where `./x setup` put the Python tools and ONNX Runtime.
+fn deps() -> PathBuf {
+    std::env::var_os("EMBEDHOST_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/embedhost-deps"))
+}
+
+/// Writes the tiny model into a new directory named `tiny-bert`.
+pub fn tiny_model(dimension: usize) -> (tempfile::TempDir, PathBuf) {
+    let python = deps().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `./x setup` (the tests need the project's Python tools)",
+        python.display()
+    );
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny-bert");
+    let out = Command::new(&python)
+        .arg(workspace().join("scripts/tiny_bert_onnx.py"))
+        .arg(&dir)
+        .arg(dimension.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (root, dir)
+}
+
+/// The tiny model's vocabulary, as the script writes it.
+const VOCAB: &[&str] = &[
+    "[PAD]", "[CLS]", "[SEP]", "[UNK]", "hello", "world", "cats", "dogs", "search", "meaning",
+];
+
+/// What the tiny model and mean pooling give `text`, computed without ONNX
+/// Runtime: the script's table formula, the tokenizer's rules.
+fn expected(text: &str, dimension: usize) -> Vec<f32> {
+    let mut ids = vec![1usize];
+    for word in text.split_whitespace() {
+        let word = word.to_lowercase();
+        ids.push(VOCAB.iter().position(|v| *v == word).unwrap_or(3));
+    }
+    ids.push(2);
+    let mut v: Vec<f32> = (0..dimension)
+        .map(|j| {
+            let sum: f32 = ids
+                .iter()
+                .map(|&t| ((t * 31 + j * 7) % 17) as f32 - 8.0)
+                .sum();
+            sum / ids.len() as f32
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-5, "{got:?} != {want:?}");
+    }
+}
+
+fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
+    let library = embedhost::native::onnx::resolve_library(None).unwrap();
+    let mut settings = vec![
+        ("model_dir".to_string(), model_dir.display().to_string()),
+        ("onnxruntime".to_string(), library.display().to_string()),
+        ("threads".to_string(), "1".to_string()),
+    ];
+    settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    NativeSpawner {
+        executable: env!("CARGO_BIN_EXE_embedhost").into(),
+        engine: "onnx".into(),
+        settings,
+        init_deadline: Duration::from_secs(20),
+        call_deadline: Duration::from_secs(20),
+        grace: Duration::from_millis(500),
+    }
+}
+
+fn pool(size: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        pool_size: size,
+        ..SupervisorConfig::default()
+    }
+}
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_supervised_onnx_child_embeds_with_mean_pooling_over_the_mask() {
+    let (_root, dir) = tiny_model(16);
+    let supervisor = Supervisor::start(spawner(&dir, &[]), pool(2))
+        .await
+        .unwrap();
+    let info = supervisor.model_info();
+    assert_eq!(info.dimension, 16, "learnt from the graph");
+    assert_eq!(info.model_id, "tiny-bert", "the directory's name");
+    assert!(info.normalized);
+    // Texts of different lengths in one batch: padding must not count.
+    let texts = [
+        "hello world",
+        "cats",
+        "search by meaning dogs",
+        "unknown words",
+        "",
+    ];
+    let r = supervisor
+        .embed(
+            texts.iter().map(|t| t.to_string()).collect(),
+            false,
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    assert!(r.failed.is_empty());
+    for (i, text) in texts.iter().enumerate() {
+        assert_close(r.vectors.get(i).unwrap(), &expected(text, 16));
+    }
+    // Alone, a text gets the same vector as in a padded batch.
+    let alone = supervisor
+        .embed(vec!["cats".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    assert_close(alone.vectors.get(0).unwrap(), r.vectors.get(1).unwrap());
+}
+
+#[tokio::test]
+async fn truncation_follows_max_tokens() {
+    let (_root, dir) = tiny_model(8);
+    let supervisor = Supervisor::start(spawner(&dir, &[("max_tokens", "3")]), pool(1))
+        .await
+        .unwrap();
+    assert_eq!(supervisor.model_info().max_input_tokens, 3);
+    let r = supervisor
+        .embed(vec!["cats dogs search".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    // [CLS] cats [SEP]: the rest is cut, the special tokens kept.
+    assert_close(r.vectors.get(0).unwrap(), &expected("cats", 8));
+}
+
+#[tokio::test]
+async fn a_missing_library_or_model_fails_the_start_naming_the_file() {
+    let (_root, dir) = tiny_model(8);
+    let mut bad_library = spawner(&dir, &[]);
+    for (k, v) in bad_library.settings.iter_mut() {
+        if k == "onnxruntime" {
+            *v = "/nonexistent/libonnxruntime.so".into();
+        }
+    }
+    let err = Supervisor::start(bad_library, pool(1)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/libonnxruntime.so"),
+        "{err}"
+    );
+
+    std::fs::write(dir.join("model.onnx"), b"not a model").unwrap();
+    let err = Supervisor::start(spawner(&dir, &[]), pool(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("model.onnx"), "{err}");
+
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let err = Supervisor::start(spawner(&dir, &[]), pool(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn the_command_line_embeds_with_the_onnx_engine_and_status_names_the_library() {
+    let (root, dir) = tiny_model(8);
+    let config = root.path().join("onnx.toml");
+    std::fs::write(
+        &config,
+        "backend = \"native\"\n[native]\nengine = \"onnx\"\n[model]\ndir = \"tiny-bert\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("ORT_DYLIB_PATH")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = run(&["embed", "hello world"]);
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let vector: Vec<f32> = serde_json::from_value(line["vector"].clone()).unwrap();
+    assert_close(&vector, &expected("hello world", 8));
+
+    let status: serde_json::Value = serde_json::from_str(&run(&["status", "--json"])).unwrap();
+    let library = status["onnxruntime"]["path"].as_str().unwrap();
+    assert!(library.ends_with("libonnxruntime.so"), "{status}");
+    assert_eq!(status["onnxruntime"]["found"], true);
+    assert_eq!(status["engine"], "onnx");
+    assert_eq!(status["model"]["dimension"], 8);
+    assert_eq!(status["model_dir"], dir.display().to_string());
+}
