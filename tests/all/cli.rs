@@ -186,6 +186,20 @@ fn swapping_the_backend_is_one_line_and_changes_no_output() {
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
+    let read =
+        |name: &str| std::fs::read_to_string(root.join("examples/config").join(name)).unwrap();
+    let (wasm_file, native_file) = (read("wasm.toml"), read("native.toml"));
+    let differing: Vec<_> = wasm_file
+        .lines()
+        .zip(native_file.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(wasm_file.lines().count(), native_file.lines().count());
+    assert_eq!(
+        differing,
+        [("backend = \"wasm\"", "backend = \"native\"")],
+        "one line"
+    );
     let wasm = run("wasm.toml");
     assert_eq!(wasm.lines().count(), 3);
     assert_eq!(run("native.toml"), wasm, "the same vectors, bit for bit");

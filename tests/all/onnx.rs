@@ -224,3 +224,51 @@ fn the_command_line_embeds_with_the_onnx_engine_and_status_names_the_library() {
     assert_eq!(status["model"]["dimension"], 8);
     assert_eq!(status["model_dir"], dir.display().to_string());
 }
+
+/// The default model (all-MiniLM-L6-v2), fetched once into the setup's
+/// directory through the same code as `embedhost model fetch`.
+pub fn real_model() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
+        embedhost::model::ModelStore::new(deps().join("models"))
+            .ensure(&manifest, &embedhost::model::FetchOptions::default())
+            .unwrap()
+    })
+    .clone()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[tokio::test]
+async fn the_real_model_runs_in_a_native_child_through_the_pypi_library() {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let supervisor = Supervisor::start(spawner(&dir, &[]), pool(1))
+        .await
+        .unwrap();
+    let info = supervisor.model_info();
+    assert_eq!((info.dimension, info.max_input_tokens), (384, 256));
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The girl is carrying a baby.",
+    ];
+    let r = supervisor
+        .embed(
+            texts.iter().map(|t| t.to_string()).collect(),
+            false,
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    let v: Vec<&[f32]> = (0..3).map(|i| r.vectors.get(i).unwrap()).collect();
+    for row in &v {
+        assert!((cosine(row, row) - 1.0).abs() < 1e-5, "unit length");
+    }
+    // sentence-transformers gives 0.7553 for this pair.
+    let related = cosine(v[0], v[1]);
+    assert!((related - 0.7553).abs() < 2e-3, "{related}");
+    assert!(cosine(v[0], v[2]) < 0.1);
+}

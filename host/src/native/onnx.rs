@@ -113,13 +113,9 @@ impl OnnxSettings {
     }
 }
 
-/// Environment variable naming the directory `./x setup` fills.
-pub const DEPS_ENV: &str = "EMBEDHOST_DEPS";
-
 /// Finds the ONNX Runtime library: `configured` if given, else
 /// `$ORT_DYLIB_PATH`, else `libonnxruntime.so` next to this executable, else
-/// in `onnxruntime/` of `$EMBEDHOST_DEPS` or of `embedhost-deps/` beside the
-/// executable's directory (the layout `./x setup` makes under `target/`).
+/// in `onnxruntime/` of the setup's [`crate::deps::deps_dir`].
 ///
 /// # Errors
 /// When no candidate exists, listing the places looked at.
@@ -131,28 +127,15 @@ pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
         return Ok(PathBuf::from(path));
     }
     let mut looked = Vec::new();
-    if let Some(dir) = std::env::current_exe()
+    let beside = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf))
-    {
-        let mut candidates = vec![dir.join(LIBRARY_NAME)];
-        if let Some(deps) = std::env::var_os(DEPS_ENV) {
-            candidates.push(PathBuf::from(deps).join("onnxruntime").join(LIBRARY_NAME));
+        .and_then(|exe| exe.parent().map(|dir| dir.join(LIBRARY_NAME)));
+    let deps = crate::deps::deps_dir().map(|d| d.join("onnxruntime").join(LIBRARY_NAME));
+    for candidate in [beside, deps].into_iter().flatten() {
+        if candidate.exists() {
+            return Ok(candidate);
         }
-        // target/debug/deps/<test> and target/release/embedhost alike.
-        for ancestor in dir.ancestors().skip(1).take(2) {
-            candidates.push(
-                ancestor
-                    .join("embedhost-deps/onnxruntime")
-                    .join(LIBRARY_NAME),
-            );
-        }
-        for candidate in candidates {
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-            looked.push(candidate.display().to_string());
-        }
+        looked.push(candidate.display().to_string());
     }
     Err(format!(
         "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
@@ -237,6 +220,12 @@ impl OnnxEngine {
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(session_error)?
             .with_intra_threads(settings.threads)
+            .map_err(session_error)?
+            // ONNX Runtime's workers spin after each run by default, burning
+            // a core each for a while: in a pool of children sharing the
+            // machine, that spinning steals the CPU the other children's
+            // batches need.
+            .with_intra_op_spinning(false)
             .map_err(session_error)?
             .commit_from_file(&model_path)
             .map_err(|e| format!("cannot load `{}`: {e}", model_path.display()))?;

