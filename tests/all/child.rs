@@ -333,8 +333,10 @@ async fn a_killed_child_fails_requests_in_flight_at_once() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let killed = std::time::Instant::now();
     child.kill().await.unwrap();
+    // From the child's death (it is reaped when `kill` returns) to the
+    // caller's error.
+    let killed = std::time::Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(5), pending)
         .await
         .unwrap()
@@ -345,7 +347,8 @@ async fn a_killed_child_fails_requests_in_flight_at_once() {
         "{err}"
     );
     assert!(
-        killed.elapsed() < Duration::from_secs(1),
-        "failed fast, not at the 30 s timeout"
+        killed.elapsed() < Duration::from_millis(50),
+        "failed at once, not at the 30 s timeout: {:?}",
+        killed.elapsed()
     );
 }

@@ -3,6 +3,7 @@
 mod bus;
 mod child;
 mod cli;
+mod model;
 mod native;
 mod onnx;
 mod supervisor;

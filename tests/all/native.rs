@@ -93,6 +93,17 @@ async fn a_child_that_exits_at_start_up_every_time_escalates_with_its_exit_code(
 }
 
 #[tokio::test]
+async fn a_child_of_another_protocol_version_is_refused() {
+    let err = Supervisor::start(spawner(&[("child.protocol_version", "99")]), config(1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("speaks protocol version 99"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_setting_the_engine_refuses_is_reported_naming_the_key() {
     let err = Supervisor::start(spawner(&[("no.such.key", "1")]), config(1))
         .await

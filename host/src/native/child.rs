@@ -26,6 +26,7 @@
 //! | `child.leak_mb_per_call = N` | keep `N` MiB more resident memory after every embed |
 //! | `child.garbage_marker = M` | write bytes that are not a frame to stdout |
 //! | `child.oversized_marker = M` | write a frame header announcing more than the frame limit |
+//! | `child.protocol_version = N` | claim protocol version `N` in the handshake |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,6 +124,7 @@ pub struct ProcessFaults {
     pub leak_mb_per_call: usize,
     pub garbage_marker: Option<String>,
     pub oversized_marker: Option<String>,
+    pub protocol_version: Option<u32>,
 }
 
 impl ProcessFaults {
@@ -161,9 +163,10 @@ impl ProcessFaults {
                 "leak_mb_per_call" => faults.leak_mb_per_call = number(&value)?.max(0) as usize,
                 "garbage_marker" => faults.garbage_marker = marker,
                 "oversized_marker" => faults.oversized_marker = marker,
+                "protocol_version" => faults.protocol_version = Some(number(&value)? as u32),
                 _ => {
                     return Err(format!(
-                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker)"
+                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version)"
                     ));
                 }
             }
@@ -228,6 +231,7 @@ pub fn engine_router(
     stop: CancellationToken,
 ) -> Router {
     let model = engine.model_info();
+    let protocol_version = faults.protocol_version.unwrap_or(PROTOCOL_VERSION);
     let engine = Arc::new(Mutex::new(engine));
     // Outside the engine's lock, so a health check never waits for an embed.
     let processed = Arc::new(AtomicU64::new(0));
@@ -272,7 +276,7 @@ pub fn engine_router(
         let model = model.clone();
         async move {
             Ok(HandshakeResponse {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version,
                 model,
             })
         }

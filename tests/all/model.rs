@@ -1,0 +1,252 @@
+//! Model management: `model fetch` over HTTP against a real server on
+//! loopback (resume, truncation, wrong bytes), corruption and offline mode.
+//! The pip and derive paths run for real in `onnx::real_model`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use embedhost::model::{FetchOptions, FileState, Manifest, ModelError, ModelStore, Obtained};
+use sha2::{Digest, Sha256};
+
+/// What the server does with the next request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// Serve the file, honouring `Range`.
+    Good,
+    /// Announce the whole length, send this many bytes, close.
+    Truncate(usize),
+    /// Serve other bytes of the same length.
+    Wrong,
+}
+
+struct Server {
+    url: String,
+    mode: Arc<Mutex<Mode>>,
+    /// The `Range` header of each request (empty if none).
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+fn serve(body: Vec<u8>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/model.bin", listener.local_addr().unwrap());
+    let mode = Arc::new(Mutex::new(Mode::Good));
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let (m, r) = (mode.clone(), ranges.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut range = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range:") {
+                    range = v.trim().to_string();
+                }
+            }
+            r.lock().unwrap().push(range.clone());
+            let mode = *m.lock().unwrap();
+            let mut data = body.clone();
+            if mode == Mode::Wrong {
+                data.iter_mut().for_each(|b| *b = !*b);
+            }
+            let start = range
+                .strip_prefix("bytes=")
+                .and_then(|v| v.trim_end_matches('-').parse::<usize>().ok())
+                .unwrap_or(0);
+            let head = if start > 0 {
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                    data.len() - start,
+                    data.len() - 1,
+                    data.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    data.len()
+                )
+            };
+            let _ = stream.write_all(head.as_bytes());
+            let rest = &data[start..];
+            let sent = match mode {
+                Mode::Truncate(n) => &rest[..n.min(rest.len())],
+                _ => rest,
+            };
+            let _ = stream.write_all(sent);
+            let _ = stream.flush();
+        }
+    });
+    Server { url, mode, ranges }
+}
+
+fn body() -> Vec<u8> {
+    (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+fn manifest(url: &str, data: &[u8]) -> Manifest {
+    let sha: String = Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Manifest::parse(
+        &format!(
+            "id = \"test-model\"\nname = \"t\"\ndimension = 4\nmax_tokens = 8\n[[files]]\nname = \"model.bin\"\nsha256 = \"{sha}\"\nsize = {}\nhttps = \"{url}\"\n",
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
+fn online() -> FetchOptions {
+    FetchOptions {
+        offline: false,
+        progress: false,
+        python: None,
+    }
+}
+
+#[test]
+fn a_fetch_over_http_verifies_and_installs_the_file() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    assert_eq!(
+        store.check(&m, true),
+        [("model.bin".to_string(), FileState::Missing)]
+    );
+    let done = store.fetch(&m, &online()).unwrap();
+    assert_eq!(done, [("model.bin".to_string(), Obtained::Https)]);
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
+    assert_eq!(
+        store.check(&m, true),
+        [("model.bin".to_string(), FileState::Present)]
+    );
+    // Present and verified: a second fetch asks the server nothing.
+    assert_eq!(store.fetch(&m, &online()).unwrap()[0].1, Obtained::Present);
+    assert_eq!(server.ranges.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_truncated_transfer_is_kept_and_resumed_with_a_range_request() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    *server.mode.lock().unwrap() = Mode::Truncate(100_000);
+    let err = store.fetch(&m, &online()).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::Unavailable { file, .. } if file == "model.bin"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("100000 of 300000"), "{err}");
+    assert!(
+        !store.dir(&m).join("model.bin").exists(),
+        "nothing under the real name"
+    );
+    *server.mode.lock().unwrap() = Mode::Good;
+    store.fetch(&m, &online()).unwrap();
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
+    assert_eq!(*server.ranges.lock().unwrap(), ["", "bytes=100000-"]);
+}
+
+#[test]
+fn a_wrong_checksum_is_refused_and_the_next_fetch_starts_over() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    *server.mode.lock().unwrap() = Mode::Wrong;
+    let err = store.fetch(&m, &online()).unwrap_err().to_string();
+    assert!(
+        err.contains("sha256") && err.contains(&m.files[0].sha256),
+        "{err}"
+    );
+    assert!(!store.dir(&m).join("model.bin").exists());
+    *server.mode.lock().unwrap() = Mode::Good;
+    store.fetch(&m, &online()).unwrap();
+    // The wrong bytes were thrown away, not resumed from.
+    assert_eq!(server.ranges.lock().unwrap()[1], "");
+    assert_eq!(store.check(&m, true)[0].1, FileState::Present);
+}
+
+#[test]
+fn a_corrupt_file_is_reported_and_fetched_again() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    store.fetch(&m, &online()).unwrap();
+    let path = store.dir(&m).join("model.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1234] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    // Same size: only the full check sees it.
+    assert_eq!(store.check(&m, false)[0].1, FileState::Present);
+    assert!(
+        matches!(&store.check(&m, true)[0].1, FileState::Corrupt { reason } if reason.contains("sha256"))
+    );
+    assert_eq!(store.fetch(&m, &online()).unwrap()[0].1, Obtained::Https);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+}
+
+#[test]
+fn offline_touches_no_network() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    let offline = FetchOptions {
+        offline: true,
+        progress: false,
+        python: None,
+    };
+    let err = store.fetch(&m, &offline).unwrap_err().to_string();
+    assert!(err.contains("offline"), "{err}");
+    assert!(
+        server.ranges.lock().unwrap().is_empty(),
+        "the server saw no request"
+    );
+}
+
+#[test]
+fn the_command_line_reports_missing_files_and_fails() {
+    let root = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["model", "check", "all-minilm-l6-v2", "--json"])
+        .env("EMBEDHOST_MODELS_DIR", root.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files = report["files"].as_array().unwrap();
+    assert_eq!(files.len(), 5);
+    assert!(
+        files.iter().all(|f| f["status"]["state"] == "missing"),
+        "{report}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model fetch"));
+    let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["model", "check", "no-such-model"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown model `no-such-model`"));
+}
