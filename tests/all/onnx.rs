@@ -272,3 +272,99 @@ async fn the_real_model_runs_in_a_native_child_through_the_pypi_library() {
     assert!((related - 0.7553).abs() < 2e-3, "{related}");
     assert!(cosine(v[0], v[2]) < 0.1);
 }
+
+/// The reference vectors (`scripts/golden_vectors.py`: Python tokenizers and
+/// a float64 numpy BERT over the safetensors, no ONNX involved).
+pub fn golden() -> Vec<(String, Vec<f32>)> {
+    let path = workspace().join("tests/data/golden-all-minilm-l6-v2.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    doc["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let vector: Vec<f32> = serde_json::from_value(s["vector"].clone()).unwrap();
+            (s["text"].as_str().unwrap().to_string(), vector)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_native_engine_matches_the_reference_vectors() {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let supervisor = Supervisor::start(spawner(&dir, &[]), pool(1))
+        .await
+        .unwrap();
+    let golden = golden();
+    assert!(golden.len() >= 20);
+    // One padded batch (short texts beside two truncated 256-token ones),
+    // then each text alone: padding must change nothing.
+    let texts: Vec<String> = golden.iter().map(|(t, _)| t.clone()).collect();
+    let batch = supervisor
+        .embed(texts.clone(), false, DEADLINE)
+        .await
+        .unwrap();
+    assert!(batch.failed.is_empty());
+    for (i, (text, reference)) in golden.iter().enumerate() {
+        let got = batch.vectors.get(i).unwrap();
+        let c = cosine(got, reference);
+        assert!(c >= 0.9999, "{text:?}: cosine {c} in a batch");
+        let alone = supervisor
+            .embed(vec![text.clone()], false, DEADLINE)
+            .await
+            .unwrap();
+        let c = cosine(alone.vectors.get(0).unwrap(), reference);
+        assert!(c >= 0.9999, "{text:?}: cosine {c} alone");
+    }
+}
+
+#[tokio::test]
+async fn the_real_model_ranks_paraphrases_above_unrelated_sentences() {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let supervisor = Supervisor::start(spawner(&dir, &[]), pool(1))
+        .await
+        .unwrap();
+    // (query, its paraphrase, an unrelated sentence)
+    let triples = [
+        (
+            "How do I reset my password?",
+            "I forgot my login credentials and need new ones.",
+            "The weather in Lisbon is sunny.",
+        ),
+        (
+            "A cat sleeps on the sofa.",
+            "A kitten is napping on the couch.",
+            "Interest rates rose again this quarter.",
+        ),
+        (
+            "The train to Berlin is delayed.",
+            "Our rail journey to Germany's capital is running late.",
+            "She plays the violin beautifully.",
+        ),
+        (
+            "Rust prevents data races at compile time.",
+            "The Rust compiler rules out concurrent memory bugs before the program runs.",
+            "Bake the bread for forty minutes.",
+        ),
+    ];
+    for (query, paraphrase, unrelated) in triples {
+        let r = supervisor
+            .embed(
+                vec![query.into(), paraphrase.into(), unrelated.into()],
+                false,
+                DEADLINE,
+            )
+            .await
+            .unwrap();
+        let (q, p, u) = (
+            r.vectors.get(0).unwrap(),
+            r.vectors.get(1).unwrap(),
+            r.vectors.get(2).unwrap(),
+        );
+        let (close, far) = (cosine(q, p), cosine(q, u));
+        assert!(
+            close > far + 0.2,
+            "{query:?}: paraphrase {close}, unrelated {far}"
+        );
+    }
+}
