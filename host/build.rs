@@ -19,6 +19,7 @@ use std::process::Command;
 const PLUGINS: &[(&str, &str)] = &[
     ("embedhost-plugin-stub", "STUB"),
     ("embedhost-plugin-shape-probe", "SHAPE_PROBE"),
+    ("embedhost-plugin-bert", "BERT"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";
@@ -39,6 +40,7 @@ fn main() {
         "plugins",
         "wit",
         "crates/stub-engine",
+        "crates/text",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -107,18 +109,26 @@ fn main() {
         )
         .unwrap();
     }
-    let stub = wasm_dir.join("embedhost_plugin_stub.wasm");
-    writeln!(
-        generated,
-        "/// The stub plugin's bytes, embedded as the built-in default plugin."
-    )
-    .unwrap();
-    writeln!(
-        generated,
-        "pub static STUB_WASM_BYTES: &[u8] = include_bytes!({:?});",
-        stub.display().to_string()
-    )
-    .unwrap();
+    for (file, name, what) in [
+        (
+            "embedhost_plugin_stub.wasm",
+            "STUB_WASM_BYTES",
+            "The stub plugin's bytes, built into the binary.",
+        ),
+        (
+            "embedhost_plugin_bert.wasm",
+            "BERT_WASM_BYTES",
+            "The BERT plugin's bytes, built into the binary.",
+        ),
+    ] {
+        writeln!(generated, "/// {what}").unwrap();
+        writeln!(
+            generated,
+            "pub static {name}: &[u8] = include_bytes!({:?});",
+            wasm_dir.join(file).display().to_string()
+        )
+        .unwrap();
+    }
     std::fs::write(out_dir.join("plugins.rs"), generated).expect("write plugins.rs");
 }
 

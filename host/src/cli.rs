@@ -255,7 +255,10 @@ async fn start_backend(
     match config.backend {
         Backend::Wasm => {
             let engine = engine_for(config)?;
-            let plugin = WasmPlugin::load(&engine, source).map_err(|e| e.to_string())?;
+            let mut plugin = WasmPlugin::load(&engine, source).map_err(|e| e.to_string())?;
+            if config.names_a_model() {
+                plugin = plugin.with_model_dir(fetch_model(config).await?);
+            }
             let spawner = WasmSpawner {
                 plugin,
                 limits: config.instance_limits(),
@@ -265,16 +268,7 @@ async fn start_backend(
         }
         Backend::Native => {
             let model_dir = if config.needs_model_files() {
-                let config = config.clone();
-                let options = crate::model::FetchOptions {
-                    offline: crate::model::offline_from_env(),
-                    progress: true,
-                    python: None,
-                };
-                let dir = tokio::task::spawn_blocking(move || config.ensure_model_dir(&options))
-                    .await
-                    .map_err(|e| format!("model fetch: {e}"))??;
-                Some(dir)
+                Some(fetch_model(config).await?)
             } else {
                 None
             };
@@ -349,6 +343,20 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
     })
     .await
     .map_err(|e| format!("model: {e}"))?
+}
+
+/// The configured model's directory, fetched and verified first if a file
+/// is missing (the main job's check on first use).
+async fn fetch_model(config: &Config) -> Result<PathBuf, String> {
+    let config = config.clone();
+    let options = crate::model::FetchOptions {
+        offline: crate::model::offline_from_env(),
+        progress: true,
+        python: None,
+    };
+    tokio::task::spawn_blocking(move || config.ensure_model_dir(&options))
+        .await
+        .map_err(|e| format!("model fetch: {e}"))?
 }
 
 async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), String> {

@@ -231,8 +231,31 @@ impl Config {
             message: e.to_string().trim().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let builtin = config
+            .plugin
+            .path
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_prefix("builtin:"))
+            .map(str::to_string);
+        if let Some(name) = &builtin
+            && crate::wasm::PluginSource::builtin(name).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!(
+                    "plugin.path: there is no built-in plugin `{name}` (built in: {})",
+                    crate::wasm::BUILTIN_PLUGINS.join(", ")
+                ),
+            });
+        }
+        let plugin_path = if builtin.is_some() {
+            &mut None
+        } else {
+            &mut config.plugin.path
+        };
         for relative in [
-            &mut config.plugin.path,
+            plugin_path,
             &mut config.cache.dir,
             &mut config.native.executable,
             &mut config.native.onnxruntime,
@@ -314,8 +337,13 @@ impl Config {
 
     /// The plugin to load.
     pub fn plugin_source(&self) -> PluginSource {
+        let builtin = |p: &PathBuf| {
+            p.to_str()
+                .and_then(|p| p.strip_prefix("builtin:"))
+                .and_then(PluginSource::builtin)
+        };
         match &self.plugin.path {
-            Some(path) => PluginSource::File(path.clone()),
+            Some(path) => builtin(path).unwrap_or_else(|| PluginSource::File(path.clone())),
             None => PluginSource::builtin_stub(),
         }
     }
@@ -373,6 +401,12 @@ impl Config {
             .id
             .as_deref()
             .unwrap_or(crate::model::DEFAULT_MODEL)
+    }
+
+    /// Whether the config names a model (`[model] id` or `dir`): a WASM
+    /// plugin is then given its directory, read-only.
+    pub fn names_a_model(&self) -> bool {
+        self.model.id.is_some() || self.model.dir.is_some()
     }
 
     /// Whether the backend loads model files (the native onnx engine).

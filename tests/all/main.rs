@@ -6,6 +6,7 @@ mod cli;
 mod model;
 mod native;
 mod onnx;
+mod real_model;
 mod supervisor;
 mod wasm;
 

@@ -27,12 +27,29 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// A sandboxed state: no environment, no arguments, no preopened
-    /// directory, no network (WASI denies every socket address and name
-    /// lookup unless told otherwise, and we never tell it), stdin closed,
-    /// stdout and stderr routed to the log.
-    pub fn new(plugin: Arc<str>, memory_limit: u64) -> Self {
-        let wasi = WasiCtxBuilder::new()
+    /// A sandboxed state: no environment, no arguments, no network (WASI
+    /// denies every socket address and name lookup unless told otherwise,
+    /// and we never tell it), stdin closed, stdout and stderr routed to the
+    /// log, and no directory but the model's, read-only, if one is given.
+    ///
+    /// # Errors
+    /// The model directory cannot be opened.
+    pub fn new(
+        plugin: Arc<str>,
+        memory_limit: u64,
+        model_dir: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let mut builder = WasiCtxBuilder::new();
+        if let Some(dir) = model_dir {
+            builder
+                .preopened_dir(
+                    dir,
+                    super::MODEL_DIR_IN_GUEST,
+                    wasmtime_wasi::FsPerms::ReadOnly,
+                )
+                .map_err(|e| format!("cannot open the model directory `{}`: {e}", dir.display()))?;
+        }
+        let wasi = builder
             .stdout(LogStream {
                 plugin: plugin.clone(),
                 stream: "stdout",
@@ -45,7 +62,7 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        HostState {
+        Ok(HostState {
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -53,7 +70,7 @@ impl HostState {
                 hit: None,
             },
             plugin,
-        }
+        })
     }
 }
 

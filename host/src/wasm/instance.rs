@@ -52,10 +52,16 @@ impl Instance {
         config: &[(String, String)],
     ) -> Result<Self, WasmError> {
         let engine = plugin.engine().engine();
-        let mut store = Store::new(
-            engine,
-            HostState::new(plugin.shared_name(), limits.memory_bytes),
-        );
+        let state = HostState::new(
+            plugin.shared_name(),
+            limits.memory_bytes,
+            plugin.model_dir(),
+        )
+        .map_err(|reason| WasmError::Instantiate {
+            name: plugin.name().to_string(),
+            reason,
+        })?;
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(limits.init_deadline));

@@ -228,11 +228,28 @@ pub(crate) fn deadline_ticks(deadline: Duration) -> u64 {
 pub enum PluginSource {
     /// A `.wasm` file.
     File(PathBuf),
-    /// Bytes with a name (the built-in stub).
+    /// Bytes with a name (a built-in plugin).
     Bytes { name: String, bytes: &'static [u8] },
 }
 
+/// The plugins built into the binary, by the name a config gives them
+/// (`plugin.path = "builtin:NAME"`).
+pub const BUILTIN_PLUGINS: &[&str] = &["stub", "bert"];
+
 impl PluginSource {
+    /// The built-in plugin `name` (`stub` or `bert`).
+    pub fn builtin(name: &str) -> Option<Self> {
+        let bytes = match name {
+            "stub" => crate::plugins::STUB_WASM_BYTES,
+            "bert" => crate::plugins::BERT_WASM_BYTES,
+            _ => return None,
+        };
+        Some(PluginSource::Bytes {
+            name: format!("builtin:{name}"),
+            bytes,
+        })
+    }
+
     /// The built-in stub plugin.
     pub fn builtin_stub() -> Self {
         PluginSource::Bytes {
@@ -279,6 +296,7 @@ pub struct WasmPlugin {
     engine: WasmEngine,
     pre: bindings::PluginPre<host::HostState>,
     cache_outcome: CacheOutcome,
+    model_dir: Option<Arc<std::path::Path>>,
 }
 
 impl std::fmt::Debug for WasmPlugin {
@@ -288,6 +306,10 @@ impl std::fmt::Debug for WasmPlugin {
             .finish_non_exhaustive()
     }
 }
+
+/// Where a plugin finds its model directory (read-only), if the host gives
+/// it one.
+pub const MODEL_DIR_IN_GUEST: &str = "/model";
 
 /// The first bytes of every WebAssembly binary.
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -334,7 +356,21 @@ impl WasmPlugin {
             engine: engine.clone(),
             pre,
             cache_outcome,
+            model_dir: None,
         })
+    }
+
+    /// Gives every instance of this plugin `dir`, read-only, as
+    /// [`MODEL_DIR_IN_GUEST`]: the only file access a plugin ever has.
+    #[must_use]
+    pub fn with_model_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.model_dir = Some(Arc::from(dir.into().into_boxed_path()));
+        self
+    }
+
+    /// The host directory instances see as [`MODEL_DIR_IN_GUEST`], if any.
+    pub fn model_dir(&self) -> Option<&std::path::Path> {
+        self.model_dir.as_deref()
     }
 
     /// The plugin's name (its path, or `builtin:stub`).

@@ -18,7 +18,6 @@ use embedhost::embedder::host_log::{self, Level};
 use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
 use exports::embedhost::embedder::embedder::Guest;
 
-
 static ENGINE: Mutex<Option<StubEngine>> = Mutex::new(None);
 
 struct Stub;

@@ -1,0 +1,133 @@
+//! all-MiniLM-L6-v2 on both backends: the BERT WASM plugin against the
+//! reference vectors, against the native ONNX engine, and the one-line
+//! backend swap of the example configs.
+
+use std::time::Duration;
+
+use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::wasm::{
+    ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
+};
+
+use crate::onnx::{golden, real_model};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+async fn wasm_pool(size: usize) -> Supervisor {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
+        .unwrap()
+        .with_model_dir(dir);
+    let spawner = WasmSpawner {
+        plugin,
+        limits: InstanceLimits::default(),
+        config: vec![],
+    };
+    let config = SupervisorConfig {
+        pool_size: size,
+        ..SupervisorConfig::default()
+    };
+    Supervisor::start(spawner, config).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_wasm_plugin_matches_the_reference_vectors() {
+    let supervisor = wasm_pool(1).await;
+    let info = supervisor.model_info();
+    assert_eq!((info.dimension, info.max_input_tokens), (384, 256));
+    let golden = golden();
+    // The short texts in one padded batch, the long ones alone (a batch
+    // padded to 256 tokens would only cost time).
+    let (short, long): (Vec<_>, Vec<_>) = golden.iter().partition(|(t, _)| t.len() < 200);
+    let texts: Vec<String> = short.iter().map(|(t, _)| t.clone()).collect();
+    let r = supervisor.embed(texts, false, DEADLINE).await.unwrap();
+    for (i, (text, reference)) in short.iter().enumerate() {
+        let c = cosine(r.vectors.get(i).unwrap(), reference);
+        assert!(c >= 0.9999, "{text:?}: cosine {c}");
+    }
+    for (text, reference) in long {
+        let r = supervisor
+            .embed(vec![text.clone()], false, DEADLINE)
+            .await
+            .unwrap();
+        let c = cosine(r.vectors.get(0).unwrap(), reference);
+        assert!(c >= 0.9999, "{:?}...: cosine {c}", &text[..40]);
+    }
+}
+
+#[tokio::test]
+async fn the_plugin_reads_only_its_model_directory() {
+    // Without a model directory the plugin's `init` fails with a clear
+    // error naming the file it looked for, and nothing else is reachable.
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap()).unwrap();
+    let err =
+        embedhost::wasm::WasmEmbedder::start(plugin.clone(), InstanceLimits::default(), vec![])
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("/model/config.json"), "{err}");
+    // A model_dir outside the preopened directory does not exist for it.
+    let err = embedhost::wasm::WasmEmbedder::start(
+        plugin,
+        InstanceLimits::default(),
+        vec![("model_dir".into(), "/etc".into())],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read `/etc/config.json`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn swapping_the_backend_of_the_real_model_is_one_line_and_gives_the_same_vectors() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let models = real_model().parent().unwrap().to_path_buf();
+    let texts = ["A man is eating food.", "Grüße aus Köln!", ""];
+    let run = |config: &str| {
+        let config = root.join("examples/config").join(config);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .arg("--config")
+            .arg(&config)
+            .arg("embed")
+            .args(texts)
+            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+            .env("EMBEDHOST_MODELS_DIR", &models)
+            .env("EMBEDHOST_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["text"].as_str().unwrap().to_string(),
+                    serde_json::from_value::<Vec<f32>>(v["vector"].clone()).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let wasm = run("minilm-wasm.toml");
+    let native = run("minilm-native.toml");
+    assert_eq!(wasm.len(), 3);
+    for ((text, w), (same, n)) in wasm.iter().zip(&native) {
+        assert_eq!(text, same);
+        assert_eq!(w.len(), 384);
+        let c = cosine(w, n);
+        assert!(c >= 0.9999, "{text:?}: native vs wasm cosine {c}");
+    }
+}
