@@ -24,7 +24,7 @@ fn model_dir() -> PathBuf {
     let deps = embedhost::deps::deps_dir().expect("run `./x setup` first");
     let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
     ModelStore::new(deps.join("models"))
-        .ensure(&manifest, &FetchOptions::default())
+        .ensure(&manifest, Some("native"), &FetchOptions::default())
         .expect("the default model (run `./x setup` first)")
 }
 

@@ -53,7 +53,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// The plugin to use instead of the configured one.
+    /// The plugin to use instead of the configured one (a file, or
+    /// `builtin:stub` / `builtin:bert`).
     #[arg(long, value_name = "PATH.wasm")]
     pub plugin: Option<PathBuf>,
     /// Embed the texts as search queries rather than documents.
@@ -183,7 +184,7 @@ fn engine_for(config: &Config) -> Result<WasmEngine, String> {
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let source = match args.plugin {
-        Some(path) => PluginSource::File(path),
+        Some(path) => PluginSource::from_path(&path),
         None => config.plugin_source(),
     };
     if config.backend == Backend::Native && matches!(source, PluginSource::File(_)) {
@@ -256,7 +257,7 @@ async fn start_backend(
         Backend::Wasm => {
             let engine = engine_for(config)?;
             let mut plugin = WasmPlugin::load(&engine, source).map_err(|e| e.to_string())?;
-            if config.names_a_model() {
+            if config.wasm_needs_model() {
                 plugin = plugin.with_model_dir(fetch_model(config).await?);
             }
             let spawner = WasmSpawner {
@@ -367,7 +368,12 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
     let mut report = serde_json::json!({
         "config": path(config.source.as_deref()),
         "backend": match config.backend { Backend::Wasm => "wasm", Backend::Native => "native" },
-        "model_dir": path(config.model.dir.as_deref()),
+        "model_id": config.model_id(),
+        "model_dir": path(config.model.dir.as_deref()).or_else(|| {
+            let manifest = crate::model::builtin(config.model_id()).ok()?;
+            let store = crate::model::ModelStore::from_env().ok()?;
+            Some(store.dir(&manifest).display().to_string())
+        }),
         "cache_dir": path(config.cache_dir().as_deref()),
         "pool_size": config.supervisor_config().pool_size,
     });
@@ -429,7 +435,11 @@ fn print_status(report: &serde_json::Value) {
             text(&report["threads_per_child"])
         );
     }
-    println!("model dir:    {}", text(&report["model_dir"]));
+    println!(
+        "model:        {} in {}",
+        text(&report["model_id"]),
+        text(&report["model_dir"])
+    );
     let ort = &report["onnxruntime"];
     match ort["path"].as_str() {
         Some(p) if ort["found"] == true => println!("onnxruntime:  {p}"),
@@ -440,7 +450,7 @@ fn print_status(report: &serde_json::Value) {
     println!("pool size:    {}", text(&report["pool_size"]));
     if let Some(model) = report.get("model") {
         println!(
-            "model:        {} ({} dimensions, {} tokens max, normalized: {})",
+            "serving:      {} ({} dimensions, {} tokens max, normalized: {})",
             text(&model["model_id"]),
             text(&model["dimension"]),
             text(&model["max_input_tokens"]),

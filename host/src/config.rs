@@ -2,8 +2,8 @@
 //!
 //! Lookup order: `--config FILE`, else `./embedhost.toml`, else
 //! `embedhost.toml` in the user's config directory, else built-in defaults
-//! (the built-in stub plugin), so `embedhost embed "hello"` runs with no
-//! file at all.
+//! (the built-in BERT plugin with all-MiniLM-L6-v2, fetched on first use),
+//! so `embedhost embed "hello"` runs with no file at all.
 //!
 //! # Invariants
 //! - Unknown keys are errors naming the key and the file: a typo never
@@ -44,6 +44,9 @@ use crate::wasm::{InstanceLimits, PluginSource};
 
 /// The config file's name.
 pub const FILE_NAME: &str = "embedhost.toml";
+
+/// The built-in plugin used when `plugin.path` is not set: the real model.
+pub const DEFAULT_PLUGIN: &str = "bert";
 
 /// Environment variable that overrides the artifact cache directory.
 pub const CACHE_DIR_ENV: &str = "EMBEDHOST_CACHE_DIR";
@@ -93,7 +96,7 @@ pub struct NativeSection {
 impl Default for NativeSection {
     fn default() -> Self {
         NativeSection {
-            engine: "stub".into(),
+            engine: "onnx".into(),
             onnxruntime: None,
             threads: None,
             executable: None,
@@ -337,14 +340,11 @@ impl Config {
 
     /// The plugin to load.
     pub fn plugin_source(&self) -> PluginSource {
-        let builtin = |p: &PathBuf| {
-            p.to_str()
-                .and_then(|p| p.strip_prefix("builtin:"))
-                .and_then(PluginSource::builtin)
-        };
         match &self.plugin.path {
-            Some(path) => builtin(path).unwrap_or_else(|| PluginSource::File(path.clone())),
-            None => PluginSource::builtin_stub(),
+            Some(path) => PluginSource::from_path(path),
+            None => {
+                PluginSource::builtin(DEFAULT_PLUGIN).unwrap_or_else(PluginSource::builtin_stub)
+            }
         }
     }
 
@@ -403,10 +403,13 @@ impl Config {
             .unwrap_or(crate::model::DEFAULT_MODEL)
     }
 
-    /// Whether the config names a model (`[model] id` or `dir`): a WASM
-    /// plugin is then given its directory, read-only.
-    pub fn names_a_model(&self) -> bool {
-        self.model.id.is_some() || self.model.dir.is_some()
+    /// Whether the WASM plugin is given the model's directory (read-only):
+    /// for the built-in BERT plugin, and for any plugin when the config
+    /// names a model (`[model] id` or `dir`).
+    pub fn wasm_needs_model(&self) -> bool {
+        self.model.id.is_some()
+            || self.model.dir.is_some()
+            || matches!(self.plugin_source(), PluginSource::Bytes { ref name, .. } if name == "builtin:bert")
     }
 
     /// Whether the backend loads model files (the native onnx engine).
@@ -428,7 +431,13 @@ impl Config {
         }
         let manifest = crate::model::builtin(self.model_id()).map_err(|e| e.to_string())?;
         let store = crate::model::ModelStore::from_env().map_err(|e| e.to_string())?;
-        store.ensure(&manifest, options).map_err(|e| e.to_string())
+        let backend = match self.backend {
+            Backend::Wasm => "wasm",
+            Backend::Native => "native",
+        };
+        store
+            .ensure(&manifest, Some(backend), options)
+            .map_err(|e| e.to_string())
     }
 
     /// Intra-op threads of each native child.

@@ -41,12 +41,14 @@ fn embed_prints_a_unit_vector_per_text_and_is_deterministic() {
     assert_eq!(rows[0].1.len(), 384);
     let norm: f32 = rows[0].1.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
-    // With no flags and no config file, the built-in stub gives the same vector.
-    let again = embedhost(&["embed", "hello world"]);
+    // The built-in stub gives the same vector as the stub's file.
+    let again = embedhost(&["embed", "--plugin", "builtin:stub", "hello world"]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(vectors(&again), rows);
     let pair = vectors(&embedhost(&[
         "embed",
+        "--plugin",
+        "builtin:stub",
         "--query",
         "hello world",
         "hello big world",
@@ -123,7 +125,7 @@ fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host(
     let config = dir.path().join("embedhost.toml");
     std::fs::write(
         &config,
-        "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n",
+        "[plugin]\npath = \"builtin:stub\"\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n",
     )
     .unwrap();
     let out = embedhost(&[
@@ -157,7 +159,7 @@ fn an_escalated_backend_exits_non_zero_with_the_reason() {
     let config = dir.path().join("embedhost.toml");
     std::fs::write(
         &config,
-        "[plugin]\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n[supervisor]\npool_size = 1\nmax_restarts = 0\n",
+        "[plugin]\npath = \"builtin:stub\"\nconfig = { \"fault.trap_marker\" = \"BOOM\" }\n[supervisor]\npool_size = 1\nmax_restarts = 0\n",
     )
     .unwrap();
     let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "BOOM"]);

@@ -341,7 +341,7 @@ fn a_sigkilled_host_leaves_no_orphan() {
     let config = dir.path().join("native.toml");
     std::fs::write(
         &config,
-        "backend = \"native\"\n[plugin]\nconfig = { \"fault.sleep_ms\" = 60000 }\n",
+        "backend = \"native\"\n[native]\nengine = \"stub\"\n[plugin]\nconfig = { \"fault.sleep_ms\" = 60000 }\n",
     )
     .unwrap();
     let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))

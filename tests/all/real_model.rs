@@ -131,3 +131,61 @@ fn swapping_the_backend_of_the_real_model_is_one_line_and_gives_the_same_vectors
         assert!(c >= 0.9999, "{text:?}: native vs wasm cosine {c}");
     }
 }
+
+#[test]
+fn the_main_job_with_no_config_uses_the_real_model() {
+    let models = real_model().parent().unwrap().to_path_buf();
+    let cwd = tempfile::tempdir().unwrap(); // no ./embedhost.toml there
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args([
+            "embed",
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+        ])
+        .current_dir(cwd.path())
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env("EMBEDHOST_MODELS_DIR", &models)
+        .env("XDG_CONFIG_HOME", cwd.path())
+        .env("EMBEDHOST_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<f32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["vector"].clone()).unwrap()
+        })
+        .collect();
+    assert_eq!(rows[0].len(), 384);
+    let c = cosine(&rows[0], &rows[1]);
+    assert!((c - 0.7553).abs() < 2e-3, "{c}");
+}
+
+#[test]
+fn offline_with_the_model_missing_names_the_file_and_the_fix() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["embed", "hello"])
+        .current_dir(empty.path())
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env("EMBEDHOST_MODELS_DIR", empty.path())
+        .env("XDG_CONFIG_HOME", empty.path())
+        .env("EMBEDHOST_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("config.json")
+            && last.contains("offline")
+            && last.contains("embedhost model fetch all-minilm-l6-v2"),
+        "{err}"
+    );
+}

@@ -39,7 +39,14 @@ pub struct FileSpec {
     pub pip: Option<PipSource>,
     /// A recipe making the file from other files of the model.
     pub derive: Option<Derive>,
+    /// The backends that load the file at run time (`wasm`, `native`);
+    /// absent: both. A backend's first use fetches only its files (and what
+    /// they are derived from).
+    pub needed_by: Option<Vec<String>>,
 }
+
+/// The backends a file can be needed by.
+pub const BACKENDS: &[&str] = &["wasm", "native"];
 
 /// A file inside a PyPI package.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -116,6 +123,16 @@ impl Manifest {
                     "file `{name}`: `{url}` is not an HTTP(S) URL"
                 )));
             }
+            if let Some(unknown) = file
+                .needed_by
+                .iter()
+                .flatten()
+                .find(|b| !BACKENDS.contains(&b.as_str()))
+            {
+                return Err(error(format!(
+                    "file `{name}`: needed_by names `{unknown}` (known: wasm, native)"
+                )));
+            }
             if let Some(derive) = &file.derive {
                 for input in &derive.from {
                     if !seen.contains(&input.as_str()) {
@@ -131,6 +148,33 @@ impl Manifest {
             return Err(error("the manifest lists no file".into()));
         }
         Ok(manifest)
+    }
+
+    /// The files `backend` needs (all files for `None`), with every file
+    /// they are derived from, in manifest order.
+    pub fn files_for(&self, backend: Option<&str>) -> Vec<&FileSpec> {
+        let mut wanted: Vec<&str> = self
+            .files
+            .iter()
+            .filter(|f| match (backend, &f.needed_by) {
+                (Some(b), Some(users)) => users.iter().any(|u| u == b),
+                _ => true,
+            })
+            .map(|f| f.name.as_str())
+            .collect();
+        // Inputs come before the files derived from them: one pass from the
+        // end collects the whole closure.
+        for file in self.files.iter().rev() {
+            if wanted.contains(&file.name.as_str())
+                && let Some(derive) = &file.derive
+            {
+                wanted.extend(derive.from.iter().map(String::as_str));
+            }
+        }
+        self.files
+            .iter()
+            .filter(|f| wanted.contains(&f.name.as_str()))
+            .collect()
     }
 
     /// The file called `name`.
@@ -174,6 +218,24 @@ derive = { script = "bert_to_onnx", from = ["a.bin"] }
         assert_eq!(m.id, "all-minilm-l6-v2");
         assert_eq!(m.dimension, 384);
         assert!(m.file("model.onnx").unwrap().derive.is_some());
+        let names = |b| {
+            m.files_for(b)
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(Some("wasm")),
+            [
+                "config.json",
+                "tokenizer.json",
+                "sentence_bert_config.json",
+                "model.safetensors"
+            ]
+        );
+        // The ONNX graph, and what it is derived from.
+        assert_eq!(names(Some("native")).len(), 5);
+        assert_eq!(names(None).len(), 5);
     }
 
     #[test]

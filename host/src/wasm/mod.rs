@@ -237,6 +237,14 @@ pub enum PluginSource {
 pub const BUILTIN_PLUGINS: &[&str] = &["stub", "bert"];
 
 impl PluginSource {
+    /// `builtin:NAME` as that built-in plugin, any other path as a file.
+    pub fn from_path(path: &std::path::Path) -> Self {
+        path.to_str()
+            .and_then(|p| p.strip_prefix("builtin:"))
+            .and_then(Self::builtin)
+            .unwrap_or_else(|| PluginSource::File(path.to_path_buf()))
+    }
+
     /// The built-in plugin `name` (`stub` or `bert`).
     pub fn builtin(name: &str) -> Option<Self> {
         let bytes = match name {
