@@ -19,7 +19,8 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn vectors(o: &Output) -> Vec<(String, Vec<f32>)> {
+/// The `(text, vector)` rows of `embed`'s JSON lines.
+pub(crate) fn vectors(o: &Output) -> Vec<(String, Vec<f32>)> {
     stdout(o)
         .lines()
         .map(|line| {

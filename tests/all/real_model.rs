@@ -2,6 +2,8 @@
 //! reference vectors, against the native ONNX engine, and the one-line
 //! backend swap of the example configs.
 
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
@@ -85,41 +87,47 @@ async fn the_plugin_reads_only_its_model_directory() {
     );
 }
 
+/// Runs `embedhost ARGS` offline with the model store at `models`, from an
+/// empty working directory and with no user config, so only `args` (and the
+/// built-in defaults) decide what runs.
+fn embedhost_offline(args: &[&str], models: &Path) -> Output {
+    let cwd = tempfile::tempdir().unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(args)
+        .current_dir(cwd.path())
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env("EMBEDHOST_MODELS_DIR", models)
+        .env("XDG_CONFIG_HOME", cwd.path())
+        .env("EMBEDHOST_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn succeeded(out: &Output) -> Vec<(String, Vec<f32>)> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::cli::vectors(out)
+}
+
 #[test]
 fn swapping_the_backend_of_the_real_model_is_one_line_and_gives_the_same_vectors() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let models = real_model().parent().unwrap().to_path_buf();
-    let texts = ["A man is eating food.", "Grüße aus Köln!", ""];
     let run = |config: &str| {
         let config = root.join("examples/config").join(config);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
-            .arg("--config")
-            .arg(&config)
-            .arg("embed")
-            .args(texts)
-            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-            .env("EMBEDHOST_MODELS_DIR", &models)
-            .env("EMBEDHOST_OFFLINE", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["text"].as_str().unwrap().to_string(),
-                    serde_json::from_value::<Vec<f32>>(v["vector"].clone()).unwrap(),
-                )
-            })
-            .collect::<Vec<_>>()
+        let config = config.to_str().unwrap();
+        let args = [
+            "--config",
+            config,
+            "embed",
+            "A man is eating food.",
+            "Grüße aus Köln!",
+            "",
+        ];
+        succeeded(&embedhost_offline(&args, &models))
     };
     let wasm = run("minilm-wasm.toml");
     let native = run("minilm-native.toml");
@@ -135,50 +143,21 @@ fn swapping_the_backend_of_the_real_model_is_one_line_and_gives_the_same_vectors
 #[test]
 fn the_main_job_with_no_config_uses_the_real_model() {
     let models = real_model().parent().unwrap().to_path_buf();
-    let cwd = tempfile::tempdir().unwrap(); // no ./embedhost.toml there
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
-        .args([
-            "embed",
-            "A man is eating food.",
-            "A man is eating a piece of bread.",
-        ])
-        .current_dir(cwd.path())
-        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-        .env("EMBEDHOST_MODELS_DIR", &models)
-        .env("XDG_CONFIG_HOME", cwd.path())
-        .env("EMBEDHOST_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<Vec<f32>> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            serde_json::from_value(v["vector"].clone()).unwrap()
-        })
-        .collect();
-    assert_eq!(rows[0].len(), 384);
-    let c = cosine(&rows[0], &rows[1]);
+    let args = [
+        "embed",
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+    ];
+    let rows = succeeded(&embedhost_offline(&args, &models));
+    assert_eq!(rows[0].1.len(), 384);
+    let c = cosine(&rows[0].1, &rows[1].1);
     assert!((c - 0.7553).abs() < 2e-3, "{c}");
 }
 
 #[test]
 fn offline_with_the_model_missing_names_the_file_and_the_fix() {
     let empty = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
-        .args(["embed", "hello"])
-        .current_dir(empty.path())
-        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-        .env("EMBEDHOST_MODELS_DIR", empty.path())
-        .env("XDG_CONFIG_HOME", empty.path())
-        .env("EMBEDHOST_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let out = embedhost_offline(&["embed", "hello"], empty.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default();

@@ -251,12 +251,7 @@ pub fn pip(
                 .map_err(|e| format!("cannot run `{} -m pip`: {e}", python.display()))?;
             spinner.finish_and_clear();
             if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let last = stderr
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("");
+                let last = last_words(&out.stderr);
                 return Err(format!(
                     "pip download {what} failed ({}): {last}",
                     out.status
@@ -274,6 +269,16 @@ pub fn pip(
         return Err(e);
     }
     install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{what}: {e}"))
+}
+
+/// The last non-empty line a failed program wrote: usually its reason.
+fn last_words(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string()
 }
 
 fn find_wheel(dir: &Path) -> Option<PathBuf> {
@@ -357,12 +362,7 @@ pub fn derive(
     let out = out.map_err(|e| format!("cannot run `{}`: {e}", python.display()))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
+        let last = last_words(&out.stderr);
         return Err(format!(
             "{} failed ({}): {last} (it needs Python with the `onnx` and `numpy` packages: run `./x setup` or set EMBEDHOST_PYTHON)",
             recipe.script, out.status

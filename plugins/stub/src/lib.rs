@@ -16,6 +16,7 @@ wit_bindgen::generate!({
 
 use embedhost::embedder::host_log::{self, Level};
 use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
+use embedhost_plugin_support::linear_memory_bytes;
 use exports::embedhost::embedder::embedder::Guest;
 
 static ENGINE: Mutex<Option<StubEngine>> = Mutex::new(None);
@@ -62,26 +63,8 @@ impl Guest for Stub {
     }
 }
 
-/// A poisoned lock only means an earlier call trapped mid-way, which the host
-/// answers by discarding the instance; recover the guard rather than trap again.
 fn lock() -> std::sync::MutexGuard<'static, Option<StubEngine>> {
-    ENGINE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn linear_memory_bytes() -> u64 {
-    /// The WebAssembly page size.
-    const PAGE: u64 = 65_536;
-    #[cfg(target_arch = "wasm32")]
-    {
-        core::arch::wasm32::memory_size(0) as u64 * PAGE
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        let _ = PAGE;
-        0
-    }
+    embedhost_plugin_support::lock(&ENGINE)
 }
 
 export!(Stub);
