@@ -204,4 +204,14 @@ fn main() {
             w / n
         );
     }
+    for (name, supervisor) in [("native", &native), ("wasm", &wasm)] {
+        for i in supervisor.status() {
+            println!(
+                "{name} instance {}: {} MB at its last health check, restarts {:?}",
+                i.slot,
+                i.memory_bytes / 1_000_000,
+                i.restarts
+            );
+        }
+    }
 }

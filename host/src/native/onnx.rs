@@ -48,6 +48,12 @@ pub const LIBRARY_ENV: &str = "ORT_DYLIB_PATH";
 /// position table has 512 entries.
 pub const DEFAULT_MAX_TOKENS: usize = 512;
 
+/// Texts per inference run within a batch, after sorting the batch by
+/// length: small enough that texts of similar length share a run (less
+/// padding), large enough that each run's matrix products stay efficient.
+/// Measured with `cargo bench --bench throughput` (see README).
+pub const LENGTH_GROUP: usize = 8;
+
 /// The onnx engine's settings (the `--set` table of `embedhost child`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OnnxSettings {
@@ -294,12 +300,23 @@ impl OnnxEngine {
                 normalized: true,
             },
         };
-        // A dynamic dimension is learnt from one embedding; a static one is
+        // A dynamic dimension is learnt from one run; a static one is
         // checked by it.
         let probe = engine
-            .embed(&["embedhost".to_string()], false)
+            .encoder
+            .encode(&["embedhost"])
+            .map_err(|e| e.to_string())
+            .and_then(|batch| engine.run(&batch).map_err(|e| e.to_string()))
             .map_err(|e| format!("`{}` failed a test embedding: {e}", model_path.display()))?;
-        engine.info.dimension = probe.dimension() as u32;
+        if declared.is_some_and(|d| d as usize != probe.len()) {
+            return Err(format!(
+                "`{}` declares dimension {} but produced {}",
+                model_path.display(),
+                declared.unwrap_or_default(),
+                probe.len()
+            ));
+        }
+        engine.info.dimension = probe.len() as u32;
         Ok(engine)
     }
 
@@ -346,12 +363,33 @@ impl Engine for OnnxEngine {
         if texts.is_empty() {
             return Ok(Vectors::default());
         }
-        let batch = self
-            .encoder
-            .encode(texts)
-            .map_err(|e| EngineError::Failed(e.to_string()))?;
-        let data = self.run(&batch)?;
-        let dimension = data.len() / texts.len();
+        let failed = |e: embedhost_text::TextError| EngineError::Failed(e.to_string());
+        // Padding is wasted work: a batch is run in groups of texts of
+        // similar length (sorted by tokens), each padded to its own longest.
+        let mut lengths = Vec::with_capacity(texts.len());
+        for text in texts {
+            lengths.push(self.encoder.count_tokens(text).map_err(failed)?);
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| lengths[i]);
+        let dimension = self.info.dimension as usize;
+        let mut data = vec![0f32; texts.len() * dimension];
+        for group in order.chunks(LENGTH_GROUP) {
+            let group_texts: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
+            let batch = self.encoder.encode(&group_texts).map_err(failed)?;
+            let rows = self.run(&batch)?;
+            if rows.len() != group.len() * dimension {
+                return Err(EngineError::Failed(format!(
+                    "the model gave {} values for {} texts of dimension {dimension}",
+                    rows.len(),
+                    group.len()
+                )));
+            }
+            for (k, &i) in group.iter().enumerate() {
+                data[i * dimension..][..dimension]
+                    .copy_from_slice(&rows[k * dimension..][..dimension]);
+            }
+        }
         Vectors::new(dimension, data).map_err(|e| EngineError::Failed(e.to_string()))
     }
 }
