@@ -11,39 +11,13 @@
 //!
 //! The model is fetched into `target/embedhost-deps/models` on first use.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use embedhost::model::{FetchOptions, ModelStore};
-use embedhost::native::NativeSpawner;
 use embedhost::native::child::Engine;
-use embedhost::native::onnx::{OnnxEngine, OnnxSettings, resolve_library};
+use embedhost::native::onnx::OnnxEngine;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
-
-fn model_dir() -> PathBuf {
-    let deps = embedhost::deps::deps_dir().expect("run `./x setup` first");
-    let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
-    ModelStore::new(deps.join("models"))
-        .ensure(&manifest, Some("native"), &FetchOptions::default())
-        .expect("the default model (run `./x setup` first)")
-}
-
-/// Short sentences of different lengths, as a user's queries and snippets.
-pub fn short_sentences(n: usize) -> Vec<String> {
-    const WORDS: &[&str] = &[
-        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "search",
-        "engines", "index", "files", "by", "meaning", "and", "people", "find", "notes",
-    ];
-    (0..n)
-        .map(|i| {
-            let len = 6 + i % 10;
-            (0..len)
-                .map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()])
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
-}
 
 /// Rounds of (in-process, child) pairs under `cargo bench`; a smoke run
 /// under `cargo test` does a few.
@@ -68,35 +42,16 @@ fn main() {
     } else {
         SMOKE_ROUNDS
     };
-    let dir = model_dir();
-    let library = resolve_library(None).unwrap();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let texts = short_sentences(32);
-    let settings = OnnxSettings {
-        model_dir: dir.clone(),
-        library: library.clone(),
-        threads,
-        max_tokens: None,
-        model_id: None,
-    };
+    let texts = common::short_sentences(32);
+    let settings = common::onnx_settings(common::model_dir(), threads);
     let mut engine = OnnxEngine::load(&settings).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let spawner = NativeSpawner {
-        executable: env!("CARGO_BIN_EXE_embedhost").into(),
-        engine: "onnx".into(),
-        settings: vec![
-            ("model_dir".into(), dir.display().to_string()),
-            ("onnxruntime".into(), library.display().to_string()),
-            ("threads".into(), threads.to_string()),
-        ],
-        init_deadline: Duration::from_secs(60),
-        call_deadline: Duration::from_secs(60),
-        grace: Duration::from_secs(1),
-    };
+    let spawner = common::onnx_spawner(&settings, Duration::from_secs(60));
     let supervision = SupervisorConfig {
         pool_size: 1,
         max_processed: u64::MAX,

@@ -13,12 +13,11 @@
 //! Two workloads: batches of 32 short sentences, and batches of 8 passages
 //! of 256 tokens (truncated).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use embedhost::model::{FetchOptions, ModelStore};
-use embedhost::native::NativeSpawner;
-use embedhost::native::onnx::resolve_library;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 use embedhost::wasm::{
     ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
@@ -28,29 +27,6 @@ use embedhost::wasm::{
 /// run under `cargo test` does one pass.
 const SECONDS: f64 = 8.0;
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn model_dir() -> PathBuf {
-    let deps = embedhost::deps::deps_dir().expect("run `./x setup` first");
-    let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
-    ModelStore::new(deps.join("models"))
-        .ensure(&manifest, None, &FetchOptions::default())
-        .expect("the default model")
-}
-
-fn short_batch() -> Vec<String> {
-    const WORDS: &[&str] = &[
-        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "search",
-        "engines", "index", "files", "by", "meaning", "and", "people", "find", "notes",
-    ];
-    (0..32)
-        .map(|i| {
-            (0..6 + i % 10)
-                .map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()])
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
-}
 
 fn passage_batch() -> Vec<String> {
     let text = "Semantic search finds documents by what they mean rather than by the words they share, \
@@ -140,26 +116,14 @@ fn main() {
         0.0
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let dir = model_dir();
+    let dir = common::model_dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
 
-    let library = resolve_library(None).unwrap();
-    let native = NativeSpawner {
-        executable: env!("CARGO_BIN_EXE_embedhost").into(),
-        engine: "onnx".into(),
-        settings: vec![
-            ("model_dir".into(), dir.display().to_string()),
-            ("onnxruntime".into(), library.display().to_string()),
-            ("threads".into(), cores.to_string()),
-        ],
-        init_deadline: DEADLINE,
-        call_deadline: DEADLINE,
-        grace: Duration::from_secs(1),
-    };
+    let native = common::onnx_spawner(&common::onnx_settings(dir.clone(), cores), DEADLINE);
     let one = SupervisorConfig {
         pool_size: 1,
         max_processed: u64::MAX,
@@ -191,7 +155,7 @@ fn main() {
         "workload", "python ort", "native", "wasm pool", "native/python", "wasm/native"
     );
     for (name, batch) in [
-        ("32 short sentences", short_batch()),
+        ("32 short sentences", common::short_sentences(32)),
         ("8 passages of 256 tokens", passage_batch()),
     ] {
         let base = python(&dir, &batch, cores, seconds.max(0.1));

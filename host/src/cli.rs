@@ -328,12 +328,7 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
             }
         }
         ModelCommand::Fetch { offline, .. } => {
-            let options = crate::model::FetchOptions {
-                offline: offline || crate::model::offline_from_env(),
-                progress: true,
-                python: None,
-            };
-            let done = store.fetch(&manifest, &options).map_err(|e| e.to_string())?;
+            let done = store.fetch(&manifest, &fetch_options(offline)).map_err(|e| e.to_string())?;
             for (name, how) in done {
                 let how = serde_json::to_value(&how).unwrap_or_default();
                 println!("{:<10} {name}", how.as_str().unwrap_or("?"));
@@ -346,16 +341,21 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
     .map_err(|e| format!("model: {e}"))?
 }
 
+/// A fetch from the command line: progress bars, offline if asked or if
+/// `EMBEDHOST_OFFLINE` says so.
+fn fetch_options(offline: bool) -> crate::model::FetchOptions {
+    crate::model::FetchOptions {
+        offline: offline || crate::model::offline_from_env(),
+        progress: true,
+        python: None,
+    }
+}
+
 /// The configured model's directory, fetched and verified first if a file
 /// is missing (the main job's check on first use).
 async fn fetch_model(config: &Config) -> Result<PathBuf, String> {
     let config = config.clone();
-    let options = crate::model::FetchOptions {
-        offline: crate::model::offline_from_env(),
-        progress: true,
-        python: None,
-    };
-    tokio::task::spawn_blocking(move || config.ensure_model_dir(&options))
+    tokio::task::spawn_blocking(move || config.ensure_model_dir(&fetch_options(false)))
         .await
         .map_err(|e| format!("model fetch: {e}"))?
 }
@@ -367,13 +367,9 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
     let library = crate::native::onnx::resolve_library(config.native.onnxruntime.as_deref());
     let mut report = serde_json::json!({
         "config": path(config.source.as_deref()),
-        "backend": match config.backend { Backend::Wasm => "wasm", Backend::Native => "native" },
+        "backend": config.backend.name(),
         "model_id": config.model_id(),
-        "model_dir": path(config.model.dir.as_deref()).or_else(|| {
-            let manifest = crate::model::builtin(config.model_id()).ok()?;
-            let store = crate::model::ModelStore::from_env().ok()?;
-            Some(store.dir(&manifest).display().to_string())
-        }),
+        "model_dir": config.model_dir().ok().map(|d| d.display().to_string()),
         "cache_dir": path(config.cache_dir().as_deref()),
         "pool_size": config.supervisor_config().pool_size,
     });

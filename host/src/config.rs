@@ -74,6 +74,16 @@ pub enum Backend {
     Native,
 }
 
+impl Backend {
+    /// The name the config uses (and a manifest's `needed_by`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Wasm => "wasm",
+            Backend::Native => "native",
+        }
+    }
+}
+
 /// `[native]`: the native backend's child processes.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -381,9 +391,14 @@ impl Config {
                     library.display()
                 ));
             }
-            settings.push(("model_dir".into(), dir.display().to_string()));
-            settings.push(("onnxruntime".into(), library.display().to_string()));
-            settings.push(("threads".into(), self.native_threads().to_string()));
+            let onnx = crate::native::onnx::OnnxSettings {
+                model_dir: dir.to_path_buf(),
+                library,
+                threads: self.native_threads(),
+                max_tokens: None,
+                model_id: None,
+            };
+            settings.extend(onnx.to_pairs());
         }
         Ok(crate::native::NativeSpawner {
             executable,
@@ -429,15 +444,30 @@ impl Config {
         if let Some(dir) = &self.model.dir {
             return Ok(dir.clone());
         }
+        let (manifest, store) = self.model_store()?;
+        store
+            .ensure(&manifest, Some(self.backend.name()), options)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where the model's files are: `[model] dir`, else the model store's
+    /// directory for `[model] id`. Nothing is checked or fetched.
+    ///
+    /// # Errors
+    /// An unknown model id, or no place for the model store.
+    pub fn model_dir(&self) -> Result<PathBuf, String> {
+        match &self.model.dir {
+            Some(dir) => Ok(dir.clone()),
+            None => self
+                .model_store()
+                .map(|(manifest, store)| store.dir(&manifest)),
+        }
+    }
+
+    fn model_store(&self) -> Result<(crate::model::Manifest, crate::model::ModelStore), String> {
         let manifest = crate::model::builtin(self.model_id()).map_err(|e| e.to_string())?;
         let store = crate::model::ModelStore::from_env().map_err(|e| e.to_string())?;
-        let backend = match self.backend {
-            Backend::Wasm => "wasm",
-            Backend::Native => "native",
-        };
-        store
-            .ensure(&manifest, Some(backend), options)
-            .map_err(|e| e.to_string())
+        Ok((manifest, store))
     }
 
     /// Intra-op threads of each native child.

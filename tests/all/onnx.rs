@@ -80,12 +80,14 @@ fn assert_close(got: &[f32], want: &[f32]) {
 }
 
 fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
-    let library = embedhost::native::onnx::resolve_library(None).unwrap();
-    let mut settings = vec![
-        ("model_dir".to_string(), model_dir.display().to_string()),
-        ("onnxruntime".to_string(), library.display().to_string()),
-        ("threads".to_string(), "1".to_string()),
-    ];
+    let mut settings = embedhost::native::onnx::OnnxSettings {
+        model_dir: model_dir.to_path_buf(),
+        library: embedhost::native::onnx::resolve_library(None).unwrap(),
+        threads: 1,
+        max_tokens: None,
+        model_id: None,
+    }
+    .to_pairs();
     settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     NativeSpawner {
         executable: env!("CARGO_BIN_EXE_embedhost").into(),

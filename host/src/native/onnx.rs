@@ -119,6 +119,31 @@ impl OnnxSettings {
     }
 }
 
+impl OnnxSettings {
+    /// The child's settings table for these settings: what
+    /// [`OnnxSettings::from_pairs`] reads back.
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            (
+                "model_dir".to_string(),
+                self.model_dir.display().to_string(),
+            ),
+            (
+                "onnxruntime".to_string(),
+                self.library.display().to_string(),
+            ),
+            ("threads".to_string(), self.threads.to_string()),
+        ];
+        if let Some(n) = self.max_tokens {
+            pairs.push(("max_tokens".into(), n.to_string()));
+        }
+        if let Some(id) = &self.model_id {
+            pairs.push(("model_id".into(), id.clone()));
+        }
+        pairs
+    }
+}
+
 /// Finds the ONNX Runtime library: `configured` if given, else
 /// `$ORT_DYLIB_PATH`, else `libonnxruntime.so` next to this executable, else
 /// in `onnxruntime/` of the setup's [`crate::deps::deps_dir`].
@@ -406,4 +431,24 @@ fn max_seq_length(dir: &Path) -> Result<Option<usize>, String> {
         .get("max_seq_length")
         .and_then(serde_json::Value::as_u64)
         .map(|n| n as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_through_the_childs_table() {
+        let settings = OnnxSettings {
+            model_dir: "/models/m".into(),
+            library: "/lib/libonnxruntime.so".into(),
+            threads: 3,
+            max_tokens: Some(128),
+            model_id: Some("m".into()),
+        };
+        assert_eq!(
+            OnnxSettings::from_pairs(&settings.to_pairs()).unwrap(),
+            settings
+        );
+    }
 }

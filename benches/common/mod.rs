@@ -1,0 +1,58 @@
+//! What the real-model benchmarks share: the model, the texts, and the onnx
+//! child, so every benchmark measures the same thing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use embedhost::model::{FetchOptions, ModelStore};
+use embedhost::native::NativeSpawner;
+use embedhost::native::onnx::{OnnxSettings, resolve_library};
+
+/// The default model with every file (both backends), fetched into the
+/// setup's directory on first use.
+pub fn model_dir() -> PathBuf {
+    let deps = embedhost::deps::deps_dir().expect("run `./x setup` first");
+    let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
+    ModelStore::new(deps.join("models"))
+        .ensure(&manifest, None, &FetchOptions::default())
+        .expect("the default model (run `./x setup` first)")
+}
+
+/// `n` short sentences of 6 to 15 words, as a user's queries and snippets.
+pub fn short_sentences(n: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "search",
+        "engines", "index", "files", "by", "meaning", "and", "people", "find", "notes",
+    ];
+    (0..n)
+        .map(|i| {
+            (0..6 + i % 10)
+                .map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// The onnx engine's settings for `dir` with `threads` intra-op threads.
+pub fn onnx_settings(dir: PathBuf, threads: usize) -> OnnxSettings {
+    OnnxSettings {
+        model_dir: dir,
+        library: resolve_library(None).unwrap(),
+        threads,
+        max_tokens: None,
+        model_id: None,
+    }
+}
+
+/// A spawner of onnx children with `settings`.
+pub fn onnx_spawner(settings: &OnnxSettings, deadline: Duration) -> NativeSpawner {
+    NativeSpawner {
+        executable: env!("CARGO_BIN_EXE_embedhost").into(),
+        engine: "onnx".into(),
+        settings: settings.to_pairs(),
+        init_deadline: deadline,
+        call_deadline: deadline,
+        grace: Duration::from_secs(1),
+    }
+}
