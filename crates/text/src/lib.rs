@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 /// Smallest norm divided by when normalizing; sentence-transformers' value.
 pub const NORM_EPSILON: f32 = 1e-12;
@@ -73,11 +73,14 @@ pub struct Batch {
 /// A model's tokenizer, configured to truncate and pad.
 #[derive(Clone)]
 pub struct TextEncoder {
-    /// Truncates and pads: for batches.
+    /// Truncates, does not pad: for batches (padded here, per group).
     tokenizer: Tokenizer,
     /// Neither truncates nor pads: for counting.
     counter: Tokenizer,
     max_tokens: usize,
+    /// The model's padding token and its type id.
+    pad_id: i64,
+    pad_type_id: i64,
 }
 
 impl std::fmt::Debug for TextEncoder {
@@ -123,16 +126,17 @@ impl TextEncoder {
                 ..TruncationParams::default()
             }))
             .map_err(|e| invalid(e.to_string()))?;
-        // Keep the model's own pad token if it names one.
+        // Keep the model's own pad token if it names one (all-MiniLM-L6-v2's
+        // pads to a fixed 128; we pad per batch instead, on the right, as
+        // sentence-transformers does).
         let padding = tokenizer.get_padding().cloned().unwrap_or_default();
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..padding
-        }));
+        tokenizer.with_padding(None);
         Ok(TextEncoder {
             tokenizer,
             counter,
             max_tokens,
+            pad_id: i64::from(padding.pad_id),
+            pad_type_id: i64::from(padding.pad_type_id),
         })
     }
 
@@ -159,40 +163,71 @@ impl TextEncoder {
     /// # Errors
     /// [`TextError::Encode`] if the tokenizer fails.
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Batch, TextError> {
-        if texts.is_empty() {
-            return Ok(Batch::default());
-        }
+        let encodings = self.tokenize(texts)?;
+        Ok(self.pad(&encodings.iter().collect::<Vec<_>>()))
+    }
+
+    /// Tokenizes `texts` once, sorts them by length and pads them in groups
+    /// of at most `group`, each to its own longest text, so that short texts
+    /// do not pay for a long one's padding. Each group comes with the
+    /// indices (into `texts`) of its rows.
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer fails.
+    pub fn encode_by_length<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        group: usize,
+    ) -> Result<Vec<(Vec<usize>, Batch)>, TextError> {
+        let encodings = self.tokenize(texts)?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        Ok(order
+            .chunks(group.max(1))
+            .map(|rows| {
+                let picked: Vec<&Encoding> = rows.iter().map(|&i| &encodings[i]).collect();
+                (rows.to_vec(), self.pad(&picked))
+            })
+            .collect())
+    }
+
+    fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoding>, TextError> {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encodings = self
-            .tokenizer
+        self.tokenizer
             .encode_batch(inputs, true)
-            .map_err(|e| TextError::Encode(e.to_string()))?;
-        let tokens = encodings.first().map_or(0, |e| e.len());
+            .map_err(|e| TextError::Encode(e.to_string()))
+    }
+
+    /// One batch of `rows`, padded on the right to the longest.
+    fn pad(&self, rows: &[&Encoding]) -> Batch {
+        let tokens = rows.iter().map(|e| e.len()).max().unwrap_or(0);
+        let cells = rows.len() * tokens;
         let mut batch = Batch {
-            batch: encodings.len(),
+            batch: rows.len(),
             tokens,
-            input_ids: Vec::with_capacity(encodings.len() * tokens),
-            attention_mask: Vec::with_capacity(encodings.len() * tokens),
-            token_type_ids: Vec::with_capacity(encodings.len() * tokens),
+            input_ids: Vec::with_capacity(cells),
+            attention_mask: Vec::with_capacity(cells),
+            token_type_ids: Vec::with_capacity(cells),
         };
-        for encoding in &encodings {
-            if encoding.len() != tokens {
-                return Err(TextError::Encode(format!(
-                    "padding produced rows of {} and {tokens} tokens",
-                    encoding.len()
-                )));
-            }
+        for encoding in rows {
+            let padding = tokens - encoding.len();
+            let widen = |v: &u32| i64::from(*v);
+            batch.input_ids.extend(encoding.get_ids().iter().map(widen));
             batch
                 .input_ids
-                .extend(encoding.get_ids().iter().map(|&v| i64::from(v)));
+                .extend(std::iter::repeat_n(self.pad_id, padding));
             batch
                 .attention_mask
-                .extend(encoding.get_attention_mask().iter().map(|&v| i64::from(v)));
+                .extend(encoding.get_attention_mask().iter().map(widen));
+            batch.attention_mask.extend(std::iter::repeat_n(0, padding));
             batch
                 .token_type_ids
-                .extend(encoding.get_type_ids().iter().map(|&v| i64::from(v)));
+                .extend(encoding.get_type_ids().iter().map(widen));
+            batch
+                .token_type_ids
+                .extend(std::iter::repeat_n(self.pad_type_id, padding));
         }
-        Ok(batch)
+        batch
     }
 }
 
@@ -286,6 +321,18 @@ mod tests {
         assert_eq!(batch.input_ids, [1, 4, 5, 6, 2, 1, 4, 2, 0, 0]);
         assert_eq!(batch.attention_mask, [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
         assert_eq!(batch.token_type_ids, [0; 10]);
+    }
+
+    #[test]
+    fn groups_by_length_pad_each_group_to_its_own_longest() {
+        let groups = encoder(16)
+            .encode_by_length(&["hello world cats", "hello", "cats world", "world"], 2)
+            .unwrap();
+        let rows: Vec<_> = groups.iter().map(|(rows, _)| rows.clone()).collect();
+        assert_eq!(rows, [vec![1, 3], vec![2, 0]]);
+        assert_eq!(groups[0].1.tokens, 3, "no padding among the short texts");
+        assert_eq!(groups[1].1.input_ids, [1, 6, 5, 2, 0, 1, 4, 5, 6, 2]);
+        assert_eq!(groups[1].1.attention_mask, [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]);
     }
 
     #[test]

@@ -388,21 +388,16 @@ impl Engine for OnnxEngine {
         if texts.is_empty() {
             return Ok(Vectors::default());
         }
-        let failed = |e: embedhost_text::TextError| EngineError::Failed(e.to_string());
         // Padding is wasted work: a batch is run in groups of texts of
         // similar length (sorted by tokens), each padded to its own longest.
-        let mut lengths = Vec::with_capacity(texts.len());
-        for text in texts {
-            lengths.push(self.encoder.count_tokens(text).map_err(failed)?);
-        }
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| lengths[i]);
+        let groups = self
+            .encoder
+            .encode_by_length(texts, LENGTH_GROUP)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         let dimension = self.info.dimension as usize;
         let mut data = vec![0f32; texts.len() * dimension];
-        for group in order.chunks(LENGTH_GROUP) {
-            let group_texts: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
-            let batch = self.encoder.encode(&group_texts).map_err(failed)?;
-            let rows = self.run(&batch)?;
+        for (group, batch) in &groups {
+            let rows = self.run(batch)?;
             if rows.len() != group.len() * dimension {
                 return Err(EngineError::Failed(format!(
                     "the model gave {} values for {} texts of dimension {dimension}",
