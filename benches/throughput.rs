@@ -4,7 +4,8 @@
 //! throughput`).
 //!
 //! - native: the onnx engine in one supervised child with every core as an
-//!   intra-op thread;
+//!   intra-op thread, on the fp32 graph and on the int8 one
+//!   (`[native] precision = "int8"`);
 //! - WASM: a pool of one BERT plugin instance per core, batches dispatched
 //!   concurrently (parallelism comes from the pool, one thread each);
 //! - baseline: Python onnxruntime with the Hugging Face tokenizer on the same
@@ -130,6 +131,10 @@ fn main() {
         ..SupervisorConfig::default()
     };
     let native = rt.block_on(Supervisor::start(native, one.clone())).unwrap();
+    let mut int8 = common::onnx_settings(dir.clone(), cores);
+    int8.model_file = Some(embedhost::native::onnx::INT8_MODEL_FILE.into());
+    let int8 = common::onnx_spawner(&int8, DEADLINE);
+    let int8 = rt.block_on(Supervisor::start(int8, one.clone())).unwrap();
 
     let cache = std::env::temp_dir().join("embedhost-bench-cache");
     let engine = WasmEngine::new(Some(ArtifactCache::new(cache))).unwrap();
@@ -151,8 +156,15 @@ fn main() {
         "throughput (cargo bench --bench throughput): all-MiniLM-L6-v2, {cores} cores, sentences/s"
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>14} {:>12}",
-        "workload", "python ort", "native", "wasm pool", "native/python", "wasm/native"
+        "{:<26} {:>10} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
+        "workload",
+        "python ort",
+        "native",
+        "native int8",
+        "wasm pool",
+        "native/python",
+        "int8/native",
+        "wasm/native"
     );
     for (name, batch) in [
         ("32 short sentences", common::short_sentences(32)),
@@ -160,15 +172,17 @@ fn main() {
     ] {
         let base = python(&dir, &batch, cores, seconds.max(0.1));
         let n = through(&rt, &native, &batch, 1, seconds);
+        let q = through(&rt, &int8, &batch, 1, seconds);
         let w = through(&rt, &wasm, &batch, cores, seconds);
         let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));
         let ratio = base.map_or("-".to_string(), |b| format!("{:.2}x", n / b));
         println!(
-            "{name:<34} {base_text:>10} {n:>10.1} {w:>10.1} {ratio:>14} {:>11.2}x",
+            "{name:<26} {base_text:>10} {n:>10.1} {q:>11.1} {w:>10.1} {ratio:>14} {:>11.2}x {:>11.2}x",
+            q / n,
             w / n
         );
     }
-    for (name, supervisor) in [("native", &native), ("wasm", &wasm)] {
+    for (name, supervisor) in [("native", &native), ("native int8", &int8), ("wasm", &wasm)] {
         for i in supervisor.status() {
             println!(
                 "{name} instance {}: {} MB at its last health check, restarts {:?}",

@@ -42,6 +42,7 @@ pub fn onnx_settings(dir: PathBuf, threads: usize) -> OnnxSettings {
         threads,
         max_tokens: None,
         model_id: None,
+        model_file: None,
     }
 }
 

@@ -383,6 +383,9 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
         Backend::Native => {
             report["engine"] = config.native.engine.clone().into();
             report["threads_per_child"] = config.native_threads().into();
+            if config.native.engine == "onnx" {
+                report["model_file"] = config.onnx_model_file().into();
+            }
         }
     }
     // Reported whatever the backend: a user switching to native wants to

@@ -75,13 +75,26 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The name the config uses (and a manifest's `needed_by`).
+    /// The name the config uses.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Wasm => "wasm",
             Backend::Native => "native",
         }
     }
+}
+
+/// The native onnx engine's numeric precision (`[native] precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The fp32 graph: the reference's vectors to cosine >= 0.9999.
+    #[default]
+    Fp32,
+    /// The int8 graph (MatMul weights quantized per channel): faster on a
+    /// CPU, at cosine >= 0.985 to the reference. An index built with one
+    /// precision still searches with the other, a little less exactly.
+    Int8,
 }
 
 /// `[native]`: the native backend's child processes.
@@ -101,6 +114,9 @@ pub struct NativeSection {
     pub executable: Option<PathBuf>,
     /// Grace period of each stop step (`shutdown`, then SIGTERM), in ms.
     pub grace_ms: u64,
+    /// The onnx engine's graph from the model store: `fp32` (default) or
+    /// `int8`. Ignored with `[model] dir`, whose `model.onnx` is loaded.
+    pub precision: Precision,
 }
 
 impl Default for NativeSection {
@@ -111,6 +127,7 @@ impl Default for NativeSection {
             threads: None,
             executable: None,
             grace_ms: limits::DEFAULT_CHILD_GRACE.as_millis() as u64,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -376,7 +393,8 @@ impl Config {
             let dir = model_dir.ok_or("the onnx engine needs the model's directory")?;
             // Checked here, once, rather than by every child the supervisor
             // would start and restart before giving up.
-            for file in crate::native::onnx::MODEL_FILES {
+            let model_file = self.onnx_model_file();
+            for file in [model_file, crate::native::onnx::TOKENIZER_FILE] {
                 if !dir.join(file).is_file() {
                     return Err(format!(
                         "the model directory `{}` has no `{file}` (`[model] dir` in the config)",
@@ -397,6 +415,8 @@ impl Config {
                 threads: self.native_threads(),
                 max_tokens: None,
                 model_id: None,
+                model_file: (model_file != crate::native::onnx::DEFAULT_MODEL_FILE)
+                    .then(|| model_file.to_string()),
             };
             settings.extend(onnx.to_pairs());
         }
@@ -427,6 +447,24 @@ impl Config {
             || matches!(self.plugin_source(), PluginSource::Bytes { ref name, .. } if name == "builtin:bert")
     }
 
+    /// The graph the onnx engine loads from the model's directory.
+    pub fn onnx_model_file(&self) -> &'static str {
+        match (self.native.precision, &self.model.dir) {
+            (Precision::Int8, None) => crate::native::onnx::INT8_MODEL_FILE,
+            _ => crate::native::onnx::DEFAULT_MODEL_FILE,
+        }
+    }
+
+    /// What the configured embedder needs from a model manifest (its files'
+    /// `needed_by`): `wasm`, `native` or `native-int8`.
+    pub fn model_use(&self) -> &'static str {
+        match (self.backend, self.native.precision) {
+            (Backend::Wasm, _) => "wasm",
+            (Backend::Native, Precision::Fp32) => "native",
+            (Backend::Native, Precision::Int8) => "native-int8",
+        }
+    }
+
     /// Whether the backend loads model files (the native onnx engine).
     pub fn needs_model_files(&self) -> bool {
         self.backend == Backend::Native && self.native.engine == "onnx"
@@ -446,7 +484,7 @@ impl Config {
         }
         let (manifest, store) = self.model_store()?;
         store
-            .ensure(&manifest, Some(self.backend.name()), options)
+            .ensure(&manifest, Some(self.model_use()), options)
             .map_err(|e| e.to_string())
     }
 

@@ -238,7 +238,7 @@ fn the_command_line_reports_missing_files_and_fails() {
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let files = report["files"].as_array().unwrap();
-    assert_eq!(files.len(), 5);
+    assert_eq!(files.len(), 6);
     assert!(
         files.iter().all(|f| f["status"]["state"] == "missing"),
         "{report}"

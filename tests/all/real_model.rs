@@ -141,6 +141,47 @@ fn swapping_the_backend_of_the_real_model_is_one_line_and_gives_the_same_vectors
 }
 
 #[test]
+fn int8_precision_is_one_config_line_and_stays_near_fp32() {
+    let models = real_model().parent().unwrap().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |precision: &str| {
+        let config = dir.path().join(format!("{precision}.toml"));
+        std::fs::write(
+            &config,
+            format!("backend = \"native\"\n[native]\nprecision = \"{precision}\"\n"),
+        )
+        .unwrap();
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "embed",
+            "A man is eating food.",
+            "Grüße aus Köln!",
+        ];
+        succeeded(&embedhost_offline(&args, &models))
+    };
+    let fp32 = run("fp32");
+    let int8 = run("int8");
+    for ((text, a), (_, b)) in fp32.iter().zip(&int8) {
+        let c = cosine(a, b);
+        assert!(
+            (0.985..0.9999).contains(&c),
+            "{text:?}: int8 vs fp32 cosine {c}"
+        );
+    }
+    // A precision that does not exist is refused, naming the value.
+    let bad = dir.path().join("int4.toml");
+    std::fs::write(&bad, "[native]\nprecision = \"int4\"\n").unwrap();
+    let out = embedhost_offline(&["--config", bad.to_str().unwrap(), "status"], &models);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("int4") && stderr.contains("int4.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn the_main_job_with_no_config_uses_the_real_model() {
     let models = real_model().parent().unwrap().to_path_buf();
     let args = [

@@ -25,10 +25,16 @@ use super::manifest::{Derive, FileSpec, PipSource};
 
 /// Scripts a manifest's `derive` can name, built into the binary so an
 /// installed embedhost needs no source tree.
-pub const SCRIPTS: &[(&str, &str)] = &[(
-    "bert_to_onnx",
-    include_str!("../../../scripts/bert_to_onnx.py"),
-)];
+pub const SCRIPTS: &[(&str, &str)] = &[
+    (
+        "bert_to_onnx",
+        include_str!("../../../scripts/bert_to_onnx.py"),
+    ),
+    (
+        "quantize_int8",
+        include_str!("../../../scripts/quantize_int8.py"),
+    ),
+];
 
 /// Longest wait for a server's next bytes before a download is abandoned
 /// (and left resumable): long enough for a slow mirror, short enough that a
@@ -364,7 +370,7 @@ pub fn derive(
         let _ = std::fs::remove_file(&tmp);
         let last = last_words(&out.stderr);
         return Err(format!(
-            "{} failed ({}): {last} (it needs Python with the `onnx` and `numpy` packages: run `./x setup` or set EMBEDHOST_PYTHON)",
+            "{} failed ({}): {last} (it needs Python with the packages of scripts/requirements.txt: run `./x setup` or set EMBEDHOST_PYTHON)",
             recipe.script, out.status
         ));
     }

@@ -45,8 +45,9 @@ pub struct FileSpec {
     pub needed_by: Option<Vec<String>>,
 }
 
-/// The backends a file can be needed by.
-pub const BACKENDS: &[&str] = &["wasm", "native"];
+/// What a file can be needed by: a backend, or the native backend at int8
+/// precision (`[native] precision = "int8"`).
+pub const BACKENDS: &[&str] = &["wasm", "native", "native-int8"];
 
 /// A file inside a PyPI package.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -130,7 +131,7 @@ impl Manifest {
                 .find(|b| !BACKENDS.contains(&b.as_str()))
             {
                 return Err(error(format!(
-                    "file `{name}`: needed_by names `{unknown}` (known: wasm, native)"
+                    "file `{name}`: needed_by names `{unknown}` (known: wasm, native, native-int8)"
                 )));
             }
             if let Some(derive) = &file.derive {

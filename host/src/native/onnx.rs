@@ -8,7 +8,8 @@
 //! [`resolve_library`] for where it is looked for.
 //!
 //! # The model directory
-//! - `model.onnx`: inputs among `input_ids`, `attention_mask` and
+//! - `model.onnx` (or the file the `model_file` setting names, such as the
+//!   int8 `model.int8.onnx`): inputs among `input_ids`, `attention_mask` and
 //!   `token_type_ids` (int64, `[batch, sequence]`); output either
 //!   `last_hidden_state` (`[batch, sequence, dimension]`, mean-pooled here)
 //!   or `sentence_embedding` (`[batch, dimension]`, already pooled). Either
@@ -38,8 +39,16 @@ use crate::wasm::ModelInfo;
 /// The library's file name, as `./x setup` links it.
 pub const LIBRARY_NAME: &str = "libonnxruntime.so";
 
-/// The files a model directory must hold.
-pub const MODEL_FILES: &[&str] = &["model.onnx", "tokenizer.json"];
+/// The graph loaded unless the `model_file` setting names another.
+pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
+
+/// The int8 graph of a model store's directory (`[native] precision =
+/// "int8"`): onnxruntime's dynamic quantization of the fp32 graph's MatMul
+/// weights, per channel, made once by the `quantize_int8` script.
+pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
+
+/// The tokenizer a model directory must hold beside its graph.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Environment variable naming the library (ort's own convention).
 pub const LIBRARY_ENV: &str = "ORT_DYLIB_PATH";
@@ -67,11 +76,13 @@ pub struct OnnxSettings {
     pub max_tokens: Option<usize>,
     /// The model id reported, if overridden (default: the directory's name).
     pub model_id: Option<String>,
+    /// The graph's file name in `model_dir`, if not [`DEFAULT_MODEL_FILE`].
+    pub model_file: Option<String>,
 }
 
 impl OnnxSettings {
     /// Settings from the child's table: `model_dir` (required),
-    /// `onnxruntime`, `threads`, `max_tokens`, `model_id`.
+    /// `onnxruntime`, `threads`, `max_tokens`, `model_id`, `model_file`.
     ///
     /// # Errors
     /// A missing `model_dir`, an unknown key or a bad number, naming it.
@@ -81,6 +92,7 @@ impl OnnxSettings {
         let mut threads = None;
         let mut max_tokens = None;
         let mut model_id = None;
+        let mut model_file = None;
         for (key, value) in settings {
             let number = || {
                 value
@@ -98,9 +110,18 @@ impl OnnxSettings {
                 "threads" => threads = Some(number()?),
                 "max_tokens" => max_tokens = Some(number()?),
                 "model_id" => model_id = Some(value.clone()),
+                "model_file" => {
+                    // A file name, not a path: the graph lives in `model_dir`.
+                    if value.is_empty() || value.contains('/') || value == ".." {
+                        return Err(format!(
+                            "setting `model_file`: `{value}` is not a file name in `model_dir`"
+                        ));
+                    }
+                    model_file = Some(value.clone());
+                }
                 other => {
                     return Err(format!(
-                        "unknown onnx engine setting `{other}` (known: model_dir, onnxruntime, threads, max_tokens, model_id)"
+                        "unknown onnx engine setting `{other}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
                     ));
                 }
             }
@@ -115,6 +136,7 @@ impl OnnxSettings {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             max_tokens,
             model_id,
+            model_file,
         })
     }
 }
@@ -140,7 +162,16 @@ impl OnnxSettings {
         if let Some(id) = &self.model_id {
             pairs.push(("model_id".into(), id.clone()));
         }
+        if let Some(file) = &self.model_file {
+            pairs.push(("model_file".into(), file.clone()));
+        }
         pairs
+    }
+
+    /// The graph's path.
+    pub fn model_path(&self) -> PathBuf {
+        self.model_dir
+            .join(self.model_file.as_deref().unwrap_or(DEFAULT_MODEL_FILE))
     }
 }
 
@@ -235,7 +266,7 @@ impl OnnxEngine {
     pub fn load(settings: &OnnxSettings) -> Result<Self, String> {
         let environment = load_library(&settings.library)?;
         let dir = &settings.model_dir;
-        let model_path = dir.join("model.onnx");
+        let model_path = settings.model_path();
         if !model_path.is_file() {
             return Err(format!("no model at `{}`", model_path.display()));
         }
@@ -243,7 +274,7 @@ impl OnnxEngine {
             Some(n) => n,
             None => max_seq_length(dir)?.unwrap_or(DEFAULT_MAX_TOKENS),
         };
-        let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), max_tokens)
+        let encoder = TextEncoder::from_file(&dir.join(TOKENIZER_FILE), max_tokens)
             .map_err(|e| e.to_string())?;
         let session_error = |e: ort::Error<_>| format!("`{}`: {e}", model_path.display());
         let session = Session::builder(&environment)
@@ -440,10 +471,23 @@ mod tests {
             threads: 3,
             max_tokens: Some(128),
             model_id: Some("m".into()),
+            model_file: Some(INT8_MODEL_FILE.into()),
         };
         assert_eq!(
             OnnxSettings::from_pairs(&settings.to_pairs()).unwrap(),
             settings
         );
+        assert_eq!(
+            settings.model_path(),
+            Path::new("/models/m/model.int8.onnx")
+        );
+        for bad in ["../m.onnx", "", "/etc/passwd"] {
+            let pairs = [
+                ("model_dir".to_string(), "/m".to_string()),
+                ("model_file".to_string(), bad.to_string()),
+            ];
+            let err = OnnxSettings::from_pairs(&pairs).unwrap_err();
+            assert!(err.contains("model_file"), "{err}");
+        }
     }
 }
