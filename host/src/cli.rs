@@ -14,7 +14,9 @@ use crate::bus::{Bus, SendOptions};
 use crate::config::{Backend, Config};
 use crate::messages::{EmbedRequest, EmbedderEmbed};
 use crate::supervisor::Supervisor;
-use crate::wasm::{ArtifactCache, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner};
+use crate::wasm::{
+    ArtifactCache, PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner,
+};
 
 /// Run text-embedding plugins under supervision.
 #[derive(Debug, Parser)]
@@ -192,7 +194,7 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     }
     let limits = config.instance_limits();
     // One command, one batch: more instances than texts would only start idle.
-    let supervisor = start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
+    let (supervisor, _) = start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
     let bus = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
@@ -243,12 +245,12 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
 }
 
 /// Starts the configured backend's supervised pool, of at most `max_pool`
-/// instances.
+/// instances, with the WASM plugin's snapshot status.
 async fn start_backend(
     config: &Config,
     source: &PluginSource,
     max_pool: Option<usize>,
-) -> Result<Supervisor, String> {
+) -> Result<(Supervisor, Option<SnapshotStatus>), String> {
     let mut supervision = config.supervisor_config();
     if let Some(max) = max_pool {
         supervision.pool_size = supervision.pool_size.min(max);
@@ -256,16 +258,32 @@ async fn start_backend(
     match config.backend {
         Backend::Wasm => {
             let engine = engine_for(config)?;
-            let mut plugin = WasmPlugin::load(&engine, source).map_err(|e| e.to_string())?;
-            if config.wasm_needs_model() {
-                plugin = plugin.with_model_dir(fetch_model(config).await?);
+            let plugin = if config.wasm_needs_model() {
+                let dir = fetch_model(config).await?;
+                if config.wasm_snapshot() {
+                    let (source, limits) = (source.clone(), config.instance_limits());
+                    let settings = config.plugin_config();
+                    tokio::task::spawn_blocking(move || {
+                        WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
+                    })
+                    .await
+                    .map_err(|e| format!("plugin load: {e}"))?
+                } else {
+                    WasmPlugin::load(&engine, source).map(|p| p.with_model_dir(dir))
+                }
+            } else {
+                WasmPlugin::load(&engine, source)
             }
+            .map_err(|e| e.to_string())?;
+            let snapshot = plugin.snapshot().clone();
             let spawner = WasmSpawner {
                 plugin,
                 limits: config.instance_limits(),
                 config: config.plugin_config(),
             };
-            Supervisor::start(spawner, supervision).await
+            Supervisor::start(spawner, supervision)
+                .await
+                .map(|s| (s, Some(snapshot)))
         }
         Backend::Native => {
             let model_dir = if config.needs_model_files() {
@@ -273,7 +291,9 @@ async fn start_backend(
             } else {
                 None
             };
-            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision).await
+            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision)
+                .await
+                .map(|s| (s, None))
         }
     }
     .map_err(|e| e.to_string())
@@ -396,7 +416,19 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
     };
     let started = start_backend(&config, &source, None).await;
     match &started {
-        Ok(supervisor) => {
+        Ok((supervisor, snapshot)) => {
+            if let Some(snapshot) = snapshot {
+                report["snapshot"] = match snapshot {
+                    SnapshotStatus::NotUsed => serde_json::json!({ "used": false }),
+                    SnapshotStatus::Used(outcome) => serde_json::json!({
+                        "used": true,
+                        "from_cache": *outcome == crate::wasm::CacheOutcome::Hit,
+                    }),
+                    SnapshotStatus::Unavailable(reason) => {
+                        serde_json::json!({ "used": false, "error": reason })
+                    }
+                };
+            }
             // Report the whole pool, not a snapshot of it starting.
             let until = std::time::Instant::now() + config.instance_limits().init_deadline;
             while !supervisor.status().iter().all(|i| i.up) && std::time::Instant::now() < until {
@@ -426,6 +458,17 @@ fn print_status(report: &serde_json::Value) {
     println!("backend:      {}", text(&report["backend"]));
     if report.get("plugin").is_some() {
         println!("plugin:       {}", text(&report["plugin"]));
+    }
+    if let Some(snapshot) = report.get("snapshot") {
+        let line = match (&snapshot["used"], snapshot["error"].as_str()) {
+            (serde_json::Value::Bool(true), _) if snapshot["from_cache"] == true => {
+                "pre-initialized (from the cache)".to_string()
+            }
+            (serde_json::Value::Bool(true), _) => "pre-initialized (made now)".to_string(),
+            (_, Some(e)) => format!("none, instances load the model in init: {e}"),
+            _ => "not used".to_string(),
+        };
+        println!("snapshot:     {line}");
     }
     if report.get("engine").is_some() {
         println!("engine:       {}", text(&report["engine"]));

@@ -162,6 +162,10 @@ pub struct PluginSection {
     /// Passed to the plugin's `init`.
     #[serde(default)]
     pub config: BTreeMap<String, Value>,
+    /// Whether a plugin given a model starts its instances from a
+    /// pre-initialized snapshot (default: true; see `wasm::snapshot`).
+    /// `false` makes every instance load its model in `init`.
+    pub snapshot: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -463,6 +467,12 @@ impl Config {
             (Backend::Native, Precision::Fp32) => "native",
             (Backend::Native, Precision::Int8) => "native-int8",
         }
+    }
+
+    /// Whether WASM instances start from a pre-initialized snapshot: for a
+    /// plugin given a model, unless `[plugin] snapshot = false`.
+    pub fn wasm_snapshot(&self) -> bool {
+        self.wasm_needs_model() && self.plugin.snapshot != Some(false)
     }
 
     /// Whether the backend loads model files (the native onnx engine).

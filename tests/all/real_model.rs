@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 use embedhost::wasm::{
-    ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
+    ArtifactCache, CacheOutcome, InputKind, Instance, InstanceLimits, PluginSource, SnapshotStatus,
+    WasmEngine, WasmPlugin, WasmSpawner,
 };
 
 use crate::onnx::{golden, real_model};
@@ -60,6 +61,94 @@ async fn the_wasm_plugin_matches_the_reference_vectors() {
         let c = cosine(r.vectors.get(0).unwrap(), reference);
         assert!(c >= 0.9999, "{:?}...: cosine {c}", &text[..40]);
     }
+}
+
+/// The model directory's files, hard-linked into a new directory: the same
+/// files (same snapshot id) in a directory the test may empty.
+fn linked_model_dir() -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(real_model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::hard_link(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
+#[test]
+fn a_snapshot_starts_instances_with_the_model_loaded_and_reads_no_file() {
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let bert = PluginSource::builtin("bert").unwrap();
+    let limits = InstanceLimits::default();
+    let dir = linked_model_dir();
+    let snapshot = WasmPlugin::load_snapshot(&engine, &bert, dir.path(), limits, &[]).unwrap();
+    assert!(
+        matches!(snapshot.snapshot(), SnapshotStatus::Used(_)),
+        "{:?}",
+        snapshot.snapshot()
+    );
+    let plain = WasmPlugin::load(&engine, &bert)
+        .unwrap()
+        .with_model_dir(real_model());
+    assert_eq!(plain.snapshot(), &SnapshotStatus::NotUsed);
+    let texts: Vec<String> = golden()
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| t.len() < 200)
+        .collect();
+    let mut reference = Instance::start(&plain, limits, &[]).unwrap();
+    let want = reference.embed(&texts, InputKind::Document, None).unwrap();
+    // Every model file gone: an instance restored from the snapshot (what a
+    // restart makes) has the model already and embeds the same bits.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    for _ in 0..3 {
+        let mut restored = Instance::start(&snapshot, limits, &[]).unwrap();
+        assert_eq!(restored.model_info(), reference.model_info());
+        let got = restored.embed(&texts, InputKind::Document, None).unwrap();
+        assert_eq!(got, want, "a restored instance embeds as a loaded one");
+    }
+    // The plain plugin, by contrast, needs its files.
+    let emptied = WasmPlugin::load(&engine, &bert)
+        .unwrap()
+        .with_model_dir(dir.path());
+    assert!(Instance::start(&emptied, limits, &[]).is_err());
+    // Made once: the next load finds it in the cache.
+    let again = WasmPlugin::load_snapshot(&engine, &bert, &real_model(), limits, &[]).unwrap();
+    assert_eq!(again.snapshot(), &SnapshotStatus::Used(CacheOutcome::Hit));
+}
+
+#[test]
+fn a_plugin_that_cannot_be_snapshotted_falls_back_to_loading_in_init() {
+    let engine = WasmEngine::new(None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = [("no_such_key".to_string(), "1".to_string())];
+    let plugin = WasmPlugin::load_snapshot(
+        &engine,
+        &PluginSource::builtin_stub(),
+        dir.path(),
+        InstanceLimits::default(),
+        &config,
+    )
+    .unwrap();
+    match plugin.snapshot() {
+        SnapshotStatus::Unavailable(reason) => {
+            assert!(
+                reason.contains("`init` failed") && reason.contains("no_such_key"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // The plain plugin is there, with the model directory, and reports the
+    // same error from its own `init`.
+    assert_eq!(plugin.model_dir(), Some(dir.path()));
+    let Err(err) = Instance::start(&plugin, InstanceLimits::default(), &config) else {
+        panic!("the stub accepted an unknown key");
+    };
+    assert!(err.to_string().contains("no_such_key"), "{err}");
 }
 
 #[tokio::test]

@@ -63,7 +63,23 @@ impl ArtifactCache {
         engine: &Engine,
         bytes: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
-        let key = self.key(engine, &sha256_hex(bytes));
+        self.load_or_make(engine, &sha256_hex(bytes), || Ok(bytes.to_vec()))
+    }
+
+    /// The compiled component stored under `id` (a hex digest of whatever
+    /// determines the component), or the one `make` returns, compiled and
+    /// stored under `id`. `make` runs only on a miss: it is how a
+    /// pre-initialized snapshot, which takes seconds to make, is made once.
+    ///
+    /// # Errors
+    /// `make`'s error, or the compilation error of what it made.
+    pub fn load_or_make(
+        &self,
+        engine: &Engine,
+        id: &str,
+        make: impl FnOnce() -> wasmtime::Result<Vec<u8>>,
+    ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let key = self.key(engine, id);
         let artifact = self.dir.join(format!("{key}.cwasm"));
         let digest = self.dir.join(format!("{key}.sha256"));
         if artifact.exists() {
@@ -76,7 +92,7 @@ impl ArtifactCache {
                 }
             }
         }
-        let serialized = engine.precompile_component(bytes)?;
+        let serialized = engine.precompile_component(&make()?)?;
         // SAFETY: `serialized` was produced just now by this engine.
         let component = unsafe { Component::deserialize(engine, &serialized)? };
         if let Err(e) = self.store(&artifact, &digest, &serialized) {

@@ -16,6 +16,7 @@
 mod cache;
 mod host;
 mod instance;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
+pub use bindings::exports::embedhost::embedder::embedder::InputKind;
 pub use cache::{ArtifactCache, CacheOutcome, sha256_hex, write_atomic};
 pub use host::MemoryCapHit;
 pub use instance::{Instance, WasmEmbedder, WasmSpawner};
@@ -305,6 +307,99 @@ pub struct WasmPlugin {
     pre: bindings::PluginPre<host::HostState>,
     cache_outcome: CacheOutcome,
     model_dir: Option<Arc<std::path::Path>>,
+    snapshot: SnapshotStatus,
+}
+
+/// Whether a plugin's instances start from a pre-initialized snapshot
+/// (see [`snapshot`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotStatus {
+    /// Not asked for: instances load their model in `init`.
+    NotUsed,
+    /// Instances start from a snapshot, made now or found in the cache.
+    Used(CacheOutcome),
+    /// Asked for, but it could not be made (the reason); instances load
+    /// their model in `init`.
+    Unavailable(String),
+}
+
+impl WasmPlugin {
+    /// Loads `source` pre-initialized: `init(config)` already run over the
+    /// model in `model_dir`, so every instance, restarts included, starts
+    /// with the model in memory. The snapshot is made once and kept in the
+    /// engine's artifact cache. Where it cannot be made, the plain plugin
+    /// is loaded with `model_dir` and [`WasmPlugin::snapshot`] says why.
+    ///
+    /// # Errors
+    /// As [`WasmPlugin::load`]: a snapshot's failure is never an error.
+    pub fn load_snapshot(
+        engine: &WasmEngine,
+        source: &PluginSource,
+        model_dir: &std::path::Path,
+        limits: InstanceLimits,
+        config: &[(String, String)],
+    ) -> Result<Self, WasmError> {
+        let name = source.name();
+        let bytes = read(source)?;
+        check_header(&name, &bytes)?;
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let id = snapshot::snapshot_id(&bytes, model_dir, config)
+                .map_err(|e| format!("cannot list `{}`: {e}", model_dir.display()))?;
+            let make = || {
+                tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
+                snapshot::make(engine, &name, &bytes, model_dir, limits, config)
+                    .map_err(|reason| wasmtime::format_err!("{reason}"))
+            };
+            match engine.cache() {
+                Some(cache) => cache.load_or_make(engine.engine(), &id, make),
+                None => make()
+                    .and_then(|wasm| Component::new(engine.engine(), &wasm))
+                    .map(|c| (c, CacheOutcome::Compiled)),
+            }
+            .map_err(|e| format!("{e:#}"))
+        }))
+        .unwrap_or_else(|_| Err("the snapshot panicked".into()));
+        let status = match made {
+            Ok((component, outcome)) => match link(engine, &component) {
+                Ok(pre) => {
+                    return Ok(WasmPlugin {
+                        name: name.into(),
+                        engine: engine.clone(),
+                        pre,
+                        cache_outcome: outcome,
+                        model_dir: Some(Arc::from(model_dir)),
+                        snapshot: SnapshotStatus::Used(outcome),
+                    });
+                }
+                Err(reason) => SnapshotStatus::Unavailable(reason),
+            },
+            Err(reason) => SnapshotStatus::Unavailable(reason),
+        };
+        tracing::warn!(plugin = %name, ?status, "no snapshot; each instance loads its model in `init`");
+        let mut plugin = Self::from_bytes(engine, name, &bytes)?.with_model_dir(model_dir);
+        plugin.snapshot = status;
+        Ok(plugin)
+    }
+
+    /// Whether instances start from a pre-initialized snapshot.
+    pub fn snapshot(&self) -> &SnapshotStatus {
+        &self.snapshot
+    }
+}
+
+/// The bytes of a plugin.
+fn read(source: &PluginSource) -> Result<std::borrow::Cow<'static, [u8]>, WasmError> {
+    match source {
+        PluginSource::File(path) => {
+            std::fs::read(path)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|source| WasmError::Read {
+                    path: path.clone(),
+                    source,
+                })
+        }
+        PluginSource::Bytes { bytes, .. } => Ok(std::borrow::Cow::Borrowed(bytes)),
+    }
 }
 
 impl std::fmt::Debug for WasmPlugin {
@@ -333,18 +428,11 @@ impl WasmPlugin {
     /// [`WasmError::Compile`] or [`WasmError::WrongWorld`], each naming the
     /// plugin and the problem.
     pub fn load(engine: &WasmEngine, source: &PluginSource) -> Result<Self, WasmError> {
-        let name = source.name();
-        let owned;
-        let bytes: &[u8] = match source {
-            PluginSource::File(path) => {
-                owned = std::fs::read(path).map_err(|source| WasmError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                &owned
-            }
-            PluginSource::Bytes { bytes, .. } => bytes,
-        };
+        let bytes = read(source)?;
+        Self::from_bytes(engine, source.name(), &bytes)
+    }
+
+    fn from_bytes(engine: &WasmEngine, name: String, bytes: &[u8]) -> Result<Self, WasmError> {
         check_header(&name, bytes)?;
         let (component, cache_outcome) = match engine.cache() {
             Some(cache) => cache.load_or_compile(engine.engine(), bytes),
@@ -365,6 +453,7 @@ impl WasmPlugin {
             pre,
             cache_outcome,
             model_dir: None,
+            snapshot: SnapshotStatus::NotUsed,
         })
     }
 
@@ -422,14 +511,21 @@ fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
     Ok(())
 }
 
-fn link(
-    engine: &WasmEngine,
-    component: &Component,
-) -> Result<bindings::PluginPre<host::HostState>, String> {
+/// The host's imports: WASI p2 (sandboxed by [`host::HostState`]) and the
+/// contract's `host-log`.
+fn linker(engine: &WasmEngine) -> Result<Linker<host::HostState>, String> {
     let mut linker: Linker<host::HostState> = Linker::new(engine.engine());
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("{e:#}"))?;
     bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
         .map_err(|e| format!("{e:#}"))?;
+    Ok(linker)
+}
+
+fn link(
+    engine: &WasmEngine,
+    component: &Component,
+) -> Result<bindings::PluginPre<host::HostState>, String> {
+    let linker = linker(engine)?;
     let instance_pre = linker
         .instantiate_pre(component)
         .map_err(|e| format!("it imports something the host does not provide: {e:#}"))?;

@@ -14,6 +14,11 @@
 //!
 //! # Invariants
 //! - `embed` before a successful `init` is `not-initialized`, never a trap.
+//! - `init` with the configuration the model was loaded with returns at once
+//!   without touching a file: the host pre-initializes an instance, snapshots
+//!   it with the model in memory, and calls `init` again on every instance
+//!   restored from that snapshot, whose file handles (taken in another
+//!   store) are gone. Another configuration loads afresh.
 //! - Every failure the plugin can name (a missing file, a bad config) is an
 //!   error value; only a bug or exhaustion traps.
 
@@ -70,6 +75,8 @@ struct Model {
     encoder: TextEncoder,
     info: ModelInfo,
     processed: u64,
+    /// The `init` configuration this model was loaded with.
+    config: Vec<(String, String)>,
 }
 
 static MODEL: Mutex<Option<Model>> = Mutex::new(None);
@@ -245,6 +252,7 @@ fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
         encoder,
         info,
         processed: 0,
+        config: Vec::new(),
     })
 }
 
@@ -278,7 +286,11 @@ struct Plugin;
 
 impl Guest for Plugin {
     fn init(config: Vec<(String, String)>) -> Result<ModelInfo, EmbedError> {
-        let model = load(&config)?;
+        if let Some(model) = lock().as_ref().filter(|m| m.config == config) {
+            return Ok(model.info.clone());
+        }
+        let mut model = load(&config)?;
+        model.config = config;
         host_log::log(
             Level::Info,
             &format!(
