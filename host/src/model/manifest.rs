@@ -236,7 +236,12 @@ derive = { script = "bert_to_onnx", from = ["a.bin"] }
         );
         // The ONNX graph, and what it is derived from.
         assert_eq!(names(Some("native")).len(), 5);
-        assert_eq!(names(None).len(), 5);
+        // The int8 graph, and everything the fp32 graph needs.
+        let int8 = names(Some("native-int8"));
+        assert_eq!(int8.len(), 6);
+        assert!(int8.contains(&"model.onnx") && int8.contains(&"model.int8.onnx"));
+        assert!(!names(Some("native")).contains(&"model.int8.onnx"));
+        assert_eq!(names(None).len(), 6);
     }
 
     #[test]
