@@ -223,6 +223,39 @@ pub struct ModelSection {
     pub dir: Option<PathBuf>,
 }
 
+/// `[index]`: the worker's file index.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexSection {
+    /// Where the index lives (default: `$EMBEDHOST_INDEX_DIR`, else the
+    /// platform's data directory, `index/`). `--db` overrides.
+    pub dir: Option<PathBuf>,
+    /// Files larger than this are skipped (`too_large`).
+    pub max_file_bytes: u64,
+    /// Tokens per chunk, special tokens excluded (fitted to the model).
+    pub chunk_tokens: usize,
+    /// Tokens each chunk repeats from the one before.
+    pub chunk_overlap: usize,
+    /// Chunks per embedder request.
+    pub batch_chunks: usize,
+}
+
+impl Default for IndexSection {
+    fn default() -> Self {
+        let w = crate::worker::WorkerSettings::default();
+        IndexSection {
+            dir: None,
+            max_file_bytes: w.max_file_bytes,
+            chunk_tokens: w.chunk.tokens,
+            chunk_overlap: w.chunk.overlap,
+            batch_chunks: w.batch_chunks,
+        }
+    }
+}
+
+/// Environment variable naming the index directory.
+pub const INDEX_DIR_ENV: &str = "EMBEDHOST_INDEX_DIR";
+
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
@@ -248,6 +281,8 @@ pub struct Config {
     pub native: NativeSection,
     #[serde(default)]
     pub model: ModelSection,
+    #[serde(default)]
+    pub index: IndexSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -294,6 +329,7 @@ impl Config {
             &mut config.native.executable,
             &mut config.native.onnxruntime,
             &mut config.model.dir,
+            &mut config.index.dir,
         ] {
             if let Some(p) = relative.as_mut()
                 && p.is_relative()
@@ -328,6 +364,16 @@ impl Config {
         }
         if config.native.threads == Some(0) {
             return Err(invalid("[native] threads must be greater than zero"));
+        }
+        if config.index.chunk_tokens == 0 || config.index.batch_chunks == 0 {
+            return Err(invalid(
+                "[index] chunk_tokens and batch_chunks must be greater than zero",
+            ));
+        }
+        if config.index.chunk_overlap >= config.index.chunk_tokens {
+            return Err(invalid(
+                "[index] chunk_overlap must be smaller than chunk_tokens",
+            ));
         }
         if config.native.grace_ms == 0 {
             return Err(invalid("[native] grace_ms must be greater than zero"));
@@ -418,7 +464,10 @@ impl Config {
                 library,
                 threads: self.native_threads(),
                 max_tokens: None,
-                model_id: None,
+                // The id the model store knows, whichever backend serves it,
+                // so an index built on one backend stays valid on the other.
+                model_id: (!self.plugin.config.contains_key("model_id"))
+                    .then(|| self.model_id().to_string()),
                 model_file: (model_file != crate::native::onnx::DEFAULT_MODEL_FILE)
                     .then(|| model_file.to_string()),
             };
@@ -518,6 +567,40 @@ impl Config {
         Ok((manifest, store))
     }
 
+    /// The index directory: `db` (the `--db` option), else `[index] dir`,
+    /// else `$EMBEDHOST_INDEX_DIR`, else the platform's data directory.
+    ///
+    /// # Errors
+    /// No data directory on this platform and none configured.
+    pub fn index_dir(&self, db: Option<&Path>) -> Result<PathBuf, String> {
+        if let Some(dir) = db.or(self.index.dir.as_deref()) {
+            return Ok(dir.to_path_buf());
+        }
+        if let Some(dir) = std::env::var_os(INDEX_DIR_ENV) {
+            return Ok(PathBuf::from(dir));
+        }
+        directories::ProjectDirs::from("", "", "embedhost")
+            .map(|d| d.data_dir().join("index"))
+            .ok_or_else(|| {
+                format!(
+                    "no data directory on this platform: set `[index] dir`, {INDEX_DIR_ENV} or --db"
+                )
+            })
+    }
+
+    /// The worker's settings.
+    pub fn worker_settings(&self) -> crate::worker::WorkerSettings {
+        crate::worker::WorkerSettings {
+            chunk: crate::worker::chunk::ChunkSettings {
+                tokens: self.index.chunk_tokens,
+                overlap: self.index.chunk_overlap,
+            },
+            max_file_bytes: self.index.max_file_bytes,
+            batch_chunks: self.index.batch_chunks,
+            in_flight: self.supervisor_config().pool_size + 1,
+        }
+    }
+
     /// Intra-op threads of each native child.
     pub fn native_threads(&self) -> usize {
         self.native.threads.unwrap_or_else(|| {
@@ -533,6 +616,18 @@ impl Config {
             .iter()
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect()
+    }
+
+    /// The table a WASM plugin's `init` gets: `[plugin] config`, plus the
+    /// configured model's id for a plugin given a model (unless the table
+    /// sets `model_id`), so both backends report the same model and an
+    /// index stays valid across a backend swap.
+    pub fn wasm_plugin_config(&self) -> Vec<(String, String)> {
+        let mut config = self.plugin_config();
+        if self.wasm_needs_model() && !self.plugin.config.contains_key("model_id") {
+            config.push(("model_id".into(), self.model_id().to_string()));
+        }
+        config
     }
 
     /// Per-instance limits.

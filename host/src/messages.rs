@@ -78,11 +78,25 @@ pub struct IndexResponse {
 }
 
 /// Answer to `worker.stats`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatsResponse {
+    /// Files indexed.
     pub indexed: u64,
+    /// Files waiting to be indexed.
     pub queued: u64,
+    /// Files being read, embedded or stored now.
     pub processing: u64,
+    /// Chunks in the index.
+    #[serde(default)]
+    pub chunks: u64,
+    /// Files not indexed, by reason (`binary`, `too_large`, `not_utf8`,
+    /// `unreadable`, `embed_failed`).
+    #[serde(default)]
+    pub failures: std::collections::BTreeMap<String, u64>,
+    /// Why indexing is paused with files queued (the embedder failed), if
+    /// it is.
+    #[serde(default)]
+    pub stalled: Option<String>,
 }
 
 /// `embedder.embed`.

@@ -158,6 +158,27 @@ impl TextEncoder {
         Ok(encoding.len())
     }
 
+    /// The byte range in `text` of each of its tokens, special tokens left
+    /// out, with no truncation: what a chunker cuts a long text by, so that
+    /// every chunk fits the model and nothing is truncated away.
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer fails.
+    pub fn token_spans(&self, text: &str) -> Result<Vec<(usize, usize)>, TextError> {
+        let encoding = self
+            .counter
+            .encode(text, false)
+            .map_err(|e| TextError::Encode(e.to_string()))?;
+        // Offsets are in bytes (the tokenizer's default offset type); a
+        // word piece's offsets are its part of the word.
+        Ok(encoding
+            .get_offsets()
+            .iter()
+            .copied()
+            .filter(|(start, end)| end > start)
+            .collect())
+    }
+
     /// Tokenizes, truncates and pads `texts` into one batch.
     ///
     /// # Errors
@@ -333,6 +354,15 @@ mod tests {
         assert_eq!(groups[0].1.tokens, 3, "no padding among the short texts");
         assert_eq!(groups[1].1.input_ids, [1, 6, 5, 2, 0, 1, 4, 5, 6, 2]);
         assert_eq!(groups[1].1.attention_mask, [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn token_spans_are_byte_ranges_of_the_whole_text() {
+        // Non-ASCII before the words: byte offsets, not character ones.
+        let text = "Grüße, hello\nworld cats";
+        let spans = encoder(4).token_spans(text).unwrap();
+        let words: Vec<&str> = spans.iter().map(|&(s, e)| &text[s..e]).collect();
+        assert_eq!(words, ["Grüße", ",", "hello", "world", "cats"]);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! client, the embedder a bus peer (in-process for WASM), exactly as the
 //! worker will use it.
 
+mod index;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,6 +50,12 @@ pub enum Command {
     /// Check and fetch model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Index files and folders for search (new and changed files only).
+    Index(index::IndexArgs),
+    /// Search the index by meaning.
+    Search(index::SearchArgs),
+    /// Show the index's counts.
+    Stats(index::StatsArgs),
     /// Serve the bus on stdin/stdout (started by the host; not for people).
     #[command(hide = true)]
     Child(ChildArgs),
@@ -174,6 +182,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Plugin(PluginCommand::Check { path }) => check(cli.config, path).await,
         Command::Status(args) => status(cli.config, args).await,
         Command::Model(command) => model(cli.config, command).await,
+        Command::Index(args) => index::index(cli.config, args).await,
+        Command::Search(args) => index::search(cli.config, args).await,
+        Command::Stats(args) => index::stats(cli.config, args).await,
         Command::Child(args) => child(args).await,
     }
 }
@@ -262,7 +273,7 @@ async fn start_backend(
                 let dir = fetch_model(config).await?;
                 if config.wasm_snapshot() {
                     let (source, limits) = (source.clone(), config.instance_limits());
-                    let settings = config.plugin_config();
+                    let settings = config.wasm_plugin_config();
                     tokio::task::spawn_blocking(move || {
                         WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
                     })
@@ -279,7 +290,7 @@ async fn start_backend(
             let spawner = WasmSpawner {
                 plugin,
                 limits: config.instance_limits(),
-                config: config.plugin_config(),
+                config: config.wasm_plugin_config(),
             };
             Supervisor::start(spawner, supervision)
                 .await

@@ -1,0 +1,282 @@
+//! `embedhost index`, `search` and `stats`: the worker's commands.
+//!
+//! `index` and `search` start the configured embedder and a worker over
+//! the bus, exactly as an embedding application would; `stats` only reads
+//! the index.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::bus::transport::InProcess;
+use crate::bus::{Bus, Empty, SendOptions};
+use crate::config::Config;
+use crate::messages::{
+    IndexRequest, InitRequest, SearchRequest, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
+    WorkerSearch, WorkerStats,
+};
+use crate::worker::chunk::Tokens;
+use crate::worker::store::Store;
+use crate::worker::{Worker, router};
+
+/// How often `index` asks the worker for its counts to draw the progress
+/// bar: often enough to look live, rarely enough to cost nothing.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Characters of a result's text `search` prints.
+const SNIPPET_CHARS: usize = 200;
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// The index directory (default: `[index] dir`, else the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub db: Option<PathBuf>,
+    /// Files and folders to index (folders recursively, following
+    /// .gitignore and skipping hidden files, as ripgrep does).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The index directory (default: `[index] dir`, else the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub db: Option<PathBuf>,
+    /// Results to show.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    pub limit: u32,
+    /// Print a JSON array of results (`path`, `start_line`, `end_line`,
+    /// `score`, `text`).
+    #[arg(long)]
+    pub json: bool,
+    /// What to look for, in words.
+    #[arg(required = true)]
+    pub query: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The index directory (default: `[index] dir`, else the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub db: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The configured embedder and a worker on it, initialized on `db`, behind a
+/// bus. `max_pool` bounds the embedder's pool (one query needs one
+/// instance).
+async fn start_worker(
+    config: &Config,
+    db: &std::path::Path,
+    max_pool: Option<usize>,
+) -> Result<Bus, String> {
+    let source = config.plugin_source();
+    let (supervisor, _) = super::start_backend(config, &source, max_pool).await?;
+    let embedder = Bus::new(InProcess::named(
+        "embedder",
+        crate::embedder::supervised_router(supervisor.clone()),
+    ));
+    let model = supervisor.model_info();
+    let tokens = tokens(config, model.max_input_tokens as usize)?;
+    let mut settings = config.worker_settings();
+    if let Some(max) = max_pool {
+        settings.in_flight = settings.in_flight.min(max + 1);
+    }
+    let worker = Worker::new(embedder, model, tokens, settings);
+    let bus = Bus::new(InProcess::named("worker", router(worker)));
+    bus.send::<WorkerInit>(
+        InitRequest {
+            db_dir: db.to_path_buf(),
+            user_data_path: db.to_path_buf(),
+        },
+        SendOptions::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(bus)
+}
+
+/// How files are cut: by the model's tokenizer when the config names a
+/// model (its `tokenizer.json`), else by words.
+fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String> {
+    if !(config.wasm_needs_model() || config.needs_model_files()) {
+        return Ok(Tokens::Words);
+    }
+    let path = config
+        .model_dir()?
+        .join(crate::native::onnx::TOKENIZER_FILE);
+    embedhost_text::TextEncoder::from_file(&path, max_input_tokens)
+        .map(|encoder| Tokens::Model(Arc::new(encoder)))
+        .map_err(|e| e.to_string())
+}
+
+pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let db = config.index_dir(args.db.as_deref())?;
+    let started = Instant::now();
+    let bus = start_worker(&config, &db, None).await?;
+    let queued = bus
+        .send::<WorkerIndex>(
+            IndexRequest { paths: args.paths },
+            SendOptions::default().timeout(Duration::from_secs(600)),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .queued;
+    let stats = || async {
+        bus.send::<WorkerStats>(Empty {}, SendOptions::default())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let first = stats().await?;
+    let total = first.queued + first.processing;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} files  {msg}  [{elapsed_precise}, {eta} left]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let chunks_before = first.chunks;
+    let indexing = Instant::now();
+    let last = loop {
+        let s = stats().await?;
+        let left = s.queued + s.processing;
+        bar.set_position(total.saturating_sub(left));
+        let chunks = s.chunks.saturating_sub(chunks_before);
+        let rate = chunks as f64 / indexing.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(format!("{chunks} chunks, {rate:.0} chunks/s"));
+        if left == 0 || s.stalled.is_some() {
+            break s;
+        }
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+    };
+    bar.finish_and_clear();
+    if let Some(reason) = &last.stalled {
+        return Err(format!(
+            "indexing stopped, {} files stay queued for the next run: {reason}",
+            last.queued + last.processing
+        ));
+    }
+    println!(
+        "{} queued, {} files indexed ({} chunks) in {:.1} s into {}",
+        queued,
+        last.indexed,
+        last.chunks,
+        started.elapsed().as_secs_f64(),
+        db.display()
+    );
+    if !last.failures.is_empty() {
+        let reasons: Vec<String> = last
+            .failures
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        println!(
+            "not indexed: {} (embedhost stats lists them)",
+            reasons.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let db = config.index_dir(args.db.as_deref())?;
+    if !db.join(crate::worker::store::DB_FILE).is_file() {
+        return Err(format!(
+            "no index at `{}` (run `embedhost index PATH` first)",
+            db.display()
+        ));
+    }
+    let bus = start_worker(&config, &db, Some(1)).await?;
+    let results = bus
+        .send::<WorkerSearch>(
+            SearchRequest {
+                query: args.query.join(" "),
+                limit: args.limit,
+            },
+            SendOptions::default().timeout(Duration::from_secs(60)),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .results;
+    if args.json {
+        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        print_results(&results);
+    }
+    Ok(())
+}
+
+fn print_results(results: &[SearchResult]) {
+    if results.is_empty() {
+        println!("no results");
+    }
+    for r in results {
+        let lines = if r.start_line == r.end_line {
+            r.start_line.to_string()
+        } else {
+            format!("{}-{}", r.start_line, r.end_line)
+        };
+        println!("{:.3}  {}:{lines}", r.score, r.path.display());
+        let flat: String = r.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut snippet: String = flat.chars().take(SNIPPET_CHARS).collect();
+        if flat.chars().count() > SNIPPET_CHARS {
+            snippet.push('…');
+        }
+        println!("       {snippet}");
+    }
+}
+
+pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let db = config.index_dir(args.db.as_deref())?;
+    let (stats, model, skipped) = tokio::task::spawn_blocking(move || {
+        let store = Store::open_existing(&db)?;
+        let s = store.stats()?;
+        let model = (
+            store.meta("model_id")?.unwrap_or_default(),
+            store.meta("dimension")?.unwrap_or_default(),
+        );
+        Ok::<_, crate::worker::store::StoreError>((s, model, store.skipped()?))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let response = StatsResponse {
+        indexed: stats.indexed,
+        queued: stats.queued,
+        processing: 0,
+        chunks: stats.chunks,
+        failures: stats.skipped,
+        stalled: None,
+    };
+    if args.json {
+        let mut json = serde_json::to_value(&response).map_err(|e| e.to_string())?;
+        json["model_id"] = model.0.into();
+        json["skipped"] = skipped
+            .iter()
+            .map(|(path, reason, detail)| {
+                serde_json::json!({ "path": path, "reason": reason, "detail": detail })
+            })
+            .collect();
+        println!("{json:#}");
+        return Ok(());
+    }
+    println!("model:    {} ({} dimensions)", model.0, model.1);
+    println!(
+        "indexed:  {} files, {} chunks",
+        response.indexed, response.chunks
+    );
+    println!("queued:   {} files", response.queued);
+    for (path, _reason, detail) in skipped {
+        println!("skipped:  {} ({detail})", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! From a file's bytes to the text that is indexed, or the reason it is not.
+//!
+//! # Invariants
+//! - Only text is indexed: a file with a NUL byte in its first
+//!   [`BINARY_SNIFF_BYTES`] is binary (ripgrep's and git's heuristic), and a
+//!   file that is not UTF-8 is undecodable. Either is skipped with its reason,
+//!   never an error that stops indexing.
+//! - Line numbers survive extraction: HTML loses its markup, `<script>` and
+//!   `<style>` contents and comments, but every newline stays where it was, so
+//!   a result's `path:line` points into the file as it is on disk.
+
+use std::path::Path;
+
+/// Bytes looked at for a NUL when deciding whether a file is binary.
+pub const BINARY_SNIFF_BYTES: usize = 8 * 1024;
+
+/// Why a file is not indexed. The string form (`reason`) is what stats and
+/// the index record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    #[error("binary (a NUL byte in its first {BINARY_SNIFF_BYTES} bytes)")]
+    Binary,
+    #[error("too large ({size} bytes, the limit is {limit})")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 { offset: usize },
+    #[error("unreadable: {0}")]
+    Unreadable(String),
+    #[error("embedding failed: {0}")]
+    EmbedFailed(String),
+}
+
+impl Skip {
+    /// A short, stable name for counting skips by reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Skip::Binary => "binary",
+            Skip::TooLarge { .. } => "too_large",
+            Skip::NotUtf8 { .. } => "not_utf8",
+            Skip::Unreadable(_) => "unreadable",
+            Skip::EmbedFailed(_) => "embed_failed",
+        }
+    }
+}
+
+/// The indexable text of the file at `path` with contents `bytes`.
+///
+/// # Errors
+/// [`Skip::Binary`] or [`Skip::NotUtf8`].
+pub fn extract(path: &Path, bytes: &[u8]) -> Result<String, Skip> {
+    let sniff = &bytes[..bytes.len().min(BINARY_SNIFF_BYTES)];
+    if sniff.contains(&0) {
+        return Err(Skip::Binary);
+    }
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let text = std::str::from_utf8(bytes).map_err(|e| Skip::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    if is_html(path) {
+        Ok(html_text(text))
+    } else {
+        Ok(text.to_string())
+    }
+}
+
+fn is_html(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "html" | "htm" | "xhtml"))
+}
+
+/// The text of an HTML document with its markup dropped and its newlines
+/// kept: tags, comments and the contents of `<script>` and `<style>` become
+/// nothing but the newlines they spanned; entities are decoded.
+fn html_text(html: &str) -> String {
+    // ASCII lowercasing keeps every byte offset, so positions found in
+    // `lower` (case-insensitive tag names) index `html` too.
+    let lower = html.to_ascii_lowercase();
+    let mut out = String::with_capacity(html.len());
+    let mut at = 0;
+    while let Some(open) = html[at..].find('<').map(|i| at + i) {
+        out.push_str(&decode_entities(&html[at..open]));
+        let tail = &lower[open..];
+        let end = if tail.starts_with("<!--") {
+            tail.find("-->").map(|i| i + 3)
+        } else if let Some(name) = ["script", "style"]
+            .into_iter()
+            .find(|name| tail[1..].starts_with(name))
+        {
+            tail.find(&format!("</{name}"))
+                .and_then(|i| tail[i..].find('>').map(|j| i + j + 1))
+        } else {
+            tail.find('>').map(|i| i + 1)
+        };
+        let end = open + end.unwrap_or(tail.len());
+        // The dropped span's newlines stay, so lines keep their numbers.
+        out.extend(std::iter::repeat_n(
+            '\n',
+            html[open..end].matches('\n').count(),
+        ));
+        // A tag separates words: "a<br>b" is two words.
+        if !out.ends_with(char::is_whitespace) {
+            out.push(' ');
+        }
+        at = end;
+    }
+    out.push_str(&decode_entities(&html[at..]));
+    out
+}
+
+fn decode_entities(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('&') {
+        html_escape::decode_html_entities(text)
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_and_non_utf8_files_are_skipped_with_their_reason() {
+        let p = Path::new("a.txt");
+        assert_eq!(extract(p, b"abc\0def"), Err(Skip::Binary));
+        assert_eq!(
+            extract(p, b"caf\xe9 au lait"),
+            Err(Skip::NotUtf8 { offset: 3 })
+        );
+        assert_eq!(extract(p, b"\xEF\xBB\xBFhello").unwrap(), "hello");
+        assert_eq!(Skip::Binary.reason(), "binary");
+    }
+
+    #[test]
+    fn html_loses_markup_but_keeps_its_lines() {
+        let html = "<html><head><title>T</title>\n<style>\nbody { x: y }\n</style>\n\
+                    <script type=\"x\">let a = 1 < 2;\n</script></head>\n\
+                    <body><p>Caf&eacute; &amp; <b>bar</b></p><!-- a\ncomment -->\n<p>last</p></body></html>";
+        let text = extract(Path::new("page.HTML"), html.as_bytes()).unwrap();
+        assert_eq!(text.lines().count(), html.lines().count());
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words, ["T", "Café", "&", "bar", "last"]);
+        let last = text.lines().position(|l| l.contains("last")).unwrap();
+        assert_eq!(last, html.lines().position(|l| l.contains("last")).unwrap());
+        // Other text files are kept as they are.
+        assert_eq!(extract(Path::new("a.md"), b"<b>x</b>").unwrap(), "<b>x</b>");
+    }
+}

@@ -1,0 +1,792 @@
+//! The worker: a semantic index of a person's files, inside the host. It
+//! serves `worker.*` on the bus and asks the embedder for vectors through the
+//! bus (`embedder.embed`), as the seed's worker process did.
+//!
+//! # How indexing flows
+//! `worker.index` walks the paths (ripgrep's rules, through `ignore`),
+//! forgets files that are gone, and queues the new and changed ones (size or
+//! time differ) in the database; it answers at once with how many it queued.
+//! The indexer task then drains the queue in three overlapping stages:
+//! 1. read, hash, extract and chunk files on blocking threads
+//!    ([`INDEX_READERS`] at a time, a contents hash equal to the stored one
+//!    skips the file);
+//! 2. embed chunks in batches of `batch_chunks`, keeping `in_flight` batches
+//!    at the embedder so every instance of its pool stays busy;
+//! 3. commit each file whose chunks all have vectors, in one transaction
+//!    ([`store::Store::commit_file`]), then update the in-memory index.
+//!
+//! # Invariants
+//! - A file leaves the queue only in the transaction that indexes or skips
+//!   it, so a kill at any moment leaves every file indexed once or queued;
+//!   the next start resumes the queue.
+//! - A file that cannot be indexed (binary, too large, undecodable,
+//!   unreadable, refused by the embedder) is recorded with its reason and
+//!   counted, never retried forever, never fatal.
+//! - If the embedder itself fails (not one text: the whole request), nothing
+//!   is committed for the files in that round: they stay queued, the error
+//!   is reported in `stats` as `stalled`, and the next `worker.index` (or a
+//!   restart) tries again.
+
+pub mod chunk;
+pub mod extract;
+pub mod store;
+pub mod vectors;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::{Mutex, Notify, mpsc};
+
+use crate::bus::{Bus, BusError, ErrorCode, RemoteError, Router, SendOptions};
+use crate::messages::{
+    EmbedRequest, EmbedderEmbed, IndexRequest, IndexResponse, InitRequest, InitResponse,
+    SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
+    WorkerSearch, WorkerStats,
+};
+use crate::wasm::ModelInfo;
+use chunk::{Chunk, ChunkSettings, Tokens};
+use extract::Skip;
+use store::{FileMeta, NewChunk, Store, StoreError};
+use vectors::VectorIndex;
+
+/// Files read, hashed and chunked at once: two keep a core busy while the
+/// other waits on the disk, and reading is far faster than embedding.
+pub const INDEX_READERS: usize = 2;
+
+/// Prepared files waiting for the embedder: enough to fill the next batches
+/// without holding much text in memory.
+const PREPARED_AHEAD: usize = 64;
+
+/// Files over this size are skipped (`too_large`) unless the config says
+/// otherwise: 10 MiB of text is thousands of chunks, more likely a log or a
+/// data dump than a document a person searches.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Chunks per `embedder.embed` request: the batch the throughput benchmark
+/// measured (32 short texts; the native engine groups a batch by length).
+pub const DEFAULT_BATCH_CHUNKS: usize = 32;
+
+/// Time given to one `embedder.embed` of a batch while indexing: generous,
+/// a batch of 32 passages of 256 tokens takes about 2 s natively and 10 s in
+/// one WASM instance on a slow machine.
+pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time given to a search's query embedding.
+pub const SEARCH_EMBED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the worker indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerSettings {
+    pub chunk: ChunkSettings,
+    pub max_file_bytes: u64,
+    pub batch_chunks: usize,
+    /// Batches at the embedder at once (its pool size, plus one queued so an
+    /// instance never waits for the next).
+    pub in_flight: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            chunk: ChunkSettings::default(),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            batch_chunks: DEFAULT_BATCH_CHUNKS,
+            in_flight: 2,
+        }
+    }
+}
+
+/// Errors of the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the worker is not initialized (send worker.init first)")]
+    NotInitialized,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("embedder: {0}")]
+    Embedder(#[from] BusError),
+    #[error("cannot index `{path}`: {reason}")]
+    Path { path: PathBuf, reason: String },
+    #[error("the embedder returned no vector for the query: {0}")]
+    Query(String),
+}
+
+impl From<WorkerError> for RemoteError {
+    fn from(e: WorkerError) -> Self {
+        let code = match &e {
+            WorkerError::NotInitialized | WorkerError::Path { .. } => ErrorCode::InvalidInput,
+            WorkerError::Embedder(BusError::Remote(r)) if r.code == ErrorCode::Unavailable => {
+                ErrorCode::Unavailable
+            }
+            _ => ErrorCode::Failed,
+        };
+        RemoteError::new(code, e.to_string())
+    }
+}
+
+/// The worker. Cheap to clone; every clone is the same worker.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    embedder: Bus,
+    model: ModelInfo,
+    tokens: Tokens,
+    settings: WorkerSettings,
+    opened: Mutex<Option<Arc<Opened>>>,
+}
+
+/// An open index and its indexer.
+struct Opened {
+    dir: PathBuf,
+    store: Arc<SyncMutex<Store>>,
+    index: Arc<RwLock<VectorIndex>>,
+    /// Wakes the indexer: files were queued, or the worker is gone.
+    wake: Arc<Notify>,
+    processing: AtomicU64,
+    /// The embedder's last whole-request failure, while files wait for it.
+    stalled: SyncMutex<Option<String>>,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // The indexer holds only a weak reference: woken, it finds the
+        // index gone and ends.
+        self.wake.notify_one();
+    }
+}
+
+impl Worker {
+    /// A worker asking `embedder` (a bus to an `embedder.*` peer serving
+    /// `model`) for vectors, cutting files with `tokens`.
+    pub fn new(embedder: Bus, model: ModelInfo, tokens: Tokens, settings: WorkerSettings) -> Self {
+        let settings = WorkerSettings {
+            chunk: settings.chunk.fitted(model.max_input_tokens as usize),
+            batch_chunks: settings.batch_chunks.max(1),
+            in_flight: settings.in_flight.max(1),
+            ..settings
+        };
+        Worker {
+            inner: Arc::new(Inner {
+                embedder,
+                model,
+                tokens,
+                settings,
+                opened: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The settings in force (chunking fitted to the model).
+    pub fn settings(&self) -> WorkerSettings {
+        self.inner.settings
+    }
+
+    /// `worker.init`: opens (or creates) the index in `db_dir`, loads its
+    /// vectors and starts the indexer, which resumes the queue. Opening the
+    /// directory already open is a no-op.
+    ///
+    /// # Errors
+    /// The store's error, such as an index of another model.
+    pub async fn init(&self, db_dir: &Path) -> Result<(), WorkerError> {
+        let mut opened = self.inner.opened.lock().await;
+        if opened.as_ref().is_some_and(|o| o.dir == db_dir) {
+            return Ok(());
+        }
+        let (dir, model) = (db_dir.to_path_buf(), self.inner.model.clone());
+        let (store, index) = blocking(move || {
+            let store = Store::open(&dir, &model.model_id, model.dimension)?;
+            let (ids, data) = store.vectors()?;
+            let index = VectorIndex::new(model.dimension as usize, ids, data);
+            Ok::<_, WorkerError>((store, index))
+        })
+        .await?;
+        let state = Arc::new(Opened {
+            dir: db_dir.to_path_buf(),
+            store: Arc::new(SyncMutex::new(store)),
+            index: Arc::new(RwLock::new(index)),
+            wake: Arc::new(Notify::new()),
+            processing: AtomicU64::new(0),
+            stalled: SyncMutex::new(None),
+        });
+        tokio::spawn(indexer(self.inner.clone(), Arc::downgrade(&state)));
+        state.wake.notify_one();
+        *opened = Some(state);
+        Ok(())
+    }
+
+    async fn opened(&self) -> Result<Arc<Opened>, WorkerError> {
+        self.inner
+            .opened
+            .lock()
+            .await
+            .clone()
+            .ok_or(WorkerError::NotInitialized)
+    }
+
+    /// `worker.index`: queues the new and changed files under `paths` and
+    /// forgets the deleted ones; returns how many were queued. Indexing goes
+    /// on in the background.
+    ///
+    /// # Errors
+    /// A path that does not exist, or the store's error.
+    pub async fn index(&self, paths: Vec<PathBuf>) -> Result<u64, WorkerError> {
+        let opened = self.opened().await?;
+        let state = opened.clone();
+        let queued = blocking(move || walk(&state, &paths)).await?;
+        *opened.stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        opened.wake.notify_one();
+        Ok(queued)
+    }
+
+    /// `worker.search`: the `limit` chunks closest in meaning to `query`,
+    /// best first.
+    ///
+    /// # Errors
+    /// The embedder's or the store's error.
+    pub async fn search(
+        &self,
+        query: String,
+        limit: usize,
+    ) -> Result<Vec<SearchResult>, WorkerError> {
+        let opened = self.opened().await?;
+        let response = self
+            .inner
+            .embedder
+            .send::<EmbedderEmbed>(
+                EmbedRequest {
+                    texts: vec![query],
+                    is_query: true,
+                },
+                SendOptions::default().timeout(SEARCH_EMBED_TIMEOUT),
+            )
+            .await?;
+        let Some(vector) = response.vectors.get(0) else {
+            let reason = response
+                .failed
+                .first()
+                .map_or("no reason given".to_string(), |f| f.reason.clone());
+            return Err(WorkerError::Query(reason));
+        };
+        let hits = opened
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .search(vector, limit);
+        let store = opened.store.clone();
+        let ids: Vec<i64> = hits.iter().map(|h| h.0).collect();
+        let rows = blocking(move || Ok(lock(&store).chunks(&ids)?)).await?;
+        let scores: HashMap<i64, f32> = hits.into_iter().collect();
+        Ok(rows
+            .into_iter()
+            .map(|row| SearchResult {
+                score: scores.get(&row.id).copied().unwrap_or_default(),
+                path: row.path,
+                start_line: row.start_line,
+                end_line: row.end_line,
+                text: row.text,
+            })
+            .collect())
+    }
+
+    /// `worker.stats`.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn stats(&self) -> Result<StatsResponse, WorkerError> {
+        let opened = self.opened().await?;
+        let store = opened.store.clone();
+        let stored = blocking(move || Ok(lock(&store).stats()?)).await?;
+        let processing = opened.processing.load(Ordering::Relaxed);
+        Ok(StatsResponse {
+            indexed: stored.indexed,
+            queued: stored.queued.saturating_sub(processing),
+            processing,
+            chunks: stored.chunks,
+            failures: stored.skipped,
+            stalled: opened
+                .stalled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        })
+    }
+}
+
+/// A router serving `worker.init`, `worker.index`, `worker.search` and
+/// `worker.stats` from `worker`.
+pub fn router(worker: Worker) -> Router {
+    let mut router = Router::new();
+    let w = worker.clone();
+    router.handle::<WorkerInit, _, _>(move |_, request: InitRequest| {
+        let w = w.clone();
+        async move {
+            w.init(&request.db_dir).await?;
+            Ok(InitResponse { ready: true })
+        }
+    });
+    let w = worker.clone();
+    router.handle::<WorkerIndex, _, _>(move |_, request: IndexRequest| {
+        let w = w.clone();
+        async move {
+            let queued = w.index(request.paths).await?;
+            Ok(IndexResponse { queued })
+        }
+    });
+    let w = worker.clone();
+    router.handle::<WorkerSearch, _, _>(move |_, request: SearchRequest| {
+        let w = w.clone();
+        async move {
+            let results = w.search(request.query, request.limit as usize).await?;
+            Ok(SearchResponse { results })
+        }
+    });
+    router.handle::<WorkerStats, _, _>(move |_, _: crate::bus::Empty| {
+        let w = worker.clone();
+        async move { Ok(w.stats().await?) }
+    });
+    router
+}
+
+fn lock(store: &SyncMutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    // A panic while holding the lock cannot leave the database half-written
+    // (every write is a transaction), so the store stays usable.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
+) -> Result<T, WorkerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(WorkerError::Query(format!("worker task failed: {e}"))))
+}
+
+fn file_meta(meta: &std::fs::Metadata) -> FileMeta {
+    FileMeta {
+        size: meta.len(),
+        mtime_ns: meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+    }
+}
+
+/// Walks `paths`, forgets deleted files, queues new and changed ones.
+fn walk(state: &Opened, paths: &[PathBuf]) -> Result<u64, WorkerError> {
+    let db_dir = state
+        .dir
+        .canonicalize()
+        .unwrap_or_else(|_| state.dir.clone());
+    let mut candidates = Vec::new();
+    let mut removed = Vec::new();
+    for path in paths {
+        let root = path.canonicalize().map_err(|e| WorkerError::Path {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut seen = HashSet::new();
+        let walker = ignore::WalkBuilder::new(&root)
+            // .gitignore applies in any folder, as a person reading it
+            // expects, not only inside a git repository.
+            .require_git(false)
+            .follow_links(false)
+            .filter_entry({
+                let db_dir = db_dir.clone();
+                move |entry| !entry.path().starts_with(&db_dir)
+            })
+            .build();
+        let store = lock(&state.store);
+        for entry in walker {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an entry the walk cannot read");
+                    continue;
+                }
+            };
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = entry.into_path();
+            if path.to_str().is_none() {
+                tracing::warn!(path = %path.display(), "skipping a path that is not UTF-8");
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let meta = file_meta(&meta);
+            seen.insert(path.clone());
+            match store.file(&path)? {
+                Some(stored) if stored.meta == meta => {}
+                _ => candidates.push(path),
+            }
+        }
+        for known in store.files_under(&root)? {
+            if !seen.contains(&known) {
+                removed.push(known);
+            }
+        }
+    }
+    let mut store = lock(&state.store);
+    for path in removed {
+        let ids = store.remove(&path)?;
+        let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            index.remove(id);
+        }
+    }
+    Ok(store.enqueue(&candidates)?)
+}
+
+/// A queued file, read and cut.
+enum Prepared {
+    /// No longer on disk.
+    Gone(PathBuf),
+    /// Same contents as indexed.
+    Unchanged(PathBuf, FileMeta),
+    Skipped(PathBuf, FileMeta, Skip),
+    Chunks {
+        path: PathBuf,
+        meta: FileMeta,
+        hash: String,
+        chunks: Vec<Chunk>,
+    },
+}
+
+fn prepare(inner: &Inner, store: &SyncMutex<Store>, path: PathBuf) -> Prepared {
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Prepared::Gone(path);
+    };
+    let meta = file_meta(&meta);
+    let limit = inner.settings.max_file_bytes;
+    if meta.size > limit {
+        let skip = Skip::TooLarge {
+            size: meta.size,
+            limit,
+        };
+        return Prepared::Skipped(path, meta, skip);
+    }
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Prepared::Gone(path),
+        Err(e) => return Prepared::Skipped(path, meta, Skip::Unreadable(e.to_string())),
+    };
+    let hash = crate::wasm::sha256_hex(&bytes);
+    let stored = lock(store).file(&path).ok().flatten();
+    if stored.is_some_and(|s| s.hash == hash) {
+        return Prepared::Unchanged(path, meta);
+    }
+    let text = match extract::extract(&path, &bytes) {
+        Ok(text) => text,
+        Err(skip) => return Prepared::Skipped(path, meta, skip),
+    };
+    match chunk::chunk(&text, &inner.tokens, inner.settings.chunk) {
+        Ok(chunks) => Prepared::Chunks {
+            path,
+            meta,
+            hash,
+            chunks,
+        },
+        Err(e) => Prepared::Skipped(path, meta, Skip::Unreadable(format!("tokenizer: {e}"))),
+    }
+}
+
+/// A file whose chunks are at the embedder.
+struct Pending {
+    path: PathBuf,
+    meta: FileMeta,
+    hash: String,
+    chunks: Vec<Chunk>,
+    vectors: Vec<Option<Vec<f32>>>,
+    missing: usize,
+    failed: Option<String>,
+}
+
+/// Drains the queue whenever woken, until the worker is dropped.
+async fn indexer(inner: Arc<Inner>, state: std::sync::Weak<Opened>) {
+    loop {
+        let Some(opened) = state.upgrade() else {
+            return;
+        };
+        let store = opened.store.clone();
+        let queue = match blocking(move || Ok(lock(&store).queued()?)).await {
+            Ok(queue) => queue,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the index queue");
+                Vec::new()
+            }
+        };
+        let stalled = opened
+            .stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if queue.is_empty() || stalled {
+            let wake = opened.wake.clone();
+            let woken = wake.notified();
+            drop(opened);
+            woken.await;
+            continue;
+        }
+        if let Err(e) = index_round(&inner, &opened, queue).await {
+            tracing::warn!(error = %e, "indexing stalled; the files stay queued");
+            *opened.stalled.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
+        opened.processing.store(0, Ordering::Relaxed);
+    }
+}
+
+/// One pass over `queue`: read, embed and commit every file in it.
+async fn index_round(
+    inner: &Arc<Inner>,
+    opened: &Arc<Opened>,
+    queue: Vec<PathBuf>,
+) -> Result<(), WorkerError> {
+    opened
+        .processing
+        .store(queue.len() as u64, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Prepared>(PREPARED_AHEAD);
+    let reader = {
+        let (inner, store) = (inner.clone(), opened.store.clone());
+        tokio::spawn(async move {
+            let mut prepared = futures::stream::iter(queue)
+                .map(|path| {
+                    let (inner, store) = (inner.clone(), store.clone());
+                    tokio::task::spawn_blocking(move || prepare(&inner, &store, path))
+                })
+                .buffered(INDEX_READERS);
+            while let Some(file) = prepared.next().await {
+                let Ok(file) = file else { continue };
+                if tx.send(file).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut next_file = 0u64;
+    let mut batch: Vec<(u64, usize)> = Vec::new();
+    let mut in_flight = FuturesOrdered::new();
+    let mut input_open = true;
+    let settings = inner.settings;
+    let result = loop {
+        let room = in_flight.len() < settings.in_flight;
+        tokio::select! {
+            file = rx.recv(), if input_open && room => {
+                match file {
+                    None => input_open = false,
+                    Some(Prepared::Chunks { path, meta, hash, chunks }) if !chunks.is_empty() => {
+                        let n = chunks.len();
+                        batch.extend((0..n).map(|i| (next_file, i)));
+                        pending.insert(next_file, Pending {
+                            path, meta, hash, chunks,
+                            vectors: vec![None; n],
+                            missing: n,
+                            failed: None,
+                        });
+                        next_file += 1;
+                    }
+                    Some(other) => {
+                        if let Err(e) = commit_other(opened, other).await {
+                            break Err(e);
+                        }
+                    }
+                }
+                // Full batches go now; a partial one when nothing else is
+                // coming soon or the embedder is idle.
+                while batch.len() >= settings.batch_chunks && in_flight.len() < settings.in_flight {
+                    let rest = batch.split_off(settings.batch_chunks);
+                    in_flight.push_back(send_batch(inner, &pending, std::mem::replace(&mut batch, rest)));
+                }
+                if !batch.is_empty() && (!input_open || (rx.is_empty() && in_flight.is_empty())) {
+                    in_flight.push_back(send_batch(inner, &pending, std::mem::take(&mut batch)));
+                }
+            }
+            Some((keys, response)) = in_flight.next(), if !in_flight.is_empty() => {
+                let response = match response {
+                    Ok(response) => response,
+                    Err(e) => break Err(WorkerError::Embedder(e)),
+                };
+                let failed: HashMap<usize, String> = response
+                    .failed
+                    .iter()
+                    .map(|f| (f.index as usize, f.reason.clone()))
+                    .collect();
+                let mut rows = response.vectors.iter();
+                let mut done = Vec::new();
+                for (i, (file, chunk)) in keys.into_iter().enumerate() {
+                    let Some(p) = pending.get_mut(&file) else { continue };
+                    match failed.get(&i) {
+                        Some(reason) => p.failed = Some(reason.clone()),
+                        None => p.vectors[chunk] = rows.next().map(<[f32]>::to_vec),
+                    }
+                    p.missing -= 1;
+                    if p.missing == 0 {
+                        done.push(file);
+                    }
+                }
+                let mut failed_commit = None;
+                for file in done {
+                    if let Some(p) = pending.remove(&file) {
+                        if let Err(e) = commit_pending(opened, p, inner.model.dimension as usize).await {
+                            failed_commit = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failed_commit {
+                    break Err(e);
+                }
+                if !batch.is_empty() && (!input_open || rx.is_empty()) && in_flight.len() < settings.in_flight {
+                    in_flight.push_back(send_batch(inner, &pending, std::mem::take(&mut batch)));
+                }
+            }
+            else => break Ok(()),
+        }
+    };
+    reader.abort();
+    result
+}
+
+type BatchResult = (
+    Vec<(u64, usize)>,
+    Result<crate::messages::EmbedResponse, BusError>,
+);
+
+fn send_batch(
+    inner: &Arc<Inner>,
+    pending: &HashMap<u64, Pending>,
+    keys: Vec<(u64, usize)>,
+) -> impl std::future::Future<Output = BatchResult> + use<> {
+    let texts: Vec<String> = keys
+        .iter()
+        .map(|(file, chunk)| {
+            pending
+                .get(file)
+                .map(|p| p.chunks[*chunk].text.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let bus = inner.embedder.clone();
+    async move {
+        let response = bus
+            .send::<EmbedderEmbed>(
+                EmbedRequest {
+                    texts,
+                    is_query: false,
+                },
+                SendOptions::default().timeout(INDEX_EMBED_TIMEOUT),
+            )
+            .await;
+        (keys, response)
+    }
+}
+
+fn done_one(opened: &Opened) {
+    let _ = opened
+        .processing
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+}
+
+/// Commits a file that needs no embedding.
+async fn commit_other(opened: &Arc<Opened>, file: Prepared) -> Result<(), WorkerError> {
+    let state = opened.clone();
+    blocking(move || {
+        let mut store = lock(&state.store);
+        let removed = match file {
+            Prepared::Gone(path) => store.remove(&path)?,
+            Prepared::Unchanged(path, meta) => {
+                store.commit_unchanged(&path, &meta)?;
+                Vec::new()
+            }
+            Prepared::Skipped(path, meta, skip) => {
+                tracing::debug!(path = %path.display(), reason = %skip, "not indexed");
+                store.commit_skip(&path, &meta, skip.reason(), &skip.to_string())?
+            }
+            Prepared::Chunks {
+                path, meta, hash, ..
+            } => {
+                // A file without text: indexed, with no chunk.
+                store.commit_file(&path, &meta, &hash, &[])?.0
+            }
+        };
+        drop(store);
+        let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
+        for id in removed {
+            index.remove(id);
+        }
+        Ok(())
+    })
+    .await?;
+    done_one(opened);
+    Ok(())
+}
+
+/// Commits a file whose chunks all came back.
+async fn commit_pending(
+    opened: &Arc<Opened>,
+    mut p: Pending,
+    dimension: usize,
+) -> Result<(), WorkerError> {
+    // The bus validates vectors; a missing or short one is still refused
+    // here, since the store would keep it.
+    if p.failed.is_none()
+        && p.vectors
+            .iter()
+            .any(|v| v.as_ref().is_none_or(|v| v.len() != dimension))
+    {
+        p.failed = Some(format!(
+            "the embedder returned a vector that is not of {dimension} dimensions"
+        ));
+    }
+    let state = opened.clone();
+    blocking(move || {
+        let mut store = lock(&state.store);
+        if let Some(reason) = p.failed {
+            let skip = Skip::EmbedFailed(reason);
+            tracing::debug!(path = %p.path.display(), reason = %skip, "not indexed");
+            let removed = store.commit_skip(&p.path, &p.meta, skip.reason(), &skip.to_string())?;
+            drop(store);
+            let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
+            removed.into_iter().for_each(|id| index.remove(id));
+            return Ok(());
+        }
+        let vectors: Vec<Vec<f32>> = p
+            .vectors
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        let chunks: Vec<NewChunk<'_>> = p
+            .chunks
+            .iter()
+            .zip(&vectors)
+            .map(|(c, v)| NewChunk {
+                text: &c.text,
+                start_line: c.start_line,
+                end_line: c.end_line,
+                vector: v,
+            })
+            .collect();
+        let (old, new) = store.commit_file(&p.path, &p.meta, &p.hash, &chunks)?;
+        drop(store);
+        let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
+        old.into_iter().for_each(|id| index.remove(id));
+        for (id, v) in new.into_iter().zip(&vectors) {
+            index.insert(id, v);
+        }
+        Ok(())
+    })
+    .await?;
+    done_one(opened);
+    Ok(())
+}

@@ -1,0 +1,676 @@
+//! The index on disk: one SQLite database (WAL) holding files, chunks,
+//! vectors and the queue of files waiting to be indexed.
+//!
+//! # Invariants
+//! - A file's chunks, its row and its leaving the queue are written in one
+//!   transaction ([`Store::commit_file`]): after a crash a file is either
+//!   indexed whole or still queued, never half-indexed nor indexed twice.
+//! - The queue is in the database, so a killed host resumes it.
+//! - The index records the model that made its vectors (id and dimension);
+//!   opening it for another model is refused ([`StoreError::ModelMismatch`])
+//!   rather than mixing vectors of two models.
+//! - Vectors are stored as little-endian f32 blobs of exactly `dimension`
+//!   values; a blob of another length is reported as corruption, never read
+//!   past.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// The database's file name inside the index directory.
+pub const DB_FILE: &str = "index.sqlite";
+
+/// Schema version written in `meta`; a database of another version is
+/// refused with a message rather than misread.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another connection's lock (the `stats`
+/// command reading while `index` writes) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the index store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the index directory `{dir}`: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("index database `{path}`: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the index at `{dir}` was built with model `{stored}` ({stored_dimension} dimensions), but the embedder serves `{current}` ({current_dimension} dimensions): re-index into another directory (--db) or delete `{dir}`"
+    )]
+    ModelMismatch {
+        dir: PathBuf,
+        stored: String,
+        stored_dimension: u32,
+        current: String,
+        current_dimension: u32,
+    },
+    #[error(
+        "the index at `{dir}` has schema version {found}; this embedhost reads version {SCHEMA_VERSION}"
+    )]
+    Schema { dir: PathBuf, found: i64 },
+    #[error("no index at `{dir}` (run `embedhost index PATH` first)")]
+    Missing { dir: PathBuf },
+    #[error(
+        "index database `{path}`: chunk {chunk} has a vector of {bytes} bytes, expected {expected}"
+    )]
+    Corrupt {
+        path: PathBuf,
+        chunk: i64,
+        bytes: usize,
+        expected: usize,
+    },
+}
+
+/// What the index remembers of a file, to tell whether it changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMeta {
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// A stored file's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    pub meta: FileMeta,
+    /// Hex sha256 of the contents.
+    pub hash: String,
+}
+
+/// A chunk ready to be stored.
+#[derive(Clone, Debug)]
+pub struct NewChunk<'a> {
+    pub text: &'a str,
+    pub start_line: u32,
+    pub end_line: u32,
+    pub vector: &'a [f32],
+}
+
+/// A stored chunk, as search shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkRow {
+    pub id: i64,
+    pub path: PathBuf,
+    pub start_line: u32,
+    pub end_line: u32,
+    pub text: String,
+}
+
+/// Counts of the index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreStats {
+    /// Files indexed (with at least zero chunks: an empty file is indexed).
+    pub indexed: u64,
+    pub chunks: u64,
+    pub queued: u64,
+    /// Files not indexed, by reason (`binary`, `too_large`, ...).
+    pub skipped: BTreeMap<String, u64>,
+}
+
+/// The index database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    dimension: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens or creates the index in `dir` for the model `model_id` of
+    /// `dimension`.
+    ///
+    /// # Errors
+    /// The directory or database cannot be opened,
+    /// [`StoreError::ModelMismatch`], or [`StoreError::Schema`].
+    pub fn open(dir: &Path, model_id: &str, dimension: u32) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(DB_FILE);
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        // WAL: readers do not block the writer. synchronous = NORMAL: a
+        // commit survives the process being killed (the WAL is written
+        // before the commit returns); only a power cut may lose the last
+        // commits, and never corrupts the database.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS files (
+                 id INTEGER PRIMARY KEY,
+                 path TEXT NOT NULL UNIQUE,
+                 size INTEGER NOT NULL,
+                 mtime_ns INTEGER NOT NULL,
+                 hash TEXT NOT NULL,
+                 skip_reason TEXT,
+                 skip_detail TEXT
+             );
+             CREATE TABLE IF NOT EXISTS chunks (
+                 id INTEGER PRIMARY KEY,
+                 file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+                 seq INTEGER NOT NULL,
+                 start_line INTEGER NOT NULL,
+                 end_line INTEGER NOT NULL,
+                 text TEXT NOT NULL,
+                 vector BLOB NOT NULL,
+                 UNIQUE (file_id, seq)
+             );
+             CREATE TABLE IF NOT EXISTS queue (path TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
+        )
+        .map_err(sql)?;
+        let mut store = Store {
+            conn,
+            path: path.clone(),
+            dimension: dimension as usize,
+        };
+        store.check_model(dir, model_id, dimension)?;
+        Ok(store)
+    }
+
+    /// Opens an existing index to read its counts, whatever its model.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] if there is none, or SQLite's error.
+    pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join(DB_FILE);
+        if !path.is_file() {
+            return Err(StoreError::Missing {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        let mut store = Store {
+            conn,
+            path: path.clone(),
+            dimension: 0,
+        };
+        store.dimension = store
+            .meta("dimension")?
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        Ok(store)
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// A value of the `meta` table.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(self.sql())
+    }
+
+    fn check_model(
+        &mut self,
+        dir: &Path,
+        model_id: &str,
+        dimension: u32,
+    ) -> Result<(), StoreError> {
+        let schema = self.meta("schema")?;
+        match schema.as_deref().map(str::parse::<i64>) {
+            None => {
+                let tx = self
+                    .conn
+                    .transaction()
+                    .map_err(|source| StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                for (key, value) in [
+                    ("schema", SCHEMA_VERSION.to_string()),
+                    ("model_id", model_id.to_string()),
+                    ("dimension", dimension.to_string()),
+                ] {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                        params![key, value],
+                    )
+                    .map_err(|source| StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                }
+                tx.commit().map_err(self.sql())?;
+                return Ok(());
+            }
+            Some(Ok(SCHEMA_VERSION)) => {}
+            Some(found) => {
+                return Err(StoreError::Schema {
+                    dir: dir.to_path_buf(),
+                    found: found.unwrap_or(-1),
+                });
+            }
+        }
+        let stored = self.meta("model_id")?.unwrap_or_default();
+        let stored_dimension = self
+            .meta("dimension")?
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        if stored != model_id || stored_dimension != dimension {
+            return Err(StoreError::ModelMismatch {
+                dir: dir.to_path_buf(),
+                stored,
+                stored_dimension,
+                current: model_id.to_string(),
+                current_dimension: dimension,
+            });
+        }
+        Ok(())
+    }
+
+    /// What the index knows of the file at `path`.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn file(&self, path: &Path) -> Result<Option<StoredFile>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT size, mtime_ns, hash FROM files WHERE path = ?1",
+                [path_text(path)],
+                |r| {
+                    Ok(StoredFile {
+                        meta: FileMeta {
+                            size: r.get::<_, i64>(0)? as u64,
+                            mtime_ns: r.get(1)?,
+                        },
+                        hash: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// Every indexed or skipped file's path under `root` (itself included).
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn files_under(&self, root: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let root = path_text(root);
+        let prefix = format!("{}/", root.trim_end_matches('/'));
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path FROM files WHERE path = ?1 OR substr(path, 1, length(?2)) = ?2")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![root, prefix], |r| r.get::<_, String>(0))
+            .map_err(self.sql())?;
+        rows.map(|r| r.map(PathBuf::from))
+            .collect::<Result<_, _>>()
+            .map_err(self.sql())
+    }
+
+    /// Queues `paths` (those already queued stay where they are); returns
+    /// how many were newly queued.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn enqueue(&mut self, paths: &[PathBuf]) -> Result<u64, StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let mut added = 0;
+        {
+            let next: i64 = tx
+                .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM queue", [], |r| {
+                    r.get(0)
+                })
+                .map_err(sql)?;
+            let mut stmt = tx
+                .prepare("INSERT OR IGNORE INTO queue (path, seq) VALUES (?1, ?2)")
+                .map_err(sql)?;
+            for (i, path) in paths.iter().enumerate() {
+                added += stmt
+                    .execute(params![path_text(path), next + i as i64])
+                    .map_err(sql)? as u64;
+            }
+        }
+        tx.commit().map_err(sql)?;
+        Ok(added)
+    }
+
+    /// The queue, oldest first.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn queued(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path FROM queue ORDER BY seq")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.sql())?;
+        rows.map(|r| r.map(PathBuf::from))
+            .collect::<Result<_, _>>()
+            .map_err(self.sql())
+    }
+
+    /// Records the file at `path` as indexed with `chunks`, replacing what
+    /// the index had of it, and takes it off the queue: one transaction.
+    /// Returns the ids of the chunks it replaced and of the new ones.
+    ///
+    /// # Errors
+    /// SQLite's error; nothing is written then.
+    pub fn commit_file(
+        &mut self,
+        path: &Path,
+        meta: &FileMeta,
+        hash: &str,
+        chunks: &[NewChunk<'_>],
+    ) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let old = chunk_ids(&tx, path).map_err(sql)?;
+        let file_id: i64 = tx
+            .query_row(
+                "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail)
+                 VALUES (?1, ?2, ?3, ?4, NULL, NULL)
+                 ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = ?4,
+                     skip_reason = NULL, skip_detail = NULL
+                 RETURNING id",
+                params![path_text(path), meta.size as i64, meta.mtime_ns, hash],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        tx.execute("DELETE FROM chunks WHERE file_id = ?1", [file_id])
+            .map_err(sql)?;
+        let mut new = Vec::with_capacity(chunks.len());
+        {
+            let mut stmt = tx
+                .prepare(
+                    "INSERT INTO chunks (file_id, seq, start_line, end_line, text, vector)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                )
+                .map_err(sql)?;
+            for (seq, chunk) in chunks.iter().enumerate() {
+                let id: i64 = stmt
+                    .query_row(
+                        params![
+                            file_id,
+                            seq as i64,
+                            chunk.start_line,
+                            chunk.end_line,
+                            chunk.text,
+                            vector_blob(chunk.vector)
+                        ],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql)?;
+                new.push(id);
+            }
+        }
+        tx.execute("DELETE FROM queue WHERE path = ?1", [path_text(path)])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok((old, new))
+    }
+
+    /// Records the file at `path` as not indexed for `reason` (its old
+    /// chunks go), and takes it off the queue. Returns the removed chunks.
+    ///
+    /// # Errors
+    /// SQLite's error; nothing is written then.
+    pub fn commit_skip(
+        &mut self,
+        path: &Path,
+        meta: &FileMeta,
+        reason: &str,
+        detail: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let old = chunk_ids(&tx, path).map_err(sql)?;
+        tx.execute(
+            "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail)
+             VALUES (?1, ?2, ?3, '', ?4, ?5)
+             ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = '',
+                 skip_reason = ?4, skip_detail = ?5",
+            params![
+                path_text(path),
+                meta.size as i64,
+                meta.mtime_ns,
+                reason,
+                detail
+            ],
+        )
+        .map_err(sql)?;
+        if let Some(file_id) = file_id(&tx, path).map_err(sql)? {
+            tx.execute("DELETE FROM chunks WHERE file_id = ?1", [file_id])
+                .map_err(sql)?;
+        }
+        tx.execute("DELETE FROM queue WHERE path = ?1", [path_text(path)])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(old)
+    }
+
+    /// A queued file whose contents did not change (same hash): its new
+    /// size and time are recorded and it leaves the queue.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn commit_unchanged(&mut self, path: &Path, meta: &FileMeta) -> Result<(), StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "UPDATE files SET size = ?2, mtime_ns = ?3 WHERE path = ?1",
+            params![path_text(path), meta.size as i64, meta.mtime_ns],
+        )
+        .map_err(sql)?;
+        tx.execute("DELETE FROM queue WHERE path = ?1", [path_text(path)])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Forgets the file at `path` (deleted from disk): its row, its chunks
+    /// and its place in the queue. Returns the removed chunks.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn remove(&mut self, path: &Path) -> Result<Vec<i64>, StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let old = chunk_ids(&tx, path).map_err(sql)?;
+        // Chunks go with the file (ON DELETE CASCADE).
+        tx.execute("DELETE FROM files WHERE path = ?1", [path_text(path)])
+            .map_err(sql)?;
+        tx.execute("DELETE FROM queue WHERE path = ?1", [path_text(path)])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(old)
+    }
+
+    /// Every chunk's id and vector, for the in-memory search index.
+    ///
+    /// # Errors
+    /// SQLite's error, or [`StoreError::Corrupt`] for a vector of the wrong
+    /// length.
+    pub fn vectors(&self) -> Result<(Vec<i64>, Vec<f32>), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, vector FROM chunks ORDER BY id")
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([]).map_err(self.sql())?;
+        let (mut ids, mut data) = (Vec::new(), Vec::new());
+        let expected = self.dimension * 4;
+        while let Some(row) = rows.next().map_err(self.sql())? {
+            let id: i64 = row.get(0).map_err(self.sql())?;
+            let blob = row.get_ref(1).map_err(self.sql())?;
+            let bytes = blob.as_blob().map_err(|e| self.sql()(e.into()))?;
+            if bytes.len() != expected {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    chunk: id,
+                    bytes: bytes.len(),
+                    expected,
+                });
+            }
+            ids.push(id);
+            data.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        Ok((ids, data))
+    }
+
+    /// The chunks with `ids`, in that order (ids not found are left out).
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn chunks(&self, ids: &[i64]) -> Result<Vec<ChunkRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT chunks.id, files.path, start_line, end_line, text
+                 FROM chunks JOIN files ON files.id = chunks.file_id WHERE chunks.id = ?1",
+            )
+            .map_err(self.sql())?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = stmt
+                .query_row([id], |r| {
+                    Ok(ChunkRow {
+                        id: r.get(0)?,
+                        path: PathBuf::from(r.get::<_, String>(1)?),
+                        start_line: r.get(2)?,
+                        end_line: r.get(3)?,
+                        text: r.get(4)?,
+                    })
+                })
+                .optional()
+                .map_err(self.sql())?;
+            out.extend(row);
+        }
+        Ok(out)
+    }
+
+    /// The index's counts.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(self.sql())
+        };
+        let mut stats = StoreStats {
+            indexed: count("SELECT COUNT(*) FROM files WHERE skip_reason IS NULL")?,
+            chunks: count("SELECT COUNT(*) FROM chunks")?,
+            queued: count("SELECT COUNT(*) FROM queue")?,
+            skipped: BTreeMap::new(),
+        };
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT skip_reason, COUNT(*) FROM files WHERE skip_reason IS NOT NULL GROUP BY skip_reason",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(self.sql())?;
+        for row in rows {
+            let (reason, n) = row.map_err(self.sql())?;
+            stats.skipped.insert(reason, n as u64);
+        }
+        Ok(stats)
+    }
+
+    /// Skipped files with their reason and detail, for `stats`.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn skipped(&self) -> Result<Vec<(PathBuf, String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path, skip_reason, COALESCE(skip_detail, '') FROM files WHERE skip_reason IS NOT NULL ORDER BY path")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((PathBuf::from(r.get::<_, String>(0)?), r.get(1)?, r.get(2)?))
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn file_id(conn: &Connection, path: &Path) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT id FROM files WHERE path = ?1",
+        [path_text(path)],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+fn chunk_ids(conn: &Connection, path: &Path) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare(
+        "SELECT chunks.id FROM chunks JOIN files ON files.id = chunks.file_id WHERE files.path = ?1",
+    )?;
+    let rows = stmt.query_map([path_text(path)], |r| r.get(0))?;
+    rows.collect()
+}
+
+fn vector_blob(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
