@@ -396,8 +396,7 @@ async fn handlers_see_the_callers_trace_and_nested_requests_join_it() {
                 .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?;
             Ok(StatsResponse {
                 indexed: health.processed_count,
-                queued: 0,
-                processing: 0,
+                ..StatsResponse::default()
             })
         }
     });

@@ -9,6 +9,7 @@ mod onnx;
 mod real_model;
 mod supervisor;
 mod wasm;
+mod worker;
 
 use std::path::PathBuf;
 

@@ -637,11 +637,10 @@ async fn index_round(
                 }
                 let mut failed_commit = None;
                 for file in done {
-                    if let Some(p) = pending.remove(&file) {
-                        if let Err(e) = commit_pending(opened, p, inner.model.dimension as usize).await {
-                            failed_commit = Some(e);
-                            break;
-                        }
+                    let Some(p) = pending.remove(&file) else { continue };
+                    if let Err(e) = commit_pending(opened, p, inner.model.dimension as usize).await {
+                        failed_commit = Some(e);
+                        break;
                     }
                 }
                 if let Some(e) = failed_commit {

@@ -1,0 +1,386 @@
+//! The worker end to end on the stub plugin: indexing a folder, searching
+//! it, re-indexing incrementally, skips with reasons, a refused model, the
+//! command line, and a host killed mid-index.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use embedhost::bus::Bus;
+use embedhost::bus::transport::InProcess;
+use embedhost::messages::{SearchResult, StatsResponse};
+use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::wasm::{
+    ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
+};
+use embedhost::worker::chunk::Tokens;
+use embedhost::worker::{Worker, WorkerSettings};
+
+async fn stub_worker(settings: WorkerSettings) -> Worker {
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap();
+    let spawner = WasmSpawner {
+        plugin,
+        limits: InstanceLimits::default(),
+        config: vec![],
+    };
+    let config = SupervisorConfig {
+        pool_size: 2,
+        ..SupervisorConfig::default()
+    };
+    let supervisor = Supervisor::start(spawner, config).await.unwrap();
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    Worker::new(bus, supervisor.model_info(), Tokens::Words, settings)
+}
+
+/// Waits (real time: the indexer runs on blocking threads) until nothing
+/// is queued or processing.
+async fn settled(worker: &Worker) -> StatsResponse {
+    for _ in 0..2000 {
+        let stats = worker.stats().await.unwrap();
+        assert!(stats.stalled.is_none(), "{stats:?}");
+        if stats.queued == 0 && stats.processing == 0 {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "indexing did not finish: {:?}",
+        worker.stats().await.unwrap()
+    );
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn paths(results: &[SearchResult]) -> Vec<String> {
+    results
+        .iter()
+        .map(|r| r.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_is_indexed_searched_and_kept_up_to_date() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    let db = root.path().join("db");
+    write(
+        &docs.join("garden.txt"),
+        "tomatoes basil garden watering soil compost",
+    );
+    write(
+        &docs.join("notes/rust.md"),
+        "rust borrow checker lifetimes ownership traits",
+    );
+    write(
+        &docs.join("page.html"),
+        "<html><body><p>sailing <b>boats</b> harbour wind</p></body></html>",
+    );
+    write(&docs.join("empty.txt"), "");
+    std::fs::write(docs.join("image.bin"), b"\x89PNG\0\0\0binary").unwrap();
+    write(&docs.join("huge.log"), &"log line ".repeat(2000));
+    write(&docs.join(".hidden.txt"), "tomatoes basil garden secret");
+    write(
+        &docs.join("ignored/skip.txt"),
+        "tomatoes basil garden ignored",
+    );
+    write(&docs.join(".gitignore"), "ignored/\n");
+    let settings = WorkerSettings {
+        max_file_bytes: 4096,
+        ..WorkerSettings::default()
+    };
+    let worker = stub_worker(settings).await;
+    worker.init(&db).await.unwrap();
+    let queued = worker.index(vec![docs.clone()]).await.unwrap();
+    assert_eq!(queued, 6, "hidden and ignored files are not walked");
+    let stats = settled(&worker).await;
+    assert_eq!(stats.indexed, 4, "{stats:?}");
+    assert_eq!(stats.failures.get("binary"), Some(&1), "{stats:?}");
+    assert_eq!(stats.failures.get("too_large"), Some(&1), "{stats:?}");
+
+    let hits = worker
+        .search("garden basil tomatoes".into(), 3)
+        .await
+        .unwrap();
+    assert_eq!(paths(&hits)[0], "garden.txt");
+    assert_eq!((hits[0].start_line, hits[0].end_line), (1, 1));
+    assert!(hits[0].score > hits[1].score);
+    let hits = worker.search("boats harbour".into(), 1).await.unwrap();
+    assert_eq!(paths(&hits), ["page.html"]);
+    let words: Vec<&str> = hits[0].text.split_whitespace().collect();
+    assert_eq!(
+        words,
+        ["sailing", "boats", "harbour", "wind"],
+        "markup dropped"
+    );
+
+    // Nothing changed: nothing is queued.
+    assert_eq!(worker.index(vec![docs.clone()]).await.unwrap(), 0);
+    // A changed file replaces its chunks; a deleted one loses them.
+    write(&docs.join("notes/rust.md"), "espresso grinder coffee beans");
+    std::fs::remove_file(docs.join("garden.txt")).unwrap();
+    assert_eq!(worker.index(vec![docs.clone()]).await.unwrap(), 1);
+    let stats = settled(&worker).await;
+    assert_eq!(stats.indexed, 3, "{stats:?}");
+    let hits = worker
+        .search("garden basil tomatoes".into(), 10)
+        .await
+        .unwrap();
+    assert!(
+        !paths(&hits).contains(&"garden.txt".to_string()),
+        "{hits:?}"
+    );
+    let hits = worker.search("coffee espresso".into(), 1).await.unwrap();
+    assert_eq!(paths(&hits), ["rust.md"]);
+    let hits = worker
+        .search("borrow checker lifetimes".into(), 10)
+        .await
+        .unwrap();
+    assert!(
+        hits.iter().all(|h| !h.text.contains("borrow")),
+        "old chunks gone"
+    );
+    // Touched but the same contents: queued by its time, then kept.
+    let same = std::fs::read(docs.join("page.html")).unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    std::fs::write(docs.join("page.html"), same).unwrap();
+    assert_eq!(worker.index(vec![docs.clone()]).await.unwrap(), 1);
+    let after = settled(&worker).await;
+    assert_eq!((after.indexed, after.chunks), (stats.indexed, stats.chunks));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_files_are_chunked_with_their_lines() {
+    let root = tempfile::tempdir().unwrap();
+    let text: String = (1..=400)
+        .map(|i| format!("line{i} filler words here\n"))
+        .collect();
+    write(&root.path().join("docs/long.txt"), &text);
+    let settings = WorkerSettings {
+        chunk: embedhost::worker::chunk::ChunkSettings {
+            tokens: 100,
+            overlap: 20,
+        },
+        ..WorkerSettings::default()
+    };
+    let worker = stub_worker(settings).await;
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![root.path().join("docs")]).await.unwrap();
+    let stats = settled(&worker).await;
+    // 1600 words, 100 per chunk, 80 new per chunk: 20 chunks.
+    assert_eq!(stats.chunks, 20, "{stats:?}");
+    let hits = worker.search("line250".into(), 2).await.unwrap();
+    assert!(hits[0].text.contains("line250"), "{hits:?}");
+    assert!(
+        hits[0].start_line <= 250 && 250 <= hits[0].end_line,
+        "{hits:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_of_another_model_is_refused_with_the_fix() {
+    let root = tempfile::tempdir().unwrap();
+    embedhost::worker::store::Store::open(root.path(), "some-other-model", 768).unwrap();
+    let worker = stub_worker(WorkerSettings::default()).await;
+    let err = worker.init(root.path()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("some-other-model") && err.contains("re-index"),
+        "{err}"
+    );
+    // And a worker that was never initialized says so.
+    let err = worker.stats().await.unwrap_err().to_string();
+    assert!(err.contains("worker.init"), "{err}");
+}
+
+fn embedhost(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(args)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .output()
+        .unwrap()
+}
+
+fn stub_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("examples/config/wasm.toml")
+}
+
+#[test]
+fn the_command_line_indexes_searches_and_reports() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    write(&docs.join("a.txt"), "violin cello orchestra symphony");
+    write(&docs.join("b.txt"), "bicycle tyre puncture repair");
+    let (config, db) = (stub_config(), root.path().join("db"));
+    let (config, db, docs) = (
+        config.to_str().unwrap(),
+        db.to_str().unwrap(),
+        docs.to_str().unwrap(),
+    );
+    let out = embedhost(&["--config", config, "index", "--db", db, docs]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 files indexed"));
+    let out = embedhost(&[
+        "--config", config, "search", "--db", db, "--json", "bicycle", "repair",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &results[0];
+    assert!(
+        first["path"].as_str().unwrap().ends_with("b.txt"),
+        "{results}"
+    );
+    for key in ["start_line", "end_line", "score", "text"] {
+        assert!(first.get(key).is_some(), "{key} in {first}");
+    }
+    let out = embedhost(&["--config", config, "search", "--db", db, "violin"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
+    let out = embedhost(&["--config", config, "stats", "--db", db, "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["indexed"], 2, "{stats}");
+    // No index yet: a clear message, not an empty one.
+    let empty = root.path().join("none");
+    let out = embedhost(&[
+        "--config",
+        config,
+        "search",
+        "--db",
+        empty.to_str().unwrap(),
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("embedhost index"));
+}
+
+/// Everything an index holds, comparable between two runs: each file's
+/// chunks (text, lines, vector bits) and each skip.
+fn contents(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db.join("index.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT files.path, COALESCE(files.skip_reason, ''), chunks.seq, chunks.start_line,
+                    chunks.end_line, chunks.text, hex(chunks.vector)
+             FROM files LEFT JOIN chunks ON chunks.file_id = files.id
+             ORDER BY files.path, chunks.seq",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok(format!(
+            "{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[test]
+fn a_host_killed_mid_index_resumes_to_the_same_index() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    for i in 0..3000 {
+        let words: Vec<String> = (0..40)
+            .map(|j| format!("w{}", (i * 31 + j * 7) % 997))
+            .collect();
+        write(
+            &docs.join(format!("d{}/f{i}.txt", i % 10)),
+            &words.join(" "),
+        );
+    }
+    let config = stub_config();
+    let config = config.to_str().unwrap();
+    let docs = docs.to_str().unwrap();
+    let (killed, whole) = (root.path().join("killed"), root.path().join("whole"));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args([
+            "--config",
+            config,
+            "index",
+            "--db",
+            killed.to_str().unwrap(),
+            docs,
+        ])
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some files are indexed and most are not.
+    let indexed = |db: &Path| -> i64 {
+        rusqlite::Connection::open(db.join("index.sqlite"))
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    let mut waited = 0;
+    while indexed(&killed) < 300 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        waited += 1;
+        assert!(waited < 12_000, "no progress");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = indexed(&killed);
+    assert!(at_kill < 3000, "killed mid-index ({at_kill} chunks)");
+
+    // Restarted, it resumes the queue (and re-walks: nothing new).
+    let out = embedhost(&[
+        "--config",
+        config,
+        "index",
+        "--db",
+        killed.to_str().unwrap(),
+        docs,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = embedhost(&[
+        "--config",
+        config,
+        "index",
+        "--db",
+        whole.to_str().unwrap(),
+        docs,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (contents(&killed), contents(&whole));
+    assert_eq!(a.len(), 3000, "one chunk per file, none twice");
+    assert!(
+        a == b,
+        "the resumed index differs from an uninterrupted one"
+    );
+}
