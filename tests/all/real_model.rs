@@ -298,3 +298,69 @@ fn offline_with_the_model_missing_names_the_file_and_the_fix() {
         "{err}"
     );
 }
+
+/// The shipped corpus, indexed with the real model: questions in a
+/// person's words find the guide that answers them in the top 3. Indexed
+/// natively, searched on the default (WASM) backend: one index serves both.
+#[test]
+fn natural_questions_find_the_right_guide_in_the_shipped_corpus() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let models = real_model().parent().unwrap().to_path_buf();
+    let db = tempfile::tempdir().unwrap();
+    let db = db.path().to_str().unwrap().to_string();
+    let corpus = root.join("examples/corpus");
+    let native = root.join("examples/config/minilm-native.toml");
+    let out = embedhost_offline(
+        &[
+            "--config",
+            native.to_str().unwrap(),
+            "index",
+            "--db",
+            &db,
+            corpus.to_str().unwrap(),
+        ],
+        &models,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = [
+        ("my tyre keeps going flat", "bicycle-repair.md"),
+        ("how do I get back into my account", "password-reset.md"),
+        ("why is my plant dying", "houseplants.md"),
+        ("what makes lava explode", "volcanoes.md"),
+        (
+            "I committed the wrong thing, how do I take it back",
+            "git-undo.md",
+        ),
+        (
+            "why does the bank make loans more expensive",
+            "interest-rates.md",
+        ),
+        ("how long should my longest run be", "marathon-training.md"),
+        ("my coffee tastes sour", "coffee-brewing.md"),
+        ("tips for falling asleep", "sleep.md"),
+        ("how to make bread rise with wild yeast", "sourdough.md"),
+    ];
+    for (query, want) in cases {
+        let out = embedhost_offline(
+            &["search", "--db", &db, "--json", "-n", "3", query],
+            &models,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let top: Vec<&str> = results
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["path"].as_str().unwrap().rsplit('/').next().unwrap())
+            .collect();
+        assert!(top.contains(&want), "{query:?}: {top:?}");
+    }
+}
