@@ -1,0 +1,289 @@
+//! The worker's figures, each against a baseline in the same run
+//! (`cargo bench --bench index`, also run by `./x bench`):
+//!
+//! 1. search over 100,000 chunks of 384 dimensions, excluding the query's
+//!    embedding: the index's search (the int8 scan with exact re-scoring
+//!    from `QUANTIZED_FROM` rows) and its exact scan, against a naive scan
+//!    (one running sum per dot product, then a full sort), with the int8
+//!    scan's recall@10 against the exact one; then both at other sizes, to
+//!    show where the int8 scan starts to pay;
+//! 2. indexing end to end (walk, read, chunk, embed, store) with the native
+//!    all-MiniLM-L6-v2, against the embedder's raw rate on the same chunks
+//!    sent in the same batches (target: at least 90%);
+//! 3. the whole `embedhost search` command (process start, model load, query
+//!    embedding, search), against `embedhost embed` of the same query.
+//!
+//! Under `cargo test` each part runs once on a small input (a smoke test).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use embedhost::bus::Bus;
+use embedhost::bus::transport::InProcess;
+use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::worker::chunk::{self, Tokens};
+use embedhost::worker::vectors::VectorIndex;
+use embedhost::worker::{Worker, WorkerSettings};
+use futures::StreamExt;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn p50_p99(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    (percentile(&samples, 0.5), percentile(&samples, 0.99))
+}
+
+/// Random unit vectors (a fixed seed).
+fn unit_vectors(n: usize, d: usize) -> Vec<f32> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut data = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let row: Vec<f32> = (0..d).map(|_| rng.f32() - 0.5).collect();
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        data.extend(row.iter().map(|x| x / norm));
+    }
+    data
+}
+
+fn naive_search(data: &[f32], d: usize, query: &[f32], limit: usize) -> Vec<(usize, f32)> {
+    let mut scored: Vec<(usize, f32)> = data
+        .chunks_exact(d)
+        .enumerate()
+        .map(|(i, row)| (i, row.iter().zip(query).map(|(a, b)| a * b).sum()))
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+    scored.truncate(limit);
+    scored
+}
+
+fn search(chunks: usize, queries: usize, sizes: &[usize]) {
+    let d = 384;
+    let data = unit_vectors(chunks, d);
+    let index = VectorIndex::new(d, (0..chunks as i64).collect(), data.clone());
+    let queries_data = unit_vectors(queries, d);
+    let (mut used, mut exact, mut naive) = (Vec::new(), Vec::new(), Vec::new());
+    let mut found = 0;
+    for q in queries_data.chunks_exact(d) {
+        let at = Instant::now();
+        let hits = index.search(q, 10);
+        used.push(at.elapsed());
+        let at = Instant::now();
+        let truth = index.search_exact(q, 10);
+        exact.push(at.elapsed());
+        let at = Instant::now();
+        let want = naive_search(&data, d, q, 10);
+        naive.push(at.elapsed());
+        let truth_ids: Vec<i64> = truth.iter().map(|h| h.0).collect();
+        let want: Vec<i64> = want.iter().map(|h| h.0 as i64).collect();
+        assert_eq!(truth_ids, want, "the exact scan is exact");
+        found += hits.iter().filter(|h| truth_ids.contains(&h.0)).count();
+    }
+    let recall = found as f64 / (10 * queries) as f64;
+    let (u50, u99) = p50_p99(used);
+    let (e50, e99) = p50_p99(exact);
+    let (n50, n99) = p50_p99(naive);
+    println!(
+        "search, {chunks} chunks x {d}, top 10, {queries} random queries (target: p50 under 10 ms at 100,000):\n  index (int8 scan from {} rows, exact re-score) p50 {u50:.2?} p99 {u99:.2?}, recall@10 {recall:.3} against exact\n  exact f32 scan p50 {e50:.2?} p99 {e99:.2?}\n  naive scan (baseline) p50 {n50:.2?} p99 {n99:.2?}: index {:.1}x, exact scan {:.1}x faster",
+        embedhost::worker::vectors::QUANTIZED_FROM,
+        n50.as_secs_f64() / u50.as_secs_f64(),
+        n50.as_secs_f64() / e50.as_secs_f64()
+    );
+    for &n in sizes {
+        let index = VectorIndex::new(d, (0..n as i64).collect(), data[..n * d].to_vec());
+        let (mut e, mut q) = (Vec::new(), Vec::new());
+        for query in queries_data.chunks_exact(d).take(50) {
+            let at = Instant::now();
+            index.search_exact(query, 10);
+            e.push(at.elapsed());
+            let at = Instant::now();
+            index.search_quantized(query, 10);
+            q.push(at.elapsed());
+        }
+        println!(
+            "  {n:>7} chunks: exact p50 {:.2?}, int8 scan p50 {:.2?}",
+            p50_p99(e).0,
+            p50_p99(q).0
+        );
+    }
+}
+
+/// `n` files of two to four sentences each, as short notes.
+fn write_notes(dir: &Path, n: usize) {
+    const SENTENCES: &[&str] = &[
+        "The meeting moved to Thursday afternoon because the projector was broken.",
+        "Remember to water the tomatoes before the heatwave arrives this weekend.",
+        "Invoices from the supplier are due at the end of each month.",
+        "The new release fixes a crash when the configuration file is missing.",
+        "Our hiking route follows the river for six kilometres before climbing.",
+        "Ask the landlord about the leaking tap in the upstairs bathroom.",
+        "The recipe needs two eggs, a cup of flour and a pinch of salt.",
+        "Backups run every night at two and are kept for thirty days.",
+    ];
+    for i in 0..n {
+        let text: Vec<&str> = (0..2 + i % 3)
+            .map(|j| SENTENCES[(i * 5 + j * 3) % SENTENCES.len()])
+            .collect();
+        let path = dir.join(format!("notes/{}/note-{i}.txt", i % 20));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, format!("Note {i}. {}", text.join(" "))).unwrap();
+    }
+}
+
+fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::path::PathBuf {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let docs = tempfile::tempdir().unwrap().keep();
+    write_notes(&docs, files);
+    let encoder =
+        embedhost_text::TextEncoder::from_file(&model.join("tokenizer.json"), 256).unwrap();
+    let tokens = Tokens::Model(Arc::new(encoder));
+    let settings = WorkerSettings {
+        in_flight: cores + 1,
+        ..WorkerSettings::default()
+    };
+    let chunking = settings.chunk.fitted(256);
+    // The chunks the worker will embed, in the order it walks them.
+    let mut texts = Vec::new();
+    for entry in ignore::WalkBuilder::new(&docs).build().flatten() {
+        if entry.file_type().is_some_and(|t| t.is_file()) {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            texts.extend(
+                chunk::chunk(&text, &tokens, chunking)
+                    .unwrap()
+                    .into_iter()
+                    .map(|c| c.text),
+            );
+        }
+    }
+    let pool = SupervisorConfig {
+        pool_size: cores,
+        max_processed: u64::MAX,
+        ..SupervisorConfig::default()
+    };
+    let spawner = common::onnx_spawner(&common::onnx_settings(model.to_path_buf(), 1), DEADLINE);
+    let supervisor = rt.block_on(Supervisor::start(spawner, pool)).unwrap();
+    let raw = |texts: &[String]| {
+        rt.block_on(async {
+            let start = Instant::now();
+            let batches: Vec<Vec<String>> = texts
+                .chunks(settings.batch_chunks)
+                .map(<[String]>::to_vec)
+                .collect();
+            let mut done = futures::stream::iter(batches)
+                .map(|b| {
+                    let s = supervisor.clone();
+                    async move { s.embed(b, false, DEADLINE).await.unwrap().vectors.len() }
+                })
+                .buffer_unordered(settings.in_flight);
+            let mut n = 0;
+            while let Some(k) = done.next().await {
+                n += k;
+            }
+            assert_eq!(n, texts.len());
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+    };
+    raw(&texts[..texts.len().min(64)]);
+    let before = raw(&texts);
+    let db = tempfile::tempdir().unwrap().keep();
+    let rate = rt.block_on(async {
+        let bus = Bus::new(InProcess::named(
+            "embedder",
+            embedhost::embedder::supervised_router(supervisor.clone()),
+        ));
+        let mut model_info = supervisor.model_info();
+        model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
+        let worker = Worker::new(bus, model_info, tokens, settings);
+        worker.init(&db).await.unwrap();
+        let start = Instant::now();
+        worker.index(vec![docs.clone()]).await.unwrap();
+        let stats = loop {
+            let s = worker.stats().await.unwrap();
+            if s.queued == 0 && s.processing == 0 {
+                break s;
+            }
+            // As the command line polls: the counts take the store's lock.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(stats.chunks as usize, texts.len());
+        stats.chunks as f64 / start.elapsed().as_secs_f64()
+    });
+    let after = raw(&texts);
+    let baseline = (before + after) / 2.0;
+    println!(
+        "indexing {files} notes ({} chunks), native, pool of {cores}: end to end {rate:.1} chunks/s; the embedder alone on the same chunks {baseline:.1} chunks/s ({before:.1} before, {after:.1} after); {:.0}% (target: 90%)",
+        texts.len(),
+        100.0 * rate / baseline
+    );
+    db
+}
+
+fn command(model: &Path, db: &Path, runs: usize) {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            "backend = \"native\"\n[model]\ndir = {:?}\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let time = |args: &[&str]| {
+        let samples: Vec<Duration> = (0..runs)
+            .map(|_| {
+                let at = Instant::now();
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+                    .arg("--config")
+                    .arg(config.path())
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                at.elapsed()
+            })
+            .collect();
+        p50_p99(samples).0
+    };
+    let query = "when are the supplier invoices due";
+    let search = time(&["search", "--db", db.to_str().unwrap(), query]);
+    let embed = time(&["embed", "--query", query]);
+    println!(
+        "`embedhost search` (native, whole command) p50 {search:.0?}; `embedhost embed` of the same query p50 {embed:.0?}; {:.2}x (target: well under a second)",
+        search.as_secs_f64() / embed.as_secs_f64()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .iter()
+        .any(|a| !a.starts_with('-') && !"index".contains(a.as_str()))
+    {
+        return;
+    }
+    let bench = args.iter().any(|a| a == "--bench");
+    println!("index (cargo bench --bench index)");
+    if bench {
+        search(100_000, 200, &[5_000, 10_000, 20_000, 50_000]);
+    } else {
+        search(2_000, 3, &[1_000]);
+    }
+    let model = common::model_dir();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = indexing(&rt, &model, if bench { 1000 } else { 40 });
+    command(&model, &db, if bench { 10 } else { 1 });
+}
