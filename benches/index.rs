@@ -15,6 +15,8 @@
 //!
 //! Under `cargo test` each part runs once on a small input (a smoke test).
 
+// Shared by the benches; this one uses the model and the onnx child.
+#[allow(dead_code)]
 mod common;
 
 use std::path::Path;

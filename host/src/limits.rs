@@ -129,3 +129,28 @@ pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);
 /// SIGTERM is a courtesy to wrappers; a child that ignores everything is
 /// gone within the grace period plus this plus the reap.
 pub const CHILD_SIGTERM_GRACE: Duration = Duration::from_millis(50);
+
+/// Time given to one `embedder.embed` of a batch while indexing: a batch of
+/// 32 passages of 256 tokens takes about 2 s natively and up to 10 s in one
+/// WASM instance on a slow machine, so a hung embedder is noticed within
+/// minutes without failing a slow one.
+pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time given to a search's query embedding: one short text, so a generous
+/// bound still fails a stuck embedder while a person waits.
+pub const SEARCH_EMBED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an index database statement waits for another connection's
+/// lock (`embedhost stats` reading while `index` writes) before failing:
+/// commits hold it for milliseconds.
+pub const INDEX_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often `embedhost index` asks the worker for its counts to draw the
+/// progress bar: often enough to look live, rarely enough to cost nothing
+/// (each ask takes the store's lock).
+pub const INDEX_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Time given to `worker.index` to walk the paths and queue files (the
+/// walk of a large tree reads every file's metadata; the indexing itself
+/// continues in the background).
+pub const INDEX_WALK_TIMEOUT: Duration = Duration::from_secs(600);

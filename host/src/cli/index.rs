@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 
@@ -21,9 +21,7 @@ use crate::worker::chunk::Tokens;
 use crate::worker::store::Store;
 use crate::worker::{Worker, router};
 
-/// How often `index` asks the worker for its counts to draw the progress
-/// bar: often enough to look live, rarely enough to cost nothing.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+use crate::limits::{INDEX_PROGRESS_INTERVAL as PROGRESS_INTERVAL, INDEX_WALK_TIMEOUT};
 
 /// Characters of a result's text `search` prints.
 const SNIPPET_CHARS: usize = 200;
@@ -122,7 +120,7 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     let queued = bus
         .send::<WorkerIndex>(
             IndexRequest { paths: args.paths },
-            SendOptions::default().timeout(Duration::from_secs(600)),
+            SendOptions::default().timeout(INDEX_WALK_TIMEOUT),
         )
         .await
         .map_err(|e| e.to_string())?
@@ -200,7 +198,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
                 query: args.query.join(" "),
                 limit: args.limit,
             },
-            SendOptions::default().timeout(Duration::from_secs(60)),
+            SendOptions::default().timeout(crate::limits::SEARCH_EMBED_TIMEOUT * 2),
         )
         .await
         .map_err(|e| e.to_string())?

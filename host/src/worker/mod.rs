@@ -36,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -71,13 +71,7 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
 /// measured (32 short texts; the native engine groups a batch by length).
 pub const DEFAULT_BATCH_CHUNKS: usize = 32;
 
-/// Time given to one `embedder.embed` of a batch while indexing: generous,
-/// a batch of 32 passages of 256 tokens takes about 2 s natively and 10 s in
-/// one WASM instance on a slow machine.
-pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Time given to a search's query embedding.
-pub const SEARCH_EMBED_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::limits::{INDEX_EMBED_TIMEOUT, SEARCH_EMBED_TIMEOUT};
 
 /// How the worker indexes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

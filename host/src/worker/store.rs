@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -26,9 +25,7 @@ pub const DB_FILE: &str = "index.sqlite";
 /// refused with a message rather than misread.
 const SCHEMA_VERSION: i64 = 1;
 
-/// How long a statement waits for another connection's lock (the `stats`
-/// command reading while `index` writes) before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::limits::INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT;
 
 /// Errors of the index store.
 #[derive(Debug, thiserror::Error)]
