@@ -201,6 +201,10 @@ pub struct SupervisorSection {
     pub max_restarts: Option<u32>,
     /// The window, in milliseconds (OTP's MaxT).
     pub restart_window_ms: Option<u64>,
+    /// Delay before the second restart within a window; doubles after.
+    pub restart_backoff_min_ms: Option<u64>,
+    /// Cap on the restart delay.
+    pub restart_backoff_max_ms: Option<u64>,
     pub health_interval_ms: Option<u64>,
     pub health_timeout_ms: Option<u64>,
     /// Planned recycle above this memory, in bytes.
@@ -648,6 +652,11 @@ impl Config {
         c.restart = s.restart.unwrap_or(c.restart);
         c.intensity.max_restarts = s.max_restarts.unwrap_or(c.intensity.max_restarts);
         c.intensity.window = s.restart_window_ms.map_or(c.intensity.window, ms);
+        c.intensity.backoff_min = s.restart_backoff_min_ms.map_or(c.intensity.backoff_min, ms);
+        c.intensity.backoff_max = s
+            .restart_backoff_max_ms
+            .map_or(c.intensity.backoff_max, ms)
+            .max(c.intensity.backoff_min);
         c.health_interval = s.health_interval_ms.map_or(c.health_interval, ms);
         c.health_timeout = s.health_timeout_ms.map_or(c.health_timeout, ms);
         c.max_memory_bytes = s.recycle_memory_bytes.unwrap_or(c.max_memory_bytes);

@@ -5,6 +5,7 @@
 //! - [`wasm`]: the WebAssembly backend (wasmtime, sandbox, limits).
 //! - [`embedder`]: the backend-neutral embedder API and its bus handlers.
 //! - [`config`]: the `embedhost.toml` configuration.
+//! - [`conformance`]: the plugin conformance suite (`embedhost plugin test`).
 //! - [`limits`]: every timeout and threshold, with its reason.
 //!
 //! See ARCHITECTURE.md for how a request flows through them.
@@ -12,8 +13,11 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod deps;
 pub mod embedder;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod messages;
 pub mod model;

@@ -1,11 +1,14 @@
 //! embedhost's integration tests: one binary, as wasmtime does.
 
 mod bus;
+mod chaos;
 mod child;
+mod fuzz;
 mod cli;
 mod model;
 mod native;
 mod onnx;
+mod plugins;
 mod real_model;
 mod supervisor;
 mod wasm;

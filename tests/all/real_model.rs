@@ -364,3 +364,25 @@ fn natural_questions_find_the_right_guide_in_the_shipped_corpus() {
         assert!(top.contains(&want), "{query:?}: {top:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bert_plugin_passes_the_conformance_suite() {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
+        .unwrap()
+        .with_model_dir(dir);
+    let report = embedhost::conformance::run(
+        plugin,
+        embedhost::conformance::Options {
+            config: vec![],
+            limits: InstanceLimits::default(),
+            throughput_time: Duration::from_millis(500),
+        },
+    )
+    .await;
+    assert!(report.passed(), "{}", report.table());
+    assert_eq!(report.count(embedhost::conformance::Outcome::Pass), 13, "{}", report.table());
+    assert!(report.texts_per_second.is_some_and(|r| r > 0.0));
+    assert!(report.memory_bytes.is_some_and(|m| m > 90_000_000), "the model is in memory");
+}

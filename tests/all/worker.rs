@@ -52,7 +52,7 @@ async fn settled(worker: &Worker) -> StatsResponse {
     );
 }
 
-fn write(path: &Path, text: &str) {
+pub(crate) fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
 }
@@ -205,6 +205,17 @@ fn embedhost(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `embedhost ARGS`, which must succeed.
+fn succeeded(args: &[&str]) -> std::process::Output {
+    let out = embedhost(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn stub_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -224,21 +235,11 @@ fn the_command_line_indexes_searches_and_reports() {
         db.to_str().unwrap(),
         docs.to_str().unwrap(),
     );
-    let out = embedhost(&["--config", config, "index", "--db", db, docs]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(&["--config", config, "index", "--db", db, docs]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 files indexed"));
-    let out = embedhost(&[
+    let out = succeeded(&[
         "--config", config, "search", "--db", db, "--json", "bicycle", "repair",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let first = &results[0];
     assert!(
@@ -248,10 +249,10 @@ fn the_command_line_indexes_searches_and_reports() {
     for key in ["start_line", "end_line", "score", "text"] {
         assert!(first.get(key).is_some(), "{key} in {first}");
     }
-    let out = embedhost(&["--config", config, "search", "--db", db, "violin"]);
+    let out = succeeded(&["--config", config, "search", "--db", db, "violin"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
-    let out = embedhost(&["--config", config, "stats", "--db", db, "--json"]);
+    let out = succeeded(&["--config", config, "stats", "--db", db, "--json"]);
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["indexed"], 2, "{stats}");
     // No index yet: a clear message, not an empty one.
@@ -270,7 +271,7 @@ fn the_command_line_indexes_searches_and_reports() {
 
 /// Everything an index holds, comparable between two runs: each file's
 /// chunks (text, lines, vector bits) and each skip.
-fn contents(db: &Path) -> Vec<String> {
+pub(crate) fn contents(db: &Path) -> Vec<String> {
     let conn = rusqlite::Connection::open(db.join("index.sqlite")).unwrap();
     let mut stmt = conn
         .prepare(
@@ -351,32 +352,16 @@ fn a_host_killed_mid_index_resumes_to_the_same_index() {
     assert!(at_kill < 3000, "killed mid-index ({at_kill} chunks)");
 
     // Restarted, it resumes the queue (and re-walks: nothing new).
-    let out = embedhost(&[
-        "--config",
-        config,
-        "index",
-        "--db",
-        killed.to_str().unwrap(),
-        docs,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = embedhost(&[
-        "--config",
-        config,
-        "index",
-        "--db",
-        whole.to_str().unwrap(),
-        docs,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for db in [&killed, &whole] {
+        succeeded(&[
+            "--config",
+            config,
+            "index",
+            "--db",
+            db.to_str().unwrap(),
+            docs,
+        ]);
+    }
     let (a, b) = (contents(&killed), contents(&whole));
     assert_eq!(a.len(), 3000, "one chunk per file, none twice");
     assert!(

@@ -23,9 +23,15 @@
 //! slow call is a busy wait so that WASM epoch interruption can stop it (a
 //! blocking sleep would sit in a host call where epochs do not reach).
 //!
+//! Chaos (`fault.chaos = P`) fails each call with probability `P`, picking
+//! one of `fault.chaos_kinds` (trap, loop, grow) at random. The dice are
+//! seeded from the platform's randomness per engine, so a restarted instance
+//! does not replay its predecessor's faults; the chaos tests depend on that.
+//!
 //! # Invariants
 //! - Same configuration and same inputs give the same output, bit for bit, on
 //!   every target: only integer hashing and `f32` arithmetic in a fixed order.
+//!   (Chaos decides only whether a call fails, never what a vector is.)
 //! - No dependency, so it builds for `wasm32-wasip2` and natively unchanged.
 
 use std::fmt;
@@ -68,6 +74,47 @@ pub struct Faults {
     pub wrong_dimension_marker: Option<String>,
     /// Put a NaN into the vector of a text containing this marker.
     pub nan_marker: Option<String>,
+    /// Calls per million that fail at random (`fault.chaos`, given as a
+    /// probability).
+    pub chaos_ppm: u32,
+    /// What a random failure does, picked at random among these.
+    pub chaos_kinds: Vec<Chaos>,
+}
+
+/// A fault `fault.chaos` can pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chaos {
+    /// Panic: a trap in WASM.
+    Trap,
+    /// Spin forever: a call past its deadline.
+    Loop,
+    /// Allocate without bound: the memory cap.
+    Grow,
+}
+
+impl Chaos {
+    /// Every kind, the default of `fault.chaos_kinds`.
+    pub const ALL: [Chaos; 3] = [Chaos::Trap, Chaos::Loop, Chaos::Grow];
+
+    fn parse(name: &str) -> Option<Chaos> {
+        match name.trim() {
+            "trap" => Some(Chaos::Trap),
+            "loop" => Some(Chaos::Loop),
+            "grow" => Some(Chaos::Grow),
+            _ => None,
+        }
+    }
+}
+
+/// Parses a probability (`"0.05"`) into calls per million.
+///
+/// # Errors
+/// The reason, if `value` is not a number from 0 to 1.
+pub fn parse_chance(value: &str) -> Result<u32, String> {
+    match value.trim().parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok((p * 1e6).round() as u32),
+        _ => Err(format!("`{value}` is not a probability from 0 to 1")),
+    }
 }
 
 /// The stub's configuration.
@@ -115,6 +162,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "fault.sleep_ms",
     "fault.wrong_dimension_marker",
     "fault.nan_marker",
+    "fault.chaos",
+    "fault.chaos_kinds",
 ];
 
 impl StubConfig {
@@ -165,6 +214,17 @@ impl StubConfig {
                     config.faults.wrong_dimension_marker = marker(value)?
                 }
                 "fault.nan_marker" => config.faults.nan_marker = marker(value)?,
+                "fault.chaos" => config.faults.chaos_ppm = parse_chance(value).map_err(err)?,
+                "fault.chaos_kinds" => {
+                    config.faults.chaos_kinds = value
+                        .split(',')
+                        .map(|k| {
+                            Chaos::parse(k).ok_or_else(|| {
+                                err(format!("`{k}` is not one of trap, loop, grow"))
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown key; the stub understands {}",
@@ -172,6 +232,9 @@ impl StubConfig {
                     )));
                 }
             }
+        }
+        if config.faults.chaos_kinds.is_empty() {
+            config.faults.chaos_kinds = Chaos::ALL.to_vec();
         }
         Ok(config)
     }
@@ -183,6 +246,8 @@ pub struct StubEngine {
     config: StubConfig,
     calls: u64,
     processed: u64,
+    /// The chaos dice: randomly keyed per engine.
+    dice: std::collections::hash_map::RandomState,
 }
 
 impl StubEngine {
@@ -192,7 +257,20 @@ impl StubEngine {
             config,
             calls: 0,
             processed: 0,
+            dice: std::collections::hash_map::RandomState::new(),
         }
+    }
+
+    /// The random fault this call suffers, if any.
+    fn chaos(&self) -> Option<Chaos> {
+        use std::hash::BuildHasher;
+        let faults = &self.config.faults;
+        if faults.chaos_ppm == 0 || faults.chaos_kinds.is_empty() {
+            return None;
+        }
+        let roll = self.dice.hash_one(self.calls);
+        ((roll % 1_000_000) < u64::from(faults.chaos_ppm))
+            .then(|| faults.chaos_kinds[((roll >> 32) % faults.chaos_kinds.len() as u64) as usize])
     }
 
     /// The configured dimension.
@@ -220,6 +298,12 @@ impl StubEngine {
                 "stub fault: trap after {n} calls (this is call {})",
                 self.calls
             );
+        }
+        match self.chaos() {
+            Some(Chaos::Trap) => panic!("stub fault: chaos trap (call {})", self.calls),
+            Some(Chaos::Loop) => spin_forever(),
+            Some(Chaos::Grow) => grow_forever(),
+            None => {}
         }
         if let Some(sleep) = faults.sleep {
             busy_wait(sleep);
@@ -413,5 +497,43 @@ mod tests {
         let first = e.embed(&["ok"]);
         assert_eq!(first.len(), DEFAULT_DIMENSION);
         e.embed(&["boom"]);
+    }
+
+    #[test]
+    fn chaos_fails_about_its_share_of_calls_and_never_changes_a_vector() {
+        let config = StubConfig::from_pairs([
+            ("dimension", "8"),
+            ("fault.chaos", "0.25"),
+            ("fault.chaos_kinds", "trap"),
+        ])
+        .unwrap();
+        let clean = StubEngine::new(StubConfig::from_pairs([("dimension", "8")]).unwrap())
+            .embed(&["same text"]);
+        let mut e = StubEngine::new(config);
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let mut failed = 0;
+        for _ in 0..2000 {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.embed(&["same text"]))) {
+                Ok(v) => assert_eq!(v, clean),
+                Err(_) => failed += 1,
+            }
+        }
+        std::panic::set_hook(hook);
+        assert!((400..600).contains(&failed), "{failed} of 2000 calls failed at p = 0.25");
+    }
+
+    #[test]
+    fn chaos_settings_are_checked() {
+        let c = StubConfig::from_pairs([("fault.chaos", "0.05")]).unwrap();
+        assert_eq!((c.faults.chaos_ppm, c.faults.chaos_kinds.len()), (50_000, 3));
+        let e = StubConfig::from_pairs([("fault.chaos", "1.5")]).unwrap_err();
+        assert_eq!(e.key, "fault.chaos");
+        let e = StubConfig::from_pairs([("fault.chaos_kinds", "trap,explode")]).unwrap_err();
+        assert!(e.reason.contains("`explode`"), "{e}");
+        let mut quiet = StubEngine::new(StubConfig::from_pairs([("fault.chaos", "0")]).unwrap());
+        for _ in 0..100 {
+            quiet.embed(&["never fails"]);
+        }
     }
 }

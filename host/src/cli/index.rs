@@ -13,6 +13,7 @@ use clap::Args;
 use crate::bus::transport::InProcess;
 use crate::bus::{Bus, Empty, SendOptions};
 use crate::config::Config;
+use crate::supervisor::Supervisor;
 use crate::messages::{
     IndexRequest, InitRequest, SearchRequest, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
@@ -65,13 +66,13 @@ pub struct StatsArgs {
 }
 
 /// The configured embedder and a worker on it, initialized on `db`, behind a
-/// bus. `max_pool` bounds the embedder's pool (one query needs one
-/// instance).
+/// bus, and the embedder's supervisor. `max_pool` bounds the embedder's pool
+/// (one query needs one instance).
 async fn start_worker(
     config: &Config,
     db: &std::path::Path,
     max_pool: Option<usize>,
-) -> Result<Bus, String> {
+) -> Result<(Bus, Supervisor), String> {
     let source = config.plugin_source();
     let (supervisor, _) = super::start_backend(config, &source, max_pool).await?;
     let embedder = Bus::new(InProcess::named(
@@ -95,7 +96,7 @@ async fn start_worker(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok(bus)
+    Ok((bus, supervisor))
 }
 
 /// How files are cut: by the model's tokenizer when the config names a
@@ -116,7 +117,7 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let db = config.index_dir(args.db.as_deref())?;
     let started = Instant::now();
-    let bus = start_worker(&config, &db, None).await?;
+    let (bus, supervisor) = start_worker(&config, &db, None).await?;
     let queued = bus
         .send::<WorkerIndex>(
             IndexRequest { paths: args.paths },
@@ -179,7 +180,26 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
             reasons.join(", ")
         );
     }
+    if let Some(line) = restarts_line(&supervisor) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// `embedder restarts: trap 3, deadline 1`, summed over the pool, or
+/// `None` if no instance was restarted.
+fn restarts_line(supervisor: &Supervisor) -> Option<String> {
+    let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+    for instance in supervisor.status() {
+        for (reason, n) in instance.restarts {
+            *by_reason.entry(reason).or_default() += n;
+        }
+    }
+    by_reason.retain(|_, n| *n > 0);
+    (!by_reason.is_empty()).then(|| {
+        let parts: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        format!("embedder restarts: {}", parts.join(", "))
+    })
 }
 
 pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Result<(), String> {
@@ -191,7 +211,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             db.display()
         ));
     }
-    let bus = start_worker(&config, &db, Some(1)).await?;
+    let (bus, _supervisor) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
         .send::<WorkerSearch>(
             SearchRequest {

@@ -117,6 +117,30 @@ pub enum PluginCommand {
         /// The plugin file.
         path: PathBuf,
     },
+    /// Run the conformance suite against a plugin: the contract's rules,
+    /// hard inputs, determinism, health, and a throughput and memory
+    /// figure. Prints a pass/fail table; exits with 1 if a check fails.
+    Test(PluginTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginTestArgs {
+    /// The plugin: a `.wasm` file or `builtin:NAME`.
+    pub path: PathBuf,
+    /// An entry of the table passed to `init`, `key=value` (repeatable;
+    /// default: the config's `[plugin] config`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
+    /// The model directory to grant the plugin (read-only at `/model`);
+    /// `builtin:bert` gets the configured model's, fetched if missing.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Seconds to measure throughput (0 skips it).
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +204,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Embed(args) => embed(cli.config, args).await,
         Command::Plugin(PluginCommand::Check { path }) => check(cli.config, path).await,
+        Command::Plugin(PluginCommand::Test(args)) => plugin_test(cli.config, args).await,
         Command::Status(args) => status(cli.config, args).await,
         Command::Model(command) => model(cli.config, command).await,
         Command::Index(args) => index::index(cli.config, args).await,
@@ -561,13 +586,65 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
     Ok(())
 }
 
-async fn child(args: ChildArgs) -> Result<(), String> {
-    let mut settings = Vec::new();
-    for setting in &args.settings {
-        let (key, value) = setting
-            .split_once('=')
-            .ok_or_else(|| format!("`--set {setting}` is not of the form KEY=VALUE"))?;
-        settings.push((key.to_string(), value.to_string()));
+async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let engine = engine_for(&config)?;
+    let source = PluginSource::from_path(&args.path);
+    let model_dir = match args.model_dir {
+        Some(dir) => Some(dir),
+        None if matches!(&source, PluginSource::Bytes { name, .. } if name == "builtin:bert") => {
+            Some(fetch_model(&config).await?)
+        }
+        None => None,
+    };
+    let mut plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+    if let Some(dir) = model_dir {
+        plugin = plugin.with_model_dir(dir);
     }
-    crate::native::run_child(&args.engine, settings).await
+    let table = if args.settings.is_empty() {
+        config.plugin_config()
+    } else {
+        key_values(&args.settings)?
+    };
+    if !(args.seconds.is_finite() && args.seconds >= 0.0) {
+        return Err(format!("`--seconds {}` is not a duration", args.seconds));
+    }
+    let options = crate::conformance::Options {
+        config: table,
+        limits: config.instance_limits(),
+        throughput_time: std::time::Duration::from_secs_f64(args.seconds),
+    };
+    let report = crate::conformance::run(plugin, options).await;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        println!("embedhost plugin test: {}\n", source.name());
+        print!("{}", report.table());
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed {} of {} checks",
+            source.name(),
+            report.count(crate::conformance::Outcome::Fail),
+            report.checks.len()
+        ))
+    }
+}
+
+/// `key=value` arguments as a table.
+fn key_values(args: &[String]) -> Result<Vec<(String, String)>, String> {
+    args.iter()
+        .map(|arg| {
+            arg.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("`--set {arg}` is not of the form KEY=VALUE"))
+        })
+        .collect()
+}
+
+async fn child(args: ChildArgs) -> Result<(), String> {
+    crate::native::run_child(&args.engine, key_values(&args.settings)?).await
 }

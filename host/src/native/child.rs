@@ -27,6 +27,8 @@
 //! | `child.garbage_marker = M` | write bytes that are not a frame to stdout |
 //! | `child.oversized_marker = M` | write a frame header announcing more than the frame limit |
 //! | `child.protocol_version = N` | claim protocol version `N` in the handshake |
+//! | `child.chaos = P` | on each embed, with probability `P`, one of `child.chaos_kinds` |
+//! | `child.chaos_kinds = K,...` | what chaos does: `kill` (SIGKILL itself), `abort`, `exit`, `hang`, `leak` (keep 64 MiB); default all |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -125,7 +127,39 @@ pub struct ProcessFaults {
     pub garbage_marker: Option<String>,
     pub oversized_marker: Option<String>,
     pub protocol_version: Option<u32>,
+    /// Embeds per million that suffer a random process fault.
+    pub chaos_ppm: u32,
+    pub chaos_kinds: Vec<ProcessChaos>,
 }
+
+/// A process fault `child.chaos` can pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessChaos {
+    /// SIGKILL to itself: what the OOM killer or an operator does.
+    Kill,
+    /// SIGABRT.
+    Abort,
+    /// Exit with `child.exit_code`.
+    Exit,
+    /// Stop answering anything.
+    Hang,
+    /// Keep [`CHAOS_LEAK_MB`] MiB more resident memory.
+    Leak,
+}
+
+impl ProcessChaos {
+    const ALL: [ProcessChaos; 5] = [
+        ProcessChaos::Kill,
+        ProcessChaos::Abort,
+        ProcessChaos::Exit,
+        ProcessChaos::Hang,
+        ProcessChaos::Leak,
+    ];
+}
+
+/// What one `leak` of `child.chaos` keeps: large enough that a few cross a
+/// recycle threshold set for a stub child (tens of MiB resident).
+pub const CHAOS_LEAK_MB: usize = 64;
 
 impl ProcessFaults {
     /// Takes the `child.*` keys out of `settings`, leaving the engine's.
@@ -164,15 +198,46 @@ impl ProcessFaults {
                 "garbage_marker" => faults.garbage_marker = marker,
                 "oversized_marker" => faults.oversized_marker = marker,
                 "protocol_version" => faults.protocol_version = Some(number(&value)? as u32),
+                "chaos" => {
+                    faults.chaos_ppm = embedhost_stub_engine::parse_chance(&value)
+                        .map_err(|e| format!("setting `{key}`: {e}"))?;
+                }
+                "chaos_kinds" => {
+                    faults.chaos_kinds = value
+                        .split(',')
+                        .map(|k| match k.trim() {
+                            "kill" => Ok(ProcessChaos::Kill),
+                            "abort" => Ok(ProcessChaos::Abort),
+                            "exit" => Ok(ProcessChaos::Exit),
+                            "hang" => Ok(ProcessChaos::Hang),
+                            "leak" => Ok(ProcessChaos::Leak),
+                            other => Err(format!(
+                                "setting `{key}`: `{other}` is not one of kill, abort, exit, hang, leak"
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
                 _ => {
                     return Err(format!(
-                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version)"
+                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version, chaos, chaos_kinds)"
                     ));
                 }
             }
         }
         *settings = rest;
+        if faults.chaos_kinds.is_empty() {
+            faults.chaos_kinds = ProcessChaos::ALL.to_vec();
+        }
         Ok(faults)
+    }
+
+    /// The random fault this embed suffers, if any.
+    fn chaos(&self) -> Option<ProcessChaos> {
+        if self.chaos_ppm == 0 || self.chaos_kinds.is_empty() {
+            return None;
+        }
+        (fastrand::u32(0..1_000_000) < self.chaos_ppm)
+            .then(|| self.chaos_kinds[fastrand::usize(0..self.chaos_kinds.len())])
     }
 
     fn hit(marker: &Option<String>, texts: &[String]) -> bool {
@@ -183,11 +248,23 @@ impl ProcessFaults {
 
     /// Carries out the faults a batch triggers, before the engine sees it.
     fn before_embed(&self, texts: &[String], leaked: &Mutex<Vec<Vec<u8>>>) {
-        if Self::hit(&self.abort_marker, texts) {
+        let chaos = self.chaos();
+        if chaos == Some(ProcessChaos::Kill) {
+            tracing::warn!("fault: chaos, SIGKILL");
+            // SAFETY: signalling our own process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        if chaos == Some(ProcessChaos::Leak) {
+            leaked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(vec![1u8; CHAOS_LEAK_MB * 1024 * 1024]);
+        }
+        if Self::hit(&self.abort_marker, texts) || chaos == Some(ProcessChaos::Abort) {
             tracing::warn!("fault: aborting");
             std::process::abort();
         }
-        if Self::hit(&self.exit_marker, texts) {
+        if Self::hit(&self.exit_marker, texts) || chaos == Some(ProcessChaos::Exit) {
             tracing::warn!(code = self.exit_code, "fault: exiting");
             std::process::exit(self.exit_code);
         }
@@ -201,7 +278,7 @@ impl ProcessFaults {
             // big-endian u32 length first).
             write_stdout(&u32::MAX.to_be_bytes());
         }
-        if Self::hit(&self.hang_marker, texts) {
+        if Self::hit(&self.hang_marker, texts) || chaos == Some(ProcessChaos::Hang) {
             tracing::warn!("fault: hanging");
             // Blocks the child's only runtime thread: no frame, no health
             // answer, nothing, until the host kills the process.
