@@ -326,8 +326,10 @@ async fn the_native_engine_matches_the_reference_vectors() {
 /// >= 0.985 to the reference (int8's parity bound). Texts without one (the
 /// empty string, blanks, `?!`: two to four tokens, mostly [CLS] and [SEP])
 /// lose most to quantized activations, whose range is taken over the whole
-/// padded run (so a text's int8 vector depends a little on its batch):
-/// measured 0.969 to 0.978 in this batch, bound here at 0.96.
+/// padded run (so a text's int8 vector depends a little on its batch), and
+/// on the CPU (ONNX Runtime picks its int8 kernels by instruction set):
+/// measured 0.969 to 0.978 in this batch on one machine, 0.958 on one with
+/// AVX-512 VNNI; bound here at 0.95.
 #[tokio::test]
 async fn the_int8_graph_stays_within_its_parity_bound() {
     let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
@@ -345,7 +347,7 @@ async fn the_int8_graph_stays_within_its_parity_bound() {
         let bound = if text.chars().any(char::is_alphanumeric) {
             0.985
         } else {
-            0.96
+            0.95
         };
         assert!(c >= bound, "{text:?}: int8 cosine {c} < {bound}");
         worst = worst.min(c);

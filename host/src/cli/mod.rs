@@ -220,11 +220,13 @@ fn engine_for(config: &Config) -> Result<WasmEngine, String> {
 }
 
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {
-    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let source = match args.plugin {
-        Some(path) => PluginSource::from_path(&path),
-        None => config.plugin_source(),
-    };
+    let mut config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    // `--plugin` replaces the configured plugin everywhere (whether it is
+    // given the model, the table its `init` gets), as `plugin.path` would.
+    if let Some(path) = args.plugin {
+        config.plugin.path = Some(path);
+    }
+    let source = config.plugin_source();
     if config.backend == Backend::Native && matches!(source, PluginSource::File(_)) {
         return Err("`--plugin` and `plugin.path` name a WASM plugin, but the config selects backend = \"native\"".into());
     }

@@ -33,6 +33,31 @@ use crate::supervisor::{CallError, FailureReason, Health, Spawner, Started, Work
 use crate::vectors::Vectors;
 
 /// Starts native children for the supervisor.
+///
+/// # Example
+/// A pool of two `embedhost child` processes serving the stub engine (the
+/// executable must be the `embedhost` binary; a config's `[native]`
+/// section builds the same with [`crate::config::Config::native_spawner`]).
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use embedhost::native::NativeSpawner;
+/// use embedhost::supervisor::{Supervisor, SupervisorConfig};
+///
+/// let spawner = NativeSpawner {
+///     executable: "/usr/local/bin/embedhost".into(),
+///     engine: "stub".into(),
+///     settings: vec![("dimension".into(), "384".into())],
+///     init_deadline: Duration::from_secs(60),
+///     call_deadline: Duration::from_secs(30),
+///     grace: Duration::from_secs(5),
+/// };
+/// let config = SupervisorConfig { pool_size: 2, ..SupervisorConfig::default() };
+/// let supervisor = Supervisor::start(spawner, config).await.unwrap();
+/// let batch = supervisor.embed(vec!["hello".into()], false, Duration::from_secs(30)).await.unwrap();
+/// assert_eq!(batch.vectors.dimension(), 384);
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct NativeSpawner {
     /// The `embedhost` executable to run as the child.

@@ -291,6 +291,33 @@ struct Inner {
 }
 
 /// A supervised pool of embedder instances. Cheap to clone.
+///
+/// # Example
+/// A pool of two stub WASM instances; a text that traps its instance is
+/// answered with an error, the rest of the batch with vectors, and the pool
+/// goes on serving from a fresh instance.
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use embedhost::supervisor::{Supervisor, SupervisorConfig};
+/// use embedhost::wasm::{InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner};
+///
+/// let engine = WasmEngine::new(None).unwrap();
+/// let spawner = WasmSpawner {
+///     plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
+///     limits: InstanceLimits::default(),
+///     config: vec![("fault.trap_marker".into(), "BOOM".into())],
+/// };
+/// let config = SupervisorConfig { pool_size: 2, ..SupervisorConfig::default() };
+/// let supervisor = Supervisor::start(spawner, config).await.unwrap();
+///
+/// let texts = vec!["hello".to_string(), "BOOM".to_string(), "world".to_string()];
+/// let batch = supervisor.embed(texts, false, Duration::from_secs(30)).await.unwrap();
+/// assert_eq!(batch.vectors.len(), 2);
+/// assert_eq!(batch.failed[0].index, 1);
+/// assert!(supervisor.status().iter().any(|i| i.restarts.get("trap").is_some()));
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Supervisor {
     inner: Arc<Inner>,

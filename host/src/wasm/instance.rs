@@ -274,6 +274,21 @@ enum Job {
 /// thread drops the `Store` and ends, and every later call gets
 /// [`WasmError::InstanceGone`]. Restarting is the supervisor's job
 /// ([`WasmSpawner`]).
+///
+/// # Example
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use embedhost::wasm::{InstanceLimits, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin};
+///
+/// let engine = WasmEngine::new(None).unwrap();
+/// let plugin = WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap();
+/// let config = vec![("dimension".to_string(), "8".to_string())];
+/// let instance = WasmEmbedder::start(plugin, InstanceLimits::default(), config).await.unwrap();
+/// assert_eq!(instance.model_info().dimension, 8);
+/// let vectors = instance.embed(vec!["hello world".into()], false, None).await.unwrap();
+/// assert_eq!(vectors.get(0).unwrap().len(), 8);
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct WasmEmbedder {
     jobs: mpsc::Sender<Job>,

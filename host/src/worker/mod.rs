@@ -124,6 +124,41 @@ impl From<WorkerError> for RemoteError {
 }
 
 /// The worker. Cheap to clone; every clone is the same worker.
+///
+/// # Example
+/// A worker on the stub embedder, indexing a folder and searching it.
+/// ```
+/// # #[tokio::main] async fn main() {
+/// use embedhost::bus::{Bus, transport::InProcess};
+/// use embedhost::supervisor::{Supervisor, SupervisorConfig};
+/// use embedhost::wasm::{InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner};
+/// use embedhost::worker::{Worker, WorkerSettings, chunk::Tokens};
+///
+/// let engine = WasmEngine::new(None).unwrap();
+/// let spawner = WasmSpawner {
+///     plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
+///     limits: InstanceLimits::default(),
+///     config: vec![],
+/// };
+/// let supervisor = Supervisor::start(spawner, SupervisorConfig::default()).await.unwrap();
+/// let embedder = Bus::new(InProcess::named(
+///     "embedder",
+///     embedhost::embedder::supervised_router(supervisor.clone()),
+/// ));
+/// let worker = Worker::new(embedder, supervisor.model_info(), Tokens::Words, WorkerSettings::default());
+///
+/// let root = tempfile::tempdir().unwrap();
+/// std::fs::write(root.path().join("tyres.txt"), "fixing a flat bicycle tyre").unwrap();
+/// std::fs::write(root.path().join("bread.txt"), "baking sourdough bread").unwrap();
+/// worker.init(&root.path().join("index")).await.unwrap();
+/// worker.index(vec![root.path().to_path_buf()]).await.unwrap();
+/// while worker.stats().await.unwrap().indexed < 2 {
+///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// }
+/// let hits = worker.search("flat tyre".into(), 1).await.unwrap();
+/// assert!(hits[0].path.ends_with("tyres.txt"));
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Worker {
     inner: Arc<Inner>,
