@@ -16,8 +16,11 @@
 //! Under `cargo test` each part runs once on a small input (a smoke test).
 
 // Shared by the benches; this one uses the model and the onnx child.
-#[allow(dead_code)]
 mod common;
+
+use common::{Better, figure};
+
+const COMMAND: &str = "cargo bench --bench index";
 
 use std::path::Path;
 use std::sync::Arc;
@@ -97,6 +100,13 @@ fn search(chunks: usize, queries: usize, sizes: &[usize]) {
         n50.as_secs_f64() / u50.as_secs_f64(),
         n50.as_secs_f64() / e50.as_secs_f64()
     );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let section = "Search (the query's embedding excluded)";
+    let size = format!("{chunks} chunks x {d}, top 10");
+    figure(section, &format!("index search p50, {size}"), ms(u50), "ms", ("naive scan p50", ms(n50)), Better::Lower, COMMAND);
+    figure(section, &format!("index search p99, {size}"), ms(u99), "ms", ("naive scan p99", ms(n99)), Better::Lower, COMMAND);
+    figure(section, &format!("exact f32 scan p50, {size}"), ms(e50), "ms", ("naive scan p50", ms(n50)), Better::Lower, COMMAND);
+    figure(section, &format!("index recall@10, {size}"), recall, "", ("the exact scan", 1.0), Better::Higher, COMMAND);
     for &n in sizes {
         let index = VectorIndex::new(d, (0..n as i64).collect(), data[..n * d].to_vec());
         let (mut e, mut q) = (Vec::new(), Vec::new());
@@ -108,10 +118,16 @@ fn search(chunks: usize, queries: usize, sizes: &[usize]) {
             index.search_quantized(query, 10);
             q.push(at.elapsed());
         }
-        println!(
-            "  {n:>7} chunks: exact p50 {:.2?}, int8 scan p50 {:.2?}",
-            p50_p99(e).0,
-            p50_p99(q).0
+        let (e, q) = (p50_p99(e).0, p50_p99(q).0);
+        println!("  {n:>7} chunks: exact p50 {e:.2?}, int8 scan p50 {q:.2?}");
+        figure(
+            section,
+            &format!("int8 scan p50, {n} chunks"),
+            ms(q),
+            "ms",
+            ("exact f32 scan p50", ms(e)),
+            Better::Lower,
+            COMMAND,
         );
     }
 }
@@ -223,6 +239,15 @@ fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::pa
         texts.len(),
         100.0 * rate / baseline
     );
+    figure(
+        "Indexing",
+        &format!("indexing {files} notes end to end, native, pool of {cores}"),
+        rate,
+        "chunks/s",
+        ("the embedder alone on the same chunks", baseline),
+        Better::Higher,
+        COMMAND,
+    );
     db
 }
 
@@ -263,6 +288,15 @@ fn command(model: &Path, db: &Path, runs: usize) {
         "`embedhost search` (native, whole command) p50 {search:.0?}; `embedhost embed` of the same query p50 {embed:.0?}; {:.2}x (target: well under a second)",
         search.as_secs_f64() / embed.as_secs_f64()
     );
+    figure(
+        "The search command",
+        "`embedhost search`, whole command (start, model load, query, search), native, p50",
+        search.as_secs_f64() * 1e3,
+        "ms",
+        ("`embedhost embed` of the same query", embed.as_secs_f64() * 1e3),
+        Better::Lower,
+        COMMAND,
+    );
 }
 
 fn main() {
@@ -277,6 +311,9 @@ fn main() {
     println!("index (cargo bench --bench index)");
     if bench {
         search(100_000, 200, &[5_000, 10_000, 20_000, 50_000]);
+        if common::heavy() {
+            search(1_000_000, 50, &[]);
+        }
     } else {
         search(2_000, 3, &[1_000]);
     }

@@ -100,6 +100,7 @@ fn main() {
         }
     }
     let differences: Vec<f64> = child.iter().zip(&local).map(|(c, l)| c - l).collect();
+    let child_copy = child.clone();
     let (base, over) = (median(local.clone()), median(differences));
     println!(
         "onnx boundary (cargo bench --bench native): all-MiniLM-L6-v2, batch of 32 short sentences, {threads} intra-op threads, {rounds} alternating pairs"
@@ -119,5 +120,14 @@ fn main() {
         "boundary cost (paired difference)",
         over * 1e3,
         over / base * 100.0
+    );
+    common::figure(
+        "The onnx engine's process boundary",
+        &format!("batch of 32 short sentences in a supervised child, {threads} threads, median"),
+        median(child_copy) * 1e3,
+        "ms",
+        ("the same engine in-process", base * 1e3),
+        common::Better::Lower,
+        "cargo bench --bench native",
     );
 }

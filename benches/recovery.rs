@@ -1,12 +1,15 @@
 //! Recovery after a crash, and failures during a planned recycle, under load
 //! (`cargo bench --bench recovery`, also run by `./x bench`).
 //!
-//! A pool of one stub WASM instance serves a caller in a loop. Every few
-//! requests the caller sends a text that traps the instance; the time from
-//! that crash being reported to the next successful answer is the recovery
-//! time (the restart, `init`, and one embed). The baseline is the latency of
-//! an ordinary request in the same run. The restart policy is relaxed (high
-//! intensity, no backoff) so that this measures the mechanism, not the policy.
+//! A pool of one stub instance serves a caller in a loop, on each backend (a
+//! WASM instance, a native child process). Every few requests the caller
+//! sends a text that crashes the instance (a trap; the child's exit); the
+//! time from that crash being reported to the next successful answer is the
+//! request recovery time (the restart, `init` or the handshake, and one
+//! embed). The baseline is the latency of an ordinary request in the same
+//! run. The restart policy is relaxed (high intensity, no backoff) so that
+//! this measures the mechanism, not the policy. Instance recovery is the
+//! time a new instance takes to be ready, against the same baseline.
 //!
 //! Then the same pool recycles itself every 20 texts (planned,
 //! make-before-break) under four concurrent callers; the figure is how many
@@ -21,14 +24,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::native::NativeSpawner;
+use embedhost::supervisor::{Spawner, Supervisor, SupervisorConfig};
 use embedhost::wasm::{
     InstanceLimits, PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner,
 };
 
 // Shared by the benches; this one uses the model's directory only.
-#[allow(dead_code)]
 mod common;
+
+use common::{Better, figure};
+
+const COMMAND: &str = "cargo bench --bench recovery";
 
 /// Restarts measured from the snapshot (each takes about a millisecond), and
 /// from the plain plugin (each reads 90 MB of weights).
@@ -52,6 +59,83 @@ fn report(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
         p99
     );
     (p50, p99)
+}
+
+/// A native stub child that exits on `CRASH`.
+fn native_spawner() -> NativeSpawner {
+    NativeSpawner {
+        executable: env!("CARGO_BIN_EXE_embedhost").into(),
+        engine: "stub".into(),
+        settings: vec![("child.exit_marker".into(), "CRASH".into())],
+        init_deadline: DEADLINE,
+        call_deadline: DEADLINE,
+        grace: Duration::from_secs(1),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Request recovery and instance recovery on one backend.
+async fn recovery(backend: &str, spawner: impl Spawner + Clone) {
+    let mut config = SupervisorConfig { pool_size: 1, poison_after: 1, ..SupervisorConfig::default() };
+    config.intensity.max_restarts = u32::MAX;
+    config.intensity.backoff_min = Duration::ZERO;
+    config.intensity.backoff_max = Duration::ZERO;
+    let supervisor = Supervisor::start(spawner.clone(), config).await.unwrap();
+    let text = |i: usize| vec![format!("an ordinary sentence number {i}")];
+    let mut normal = Vec::new();
+    let mut recovery = Vec::new();
+    for i in 0..CRASHES * 5 {
+        if i % 5 == 4 {
+            let crashed = supervisor.embed(vec!["CRASH".into()], false, DEADLINE).await.unwrap();
+            assert_eq!(crashed.failed.len(), 1);
+            let at = Instant::now();
+            let ok = supervisor.embed(text(i), false, DEADLINE).await.unwrap();
+            assert_eq!(ok.vectors.len(), 1);
+            recovery.push(at.elapsed());
+        } else {
+            let at = Instant::now();
+            supervisor.embed(text(i), false, DEADLINE).await.unwrap();
+            normal.push(at.elapsed());
+        }
+    }
+    // Instance recovery: a new incarnation started and ready.
+    let mut starts = Vec::new();
+    for i in 0..CRASHES / 4 {
+        let at = Instant::now();
+        let (worker, _) = spawner.start(0, 1_000 + i as u64).await.unwrap();
+        starts.push(at.elapsed());
+        worker.stop().await;
+    }
+    println!("recovery (cargo bench --bench recovery): pool of 1 stub {backend} instance, {CRASHES} crashes");
+    let (base50, base99) = report("ordinary request (baseline)", normal);
+    let (rec50, rec99) = report("crash -> next successful answer", recovery);
+    let (new50, new99) = report("a new instance ready", starts);
+    println!(
+        "{:<40} p50 {:.1}x, p99 {:.1}x the baseline",
+        "recovery / baseline",
+        rec50.as_secs_f64() / base50.as_secs_f64(),
+        rec99.as_secs_f64() / base99.as_secs_f64()
+    );
+    let section = "Recovery after a crash (stub plugin, pool of 1)";
+    for (what, p, value, base) in [
+        ("request recovery (crash to the next answer)", "p50", rec50, base50),
+        ("request recovery (crash to the next answer)", "p99", rec99, base99),
+        ("instance recovery (a new instance ready)", "p50", new50, base50),
+        ("instance recovery (a new instance ready)", "p99", new99, base99),
+    ] {
+        figure(
+            section,
+            &format!("{backend}: {what}, {p}"),
+            ms(value),
+            "ms",
+            (&format!("an ordinary request {p}"), ms(base)),
+            Better::Lower,
+            COMMAND,
+        );
+    }
 }
 
 fn spawner(engine: &WasmEngine) -> WasmSpawner {
@@ -79,37 +163,8 @@ fn main() {
     let cache = std::env::temp_dir().join("embedhost-bench-cache");
     let engine = WasmEngine::new(Some(embedhost::wasm::ArtifactCache::new(cache))).unwrap();
     rt.block_on(async {
-        let mut config = SupervisorConfig { pool_size: 1, poison_after: 1, ..SupervisorConfig::default() };
-        config.intensity.max_restarts = u32::MAX;
-        config.intensity.backoff_min = Duration::ZERO;
-        config.intensity.backoff_max = Duration::ZERO;
-        let supervisor = Supervisor::start(spawner(&engine), config).await.unwrap();
-        let text = |i: usize| vec![format!("an ordinary sentence number {i}")];
-        let mut normal = Vec::new();
-        let mut recovery = Vec::new();
-        for i in 0..CRASHES * 5 {
-            if i % 5 == 4 {
-                let crashed = supervisor.embed(vec!["CRASH".into()], false, DEADLINE).await.unwrap();
-                assert_eq!(crashed.failed.len(), 1);
-                let at = Instant::now();
-                let ok = supervisor.embed(text(i), false, DEADLINE).await.unwrap();
-                assert_eq!(ok.vectors.len(), 1);
-                recovery.push(at.elapsed());
-            } else {
-                let at = Instant::now();
-                supervisor.embed(text(i), false, DEADLINE).await.unwrap();
-                normal.push(at.elapsed());
-            }
-        }
-        println!("recovery (cargo bench --bench recovery): pool of 1 stub WASM instance, {CRASHES} crashes");
-        let (base50, base99) = report("ordinary request (baseline)", normal);
-        let (rec50, rec99) = report("crash -> next successful answer", recovery);
-        println!(
-            "{:<40} p50 {:.1}x, p99 {:.1}x the baseline",
-            "recovery / baseline",
-            rec50.as_secs_f64() / base50.as_secs_f64(),
-            rec99.as_secs_f64() / base99.as_secs_f64()
-        );
+        recovery("WASM", spawner(&engine)).await;
+        recovery("native", native_spawner()).await;
 
         // Planned recycles under load.
         let mut config = SupervisorConfig { pool_size: 2, ..SupervisorConfig::default() };
@@ -141,8 +196,19 @@ fn main() {
         }
         let recycles: u64 = supervisor.status().iter().map(|s| s.restarts.get("recycle").copied().unwrap_or(0)).sum();
         println!("planned recycle: 4 callers x 1000 requests, pool of 2, recycle every 20 texts");
-        report("request latency across recycles", latencies);
-        println!("{:<40} {recycles} recycles, {} failed requests", "recycles", failed.load(Ordering::Relaxed));
+        let (lat50, _) = report("request latency across recycles", latencies);
+        let failed = failed.load(Ordering::Relaxed);
+        println!("{:<40} {recycles} recycles, {failed} failed requests", "recycles");
+        figure(
+            "Planned recycles under load (stub WASM, pool of 2, every 20 texts, 4 callers x 1000 requests)",
+            &format!("failed requests across {recycles} recycles"),
+            failed as f64,
+            "requests",
+            ("requests sent", 4000.0),
+            Better::Lower,
+            COMMAND,
+        );
+        let _ = lat50;
 
         // A real-model instance made ready: what each restart costs.
         let dir = common::model_dir();
@@ -178,5 +244,16 @@ fn main() {
             plain50.as_secs_f64() / snap50.as_secs_f64(),
             plain99.as_secs_f64() / snap99.as_secs_f64()
         );
+        for (p, snap, plain) in [("p50", snap50, plain50), ("p99", snap99, plain99)] {
+            figure(
+                "Real model restarts (all-MiniLM-L6-v2, WASM)",
+                &format!("a new instance ready from the snapshot, {p}"),
+                ms(snap),
+                "ms",
+                (&format!("the plain plugin reading its weights in init, {p}"), ms(plain)),
+                Better::Lower,
+                COMMAND,
+            );
+        }
     });
 }

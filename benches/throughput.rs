@@ -181,6 +181,23 @@ fn main() {
             q / n,
             w / n
         );
+        let section = format!("Embedding throughput (all-MiniLM-L6-v2, {cores} cores)");
+        let record = |what: &str, value: f64, baseline: (&str, f64)| {
+            common::figure(
+                &section,
+                &format!("{what}, batches of {name}"),
+                value,
+                "sentences/s",
+                baseline,
+                common::Better::Higher,
+                "cargo bench --bench throughput",
+            )
+        };
+        if let Some(b) = base {
+            record("native fp32", n, ("Python onnxruntime, same files and threads", b));
+        }
+        record("native int8", q, ("native fp32", n));
+        record(&format!("WASM pool of {cores}"), w, ("native fp32", n));
     }
     for (name, supervisor) in [("native", &native), ("native int8", &int8), ("wasm", &wasm)] {
         for i in supervisor.status() {

@@ -1,6 +1,9 @@
 //! What the real-model benchmarks share: the model, the texts, and the onnx
 //! child, so every benchmark measures the same thing.
 
+// Each bench uses part of this module.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,4 +59,64 @@ pub fn onnx_spawner(settings: &OnnxSettings, deadline: Duration) -> NativeSpawne
         call_deadline: deadline,
         grace: Duration::from_secs(1),
     }
+}
+
+/// Where [`figure`] appends its records: set by `./x bench-report`, which
+/// turns them into BENCHMARKS.md.
+pub const REPORT_ENV: &str = "EMBEDHOST_BENCH_REPORT";
+
+/// Set by `./x bench-report --heavy`: the benchmarks add their largest sizes.
+pub const HEAVY_ENV: &str = "EMBEDHOST_BENCH_HEAVY";
+
+/// Whether the heavier sizes were asked for.
+pub fn heavy() -> bool {
+    std::env::var_os(HEAVY_ENV).is_some_and(|v| v == "1")
+}
+
+/// Which way a figure is better.
+#[derive(Clone, Copy)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// Records one figure with the baseline it was measured against in the same
+/// run, for the report; prints nothing (each benchmark prints its own table).
+pub fn figure(
+    section: &str,
+    name: &str,
+    value: f64,
+    unit: &str,
+    baseline: (&str, f64),
+    better: Better,
+    command: &str,
+) {
+    let Some(path) = std::env::var_os(REPORT_ENV) else {
+        return;
+    };
+    let (baseline_name, baseline_value) = baseline;
+    let ratio = match better {
+        Better::Higher => value / baseline_value,
+        Better::Lower => baseline_value / value,
+    };
+    // A zero (no failed request) has no ratio.
+    let ratio = ratio.is_finite().then_some(ratio);
+    let record = serde_json::json!({
+        "section": section,
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline_name,
+        "baseline_value": baseline_value,
+        "ratio": ratio,
+        "better": match better { Better::Higher => "higher", Better::Lower => "lower" },
+        "command": command,
+    });
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open the benchmark report file");
+    writeln!(file, "{record}").expect("write the benchmark report file");
 }
