@@ -55,11 +55,13 @@ pub const CACHE_DIR_ENV: &str = "EMBEDHOST_CACHE_DIR";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file `{path}`: {source}")]
+    /// The file exists but cannot be read.
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("invalid config file `{path}`: {message}")]
+    /// The file is not a valid config; the message names the key.
     Invalid { path: PathBuf, message: String },
 }
 
@@ -137,9 +139,13 @@ impl Default for NativeSection {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
+    /// A string.
     String(String),
+    /// An integer.
     Integer(i64),
+    /// A float.
     Float(f64),
+    /// A boolean.
     Bool(bool),
 }
 
@@ -156,6 +162,7 @@ impl std::fmt::Display for Value {
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[plugin]`: which WASM plugin, with which table for its `init`.
 pub struct PluginSection {
     /// The plugin file; `None` for the built-in stub.
     pub path: Option<PathBuf>,
@@ -170,6 +177,7 @@ pub struct PluginSection {
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// `[limits]`: each WASM instance's memory cap and deadlines.
 pub struct LimitsSection {
     /// Cap on each instance's linear memory, in MiB.
     pub memory_mb: u64,
@@ -205,7 +213,9 @@ pub struct SupervisorSection {
     pub restart_backoff_min_ms: Option<u64>,
     /// Cap on the restart delay.
     pub restart_backoff_max_ms: Option<u64>,
+    /// Interval of the health check, in milliseconds.
     pub health_interval_ms: Option<u64>,
+    /// Deadline of one health check, in milliseconds.
     pub health_timeout_ms: Option<u64>,
     /// Planned recycle above this memory, in bytes.
     pub recycle_memory_bytes: Option<u64>,
@@ -262,6 +272,7 @@ pub const INDEX_DIR_ENV: &str = "EMBEDHOST_INDEX_DIR";
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[cache]`: where compiled plugins and snapshots are kept.
 pub struct CacheSection {
     /// Where precompiled plugins are kept.
     pub dir: Option<PathBuf>,
@@ -272,20 +283,28 @@ pub struct CacheSection {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
+    /// `wasm` (default) or `native`: the one line that swaps backends.
     pub backend: Backend,
     #[serde(default)]
+    /// `[plugin]`.
     pub plugin: PluginSection,
     #[serde(default)]
+    /// `[limits]`.
     pub limits: LimitsSection,
     #[serde(default)]
+    /// `[cache]`.
     pub cache: CacheSection,
     #[serde(default)]
+    /// `[supervisor]`.
     pub supervisor: SupervisorSection,
     #[serde(default)]
+    /// `[native]`.
     pub native: NativeSection,
     #[serde(default)]
+    /// `[model]`.
     pub model: ModelSection,
     #[serde(default)]
+    /// `[index]`.
     pub index: IndexSection,
     /// The file this came from, if any.
     #[serde(skip)]

@@ -66,7 +66,9 @@ const NON_ASCII: &[&str] = &[
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
+    /// The plugin keeps the rule.
     Pass,
+    /// The plugin breaks the rule (the detail says how).
     Fail,
     /// Not run, because an earlier failure makes it meaningless.
     Skip,
@@ -75,8 +77,11 @@ pub enum Outcome {
 /// One row of the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Check {
+    /// What is checked.
     pub name: &'static str,
+    /// The verdict.
     pub outcome: Outcome,
+    /// What was seen.
     pub detail: String,
 }
 
@@ -85,6 +90,7 @@ pub struct Check {
 pub struct Report {
     /// What `init` reported, if it succeeded.
     pub info: Option<ModelInfo>,
+    /// Every check, in the order run.
     pub checks: Vec<Check>,
     /// Texts per second over batches of 32 short sentences, one instance.
     pub texts_per_second: Option<f64>,
@@ -158,6 +164,7 @@ impl Report {
 pub struct Options {
     /// The table passed to `init`.
     pub config: Vec<(String, String)>,
+    /// Each instance's memory cap and deadlines.
     pub limits: InstanceLimits,
     /// How long to measure throughput; zero skips the figure.
     pub throughput_time: Duration,

@@ -32,48 +32,61 @@ macro_rules! message {
 /// `worker.init`: open or create the index.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InitRequest {
+    /// Where the index lives (created if missing).
     pub db_dir: PathBuf,
+    /// The application's data directory (the seed's field; informational).
     pub user_data_path: PathBuf,
 }
 
 /// Answer to `worker.init`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InitResponse {
+    /// The index is open.
     pub ready: bool,
 }
 
 /// `worker.search`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SearchRequest {
+    /// What to look for, in words.
     pub query: String,
+    /// Results wanted, at most.
     pub limit: u32,
 }
 
 /// One search hit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SearchResult {
+    /// The file the chunk is from.
     pub path: PathBuf,
+    /// First line of the chunk (1-based).
     pub start_line: u32,
+    /// Last line of the chunk (inclusive).
     pub end_line: u32,
+    /// Cosine similarity to the query; higher is closer.
     pub score: f32,
+    /// The chunk's text.
     pub text: String,
 }
 
 /// Answer to `worker.search`, best first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SearchResponse {
+    /// Best first.
     pub results: Vec<SearchResult>,
 }
 
 /// `worker.index`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IndexRequest {
+    /// Files and folders to index.
     pub paths: Vec<PathBuf>,
 }
 
 /// Answer to `worker.index`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IndexResponse {
+    /// Files queued by this request.
     pub queued: u64,
 }
 
@@ -102,6 +115,7 @@ pub struct StatsResponse {
 /// `embedder.embed`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EmbedRequest {
+    /// The texts, one vector each.
     pub texts: Vec<String>,
     /// The seed's `isQuery`: queries and documents may embed differently.
     pub is_query: bool,
@@ -115,8 +129,10 @@ pub struct EmbedRequest {
 /// `vectors.len() + failed.len()` is the number of texts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EmbedResponse {
+    /// The rows of the texts not in `failed`, in input order.
     pub vectors: Vectors,
     #[serde(default)]
+    /// Texts that could not be embedded, by index.
     pub failed: Vec<FailedInput>,
 }
 
@@ -125,6 +141,7 @@ pub struct EmbedResponse {
 pub struct FailedInput {
     /// Its position in the request.
     pub index: u32,
+    /// Why, for a person.
     pub reason: String,
 }
 
@@ -166,20 +183,25 @@ pub struct HealthResponse {
 /// Answer to `model.check`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelCheckResponse {
+    /// Every file of the model is present and verified.
     pub exists: bool,
+    /// The model's directory, if it exists.
     pub path: Option<PathBuf>,
 }
 
 /// `model.download`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelDownloadRequest {
+    /// The file the chunk is from.
     pub path: PathBuf,
 }
 
 /// Answer to `model.download`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelDownloadResponse {
+    /// The model is present and verified.
     pub success: bool,
+    /// What failed, if anything.
     pub error: Option<String>,
 }
 
@@ -190,7 +212,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Answer to `embedder.handshake`, the first request to a native child.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HandshakeResponse {
+    /// The child's protocol version ([`PROTOCOL_VERSION`]).
     pub protocol_version: u32,
+    /// The child's model.
     pub model: crate::wasm::ModelInfo,
 }
 

@@ -19,7 +19,9 @@ pub struct Vectors {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{len} floats is not a whole number of {dimension}-dimensional vectors")]
 pub struct ShapeError {
+    /// The dimension asked for.
     pub dimension: usize,
+    /// Floats given.
     pub len: usize,
 }
 

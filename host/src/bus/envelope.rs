@@ -123,7 +123,9 @@ pub struct Envelope {
     /// Time left for the peer to answer, as a duration (clocks of two
     /// processes need not agree; a duration survives the crossing).
     pub deadline: Option<Duration>,
+    /// The trace the request belongs to.
     pub trace: TraceContext,
+    /// The request payload.
     pub body: Body,
 }
 

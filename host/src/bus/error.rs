@@ -117,7 +117,9 @@ pub enum ErrorCode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code:?}: {message}{}", .index.map(|i| format!(" (input {i})")).unwrap_or_default())]
 pub struct RemoteError {
+    /// What kind of failure, which decides whether the caller retries.
     pub code: ErrorCode,
+    /// What went wrong, for a person.
     pub message: String,
     /// The offending input's position, for [`ErrorCode::InvalidInput`].
     pub index: Option<u32>,

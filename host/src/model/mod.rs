@@ -47,12 +47,16 @@ pub const PYTHON_ENV: &str = "EMBEDHOST_PYTHON";
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
+    /// The manifest is invalid.
     Manifest(#[from] ManifestError),
     #[error("unknown model `{id}` (known: {known})")]
+    /// No built-in manifest has this id.
     Unknown { id: String, known: String },
     #[error("no directory for models: set {MODELS_DIR_ENV}")]
+    /// No model store directory could be found.
     NoStore,
     #[error("cannot create `{path}`: {source}")]
+    /// The model directory cannot be created.
     Create {
         path: PathBuf,
         source: std::io::Error,
@@ -94,8 +98,11 @@ pub fn offline_from_env() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum FileState {
+    /// Present with the right size and sha256.
     Present,
+    /// Not there.
     Missing,
+    /// There, but of the wrong size or sha256.
     Corrupt { reason: String },
 }
 
@@ -105,8 +112,11 @@ pub enum FileState {
 pub enum Obtained {
     /// It was already there, verified.
     Present,
+    /// Downloaded over HTTPS.
     Https,
+    /// Taken from a PyPI package through pip.
     Pip,
+    /// Made from other files by a script.
     Derived,
 }
 

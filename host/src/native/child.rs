@@ -51,6 +51,7 @@ pub const DEFAULT_FAULT_EXIT_CODE: i32 = 3;
 pub enum EngineError {
     /// One input cannot be embedded; the rest of the batch can.
     #[error("input {index}: {message}")]
+    /// One input cannot be embedded; the rest can.
     InvalidInput { index: u32, message: String },
     /// The batch failed as a whole.
     #[error("{0}")]
@@ -117,18 +118,29 @@ impl Engine for StubEngine {
 /// The process faults of the module docs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessFaults {
+    /// `child.exit_at_start`.
     pub exit_at_start: Option<i32>,
+    /// `child.abort_marker`.
     pub abort_marker: Option<String>,
+    /// `child.exit_marker`.
     pub exit_marker: Option<String>,
+    /// `child.exit_code`.
     pub exit_code: i32,
+    /// `child.hang_marker`.
     pub hang_marker: Option<String>,
+    /// `child.ignore_sigterm`.
     pub ignore_sigterm: bool,
+    /// `child.leak_mb_per_call`.
     pub leak_mb_per_call: usize,
+    /// `child.garbage_marker`.
     pub garbage_marker: Option<String>,
+    /// `child.oversized_marker`.
     pub oversized_marker: Option<String>,
+    /// `child.protocol_version`.
     pub protocol_version: Option<u32>,
     /// Embeds per million that suffer a random process fault.
     pub chaos_ppm: u32,
+    /// `child.chaos_kinds`.
     pub chaos_kinds: Vec<ProcessChaos>,
 }
 

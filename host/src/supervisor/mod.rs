@@ -114,7 +114,9 @@ impl fmt::Display for FailureReason {
 pub enum CallError {
     /// The instance crashed and must be discarded.
     Crash {
+        /// Why, as recorded in `restarts_total`.
         reason: FailureReason,
+        /// The error, for the log.
         message: String,
     },
     /// The instance refused the call but is fine.
@@ -172,7 +174,9 @@ pub trait Spawner: Send + Sync + 'static {
 pub struct SupervisorConfig {
     /// Instances in the pool.
     pub pool_size: usize,
+    /// Whether a stopped instance is restarted.
     pub restart: RestartType,
+    /// How many restarts within which window, and the backoff between them.
     pub intensity: IntensityConfig,
     /// Interval between health checks of an instance.
     pub health_interval: Duration,
@@ -249,14 +253,21 @@ pub struct BatchResult {
 /// One instance's status.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
+    /// The slot in the pool.
     pub slot: usize,
+    /// The slot's current incarnation, counting from 1.
     pub incarnation: u64,
     /// The child's process id (native backend).
     pub pid: Option<u32>,
+    /// Started and serving (false while restarting).
     pub up: bool,
+    /// Since the incarnation started.
     pub uptime_ms: u64,
+    /// Calls answered by this incarnation.
     pub served: u64,
+    /// At the last health check.
     pub memory_bytes: u64,
+    /// Restarts of this slot, by reason label.
     pub restarts: BTreeMap<String, u64>,
 }
 

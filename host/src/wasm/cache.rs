@@ -131,7 +131,9 @@ impl ArtifactCache {
 /// Whether a load hit the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheOutcome {
+    /// Found in the cache and mapped.
     Hit,
+    /// Compiled now (and stored).
     Compiled,
 }
 

@@ -122,7 +122,9 @@ pub(crate) struct MemoryCap {
 #[derive(Debug, thiserror::Error)]
 #[error("memory limit of {limit} bytes reached (the plugin asked for {desired} bytes)")]
 pub struct MemoryCapHit {
+    /// The cap, in bytes.
     pub limit: usize,
+    /// The size the plugin asked to grow to.
     pub desired: usize,
 }
 

@@ -490,8 +490,11 @@ impl Worker for WasmEmbedder {
 /// Starts WASM instances of one plugin for the supervisor.
 #[derive(Clone, Debug)]
 pub struct WasmSpawner {
+    /// The compiled plugin each incarnation instantiates.
     pub plugin: WasmPlugin,
+    /// Each instance's memory cap and deadlines.
     pub limits: InstanceLimits,
+    /// The table passed to each instance's `init`.
     pub config: Vec<(String, String)>,
 }
 

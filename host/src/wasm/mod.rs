@@ -131,12 +131,16 @@ impl WasmError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PluginError {
     #[error("invalid config: {0}")]
+    /// `init` cannot use its configuration.
     InvalidConfig(String),
     #[error("invalid input {index}: {reason}")]
+    /// One input of the batch was refused.
     InvalidInput { index: u32, reason: String },
     #[error("not initialized")]
+    /// `embed` came before a successful `init`.
     NotInitialized,
     #[error("model failure: {0}")]
+    /// The model failed.
     ModelFailure(String),
 }
 
@@ -537,9 +541,13 @@ fn link(
 /// The model information a plugin reports from `init`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
+    /// Stable id of the model and weights; an index records it.
     pub model_id: String,
+    /// Length of every vector.
     pub dimension: u32,
+    /// Longer inputs are truncated by the plugin.
     pub max_input_tokens: u32,
+    /// Whether every vector has unit L2 norm.
     pub normalized: bool,
 }
 

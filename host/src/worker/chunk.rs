@@ -102,6 +102,7 @@ pub struct Chunk {
     pub text: String,
     /// First and last line it covers, 1-based.
     pub start_line: u32,
+    /// Last line (inclusive).
     pub end_line: u32,
 }
 

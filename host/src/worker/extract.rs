@@ -19,14 +19,19 @@ pub const BINARY_SNIFF_BYTES: usize = 8 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Skip {
     #[error("binary (a NUL byte in its first {BINARY_SNIFF_BYTES} bytes)")]
+    /// A NUL byte in the first 8 KiB.
     Binary,
     #[error("too large ({size} bytes, the limit is {limit})")]
+    /// Larger than `index.max_file_bytes`.
     TooLarge { size: u64, limit: u64 },
     #[error("not UTF-8 text (invalid byte at offset {offset})")]
+    /// Not UTF-8 (the first bad byte).
     NotUtf8 { offset: usize },
     #[error("unreadable: {0}")]
+    /// Could not be read.
     Unreadable(String),
     #[error("embedding failed: {0}")]
+    /// The embedder refused a chunk of it.
     EmbedFailed(String),
 }
 

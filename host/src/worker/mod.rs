@@ -76,8 +76,11 @@ pub use crate::limits::{INDEX_EMBED_TIMEOUT, SEARCH_EMBED_TIMEOUT};
 /// How the worker indexes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerSettings {
+    /// How files are cut into chunks.
     pub chunk: ChunkSettings,
+    /// Larger files are skipped as `too_large`.
     pub max_file_bytes: u64,
+    /// Chunks per `embedder.embed` request.
     pub batch_chunks: usize,
     /// Batches at the embedder at once (its pool size, plus one queued so an
     /// instance never waits for the next).
@@ -99,14 +102,19 @@ impl Default for WorkerSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("the worker is not initialized (send worker.init first)")]
+    /// `worker.init` has not been called.
     NotInitialized,
     #[error(transparent)]
+    /// The index database failed.
     Store(#[from] StoreError),
     #[error("embedder: {0}")]
+    /// The embedder could not be reached or failed.
     Embedder(#[from] BusError),
     #[error("cannot index `{path}`: {reason}")]
+    /// A path given to `index` cannot be walked.
     Path { path: PathBuf, reason: String },
     #[error("the embedder returned no vector for the query: {0}")]
+    /// The query cannot be searched (empty, or refused by the embedder).
     Query(String),
 }
 

@@ -31,11 +31,13 @@ use crate::limits::INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the index directory `{dir}`: {source}")]
+    /// The index directory cannot be created.
     CreateDir {
         dir: PathBuf,
         source: std::io::Error,
     },
     #[error("index database `{path}`: {source}")]
+    /// SQLite failed.
     Sqlite {
         path: PathBuf,
         source: rusqlite::Error,
@@ -43,6 +45,7 @@ pub enum StoreError {
     #[error(
         "the index at `{dir}` was built with model `{stored}` ({stored_dimension} dimensions), but the embedder serves `{current}` ({current_dimension} dimensions): re-index into another directory (--db) or delete `{dir}`"
     )]
+    /// The index was built with another model: re-index.
     ModelMismatch {
         dir: PathBuf,
         stored: String,
@@ -53,12 +56,15 @@ pub enum StoreError {
     #[error(
         "the index at `{dir}` has schema version {found}; this embedhost reads version {SCHEMA_VERSION}"
     )]
+    /// The database is of a schema version this build does not know.
     Schema { dir: PathBuf, found: i64 },
     #[error("no index at `{dir}` (run `embedhost index PATH` first)")]
+    /// There is no index in the directory.
     Missing { dir: PathBuf },
     #[error(
         "index database `{path}`: chunk {chunk} has a vector of {bytes} bytes, expected {expected}"
     )]
+    /// A stored vector is not of the index's dimension.
     Corrupt {
         path: PathBuf,
         chunk: i64,
@@ -70,6 +76,7 @@ pub enum StoreError {
 /// What the index remembers of a file, to tell whether it changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileMeta {
+    /// File size in bytes.
     pub size: u64,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
@@ -78,6 +85,7 @@ pub struct FileMeta {
 /// A stored file's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredFile {
+    /// Size and modification time when queued.
     pub meta: FileMeta,
     /// Hex sha256 of the contents.
     pub hash: String,
@@ -86,19 +94,28 @@ pub struct StoredFile {
 /// A chunk ready to be stored.
 #[derive(Clone, Debug)]
 pub struct NewChunk<'a> {
+    /// The chunk's text.
     pub text: &'a str,
+    /// First line (1-based).
     pub start_line: u32,
+    /// Last line (inclusive).
     pub end_line: u32,
+    /// Its vector, of the index's dimension.
     pub vector: &'a [f32],
 }
 
 /// A stored chunk, as search shows it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChunkRow {
+    /// The chunk's row id.
     pub id: i64,
+    /// The file it is from.
     pub path: PathBuf,
+    /// First line (1-based).
     pub start_line: u32,
+    /// Last line (inclusive).
     pub end_line: u32,
+    /// The chunk's text.
     pub text: String,
 }
 
@@ -107,7 +124,9 @@ pub struct ChunkRow {
 pub struct StoreStats {
     /// Files indexed (with at least zero chunks: an empty file is indexed).
     pub indexed: u64,
+    /// Chunks stored.
     pub chunks: u64,
+    /// Files waiting to be indexed.
     pub queued: u64,
     /// Files not indexed, by reason (`binary`, `too_large`, ...).
     pub skipped: BTreeMap<String, u64>,

@@ -47,6 +47,7 @@ const HEADER: usize = 4;
 /// One unit on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Frame {
+    /// A request: the envelope of [`crate::bus::Envelope`] on the wire.
     Request {
         id: u64,
         message: String,
@@ -56,10 +57,12 @@ pub enum Frame {
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
+    /// The answer to the request `id`.
     Response {
         id: u64,
         result: Result<serde_bytes::ByteBuf, RemoteError>,
     },
+    /// The caller of request `id` gave up: the peer drops its handler.
     Cancel {
         id: u64,
     },
@@ -71,8 +74,10 @@ pub enum FrameError {
     #[error("frame of {size} bytes exceeds the {max}-byte limit")]
     TooLarge { size: usize, max: usize },
     #[error("malformed frame: {0}")]
+    /// Bytes that are not a CBOR frame.
     Malformed(String),
     #[error("i/o error: {0}")]
+    /// Reading or writing the stream failed.
     Io(#[from] io::Error),
 }
 

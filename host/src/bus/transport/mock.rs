@@ -31,9 +31,13 @@ impl MockReply {
 /// A request the mock received.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SentMessage {
+    /// The attempt's id.
     pub id: RequestId,
+    /// The message's name.
     pub message: String,
+    /// Time the caller left for the answer.
     pub deadline: Option<Duration>,
+    /// The caller's trace.
     pub trace: TraceContext,
 }
 
