@@ -194,7 +194,7 @@ fn main() {
         for caller in callers {
             latencies.extend(caller.await.unwrap());
         }
-        let recycles: u64 = supervisor.status().iter().map(|s| s.restarts.get("recycle").copied().unwrap_or(0)).sum();
+        let recycles = supervisor.restarts().get("recycle").copied().unwrap_or(0);
         println!("planned recycle: 4 callers x 1000 requests, pool of 2, recycle every 20 texts");
         let (lat50, _) = report("request latency across recycles", latencies);
         let failed = failed.load(Ordering::Relaxed);

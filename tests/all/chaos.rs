@@ -191,16 +191,6 @@ async fn index(worker: &Worker, docs: &Path, db: &Path) -> Run {
     }
 }
 
-fn restarts(supervisor: &Supervisor) -> BTreeMap<String, u64> {
-    let mut by_reason = BTreeMap::new();
-    for instance in supervisor.status() {
-        for (reason, n) in instance.restarts {
-            *by_reason.entry(reason).or_default() += n;
-        }
-    }
-    by_reason
-}
-
 /// The clean run's result, once per test binary.
 async fn clean(docs: &Path, db: &Path) -> Run {
     let (worker, _supervisor) = host(&config(Backend::Wasm, false)).await;
@@ -218,7 +208,7 @@ async fn chaos_equals_clean(backend: Backend) {
 
     let (worker, supervisor) = host(&config(backend, true)).await;
     let run = index(&worker, &docs, &root.path().join("chaos")).await;
-    let restarts = restarts(&supervisor);
+    let restarts = supervisor.restarts();
     let total: u64 = restarts.values().sum();
     eprintln!("{backend:?} chaos: restarts {restarts:?}");
     assert!(total >= 5, "chaos happened: {restarts:?}");
@@ -301,7 +291,7 @@ async fn chaos_soak() {
             start_rss as f64 / 1048576.0,
             end_rss as f64 / 1048576.0,
             secs_half = secs / 2,
-            restarts = restarts(&supervisor),
+            restarts = supervisor.restarts(),
         );
         eprint!("{line}");
         report.push_str(&line);

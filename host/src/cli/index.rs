@@ -189,13 +189,7 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
 /// `embedder restarts: trap 3, deadline 1`, summed over the pool, or
 /// `None` if no instance was restarted.
 fn restarts_line(supervisor: &Supervisor) -> Option<String> {
-    let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
-    for instance in supervisor.status() {
-        for (reason, n) in instance.restarts {
-            *by_reason.entry(reason).or_default() += n;
-        }
-    }
-    by_reason.retain(|_, n| *n > 0);
+    let by_reason = supervisor.restarts();
     (!by_reason.is_empty()).then(|| {
         let parts: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
         format!("embedder restarts: {}", parts.join(", "))

@@ -450,6 +450,19 @@ impl Supervisor {
             .collect()
     }
 
+    /// Restarts of the whole pool, by reason label (`trap`, `deadline`,
+    /// `recycle`, ...), summed over the slots; reasons never seen are absent.
+    pub fn restarts(&self) -> BTreeMap<String, u64> {
+        let mut total = BTreeMap::new();
+        for slot in lock(&self.inner.slots).iter() {
+            for (reason, n) in &slot.restarts {
+                *total.entry(reason.clone()).or_default() += n;
+            }
+        }
+        total.retain(|_, n| *n > 0);
+        total
+    }
+
     /// Embeds `texts` within `deadline`, surviving crashes: see the module
     /// docs for how a crashed batch is split and a poison text isolated.
     ///
