@@ -35,6 +35,10 @@ const TEMPLATE: (&str, &str, &str) = (
 
 const TARGET: &str = "wasm32-wasip2";
 
+/// Names a rustup toolchain to build the plugins with instead of the one
+/// building the host.
+const PLUGIN_TOOLCHAIN_ENV: &str = "EMBEDHOST_PLUGIN_TOOLCHAIN";
+
 fn main() {
     let manifest_dir =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -57,6 +61,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    println!("cargo:rerun-if-env-changed={PLUGIN_TOOLCHAIN_ENV}");
 
     // One plugin build shared by every profile of the host (debug, release,
     // bench): the plugins are always built in release mode.
@@ -66,7 +71,9 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
 
-    check_target_installed();
+    if env::var_os(PLUGIN_TOOLCHAIN_ENV).is_none() {
+        check_target_installed();
+    }
 
     let packages: Vec<&str> = PLUGINS.iter().map(|(package, _)| *package).collect();
     build_plugins(&plugins_dir, &packages, &target_dir);
@@ -115,8 +122,18 @@ fn main() {
 /// Builds `packages` of the cargo project in `dir` for the WASM target,
 /// locked, in release mode, into `target_dir`.
 fn build_plugins(dir: &Path, packages: &[&str], target_dir: &Path) {
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = match env::var(PLUGIN_TOOLCHAIN_ENV) {
+        // Another toolchain builds the plugins (`./x fuzz` builds the host
+        // with nightly, which may lack the WASM target): rustup picks its
+        // cargo and rustc, so nothing of the host's toolchain may leak in.
+        Ok(toolchain) => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", &toolchain, "cargo"]);
+            cmd.env_remove("RUSTC").env_remove("RUSTDOC");
+            cmd
+        }
+        Err(_) => Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())),
+    };
     cmd.current_dir(dir)
         .arg("build")
         .arg("--release")
