@@ -196,7 +196,7 @@ fn main() {
         }
         let recycles = supervisor.restarts().get("recycle").copied().unwrap_or(0);
         println!("planned recycle: 4 callers x 1000 requests, pool of 2, recycle every 20 texts");
-        let (lat50, _) = report("request latency across recycles", latencies);
+        report("request latency across recycles", latencies);
         let failed = failed.load(Ordering::Relaxed);
         println!("{:<40} {recycles} recycles, {failed} failed requests", "recycles");
         figure(
@@ -208,7 +208,6 @@ fn main() {
             Better::Lower,
             COMMAND,
         );
-        let _ = lat50;
 
         // A real-model instance made ready: what each restart costs.
         let dir = common::model_dir();

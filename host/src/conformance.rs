@@ -416,13 +416,15 @@ fn normalized(info: &ModelInfo, v: &Vectors) -> Result<String, String> {
 async fn health(subject: &mut Subject) -> Result<String, String> {
     subject.live = None; // a fresh instance counts from zero
     let texts: Vec<String> = SENTENCES[..3].iter().map(|s| s.to_string()).collect();
-    let instance = subject.instance().await.map_err(|e| e.to_string())?;
-    let before = instance.health(None).await.map_err(|e| e.to_string())?;
-    instance
-        .embed(texts, false, None)
+    let before = subject.instance().await.map_err(|e| e.to_string())?;
+    let before = before.health(None).await.map_err(|e| e.to_string())?;
+    // Through the subject, so a crash here leaves a fresh instance behind.
+    subject
+        .embed(texts, false)
         .await
         .map_err(|e| e.to_string())?;
-    let after = instance.health(None).await.map_err(|e| e.to_string())?;
+    let after = subject.instance().await.map_err(|e| e.to_string())?;
+    let after = after.health(None).await.map_err(|e| e.to_string())?;
     if after.processed != before.processed + 3 {
         return Err(format!(
             "`processed` went from {} to {} over 3 texts",

@@ -589,14 +589,16 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
 }
 
 async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Result<(), String> {
-    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let mut config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    // The plugin under test takes the configured one's place, as `embed
+    // --plugin` does: a model plugin (or a config naming a model) gets the
+    // model's directory.
+    config.plugin.path = Some(args.path.clone());
     let engine = engine_for(&config)?;
-    let source = PluginSource::from_path(&args.path);
+    let source = config.plugin_source();
     let model_dir = match args.model_dir {
         Some(dir) => Some(dir),
-        None if matches!(&source, PluginSource::Bytes { name, .. } if name == "builtin:bert") => {
-            Some(fetch_model(&config).await?)
-        }
+        None if config.wasm_needs_model() => Some(fetch_model(&config).await?),
         None => None,
     };
     let mut plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;

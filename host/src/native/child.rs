@@ -267,10 +267,7 @@ impl ProcessFaults {
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
         if chaos == Some(ProcessChaos::Leak) {
-            leaked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(vec![1u8; CHAOS_LEAK_MB * 1024 * 1024]);
+            leak(leaked, CHAOS_LEAK_MB);
         }
         if Self::hit(&self.abort_marker, texts) || chaos == Some(ProcessChaos::Abort) {
             tracing::warn!("fault: aborting");
@@ -299,11 +296,16 @@ impl ProcessFaults {
             }
         }
         if self.leak_mb_per_call > 0 {
-            // Touch every page, so the memory is resident, not just reserved.
-            let block = vec![1u8; self.leak_mb_per_call * 1024 * 1024];
-            leaked.lock().unwrap_or_else(|p| p.into_inner()).push(block);
+            leak(leaked, self.leak_mb_per_call);
         }
     }
+}
+
+/// Keeps `mb` MiB more resident: every page is touched, so the memory is
+/// resident, not just reserved.
+fn leak(leaked: &Mutex<Vec<Vec<u8>>>, mb: usize) {
+    let block = vec![1u8; mb * 1024 * 1024];
+    leaked.lock().unwrap_or_else(|p| p.into_inner()).push(block);
 }
 
 /// Writes straight to file descriptor 1, past the frame writer.
