@@ -132,7 +132,8 @@ pub struct PluginTestArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub settings: Vec<String>,
     /// The model directory to grant the plugin (read-only at `/model`);
-    /// `builtin:bert` gets the configured model's, fetched if missing.
+    /// `builtin:bert` (or any plugin, if the config names a `[model]`) gets
+    /// the configured model's, fetched if missing.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
     /// Seconds to measure throughput (0 skips it).
