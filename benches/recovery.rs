@@ -70,6 +70,7 @@ fn native_spawner() -> NativeSpawner {
         init_deadline: DEADLINE,
         call_deadline: DEADLINE,
         grace: Duration::from_secs(1),
+        memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }
 }
 

@@ -58,6 +58,7 @@ pub fn onnx_spawner(settings: &OnnxSettings, deadline: Duration) -> NativeSpawne
         init_deadline: deadline,
         call_deadline: deadline,
         grace: Duration::from_secs(1),
+        memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }
 }
 

@@ -24,7 +24,8 @@
 //! init_deadline_ms = 60000
 //!
 //! [cache]
-//! dir = "/var/cache/embedhost"        # precompiled plugins
+//! dir = "/var/cache/embedhost"        # precompiled plugins and snapshots
+//! max_mb = 2048                       # least recently used evicted past it
 //!
 //! [supervisor]
 //! pool_size = 2
@@ -119,6 +120,9 @@ pub struct NativeSection {
     /// The onnx engine's graph from the model store: `fp32` (default) or
     /// `int8`. Ignored with `[model] dir`, whose `model.onnx` is loaded.
     pub precision: Precision,
+    /// Each child's memory ceiling in MiB, enforced by the kernel (default:
+    /// [`limits::DEFAULT_CHILD_MEMORY_CEILING`]; 0 for none).
+    pub memory_ceiling_mb: Option<u64>,
 }
 
 impl Default for NativeSection {
@@ -130,6 +134,7 @@ impl Default for NativeSection {
             executable: None,
             grace_ms: limits::DEFAULT_CHILD_GRACE.as_millis() as u64,
             precision: Precision::Fp32,
+            memory_ceiling_mb: None,
         }
     }
 }
@@ -276,6 +281,10 @@ pub const INDEX_DIR_ENV: &str = "EMBEDHOST_INDEX_DIR";
 pub struct CacheSection {
     /// Where precompiled plugins are kept.
     pub dir: Option<PathBuf>,
+    /// The cache's budget in MiB (default:
+    /// [`limits::DEFAULT_CACHE_MAX_BYTES`]); least recently used entries
+    /// are evicted past it.
+    pub max_mb: Option<u64>,
 }
 
 /// The whole configuration.
@@ -503,6 +512,11 @@ impl Config {
             init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
             call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
             grace: Duration::from_millis(self.native.grace_ms),
+            memory_ceiling: match self.native.memory_ceiling_mb {
+                None => Some(limits::DEFAULT_CHILD_MEMORY_CEILING),
+                Some(0) => None,
+                Some(mb) => Some(mb.saturating_mul(1024 * 1024)),
+            },
         })
     }
 
@@ -691,6 +705,15 @@ impl Config {
             .map(PathBuf::from)
             .or_else(|| self.cache.dir.clone())
             .or_else(|| project_dirs().map(|d| d.cache_dir().join("artifacts")))
+    }
+
+    /// The artifact cache: [`Config::cache_dir`] within `[cache] max_mb`.
+    pub fn artifact_cache(&self) -> Option<crate::wasm::ArtifactCache> {
+        let budget = self.cache.max_mb.map_or(limits::DEFAULT_CACHE_MAX_BYTES, |mb| {
+            mb.saturating_mul(1024 * 1024)
+        });
+        self.cache_dir()
+            .map(|dir| crate::wasm::ArtifactCache::new(dir).with_max_bytes(budget))
     }
 }
 

@@ -1,5 +1,7 @@
 //! embedhost: a supervised host for text-embedding plugins.
 //!
+//! - [`backend`]: what every backend shares (model info, call errors, the
+//!   `Spawner`/`Worker` traits the supervisor drives).
 //! - [`bus`]: the typed message bus (messages, transports, middleware).
 //! - [`messages`]: the message catalogue.
 //! - [`wasm`]: the WebAssembly backend (wasmtime, sandbox, limits).
@@ -10,6 +12,7 @@
 //!
 //! See ARCHITECTURE.md for how a request flows through them.
 
+pub mod backend;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -23,6 +26,7 @@ pub mod messages;
 pub mod model;
 pub mod native;
 pub mod supervisor;
+pub mod untrusted;
 pub mod vectors;
 pub mod wasm;
 pub mod worker;

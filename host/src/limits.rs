@@ -53,6 +53,120 @@ pub const DEFAULT_INIT_DEADLINE: Duration = Duration::from_secs(60);
 /// host feels it.
 pub const DEFAULT_MEMORY_LIMIT_BYTES: u64 = 1024 * 1024 * 1024;
 
+/// Time past a call's deadline before the host abandons a call that is
+/// waiting inside a host function (a WASI `poll` on a clock, a file read).
+///
+/// Epoch interruption stops guest code at the deadline, to within one
+/// [`EPOCH_TICK`], but it cannot reach a call parked in the host. Every call
+/// into a plugin therefore runs as a future under a timer of deadline +
+/// grace; when the timer fires the future is dropped, which cancels the host
+/// call, and the instance is discarded. 250 ms is fifty epoch ticks: a guest
+/// that is computing has long been interrupted by then, so the timer only
+/// ever fires for a call blocked in the host.
+pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
+
+/// Largest plugin file the host reads. The built-in BERT plugin (candle and
+/// a tokenizer, without weights, which live in the model directory) is
+/// about 5 MB; 64 MiB leaves room for plugins that embed a small model,
+/// while a file past it is refused before it is read.
+pub const MAX_PLUGIN_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Deepest nesting of components and modules inside a plugin. A plugin
+/// built by `cargo` for wasm32-wasip2 nests two levels (the component and
+/// its core modules); composed plugins add a level or two. Compiling a
+/// deeply nested component costs memory superlinear in the depth (10,000
+/// empty levels took 2 GB, 20,000 took 8 GB), so the depth is checked
+/// before anything is compiled.
+pub const MAX_COMPONENT_NESTING: usize = 16;
+
+/// Most components and core modules one plugin file may contain, at any
+/// depth. A wasm32-wasip2 plugin has about five (its code, the WASI
+/// adapter and the canonical-ABI shims); 256 leaves room for composition
+/// while bounding what the compiler is asked to build.
+pub const MAX_COMPONENT_PARTS: usize = 256;
+
+/// Most entries in any one section of a plugin (types, imports, exports,
+/// instances, aliases, functions). Each costs the compiler memory, and
+/// legitimate plugins have hundreds to a few thousand functions.
+pub const MAX_SECTION_ENTRIES: u32 = 100_000;
+
+/// Core instances one plugin instance may create: a wasm32-wasip2 plugin
+/// creates under twenty (its modules and the adapter's shims).
+pub const MAX_CORE_INSTANCES: usize = 64;
+
+/// Linear memories one plugin instance may create, whatever their size
+/// (multi-memory is on in wasmtime). The memory cap bounds their total;
+/// this bounds the host's bookkeeping. Rust plugins have one.
+pub const MAX_MEMORIES: usize = 8;
+
+/// Tables one plugin instance may create.
+pub const MAX_TABLES: usize = 16;
+
+/// Largest number of table elements, summed over a plugin instance's
+/// tables: tables hold function references, and no legitimate plugin needs
+/// millions.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Bytes a table element is counted as against the instance's memory cap
+/// (a function reference is a pointer; the host's bookkeeping doubles it).
+pub const TABLE_ELEMENT_BYTES: u64 = 16;
+
+/// Resource handles (pollables, streams, descriptors) one plugin instance
+/// may hold at once. Each is host memory the linear-memory cap does not
+/// see; a plugin needs a handful (its stdio, a file, a clock pollable).
+/// wasmtime's default is a million.
+pub const MAX_RESOURCE_HANDLES: usize = 4096;
+
+/// Bytes the host copies out of a plugin per host call (a log message, a
+/// stdout write, a path), wasmtime's "hostcall fuel". Its default (128 MiB)
+/// would let one `host-log` call make the host allocate 128 MiB; the
+/// largest legitimate argument is a log line or a 64 KiB stdout write.
+/// Results of the plugin's own exports (vectors) are not host calls: they
+/// are bounded by the memory cap and checked by the validation of `embed`.
+pub const MAX_HOSTCALL_BYTES: usize = 1024 * 1024;
+
+/// Longest text the host keeps from a plugin's error value (`invalid-config`,
+/// `invalid-input` reasons, `model-failure`): enough for any message meant
+/// for a person; past it the text is cut and marked, so a plugin cannot
+/// make the host's logs, errors and index grow by returning a huge string.
+pub const MAX_PLUGIN_ERROR_BYTES: usize = 1024;
+
+/// Longest model id a plugin may declare. The id is stored in every index
+/// and printed in every status line; real ids (`org/model-name-v2`) are
+/// under 100 bytes. A longer one is refused, not cut: two cut ids could
+/// collide and let an index built by one model be searched with another.
+pub const MAX_MODEL_ID_BYTES: usize = 256;
+
+/// Sustained rate of plugin log lines (`host-log` and stdout/stderr lines
+/// together) per instance, per second. Past it lines are dropped and
+/// counted (`plugin_log_dropped_total`): a chatty plugin cannot fill a disk
+/// (a million calls in one batch wrote 158 MB in 3.6 s before this bound).
+pub const PLUGIN_LOG_LINES_PER_SECOND: u32 = 50;
+
+/// Lines a plugin may log in a burst above [`PLUGIN_LOG_LINES_PER_SECOND`]
+/// (the bucket's size): a start-up message or a short error trace passes
+/// whole.
+pub const PLUGIN_LOG_BURST: u32 = 200;
+
+/// Dropped plugin log lines are reported in one line at most this often
+/// (and when the instance ends), so the report cannot become a flood of
+/// its own.
+pub const PLUGIN_LOG_DROP_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Largest instance a pre-initialized snapshot may keep (its memories and
+/// tables after `init`). A snapshot is written to the artifact cache whole,
+/// once per plugin, model and setting: all-MiniLM-L6-v2 holds about 200 MB;
+/// 512 MiB leaves room for models twice its size, while a plugin that fills
+/// 900 MB in `init` no longer writes a 900 MB cache entry per setting (it
+/// runs without a snapshot, loading in `init`).
+pub const MAX_SNAPSHOT_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Default budget of the artifact cache (`[cache] max_mb`). Compiled
+/// plugins are a few MB; snapshots are the size of the loaded model. 2 GiB
+/// holds several models' snapshots and fits a laptop's disk; past it the
+/// least recently used entries are evicted.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
 /// Longest line of plugin stdout/stderr forwarded to the log; the rest of the
 /// line is dropped, so a plugin cannot flood the host's log with one write.
 pub const MAX_PLUGIN_LOG_LINE: usize = 4096;
@@ -129,6 +243,21 @@ pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);
 /// SIGTERM is a courtesy to wrappers; a child that ignores everything is
 /// gone within the grace period plus this plus the reap.
 pub const CHILD_SIGTERM_GRACE: Duration = Duration::from_millis(50);
+
+/// Default memory ceiling of a native child (`[native] memory_ceiling_mb`),
+/// enforced by the kernel (`RLIMIT_DATA`, see `native::ceiling`) between
+/// health checks. all-MiniLM-L6-v2 in ONNX Runtime peaked at 320 MB of
+/// private writable memory (`VmData` in `/proc`, which is what the limit
+/// counts) over a batch of 32 passages of 250 tokens; the planned recycle
+/// is at [`DEFAULT_RECYCLE_MEMORY_BYTES`] resident. 2 GiB is six times the
+/// measured peak, so a healthy child never meets it, and it still stops a
+/// leak long before it hurts a laptop.
+pub const DEFAULT_CHILD_MEMORY_CEILING: u64 = 2 * 1024 * 1024 * 1024;
+
+/// How long the host waits, after a child's pipe closed, for the rest of
+/// its stderr (where a child stopped at its memory ceiling says so): the
+/// child has exited, so its last line is already in the pipe.
+pub const CHILD_EXIT_REPORT_WAIT: Duration = Duration::from_millis(200);
 
 /// Time given to one `embedder.embed` of a batch while indexing: a batch of
 /// 32 passages of 256 tokens takes about 2 s natively and up to 10 s in one

@@ -215,7 +215,7 @@ pub struct HandshakeResponse {
     /// The child's protocol version ([`PROTOCOL_VERSION`]).
     pub protocol_version: u32,
     /// The child's model.
-    pub model: crate::wasm::ModelInfo,
+    pub model: crate::backend::ModelInfo,
 }
 
 /// `shutdown`: stop gracefully.

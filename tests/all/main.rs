@@ -10,6 +10,7 @@ mod native;
 mod onnx;
 mod plugins;
 mod real_model;
+mod sandbox;
 mod supervisor;
 mod wasm;
 mod worker;

@@ -16,6 +16,7 @@ fn spawner(settings: &[(&str, &str)]) -> NativeSpawner {
         init_deadline: Duration::from_secs(10),
         call_deadline: Duration::from_secs(30),
         grace: Duration::from_millis(500),
+        memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }
 }
 

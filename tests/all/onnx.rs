@@ -97,6 +97,7 @@ fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
         init_deadline: Duration::from_secs(20),
         call_deadline: DEADLINE,
         grace: Duration::from_millis(500),
+        memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }
 }
 

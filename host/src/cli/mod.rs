@@ -17,7 +17,7 @@ use crate::config::{Backend, Config};
 use crate::messages::{EmbedRequest, EmbedderEmbed};
 use crate::supervisor::Supervisor;
 use crate::wasm::{
-    ArtifactCache, PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner,
+    PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner,
 };
 
 /// Run text-embedding plugins under supervision.
@@ -216,7 +216,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn engine_for(config: &Config) -> Result<WasmEngine, String> {
-    WasmEngine::new(config.cache_dir().map(ArtifactCache::new))
+    WasmEngine::new(config.artifact_cache())
         .map_err(|e| format!("cannot start wasmtime: {e:#}"))
 }
 
@@ -572,6 +572,10 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
                 path.display()
             )
         })?;
+    let health = embedder
+        .health(None)
+        .await
+        .map_err(|e| format!("`{}` failed its health check: {e}", path.display()))?;
     println!(
         "ok: {} implements {}",
         path.display(),
@@ -585,6 +589,10 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
         "test embedding:   {} vector(s) of dimension {}",
         probe.len(),
         probe.dimension()
+    );
+    println!(
+        "health:           {:.1} MiB of memory (measured by the host)",
+        health.memory_bytes as f64 / (1024.0 * 1024.0)
     );
     Ok(())
 }

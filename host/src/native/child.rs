@@ -41,7 +41,7 @@ use crate::messages::{
     HandshakeResponse, HealthResponse, PROTOCOL_VERSION, Shutdown,
 };
 use crate::vectors::Vectors;
-use crate::wasm::ModelInfo;
+use crate::backend::ModelInfo;
 
 /// Exit code of `child.exit_marker` when `child.exit_code` is not set.
 pub const DEFAULT_FAULT_EXIT_CODE: i32 = 3;

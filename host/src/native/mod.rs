@@ -14,7 +14,11 @@
 //!   its requests at once (the transport closes), and is replaced.
 //! - Stopping is graceful first: `shutdown`, then SIGTERM after the grace
 //!   period, then SIGKILL, then the child is reaped.
+//! - A child's memory has a ceiling the kernel enforces ([`ceiling`]),
+//!   between health checks too; a child stopped there is a `memory_cap`
+//!   restart.
 
+pub mod ceiling;
 pub mod child;
 pub mod onnx;
 
@@ -23,13 +27,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::transport::child::ChildProcess;
+use crate::bus::transport::child::{ChildProcess, MarkerWatch};
 use crate::bus::{BoxFuture, Bus, BusError, Empty, ErrorCode, SendOptions};
 use crate::messages::{
     EmbedRequest, EmbedderEmbed, EmbedderHandshake, EmbedderHealth, PROTOCOL_VERSION, Shutdown,
     ShutdownRequest,
 };
-use crate::supervisor::{CallError, FailureReason, Health, Spawner, Started, Worker};
+use crate::backend::{CallError, FailureReason, Health, Spawner, Started, Worker};
 use crate::vectors::Vectors;
 
 /// Starts native children for the supervisor.
@@ -51,6 +55,7 @@ use crate::vectors::Vectors;
 ///     init_deadline: Duration::from_secs(60),
 ///     call_deadline: Duration::from_secs(30),
 ///     grace: Duration::from_secs(5),
+///     memory_ceiling: Some(2 << 30),
 /// };
 /// let config = SupervisorConfig { pool_size: 2, ..SupervisorConfig::default() };
 /// let supervisor = Supervisor::start(spawner, config).await.unwrap();
@@ -74,6 +79,9 @@ pub struct NativeSpawner {
     pub call_deadline: Duration,
     /// Grace period of each stop step.
     pub grace: Duration,
+    /// The child's memory ceiling in bytes (`RLIMIT_DATA`, see [`ceiling`]);
+    /// `None` for none.
+    pub memory_ceiling: Option<u64>,
 }
 
 impl NativeSpawner {
@@ -83,12 +91,16 @@ impl NativeSpawner {
         for (key, value) in &self.settings {
             command.arg("--set").arg(format!("{key}={value}"));
         }
+        let ceiling = self.memory_ceiling;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // Die with the host, even if the host is SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(bytes) = ceiling {
+                    ceiling::apply(bytes)?;
                 }
                 Ok(())
             });
@@ -102,7 +114,8 @@ impl Spawner for NativeSpawner {
         let this = self.clone();
         Box::pin(async move {
             let name = format!("{}-child-{slot}.{incarnation}", this.engine);
-            let mut process = ChildProcess::spawn(this.command(), &name)
+            let mut process =
+                ChildProcess::spawn_watching(this.command(), &name, Some(ceiling::CEILING_MARKER))
                 .map_err(|e| format!("cannot start `{}`: {e}", this.executable.display()))?;
             let bus = Bus::new(process.connection());
             let options = SendOptions::default().timeout(this.init_deadline);
@@ -122,6 +135,7 @@ impl Spawner for NativeSpawner {
             }
             tracing::debug!(pid = process.pid(), %name, "native child ready");
             let worker = NativeWorker {
+                ceiling: process.marker(),
                 process,
                 bus,
                 grace: this.grace,
@@ -135,6 +149,7 @@ impl Spawner for NativeSpawner {
 /// One native child.
 pub struct NativeWorker {
     process: ChildProcess,
+    ceiling: MarkerWatch,
     bus: Bus,
     grace: Duration,
     call_deadline: Duration,
@@ -170,6 +185,21 @@ fn call_error(error: BusError) -> CallError {
     }
 }
 
+/// `error` as the supervisor sees it; a child that died at its memory
+/// ceiling (its marker on stderr) is a `memory_cap` crash.
+async fn classify(error: BusError, mut ceiling: MarkerWatch) -> CallError {
+    match call_error(error) {
+        CallError::Crash {
+            reason: FailureReason::Exited(_),
+            message,
+        } if ceiling.seen(crate::limits::CHILD_EXIT_REPORT_WAIT).await => CallError::Crash {
+            reason: FailureReason::MemoryCap,
+            message: format!("the child reached its memory ceiling ({message})"),
+        },
+        other => other,
+    }
+}
+
 /// Resident set size of process `pid`, in bytes.
 fn resident_bytes(pid: u32) -> Option<u64> {
     let statm = procfs::process::Process::new(pid as i32)
@@ -188,24 +218,31 @@ impl Worker for NativeWorker {
     ) -> BoxFuture<Result<Vectors, CallError>> {
         let bus = self.bus.clone();
         let deadline = deadline.min(self.call_deadline);
+        let ceiling = self.ceiling.clone();
         Box::pin(async move {
             let options = SendOptions::default().timeout(deadline);
-            let response = bus
+            match bus
                 .send::<EmbedderEmbed>(EmbedRequest { texts, is_query }, options)
                 .await
-                .map_err(call_error)?;
-            Ok(response.vectors)
+            {
+                Ok(response) => Ok(response.vectors),
+                Err(e) => Err(classify(e, ceiling).await),
+            }
         })
     }
 
     fn health(&mut self, deadline: Duration) -> BoxFuture<Result<Health, CallError>> {
         let bus = self.bus.clone();
         let pid = self.process.pid();
+        let ceiling = self.ceiling.clone();
         Box::pin(async move {
-            let report = bus
+            let report = match bus
                 .send::<EmbedderHealth>(Empty {}, SendOptions::default().timeout(deadline))
                 .await
-                .map_err(call_error)?;
+            {
+                Ok(report) => report,
+                Err(e) => return Err(classify(e, ceiling).await),
+            };
             let memory_bytes = resident_bytes(pid).unwrap_or(report.memory);
             Ok(Health {
                 memory_bytes,
@@ -273,6 +310,7 @@ pub const ENGINES: &[&str] = &["stub", "onnx"];
 /// # Errors
 /// A failure of the transport itself.
 pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Result<(), String> {
+    ceiling::arm();
     let stop = CancellationToken::new();
     let router = match child::ProcessFaults::take_from(&mut settings) {
         Err(reason) => child::failed_router(reason, stop.clone()),

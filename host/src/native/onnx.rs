@@ -34,7 +34,7 @@ use ort::value::Tensor;
 
 use super::child::{Engine, EngineError};
 use crate::vectors::Vectors;
-use crate::wasm::ModelInfo;
+use crate::backend::ModelInfo;
 
 /// The library's file name, as `./x setup` links it.
 pub const LIBRARY_NAME: &str = "libonnxruntime.so";

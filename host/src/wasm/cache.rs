@@ -12,6 +12,13 @@
 //! - An entry is trusted only if its own sha256 matches the digest stored
 //!   beside it when it was written: mapping an artifact runs its machine code,
 //!   so a corrupt or tampered one is discarded and recompiled, never loaded.
+//! - The cache never holds more than its budget
+//!   ([`crate::limits::DEFAULT_CACHE_MAX_BYTES`], `[cache] max_mb`): after
+//!   each write the least recently used entries (by modification time,
+//!   refreshed on every hit) are removed until it fits, and an entry larger
+//!   than the whole budget is not written at all. Snapshots are as large as
+//!   a loaded model, and one is made per plugin, model and setting, so
+//!   without a budget the cache grows with every change.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -25,6 +32,7 @@ use wasmtime::component::Component;
 #[derive(Clone, Debug)]
 pub struct ArtifactCache {
     dir: PathBuf,
+    max_bytes: u64,
 }
 
 /// Hex sha256 of `bytes`.
@@ -36,9 +44,73 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl ArtifactCache {
-    /// A cache in `dir` (created on first write).
+    /// A cache in `dir` (created on first write), within the default budget.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ArtifactCache { dir: dir.into() }
+        ArtifactCache {
+            dir: dir.into(),
+            max_bytes: crate::limits::DEFAULT_CACHE_MAX_BYTES,
+        }
+    }
+
+    /// The same cache within a budget of `max_bytes`.
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The cache's budget in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Bytes the cache's entries take now.
+    pub fn size(&self) -> u64 {
+        self.entries().iter().map(|e| e.bytes).sum()
+    }
+
+    /// Every entry: its artifact, size (artifact and digest) and last use.
+    fn entries(&self) -> Vec<Entry> {
+        let Ok(listing) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut entries = Vec::new();
+        for item in listing.flatten() {
+            let path = item.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("cwasm") {
+                continue;
+            }
+            let Ok(meta) = item.metadata() else { continue };
+            let digest = path.with_extension("sha256");
+            let digest_bytes = std::fs::metadata(&digest).map_or(0, |m| m.len());
+            entries.push(Entry {
+                used: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                bytes: meta.len() + digest_bytes,
+                artifact: path,
+                digest,
+            });
+        }
+        entries
+    }
+
+    /// Removes the least recently used entries, other than `keep`, until
+    /// the cache fits its budget.
+    fn evict(&self, keep: &Path) {
+        let mut entries = self.entries();
+        let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+        entries.sort_by_key(|e| e.used);
+        for entry in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            if entry.artifact == keep {
+                continue;
+            }
+            tracing::info!(artifact = %entry.artifact.display(), bytes = entry.bytes, budget = self.max_bytes, "evicting the least recently used cache entry");
+            let _ = std::fs::remove_file(&entry.artifact);
+            let _ = std::fs::remove_file(&entry.digest);
+            total = total.saturating_sub(entry.bytes);
+        }
     }
 
     /// The cache directory.
@@ -84,7 +156,13 @@ impl ArtifactCache {
         let digest = self.dir.join(format!("{key}.sha256"));
         if artifact.exists() {
             match self.load_verified(engine, &artifact, &digest) {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                Ok(component) => {
+                    // Refresh its last use, which eviction goes by.
+                    if let Ok(file) = std::fs::File::options().append(true).open(&artifact) {
+                        let _ = file.set_modified(std::time::SystemTime::now());
+                    }
+                    return Ok((component, CacheOutcome::Hit));
+                }
                 Err(reason) => {
                     tracing::warn!(artifact = %artifact.display(), %reason, "discarding a cache entry that does not verify");
                     let _ = std::fs::remove_file(&artifact);
@@ -122,10 +200,23 @@ impl ArtifactCache {
     }
 
     fn store(&self, artifact: &Path, digest: &Path, serialized: &[u8]) -> std::io::Result<()> {
+        if serialized.len() as u64 > self.max_bytes {
+            tracing::warn!(bytes = serialized.len(), budget = self.max_bytes, "not caching an artifact larger than the whole cache budget");
+            return Ok(());
+        }
         std::fs::create_dir_all(&self.dir)?;
         write_atomic(digest, sha256_hex(serialized).as_bytes())?;
-        write_atomic(artifact, serialized)
+        write_atomic(artifact, serialized)?;
+        self.evict(artifact);
+        Ok(())
     }
+}
+
+struct Entry {
+    artifact: PathBuf,
+    digest: PathBuf,
+    bytes: u64,
+    used: std::time::SystemTime,
 }
 
 /// Whether a load hit the cache.

@@ -1,7 +1,20 @@
 //! What a plugin instance's `Store` holds: its WASI context (the sandbox),
-//! its memory limiter, and its log routing.
+//! its resource limiter, and its log routing.
+//!
+//! # Invariants
+//! - The memory cap bounds the instance's total: every linear memory (a
+//!   component may have many) and every table, counted from their creation.
+//!   The same total is the memory figure the supervisor recycles on: it is
+//!   measured here, never taken from the plugin's `health` report.
+//! - Counts the cap cannot see are bounded too: core instances, memories,
+//!   tables, resource handles, and bytes copied out per host call.
+//! - Nothing a plugin logs reaches the host's log unescaped or unthrottled:
+//!   control characters are escaped (no forged lines), lines are cut at a
+//!   named length, and a per-instance token bucket drops (and counts) what
+//!   exceeds the rate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::ResourceLimiter;
@@ -14,16 +27,15 @@ use super::bindings::embedhost::embedder::host_log::{self, Level};
 use super::bindings::embedhost::embedder::types;
 use crate::limits;
 
-/// Largest number of table elements a plugin may grow a table to: tables
-/// hold function references, and no legitimate plugin needs millions.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// Metric: plugin log lines dropped by the rate limit, by plugin.
+pub const METRIC_LOG_DROPPED: &str = "plugin_log_dropped_total";
 
 /// The per-instance state of a plugin's `Store`.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: MemoryCap,
-    plugin: Arc<str>,
+    log: Arc<Mutex<LogGate>>,
 }
 
 impl HostState {
@@ -39,6 +51,7 @@ impl HostState {
         memory_limit: u64,
         model_dir: Option<&std::path::Path>,
     ) -> Result<Self, String> {
+        let log = Arc::new(Mutex::new(LogGate::new(plugin)));
         let mut builder = WasiCtxBuilder::new();
         if let Some(dir) = model_dir {
             builder
@@ -51,27 +64,52 @@ impl HostState {
         }
         let wasi = builder
             .stdout(LogStream {
-                plugin: plugin.clone(),
+                log: log.clone(),
                 stream: "stdout",
             })
             .stderr(LogStream {
-                plugin: plugin.clone(),
+                log: log.clone(),
                 stream: "stderr",
             })
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits::MAX_RESOURCE_HANDLES);
         Ok(HostState {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryCap {
-                limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+                limit: memory_limit,
+                used: 0,
+                table_elements: 0,
                 hit: None,
             },
-            plugin,
+            log,
         })
     }
+
+    /// Bytes of linear memory and tables the instance holds, as the host
+    /// counts them (never as the plugin reports them).
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.limiter.used
+    }
+
+    /// Plugin log lines dropped by the rate limit so far.
+    pub(crate) fn dropped_log_lines(&self) -> u64 {
+        lock(&self.log).dropped_total
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        lock(&self.log).report_dropped();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl WasiView for HostState {
@@ -86,82 +124,193 @@ impl WasiView for HostState {
 impl types::Host for HostState {}
 
 impl host_log::Host for HostState {
-    fn log(&mut self, level: Level, mut message: String) {
-        truncate(&mut message, limits::MAX_PLUGIN_LOG_MESSAGE);
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Trace => tracing::Level::TRACE,
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        lock(&self.log).emit(level, "host-log", &message);
+    }
+}
+
+/// One instance's log: a token bucket of [`limits::PLUGIN_LOG_BURST`]
+/// lines refilled at [`limits::PLUGIN_LOG_LINES_PER_SECOND`], shared by
+/// `host-log` and the plugin's stdout and stderr.
+pub(crate) struct LogGate {
+    plugin: Arc<str>,
+    tokens: f64,
+    refilled: Instant,
+    /// Dropped since the last line that got through (reported with it).
+    dropped: u64,
+    /// Dropped over the instance's life.
+    dropped_total: u64,
+    /// When dropped lines were last reported.
+    reported: Instant,
+}
+
+impl LogGate {
+    fn new(plugin: Arc<str>) -> Self {
+        LogGate {
+            plugin,
+            tokens: f64::from(limits::PLUGIN_LOG_BURST),
+            refilled: Instant::now(),
+            dropped: 0,
+            dropped_total: 0,
+            reported: Instant::now(),
+        }
+    }
+
+    fn admit(&mut self) -> bool {
+        let now = Instant::now();
+        let rate = f64::from(limits::PLUGIN_LOG_LINES_PER_SECOND);
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate)
+            .min(f64::from(limits::PLUGIN_LOG_BURST));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            self.dropped_total += 1;
+            metrics::counter!(METRIC_LOG_DROPPED, "plugin" => self.plugin.to_string()).increment(1);
+            false
+        }
+    }
+
+    fn report_dropped(&mut self) {
+        if self.dropped > 0 {
+            self.reported = Instant::now();
+            tracing::warn!(
+                target: "embedhost::plugin",
+                plugin = &*self.plugin,
+                dropped = self.dropped,
+                "plugin log lines dropped: more than {} lines/s",
+                limits::PLUGIN_LOG_LINES_PER_SECOND
+            );
+            self.dropped = 0;
+        }
+    }
+
+    /// Logs one line of the plugin's, sanitized, if the rate allows.
+    fn emit(&mut self, level: tracing::Level, stream: &'static str, text: &str) {
+        if !self.admit() {
+            return;
+        }
+        if self.reported.elapsed() >= limits::PLUGIN_LOG_DROP_REPORT_INTERVAL {
+            self.report_dropped();
+        }
+        let message = crate::untrusted::sanitize(text, limits::MAX_PLUGIN_LOG_MESSAGE);
         let plugin = &*self.plugin;
         match level {
-            Level::Trace => tracing::trace!(target: "embedhost::plugin", plugin, "{message}"),
-            Level::Debug => tracing::debug!(target: "embedhost::plugin", plugin, "{message}"),
-            Level::Info => tracing::info!(target: "embedhost::plugin", plugin, "{message}"),
-            Level::Warn => tracing::warn!(target: "embedhost::plugin", plugin, "{message}"),
-            Level::Error => tracing::error!(target: "embedhost::plugin", plugin, "{message}"),
+            tracing::Level::TRACE => {
+                tracing::trace!(target: "embedhost::plugin", plugin, stream, "{message}")
+            }
+            tracing::Level::DEBUG => {
+                tracing::debug!(target: "embedhost::plugin", plugin, stream, "{message}")
+            }
+            tracing::Level::INFO => {
+                tracing::info!(target: "embedhost::plugin", plugin, stream, "{message}")
+            }
+            tracing::Level::WARN => {
+                tracing::warn!(target: "embedhost::plugin", plugin, stream, "{message}")
+            }
+            tracing::Level::ERROR => {
+                tracing::error!(target: "embedhost::plugin", plugin, stream, "{message}")
+            }
         }
     }
 }
 
-fn truncate(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push_str(" [truncated]");
-    }
-}
-
-/// Caps a plugin's linear memory, and remembers that the cap was hit so a
-/// trap that follows is reported as what it is.
+/// Caps what a plugin instance may hold: the total of its linear memories
+/// and tables, and how many instances, memories and tables it may create.
+/// Remembers that the cap was hit, so a trap that follows is reported as
+/// what it is.
 pub(crate) struct MemoryCap {
-    pub(crate) limit: usize,
-    /// The size a refused growth asked for.
-    pub(crate) hit: Option<usize>,
+    /// The cap on the total, in bytes.
+    pub(crate) limit: u64,
+    /// Bytes granted so far: every memory's size and every table element
+    /// (at [`limits::TABLE_ELEMENT_BYTES`] each), summed over the instance.
+    pub(crate) used: u64,
+    table_elements: usize,
+    /// The total a refused growth asked for.
+    pub(crate) hit: Option<u64>,
 }
 
 /// The error a refused memory growth traps with.
 #[derive(Debug, thiserror::Error)]
-#[error("memory limit of {limit} bytes reached (the plugin asked for {desired} bytes)")]
+#[error("memory limit of {limit} bytes reached (the instance asked for {desired} bytes in all)")]
 pub struct MemoryCapHit {
     /// The cap, in bytes.
-    pub limit: usize,
-    /// The size the plugin asked to grow to.
-    pub desired: usize,
+    pub limit: u64,
+    /// The instance's total that the growth would have reached.
+    pub desired: u64,
+}
+
+impl MemoryCap {
+    fn grow(&mut self, bytes: u64) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_add(bytes);
+        if total > self.limit {
+            self.hit = Some(total);
+            // An error (not `Ok(false)`) traps at the growth itself, so the
+            // plugin cannot swallow the failure and limp on.
+            return Err(MemoryCapHit {
+                limit: self.limit,
+                desired: total,
+            }
+            .into());
+        }
+        self.used = total;
+        Ok(true)
+    }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.hit = Some(desired);
-            // An error (not `Ok(false)`) traps at the growth itself, so the
-            // plugin cannot swallow the failure and limp on.
-            return Err(MemoryCapHit {
-                limit: self.limit,
-                desired,
-            }
-            .into());
-        }
-        Ok(true)
+        // Called at each memory's creation (from 0) and at each growth, so
+        // the increments sum to the instance's total.
+        self.grow(desired.saturating_sub(current) as u64)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let added = desired.saturating_sub(current);
+        if self.table_elements.saturating_add(added) > limits::MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        let granted = self.grow((added as u64).saturating_mul(limits::TABLE_ELEMENT_BYTES))?;
+        self.table_elements += added;
+        Ok(granted)
+    }
+
+    fn instances(&self) -> usize {
+        limits::MAX_CORE_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        limits::MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        limits::MAX_MEMORIES
     }
 }
 
 /// A plugin's stdout or stderr, forwarded to the log line by line.
 #[derive(Clone)]
 struct LogStream {
-    plugin: Arc<str>,
+    log: Arc<Mutex<LogGate>>,
     stream: &'static str,
 }
 
@@ -193,7 +342,7 @@ struct LogOutput {
 impl LogOutput {
     fn emit(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
-        tracing::info!(target: "embedhost::plugin", plugin = &*self.target.plugin, stream = self.target.stream, "{}", text.trim_end());
+        lock(&self.target.log).emit(tracing::Level::INFO, self.target.stream, text.trim_end());
         self.line.clear();
     }
 }

@@ -5,6 +5,23 @@
 //! the model takes. Running it on a tokio worker would stall every other task
 //! on that worker; a thread per instance gives each instance a core and keeps
 //! the runtime responsive.
+//!
+//! # Every call ends by its deadline
+//! Each call into the plugin (`init`, `embed`, `health`, and instantiation)
+//! is an async wasmtime call, driven by the instance's own current-thread
+//! runtime under a timer of deadline + [`limits::HOST_CALL_GRACE`]:
+//! - guest code is stopped at the deadline by epoch interruption (a trap);
+//! - a call parked in a host function (WASI `poll` on a clock, a file
+//!   read) is stopped by the timer: its future is dropped, which cancels
+//!   the host call, and the instance is discarded like any crash.
+//!
+//! Why async calls and not a watchdog that abandons the thread: an
+//! abandoned thread keeps its `Store` (and its memory) until the host call
+//! returns, which for `sleep(forever)` is never; a plugin that sleeps in
+//! `health` leaked one thread and one `Store` per check. Dropping the
+//! future frees both at once. The cost, measured by `cargo bench --bench
+//! bus -- wasm-call` (README), is a fiber switch per call: a few
+//! microseconds against calls of milliseconds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +33,9 @@ use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
+use crate::limits;
 use crate::bus::BoxFuture;
-use crate::supervisor::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
+use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
 use crate::vectors::Vectors;
 
 /// Jobs queued for an instance's thread before callers wait. One instance
@@ -27,16 +45,62 @@ const JOB_QUEUE: usize = 16;
 /// A plugin's health report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Health {
+    /// The instance's linear memories and tables, as the host counts them
+    /// (the plugin's own figure is not trusted).
     pub memory_bytes: u64,
+    /// Texts the plugin says it has embedded.
     pub processed: u64,
+    /// Log lines of the instance dropped by the rate limit so far.
+    pub dropped_log_lines: u64,
 }
 
 /// One live instance of a plugin: a `Store`, initialised.
+///
+/// Field order matters: the `Store` (whose WASI state may hold timers and
+/// tasks of the runtime) is dropped before the runtime.
 pub struct Instance {
     store: Store<HostState>,
     plugin: Plugin,
     info: ModelInfo,
     limits: InstanceLimits,
+    runtime: CallRuntime,
+}
+
+/// The runtime that drives an instance's async calls. Dropped without
+/// waiting: a blocking file read of a cancelled call may still be running
+/// on its blocking thread, and must not hold the instance's thread.
+pub(crate) struct CallRuntime(Option<tokio::runtime::Runtime>);
+
+impl CallRuntime {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("embedhost-wasm-io")
+            .build()
+            .map(|rt| CallRuntime(Some(rt)))
+    }
+
+    /// Runs `future` to its end or until `limit` passes, whichever is
+    /// first; `Err` if the limit passed (the future is then dropped).
+    pub(crate) fn run_for<F: Future>(
+        &self,
+        limit: Duration,
+        future: F,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        match &self.0 {
+            // The timer is made inside the runtime, which owns the clock.
+            Some(rt) => rt.block_on(async move { tokio::time::timeout(limit, future).await }),
+            None => unreachable!("the runtime is only taken on drop"),
+        }
+    }
+}
+
+impl Drop for CallRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Instance {
@@ -52,27 +116,43 @@ impl Instance {
         config: &[(String, String)],
     ) -> Result<Self, WasmError> {
         let engine = plugin.engine().engine();
+        let instantiate_error = |reason| WasmError::Instantiate {
+            name: plugin.name().to_string(),
+            reason,
+        };
+        let runtime =
+            CallRuntime::new().map_err(|e| instantiate_error(format!("no runtime: {e}")))?;
         let state = HostState::new(
             plugin.shared_name(),
             limits.memory_bytes,
             plugin.model_dir(),
         )
-        .map_err(|reason| WasmError::Instantiate {
-            name: plugin.name().to_string(),
-            reason,
-        })?;
+        .map_err(instantiate_error)?;
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
-        let bindings = plugin.pre().instantiate(&mut store).map_err(|e| {
-            classify(&store, "instantiate", limits.init_deadline, e, |reason| {
-                WasmError::Instantiate {
-                    name: plugin.name().to_string(),
-                    reason,
-                }
-            })
-        })?;
+        store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
+        let deadline = limits.init_deadline;
+        store.set_epoch_deadline(deadline_ticks(deadline));
+        let pre = plugin.pre();
+        let started = runtime.run_for(
+            deadline + limits::HOST_CALL_GRACE,
+            pre.instantiate_async(&mut store),
+        );
+        let bindings = match started {
+            Ok(Ok(bindings)) => bindings,
+            Ok(Err(e)) => {
+                return Err(classify(&store, "instantiate", deadline, e, |reason| {
+                    instantiate_error(reason)
+                }));
+            }
+            Err(_) => {
+                return Err(WasmError::DeadlineExceeded {
+                    call: "instantiate",
+                    deadline,
+                });
+            }
+        };
         let mut instance = Instance {
             store,
             plugin: bindings,
@@ -83,11 +163,13 @@ impl Instance {
                 normalized: false,
             },
             limits,
+            runtime,
         };
-        let info = instance.call("init", limits.init_deadline, |plugin, store| {
+        let info = instance.call("init", limits.init_deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()
                 .call_init(store, config)
+                .await
         })?;
         let info: ModelInfo = info
             .map_err(|e| WasmError::Plugin {
@@ -99,6 +181,16 @@ impl Instance {
             return Err(WasmError::InvalidOutput {
                 index: None,
                 reason: "`init` declared dimension 0".into(),
+            });
+        }
+        if info.model_id.len() > limits::MAX_MODEL_ID_BYTES {
+            return Err(WasmError::InvalidOutput {
+                index: None,
+                reason: format!(
+                    "`init` declared a model id of {} bytes; the limit is {} (limits::MAX_MODEL_ID_BYTES)",
+                    info.model_id.len(),
+                    limits::MAX_MODEL_ID_BYTES
+                ),
             });
         }
         instance.info = info;
@@ -122,10 +214,20 @@ impl Instance {
         deadline: Option<Duration>,
     ) -> Result<Vectors, WasmError> {
         let deadline = self.deadline(deadline);
-        let result = self.call("embed", deadline, |plugin, store| {
+        // The host copies out exactly the vectors it asked for, plus room
+        // for log lines and an error text: anything larger is refused while
+        // it is still in the plugin's memory.
+        let expected = texts.len() as u64 * u64::from(self.info.dimension) * 4;
+        self.store.set_hostcall_fuel(
+            usize::try_from(expected)
+                .unwrap_or(usize::MAX)
+                .saturating_add(limits::MAX_HOSTCALL_BYTES),
+        );
+        let result = self.call("embed", deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()
                 .call_embed(store, texts, kind)
+                .await
         })?;
         let embeddings = result.map_err(|e| WasmError::Plugin {
             call: "embed",
@@ -145,12 +247,15 @@ impl Instance {
     /// A crash, as for [`Instance::embed`].
     pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let deadline = self.deadline(deadline);
-        let report = self.call("health", deadline, |plugin, store| {
-            plugin.embedhost_embedder_embedder().call_health(store)
+        self.store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
+        let report = self.call("health", deadline, async |plugin, store| {
+            plugin.embedhost_embedder_embedder().call_health(store).await
         })?;
+        let state = self.store.data();
         Ok(Health {
-            memory_bytes: report.memory_bytes,
+            memory_bytes: state.memory_bytes(),
             processed: report.processed,
+            dropped_log_lines: state.dropped_log_lines(),
         })
     }
 
@@ -161,19 +266,34 @@ impl Instance {
         })
     }
 
+    /// Runs one call into the plugin: guest code is interrupted at
+    /// `deadline`, and a call still waiting in a host function at deadline +
+    /// [`limits::HOST_CALL_GRACE`] is cancelled (see the module's docs).
+    /// Either way the error is a crash, and the instance must be dropped.
     fn call<T>(
         &mut self,
         name: &'static str,
         deadline: Duration,
-        f: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+        f: impl AsyncFnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, WasmError> {
         self.store.set_epoch_deadline(deadline_ticks(deadline));
-        f(&self.plugin, &mut self.store).map_err(|e| {
-            classify(&self.store, name, deadline, e, |reason| WasmError::Trap {
-                call: name,
-                reason,
-            })
-        })
+        let result = self.runtime.run_for(
+            deadline + limits::HOST_CALL_GRACE,
+            f(&self.plugin, &mut self.store),
+        );
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(classify(&self.store, name, deadline, e, |reason| {
+                WasmError::Trap { call: name, reason }
+            })),
+            Err(_) => {
+                tracing::debug!(call = name, ?deadline, "call cancelled while waiting in a host function");
+                Err(WasmError::DeadlineExceeded {
+                    call: name,
+                    deadline,
+                })
+            }
+        }
     }
 }
 
@@ -202,6 +322,15 @@ fn classify(
                 limit: store.data().limiter.limit,
                 desired,
             },
+        };
+    }
+    if format!("{error:#}").contains("fuel allocated for hostcalls has been exhausted") {
+        return WasmError::Trap {
+            call,
+            reason: format!(
+                "the plugin passed the host more than {} bytes in one call (limits::MAX_HOSTCALL_BYTES, or the batch's vectors)",
+                store.hostcall_fuel()
+            ),
         };
     }
     match error.downcast_ref::<wasmtime::Trap>() {

@@ -17,6 +17,7 @@ mod cache;
 mod host;
 mod instance;
 pub mod snapshot;
+pub mod structure;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,13 +31,17 @@ pub use cache::{ArtifactCache, CacheOutcome, sha256_hex, write_atomic};
 pub use host::MemoryCapHit;
 pub use instance::{Instance, WasmEmbedder, WasmSpawner};
 
+pub use crate::backend::ModelInfo;
 use crate::limits;
 
 /// Host bindings of the `plugin` world, generated from `wit/`.
 pub mod bindings {
+    // Exports are async so that every call into a plugin is a future the
+    // host can cancel (see `instance`); `host-log` is a plain function.
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "plugin",
+        exports: { default: async },
     });
 }
 
@@ -57,6 +62,14 @@ pub enum WasmError {
     /// The file is not a WebAssembly component.
     #[error("`{name}` is not a WebAssembly component: {reason}")]
     NotAComponent { name: String, reason: String },
+
+    /// The file exceeds what the host lets a plugin cost to load (its size,
+    /// nesting, parts or sections); checked before compiling.
+    #[error("`{name}` is refused before compiling: {reason}")]
+    TooCostly {
+        name: String,
+        reason: structure::StructureError,
+    },
 
     /// The component does not implement the embedder world.
     #[error("`{name}` is a component but not an embedhost plugin: {reason}")]
@@ -113,8 +126,8 @@ impl WasmError {
     }
 
     /// For a crash, the reason the supervisor records; `None` otherwise.
-    pub fn failure_reason(&self) -> Option<crate::supervisor::FailureReason> {
-        use crate::supervisor::FailureReason;
+    pub fn failure_reason(&self) -> Option<crate::backend::FailureReason> {
+        use crate::backend::FailureReason;
         match self {
             WasmError::Trap { reason, .. } => Some(FailureReason::Trap(reason.clone())),
             WasmError::DeadlineExceeded { .. } => Some(FailureReason::Deadline),
@@ -147,14 +160,17 @@ pub enum PluginError {
 impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
     fn from(e: bindings::embedhost::embedder::types::EmbedError) -> Self {
         use bindings::embedhost::embedder::types::EmbedError as E;
+        // A plugin's text is cut to a named bound and escaped: it ends up
+        // in logs, errors, the index's skip reasons and HTTP answers.
+        let text = |s: String| crate::untrusted::sanitize(&s, limits::MAX_PLUGIN_ERROR_BYTES);
         match e {
-            E::InvalidConfig(s) => PluginError::InvalidConfig(s),
+            E::InvalidConfig(s) => PluginError::InvalidConfig(text(s)),
             E::InvalidInput(i) => PluginError::InvalidInput {
                 index: i.index,
-                reason: i.reason,
+                reason: text(i.reason),
             },
             E::NotInitialized => PluginError::NotInitialized,
-            E::ModelFailure(s) => PluginError::ModelFailure(s),
+            E::ModelFailure(s) => PluginError::ModelFailure(text(s)),
         }
     }
 }
@@ -395,12 +411,18 @@ impl WasmPlugin {
 fn read(source: &PluginSource) -> Result<std::borrow::Cow<'static, [u8]>, WasmError> {
     match source {
         PluginSource::File(path) => {
+            let read_error = |source| WasmError::Read {
+                path: path.clone(),
+                source,
+            };
+            let size = std::fs::metadata(path).map_err(read_error)?.len();
+            structure::check_size(size).map_err(|reason| WasmError::TooCostly {
+                name: path.display().to_string(),
+                reason,
+            })?;
             std::fs::read(path)
                 .map(std::borrow::Cow::Owned)
-                .map_err(|source| WasmError::Read {
-                    path: path.clone(),
-                    source,
-                })
+                .map_err(read_error)
         }
         PluginSource::Bytes { bytes, .. } => Ok(std::borrow::Cow::Borrowed(bytes)),
     }
@@ -512,14 +534,24 @@ fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
             "it is a core WebAssembly module; build the plugin for the wasm32-wasip2 target to get a component",
         ));
     }
-    Ok(())
+    structure::check(bytes).map_err(|reason| match reason {
+        // A file that cannot be parsed would not compile either.
+        structure::StructureError::Malformed { .. } => WasmError::Compile {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        },
+        reason => WasmError::TooCostly {
+            name: name.to_string(),
+            reason,
+        },
+    })
 }
 
 /// The host's imports: WASI p2 (sandboxed by [`host::HostState`]) and the
 /// contract's `host-log`.
 fn linker(engine: &WasmEngine) -> Result<Linker<host::HostState>, String> {
     let mut linker: Linker<host::HostState> = Linker::new(engine.engine());
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("{e:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
     bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
         .map_err(|e| format!("{e:#}"))?;
     Ok(linker)
@@ -536,19 +568,6 @@ fn link(
     bindings::PluginPre::new(instance_pre).map_err(|e| {
         format!("it does not export `{EXPORTED_INTERFACE}` as the contract defines it: {e:#}")
     })
-}
-
-/// The model information a plugin reports from `init`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ModelInfo {
-    /// Stable id of the model and weights; an index records it.
-    pub model_id: String,
-    /// Length of every vector.
-    pub dimension: u32,
-    /// Longer inputs are truncated by the plugin.
-    pub max_input_tokens: u32,
-    /// Whether every vector has unit L2 norm.
-    pub normalized: bool,
 }
 
 impl From<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {

@@ -23,8 +23,6 @@
 //!   plain plugin, which loads its model in `init` as before.
 
 use std::path::Path;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
@@ -33,6 +31,7 @@ use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::Plugin;
 use super::host::HostState;
+use super::instance::CallRuntime;
 use super::{InstanceLimits, WasmEngine, deadline_ticks};
 
 /// Part of every snapshot's id: changed whenever the way a snapshot is made
@@ -128,41 +127,48 @@ pub fn make(
     store.epoch_deadline_trap();
     store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
     store.set_hostcall_fuel(snapshot_hostcall_fuel(&limits));
-    let instance = linker
-        .instantiate(&mut store, &component)
-        .map_err(|e| format!("cannot instantiate the instrumented component: {e:#}"))?;
-    let plugin = Plugin::new(&mut store, &instance)
-        .map_err(|e| format!("the instrumented component lost its exports: {e:#}"))?;
-    plugin
-        .embedhost_embedder_embedder()
-        .call_init(&mut store, config)
-        .map_err(|e| format!("`init` trapped: {e:#}"))?
-        .map_err(|e| format!("`init` failed: {}", super::PluginError::from(e)))?;
+    let runtime = CallRuntime::new().map_err(|e| format!("no runtime: {e}"))?;
+    // Each step is bounded like an instance's `init`: guest code by the
+    // epoch deadline, a wait in a host function by the timer.
+    let bound = limits.init_deadline + crate::limits::HOST_CALL_GRACE;
+    let timed_out = || format!("`init` ran past its {:?} deadline", limits.init_deadline);
+    let initialized = runtime.run_for(bound, async {
+        let instance = linker
+            .instantiate_async(&mut store, &component)
+            .await
+            .map_err(|e| format!("cannot instantiate the instrumented component: {e:#}"))?;
+        let plugin = Plugin::new(&mut store, &instance)
+            .map_err(|e| format!("the instrumented component lost its exports: {e:#}"))?;
+        plugin
+            .embedhost_embedder_embedder()
+            .call_init(&mut store, config)
+            .await
+            .map_err(|e| format!("`init` trapped: {e:#}"))?
+            .map_err(|e| format!("`init` failed: {}", super::PluginError::from(e)))?;
+        Ok::<_, String>(instance)
+    });
+    let instance = initialized.map_err(|_| timed_out())??;
+    let held = store.data().memory_bytes();
+    if held > crate::limits::MAX_SNAPSHOT_BYTES {
+        return Err(format!(
+            "the instance holds {held} bytes after `init`, more than a snapshot may keep ({} bytes, limits::MAX_SNAPSHOT_BYTES)",
+            crate::limits::MAX_SNAPSHOT_BYTES
+        ));
+    }
     store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
     let mut access = Access {
         store: &mut store,
         instance,
         failure: None,
     };
-    let snapshot = ready(wizer.snapshot_component(&cx, &mut access))
+    let snapshot = runtime
+        .run_for(bound, wizer.snapshot_component(&cx, &mut access))
+        .map_err(|_| timed_out())?
         .map_err(|e| format!("cannot write the snapshot: {e:#}"))?;
     if let Some(reason) = access.failure {
         return Err(format!("cannot read the instance's state: {reason}"));
     }
     Ok(snapshot)
-}
-
-/// Polls a future that completes without waiting: wizer's snapshot is an
-/// `async fn` so that async runtimes can drive it, but every call it makes
-/// here is answered synchronously by [`Access`].
-fn ready<F: Future>(future: F) -> F::Output {
-    let mut future = pin!(future);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
-        }
-    }
 }
 
 /// Wizer's view of the pre-initialized instance: calls to the accessor
@@ -177,11 +183,11 @@ struct Access<'a> {
 }
 
 impl Access<'_> {
-    fn call<R>(&mut self, instance: &str, func: &str) -> Option<R>
+    async fn call<R>(&mut self, instance: &str, func: &str) -> Option<R>
     where
         R: Lift + Send + Sync + 'static,
     {
-        let result = (|| {
+        let result = async {
             let (_, parent) = self
                 .instance
                 .get_export(&mut *self.store, None, instance)
@@ -195,10 +201,12 @@ impl Access<'_> {
                 .get_typed_func::<(), (R,)>(&mut *self.store, index)
                 .map_err(|e| format!("`{instance}#{func}`: {e:#}"))?;
             typed
-                .call(&mut *self.store, ())
+                .call_async(&mut *self.store, ())
+                .await
                 .map(|(r,)| r)
                 .map_err(|e| format!("`{instance}#{func}` trapped: {e:#}"))
-        })();
+        }
+        .await;
         match result {
             Ok(value) => Some(value),
             Err(reason) => {
@@ -210,56 +218,37 @@ impl Access<'_> {
 }
 
 impl ComponentInstanceState for Access<'_> {
-    fn call_func_ret_list_u8(
+    async fn call_func_ret_list_u8(
         &mut self,
         instance: &str,
         func: &str,
         contents: impl FnOnce(&[u8]) + Send,
-    ) -> impl Future<Output = ()> + Send {
-        match self.call::<WasmList<u8>>(instance, func) {
+    ) {
+        match self.call::<WasmList<u8>>(instance, func).await {
             Some(list) => contents(list.as_le_slice(&*self.store)),
             None => contents(&[]),
         }
-        std::future::ready(())
     }
 
-    fn call_func_ret_s32(
-        &mut self,
-        instance: &str,
-        func: &str,
-    ) -> impl Future<Output = i32> + Send {
-        std::future::ready(self.call(instance, func).unwrap_or_default())
+    async fn call_func_ret_s32(&mut self, instance: &str, func: &str) -> i32 {
+        self.call(instance, func).await.unwrap_or_default()
     }
 
-    fn call_func_ret_s64(
-        &mut self,
-        instance: &str,
-        func: &str,
-    ) -> impl Future<Output = i64> + Send {
-        std::future::ready(self.call(instance, func).unwrap_or_default())
+    async fn call_func_ret_s64(&mut self, instance: &str, func: &str) -> i64 {
+        self.call(instance, func).await.unwrap_or_default()
     }
 
-    fn call_func_ret_f32(
-        &mut self,
-        instance: &str,
-        func: &str,
-    ) -> impl Future<Output = u32> + Send {
-        std::future::ready(
-            self.call::<f32>(instance, func)
-                .unwrap_or_default()
-                .to_bits(),
-        )
+    async fn call_func_ret_f32(&mut self, instance: &str, func: &str) -> u32 {
+        self.call::<f32>(instance, func)
+            .await
+            .unwrap_or_default()
+            .to_bits()
     }
 
-    fn call_func_ret_f64(
-        &mut self,
-        instance: &str,
-        func: &str,
-    ) -> impl Future<Output = u64> + Send {
-        std::future::ready(
-            self.call::<f64>(instance, func)
-                .unwrap_or_default()
-                .to_bits(),
-        )
+    async fn call_func_ret_f64(&mut self, instance: &str, func: &str) -> u64 {
+        self.call::<f64>(instance, func)
+            .await
+            .unwrap_or_default()
+            .to_bits()
     }
 }

@@ -48,7 +48,7 @@ use crate::messages::{
     SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
-use crate::wasm::ModelInfo;
+use crate::backend::ModelInfo;
 use chunk::{Chunk, ChunkSettings, Tokens};
 use extract::Skip;
 use store::{FileMeta, NewChunk, Store, StoreError};

@@ -1,12 +1,24 @@
 //! A hostile plugin, as a test fixture: it behaves until it sees the text
 //! [`TRIGGER`], then carries out the attack its `mode` names.
 //!
-//! Attacks that probe the sandbox (`files`, `env`, `socket`) answer with a
-//! `model-failure` value describing what they tried: it starts with
-//! `contained:` when every attempt was refused and `ESCAPED:` when one got
-//! through, so a test can tell the two apart. The others (`alloc`,
-//! `recurse`, `giant_output`, `init_loop`) are the crash or the abuse itself;
-//! the host must turn each into a typed error and a fresh instance.
+//! Attacks that probe the sandbox (`files`, `env`, `socket`, `handles`)
+//! answer with a `model-failure` value describing what they tried: it
+//! starts with `contained:` when every attempt was refused and `ESCAPED:`
+//! when one got through, so a test can tell the two apart. The others are
+//! the crash or the abuse itself; the host must turn each into a typed error
+//! and a fresh instance, and stay within its bounds:
+//!
+//! | mode | what it does |
+//! |---|---|
+//! | `alloc`, `recurse` | unbounded memory, unbounded stack |
+//! | `giant_output`, `giant_log` | 128 MiB of vectors; one 4 MiB log message |
+//! | `log_flood` | a million `host-log` lines, each forging a host line after a newline |
+//! | `init_loop` | spins forever in `init` |
+//! | `sleep_init`, `sleep_embed`, `sleep_health` | blocks in a WASI clock wait (what `std::thread::sleep` becomes) in `init`, on the trigger in `embed`, or in every `health` |
+//! | `huge_error` | `init` refuses with an `invalid-config` text of 100 MB (`bytes = N` for another size) |
+//! | `huge_model_id` | `init` declares a model id of 100 MB (`bytes = N`) |
+//! | `handles` | opens the model file until refused, holding every handle |
+//! | `fill_init` | fills `fill_mb` MiB (default 900) in `init`, so a snapshot would keep it |
 
 use std::sync::Mutex;
 
@@ -27,6 +39,10 @@ const DIMENSION: u32 = 4;
 
 struct Config {
     mode: String,
+    /// `fill_init`: MiB filled in `init`.
+    fill_mb: usize,
+    /// `huge_error`, `huge_model_id`: the text's length.
+    bytes: usize,
     /// A host path the `files` attack tries to create and read.
     probe: Option<String>,
     /// A socket address the `socket` attack tries to reach.
@@ -35,6 +51,17 @@ struct Config {
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
 static PROCESSED: Mutex<u64> = Mutex::new(0);
+/// What `fill_init` keeps, so the snapshot would hold it.
+static FILLED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Blocks in the host: a monotonic-clock wait of a year, which is what
+/// `std::thread::sleep` becomes on wasm32-wasip2. Epoch interruption cannot
+/// reach it; only the host's timer can.
+fn sleep_forever() -> ! {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(365 * 24 * 3600));
+    }
+}
 
 struct Hostile;
 
@@ -42,6 +69,8 @@ impl Guest for Hostile {
     fn init(config: Vec<(String, String)>) -> Result<ModelInfo, EmbedError> {
         let mut parsed = Config {
             mode: String::new(),
+            fill_mb: 900,
+            bytes: 100 << 20,
             probe: None,
             addr: None,
         };
@@ -50,18 +79,32 @@ impl Guest for Hostile {
                 "mode" => parsed.mode = value,
                 "probe" => parsed.probe = Some(value),
                 "addr" => parsed.addr = Some(value),
+                "fill_mb" => parsed.fill_mb = value.parse().map_err(|_| EmbedError::InvalidConfig("fill_mb".into()))?,
+                "bytes" => parsed.bytes = value.parse().map_err(|_| EmbedError::InvalidConfig("bytes".into()))?,
                 other => return Err(EmbedError::InvalidConfig(format!("unknown key `{other}`"))),
             }
         }
-        if parsed.mode == "init_loop" {
-            #[allow(clippy::empty_loop)]
-            loop {
-                std::hint::spin_loop();
+        let mut model_id = String::from("embedhost/hostile");
+        match parsed.mode.as_str() {
+            "init_loop" =>
+            {
+                #[allow(clippy::empty_loop)]
+                loop {
+                    std::hint::spin_loop();
+                }
             }
+            "sleep_init" => sleep_forever(),
+            "huge_error" => return Err(EmbedError::InvalidConfig("e".repeat(parsed.bytes))),
+            "huge_model_id" => model_id = "m".repeat(parsed.bytes),
+            "fill_init" => {
+                let filled = vec![7u8; parsed.fill_mb << 20];
+                FILLED.lock().unwrap_or_else(|p| p.into_inner()).push(filled);
+            }
+            _ => {}
         }
         *embedhost_plugin_support::lock(&CONFIG) = Some(parsed);
         Ok(ModelInfo {
-            model_id: "embedhost/hostile".into(),
+            model_id,
             dimension: DIMENSION,
             max_input_tokens: 512,
             normalized: true,
@@ -86,8 +129,15 @@ impl Guest for Hostile {
     }
 
     fn health() -> HealthReport {
+        let sleeps = embedhost_plugin_support::lock(&CONFIG)
+            .as_ref()
+            .is_some_and(|c| c.mode == "sleep_health");
+        if sleeps {
+            sleep_forever();
+        }
         HealthReport {
-            memory_bytes: linear_memory_bytes(),
+            // A lie the host must not believe: it measures memory itself.
+            memory_bytes: if linear_memory_bytes() > 0 { 1 } else { 0 },
             processed: *embedhost_plugin_support::lock(&PROCESSED),
         }
     }
@@ -119,13 +169,44 @@ fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
             Err(EmbedError::ModelFailure(format!("recursion ended at {depth}")))
         }
         "giant_output" => {
-            // A log line far past the host's limit, then 32 Mi floats for
-            // one text of dimension 4.
-            host_log::log(Level::Warn, &"x".repeat(4 << 20));
+            // A log line past the host's line limit (but within what a host
+            // call may copy), then 32 Mi floats for one text of dimension 4.
+            host_log::log(Level::Warn, &"x".repeat(512 << 10));
             Ok(Embeddings {
                 dimension: DIMENSION,
                 data: vec![0.5; 32 << 20],
             })
+        }
+        "giant_log" => {
+            host_log::log(Level::Warn, &"x".repeat(4 << 20));
+            Err(EmbedError::ModelFailure("the giant log line got through".into()))
+        }
+        "log_flood" => {
+            for i in 0..1_000_000u32 {
+                host_log::log(
+                    Level::Error,
+                    &format!("line {i}\n2026-01-01T00:00:00.000000Z ERROR embedhost::supervisor: forged by the plugin"),
+                );
+            }
+            println!("stdout\r\x1b[2Kforged too");
+            Ok(Embeddings {
+                dimension: DIMENSION,
+                data: vec![1.0, 0.0, 0.0, 0.0],
+            })
+        }
+        "sleep_embed" => sleep_forever(),
+        "handles" => {
+            let mut held = Vec::new();
+            let refused = loop {
+                match std::fs::File::open("/model/weights.bin") {
+                    Ok(file) => held.push(file),
+                    Err(e) => break e,
+                }
+                if held.len() >= 1_000_000 {
+                    return report(vec![("opened a million handles".into(), true)]);
+                }
+            };
+            report(vec![(format!("opened {} handles, then refused ({refused})", held.len()), false)])
         }
         other => Err(EmbedError::ModelFailure(format!("no attack named `{other}`"))),
     }

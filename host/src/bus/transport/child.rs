@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
 
@@ -523,12 +523,37 @@ pub async fn serve_stdio(router: Router, max_frame: usize) -> Result<(), FrameEr
 }
 
 /// A child process serving the bus on its stdin/stdout. Its stderr lines are
-/// forwarded to `tracing` with the child's pid. The child is killed when this
+/// forwarded to `tracing` with the child's pid, each cut at
+/// [`limits::MAX_PLUGIN_LOG_LINE`] and escaped. The child is killed when this
 /// value is dropped.
 pub struct ChildProcess {
     connection: Connection,
     child: tokio::process::Child,
     pid: u32,
+    stderr: tokio::sync::watch::Receiver<StderrState>,
+}
+
+/// What the child's stderr has shown so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct StderrState {
+    /// A line equal to the marker given at spawn was seen.
+    marker: bool,
+    /// Stderr reached its end (the child exited or closed it).
+    closed: bool,
+}
+
+/// Watches a child's stderr for the marker line given at spawn.
+#[derive(Clone, Debug)]
+pub struct MarkerWatch(tokio::sync::watch::Receiver<StderrState>);
+
+impl MarkerWatch {
+    /// Whether the marker was seen, waiting up to `within` for stderr to
+    /// reach its end first (a dying child's last line may arrive after its
+    /// stdout closed).
+    pub async fn seen(&mut self, within: Duration) -> bool {
+        let _ = tokio::time::timeout(within, self.0.wait_for(|s| s.closed || s.marker)).await;
+        self.0.borrow().marker
+    }
 }
 
 impl ChildProcess {
@@ -536,7 +561,20 @@ impl ChildProcess {
     ///
     /// # Errors
     /// The spawn error, if the program cannot be started.
-    pub fn spawn(mut command: tokio::process::Command, name: &str) -> io::Result<Self> {
+    pub fn spawn(command: tokio::process::Command, name: &str) -> io::Result<Self> {
+        Self::spawn_watching(command, name, None)
+    }
+
+    /// As [`ChildProcess::spawn`], also watching stderr for a line equal to
+    /// `marker` (see [`ChildProcess::marker`]).
+    ///
+    /// # Errors
+    /// The spawn error, if the program cannot be started.
+    pub fn spawn_watching(
+        mut command: tokio::process::Command,
+        name: &str,
+        marker: Option<&'static str>,
+    ) -> io::Result<Self> {
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -552,14 +590,32 @@ impl ChildProcess {
             .stdout
             .take()
             .ok_or_else(|| io::Error::other("child has no stdout"))?;
+        let (state, stderr_state) = tokio::sync::watch::channel(StderrState::default());
         if let Some(stderr) = child.stderr.take() {
             let name = name.to_string();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
+                let codec =
+                    tokio_util::codec::LinesCodec::new_with_max_length(limits::MAX_PLUGIN_LOG_LINE);
+                let mut lines = FramedRead::new(stderr, codec);
+                while let Some(line) = lines.next().await {
+                    let line = match line {
+                        Ok(line) => line,
+                        // Too long: the codec drops the rest of the line.
+                        Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {
+                            "[a line past limits::MAX_PLUGIN_LOG_LINE was dropped]".into()
+                        }
+                        Err(tokio_util::codec::LinesCodecError::Io(_)) => break,
+                    };
+                    if marker.is_some_and(|m| line.trim() == m) {
+                        state.send_modify(|s| s.marker = true);
+                    }
+                    let line = crate::untrusted::sanitize(&line, limits::MAX_PLUGIN_LOG_LINE);
                     tracing::info!(target: "embedhost::child", child = %name, pid, "{line}");
                 }
+                state.send_modify(|s| s.closed = true);
             });
+        } else {
+            state.send_modify(|s| s.closed = true);
         }
         let connection = Connection::new(
             &format!("{name} (pid {pid})"),
@@ -571,7 +627,13 @@ impl ChildProcess {
             connection,
             child,
             pid,
+            stderr: stderr_state,
         })
+    }
+
+    /// Watches for the marker line given to [`ChildProcess::spawn_watching`].
+    pub fn marker(&self) -> MarkerWatch {
+        MarkerWatch(self.stderr.clone())
     }
 
     /// The bus connection to the child.

@@ -1,0 +1,138 @@
+//! What every backend shares, and what the supervisor needs of one: the
+//! model a backend serves ([`ModelInfo`]), how a call fails ([`CallError`],
+//! [`FailureReason`]), and the two traits a backend implements
+//! ([`Spawner`] starts a [`Worker`]).
+//!
+//! # Invariant
+//! This module depends on nothing of the host but the bus's `BoxFuture`:
+//! `supervisor`, `wasm` and `native` all depend on it, and none of them on
+//! another, so no import circle runs between them.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{BoxFuture, RemoteError};
+use crate::vectors::Vectors;
+
+/// The model information a plugin reports from `init`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    /// Stable id of the model and weights; an index records it.
+    pub model_id: String,
+    /// Length of every vector.
+    pub dimension: u32,
+    /// Longer inputs are truncated by the plugin.
+    pub max_input_tokens: u32,
+    /// Whether every vector has unit L2 norm.
+    pub normalized: bool,
+}
+
+/// Why an instance stopped, as recorded in logs and in `restarts_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FailureReason {
+    /// The instance trapped (with the trap's kind).
+    Trap(String),
+    /// A call ran past its deadline.
+    Deadline,
+    /// The instance hit its memory cap.
+    MemoryCap,
+    /// Starting or initialising the instance failed.
+    InitFailed,
+    /// The health check failed.
+    HealthFailed,
+    /// The health check got no answer in time.
+    HealthTimeout,
+    /// The instance is gone (its thread or process ended).
+    Exited(String),
+    /// A planned recycle after a health threshold (not a failure).
+    Recycle(String),
+}
+
+impl FailureReason {
+    /// The `reason` label: stable, low-cardinality.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailureReason::Trap(_) => "trap",
+            FailureReason::Deadline => "deadline",
+            FailureReason::MemoryCap => "memory_cap",
+            FailureReason::InitFailed => "init_failed",
+            FailureReason::HealthFailed => "health_failed",
+            FailureReason::HealthTimeout => "health_timeout",
+            FailureReason::Exited(_) => "exited",
+            FailureReason::Recycle(_) => "recycle",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureReason::Trap(kind) => write!(f, "trap ({kind})"),
+            FailureReason::Exited(how) => write!(f, "exited ({how})"),
+            FailureReason::Recycle(why) => write!(f, "recycle ({why})"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// Why a call on a worker failed.
+#[derive(Clone, Debug)]
+pub enum CallError {
+    /// The instance crashed and must be discarded.
+    Crash {
+        /// Why, as recorded in `restarts_total`.
+        reason: FailureReason,
+        /// The error, for the log.
+        message: String,
+    },
+    /// The instance refused the call but is fine.
+    Refused(RemoteError),
+}
+
+/// What a health check reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Memory in use (linear memory, or a process's resident set), bytes.
+    pub memory_bytes: u64,
+    /// Texts processed since the instance started.
+    pub processed: u64,
+}
+
+/// One incarnation of a supervised embedder.
+pub trait Worker: Send + 'static {
+    /// Embeds a batch.
+    fn embed(
+        &mut self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> BoxFuture<Result<Vectors, CallError>>;
+    /// Reports health.
+    fn health(&mut self, deadline: Duration) -> BoxFuture<Result<Health, CallError>>;
+    /// Stops gracefully (the host asked; not a failure).
+    fn stop(self: Box<Self>) -> BoxFuture<()>;
+    /// The process id, for a worker that is a process of its own.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    /// Whether `health` is answered while a call runs. A child process
+    /// answers health on its frame loop while its engine computes, so the
+    /// supervisor keeps checking it during long calls and a hung process is
+    /// found by the health deadline; a WASM instance runs one call at a time
+    /// and relies on its epoch deadline instead.
+    fn health_during_calls(&self) -> bool {
+        false
+    }
+}
+
+/// A started worker and what its model reported, or why it failed to start.
+pub type Started = Result<(Box<dyn Worker>, ModelInfo), String>;
+
+/// Starts incarnations.
+pub trait Spawner: Send + Sync + 'static {
+    /// Starts and initialises incarnation `incarnation` of slot `slot`.
+    fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started>;
+}
+

@@ -1,0 +1,60 @@
+//! Text that comes from outside the host (a plugin's logs and error values,
+//! a child's stderr) made safe to print.
+//!
+//! # Invariant
+//! What [`sanitize`] returns fits on one line and is bounded: a plugin can
+//! neither start a log line of its own (and pass it off as the host's) nor
+//! make a log line, an error or a stored reason grow without bound.
+
+/// `text` made safe to print on one line of the host's log, at most about
+/// `max` bytes of it: control characters (newlines, carriage returns,
+/// terminal escape sequences) and the Unicode characters that break or
+/// reorder a line are escaped, so a plugin can never start a line of its
+/// own or make its text pass for the host's.
+pub fn sanitize(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 16);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push_str(" [truncated]");
+            return out;
+        }
+        let hides = c.is_control()
+            || matches!(
+                c,
+                '\u{2028}'
+                    | '\u{2029}'
+                    | '\u{202a}'..='\u{202e}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{061c}'
+            );
+        if hides {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn a_newline_cannot_forge_a_host_line() {
+        let forged = "ok\n2026-01-01T00:00:00Z ERROR embedhost::supervisor: escalated\r\x1b[2K";
+        let safe = sanitize(forged, 4096);
+        assert!(!safe.contains('\n') && !safe.contains('\r') && !safe.contains('\x1b'), "{safe}");
+        assert!(safe.starts_with("ok\\n2026"), "{safe}");
+        assert_eq!(sanitize("a\u{202e}b", 100), "a\\u{202e}b");
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_character_boundary() {
+        let safe = sanitize(&"é".repeat(10_000), 100);
+        assert!(safe.len() <= 100 + " [truncated]".len() + 4, "{}", safe.len());
+        assert!(safe.ends_with(" [truncated]"));
+    }
+}
