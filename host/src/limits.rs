@@ -44,6 +44,16 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// a call longer than this is treated as hung.
 pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The deadline the supervisor passes with a call: none of the caller's.
+/// Each backend bounds a call by its own call deadline
+/// ([`DEFAULT_CALL_DEADLINE`], `[limits] call_deadline_ms`), and only that
+/// deadline makes a call a hang: a caller that gives up sooner (its own
+/// short timeout, a dropped future) stops waiting, while the instance
+/// finishes the call and stays up. Before, the caller's remaining time was
+/// the call's deadline, so impatient callers killed healthy instances and
+/// escalated the pool.
+pub const UNBOUNDED_BY_CALLER: Duration = Duration::MAX;
+
 /// Deadline of a plugin's `init`: loading a model can read tens of megabytes.
 pub const DEFAULT_INIT_DEADLINE: Duration = Duration::from_secs(60);
 

@@ -289,13 +289,17 @@ async fn a_leaking_child_is_recycled_before_the_threshold_without_failing_a_requ
 async fn a_hung_child_is_killed_and_replaced() {
     let mut supervision = config(1);
     supervision.poison_after = 1;
-    let supervisor = Supervisor::start(spawner(&[("fault.loop_marker", "HANG")]), supervision)
-        .await
-        .unwrap();
+    // A call is a hang when it passes the backend's call deadline (not when
+    // its caller stops waiting, see the supervisor's tests).
+    let hanging = NativeSpawner {
+        call_deadline: Duration::from_millis(300),
+        ..spawner(&[("fault.loop_marker", "HANG")])
+    };
+    let supervisor = Supervisor::start(hanging, supervision).await.unwrap();
     let pid = supervisor.status()[0].pid.unwrap();
     let started = Instant::now();
     let r = supervisor
-        .embed(vec!["HANG".into()], false, Duration::from_millis(300))
+        .embed(vec!["HANG".into()], false, Duration::from_secs(10))
         .await;
     // The call ran out of its deadline: the child is treated as hung.
     assert!(

@@ -45,7 +45,7 @@ impl Worker for Scripted {
         &mut self,
         texts: Vec<String>,
         _: bool,
-        _: Duration,
+        deadline: Duration,
     ) -> BoxFuture<Result<Vectors, CallError>> {
         let act = (self.script)(self.slot, self.incarnation, &texts[0]);
         self.processed += texts.len() as u64;
@@ -55,10 +55,19 @@ impl Worker for Scripted {
                     reason: FailureReason::Trap("scripted".into()),
                     message: "scripted crash".into(),
                 }),
-                Act::Sleep(d) => {
-                    tokio::time::sleep(d).await;
-                    Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
-                }
+                // As a real backend does, a call that outlives the deadline
+                // it was given is interrupted, and the instance is lost.
+                Act::Sleep(d) => match tokio::time::timeout(deadline, tokio::time::sleep(d)).await {
+                    Err(_) => Err(CallError::Crash {
+                        reason: FailureReason::Deadline,
+                        message: format!("ran past its {deadline:?} deadline"),
+                    }),
+                    Ok(()) => Ok(Vectors::new(
+                        2,
+                        texts.iter().flat_map(|t| vector_of(t)).collect(),
+                    )
+                    .unwrap()),
+                },
                 Act::Ok => {
                     Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
                 }
@@ -469,4 +478,63 @@ async fn a_planned_recycle_under_constant_load_fails_no_request() {
     assert!(recycles >= 5, "{recycles} recycles");
     assert_eq!(failures, 0);
     assert!(starts.lock().unwrap().len() as u64 >= 2 + recycles);
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_give_up_early_never_kill_or_escalate_a_healthy_instance() {
+    // Every call takes 2 s; every caller gives up after 100 ms. Before, the
+    // caller's remaining time was the call's deadline: each call killed its
+    // instance, and the fourth escalated the pool.
+    let (supervisor, starts) = supervise(
+        config(1),
+        |_, _, _| Act::Sleep(Duration::from_secs(2)),
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    for _ in 0..10 {
+        let err = supervisor
+            .embed(one("slow"), false, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
+    }
+    assert!(supervisor.escalated().is_none());
+    assert!(supervisor.restarts().is_empty(), "{:?}", supervisor.restarts());
+    assert_eq!(starts.lock().unwrap().len(), 1);
+    // A patient caller is served by the same instance.
+    let r = supervisor.embed(one("slow"), false, DEADLINE).await.unwrap();
+    assert_eq!(r.vectors.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_caller_gave_up_in_the_queue_is_never_started() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let (supervisor, _) = supervise(
+        config(1),
+        move |_, _, t| {
+            log.lock().unwrap().push(t.to_string());
+            Act::Sleep(Duration::from_secs(1))
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let busy = {
+        let s = supervisor.clone();
+        tokio::spawn(async move { s.embed(one("first"), false, DEADLINE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Queued behind a 1 s call, with 500 ms to live.
+    let err = supervisor
+        .embed(one("impatient"), false, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
+    busy.await.unwrap().unwrap();
+    let after = supervisor.embed(one("after"), false, DEADLINE).await.unwrap();
+    assert_eq!(after.vectors.len(), 1);
+    assert_eq!(*seen.lock().unwrap(), ["first", "after"]);
+    assert!(supervisor.restarts().is_empty());
 }

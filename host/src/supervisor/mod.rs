@@ -168,7 +168,10 @@ pub struct InstanceStatus {
 struct Job {
     texts: Vec<String>,
     is_query: bool,
-    deadline: Duration,
+    /// When the caller stops waiting: a job whose caller is gone, or whose
+    /// time ran out in the queue, is dropped when a slot takes it, never
+    /// started.
+    until: Instant,
     reply: oneshot::Sender<Result<Vectors, CallError>>,
 }
 
@@ -465,14 +468,14 @@ impl Supervisor {
             return Err(SupervisorError::Escalated(reason));
         }
         let (reply, answer) = oneshot::channel();
+        let until = Instant::now() + deadline;
         let job = Job {
             texts,
             is_query,
-            deadline,
+            until,
             reply,
         };
         let exhausted = || SupervisorError::DeadlineExceeded(deadline);
-        let until = Instant::now() + deadline;
         match tokio::time::timeout_at(until, self.inner.jobs.send(job)).await {
             Err(_) => return Err(exhausted()),
             Ok(Err(_)) => {
@@ -737,10 +740,16 @@ async fn serve(
                     tracing::info!(slot, incarnation = serving, "instance stopped");
                     return Ended::Shutdown;
                 };
-                if job.reply.is_closed() {
+                // The caller's time is measured when the job starts, not
+                // when it was queued: a job whose caller gave up is dropped.
+                if job.reply.is_closed() || Instant::now() >= job.until {
                     continue;
                 }
-                let call = worker.embed(job.texts, job.is_query, job.deadline);
+                // The call runs under the backend's own call deadline, not
+                // the caller's: a caller that gives up early is not a hung
+                // instance, so its impatience never kills one (or counts
+                // towards restart intensity). The result is then dropped.
+                let call = worker.embed(job.texts, job.is_query, limits::UNBOUNDED_BY_CALLER);
                 let mut result = if worker.health_during_calls() {
                     watch_call(inner, slot, &mut worker, &mut health, call).await
                 } else {
