@@ -31,9 +31,8 @@ impl From<WasmError> for RemoteError {
                 ..
             } => RemoteError::invalid_input(index, message),
             WasmError::InvalidOutput { index, .. } => RemoteError {
-                code: ErrorCode::Failed,
-                message,
                 index,
+                ..RemoteError::new(ErrorCode::Failed, message)
             },
             _ => RemoteError::new(ErrorCode::Failed, message),
         }

@@ -191,6 +191,14 @@ pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 /// OTP's MaxT default (5 s): the sliding window for [`DEFAULT_MAX_RESTARTS`].
 pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
 
+/// Failures of one slot in a row, with no successful call or health check
+/// in between, that escalate however far apart they are: the sliding
+/// window ([`DEFAULT_MAX_RESTARTS`] within [`DEFAULT_RESTART_WINDOW`]) never
+/// sees failures spaced wider than itself (a health check failing every
+/// 10 s, restarts slowed by their backoff). Ten is several windows' worth
+/// of the window's own budget.
+pub const DEFAULT_MAX_UNPROVEN_FAILURES: u32 = 10;
+
 /// Backoff before the second restart within a window; doubles after. The
 /// first restart is immediate: most crashes are one-offs, and the seed's
 /// recovery target (under 5 s) leaves no room for waiting by default.
@@ -233,10 +241,49 @@ pub const DEFAULT_RECYCLE_MEMORY_BYTES: u64 = 768_000_000;
 /// threshold's job.
 pub const DEFAULT_RECYCLE_PROCESSED: u64 = 100_000;
 
-/// A text that crashes this many instances on its own is poison and is
-/// answered with an error instead of being retried (two: one crash may be
-/// bad luck, two in a row on the same text alone is the text).
-pub const DEFAULT_POISON_AFTER: u32 = 2;
+/// A text present in this many crashes (its batch's, then alone) is
+/// poison and is answered with an error instead of being retried.
+///
+/// Four: the batch's crash and three alone. A text that happens to be in a
+/// batch when an instance fails for another reason (a fault, a leak, a
+/// bad moment) is retried alone; with a fault rate `p` per call it is
+/// falsely isolated with probability `p^3` (3e-5 at 3%), where two (one
+/// alone) falsely isolated a few texts in every chaos run at 3%. A real
+/// poison text costs four restarts once: it is then remembered
+/// ([`MAX_REMEMBERED_POISON`]) and its crashes alone are charged to the
+/// poison budget ([`DEFAULT_MAX_POISON_RESTARTS`]), not to the slot's
+/// intensity.
+pub const DEFAULT_POISON_AFTER: u32 = 4;
+
+/// Poison texts a supervisor remembers (by a keyed hash of their content),
+/// so that the same text never crashes an instance twice, in any batch. A
+/// hash and a short reason each: 10,000 cost about 2 MB, far more than a
+/// real corpus has poison texts; past it the oldest are forgotten.
+pub const MAX_REMEMBERED_POISON: usize = 10_000;
+
+/// Restarts within the window that crashes of suspected poison texts (a
+/// text retried alone after a crash) may cost a slot before it escalates.
+/// They are charged here, not to [`DEFAULT_MAX_RESTARTS`]: a bad input is
+/// not a bad instance, and two poison texts close together used to
+/// escalate a pool of one. 20 lets ten poison texts arrive within one
+/// window; a plugin that crashes on every text still escalates.
+pub const DEFAULT_MAX_POISON_RESTARTS: u32 = 20;
+
+/// First cooldown after a pool escalates: the pool is down (calls get
+/// `Unavailable` with the time left), then restarts as a whole. Long
+/// enough for a transient cause (a busy disk, a model file being replaced)
+/// to pass, short enough that an indexer waiting on it barely notices.
+pub const ESCALATION_COOLDOWN_MIN: Duration = Duration::from_secs(1);
+
+/// Longest cooldown: it doubles with each escalation in a row (the pool
+/// served nothing in between), up to this. A plugin that never recovers
+/// costs one restart of the pool a minute.
+pub const ESCALATION_COOLDOWN_MAX: Duration = Duration::from_secs(60);
+
+/// How long [`crate::supervisor::Supervisor::shutdown`] (and a recovery)
+/// waits for one slot to stop its instance: a native child's whole stop
+/// (grace, SIGTERM, SIGKILL) plus a margin.
+pub const SHUTDOWN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a native child waits after answering `shutdown` before it exits,
 /// so the answer reaches the pipe: a frame write takes microseconds; 20 ms is
@@ -274,6 +321,16 @@ pub const CHILD_EXIT_REPORT_WAIT: Duration = Duration::from_millis(200);
 /// WASM instance on a slow machine, so a hung embedder is noticed within
 /// minutes without failing a slow one.
 pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the indexer waits, in all, for an embedder pool that escalated
+/// and is cooling down (it answers `Unavailable` with the time left) before
+/// the round stalls with the reason: several of the longest cooldowns
+/// ([`ESCALATION_COOLDOWN_MAX`]), so a transient fault costs time, never
+/// files, while a plugin that never recovers still ends `index`.
+pub const INDEX_UNAVAILABLE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Shortest wait before asking a cooling-down pool again.
+pub const INDEX_UNAVAILABLE_POLL: Duration = Duration::from_millis(50);
 
 /// Time given to a search's query embedding: one short text, so a generous
 /// bound still fails a stuck embedder while a person waits.

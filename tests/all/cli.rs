@@ -149,7 +149,10 @@ fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host(
     assert_eq!(lines[1]["text"], "BOOM");
     let reason = lines[1]["error"].as_str().unwrap();
     assert!(
-        reason.contains("crashed 2 instances") && reason.contains("unreachable"),
+        reason.contains(&format!(
+            "crashed {} instances",
+            embedhost::limits::DEFAULT_POISON_AFTER
+        )) && reason.contains("unreachable"),
         "{reason}"
     );
 }
@@ -169,7 +172,7 @@ fn an_escalated_backend_exits_non_zero_with_the_reason() {
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("error: ")
-            && last.contains("backend failed")
+            && last.contains("backend is recovering")
             && last.contains("failed 1 times"),
         "{err}"
     );

@@ -149,8 +149,12 @@ async fn stdout_fault_is_contained(setting: &str, expected: &str) {
         "the child that broke the pipe was killed"
     );
     let status = &supervisor.status()[0];
-    // Two crashes: the batch, then the text alone (poison after 2).
-    assert_eq!(status.restarts.get("exited"), Some(&2), "{status:?}");
+    // The batch's crash, then the text alone until it is poison.
+    assert_eq!(
+        status.restarts.get("exited"),
+        Some(&u64::from(embedhost::limits::DEFAULT_POISON_AFTER)),
+        "{status:?}"
+    );
     let ok = supervisor
         .embed(vec!["fine".into()], false, DEADLINE)
         .await
@@ -212,7 +216,7 @@ async fn a_hung_child_is_found_by_the_health_check_killed_and_replaced() {
     let status = &supervisor.status()[0];
     assert_eq!(
         status.restarts.get("health_timeout"),
-        Some(&2),
+        Some(&u64::from(embedhost::limits::DEFAULT_POISON_AFTER)),
         "{status:?}"
     );
 }
@@ -372,4 +376,26 @@ fn a_sigkilled_host_leaves_no_orphan() {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("child {child} outlived its SIGKILLed host");
+}
+
+#[test]
+fn a_normal_exit_leaves_every_native_child_exited_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(
+        &config,
+        "backend = \"native\"\n[native]\nengine = \"stub\"\n[supervisor]\npool_size = 2\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["--config", config.to_str().unwrap(), "embed", "one", "two", "three"])
+        .env("RUST_LOG", "embedhost::native=debug")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let stopped: Vec<&str> = err.lines().filter(|l| l.contains("child stopped")).collect();
+    assert_eq!(stopped.len(), 2, "{err}");
+    assert!(stopped.iter().all(|l| l.contains("exit status: 0")), "{err}");
+    assert!(!err.contains("killing it"), "{err}");
 }

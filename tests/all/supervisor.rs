@@ -183,7 +183,7 @@ async fn escalates_after_max_restarts_plus_one_failures_within_the_window() {
     // exceeds MaxR = 3 within 5 s and escalates.
     let err = r.unwrap_err();
     assert!(
-        matches!(&err, SupervisorError::Escalated(why) if why.contains("failed 4 times within 5s") && why.contains("init")),
+        matches!(&err, SupervisorError::Unavailable { reason, retry_after } if reason.contains("failed 4 times within 5s") && reason.contains("init") && *retry_after == embedhost::limits::ESCALATION_COOLDOWN_MIN),
         "{err}"
     );
     assert_eq!(
@@ -193,13 +193,14 @@ async fn escalates_after_max_restarts_plus_one_failures_within_the_window() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(supervisor.escalated().is_some());
-    // Every later call fails at once, with the reason.
+    // Every call during the cooldown fails at once, with the reason and
+    // the time left.
     let t1 = Instant::now();
     let err = supervisor
         .embed(one("fine"), false, DEADLINE)
         .await
         .unwrap_err();
-    assert!(matches!(err, SupervisorError::Escalated(_)));
+    assert!(matches!(err, SupervisorError::Unavailable { .. }), "{err}");
     assert_eq!(t1.elapsed(), Duration::ZERO);
     let status = &supervisor.status()[0];
     assert_eq!(status.restarts.get("trap"), Some(&1));
@@ -305,7 +306,7 @@ async fn restart_delays_fall_within_their_backoff_bands() {
         .embed(one("x"), false, DEADLINE)
         .await
         .unwrap_err();
-    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
+    assert!(matches!(err, SupervisorError::Unavailable { .. }), "{err}");
     let starts = starts.lock().unwrap();
     assert_eq!(starts.len(), 9, "first start + 8 restarts");
     // Gap n (from 1) between consecutive starts is drawn from [0, ceiling(n)]:
@@ -368,13 +369,22 @@ async fn a_temporary_instance_is_not_restarted() {
         |_| false,
     )
     .await;
+    let t0 = Instant::now();
     let err = supervisor
         .embed(one("boom"), false, Duration::from_secs(1))
         .await
         .unwrap_err();
-    assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
+    // The slot left the pool; a pool with no slot left fails at once
+    // (before, its callers waited until their deadline).
+    assert!(
+        matches!(&err, SupervisorError::Escalated(why) if why.contains("every temporary instance")),
+        "{err}"
+    );
+    assert_eq!(t0.elapsed(), Duration::ZERO);
     assert_eq!(starts.lock().unwrap().len(), 1);
     assert!(!supervisor.status()[0].up);
+    let err = supervisor.embed(one("fine"), false, DEADLINE).await.unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -537,4 +547,192 @@ async fn a_job_whose_caller_gave_up_in_the_queue_is_never_started() {
     assert_eq!(after.vectors.len(), 1);
     assert_eq!(*seen.lock().unwrap(), ["first", "after"]);
     assert!(supervisor.restarts().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_escalated_pool_recovers_by_itself_once_the_plugin_behaves() {
+    // Incarnation 1 crashes on its call; incarnations 2 to 5 fail to
+    // start (the pool escalates, and its first restart fails too); later
+    // ones behave.
+    let (supervisor, starts) = supervise(
+        config(1),
+        |_, inc, _| if inc == 1 { Act::Crash } else { Act::Ok },
+        |_, inc| (2..=5).contains(&inc),
+        |_| false,
+    )
+    .await;
+    let t0 = Instant::now();
+    let mut waited = Vec::new();
+    let r = loop {
+        match supervisor.embed(one("x"), false, DEADLINE).await {
+            Ok(r) => break r,
+            Err(SupervisorError::Unavailable { retry_after, .. }) => {
+                // What an indexer does: wait out the cooldown, lose nothing.
+                waited.push(retry_after);
+                tokio::time::sleep(retry_after).await;
+            }
+            Err(SupervisorError::Refused(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(r.vectors.len(), 1);
+    assert!(supervisor.escalated().is_none());
+    assert!(!waited.is_empty(), "it escalated at least once");
+    // The first cooldown is the shortest; a second one in a row doubles.
+    assert_eq!(waited[0], embedhost::limits::ESCALATION_COOLDOWN_MIN);
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert!(starts.lock().unwrap().len() >= 6);
+    // Served again: the next escalation would start from the shortest.
+    assert_eq!(supervisor.embed(one("y"), false, DEADLINE).await.unwrap().vectors.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_text_never_crashes_an_instance_twice_across_batches() {
+    let mut c = config(1);
+    c.poison_after = embedhost::limits::DEFAULT_POISON_AFTER;
+    let crashes = Arc::new(AtomicU64::new(0));
+    let counted = crashes.clone();
+    let (supervisor, _) = supervise(
+        c,
+        move |_, _, t| {
+            if t == "poison" {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Act::Crash
+            } else {
+                Act::Ok
+            }
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let batch = vec!["poison".to_string(), "fine".to_string()];
+    let r = supervisor.embed(batch.clone(), false, DEADLINE).await.unwrap();
+    assert_eq!((r.vectors.len(), r.failed.len()), (1, 1));
+    let first = crashes.load(Ordering::SeqCst);
+    assert!(first > 0);
+    // In another batch, later: answered at once, no instance crashes.
+    let r = supervisor.embed(vec!["other".into(), "poison".into()], false, DEADLINE).await.unwrap();
+    assert_eq!((r.vectors.len(), r.failed.len()), (1, 1));
+    assert_eq!(r.failed[0].index, 1);
+    assert!(r.failed[0].reason.contains("known poison"), "{:?}", r.failed);
+    assert_eq!(crashes.load(Ordering::SeqCst), first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn poison_texts_close_together_do_not_escalate_a_pool_of_one_under_the_defaults() {
+    // The shipped policy, poison included.
+    let mut c = SupervisorConfig {
+        pool_size: 1,
+        ..SupervisorConfig::default()
+    };
+    c.max_processed = u64::MAX;
+    let (supervisor, _) = supervise(
+        c,
+        |_, _, t| if t.starts_with("poison") { Act::Crash } else { Act::Ok },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    // Five batches, each with a different poison text, back to back.
+    for n in 0..5 {
+        // (A scripted worker decides a batch by its first text.)
+        let batch = vec![format!("poison {n}"), format!("fine {n}"), format!("also fine {n}")];
+        let r = supervisor.embed(batch, false, DEADLINE).await.unwrap();
+        assert_eq!((r.vectors.len(), r.failed.len()), (2, 1), "batch {n}");
+    }
+    assert!(supervisor.escalated().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_that_crashes_on_every_text_still_escalates() {
+    let mut c = SupervisorConfig {
+        pool_size: 1,
+        ..SupervisorConfig::default()
+    };
+    c.max_processed = u64::MAX;
+    let (supervisor, _) = supervise(c, |_, _, _| Act::Crash, |_, _| false, |_| false).await;
+    let texts: Vec<String> = (0..64).map(|i| format!("text {i}")).collect();
+    let err = supervisor.embed(texts, false, DEADLINE).await.unwrap_err();
+    assert!(matches!(err, SupervisorError::Unavailable { .. }), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_row_count_or_a_nan_is_caught_for_every_backend() {
+    // A worker that drops a row, or returns a NaN for one text.
+    struct Liar(&'static str);
+    impl Worker for Liar {
+        fn embed(&mut self, texts: Vec<String>, _: bool, _: Duration) -> BoxFuture<Result<Vectors, CallError>> {
+            let lie = self.0;
+            Box::pin(async move {
+                let mut data: Vec<f32> = texts.iter().flat_map(|t| vector_of(t)).collect();
+                match lie {
+                    "short" => data.truncate(data.len() - 2),
+                    _ => {
+                        if let Some(i) = texts.iter().position(|t| t == "nan") {
+                            data[i * 2] = f32::NAN;
+                        }
+                    }
+                }
+                Ok(Vectors::new(2, data).unwrap())
+            })
+        }
+        fn health(&mut self, _: Duration) -> BoxFuture<Result<Health, CallError>> {
+            Box::pin(async { Ok(Health::default()) })
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+    for lie in ["short", "nan"] {
+        let supervisor = Supervisor::from_fn(
+            move |_, _| Box::pin(async move { Ok((Box::new(Liar(lie)) as Box<dyn Worker>, info())) }),
+            config(1),
+        )
+        .await
+        .unwrap();
+        let texts = vec!["a".to_string(), "nan".to_string(), "c".to_string()];
+        let r = supervisor.embed(texts, false, DEADLINE).await;
+        match lie {
+            "short" => {
+                let err = r.unwrap_err();
+                assert!(err.to_string().contains("2 vectors for 3 texts"), "{err}");
+            }
+            _ => {
+                let r = r.unwrap();
+                assert_eq!((r.vectors.len(), r.failed.len()), (2, 1));
+                assert_eq!(r.failed[0].index, 1);
+                assert!(r.failed[0].reason.contains("NaN"), "{:?}", r.failed);
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_of_another_model_is_refused() {
+    let supervisor = Supervisor::from_fn(
+        |_, incarnation| {
+            Box::pin(async move {
+                let mut model = info();
+                if incarnation > 1 {
+                    model.dimension = 3;
+                }
+                let worker = Scripted {
+                    slot: 0,
+                    incarnation,
+                    script: Arc::new(|_, inc, _| if inc == 1 { Act::Crash } else { Act::Ok }),
+                    processed: 0,
+                    health_hangs: false,
+                };
+                Ok((Box::new(worker) as Box<dyn Worker>, model))
+            })
+        },
+        config(1),
+    )
+    .await
+    .unwrap();
+    let err = supervisor.embed(one("x"), false, DEADLINE).await.unwrap_err();
+    let status = &supervisor.status()[0];
+    assert!(status.restarts.get("init_failed").is_some_and(|n| *n >= 3), "{status:?} {err}");
+    assert!(supervisor.escalated().is_some_and(|why| why.contains("but the pool serves")), "{err}");
 }

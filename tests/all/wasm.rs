@@ -203,7 +203,10 @@ async fn a_poison_text_in_a_batch_of_1000_gives_999_vectors_and_one_error() {
     assert_eq!(r.failed.len(), 1);
     assert_eq!(r.failed[0].index, 617);
     assert!(
-        r.failed[0].reason.contains("crashed 2 instances"),
+        r.failed[0].reason.contains(&format!(
+            "crashed {} instances",
+            embedhost::limits::DEFAULT_POISON_AFTER
+        )),
         "{}",
         r.failed[0].reason
     );
@@ -212,8 +215,12 @@ async fn a_poison_text_in_a_batch_of_1000_gives_999_vectors_and_one_error() {
         r.vectors.get(617).unwrap(),
         stub_vector("document 618").as_slice()
     );
-    // Two crashes: the batch, then the text alone. The backend stays up.
-    assert_eq!(restarts(&supervisor, "trap"), 2);
+    // The batch's crash, then the text alone until it is poison. The
+    // backend stays up.
+    assert_eq!(
+        restarts(&supervisor, "trap"),
+        u64::from(embedhost::limits::DEFAULT_POISON_AFTER)
+    );
     assert!(supervisor.escalated().is_none());
     assert_serves(&supervisor).await;
 }
@@ -235,7 +242,7 @@ async fn an_infinite_loop_is_interrupted_isolated_and_the_pool_keeps_serving() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(restarts(&supervisor, "deadline"), 2);
+    assert_eq!(restarts(&supervisor, "deadline"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
     assert_serves(&supervisor).await;
 }
 
@@ -251,7 +258,7 @@ async fn a_slow_call_past_the_deadline_is_restarted_with_its_reason() {
         1,
         "every call is too slow: the text is isolated, not retried forever"
     );
-    assert_eq!(restarts(&supervisor, "deadline"), 2);
+    assert_eq!(restarts(&supervisor, "deadline"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
     assert!(supervisor.escalated().is_none());
 }
 
@@ -276,7 +283,7 @@ async fn unbounded_memory_growth_hits_the_cap_and_is_restarted() {
         "{}",
         r.failed[0].reason
     );
-    assert_eq!(restarts(&supervisor, "memory_cap"), 2);
+    assert_eq!(restarts(&supervisor, "memory_cap"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
     assert_serves(&supervisor).await;
 }
 
@@ -351,12 +358,16 @@ async fn a_thousand_requests_against_instances_that_trap_every_twentieth_call_ar
 
 #[tokio::test]
 async fn faults_reach_bus_callers_as_typed_errors() {
-    let mut supervision = supervised_config(1);
-    supervision.intensity.max_restarts = 1;
-    let supervisor = supervise(&[("fault.trap_marker", "BOOM")], 5000, supervision).await;
+    let supervisor = supervise(
+        &[("fault.trap_marker", "BOOM")],
+        5000,
+        supervised_config(1),
+    )
+    .await;
     let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
         supervisor.clone(),
     )));
+    // A poison text is that text's error; the rest is embedded.
     let r = bus
         .request::<EmbedderEmbed>(EmbedRequest {
             texts: texts(&["ok", "BOOM"]),
@@ -369,20 +380,28 @@ async fn faults_reach_bus_callers_as_typed_errors() {
         r.per_text(2).unwrap().iter().filter(|x| x.is_ok()).count(),
         1
     );
-    // Two crashes within the window with MaxR = 1: escalated. Every later
-    // call fails with the reason, at once.
+    // An escalated pool (here MaxR = 0: the first crash) answers every
+    // call at once with `Unavailable` and when to come back.
+    let mut supervision = supervised_config(1);
+    supervision.intensity.max_restarts = 0;
+    let supervisor = supervise(&[("fault.trap_marker", "BOOM")], 5000, supervision).await;
+    let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
+        supervisor.clone(),
+    )));
+    for batch in [&["ok", "BOOM"][..], &["ok"][..]] {
+        let err = bus
+            .request::<EmbedderEmbed>(EmbedRequest {
+                texts: texts(batch),
+                is_query: false,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BusError::Remote(RemoteError { code: ErrorCode::Unavailable, message, retry_after_ms: Some(ms), .. }) if message.contains("failed 1 times") && *ms <= 1000),
+            "{err}"
+        );
+    }
     assert!(supervisor.escalated().is_some());
-    let err = bus
-        .request::<EmbedderEmbed>(EmbedRequest {
-            texts: texts(&["ok"]),
-            is_query: false,
-        })
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, BusError::Remote(RemoteError { code: ErrorCode::Failed, message, .. }) if message.contains("failed 2 times")),
-        "{err}"
-    );
 }
 
 #[tokio::test]

@@ -123,6 +123,9 @@ pub struct RemoteError {
     pub message: String,
     /// The offending input's position, for [`ErrorCode::InvalidInput`].
     pub index: Option<u32>,
+    /// For [`ErrorCode::Unavailable`]: when the peer expects to serve again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl RemoteError {
@@ -132,6 +135,7 @@ impl RemoteError {
             code,
             message: message.into(),
             index: None,
+            retry_after_ms: None,
         }
     }
 
@@ -141,6 +145,7 @@ impl RemoteError {
             code: ErrorCode::InvalidInput,
             message: message.into(),
             index: Some(index),
+            retry_after_ms: None,
         }
     }
 }

@@ -118,9 +118,23 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     let db = config.index_dir(args.db.as_deref())?;
     let started = Instant::now();
     let (bus, supervisor) = start_worker(&config, &db, None).await?;
+    let result = run_index(&bus, &supervisor, args.paths, started, &db).await;
+    // A normal exit stops the pool in order: native children get
+    // `shutdown` and exit 0, never SIGKILL.
+    supervisor.shutdown().await;
+    result
+}
+
+async fn run_index(
+    bus: &Bus,
+    supervisor: &Supervisor,
+    paths: Vec<PathBuf>,
+    started: Instant,
+    db: &std::path::Path,
+) -> Result<(), String> {
     let queued = bus
         .send::<WorkerIndex>(
-            IndexRequest { paths: args.paths },
+            IndexRequest { paths },
             SendOptions::default().timeout(INDEX_WALK_TIMEOUT),
         )
         .await
@@ -180,7 +194,7 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
             reasons.join(", ")
         );
     }
-    if let Some(line) = restarts_line(&supervisor) {
+    if let Some(line) = restarts_line(supervisor) {
         println!("{line}");
     }
     Ok(())
@@ -205,7 +219,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             db.display()
         ));
     }
-    let (bus, _supervisor) = start_worker(&config, &db, Some(1)).await?;
+    let (bus, supervisor) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
         .send::<WorkerSearch>(
             SearchRequest {
@@ -215,8 +229,9 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             SendOptions::default().timeout(crate::limits::SEARCH_EMBED_TIMEOUT * 2),
         )
         .await
-        .map_err(|e| e.to_string())?
-        .results;
+        .map_err(|e| e.to_string());
+    supervisor.shutdown().await;
+    let results = results?.results;
     if args.json {
         let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
         println!("{json}");

@@ -254,6 +254,9 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
         let status = serde_json::to_string(&supervisor.status()).unwrap_or_default();
         eprintln!("{status}");
     }
+    // A normal exit stops the pool in order: native children get
+    // `shutdown` and exit 0, never SIGKILL.
+    supervisor.shutdown().await;
     let response = response.map_err(|e| e.to_string())?;
     let rows = response
         .per_text(texts.len())
@@ -475,6 +478,7 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
             }
             report["model"] = serde_json::to_value(supervisor.model_info()).unwrap_or_default();
             report["instances"] = serde_json::to_value(supervisor.status()).unwrap_or_default();
+            supervisor.shutdown().await;
         }
         Err(e) => report["error"] = e.clone().into(),
     }

@@ -277,7 +277,8 @@ impl Worker for NativeWorker {
                 .send::<Shutdown>(request, SendOptions::default().timeout(grace))
                 .await;
             let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if process.wait_for_exit(left).await.is_some() {
+            if let Some(status) = process.wait_for_exit(left).await {
+                tracing::debug!(pid = process.pid(), %status, "child stopped");
                 return;
             }
             process.signal(libc::SIGTERM);

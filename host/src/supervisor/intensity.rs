@@ -5,6 +5,12 @@
 //! Beyond OTP: the first restart in a window is immediate, later ones wait
 //! exponentially with full jitter, and the backoff exponent resets once an
 //! instance has stayed up for `stable_uptime`.
+//!
+//! A second rule catches failures spaced more than the window apart (a
+//! health check that fails every interval, a crash after each backoff):
+//! more than `max_unproven` failures in a row with no successful call or
+//! health check in between also escalate. The sliding window alone would
+//! let such a slot restart forever.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -25,6 +31,9 @@ pub struct IntensityConfig {
     /// Uptime after which an instance counts as stable: the backoff
     /// exponent starts over.
     pub stable_uptime: Duration,
+    /// Failures in a row, with no success in between, before escalation
+    /// however far apart they are.
+    pub max_unproven: u32,
 }
 
 /// What to do about a failure.
@@ -34,6 +43,8 @@ pub enum Decision {
     Restart { delay: Duration },
     /// Too many restarts: give up.
     Escalate { restarts: u32, window: Duration },
+    /// Too many failures in a row without a success: give up.
+    Unproven { failures: u32 },
 }
 
 /// Tracks one supervised slot's restarts.
@@ -43,6 +54,8 @@ pub struct Intensity {
     restarts: VecDeque<Instant>,
     /// Restarts since the last stable period, for the backoff exponent.
     streak: u32,
+    /// Failures since the last success.
+    unproven: u32,
 }
 
 impl Intensity {
@@ -52,7 +65,27 @@ impl Intensity {
             config,
             restarts: VecDeque::new(),
             streak: 0,
+            unproven: 0,
         }
+    }
+
+    /// Takes back the latest failure: it turned out to be an input's doing
+    /// (a poison text), not the instance's.
+    pub fn forgive(&mut self) {
+        self.restarts.pop_back();
+        self.streak = self.streak.saturating_sub(1);
+        self.unproven = self.unproven.saturating_sub(1);
+    }
+
+    /// Failures since the last success.
+    pub fn unproven(&self) -> u32 {
+        self.unproven
+    }
+
+    /// Records that the slot's instance served a call or answered a health
+    /// check: its failures in a row start over.
+    pub fn on_success(&mut self) {
+        self.unproven = 0;
     }
 
     /// Records a failure of an instance that had been up for `uptime`, at
@@ -72,6 +105,12 @@ impl Intensity {
             return Decision::Escalate {
                 restarts: self.restarts.len() as u32 + 1,
                 window: self.config.window,
+            };
+        }
+        self.unproven += 1;
+        if self.unproven > self.config.max_unproven {
+            return Decision::Unproven {
+                failures: self.unproven,
             };
         }
         self.restarts.push_back(now);

@@ -35,6 +35,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use intensity::{Decision, Intensity, IntensityConfig};
 
@@ -47,6 +49,10 @@ use crate::vectors::Vectors;
 
 /// Metric: restarts, by `reason`.
 pub const METRIC_RESTARTS: &str = "restarts_total";
+
+/// Metric: escalations of the pool (each followed by a cooldown and a
+/// restart of the whole pool).
+pub const METRIC_ESCALATIONS: &str = "escalations_total";
 
 /// Whether a slot's instance is restarted (OTP's restart types).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +104,7 @@ impl Default for SupervisorConfig {
                 backoff_min: limits::DEFAULT_RESTART_BACKOFF_MIN,
                 backoff_max: limits::DEFAULT_RESTART_BACKOFF_MAX,
                 stable_uptime: limits::DEFAULT_STABLE_UPTIME,
+                max_unproven: limits::DEFAULT_MAX_UNPROVEN_FAILURES,
             },
             health_interval: limits::DEFAULT_HEALTH_INTERVAL,
             health_timeout: limits::DEFAULT_HEALTH_TIMEOUT,
@@ -111,9 +118,19 @@ impl Default for SupervisorConfig {
 /// Errors of the supervisor.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SupervisorError {
-    /// Restart intensity was exceeded; the backend is failed for good.
+    /// No instance could be started within the restart intensity (at
+    /// [`Supervisor::start`]), or the pool was shut down.
     #[error("the embedder backend failed: {0}")]
     Escalated(String),
+    /// The pool escalated and is down until its cooldown ends; it then
+    /// restarts by itself. Retry after `retry_after`.
+    #[error("the embedder backend is recovering after too many failures ({reason}); retry in {retry_after:?}")]
+    Unavailable {
+        /// Why the pool escalated.
+        reason: String,
+        /// Time left in the cooldown.
+        retry_after: Duration,
+    },
     /// The request's deadline ran out (while waiting, retrying or isolating
     /// a poison input).
     #[error("embedding ran out of its {0:?} deadline")]
@@ -127,6 +144,11 @@ impl From<SupervisorError> for RemoteError {
     fn from(e: SupervisorError) -> Self {
         match e {
             SupervisorError::Escalated(_) => RemoteError::new(ErrorCode::Failed, e.to_string()),
+            SupervisorError::Unavailable { retry_after, .. } => {
+                let mut remote = RemoteError::new(ErrorCode::Unavailable, e.to_string());
+                remote.retry_after_ms = Some(retry_after.as_millis().try_into().unwrap_or(u64::MAX));
+                remote
+            }
             SupervisorError::DeadlineExceeded(_) => {
                 RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string())
             }
@@ -172,11 +194,24 @@ struct Job {
     /// time ran out in the queue, is dropped when a slot takes it, never
     /// started.
     until: Instant,
-    reply: oneshot::Sender<Result<Vectors, CallError>>,
+    /// One text retried alone after it was in a crash: if it crashes
+    /// again, the crash is charged to the poison budget, not to the
+    /// instance's restart intensity (the input is at fault, not the
+    /// instance).
+    suspect: bool,
+    reply: oneshot::Sender<Reply>,
 }
+
+/// A job's answer, with the slot that ran it (none if no slot did).
+type Reply = (Option<usize>, Result<Vectors, CallError>);
 
 #[derive(Default)]
 struct SlotState {
+    /// A temporary slot whose instance ended: it left the pool.
+    gone: bool,
+    /// Crashes of this slot since explained by a poison input, to take
+    /// back from its restart intensity.
+    refunds: u32,
     incarnation: u64,
     pid: Option<u32>,
     up_since: Option<Instant>,
@@ -187,15 +222,80 @@ struct SlotState {
 
 struct Inner {
     config: SupervisorConfig,
-    /// Cancelled on escalation or when the last `Supervisor` handle is
-    /// dropped: every slot stops its instance and ends.
-    stop: tokio_util::sync::CancellationToken,
+    /// Cancelled by [`Supervisor::shutdown`] or when the last `Supervisor`
+    /// handle is dropped: every slot stops its instance and ends for good.
+    shutdown: CancellationToken,
+    /// The slots now running (one generation: the pool from its start, or
+    /// from its last recovery). Escalation cancels them; recovery starts
+    /// the next generation.
+    generation: Mutex<Generation>,
     jobs: mpsc::Sender<Job>,
     queue: tokio::sync::Mutex<mpsc::Receiver<Job>>,
-    escalated: Mutex<Option<String>>,
+    /// Set while the pool is down after an escalation.
+    cooldown: Mutex<Option<Cooldown>>,
+    /// Escalations since the pool last served a call: the cooldown's
+    /// exponent.
+    escalations: AtomicU32,
     slots: Mutex<Vec<SlotState>>,
     spawner: Arc<dyn Spawner>,
     info: Mutex<Option<ModelInfo>>,
+    poison: Mutex<PoisonMemory>,
+}
+
+/// One generation of slots: a token per slot, cancelled in reverse start
+/// order on shutdown, and the slots' tasks.
+#[derive(Default)]
+struct Generation {
+    slots: Vec<(CancellationToken, Option<tokio::task::JoinHandle<()>>)>,
+}
+
+/// Why and until when the pool is down.
+#[derive(Clone, Debug)]
+struct Cooldown {
+    reason: String,
+    until: Instant,
+    /// Whether the pool restarts when the cooldown ends (false: a pool with
+    /// no slot left, which fails every call at once).
+    recovering: bool,
+}
+
+/// Texts known to crash instances, by a keyed hash of their content, so
+/// that the same text never crashes an instance twice, in any batch.
+/// Bounded by [`limits::MAX_REMEMBERED_POISON`] (oldest forgotten first).
+struct PoisonMemory {
+    keys: std::hash::RandomState,
+    reasons: std::collections::HashMap<u64, String>,
+    order: VecDeque<u64>,
+}
+
+impl PoisonMemory {
+    fn new() -> Self {
+        PoisonMemory {
+            keys: std::hash::RandomState::new(),
+            reasons: std::collections::HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn key(&self, text: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.keys, text)
+    }
+
+    fn get(&self, text: &str) -> Option<&String> {
+        self.reasons.get(&self.key(text))
+    }
+
+    fn remember(&mut self, text: &str, reason: String) {
+        let key = self.key(text);
+        if self.reasons.insert(key, reason).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > limits::MAX_REMEMBERED_POISON {
+                if let Some(old) = self.order.pop_front() {
+                    self.reasons.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// A supervised pool of embedder instances. Cheap to clone.
@@ -262,19 +362,23 @@ impl Supervisor {
     ) -> Result<Self, SupervisorError> {
         let pool = config.pool_size.max(1);
         let (jobs, queue) = mpsc::channel(pool * QUEUE_PER_INSTANCE);
-        let stop = tokio_util::sync::CancellationToken::new();
+        let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             config,
-            stop: stop.clone(),
+            shutdown: shutdown.clone(),
+            generation: Mutex::new(Generation::default()),
             jobs,
             queue: tokio::sync::Mutex::new(queue),
-            escalated: Mutex::new(None),
+            cooldown: Mutex::new(None),
+            escalations: AtomicU32::new(0),
             slots: Mutex::new((0..pool).map(|_| SlotState::default()).collect()),
             spawner: Arc::new(spawner),
             info: Mutex::new(None),
+            poison: Mutex::new(PoisonMemory::new()),
         });
         // The first instance is started here, so a plugin that cannot start at
         // all is reported to the caller rather than retried in the background.
+        let stop = shutdown.child_token();
         let mut intensity = Intensity::new(inner.config.intensity);
         let mut incarnation = 0;
         let (first, info) = loop {
@@ -283,11 +387,11 @@ impl Supervisor {
                 Ok(started) => break started,
                 Err(message) => {
                     let failure = FailureReason::InitFailed;
-                    if !on_failure(&inner, 0, &mut intensity, failure, &message, Duration::ZERO)
+                    match on_failure(&inner, 0, &stop, &mut intensity, failure, &message, Duration::ZERO)
                         .await
                     {
-                        let why = lock(&inner.escalated).clone().unwrap_or(message);
-                        return Err(SupervisorError::Escalated(why));
+                        Restart::Yes => {}
+                        Restart::No(why) => return Err(SupervisorError::Escalated(why)),
                     }
                 }
             }
@@ -300,18 +404,30 @@ impl Supervisor {
             slots[0].pid = first.pid();
             slots[0].up_since = Some(Instant::now());
         }
-        tokio::spawn(run_slot(
-            inner.clone(),
-            0,
-            Some((first, incarnation, intensity)),
-        ));
-        for slot in 1..pool {
-            tokio::spawn(run_slot(inner.clone(), slot, None));
-        }
+        start_generation(&inner, Some((first, incarnation, intensity)), stop);
         Ok(Supervisor {
             inner,
-            _stop_on_drop: Arc::new(stop.drop_guard()),
+            _stop_on_drop: Arc::new(shutdown.drop_guard()),
         })
+    }
+
+    /// Stops the pool: each slot's instance is stopped in reverse start
+    /// order (a native child gets `shutdown` and exits 0), each within
+    /// [`limits::SHUTDOWN_SLOT_TIMEOUT`]. Later calls fail at once. A
+    /// program's normal exit waits for this, so no child is killed.
+    pub async fn shutdown(&self) {
+        let slots = std::mem::take(&mut lock(&self.inner.generation).slots);
+        for (token, task) in slots.into_iter().rev() {
+            token.cancel();
+            if let Some(task) = task
+                && tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, task)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("a slot did not stop within {:?}", limits::SHUTDOWN_SLOT_TIMEOUT);
+            }
+        }
+        self.inner.shutdown.cancel();
     }
 
     /// What the model reported at the first start.
@@ -321,9 +437,24 @@ impl Supervisor {
             .expect("set before `start` returns")
     }
 
-    /// Why the backend failed, once it has.
+    /// Why the pool is down, while it cools down after an escalation.
     pub fn escalated(&self) -> Option<String> {
-        lock(&self.inner.escalated).clone()
+        lock(&self.inner.cooldown).as_ref().map(|c| c.reason.clone())
+    }
+
+    /// [`SupervisorError::Unavailable`] while the pool cools down.
+    fn unavailable(&self) -> Option<SupervisorError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Some(SupervisorError::Escalated("the pool was shut down".into()));
+        }
+        let cooldown = lock(&self.inner.cooldown).clone()?;
+        if !cooldown.recovering {
+            return Some(SupervisorError::Escalated(cooldown.reason));
+        }
+        Some(SupervisorError::Unavailable {
+            reason: cooldown.reason,
+            retry_after: cooldown.until.saturating_duration_since(Instant::now()),
+        })
     }
 
     /// Per-instance status.
@@ -378,8 +509,29 @@ impl Supervisor {
         let mut crashes = vec![0u32; texts.len()];
         let mut failed: Vec<FailedInput> = Vec::new();
         let mut work: VecDeque<Vec<usize>> = VecDeque::new();
-        if !texts.is_empty() {
-            work.push_back((0..texts.len()).collect());
+        // For each text, the batch crash it was in (a number) and the slot
+        // that crashed: when the text turns out to be poison, that crash was
+        // the input's doing, and the slot's restart intensity is refunded
+        // (once per batch).
+        let mut batch_crash: Vec<Option<(usize, usize)>> = vec![None; texts.len()];
+        let mut batch_crashes = 0usize;
+        let mut refunded = std::collections::HashSet::new();
+        // Texts known to crash instances are answered at once.
+        let mut fresh = Vec::with_capacity(texts.len());
+        {
+            let poison = lock(&self.inner.poison);
+            for (i, text) in texts.iter().enumerate() {
+                match poison.get(text) {
+                    Some(reason) => failed.push(FailedInput {
+                        index: i as u32,
+                        reason: format!("a known poison input: {reason}"),
+                    }),
+                    None => fresh.push(i),
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            work.push_back(fresh);
         }
         while let Some(batch) = work.pop_front() {
             let remaining = until.saturating_duration_since(Instant::now());
@@ -387,10 +539,28 @@ impl Supervisor {
                 return Err(SupervisorError::DeadlineExceeded(deadline));
             }
             let batch_texts = batch.iter().map(|&i| texts[i].clone()).collect();
-            match self.dispatch(batch_texts, is_query, remaining).await? {
+            let suspect = batch.len() == 1 && crashes[batch[0]] > 0;
+            let (ran_on, result) = self.dispatch(batch_texts, is_query, remaining, suspect).await?;
+            match result {
                 Ok(vectors) => {
+                    // One place checks every backend's answer: a missing
+                    // row would shift every later text's vector by one.
+                    if let Err(reason) = check_rows(&vectors, batch.len(), dimension) {
+                        return Err(SupervisorError::Refused(RemoteError::new(
+                            ErrorCode::Failed,
+                            reason,
+                        )));
+                    }
                     for (k, &i) in batch.iter().enumerate() {
-                        rows[i] = vectors.get(k).map(<[f32]>::to_vec);
+                        let row = vectors.get(k).map(<[f32]>::to_vec);
+                        match row.as_deref().and_then(non_finite) {
+                            // A NaN or an infinity is that text's failure.
+                            Some(bad) => failed.push(FailedInput {
+                                index: i as u32,
+                                reason: format!("the embedder returned {bad} in its vector"),
+                            }),
+                            None => rows[i] = row,
+                        }
                     }
                 }
                 Err(CallError::Crash { reason, message }) => {
@@ -398,6 +568,12 @@ impl Supervisor {
                         crashes[i] += 1;
                     }
                     if batch.len() > 1 {
+                        batch_crashes += 1;
+                        if let Some(slot) = ran_on {
+                            for &i in &batch {
+                                batch_crash[i] = Some((batch_crashes, slot));
+                            }
+                        }
                         // Which text crashed is unknown: retry each alone, so a
                         // poison text costs one more crash, not one per
                         // bisection level (which would exceed the restart
@@ -410,12 +586,16 @@ impl Supervisor {
                     let i = batch[0];
                     if crashes[i] >= self.inner.config.poison_after {
                         tracing::warn!(index = i, crashes = crashes[i], %reason, "poison input isolated");
+                        let why = format!("crashed {} instances ({reason}): {message}", crashes[i]);
+                        lock(&self.inner.poison).remember(&texts[i], why.clone());
+                        if let Some((crash, slot)) = batch_crash[i]
+                            && refunded.insert(crash)
+                        {
+                            lock(&self.inner.slots)[slot].refunds += 1;
+                        }
                         failed.push(FailedInput {
                             index: i as u32,
-                            reason: format!(
-                                "crashed {} instances ({reason}): {message}",
-                                crashes[i]
-                            ),
+                            reason: why,
                         });
                     } else {
                         work.push_front(batch);
@@ -425,6 +605,7 @@ impl Supervisor {
                     code: ErrorCode::InvalidInput,
                     index: Some(k),
                     message,
+                    ..
                 })) => {
                     let Some(&i) = batch.get(k as usize) else {
                         return Err(SupervisorError::Refused(RemoteError::new(
@@ -463,9 +644,10 @@ impl Supervisor {
         texts: Vec<String>,
         is_query: bool,
         deadline: Duration,
-    ) -> Result<Result<Vectors, CallError>, SupervisorError> {
-        if let Some(reason) = self.escalated() {
-            return Err(SupervisorError::Escalated(reason));
+        suspect: bool,
+    ) -> Result<Reply, SupervisorError> {
+        if let Some(down) = self.unavailable() {
+            return Err(down);
         }
         let (reply, answer) = oneshot::channel();
         let until = Instant::now() + deadline;
@@ -473,29 +655,27 @@ impl Supervisor {
             texts,
             is_query,
             until,
+            suspect,
             reply,
         };
         let exhausted = || SupervisorError::DeadlineExceeded(deadline);
+        let stopped = || {
+            self.unavailable()
+                .unwrap_or_else(|| SupervisorError::Escalated("the pool stopped".into()))
+        };
         match tokio::time::timeout_at(until, self.inner.jobs.send(job)).await {
             Err(_) => return Err(exhausted()),
-            Ok(Err(_)) => {
-                return Err(SupervisorError::Escalated(
-                    self.escalated().unwrap_or_default(),
-                ));
-            }
+            Ok(Err(_)) => return Err(stopped()),
             Ok(Ok(())) => {}
         }
         match tokio::time::timeout_at(until, answer).await {
             Err(_) => Err(exhausted()),
-            Ok(Err(_)) => Err(SupervisorError::Escalated(
-                self.escalated()
-                    .unwrap_or_else(|| "the pool stopped".into()),
-            )),
-            // A job failed by escalation: report the escalation itself.
-            Ok(Ok(Err(CallError::Refused(_)))) if self.escalated().is_some() => Err(
-                SupervisorError::Escalated(self.escalated().unwrap_or_default()),
-            ),
-            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(stopped()),
+            // A job failed by escalation: report the cooldown itself.
+            Ok(Ok((_, Err(CallError::Refused(_))))) if self.unavailable().is_some() => {
+                Err(stopped())
+            }
+            Ok(Ok(reply)) => Ok(reply),
         }
     }
 
@@ -504,8 +684,8 @@ impl Supervisor {
     /// # Errors
     /// [`SupervisorError::Escalated`] once the backend failed.
     pub fn health(&self) -> Result<Health, SupervisorError> {
-        if let Some(reason) = self.escalated() {
-            return Err(SupervisorError::Escalated(reason));
+        if let Some(down) = self.unavailable() {
+            return Err(down);
         }
         let slots = lock(&self.inner.slots);
         Ok(Health {
@@ -519,9 +699,60 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `Err` with the reason unless `vectors` has one row of `dimension` per
+/// text.
+fn check_rows(vectors: &Vectors, texts: usize, dimension: usize) -> Result<(), String> {
+    if vectors.len() != texts {
+        return Err(format!(
+            "the embedder returned {} vectors for {texts} texts",
+            vectors.len()
+        ));
+    }
+    if texts > 0 && vectors.dimension() != dimension {
+        return Err(format!(
+            "the embedder returned vectors of dimension {}, but its model declared {dimension}",
+            vectors.dimension()
+        ));
+    }
+    Ok(())
+}
+
+/// The first value of `row` that is not finite.
+fn non_finite(row: &[f32]) -> Option<f32> {
+    row.iter().copied().find(|x| !x.is_finite())
+}
+
+/// Starts a generation of slots: slot 0 with `first` if given, the others
+/// fresh, each under a child token of `stop`.
+fn start_generation(inner: &Arc<Inner>, first: Option<FirstInstance>, stop: CancellationToken) {
+    let pool = inner.config.pool_size.max(1);
+    let mut first = first;
+    let mut generation = lock(&inner.generation);
+    generation.slots.clear();
+    for slot in 0..pool {
+        let token = stop.child_token();
+        let task = tokio::spawn(run_slot(
+            inner.clone(),
+            slot,
+            if slot == 0 { first.take() } else { None },
+            token.clone(),
+        ));
+        generation.slots.push((token, Some(task)));
+    }
+}
+
+/// Whether a failed slot restarts, or why not.
+enum Restart {
+    Yes,
+    No(String),
+}
+
 /// How a slot's serving loop ended.
 enum Ended {
-    Crashed(FailureReason, String),
+    /// The instance crashed: the reason, the message, whether the call was
+    /// a suspected poison text alone (see [`Job::suspect`]), and whether
+    /// the instance had served (a call or a health check) before.
+    Crashed(FailureReason, String, bool, bool),
     Shutdown,
 }
 
@@ -529,13 +760,30 @@ enum Ended {
 /// its start-up failures already used.
 type FirstInstance = (Box<dyn Worker>, u64, Intensity);
 
-async fn run_slot(inner: Arc<Inner>, slot: usize, first: Option<FirstInstance>) {
+async fn run_slot(
+    inner: Arc<Inner>,
+    slot: usize,
+    first: Option<FirstInstance>,
+    stop: CancellationToken,
+) {
     let (mut first, mut incarnation, mut intensity) = match first {
         Some((worker, incarnation, intensity)) => (Some(worker), incarnation, intensity),
-        None => (None, 0, Intensity::new(inner.config.intensity)),
+        None => (
+            None,
+            lock(&inner.slots)[slot].incarnation,
+            Intensity::new(inner.config.intensity),
+        ),
     };
+    // Crashes of suspected poison texts have a budget of their own: a bad
+    // input is not a bad instance, but a plugin that crashes on every text
+    // must still escalate.
+    let mut poison_budget = Intensity::new(IntensityConfig {
+        max_restarts: limits::DEFAULT_MAX_POISON_RESTARTS,
+        max_unproven: limits::DEFAULT_MAX_POISON_RESTARTS,
+        ..inner.config.intensity
+    });
     loop {
-        if inner.stop.is_cancelled() {
+        if stop.is_cancelled() {
             if let Some(worker) = first.take() {
                 worker.stop().await;
             }
@@ -545,12 +793,43 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, first: Option<FirstInstance>) 
             Some(worker) => worker,
             None => {
                 incarnation += 1;
-                match inner.spawner.start(slot, incarnation).await {
-                    Ok((worker, _)) => worker,
+                // Recorded even if the start fails, so that a pool restarted
+                // after an escalation goes on counting from here.
+                lock(&inner.slots)[slot].incarnation = incarnation;
+                // A start in progress is finished, not abandoned: dropping
+                // it would kill a native child half-way through its
+                // handshake. It is bounded by the init deadline.
+                let started = inner.spawner.start(slot, incarnation).await;
+                if stop.is_cancelled() {
+                    if let Ok((worker, _)) = started {
+                        worker.stop().await;
+                    }
+                    return;
+                }
+                match started {
+                    Ok((worker, info)) => {
+                        let first_info = lock(&inner.info).clone();
+                        match first_info {
+                            Some(known) if known != info => {
+                                // Another model behind the same pool would
+                                // mix vectors of two spaces in one index.
+                                worker.stop().await;
+                                let message = format!(
+                                    "the new instance reports model {info:?}, but the pool serves {known:?}"
+                                );
+                                match on_failure(&inner, slot, &stop, &mut intensity, FailureReason::InitFailed, &message, Duration::ZERO).await {
+                                    Restart::Yes => continue,
+                                    Restart::No(_) => return,
+                                }
+                            }
+                            _ => worker,
+                        }
+                    }
                     Err(message) => {
-                        if !on_failure(
+                        match on_failure(
                             &inner,
                             slot,
+                            &stop,
                             &mut intensity,
                             FailureReason::InitFailed,
                             &message,
@@ -558,9 +837,9 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, first: Option<FirstInstance>) 
                         )
                         .await
                         {
-                            return;
+                            Restart::Yes => continue,
+                            Restart::No(_) => return,
                         }
-                        continue;
                     }
                 }
             }
@@ -573,46 +852,78 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, first: Option<FirstInstance>) 
             slots[slot].up_since = Some(started);
         }
         tracing::info!(slot, incarnation, "instance started");
-        let ended = serve(&inner, slot, &mut incarnation, worker).await;
+        let ended = serve(&inner, slot, &stop, &mut incarnation, worker).await;
         lock(&inner.slots)[slot].up_since = None;
         match ended {
             Ended::Shutdown => return,
-            Ended::Crashed(reason, message) => {
+            Ended::Crashed(reason, message, suspect, served) => {
+                if served {
+                    intensity.on_success();
+                    poison_budget.on_success();
+                }
                 let restart = match inner.config.restart {
                     RestartType::Temporary => false,
+                    // A crash is an abnormal exit: transient slots restart
+                    // after it as permanent ones do.
                     RestartType::Permanent | RestartType::Transient => true,
                 };
                 if !restart {
                     tracing::warn!(slot, incarnation, %reason, "temporary instance crashed; not restarted");
+                    leave_pool(&inner, slot).await;
                     return;
                 }
-                if !on_failure(
+                let refunds = std::mem::take(&mut lock(&inner.slots)[slot].refunds);
+                for _ in 0..refunds {
+                    intensity.forgive();
+                }
+                let budget = if suspect {
+                    &mut poison_budget
+                } else {
+                    &mut intensity
+                };
+                match on_failure(
                     &inner,
                     slot,
-                    &mut intensity,
+                    &stop,
+                    budget,
                     reason,
                     &message,
                     started.elapsed(),
                 )
                 .await
                 {
-                    return;
+                    Restart::Yes => {}
+                    Restart::No(_) => return,
                 }
             }
         }
     }
 }
 
-/// Records a failure, and waits out the backoff. Returns `false` when the
-/// supervisor escalated.
+/// A temporary slot that ended leaves the pool; when none is left, queued
+/// and later calls fail at once instead of waiting for their deadlines.
+async fn leave_pool(inner: &Arc<Inner>, slot: usize) {
+    let left = {
+        let mut slots = lock(&inner.slots);
+        slots[slot].gone = true;
+        slots.iter().filter(|s| !s.gone).count()
+    };
+    if left == 0 {
+        escalate(inner, "every temporary instance of the pool has ended".into(), false).await;
+    }
+}
+
+/// Records a failure, and waits out the backoff. Returns whether the slot
+/// restarts; when it does not, the pool has escalated (or is stopping).
 async fn on_failure(
     inner: &Arc<Inner>,
     slot: usize,
+    stop: &CancellationToken,
     intensity: &mut Intensity,
     reason: FailureReason,
     message: &str,
     uptime: Duration,
-) -> bool {
+) -> Restart {
     metrics::counter!(METRIC_RESTARTS, "reason" => reason.label()).increment(1);
     *lock(&inner.slots)[slot]
         .restarts
@@ -622,39 +933,83 @@ async fn on_failure(
         Decision::Restart { delay } => {
             tracing::warn!(slot, %reason, %message, ?delay, "instance failed; restarting");
             tokio::select! {
-                () = tokio::time::sleep(delay) => true,
-                () = inner.stop.cancelled() => false,
+                () = tokio::time::sleep(delay) => Restart::Yes,
+                () = stop.cancelled() => Restart::No("the pool is stopping".into()),
             }
         }
-        Decision::Escalate { restarts, window } => {
-            let why = format!(
-                "instance {slot} failed {restarts} times within {window:?} (last: {reason}: {message})"
-            );
+        decision @ (Decision::Escalate { .. } | Decision::Unproven { .. }) => {
+            let why = match decision {
+                Decision::Escalate { restarts, window } => format!(
+                    "instance {slot} failed {restarts} times within {window:?} (last: {reason}: {message})"
+                ),
+                _ => format!(
+                    "instance {slot} failed {} times in a row without serving (last: {reason}: {message})",
+                    intensity.unproven()
+                ),
+            };
             tracing::error!(slot, %why, "restart intensity exceeded; escalating");
-            escalate(inner, why).await;
-            false
+            escalate(inner, why.clone(), true).await;
+            Restart::No(why)
         }
     }
 }
 
-async fn escalate(inner: &Arc<Inner>, why: String) {
+/// The pool goes down: every slot of this generation stops, queued jobs get
+/// [`SupervisorError::Unavailable`], and (when `recover`) the whole pool is
+/// started again after a cooldown that doubles with each escalation in a
+/// row (OTP's escalation to a parent, which restarts the subtree).
+async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
+    let n = inner.escalations.fetch_add(1, Ordering::Relaxed);
+    let cooldown = limits::ESCALATION_COOLDOWN_MIN
+        .saturating_mul(1u32 << n.min(16))
+        .min(limits::ESCALATION_COOLDOWN_MAX);
     {
-        let mut escalated = lock(&inner.escalated);
-        if escalated.is_none() {
-            *escalated = Some(why);
+        let mut down = lock(&inner.cooldown);
+        if down.is_some() {
+            return;
+        }
+        *down = Some(Cooldown {
+            reason: why,
+            until: Instant::now() + cooldown,
+            recovering: recover,
+        });
+    }
+    metrics::counter!(METRIC_ESCALATIONS).increment(1);
+    let slots = std::mem::take(&mut lock(&inner.generation).slots);
+    for (token, _) in &slots {
+        token.cancel();
+    }
+    // Fail what waits in the queue; later submissions fail at once.
+    {
+        let mut queue = inner.queue.lock().await;
+        while let Ok(job) = queue.try_recv() {
+            let _ = job.reply.send((None, Err(CallError::Refused(RemoteError::new(
+                ErrorCode::Unavailable,
+                "the pool escalated",
+            )))));
         }
     }
-    // Stop every slot (which releases the queue), then close the queue and
-    // fail every job in it; later submissions fail at once.
-    inner.stop.cancel();
-    let mut queue = inner.queue.lock().await;
-    queue.close();
-    while let Ok(job) = queue.try_recv() {
-        let _ = job.reply.send(Err(CallError::Refused(RemoteError::new(
-            ErrorCode::Failed,
-            lock(&inner.escalated).clone().unwrap_or_default(),
-        ))));
+    if !recover || inner.shutdown.is_cancelled() {
+        return;
     }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        // The old generation's instances are stopped before the new one
+        // starts (a native child gets its grace period).
+        for (_, task) in slots {
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, task).await;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(cooldown) => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        tracing::info!(?cooldown, "cooldown over: restarting the pool");
+        *lock(&inner.cooldown) = None;
+        let stop = inner.shutdown.child_token();
+        start_generation(&inner, None, stop);
+    });
 }
 
 async fn next_job(inner: &Inner) -> Option<Job> {
@@ -664,6 +1019,7 @@ async fn next_job(inner: &Inner) -> Option<Job> {
 async fn serve(
     inner: &Arc<Inner>,
     slot: usize,
+    stop: &CancellationToken,
     incarnation: &mut u64,
     mut worker: Box<dyn Worker>,
 ) -> Ended {
@@ -677,6 +1033,8 @@ async fn serve(
     // The incarnation serving calls; `*incarnation` runs ahead while a
     // replacement starts.
     let mut serving = *incarnation;
+    // Whether this instance has served: a call or a health check.
+    let mut proven = false;
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -686,7 +1044,7 @@ async fn serve(
         };
         tokio::select! {
             biased;
-            () = inner.stop.cancelled() => {
+            () = stop.cancelled() => {
                 worker.stop().await;
                 tracing::info!(slot, incarnation = serving, "instance stopped");
                 return Ended::Shutdown;
@@ -713,11 +1071,12 @@ async fn serve(
             }
             _ = health.tick() => {
                 match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
-                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout)),
-                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message),
-                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message),
-                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string()),
+                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven),
+                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message, false, proven),
+                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message, false, proven),
+                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string(), false, proven),
                     Ok(Ok(report)) => {
+                        proven = true;
                         lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
                         let over = if report.memory_bytes > config.max_memory_bytes {
                             Some(format!("memory {} > {} bytes", report.memory_bytes, config.max_memory_bytes))
@@ -756,6 +1115,13 @@ async fn serve(
                     call.await
                 };
                 lock(&inner.slots)[slot].served += 1;
+                if result.is_ok() {
+                    proven = true;
+                    // The pool serves again: the next escalation's cooldown
+                    // starts from the shortest.
+                    inner.escalations.store(0, Ordering::Relaxed);
+                }
+                let suspect = job.suspect;
                 let crash = match &mut result {
                     Err(CallError::Crash { reason, message }) => {
                         // Name the incarnation that died, for the caller and the log.
@@ -764,9 +1130,9 @@ async fn serve(
                     }
                     _ => None,
                 };
-                let _ = job.reply.send(result);
+                let _ = job.reply.send((Some(slot), result));
                 if let Some((reason, message)) = crash {
-                    return Ended::Crashed(reason, message);
+                    return Ended::Crashed(reason, message, suspect, proven);
                 }
             }
         }

@@ -715,15 +715,36 @@ fn send_batch(
         .collect();
     let bus = inner.embedder.clone();
     async move {
-        let response = bus
-            .send::<EmbedderEmbed>(
-                EmbedRequest {
-                    texts,
-                    is_query: false,
-                },
-                SendOptions::default().timeout(INDEX_EMBED_TIMEOUT),
-            )
-            .await;
+        // An embedder pool that escalated says when it will serve again:
+        // the batch waits out the cooldown (up to a bound) and loses
+        // nothing; its texts are never marked as failed for it.
+        let patience = tokio::time::Instant::now() + crate::limits::INDEX_UNAVAILABLE_PATIENCE;
+        let response = loop {
+            let response = bus
+                .send::<EmbedderEmbed>(
+                    EmbedRequest {
+                        texts: texts.clone(),
+                        is_query: false,
+                    },
+                    SendOptions::default().timeout(INDEX_EMBED_TIMEOUT),
+                )
+                .await;
+            match &response {
+                Err(BusError::Remote(remote))
+                    if remote.code == crate::bus::ErrorCode::Unavailable
+                        && tokio::time::Instant::now() < patience =>
+                {
+                    let Some(ms) = remote.retry_after_ms else {
+                        break response;
+                    };
+                    let wait = std::time::Duration::from_millis(ms)
+                        .max(crate::limits::INDEX_UNAVAILABLE_POLL);
+                    tracing::info!(?wait, "the embedder is recovering; waiting");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => break response,
+            }
+        };
         (keys, response)
     }
 }
