@@ -103,10 +103,42 @@ fn search(chunks: usize, queries: usize, sizes: &[usize]) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let section = "Search (the query's embedding excluded)";
     let size = format!("{chunks} chunks x {d}, top 10");
-    figure(section, &format!("index search p50, {size}"), ms(u50), "ms", ("naive scan p50", ms(n50)), Better::Lower, COMMAND);
-    figure(section, &format!("index search p99, {size}"), ms(u99), "ms", ("naive scan p99", ms(n99)), Better::Lower, COMMAND);
-    figure(section, &format!("exact f32 scan p50, {size}"), ms(e50), "ms", ("naive scan p50", ms(n50)), Better::Lower, COMMAND);
-    figure(section, &format!("index recall@10, {size}"), recall, "", ("the exact scan", 1.0), Better::Higher, COMMAND);
+    figure(
+        section,
+        &format!("index search p50, {size}"),
+        ms(u50),
+        "ms",
+        ("naive scan p50", ms(n50)),
+        Better::Lower,
+        COMMAND,
+    );
+    figure(
+        section,
+        &format!("index search p99, {size}"),
+        ms(u99),
+        "ms",
+        ("naive scan p99", ms(n99)),
+        Better::Lower,
+        COMMAND,
+    );
+    figure(
+        section,
+        &format!("exact f32 scan p50, {size}"),
+        ms(e50),
+        "ms",
+        ("naive scan p50", ms(n50)),
+        Better::Lower,
+        COMMAND,
+    );
+    figure(
+        section,
+        &format!("index recall@10, {size}"),
+        recall,
+        "",
+        ("the exact scan", 1.0),
+        Better::Higher,
+        COMMAND,
+    );
     for &n in sizes {
         let index = VectorIndex::new(d, (0..n as i64).collect(), data[..n * d].to_vec());
         let (mut e, mut q) = (Vec::new(), Vec::new());
@@ -293,7 +325,10 @@ fn command(model: &Path, db: &Path, runs: usize) {
         "`embedhost search`, whole command (start, model load, query, search), native, p50",
         search.as_secs_f64() * 1e3,
         "ms",
-        ("`embedhost embed` of the same query", embed.as_secs_f64() * 1e3),
+        (
+            "`embedhost embed` of the same query",
+            embed.as_secs_f64() * 1e3,
+        ),
         Better::Lower,
         COMMAND,
     );

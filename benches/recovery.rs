@@ -80,7 +80,11 @@ fn ms(d: Duration) -> f64 {
 
 /// Request recovery and instance recovery on one backend.
 async fn recovery(backend: &str, spawner: impl Spawner + Clone) {
-    let mut config = SupervisorConfig { pool_size: 1, poison_after: 1, ..SupervisorConfig::default() };
+    let mut config = SupervisorConfig {
+        pool_size: 1,
+        poison_after: 1,
+        ..SupervisorConfig::default()
+    };
     config.intensity.max_restarts = u32::MAX;
     config.intensity.backoff_min = Duration::ZERO;
     config.intensity.backoff_max = Duration::ZERO;
@@ -90,7 +94,10 @@ async fn recovery(backend: &str, spawner: impl Spawner + Clone) {
     let mut recovery = Vec::new();
     for i in 0..CRASHES * 5 {
         if i % 5 == 4 {
-            let crashed = supervisor.embed(vec!["CRASH".into()], false, DEADLINE).await.unwrap();
+            let crashed = supervisor
+                .embed(vec!["CRASH".into()], false, DEADLINE)
+                .await
+                .unwrap();
             assert_eq!(crashed.failed.len(), 1);
             let at = Instant::now();
             let ok = supervisor.embed(text(i), false, DEADLINE).await.unwrap();
@@ -110,7 +117,9 @@ async fn recovery(backend: &str, spawner: impl Spawner + Clone) {
         starts.push(at.elapsed());
         worker.stop().await;
     }
-    println!("recovery (cargo bench --bench recovery): pool of 1 stub {backend} instance, {CRASHES} crashes");
+    println!(
+        "recovery (cargo bench --bench recovery): pool of 1 stub {backend} instance, {CRASHES} crashes"
+    );
     let (base50, base99) = report("ordinary request (baseline)", normal);
     let (rec50, rec99) = report("crash -> next successful answer", recovery);
     let (new50, new99) = report("a new instance ready", starts);
@@ -122,10 +131,30 @@ async fn recovery(backend: &str, spawner: impl Spawner + Clone) {
     );
     let section = "Recovery after a crash (stub plugin, pool of 1)";
     for (what, p, value, base) in [
-        ("request recovery (crash to the next answer)", "p50", rec50, base50),
-        ("request recovery (crash to the next answer)", "p99", rec99, base99),
-        ("instance recovery (a new instance ready)", "p50", new50, base50),
-        ("instance recovery (a new instance ready)", "p99", new99, base99),
+        (
+            "request recovery (crash to the next answer)",
+            "p50",
+            rec50,
+            base50,
+        ),
+        (
+            "request recovery (crash to the next answer)",
+            "p99",
+            rec99,
+            base99,
+        ),
+        (
+            "instance recovery (a new instance ready)",
+            "p50",
+            new50,
+            base50,
+        ),
+        (
+            "instance recovery (a new instance ready)",
+            "p99",
+            new99,
+            base99,
+        ),
     ] {
         figure(
             section,

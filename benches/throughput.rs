@@ -194,7 +194,11 @@ fn main() {
             )
         };
         if let Some(b) = base {
-            record("native fp32", n, ("Python onnxruntime, same files and threads", b));
+            record(
+                "native fp32",
+                n,
+                ("Python onnxruntime, same files and threads", b),
+            );
         }
         record("native int8", q, ("native fp32", n));
         record(&format!("WASM pool of {cores}"), w, ("native fp32", n));

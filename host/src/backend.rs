@@ -135,4 +135,3 @@ pub trait Spawner: Send + Sync + 'static {
     /// Starts and initialises incarnation `incarnation` of slot `slot`.
     fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started>;
 }
-

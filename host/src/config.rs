@@ -709,9 +709,12 @@ impl Config {
 
     /// The artifact cache: [`Config::cache_dir`] within `[cache] max_mb`.
     pub fn artifact_cache(&self) -> Option<crate::wasm::ArtifactCache> {
-        let budget = self.cache.max_mb.map_or(limits::DEFAULT_CACHE_MAX_BYTES, |mb| {
-            mb.saturating_mul(1024 * 1024)
-        });
+        let budget = self
+            .cache
+            .max_mb
+            .map_or(limits::DEFAULT_CACHE_MAX_BYTES, |mb| {
+                mb.saturating_mul(1024 * 1024)
+            });
         self.cache_dir()
             .map(|dir| crate::wasm::ArtifactCache::new(dir).with_max_bytes(budget))
     }

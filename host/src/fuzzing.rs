@@ -72,7 +72,11 @@ pub fn envelope(data: &[u8]) {
     fn decode<T: serde::de::DeserializeOwned + 'static>(data: &[u8]) {
         let body = || Body::Encoded(bytes::Bytes::copy_from_slice(data));
         let first = body().decode::<T>("fuzz").is_ok();
-        assert_eq!(first, body().decode::<T>("fuzz").is_ok(), "decoding is pure");
+        assert_eq!(
+            first,
+            body().decode::<T>("fuzz").is_ok(),
+            "decoding is pure"
+        );
     }
     decode::<EmbedRequest>(data);
     decode::<EmbedResponse>(data);
@@ -83,8 +87,8 @@ pub fn envelope(data: &[u8]) {
     decode::<SearchRequest>(data);
     decode::<SearchResponse>(data);
     decode::<StatsResponse>(data);
-    if let Ok(response) = Body::Encoded(bytes::Bytes::copy_from_slice(data))
-        .decode::<EmbedResponse>("fuzz")
+    if let Ok(response) =
+        Body::Encoded(bytes::Bytes::copy_from_slice(data)).decode::<EmbedResponse>("fuzz")
     {
         // Whatever decodes is well-shaped: rows of the stated dimension.
         let v = &response.vectors;
@@ -98,7 +102,9 @@ pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(config) = crate::config::Config::parse(text, std::path::Path::new("/fuzz/embedhost.toml")) {
+    if let Ok(config) =
+        crate::config::Config::parse(text, std::path::Path::new("/fuzz/embedhost.toml"))
+    {
         // What the host derives from a config must not panic either.
         let _ = config.supervisor_config();
         let _ = config.instance_limits();

@@ -184,8 +184,15 @@ pub const MAX_PLUGIN_LOG_LINE: usize = 4096;
 /// Longest message a plugin may pass to `host-log.log`, for the same reason.
 pub const MAX_PLUGIN_LOG_MESSAGE: usize = 4096;
 
-/// OTP's MaxR default: restarts of one instance allowed within
-/// [`DEFAULT_RESTART_WINDOW`] before the backend is declared failed.
+/// OTP's MaxR default: restarts of one slot allowed within
+/// [`DEFAULT_RESTART_WINDOW`] before the pool escalates (and, after a
+/// cooldown, restarts as a whole).
+///
+/// Counted per slot, not per supervisor as OTP counts its children: the
+/// slots are identical instances sharing one load, so a count over the whole
+/// pool would make a pool of eight escalate eight times sooner than a pool
+/// of one under the same fault rate per instance. Crashes that turn out to
+/// be a poison input's are not counted here ([`DEFAULT_MAX_POISON_RESTARTS`]).
 pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 
 /// OTP's MaxT default (5 s): the sliding window for [`DEFAULT_MAX_RESTARTS`].

@@ -46,7 +46,10 @@ mod tests {
     fn a_newline_cannot_forge_a_host_line() {
         let forged = "ok\n2026-01-01T00:00:00Z ERROR embedhost::supervisor: escalated\r\x1b[2K";
         let safe = sanitize(forged, 4096);
-        assert!(!safe.contains('\n') && !safe.contains('\r') && !safe.contains('\x1b'), "{safe}");
+        assert!(
+            !safe.contains('\n') && !safe.contains('\r') && !safe.contains('\x1b'),
+            "{safe}"
+        );
         assert!(safe.starts_with("ok\\n2026"), "{safe}");
         assert_eq!(sanitize("a\u{202e}b", 100), "a\\u{202e}b");
     }
@@ -54,7 +57,11 @@ mod tests {
     #[test]
     fn long_text_is_cut_on_a_character_boundary() {
         let safe = sanitize(&"é".repeat(10_000), 100);
-        assert!(safe.len() <= 100 + " [truncated]".len() + 4, "{}", safe.len());
+        assert!(
+            safe.len() <= 100 + " [truncated]".len() + 4,
+            "{}",
+            safe.len()
+        );
         assert!(safe.ends_with(" [truncated]"));
     }
 }

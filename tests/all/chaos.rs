@@ -36,9 +36,10 @@ const FILES: usize = 2000;
 const CHAOS: &str = "0.03";
 
 /// Bound on the host's memory growth over a soak (after its first round,
-/// which fills caches): the worker and supervisor keep nothing per round
-/// but the in-memory vectors of the current index.
-const SOAK_GROWTH_BOUND: u64 = 64 * 1024 * 1024;
+/// which fills caches), as a fraction of its size then: flat within 10%.
+/// The worker and supervisor keep nothing per round but the in-memory
+/// vectors of the current index.
+const SOAK_GROWTH_DIVISOR: u64 = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
@@ -225,9 +226,19 @@ async fn chaos_equals_clean(backend: Backend) {
         "callers saw failures: {:?}",
         run.caller_failures
     );
-    assert_eq!(run.contents.len(), clean.contents.len(), "no chunk lost or duplicated");
-    assert!(run.contents == clean.contents, "the chaos index differs from the clean one");
-    assert_eq!(run.searches, clean.searches, "every search answers as on the clean index");
+    assert_eq!(
+        run.contents.len(),
+        clean.contents.len(),
+        "no chunk lost or duplicated"
+    );
+    assert!(
+        run.contents == clean.contents,
+        "the chaos index differs from the clean one"
+    );
+    assert_eq!(
+        run.searches, clean.searches,
+        "every search answers as on the clean index"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,8 +307,8 @@ async fn chaos_soak() {
         assert!(failures.is_empty(), "{report}");
         assert_eq!(mismatches, 0, "{report}");
         assert!(
-            end_rss <= start_rss + SOAK_GROWTH_BOUND,
-            "the host grew past the bound: {report}"
+            end_rss <= start_rss + start_rss / SOAK_GROWTH_DIVISOR,
+            "the host grew by more than 1/{SOAK_GROWTH_DIVISOR} of its size after round 1: {report}"
         );
     }
     println!("soak report:\n{report}");

@@ -50,7 +50,10 @@ fn mutate(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             }
             2 => {
                 let i = rng.usize(..=data.len());
-                data.insert(i, [0, 0xff, 0x7f, 0x80, 0x1b, 0x5b, b'"', b'='][rng.usize(..8)]);
+                data.insert(
+                    i,
+                    [0, 0xff, 0x7f, 0x80, 0x1b, 0x5b, b'"', b'='][rng.usize(..8)],
+                );
             }
             3 if !data.is_empty() => {
                 data.remove(rng.usize(..data.len()));

@@ -3,8 +3,9 @@
 mod bus;
 mod chaos;
 mod child;
-mod fuzz;
 mod cli;
+mod fuzz;
+mod layering;
 mod model;
 mod native;
 mod onnx;

@@ -250,3 +250,42 @@ fn the_command_line_reports_missing_files_and_fails() {
         .unwrap();
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown model `no-such-model`"));
 }
+
+#[test]
+fn a_file_corrupted_in_place_after_its_fetch_is_caught_before_it_is_used() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    let dir = store.ensure(&m, None, &online()).unwrap();
+    assert_eq!(server.ranges.lock().unwrap().len(), 1);
+    // Verified once: the next use trusts the recorded stamp, asks nothing.
+    store.ensure(&m, None, &online()).unwrap();
+    assert_eq!(server.ranges.lock().unwrap().len(), 1);
+    // Four bytes overwritten in place: same size, same name.
+    let path = dir.join("model.bin");
+    let corrupt = |at: usize| {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&[0xde, 0xad, 0xbe, 0xef]).unwrap();
+    };
+    corrupt(4321);
+    // Online: fetched again before anything uses it.
+    store.ensure(&m, None, &online()).unwrap();
+    assert_eq!(server.ranges.lock().unwrap().len(), 2);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // Offline: refused, naming the file and the command that fixes it.
+    corrupt(99);
+    let offline = FetchOptions {
+        offline: true,
+        ..online()
+    };
+    let err = store.ensure(&m, None, &offline).unwrap_err().to_string();
+    assert!(
+        err.contains("model.bin") && err.contains("offline"),
+        "{err}"
+    );
+    assert_eq!(server.ranges.lock().unwrap().len(), 2);
+}

@@ -388,14 +388,27 @@ fn a_normal_exit_leaves_every_native_child_exited_with_status_0() {
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
-        .args(["--config", config.to_str().unwrap(), "embed", "one", "two", "three"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "embed",
+            "one",
+            "two",
+            "three",
+        ])
         .env("RUST_LOG", "embedhost::native=debug")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let stopped: Vec<&str> = err.lines().filter(|l| l.contains("child stopped")).collect();
+    let stopped: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("child stopped"))
+        .collect();
     assert_eq!(stopped.len(), 2, "{err}");
-    assert!(stopped.iter().all(|l| l.contains("exit status: 0")), "{err}");
+    assert!(
+        stopped.iter().all(|l| l.contains("exit status: 0")),
+        "{err}"
+    );
     assert!(!err.contains("killing it"), "{err}");
 }

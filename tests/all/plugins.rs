@@ -67,7 +67,11 @@ fn plugin_test_passes_the_stub_and_the_template_with_a_readable_table() {
             "bad config is a value",
             "health",
         ] {
-            assert_eq!(result_of(&table, check), "pass", "{plugin}: {check}\n{table}");
+            assert_eq!(
+                result_of(&table, check),
+                "pass",
+                "{plugin}: {check}\n{table}"
+            );
         }
         assert!(table.contains("texts/s"), "{table}");
         assert!(table.contains("MiB of linear memory"), "{table}");
@@ -82,7 +86,11 @@ fn plugin_test_fails_a_broken_plugin_naming_each_broken_rule() {
     assert!(err.contains("failed 5 of 13 checks"), "{err}");
     assert_eq!(result_of(&table, "init"), "pass", "{table}");
     assert_eq!(result_of(&table, "embeds a batch"), "pass", "{table}");
-    assert_eq!(result_of(&table, "normalized as declared"), "FAIL", "{table}");
+    assert_eq!(
+        result_of(&table, "normalized as declared"),
+        "FAIL",
+        "{table}"
+    );
     assert!(table.contains("has norm 2.0"), "{table}");
     assert_eq!(result_of(&table, "deterministic"), "FAIL", "{table}");
     // Its answers drift from call to call, so a text alone differs too.
@@ -123,7 +131,10 @@ fn plugin_test_reports_a_plugin_that_cannot_start_and_a_bad_argument() {
     assert!(err.contains("failed 1 of 2 checks"), "{err}");
     let (ok, _, err) = plugin_test(&[embedhost::plugins::TEMPLATE, "--set", "dimension"]);
     assert!(!ok);
-    assert!(err.contains("`--set dimension` is not of the form KEY=VALUE"), "{err}");
+    assert!(
+        err.contains("`--set dimension` is not of the form KEY=VALUE"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -245,12 +256,17 @@ async fn a_plugin_cannot_read_or_write_files_outside_its_model_directory() {
     let secret = outside.path().join("secret.txt");
     std::fs::write(&secret, "host secret").unwrap();
     let probe = secret.to_str().unwrap();
-    let supervisor = hostile(&[("mode", "files"), ("probe", probe)]).await.unwrap();
+    let supervisor = hostile(&[("mode", "files"), ("probe", probe)])
+        .await
+        .unwrap();
     let reason = attack(&supervisor).await;
     assert!(reason.contains("contained:"), "{reason}");
     assert!(!reason.contains("ESCAPED"), "{reason}");
     assert!(reason.contains("read /etc/passwd: refused"), "{reason}");
-    assert!(reason.contains("write /model/written-by-plugin: refused"), "{reason}");
+    assert!(
+        reason.contains("write /model/written-by-plugin: refused"),
+        "{reason}"
+    );
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret");
     assert!(!model_dir().join("written-by-plugin").exists());
     assert_eq!(
@@ -278,10 +294,15 @@ async fn a_plugin_can_open_no_socket() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let supervisor = hostile(&[("mode", "socket"), ("addr", &addr)]).await.unwrap();
+    let supervisor = hostile(&[("mode", "socket"), ("addr", &addr)])
+        .await
+        .unwrap();
     let reason = attack(&supervisor).await;
     assert!(reason.contains("contained:"), "{reason}");
-    assert!(reason.contains(&format!("tcp connect {addr}: refused")), "{reason}");
+    assert!(
+        reason.contains(&format!("tcp connect {addr}: refused")),
+        "{reason}"
+    );
     assert!(reason.contains("tcp listen: refused"), "{reason}");
     assert!(reason.contains("name lookup: refused"), "{reason}");
     assert!(
@@ -349,5 +370,8 @@ async fn a_plugin_looping_forever_in_init_fails_to_start_with_a_typed_error() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(e, WasmError::DeadlineExceeded { call: "init", .. }), "{e:?}");
+    assert!(
+        matches!(e, WasmError::DeadlineExceeded { call: "init", .. }),
+        "{e:?}"
+    );
 }

@@ -382,7 +382,15 @@ async fn the_bert_plugin_passes_the_conformance_suite() {
     )
     .await;
     assert!(report.passed(), "{}", report.table());
-    assert_eq!(report.count(embedhost::conformance::Outcome::Pass), 13, "{}", report.table());
+    assert_eq!(
+        report.count(embedhost::conformance::Outcome::Pass),
+        13,
+        "{}",
+        report.table()
+    );
     assert!(report.texts_per_second.is_some_and(|r| r > 0.0));
-    assert!(report.memory_bytes.is_some_and(|m| m > 90_000_000), "the model is in memory");
+    assert!(
+        report.memory_bytes.is_some_and(|m| m > 90_000_000),
+        "the model is in memory"
+    );
 }

@@ -24,9 +24,12 @@ fn engine() -> &'static WasmEngine {
 }
 
 fn hostile() -> WasmPlugin {
-    WasmPlugin::load(engine(), &PluginSource::File(embedhost::plugins::HOSTILE.into()))
-        .unwrap()
-        .with_model_dir(model_dir())
+    WasmPlugin::load(
+        engine(),
+        &PluginSource::File(embedhost::plugins::HOSTILE.into()),
+    )
+    .unwrap()
+    .with_model_dir(model_dir())
 }
 
 /// A model directory for the hostile plugin (one file, which `handles`
@@ -78,7 +81,11 @@ async fn init_blocked_in_a_host_call_ends_at_its_deadline_with_a_typed_error() {
         matches!(err, WasmError::DeadlineExceeded { call: "init", .. }),
         "{err:?}"
     );
-    assert!(started.elapsed() < bound(quick().init_deadline), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < bound(quick().init_deadline),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -89,11 +96,21 @@ async fn embed_and_health_blocked_in_a_host_call_end_at_their_deadline() {
         .embed(vec![TRIGGER.into()], false, None)
         .await
         .unwrap_err();
-    assert!(matches!(err, WasmError::DeadlineExceeded { call: "embed", .. }), "{err:?}");
+    assert!(
+        matches!(err, WasmError::DeadlineExceeded { call: "embed", .. }),
+        "{err:?}"
+    );
     assert!(err.is_crash());
-    assert!(started.elapsed() < bound(quick().call_deadline), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < bound(quick().call_deadline),
+        "{:?}",
+        started.elapsed()
+    );
     // The instance is discarded: its store is never entered again.
-    let gone = embedder.embed(vec!["x".into()], false, None).await.unwrap_err();
+    let gone = embedder
+        .embed(vec!["x".into()], false, None)
+        .await
+        .unwrap_err();
     assert!(matches!(gone, WasmError::InstanceGone { .. }), "{gone:?}");
 
     let embedder = start("sleep_health").await.unwrap();
@@ -102,7 +119,10 @@ async fn embed_and_health_blocked_in_a_host_call_end_at_their_deadline() {
         .health(Some(Duration::from_millis(100)))
         .await
         .unwrap_err();
-    assert!(matches!(err, WasmError::DeadlineExceeded { call: "health", .. }), "{err:?}");
+    assert!(
+        matches!(err, WasmError::DeadlineExceeded { call: "health", .. }),
+        "{err:?}"
+    );
     assert!(started.elapsed() < bound(Duration::from_millis(100)));
 }
 
@@ -165,7 +185,10 @@ fn blocked_calls_probe() {
             let calls = (0..n).map(|i| async move {
                 if i % 2 == 0 {
                     let e = start("sleep_embed").await.unwrap();
-                    let err = e.embed(vec![TRIGGER.into()], false, None).await.unwrap_err();
+                    let err = e
+                        .embed(vec![TRIGGER.into()], false, None)
+                        .await
+                        .unwrap_err();
                     assert!(matches!(err, WasmError::DeadlineExceeded { .. }), "{err:?}");
                 } else {
                     let e = start("sleep_health").await.unwrap();
@@ -194,7 +217,10 @@ fn blocked_calls_probe() {
     let grown = resident_bytes().saturating_sub(base_rss);
     println!("threads {base_threads} -> {after}, resident memory grew {grown} bytes");
     assert!(after <= base_threads, "threads {base_threads} -> {after}");
-    assert!(grown < 64 << 20, "resident memory grew {grown} bytes over 50 blocked calls");
+    assert!(
+        grown < 64 << 20,
+        "resident memory grew {grown} bytes over 50 blocked calls"
+    );
 }
 
 #[test]
@@ -209,7 +235,11 @@ fn fifty_blocked_calls_leave_no_thread_or_store_behind() {
         ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "{text}");
     assert!(text.contains("threads"), "{text}");
@@ -262,7 +292,10 @@ fn failed_on_one_line(out: &Output, elapsed: Duration, within: Duration) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: ") && last.contains("deadline"), "{err}");
+    assert!(
+        last.starts_with("error: ") && last.contains("deadline"),
+        "{err}"
+    );
     assert!(elapsed < within, "took {elapsed:?}: {err}");
 }
 
@@ -271,7 +304,13 @@ fn plugin_check_plugin_test_and_embed_end_for_a_plugin_blocking_in_init() {
     let dir = tempfile::tempdir().unwrap();
     let config = hostile_config(dir.path(), "sleep_init", "");
     let config = config.to_str().unwrap();
-    let (out, took) = embedhost(&["--config", config, "plugin", "check", embedhost::plugins::HOSTILE]);
+    let (out, took) = embedhost(&[
+        "--config",
+        config,
+        "plugin",
+        "check",
+        embedhost::plugins::HOSTILE,
+    ]);
     failed_on_one_line(&out, took, Duration::from_secs(10));
     let (out, took) = embedhost(&["--config", config, "embed", "hello"]);
     failed_on_one_line(&out, took, Duration::from_secs(15));
@@ -288,7 +327,10 @@ fn plugin_check_plugin_test_and_embed_end_for_a_plugin_blocking_in_init() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("init") && table.contains("deadline"), "{table}");
+    assert!(
+        table.contains("init") && table.contains("deadline"),
+        "{table}"
+    );
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
@@ -300,7 +342,11 @@ fn plugin_test_and_embed_end_for_a_plugin_blocking_in_embed() {
     let (out, took) = embedhost(&["--config", config, "embed", "fine", TRIGGER]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().last(), Some("error: 1 of 2 texts could not be embedded"), "{err}");
+    assert_eq!(
+        err.lines().last(),
+        Some("error: 1 of 2 texts could not be embedded"),
+        "{err}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("deadline"), "{stdout}");
     assert!(took < Duration::from_secs(10), "{took:?}");
@@ -330,7 +376,13 @@ fn plugin_check_plugin_test_and_embed_end_for_a_plugin_blocking_in_health() {
         "health_interval_ms = 100\nhealth_timeout_ms = 200\n",
     );
     let config = config.to_str().unwrap();
-    let (out, took) = embedhost(&["--config", config, "plugin", "check", embedhost::plugins::HOSTILE]);
+    let (out, took) = embedhost(&[
+        "--config",
+        config,
+        "plugin",
+        "check",
+        embedhost::plugins::HOSTILE,
+    ]);
     failed_on_one_line(&out, took, Duration::from_secs(10));
     assert!(stderr(&out).contains("health"), "{}", stderr(&out));
     let (out, took) = embedhost(&[
@@ -535,7 +587,10 @@ fn a_deeply_nested_component_is_refused_before_compiling_in_bounded_time_and_mem
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("refused before compiling")
-            && err.contains(&format!("nest deeper than {}", limits::MAX_COMPONENT_NESTING)),
+            && err.contains(&format!(
+                "nest deeper than {}",
+                limits::MAX_COMPONENT_NESTING
+            )),
         "{err}"
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -561,13 +616,21 @@ fn an_oversized_plugin_file_is_refused_without_reading_it() {
 async fn error_texts_are_cut_to_their_bound_and_huge_ones_refused_at_the_boundary() {
     // A long error value is cut and marked.
     let config = pairs(&[("mode", "huge_error"), ("bytes", "100000")]);
-    let err = WasmEmbedder::start(hostile(), quick(), config).await.unwrap_err();
+    let err = WasmEmbedder::start(hostile(), quick(), config)
+        .await
+        .unwrap_err();
     let text = err.to_string();
-    assert!(text.len() < limits::MAX_PLUGIN_ERROR_BYTES + 200, "{}", text.len());
+    assert!(
+        text.len() < limits::MAX_PLUGIN_ERROR_BYTES + 200,
+        "{}",
+        text.len()
+    );
     assert!(text.contains("[truncated]"), "{text}");
     // A 100 MB one never leaves the plugin's memory.
     let config = pairs(&[("mode", "huge_error")]);
-    let err = WasmEmbedder::start(hostile(), quick(), config).await.unwrap_err();
+    let err = WasmEmbedder::start(hostile(), quick(), config)
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(text.len() < 1000, "{}", text.len());
     assert!(text.contains("more than"), "{text}");
@@ -576,16 +639,22 @@ async fn error_texts_are_cut_to_their_bound_and_huge_ones_refused_at_the_boundar
 #[tokio::test]
 async fn a_model_id_past_its_bound_is_refused_not_stored() {
     let config = pairs(&[("mode", "huge_model_id"), ("bytes", "300")]);
-    let err = WasmEmbedder::start(hostile(), quick(), config).await.unwrap_err();
+    let err = WasmEmbedder::start(hostile(), quick(), config)
+        .await
+        .unwrap_err();
     assert!(matches!(err, WasmError::InvalidOutput { .. }), "{err:?}");
     assert!(err.to_string().contains("MAX_MODEL_ID_BYTES"), "{err}");
     let config = pairs(&[("mode", "huge_model_id")]);
-    let err = WasmEmbedder::start(hostile(), quick(), config).await.unwrap_err();
+    let err = WasmEmbedder::start(hostile(), quick(), config)
+        .await
+        .unwrap_err();
     assert!(err.to_string().len() < 1000, "{err}");
     // At the bound it is accepted.
     let at = limits::MAX_MODEL_ID_BYTES.to_string();
     let config = pairs(&[("mode", "huge_model_id"), ("bytes", &at)]);
-    let ok = WasmEmbedder::start(hostile(), quick(), config).await.unwrap();
+    let ok = WasmEmbedder::start(hostile(), quick(), config)
+        .await
+        .unwrap();
     assert_eq!(ok.model_info().model_id.len(), limits::MAX_MODEL_ID_BYTES);
 }
 
@@ -602,11 +671,17 @@ fn a_log_flood_is_rate_limited_counted_and_cannot_forge_a_host_line() {
     let allowed = limits::PLUGIN_LOG_BURST as f64
         + limits::PLUGIN_LOG_LINES_PER_SECOND as f64 * took.as_secs_f64()
         + 10.0;
-    assert!((lines.len() as f64) < allowed, "{} lines in {took:?}", lines.len());
+    assert!(
+        (lines.len() as f64) < allowed,
+        "{} lines in {took:?}",
+        lines.len()
+    );
     assert!(err.len() < 200_000, "{} bytes of log", err.len());
     // No line of the plugin's starts where the host's do.
     assert!(
-        lines.iter().all(|l| !l.contains("forged by the plugin") || l.contains("\\n")),
+        lines
+            .iter()
+            .all(|l| !l.contains("forged by the plugin") || l.contains("\\n")),
         "{err}"
     );
     assert!(!lines.iter().any(|l| l.starts_with("2026-01-01")), "{err}");
@@ -647,8 +722,14 @@ async fn resource_handles_are_bounded_per_instance() {
     // The handle past the bound is refused with a trap, which ends the
     // instance (its handles and their host memory go with it).
     assert!(err.is_crash(), "{err:?}");
-    assert!(format!("{err:?}").contains("resource table has no free keys"), "{err:?}");
-    let gone = embedder.embed(vec!["x".into()], false, None).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("resource table has no free keys"),
+        "{err:?}"
+    );
+    let gone = embedder
+        .embed(vec!["x".into()], false, None)
+        .await
+        .unwrap_err();
     assert!(matches!(gone, WasmError::InstanceGone { .. }), "{gone:?}");
 }
 
@@ -665,7 +746,8 @@ fn a_snapshot_past_its_bound_is_not_made_and_the_cache_stays_small() {
     };
     let fill = (limits::MAX_SNAPSHOT_BYTES / (1 << 20) + 64).to_string();
     let config = pairs(&[("mode", "fill_init"), ("fill_mb", &fill)]);
-    let plugin = WasmPlugin::load_snapshot(&engine, &source, &model_dir(), limits, &config).unwrap();
+    let plugin =
+        WasmPlugin::load_snapshot(&engine, &source, &model_dir(), limits, &config).unwrap();
     match plugin.snapshot() {
         SnapshotStatus::Unavailable(reason) => {
             assert!(reason.contains("MAX_SNAPSHOT_BYTES"), "{reason}")
@@ -753,7 +835,11 @@ async fn a_native_child_leaking_past_its_ceiling_is_stopped_there_and_replaced()
         assert_eq!((r.vectors.len(), r.failed.len()), (1, 0), "{r:?}");
     }
     assert!(started.elapsed() < limits::DEFAULT_HEALTH_INTERVAL);
-    let capped = supervisor.restarts().get("memory_cap").copied().unwrap_or(0);
+    let capped = supervisor
+        .restarts()
+        .get("memory_cap")
+        .copied()
+        .unwrap_or(0);
     // 12 calls of 64 MiB against a 256 MiB ceiling: stopped at least twice.
     assert!(capped >= 2, "{:?}", supervisor.restarts());
     let grown = resident_bytes().saturating_sub(host_before);

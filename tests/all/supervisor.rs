@@ -57,17 +57,19 @@ impl Worker for Scripted {
                 }),
                 // As a real backend does, a call that outlives the deadline
                 // it was given is interrupted, and the instance is lost.
-                Act::Sleep(d) => match tokio::time::timeout(deadline, tokio::time::sleep(d)).await {
-                    Err(_) => Err(CallError::Crash {
-                        reason: FailureReason::Deadline,
-                        message: format!("ran past its {deadline:?} deadline"),
-                    }),
-                    Ok(()) => Ok(Vectors::new(
-                        2,
-                        texts.iter().flat_map(|t| vector_of(t)).collect(),
-                    )
-                    .unwrap()),
-                },
+                Act::Sleep(d) => {
+                    match tokio::time::timeout(deadline, tokio::time::sleep(d)).await {
+                        Err(_) => Err(CallError::Crash {
+                            reason: FailureReason::Deadline,
+                            message: format!("ran past its {deadline:?} deadline"),
+                        }),
+                        Ok(()) => Ok(Vectors::new(
+                            2,
+                            texts.iter().flat_map(|t| vector_of(t)).collect(),
+                        )
+                        .unwrap()),
+                    }
+                }
                 Act::Ok => {
                     Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
                 }
@@ -383,7 +385,10 @@ async fn a_temporary_instance_is_not_restarted() {
     assert_eq!(t0.elapsed(), Duration::ZERO);
     assert_eq!(starts.lock().unwrap().len(), 1);
     assert!(!supervisor.status()[0].up);
-    let err = supervisor.embed(one("fine"), false, DEADLINE).await.unwrap_err();
+    let err = supervisor
+        .embed(one("fine"), false, DEADLINE)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
 }
 
@@ -510,10 +515,17 @@ async fn callers_that_give_up_early_never_kill_or_escalate_a_healthy_instance() 
         assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
     }
     assert!(supervisor.escalated().is_none());
-    assert!(supervisor.restarts().is_empty(), "{:?}", supervisor.restarts());
+    assert!(
+        supervisor.restarts().is_empty(),
+        "{:?}",
+        supervisor.restarts()
+    );
     assert_eq!(starts.lock().unwrap().len(), 1);
     // A patient caller is served by the same instance.
-    let r = supervisor.embed(one("slow"), false, DEADLINE).await.unwrap();
+    let r = supervisor
+        .embed(one("slow"), false, DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(r.vectors.len(), 1);
 }
 
@@ -543,7 +555,10 @@ async fn a_job_whose_caller_gave_up_in_the_queue_is_never_started() {
         .unwrap_err();
     assert!(matches!(err, SupervisorError::DeadlineExceeded(_)), "{err}");
     busy.await.unwrap().unwrap();
-    let after = supervisor.embed(one("after"), false, DEADLINE).await.unwrap();
+    let after = supervisor
+        .embed(one("after"), false, DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(after.vectors.len(), 1);
     assert_eq!(*seen.lock().unwrap(), ["first", "after"]);
     assert!(supervisor.restarts().is_empty());
@@ -583,7 +598,15 @@ async fn an_escalated_pool_recovers_by_itself_once_the_plugin_behaves() {
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert!(starts.lock().unwrap().len() >= 6);
     // Served again: the next escalation would start from the shortest.
-    assert_eq!(supervisor.embed(one("y"), false, DEADLINE).await.unwrap().vectors.len(), 1);
+    assert_eq!(
+        supervisor
+            .embed(one("y"), false, DEADLINE)
+            .await
+            .unwrap()
+            .vectors
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -607,15 +630,25 @@ async fn a_poison_text_never_crashes_an_instance_twice_across_batches() {
     )
     .await;
     let batch = vec!["poison".to_string(), "fine".to_string()];
-    let r = supervisor.embed(batch.clone(), false, DEADLINE).await.unwrap();
+    let r = supervisor
+        .embed(batch.clone(), false, DEADLINE)
+        .await
+        .unwrap();
     assert_eq!((r.vectors.len(), r.failed.len()), (1, 1));
     let first = crashes.load(Ordering::SeqCst);
     assert!(first > 0);
     // In another batch, later: answered at once, no instance crashes.
-    let r = supervisor.embed(vec!["other".into(), "poison".into()], false, DEADLINE).await.unwrap();
+    let r = supervisor
+        .embed(vec!["other".into(), "poison".into()], false, DEADLINE)
+        .await
+        .unwrap();
     assert_eq!((r.vectors.len(), r.failed.len()), (1, 1));
     assert_eq!(r.failed[0].index, 1);
-    assert!(r.failed[0].reason.contains("known poison"), "{:?}", r.failed);
+    assert!(
+        r.failed[0].reason.contains("known poison"),
+        "{:?}",
+        r.failed
+    );
     assert_eq!(crashes.load(Ordering::SeqCst), first);
 }
 
@@ -629,7 +662,13 @@ async fn poison_texts_close_together_do_not_escalate_a_pool_of_one_under_the_def
     c.max_processed = u64::MAX;
     let (supervisor, _) = supervise(
         c,
-        |_, _, t| if t.starts_with("poison") { Act::Crash } else { Act::Ok },
+        |_, _, t| {
+            if t.starts_with("poison") {
+                Act::Crash
+            } else {
+                Act::Ok
+            }
+        },
         |_, _| false,
         |_| false,
     )
@@ -637,7 +676,11 @@ async fn poison_texts_close_together_do_not_escalate_a_pool_of_one_under_the_def
     // Five batches, each with a different poison text, back to back.
     for n in 0..5 {
         // (A scripted worker decides a batch by its first text.)
-        let batch = vec![format!("poison {n}"), format!("fine {n}"), format!("also fine {n}")];
+        let batch = vec![
+            format!("poison {n}"),
+            format!("fine {n}"),
+            format!("also fine {n}"),
+        ];
         let r = supervisor.embed(batch, false, DEADLINE).await.unwrap();
         assert_eq!((r.vectors.len(), r.failed.len()), (2, 1), "batch {n}");
     }
@@ -662,7 +705,12 @@ async fn a_wrong_row_count_or_a_nan_is_caught_for_every_backend() {
     // A worker that drops a row, or returns a NaN for one text.
     struct Liar(&'static str);
     impl Worker for Liar {
-        fn embed(&mut self, texts: Vec<String>, _: bool, _: Duration) -> BoxFuture<Result<Vectors, CallError>> {
+        fn embed(
+            &mut self,
+            texts: Vec<String>,
+            _: bool,
+            _: Duration,
+        ) -> BoxFuture<Result<Vectors, CallError>> {
             let lie = self.0;
             Box::pin(async move {
                 let mut data: Vec<f32> = texts.iter().flat_map(|t| vector_of(t)).collect();
@@ -686,7 +734,9 @@ async fn a_wrong_row_count_or_a_nan_is_caught_for_every_backend() {
     }
     for lie in ["short", "nan"] {
         let supervisor = Supervisor::from_fn(
-            move |_, _| Box::pin(async move { Ok((Box::new(Liar(lie)) as Box<dyn Worker>, info())) }),
+            move |_, _| {
+                Box::pin(async move { Ok((Box::new(Liar(lie)) as Box<dyn Worker>, info())) })
+            },
             config(1),
         )
         .await
@@ -731,8 +781,19 @@ async fn an_instance_of_another_model_is_refused() {
     )
     .await
     .unwrap();
-    let err = supervisor.embed(one("x"), false, DEADLINE).await.unwrap_err();
+    let err = supervisor
+        .embed(one("x"), false, DEADLINE)
+        .await
+        .unwrap_err();
     let status = &supervisor.status()[0];
-    assert!(status.restarts.get("init_failed").is_some_and(|n| *n >= 3), "{status:?} {err}");
-    assert!(supervisor.escalated().is_some_and(|why| why.contains("but the pool serves")), "{err}");
+    assert!(
+        status.restarts.get("init_failed").is_some_and(|n| *n >= 3),
+        "{status:?} {err}"
+    );
+    assert!(
+        supervisor
+            .escalated()
+            .is_some_and(|why| why.contains("but the pool serves")),
+        "{err}"
+    );
 }

@@ -242,7 +242,10 @@ async fn an_infinite_loop_is_interrupted_isolated_and_the_pool_keeps_serving() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(restarts(&supervisor, "deadline"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
+    assert_eq!(
+        restarts(&supervisor, "deadline"),
+        u64::from(embedhost::limits::DEFAULT_POISON_AFTER)
+    );
     assert_serves(&supervisor).await;
 }
 
@@ -258,7 +261,10 @@ async fn a_slow_call_past_the_deadline_is_restarted_with_its_reason() {
         1,
         "every call is too slow: the text is isolated, not retried forever"
     );
-    assert_eq!(restarts(&supervisor, "deadline"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
+    assert_eq!(
+        restarts(&supervisor, "deadline"),
+        u64::from(embedhost::limits::DEFAULT_POISON_AFTER)
+    );
     assert!(supervisor.escalated().is_none());
 }
 
@@ -283,7 +289,10 @@ async fn unbounded_memory_growth_hits_the_cap_and_is_restarted() {
         "{}",
         r.failed[0].reason
     );
-    assert_eq!(restarts(&supervisor, "memory_cap"), u64::from(embedhost::limits::DEFAULT_POISON_AFTER));
+    assert_eq!(
+        restarts(&supervisor, "memory_cap"),
+        u64::from(embedhost::limits::DEFAULT_POISON_AFTER)
+    );
     assert_serves(&supervisor).await;
 }
 
@@ -358,12 +367,7 @@ async fn a_thousand_requests_against_instances_that_trap_every_twentieth_call_ar
 
 #[tokio::test]
 async fn faults_reach_bus_callers_as_typed_errors() {
-    let supervisor = supervise(
-        &[("fault.trap_marker", "BOOM")],
-        5000,
-        supervised_config(1),
-    )
-    .await;
+    let supervisor = supervise(&[("fault.trap_marker", "BOOM")], 5000, supervised_config(1)).await;
     let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
         supervisor.clone(),
     )));

@@ -219,9 +219,8 @@ impl StubConfig {
                     config.faults.chaos_kinds = value
                         .split(',')
                         .map(|k| {
-                            Chaos::parse(k).ok_or_else(|| {
-                                err(format!("`{k}` is not one of trap, loop, grow"))
-                            })
+                            Chaos::parse(k)
+                                .ok_or_else(|| err(format!("`{k}` is not one of trap, loop, grow")))
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -514,19 +513,26 @@ mod tests {
         std::panic::set_hook(Box::new(|_| {}));
         let mut failed = 0;
         for _ in 0..2000 {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.embed(&["same text"]))) {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.embed(&["same text"])))
+            {
                 Ok(v) => assert_eq!(v, clean),
                 Err(_) => failed += 1,
             }
         }
         std::panic::set_hook(hook);
-        assert!((400..600).contains(&failed), "{failed} of 2000 calls failed at p = 0.25");
+        assert!(
+            (400..600).contains(&failed),
+            "{failed} of 2000 calls failed at p = 0.25"
+        );
     }
 
     #[test]
     fn chaos_settings_are_checked() {
         let c = StubConfig::from_pairs([("fault.chaos", "0.05")]).unwrap();
-        assert_eq!((c.faults.chaos_ppm, c.faults.chaos_kinds.len()), (50_000, 3));
+        assert_eq!(
+            (c.faults.chaos_ppm, c.faults.chaos_kinds.len()),
+            (50_000, 3)
+        );
         let e = StubConfig::from_pairs([("fault.chaos", "1.5")]).unwrap_err();
         assert_eq!(e.key, "fault.chaos");
         let e = StubConfig::from_pairs([("fault.chaos_kinds", "trap,explode")]).unwrap_err();

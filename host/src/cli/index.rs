@@ -13,11 +13,11 @@ use clap::Args;
 use crate::bus::transport::InProcess;
 use crate::bus::{Bus, Empty, SendOptions};
 use crate::config::Config;
-use crate::supervisor::Supervisor;
 use crate::messages::{
     IndexRequest, InitRequest, SearchRequest, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
+use crate::supervisor::Supervisor;
 use crate::worker::chunk::Tokens;
 use crate::worker::store::Store;
 use crate::worker::{Worker, router};

@@ -216,8 +216,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn engine_for(config: &Config) -> Result<WasmEngine, String> {
-    WasmEngine::new(config.artifact_cache())
-        .map_err(|e| format!("cannot start wasmtime: {e:#}"))
+    WasmEngine::new(config.artifact_cache()).map_err(|e| format!("cannot start wasmtime: {e:#}"))
 }
 
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {

@@ -285,9 +285,15 @@ impl ModelStore {
         Ok(done)
     }
 
-    /// The model's directory, fetching first if a file `backend` needs
-    /// (every file for `None`) is missing or has the wrong size: the main
-    /// job's check on first use.
+    /// The model's directory, every file `backend` needs (every file for
+    /// `None`) verified against its sha256: what runs before an instance, a
+    /// snapshot or a native child uses the files. A missing or corrupt file
+    /// is fetched again (refused, with the `model fetch` hint, offline).
+    ///
+    /// Hashing is kept off the hot path by [`VERIFIED_FILE`]: a file whose
+    /// size, modification time, change time and inode are those recorded
+    /// when it last verified is not hashed again. Writing into a file in
+    /// place changes its change time, which no user can set back.
     ///
     /// # Errors
     /// As [`ModelStore::fetch`].
@@ -299,13 +305,104 @@ impl ModelStore {
     ) -> Result<PathBuf, ModelError> {
         let dir = self.dir(manifest);
         let files = manifest.files_for(backend);
-        let complete = files
-            .iter()
-            .all(|spec| check_file(&dir, spec, false) == FileState::Present);
+        let mut record = VerifiedRecord::read(&dir);
+        let mut complete = true;
+        for spec in &files {
+            let path = dir.join(&spec.name);
+            if record.vouches(&path, spec) {
+                continue;
+            }
+            match check_file(&dir, spec, true) {
+                FileState::Present => record.add(&path, spec),
+                FileState::Corrupt { reason } => {
+                    tracing::warn!(file = %spec.name, %reason, "a model file does not verify");
+                    complete = false;
+                }
+                FileState::Missing => complete = false,
+            }
+        }
         if !complete {
             self.fetch_files(manifest, &files, options)?;
+            for spec in &files {
+                record.add(&dir.join(&spec.name), spec);
+            }
         }
+        record.write(&dir);
         Ok(dir)
+    }
+}
+
+/// The file in a model's directory where verified files are recorded.
+pub const VERIFIED_FILE: &str = ".embedhost-verified.json";
+
+/// What identified each file when it last verified: name → (sha256, size,
+/// mtime, ctime, inode).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct VerifiedRecord {
+    files: std::collections::BTreeMap<String, Stamp>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Stamp {
+    sha256: String,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path, sha256: &str) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(Stamp {
+            sha256: sha256.to_string(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            inode: meta.ino(),
+        })
+    }
+}
+
+impl VerifiedRecord {
+    fn read(dir: &Path) -> Self {
+        std::fs::read(dir.join(VERIFIED_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether `path` is the very file that verified as `spec`.
+    fn vouches(&self, path: &Path, spec: &FileSpec) -> bool {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        match (self.files.get(name), Stamp::of(path, &spec.sha256)) {
+            (Some(recorded), Some(now)) => *recorded == now,
+            _ => false,
+        }
+    }
+
+    fn add(&mut self, path: &Path, spec: &FileSpec) {
+        if let Some(stamp) = Stamp::of(path, &spec.sha256) {
+            self.files.insert(spec.name.clone(), stamp);
+            self.changed = true;
+        }
+    }
+
+    fn write(&self, dir: &Path) {
+        if !self.changed {
+            return;
+        }
+        if let Ok(bytes) = serde_json::to_vec(self) {
+            // A record that cannot be written only costs a hash next time.
+            let _ = crate::wasm::write_atomic(&dir.join(VERIFIED_FILE), &bytes);
+        }
     }
 }
 

@@ -67,13 +67,21 @@ unsafe impl GlobalAlloc for CeilingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract is `System`'s.
         let ptr = unsafe { System.alloc(layout) };
-        if ptr.is_null() { Self::refused(ptr) } else { ptr }
+        if ptr.is_null() {
+            Self::refused(ptr)
+        } else {
+            ptr
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as `alloc`.
         let ptr = unsafe { System.alloc_zeroed(layout) };
-        if ptr.is_null() { Self::refused(ptr) } else { ptr }
+        if ptr.is_null() {
+            Self::refused(ptr)
+        } else {
+            ptr
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -84,7 +92,11 @@ unsafe impl GlobalAlloc for CeilingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as `alloc`.
         let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if new.is_null() { Self::refused(new) } else { new }
+        if new.is_null() {
+            Self::refused(new)
+        } else {
+            new
+        }
     }
 }
 
@@ -110,6 +122,9 @@ mod tests {
     #[test]
     fn the_marker_line_is_the_constant() {
         let line = super::marker_line();
-        assert_eq!(std::str::from_utf8(line).unwrap().trim(), super::CEILING_MARKER);
+        assert_eq!(
+            std::str::from_utf8(line).unwrap().trim(),
+            super::CEILING_MARKER
+        );
     }
 }

@@ -35,13 +35,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::ModelInfo;
 use crate::bus::{Empty, ErrorCode, RemoteError, Router};
 use crate::messages::{
     EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, EmbedderHealth,
     HandshakeResponse, HealthResponse, PROTOCOL_VERSION, Shutdown,
 };
 use crate::vectors::Vectors;
-use crate::backend::ModelInfo;
 
 /// Exit code of `child.exit_marker` when `child.exit_code` is not set.
 pub const DEFAULT_FAULT_EXIT_CODE: i32 = 3;

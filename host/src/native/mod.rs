@@ -27,13 +27,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{CallError, FailureReason, Health, Spawner, Started, Worker};
 use crate::bus::transport::child::{ChildProcess, MarkerWatch};
 use crate::bus::{BoxFuture, Bus, BusError, Empty, ErrorCode, SendOptions};
 use crate::messages::{
     EmbedRequest, EmbedderEmbed, EmbedderHandshake, EmbedderHealth, PROTOCOL_VERSION, Shutdown,
     ShutdownRequest,
 };
-use crate::backend::{CallError, FailureReason, Health, Spawner, Started, Worker};
 use crate::vectors::Vectors;
 
 /// Starts native children for the supervisor.
@@ -116,7 +116,7 @@ impl Spawner for NativeSpawner {
             let name = format!("{}-child-{slot}.{incarnation}", this.engine);
             let mut process =
                 ChildProcess::spawn_watching(this.command(), &name, Some(ceiling::CEILING_MARKER))
-                .map_err(|e| format!("cannot start `{}`: {e}", this.executable.display()))?;
+                    .map_err(|e| format!("cannot start `{}`: {e}", this.executable.display()))?;
             let bus = Bus::new(process.connection());
             let options = SendOptions::default().timeout(this.init_deadline);
             let hello = match bus.send::<EmbedderHandshake>(Empty {}, options).await {

@@ -33,8 +33,8 @@ use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
 use ort::value::Tensor;
 
 use super::child::{Engine, EngineError};
-use crate::vectors::Vectors;
 use crate::backend::ModelInfo;
+use crate::vectors::Vectors;
 
 /// The library's file name, as `./x setup` links it.
 pub const LIBRARY_NAME: &str = "libonnxruntime.so";

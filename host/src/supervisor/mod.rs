@@ -1,29 +1,48 @@
 //! The supervisor: a pool of embedder instances, each restarted on failure
 //! with OTP's semantics (restart types, restart intensity) plus backoff,
-//! health checks, planned make-before-break recycling and poison-input
-//! isolation.
+//! health checks, planned make-before-break recycling, poison-input
+//! isolation, and escalation that recovers.
 //!
-//! It is generic over what it supervises ([`Spawner`] starts a [`Worker`]):
-//! a WASM instance (a `Store` on its own thread) or, later, a native child
-//! process. Tests supervise scripted workers on tokio's paused clock.
+//! It is generic over what it supervises ([`Spawner`] starts a [`Worker`],
+//! both from [`crate::backend`]): a WASM instance (a `Store` on its own
+//! thread) or a native child process. Tests supervise scripted workers on
+//! tokio's paused clock.
 //!
 //! # Invariants
 //! - A slot runs one call at a time, pulled from one shared queue: a request
 //!   goes to an idle instance, and a crash fails only the call running on the
 //!   crashed instance.
+//! - A call runs under the backend's own call deadline, never its caller's:
+//!   a caller that gives up is not the instance's failure. A job whose
+//!   caller is gone (or out of time) when a slot takes it is dropped.
 //! - A crashed worker is dropped, never called again; its slot starts a new
 //!   incarnation after the delay [`Intensity`] decides.
-//! - More than `max_restarts` failures of one slot within `window` escalate:
-//!   the supervisor is marked failed, every queued and later request gets
-//!   [`SupervisorError::Escalated`] with the reason. No silent restart loop.
+//! - More than `max_restarts` failures of one slot within `window`, or more
+//!   than `max_unproven` in a row with no success, escalate: the pool goes
+//!   down for a cooldown that doubles with each escalation in a row (capped),
+//!   every queued and later request gets [`SupervisorError::Unavailable`]
+//!   with the time left, and then the whole pool restarts (OTP's escalation
+//!   to a parent that restarts the subtree). No silent restart loop, and no
+//!   pool down for good. Why intensity is per slot and not per supervisor:
+//!   the slots are identical instances sharing one load, so a supervisor-wide
+//!   MaxR would make a larger pool escalate sooner under the same fault rate
+//!   per instance (see `limits::DEFAULT_MAX_RESTARTS`).
 //! - A planned recycle (a health threshold) starts the replacement first and
 //!   swaps it in between two calls, so it fails no request. It is not a
 //!   failure and does not count toward intensity.
 //! - [`Supervisor::embed`] never loses a text: the texts of a crashed batch
 //!   are retried one by one; a text present in `poison_after` crashes (the
-//!   last one alone) is answered with an error naming its index, and the rest
-//!   of the batch is embedded without it. A poison text in a batch of any
-//!   size costs two crashes.
+//!   last ones alone) is answered with an error naming its index, and the
+//!   rest of the batch is embedded without it. A poison text is remembered
+//!   and never sent again; its crashes alone are charged to a poison budget
+//!   and the batch crash it caused is refunded, so bad inputs do not
+//!   escalate a healthy pool, while a plugin that crashes on every text
+//!   still does.
+//! - Every backend's answer is checked here: one row of the model's
+//!   dimension per text, finite values (a NaN fails its text alone), and the
+//!   same `ModelInfo` from every incarnation.
+//! - [`Supervisor::shutdown`] stops the slots in reverse start order, each
+//!   within a timeout; a start in progress is finished, then stopped.
 
 mod intensity;
 
@@ -33,10 +52,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use intensity::{Decision, Intensity, IntensityConfig};
 
@@ -124,7 +143,9 @@ pub enum SupervisorError {
     Escalated(String),
     /// The pool escalated and is down until its cooldown ends; it then
     /// restarts by itself. Retry after `retry_after`.
-    #[error("the embedder backend is recovering after too many failures ({reason}); retry in {retry_after:?}")]
+    #[error(
+        "the embedder backend is recovering after too many failures ({reason}); retry in {retry_after:?}"
+    )]
     Unavailable {
         /// Why the pool escalated.
         reason: String,
@@ -146,7 +167,8 @@ impl From<SupervisorError> for RemoteError {
             SupervisorError::Escalated(_) => RemoteError::new(ErrorCode::Failed, e.to_string()),
             SupervisorError::Unavailable { retry_after, .. } => {
                 let mut remote = RemoteError::new(ErrorCode::Unavailable, e.to_string());
-                remote.retry_after_ms = Some(retry_after.as_millis().try_into().unwrap_or(u64::MAX));
+                remote.retry_after_ms =
+                    Some(retry_after.as_millis().try_into().unwrap_or(u64::MAX));
                 remote
             }
             SupervisorError::DeadlineExceeded(_) => {
@@ -387,8 +409,16 @@ impl Supervisor {
                 Ok(started) => break started,
                 Err(message) => {
                     let failure = FailureReason::InitFailed;
-                    match on_failure(&inner, 0, &stop, &mut intensity, failure, &message, Duration::ZERO)
-                        .await
+                    match on_failure(
+                        &inner,
+                        0,
+                        &stop,
+                        &mut intensity,
+                        failure,
+                        &message,
+                        Duration::ZERO,
+                    )
+                    .await
                     {
                         Restart::Yes => {}
                         Restart::No(why) => return Err(SupervisorError::Escalated(why)),
@@ -424,7 +454,10 @@ impl Supervisor {
                     .await
                     .is_err()
             {
-                tracing::warn!("a slot did not stop within {:?}", limits::SHUTDOWN_SLOT_TIMEOUT);
+                tracing::warn!(
+                    "a slot did not stop within {:?}",
+                    limits::SHUTDOWN_SLOT_TIMEOUT
+                );
             }
         }
         self.inner.shutdown.cancel();
@@ -439,7 +472,9 @@ impl Supervisor {
 
     /// Why the pool is down, while it cools down after an escalation.
     pub fn escalated(&self) -> Option<String> {
-        lock(&self.inner.cooldown).as_ref().map(|c| c.reason.clone())
+        lock(&self.inner.cooldown)
+            .as_ref()
+            .map(|c| c.reason.clone())
     }
 
     /// [`SupervisorError::Unavailable`] while the pool cools down.
@@ -540,7 +575,9 @@ impl Supervisor {
             }
             let batch_texts = batch.iter().map(|&i| texts[i].clone()).collect();
             let suspect = batch.len() == 1 && crashes[batch[0]] > 0;
-            let (ran_on, result) = self.dispatch(batch_texts, is_query, remaining, suspect).await?;
+            let (ran_on, result) = self
+                .dispatch(batch_texts, is_query, remaining, suspect)
+                .await?;
             match result {
                 Ok(vectors) => {
                     // One place checks every backend's answer: a missing
@@ -817,7 +854,17 @@ async fn run_slot(
                                 let message = format!(
                                     "the new instance reports model {info:?}, but the pool serves {known:?}"
                                 );
-                                match on_failure(&inner, slot, &stop, &mut intensity, FailureReason::InitFailed, &message, Duration::ZERO).await {
+                                match on_failure(
+                                    &inner,
+                                    slot,
+                                    &stop,
+                                    &mut intensity,
+                                    FailureReason::InitFailed,
+                                    &message,
+                                    Duration::ZERO,
+                                )
+                                .await
+                                {
                                     Restart::Yes => continue,
                                     Restart::No(_) => return,
                                 }
@@ -909,7 +956,12 @@ async fn leave_pool(inner: &Arc<Inner>, slot: usize) {
         slots.iter().filter(|s| !s.gone).count()
     };
     if left == 0 {
-        escalate(inner, "every temporary instance of the pool has ended".into(), false).await;
+        escalate(
+            inner,
+            "every temporary instance of the pool has ended".into(),
+            false,
+        )
+        .await;
     }
 }
 
@@ -983,10 +1035,13 @@ async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
     {
         let mut queue = inner.queue.lock().await;
         while let Ok(job) = queue.try_recv() {
-            let _ = job.reply.send((None, Err(CallError::Refused(RemoteError::new(
-                ErrorCode::Unavailable,
-                "the pool escalated",
-            )))));
+            let _ = job.reply.send((
+                None,
+                Err(CallError::Refused(RemoteError::new(
+                    ErrorCode::Unavailable,
+                    "the pool escalated",
+                ))),
+            ));
         }
     }
     if !recover || inner.shutdown.is_cancelled() {

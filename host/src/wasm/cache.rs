@@ -201,7 +201,11 @@ impl ArtifactCache {
 
     fn store(&self, artifact: &Path, digest: &Path, serialized: &[u8]) -> std::io::Result<()> {
         if serialized.len() as u64 > self.max_bytes {
-            tracing::warn!(bytes = serialized.len(), budget = self.max_bytes, "not caching an artifact larger than the whole cache budget");
+            tracing::warn!(
+                bytes = serialized.len(),
+                budget = self.max_bytes,
+                "not caching an artifact larger than the whole cache budget"
+            );
             return Ok(());
         }
         std::fs::create_dir_all(&self.dir)?;

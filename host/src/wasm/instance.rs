@@ -33,9 +33,9 @@ use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
-use crate::limits;
-use crate::bus::BoxFuture;
 use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
+use crate::bus::BoxFuture;
+use crate::limits;
 use crate::vectors::Vectors;
 
 /// Jobs queued for an instance's thread before callers wait. One instance
@@ -249,7 +249,10 @@ impl Instance {
         let deadline = self.deadline(deadline);
         self.store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
         let report = self.call("health", deadline, async |plugin, store| {
-            plugin.embedhost_embedder_embedder().call_health(store).await
+            plugin
+                .embedhost_embedder_embedder()
+                .call_health(store)
+                .await
         })?;
         let state = self.store.data();
         Ok(Health {
@@ -287,7 +290,11 @@ impl Instance {
                 WasmError::Trap { call: name, reason }
             })),
             Err(_) => {
-                tracing::debug!(call = name, ?deadline, "call cancelled while waiting in a host function");
+                tracing::debug!(
+                    call = name,
+                    ?deadline,
+                    "call cancelled while waiting in a host function"
+                );
                 Err(WasmError::DeadlineExceeded {
                     call: name,
                     deadline,

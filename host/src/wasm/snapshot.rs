@@ -51,7 +51,7 @@ fn snapshot_hostcall_fuel(limits: &InstanceLimits) -> usize {
 }
 
 /// The id of the snapshot of the plugin `bytes` over the model in
-/// `model_dir` with `config`: a sha256 over the plugin, every model file's
+/// `model_dir` with `config`: a sha256 over the plugin, every model file's (hidden ones aside)
 /// name, size and modification time, and the configuration.
 ///
 /// # Errors
@@ -72,7 +72,10 @@ pub fn snapshot_id(
     for entry in std::fs::read_dir(model_dir)? {
         let entry = entry?;
         let meta = entry.metadata()?;
-        if !meta.is_file() {
+        // Hidden files are the host's own bookkeeping (the model store's
+        // record of verified files, temporary files of atomic writes), not
+        // the model.
+        if !meta.is_file() || entry.file_name().as_encoded_bytes().starts_with(b".") {
             continue;
         }
         let modified = meta

@@ -22,7 +22,9 @@ use crate::limits;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StructureError {
     /// The file is larger than [`limits::MAX_PLUGIN_FILE_BYTES`].
-    #[error("the file is {size} bytes; a plugin may be at most {limit} bytes (limits::MAX_PLUGIN_FILE_BYTES)")]
+    #[error(
+        "the file is {size} bytes; a plugin may be at most {limit} bytes (limits::MAX_PLUGIN_FILE_BYTES)"
+    )]
     TooLarge {
         /// The file's size.
         size: u64,
@@ -30,7 +32,9 @@ pub enum StructureError {
         limit: u64,
     },
     /// Components or modules nest deeper than [`limits::MAX_COMPONENT_NESTING`].
-    #[error("components and modules nest deeper than {limit} levels (limits::MAX_COMPONENT_NESTING)")]
+    #[error(
+        "components and modules nest deeper than {limit} levels (limits::MAX_COMPONENT_NESTING)"
+    )]
     TooDeep {
         /// The bound.
         limit: usize,
@@ -42,7 +46,9 @@ pub enum StructureError {
         limit: usize,
     },
     /// A section with more entries than [`limits::MAX_SECTION_ENTRIES`].
-    #[error("its {section} section has {count} entries; the limit is {limit} (limits::MAX_SECTION_ENTRIES)")]
+    #[error(
+        "its {section} section has {count} entries; the limit is {limit} (limits::MAX_SECTION_ENTRIES)"
+    )]
     SectionTooLarge {
         /// Which kind of section.
         section: &'static str,
@@ -190,6 +196,9 @@ mod tests {
     fn garbage_is_malformed_not_a_panic() {
         let mut bytes = nested(3);
         bytes.truncate(bytes.len() - 3);
-        assert!(matches!(check(&bytes), Err(StructureError::Malformed { .. })));
+        assert!(matches!(
+            check(&bytes),
+            Err(StructureError::Malformed { .. })
+        ));
     }
 }

@@ -42,13 +42,13 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::sync::{Mutex, Notify, mpsc};
 
+use crate::backend::ModelInfo;
 use crate::bus::{Bus, BusError, ErrorCode, RemoteError, Router, SendOptions};
 use crate::messages::{
     EmbedRequest, EmbedderEmbed, IndexRequest, IndexResponse, InitRequest, InitResponse,
     SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
-use crate::backend::ModelInfo;
 use chunk::{Chunk, ChunkSettings, Tokens};
 use extract::Skip;
 use store::{FileMeta, NewChunk, Store, StoreError};

@@ -63,9 +63,7 @@ pub enum Frame {
         result: Result<serde_bytes::ByteBuf, RemoteError>,
     },
     /// The caller of request `id` gave up: the peer drops its handler.
-    Cancel {
-        id: u64,
-    },
+    Cancel { id: u64 },
 }
 
 /// Why the frame layer failed.
