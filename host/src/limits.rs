@@ -44,6 +44,19 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// a call longer than this is treated as hung.
 pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Time each KiB of text adds to a call's deadline
+/// ([`DEFAULT_CALL_DEADLINE`], `[limits] call_deadline_ms`, is the deadline
+/// of a call with no work). The rule: a machine ten times slower than ours
+/// must still finish the largest batch in time. all-MiniLM-L6-v2 in one
+/// WASM instance embeds about 0.55 s of work per KiB of passages on this
+/// project's 2-core machine (`cargo bench --bench throughput`: 1.5 passages
+/// of 256 tokens, about 1.2 KiB each, per second); ten times that is 5.5 s.
+/// So a batch of 32 such passages may take 30 s + 32 × 1.2 × 6 s, about 4
+/// minutes, before it counts as hung; a fixed 30 s had killed healthy
+/// instances on a busy machine (the Rust Book, 462 files, never indexed).
+/// A short query keeps a short deadline.
+pub const CALL_DEADLINE_PER_KIB: Duration = Duration::from_secs(6);
+
 /// The deadline the supervisor passes with a call: none of the caller's.
 /// Each backend bounds a call by its own call deadline
 /// ([`DEFAULT_CALL_DEADLINE`], `[limits] call_deadline_ms`), and only that

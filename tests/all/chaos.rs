@@ -291,6 +291,10 @@ async fn chaos_soak() {
             if rounds == 1 {
                 start_rss = resident_bytes();
             }
+            eprintln!(
+                "{backend:?} round {rounds}: host memory {:.0} MiB",
+                resident_bytes() as f64 / 1048576.0
+            );
         }
         let end_rss = resident_bytes();
         let line = format!(

@@ -369,3 +369,115 @@ fn a_host_killed_mid_index_resumes_to_the_same_index() {
         "the resumed index differs from an uninterrupted one"
     );
 }
+
+/// Real-world HTML and Markdown that ship on this machine, never written for
+/// a test: the Rust Book of the toolchain's docs (its single-page
+/// `print.html` aside) and the README files of the crates cargo fetched to
+/// build this project. Up to `n`, the book first.
+fn real_world_files(n: usize) -> Vec<PathBuf> {
+    let sysroot = std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(sysroot.join("share/doc/rust/html/book"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "html"))
+        .filter(|p| p.file_name().is_some_and(|f| f != "print.html"))
+        .collect();
+    files.sort();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_default();
+    let mut readmes: Vec<PathBuf> = std::fs::read_dir(cargo_home.join("registry/src"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|index| {
+            std::fs::read_dir(index.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|krate| krate.path().join("README.md"))
+        .filter(|p| p.is_file())
+        .collect();
+    readmes.sort();
+    files.extend(readmes);
+    files.truncate(n);
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() {
+    let sources = real_world_files(500);
+    assert_eq!(sources.len(), 500, "real-world files on this machine");
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for (i, source) in sources.iter().enumerate() {
+        let name = source.file_name().unwrap().to_string_lossy();
+        std::fs::copy(source, docs.join(format!("{i:03}-{name}"))).unwrap();
+    }
+    // A plugin whose time grows with its input (5 ms per KiB) under a short
+    // deadline for a call with no work (200 ms): a batch of 32 passages
+    // takes longer than that. With a fixed deadline every batch was killed
+    // as a hang; the deadline grows with the work instead.
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let spawner = WasmSpawner {
+        plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
+        limits: InstanceLimits {
+            call_deadline: Duration::from_millis(200),
+            ..InstanceLimits::default()
+        },
+        config: vec![("fault.sleep_ms_per_kib".into(), "5".into())],
+    };
+    let supervisor = Supervisor::start(
+        spawner,
+        SupervisorConfig {
+            pool_size: 2,
+            ..SupervisorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    let worker = Worker::new(
+        bus,
+        supervisor.model_info(),
+        Tokens::Words,
+        WorkerSettings::default(),
+    );
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![docs.clone()]).await.unwrap();
+    let started = std::time::Instant::now();
+    let stats = loop {
+        let stats = worker.stats().await.unwrap();
+        assert!(stats.stalled.is_none(), "{stats:?}");
+        if stats.queued == 0 && stats.processing == 0 {
+            break stats;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "500 real files: {} chunks in {:?}",
+        stats.chunks,
+        started.elapsed()
+    );
+    assert!(stats.failures.is_empty(), "{stats:?}");
+    assert_eq!(stats.indexed, 500, "{stats:?}");
+    assert!(stats.chunks > 1000, "{stats:?}");
+    assert!(
+        supervisor.restarts().is_empty(),
+        "no instance was killed: {:?}",
+        supervisor.restarts()
+    );
+}

@@ -70,6 +70,8 @@ pub struct Faults {
     pub grow_marker: Option<String>,
     /// Busy-wait this long on every call before answering.
     pub sleep: Option<Duration>,
+    /// Busy-wait this long per KiB of the call's texts (a slow model).
+    pub sleep_per_kib: Option<Duration>,
     /// Return a vector one element short for a text containing this marker.
     pub wrong_dimension_marker: Option<String>,
     /// Put a NaN into the vector of a text containing this marker.
@@ -160,6 +162,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "fault.loop_marker",
     "fault.grow_marker",
     "fault.sleep_ms",
+    "fault.sleep_ms_per_kib",
     "fault.wrong_dimension_marker",
     "fault.nan_marker",
     "fault.chaos",
@@ -209,6 +212,9 @@ impl StubConfig {
                 "fault.grow_marker" => config.faults.grow_marker = marker(value)?,
                 "fault.sleep_ms" => {
                     config.faults.sleep = Some(Duration::from_millis(number(value)?))
+                }
+                "fault.sleep_ms_per_kib" => {
+                    config.faults.sleep_per_kib = Some(Duration::from_millis(number(value)?))
                 }
                 "fault.wrong_dimension_marker" => {
                     config.faults.wrong_dimension_marker = marker(value)?
@@ -306,6 +312,11 @@ impl StubEngine {
         }
         if let Some(sleep) = faults.sleep {
             busy_wait(sleep);
+        }
+        if let Some(per_kib) = faults.sleep_per_kib {
+            // A model's cost grows with its input: emulate a slow one.
+            let bytes: usize = texts.iter().map(|t| t.as_ref().len()).sum();
+            busy_wait(per_kib.mul_f64(bytes as f64 / 1024.0));
         }
         let dimension = self.config.dimension;
         let mut out = Vec::with_capacity(texts.len() * dimension);

@@ -217,7 +217,7 @@ impl Worker for NativeWorker {
         deadline: Duration,
     ) -> BoxFuture<Result<Vectors, CallError>> {
         let bus = self.bus.clone();
-        let deadline = deadline.min(self.call_deadline);
+        let deadline = crate::backend::work_deadline(deadline.min(self.call_deadline), &texts);
         let ceiling = self.ceiling.clone();
         Box::pin(async move {
             let options = SendOptions::default().timeout(deadline);

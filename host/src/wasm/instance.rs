@@ -213,7 +213,10 @@ impl Instance {
         kind: InputKind,
         deadline: Option<Duration>,
     ) -> Result<Vectors, WasmError> {
-        let deadline = self.deadline(deadline);
+        let deadline = deadline.map_or(self.limits.call_deadline, |d| {
+            d.min(self.limits.call_deadline)
+        });
+        let deadline = crate::backend::work_deadline(deadline, texts);
         // The host copies out exactly the vectors it asked for, plus room
         // for log lines and an error text: anything larger is refused while
         // it is still in the plugin's memory.
