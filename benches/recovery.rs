@@ -69,6 +69,7 @@ fn native_spawner() -> NativeSpawner {
         settings: vec![("child.exit_marker".into(), "CRASH".into())],
         init_deadline: DEADLINE,
         call_deadline: DEADLINE,
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         grace: Duration::from_secs(1),
         memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }

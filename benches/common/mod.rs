@@ -57,6 +57,7 @@ pub fn onnx_spawner(settings: &OnnxSettings, deadline: Duration) -> NativeSpawne
         settings: settings.to_pairs(),
         init_deadline: deadline,
         call_deadline: deadline,
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         grace: Duration::from_secs(1),
         memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }

@@ -14,18 +14,21 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{BoxFuture, RemoteError};
-use crate::limits;
 use crate::vectors::Vectors;
 
 /// The deadline of one `embed` call over `texts`: the configured call
-/// deadline for a call with no work, plus
-/// [`limits::CALL_DEADLINE_PER_KIB`] per KiB of text. A model's time grows
+/// deadline for a call with no work, plus `per_kib` (by default
+/// [`crate::limits::CALL_DEADLINE_PER_KIB`]) per KiB of text. A model's time grows
 /// with its input, so a fixed deadline that fits a large batch on a fast
 /// machine kills a healthy instance on a slow one (the rule and its
 /// numbers are in `limits.rs`).
-pub fn work_deadline(base: std::time::Duration, texts: &[String]) -> std::time::Duration {
+pub fn work_deadline(
+    base: std::time::Duration,
+    per_kib: std::time::Duration,
+    texts: &[String],
+) -> std::time::Duration {
     let bytes: usize = texts.iter().map(String::len).sum();
-    base.saturating_add(limits::CALL_DEADLINE_PER_KIB.mul_f64(bytes as f64 / 1024.0))
+    base.saturating_add(per_kib.mul_f64(bytes as f64 / 1024.0))
 }
 
 /// The model information a plugin reports from `init`.

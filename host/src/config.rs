@@ -186,8 +186,12 @@ pub struct PluginSection {
 pub struct LimitsSection {
     /// Cap on each instance's linear memory, in MiB.
     pub memory_mb: u64,
-    /// Deadline of one `embed` or `health` call, in milliseconds.
+    /// Deadline of one `health` call, or of an `embed` call with no work,
+    /// in milliseconds.
     pub call_deadline_ms: u64,
+    /// What each KiB of text adds to an `embed` call's deadline, in
+    /// milliseconds (see [`limits::CALL_DEADLINE_PER_KIB`]).
+    pub call_deadline_per_kib_ms: u64,
     /// Deadline of `init`, in milliseconds.
     pub init_deadline_ms: u64,
 }
@@ -197,6 +201,7 @@ impl Default for LimitsSection {
         LimitsSection {
             memory_mb: limits::DEFAULT_MEMORY_LIMIT_BYTES / (1024 * 1024),
             call_deadline_ms: limits::DEFAULT_CALL_DEADLINE.as_millis() as u64,
+            call_deadline_per_kib_ms: limits::CALL_DEADLINE_PER_KIB.as_millis() as u64,
             init_deadline_ms: limits::DEFAULT_INIT_DEADLINE.as_millis() as u64,
         }
     }
@@ -511,6 +516,7 @@ impl Config {
             settings,
             init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
             call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
+            call_deadline_per_kib: Duration::from_millis(self.limits.call_deadline_per_kib_ms),
             grace: Duration::from_millis(self.native.grace_ms),
             memory_ceiling: match self.native.memory_ceiling_mb {
                 None => Some(limits::DEFAULT_CHILD_MEMORY_CEILING),
@@ -672,6 +678,7 @@ impl Config {
         InstanceLimits {
             memory_bytes: self.limits.memory_mb.saturating_mul(1024 * 1024),
             call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
+            call_deadline_per_kib: Duration::from_millis(self.limits.call_deadline_per_kib_ms),
             init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
         }
     }

@@ -49,9 +49,9 @@ enum Backend {
 
 /// The config of a run: the shipped supervision policy (restart intensity,
 /// backoff, poison verdict, cooldowns), with nothing relaxed; tighter
-/// limits than the defaults (a short call deadline, quick hang detection, a
-/// small memory cap) so that faults are found quickly; batches of 8 chunks
-/// so that a run makes many calls.
+/// limits than the defaults (a short call deadline and per-KiB allowance,
+/// quick hang detection, a small memory cap) so that faults are found
+/// quickly; batches of 8 chunks so that a run makes many calls.
 fn config(backend: Backend, chaos: bool) -> Config {
     let (name, fault) = match backend {
         Backend::Wasm => ("wasm", "fault.chaos"),
@@ -76,6 +76,7 @@ grace_ms = 200
 [limits]
 memory_mb = 64
 call_deadline_ms = 500
+call_deadline_per_kib_ms = 100
 init_deadline_ms = 10000
 [index]
 batch_chunks = 8

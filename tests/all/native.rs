@@ -15,6 +15,7 @@ fn spawner(settings: &[(&str, &str)]) -> NativeSpawner {
             .collect(),
         init_deadline: Duration::from_secs(10),
         call_deadline: Duration::from_secs(30),
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         grace: Duration::from_millis(500),
         memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }
@@ -297,6 +298,7 @@ async fn a_hung_child_is_killed_and_replaced() {
     // its caller stops waiting, see the supervisor's tests).
     let hanging = NativeSpawner {
         call_deadline: Duration::from_millis(300),
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         ..spawner(&[("fault.loop_marker", "HANG")])
     };
     let supervisor = Supervisor::start(hanging, supervision).await.unwrap();

@@ -96,6 +96,7 @@ fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
         settings,
         init_deadline: Duration::from_secs(20),
         call_deadline: DEADLINE,
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         grace: Duration::from_millis(500),
         memory_ceiling: Some(embedhost::limits::DEFAULT_CHILD_MEMORY_CEILING),
     }

@@ -185,6 +185,7 @@ fn limits() -> InstanceLimits {
     InstanceLimits {
         memory_bytes: 256 * 1024 * 1024,
         call_deadline: Duration::from_secs(5),
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         init_deadline: Duration::from_millis(500),
     }
 }

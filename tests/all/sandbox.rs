@@ -58,6 +58,7 @@ fn quick() -> InstanceLimits {
         memory_bytes: 256 << 20,
         init_deadline: Duration::from_millis(300),
         call_deadline: Duration::from_millis(300),
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
     }
 }
 
@@ -811,6 +812,7 @@ async fn a_native_child_leaking_past_its_ceiling_is_stopped_there_and_replaced()
         settings: pairs(&[("dimension", "8"), ("child.leak_mb_per_call", "64")]),
         init_deadline: Duration::from_secs(30),
         call_deadline: Duration::from_secs(30),
+        call_deadline_per_kib: limits::CALL_DEADLINE_PER_KIB,
         grace: Duration::from_millis(500),
         memory_ceiling: Some(256 << 20),
     };

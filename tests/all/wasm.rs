@@ -33,6 +33,7 @@ fn limits(deadline_ms: u64) -> InstanceLimits {
     InstanceLimits {
         memory_bytes: 64 * 1024 * 1024,
         call_deadline: Duration::from_millis(deadline_ms),
+        call_deadline_per_kib: embedhost::limits::CALL_DEADLINE_PER_KIB,
         init_deadline: Duration::from_secs(10),
     }
 }

@@ -54,6 +54,7 @@ use crate::vectors::Vectors;
 ///     settings: vec![("dimension".into(), "384".into())],
 ///     init_deadline: Duration::from_secs(60),
 ///     call_deadline: Duration::from_secs(30),
+///     call_deadline_per_kib: Duration::from_secs(6),
 ///     grace: Duration::from_secs(5),
 ///     memory_ceiling: Some(2 << 30),
 /// };
@@ -74,9 +75,11 @@ pub struct NativeSpawner {
     pub settings: Vec<(String, String)>,
     /// Deadline of the handshake (start-up, model loading).
     pub init_deadline: Duration,
-    /// Longest a single `embed` call may take, whatever the request's
-    /// deadline (as a WASM instance's call deadline).
+    /// Longest a single `embed` call with no work may take, whatever the
+    /// request's deadline (as a WASM instance's call deadline).
     pub call_deadline: Duration,
+    /// What each KiB of text adds to an `embed` call's deadline.
+    pub call_deadline_per_kib: Duration,
     /// Grace period of each stop step.
     pub grace: Duration,
     /// The child's memory ceiling in bytes (`RLIMIT_DATA`, see [`ceiling`]);
@@ -140,6 +143,7 @@ impl Spawner for NativeSpawner {
                 bus,
                 grace: this.grace,
                 call_deadline: this.call_deadline,
+                call_deadline_per_kib: this.call_deadline_per_kib,
             };
             Ok((Box::new(worker) as Box<dyn Worker>, hello.model))
         })
@@ -153,6 +157,7 @@ pub struct NativeWorker {
     bus: Bus,
     grace: Duration,
     call_deadline: Duration,
+    call_deadline_per_kib: Duration,
 }
 
 fn call_error(error: BusError) -> CallError {
@@ -217,7 +222,11 @@ impl Worker for NativeWorker {
         deadline: Duration,
     ) -> BoxFuture<Result<Vectors, CallError>> {
         let bus = self.bus.clone();
-        let deadline = crate::backend::work_deadline(deadline.min(self.call_deadline), &texts);
+        let deadline = crate::backend::work_deadline(
+            deadline.min(self.call_deadline),
+            self.call_deadline_per_kib,
+            &texts,
+        );
         let ceiling = self.ceiling.clone();
         Box::pin(async move {
             let options = SendOptions::default().timeout(deadline);

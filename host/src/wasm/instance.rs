@@ -216,7 +216,8 @@ impl Instance {
         let deadline = deadline.map_or(self.limits.call_deadline, |d| {
             d.min(self.limits.call_deadline)
         });
-        let deadline = crate::backend::work_deadline(deadline, texts);
+        let deadline =
+            crate::backend::work_deadline(deadline, self.limits.call_deadline_per_kib, texts);
         // The host copies out exactly the vectors it asked for, plus room
         // for log lines and an error text: anything larger is refused while
         // it is still in the plugin's memory.

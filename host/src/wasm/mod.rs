@@ -304,9 +304,11 @@ pub struct InstanceLimits {
     pub memory_bytes: u64,
     /// Deadline of `init`.
     pub init_deadline: Duration,
-    /// Deadline of `embed` and `health`; a request's own deadline can only
-    /// shorten it.
+    /// Deadline of `embed` (with no work) and `health`; a request's own
+    /// deadline can only shorten it.
     pub call_deadline: Duration,
+    /// What each KiB of text adds to an `embed` call's deadline.
+    pub call_deadline_per_kib: Duration,
 }
 
 impl Default for InstanceLimits {
@@ -315,6 +317,7 @@ impl Default for InstanceLimits {
             memory_bytes: limits::DEFAULT_MEMORY_LIMIT_BYTES,
             init_deadline: limits::DEFAULT_INIT_DEADLINE,
             call_deadline: limits::DEFAULT_CALL_DEADLINE,
+            call_deadline_per_kib: limits::CALL_DEADLINE_PER_KIB,
         }
     }
 }
