@@ -298,7 +298,7 @@ fn wasm_call(c: &mut Criterion) {
         group.bench_function("async-epoch-and-timer", |b| {
             b.iter(|| {
                 let call = probe.call_flat(&mut store, 32, 384);
-                let timed = tokio::time::timeout(Duration::from_secs(30), call);
+                let timed = async { tokio::time::timeout(Duration::from_secs(30), call).await };
                 std::hint::black_box(rt.block_on(timed).unwrap().unwrap())
             })
         });

@@ -211,7 +211,11 @@ fn blocked_calls_probe() {
     round(2);
     let base_threads = settle(0);
     let base_rss = resident_bytes();
-    for _ in 0..5 {
+    let rounds: usize = std::env::var("PROBE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    for _ in 0..rounds {
         round(10);
     }
     let after = settle(base_threads);

@@ -20,8 +20,9 @@
 //! returns, which for `sleep(forever)` is never; a plugin that sleeps in
 //! `health` leaked one thread and one `Store` per check. Dropping the
 //! future frees both at once. The cost, measured by `cargo bench --bench
-//! bus -- wasm-call` (README), is a fiber switch per call: a few
-//! microseconds against calls of milliseconds.
+//! bus -- wasm-call` (README), is a fiber switch and a timer per call:
+//! about 2 µs (9.0 µs against 7.0 µs for a synchronous call of the same
+//! export, median of three runs), against batches of milliseconds.
 
 use std::sync::Arc;
 use std::time::Duration;
