@@ -414,3 +414,22 @@ fn a_normal_exit_leaves_every_native_child_exited_with_status_0() {
     );
     assert!(!err.contains("killing it"), "{err}");
 }
+
+#[tokio::test]
+async fn a_request_too_large_to_send_fails_alone_without_killing_the_child() {
+    let supervisor = Supervisor::start(spawner(&[]), config(1)).await.unwrap();
+    let pid = supervisor.status()[0].pid.unwrap();
+    // Past the child transport's frame limit once encoded.
+    let huge = "word ".repeat(embedhost::limits::MAX_FRAME_BYTES / 5 + 1);
+    let r = supervisor
+        .embed(vec!["a".into(), huge, "c".into()], false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!((r.vectors.len(), r.failed.len()), (2, 1), "{:?}", r.failed);
+    assert_eq!(r.failed[0].index, 1);
+    assert!(r.failed[0].reason.contains("frame"), "{:?}", r.failed);
+    assert_eq!(r.vectors.get(1).unwrap(), stub_vector("c").as_slice());
+    // The child was never at fault: the same process serves on.
+    assert_eq!(supervisor.status()[0].pid, Some(pid));
+    assert!(supervisor.restarts().is_empty(), "{:?}", supervisor.restarts());
+}

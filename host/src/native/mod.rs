@@ -161,6 +161,17 @@ pub struct NativeWorker {
 }
 
 fn call_error(error: BusError) -> CallError {
+    if error.never_sent() {
+        // A request that could not be sent (over the frame limit, not
+        // encodable, the pipe's queue full) says nothing about the child:
+        // it is refused, and the child keeps serving.
+        let code = if matches!(error, BusError::FrameTooLarge { .. }) {
+            ErrorCode::FrameTooLarge
+        } else {
+            ErrorCode::Failed
+        };
+        return CallError::Refused(crate::bus::RemoteError::new(code, error.to_string()));
+    }
     match error {
         BusError::Timeout { .. } | BusError::DeadlineExceeded { .. } => CallError::Crash {
             reason: FailureReason::Deadline,

@@ -659,6 +659,21 @@ impl Supervisor {
                         work.push_front(rest);
                     }
                 }
+                Err(CallError::Refused(remote)) if remote.code == ErrorCode::FrameTooLarge => {
+                    // Too large to send or to answer in one frame: halves
+                    // go separately, and a text too large alone fails alone.
+                    if batch.len() > 1 {
+                        let mut first = batch;
+                        let second = first.split_off(first.len() / 2);
+                        work.push_front(second);
+                        work.push_front(first);
+                    } else {
+                        failed.push(FailedInput {
+                            index: batch[0] as u32,
+                            reason: remote.message,
+                        });
+                    }
+                }
                 Err(CallError::Refused(remote)) => return Err(SupervisorError::Refused(remote)),
             }
         }
