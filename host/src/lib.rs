@@ -22,6 +22,7 @@ pub mod embedder;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod memory;
 pub mod messages;
 pub mod model;
 pub mod native;

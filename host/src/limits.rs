@@ -310,6 +310,12 @@ pub const SHUTDOWN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// generous and still far below the host's grace period.
 pub const CHILD_SHUTDOWN_FLUSH: Duration = Duration::from_millis(20);
 
+/// Allocations at least this large are mapped on their own and given back
+/// to the system when freed (glibc's default threshold, 128 KiB, fixed:
+/// glibc would otherwise raise it as large blocks are freed, and a
+/// long-running host kept its freed memory; see `memory.rs`).
+pub const MALLOC_MMAP_THRESHOLD: usize = 128 * 1024;
+
 /// Time a native child gets to answer `shutdown` and exit before SIGTERM
 /// (the 5 s: an engine may be finishing a batch).
 pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);

@@ -8,5 +8,6 @@ static ALLOCATOR: embedhost::native::ceiling::CeilingAllocator =
     embedhost::native::ceiling::CeilingAllocator;
 
 fn main() -> std::process::ExitCode {
+    embedhost::memory::tune();
     embedhost::cli::main()
 }

@@ -265,6 +265,9 @@ async fn chaos_soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
+    // This process stands in for a long-running host: the same allocator
+    // settings as the binary's.
+    embedhost::memory::tune();
     let root = tempfile::tempdir().unwrap();
     let docs = root.path().join("docs");
     corpus(&docs);

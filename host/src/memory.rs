@@ -1,0 +1,28 @@
+//! The host's allocator settings, applied once at start-up by the binary
+//! (and by the soak test, which stands in for a long-running host).
+//!
+//! # Why
+//! glibc raises its mmap threshold each time a large block it had mapped
+//! is freed, so later large blocks (an index's vectors, a batch's buffers,
+//! a database's page cache) come from the heap instead, where freeing them
+//! leaves holes the process keeps. A host that opens index after index, or
+//! runs for days, then grows with no leak at all: the soak measured 98 MiB
+//! to 159 MiB over 35 rounds without a single fault, and 98 to 102 MiB
+//! with the threshold fixed. A fixed threshold
+//! ([`limits::MALLOC_MMAP_THRESHOLD`]) keeps large blocks mapped, so freeing
+//! one returns it to the system.
+
+use crate::limits;
+
+/// Applies the settings above. Harmless to call more than once; a no-op
+/// where the C library is not glibc.
+pub fn tune() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let threshold = libc::c_int::try_from(limits::MALLOC_MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only changes the allocator's parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
+        }
+    }
+}
