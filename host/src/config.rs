@@ -526,6 +526,43 @@ impl Config {
         })
     }
 
+    /// What identifies the configured embedder beyond its model id: the
+    /// backend, the plugin (its path with size and modification time, or
+    /// the built-in one of this embedhost version), the native engine and
+    /// precision, and the plugin's settings. An index records it, and
+    /// retries the files an embedder failed on when it changes.
+    pub fn embedder_id(&self) -> String {
+        let plugin = match self.plugin_source() {
+            PluginSource::File(path) => {
+                let stamp = std::fs::metadata(&path)
+                    .ok()
+                    .map(|m| {
+                        let mtime = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_nanos());
+                        format!("{}:{mtime}", m.len())
+                    })
+                    .unwrap_or_default();
+                format!("{}@{stamp}", path.display())
+            }
+            PluginSource::Bytes { name, .. } => {
+                format!("{name}@embedhost-{}", env!("CARGO_PKG_VERSION"))
+            }
+        };
+        let engine = match self.backend {
+            Backend::Wasm => plugin,
+            Backend::Native => format!("{}:{:?}", self.native.engine, self.native.precision),
+        };
+        format!(
+            "{}|{engine}|{}|{:?}",
+            self.backend.name(),
+            self.model_id(),
+            self.plugin_config()
+        )
+    }
+
     /// The configured model's id.
     pub fn model_id(&self) -> &str {
         self.model

@@ -19,7 +19,8 @@ use crate::limits;
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let threshold = libc::c_int::try_from(limits::MALLOC_MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
+        let threshold =
+            libc::c_int::try_from(limits::MALLOC_MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt only changes the allocator's parameters.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);

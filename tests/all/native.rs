@@ -431,5 +431,9 @@ async fn a_request_too_large_to_send_fails_alone_without_killing_the_child() {
     assert_eq!(r.vectors.get(1).unwrap(), stub_vector("c").as_slice());
     // The child was never at fault: the same process serves on.
     assert_eq!(supervisor.status()[0].pid, Some(pid));
-    assert!(supervisor.restarts().is_empty(), "{:?}", supervisor.restarts());
+    assert!(
+        supervisor.restarts().is_empty(),
+        "{:?}",
+        supervisor.restarts()
+    );
 }

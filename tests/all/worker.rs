@@ -481,3 +481,58 @@ async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() 
         supervisor.restarts()
     );
 }
+
+async fn stub_worker_with(config: &[(&str, &str)], embedder_id: &str) -> Worker {
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let spawner = WasmSpawner {
+        plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
+        limits: InstanceLimits::default(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let supervisor = Supervisor::start(
+        spawner,
+        SupervisorConfig {
+            pool_size: 2,
+            ..SupervisorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    Worker::new(
+        bus,
+        supervisor.model_info(),
+        Tokens::Words,
+        WorkerSettings::default(),
+    )
+    .with_embedder_id(embedder_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    write(&docs.join("a.txt"), "an ordinary file");
+    write(&docs.join("b.txt"), "this one says BOOM");
+    let db = root.path().join("db");
+    let broken = stub_worker_with(&[("fault.trap_marker", "BOOM")], "stub v1").await;
+    broken.init(&db).await.unwrap();
+    broken.index(vec![docs.clone()]).await.unwrap();
+    let stats = settled(&broken).await;
+    assert_eq!(stats.failures.get("embed_failed"), Some(&1), "{stats:?}");
+    // The same embedder again: the file is not retried (it would fail again).
+    assert_eq!(broken.index(vec![docs.clone()]).await.unwrap(), 0);
+    drop(broken);
+    // A fixed plugin: the file gets its chance.
+    let fixed = stub_worker_with(&[], "stub v2").await;
+    fixed.init(&db).await.unwrap();
+    let stats = settled(&fixed).await;
+    assert!(stats.failures.is_empty(), "{stats:?}");
+    assert_eq!(stats.indexed, 2, "{stats:?}");
+}

@@ -85,7 +85,8 @@ async fn start_worker(
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);
     }
-    let worker = Worker::new(embedder, model, tokens, settings);
+    let worker =
+        Worker::new(embedder, model, tokens, settings).with_embedder_id(config.embedder_id());
     let bus = Bus::new(InProcess::named("worker", router(worker)));
     bus.send::<WorkerInit>(
         InitRequest {

@@ -174,6 +174,9 @@ pub struct Worker {
 
 struct Inner {
     embedder: Bus,
+    /// What identifies the embedder beyond its model (plugin, engine,
+    /// settings): files it failed to embed are tried again when it changes.
+    embedder_id: String,
     model: ModelInfo,
     tokens: Tokens,
     settings: WorkerSettings,
@@ -213,12 +216,26 @@ impl Worker {
         Worker {
             inner: Arc::new(Inner {
                 embedder,
+                embedder_id: String::new(),
                 model,
                 tokens,
                 settings,
                 opened: Mutex::new(None),
             }),
         }
+    }
+
+    /// The same worker, with `id` identifying its embedder (plugin,
+    /// engine, settings; see `Config::embedder_id`). Files the embedder
+    /// failed on (`embed_failed`) are queued again when an index is opened
+    /// by an embedder of another id: a fixed plugin or model gets its
+    /// chance at them. Call before [`Worker::init`].
+    #[must_use]
+    pub fn with_embedder_id(mut self, id: impl Into<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.embedder_id = id.into();
+        }
+        self
     }
 
     /// The settings in force (chunking fitted to the model).
@@ -238,8 +255,16 @@ impl Worker {
             return Ok(());
         }
         let (dir, model) = (db_dir.to_path_buf(), self.inner.model.clone());
+        let embedder_id = self.inner.embedder_id.clone();
         let (store, index) = blocking(move || {
-            let store = Store::open(&dir, &model.model_id, model.dimension)?;
+            let mut store = Store::open(&dir, &model.model_id, model.dimension)?;
+            let retried = store.retry_failed_for(&embedder_id)?;
+            if retried > 0 {
+                tracing::info!(
+                    files = retried,
+                    "the embedder changed: files it failed on are queued again"
+                );
+            }
             let (ids, data) = store.vectors()?;
             let index = VectorIndex::new(model.dimension as usize, ids, data);
             Ok::<_, WorkerError>((store, index))

@@ -385,6 +385,40 @@ impl Store {
         Ok(added)
     }
 
+    /// Records `embedder_id` as the embedder of this index. If another one
+    /// was recorded, the files skipped as `embed_failed` are queued again
+    /// (the new embedder may embed them); returns how many.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn retry_failed_for(&mut self, embedder_id: &str) -> Result<u64, StoreError> {
+        let recorded = self.meta("embedder")?;
+        if recorded.as_deref() == Some(embedder_id) {
+            return Ok(0);
+        }
+        let failed: Vec<PathBuf> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT path FROM files WHERE skip_reason = 'embed_failed'")
+                .map_err(self.sql())?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(self.sql())?;
+            rows.map(|r| r.map(PathBuf::from))
+                .collect::<Result<_, _>>()
+                .map_err(self.sql())?
+        };
+        let queued = self.enqueue(&failed)?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('embedder', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+                [embedder_id],
+            )
+            .map_err(self.sql())?;
+        Ok(queued)
+    }
+
     /// The queue, oldest first.
     ///
     /// # Errors
