@@ -288,6 +288,23 @@ fn hostile_config_with(dir: &Path, mode: &str, call_ms: u64, extra: &str) -> Pat
     path
 }
 
+/// `embedhost plugin test` of the hostile plugin in `mode` under `config`.
+fn plugin_test(config: &str, mode: &str) -> (Output, Duration) {
+    let set = format!("mode={mode}");
+    let hostile = embedhost::plugins::HOSTILE;
+    embedhost(&[
+        "--config",
+        config,
+        "plugin",
+        "test",
+        "--seconds",
+        "0.2",
+        "--set",
+        &set,
+        hostile,
+    ])
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -319,17 +336,7 @@ fn plugin_check_plugin_test_and_embed_end_for_a_plugin_blocking_in_init() {
     failed_on_one_line(&out, took, Duration::from_secs(10));
     let (out, took) = embedhost(&["--config", config, "embed", "hello"]);
     failed_on_one_line(&out, took, Duration::from_secs(15));
-    let (out, took) = embedhost(&[
-        "--config",
-        config,
-        "plugin",
-        "test",
-        "--seconds",
-        "0.2",
-        "--set",
-        "mode=sleep_init",
-        embedhost::plugins::HOSTILE,
-    ]);
+    let (out, took) = plugin_test(config, "sleep_init");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -355,17 +362,7 @@ fn plugin_test_and_embed_end_for_a_plugin_blocking_in_embed() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("deadline"), "{stdout}");
     assert!(took < Duration::from_secs(10), "{took:?}");
-    let (out, took) = embedhost(&[
-        "--config",
-        config,
-        "plugin",
-        "test",
-        "--seconds",
-        "0.2",
-        "--set",
-        "mode=sleep_embed",
-        embedhost::plugins::HOSTILE,
-    ]);
+    let (out, took) = plugin_test(config, "sleep_embed");
     // The hostile plugin only blocks on its trigger, which the suite never
     // sends: every check ends, and the command answers.
     assert!(took < Duration::from_secs(30), "{took:?}: {}", stderr(&out));
@@ -390,17 +387,7 @@ fn plugin_check_plugin_test_and_embed_end_for_a_plugin_blocking_in_health() {
     ]);
     failed_on_one_line(&out, took, Duration::from_secs(10));
     assert!(stderr(&out).contains("health"), "{}", stderr(&out));
-    let (out, took) = embedhost(&[
-        "--config",
-        config,
-        "plugin",
-        "test",
-        "--seconds",
-        "0.2",
-        "--set",
-        "mode=sleep_health",
-        embedhost::plugins::HOSTILE,
-    ]);
+    let (out, took) = plugin_test(config, "sleep_health");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("deadline"), "{table}");

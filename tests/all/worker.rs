@@ -427,34 +427,12 @@ async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() 
     // deadline for a call with no work (200 ms): a batch of 32 passages
     // takes longer than that. With a fixed deadline every batch was killed
     // as a hang; the deadline grows with the work instead.
-    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
-    let spawner = WasmSpawner {
-        plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
-        limits: InstanceLimits {
-            call_deadline: Duration::from_millis(200),
-            ..InstanceLimits::default()
-        },
-        config: vec![("fault.sleep_ms_per_kib".into(), "5".into())],
+    let limits = InstanceLimits {
+        call_deadline: Duration::from_millis(200),
+        ..InstanceLimits::default()
     };
-    let supervisor = Supervisor::start(
-        spawner,
-        SupervisorConfig {
-            pool_size: 2,
-            ..SupervisorConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    let worker = Worker::new(
-        bus,
-        supervisor.model_info(),
-        Tokens::Words,
-        WorkerSettings::default(),
-    );
+    let (worker, supervisor) =
+        stub_worker_with(&[("fault.sleep_ms_per_kib", "5")], limits, "slow stub").await;
     worker.init(&root.path().join("db")).await.unwrap();
     worker.index(vec![docs.clone()]).await.unwrap();
     let started = std::time::Instant::now();
@@ -482,11 +460,17 @@ async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() 
     );
 }
 
-async fn stub_worker_with(config: &[(&str, &str)], embedder_id: &str) -> Worker {
+/// A worker on a pool of two stub instances with `config`, `limits`, and
+/// `embedder_id`; and the pool.
+async fn stub_worker_with(
+    config: &[(&str, &str)],
+    limits: InstanceLimits,
+    embedder_id: &str,
+) -> (Worker, Supervisor) {
     let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
     let spawner = WasmSpawner {
         plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
-        limits: InstanceLimits::default(),
+        limits,
         config: config
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -505,13 +489,14 @@ async fn stub_worker_with(config: &[(&str, &str)], embedder_id: &str) -> Worker 
         "embedder",
         embedhost::embedder::supervised_router(supervisor.clone()),
     ));
-    Worker::new(
+    let worker = Worker::new(
         bus,
         supervisor.model_info(),
         Tokens::Words,
         WorkerSettings::default(),
     )
-    .with_embedder_id(embedder_id)
+    .with_embedder_id(embedder_id);
+    (worker, supervisor)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +506,8 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     write(&docs.join("a.txt"), "an ordinary file");
     write(&docs.join("b.txt"), "this one says BOOM");
     let db = root.path().join("db");
-    let broken = stub_worker_with(&[("fault.trap_marker", "BOOM")], "stub v1").await;
+    let limits = InstanceLimits::default();
+    let (broken, _) = stub_worker_with(&[("fault.trap_marker", "BOOM")], limits, "stub v1").await;
     broken.init(&db).await.unwrap();
     broken.index(vec![docs.clone()]).await.unwrap();
     let stats = settled(&broken).await;
@@ -530,7 +516,7 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     assert_eq!(broken.index(vec![docs.clone()]).await.unwrap(), 0);
     drop(broken);
     // A fixed plugin: the file gets its chance.
-    let fixed = stub_worker_with(&[], "stub v2").await;
+    let (fixed, _) = stub_worker_with(&[], limits, "stub v2").await;
     fixed.init(&db).await.unwrap();
     let stats = settled(&fixed).await;
     assert!(stats.failures.is_empty(), "{stats:?}");

@@ -858,42 +858,32 @@ async fn run_slot(
                     }
                     return;
                 }
-                match started {
-                    Ok((worker, info)) => {
-                        let first_info = lock(&inner.info).clone();
-                        match first_info {
-                            Some(known) if known != info => {
-                                // Another model behind the same pool would
-                                // mix vectors of two spaces in one index.
-                                worker.stop().await;
-                                let message = format!(
-                                    "the new instance reports model {info:?}, but the pool serves {known:?}"
-                                );
-                                match on_failure(
-                                    &inner,
-                                    slot,
-                                    &stop,
-                                    &mut intensity,
-                                    FailureReason::InitFailed,
-                                    &message,
-                                    Duration::ZERO,
-                                )
-                                .await
-                                {
-                                    Restart::Yes => continue,
-                                    Restart::No(_) => return,
-                                }
-                            }
-                            _ => worker,
+                let first_info = lock(&inner.info).clone();
+                let checked = match started {
+                    Ok((worker, info)) => match first_info {
+                        // Another model behind the same pool would mix
+                        // vectors of two spaces in one index.
+                        Some(known) if known != info => {
+                            worker.stop().await;
+                            Err(format!(
+                                "the new instance reports model {info:?}, but the pool serves {known:?}"
+                            ))
                         }
-                    }
+                        _ => Ok(worker),
+                    },
+                    Err(message) => Err(message),
+                };
+                match checked {
+                    Ok(worker) => worker,
                     Err(message) => {
+                        let failure = FailureReason::InitFailed;
+                        let budget = &mut intensity;
                         match on_failure(
                             &inner,
                             slot,
                             &stop,
-                            &mut intensity,
-                            FailureReason::InitFailed,
+                            budget,
+                            failure,
                             &message,
                             Duration::ZERO,
                         )

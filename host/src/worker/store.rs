@@ -396,18 +396,7 @@ impl Store {
         if recorded.as_deref() == Some(embedder_id) {
             return Ok(0);
         }
-        let failed: Vec<PathBuf> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT path FROM files WHERE skip_reason = 'embed_failed'")
-                .map_err(self.sql())?;
-            let rows = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(self.sql())?;
-            rows.map(|r| r.map(PathBuf::from))
-                .collect::<Result<_, _>>()
-                .map_err(self.sql())?
-        };
+        let failed = self.paths("SELECT path FROM files WHERE skip_reason = 'embed_failed'")?;
         let queued = self.enqueue(&failed)?;
         self.conn
             .execute(
@@ -424,10 +413,12 @@ impl Store {
     /// # Errors
     /// SQLite's error.
     pub fn queued(&self) -> Result<Vec<PathBuf>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT path FROM queue ORDER BY seq")
-            .map_err(self.sql())?;
+        self.paths("SELECT path FROM queue ORDER BY seq")
+    }
+
+    /// The paths a query of one text column returns.
+    fn paths(&self, query: &str) -> Result<Vec<PathBuf>, StoreError> {
+        let mut stmt = self.conn.prepare(query).map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| r.get::<_, String>(0))
             .map_err(self.sql())?;
