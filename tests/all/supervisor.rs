@@ -797,3 +797,82 @@ async fn an_instance_of_another_model_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_failures_spaced_wider_than_the_window_still_escalate() {
+    // Every incarnation's health check hangs: one failure every 15 s
+    // (interval 10 s + timeout 5 s), three times the 5 s window, so the
+    // window never holds two. Before, such a slot restarted forever.
+    let mut c = SupervisorConfig {
+        pool_size: 1,
+        ..SupervisorConfig::default()
+    };
+    c.max_processed = u64::MAX;
+    let (supervisor, starts) = supervise(c, |_, _, _| Act::Ok, |_, _| false, |_| true).await;
+    let bound = u64::from(embedhost::limits::DEFAULT_MAX_UNPROVEN_FAILURES) + 1;
+    // Failure k comes at 15k s (each restart is immediate: the window is
+    // empty again); the last one escalates, and the pool is down for the
+    // first cooldown (1 s) before it restarts.
+    tokio::time::sleep(Duration::from_millis(15_000 * bound + 500)).await;
+    let why = supervisor.escalated().expect("escalated");
+    assert!(why.contains("in a row without serving"), "{why}");
+    assert_eq!(
+        supervisor.restarts().get("health_timeout"),
+        Some(&bound),
+        "{:?}",
+        supervisor.restarts()
+    );
+    assert!(starts.lock().unwrap().len() as u64 >= bound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexer_waits_out_an_escalation_and_loses_nothing() {
+    // Incarnation 1 crashes on its first call; 2 to 4 fail to start: the
+    // pool escalates while the indexer's first batch is in flight, cools
+    // down, and restarts with instances that behave.
+    let (supervisor, _) = supervise(
+        config(1),
+        |_, inc, _| if inc == 1 { Act::Crash } else { Act::Ok },
+        |_, inc| (2..=4).contains(&inc),
+        |_| false,
+    )
+    .await;
+    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    let worker = embedhost::worker::Worker::new(
+        bus,
+        info(),
+        embedhost::worker::chunk::Tokens::Words,
+        embedhost::worker::WorkerSettings::default(),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    for i in 0..20 {
+        crate::worker::write(&docs.join(format!("{i}.txt")), &format!("note number {i}"));
+    }
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![docs]).await.unwrap();
+    let started = std::time::Instant::now();
+    let stats = loop {
+        let stats = worker.stats().await.unwrap();
+        assert!(stats.stalled.is_none(), "{stats:?}");
+        if stats.queued == 0 && stats.processing == 0 {
+            break stats;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        stats.failures.is_empty(),
+        "nothing marked failed: {stats:?}"
+    );
+    assert_eq!(stats.indexed, 20, "{stats:?}");
+    let restarts = supervisor.restarts();
+    assert_eq!(
+        restarts.get("init_failed"),
+        Some(&3),
+        "it escalated: {restarts:?}"
+    );
+}
