@@ -139,8 +139,14 @@ async fn one_incarnation_reports_each_fault_as_a_typed_error_and_then_is_gone() 
     let e = start(kv("fault.loop_marker", "L"), 200).await.unwrap();
     let started = Instant::now();
     let err = e.embed(texts(&["L"]), false, None).await.unwrap_err();
+    // The call deadline, plus what the text's size adds.
+    let expected = embedhost::backend::work_deadline(
+        Duration::from_millis(200),
+        embedhost::limits::CALL_DEADLINE_PER_KIB,
+        &texts(&["L"]),
+    );
     assert!(
-        matches!(err, WasmError::DeadlineExceeded { deadline, .. } if deadline == Duration::from_millis(200)),
+        matches!(err, WasmError::DeadlineExceeded { deadline, .. } if deadline == expected),
         "{err}"
     );
     assert!(
