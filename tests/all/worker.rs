@@ -372,8 +372,8 @@ fn a_host_killed_mid_index_resumes_to_the_same_index() {
 
 /// Real-world HTML and Markdown that ship on this machine, never written for
 /// a test: the Rust Book of the toolchain's docs (its single-page
-/// `print.html` aside) and the README files of the crates cargo fetched to
-/// build this project. Up to `n`, the book first.
+/// `print.html` aside) and the README files (then other Markdown) of the
+/// crates cargo fetched to build this project. Up to `n`, the book first.
 fn real_world_files(n: usize) -> Vec<PathBuf> {
     let sysroot = std::process::Command::new("rustc")
         .args(["--print", "sysroot"])
@@ -393,7 +393,7 @@ fn real_world_files(n: usize) -> Vec<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .unwrap_or_default();
-    let mut readmes: Vec<PathBuf> = std::fs::read_dir(cargo_home.join("registry/src"))
+    let crates: Vec<PathBuf> = std::fs::read_dir(cargo_home.join("registry/src"))
         .into_iter()
         .flatten()
         .flatten()
@@ -403,11 +403,26 @@ fn real_world_files(n: usize) -> Vec<PathBuf> {
                 .flatten()
                 .flatten()
         })
-        .map(|krate| krate.path().join("README.md"))
+        .map(|krate| krate.path())
+        .collect();
+    // Each crate's README first, then its other Markdown (changelogs,
+    // guides), in case the toolchain shipped without its docs.
+    let mut readmes: Vec<PathBuf> = crates
+        .iter()
+        .map(|krate| krate.join("README.md"))
         .filter(|p| p.is_file())
         .collect();
     readmes.sort();
+    let mut other: Vec<PathBuf> = crates
+        .iter()
+        .flat_map(|krate| std::fs::read_dir(krate).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .filter(|p| p.file_name().is_some_and(|f| f != "README.md"))
+        .collect();
+    other.sort();
     files.extend(readmes);
+    files.extend(other);
     files.truncate(n);
     files
 }
