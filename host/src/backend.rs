@@ -140,6 +140,13 @@ pub trait Worker: Send + 'static {
     fn health_during_calls(&self) -> bool {
         false
     }
+    /// After a call failed with [`FailureReason::Exited`]: whether the
+    /// worker ended normally (a child process that exited with status 0 on
+    /// its own), which OTP's `transient` restart type does not restart.
+    /// Only a process can; the default is no.
+    fn exited_normally(&mut self) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async { false })
+    }
 }
 
 /// A started worker and what its model reported, or why it failed to start.

@@ -437,3 +437,38 @@ async fn a_request_too_large_to_send_fails_alone_without_killing_the_child() {
         supervisor.restarts()
     );
 }
+
+#[tokio::test]
+async fn a_transient_child_is_restarted_after_a_crash_but_not_after_a_normal_exit() {
+    use embedhost::supervisor::RestartType;
+    for (restart, code, restarted) in [
+        (RestartType::Transient, "0", false),
+        (RestartType::Transient, "3", true),
+        (RestartType::Permanent, "0", true),
+    ] {
+        let mut supervision = config(1);
+        supervision.restart = restart;
+        let spawner = spawner(&[("child.exit_marker", "BYE"), ("child.exit_code", code)]);
+        let supervisor = Supervisor::start(spawner, supervision).await.unwrap();
+        let r = supervisor.embed(vec!["BYE".into()], false, DEADLINE).await;
+        let case = format!("{restart:?} with exit code {code}");
+        if restarted {
+            // Restarted after each exit, until the text is isolated.
+            let r = r.unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(r.failed.len(), 1, "{case}");
+            assert!(supervisor.restarts().get("exited").is_some(), "{case}");
+        } else {
+            // The slot left the pool; with none left, the call fails at once.
+            let err = r.unwrap_err();
+            assert!(
+                matches!(&err, SupervisorError::Escalated(why) if why.contains("none is restarted")),
+                "{case}: {err}"
+            );
+            assert!(
+                supervisor.restarts().is_empty(),
+                "{case}: {:?}",
+                supervisor.restarts()
+            );
+        }
+    }
+}

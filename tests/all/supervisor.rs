@@ -379,7 +379,7 @@ async fn a_temporary_instance_is_not_restarted() {
     // The slot left the pool; a pool with no slot left fails at once
     // (before, its callers waited until their deadline).
     assert!(
-        matches!(&err, SupervisorError::Escalated(why) if why.contains("every temporary instance")),
+        matches!(&err, SupervisorError::Escalated(why) if why.contains("none is restarted")),
         "{err}"
     );
     assert_eq!(t0.elapsed(), Duration::ZERO);

@@ -279,6 +279,17 @@ impl Worker for NativeWorker {
         true
     }
 
+    fn exited_normally(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            self.process
+                .wait_for_exit(crate::limits::CHILD_EXIT_REPORT_WAIT)
+                .await
+                .is_some_and(|status| status.success())
+        })
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             let NativeWorker {

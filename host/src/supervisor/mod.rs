@@ -805,6 +805,8 @@ enum Ended {
     /// a suspected poison text alone (see [`Job::suspect`]), and whether
     /// the instance had served (a call or a health check) before.
     Crashed(FailureReason, String, bool, bool),
+    /// The instance ended normally (a child that exited 0 on its own).
+    Normal(String),
     Shutdown,
 }
 
@@ -908,6 +910,29 @@ async fn run_slot(
         lock(&inner.slots)[slot].up_since = None;
         match ended {
             Ended::Shutdown => return,
+            Ended::Normal(message) => {
+                // OTP: a permanent child is restarted after any exit; a
+                // transient or temporary one only after an abnormal exit.
+                if inner.config.restart != RestartType::Permanent {
+                    tracing::info!(slot, incarnation, %message, "instance ended normally; not restarted");
+                    leave_pool(&inner, slot).await;
+                    return;
+                }
+                match on_failure(
+                    &inner,
+                    slot,
+                    &stop,
+                    &mut intensity,
+                    FailureReason::Exited(message.clone()),
+                    &message,
+                    started.elapsed(),
+                )
+                .await
+                {
+                    Restart::Yes => {}
+                    Restart::No(_) => return,
+                }
+            }
             Ended::Crashed(reason, message, suspect, served) => {
                 if served {
                     intensity.on_success();
@@ -963,7 +988,7 @@ async fn leave_pool(inner: &Arc<Inner>, slot: usize) {
     if left == 0 {
         escalate(
             inner,
-            "every temporary instance of the pool has ended".into(),
+            "every instance of the pool has ended and none is restarted (restart = transient or temporary)".into(),
             false,
         )
         .await;
@@ -1192,6 +1217,9 @@ async fn serve(
                 };
                 let _ = job.reply.send((Some(slot), result));
                 if let Some((reason, message)) = crash {
+                    if matches!(reason, FailureReason::Exited(_)) && worker.exited_normally().await {
+                        return Ended::Normal(message);
+                    }
                     return Ended::Crashed(reason, message, suspect, proven);
                 }
             }
