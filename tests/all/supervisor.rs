@@ -876,3 +876,56 @@ async fn an_indexer_waits_out_an_escalation_and_loses_nothing() {
         "it escalated: {restarts:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_slots_in_reverse_order_each_within_its_timeout() {
+    // Workers that record their stop; slot 1's stop hangs.
+    struct Recorded(usize, Arc<Mutex<Vec<usize>>>);
+    impl Worker for Recorded {
+        fn embed(
+            &mut self,
+            texts: Vec<String>,
+            _: bool,
+            _: Duration,
+        ) -> BoxFuture<Result<Vectors, CallError>> {
+            Box::pin(async move {
+                Ok(Vectors::new(2, texts.iter().flat_map(|t| vector_of(t)).collect()).unwrap())
+            })
+        }
+        fn health(&mut self, _: Duration) -> BoxFuture<Result<Health, CallError>> {
+            Box::pin(async { Ok(Health::default()) })
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async move {
+                self.1.lock().unwrap().push(self.0);
+                if self.0 == 1 {
+                    std::future::pending::<()>().await;
+                }
+            })
+        }
+    }
+    let stopped = Arc::new(Mutex::new(Vec::new()));
+    let log = stopped.clone();
+    let supervisor = Supervisor::from_fn(
+        move |slot, _| {
+            let log = log.clone();
+            Box::pin(async move { Ok((Box::new(Recorded(slot, log)) as Box<dyn Worker>, info())) })
+        },
+        config(3),
+    )
+    .await
+    .unwrap();
+    while !supervisor.status().iter().all(|s| s.up) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t0 = Instant::now();
+    supervisor.shutdown().await;
+    assert_eq!(*stopped.lock().unwrap(), [2, 1, 0]);
+    // The hung stop cost its slot's timeout, no more.
+    assert_eq!(t0.elapsed(), embedhost::limits::SHUTDOWN_SLOT_TIMEOUT);
+    let err = supervisor
+        .embed(one("x"), false, DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
+}
