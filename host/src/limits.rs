@@ -342,10 +342,14 @@ pub const DEFAULT_CHILD_MEMORY_CEILING: u64 = 2 * 1024 * 1024 * 1024;
 /// child has exited, so its last line is already in the pipe.
 pub const CHILD_EXIT_REPORT_WAIT: Duration = Duration::from_millis(200);
 
-/// Time given to one `embedder.embed` of a batch while indexing: a batch of
-/// 32 passages of 256 tokens takes about 2 s natively and up to 10 s in one
-/// WASM instance on a slow machine, so a hung embedder is noticed within
-/// minutes without failing a slow one.
+/// Time given to one `embedder.embed` of a batch while indexing, before
+/// twice the batch's [`CALL_DEADLINE_PER_KIB`] allowance is added (the
+/// embedder's own deadline grows with the text, and a batch may wait for
+/// the one ahead of it): a batch of 32 passages of 256 tokens takes about
+/// 2 s natively and 20 s in one WASM instance here, so a hung embedder is
+/// noticed within minutes without failing a slow one. Before the
+/// allowance, a batch on a slow machine timed out at the caller and the
+/// round stalled ("timed out after 120s").
 pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long the indexer waits, in all, for an embedder pool that escalated

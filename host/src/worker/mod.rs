@@ -744,6 +744,14 @@ fn send_batch(
         // the batch waits out the cooldown (up to a bound) and loses
         // nothing; its texts are never marked as failed for it.
         let patience = tokio::time::Instant::now() + crate::limits::INDEX_UNAVAILABLE_PATIENCE;
+        // The embedder's own deadline grows with the batch's text, and a
+        // batch may wait for one ahead of it: the caller waits for both.
+        let allowance = crate::backend::work_deadline(
+            std::time::Duration::ZERO,
+            crate::limits::CALL_DEADLINE_PER_KIB,
+            &texts,
+        );
+        let timeout = INDEX_EMBED_TIMEOUT.saturating_add(allowance.saturating_mul(2));
         let response = loop {
             let response = bus
                 .send::<EmbedderEmbed>(
@@ -751,7 +759,7 @@ fn send_batch(
                         texts: texts.clone(),
                         is_query: false,
                     },
-                    SendOptions::default().timeout(INDEX_EMBED_TIMEOUT),
+                    SendOptions::default().timeout(timeout),
                 )
                 .await;
             match &response {
