@@ -210,3 +210,59 @@ fn swapping_the_backend_is_one_line_and_changes_no_output() {
     assert_eq!(wasm.lines().count(), 3);
     assert_eq!(run("native.toml"), wasm, "the same vectors, bit for bit");
 }
+
+#[test]
+fn status_model_check_and_stats_print_for_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(
+        &config,
+        "[plugin]\npath = \"builtin:stub\"\n[supervisor]\npool_size = 1\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = embedhost(&["--config", config, "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for line in ["config:", "backend:", "instance 0:"] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    // A model store without the model: each file is named, and the fix.
+    let models = dir.path().join("models");
+    let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["model", "check", "all-minilm-l6-v2"])
+        .env("EMBEDHOST_MODELS_DIR", &models)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("  missing  "), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("embedhost model fetch all-minilm-l6-v2"),
+        "{}",
+        stderr(&out)
+    );
+    // An index, and its stats as a person reads them.
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "a note about bicycles").unwrap();
+    std::fs::write(docs.join("b.bin"), [0u8, 1, 2, 3]).unwrap();
+    let db = dir.path().join("db");
+    let db = db.to_str().unwrap();
+    let out = embedhost(&[
+        "--config",
+        config,
+        "index",
+        "--db",
+        db,
+        docs.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = embedhost(&["--config", config, "stats", "--db", db]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("indexed:  1 files"), "{text}");
+    assert!(
+        text.contains("skipped:") && text.contains("b.bin"),
+        "{text}"
+    );
+}

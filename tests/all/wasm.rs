@@ -514,3 +514,65 @@ fn the_artifact_cache_is_reused_and_a_corrupt_entry_is_discarded() {
         CacheOutcome::Hit
     );
 }
+
+#[test]
+fn wasm_errors_map_to_the_bus_codes_that_decide_retries() {
+    let code = |e: WasmError| RemoteError::from(e);
+    let deadline = code(WasmError::DeadlineExceeded {
+        call: "embed",
+        deadline: Duration::from_secs(1),
+    });
+    assert_eq!(deadline.code, ErrorCode::DeadlineExceeded);
+    let trap = code(WasmError::Trap {
+        call: "embed",
+        reason: "unreachable".into(),
+    });
+    assert_eq!(
+        trap.code,
+        ErrorCode::Unavailable,
+        "a crash is retried on a fresh instance"
+    );
+    let input = code(WasmError::Plugin {
+        call: "embed",
+        error: PluginError::InvalidInput {
+            index: 3,
+            reason: "too long".into(),
+        },
+    });
+    assert_eq!(
+        (input.code, input.index),
+        (ErrorCode::InvalidInput, Some(3))
+    );
+    let output = code(WasmError::InvalidOutput {
+        index: Some(2),
+        reason: "NaN".into(),
+    });
+    assert_eq!((output.code, output.index), (ErrorCode::Failed, Some(2)));
+    let config = code(WasmError::Plugin {
+        call: "init",
+        error: PluginError::InvalidConfig("bad".into()),
+    });
+    assert_eq!(config.code, ErrorCode::Failed);
+}
+
+#[tokio::test]
+async fn the_embedder_peer_answers_health_and_shutdown() {
+    let supervisor = supervise(&[], 5000, supervised_config(1)).await;
+    let bus = Bus::new(InProcess::new(embedhost::embedder::supervised_router(
+        supervisor.clone(),
+    )));
+    supervisor
+        .embed(texts(&["one", "two"]), false, DEADLINE)
+        .await
+        .unwrap();
+    let health = bus
+        .request::<embedhost::messages::EmbedderHealth>(embedhost::bus::Empty {})
+        .await
+        .unwrap();
+    assert!(health.processed_count >= 1, "{health:?}");
+    bus.request::<embedhost::messages::Shutdown>(embedhost::messages::ShutdownRequest {
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+}
