@@ -1041,21 +1041,24 @@ async fn on_failure(
 /// started again after a cooldown that doubles with each escalation in a
 /// row (OTP's escalation to a parent, which restarts the subtree).
 async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
-    let n = inner.escalations.fetch_add(1, Ordering::Relaxed);
-    let cooldown = limits::ESCALATION_COOLDOWN_MIN
-        .saturating_mul(1u32 << n.min(16))
-        .min(limits::ESCALATION_COOLDOWN_MAX);
-    {
+    let cooldown = {
         let mut down = lock(&inner.cooldown);
         if down.is_some() {
+            // Another slot escalated this generation already: one
+            // escalation, one step of the cooldown.
             return;
         }
+        let n = inner.escalations.fetch_add(1, Ordering::Relaxed);
+        let cooldown = limits::ESCALATION_COOLDOWN_MIN
+            .saturating_mul(1u32 << n.min(16))
+            .min(limits::ESCALATION_COOLDOWN_MAX);
         *down = Some(Cooldown {
             reason: why,
             until: Instant::now() + cooldown,
             recovering: recover,
         });
-    }
+        cooldown
+    };
     metrics::counter!(METRIC_ESCALATIONS).increment(1);
     let slots = std::mem::take(&mut lock(&inner.generation).slots);
     for (token, _) in &slots {
