@@ -854,16 +854,7 @@ async fn an_indexer_waits_out_an_escalation_and_loses_nothing() {
     }
     worker.init(&root.path().join("db")).await.unwrap();
     worker.index(vec![docs]).await.unwrap();
-    let started = std::time::Instant::now();
-    let stats = loop {
-        let stats = worker.stats().await.unwrap();
-        assert!(stats.stalled.is_none(), "{stats:?}");
-        if stats.queued == 0 && stats.processing == 0 {
-            break stats;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{stats:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let stats = crate::worker::settled_within(&worker, Duration::from_secs(60)).await;
     assert!(
         stats.failures.is_empty(),
         "nothing marked failed: {stats:?}"

@@ -16,40 +16,31 @@ use embedhost::worker::chunk::Tokens;
 use embedhost::worker::{Worker, WorkerSettings};
 
 async fn stub_worker(settings: WorkerSettings) -> Worker {
-    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
-    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap();
-    let spawner = WasmSpawner {
-        plugin,
-        limits: InstanceLimits::default(),
-        config: vec![],
-    };
-    let config = SupervisorConfig {
-        pool_size: 2,
-        ..SupervisorConfig::default()
-    };
-    let supervisor = Supervisor::start(spawner, config).await.unwrap();
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    Worker::new(bus, supervisor.model_info(), Tokens::Words, settings)
+    let limits = InstanceLimits::default();
+    stub_worker_with(&[], limits, settings, "stub").await.0
 }
 
 /// Waits (real time: the indexer runs on blocking threads) until nothing
-/// is queued or processing.
+/// is queued or processing, for at most 20 s.
 async fn settled(worker: &Worker) -> StatsResponse {
-    for _ in 0..2000 {
+    settled_within(worker, Duration::from_secs(20)).await
+}
+
+/// As [`settled`], for at most `limit`; the indexer must never stall.
+pub(crate) async fn settled_within(worker: &Worker, limit: Duration) -> StatsResponse {
+    let started = std::time::Instant::now();
+    loop {
         let stats = worker.stats().await.unwrap();
         assert!(stats.stalled.is_none(), "{stats:?}");
         if stats.queued == 0 && stats.processing == 0 {
             return stats;
         }
+        assert!(
+            started.elapsed() < limit,
+            "indexing did not finish: {stats:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!(
-        "indexing did not finish: {:?}",
-        worker.stats().await.unwrap()
-    );
 }
 
 pub(crate) fn write(path: &Path, text: &str) {
@@ -446,20 +437,17 @@ async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() 
         call_deadline: Duration::from_millis(200),
         ..InstanceLimits::default()
     };
-    let (worker, supervisor) =
-        stub_worker_with(&[("fault.sleep_ms_per_kib", "5")], limits, "slow stub").await;
+    let (worker, supervisor) = stub_worker_with(
+        &[("fault.sleep_ms_per_kib", "5")],
+        limits,
+        WorkerSettings::default(),
+        "slow stub",
+    )
+    .await;
     worker.init(&root.path().join("db")).await.unwrap();
     worker.index(vec![docs.clone()]).await.unwrap();
     let started = std::time::Instant::now();
-    let stats = loop {
-        let stats = worker.stats().await.unwrap();
-        assert!(stats.stalled.is_none(), "{stats:?}");
-        if stats.queued == 0 && stats.processing == 0 {
-            break stats;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "{stats:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stats = settled_within(&worker, Duration::from_secs(600)).await;
     eprintln!(
         "500 real files: {} chunks in {:?}",
         stats.chunks,
@@ -475,11 +463,12 @@ async fn five_hundred_real_files_index_on_a_slow_plugin_with_no_deadline_kill() 
     );
 }
 
-/// A worker on a pool of two stub instances with `config`, `limits`, and
-/// `embedder_id`; and the pool.
+/// A worker with `settings` on a pool of two stub instances with `config`
+/// and `limits`, its embedder known as `embedder_id`; and the pool.
 async fn stub_worker_with(
     config: &[(&str, &str)],
     limits: InstanceLimits,
+    settings: WorkerSettings,
     embedder_id: &str,
 ) -> (Worker, Supervisor) {
     let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
@@ -504,13 +493,8 @@ async fn stub_worker_with(
         "embedder",
         embedhost::embedder::supervised_router(supervisor.clone()),
     ));
-    let worker = Worker::new(
-        bus,
-        supervisor.model_info(),
-        Tokens::Words,
-        WorkerSettings::default(),
-    )
-    .with_embedder_id(embedder_id);
+    let worker = Worker::new(bus, supervisor.model_info(), Tokens::Words, settings)
+        .with_embedder_id(embedder_id);
     (worker, supervisor)
 }
 
@@ -522,7 +506,13 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     write(&docs.join("b.txt"), "this one says BOOM");
     let db = root.path().join("db");
     let limits = InstanceLimits::default();
-    let (broken, _) = stub_worker_with(&[("fault.trap_marker", "BOOM")], limits, "stub v1").await;
+    let (broken, _) = stub_worker_with(
+        &[("fault.trap_marker", "BOOM")],
+        limits,
+        WorkerSettings::default(),
+        "stub v1",
+    )
+    .await;
     broken.init(&db).await.unwrap();
     broken.index(vec![docs.clone()]).await.unwrap();
     let stats = settled(&broken).await;
@@ -531,7 +521,7 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     assert_eq!(broken.index(vec![docs.clone()]).await.unwrap(), 0);
     drop(broken);
     // A fixed plugin: the file gets its chance.
-    let (fixed, _) = stub_worker_with(&[], limits, "stub v2").await;
+    let (fixed, _) = stub_worker_with(&[], limits, WorkerSettings::default(), "stub v2").await;
     fixed.init(&db).await.unwrap();
     let stats = settled(&fixed).await;
     assert!(stats.failures.is_empty(), "{stats:?}");
