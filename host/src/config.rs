@@ -292,6 +292,52 @@ pub struct CacheSection {
     pub max_mb: Option<u64>,
 }
 
+/// `[serve]`: the long-running service (`embedhost serve`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    /// Address to listen on (default: loopback, port 8080). Any address
+    /// other than loopback needs an API key.
+    pub listen: Option<String>,
+    /// A file holding the API key (first line); `--api-key` and
+    /// `EMBEDHOST_API_KEY` override it.
+    pub api_key_file: Option<PathBuf>,
+    /// Folders an HTTP client may index (`POST /index`); nothing outside
+    /// them, after symlinks are resolved (default: none).
+    pub index_roots: Vec<PathBuf>,
+    /// Largest request body, KiB (413 past it).
+    pub max_body_kb: usize,
+    /// Inputs per request (400 past it).
+    pub max_inputs: usize,
+    /// Requests held at once (429 past it).
+    pub max_concurrent_requests: usize,
+    /// Deadline of a request that sets none, ms.
+    pub request_deadline_ms: u64,
+    /// Tokens in one merged batch.
+    pub max_batch_tokens: usize,
+    /// How long a batch waits for more requests, µs.
+    pub batch_wait_us: u64,
+    /// How long SIGTERM waits for requests in flight, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServeSection {
+    fn default() -> Self {
+        ServeSection {
+            listen: None,
+            api_key_file: None,
+            index_roots: Vec::new(),
+            max_body_kb: limits::DEFAULT_SERVE_MAX_BODY_BYTES / 1024,
+            max_inputs: limits::DEFAULT_SERVE_MAX_INPUTS,
+            max_concurrent_requests: limits::DEFAULT_SERVE_MAX_CONCURRENT,
+            request_deadline_ms: limits::DEFAULT_SERVE_REQUEST_DEADLINE.as_millis() as u64,
+            max_batch_tokens: limits::DEFAULT_SERVE_MAX_BATCH_TOKENS,
+            batch_wait_us: limits::DEFAULT_SERVE_BATCH_WAIT.as_micros() as u64,
+            shutdown_grace_ms: limits::DEFAULT_SERVE_SHUTDOWN_GRACE.as_millis() as u64,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +366,9 @@ pub struct Config {
     #[serde(default)]
     /// `[index]`.
     pub index: IndexSection,
+    #[serde(default)]
+    /// `[serve]`.
+    pub serve: ServeSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -367,6 +416,7 @@ impl Config {
             &mut config.native.onnxruntime,
             &mut config.model.dir,
             &mut config.index.dir,
+            &mut config.serve.api_key_file,
         ] {
             if let Some(p) = relative.as_mut()
                 && p.is_relative()
@@ -410,6 +460,26 @@ impl Config {
         if config.index.chunk_overlap >= config.index.chunk_tokens {
             return Err(invalid(
                 "[index] chunk_overlap must be smaller than chunk_tokens",
+            ));
+        }
+        for root in &mut config.serve.index_roots {
+            if root.is_relative() {
+                *root = base.join(&*root);
+            }
+        }
+        let serve = &config.serve;
+        if [
+            serve.max_body_kb,
+            serve.max_inputs,
+            serve.max_concurrent_requests,
+            serve.max_batch_tokens,
+        ]
+        .contains(&0)
+            || serve.request_deadline_ms == 0
+            || serve.shutdown_grace_ms == 0
+        {
+            return Err(invalid(
+                "[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)",
             ));
         }
         if config.native.grace_ms == 0 {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod conformance;
 pub mod deps;
 pub mod embedder;
+pub mod launch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
@@ -26,6 +27,7 @@ pub mod memory;
 pub mod messages;
 pub mod model;
 pub mod native;
+pub mod serve;
 pub mod supervisor;
 pub mod untrusted;
 pub mod vectors;

@@ -382,3 +382,101 @@ pub const INDEX_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// walk of a large tree reads every file's metadata; the indexing itself
 /// continues in the background).
 pub const INDEX_WALK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Fewest texts a part of a split batch gets ([`crate::supervisor`] cuts a
+/// batch into one part per instance). Below this a call's fixed cost (a
+/// frame or a host call, tokenizing, one graph run) outweighs the second
+/// core: 4 short sentences take about 10 ms on one native instance.
+pub const MIN_SPLIT_TEXTS: usize = 4;
+
+/// Where `embedhost serve` listens by default: loopback only, so nothing
+/// off the machine can call it without the user choosing so (and giving an
+/// API key). 8080 is what TEI's examples use.
+pub const DEFAULT_SERVE_LISTEN: &str = "127.0.0.1:8080";
+
+/// Largest request body the service reads (`[serve] max_body_kb`); past it
+/// the answer is 413 before the body is parsed. 2048 inputs of about 1 KiB
+/// each (OpenAI's input count limit at paragraph size) fit, with JSON's
+/// quoting.
+pub const DEFAULT_SERVE_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Inputs in one request (`[serve] max_inputs`): OpenAI's own limit for
+/// `/v1/embeddings`, so its clients' batching already respects it.
+pub const DEFAULT_SERVE_MAX_INPUTS: usize = 2048;
+
+/// Requests the service holds at once (`[serve] max_concurrent_requests`);
+/// past it a request gets 429 with `Retry-After` instead of queueing, so a
+/// flood costs memory for this many requests and no more. 512 is eight
+/// times the largest concurrency the load test uses.
+pub const DEFAULT_SERVE_MAX_CONCURRENT: usize = 512;
+
+/// The `Retry-After` of a 429: a batch of short texts finishes in well
+/// under a second, freeing room.
+pub const SERVE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Deadline of a request that sets none (`[serve] request_deadline_ms`; a
+/// request may set its own, up to [`SERVE_MAX_REQUEST_DEADLINE`], in the
+/// `x-embedhost-deadline-ms` header). It becomes the bus deadline of its
+/// embedding, so the request's whole life, queueing and restarts included,
+/// fits in it. A minute covers the largest request ([`DEFAULT_SERVE_MAX_INPUTS`]
+/// paragraphs) on the WASM backend on two cores.
+pub const DEFAULT_SERVE_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The longest deadline a request may ask for: past ten minutes a client
+/// is better served by smaller requests.
+pub const SERVE_MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Tokens in one merged batch (`[serve] max_batch_tokens`, TEI's knob of
+/// the same name and default): requests arriving together are merged up to
+/// this many tokens, so a batch fills the instances' SIMD lanes without one
+/// batch holding an instance for long.
+pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 16_384;
+
+/// How long a batch waits for more requests once it has one
+/// (`[serve] batch_wait_us`). Short against a request's own time (a short
+/// sentence takes milliseconds), long enough for clients that arrive
+/// together to share a batch. Only waited while the pool is busy anyway:
+/// with an idle instance and nothing else queued, a batch goes at once.
+pub const DEFAULT_SERVE_BATCH_WAIT: Duration = Duration::from_millis(2);
+
+/// Requests waiting for a batch, at most (the batcher's queue); a full
+/// queue is a 429 like too many requests.
+pub const SERVE_BATCH_QUEUE: usize = 4096;
+
+/// How long SIGTERM or Ctrl-C waits for requests in flight before the
+/// service stops anyway (`[serve] shutdown_grace_ms`). Under the 30 s that
+/// process managers (systemd, Kubernetes) give before SIGKILL, leaving them
+/// time to stop the pool.
+pub const DEFAULT_SERVE_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// How long a reload waits for requests still using the old pool before
+/// stopping it: the longest a request may run.
+pub const SERVE_RELOAD_DRAIN: Duration = SERVE_MAX_REQUEST_DEADLINE;
+
+/// How often a reload checks whether the old pool is still in use.
+pub const SERVE_RELOAD_POLL: Duration = Duration::from_millis(20);
+
+/// Entries kept of `/index` progress history: the jobs a client started,
+/// newest first; older ones are forgotten so the list cannot grow.
+pub const SERVE_INDEX_JOBS_KEPT: usize = 64;
+
+/// Shortest API key accepted: a key shorter than 16 bytes can be guessed.
+pub const MIN_API_KEY_BYTES: usize = 16;
+
+/// How long the CLI waits to connect to a running service's socket before
+/// working alone: a live service accepts at once.
+pub const SERVE_SOCKET_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Tokens one input may have (400 past it): OpenAI's own limit for its
+/// embedding models. Inputs longer than the model's window are cut to it
+/// (or refused, if a TEI client asks `truncate: false`); this bound only
+/// keeps one input from costing the tokenizer without limit.
+pub const SERVE_MAX_INPUT_TOKENS: usize = 8192;
+
+/// Results one `/search` may ask for: more than a person reads, and each
+/// carries its chunk's text.
+pub const SERVE_MAX_SEARCH_LIMIT: usize = 1000;
+
+/// How often the Prometheus exporter's histograms are compacted when no
+/// one scrapes `/metrics`, so they stay bounded.
+pub const SERVE_METRICS_UPKEEP: Duration = Duration::from_secs(5);

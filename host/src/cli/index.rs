@@ -5,7 +5,6 @@
 //! the index.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
@@ -18,7 +17,6 @@ use crate::messages::{
     WorkerSearch, WorkerStats,
 };
 use crate::supervisor::Supervisor;
-use crate::worker::chunk::Tokens;
 use crate::worker::store::Store;
 use crate::worker::{Worker, router};
 
@@ -74,13 +72,13 @@ async fn start_worker(
     max_pool: Option<usize>,
 ) -> Result<(Bus, Supervisor), String> {
     let source = config.plugin_source();
-    let (supervisor, _) = super::start_backend(config, &source, max_pool).await?;
+    let (supervisor, _) = crate::launch::start_backend(config, &source, max_pool).await?;
     let embedder = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
     ));
     let model = supervisor.model_info();
-    let tokens = tokens(config, model.max_input_tokens as usize)?;
+    let tokens = crate::launch::tokens(config, model.max_input_tokens as usize)?;
     let mut settings = config.worker_settings();
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);
@@ -98,20 +96,6 @@ async fn start_worker(
     .await
     .map_err(|e| e.to_string())?;
     Ok((bus, supervisor))
-}
-
-/// How files are cut: by the model's tokenizer when the config names a
-/// model (its `tokenizer.json`), else by words.
-fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String> {
-    if !(config.wasm_needs_model() || config.needs_model_files()) {
-        return Ok(Tokens::Words);
-    }
-    let path = config
-        .model_dir()?
-        .join(crate::native::onnx::TOKENIZER_FILE);
-    embedhost_text::TextEncoder::from_file(&path, max_input_tokens)
-        .map(|encoder| Tokens::Model(Arc::new(encoder)))
-        .map_err(|e| e.to_string())
 }
 
 pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {

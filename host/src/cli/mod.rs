@@ -15,9 +15,8 @@ use crate::bus::transport::InProcess;
 use crate::bus::{Bus, SendOptions};
 use crate::config::{Backend, Config};
 use crate::messages::{EmbedRequest, EmbedderEmbed};
-use crate::supervisor::Supervisor;
 use crate::wasm::{
-    PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine, WasmPlugin, WasmSpawner,
+    PluginSource, SnapshotStatus, WasmEmbedder, WasmPlugin,
 };
 
 /// Run text-embedding plugins under supervision.
@@ -56,6 +55,9 @@ pub enum Command {
     Search(index::SearchArgs),
     /// Show the index's counts.
     Stats(index::StatsArgs),
+    /// Run the embedding service: OpenAI- and TEI-compatible HTTP, search
+    /// and indexing, until SIGTERM or Ctrl-C (SIGHUP reloads the config).
+    Serve(ServeArgs),
     /// Serve the bus on stdin/stdout (started by the host; not for people).
     #[command(hide = true)]
     Child(ChildArgs),
@@ -145,6 +147,21 @@ pub struct PluginTestArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default: `[serve] listen`, else 127.0.0.1:8080).
+    /// Any address but loopback needs an API key.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The API key clients must send (`Authorization: Bearer KEY`); also
+    /// `EMBEDHOST_API_KEY` or `[serve] api_key_file`.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// The index directory (default: `[index] dir`, else the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub db: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ChildArgs {
     /// The engine to serve.
     #[arg(long, default_value = "stub")]
@@ -211,12 +228,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Index(args) => index::index(cli.config, args).await,
         Command::Search(args) => index::search(cli.config, args).await,
         Command::Stats(args) => index::stats(cli.config, args).await,
+        Command::Serve(args) => crate::serve::run(crate::serve::ServeOptions {
+            config: cli.config,
+            listen: args.listen,
+            api_key: args.api_key,
+            db: args.db,
+        })
+        .await
+        .map_err(|e| e.to_string()),
         Command::Child(args) => child(args).await,
     }
-}
-
-fn engine_for(config: &Config) -> Result<WasmEngine, String> {
-    WasmEngine::new(config.artifact_cache()).map_err(|e| format!("cannot start wasmtime: {e:#}"))
 }
 
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {
@@ -232,7 +253,7 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     }
     let limits = config.instance_limits();
     // One command, one batch: more instances than texts would only start idle.
-    let (supervisor, _) = start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
+    let (supervisor, _) = crate::launch::start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
     let bus = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
@@ -285,61 +306,6 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     }
 }
 
-/// Starts the configured backend's supervised pool, of at most `max_pool`
-/// instances, with the WASM plugin's snapshot status.
-async fn start_backend(
-    config: &Config,
-    source: &PluginSource,
-    max_pool: Option<usize>,
-) -> Result<(Supervisor, Option<SnapshotStatus>), String> {
-    let mut supervision = config.supervisor_config();
-    if let Some(max) = max_pool {
-        supervision.pool_size = supervision.pool_size.min(max);
-    }
-    match config.backend {
-        Backend::Wasm => {
-            let engine = engine_for(config)?;
-            let plugin = if config.wasm_needs_model() {
-                let dir = fetch_model(config).await?;
-                if config.wasm_snapshot() {
-                    let (source, limits) = (source.clone(), config.instance_limits());
-                    let settings = config.wasm_plugin_config();
-                    tokio::task::spawn_blocking(move || {
-                        WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
-                    })
-                    .await
-                    .map_err(|e| format!("plugin load: {e}"))?
-                } else {
-                    WasmPlugin::load(&engine, source).map(|p| p.with_model_dir(dir))
-                }
-            } else {
-                WasmPlugin::load(&engine, source)
-            }
-            .map_err(|e| e.to_string())?;
-            let snapshot = plugin.snapshot().clone();
-            let spawner = WasmSpawner {
-                plugin,
-                limits: config.instance_limits(),
-                config: config.wasm_plugin_config(),
-            };
-            Supervisor::start(spawner, supervision)
-                .await
-                .map(|s| (s, Some(snapshot)))
-        }
-        Backend::Native => {
-            let model_dir = if config.needs_model_files() {
-                Some(fetch_model(config).await?)
-            } else {
-                None
-            };
-            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision)
-                .await
-                .map(|s| (s, None))
-        }
-    }
-    .map_err(|e| e.to_string())
-}
-
 async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let id = match &command {
@@ -389,7 +355,7 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
             }
         }
         ModelCommand::Fetch { offline, .. } => {
-            let done = store.fetch(&manifest, &fetch_options(offline)).map_err(|e| e.to_string())?;
+            let done = store.fetch(&manifest, &crate::launch::fetch_options(offline)).map_err(|e| e.to_string())?;
             for (name, how) in done {
                 let how = serde_json::to_value(&how).unwrap_or_default();
                 println!("{:<10} {name}", how.as_str().unwrap_or("?"));
@@ -400,25 +366,6 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
     })
     .await
     .map_err(|e| format!("model: {e}"))?
-}
-
-/// A fetch from the command line: progress bars, offline if asked or if
-/// `EMBEDHOST_OFFLINE` says so.
-fn fetch_options(offline: bool) -> crate::model::FetchOptions {
-    crate::model::FetchOptions {
-        offline: offline || crate::model::offline_from_env(),
-        progress: true,
-        python: None,
-    }
-}
-
-/// The configured model's directory, fetched and verified first if a file
-/// is missing (the main job's check on first use).
-async fn fetch_model(config: &Config) -> Result<PathBuf, String> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || config.ensure_model_dir(&fetch_options(false)))
-        .await
-        .map_err(|e| format!("model fetch: {e}"))?
 }
 
 async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), String> {
@@ -455,7 +402,7 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
         Ok(lib) => serde_json::json!({ "path": lib.display().to_string(), "found": lib.exists() }),
         Err(e) => serde_json::json!({ "path": null, "found": false, "error": e }),
     };
-    let started = start_backend(&config, &source, None).await;
+    let started = crate::launch::start_backend(&config, &source, None).await;
     match &started {
         Ok((supervisor, snapshot)) => {
             if let Some(snapshot) = snapshot {
@@ -559,7 +506,7 @@ fn print_status(report: &serde_json::Value) {
 
 async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let engine = engine_for(&config)?;
+    let engine = crate::launch::engine_for(&config)?;
     let plugin =
         WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
     let embedder = WasmEmbedder::start(plugin, config.instance_limits(), config.plugin_config())
@@ -606,11 +553,11 @@ async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Resu
     // --plugin` does: a model plugin (or a config naming a model) gets the
     // model's directory.
     config.plugin.path = Some(args.path.clone());
-    let engine = engine_for(&config)?;
+    let engine = crate::launch::engine_for(&config)?;
     let source = config.plugin_source();
     let model_dir = match args.model_dir {
         Some(dir) => Some(dir),
-        None if config.wasm_needs_model() => Some(fetch_model(&config).await?),
+        None if config.wasm_needs_model() => Some(crate::launch::fetch_model(&config).await?),
         None => None,
     };
     let mut plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;

@@ -538,6 +538,53 @@ impl Supervisor {
         is_query: bool,
         deadline: Duration,
     ) -> Result<BatchResult, SupervisorError> {
+        // One call occupies one instance: a batch large enough to share is
+        // cut into contiguous parts, one per instance, run at once and
+        // gathered in order. Each part is isolated on its own (a poison text
+        // fails only itself), so splitting never changes an answer.
+        let parts = split_parts(texts.len(), self.inner.config.pool_size.max(1));
+        if parts <= 1 {
+            return self.embed_part(texts, is_query, deadline).await;
+        }
+        let per_part = texts.len().div_ceil(parts);
+        let mut offsets = Vec::with_capacity(parts);
+        let mut calls = Vec::with_capacity(parts);
+        let mut rest = texts;
+        let mut offset = 0;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_part.min(rest.len()));
+            offsets.push(offset);
+            offset += rest.len();
+            calls.push(self.embed_part(std::mem::replace(&mut rest, tail), is_query, deadline));
+        }
+        let results = futures::future::try_join_all(calls).await?;
+        let dimension = self.model_info().dimension as usize;
+        let mut data = Vec::new();
+        let mut failed = Vec::new();
+        for (result, offset) in results.into_iter().zip(offsets) {
+            data.extend_from_slice(result.vectors.as_flat());
+            failed.extend(result.failed.into_iter().map(|f| FailedInput {
+                index: f.index + offset as u32,
+                ..f
+            }));
+        }
+        let vectors = if data.is_empty() {
+            Vectors::default()
+        } else {
+            Vectors::new(dimension, data).map_err(|e| {
+                SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string()))
+            })?
+        };
+        Ok(BatchResult { vectors, failed })
+    }
+
+    /// [`Supervisor::embed`] of one part, on one instance at a time.
+    async fn embed_part(
+        &self,
+        texts: Vec<String>,
+        is_query: bool,
+        deadline: Duration,
+    ) -> Result<BatchResult, SupervisorError> {
         let until = Instant::now() + deadline;
         let dimension = self.model_info().dimension as usize;
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
@@ -745,6 +792,13 @@ impl Supervisor {
             processed: slots.iter().map(|s| s.served).sum(),
         })
     }
+}
+
+/// How many parts a batch of `texts` is cut into on a pool of `pool`
+/// instances: one per instance, but none smaller than
+/// [`limits::MIN_SPLIT_TEXTS`].
+fn split_parts(texts: usize, pool: usize) -> usize {
+    (texts / limits::MIN_SPLIT_TEXTS).clamp(1, pool)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

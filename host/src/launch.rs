@@ -1,0 +1,111 @@
+//! Building what serves from a [`Config`]: the supervised pool of the
+//! configured backend (fetching the model and loading the plugin or its
+//! snapshot first) and the tokenizer the worker and the service count with.
+//!
+//! The CLI's one-shot commands and `embedhost serve` start pools the same
+//! way through here, so a backend behaves alike under both.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{Backend, Config};
+use crate::supervisor::Supervisor;
+use crate::wasm::{PluginSource, SnapshotStatus, WasmEngine, WasmPlugin, WasmSpawner};
+use crate::worker::chunk::Tokens;
+
+/// The wasmtime engine, with the configured artifact cache.
+///
+/// # Errors
+/// Why wasmtime could not start.
+pub fn engine_for(config: &Config) -> Result<WasmEngine, String> {
+    WasmEngine::new(config.artifact_cache()).map_err(|e| format!("cannot start wasmtime: {e:#}"))
+}
+
+/// Starts the configured backend's supervised pool, of at most `max_pool`
+/// instances, with the WASM plugin's snapshot status.
+pub async fn start_backend(
+    config: &Config,
+    source: &PluginSource,
+    max_pool: Option<usize>,
+) -> Result<(Supervisor, Option<SnapshotStatus>), String> {
+    let mut supervision = config.supervisor_config();
+    if let Some(max) = max_pool {
+        supervision.pool_size = supervision.pool_size.min(max);
+    }
+    match config.backend {
+        Backend::Wasm => {
+            let engine = engine_for(config)?;
+            let plugin = if config.wasm_needs_model() {
+                let dir = fetch_model(config).await?;
+                if config.wasm_snapshot() {
+                    let (source, limits) = (source.clone(), config.instance_limits());
+                    let settings = config.wasm_plugin_config();
+                    tokio::task::spawn_blocking(move || {
+                        WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
+                    })
+                    .await
+                    .map_err(|e| format!("plugin load: {e}"))?
+                } else {
+                    WasmPlugin::load(&engine, source).map(|p| p.with_model_dir(dir))
+                }
+            } else {
+                WasmPlugin::load(&engine, source)
+            }
+            .map_err(|e| e.to_string())?;
+            let snapshot = plugin.snapshot().clone();
+            let spawner = WasmSpawner {
+                plugin,
+                limits: config.instance_limits(),
+                config: config.wasm_plugin_config(),
+            };
+            Supervisor::start(spawner, supervision)
+                .await
+                .map(|s| (s, Some(snapshot)))
+        }
+        Backend::Native => {
+            let model_dir = if config.needs_model_files() {
+                Some(fetch_model(config).await?)
+            } else {
+                None
+            };
+            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision)
+                .await
+                .map(|s| (s, None))
+        }
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// A fetch from the command line: progress bars, offline if asked or if
+/// `EMBEDHOST_OFFLINE` says so.
+pub fn fetch_options(offline: bool) -> crate::model::FetchOptions {
+    crate::model::FetchOptions {
+        offline: offline || crate::model::offline_from_env(),
+        progress: true,
+        python: None,
+    }
+}
+
+/// The configured model's directory, fetched and verified first if a file
+/// is missing (the main job's check on first use).
+pub async fn fetch_model(config: &Config) -> Result<PathBuf, String> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || config.ensure_model_dir(&fetch_options(false)))
+        .await
+        .map_err(|e| format!("model fetch: {e}"))?
+}
+
+/// How files are cut: by the model's tokenizer when the config names a
+/// model (its `tokenizer.json`), else by words.
+pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String> {
+    if !(config.wasm_needs_model() || config.needs_model_files()) {
+        return Ok(Tokens::Words);
+    }
+    let path = config
+        .model_dir()?
+        .join(crate::native::onnx::TOKENIZER_FILE);
+    embedhost_text::TextEncoder::from_file(&path, max_input_tokens)
+        .map(|encoder| Tokens::Model(Arc::new(encoder)))
+        .map_err(|e| e.to_string())
+}
+

@@ -1,0 +1,264 @@
+//! HTTP errors in the shapes clients expect, and request bodies read field
+//! by field so that a refusal names the field.
+//!
+//! Two shapes: OpenAI's (`{"error": {"message", "type", "param", "code"}}`)
+//! on `/v1/*`, and TEI's (`{"error", "error_type"}`) everywhere else.
+//! Nothing a client sends becomes a 500: a body that is not JSON, a field of
+//! the wrong type, a value out of range are 400s that say which.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::batcher::BatchError;
+use crate::supervisor::SupervisorError;
+
+/// Which API's error shape a route answers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    /// `{"error": {"message", "type", "param", "code"}}`.
+    OpenAi,
+    /// `{"error", "error_type"}`.
+    Tei,
+}
+
+/// A refused or failed request.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The field at fault, if one is.
+    pub param: Option<String>,
+    /// When to retry (429, 503).
+    pub retry_after: Option<Duration>,
+    /// The shape to answer in.
+    pub style: Style,
+}
+
+impl ApiError {
+    /// An error of `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            style: Style::Tei,
+        }
+    }
+
+    /// 400, naming `param`.
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..Self::new(StatusCode::BAD_REQUEST, message)
+        }
+    }
+
+    /// The same error in `style`'s shape.
+    #[must_use]
+    pub fn style(mut self, style: Style) -> Self {
+        self.style = style;
+        self
+    }
+
+    /// 503 (or 429) with a `Retry-After`.
+    #[must_use]
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    fn openai_type(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn tei_type(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "Unauthorized",
+            StatusCode::TOO_MANY_REQUESTS => "Overloaded",
+            StatusCode::SERVICE_UNAVAILABLE => "Unhealthy",
+            StatusCode::PAYLOAD_TOO_LARGE => "Validation",
+            s if s.is_server_error() || s == StatusCode::UNPROCESSABLE_ENTITY => "Backend",
+            _ => "Validation",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.style {
+            Style::OpenAi => json!({
+                "error": {
+                    "message": self.message,
+                    "type": self.openai_type(),
+                    "param": self.param,
+                    "code": null,
+                }
+            }),
+            Style::Tei => json!({ "error": self.message, "error_type": self.tei_type() }),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        let message = e.to_string();
+        match e {
+            BatchError::Overloaded(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
+                .retry_after(crate::limits::SERVE_RETRY_AFTER),
+            BatchError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                .retry_after(crate::limits::SERVE_RETRY_AFTER),
+            BatchError::Supervisor(SupervisorError::Unavailable { retry_after, .. }) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(retry_after)
+            }
+            BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, message)
+            }
+            BatchError::Supervisor(SupervisorError::Escalated(_)) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            }
+            BatchError::Supervisor(SupervisorError::Refused(_)) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, message)
+            }
+        }
+    }
+}
+
+/// The body as a JSON object.
+///
+/// # Errors
+/// 400 if it is not JSON or not an object; 413 past the body limit.
+pub fn object(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, format!("the request body is too large: {e}"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))
+        }
+    })?;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be a JSON object, not {}", kind(&other)),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// A JSON value's kind, for messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A string or an array of strings (`input`, `inputs`).
+///
+/// # Errors
+/// 400 naming `field` if it is missing or of another type.
+pub fn texts(map: &Map<String, Value>, field: &str) -> Result<Vec<String>, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Err(ApiError::bad(field, format!("`{field}` is required"))),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(_) | Value::Array(_) => Err(ApiError::bad(
+                    field,
+                    format!("`{field}[{i}]` is {}: token arrays are not accepted, send text", kind(v)),
+                )),
+                other => Err(ApiError::bad(
+                    field,
+                    format!("`{field}[{i}]` must be a string, not {}", kind(other)),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(ApiError::bad(
+            field,
+            format!(
+                "`{field}` must be a string or an array of strings, not {}",
+                kind(other)
+            ),
+        )),
+    }
+}
+
+/// An optional boolean field.
+///
+/// # Errors
+/// 400 naming `field` if it is not a boolean.
+pub fn boolean(map: &Map<String, Value>, field: &str, default: bool) -> Result<bool, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::bad(
+            field,
+            format!("`{field}` must be a boolean, not {}", kind(other)),
+        )),
+    }
+}
+
+/// An optional string field.
+///
+/// # Errors
+/// 400 naming `field` if it is not a string.
+pub fn string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::bad(
+            field,
+            format!("`{field}` must be a string, not {}", kind(other)),
+        )),
+    }
+}
+
+/// An optional non-negative integer field.
+///
+/// # Errors
+/// 400 naming `field` if it is not a non-negative integer.
+pub fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            ApiError::bad(field, format!("`{field}` must be a non-negative integer, not {n}"))
+        }),
+        Some(other) => Err(ApiError::bad(
+            field,
+            format!("`{field}` must be an integer, not {}", kind(other)),
+        )),
+    }
+}

@@ -1,0 +1,642 @@
+//! `embedhost serve`: a long-running embedding service over HTTP.
+//!
+//! The parts: [`pool`] (one generation of the supervised backend and its
+//! [`batcher`]), [`routes`] (the OpenAI-, TEI- and embedhost-shaped
+//! routes), [`api`] (error shapes and field-by-field body reading) and
+//! [`client`] (the CLI's way to a running service, over its Unix socket).
+//!
+//! Invariants, and why:
+//! - The listener is up before the backend: `/health` answers at once and
+//!   `/ready` says why the service is not ready (starting, reloading,
+//!   cooling down after an escalation), as a load balancer needs.
+//! - Off loopback, every route but `/health` needs the API key, compared
+//!   in constant time; the service refuses to start off loopback without
+//!   one. The Unix socket is owner-only (a private directory), so it needs
+//!   no key.
+//! - A reload (SIGHUP) starts the new pool before the old one stops, and
+//!   each request keeps the pool it started on, so a swap fails no request.
+//! - SIGTERM and Ctrl-C stop accepting, let requests in flight finish
+//!   within the grace period, then stop every pool in order: no child
+//!   process outlives the service.
+//! - Everything a client can make large is bounded: body size, inputs per
+//!   request, tokens per input, requests at once, the batch queue, the
+//!   deadline, the index jobs remembered.
+
+pub mod api;
+pub mod batcher;
+pub mod client;
+pub mod pool;
+pub mod routes;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::transport::InProcess;
+use crate::bus::{Bus, ErrorCode, RemoteError, RequestContext, Router};
+use crate::config::Config;
+use crate::limits;
+use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed, FailedInput};
+use crate::vectors::Vectors;
+use crate::worker::Worker;
+
+use pool::Pool;
+
+/// Environment variable holding the API key.
+pub const API_KEY_ENV: &str = "EMBEDHOST_API_KEY";
+
+/// The header a request sets its own deadline with, in milliseconds.
+pub const DEADLINE_HEADER: &str = "x-embedhost-deadline-ms";
+
+/// The socket's directory inside the index directory (owner-only).
+pub const SOCKET_DIR: &str = "serve";
+/// The socket's file name.
+pub const SOCKET_FILE: &str = "embedhost.sock";
+
+/// Errors of `embedhost serve`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration could not be read.
+    #[error("{0}")]
+    Config(String),
+    /// The address is not loopback and there is no API key.
+    #[error(
+        "`{0}` is not a loopback address: set an API key (--api-key, {API_KEY_ENV} or [serve] api_key_file) to serve beyond this machine"
+    )]
+    NoApiKey(String),
+    /// The API key is too short to be safe.
+    #[error("the API key is {0} bytes; it must be at least {min}", min = limits::MIN_API_KEY_BYTES)]
+    WeakKey(usize),
+    /// The address could not be resolved or bound.
+    #[error("cannot listen on `{addr}`: {message}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// Another service already serves this index.
+    #[error("a service already serves the index at `{0}` (its socket answers)")]
+    AlreadyServing(PathBuf),
+    /// The backend did not start.
+    #[error("the embedder backend did not start: {0}")]
+    Backend(String),
+}
+
+/// What `embedhost serve` was asked on its command line.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--api-key`.
+    pub api_key: Option<String>,
+    /// `--db`.
+    pub db: Option<PathBuf>,
+}
+
+/// Why the service is not ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The first pool is starting.
+    Starting,
+    /// Serving.
+    Ready,
+    /// A reload is starting a new pool (the old one still serves).
+    Reloading,
+}
+
+/// The worker of the current model, or why there is none.
+#[derive(Clone)]
+pub(crate) struct WorkerEntry {
+    pub(crate) worker: Result<Worker, String>,
+    model: (String, u32),
+}
+
+/// One `POST /index`, as `GET /index` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IndexJob {
+    /// Its number.
+    pub id: u64,
+    /// What was asked.
+    pub paths: Vec<PathBuf>,
+    /// `walking`, `queued` (the files are in the durable queue) or `failed`.
+    pub state: &'static str,
+    /// Files the walk queued.
+    pub queued: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Everything the routes share.
+pub struct State {
+    options: ServeOptions,
+    /// `[serve]` as read at start (changes need a restart).
+    pub settings: crate::config::ServeSection,
+    /// The index directory.
+    pub db: PathBuf,
+    current: RwLock<Option<Arc<Pool>>>,
+    phase: Mutex<Phase>,
+    generations: AtomicU64,
+    worker: Mutex<Option<WorkerEntry>>,
+    jobs: Mutex<VecDeque<IndexJob>>,
+    next_job: AtomicU64,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+    /// The key every off-loopback request must carry.
+    pub api_key: Option<String>,
+    /// Where clients may index, resolved.
+    pub roots: Vec<PathBuf>,
+    /// Pools stopping after a reload.
+    retiring: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    /// The pool serving now, or why none does (503 with its reason).
+    ///
+    /// # Errors
+    /// The reason, while the service starts or the pool cools down.
+    pub fn pool(&self) -> Result<Arc<Pool>, api::ApiError> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        current.ok_or_else(|| {
+            api::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the embedder backend is starting",
+            )
+            .retry_after(limits::SERVE_RETRY_AFTER)
+        })
+    }
+
+    /// Why the service is not ready, or `None` if it is.
+    pub fn not_ready(&self) -> Option<String> {
+        match &*lock(&self.phase) {
+            Phase::Starting => return Some("the embedder backend is starting".into()),
+            Phase::Reloading => {
+                return Some("reloading: a new embedder pool is starting".into());
+            }
+            Phase::Ready => {}
+        }
+        let pool = self.pool().ok()?;
+        pool.supervisor
+            .escalated()
+            .map(|reason| format!("the embedder backend is cooling down after failures: {reason}"))
+    }
+
+    /// The worker, or why there is none.
+    pub(crate) fn worker(&self) -> Result<Worker, api::ApiError> {
+        match lock(&self.worker).as_ref().map(|w| w.worker.clone()) {
+            Some(Ok(w)) => Ok(w),
+            Some(Err(e)) => Err(api::ApiError::new(axum::http::StatusCode::CONFLICT, e)),
+            None => Err(api::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the index is not open yet: the embedder backend is starting",
+            )
+            .retry_after(limits::SERVE_RETRY_AFTER)),
+        }
+    }
+
+    /// Records a new index job and returns its id.
+    fn add_job(&self, paths: Vec<PathBuf>) -> u64 {
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut jobs = lock(&self.jobs);
+        jobs.push_front(IndexJob {
+            id,
+            paths,
+            state: "walking",
+            queued: 0,
+            error: None,
+        });
+        jobs.truncate(limits::SERVE_INDEX_JOBS_KEPT);
+        id
+    }
+
+    fn finish_job(&self, id: u64, result: Result<u64, String>) {
+        if let Some(job) = lock(&self.jobs).iter_mut().find(|j| j.id == id) {
+            match result {
+                Ok(queued) => {
+                    job.state = "queued";
+                    job.queued = queued;
+                }
+                Err(e) => {
+                    job.state = "failed";
+                    job.error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// The index jobs, newest first.
+    pub fn jobs(&self) -> Vec<IndexJob> {
+        lock(&self.jobs).iter().cloned().collect()
+    }
+
+    /// Starts indexing `paths` in the background and returns the job's id.
+    pub(crate) fn start_index(self: &Arc<Self>, worker: Worker, paths: Vec<PathBuf>) -> u64 {
+        let id = self.add_job(paths.clone());
+        let state = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let result = worker.index(paths).await.map_err(|e| e.to_string());
+            if let Some(state) = state.upgrade() {
+                state.finish_job(id, result);
+            }
+        });
+        id
+    }
+
+    /// The request's deadline: its header's, within bounds, else the
+    /// configured default.
+    ///
+    /// # Errors
+    /// 400 if the header is not a number of milliseconds.
+    pub fn deadline(&self, headers: &axum::http::HeaderMap) -> Result<Duration, api::ApiError> {
+        match headers.get(DEADLINE_HEADER) {
+            None => Ok(Duration::from_millis(self.settings.request_deadline_ms)),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(ms).min(limits::SERVE_MAX_REQUEST_DEADLINE))
+                .ok_or_else(|| {
+                    api::ApiError::bad(
+                        DEADLINE_HEADER,
+                        format!("the `{DEADLINE_HEADER}` header must be a positive number of milliseconds"),
+                    )
+                }),
+        }
+    }
+}
+
+/// The socket a service for the index in `db` listens on.
+pub fn socket_path(db: &Path) -> PathBuf {
+    db.join(SOCKET_DIR).join(SOCKET_FILE)
+}
+
+/// Runs the service until SIGTERM or Ctrl-C.
+///
+/// # Errors
+/// [`ServeError`] if it cannot start; once started it stops cleanly.
+pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
+    let config = Config::discover(options.config.as_deref()).map_err(|e| ServeError::Config(e.to_string()))?;
+    let settings = config.serve.clone();
+    let db = config
+        .index_dir(options.db.as_deref())
+        .map_err(ServeError::Config)?;
+    let listen = options
+        .listen
+        .clone()
+        .or_else(|| settings.listen.clone())
+        .unwrap_or_else(|| limits::DEFAULT_SERVE_LISTEN.to_string());
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&listen)
+        .await
+        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?
+        .collect();
+    let loopback = !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback());
+    let api_key = api_key(&options, &settings)?;
+    if !loopback && api_key.is_none() {
+        return Err(ServeError::NoApiKey(listen));
+    }
+    let roots = settings
+        .index_roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(r).map_err(|e| {
+                ServeError::Config(format!("[serve] index_roots: `{}`: {e}", r.display()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let listener = tokio::net::TcpListener::bind(&addrs[..])
+        .await
+        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?;
+    let unix = bind_socket(&db).await?;
+
+    let state = Arc::new(State {
+        options,
+        settings,
+        db: db.clone(),
+        current: RwLock::new(None),
+        phase: Mutex::new(Phase::Starting),
+        generations: AtomicU64::new(0),
+        worker: Mutex::new(None),
+        jobs: Mutex::new(VecDeque::new()),
+        next_job: AtomicU64::new(0),
+        prometheus: routes::prometheus(),
+        api_key,
+        roots,
+        retiring: Mutex::new(Vec::new()),
+    });
+
+    let stop = CancellationToken::new();
+    let upkeep = tokio::spawn({
+        let handle = state.prometheus.clone();
+        async move {
+            let mut tick = tokio::time::interval(limits::SERVE_METRICS_UPKEEP);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    let public = routes::router(state.clone(), routes::Access::Network);
+    let private = routes::router(state.clone(), routes::Access::Owner);
+    let tcp = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, public)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+    let socket = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(unix, private)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+    // One line on stdout, for people and for programs that started us on
+    // port 0.
+    println!("embedhost serve: listening on http://{local} (socket {})", socket_path(&db).display());
+
+    let mut signals = Signals::new().map_err(|e| ServeError::Config(format!("signals: {e}")))?;
+    let started = tokio::select! {
+        started = install(&state, config) => started,
+        _ = signals.terminate() => Err("stopped before the backend was up".to_string()),
+    };
+    let result = match started {
+        Ok(()) => {
+            loop {
+                match signals.next().await {
+                    Signal::Terminate => break,
+                    Signal::Hangup => reload(&state).await,
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(ServeError::Backend(e)),
+    };
+
+    // Stop accepting; requests in flight finish within the grace period.
+    tracing::info!("stopping: draining requests in flight");
+    stop.cancel();
+    let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = tcp.await;
+        let _ = socket.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests still running after the {grace:?} grace period are cut off");
+    }
+    upkeep.abort();
+    let _ = std::fs::remove_file(socket_path(&db));
+    shut_down(&state).await;
+    result
+}
+
+/// Stops the worker, then every pool (retiring ones first), in order.
+async fn shut_down(state: &Arc<State>) {
+    lock(&state.worker).take();
+    let retiring = std::mem::take(&mut *lock(&state.retiring));
+    for task in retiring {
+        task.abort();
+    }
+    let current = state.current.write().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(pool) = current {
+        pool.supervisor.shutdown().await;
+    }
+}
+
+/// The API key from `--api-key`, the environment or the key file.
+fn api_key(
+    options: &ServeOptions,
+    settings: &crate::config::ServeSection,
+) -> Result<Option<String>, ServeError> {
+    let key = match (&options.api_key, std::env::var(API_KEY_ENV).ok(), &settings.api_key_file) {
+        (Some(k), _, _) => Some(k.clone()),
+        (None, Some(k), _) if !k.is_empty() => Some(k),
+        (None, _, Some(file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                ServeError::Config(format!("[serve] api_key_file `{}`: {e}", file.display()))
+            })?;
+            Some(text.lines().next().unwrap_or_default().trim().to_string())
+        }
+        _ => None,
+    };
+    match key {
+        Some(k) if k.len() < limits::MIN_API_KEY_BYTES => Err(ServeError::WeakKey(k.len())),
+        key => Ok(key),
+    }
+}
+
+/// Binds the owner-only socket of the index in `db`, refusing if a live
+/// service already holds it and removing one left by a dead service.
+async fn bind_socket(db: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(db);
+    let dir = db.join(SOCKET_DIR);
+    let fail = |e: std::io::Error| ServeError::Listen {
+        addr: path.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    // The directory is the access check: only the owner can reach the
+    // socket inside it.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    if path.exists() {
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            return Err(ServeError::AlreadyServing(db.to_path_buf()));
+        }
+        std::fs::remove_file(&path).map_err(fail)?;
+    }
+    tokio::net::UnixListener::bind(&path).map_err(fail)
+}
+
+/// Starts the first pool and opens the index.
+async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
+    let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
+    let pool = Pool::start(config, generation).await?;
+    tracing::info!(backend = pool.backend, model = %pool.info.model_id, "embedder pool up");
+    *state.current.write().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
+    open_worker(state, &pool).await;
+    *lock(&state.phase) = Phase::Ready;
+    Ok(())
+}
+
+/// Opens the index with a worker for `pool`'s model, unless the worker in
+/// place already serves that model (a swap of backend keeps it: the same
+/// model gives the same vectors).
+async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
+    let model = (pool.info.model_id.clone(), pool.info.dimension);
+    if lock(&state.worker).as_ref().is_some_and(|w| w.model == model) {
+        return;
+    }
+    let worker = Worker::new(
+        embedder_bus(Arc::downgrade(state)),
+        pool.info.clone(),
+        pool.tokens.clone(),
+        pool.config.worker_settings(),
+    )
+    .with_embedder_id(pool.config.embedder_id());
+    let opened = match worker.init(&state.db).await {
+        Ok(()) => Ok(worker),
+        Err(e) => {
+            tracing::warn!("the index at {} is not served: {e}", state.db.display());
+            Err(format!("the index at `{}` cannot be used: {e}", state.db.display()))
+        }
+    };
+    *lock(&state.worker) = Some(WorkerEntry { worker: opened, model });
+}
+
+/// SIGHUP: re-reads the config; a changed backend, plugin, model or pool
+/// starts a new pool, which is swapped in once it is up; the old one stops
+/// when its last request is answered.
+async fn reload(state: &Arc<State>) {
+    let config = match Config::discover(state.options.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the config in force stays: {e}");
+            return;
+        }
+    };
+    let Ok(current) = state.pool() else { return };
+    if config.serve != current.config.serve {
+        tracing::warn!("[serve] changes take effect at the next start");
+    }
+    let same = config.embedder_id() == current.config.embedder_id()
+        && config.supervisor_config() == current.config.supervisor_config()
+        && config.instance_limits() == current.config.instance_limits()
+        && config.native == current.config.native
+        && config.model == current.config.model;
+    if same {
+        tracing::info!("reload: the embedder's configuration is unchanged");
+        return;
+    }
+    drop(current);
+    *lock(&state.phase) = Phase::Reloading;
+    let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
+    match Pool::start(config, generation).await {
+        Ok(pool) => {
+            let old = state
+                .current
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(pool.clone());
+            open_worker(state, &pool).await;
+            tracing::info!(backend = pool.backend, generation, "reload: new embedder pool swapped in");
+            if let Some(old) = old {
+                let task = tokio::spawn(old.retire());
+                let mut retiring = lock(&state.retiring);
+                retiring.retain(|t| !t.is_finished());
+                retiring.push(task);
+            }
+        }
+        Err(e) => tracing::error!("reload failed, the pool in force stays: {e}"),
+    }
+    *lock(&state.phase) = Phase::Ready;
+}
+
+/// The worker's embedder: `embedder.embed` through whichever pool serves
+/// now, so the index keeps working across a swap.
+fn embedder_bus(state: Weak<State>) -> Bus {
+    let mut router = Router::new();
+    router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
+        let state = state.clone();
+        async move {
+            let unavailable = |message: String| {
+                let mut e = RemoteError::new(ErrorCode::Unavailable, message);
+                e.retry_after_ms = Some(limits::SERVE_RETRY_AFTER.as_millis() as u64);
+                e
+            };
+            let state = state
+                .upgrade()
+                .ok_or_else(|| unavailable("the service stopped".into()))?;
+            let pool = state.pool().map_err(|e| unavailable(e.message))?;
+            let until = tokio::time::Instant::now()
+                + ctx.deadline.unwrap_or(limits::DEFAULT_REQUEST_TIMEOUT);
+            let tokens: Vec<usize> = request
+                .texts
+                .iter()
+                .map(|t| pool.tokens.spans(t).map_or(1, |s| s.len()))
+                .collect();
+            let rows = pool
+                .embed(request.texts, &tokens, request.is_query, until)
+                .await
+                .map_err(|e| match e {
+                    batcher::BatchError::Supervisor(s) => RemoteError::from(s),
+                    other => unavailable(other.to_string()),
+                })?;
+            Ok(response(rows, pool.info.dimension as usize))
+        }
+    });
+    Bus::new(InProcess::named("embedder", router))
+}
+
+/// Rows as the bus's `EmbedResponse`.
+fn response(rows: Vec<batcher::Row>, dimension: usize) -> EmbedResponse {
+    let mut data = Vec::new();
+    let mut failed = Vec::new();
+    for (i, row) in rows.into_iter().enumerate() {
+        match row {
+            Ok(v) => data.extend(v),
+            Err(reason) => failed.push(FailedInput { index: i as u32, reason }),
+        }
+    }
+    EmbedResponse {
+        vectors: Vectors::new(dimension, data).unwrap_or_default(),
+        failed,
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP as futures.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn terminate(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Terminate,
+            _ = self.hup.recv() => Signal::Hangup,
+        }
+    }
+}
+
+enum Signal {
+    Terminate,
+    Hangup,
+}

@@ -1,0 +1,133 @@
+//! One generation of the service's backend: a supervised pool, its batcher
+//! and the tokenizer that counts tokens for it.
+//!
+//! A reload starts a new generation beside the old one (make before break),
+//! swaps it in, and only then stops the old one: a request holds the
+//! generation it started with (an `Arc`), so the old pool stops only once
+//! no request uses it, and no request ever sees a pool stopping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::ModelInfo;
+use crate::config::{Backend, Config};
+use crate::limits;
+use crate::supervisor::Supervisor;
+use crate::wasm::PluginSource;
+use crate::worker::chunk::Tokens;
+
+use super::batcher::{BatchError, BatchSettings, Batcher, Row};
+
+/// A running backend.
+pub struct Pool {
+    /// Counts reloads: 1 for the first pool.
+    pub generation: u64,
+    /// The configuration it was started from.
+    pub config: Config,
+    /// What the model reported.
+    pub info: ModelInfo,
+    /// `wasm` or `native`.
+    pub backend: &'static str,
+    /// The plugin (WASM) or engine (native) serving.
+    pub engine: String,
+    /// Counts tokens as the model does (or words, for the stub).
+    pub tokens: Tokens,
+    /// The supervised instances.
+    pub supervisor: Supervisor,
+    batcher: Batcher,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("generation", &self.generation)
+            .field("backend", &self.backend)
+            .field("model", &self.info.model_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Starts the configured backend and its batcher.
+    ///
+    /// # Errors
+    /// Why the backend could not start (model files, plugin, escalation).
+    pub async fn start(config: Config, generation: u64) -> Result<Arc<Pool>, String> {
+        let source = config.plugin_source();
+        let (supervisor, _) = crate::launch::start_backend(&config, &source, None).await?;
+        let info = supervisor.model_info();
+        let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
+        let pool_size = config.supervisor_config().pool_size.max(1);
+        let settings = BatchSettings {
+            max_batch_tokens: config.serve.max_batch_tokens,
+            wait: Duration::from_micros(config.serve.batch_wait_us),
+            lanes: pool_size + 1,
+        };
+        let engine = match config.backend {
+            Backend::Wasm => match &source {
+                PluginSource::File(path) => path.display().to_string(),
+                PluginSource::Bytes { name, .. } => name.to_string(),
+            },
+            Backend::Native => format!("{} ({:?})", config.native.engine, config.native.precision),
+        };
+        // The whole pool up before it takes traffic: a swapped-in pool
+        // serves at full width from its first request.
+        let until = std::time::Instant::now() + config.instance_limits().init_deadline;
+        while !supervisor.status().iter().all(|i| i.up) && std::time::Instant::now() < until {
+            tokio::time::sleep(limits::SERVE_RELOAD_POLL).await;
+        }
+        Ok(Arc::new(Pool {
+            generation,
+            backend: config.backend.name(),
+            engine,
+            info,
+            tokens,
+            batcher: Batcher::start(supervisor.clone(), settings),
+            supervisor,
+            config,
+        }))
+    }
+
+    /// Token counts of `texts`, as the model's tokenizer counts them.
+    ///
+    /// # Errors
+    /// The index of a text the tokenizer refuses, and why.
+    pub fn count_tokens(&self, texts: &[String]) -> Result<Vec<usize>, (usize, String)> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| self.tokens.spans(t).map(|s| s.len()).map_err(|e| (i, e)))
+            .collect()
+    }
+
+    /// Embeds `texts` through the batcher by `until`; each text's
+    /// token count is capped at the model's window (the engine truncates).
+    ///
+    /// # Errors
+    /// [`BatchError`] when no text can be answered.
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        tokens: &[usize],
+        is_query: bool,
+        until: Instant,
+    ) -> Result<Vec<Row>, BatchError> {
+        let window = self.info.max_input_tokens.max(1) as usize;
+        let capped: Vec<usize> = tokens.iter().map(|&t| t.clamp(1, window)).collect();
+        self.batcher.embed(texts, &capped, is_query, until).await
+    }
+
+    /// Stops this generation once nothing else holds it (or after
+    /// [`limits::SERVE_RELOAD_DRAIN`]): the batcher answers what is queued,
+    /// then the pool stops in order.
+    pub async fn retire(self: Arc<Self>) {
+        let until = std::time::Instant::now() + limits::SERVE_RELOAD_DRAIN;
+        while Arc::strong_count(&self) > 1 && std::time::Instant::now() < until {
+            tokio::time::sleep(limits::SERVE_RELOAD_POLL).await;
+        }
+        self.batcher.close().await;
+        self.supervisor.shutdown().await;
+    }
+}
