@@ -12,6 +12,7 @@ mod onnx;
 mod plugins;
 mod real_model;
 mod sandbox;
+mod serve;
 mod supervisor;
 mod wasm;
 mod worker;

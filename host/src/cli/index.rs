@@ -102,6 +102,9 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let db = config.index_dir(args.db.as_deref())?;
     let started = Instant::now();
+    if let Some(client) = super::running_service(&config, Some(&db)).await {
+        return index_through(&client, args.paths, started, &db).await;
+    }
     let (bus, supervisor) = start_worker(&config, &db, None).await?;
     let result = run_index(&bus, &supervisor, args.paths, started, &db).await;
     // A normal exit stops the pool in order: native children get
@@ -204,6 +207,16 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             db.display()
         ));
     }
+    if let Some(client) = super::running_service(&config, Some(&db)).await {
+        let body = serde_json::json!({ "query": args.query.join(" "), "limit": args.limit });
+        let answer = client
+            .post("/search", &body, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let results: Vec<SearchResult> =
+            serde_json::from_value(answer).map_err(|e| format!("the service's answer: {e}"))?;
+        return show_results(&results, args.json);
+    }
     let (bus, supervisor) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
         .send::<WorkerSearch>(
@@ -216,13 +229,70 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
         .await
         .map_err(|e| e.to_string());
     supervisor.shutdown().await;
-    let results = results?.results;
-    if args.json {
-        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    show_results(&results?.results, args.json)
+}
+
+fn show_results(results: &[SearchResult], json: bool) -> Result<(), String> {
+    if json {
+        let json = serde_json::to_string_pretty(results).map_err(|e| e.to_string())?;
         println!("{json}");
     } else {
-        print_results(&results);
+        print_results(results);
     }
+    Ok(())
+}
+
+/// `index` through a running service: the paths, resolved here (the
+/// service has its own working directory), go to `POST /index`; progress
+/// is read from `GET /index` until the queue is empty.
+async fn index_through(
+    client: &crate::serve::client::Client,
+    paths: Vec<PathBuf>,
+    started: Instant,
+    db: &std::path::Path,
+) -> Result<(), String> {
+    let paths = paths
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .map(|p| p.display().to_string())
+                .map_err(|e| format!("`{}`: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let answer = client
+        .post("/index", &serde_json::json!({ "paths": paths }), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let job = answer["job"].as_u64().ok_or("the service's answer has no job")?;
+    let last = loop {
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        let progress = client.get("/index").await.map_err(|e| e.to_string())?;
+        let state = progress["jobs"]
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|j| j["job"] == job || j["id"] == job))
+            .map(|j| (j["state"].as_str().unwrap_or("").to_string(), j["error"].clone()));
+        match state {
+            Some((s, error)) if s == "failed" => {
+                return Err(format!("indexing failed: {}", error.as_str().unwrap_or("?")));
+            }
+            Some((s, _)) if s == "walking" => continue,
+            _ => {}
+        }
+        let left = progress["queued"].as_u64().unwrap_or(0) + progress["processing"].as_u64().unwrap_or(0);
+        if left == 0 || !progress["stalled"].is_null() {
+            break progress;
+        }
+    };
+    if let Some(reason) = last["stalled"].as_str() {
+        return Err(format!("indexing stopped, files stay queued: {reason}"));
+    }
+    println!(
+        "{} files indexed ({} chunks) in {:.1} s into {} (by the running service)",
+        last["indexed"],
+        last["chunks"],
+        started.elapsed().as_secs_f64(),
+        db.display()
+    );
     Ok(())
 }
 

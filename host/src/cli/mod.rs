@@ -242,6 +242,28 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), String> {
     let mut config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    // A running service for the configured index does the work, unless
+    // this run names its own plugin or wants the pool's own statistics.
+    if args.plugin.is_none()
+        && !args.stats
+        && let Some(client) = running_service(&config, None).await
+    {
+        let body = serde_json::json!({ "texts": args.texts, "query": args.query });
+        let answer = client
+            .post("/embedhost/embed", &body, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows: Vec<Result<Vec<f32>, String>> = answer["rows"]
+            .as_array()
+            .ok_or("the service's answer has no rows")?
+            .iter()
+            .map(|row| match row["vector"].as_array() {
+                Some(v) => Ok(v.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect()),
+                None => Err(row["error"].as_str().unwrap_or("failed").to_string()),
+            })
+            .collect();
+        return print_rows(&args.texts, rows);
+    }
     // `--plugin` replaces the configured plugin everywhere (whether it is
     // given the model, the table its `init` gets), as `plugin.path` would.
     if let Some(path) = args.plugin {
@@ -253,7 +275,8 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     }
     let limits = config.instance_limits();
     // One command, one batch: more instances than texts would only start idle.
-    let (supervisor, _) = crate::launch::start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
+    let (supervisor, _) =
+        crate::launch::start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
     let bus = Bus::new(InProcess::named(
         "embedder",
         crate::embedder::supervised_router(supervisor.clone()),
@@ -280,7 +303,37 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     let response = response.map_err(|e| e.to_string())?;
     let rows = response
         .per_text(texts.len())
-        .ok_or("the embedder's answer does not match the request")?;
+        .ok_or("the embedder's answer does not match the request")?
+        .into_iter()
+        .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
+        .collect();
+    print_rows(&texts, rows)
+}
+
+/// The service running for the index `db` (default: the configured one),
+/// if one answers on its socket; `-v` says which way the work goes.
+pub(crate) async fn running_service(
+    config: &Config,
+    db: Option<&std::path::Path>,
+) -> Option<crate::serve::client::Client> {
+    let db = config.index_dir(db).ok()?;
+    match crate::serve::client::Client::find(&db).await {
+        Some(client) => {
+            tracing::info!("using the running service at {}", client.path().display());
+            Some(client)
+        }
+        None => {
+            tracing::info!("no service runs for {}; starting an embedder here", db.display());
+            None
+        }
+    }
+}
+
+/// One JSON line per text: its vector, or why it failed.
+fn print_rows(texts: &[String], rows: Vec<Result<Vec<f32>, String>>) -> Result<(), String> {
+    if rows.len() != texts.len() {
+        return Err("the embedder's answer does not match the request".into());
+    }
     let mut out = String::new();
     let mut failures = 0;
     for (text, row) in texts.iter().zip(rows) {
@@ -288,9 +341,9 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
             Ok(vector) => {
                 serde_json::json!({ "text": text, "dimension": vector.len(), "vector": vector })
             }
-            Err(failed) => {
+            Err(reason) => {
                 failures += 1;
-                serde_json::json!({ "text": text, "error": failed.reason })
+                serde_json::json!({ "text": text, "error": reason })
             }
         };
         out.push_str(&line.to_string());
