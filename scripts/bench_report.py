@@ -30,6 +30,7 @@ BENCHES = [
     ("recovery", "request and instance recovery after a crash, planned recycles under load"),
     ("throughput", "embedding throughput per backend against Python onnxruntime"),
     ("index", "search latency and recall, indexing rate against the raw embedder, the search command"),
+    ("serve", "the service: dynamic batching by concurrency, the openai client, search and embed against their baselines"),
 ]
 
 # Criterion pairs: (group, measured, baseline, what, which is better).
