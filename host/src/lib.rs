@@ -9,6 +9,8 @@
 //! - [`config`]: the `embedhost.toml` configuration.
 //! - [`conformance`]: the plugin conformance suite (`embedhost plugin test`).
 //! - [`limits`]: every timeout and threshold, with its reason.
+//! - [`launch`]: starting the configured backend's pool.
+//! - [`serve`]: `embedhost serve`, the HTTP service.
 //!
 //! See ARCHITECTURE.md for how a request flows through them.
 

@@ -52,3 +52,33 @@ fn supervisor_wasm_and_native_never_import_each_other() {
         );
     }
 }
+
+#[test]
+fn the_front_ends_sit_on_top_and_nothing_imports_them() {
+    // `cli` may use `serve` (to find a running service), `serve` never uses
+    // `cli`, and no other module uses either: both start pools through
+    // `launch`.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let found = mentions(&src.join("serve"), "cli");
+    assert!(found.is_empty(), "`serve` imports `cli`:\n{}", found.join("\n"));
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        if ["cli", "serve", "main", "lib"].contains(&name.as_str()) {
+            continue;
+        }
+        let found = if path.is_dir() {
+            [mentions(&path, "cli"), mentions(&path, "serve")].concat()
+        } else {
+            let text = std::fs::read_to_string(&path).unwrap();
+            text.lines()
+                .filter(|l| {
+                    let code = l.split("//").next().unwrap_or_default();
+                    code.contains("crate::cli") || code.contains("crate::serve")
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        assert!(found.is_empty(), "`{name}` imports a front end:\n{}", found.join("\n"));
+    }
+}

@@ -717,3 +717,96 @@ fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
         assert!(!alive(kid), "child {kid} outlived the service");
     }
 }
+
+#[test]
+fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
+    // A long batch wait, so the requests below surely share a batch.
+    let config = stub_config(
+        "wasm",
+        "\"fault.trap_marker\" = \"POISON\"",
+        "[serve]\nbatch_wait_us = 300000\n",
+    );
+    let s = Service::start(&config, &[]);
+    let (status, clean) = s.post("/embed", &json!({ "inputs": ["fine one", "fine two"] }));
+    assert_eq!(status, 200);
+    let results = std::thread::scope(|scope| {
+        let poisoned = scope.spawn(|| {
+            s.post("/v1/embeddings", &json!({ "input": ["fine one", "a POISON text", "fine two"] }))
+        });
+        let others: Vec<_> = (0..6)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || s.post("/embed", &json!({ "inputs": ["fine one", format!("other {i}"), "fine two"] })))
+            })
+            .collect();
+        (poisoned.join().unwrap(), others.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>())
+    });
+    let ((status, e), others) = results;
+    assert_eq!(status, 422, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("`input[1]`"), "{e}");
+    for (status, body) in others {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body[0], clean[0]);
+        assert_eq!(body[2], clean[1]);
+    }
+    let (_, metrics, _) = s.raw("GET", "/metrics", None, &[]);
+    // Seven requests, fewer batches: they were merged.
+    let batches = metric(&metrics, "embed_batch_size_count");
+    assert!(batches < 8.0, "{batches} batches\n{metrics}");
+    assert!(metric(&metrics, "restarts_total{") >= 1.0);
+}
+
+#[test]
+fn past_the_concurrency_limit_requests_get_429_with_retry_after() {
+    let config = stub_config(
+        "wasm",
+        "\"fault.sleep_ms\" = \"400\"",
+        "[serve]\nmax_concurrent_requests = 2\n",
+    );
+    let s = Service::start(&config, &[]);
+    let answers: Vec<(u16, String, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    s.raw("POST", "/embed", Some(json!({ "inputs": format!("text {i}") }).to_string()), &[])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let limited: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert!(ok >= 2, "{answers:?}");
+    assert!(!limited.is_empty(), "{answers:?}");
+    for (_, body, retry) in limited {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert!(body.contains("Overloaded"), "{body}");
+    }
+    // /health is outside the limit.
+    assert_eq!(s.get("/health").0, 200);
+}
+
+#[test]
+fn ready_says_503_with_the_reason_while_the_pool_cools_down() {
+    // Every call traps: the pool escalates and cools down.
+    let config = stub_config("wasm", "\"fault.trap_after\" = \"0\"", "");
+    let s = Service::start(&config, &[]);
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    let reason = loop {
+        let (status, body) = s.get("/ready");
+        if status == 503 {
+            break body["reason"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < until, "never cooled down");
+        let _ = s.post("/embed", &json!({ "inputs": format!("text {i}") }));
+        i += 1;
+    };
+    assert!(reason.contains("cooling down"), "{reason}");
+    let (status, body, retry) = s.raw("POST", "/embed", Some(json!({ "inputs": "more" }).to_string()), &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some());
+    // Alive all the same.
+    assert_eq!(s.get("/health").0, 200);
+}

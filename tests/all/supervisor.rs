@@ -920,3 +920,98 @@ async fn shutdown_stops_slots_in_reverse_order_each_within_its_timeout() {
         .unwrap_err();
     assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_cut_across_the_pool_and_gathered_in_order() {
+    // Each call takes 100 ms: cut in two on a pool of two, 8 texts take
+    // one call's time, not two.
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let (supervisor, _) = supervise(
+        config(2),
+        move |_, _, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Act::Sleep(Duration::from_millis(100))
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let texts: Vec<String> = (0..8).map(|i| "x".repeat(i + 1)).collect();
+    let t0 = Instant::now();
+    let batch = supervisor.embed(texts.clone(), false, DEADLINE).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(t0.elapsed() < Duration::from_millis(150), "{:?}", t0.elapsed());
+    let expected: Vec<[f32; 2]> = texts.iter().map(|t| vector_of(t)).collect();
+    let got: Vec<[f32; 2]> = batch.vectors.iter().map(|v| [v[0], v[1]]).collect();
+    assert_eq!(got, expected);
+    // Fewer texts than two parts' worth stay in one call.
+    calls.store(0, Ordering::SeqCst);
+    supervisor
+        .embed(texts[..5].to_vec(), false, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_batcher_cuts_requests_by_the_token_budget() {
+    use embedhost::serve::batcher::pieces;
+    assert_eq!(pieces(&[5, 5, 5, 20, 1], 10), vec![0..2, 2..3, 3..4, 4..5]);
+    assert_eq!(pieces(&[3; 4], 100), vec![0..4]);
+    assert!(pieces(&[], 10).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
+    use embedhost::serve::batcher::{BatchSettings, Batcher};
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let log = calls.clone();
+    let (supervisor, _) = supervise(
+        config(1),
+        move |_, _, first| {
+            log.lock().unwrap().push(first.to_string());
+            Act::Ok
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let batcher = Arc::new(Batcher::start(
+        supervisor,
+        BatchSettings {
+            max_batch_tokens: 100,
+            wait: Duration::from_millis(10),
+            lanes: 1,
+        },
+    ));
+    let until = Instant::now() + DEADLINE;
+    let send = |text: &'static str, after: Duration| {
+        let b = batcher.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            b.embed(vec![text.into()], &[1], false, until).await.unwrap()
+        })
+    };
+    // a and b arrive 5 ms apart: one batch. c comes after the wait: its own.
+    let (a, b, c) = (
+        send("a", Duration::ZERO),
+        send("bb", Duration::from_millis(5)),
+        send("ccc", Duration::from_millis(50)),
+    );
+    let rows = [a.await.unwrap(), b.await.unwrap(), c.await.unwrap()];
+    assert_eq!(*calls.lock().unwrap(), vec!["a".to_string(), "ccc".to_string()]);
+    // Each request got its own row back.
+    for (row, len) in rows.iter().zip([1.0, 2.0, 3.0]) {
+        assert_eq!(row.len(), 1);
+        assert_eq!(row[0].as_ref().unwrap()[0], len);
+    }
+    // A request over the budget is cut into pieces, gathered in order.
+    let texts: Vec<String> = (0..6).map(|i| "y".repeat(i + 1)).collect();
+    let rows = batcher.embed(texts, &[40; 6], false, until).await.unwrap();
+    let lens: Vec<f32> = rows.iter().map(|r| r.as_ref().unwrap()[0]).collect();
+    assert_eq!(lens, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    batcher.close().await;
+    let closed = batcher.embed(vec!["z".into()], &[1], false, until).await;
+    assert!(matches!(closed, Err(embedhost::serve::batcher::BatchError::Stopped)));
+}

@@ -383,7 +383,12 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             loop {
                 match signals.next().await {
                     Signal::Terminate => break,
-                    Signal::Hangup => reload(&state).await,
+                    // A stop during a reload abandons the new pool (its
+                    // supervisor stops it when dropped) and stops as usual.
+                    Signal::Hangup => tokio::select! {
+                        () = reload(&state) => {}
+                        () = signals.terminate() => break,
+                    },
                 }
             }
             Ok(())
