@@ -604,17 +604,19 @@ fn load_with_random_plugin_crashes_fails_no_request_and_changes_no_vector() {
 
 #[test]
 fn sighup_swaps_native_wasm_native_under_load_failing_nothing() {
+    // The load test's load: 64 clients, 2% of calls crashing, on each backend.
+    const CHAOS: &str = "\"fault.chaos\" = \"0.02\"\n\"fault.chaos_kinds\" = \"trap\"";
     let dir = tempfile::tempdir().unwrap().keep();
-    let s = Service::start_in(&dir, &stub_config("native", "", ""), &[]);
+    let s = Service::start_in(&dir, &stub_config("native", CHAOS, ""), &[]);
     assert_eq!(s.get("/info").1["backend"], "native");
     let stop = Arc::new(AtomicBool::new(false));
     let seen = AtomicUsize::new(0);
     let (answers, failures) = std::thread::scope(|scope| {
         let stop2 = stop.clone();
-        let worker = scope.spawn(|| load(&s, 16, 0, Some(stop2)));
+        let worker = scope.spawn(|| load(&s, 64, 0, Some(stop2)));
         for (backend, generation) in [("wasm", 2), ("native", 3)] {
             std::thread::sleep(Duration::from_millis(500));
-            std::fs::write(dir.join("embedhost.toml"), stub_config(backend, "", "")).unwrap();
+            std::fs::write(dir.join("embedhost.toml"), stub_config(backend, CHAOS, "")).unwrap();
             s.signal(libc::SIGHUP);
             let until = Instant::now() + READY_WITHIN;
             loop {

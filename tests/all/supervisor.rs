@@ -938,6 +938,16 @@ async fn a_batch_is_cut_across_the_pool_and_gathered_in_order() {
     )
     .await;
     let texts: Vec<String> = (0..8).map(|i| "x".repeat(i + 1)).collect();
+    // With one instance busy, a batch stays whole for the other.
+    let busy = {
+        let s = supervisor.clone();
+        tokio::spawn(async move { s.embed(one("busy"), false, DEADLINE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    supervisor.embed(texts.clone(), false, DEADLINE).await.unwrap();
+    busy.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the busy call and one whole batch");
+    calls.store(0, Ordering::SeqCst);
     let t0 = Instant::now();
     let batch = supervisor.embed(texts.clone(), false, DEADLINE).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2);

@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -262,6 +262,24 @@ struct Inner {
     spawner: Arc<dyn Spawner>,
     info: Mutex<Option<ModelInfo>>,
     poison: Mutex<PoisonMemory>,
+    /// Slots running a call now: a batch is cut only across the others.
+    busy: AtomicUsize,
+}
+
+/// Counts a slot as busy while alive (so a cancelled call is counted out).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One generation of slots: a token per slot, cancelled in reverse start
@@ -397,6 +415,7 @@ impl Supervisor {
             spawner: Arc::new(spawner),
             info: Mutex::new(None),
             poison: Mutex::new(PoisonMemory::new()),
+            busy: AtomicUsize::new(0),
         });
         // The first instance is started here, so a plugin that cannot start at
         // all is reported to the caller rather than retried in the background.
@@ -539,10 +558,21 @@ impl Supervisor {
         deadline: Duration,
     ) -> Result<BatchResult, SupervisorError> {
         // One call occupies one instance: a batch large enough to share is
-        // cut into contiguous parts, one per instance, run at once and
-        // gathered in order. Each part is isolated on its own (a poison text
-        // fails only itself), so splitting never changes an answer.
-        let parts = split_parts(texts.len(), self.inner.config.pool_size.max(1));
+        // cut into contiguous parts, one per free instance (not busy with a
+        // call, nor claimed by a queued job; one still starting counts as
+        // free, it takes its part when up), run at once and gathered in
+        // order. With every instance busy the batch stays whole: the
+        // instance that frees first takes all of it, which is more texts
+        // per call. Each part is isolated on its own (a poison text fails
+        // only itself), so splitting never changes an answer.
+        let queued = self.inner.jobs.max_capacity() - self.inner.jobs.capacity();
+        let free = self
+            .inner
+            .config
+            .pool_size
+            .max(1)
+            .saturating_sub(self.inner.busy.load(Ordering::Relaxed) + queued);
+        let parts = split_parts(texts.len(), free.max(1));
         if parts <= 1 {
             return self.embed_part(texts, is_query, deadline).await;
         }
@@ -1250,12 +1280,14 @@ async fn serve(
                 // the caller's: a caller that gives up early is not a hung
                 // instance, so its impatience never kills one (or counts
                 // towards restart intensity). The result is then dropped.
+                let busy = Busy::enter(&inner.busy);
                 let call = worker.embed(job.texts, job.is_query, limits::UNBOUNDED_BY_CALLER);
                 let mut result = if worker.health_during_calls() {
                     watch_call(inner, slot, &mut worker, &mut health, call).await
                 } else {
                     call.await
                 };
+                drop(busy);
                 lock(&inner.slots)[slot].served += 1;
                 if result.is_ok() {
                     proven = true;
