@@ -435,8 +435,8 @@ pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 16_384;
 /// How long a batch waits for more requests once it has one
 /// (`[serve] batch_wait_us`). Short against a request's own time (a short
 /// sentence takes milliseconds), long enough for clients that arrive
-/// together to share a batch. Only waited while the pool is busy anyway:
-/// with an idle instance and nothing else queued, a batch goes at once.
+/// together to share a batch. Only waited while every instance is busy:
+/// with one free and nothing else queued, a batch goes at once.
 pub const DEFAULT_SERVE_BATCH_WAIT: Duration = Duration::from_millis(2);
 
 /// Requests waiting for a batch, at most (the batcher's queue); a full

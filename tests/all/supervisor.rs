@@ -981,7 +981,11 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
         config(1),
         move |_, _, first| {
             log.lock().unwrap().push(first.to_string());
-            Act::Ok
+            if first == "busy" {
+                Act::Sleep(Duration::from_millis(20))
+            } else {
+                Act::Ok
+            }
         },
         |_, _| false,
         |_| false,
@@ -992,7 +996,7 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
         BatchSettings {
             max_batch_tokens: 100,
             wait: Duration::from_millis(10),
-            lanes: 1,
+            lanes: 2,
         },
     ));
     let until = Instant::now() + DEADLINE;
@@ -1003,14 +1007,26 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
             b.embed(vec![text.into()], &[1], false, until).await.unwrap()
         })
     };
-    // a and b arrive 5 ms apart: one batch. c comes after the wait: its own.
-    let (a, b, c) = (
-        send("a", Duration::ZERO),
+    // The instance is busy for 20 ms: a and bb, 4 ms apart, wait for it
+    // together and share a batch. ccc comes when the instance is free and
+    // goes at once, alone.
+    let t0 = Instant::now();
+    let (busy, a, b, c) = (
+        send("busy", Duration::ZERO),
+        send("a", Duration::from_millis(1)),
         send("bb", Duration::from_millis(5)),
         send("ccc", Duration::from_millis(50)),
     );
-    let rows = [a.await.unwrap(), b.await.unwrap(), c.await.unwrap()];
-    assert_eq!(*calls.lock().unwrap(), vec!["a".to_string(), "ccc".to_string()]);
+    busy.await.unwrap();
+    let rows = [a.await.unwrap(), b.await.unwrap()];
+    let answered = Instant::now();
+    let rows = [rows[0].clone(), rows[1].clone(), c.await.unwrap()];
+    assert!(answered - t0 < Duration::from_millis(25), "{:?}", answered - t0);
+    assert_eq!(t0.elapsed(), Duration::from_millis(50), "ccc waited");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec!["busy".to_string(), "a".to_string(), "ccc".to_string()]
+    );
     // Each request got its own row back.
     for (row, len) in rows.iter().zip([1.0, 2.0, 3.0]) {
         assert_eq!(row.len(), 1);

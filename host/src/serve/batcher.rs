@@ -4,7 +4,7 @@
 //! (`[serve] max_batch_tokens`) and queued. A few lanes (one more than the
 //! pool has instances, so a batch is always ready when an instance frees)
 //! each take the oldest piece, add whatever else is queued up to the budget,
-//! wait at most `batch_wait` for more, and send the merged batch to
+//! wait at most `batch_wait` for more while every instance is busy, and send the merged batch to
 //! [`Supervisor::embed`], which cuts it again across idle instances. The
 //! answer is split back into each piece's rows, in order.
 //!
@@ -203,7 +203,7 @@ async fn lane(
                     None => return,
                 },
             };
-            gather(&mut queue, first, &settings).await
+            gather(&mut queue, first, &settings, &supervisor).await
         };
         if let Some(tx) = tx.upgrade() {
             metrics::gauge!(METRIC_QUEUE_DEPTH).set((tx.max_capacity() - tx.capacity()) as f64);
@@ -213,8 +213,14 @@ async fn lane(
 }
 
 /// `first` and the pieces queued after it that fit the budget, waiting up to
-/// the batch wait for more while the budget is not full.
-async fn gather(queue: &mut Queue, first: Piece, settings: &BatchSettings) -> Vec<Piece> {
+/// the batch wait for more while the budget is not full and every instance
+/// is busy (with one free, waiting would only leave it idle).
+async fn gather(
+    queue: &mut Queue,
+    first: Piece,
+    settings: &BatchSettings,
+    supervisor: &Supervisor,
+) -> Vec<Piece> {
     let is_query = first.is_query;
     let mut tokens = first.tokens;
     let mut batch = vec![first];
@@ -223,6 +229,7 @@ async fn gather(queue: &mut Queue, first: Piece, settings: &BatchSettings) -> Ve
         let next = match queue.rx.try_recv() {
             Ok(piece) => piece,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if supervisor.free_instances() > 0 => break,
             Err(mpsc::error::TryRecvError::Empty) => {
                 match tokio::time::timeout_at(stop, queue.rx.recv()).await {
                     Ok(Some(piece)) => piece,

@@ -565,14 +565,7 @@ impl Supervisor {
         // instance that frees first takes all of it, which is more texts
         // per call. Each part is isolated on its own (a poison text fails
         // only itself), so splitting never changes an answer.
-        let queued = self.inner.jobs.max_capacity() - self.inner.jobs.capacity();
-        let free = self
-            .inner
-            .config
-            .pool_size
-            .max(1)
-            .saturating_sub(self.inner.busy.load(Ordering::Relaxed) + queued);
-        let parts = split_parts(texts.len(), free.max(1));
+        let parts = split_parts(texts.len(), self.free_instances().max(1));
         if parts <= 1 {
             return self.embed_part(texts, is_query, deadline).await;
         }
@@ -606,6 +599,17 @@ impl Supervisor {
             })?
         };
         Ok(BatchResult { vectors, failed })
+    }
+
+    /// Instances neither running a call nor claimed by a queued job (one
+    /// still starting counts as free: it takes a job once up).
+    pub fn free_instances(&self) -> usize {
+        let queued = self.inner.jobs.max_capacity() - self.inner.jobs.capacity();
+        self.inner
+            .config
+            .pool_size
+            .max(1)
+            .saturating_sub(self.inner.busy.load(Ordering::Relaxed) + queued)
     }
 
     /// [`Supervisor::embed`] of one part, on one instance at a time.
