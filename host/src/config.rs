@@ -338,6 +338,35 @@ impl Default for ServeSection {
     }
 }
 
+/// `[nats]`: the NATS server the pool's members and callers share.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// `serve` joins the pool of its model on this server (`--nats`
+    /// overrides).
+    pub url: Option<String>,
+    /// A `.creds` file (JWT and NKey).
+    pub creds: Option<PathBuf>,
+    /// CA certificates to trust (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM), with `tls_key`, for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Refuse a connection without TLS.
+    pub require_tls: bool,
+}
+
+/// `[embedder]`: where embeddings come from.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedderSection {
+    /// A NATS server (`nats://host:4222`) whose pool serves the configured
+    /// model: `index`, `search` and `embed` send `embedder.embed` there
+    /// instead of starting a pool here.
+    pub remote: Option<String>,
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -369,6 +398,12 @@ pub struct Config {
     #[serde(default)]
     /// `[serve]`.
     pub serve: ServeSection,
+    #[serde(default)]
+    /// `[nats]`.
+    pub nats: NatsSection,
+    #[serde(default)]
+    /// `[embedder]`.
+    pub embedder: EmbedderSection,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -417,6 +452,10 @@ impl Config {
             &mut config.model.dir,
             &mut config.index.dir,
             &mut config.serve.api_key_file,
+            &mut config.nats.creds,
+            &mut config.nats.tls_ca,
+            &mut config.nats.tls_cert,
+            &mut config.nats.tls_key,
         ] {
             if let Some(p) = relative.as_mut()
                 && p.is_relative()
@@ -481,6 +520,9 @@ impl Config {
             return Err(invalid(
                 "[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)",
             ));
+        }
+        if config.nats.tls_cert.is_some() != config.nats.tls_key.is_some() {
+            return Err(invalid("[nats] tls_cert and tls_key go together"));
         }
         if config.native.grace_ms == 0 {
             return Err(invalid("[native] grace_ms must be greater than zero"));
@@ -778,6 +820,16 @@ impl Config {
             config.push(("model_id".into(), self.model_id().to_string()));
         }
         config
+    }
+
+    /// The NATS client's credentials and TLS.
+    pub fn nats_options(&self) -> crate::bus::transport::nats::NatsOptions {
+        crate::bus::transport::nats::NatsOptions {
+            creds: self.nats.creds.clone(),
+            tls_ca: self.nats.tls_ca.clone(),
+            tls_cert: self.nats.tls_cert.clone().zip(self.nats.tls_key.clone()),
+            require_tls: self.nats.require_tls,
+        }
     }
 
     /// Per-instance limits.

@@ -109,3 +109,34 @@ pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String
         .map_err(|e| e.to_string())
 }
 
+
+/// The pool on the NATS server `[embedder] remote` names, if the config
+/// names one: a bus to it, and the model its members serve (asked with
+/// `embedder.handshake`, retried while the pool has no member yet).
+///
+/// # Errors
+/// Why the server or the pool could not be reached.
+pub async fn remote_embedder(
+    config: &Config,
+) -> Result<Option<(crate::bus::Bus, crate::backend::ModelInfo)>, String> {
+    use crate::bus::transport::nats;
+    let Some(url) = &config.embedder.remote else {
+        return Ok(None);
+    };
+    let client = nats::connect(url, &config.nats_options(), "embedhost")
+        .await
+        .map_err(|e| e.to_string())?;
+    let transport = nats::Nats::new(client, config.model_id())
+        .await
+        .map_err(|e| e.to_string())?;
+    let bus = crate::bus::Bus::new(transport);
+    let options = crate::bus::SendOptions::default()
+        .retries(crate::limits::NATS_HANDSHAKE_RETRIES)
+        .deadline(crate::limits::NATS_HANDSHAKE_PATIENCE);
+    let hello = bus
+        .send::<crate::messages::EmbedderHandshake>(crate::bus::Empty {}, options)
+        .await
+        .map_err(|e| format!("no NATS member serves `{}` at {url}: {e}", config.model_id()))?;
+    tracing::info!(url, model = %hello.model.model_id, "using the pool over NATS");
+    Ok(Some((bus, hello.model)))
+}

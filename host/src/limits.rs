@@ -480,3 +480,40 @@ pub const SERVE_MAX_SEARCH_LIMIT: usize = 1000;
 /// How often the Prometheus exporter's histograms are compacted when no
 /// one scrapes `/metrics`, so they stay bounded.
 pub const SERVE_METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// How long a NATS caller waits for a member to take its request
+/// (`Accepted`) before sending it again: a member answers at once, so two
+/// seconds means no member is subscribed or the server is down (a restart
+/// of nats-server takes about that long to be noticed and reconnected).
+pub const NATS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a member that runs a NATS request says it is still working.
+pub const NATS_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Silence after which a NATS caller counts the member serving it as lost
+/// and sends the request again: five missed heartbeats, so a member busy
+/// on a slow machine is not mistaken for a dead one.
+pub const NATS_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The retry delay a NATS caller is given when no member answered: short,
+/// since the usual cause is a member restarting or the server reconnecting.
+pub const NATS_RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// Requests a NATS member takes per instance of its pool before it answers
+/// `Unavailable`: one running and one waiting keeps each instance busy,
+/// and leaves the rest to other members.
+pub const NATS_PENDING_PER_INSTANCE: usize = 2;
+
+/// Replies buffered per NATS request (`Accepted`, heartbeats, `Done`); a
+/// caller reads them as they come, so a few are plenty.
+pub const NATS_REPLIES_BUFFERED: usize = 16;
+
+/// How long connecting to a NATS server may take.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Attempts of a remote caller's first `embedder.handshake`, and the time
+/// they may take together: members may still be starting when a caller
+/// starts (a real model's pool takes seconds).
+pub const NATS_HANDSHAKE_RETRIES: u32 = 10;
+/// See [`NATS_HANDSHAKE_RETRIES`].
+pub const NATS_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(60);

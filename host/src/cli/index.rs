@@ -70,21 +70,30 @@ async fn start_worker(
     config: &Config,
     db: &std::path::Path,
     max_pool: Option<usize>,
-) -> Result<(Bus, Supervisor), String> {
-    let source = config.plugin_source();
-    let (supervisor, _) = crate::launch::start_backend(config, &source, max_pool).await?;
-    let embedder = Bus::new(InProcess::named(
-        "embedder",
-        crate::embedder::supervised_router(supervisor.clone()),
-    ));
-    let model = supervisor.model_info();
+) -> Result<(Bus, Option<Supervisor>), String> {
+    // A remote pool (over NATS) if the config names one, else our own.
+    let (embedder, model, supervisor) = match crate::launch::remote_embedder(config).await? {
+        Some((bus, model)) => (bus, model, None),
+        None => {
+            let source = config.plugin_source();
+            let (supervisor, _) = crate::launch::start_backend(config, &source, max_pool).await?;
+            let bus = Bus::new(InProcess::named(
+                "embedder",
+                crate::embedder::supervised_router(supervisor.clone()),
+            ));
+            (bus, supervisor.model_info(), Some(supervisor))
+        }
+    };
     let tokens = crate::launch::tokens(config, model.max_input_tokens as usize)?;
     let mut settings = config.worker_settings();
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);
     }
-    let worker =
-        Worker::new(embedder, model, tokens, settings).with_embedder_id(config.embedder_id());
+    let id = match &config.embedder.remote {
+        Some(url) => format!("remote|{url}|{}", model.model_id),
+        None => config.embedder_id(),
+    };
+    let worker = Worker::new(embedder, model, tokens, settings).with_embedder_id(id);
     let bus = Bus::new(InProcess::named("worker", router(worker)));
     bus.send::<WorkerInit>(
         InitRequest {
@@ -106,16 +115,18 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
         return index_through(&client, args.paths, started, &db).await;
     }
     let (bus, supervisor) = start_worker(&config, &db, None).await?;
-    let result = run_index(&bus, &supervisor, args.paths, started, &db).await;
+    let result = run_index(&bus, supervisor.as_ref(), args.paths, started, &db).await;
     // A normal exit stops the pool in order: native children get
     // `shutdown` and exit 0, never SIGKILL.
-    supervisor.shutdown().await;
+    if let Some(supervisor) = supervisor {
+        supervisor.shutdown().await;
+    }
     result
 }
 
 async fn run_index(
     bus: &Bus,
-    supervisor: &Supervisor,
+    supervisor: Option<&Supervisor>,
     paths: Vec<PathBuf>,
     started: Instant,
     db: &std::path::Path,
@@ -182,7 +193,7 @@ async fn run_index(
             reasons.join(", ")
         );
     }
-    if let Some(line) = restarts_line(supervisor) {
+    if let Some(line) = supervisor.and_then(restarts_line) {
         println!("{line}");
     }
     Ok(())
@@ -228,7 +239,9 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
         )
         .await
         .map_err(|e| e.to_string());
-    supervisor.shutdown().await;
+    if let Some(supervisor) = supervisor {
+        supervisor.shutdown().await;
+    }
     show_results(&results?.results, args.json)
 }
 

@@ -159,6 +159,10 @@ pub struct ServeArgs {
     /// The index directory (default: `[index] dir`, else the data directory).
     #[arg(long, value_name = "DIR")]
     pub db: Option<PathBuf>,
+    /// Also serve the pool to callers over the NATS server at URL (default:
+    /// `[nats] url`), in the queue group of the configured model.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +237,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             listen: args.listen,
             api_key: args.api_key,
             db: args.db,
+            nats: args.nats,
         })
         .await
         .map_err(|e| e.to_string()),
@@ -261,6 +266,29 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
                 Some(v) => Ok(v.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect()),
                 None => Err(row["error"].as_str().unwrap_or("failed").to_string()),
             })
+            .collect();
+        return print_rows(&args.texts, rows);
+    }
+    // A remote pool (over NATS) does the work if the config names one.
+    if args.plugin.is_none()
+        && let Some((bus, _)) = crate::launch::remote_embedder(&config).await?
+    {
+        let options = SendOptions::default()
+            .timeout(crate::limits::DEFAULT_REQUEST_TIMEOUT)
+            .retries(crate::limits::NATS_HANDSHAKE_RETRIES);
+        let request = EmbedRequest {
+            texts: args.texts.clone(),
+            is_query: args.query,
+        };
+        let response = bus
+            .send::<EmbedderEmbed>(request, options)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = response
+            .per_text(args.texts.len())
+            .ok_or("the embedder's answer does not match the request")?
+            .into_iter()
+            .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
             .collect();
         return print_rows(&args.texts, rows);
     }

@@ -42,7 +42,10 @@ use crate::bus::transport::InProcess;
 use crate::bus::{Bus, ErrorCode, RemoteError, RequestContext, Router};
 use crate::config::Config;
 use crate::limits;
-use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed, FailedInput};
+use crate::messages::{
+    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, FailedInput, HandshakeResponse,
+    PROTOCOL_VERSION,
+};
 use crate::vectors::Vectors;
 use crate::worker::Worker;
 
@@ -100,6 +103,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// `--db`.
     pub db: Option<PathBuf>,
+    /// `--nats`.
+    pub nats: Option<String>,
 }
 
 /// Why the service is not ready.
@@ -290,6 +295,7 @@ pub fn socket_path(db: &Path) -> PathBuf {
 pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let config = Config::discover(options.config.as_deref()).map_err(|e| ServeError::Config(e.to_string()))?;
     let settings = config.serve.clone();
+    let config_nats = config.nats.url.clone();
     let db = config
         .index_dir(options.db.as_deref())
         .map_err(ServeError::Config)?;
@@ -377,6 +383,13 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let started = tokio::select! {
         started = install(&state, config) => started,
         _ = signals.terminate() => Err("stopped before the backend was up".to_string()),
+    };
+    let nats_url = state.options.nats.clone().or_else(|| config_nats.clone());
+    let started = match (started, nats_url) {
+        (Ok(()), Some(url)) => join_nats(&state, &url, stop.clone())
+            .await
+            .map_err(|e| e.to_string()),
+        (started, _) => started,
     };
     let result = match started {
         Ok(()) => {
@@ -559,7 +572,27 @@ async fn reload(state: &Arc<State>) {
 /// The worker's embedder: `embedder.embed` through whichever pool serves
 /// now, so the index keeps working across a swap.
 fn embedder_bus(state: Weak<State>) -> Bus {
+    Bus::new(InProcess::named("embedder", embedder_router(state)))
+}
+
+/// `embedder.embed` and `embedder.handshake` through whichever pool serves
+/// now: for the worker in this process, and for callers over NATS.
+fn embedder_router(state: Weak<State>) -> Router {
     let mut router = Router::new();
+    let for_handshake = state.clone();
+    router.handle::<EmbedderHandshake, _, _>(move |_, _: crate::bus::Empty| {
+        let state = for_handshake.upgrade();
+        async move {
+            let pool = state
+                .ok_or_else(|| RemoteError::new(ErrorCode::Unavailable, "the service stopped"))?
+                .pool()
+                .map_err(|e| RemoteError::new(ErrorCode::Unavailable, e.message))?;
+            Ok(HandshakeResponse {
+                protocol_version: PROTOCOL_VERSION,
+                model: pool.info.clone(),
+            })
+        }
+    });
     router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
         let state = state.clone();
         async move {
@@ -589,7 +622,47 @@ fn embedder_bus(state: Weak<State>) -> Bus {
             Ok(response(rows, pool.info.dimension as usize))
         }
     });
-    Bus::new(InProcess::named("embedder", router))
+    router
+}
+
+/// Joins the pool of this service's model on the NATS server at `url`,
+/// until `stop`.
+async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Result<(), ServeError> {
+    use crate::bus::transport::nats;
+    let pool = state.pool().map_err(|e| ServeError::Backend(e.message))?;
+    let fail = |e: nats::NatsError| ServeError::Listen {
+        addr: url.to_string(),
+        message: e.to_string(),
+    };
+    let client = nats::connect(url, &pool.config.nats_options(), "embedhost serve")
+        .await
+        .map_err(fail)?;
+    let room = pool.supervisor.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
+    let model = pool.config.model_id().to_string();
+    let router = Arc::new(embedder_router(Arc::downgrade(state)));
+    let weak = Arc::downgrade(state);
+    let serving: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+        weak.upgrade()
+            .and_then(|s| s.pool().ok())
+            .map(|p| p.info.model_id.clone())
+            .unwrap_or_default()
+    });
+    // Subscribed before this returns, so a caller started after us finds us.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let served = nats::serve_with_ready(client, &model, router, room, serving, stop, ready_tx).await;
+        if let Err(e) = served {
+            tracing::error!("NATS: {e}");
+        }
+    });
+    match ready_rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(fail(e)),
+        Err(_) => Err(ServeError::Listen {
+            addr: url.to_string(),
+            message: "the NATS task ended".into(),
+        }),
+    }
 }
 
 /// Rows as the bus's `EmbedResponse`.

@@ -4,10 +4,13 @@
 //!   serialization, replies come back on tokio oneshot channels.
 //! - [`child`]: a peer at the other end of a byte stream (a child process's
 //!   stdin/stdout), as length-delimited CBOR frames.
+//! - [`nats`]: members of a pool on other machines, through a NATS server,
+//!   the child transport's frames as payloads.
 //! - [`MockTransport`]: scripted answers for unit tests.
 
 pub mod child;
 mod in_process;
+pub mod nats;
 mod mock;
 
 use std::sync::Arc;
