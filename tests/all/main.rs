@@ -7,6 +7,7 @@ mod cli;
 mod fuzz;
 mod layering;
 mod model;
+mod nats;
 mod native;
 mod onnx;
 mod plugins;

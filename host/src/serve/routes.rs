@@ -480,6 +480,7 @@ async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiEr
         "engine": pool.engine,
         "generation": pool.generation,
         "pool_size": pool.supervisor.status().len(),
+        "served_calls": pool.supervisor.status().iter().map(|i| i.served).sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }

@@ -1,0 +1,248 @@
+//! Pools on several hosts over a real nats-server (installed by `./x
+//! setup`): three `embedhost serve --nats` members, two WASM and one
+//! native, index 2,000 files for an `embedhost index` whose config names
+//! `[embedder] remote`. The index must equal a local run's with no faults,
+//! with a member SIGKILLed and another started mid-run, and with
+//! nats-server restarted mid-run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use embedhost::worker::store::Store;
+
+use crate::serve::{Service, stub_config};
+
+const FILES: usize = 2000;
+
+/// A nats-server on a loopback port, restartable on the same port.
+struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl NatsServer {
+    fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = NatsServer { child: None, port };
+        server.up();
+        server
+    }
+
+    fn binary() -> PathBuf {
+        let deps = embedhost::deps::deps_dir().expect("run ./x setup");
+        let path = deps.join("venv/bin/nats-server");
+        assert!(path.exists(), "run ./x setup: {} is missing", path.display());
+        path
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(Self::binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Notes of one to three chunks, in folders.
+fn corpus(dir: &Path) {
+    for i in 0..FILES {
+        let words = 20 + (i % 3) * 40;
+        let text: Vec<String> = (0..words)
+            .map(|j| format!("w{}", (i * 37 + j * 11) % 1499))
+            .collect();
+        let lines: Vec<String> = text.chunks(12).map(|l| l.join(" ")).collect();
+        let path = dir.join(format!("d{}/note{i}.txt", i % 20));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, lines.join("\n")).unwrap();
+    }
+}
+
+/// A member: the stub on `backend`, each call 100 ms (a slow model, so a
+/// run lasts seconds, long enough to fault it), joined to `url`.
+fn member(backend: &str, url: &str) -> Service {
+    let config = stub_config(backend, "\"fault.sleep_ms\" = \"100\"", "");
+    Service::start(&config, &["--nats", url])
+}
+
+/// Starts `embedhost index docs` in `dir` with `config`.
+fn index(dir: &Path, config: &str) -> Child {
+    std::fs::write(dir.join("embedhost.toml"), config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .current_dir(dir)
+        .args(["index", "docs"])
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "index failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The index in `dir/index`: every chunk (file relative to `dir`, lines,
+/// text) with its vector, and the files indexed and skipped.
+fn contents(dir: &Path) -> (BTreeMap<(PathBuf, u32, String), Vec<f32>>, u64, u64) {
+    let store = Store::open_existing(&dir.join("index")).unwrap();
+    let (ids, data) = store.vectors().unwrap();
+    let dimension = data.len() / ids.len().max(1);
+    let rows = store.chunks(&ids).unwrap();
+    let mut by_id = BTreeMap::new();
+    for (k, id) in ids.iter().enumerate() {
+        by_id.insert(*id, data[k * dimension..(k + 1) * dimension].to_vec());
+    }
+    let chunks = rows
+        .into_iter()
+        .map(|r| {
+            let path = r.path.strip_prefix(dir).unwrap_or(&r.path).to_path_buf();
+            ((path, r.start_line, r.text), by_id[&r.id].clone())
+        })
+        .collect();
+    let stats = store.stats().unwrap();
+    let skipped: u64 = stats.skipped.values().sum();
+    (chunks, stats.indexed, skipped)
+}
+
+fn assert_same(remote: &Path, local: &Path) {
+    let (a, files_a, skipped_a) = contents(remote);
+    let (b, files_b, skipped_b) = contents(local);
+    assert_eq!((files_a, skipped_a), (files_b, skipped_b), "files indexed, skipped");
+    assert_eq!(files_a, FILES as u64);
+    assert_eq!(a.len(), b.len(), "chunks");
+    for ((key, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(key, kb);
+        let cos = embedhost::vectors::cosine(va, vb);
+        assert!(cos >= 0.9999, "{key:?}: cosine {cos}");
+    }
+}
+
+/// A client directory with the corpus, indexing through `url`.
+fn client(url: &str) -> (PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    corpus(&dir.join("docs"));
+    let config = stub_config("wasm", "", &format!("[embedder]\nremote = \"{url}\"\n"));
+    (dir, config)
+}
+
+/// The same corpus indexed by a local pool, no NATS.
+fn local_run() -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    corpus(&dir.join("docs"));
+    finish(index(&dir, &stub_config("wasm", "", "")));
+    dir
+}
+
+#[test]
+fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let local = local_run();
+    let members = [member("wasm", &url), member("wasm", &url), member("native", &url)];
+
+    // 1. No faults.
+    let (dir, config) = client(&url);
+    finish(index(&dir, &config));
+    assert_same(&dir, &local);
+
+    // 2. A member SIGKILLed mid-run, another started mid-run.
+    let [mut first, second, third] = members;
+    let (dir, config) = client(&url);
+    let run = index(&dir, &config);
+    std::thread::sleep(Duration::from_millis(1000));
+    first.signal(libc::SIGKILL);
+    let _ = first.wait_exit(Duration::from_secs(5));
+    let fourth = member("wasm", &url);
+    let mut run = run;
+    assert!(run.try_wait().unwrap().is_none(), "the run ended before the faults");
+    finish(run);
+    assert_same(&dir, &local);
+
+    // 3. nats-server restarted mid-run.
+    let (dir, config) = client(&url);
+    let mut run = index(&dir, &config);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(run.try_wait().unwrap().is_none(), "the run ended before the restart");
+    nats.down();
+    std::thread::sleep(Duration::from_millis(300));
+    nats.up();
+    finish(run);
+    assert_same(&dir, &local);
+    drop((second, third, fourth));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
+    use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
+    use embedhost::bus::{Bus, SendOptions};
+    use embedhost::messages::{EmbedRequest, EmbedderEmbed};
+    let nats = NatsServer::start();
+    // One instance, 500 ms a call.
+    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"500\"", "").replace("pool_size = 2", "pool_size = 1");
+    let url = nats.url();
+    let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
+        .await
+        .unwrap();
+    let client = connect(&nats.url(), &NatsOptions::default(), "test").await.unwrap();
+    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    let request = |text: &str| EmbedRequest {
+        texts: vec![text.to_string()],
+        is_query: false,
+    };
+    // The first occupies the instance; five more give up after 200 ms.
+    let first = {
+        let bus = bus.clone();
+        let r = request("first");
+        tokio::spawn(async move { bus.send::<EmbedderEmbed>(r, SendOptions::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..5 {
+        let r = bus
+            .send::<EmbedderEmbed>(request(&format!("late {i}")), SendOptions::default().timeout(Duration::from_millis(200)))
+            .await;
+        assert!(r.is_err(), "a 200 ms request to a busy member cannot succeed");
+    }
+    first.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = tokio::task::spawn_blocking(move || member.get("/info").1).await.unwrap();
+    // Only the first was ever run on an instance.
+    assert_eq!(info["served_calls"], 1, "{info}");
+}
