@@ -31,6 +31,7 @@ BENCHES = [
     ("throughput", "embedding throughput per backend against Python onnxruntime"),
     ("index", "search latency and recall, indexing rate against the raw embedder, the search command"),
     ("serve", "the service: dynamic batching by concurrency, the openai client, search and embed against their baselines"),
+    ("nats", "the NATS transport against the child transport, three members against one"),
 ]
 
 # Criterion pairs: (group, measured, baseline, what, which is better).
