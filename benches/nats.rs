@@ -142,6 +142,11 @@ fn main() {
             .spawn()
             .expect("nats-server (run ./x setup)"),
     );
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let url = format!("nats://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -246,3 +246,32 @@ async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
     // Only the first was ever run on an instance.
     assert_eq!(info["served_calls"], 1, "{info}");
 }
+
+#[test]
+fn a_service_whose_embedder_is_remote_serves_and_indexes_through_the_pool() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let pool = Service::start(&stub_config("native", "", ""), &["--nats", &url]);
+    let config = stub_config("wasm", "", &format!("[embedder]\nremote = \"{url}\"\n"));
+    let front = Service::start(&config, &[]);
+    let (_, info) = front.get("/info");
+    assert_eq!(info["backend"], "remote", "{info}");
+    assert_eq!(info["model_id"], "embedhost/stub-feature-hash");
+    let body = serde_json::json!({ "inputs": ["first text", "second text"] });
+    let (status, remote) = front.post("/embed", &body);
+    assert_eq!(status, 200, "{remote}");
+    assert_eq!(remote, pool.post("/embed", &body).1);
+    // A member of this model may not join another pool as a front.
+    let out = front.cli(&["serve", "--listen", "127.0.0.1:0", "--nats", &url, "--db", "other"]);
+    assert!(!out.status.success());
+    // The front's worker indexes through the pool.
+    let docs = front.dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "ownership and borrowing").unwrap();
+    std::fs::write(docs.join("b.txt"), "the quick brown fox").unwrap();
+    let out = front.cli(&["index", "docs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, results) = front.post("/search", &serde_json::json!({ "query": "borrowing", "limit": 1 }));
+    assert_eq!(status, 200);
+    assert!(results[0]["path"].as_str().unwrap().ends_with("a.txt"), "{results}");
+}

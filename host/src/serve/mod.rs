@@ -193,8 +193,7 @@ impl State {
             Phase::Ready => {}
         }
         let pool = self.pool().ok()?;
-        pool.supervisor
-            .escalated()
+        pool.escalated()
             .map(|reason| format!("the embedder backend is cooling down after failures: {reason}"))
     }
 
@@ -436,7 +435,7 @@ async fn shut_down(state: &Arc<State>) {
     }
     let current = state.current.write().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(pool) = current {
-        pool.supervisor.shutdown().await;
+        pool.shutdown().await;
     }
 }
 
@@ -637,7 +636,12 @@ async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Re
     let client = nats::connect(url, &pool.config.nats_options(), "embedhost serve")
         .await
         .map_err(fail)?;
-    let room = pool.supervisor.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
+    if pool.backend == "remote" {
+        return Err(ServeError::Config(
+            "a service whose embedder is remote ([embedder] remote) cannot also serve a NATS pool".into(),
+        ));
+    }
+    let room = pool.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
     let model = pool.config.model_id().to_string();
     let router = Arc::new(embedder_router(Arc::downgrade(state)));
     let weak = Arc::downgrade(state);

@@ -1,5 +1,6 @@
-//! One generation of the service's backend: a supervised pool, its batcher
-//! and the tokenizer that counts tokens for it.
+//! One generation of the service's backend: a supervised pool and its
+//! batcher (or, with `[embedder] remote`, a pool on other machines over
+//! NATS), and the tokenizer that counts tokens for it.
 //!
 //! A reload starts a new generation beside the old one (make before break),
 //! swaps it in, and only then stops the old one: a request holds the
@@ -30,13 +31,23 @@ pub struct Pool {
     pub info: ModelInfo,
     /// `wasm` or `native`.
     pub backend: &'static str,
-    /// The plugin (WASM) or engine (native) serving.
-    pub engine: String,
+    /// The plugin (WASM), engine (native) or NATS server (remote) serving.
+    pub engine_name: String,
     /// Counts tokens as the model does (or words, for the stub).
     pub tokens: Tokens,
-    /// The supervised instances.
-    pub supervisor: Supervisor,
-    batcher: Batcher,
+    engine: Engine,
+}
+
+/// Where a generation's embeddings come from.
+enum Engine {
+    /// A supervised pool here, behind the batcher.
+    Local {
+        supervisor: Supervisor,
+        batcher: Batcher,
+    },
+    /// A pool on other machines, over NATS (`[embedder] remote`): requests
+    /// go as they come; the members batch.
+    Remote { bus: crate::bus::Bus },
 }
 
 impl std::fmt::Debug for Pool {
@@ -55,6 +66,18 @@ impl Pool {
     /// # Errors
     /// Why the backend could not start (model files, plugin, escalation).
     pub async fn start(config: Config, generation: u64) -> Result<Arc<Pool>, String> {
+        if let Some((bus, info)) = crate::launch::remote_embedder(&config).await? {
+            let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
+            return Ok(Arc::new(Pool {
+                generation,
+                backend: "remote",
+                engine: Engine::Remote { bus },
+                engine_name: config.embedder.remote.clone().unwrap_or_default(),
+                info,
+                tokens,
+                config,
+            }));
+        }
         let source = config.plugin_source();
         let (supervisor, _) = crate::launch::start_backend(&config, &source, None).await?;
         let info = supervisor.model_info();
@@ -81,11 +104,13 @@ impl Pool {
         Ok(Arc::new(Pool {
             generation,
             backend: config.backend.name(),
-            engine,
+            engine_name: engine,
             info,
             tokens,
-            batcher: Batcher::start(supervisor.clone(), settings),
-            supervisor,
+            engine: Engine::Local {
+                batcher: Batcher::start(supervisor.clone(), settings),
+                supervisor,
+            },
             config,
         }))
     }
@@ -116,7 +141,42 @@ impl Pool {
     ) -> Result<Vec<Row>, BatchError> {
         let window = self.info.max_input_tokens.max(1) as usize;
         let capped: Vec<usize> = tokens.iter().map(|&t| t.clamp(1, window)).collect();
-        self.batcher.embed(texts, &capped, is_query, until).await
+        match &self.engine {
+            Engine::Local { batcher, .. } => batcher.embed(texts, &capped, is_query, until).await,
+            Engine::Remote { bus } => remote_embed(bus, texts, is_query, until).await,
+        }
+    }
+
+    /// Per-instance status (none for a remote pool: its members report
+    /// their own).
+    pub fn status(&self) -> Vec<crate::supervisor::InstanceStatus> {
+        match &self.engine {
+            Engine::Local { supervisor, .. } => supervisor.status(),
+            Engine::Remote { .. } => Vec::new(),
+        }
+    }
+
+    /// Restarts by reason.
+    pub fn restarts(&self) -> std::collections::BTreeMap<String, u64> {
+        match &self.engine {
+            Engine::Local { supervisor, .. } => supervisor.restarts(),
+            Engine::Remote { .. } => Default::default(),
+        }
+    }
+
+    /// Why the pool is cooling down, if it is.
+    pub fn escalated(&self) -> Option<String> {
+        match &self.engine {
+            Engine::Local { supervisor, .. } => supervisor.escalated(),
+            Engine::Remote { .. } => None,
+        }
+    }
+
+    /// Stops the pool in order, at once.
+    pub async fn shutdown(&self) {
+        if let Engine::Local { supervisor, .. } = &self.engine {
+            supervisor.shutdown().await;
+        }
     }
 
     /// Stops this generation once nothing else holds it (or after
@@ -127,7 +187,56 @@ impl Pool {
         while Arc::strong_count(&self) > 1 && std::time::Instant::now() < until {
             tokio::time::sleep(limits::SERVE_RELOAD_POLL).await;
         }
-        self.batcher.close().await;
-        self.supervisor.shutdown().await;
+        if let Engine::Local { batcher, supervisor } = &self.engine {
+            batcher.close().await;
+            supervisor.shutdown().await;
+        }
     }
+}
+
+/// `embedder.embed` to a remote pool, as rows.
+async fn remote_embed(
+    bus: &crate::bus::Bus,
+    texts: Vec<String>,
+    is_query: bool,
+    until: Instant,
+) -> Result<Vec<Row>, BatchError> {
+    use crate::bus::{BusError, ErrorCode};
+    use crate::supervisor::SupervisorError;
+    let left = until.saturating_duration_since(Instant::now());
+    let n = texts.len();
+    let options = crate::bus::SendOptions::default()
+        .timeout(left)
+        .deadline(left)
+        .retries(limits::NATS_HANDSHAKE_RETRIES);
+    let request = crate::messages::EmbedRequest { texts, is_query };
+    let response = bus
+        .send::<crate::messages::EmbedderEmbed>(request, options)
+        .await
+        .map_err(|e| match e {
+            BusError::Remote(r) if r.code == ErrorCode::Unavailable => {
+                BatchError::Supervisor(SupervisorError::Unavailable {
+                    reason: r.message,
+                    retry_after: Duration::from_millis(r.retry_after_ms.unwrap_or(0)),
+                })
+            }
+            BusError::Remote(r) if r.code == ErrorCode::DeadlineExceeded => {
+                BatchError::Supervisor(SupervisorError::DeadlineExceeded(left))
+            }
+            BusError::Remote(r) => BatchError::Supervisor(SupervisorError::Refused(r)),
+            BusError::Timeout { .. } | BusError::DeadlineExceeded { .. } => {
+                BatchError::Supervisor(SupervisorError::DeadlineExceeded(left))
+            }
+            other => BatchError::Supervisor(SupervisorError::Unavailable {
+                reason: other.to_string(),
+                retry_after: limits::NATS_RETRY_AFTER,
+            }),
+        })?;
+    let rows = response
+        .per_text(n)
+        .ok_or(BatchError::Stopped)?
+        .into_iter()
+        .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
+        .collect();
+    Ok(rows)
 }

@@ -210,7 +210,7 @@ async fn ready(Shared((state, _)): Shared<AppState>) -> Response {
 
 async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
     if let Ok(pool) = state.pool() {
-        for instance in pool.supervisor.status() {
+        for instance in pool.status() {
             metrics::gauge!(METRIC_INSTANCE_MEMORY, "slot" => instance.slot.to_string())
                 .set(instance.memory_bytes as f64);
         }
@@ -477,10 +477,10 @@ async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiEr
         "max_batch_tokens": state.settings.max_batch_tokens,
         "max_client_batch_size": state.settings.max_inputs,
         "backend": pool.backend,
-        "engine": pool.engine,
+        "engine": pool.engine_name,
         "generation": pool.generation,
-        "pool_size": pool.supervisor.status().len(),
-        "served_calls": pool.supervisor.status().iter().map(|i| i.served).sum::<u64>(),
+        "pool_size": pool.status().len(),
+        "served_calls": pool.status().iter().map(|i| i.served).sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }
@@ -578,7 +578,7 @@ async fn stats(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiE
     let mut body = serde_json::to_value(stats).unwrap_or_default();
     if let Ok(pool) = state.pool() {
         body["model_id"] = pool.info.model_id.clone().into();
-        body["restarts"] = serde_json::to_value(pool.supervisor.restarts()).unwrap_or_default();
+        body["restarts"] = serde_json::to_value(pool.restarts()).unwrap_or_default();
     }
     body["db"] = state.db.display().to_string().into();
     Ok(Json(body))
