@@ -215,8 +215,9 @@ async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
     use embedhost::bus::{Bus, SendOptions};
     use embedhost::messages::{EmbedRequest, EmbedderEmbed};
     let nats = NatsServer::start();
-    // One instance, 500 ms a call.
-    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"500\"", "").replace("pool_size = 2", "pool_size = 1");
+    // One instance, 2 s a call: every late request below gives up while the
+    // first still runs (a call already running is never interrupted).
+    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"2000\"", "").replace("pool_size = 2", "pool_size = 1");
     let url = nats.url();
     let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
         .await
@@ -274,4 +275,42 @@ fn a_service_whose_embedder_is_remote_serves_and_indexes_through_the_pool() {
     let (status, results) = front.post("/search", &serde_json::json!({ "query": "borrowing", "limit": 1 }));
     assert_eq!(status, 200);
     assert!(results[0]["path"].as_str().unwrap().ends_with("a.txt"), "{results}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_early_cancels_its_request_at_the_member() {
+    use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
+    use embedhost::bus::{Bus, SendOptions};
+    use embedhost::messages::{EmbedRequest, EmbedderEmbed};
+    let nats = NatsServer::start();
+    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"500\"", "")
+        .replace("pool_size = 2", "pool_size = 1");
+    let url = nats.url();
+    let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
+        .await
+        .unwrap();
+    let client = connect(&nats.url(), &NatsOptions::default(), "test").await.unwrap();
+    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    let request = |text: &str| EmbedRequest {
+        texts: vec![text.to_string()],
+        is_query: false,
+    };
+    let first = {
+        let bus = bus.clone();
+        let r = request("first");
+        tokio::spawn(async move { bus.send::<EmbedderEmbed>(r, SendOptions::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A 30 s deadline, but the caller drops the request after 150 ms: only
+    // the cancel can keep the member from running it after the first.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        bus.send::<EmbedderEmbed>(request("given up"), SendOptions::default().timeout(Duration::from_secs(30))),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    first.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = tokio::task::spawn_blocking(move || member.get("/info").1).await.unwrap();
+    assert_eq!(info["served_calls"], 1, "{info}");
 }

@@ -16,7 +16,8 @@
 //! - The queue is bounded ([`limits::SERVE_BATCH_QUEUE`]); a full queue is
 //!   refused at once ([`BatchError::Overloaded`]), never waited on.
 //! - A piece whose caller is gone or whose deadline passed is dropped
-//!   before it costs an instance any work.
+//!   before it costs an instance any work; a batch whose callers are all
+//!   gone is dropped from the supervisor's queue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -276,9 +277,18 @@ async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
     metrics::histogram!(METRIC_BATCH_SIZE).record(texts.len() as f64);
     metrics::histogram!(METRIC_BATCH_TOKENS).record(tokens as f64);
     let n = texts.len();
-    let result = supervisor
-        .embed(texts, is_query, until.saturating_duration_since(now))
-        .await;
+    // If every caller of the batch gives up, the batch is dropped too: its
+    // job leaves the supervisor's queue unrun (or its answer is dropped).
+    let result = {
+        let gone = futures::future::join_all(live.iter_mut().map(|p| p.reply.closed()));
+        tokio::select! {
+            result = supervisor.embed(texts, is_query, until.saturating_duration_since(now)) => Some(result),
+            _ = gone => None,
+        }
+    };
+    let Some(result) = result else {
+        return;
+    };
     let rows: Vec<Row> = match result {
         Err(e) => {
             for piece in live {

@@ -24,7 +24,9 @@
 //!   `Unavailable` at once, so the caller's retry can reach another.
 //! - The remaining deadline travels with the request; the member's router
 //!   enforces it, and its supervisor drops a queued job whose caller is
-//!   gone, so no member starts work its caller gave up on.
+//!   gone, so no member starts work its caller gave up on. A caller that
+//!   gives up before its deadline (drops its future) sends [`Cancel`] to the
+//!   member that accepted the request, which drops it the same way.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -54,6 +56,8 @@ pub enum Reply {
     Accepted {
         /// The member's model id.
         model: String,
+        /// Where the caller sends [`Cancel`] if it gives up first.
+        cancel: String,
     },
     /// Still running.
     Working,
@@ -64,6 +68,15 @@ pub enum Reply {
         /// The handler's CBOR answer or its error.
         result: Result<serde_bytes::ByteBuf, RemoteError>,
     },
+}
+
+/// A caller that gave up on the request it sent with reply subject
+/// `reply_to`: the member drops the request's handler (as the child
+/// transport's `Cancel` frame does).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Cancel {
+    /// The request's reply subject, unique per request.
+    pub reply_to: String,
 }
 
 /// Errors setting up NATS.
@@ -289,6 +302,13 @@ impl super::Transport for Nats {
         let checker = ModelCheck(this_model);
         async move {
             let _guard = guard;
+            // Until `Done`, dropping this future tells the member to drop
+            // the request.
+            let mut cancel = CancelOnDrop {
+                client: client.clone(),
+                to: None,
+                reply_to: reply_to.clone(),
+            };
             client
                 .publish_with_reply(subject.clone(), reply_to, Bytes::from(payload))
                 .await
@@ -310,12 +330,14 @@ impl super::Transport for Nats {
                     }
                 };
                 match reply {
-                    Reply::Accepted { model } => {
+                    Reply::Accepted { model, cancel: to } => {
                         checker.check(&model)?;
+                        cancel.to = Some(to);
                         wait = limits::NATS_HEARTBEAT_TIMEOUT;
                     }
                     Reply::Working => wait = limits::NATS_HEARTBEAT_TIMEOUT,
                     Reply::Done { model, result } => {
+                        cancel.to = None;
                         checker.check(&model)?;
                         return match result {
                             Ok(bytes) => Ok(Body::Encoded(Bytes::from(bytes.into_vec()))),
@@ -326,6 +348,33 @@ impl super::Transport for Nats {
             }
         }
         .boxed()
+    }
+}
+
+/// Sends [`Cancel`] to the member that accepted a request, if the request
+/// is dropped before its answer.
+struct CancelOnDrop {
+    client: async_nats::Client,
+    to: Option<String>,
+    reply_to: String,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(to) = self.to.take() else { return };
+        let mut bytes = Vec::new();
+        let cancel = Cancel {
+            reply_to: std::mem::take(&mut self.reply_to),
+        };
+        if ciborium::into_writer(&cancel, &mut bytes).is_err() {
+            return;
+        }
+        let client = self.client.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = client.publish(to, Bytes::from(bytes)).await;
+            });
+        }
     }
 }
 
@@ -397,7 +446,29 @@ pub async fn serve_with_ready(
             return Err(error(&e));
         }
     };
-    // The subscription reaches the server before anyone is told we serve.
+    // Cancels come to this member's own inbox, keyed by the request's reply
+    // subject (unique per request).
+    let cancel_inbox = client.new_inbox();
+    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    match client.subscribe(cancel_inbox.clone()).await {
+        Ok(mut cancels) => {
+            let running = running.clone();
+            tokio::spawn(async move {
+                while let Some(message) = cancels.next().await {
+                    if let Ok(cancel) = ciborium::from_reader::<Cancel, _>(message.payload.as_ref())
+                        && let Some(token) = running
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&cancel.reply_to)
+                    {
+                        token.cancel();
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("NATS: no cancel inbox, callers cannot cancel: {e}"),
+    }
+    // The subscriptions reach the server before anyone is told we serve.
     let _ = client.flush().await;
     let _ = ready.send(Ok(()));
     tracing::info!(subject = %wildcard, group = QUEUE_GROUP, "serving the pool over NATS");
@@ -458,16 +529,35 @@ pub async fn serve_with_ready(
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
         let (router, in_flight, serving) = (router.clone(), in_flight.clone(), serving.clone());
+        let key = message.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let cancelled = CancellationToken::new();
+        running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), cancelled.clone());
+        let (running, cancel_to) = (running.clone(), cancel_inbox.clone());
         tokio::spawn(async move {
-            send(Reply::Accepted { model: model_now }).await;
+            send(Reply::Accepted {
+                model: model_now,
+                cancel: cancel_to,
+            })
+            .await;
             let mut handler = router.dispatch(frame);
             let mut beat = tokio::time::interval(limits::NATS_HEARTBEAT);
             beat.tick().await;
             let result = loop {
                 tokio::select! {
-                    result = &mut handler => break result,
+                    result = &mut handler => break Some(result),
                     _ = beat.tick() => send(Reply::Working).await,
+                    // The caller gave up: its handler (and the job it
+                    // queued) is dropped, and nobody is answered.
+                    () = cancelled.cancelled() => break None,
                 }
+            };
+            running.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            let Some(result) = result else {
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                return;
             };
             let result = result.and_then(|body| {
                 body.into_bytes("answer")
