@@ -266,3 +266,26 @@ fn status_model_check_and_stats_print_for_a_person() {
         "{text}"
     );
 }
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_the_command_quietly_not_in_a_panic() {
+    use std::io::Read;
+    // As `embedhost embed ... | head -c 100` does: the reader takes a little
+    // and closes its end while most of the output is still to be written.
+    let texts: Vec<String> = (0..200).map(|i| format!("text number {i}")).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["embed", "--plugin", "builtin:stub"])
+        .args(&texts)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?} {err}", out.status);
+}

@@ -174,7 +174,7 @@ async fn run_index(
             last.queued + last.processing
         ));
     }
-    println!(
+    outln!(
         "{} queued, {} files indexed ({} chunks) in {:.1} s into {}",
         queued,
         last.indexed,
@@ -188,13 +188,13 @@ async fn run_index(
             .iter()
             .map(|(reason, n)| format!("{reason} {n}"))
             .collect();
-        println!(
+        outln!(
             "not indexed: {} (embedhost stats lists them)",
             reasons.join(", ")
         );
     }
     if let Some(line) = supervisor.and_then(restarts_line) {
-        println!("{line}");
+        outln!("{line}");
     }
     Ok(())
 }
@@ -248,7 +248,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
 fn show_results(results: &[SearchResult], json: bool) -> Result<(), String> {
     if json {
         let json = serde_json::to_string_pretty(results).map_err(|e| e.to_string())?;
-        println!("{json}");
+        outln!("{json}");
     } else {
         print_results(results);
     }
@@ -299,7 +299,7 @@ async fn index_through(
     if let Some(reason) = last["stalled"].as_str() {
         return Err(format!("indexing stopped, files stay queued: {reason}"));
     }
-    println!(
+    outln!(
         "{} files indexed ({} chunks) in {:.1} s into {} (by the running service)",
         last["indexed"],
         last["chunks"],
@@ -311,7 +311,7 @@ async fn index_through(
 
 fn print_results(results: &[SearchResult]) {
     if results.is_empty() {
-        println!("no results");
+        outln!("no results");
     }
     for r in results {
         let lines = if r.start_line == r.end_line {
@@ -319,13 +319,13 @@ fn print_results(results: &[SearchResult]) {
         } else {
             format!("{}-{}", r.start_line, r.end_line)
         };
-        println!("{:.3}  {}:{lines}", r.score, r.path.display());
+        outln!("{:.3}  {}:{lines}", r.score, r.path.display());
         let flat: String = r.text.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut snippet: String = flat.chars().take(SNIPPET_CHARS).collect();
         if flat.chars().count() > SNIPPET_CHARS {
             snippet.push('…');
         }
-        println!("       {snippet}");
+        outln!("       {snippet}");
     }
 }
 
@@ -361,17 +361,17 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
                 serde_json::json!({ "path": path, "reason": reason, "detail": detail })
             })
             .collect();
-        println!("{json:#}");
+        outln!("{json:#}");
         return Ok(());
     }
-    println!("model:    {} ({} dimensions)", model.0, model.1);
-    println!(
+    outln!("model:    {} ({} dimensions)", model.0, model.1);
+    outln!(
         "indexed:  {} files, {} chunks",
         response.indexed, response.chunks
     );
-    println!("queued:   {} files", response.queued);
+    outln!("queued:   {} files", response.queued);
     for (path, _reason, detail) in skipped {
-        println!("skipped:  {} ({detail})", path.display());
+        outln!("skipped:  {} ({detail})", path.display());
     }
     Ok(())
 }

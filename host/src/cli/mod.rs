@@ -4,6 +4,25 @@
 //! client, the embedder a bus peer (in-process for WASM), exactly as the
 //! worker will use it.
 
+/// `println!` for results on stdout, through [`emit`]: a reader that
+/// closes the pipe early (`embedhost search ... | head`) ends the command
+/// quietly instead of panicking it.
+macro_rules! outln {
+    () => {
+        $crate::cli::emit("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(&format!($($arg)*))
+    };
+}
+
 mod index;
 
 use std::path::PathBuf;
@@ -377,7 +396,7 @@ fn print_rows(texts: &[String], rows: Vec<Result<Vec<f32>, String>>) -> Result<(
         out.push_str(&line.to_string());
         out.push('\n');
     }
-    print!("{out}");
+    out!("{out}");
     match failures {
         0 => Ok(()),
         n => Err(format!(
@@ -409,18 +428,18 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
                     .iter()
                     .map(|(name, state)| serde_json::json!({ "name": name, "status": state }))
                     .collect();
-                println!(
+                outln!(
                     "{:#}",
                     serde_json::json!({ "model": manifest.id, "dir": dir.display().to_string(), "files": files })
                 );
             } else {
-                println!("{} in {}", manifest.id, dir.display());
+                outln!("{} in {}", manifest.id, dir.display());
                 for (name, state) in &report {
                     match state {
-                        crate::model::FileState::Present => println!("  present  {name}"),
-                        crate::model::FileState::Missing => println!("  missing  {name}"),
+                        crate::model::FileState::Present => outln!("  present  {name}"),
+                        crate::model::FileState::Missing => outln!("  missing  {name}"),
                         crate::model::FileState::Corrupt { reason } => {
-                            println!("  corrupt  {name} ({reason})")
+                            outln!("  corrupt  {name} ({reason})")
                         }
                     }
                 }
@@ -439,9 +458,9 @@ async fn model(config_path: Option<PathBuf>, command: ModelCommand) -> Result<()
             let done = store.fetch(&manifest, &crate::launch::fetch_options(offline)).map_err(|e| e.to_string())?;
             for (name, how) in done {
                 let how = serde_json::to_value(&how).unwrap_or_default();
-                println!("{:<10} {name}", how.as_str().unwrap_or("?"));
+                outln!("{:<10} {name}", how.as_str().unwrap_or("?"));
             }
-            println!("{} is ready in {}", manifest.id, dir.display());
+            outln!("{} is ready in {}", manifest.id, dir.display());
             Ok(())
         }
     })
@@ -510,7 +529,7 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
         Err(e) => report["error"] = e.clone().into(),
     }
     if args.json {
-        println!("{report:#}");
+        outln!("{report:#}");
     } else {
         print_status(&report);
     }
@@ -524,10 +543,10 @@ fn print_status(report: &serde_json::Value) {
         other => other.to_string(),
     };
     let config = report["config"].as_str().unwrap_or("(built-in defaults)");
-    println!("config:       {config}");
-    println!("backend:      {}", text(&report["backend"]));
+    outln!("config:       {config}");
+    outln!("backend:      {}", text(&report["backend"]));
     if report.get("plugin").is_some() {
-        println!("plugin:       {}", text(&report["plugin"]));
+        outln!("plugin:       {}", text(&report["plugin"]));
     }
     if let Some(snapshot) = report.get("snapshot") {
         let line = match (&snapshot["used"], snapshot["error"].as_str()) {
@@ -538,30 +557,30 @@ fn print_status(report: &serde_json::Value) {
             (_, Some(e)) => format!("none, instances load the model in init: {e}"),
             _ => "not used".to_string(),
         };
-        println!("snapshot:     {line}");
+        outln!("snapshot:     {line}");
     }
     if report.get("engine").is_some() {
-        println!("engine:       {}", text(&report["engine"]));
-        println!(
+        outln!("engine:       {}", text(&report["engine"]));
+        outln!(
             "threads:      {} per child",
             text(&report["threads_per_child"])
         );
     }
-    println!(
+    outln!(
         "model:        {} in {}",
         text(&report["model_id"]),
         text(&report["model_dir"])
     );
     let ort = &report["onnxruntime"];
     match ort["path"].as_str() {
-        Some(p) if ort["found"] == true => println!("onnxruntime:  {p}"),
-        Some(p) => println!("onnxruntime:  {p} (missing)"),
-        None => println!("onnxruntime:  not found ({})", text(&ort["error"])),
+        Some(p) if ort["found"] == true => outln!("onnxruntime:  {p}"),
+        Some(p) => outln!("onnxruntime:  {p} (missing)"),
+        None => outln!("onnxruntime:  not found ({})", text(&ort["error"])),
     }
-    println!("cache dir:    {}", text(&report["cache_dir"]));
-    println!("pool size:    {}", text(&report["pool_size"]));
+    outln!("cache dir:    {}", text(&report["cache_dir"]));
+    outln!("pool size:    {}", text(&report["pool_size"]));
     if let Some(model) = report.get("model") {
-        println!(
+        outln!(
             "serving:      {} ({} dimensions, {} tokens max, normalized: {})",
             text(&model["model_id"]),
             text(&model["dimension"]),
@@ -575,7 +594,7 @@ fn print_status(report: &serde_json::Value) {
                 .as_u64()
                 .map(|p| format!(" pid {p}"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "instance {}:   incarnation {}{pid}, {}",
                 text(&i["slot"]),
                 text(&i["incarnation"]),
@@ -607,21 +626,21 @@ async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String
         .health(None)
         .await
         .map_err(|e| format!("`{}` failed its health check: {e}", path.display()))?;
-    println!(
+    outln!(
         "ok: {} implements {}",
         path.display(),
         crate::wasm::EXPORTED_INTERFACE
     );
-    println!("model id:         {}", info.model_id);
-    println!("dimension:        {}", info.dimension);
-    println!("max input tokens: {}", info.max_input_tokens);
-    println!("normalized:       {}", info.normalized);
-    println!(
+    outln!("model id:         {}", info.model_id);
+    outln!("dimension:        {}", info.dimension);
+    outln!("max input tokens: {}", info.max_input_tokens);
+    outln!("normalized:       {}", info.normalized);
+    outln!(
         "test embedding:   {} vector(s) of dimension {}",
         probe.len(),
         probe.dimension()
     );
-    println!(
+    outln!(
         "health:           {:.1} MiB of memory (measured by the host)",
         health.memory_bytes as f64 / (1024.0 * 1024.0)
     );
@@ -661,10 +680,10 @@ async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Resu
     let report = crate::conformance::run(plugin, options).await;
     if args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        println!("{json}");
+        outln!("{json}");
     } else {
-        println!("embedhost plugin test: {}\n", source.name());
-        print!("{}", report.table());
+        outln!("embedhost plugin test: {}\n", source.name());
+        out!("{}", report.table());
     }
     if report.passed() {
         Ok(())
@@ -691,4 +710,21 @@ fn key_values(args: &[String]) -> Result<Vec<(String, String)>, String> {
 
 async fn child(args: ChildArgs) -> Result<(), String> {
     crate::native::run_child(&args.engine, key_values(&args.settings)?).await
+}
+
+/// Writes `text` to stdout. If the reader is gone (a closed pipe), the
+/// command's output is no longer wanted: it exits at once with status 0,
+/// as `head` expects of the program before it. Results are printed after
+/// the pool has been stopped, so nothing is left running.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
 }
