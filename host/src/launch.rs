@@ -133,10 +133,11 @@ pub async fn remote_embedder(
     let options = crate::bus::SendOptions::default()
         .retries(crate::limits::NATS_HANDSHAKE_RETRIES)
         .deadline(crate::limits::NATS_HANDSHAKE_PATIENCE);
+    let shown = nats::split_credentials(url).0;
     let hello = bus
         .send::<crate::messages::EmbedderHandshake>(crate::bus::Empty {}, options)
         .await
-        .map_err(|e| format!("no NATS member serves `{}` at {url}: {e}", config.model_id()))?;
-    tracing::info!(url, model = %hello.model.model_id, "using the pool over NATS");
+        .map_err(|e| format!("no NATS member serves `{}` at {shown}: {e}", config.model_id()))?;
+    tracing::info!(url = %shown, model = %hello.model.model_id, "using the pool over NATS");
     Ok(Some((bus, hello.model)))
 }

@@ -314,3 +314,99 @@ async fn a_caller_that_gives_up_early_cancels_its_request_at_the_member() {
     let info = tokio::task::spawn_blocking(move || member.get("/info").1).await.unwrap();
     assert_eq!(info["served_calls"], 1, "{info}");
 }
+
+/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in
+/// `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn tls_and_credentials_pass_through_to_the_nats_client() {
+    use embedhost::bus::transport::nats::split_credentials;
+    assert_eq!(
+        split_credentials("nats://u:p@h:4222"),
+        ("nats://h:4222".to_string(), Some("u".into()), Some("p".into()))
+    );
+    assert_eq!(split_credentials("nats://tok@h"), ("nats://h".to_string(), Some("tok".into()), None));
+    assert_eq!(split_credentials("nats://h:1"), ("nats://h:1".to_string(), None, None));
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new(NatsServer::binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "pool", "--pass", "s3cret-pass"])
+        .arg("--tlscert")
+        .arg(&cert)
+        .arg("--tlskey")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nats://pool:s3cret-pass@127.0.0.1:{port}");
+    let tls = format!("[nats]\ntls_ca = \"{}\"\nrequire_tls = true\n", ca.display());
+    let member = Service::start(&stub_config("wasm", "", &tls), &["--nats", &url]);
+    // A caller with the CA and the credentials embeds through the pool.
+    let client = tempfile::tempdir().unwrap();
+    let config = stub_config("wasm", "", &format!("{tls}[embedder]\nremote = \"{url}\"\n"));
+    std::fs::write(client.path().join("embedhost.toml"), &config).unwrap();
+    let embed = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .current_dir(dir)
+            .args(["embed", "over tls"])
+            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = embed(client.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, tei) = member.post("/embed", &serde_json::json!({ "inputs": "over tls" }));
+    assert_eq!(status, 200);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        serde_json::from_value(line["vector"].clone()).unwrap(),
+        serde_json::from_value(tei[0].clone()).unwrap(),
+    );
+    assert_eq!(a, b);
+    // Without the CA, or without the password, the caller is refused with
+    // the server named.
+    for bad in [
+        stub_config("wasm", "", &format!("[embedder]\nremote = \"{url}\"\n")),
+        stub_config(
+            "wasm",
+            "",
+            &format!("{tls}[embedder]\nremote = \"nats://pool:wrong@127.0.0.1:{port}\"\n"),
+        ),
+    ] {
+        std::fs::write(client.path().join("embedhost.toml"), &bad).unwrap();
+        let out = embed(client.path());
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+        // The password never shows.
+        assert!(!err.contains("s3cret-pass") && !err.contains("wrong"), "{err}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

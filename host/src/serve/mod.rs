@@ -629,8 +629,9 @@ fn embedder_router(state: Weak<State>) -> Router {
 async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Result<(), ServeError> {
     use crate::bus::transport::nats;
     let pool = state.pool().map_err(|e| ServeError::Backend(e.message))?;
+    let shown = nats::split_credentials(url).0;
     let fail = |e: nats::NatsError| ServeError::Listen {
-        addr: url.to_string(),
+        addr: shown.clone(),
         message: e.to_string(),
     };
     let client = nats::connect(url, &pool.config.nats_options(), "embedhost serve")
@@ -663,7 +664,7 @@ async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Re
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(fail(e)),
         Err(_) => Err(ServeError::Listen {
-            addr: url.to_string(),
+            addr: shown.clone(),
             message: "the NATS task ended".into(),
         }),
     }

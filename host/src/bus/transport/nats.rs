@@ -123,14 +123,22 @@ pub async fn connect(
     options: &NatsOptions,
     name: &str,
 ) -> Result<async_nats::Client, NatsError> {
+    // Credentials in the URL (`nats://user:pass@host`, or `nats://token@host`)
+    // are given to the client as such, and never appear in a message.
+    let (url, user, pass) = split_credentials(url);
     let fail = |message: String| NatsError::Connect {
-        url: url.to_string(),
+        url: url.clone(),
         message,
     };
     let mut connect = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(limits::NATS_CONNECT_TIMEOUT)
         .require_tls(options.require_tls);
+    match (user, pass) {
+        (Some(user), Some(pass)) => connect = connect.user_and_password(user, pass),
+        (Some(token), None) => connect = connect.token(token),
+        _ => {}
+    }
     if let Some(creds) = &options.creds {
         connect = connect
             .credentials_file(creds)
@@ -143,7 +151,28 @@ pub async fn connect(
     if let Some((cert, key)) = &options.tls_cert {
         connect = connect.add_client_certificate(cert.clone(), key.clone());
     }
-    connect.connect(url).await.map_err(|e| fail(e.to_string()))
+    connect
+        .connect(url.as_str())
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// The URL without its user information, and the user (or token) and
+/// password it carried.
+pub fn split_credentials(url: &str) -> (String, Option<String>, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None, None);
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
+        return (url.to_string(), None, None);
+    };
+    let (info, host) = (&rest[..at], &rest[at + 1..]);
+    let (user, pass) = match info.split_once(':') {
+        Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+        None => (Some(info.to_string()), None),
+    };
+    (format!("{scheme}://{host}"), user, pass)
 }
 
 /// The subject token of a model id: NATS separates tokens with `.` and
