@@ -517,3 +517,15 @@ pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NATS_HANDSHAKE_RETRIES: u32 = 10;
 /// See [`NATS_HANDSHAKE_RETRIES`].
 pub const NATS_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Reciprocal rank fusion's constant `k` in `1 / (k + rank)`: 60, the value
+/// of Cormack, Clarke and Büttcher (SIGIR 2009), which they found robust
+/// across collections and which most hybrid search engines ship. A larger
+/// `k` flattens the difference between the top ranks; a smaller one lets
+/// one ranking's first hit dominate.
+pub const RRF_K: f32 = 60.0;
+
+/// Candidates each ranking contributes to a hybrid search (or the limit,
+/// if larger): enough that a chunk ranked well by one way and poorly by the
+/// other still meets itself in the fusion.
+pub const HYBRID_CANDIDATES: usize = 50;

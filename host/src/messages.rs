@@ -52,6 +52,35 @@ pub struct SearchRequest {
     pub query: String,
     /// Results wanted, at most.
     pub limit: u32,
+    /// How results are found (default: both ways, fused).
+    #[serde(default)]
+    pub mode: SearchMode,
+}
+
+/// How `worker.search` finds chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// By meaning and by keyword, the two rankings fused (reciprocal rank
+    /// fusion): finds exact names as well as meanings.
+    #[default]
+    Hybrid,
+    /// By meaning only (the query's vector against the chunks').
+    Semantic,
+    /// By keyword only (BM25 over the chunks' words).
+    Keyword,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hybrid" => Ok(SearchMode::Hybrid),
+            "semantic" => Ok(SearchMode::Semantic),
+            "keyword" => Ok(SearchMode::Keyword),
+            other => Err(format!("`{other}` is not a search mode (hybrid, semantic, keyword)")),
+        }
+    }
 }
 
 /// One search hit.

@@ -216,6 +216,7 @@ fn write_the_seed_corpus() {
             cbor(&SearchRequest {
                 query: "flat tyre".into(),
                 limit: 10,
+                mode: Default::default(),
             }),
         ),
     ];

@@ -527,3 +527,101 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     assert!(stats.failures.is_empty(), "{stats:?}");
     assert_eq!(stats.indexed, 2, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identifier_queries_the_vector_search_misses_are_found_by_hybrid_search() {
+    use embedhost::messages::SearchMode;
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    // Decoys close in meaning: the identifier's words, without it.
+    for i in 0..10 {
+        write(&docs.join(format!("decoy{i}.txt")), "load settings v2 fs read");
+    }
+    // The identifiers, written as code, in longer text.
+    let filler = "the program starts here and then it does many other things with files and folders in the tree of the project every day";
+    write(
+        &docs.join("settings.rs"),
+        &format!("{filler} fn load_settings_v2 returns the config {filler}"),
+    );
+    write(
+        &docs.join("reader.rs"),
+        &format!("{filler} let text = std::fs::read_to_string(path) {filler}"),
+    );
+    let worker = stub_worker(WorkerSettings::default()).await;
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![docs]).await.unwrap();
+    settled(&worker).await;
+    for (query, file) in [("load_settings_v2", "settings.rs"), ("fs::read_to_string", "reader.rs")] {
+        let semantic = worker.search_mode(query.into(), 3, SearchMode::Semantic).await.unwrap();
+        assert!(!paths(&semantic).contains(&file.to_string()), "{query}: semantic found it: {:?}", paths(&semantic));
+        let keyword = worker.search_mode(query.into(), 3, SearchMode::Keyword).await.unwrap();
+        assert_eq!(paths(&keyword), vec![file.to_string()], "{query}");
+        let hybrid = worker.search_mode(query.into(), 3, SearchMode::Hybrid).await.unwrap();
+        assert_eq!(paths(&hybrid)[0], file, "{query}: {:?}", paths(&hybrid));
+        // The default is hybrid.
+        assert_eq!(worker.search(query.into(), 3).await.unwrap(), hybrid);
+    }
+    // A quoted phrase matches as written, and FTS syntax in a query is text.
+    let phrase = worker.search_mode("\"returns the config\"".into(), 5, SearchMode::Keyword).await.unwrap();
+    assert_eq!(paths(&phrase), vec!["settings.rs".to_string()]);
+    for odd in ["NEAR(a b)", "a* OR", "\"unclosed", "-:^()", "AND"] {
+        worker.search_mode(odd.into(), 5, SearchMode::Hybrid).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
+    use embedhost::messages::SearchMode;
+    use embedhost::worker::store::{DB_FILE, Store};
+    let root = tempfile::tempdir().unwrap();
+    let (docs, db) = (root.path().join("docs"), root.path().join("db"));
+    write(&docs.join("a.txt"), "the unique_marker_word lives here");
+    write(&docs.join("b.txt"), "nothing to see");
+    {
+        let worker = stub_worker(WorkerSettings::default()).await;
+        worker.init(&db).await.unwrap();
+        worker.index(vec![docs.clone()]).await.unwrap();
+        settled(&worker).await;
+    }
+    // Turn it into what version 1 wrote: no keyword index, schema 1.
+    let conn = rusqlite::Connection::open(db.join(DB_FILE)).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER chunks_fts_insert; DROP TRIGGER chunks_fts_delete;
+         DROP TRIGGER chunks_fts_update; DROP TABLE chunks_fts;
+         UPDATE meta SET value = '1' WHERE key = 'schema';",
+    )
+    .unwrap();
+    drop(conn);
+    let before = Store::open_existing(&db).unwrap().vectors().unwrap();
+    let info = embedhost::wasm::ModelInfo {
+        model_id: "embedhost/stub-feature-hash".into(),
+        dimension: 384,
+        max_input_tokens: 256,
+        normalized: true,
+    };
+    let store = Store::open(&db, &info.model_id, info.dimension).unwrap();
+    assert_eq!(store.meta("schema").unwrap().as_deref(), Some("2"));
+    assert_eq!(store.vectors().unwrap(), before, "vectors are untouched");
+    assert_eq!(store.keyword("unique_marker_word", 5).unwrap().len(), 1);
+    drop(store);
+    // And the worker searches it by keyword at once, with nothing re-embedded.
+    let worker = stub_worker(WorkerSettings::default()).await;
+    worker.init(&db).await.unwrap();
+    let stats = settled(&worker).await;
+    assert_eq!(stats.indexed, 2);
+    let hits = worker.search_mode("unique_marker_word".into(), 5, SearchMode::Keyword).await.unwrap();
+    assert_eq!(paths(&hits), vec!["a.txt".to_string()]);
+    // A file changed after the upgrade is kept in step by the triggers.
+    write(&docs.join("b.txt"), "now the second_marker is here");
+    worker.index(vec![docs]).await.unwrap();
+    settled(&worker).await;
+    let hits = worker.search_mode("second_marker".into(), 5, SearchMode::Keyword).await.unwrap();
+    assert_eq!(paths(&hits), vec!["b.txt".to_string()]);
+    assert!(worker.search_mode("nothing".into(), 5, SearchMode::Keyword).await.unwrap().is_empty());
+    // A database of a newer schema is refused, not touched.
+    let conn = rusqlite::Connection::open(db.join(DB_FILE)).unwrap();
+    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema'", []).unwrap();
+    drop(conn);
+    let err = Store::open(&db, &info.model_id, info.dimension).unwrap_err();
+    assert!(err.to_string().contains("schema version 9"), "{err}");
+}

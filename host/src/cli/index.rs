@@ -48,6 +48,10 @@ pub struct SearchArgs {
     /// `score`, `text`).
     #[arg(long)]
     pub json: bool,
+    /// How to find results: `hybrid` (meaning and keywords, fused),
+    /// `semantic` (meaning only) or `keyword` (words only, BM25).
+    #[arg(long, default_value = "hybrid")]
+    pub mode: crate::messages::SearchMode,
     /// What to look for, in words.
     #[arg(required = true)]
     pub query: Vec<String>,
@@ -219,7 +223,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
         ));
     }
     if let Some(client) = super::running_service(&config, Some(&db)).await {
-        let body = serde_json::json!({ "query": args.query.join(" "), "limit": args.limit });
+        let body = serde_json::json!({ "query": args.query.join(" "), "limit": args.limit, "mode": args.mode });
         let answer = client
             .post("/search", &body, None)
             .await
@@ -234,6 +238,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             SearchRequest {
                 query: args.query.join(" "),
                 limit: args.limit,
+                mode: args.mode,
             },
             SendOptions::default().timeout(crate::limits::SEARCH_EMBED_TIMEOUT * 2),
         )

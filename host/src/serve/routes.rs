@@ -501,9 +501,13 @@ async fn search(
             format!("`limit` must be between 1 and {}", limits::SERVE_MAX_SEARCH_LIMIT),
         ));
     }
+    let mode = match api::string(&map, "mode")? {
+        None => crate::messages::SearchMode::default(),
+        Some(m) => m.parse().map_err(|e: String| ApiError::bad("mode", format!("`mode`: {e}")))?,
+    };
     let worker = state.worker()?;
     let results = worker
-        .search(query, limit as usize)
+        .search_mode(query, limit as usize, mode)
         .await
         .map_err(worker_error)?;
     Ok(Json(serde_json::to_value(results).unwrap_or_default()))

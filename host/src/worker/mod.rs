@@ -46,7 +46,7 @@ use crate::backend::ModelInfo;
 use crate::bus::{Bus, BusError, ErrorCode, RemoteError, Router, SendOptions};
 use crate::messages::{
     EmbedRequest, EmbedderEmbed, IndexRequest, IndexResponse, InitRequest, InitResponse,
-    SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
+    SearchMode, SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
 use chunk::{Chunk, ChunkSettings, Tokens};
@@ -318,7 +318,65 @@ impl Worker {
         query: String,
         limit: usize,
     ) -> Result<Vec<SearchResult>, WorkerError> {
+        self.search_mode(query, limit, SearchMode::default()).await
+    }
+
+    /// `worker.search` in `mode`: by meaning, by keyword, or both fused
+    /// with reciprocal rank fusion ([`crate::limits::RRF_K`]). In hybrid
+    /// mode each ranking contributes its best
+    /// [`crate::limits::HYBRID_CANDIDATES`] (or `limit`, if more), and a
+    /// result's score is its fused score.
+    ///
+    /// # Errors
+    /// The embedder's or the store's error.
+    pub async fn search_mode(
+        &self,
+        query: String,
+        limit: usize,
+        mode: SearchMode,
+    ) -> Result<Vec<SearchResult>, WorkerError> {
         let opened = self.opened().await?;
+        let candidates = limit.max(crate::limits::HYBRID_CANDIDATES);
+        let keyword = match mode {
+            SearchMode::Semantic => Vec::new(),
+            SearchMode::Keyword | SearchMode::Hybrid => {
+                let (store, q) = (opened.store.clone(), query.clone());
+                blocking(move || Ok(lock(&store).keyword(&q, candidates)?)).await?
+            }
+        };
+        let semantic = match mode {
+            SearchMode::Keyword => Vec::new(),
+            SearchMode::Semantic => self.semantic(&opened, query, limit).await?,
+            SearchMode::Hybrid => self.semantic(&opened, query, candidates).await?,
+        };
+        let hits = match mode {
+            SearchMode::Semantic => semantic,
+            SearchMode::Keyword => keyword.into_iter().take(limit).collect(),
+            SearchMode::Hybrid => fuse(&[semantic, keyword], limit),
+        };
+        let store = opened.store.clone();
+        let ids: Vec<i64> = hits.iter().map(|h| h.0).collect();
+        let rows = blocking(move || Ok(lock(&store).chunks(&ids)?)).await?;
+        let scores: HashMap<i64, f32> = hits.into_iter().collect();
+        Ok(rows
+            .into_iter()
+            .map(|row| SearchResult {
+                score: scores.get(&row.id).copied().unwrap_or_default(),
+                path: row.path,
+                start_line: row.start_line,
+                end_line: row.end_line,
+                text: row.text,
+            })
+            .collect())
+    }
+
+    /// The `limit` chunks closest in meaning to `query`, with their cosine.
+    async fn semantic(
+        &self,
+        opened: &Opened,
+        query: String,
+        limit: usize,
+    ) -> Result<Vec<(i64, f32)>, WorkerError> {
         let response = self
             .inner
             .embedder
@@ -337,25 +395,11 @@ impl Worker {
                 .map_or("no reason given".to_string(), |f| f.reason.clone());
             return Err(WorkerError::Query(reason));
         };
-        let hits = opened
+        Ok(opened
             .index
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .search(vector, limit);
-        let store = opened.store.clone();
-        let ids: Vec<i64> = hits.iter().map(|h| h.0).collect();
-        let rows = blocking(move || Ok(lock(&store).chunks(&ids)?)).await?;
-        let scores: HashMap<i64, f32> = hits.into_iter().collect();
-        Ok(rows
-            .into_iter()
-            .map(|row| SearchResult {
-                score: scores.get(&row.id).copied().unwrap_or_default(),
-                path: row.path,
-                start_line: row.start_line,
-                end_line: row.end_line,
-                text: row.text,
-            })
-            .collect())
+            .search(vector, limit))
     }
 
     /// `worker.stats`.
@@ -382,6 +426,23 @@ impl Worker {
     }
 }
 
+/// Reciprocal rank fusion of `rankings` (each best first): a chunk scores
+/// the sum of `1 / (RRF_K + rank)` over the rankings it appears in (rank
+/// from 1); the best `limit`, best first. Ties go to the lower id, so the
+/// order is stable.
+pub fn fuse(rankings: &[Vec<(i64, f32)>], limit: usize) -> Vec<(i64, f32)> {
+    let mut scores: HashMap<i64, f32> = HashMap::new();
+    for ranking in rankings {
+        for (rank, (id, _)) in ranking.iter().enumerate() {
+            *scores.entry(*id).or_default() += 1.0 / (crate::limits::RRF_K + rank as f32 + 1.0);
+        }
+    }
+    let mut fused: Vec<(i64, f32)> = scores.into_iter().collect();
+    fused.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    fused.truncate(limit);
+    fused
+}
+
 /// A router serving `worker.init`, `worker.index`, `worker.search` and
 /// `worker.stats` from `worker`.
 pub fn router(worker: Worker) -> Router {
@@ -406,7 +467,9 @@ pub fn router(worker: Worker) -> Router {
     router.handle::<WorkerSearch, _, _>(move |_, request: SearchRequest| {
         let w = w.clone();
         async move {
-            let results = w.search(request.query, request.limit as usize).await?;
+            let results = w
+                .search_mode(request.query, request.limit as usize, request.mode)
+                .await?;
             Ok(SearchResponse { results })
         }
     });

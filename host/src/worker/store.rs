@@ -21,9 +21,45 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// The database's file name inside the index directory.
 pub const DB_FILE: &str = "index.sqlite";
 
-/// Schema version written in `meta`; a database of another version is
-/// refused with a message rather than misread.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version written in `meta`; a database of a newer version is
+/// refused with a message rather than misread, an older one is upgraded in
+/// place ([`MIGRATIONS`]).
+///
+/// 1: files, chunks (with vectors), queue, meta.
+/// 2: adds `chunks_fts`, the keyword index (FTS5, BM25) of the chunks'
+///    text, kept in step with `chunks` by triggers, so a file's keywords are
+///    written in the same transaction as its chunks.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The keyword index over `chunks.text` and the triggers that keep it in
+/// step. `unicode61` with `_` as a token character keeps `snake_case`
+/// identifiers whole; `a::b`, `a.b` and `a-b` become adjacent tokens, which
+/// a phrase query matches as written.
+const FTS_SCHEMA: &str = "
+    CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+        text, content = 'chunks', content_rowid = 'id',
+        tokenize = \"unicode61 tokenchars '_'\"
+    );
+    CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+        INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    END;
+    CREATE TRIGGER IF NOT EXISTS chunks_fts_update AFTER UPDATE ON chunks BEGIN
+        INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
+    END;";
+
+/// Upgrades from each older schema version, each step in one transaction
+/// with the version bump: an index is at one version or the next, never
+/// between. Nothing is re-embedded: vectors are left as they are.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    // After [`FTS_SCHEMA`]: builds the keyword index from the chunks
+    // already stored.
+    "INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');",
+)];
 
 use crate::limits::INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT;
 
@@ -270,6 +306,11 @@ impl Store {
                         path: self.path.clone(),
                         source,
                     })?;
+                tx.execute_batch(FTS_SCHEMA)
+                    .map_err(|source| StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source,
+                    })?;
                 for (key, value) in [
                     ("schema", SCHEMA_VERSION.to_string()),
                     ("model_id", model_id.to_string()),
@@ -288,6 +329,7 @@ impl Store {
                 return Ok(());
             }
             Some(Ok(SCHEMA_VERSION)) => {}
+            Some(Ok(old)) if old > 0 && old < SCHEMA_VERSION => self.migrate(old)?,
             Some(found) => {
                 return Err(StoreError::Schema {
                     dir: dir.to_path_buf(),
@@ -310,6 +352,54 @@ impl Store {
             });
         }
         Ok(())
+    }
+
+    /// Upgrades the schema from version `from`, one step at a time.
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        for (version, step) in MIGRATIONS.iter().filter(|(v, _)| *v >= from) {
+            let tx = self.conn.transaction().map_err(sql)?;
+            if *version == 1 {
+                tx.execute_batch(FTS_SCHEMA).map_err(sql)?;
+            }
+            tx.execute_batch(step).map_err(sql)?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                [(version + 1).to_string()],
+            )
+            .map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            tracing::info!(from = version, to = version + 1, "index schema upgraded");
+        }
+        Ok(())
+    }
+
+    /// The chunks whose text best matches `query`'s words (BM25), best
+    /// first, with their scores (higher is better), at most `limit`.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn keyword(&self, query: &str, limit: usize) -> Result<Vec<(i64, f32)>, StoreError> {
+        let Some(expression) = fts_query(query) else {
+            return Ok(Vec::new());
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?1
+                 ORDER BY bm25(chunks_fts) LIMIT ?2",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![expression, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, -(r.get::<_, f64>(1)? as f32)))
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
     /// What the index knows of the file at `path`.
@@ -714,4 +804,43 @@ fn chunk_ids(conn: &Connection, path: &Path) -> rusqlite::Result<Vec<i64>> {
 
 fn vector_blob(vector: &[f32]) -> Vec<u8> {
     vector.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// An FTS5 query for what a person typed: each word, and each "quoted
+/// phrase", becomes a phrase of its own (so FTS5's syntax characters are
+/// only ever text, and `a::b`, `a.b`, `a-b` match as written), any of which
+/// may match; BM25 ranks chunks with more and rarer matches first. `None`
+/// if nothing searchable is left.
+pub fn fts_query(query: &str) -> Option<String> {
+    let mut phrases = Vec::new();
+    let mut rest = query;
+    while !rest.is_empty() {
+        let (part, quoted, next) = match rest.find('"') {
+            Some(0) => match rest[1..].find('"') {
+                Some(end) => (&rest[1..=end], true, &rest[end + 2..]),
+                None => (&rest[1..], true, ""),
+            },
+            Some(q) => (&rest[..q], false, &rest[q..]),
+            None => (rest, false, ""),
+        };
+        let words: Vec<&str> = if quoted {
+            vec![part]
+        } else {
+            part.split_whitespace().collect()
+        };
+        for word in words {
+            // Only letters, digits and the characters of identifiers count;
+            // the tokenizer splits on the rest anyway.
+            let clean: String = word
+                .chars()
+                .map(|c| if c.is_alphanumeric() || c == '_' { c } else { ' ' })
+                .collect();
+            let clean = clean.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !clean.is_empty() {
+                phrases.push(format!("\"{clean}\""));
+            }
+        }
+        rest = next;
+    }
+    (!phrases.is_empty()).then(|| phrases.join(" OR "))
 }
