@@ -625,3 +625,24 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     let err = Store::open(&db, &info.model_id, info.dimension).unwrap_err();
     assert!(err.to_string().contains("schema version 9"), "{err}");
 }
+
+#[test]
+fn fusion_ranks_by_reciprocal_rank_and_breaks_ties_by_the_texts_scores() {
+    use embedhost::worker::fuse;
+    let k = embedhost::limits::RRF_K;
+    // 3 is first by meaning only, 4 first by keyword only, 5 second in both:
+    // 5 wins, then 3 and 4 tie and the meaning's own score decides.
+    let semantic = vec![(3, 0.9), (5, 0.8), (6, 0.1)];
+    let keyword = vec![(4, 7.0), (5, 6.0)];
+    let fused = fuse(&[semantic.clone(), keyword.clone()], 10);
+    let ids: Vec<i64> = fused.iter().map(|f| f.0).collect();
+    assert_eq!(ids, vec![5, 3, 4, 6]);
+    assert!((fused[0].1 - 2.0 / (k + 2.0)).abs() < 1e-7);
+    // The same scores under other ids give the same order of scores: the
+    // order comes from the texts, not from when they were stored.
+    let swap = |v: &[(i64, f32)]| v.iter().map(|(id, s)| (100 - id, *s)).collect::<Vec<_>>();
+    let again = fuse(&[swap(&semantic), swap(&keyword)], 10);
+    let ids: Vec<i64> = again.iter().map(|f| 100 - f.0).collect();
+    assert_eq!(ids, vec![5, 3, 4, 6]);
+    assert_eq!(fuse(&[semantic, keyword], 2).len(), 2);
+}

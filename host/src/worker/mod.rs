@@ -428,19 +428,29 @@ impl Worker {
 
 /// Reciprocal rank fusion of `rankings` (each best first): a chunk scores
 /// the sum of `1 / (RRF_K + rank)` over the rankings it appears in (rank
-/// from 1); the best `limit`, best first. Ties go to the lower id, so the
-/// order is stable.
+/// from 1); the best `limit`, best first. Equal fused scores are ordered by
+/// each ranking's own score in turn (the first ranking's first), then by
+/// id: the order depends on the texts, not on the order they were stored.
 pub fn fuse(rankings: &[Vec<(i64, f32)>], limit: usize) -> Vec<(i64, f32)> {
-    let mut scores: HashMap<i64, f32> = HashMap::new();
-    for ranking in rankings {
-        for (rank, (id, _)) in ranking.iter().enumerate() {
-            *scores.entry(*id).or_default() += 1.0 / (crate::limits::RRF_K + rank as f32 + 1.0);
+    let mut scores: HashMap<i64, (f32, Vec<f32>)> = HashMap::new();
+    for (r, ranking) in rankings.iter().enumerate() {
+        for (rank, (id, own)) in ranking.iter().enumerate() {
+            let entry = scores
+                .entry(*id)
+                .or_insert_with(|| (0.0, vec![f32::NEG_INFINITY; rankings.len()]));
+            entry.0 += 1.0 / (crate::limits::RRF_K + rank as f32 + 1.0);
+            entry.1[r] = *own;
         }
     }
-    let mut fused: Vec<(i64, f32)> = scores.into_iter().collect();
-    fused.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut fused: Vec<(i64, (f32, Vec<f32>))> = scores.into_iter().collect();
+    fused.sort_by(|a, b| {
+        let by_own = a.1.1.iter().zip(&b.1.1).fold(std::cmp::Ordering::Equal, |o, (x, y)| {
+            o.then(y.total_cmp(x))
+        });
+        b.1.0.total_cmp(&a.1.0).then(by_own).then(a.0.cmp(&b.0))
+    });
     fused.truncate(limit);
-    fused
+    fused.into_iter().map(|(id, (score, _))| (id, score)).collect()
 }
 
 /// A router serving `worker.init`, `worker.index`, `worker.search` and
