@@ -529,3 +529,16 @@ pub const RRF_K: f32 = 60.0;
 /// if larger): enough that a chunk ranked well by one way and poorly by the
 /// other still meets itself in the fusion.
 pub const HYBRID_CANDIDATES: usize = 50;
+
+/// How long the watched tree must be quiet before a batch of changes is
+/// indexed: an editor's save (write a temporary file, rename it over the
+/// original) is a burst of a few events within milliseconds.
+pub const WATCH_QUIET: Duration = Duration::from_millis(200);
+
+/// The longest a change waits for the tree to be quiet: a file written
+/// without pause (a log) is still indexed every two seconds.
+pub const WATCH_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// Filesystem events waiting to be batched; past it the whole tree is
+/// walked again instead (nothing is missed, memory stays bounded).
+pub const WATCH_EVENT_QUEUE: usize = 10_000;

@@ -646,3 +646,86 @@ fn fusion_ranks_by_reciprocal_rank_and_breaks_ties_by_the_texts_scores() {
     assert_eq!(ids, vec![5, 3, 4, 6]);
     assert_eq!(fuse(&[semantic, keyword], 2).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_follows_edits_renames_deletes_moves_and_new_folders() {
+    use embedhost::messages::SearchMode;
+    use embedhost::worker::watch::{Batch, watch};
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    write(&docs.join("a.txt"), "alpha apple");
+    write(&docs.join("b.txt"), "beta banana");
+    write(&docs.join("sub/c.txt"), "gamma grape");
+    // The index inside the watched tree: its own writes are not changes.
+    let db = docs.join(".index");
+    let worker = stub_worker(WorkerSettings::default()).await;
+    worker.init(&db).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, mut batches) = tokio::sync::mpsc::unbounded_channel::<Batch>();
+    let watching = {
+        let (worker, docs, stop) = (worker.clone(), docs.clone(), stop.clone());
+        tokio::spawn(async move {
+            watch(&worker, &[docs], stop, |b| {
+                let _ = tx.send(b.clone());
+            })
+            .await
+        })
+    };
+    // The first walk.
+    let first = tokio::time::timeout(Duration::from_secs(20), batches.recv()).await.unwrap().unwrap();
+    assert_eq!((first.events, first.stats.indexed), (0, 3));
+    // Which files a word finds now (keyword search: exact, no model).
+    let base = docs.canonicalize().unwrap();
+    let finds = |word: &'static str| {
+        let (worker, base) = (worker.clone(), base.clone());
+        async move {
+            let hits = worker.search_mode(word.into(), 10, SearchMode::Keyword).await.unwrap();
+            let mut hits: Vec<String> = hits
+                .iter()
+                .map(|r| r.path.strip_prefix(&base).unwrap_or(&r.path).display().to_string())
+                .collect();
+            hits.sort();
+            hits
+        }
+    };
+    // Waits, batch by batch (real filesystem events, no sleeps), until
+    // `word` finds exactly `expected`, for at most 10 s.
+    macro_rules! until {
+        ($word:expr, $expected:expr) => {{
+            let expected: Vec<String> = $expected.iter().map(|s: &&str| s.to_string()).collect();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while finds($word).await != expected {
+                let next = tokio::time::timeout_at(deadline, batches.recv()).await;
+                assert!(next.is_ok(), "`{}` never found {:?}: {:?}", $word, expected, finds($word).await);
+            }
+        }};
+    }
+    // Edited in place.
+    std::fs::write(docs.join("a.txt"), "alpha apricot").unwrap();
+    until!("apricot", ["a.txt"]);
+    until!("apple", [] as [&str; 0]);
+    // Replaced by rename, as editors save.
+    std::fs::write(docs.join("a.txt.tmp"), "alpha avocado").unwrap();
+    std::fs::rename(docs.join("a.txt.tmp"), docs.join("a.txt")).unwrap();
+    until!("avocado", ["a.txt"]);
+    until!("apricot", [] as [&str; 0]);
+    // Deleted.
+    std::fs::remove_file(docs.join("b.txt")).unwrap();
+    until!("banana", [] as [&str; 0]);
+    // Moved into a new folder.
+    std::fs::create_dir(docs.join("moved")).unwrap();
+    std::fs::rename(docs.join("sub/c.txt"), docs.join("moved/c.txt")).unwrap();
+    until!("grape", ["moved/c.txt"]);
+    // A new folder with files; a folder removed with its files.
+    write(&docs.join("new/d.txt"), "delta durian");
+    write(&docs.join("new/deeper/e.txt"), "epsilon elderberry");
+    until!("durian", ["new/d.txt"]);
+    until!("elderberry", ["new/deeper/e.txt"]);
+    std::fs::remove_dir_all(docs.join("new")).unwrap();
+    until!("durian", [] as [&str; 0]);
+    until!("elderberry", [] as [&str; 0]);
+    let stats = worker.stats().await.unwrap();
+    assert_eq!(stats.indexed, 2, "a.txt and moved/c.txt: {stats:?}");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), watching).await.unwrap().unwrap().unwrap();
+}

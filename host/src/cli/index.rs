@@ -34,6 +34,10 @@ pub struct IndexArgs {
     /// .gitignore and skipping hidden files, as ripgrep does).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+    /// After indexing, keep watching the paths and index what changes (one
+    /// line per batch of changes) until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -74,7 +78,7 @@ async fn start_worker(
     config: &Config,
     db: &std::path::Path,
     max_pool: Option<usize>,
-) -> Result<(Bus, Option<Supervisor>), String> {
+) -> Result<(Bus, Option<Supervisor>, Worker), String> {
     // A remote pool (over NATS) if the config names one, else our own.
     let (embedder, model, supervisor) = match crate::launch::remote_embedder(config).await? {
         Some((bus, model)) => (bus, model, None),
@@ -98,7 +102,7 @@ async fn start_worker(
         None => config.embedder_id(),
     };
     let worker = Worker::new(embedder, model, tokens, settings).with_embedder_id(id);
-    let bus = Bus::new(InProcess::named("worker", router(worker)));
+    let bus = Bus::new(InProcess::named("worker", router(worker.clone())));
     bus.send::<WorkerInit>(
         InitRequest {
             db_dir: db.to_path_buf(),
@@ -108,18 +112,23 @@ async fn start_worker(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok((bus, supervisor))
+    Ok((bus, supervisor, worker))
 }
 
 pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let db = config.index_dir(args.db.as_deref())?;
     let started = Instant::now();
-    if let Some(client) = super::running_service(&config, Some(&db)).await {
+    if !args.watch
+        && let Some(client) = super::running_service(&config, Some(&db)).await
+    {
         return index_through(&client, args.paths, started, &db).await;
     }
-    let (bus, supervisor) = start_worker(&config, &db, None).await?;
-    let result = run_index(&bus, supervisor.as_ref(), args.paths, started, &db).await;
+    let (bus, supervisor, worker) = start_worker(&config, &db, None).await?;
+    let mut result = run_index(&bus, supervisor.as_ref(), args.paths.clone(), started, &db).await;
+    if result.is_ok() && args.watch {
+        result = watch(&worker, &args.paths).await;
+    }
     // A normal exit stops the pool in order: native children get
     // `shutdown` and exit 0, never SIGKILL.
     if let Some(supervisor) = supervisor {
@@ -203,6 +212,49 @@ async fn run_index(
     Ok(())
 }
 
+/// `index --watch`: one line per batch of changes until Ctrl-C.
+async fn watch(worker: &Worker, paths: &[PathBuf]) -> Result<(), String> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ctrl_c = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        })
+    };
+    eprintln!("watching {} path(s); Ctrl-C stops", paths.len());
+    let mut last: Option<crate::messages::StatsResponse> = None;
+    let result = crate::worker::watch::watch(worker, paths, stop, |batch| {
+        if batch.events > 0 {
+            let before = last.as_ref().map_or((0, 0), |s| (s.indexed, s.chunks));
+            let clock = clock();
+            outln!(
+                "{clock} {} change(s) in {} folder(s): {} files ({:+}), {} chunks ({:+}){}",
+                batch.events,
+                batch.folders.len(),
+                batch.stats.indexed,
+                batch.stats.indexed as i64 - before.0 as i64,
+                batch.stats.chunks,
+                batch.stats.chunks as i64 - before.1 as i64,
+                batch.stats.stalled.as_ref().map(|s| format!(" (stalled: {s})")).unwrap_or_default()
+            );
+        }
+        last = Some(batch.stats.clone());
+    })
+    .await
+    .map_err(|e| e.to_string());
+    ctrl_c.abort();
+    result
+}
+
+/// The time of day (UTC), `HH:MM:SS`, for watch lines.
+fn clock() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+}
+
 /// `embedder restarts: trap 3, deadline 1`, summed over the pool, or
 /// `None` if no instance was restarted.
 fn restarts_line(supervisor: &Supervisor) -> Option<String> {
@@ -232,7 +284,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             serde_json::from_value(answer).map_err(|e| format!("the service's answer: {e}"))?;
         return show_results(&results, args.json);
     }
-    let (bus, supervisor) = start_worker(&config, &db, Some(1)).await?;
+    let (bus, supervisor, _) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
         .send::<WorkerSearch>(
             SearchRequest {

@@ -30,6 +30,7 @@
 pub mod chunk;
 pub mod extract;
 pub mod store;
+pub mod watch;
 pub mod vectors;
 
 use std::collections::{HashMap, HashSet};
@@ -236,6 +237,14 @@ impl Worker {
             inner.embedder_id = id.into();
         }
         self
+    }
+
+    /// The open index's directory (resolved), if one is open.
+    pub async fn db_dir(&self) -> Option<PathBuf> {
+        let opened = self.inner.opened.lock().await;
+        opened
+            .as_ref()
+            .map(|o| o.dir.canonicalize().unwrap_or_else(|_| o.dir.clone()))
     }
 
     /// The settings in force (chunking fitted to the model).
