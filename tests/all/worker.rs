@@ -243,6 +243,29 @@ fn the_command_line_indexes_searches_and_reports() {
     let out = succeeded(&["--config", config, "search", "--db", db, "violin"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
+    // Output for programs and pipes: a line per file, a JSON object per
+    // line, and only results above a score.
+    let out = succeeded(&["--config", config, "search", "--db", db, "--files", "bicycle", "violin"]);
+    let files: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.iter().all(|f| f.ends_with(".txt") && !f.contains(' ')), "{files:?}");
+    let out = succeeded(&["--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic", "bicycle"]);
+    let lines: Vec<serde_json::Value> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["path"].as_str().unwrap().ends_with("b.txt"));
+    let top = lines[0]["score"].as_f64().unwrap();
+    let out = succeeded(&[
+        "--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic",
+        "--threshold", &format!("{}", top - 1e-4), "bicycle",
+    ]);
+    assert_eq!(std::str::from_utf8(&out.stdout).unwrap().lines().count(), 1);
+    let out = embedhost(&["--config", config, "search", "--db", db, "--mode", "fuzzy", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a search mode"));
     let out = succeeded(&["--config", config, "stats", "--db", db, "--json"]);
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["indexed"], 2, "{stats}");

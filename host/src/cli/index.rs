@@ -56,6 +56,16 @@ pub struct SearchArgs {
     /// `semantic` (meaning only) or `keyword` (words only, BM25).
     #[arg(long, default_value = "hybrid")]
     pub mode: crate::messages::SearchMode,
+    /// Print one JSON object per result, a line each.
+    #[arg(long, conflicts_with = "json")]
+    pub jsonl: bool,
+    /// Only results scoring at least this (a cosine in semantic mode, a
+    /// fused or BM25 score otherwise).
+    #[arg(long, value_name = "SCORE")]
+    pub threshold: Option<f32>,
+    /// Print only the files, best first, each once (as `rg -l`).
+    #[arg(long, conflicts_with_all = ["json", "jsonl"])]
+    pub files: bool,
     /// What to look for, in words.
     #[arg(required = true)]
     pub query: Vec<String>,
@@ -282,7 +292,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             .map_err(|e| e.to_string())?;
         let results: Vec<SearchResult> =
             serde_json::from_value(answer).map_err(|e| format!("the service's answer: {e}"))?;
-        return show_results(&results, args.json);
+        return show_results(results, &args);
     }
     let (bus, supervisor, _) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
@@ -299,15 +309,29 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
     if let Some(supervisor) = supervisor {
         supervisor.shutdown().await;
     }
-    show_results(&results?.results, args.json)
+    show_results(results?.results, &args)
 }
 
-fn show_results(results: &[SearchResult], json: bool) -> Result<(), String> {
-    if json {
-        let json = serde_json::to_string_pretty(results).map_err(|e| e.to_string())?;
+fn show_results(mut results: Vec<SearchResult>, args: &SearchArgs) -> Result<(), String> {
+    if let Some(min) = args.threshold {
+        results.retain(|r| r.score >= min);
+    }
+    if args.files {
+        let mut seen = std::collections::HashSet::new();
+        for r in &results {
+            if seen.insert(r.path.clone()) {
+                outln!("{}", r.path.display());
+            }
+        }
+    } else if args.jsonl {
+        for r in &results {
+            outln!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+    } else if args.json {
+        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
         outln!("{json}");
     } else {
-        print_results(results);
+        print_results(&results);
     }
     Ok(())
 }
