@@ -161,6 +161,12 @@ pub struct State {
     pub roots: Vec<PathBuf>,
     /// Pools stopping after a reload.
     retiring: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Requests being handled now.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests answered since SIGTERM.
+    drained: std::sync::atomic::AtomicUsize,
+    /// Set once SIGTERM has stopped the listeners.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,6 +187,13 @@ impl State {
             )
             .retry_after(limits::SERVE_RETRY_AFTER)
         })
+    }
+
+    /// Counts a request as running until the guard is dropped (answered or
+    /// abandoned), so the drain can say what it cut off.
+    pub fn running(self: &Arc<Self>) -> Running {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Running(self.clone())
     }
 
     /// Why the service is not ready, or `None` if it is.
@@ -282,6 +295,18 @@ impl State {
     }
 }
 
+/// A request being handled (see [`State::running`]).
+pub struct Running(Arc<State>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.stopping.load(Ordering::SeqCst) {
+            self.0.drained.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The socket a service for the index in `db` listens on.
 pub fn socket_path(db: &Path) -> PathBuf {
     db.join(SOCKET_DIR).join(SOCKET_FILE)
@@ -343,6 +368,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         api_key,
         roots,
         retiring: Mutex::new(Vec::new()),
+        in_flight: Arc::default(),
+        drained: Default::default(),
+        stopping: Default::default(),
     });
 
     let stop = CancellationToken::new();
@@ -376,7 +404,15 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     });
     // One line on stdout, for people and for programs that started us on
     // port 0.
-    println!("embedhost serve: listening on http://{local} (socket {})", socket_path(&db).display());
+    {
+        use std::io::Write as _;
+        let line = format!(
+            "embedhost serve: listening on http://{local} (socket {})\n",
+            socket_path(&db).display()
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+    }
 
     let mut signals = Signals::new().map_err(|e| ServeError::Config(format!("signals: {e}")))?;
     let started = tokio::select! {
@@ -410,6 +446,8 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
 
     // Stop accepting; requests in flight finish within the grace period.
     tracing::info!("stopping: draining requests in flight");
+    state.stopping.store(true, Ordering::SeqCst);
+    let running_at_stop = state.in_flight.load(Ordering::SeqCst);
     stop.cancel();
     let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
     let drained = tokio::time::timeout(grace, async {
@@ -419,6 +457,19 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     .await;
     if drained.is_err() {
         tracing::warn!("requests still running after the {grace:?} grace period are cut off");
+    }
+    // One last line on stdout, for people and for the programs that watch
+    // us: what the drain answered and what it had to cut off.
+    let cut = state.in_flight.load(Ordering::SeqCst);
+    let line = format!(
+        "embedhost serve: stopped; {} request(s) were running at the stop, {} answered during the drain, {cut} cut off\n",
+        running_at_stop,
+        state.drained.load(Ordering::SeqCst),
+    );
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
     }
     upkeep.abort();
     let _ = std::fs::remove_file(socket_path(&db));

@@ -125,7 +125,7 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
     if access == Access::Network && state.api_key.is_some() {
         app = app.layer(axum::middleware::from_fn_with_state((state.clone(), access), authorize));
     }
-    app.layer(axum::middleware::from_fn(count))
+    app.layer(axum::middleware::from_fn_with_state((state.clone(), access), count))
         .layer(DefaultBodyLimit::max(limit))
         .with_state((state, access))
 }
@@ -133,7 +133,8 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
 type AppState = (Arc<State>, Access);
 
 /// Counts every request by route and status, and times it.
-async fn count(request: Request, next: Next) -> Response {
+async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Next) -> Response {
+    let _running = state.running();
     let route = request
         .extensions()
         .get::<MatchedPath>()

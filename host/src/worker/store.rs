@@ -806,13 +806,32 @@ fn vector_blob(vector: &[f32]) -> Vec<u8> {
     vector.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// An FTS5 query for what a person typed: each word, and each "quoted
-/// phrase", becomes a phrase of its own (so FTS5's syntax characters are
+/// Words left out of a keyword query (unless quoted, or all there is): the
+/// commonest English function words. They occur in nearly every chunk, so
+/// they carry no topic, yet BM25 still rewards a chunk for them: left in,
+/// "why is my plant dying" ranks any text full of "why", "is" and "my"
+/// above the one about plants, and hybrid search gets worse than meaning
+/// alone on questions.
+pub const STOPWORDS: &[&str] = &[
+    "a", "about", "after", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be",
+    "because", "been", "before", "being", "but", "by", "can", "could", "did", "do", "does",
+    "doing", "for", "from", "get", "got", "had", "has", "have", "having", "he", "her", "here",
+    "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "just", "keep", "keeps",
+    "me", "more", "most", "my", "no", "not", "of", "on", "one", "or", "our", "out", "over",
+    "she", "should", "so", "some", "than", "that", "the", "their", "them", "then", "there",
+    "these", "they", "this", "those", "to", "too", "up", "us", "very", "was", "we", "were",
+    "what", "when", "where", "which", "while", "who", "why", "will", "with", "would", "you",
+    "your",
+];
+
+/// An FTS5 query for what a person typed: each word ([`STOPWORDS`] left
+/// out), and each "quoted phrase", becomes a phrase of its own (so FTS5's syntax characters are
 /// only ever text, and `a::b`, `a.b`, `a-b` match as written), any of which
 /// may match; BM25 ranks chunks with more and rarer matches first. `None`
 /// if nothing searchable is left.
 pub fn fts_query(query: &str) -> Option<String> {
     let mut phrases = Vec::new();
+    let mut common = Vec::new();
     let mut rest = query;
     while !rest.is_empty() {
         let (part, quoted, next) = match rest.find('"') {
@@ -836,11 +855,20 @@ pub fn fts_query(query: &str) -> Option<String> {
                 .map(|c| if c.is_alphanumeric() || c == '_' { c } else { ' ' })
                 .collect();
             let clean = clean.split_whitespace().collect::<Vec<_>>().join(" ");
-            if !clean.is_empty() {
-                phrases.push(format!("\"{clean}\""));
+            if clean.is_empty() {
+                continue;
+            }
+            let phrase = format!("\"{clean}\"");
+            if !quoted && STOPWORDS.contains(&clean.to_lowercase().as_str()) {
+                common.push(phrase);
+            } else {
+                phrases.push(phrase);
             }
         }
         rest = next;
+    }
+    if phrases.is_empty() {
+        phrases = common;
     }
     (!phrases.is_empty()).then(|| phrases.join(" OR "))
 }
