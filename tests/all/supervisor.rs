@@ -1041,3 +1041,37 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
     let closed = batcher.embed(vec!["z".into()], &[1], false, until).await;
     assert!(matches!(closed, Err(embedhost::serve::batcher::BatchError::Stopped)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_working_instance_that_crashes_now_and_then_is_restarted_not_escalated() {
+    // Every third call crashes, each after calls that were answered: far
+    // more than MaxR = 3 restarts within 5 s, and no request may be lost.
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let (supervisor, starts) = supervise(
+        config(1),
+        move |_, _, _| {
+            if counted.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+                Act::Crash
+            } else {
+                Act::Ok
+            }
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let t0 = Instant::now();
+    for i in 0..60 {
+        let text = format!("text {i}");
+        let batch = supervisor.embed(one(&text), false, DEADLINE).await.unwrap();
+        assert_eq!(batch.vectors.len(), 1, "{text}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(supervisor.escalated().is_none());
+    assert!(starts.lock().unwrap().len() >= 20, "{} starts", starts.lock().unwrap().len());
+    // One that never answers a call still escalates within the window.
+    let (never, _) = supervise(config(1), |_, _, _| Act::Crash, |_, _| false, |_| false).await;
+    let err = never.embed(one("x"), false, DEADLINE).await.unwrap_err();
+    assert!(matches!(err, SupervisorError::Unavailable { .. }), "{err}");
+}

@@ -11,6 +11,15 @@
 //! more than `max_unproven` failures in a row with no successful call or
 //! health check in between also escalate. The sliding window alone would
 //! let such a slot restart forever.
+//!
+//! The window is for crash loops: an instance that answered calls and then
+//! failed is a working backend with a sporadic fault, and its restart
+//! ([`Intensity::on_failure_after_work`]) is immediate and not counted in
+//! it. Otherwise a pool serving hundreds of calls a second would escalate
+//! (and fail every request for a cooldown) at any steady crash rate, 2% as
+//! much as 100%; the service's load test holds that at 2% no request
+//! fails. A plugin that crashes on every call never answers one, so it
+//! still escalates.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -123,6 +132,16 @@ impl Intensity {
             Self::ceiling(&self.config, self.streak).mul_f64(fastrand::f64())
         };
         Decision::Restart { delay }
+    }
+
+    /// Records a failure of an instance that had answered calls before it
+    /// failed: restart it at once, outside the window (see the module docs).
+    pub fn on_failure_after_work(&mut self, _now: Instant, _uptime: Duration) -> Decision {
+        self.streak = 0;
+        self.unproven = 0;
+        Decision::Restart {
+            delay: Duration::ZERO,
+        }
     }
 
     /// The ceiling of the delay of the n-th consecutive restart (n from 1):

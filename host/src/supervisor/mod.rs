@@ -436,6 +436,7 @@ impl Supervisor {
                         failure,
                         &message,
                         Duration::ZERO,
+                        false,
                     )
                     .await
                     {
@@ -890,9 +891,10 @@ enum Restart {
 /// How a slot's serving loop ended.
 enum Ended {
     /// The instance crashed: the reason, the message, whether the call was
-    /// a suspected poison text alone (see [`Job::suspect`]), and whether
-    /// the instance had served (a call or a health check) before.
-    Crashed(FailureReason, String, bool, bool),
+    /// a suspected poison text alone (see [`Job::suspect`]), whether the
+    /// instance had served (a call or a health check) before, and whether
+    /// it had answered a call before (a working instance, not a crash loop).
+    Crashed(FailureReason, String, bool, bool, bool),
     /// The instance ended normally (a child that exited 0 on its own).
     Normal(String),
     Shutdown,
@@ -976,6 +978,7 @@ async fn run_slot(
                             failure,
                             &message,
                             Duration::ZERO,
+                            false,
                         )
                         .await
                         {
@@ -1014,6 +1017,7 @@ async fn run_slot(
                     FailureReason::Exited(message.clone()),
                     &message,
                     started.elapsed(),
+                    false,
                 )
                 .await
                 {
@@ -1021,7 +1025,7 @@ async fn run_slot(
                     Restart::No(_) => return,
                 }
             }
-            Ended::Crashed(reason, message, suspect, served) => {
+            Ended::Crashed(reason, message, suspect, served, worked) => {
                 if served {
                     intensity.on_success();
                     poison_budget.on_success();
@@ -1054,6 +1058,7 @@ async fn run_slot(
                     reason,
                     &message,
                     started.elapsed(),
+                    worked && !suspect,
                 )
                 .await
                 {
@@ -1093,13 +1098,19 @@ async fn on_failure(
     reason: FailureReason,
     message: &str,
     uptime: Duration,
+    worked: bool,
 ) -> Restart {
     metrics::counter!(METRIC_RESTARTS, "reason" => reason.label()).increment(1);
     *lock(&inner.slots)[slot]
         .restarts
         .entry(reason.label().to_string())
         .or_default() += 1;
-    match intensity.on_failure(Instant::now(), uptime) {
+    let decision = if worked {
+        intensity.on_failure_after_work(Instant::now(), uptime)
+    } else {
+        intensity.on_failure(Instant::now(), uptime)
+    };
+    match decision {
         Decision::Restart { delay } => {
             tracing::warn!(slot, %reason, %message, ?delay, "instance failed; restarting");
             tokio::select! {
@@ -1211,6 +1222,9 @@ async fn serve(
     let mut serving = *incarnation;
     // Whether this instance has served: a call or a health check.
     let mut proven = false;
+    // Whether it has answered a call: a crash after that is a working
+    // instance's, not a crash loop's.
+    let mut worked = false;
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -1232,6 +1246,7 @@ async fn serve(
                         // Make-before-break: the old instance has no call in
                         // flight (a slot runs one at a time); stop it and swap.
                         let old = std::mem::replace(&mut worker, fresh);
+                        worked = false;
                         old.stop().await;
                         lock(&inner.slots)[slot].pid = worker.pid();
                         metrics::counter!(METRIC_RESTARTS, "reason" => "recycle").increment(1);
@@ -1247,10 +1262,10 @@ async fn serve(
             }
             _ = health.tick() => {
                 match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
-                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven),
-                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message, false, proven),
-                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message, false, proven),
-                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string(), false, proven),
+                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven, worked),
+                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message, false, proven, worked),
+                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message, false, proven, worked),
+                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string(), false, proven, worked),
                     Ok(Ok(report)) => {
                         proven = true;
                         lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
@@ -1295,6 +1310,7 @@ async fn serve(
                 lock(&inner.slots)[slot].served += 1;
                 if result.is_ok() {
                     proven = true;
+                    worked = true;
                     // The pool serves again: the next escalation's cooldown
                     // starts from the shortest.
                     inner.escalations.store(0, Ordering::Relaxed);
@@ -1313,7 +1329,7 @@ async fn serve(
                     if matches!(reason, FailureReason::Exited(_)) && worker.exited_normally().await {
                         return Ended::Normal(message);
                     }
-                    return Ended::Crashed(reason, message, suspect, proven);
+                    return Ended::Crashed(reason, message, suspect, proven, worked);
                 }
             }
         }
