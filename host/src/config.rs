@@ -262,6 +262,9 @@ pub struct IndexSection {
     pub chunk_overlap: usize,
     /// Chunks per embedder request.
     pub batch_chunks: usize,
+    /// Index generated, minified and lock files too (skipped as
+    /// `generated` by default, judged by their shape).
+    pub include_generated: bool,
 }
 
 impl Default for IndexSection {
@@ -273,6 +276,7 @@ impl Default for IndexSection {
             chunk_tokens: w.chunk.tokens,
             chunk_overlap: w.chunk.overlap,
             batch_chunks: w.batch_chunks,
+            include_generated: w.include_generated,
         }
     }
 }
@@ -790,6 +794,7 @@ impl Config {
             max_file_bytes: self.index.max_file_bytes,
             batch_chunks: self.index.batch_chunks,
             in_flight: self.supervisor_config().pool_size + 1,
+            include_generated: self.index.include_generated,
         }
     }
 

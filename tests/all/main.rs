@@ -5,6 +5,7 @@ mod chaos;
 mod child;
 mod cli;
 mod fuzz;
+mod generated;
 mod layering;
 mod model;
 mod nats;

@@ -437,6 +437,13 @@ fn real_world_files(n: usize) -> Vec<PathBuf> {
     other.sort();
     files.extend(readmes);
     files.extend(other);
+    // Only text people wrote: machine-made files (the book's generated
+    // table of contents) are skipped by design and tested elsewhere.
+    files.retain(|path| {
+        let Ok(bytes) = std::fs::read(path) else { return false };
+        embedhost::worker::extract::extract(path, &bytes)
+            .is_ok_and(|text| embedhost::worker::extract::generated(&text).is_none())
+    });
     files.truncate(n);
     files
 }
@@ -751,4 +758,31 @@ async fn watch_mode_follows_edits_renames_deletes_moves_and_new_folders() {
     assert_eq!(stats.indexed, 2, "a.txt and moved/c.txt: {stats:?}");
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), watching).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn machine_made_files_are_skipped_with_their_reason_unless_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock")).unwrap();
+    write(&docs.join("deps.lock"), &lock);
+    write(&docs.join("notes.txt"), "written by a person, with spaces and words");
+    let worker = stub_worker(WorkerSettings::default()).await;
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![docs.clone()]).await.unwrap();
+    let stats = settled(&worker).await;
+    assert_eq!(stats.indexed, 1, "{stats:?}");
+    assert_eq!(stats.failures.get("generated"), Some(&1), "{stats:?}");
+    assert_eq!(stats.chunks, 1, "{stats:?}");
+    // `index.include_generated = true` indexes it (a fresh index).
+    let settings = WorkerSettings {
+        include_generated: true,
+        ..WorkerSettings::default()
+    };
+    let worker = stub_worker(settings).await;
+    worker.init(&root.path().join("db2")).await.unwrap();
+    worker.index(vec![docs]).await.unwrap();
+    let stats = settled(&worker).await;
+    assert!(stats.failures.is_empty(), "{stats:?}");
+    assert!(stats.chunks > 10, "{stats:?}");
 }

@@ -86,6 +86,9 @@ pub struct WorkerSettings {
     /// Batches at the embedder at once (its pool size, plus one queued so an
     /// instance never waits for the next).
     pub in_flight: usize,
+    /// Index machine-made text too (generated, minified, lock files), which
+    /// is skipped as `generated` otherwise.
+    pub include_generated: bool,
 }
 
 impl Default for WorkerSettings {
@@ -95,6 +98,7 @@ impl Default for WorkerSettings {
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             batch_chunks: DEFAULT_BATCH_CHUNKS,
             in_flight: 2,
+            include_generated: false,
         }
     }
 }
@@ -634,6 +638,11 @@ fn prepare(inner: &Inner, store: &SyncMutex<Store>, path: PathBuf) -> Prepared {
         Ok(text) => text,
         Err(skip) => return Prepared::Skipped(path, meta, skip),
     };
+    if !inner.settings.include_generated
+        && let Some(why) = extract::generated(&text)
+    {
+        return Prepared::Skipped(path, meta, Skip::Generated(why));
+    }
     match chunk::chunk(&text, &inner.tokens, inner.settings.chunk) {
         Ok(chunks) => Prepared::Chunks {
             path,
