@@ -265,6 +265,9 @@ pub struct IndexSection {
     /// Index generated, minified and lock files too (skipped as
     /// `generated` by default, judged by their shape).
     pub include_generated: bool,
+    /// How often `index` prints a progress line when stderr is not a
+    /// terminal, ms.
+    pub log_interval_ms: u64,
 }
 
 impl Default for IndexSection {
@@ -277,6 +280,7 @@ impl Default for IndexSection {
             chunk_overlap: w.chunk.overlap,
             batch_chunks: w.batch_chunks,
             include_generated: w.include_generated,
+            log_interval_ms: limits::INDEX_LOG_INTERVAL.as_millis() as u64,
         }
     }
 }
@@ -495,9 +499,12 @@ impl Config {
         if config.native.threads == Some(0) {
             return Err(invalid("[native] threads must be greater than zero"));
         }
-        if config.index.chunk_tokens == 0 || config.index.batch_chunks == 0 {
+        if config.index.chunk_tokens == 0
+            || config.index.batch_chunks == 0
+            || config.index.log_interval_ms == 0
+        {
             return Err(invalid(
-                "[index] chunk_tokens and batch_chunks must be greater than zero",
+                "[index] chunk_tokens, batch_chunks and log_interval_ms must be greater than zero",
             ));
         }
         if config.index.chunk_overlap >= config.index.chunk_tokens {

@@ -542,3 +542,8 @@ pub const WATCH_MAX_DELAY: Duration = Duration::from_secs(2);
 /// Filesystem events waiting to be batched; past it the whole tree is
 /// walked again instead (nothing is missed, memory stays bounded).
 pub const WATCH_EVENT_QUEUE: usize = 10_000;
+
+/// How often `index` prints a progress line when stderr is not a terminal
+/// (a log, CI; `[index] log_interval_ms`): often enough to show the work moves, rarely enough that a
+/// long run's log stays readable (an hour is 360 lines).
+pub const INDEX_LOG_INTERVAL: Duration = Duration::from_secs(10);

@@ -786,3 +786,34 @@ async fn machine_made_files_are_skipped_with_their_reason_unless_asked_for() {
     assert!(stats.failures.is_empty(), "{stats:?}");
     assert!(stats.chunks > 10, "{stats:?}");
 }
+
+#[test]
+fn index_prints_progress_lines_at_a_steady_interval_when_not_on_a_terminal() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    for i in 0..40 {
+        write(&docs.join(format!("n{i}.txt")), &format!("note number {i} about things"));
+    }
+    // A slow model (100 ms a call, batches of 2 chunks): about a second or
+    // two of work, logged every 200 ms.
+    let config = root.path().join("embedhost.toml");
+    std::fs::write(
+        &config,
+        "plugin.path = \"builtin:stub\"\n[plugin.config]\n\"fault.sleep_ms\" = \"100\"\n[index]\nbatch_chunks = 2\nlog_interval_ms = 200\n[supervisor]\npool_size = 1\n",
+    )
+    .unwrap();
+    let db = root.path().join("db");
+    // Output captured: stderr is a pipe, not a terminal.
+    let out = succeeded(&[
+        "--config",
+        config.to_str().unwrap(),
+        "index",
+        "--db",
+        db.to_str().unwrap(),
+        docs.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("indexing: ")).collect();
+    assert!(lines.len() >= 3, "{err}");
+    assert!(lines[0].contains("/40 files"), "{}", lines[0]);
+}

@@ -135,7 +135,15 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
         return index_through(&client, args.paths, started, &db).await;
     }
     let (bus, supervisor, worker) = start_worker(&config, &db, None).await?;
-    let mut result = run_index(&bus, supervisor.as_ref(), args.paths.clone(), started, &db).await;
+    let mut result = run_index(
+        &bus,
+        supervisor.as_ref(),
+        args.paths.clone(),
+        started,
+        &db,
+        config.index.log_interval_ms,
+    )
+    .await;
     if result.is_ok() && args.watch {
         result = watch(&worker, &args.paths).await;
     }
@@ -153,6 +161,7 @@ async fn run_index(
     paths: Vec<PathBuf>,
     started: Instant,
     db: &std::path::Path,
+    log_interval_ms: u64,
 ) -> Result<(), String> {
     let queued = bus
         .send::<WorkerIndex>(
@@ -178,6 +187,11 @@ async fn run_index(
     );
     let chunks_before = first.chunks;
     let indexing = Instant::now();
+    // Without a terminal the bar draws nothing: a line at a steady interval
+    // shows a log that the work is moving.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log_interval = std::time::Duration::from_millis(log_interval_ms);
+    let mut logged = Instant::now();
     let last = loop {
         let s = stats().await?;
         let left = s.queued + s.processing;
@@ -187,6 +201,14 @@ async fn run_index(
         bar.set_message(format!("{chunks} chunks, {rate:.0} chunks/s"));
         if left == 0 || s.stalled.is_some() {
             break s;
+        }
+        if plain && logged.elapsed() >= log_interval {
+            logged = Instant::now();
+            eprintln!(
+                "indexing: {}/{total} files, {chunks} chunks, {rate:.0} chunks/s, {:.0} s",
+                total.saturating_sub(left),
+                started.elapsed().as_secs_f64()
+            );
         }
         tokio::time::sleep(PROGRESS_INTERVAL).await;
     };
