@@ -547,3 +547,8 @@ pub const WATCH_EVENT_QUEUE: usize = 10_000;
 /// (a log, CI; `[index] log_interval_ms`): often enough to show the work moves, rarely enough that a
 /// long run's log stays readable (an hour is 360 lines).
 pub const INDEX_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a caller waiting for a whole pool to come up looks again
+/// (`Supervisor::wait_all_up`): an instance starts in milliseconds (a
+/// snapshot) to a second (a native child), so 10 ms adds little.
+pub const POOL_UP_POLL: Duration = Duration::from_millis(10);

@@ -209,35 +209,56 @@ fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
     drop((second, third, fourth));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
+/// A request of one text.
+fn one_text(text: &str) -> embedhost::messages::EmbedRequest {
+    embedhost::messages::EmbedRequest {
+        texts: vec![text.to_string()],
+        is_query: false,
+    }
+}
+
+/// A nats-server; a member whose one instance takes `call_ms` a call; a
+/// caller's bus to it; and a first request, running on the instance by the
+/// time this returns (50 ms after it was sent).
+async fn busy_member(
+    call_ms: u64,
+) -> (
+    NatsServer,
+    Service,
+    embedhost::bus::Bus,
+    tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>,
+) {
     use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
     use embedhost::bus::{Bus, SendOptions};
-    use embedhost::messages::{EmbedRequest, EmbedderEmbed};
+    use embedhost::messages::EmbedderEmbed;
     let nats = NatsServer::start();
-    // One instance, 2 s a call: every late request below gives up while the
-    // first still runs (a call already running is never interrupted).
-    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"2000\"", "").replace("pool_size = 2", "pool_size = 1");
+    let config = stub_config("wasm", &format!("\"fault.sleep_ms\" = \"{call_ms}\""), "")
+        .replace("pool_size = 2", "pool_size = 1");
     let url = nats.url();
     let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
         .await
         .unwrap();
     let client = connect(&nats.url(), &NatsOptions::default(), "test").await.unwrap();
     let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
-    let request = |text: &str| EmbedRequest {
-        texts: vec![text.to_string()],
-        is_query: false,
-    };
-    // The first occupies the instance; five more give up after 200 ms.
     let first = {
         let bus = bus.clone();
-        let r = request("first");
-        tokio::spawn(async move { bus.send::<EmbedderEmbed>(r, SendOptions::default()).await })
+        tokio::spawn(async move { bus.send::<EmbedderEmbed>(one_text("first"), SendOptions::default()).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
+    (nats, member, bus, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
+    use embedhost::bus::SendOptions;
+    use embedhost::messages::EmbedderEmbed;
+    // One instance, 2 s a call: every late request below gives up while the
+    // first still runs (a call already running is never interrupted).
+    let (_nats, member, bus, first) = busy_member(2000).await;
+    // Five more give up after 200 ms.
     for i in 0..5 {
         let r = bus
-            .send::<EmbedderEmbed>(request(&format!("late {i}")), SendOptions::default().timeout(Duration::from_millis(200)))
+            .send::<EmbedderEmbed>(one_text(&format!("late {i}")), SendOptions::default().timeout(Duration::from_millis(200)))
             .await;
         assert!(r.is_err(), "a 200 ms request to a busy member cannot succeed");
     }
@@ -279,33 +300,14 @@ fn a_service_whose_embedder_is_remote_serves_and_indexes_through_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_gives_up_early_cancels_its_request_at_the_member() {
-    use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
-    use embedhost::bus::{Bus, SendOptions};
-    use embedhost::messages::{EmbedRequest, EmbedderEmbed};
-    let nats = NatsServer::start();
-    let config = stub_config("wasm", "\"fault.sleep_ms\" = \"500\"", "")
-        .replace("pool_size = 2", "pool_size = 1");
-    let url = nats.url();
-    let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
-        .await
-        .unwrap();
-    let client = connect(&nats.url(), &NatsOptions::default(), "test").await.unwrap();
-    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
-    let request = |text: &str| EmbedRequest {
-        texts: vec![text.to_string()],
-        is_query: false,
-    };
-    let first = {
-        let bus = bus.clone();
-        let r = request("first");
-        tokio::spawn(async move { bus.send::<EmbedderEmbed>(r, SendOptions::default()).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    use embedhost::bus::SendOptions;
+    use embedhost::messages::EmbedderEmbed;
+    let (_nats, member, bus, first) = busy_member(500).await;
     // A 30 s deadline, but the caller drops the request after 150 ms: only
     // the cancel can keep the member from running it after the first.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(150),
-        bus.send::<EmbedderEmbed>(request("given up"), SendOptions::default().timeout(Duration::from_secs(30))),
+        bus.send::<EmbedderEmbed>(one_text("given up"), SendOptions::default().timeout(Duration::from_secs(30))),
     )
     .await;
     assert!(gave_up.is_err());

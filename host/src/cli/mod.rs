@@ -518,10 +518,9 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
                 };
             }
             // Report the whole pool, not a snapshot of it starting.
-            let until = std::time::Instant::now() + config.instance_limits().init_deadline;
-            while !supervisor.status().iter().all(|i| i.up) && std::time::Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            supervisor
+                .wait_all_up(config.instance_limits().init_deadline)
+                .await;
             report["model"] = serde_json::to_value(supervisor.model_info()).unwrap_or_default();
             report["instances"] = serde_json::to_value(supervisor.status()).unwrap_or_default();
             supervisor.shutdown().await;

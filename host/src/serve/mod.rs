@@ -657,11 +657,7 @@ fn embedder_router(state: Weak<State>) -> Router {
             let pool = state.pool().map_err(|e| unavailable(e.message))?;
             let until = tokio::time::Instant::now()
                 + ctx.deadline.unwrap_or(limits::DEFAULT_REQUEST_TIMEOUT);
-            let tokens: Vec<usize> = request
-                .texts
-                .iter()
-                .map(|t| pool.tokens.spans(t).map_or(1, |s| s.len()))
-                .collect();
+            let tokens = pool.batch_tokens(&request.texts);
             let rows = pool
                 .embed(request.texts, &tokens, request.is_query, until)
                 .await
@@ -706,7 +702,7 @@ async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Re
     // Subscribed before this returns, so a caller started after us finds us.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let served = nats::serve_with_ready(client, &model, router, room, serving, stop, ready_tx).await;
+        let served = nats::serve(client, &model, router, room, serving, stop, ready_tx).await;
         if let Err(e) = served {
             tracing::error!("NATS: {e}");
         }

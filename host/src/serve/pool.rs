@@ -97,10 +97,9 @@ impl Pool {
         };
         // The whole pool up before it takes traffic: a swapped-in pool
         // serves at full width from its first request.
-        let until = std::time::Instant::now() + config.instance_limits().init_deadline;
-        while !supervisor.status().iter().all(|i| i.up) && std::time::Instant::now() < until {
-            tokio::time::sleep(limits::SERVE_RELOAD_POLL).await;
-        }
+        supervisor
+            .wait_all_up(config.instance_limits().init_deadline)
+            .await;
         Ok(Arc::new(Pool {
             generation,
             backend: config.backend.name(),
@@ -124,6 +123,15 @@ impl Pool {
             .iter()
             .enumerate()
             .map(|(i, t)| self.tokens.spans(t).map(|s| s.len()).map_err(|e| (i, e)))
+            .collect()
+    }
+
+    /// Token counts for the batcher's budget only: a text the tokenizer
+    /// refuses counts as one token (the engine judges it).
+    pub fn batch_tokens(&self, texts: &[String]) -> Vec<usize> {
+        texts
+            .iter()
+            .map(|t| self.tokens.spans(t).map_or(1, |s| s.len()))
             .collect()
     }
 

@@ -450,10 +450,7 @@ async fn embedhost_embed(
     let is_query = api::boolean(&map, "query", false)?;
     let until = tokio::time::Instant::now() + state.deadline(&headers)?;
     let pool = state.pool()?;
-    let counts: Vec<usize> = texts
-        .iter()
-        .map(|t| pool.tokens.spans(t).map_or(1, |s| s.len()))
-        .collect();
+    let counts = pool.batch_tokens(&texts);
     let rows = pool.embed(texts, &counts, is_query, until).await?;
     let rows: Vec<Value> = rows
         .into_iter()

@@ -490,6 +490,15 @@ impl Supervisor {
             .expect("set before `start` returns")
     }
 
+    /// Waits until every instance is up, for at most `within`: a caller that
+    /// reports or serves the whole pool does not see it half started.
+    pub async fn wait_all_up(&self, within: Duration) {
+        let until = Instant::now() + within;
+        while !self.status().iter().all(|i| i.up) && Instant::now() < until {
+            tokio::time::sleep(limits::POOL_UP_POLL).await;
+        }
+    }
+
     /// Why the pool is down, while it cools down after an escalation.
     pub fn escalated(&self) -> Option<String> {
         lock(&self.inner.cooldown)
@@ -592,14 +601,7 @@ impl Supervisor {
                 ..f
             }));
         }
-        let vectors = if data.is_empty() {
-            Vectors::default()
-        } else {
-            Vectors::new(dimension, data).map_err(|e| {
-                SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string()))
-            })?
-        };
-        Ok(BatchResult { vectors, failed })
+        batch_result(dimension, data, failed)
     }
 
     /// Instances neither running a call nor claimed by a queued job (one
@@ -761,14 +763,7 @@ impl Supervisor {
         }
         failed.sort_by_key(|f| f.index);
         let data: Vec<f32> = rows.into_iter().flatten().flatten().collect();
-        let vectors = if data.is_empty() {
-            Vectors::default()
-        } else {
-            Vectors::new(dimension, data).map_err(|e| {
-                SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string()))
-            })?
-        };
-        Ok(BatchResult { vectors, failed })
+        batch_result(dimension, data, failed)
     }
 
     /// One attempt on some idle instance. The outer `Result` is the
@@ -827,6 +822,23 @@ impl Supervisor {
             processed: slots.iter().map(|s| s.served).sum(),
         })
     }
+}
+
+/// The rows `data` (of `dimension` each) and the `failed` texts as a
+/// [`BatchResult`].
+fn batch_result(
+    dimension: usize,
+    data: Vec<f32>,
+    failed: Vec<FailedInput>,
+) -> Result<BatchResult, SupervisorError> {
+    let vectors = if data.is_empty() {
+        Vectors::default()
+    } else {
+        Vectors::new(dimension, data).map_err(|e| {
+            SupervisorError::Refused(RemoteError::new(ErrorCode::Failed, e.to_string()))
+        })?
+    };
+    Ok(BatchResult { vectors, failed })
 }
 
 /// How many parts a batch of `texts` is cut into on a pool of `pool`

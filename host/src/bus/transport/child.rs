@@ -66,6 +66,47 @@ pub enum Frame {
     Cancel { id: u64 },
 }
 
+impl Frame {
+    /// The request frame of `envelope`: its body as CBOR, its deadline as
+    /// microseconds left. Every transport that crosses a process boundary
+    /// (this one, NATS) sends requests so.
+    ///
+    /// # Errors
+    /// [`BusError::Encode`] if the body cannot be encoded.
+    pub fn request(envelope: Envelope) -> Result<Frame, BusError> {
+        let body = envelope.body.into_bytes(&envelope.message)?;
+        Ok(Frame::Request {
+            id: envelope.id.0,
+            message: envelope.message.into_owned(),
+            deadline_us: envelope
+                .deadline
+                .map(|d| d.as_micros().min(u64::MAX as u128) as u64),
+            trace: envelope.trace,
+            body: body.into(),
+        })
+    }
+
+    /// The envelope a request frame carries, or `None` for another frame.
+    pub fn into_envelope(self) -> Option<Envelope> {
+        match self {
+            Frame::Request {
+                id,
+                message,
+                deadline_us,
+                trace,
+                body,
+            } => Some(Envelope {
+                id: RequestId(id),
+                message: message.into(),
+                deadline: deadline_us.map(Duration::from_micros),
+                trace,
+                body: Body::Encoded(body.into()),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Why the frame layer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -326,16 +367,7 @@ impl super::Transport for Connection {
                 return Err(shared.gone(&reason));
             }
             let id = envelope.id.0;
-            let body = envelope.body.into_bytes(&envelope.message)?;
-            let frame = Frame::Request {
-                id,
-                message: envelope.message.into_owned(),
-                deadline_us: envelope
-                    .deadline
-                    .map(|d| d.as_micros().min(u64::MAX as u128) as u64),
-                trace: envelope.trace,
-                body: body.into(),
-            };
+            let frame = Frame::request(envelope)?;
             let bytes = encode_frame(&frame, shared.max_frame)?;
             let (tx, rx) = oneshot::channel();
             shared.pending().insert(id, tx);
@@ -412,20 +444,11 @@ where
             Some(Ok(bytes)) => bytes,
         };
         match decode_frame(&bytes) {
-            Ok(Frame::Request {
-                id,
-                message,
-                deadline_us,
-                trace,
-                body,
-            }) => {
-                let envelope = Envelope {
-                    id: RequestId(id),
-                    message: message.into(),
-                    deadline: deadline_us.map(Duration::from_micros),
-                    trace,
-                    body: Body::Encoded(body.into()),
+            Ok(frame @ Frame::Request { .. }) => {
+                let Some(envelope) = frame.into_envelope() else {
+                    continue;
                 };
+                let id = envelope.id.0;
                 let handler = router.dispatch(envelope);
                 let writer = writer.clone();
                 let running_for_task = running.clone();

@@ -32,7 +32,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -41,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::child::Frame;
-use crate::bus::{Body, BoxFuture, BusError, Envelope, ErrorCode, RemoteError, RequestId, Router};
+use crate::bus::{Body, BoxFuture, BusError, Envelope, ErrorCode, RemoteError, Router};
 use crate::limits;
 
 /// Every subject starts with this.
@@ -294,21 +293,15 @@ impl super::Transport for Nats {
         let id = envelope.id.0;
         let subject = subject(&envelope.message, &self.model);
         let reply_to = format!("{}.{id}", self.inbox);
-        let body = match envelope.body.into_bytes(&envelope.message) {
-            Ok(b) => b,
+        let what = envelope.message.to_string();
+        let frame = match Frame::request(envelope) {
+            Ok(frame) => frame,
             Err(e) => return futures::future::ready(Err(e)).boxed(),
-        };
-        let frame = Frame::Request {
-            id,
-            message: envelope.message.to_string(),
-            deadline_us: envelope.deadline.map(|d| d.as_micros() as u64),
-            trace: envelope.trace,
-            body: body.to_vec(),
         };
         let mut payload = Vec::new();
         if let Err(e) = ciborium::into_writer(&frame, &mut payload) {
             return futures::future::ready(Err(BusError::Encode {
-                what: envelope.message.to_string(),
+                what,
                 reason: e.to_string(),
             }))
             .boxed();
@@ -431,27 +424,12 @@ impl ModelCheck {
 
 /// Serves `router` to the pool of `model` on `client` until `stop`: one
 /// queue subscription for every verb of the model, at most `room` requests
-/// at once, each answered with the model id `serving()` returns.
+/// at once, each answered with the model id `serving()` returns. Says on
+/// `ready` once subscribed (or why not).
 ///
 /// # Errors
 /// [`NatsError::Subscribe`].
 pub async fn serve(
-    client: async_nats::Client,
-    model: &str,
-    router: Arc<Router>,
-    room: usize,
-    serving: Arc<dyn Fn() -> String + Send + Sync>,
-    stop: CancellationToken,
-) -> Result<(), NatsError> {
-    let (ready, _) = tokio::sync::oneshot::channel();
-    serve_with_ready(client, model, router, room, serving, stop, ready).await
-}
-
-/// [`serve`], saying on `ready` once subscribed (or why not).
-///
-/// # Errors
-/// [`NatsError::Subscribe`].
-pub async fn serve_with_ready(
     client: async_nats::Client,
     model: &str,
     router: Arc<Router>,
@@ -527,21 +505,12 @@ pub async fn serve_with_ready(
             }
         };
         let model_now = serving();
-        let frame = match ciborium::from_reader::<Frame, _>(message.payload.as_ref()) {
-            Ok(Frame::Request {
-                id,
-                message,
-                deadline_us,
-                trace,
-                body,
-            }) => Envelope {
-                id: RequestId(id),
-                message: message.into(),
-                deadline: deadline_us.map(Duration::from_micros),
-                trace,
-                body: Body::Encoded(Bytes::from(body)),
-            },
-            _ => {
+        let frame = match ciborium::from_reader::<Frame, _>(message.payload.as_ref())
+            .ok()
+            .and_then(Frame::into_envelope)
+        {
+            Some(envelope) => envelope,
+            None => {
                 let error = RemoteError::new(ErrorCode::Decode, "not a request frame");
                 send(Reply::Done { model: model_now, result: Err(error) }).await;
                 continue;
