@@ -107,7 +107,9 @@ async fn throughput(bus: &Bus, concurrency: usize, seconds: f64) -> f64 {
                     let options = SendOptions::default()
                         .retries(100)
                         .backoff(Duration::from_millis(1), Duration::from_millis(20));
-                    bus.send::<EmbedderEmbed>(request(&batch), options).await.unwrap();
+                    bus.send::<EmbedderEmbed>(request(&batch), options)
+                        .await
+                        .unwrap();
                     done += batch.len();
                     if started.elapsed().as_secs_f64() >= seconds {
                         return done;
@@ -164,7 +166,9 @@ fn main() {
         .unwrap();
     let connect_bus = || {
         rt.block_on(async {
-            let client = connect(&url, &NatsOptions::default(), "bench").await.unwrap();
+            let client = connect(&url, &NatsOptions::default(), "bench")
+                .await
+                .unwrap();
             Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap())
         })
     };

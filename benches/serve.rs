@@ -175,7 +175,13 @@ async def main():
 asyncio.run(main())
 "#;
     let out = Command::new(python)
-        .args(["-c", script, url, &concurrency.to_string(), &total.to_string()])
+        .args([
+            "-c",
+            script,
+            url,
+            &concurrency.to_string(),
+            &total.to_string(),
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
@@ -192,7 +198,11 @@ fn whole_runs(runs: usize, mut command: impl FnMut() -> Command) -> f64 {
         .map(|_| {
             let t = Instant::now();
             let out = command().stdout(Stdio::null()).output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -243,8 +253,16 @@ fn main() {
 
     // `search` without a service (each run starts its own embedder).
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/corpus");
-    let out = embedhost(dir.path()).arg("index").arg(&corpus).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = embedhost(dir.path())
+        .arg("index")
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let search = || {
         let mut c = embedhost(dir.path());
         c.args(["search", "how do I reset my password"]);
@@ -255,7 +273,11 @@ fn main() {
     let service = start(dir.path());
     let search_served = whole_runs(runs.max(3) * 2, search);
     let warm = agent();
-    post(&warm, &service.url, &serde_json::json!(common::short_sentences(64)));
+    post(
+        &warm,
+        &service.url,
+        &serde_json::json!(common::short_sentences(64)),
+    );
     let (batch_rate, _, _) = load(&service.url, 1, 512, seconds);
     let levels: Vec<(usize, (f64, f64, f64))> = [1, 8, 64]
         .into_iter()
@@ -292,7 +314,9 @@ fn main() {
             512.0 / p,
             p / ours
         ),
-        None => println!("embed 512 sentences, whole run: {ours:.2} s (no Python baseline: run ./x setup)"),
+        None => println!(
+            "embed 512 sentences, whole run: {ours:.2} s (no Python baseline: run ./x setup)"
+        ),
     }
 
     let batch = ("batch requests of 512 sentences, same service", batch_rate);
@@ -309,8 +333,24 @@ fn main() {
     }
     let one = levels[0].1;
     for (clients, (_, p50, p99)) in &levels[1..] {
-        figure(SECTION, &format!("p50 latency at {clients} clients"), p50 * 1e3, "ms", ("p50 at 1 client", one.1 * 1e3), Better::Lower, COMMAND);
-        figure(SECTION, &format!("p99 latency at {clients} clients"), p99 * 1e3, "ms", ("p99 at 1 client", one.2 * 1e3), Better::Lower, COMMAND);
+        figure(
+            SECTION,
+            &format!("p50 latency at {clients} clients"),
+            p50 * 1e3,
+            "ms",
+            ("p50 at 1 client", one.1 * 1e3),
+            Better::Lower,
+            COMMAND,
+        );
+        figure(
+            SECTION,
+            &format!("p99 latency at {clients} clients"),
+            p99 * 1e3,
+            "ms",
+            ("p99 at 1 client", one.2 * 1e3),
+            Better::Lower,
+            COMMAND,
+        );
     }
     if let Some(openai) = openai {
         figure(

@@ -7,7 +7,8 @@
 //!   intra-op thread, on the fp32 graph and on the int8 one
 //!   (`[native] precision = "int8"`);
 //! - WASM: a pool of one BERT plugin instance per core, batches dispatched
-//!   concurrently (parallelism comes from the pool, one thread each);
+//!   concurrently (parallelism comes from the pool, one thread each), at
+//!   int8 (the default) and at fp32;
 //! - baseline: Python onnxruntime with the Hugging Face tokenizer on the same
 //!   model.onnx and the same thread count (`scripts/bench_python_ort.py`).
 //!
@@ -141,30 +142,37 @@ fn main() {
     let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
         .unwrap()
         .with_model_dir(&dir);
-    let spawner = WasmSpawner {
-        plugin,
-        limits: InstanceLimits::default(),
-        config: vec![],
-    };
     let pool = SupervisorConfig {
         pool_size: cores,
         ..one
     };
-    let wasm = rt.block_on(Supervisor::start(spawner, pool)).unwrap();
+    let wasm_pool = |precision: &str| {
+        let spawner = WasmSpawner {
+            plugin: plugin.clone(),
+            limits: InstanceLimits::default(),
+            config: vec![("precision".into(), precision.into())],
+        };
+        rt.block_on(Supervisor::start(spawner, pool.clone()))
+            .unwrap()
+    };
+    let wasm = wasm_pool("int8");
+    let wasm32 = wasm_pool("fp32");
 
     println!(
         "throughput (cargo bench --bench throughput): all-MiniLM-L6-v2, {cores} cores, sentences/s"
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
+        "{:<26} {:>10} {:>10} {:>11} {:>10} {:>10} {:>14} {:>12} {:>12} {:>12}",
         "workload",
         "python ort",
         "native",
         "native int8",
-        "wasm pool",
+        "wasm int8",
+        "wasm fp32",
         "native/python",
         "int8/native",
-        "wasm/native"
+        "wasm8/native",
+        "wasm32/native"
     );
     for (name, batch) in [
         ("32 short sentences", common::short_sentences(32)),
@@ -174,12 +182,14 @@ fn main() {
         let n = through(&rt, &native, &batch, 1, seconds);
         let q = through(&rt, &int8, &batch, 1, seconds);
         let w = through(&rt, &wasm, &batch, cores, seconds);
+        let w32 = through(&rt, &wasm32, &batch, cores, seconds);
         let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));
         let ratio = base.map_or("-".to_string(), |b| format!("{:.2}x", n / b));
         println!(
-            "{name:<26} {base_text:>10} {n:>10.1} {q:>11.1} {w:>10.1} {ratio:>14} {:>11.2}x {:>11.2}x",
+            "{name:<26} {base_text:>10} {n:>10.1} {q:>11.1} {w:>10.1} {w32:>10.1} {ratio:>14} {:>11.2}x {:>11.2}x {:>11.2}x",
             q / n,
-            w / n
+            w / n,
+            w32 / n
         );
         let section = format!("Embedding throughput (all-MiniLM-L6-v2, {cores} cores)");
         let record = |what: &str, value: f64, baseline: (&str, f64)| {
@@ -201,9 +211,24 @@ fn main() {
             );
         }
         record("native int8", q, ("native fp32", n));
-        record(&format!("WASM pool of {cores}"), w, ("native fp32", n));
+        record(&format!("WASM int8 pool of {cores}"), w, ("native fp32", n));
+        record(
+            &format!("WASM int8 pool of {cores}, against native int8"),
+            w,
+            ("native int8", q),
+        );
+        record(
+            &format!("WASM fp32 pool of {cores}"),
+            w32,
+            ("native fp32", n),
+        );
     }
-    for (name, supervisor) in [("native", &native), ("native int8", &int8), ("wasm", &wasm)] {
+    for (name, supervisor) in [
+        ("native", &native),
+        ("native int8", &int8),
+        ("wasm int8", &wasm),
+        ("wasm fp32", &wasm32),
+    ] {
         for i in supervisor.status() {
             println!(
                 "{name} instance {}: {} MB at its last health check, restarts {:?}",

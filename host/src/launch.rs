@@ -109,7 +109,6 @@ pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String
         .map_err(|e| e.to_string())
 }
 
-
 /// The pool on the NATS server `[embedder] remote` names, if the config
 /// names one: a bus to it, and the model its members serve (asked with
 /// `embedder.handshake`, retried while the pool has no member yet).
@@ -137,7 +136,12 @@ pub async fn remote_embedder(
     let hello = bus
         .send::<crate::messages::EmbedderHandshake>(crate::bus::Empty {}, options)
         .await
-        .map_err(|e| format!("no NATS member serves `{}` at {shown}: {e}", config.model_id()))?;
+        .map_err(|e| {
+            format!(
+                "no NATS member serves `{}` at {shown}: {e}",
+                config.model_id()
+            )
+        })?;
     tracing::info!(url = %shown, model = %hello.model.model_id, "using the pool over NATS");
     Ok(Some((bus, hello.model)))
 }

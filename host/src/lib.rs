@@ -21,9 +21,9 @@ pub mod config;
 pub mod conformance;
 pub mod deps;
 pub mod embedder;
-pub mod launch;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod launch;
 pub mod limits;
 pub mod memory;
 pub mod messages;

@@ -88,9 +88,9 @@ pub const DEFAULT_MEMORY_LIMIT_BYTES: u64 = 1024 * 1024 * 1024;
 /// ever fires for a call blocked in the host.
 pub const HOST_CALL_GRACE: Duration = Duration::from_millis(250);
 
-/// Largest plugin file the host reads. The built-in BERT plugin (candle and
-/// a tokenizer, without weights, which live in the model directory) is
-/// about 5 MB; 64 MiB leaves room for plugins that embed a small model,
+/// Largest plugin file the host reads. The built-in BERT plugin (its engine
+/// and a tokenizer, without weights, which live in the model directory) is
+/// about 2.8 MB; 64 MiB leaves room for plugins that embed a small model,
 /// while a file past it is refused before it is read.
 pub const MAX_PLUGIN_FILE_BYTES: u64 = 64 * 1024 * 1024;
 

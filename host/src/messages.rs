@@ -78,7 +78,9 @@ impl std::str::FromStr for SearchMode {
             "hybrid" => Ok(SearchMode::Hybrid),
             "semantic" => Ok(SearchMode::Semantic),
             "keyword" => Ok(SearchMode::Keyword),
-            other => Err(format!("`{other}` is not a search mode (hybrid, semantic, keyword)")),
+            other => Err(format!(
+                "`{other}` is not a search mode (hybrid, semantic, keyword)"
+            )),
         }
     }
 }

@@ -60,7 +60,11 @@ fn the_front_ends_sit_on_top_and_nothing_imports_them() {
     // `launch`.
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let found = mentions(&src.join("serve"), "cli");
-    assert!(found.is_empty(), "`serve` imports `cli`:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "`serve` imports `cli`:\n{}",
+        found.join("\n")
+    );
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
@@ -79,6 +83,10 @@ fn the_front_ends_sit_on_top_and_nothing_imports_them() {
                 .map(str::to_string)
                 .collect()
         };
-        assert!(found.is_empty(), "`{name}` imports a front end:\n{}", found.join("\n"));
+        assert!(
+            found.is_empty(),
+            "`{name}` imports a front end:\n{}",
+            found.join("\n")
+        );
     }
 }

@@ -37,7 +37,11 @@ impl NatsServer {
     fn binary() -> PathBuf {
         let deps = embedhost::deps::deps_dir().expect("run ./x setup");
         let path = deps.join("venv/bin/nats-server");
-        assert!(path.exists(), "run ./x setup: {} is missing", path.display());
+        assert!(
+            path.exists(),
+            "run ./x setup: {} is missing",
+            path.display()
+        );
         path
     }
 
@@ -145,7 +149,11 @@ fn contents(dir: &Path) -> (BTreeMap<(PathBuf, u32, String), Vec<f32>>, u64, u64
 fn assert_same(remote: &Path, local: &Path) {
     let (a, files_a, skipped_a) = contents(remote);
     let (b, files_b, skipped_b) = contents(local);
-    assert_eq!((files_a, skipped_a), (files_b, skipped_b), "files indexed, skipped");
+    assert_eq!(
+        (files_a, skipped_a),
+        (files_b, skipped_b),
+        "files indexed, skipped"
+    );
     assert_eq!(files_a, FILES as u64);
     assert_eq!(a.len(), b.len(), "chunks");
     for ((key, va), (kb, vb)) in a.iter().zip(&b) {
@@ -176,7 +184,11 @@ fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
     let mut nats = NatsServer::start();
     let url = nats.url();
     let local = local_run();
-    let members = [member("wasm", &url), member("wasm", &url), member("native", &url)];
+    let members = [
+        member("wasm", &url),
+        member("wasm", &url),
+        member("native", &url),
+    ];
 
     // 1. No faults.
     let (dir, config) = client(&url);
@@ -192,7 +204,10 @@ fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
     let _ = first.wait_exit(Duration::from_secs(5));
     let fourth = member("wasm", &url);
     let mut run = run;
-    assert!(run.try_wait().unwrap().is_none(), "the run ended before the faults");
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the run ended before the faults"
+    );
     finish(run);
     assert_same(&dir, &local);
 
@@ -200,7 +215,10 @@ fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
     let (dir, config) = client(&url);
     let mut run = index(&dir, &config);
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(run.try_wait().unwrap().is_none(), "the run ended before the restart");
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the run ended before the restart"
+    );
     nats.down();
     std::thread::sleep(Duration::from_millis(300));
     nats.up();
@@ -238,11 +256,16 @@ async fn busy_member(
     let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
         .await
         .unwrap();
-    let client = connect(&nats.url(), &NatsOptions::default(), "test").await.unwrap();
+    let client = connect(&nats.url(), &NatsOptions::default(), "test")
+        .await
+        .unwrap();
     let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
     let first = {
         let bus = bus.clone();
-        tokio::spawn(async move { bus.send::<EmbedderEmbed>(one_text("first"), SendOptions::default()).await })
+        tokio::spawn(async move {
+            bus.send::<EmbedderEmbed>(one_text("first"), SendOptions::default())
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     (nats, member, bus, first)
@@ -258,13 +281,21 @@ async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
     // Five more give up after 200 ms.
     for i in 0..5 {
         let r = bus
-            .send::<EmbedderEmbed>(one_text(&format!("late {i}")), SendOptions::default().timeout(Duration::from_millis(200)))
+            .send::<EmbedderEmbed>(
+                one_text(&format!("late {i}")),
+                SendOptions::default().timeout(Duration::from_millis(200)),
+            )
             .await;
-        assert!(r.is_err(), "a 200 ms request to a busy member cannot succeed");
+        assert!(
+            r.is_err(),
+            "a 200 ms request to a busy member cannot succeed"
+        );
     }
     first.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let info = tokio::task::spawn_blocking(move || member.get("/info").1).await.unwrap();
+    let info = tokio::task::spawn_blocking(move || member.get("/info").1)
+        .await
+        .unwrap();
     // Only the first was ever run on an instance.
     assert_eq!(info["served_calls"], 1, "{info}");
 }
@@ -284,7 +315,15 @@ fn a_service_whose_embedder_is_remote_serves_and_indexes_through_the_pool() {
     assert_eq!(status, 200, "{remote}");
     assert_eq!(remote, pool.post("/embed", &body).1);
     // A member of this model may not join another pool as a front.
-    let out = front.cli(&["serve", "--listen", "127.0.0.1:0", "--nats", &url, "--db", "other"]);
+    let out = front.cli(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats",
+        &url,
+        "--db",
+        "other",
+    ]);
     assert!(!out.status.success());
     // The front's worker indexes through the pool.
     let docs = front.dir.join("docs");
@@ -292,10 +331,20 @@ fn a_service_whose_embedder_is_remote_serves_and_indexes_through_the_pool() {
     std::fs::write(docs.join("a.txt"), "ownership and borrowing").unwrap();
     std::fs::write(docs.join("b.txt"), "the quick brown fox").unwrap();
     let out = front.cli(&["index", "docs"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (status, results) = front.post("/search", &serde_json::json!({ "query": "borrowing", "limit": 1 }));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, results) = front.post(
+        "/search",
+        &serde_json::json!({ "query": "borrowing", "limit": 1 }),
+    );
     assert_eq!(status, 200);
-    assert!(results[0]["path"].as_str().unwrap().ends_with("a.txt"), "{results}");
+    assert!(
+        results[0]["path"].as_str().unwrap().ends_with("a.txt"),
+        "{results}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,13 +356,18 @@ async fn a_caller_that_gives_up_early_cancels_its_request_at_the_member() {
     // the cancel can keep the member from running it after the first.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(150),
-        bus.send::<EmbedderEmbed>(one_text("given up"), SendOptions::default().timeout(Duration::from_secs(30))),
+        bus.send::<EmbedderEmbed>(
+            one_text("given up"),
+            SendOptions::default().timeout(Duration::from_secs(30)),
+        ),
     )
     .await;
     assert!(gave_up.is_err());
     first.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let info = tokio::task::spawn_blocking(move || member.get("/info").1).await.unwrap();
+    let info = tokio::task::spawn_blocking(move || member.get("/info").1)
+        .await
+        .unwrap();
     assert_eq!(info["served_calls"], 1, "{info}");
 }
 
@@ -331,7 +385,11 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
     std::fs::write(&paths.0, ca.pem()).unwrap();
     std::fs::write(&paths.1, cert.pem()).unwrap();
     std::fs::write(&paths.2, key.serialize_pem()).unwrap();
@@ -343,15 +401,38 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
     use embedhost::bus::transport::nats::split_credentials;
     assert_eq!(
         split_credentials("nats://u:p@h:4222"),
-        ("nats://h:4222".to_string(), Some("u".into()), Some("p".into()))
+        (
+            "nats://h:4222".to_string(),
+            Some("u".into()),
+            Some("p".into())
+        )
     );
-    assert_eq!(split_credentials("nats://tok@h"), ("nats://h".to_string(), Some("tok".into()), None));
-    assert_eq!(split_credentials("nats://h:1"), ("nats://h:1".to_string(), None, None));
+    assert_eq!(
+        split_credentials("nats://tok@h"),
+        ("nats://h".to_string(), Some("tok".into()), None)
+    );
+    assert_eq!(
+        split_credentials("nats://h:1"),
+        ("nats://h:1".to_string(), None, None)
+    );
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut server = Command::new(NatsServer::binary())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "pool", "--pass", "s3cret-pass"])
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--user",
+            "pool",
+            "--pass",
+            "s3cret-pass",
+        ])
         .arg("--tlscert")
         .arg(&cert)
         .arg("--tlskey")
@@ -366,11 +447,18 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = format!("nats://pool:s3cret-pass@127.0.0.1:{port}");
-    let tls = format!("[nats]\ntls_ca = \"{}\"\nrequire_tls = true\n", ca.display());
+    let tls = format!(
+        "[nats]\ntls_ca = \"{}\"\nrequire_tls = true\n",
+        ca.display()
+    );
     let member = Service::start(&stub_config("wasm", "", &tls), &["--nats", &url]);
     // A caller with the CA and the credentials embeds through the pool.
     let client = tempfile::tempdir().unwrap();
-    let config = stub_config("wasm", "", &format!("{tls}[embedder]\nremote = \"{url}\"\n"));
+    let config = stub_config(
+        "wasm",
+        "",
+        &format!("{tls}[embedder]\nremote = \"{url}\"\n"),
+    );
     std::fs::write(client.path().join("embedhost.toml"), &config).unwrap();
     let embed = |dir: &Path| {
         Command::new(env!("CARGO_BIN_EXE_embedhost"))
@@ -382,7 +470,11 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
             .unwrap()
     };
     let out = embed(client.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (status, tei) = member.post("/embed", &serde_json::json!({ "inputs": "over tls" }));
     assert_eq!(status, 200);
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -407,7 +499,10 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
         // The password never shows.
-        assert!(!err.contains("s3cret-pass") && !err.contains("wrong"), "{err}");
+        assert!(
+            !err.contains("s3cret-pass") && !err.contains("wrong"),
+            "{err}"
+        );
     }
     let _ = server.kill();
     let _ = server.wait();

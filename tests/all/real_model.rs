@@ -20,7 +20,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-async fn wasm_pool(size: usize) -> Supervisor {
+async fn wasm_pool(size: usize, precision: &str) -> Supervisor {
     let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
     let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
     let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
@@ -29,7 +29,7 @@ async fn wasm_pool(size: usize) -> Supervisor {
     let spawner = WasmSpawner {
         plugin,
         limits: InstanceLimits::default(),
-        config: vec![],
+        config: vec![("precision".into(), precision.into())],
     };
     let config = SupervisorConfig {
         pool_size: size,
@@ -38,29 +38,98 @@ async fn wasm_pool(size: usize) -> Supervisor {
     Supervisor::start(spawner, config).await.unwrap()
 }
 
-#[tokio::test]
-async fn the_wasm_plugin_matches_the_reference_vectors() {
-    let supervisor = wasm_pool(1).await;
+/// The cosine of each golden sentence's vector from a pool at `precision` to
+/// the reference: the short texts in one packed call, the long ones alone.
+async fn golden_cosines(precision: &str) -> Vec<(String, f32)> {
+    let supervisor = wasm_pool(1, precision).await;
     let info = supervisor.model_info();
     assert_eq!((info.dimension, info.max_input_tokens), (384, 256));
     let golden = golden();
-    // The short texts in one padded batch, the long ones alone (a batch
-    // padded to 256 tokens would only cost time).
     let (short, long): (Vec<_>, Vec<_>) = golden.iter().partition(|(t, _)| t.len() < 200);
     let texts: Vec<String> = short.iter().map(|(t, _)| t.clone()).collect();
     let r = supervisor.embed(texts, false, DEADLINE).await.unwrap();
+    let mut cosines = Vec::new();
     for (i, (text, reference)) in short.iter().enumerate() {
-        let c = cosine(r.vectors.get(i).unwrap(), reference);
-        assert!(c >= 0.9999, "{text:?}: cosine {c}");
+        cosines.push((text.clone(), cosine(r.vectors.get(i).unwrap(), reference)));
     }
     for (text, reference) in long {
         let r = supervisor
             .embed(vec![text.clone()], false, DEADLINE)
             .await
             .unwrap();
-        let c = cosine(r.vectors.get(0).unwrap(), reference);
-        assert!(c >= 0.9999, "{:?}...: cosine {c}", &text[..40]);
+        cosines.push((text.clone(), cosine(r.vectors.get(0).unwrap(), reference)));
     }
+    supervisor.shutdown().await;
+    cosines
+}
+
+#[tokio::test]
+async fn the_wasm_plugin_matches_the_reference_vectors_in_fp32() {
+    for (text, c) in golden_cosines("fp32").await {
+        assert!(c >= 0.9999, "{text:?}: cosine {c}");
+    }
+}
+
+#[tokio::test]
+async fn the_wasm_plugin_in_int8_stays_near_the_reference() {
+    let cosines = golden_cosines("int8").await;
+    // Every sentence with a word in it (the golden set also holds an empty
+    // text and punctuation, whose vectors carry no meaning to keep).
+    let worded: Vec<_> = cosines
+        .iter()
+        .filter(|(t, _)| t.chars().any(char::is_alphabetic))
+        .collect();
+    assert!(worded.len() >= 18);
+    let (worst, min) = worded
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(t, c)| (t.clone(), *c))
+        .unwrap();
+    eprintln!("int8 vs reference: minimum cosine {min:.5} ({worst:?})");
+    assert!(min >= 0.99, "{worst:?}: cosine {min}");
+    // Quantization changes the vectors: this is not the fp32 path by mistake.
+    assert!(worded.iter().any(|(_, c)| *c < 0.9999));
+}
+
+#[tokio::test]
+async fn int8_vectors_are_the_same_bits_alone_in_any_batch_and_across_instances() {
+    let texts: Vec<String> = golden().into_iter().map(|(t, _)| t).take(12).collect();
+    let alone = wasm_pool(1, "int8").await;
+    let mut reference = Vec::new();
+    for text in &texts {
+        let r = alone
+            .embed(vec![text.clone()], false, DEADLINE)
+            .await
+            .unwrap();
+        reference.push(r.vectors.get(0).unwrap().to_vec());
+    }
+    alone.shutdown().await;
+    // Another pool (fresh instances, other runs of the same code): the same
+    // texts in batches of other sizes, orders and neighbours.
+    let batched = wasm_pool(2, "int8").await;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    for round in 0..3 {
+        order.rotate_left(5);
+        if round == 1 {
+            order.reverse();
+        }
+        for group in order.chunks(3 + round * 2) {
+            let batch: Vec<String> = group.iter().map(|&i| texts[i].clone()).collect();
+            let r = batched.embed(batch, false, DEADLINE).await.unwrap();
+            for (k, &i) in group.iter().enumerate() {
+                let got = r.vectors.get(k).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&reference[i])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{:?} differs in a batch of {} (round {round})",
+                    texts[i],
+                    group.len()
+                );
+            }
+        }
+    }
+    batched.shutdown().await;
 }
 
 /// The model directory's files, hard-linked into a new directory: the same

@@ -199,7 +199,10 @@ impl Service {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < until, "the service did not exit within {within:?}");
+            assert!(
+                Instant::now() < until,
+                "the service did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -253,7 +256,11 @@ fn embed_alone(dir: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     crate::cli::vectors(&out).into_iter().map(|r| r.1).collect()
 }
 
@@ -262,8 +269,16 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     let dir = tempfile::tempdir().unwrap().keep();
     let docs = dir.join("docs");
     std::fs::create_dir_all(docs.join("notes")).unwrap();
-    std::fs::write(docs.join("notes/rust.txt"), "ownership and borrowing in rust").unwrap();
-    std::fs::write(docs.join("fox.txt"), "the quick brown fox jumps over the lazy dog").unwrap();
+    std::fs::write(
+        docs.join("notes/rust.txt"),
+        "ownership and borrowing in rust",
+    )
+    .unwrap();
+    std::fs::write(
+        docs.join("fox.txt"),
+        "the quick brown fox jumps over the lazy dog",
+    )
+    .unwrap();
     let config = stub_config(
         "wasm",
         "",
@@ -288,7 +303,10 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     assert_eq!((status, &models["data"][0]["id"]), (200, &info["model_id"]));
 
     // OpenAI: the same vectors as `embedhost embed`, as floats and base64.
-    let (status, body) = s.post("/v1/embeddings", &json!({ "input": texts, "model": "embedhost/stub-feature-hash" }));
+    let (status, body) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": texts, "model": "embedhost/stub-feature-hash" }),
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(openai_vectors(&body), expected);
     assert_eq!(body["object"], "list");
@@ -296,7 +314,10 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() >= 5);
     let (_, one) = s.post("/v1/embeddings", &json!({ "input": "hello world" }));
     assert_eq!(openai_vectors(&one), expected[..1]);
-    let (status, b64) = s.post("/v1/embeddings", &json!({ "input": texts, "encoding_format": "base64" }));
+    let (status, b64) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": texts, "encoding_format": "base64" }),
+    );
     assert_eq!(status, 200);
     use base64::Engine as _;
     let decoded: Vec<Vec<f32>> = b64["data"]
@@ -319,7 +340,10 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     assert_eq!(status, 200);
     let tei: Vec<Vec<f32>> = serde_json::from_value(tei).unwrap();
     assert_eq!(tei, expected);
-    let (status, single) = s.post("/embed", &json!({ "inputs": "hello world", "normalize": true, "truncate": true }));
+    let (status, single) = s.post(
+        "/embed",
+        &json!({ "inputs": "hello world", "normalize": true, "truncate": true }),
+    );
     assert_eq!(status, 200);
     assert_eq!(single[0].as_array().unwrap().len(), 384);
 
@@ -329,28 +353,64 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     };
     let (status, e) = refused("/v1/embeddings", Some("{not json".into()), &[]);
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("not valid JSON"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{e}"
+    );
     assert_eq!(e["error"]["type"], "invalid_request_error");
     let (status, e) = s.post("/v1/embeddings", &json!({ "input": 42 }));
     assert_eq!((status, &e["error"]["param"]), (400, &json!("input")));
-    assert!(e["error"]["message"].as_str().unwrap().contains("`input`"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("`input`"),
+        "{e}"
+    );
     let (status, e) = s.post("/v1/embeddings", &json!({ "input": [1, 2, 3] }));
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("token arrays"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token arrays"),
+        "{e}"
+    );
     let (status, e) = s.post("/v1/embeddings", &json!({ "model": "x" }));
     assert_eq!((status, &e["error"]["param"]), (400, &json!("input")));
-    let (status, e) = s.post("/v1/embeddings", &json!({ "input": "a", "model": "text-embedding-3-small" }));
+    let (status, e) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": "a", "model": "text-embedding-3-small" }),
+    );
     assert_eq!((status, &e["error"]["param"]), (404, &json!("model")));
-    let (status, e) = s.post("/v1/embeddings", &json!({ "input": "a", "dimensions": 256 }));
+    let (status, e) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": "a", "dimensions": 256 }),
+    );
     assert_eq!((status, &e["error"]["param"]), (400, &json!("dimensions")));
-    assert!(e["error"]["message"].as_str().unwrap().contains("384"), "{e}");
-    let (status, _) = s.post("/v1/embeddings", &json!({ "input": "a", "dimensions": 384 }));
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("384"),
+        "{e}"
+    );
+    let (status, _) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": "a", "dimensions": 384 }),
+    );
     assert_eq!(status, 200);
-    let (status, e) = s.post("/v1/embeddings", &json!({ "input": "a", "encoding_format": "int8" }));
-    assert_eq!((status, &e["error"]["param"]), (400, &json!("encoding_format")));
+    let (status, e) = s.post(
+        "/v1/embeddings",
+        &json!({ "input": "a", "encoding_format": "int8" }),
+    );
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("encoding_format"))
+    );
     let (status, e) = s.post("/v1/embeddings", &json!({ "input": ["a", ""] }));
     assert_eq!(status, 400);
-    assert!(e["error"]["message"].as_str().unwrap().contains("input[1]"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("input[1]"),
+        "{e}"
+    );
     let nine: Vec<String> = (0..9).map(|i| format!("text {i}")).collect();
     let (status, e) = s.post("/embed", &json!({ "inputs": nine }));
     assert_eq!(status, 400);
@@ -367,10 +427,28 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     let (status, _) = s.post("/embed", &json!({ "inputs": long, "truncate": true }));
     assert_eq!(status, 200);
     let (status, e) = s.post("/embed", &json!({ "inputs": "a", "normalize": "yes" }));
-    assert!(status == 400 && e["error"].as_str().unwrap().contains("`normalize`"), "{e}");
-    let (status, e) = refused("/embed", Some(r#"{"inputs":"a"}"#.into()), &[("x-embedhost-deadline-ms", "soon")]);
-    assert!(status == 400 && e["error"].as_str().unwrap().contains("x-embedhost-deadline-ms"), "{e}");
-    let (status, _) = refused("/embed", Some(r#"{"inputs":"a"}"#.into()), &[("x-embedhost-deadline-ms", "5000")]);
+    assert!(
+        status == 400 && e["error"].as_str().unwrap().contains("`normalize`"),
+        "{e}"
+    );
+    let (status, e) = refused(
+        "/embed",
+        Some(r#"{"inputs":"a"}"#.into()),
+        &[("x-embedhost-deadline-ms", "soon")],
+    );
+    assert!(
+        status == 400
+            && e["error"]
+                .as_str()
+                .unwrap()
+                .contains("x-embedhost-deadline-ms"),
+        "{e}"
+    );
+    let (status, _) = refused(
+        "/embed",
+        Some(r#"{"inputs":"a"}"#.into()),
+        &[("x-embedhost-deadline-ms", "5000")],
+    );
     assert_eq!(status, 200);
     let (status, _) = s.get("/no/such/route");
     assert_eq!(status, 404);
@@ -385,7 +463,10 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     assert_eq!(status, 403);
     std::fs::remove_file(docs.join("escape")).unwrap();
     let (status, e) = s.post("/index", &json!({ "paths": [dir.join("missing")] }));
-    assert!(status == 400 && e["error"].as_str().unwrap().contains("missing"), "{e}");
+    assert!(
+        status == 400 && e["error"].as_str().unwrap().contains("missing"),
+        "{e}"
+    );
     let (status, job) = s.post("/index", &json!({ "paths": [docs.to_str().unwrap()] }));
     assert_eq!(status, 202, "{job}");
     let until = Instant::now() + Duration::from_secs(30);
@@ -399,32 +480,59 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(progress["indexed"], 2, "{progress}");
-    let (status, results) = s.post("/search", &json!({ "query": "borrowing in rust", "limit": 1 }));
+    let (status, results) = s.post(
+        "/search",
+        &json!({ "query": "borrowing in rust", "limit": 1 }),
+    );
     assert_eq!(status, 200);
     assert_eq!(results.as_array().unwrap().len(), 1);
-    assert!(results[0]["path"].as_str().unwrap().ends_with("rust.txt"), "{results}");
+    assert!(
+        results[0]["path"].as_str().unwrap().ends_with("rust.txt"),
+        "{results}"
+    );
     assert!(results[0]["start_line"].is_u64() && results[0]["score"].is_f64());
     let (status, e) = s.post("/search", &json!({ "limit": 1 }));
-    assert!(status == 400 && e["error"].as_str().unwrap().contains("`query`"), "{e}");
+    assert!(
+        status == 400 && e["error"].as_str().unwrap().contains("`query`"),
+        "{e}"
+    );
     let (status, e) = s.post("/search", &json!({ "query": "x", "limit": 100000 }));
-    assert!(status == 400 && e["error"].as_str().unwrap().contains("`limit`"), "{e}");
+    assert!(
+        status == 400 && e["error"].as_str().unwrap().contains("`limit`"),
+        "{e}"
+    );
     let (status, stats) = s.get("/stats");
-    assert_eq!((status, &stats["indexed"], &stats["chunks"]), (200, &json!(2), &json!(2)));
+    assert_eq!(
+        (status, &stats["indexed"], &stats["chunks"]),
+        (200, &json!(2), &json!(2))
+    );
 
     // The CLI beside the service sends its work there (and says so with -v).
     let out = s.cli(&["-v", "search", "--json", "borrowing in rust"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("using the running service"));
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli[0]["path"], results[0]["path"]);
     let out = s.cli(&["-v", "embed", "hello world", "a second text"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("using the running service"));
     let via: Vec<Vec<f32>> = crate::cli::vectors(&out).into_iter().map(|r| r.1).collect();
     assert_eq!(via, expected);
     std::fs::write(docs.join("new.txt"), "a file added later").unwrap();
     let out = s.cli(&["-v", "index", "docs"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("by the running service"));
     assert_eq!(s.get("/stats").1["indexed"], 3);
 
@@ -468,10 +576,19 @@ print(json.dumps({
 }))
 "#;
     let out = Command::new(&python)
-        .args(["-c", script, &s.url, &serde_json::to_string(&texts).unwrap()])
+        .args([
+            "-c",
+            script,
+            &s.url,
+            &serde_json::to_string(&texts).unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in ["float", "default"] {
         let got: Vec<Vec<f32>> = serde_json::from_value(answer[key].clone()).unwrap();
@@ -484,7 +601,11 @@ print(json.dumps({
 #[test]
 fn off_loopback_needs_a_key_and_requests_without_it_get_401() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("embedhost.toml"), stub_config("wasm", "", "")).unwrap();
+    std::fs::write(
+        dir.path().join("embedhost.toml"),
+        stub_config("wasm", "", ""),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .current_dir(dir.path())
         .args(["serve", "--listen", "0.0.0.0:0"])
@@ -493,7 +614,10 @@ fn off_loopback_needs_a_key_and_requests_without_it_get_401() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a loopback address") && err.contains("API key"), "{err}");
+    assert!(
+        err.contains("not a loopback address") && err.contains("API key"),
+        "{err}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .current_dir(dir.path())
         .args(["serve", "--listen", "0.0.0.0:0", "--api-key", "short"])
@@ -509,12 +633,29 @@ fn off_loopback_needs_a_key_and_requests_without_it_get_401() {
     assert_eq!(status, 401);
     assert_eq!(e["error"]["type"], "authentication_error");
     let wrong = format!("Bearer {key}x");
-    assert_eq!(s.call("POST", "/v1/embeddings", body.clone(), &[("authorization", &wrong)]).0, 401);
+    assert_eq!(
+        s.call(
+            "POST",
+            "/v1/embeddings",
+            body.clone(),
+            &[("authorization", &wrong)]
+        )
+        .0,
+        401
+    );
     assert_eq!(s.call("GET", "/info", None, &[]).0, 401);
     assert_eq!(s.call("GET", "/metrics", None, &[]).0, 401);
     let right = format!("Bearer {key}");
-    assert_eq!(s.call("POST", "/v1/embeddings", body, &[("authorization", &right)]).0, 200);
-    assert_eq!(s.call("GET", "/ready", None, &[("authorization", &right)]).0, 200);
+    assert_eq!(
+        s.call("POST", "/v1/embeddings", body, &[("authorization", &right)])
+            .0,
+        200
+    );
+    assert_eq!(
+        s.call("GET", "/ready", None, &[("authorization", &right)])
+            .0,
+        200
+    );
 }
 
 /// `clients` threads each sending `requests` one-sentence requests to
@@ -542,7 +683,10 @@ fn load(
                     if done {
                         break;
                     }
-                    let text = format!("client {c} asks question number {r} about topic {}", (c * 31 + r) % 97);
+                    let text = format!(
+                        "client {c} asks question number {r} about topic {}",
+                        (c * 31 + r) % 97
+                    );
                     let body = json!({ "input": text }).to_string();
                     match agent
                         .post(&url)
@@ -554,7 +698,10 @@ fn load(
                                 &response.body_mut().read_to_string().unwrap(),
                             )
                             .unwrap();
-                            answers.lock().unwrap().push((text, openai_vectors(&v).remove(0)));
+                            answers
+                                .lock()
+                                .unwrap()
+                                .push((text, openai_vectors(&v).remove(0)));
                         }
                         Ok(mut response) => failures.lock().unwrap().push(format!(
                             "{}: {}",
@@ -567,7 +714,10 @@ fn load(
             });
         }
     });
-    (answers.into_inner().unwrap(), failures.into_inner().unwrap())
+    (
+        answers.into_inner().unwrap(),
+        failures.into_inner().unwrap(),
+    )
 }
 
 /// The clean vectors of `texts`, from a service without faults, in
@@ -595,10 +745,19 @@ fn metric(text: &str, prefix: &str) -> f64 {
 #[test]
 fn load_with_random_plugin_crashes_fails_no_request_and_changes_no_vector() {
     // 2% of calls trap, under the shipped supervision policy.
-    let config = stub_config("wasm", "\"fault.chaos\" = \"0.02\"\n\"fault.chaos_kinds\" = \"trap\"", "");
+    let config = stub_config(
+        "wasm",
+        "\"fault.chaos\" = \"0.02\"\n\"fault.chaos_kinds\" = \"trap\"",
+        "",
+    );
     let s = Service::start(&config, &[]);
     let (answers, failures) = load(&s, 64, 50, None);
-    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert_eq!(answers.len(), 64 * 50);
     let texts: Vec<String> = answers.iter().map(|a| a.0.clone()).collect();
     let clean = clean_vectors(&texts);
@@ -610,7 +769,10 @@ fn load_with_random_plugin_crashes_fails_no_request_and_changes_no_vector() {
     assert!(restarts > 0.0, "no restarts in\n{metrics}");
     // Batching did its work: far fewer batches than requests.
     let batches = metric(&metrics, "embed_batch_size_count");
-    assert!(batches > 0.0 && batches < (64 * 50) as f64 / 2.0, "{batches} batches");
+    assert!(
+        batches > 0.0 && batches < (64 * 50) as f64 / 2.0,
+        "{batches} batches"
+    );
 }
 
 #[test]
@@ -646,7 +808,12 @@ fn sighup_swaps_native_wasm_native_under_load_failing_nothing() {
         worker.join().unwrap()
     });
     assert_eq!(seen.load(Ordering::SeqCst), 2);
-    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert!(answers.len() > 100, "only {} answers", answers.len());
     // Native and WASM stubs give the same vectors: no answer differs by
     // which pool served it.
@@ -660,9 +827,15 @@ fn sighup_swaps_native_wasm_native_under_load_failing_nothing() {
 /// The pids of `pid`'s child processes.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
         }
     }
     out
@@ -677,7 +850,11 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
     // Slow calls (50 ms each), so requests are in flight when SIGTERM comes.
-    let config = stub_config("native", "\"fault.sleep_ms\" = \"50\"", "[serve]\nshutdown_grace_ms = 10000\n");
+    let config = stub_config(
+        "native",
+        "\"fault.sleep_ms\" = \"50\"",
+        "[serve]\nshutdown_grace_ms = 10000\n",
+    );
     let mut s = Service::start(&config, &[]);
     let kids = children(s.pid());
     assert_eq!(kids.len(), 2, "{kids:?}");
@@ -686,12 +863,21 @@ fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
     let refused = AtomicUsize::new(0);
     let status = std::thread::scope(|scope| {
         for c in 0..16 {
-            let (answered, failed, refused, url) = (&answered, &failed, &refused, format!("{}/v1/embeddings", s.url));
+            let (answered, failed, refused, url) = (
+                &answered,
+                &failed,
+                &refused,
+                format!("{}/v1/embeddings", s.url),
+            );
             scope.spawn(move || {
                 let agent = agent();
                 for r in 0..1000 {
                     let body = json!({ "input": format!("client {c} request {r}") }).to_string();
-                    match agent.post(&url).header("content-type", "application/json").send(body) {
+                    match agent
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body)
+                    {
                         Ok(response) if response.status() == 200 => {
                             answered.fetch_add(1, Ordering::SeqCst);
                         }
@@ -701,7 +887,9 @@ fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
                             response.body_mut().read_to_string().unwrap_or_default()
                         )),
                         // Not accepted: the listener is closed.
-                        Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Err(ureq::Error::Io(e))
+                            if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                        {
                             refused.fetch_add(1, Ordering::SeqCst);
                             break;
                         }
@@ -740,8 +928,17 @@ fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(10), "{took:?}");
     let failed = failed.into_inner().unwrap();
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed.first());
-    assert!(answered.load(Ordering::SeqCst) > 16, "{}", answered.load(Ordering::SeqCst));
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        answered.load(Ordering::SeqCst) > 16,
+        "{}",
+        answered.load(Ordering::SeqCst)
+    );
     assert!(refused.load(Ordering::SeqCst) > 0);
     for kid in kids {
         assert!(!alive(kid), "child {kid} outlived the service");
@@ -772,19 +969,39 @@ fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
     assert_eq!(status, 200);
     let results = std::thread::scope(|scope| {
         let poisoned = scope.spawn(|| {
-            s.post("/v1/embeddings", &json!({ "input": ["fine one", "a POISON text", "fine two"] }))
+            s.post(
+                "/v1/embeddings",
+                &json!({ "input": ["fine one", "a POISON text", "fine two"] }),
+            )
         });
         let others: Vec<_> = (0..6)
             .map(|i| {
                 let s = &s;
-                scope.spawn(move || s.post("/embed", &json!({ "inputs": ["fine one", format!("other {i}"), "fine two"] })))
+                scope.spawn(move || {
+                    s.post(
+                        "/embed",
+                        &json!({ "inputs": ["fine one", format!("other {i}"), "fine two"] }),
+                    )
+                })
             })
             .collect();
-        (poisoned.join().unwrap(), others.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>())
+        (
+            poisoned.join().unwrap(),
+            others
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>(),
+        )
     });
     let ((status, e), others) = results;
     assert_eq!(status, 422, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("`input[1]`"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`input[1]`"),
+        "{e}"
+    );
     for (status, body) in others {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body[0], clean[0]);
@@ -810,7 +1027,12 @@ fn past_the_concurrency_limit_requests_get_429_with_retry_after() {
             .map(|i| {
                 let s = &s;
                 scope.spawn(move || {
-                    s.raw("POST", "/embed", Some(json!({ "inputs": format!("text {i}") }).to_string()), &[])
+                    s.raw(
+                        "POST",
+                        "/embed",
+                        Some(json!({ "inputs": format!("text {i}") }).to_string()),
+                        &[],
+                    )
                 })
             })
             .collect();
@@ -845,7 +1067,12 @@ fn ready_says_503_with_the_reason_while_the_pool_cools_down() {
         i += 1;
     };
     assert!(reason.contains("cooling down"), "{reason}");
-    let (status, body, retry) = s.raw("POST", "/embed", Some(json!({ "inputs": "more" }).to_string()), &[]);
+    let (status, body, retry) = s.raw(
+        "POST",
+        "/embed",
+        Some(json!({ "inputs": "more" }).to_string()),
+        &[],
+    );
     assert_eq!(status, 503, "{body}");
     assert!(retry.is_some());
     // Alive all the same.

@@ -944,14 +944,28 @@ async fn a_batch_is_cut_across_the_pool_and_gathered_in_order() {
         tokio::spawn(async move { s.embed(one("busy"), false, DEADLINE).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
-    supervisor.embed(texts.clone(), false, DEADLINE).await.unwrap();
+    supervisor
+        .embed(texts.clone(), false, DEADLINE)
+        .await
+        .unwrap();
     busy.await.unwrap().unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "the busy call and one whole batch");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the busy call and one whole batch"
+    );
     calls.store(0, Ordering::SeqCst);
     let t0 = Instant::now();
-    let batch = supervisor.embed(texts.clone(), false, DEADLINE).await.unwrap();
+    let batch = supervisor
+        .embed(texts.clone(), false, DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    assert!(t0.elapsed() < Duration::from_millis(150), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t0.elapsed()
+    );
     let expected: Vec<[f32; 2]> = texts.iter().map(|t| vector_of(t)).collect();
     let got: Vec<[f32; 2]> = batch.vectors.iter().map(|v| [v[0], v[1]]).collect();
     assert_eq!(got, expected);
@@ -1004,7 +1018,9 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
         let b = batcher.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            b.embed(vec![text.into()], &[1], false, until).await.unwrap()
+            b.embed(vec![text.into()], &[1], false, until)
+                .await
+                .unwrap()
         })
     };
     // The instance is busy for 20 ms: a and bb, 4 ms apart, wait for it
@@ -1021,7 +1037,11 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
     let rows = [a.await.unwrap(), b.await.unwrap()];
     let answered = Instant::now();
     let rows = [rows[0].clone(), rows[1].clone(), c.await.unwrap()];
-    assert!(answered - t0 < Duration::from_millis(25), "{:?}", answered - t0);
+    assert!(
+        answered - t0 < Duration::from_millis(25),
+        "{:?}",
+        answered - t0
+    );
     assert_eq!(t0.elapsed(), Duration::from_millis(50), "ccc waited");
     assert_eq!(
         *calls.lock().unwrap(),
@@ -1039,7 +1059,10 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
     assert_eq!(lens, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     batcher.close().await;
     let closed = batcher.embed(vec!["z".into()], &[1], false, until).await;
-    assert!(matches!(closed, Err(embedhost::serve::batcher::BatchError::Stopped)));
+    assert!(matches!(
+        closed,
+        Err(embedhost::serve::batcher::BatchError::Stopped)
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -1069,7 +1092,11 @@ async fn a_working_instance_that_crashes_now_and_then_is_restarted_not_escalated
     }
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(supervisor.escalated().is_none());
-    assert!(starts.lock().unwrap().len() >= 20, "{} starts", starts.lock().unwrap().len());
+    assert!(
+        starts.lock().unwrap().len() >= 20,
+        "{} starts",
+        starts.lock().unwrap().len()
+    );
     // One that never answers a call still escalates within the window.
     let (never, _) = supervise(config(1), |_, _, _| Act::Crash, |_, _| false, |_| false).await;
     let err = never.embed(one("x"), false, DEADLINE).await.unwrap_err();

@@ -245,11 +245,20 @@ fn the_command_line_indexes_searches_and_reports() {
     assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
     // Output for programs and pipes: a line per file, a JSON object per
     // line, and only results above a score.
-    let out = succeeded(&["--config", config, "search", "--db", db, "--files", "bicycle", "violin"]);
+    let out = succeeded(&[
+        "--config", config, "search", "--db", db, "--files", "bicycle", "violin",
+    ]);
     let files: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
     assert_eq!(files.len(), 2, "{files:?}");
-    assert!(files.iter().all(|f| f.ends_with(".txt") && !f.contains(' ')), "{files:?}");
-    let out = succeeded(&["--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic", "bicycle"]);
+    assert!(
+        files
+            .iter()
+            .all(|f| f.ends_with(".txt") && !f.contains(' ')),
+        "{files:?}"
+    );
+    let out = succeeded(&[
+        "--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic", "bicycle",
+    ]);
     let lines: Vec<serde_json::Value> = std::str::from_utf8(&out.stdout)
         .unwrap()
         .lines()
@@ -259,11 +268,22 @@ fn the_command_line_indexes_searches_and_reports() {
     assert!(lines[0]["path"].as_str().unwrap().ends_with("b.txt"));
     let top = lines[0]["score"].as_f64().unwrap();
     let out = succeeded(&[
-        "--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic",
-        "--threshold", &format!("{}", top - 1e-4), "bicycle",
+        "--config",
+        config,
+        "search",
+        "--db",
+        db,
+        "--jsonl",
+        "--mode",
+        "semantic",
+        "--threshold",
+        &format!("{}", top - 1e-4),
+        "bicycle",
     ]);
     assert_eq!(std::str::from_utf8(&out.stdout).unwrap().lines().count(), 1);
-    let out = embedhost(&["--config", config, "search", "--db", db, "--mode", "fuzzy", "x"]);
+    let out = embedhost(&[
+        "--config", config, "search", "--db", db, "--mode", "fuzzy", "x",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a search mode"));
     let out = succeeded(&["--config", config, "stats", "--db", db, "--json"]);
@@ -440,7 +460,9 @@ fn real_world_files(n: usize) -> Vec<PathBuf> {
     // Only text people wrote: machine-made files (the book's generated
     // table of contents) are skipped by design and tested elsewhere.
     files.retain(|path| {
-        let Ok(bytes) = std::fs::read(path) else { return false };
+        let Ok(bytes) = std::fs::read(path) else {
+            return false;
+        };
         embedhost::worker::extract::extract(path, &bytes)
             .is_ok_and(|text| embedhost::worker::extract::generated(&text).is_none())
     });
@@ -565,7 +587,10 @@ async fn identifier_queries_the_vector_search_misses_are_found_by_hybrid_search(
     let docs = root.path().join("docs");
     // Decoys close in meaning: the identifier's words, without it.
     for i in 0..10 {
-        write(&docs.join(format!("decoy{i}.txt")), "load settings v2 fs read");
+        write(
+            &docs.join(format!("decoy{i}.txt")),
+            "load settings v2 fs read",
+        );
     }
     // The identifiers, written as code, in longer text.
     let filler = "the program starts here and then it does many other things with files and folders in the tree of the project every day";
@@ -581,21 +606,43 @@ async fn identifier_queries_the_vector_search_misses_are_found_by_hybrid_search(
     worker.init(&root.path().join("db")).await.unwrap();
     worker.index(vec![docs]).await.unwrap();
     settled(&worker).await;
-    for (query, file) in [("load_settings_v2", "settings.rs"), ("fs::read_to_string", "reader.rs")] {
-        let semantic = worker.search_mode(query.into(), 3, SearchMode::Semantic).await.unwrap();
-        assert!(!paths(&semantic).contains(&file.to_string()), "{query}: semantic found it: {:?}", paths(&semantic));
-        let keyword = worker.search_mode(query.into(), 3, SearchMode::Keyword).await.unwrap();
+    for (query, file) in [
+        ("load_settings_v2", "settings.rs"),
+        ("fs::read_to_string", "reader.rs"),
+    ] {
+        let semantic = worker
+            .search_mode(query.into(), 3, SearchMode::Semantic)
+            .await
+            .unwrap();
+        assert!(
+            !paths(&semantic).contains(&file.to_string()),
+            "{query}: semantic found it: {:?}",
+            paths(&semantic)
+        );
+        let keyword = worker
+            .search_mode(query.into(), 3, SearchMode::Keyword)
+            .await
+            .unwrap();
         assert_eq!(paths(&keyword), vec![file.to_string()], "{query}");
-        let hybrid = worker.search_mode(query.into(), 3, SearchMode::Hybrid).await.unwrap();
+        let hybrid = worker
+            .search_mode(query.into(), 3, SearchMode::Hybrid)
+            .await
+            .unwrap();
         assert_eq!(paths(&hybrid)[0], file, "{query}: {:?}", paths(&hybrid));
         // The default is hybrid.
         assert_eq!(worker.search(query.into(), 3).await.unwrap(), hybrid);
     }
     // A quoted phrase matches as written, and FTS syntax in a query is text.
-    let phrase = worker.search_mode("\"returns the config\"".into(), 5, SearchMode::Keyword).await.unwrap();
+    let phrase = worker
+        .search_mode("\"returns the config\"".into(), 5, SearchMode::Keyword)
+        .await
+        .unwrap();
     assert_eq!(paths(&phrase), vec!["settings.rs".to_string()]);
     for odd in ["NEAR(a b)", "a* OR", "\"unclosed", "-:^()", "AND"] {
-        worker.search_mode(odd.into(), 5, SearchMode::Hybrid).await.unwrap();
+        worker
+            .search_mode(odd.into(), 5, SearchMode::Hybrid)
+            .await
+            .unwrap();
     }
 }
 
@@ -639,18 +686,31 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     worker.init(&db).await.unwrap();
     let stats = settled(&worker).await;
     assert_eq!(stats.indexed, 2);
-    let hits = worker.search_mode("unique_marker_word".into(), 5, SearchMode::Keyword).await.unwrap();
+    let hits = worker
+        .search_mode("unique_marker_word".into(), 5, SearchMode::Keyword)
+        .await
+        .unwrap();
     assert_eq!(paths(&hits), vec!["a.txt".to_string()]);
     // A file changed after the upgrade is kept in step by the triggers.
     write(&docs.join("b.txt"), "now the second_marker is here");
     worker.index(vec![docs]).await.unwrap();
     settled(&worker).await;
-    let hits = worker.search_mode("second_marker".into(), 5, SearchMode::Keyword).await.unwrap();
+    let hits = worker
+        .search_mode("second_marker".into(), 5, SearchMode::Keyword)
+        .await
+        .unwrap();
     assert_eq!(paths(&hits), vec!["b.txt".to_string()]);
-    assert!(worker.search_mode("nothing".into(), 5, SearchMode::Keyword).await.unwrap().is_empty());
+    assert!(
+        worker
+            .search_mode("nothing".into(), 5, SearchMode::Keyword)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A database of a newer schema is refused, not touched.
     let conn = rusqlite::Connection::open(db.join(DB_FILE)).unwrap();
-    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema'", []).unwrap();
+    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema'", [])
+        .unwrap();
     drop(conn);
     let err = Store::open(&db, &info.model_id, info.dimension).unwrap_err();
     assert!(err.to_string().contains("schema version 9"), "{err}");
@@ -702,17 +762,29 @@ async fn watch_mode_follows_edits_renames_deletes_moves_and_new_folders() {
         })
     };
     // The first walk.
-    let first = tokio::time::timeout(Duration::from_secs(20), batches.recv()).await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), batches.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((first.events, first.stats.indexed), (0, 3));
     // Which files a word finds now (keyword search: exact, no model).
     let base = docs.canonicalize().unwrap();
     let finds = |word: &'static str| {
         let (worker, base) = (worker.clone(), base.clone());
         async move {
-            let hits = worker.search_mode(word.into(), 10, SearchMode::Keyword).await.unwrap();
+            let hits = worker
+                .search_mode(word.into(), 10, SearchMode::Keyword)
+                .await
+                .unwrap();
             let mut hits: Vec<String> = hits
                 .iter()
-                .map(|r| r.path.strip_prefix(&base).unwrap_or(&r.path).display().to_string())
+                .map(|r| {
+                    r.path
+                        .strip_prefix(&base)
+                        .unwrap_or(&r.path)
+                        .display()
+                        .to_string()
+                })
                 .collect();
             hits.sort();
             hits
@@ -726,7 +798,13 @@ async fn watch_mode_follows_edits_renames_deletes_moves_and_new_folders() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while finds($word).await != expected {
                 let next = tokio::time::timeout_at(deadline, batches.recv()).await;
-                assert!(next.is_ok(), "`{}` never found {:?}: {:?}", $word, expected, finds($word).await);
+                assert!(
+                    next.is_ok(),
+                    "`{}` never found {:?}: {:?}",
+                    $word,
+                    expected,
+                    finds($word).await
+                );
             }
         }};
     }
@@ -757,16 +835,24 @@ async fn watch_mode_follows_edits_renames_deletes_moves_and_new_folders() {
     let stats = worker.stats().await.unwrap();
     assert_eq!(stats.indexed, 2, "a.txt and moved/c.txt: {stats:?}");
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), watching).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watching)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn machine_made_files_are_skipped_with_their_reason_unless_asked_for() {
     let root = tempfile::tempdir().unwrap();
     let docs = root.path().join("docs");
-    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock")).unwrap();
+    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"))
+        .unwrap();
     write(&docs.join("deps.lock"), &lock);
-    write(&docs.join("notes.txt"), "written by a person, with spaces and words");
+    write(
+        &docs.join("notes.txt"),
+        "written by a person, with spaces and words",
+    );
     let worker = stub_worker(WorkerSettings::default()).await;
     worker.init(&root.path().join("db")).await.unwrap();
     worker.index(vec![docs.clone()]).await.unwrap();
@@ -792,7 +878,10 @@ fn index_prints_progress_lines_at_a_steady_interval_when_not_on_a_terminal() {
     let root = tempfile::tempdir().unwrap();
     let docs = root.path().join("docs");
     for i in 0..40 {
-        write(&docs.join(format!("n{i}.txt")), &format!("note number {i} about things"));
+        write(
+            &docs.join(format!("n{i}.txt")),
+            &format!("note number {i} about things"),
+        );
     }
     // A slow model (100 ms a call, batches of 2 chunks): about a second or
     // two of work, logged every 200 ms.
@@ -813,7 +902,10 @@ fn index_prints_progress_lines_at_a_steady_interval_when_not_on_a_terminal() {
         docs.to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("indexing: ")).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("indexing: "))
+        .collect();
     assert!(lines.len() >= 3, "{err}");
     assert!(lines[0].contains("/40 files"), "{}", lines[0]);
 }

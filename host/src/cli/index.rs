@@ -268,7 +268,12 @@ async fn watch(worker: &Worker, paths: &[PathBuf]) -> Result<(), String> {
                 batch.stats.indexed as i64 - before.0 as i64,
                 batch.stats.chunks,
                 batch.stats.chunks as i64 - before.1 as i64,
-                batch.stats.stalled.as_ref().map(|s| format!(" (stalled: {s})")).unwrap_or_default()
+                batch
+                    .stats
+                    .stalled
+                    .as_ref()
+                    .map(|s| format!(" (stalled: {s})"))
+                    .unwrap_or_default()
             );
         }
         last = Some(batch.stats.clone());
@@ -284,7 +289,12 @@ fn clock() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    format!("{:02}:{:02}:{:02}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// `embedder restarts: trap 3, deadline 1`, summed over the pool, or
@@ -379,22 +389,33 @@ async fn index_through(
         .post("/index", &serde_json::json!({ "paths": paths }), None)
         .await
         .map_err(|e| e.to_string())?;
-    let job = answer["job"].as_u64().ok_or("the service's answer has no job")?;
+    let job = answer["job"]
+        .as_u64()
+        .ok_or("the service's answer has no job")?;
     let last = loop {
         tokio::time::sleep(PROGRESS_INTERVAL).await;
         let progress = client.get("/index").await.map_err(|e| e.to_string())?;
         let state = progress["jobs"]
             .as_array()
             .and_then(|jobs| jobs.iter().find(|j| j["job"] == job || j["id"] == job))
-            .map(|j| (j["state"].as_str().unwrap_or("").to_string(), j["error"].clone()));
+            .map(|j| {
+                (
+                    j["state"].as_str().unwrap_or("").to_string(),
+                    j["error"].clone(),
+                )
+            });
         match state {
             Some((s, error)) if s == "failed" => {
-                return Err(format!("indexing failed: {}", error.as_str().unwrap_or("?")));
+                return Err(format!(
+                    "indexing failed: {}",
+                    error.as_str().unwrap_or("?")
+                ));
             }
             Some((s, _)) if s == "walking" => continue,
             _ => {}
         }
-        let left = progress["queued"].as_u64().unwrap_or(0) + progress["processing"].as_u64().unwrap_or(0);
+        let left =
+            progress["queued"].as_u64().unwrap_or(0) + progress["processing"].as_u64().unwrap_or(0);
         if left == 0 || !progress["stalled"].is_null() {
             break progress;
         }
@@ -470,7 +491,8 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
     outln!("model:    {} ({} dimensions)", model.0, model.1);
     outln!(
         "indexed:  {} files, {} chunks",
-        response.indexed, response.chunks
+        response.indexed,
+        response.chunks
     );
     outln!("queued:   {} files", response.queued);
     for (path, _reason, detail) in skipped {

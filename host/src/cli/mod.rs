@@ -34,9 +34,7 @@ use crate::bus::transport::InProcess;
 use crate::bus::{Bus, SendOptions};
 use crate::config::{Backend, Config};
 use crate::messages::{EmbedRequest, EmbedderEmbed};
-use crate::wasm::{
-    PluginSource, SnapshotStatus, WasmEmbedder, WasmPlugin,
-};
+use crate::wasm::{PluginSource, SnapshotStatus, WasmEmbedder, WasmPlugin};
 
 /// Run text-embedding plugins under supervision.
 #[derive(Debug, Parser)]
@@ -282,7 +280,11 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
             .ok_or("the service's answer has no rows")?
             .iter()
             .map(|row| match row["vector"].as_array() {
-                Some(v) => Ok(v.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect()),
+                Some(v) => Ok(v
+                    .iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| x as f32)
+                    .collect()),
                 None => Err(row["error"].as_str().unwrap_or("failed").to_string()),
             })
             .collect();
@@ -370,7 +372,10 @@ pub(crate) async fn running_service(
             Some(client)
         }
         None => {
-            tracing::info!("no service runs for {}; starting an embedder here", db.display());
+            tracing::info!(
+                "no service runs for {}; starting an embedder here",
+                db.display()
+            );
             None
         }
     }
@@ -718,7 +723,10 @@ async fn child(args: ChildArgs) -> Result<(), String> {
 pub(crate) fn emit(text: &str) {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => {

@@ -155,7 +155,10 @@ pub fn object(
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(status, format!("the request body is too large: {e}"))
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
         }
     })?;
     match serde_json::from_slice::<Value>(&body) {
@@ -198,7 +201,10 @@ pub fn texts(map: &Map<String, Value>, field: &str) -> Result<Vec<String>, ApiEr
                 Value::String(s) => Ok(s.clone()),
                 Value::Number(_) | Value::Array(_) => Err(ApiError::bad(
                     field,
-                    format!("`{field}[{i}]` is {}: token arrays are not accepted, send text", kind(v)),
+                    format!(
+                        "`{field}[{i}]` is {}: token arrays are not accepted, send text",
+                        kind(v)
+                    ),
                 )),
                 other => Err(ApiError::bad(
                     field,
@@ -254,7 +260,10 @@ pub fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<u64>, Api
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-            ApiError::bad(field, format!("`{field}` must be a non-negative integer, not {n}"))
+            ApiError::bad(
+                field,
+                format!("`{field}` must be a non-negative integer, not {n}"),
+            )
         }),
         Some(other) => Err(ApiError::bad(
             field,

@@ -120,7 +120,10 @@ impl Client {
         let request = request
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| connect(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| connect(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| connect(&e))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()

@@ -179,7 +179,11 @@ impl State {
     /// # Errors
     /// The reason, while the service starts or the pool cools down.
     pub fn pool(&self) -> Result<Arc<Pool>, api::ApiError> {
-        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         current.ok_or_else(|| {
             api::ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -317,7 +321,8 @@ pub fn socket_path(db: &Path) -> PathBuf {
 /// # Errors
 /// [`ServeError`] if it cannot start; once started it stops cleanly.
 pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
-    let config = Config::discover(options.config.as_deref()).map_err(|e| ServeError::Config(e.to_string()))?;
+    let config = Config::discover(options.config.as_deref())
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let settings = config.serve.clone();
     let config_nats = config.nats.url.clone();
     let db = config
@@ -330,7 +335,10 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         .unwrap_or_else(|| limits::DEFAULT_SERVE_LISTEN.to_string());
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&listen)
         .await
-        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?
+        .map_err(|e| ServeError::Listen {
+            addr: listen.clone(),
+            message: e.to_string(),
+        })?
         .collect();
     let loopback = !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback());
     let api_key = api_key(&options, &settings)?;
@@ -348,10 +356,14 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         .collect::<Result<Vec<_>, _>>()?;
     let listener = tokio::net::TcpListener::bind(&addrs[..])
         .await
-        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ServeError::Listen { addr: listen.clone(), message: e.to_string() })?;
+        .map_err(|e| ServeError::Listen {
+            addr: listen.clone(),
+            message: e.to_string(),
+        })?;
+    let local = listener.local_addr().map_err(|e| ServeError::Listen {
+        addr: listen.clone(),
+        message: e.to_string(),
+    })?;
     let unix = bind_socket(&db).await?;
 
     let state = Arc::new(State {
@@ -484,7 +496,11 @@ async fn shut_down(state: &Arc<State>) {
     for task in retiring {
         task.abort();
     }
-    let current = state.current.write().unwrap_or_else(|p| p.into_inner()).take();
+    let current = state
+        .current
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(pool) = current {
         pool.shutdown().await;
     }
@@ -495,7 +511,11 @@ fn api_key(
     options: &ServeOptions,
     settings: &crate::config::ServeSection,
 ) -> Result<Option<String>, ServeError> {
-    let key = match (&options.api_key, std::env::var(API_KEY_ENV).ok(), &settings.api_key_file) {
+    let key = match (
+        &options.api_key,
+        std::env::var(API_KEY_ENV).ok(),
+        &settings.api_key_file,
+    ) {
         (Some(k), _, _) => Some(k.clone()),
         (None, Some(k), _) if !k.is_empty() => Some(k),
         (None, _, Some(file)) => {
@@ -551,7 +571,10 @@ async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
 /// model gives the same vectors).
 async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
     let model = (pool.info.model_id.clone(), pool.info.dimension);
-    if lock(&state.worker).as_ref().is_some_and(|w| w.model == model) {
+    if lock(&state.worker)
+        .as_ref()
+        .is_some_and(|w| w.model == model)
+    {
         return;
     }
     let worker = Worker::new(
@@ -565,10 +588,16 @@ async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
         Ok(()) => Ok(worker),
         Err(e) => {
             tracing::warn!("the index at {} is not served: {e}", state.db.display());
-            Err(format!("the index at `{}` cannot be used: {e}", state.db.display()))
+            Err(format!(
+                "the index at `{}` cannot be used: {e}",
+                state.db.display()
+            ))
         }
     };
-    *lock(&state.worker) = Some(WorkerEntry { worker: opened, model });
+    *lock(&state.worker) = Some(WorkerEntry {
+        worker: opened,
+        model,
+    });
 }
 
 /// SIGHUP: re-reads the config; a changed backend, plugin, model or pool
@@ -606,7 +635,11 @@ async fn reload(state: &Arc<State>) {
                 .unwrap_or_else(|p| p.into_inner())
                 .replace(pool.clone());
             open_worker(state, &pool).await;
-            tracing::info!(backend = pool.backend, generation, "reload: new embedder pool swapped in");
+            tracing::info!(
+                backend = pool.backend,
+                generation,
+                "reload: new embedder pool swapped in"
+            );
             if let Some(old) = old {
                 let task = tokio::spawn(old.retire());
                 let mut retiring = lock(&state.retiring);
@@ -673,7 +706,11 @@ fn embedder_router(state: Weak<State>) -> Router {
 
 /// Joins the pool of this service's model on the NATS server at `url`,
 /// until `stop`.
-async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Result<(), ServeError> {
+async fn join_nats(
+    state: &Arc<State>,
+    url: &str,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
     use crate::bus::transport::nats;
     let pool = state.pool().map_err(|e| ServeError::Backend(e.message))?;
     let shown = nats::split_credentials(url).0;
@@ -686,7 +723,8 @@ async fn join_nats(state: &Arc<State>, url: &str, stop: CancellationToken) -> Re
         .map_err(fail)?;
     if pool.backend == "remote" {
         return Err(ServeError::Config(
-            "a service whose embedder is remote ([embedder] remote) cannot also serve a NATS pool".into(),
+            "a service whose embedder is remote ([embedder] remote) cannot also serve a NATS pool"
+                .into(),
         ));
     }
     let room = pool.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
@@ -724,7 +762,10 @@ fn response(rows: Vec<batcher::Row>, dimension: usize) -> EmbedResponse {
     for (i, row) in rows.into_iter().enumerate() {
         match row {
             Ok(v) => data.extend(v),
-            Err(reason) => failed.push(FailedInput { index: i as u32, reason }),
+            Err(reason) => failed.push(FailedInput {
+                index: i as u32,
+                reason,
+            }),
         }
     }
     EmbedResponse {

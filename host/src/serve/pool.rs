@@ -195,7 +195,11 @@ impl Pool {
         while Arc::strong_count(&self) > 1 && std::time::Instant::now() < until {
             tokio::time::sleep(limits::SERVE_RELOAD_POLL).await;
         }
-        if let Engine::Local { batcher, supervisor } = &self.engine {
+        if let Engine::Local {
+            batcher,
+            supervisor,
+        } = &self.engine
+        {
             batcher.close().await;
             supervisor.shutdown().await;
         }

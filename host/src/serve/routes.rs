@@ -25,9 +25,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::State;
 use super::api::{self, ApiError, Style};
 use super::pool::Pool;
-use super::State;
 use crate::limits;
 
 /// HTTP requests, by route and status.
@@ -63,7 +63,9 @@ pub fn prometheus() -> PrometheusHandle {
             let seconds = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
-            let counts = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+            let counts = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ];
             let tokens = [16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &seconds)
@@ -123,11 +125,17 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
         .route("/ready", get(ready))
         .merge(api);
     if access == Access::Network && state.api_key.is_some() {
-        app = app.layer(axum::middleware::from_fn_with_state((state.clone(), access), authorize));
+        app = app.layer(axum::middleware::from_fn_with_state(
+            (state.clone(), access),
+            authorize,
+        ));
     }
-    app.layer(axum::middleware::from_fn_with_state((state.clone(), access), count))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state((state, access))
+    app.layer(axum::middleware::from_fn_with_state(
+        (state.clone(), access),
+        count,
+    ))
+    .layer(DefaultBodyLimit::max(limit))
+    .with_state((state, access))
 }
 
 type AppState = (Arc<State>, Access);
@@ -197,13 +205,14 @@ async fn ready(Shared((state, _)): Shared<AppState>) -> Response {
             .into_response()
         }
         Some(reason) => {
-            let mut response =
-                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "reason": reason })))
-                    .into_response();
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from_static("1"),
-            );
+            let mut response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "ready": false, "reason": reason })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             response
         }
     }
@@ -329,7 +338,8 @@ async fn embed_checked(
 /// manifest id), ignoring case.
 fn serves(pool: &Pool, name: &str) -> bool {
     let name = name.trim();
-    name.eq_ignore_ascii_case(&pool.info.model_id) || name.eq_ignore_ascii_case(pool.config.model_id())
+    name.eq_ignore_ascii_case(&pool.info.model_id)
+        || name.eq_ignore_ascii_case(pool.config.model_id())
 }
 
 async fn openai_embeddings(
@@ -340,8 +350,12 @@ async fn openai_embeddings(
     let style = |e: ApiError| e.style(Style::OpenAi);
     let map = api::object(body).map_err(style)?;
     let texts = api::texts(&map, "input").map_err(style)?;
-    let model = api::string(&map, "model").map_err(style)?.map(str::to_string);
-    let format = api::string(&map, "encoding_format").map_err(style)?.unwrap_or("float");
+    let model = api::string(&map, "model")
+        .map_err(style)?
+        .map(str::to_string);
+    let format = api::string(&map, "encoding_format")
+        .map_err(style)?
+        .unwrap_or("float");
     let base64 = match format {
         "float" => false,
         "base64" => true,
@@ -459,7 +473,9 @@ async fn embedhost_embed(
             Err(e) => json!({ "error": e }),
         })
         .collect();
-    Ok(Json(json!({ "model": pool.info.model_id, "backend": pool.backend, "rows": rows })))
+    Ok(Json(
+        json!({ "model": pool.info.model_id, "backend": pool.backend, "rows": rows }),
+    ))
 }
 
 async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
@@ -496,12 +512,17 @@ async fn search(
     if limit == 0 || limit > limits::SERVE_MAX_SEARCH_LIMIT as u64 {
         return Err(ApiError::bad(
             "limit",
-            format!("`limit` must be between 1 and {}", limits::SERVE_MAX_SEARCH_LIMIT),
+            format!(
+                "`limit` must be between 1 and {}",
+                limits::SERVE_MAX_SEARCH_LIMIT
+            ),
         ));
     }
     let mode = match api::string(&map, "mode")? {
         None => crate::messages::SearchMode::default(),
-        Some(m) => m.parse().map_err(|e: String| ApiError::bad("mode", format!("`mode`: {e}")))?,
+        Some(m) => m
+            .parse()
+            .map_err(|e: String| ApiError::bad("mode", format!("`mode`: {e}")))?,
     };
     let worker = state.worker()?;
     let results = worker
@@ -540,17 +561,28 @@ async fn index_start(
     let mut resolved = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
         let real = std::fs::canonicalize(path).map_err(|e| {
-            ApiError::bad("paths", format!("`paths[{i}]` (`{path}`) cannot be read: {e}"))
+            ApiError::bad(
+                "paths",
+                format!("`paths[{i}]` (`{path}`) cannot be read: {e}"),
+            )
         })?;
         if access == Access::Network && !state.roots.iter().any(|root| real.starts_with(root)) {
-            let allowed: Vec<String> = state.roots.iter().map(|r| r.display().to_string()).collect();
+            let allowed: Vec<String> = state
+                .roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect();
             return Err(ApiError {
                 param: Some("paths".into()),
                 ..ApiError::new(
                     StatusCode::FORBIDDEN,
                     format!(
                         "`paths[{i}]` (`{path}`) is outside the folders this service may index ([serve] index_roots: {})",
-                        if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                        if allowed.is_empty() {
+                            "none".to_string()
+                        } else {
+                            allowed.join(", ")
+                        }
                     ),
                 )
             });

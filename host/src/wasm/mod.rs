@@ -198,10 +198,23 @@ impl WasmEngine {
     /// # Errors
     /// wasmtime's error if the configuration is refused on this machine.
     pub fn new(cache: Option<ArtifactCache>) -> wasmtime::Result<Self> {
+        /// Turns on wasmtime's perf map, for profiling plugins.
+        const PERF_MAP_ENV: &str = "EMBEDHOST_PERF_MAP";
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // `perf record` can name the plugins' compiled functions when this is
+        // set (wasmtime writes /tmp/perf-<pid>.map); see plugins/bert/README.md.
+        if std::env::var_os(PERF_MAP_ENV).is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         config.cranelift_opt_level(OptLevel::Speed);
+        // The model plugin's int8 kernels use the relaxed dot product. The
+        // fast (non-deterministic-by-spec) lowering is exact for the codes
+        // they feed it (activations below 128, see plugins/bert/src/kernels.rs)
+        // and 3x faster than the deterministic one.
+        config.wasm_relaxed_simd(true);
+        config.relaxed_simd_deterministic(false);
         let engine = Engine::new(&config)?;
         spawn_epoch_ticker(&engine);
         Ok(WasmEngine { engine, cache })

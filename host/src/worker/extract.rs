@@ -110,7 +110,10 @@ pub fn generated(text: &str) -> Option<String> {
     }
     let chars = chars.max(1) as f64;
     if (space as f64) / chars < GENERATED_MIN_WHITESPACE {
-        return Some(format!("{:.1}% whitespace: minified", 100.0 * space as f64 / chars));
+        return Some(format!(
+            "{:.1}% whitespace: minified",
+            100.0 * space as f64 / chars
+        ));
     }
     if (other as f64) / chars > GENERATED_MAX_NON_WORD {
         return Some(format!(

@@ -30,8 +30,8 @@
 pub mod chunk;
 pub mod extract;
 pub mod store;
-pub mod watch;
 pub mod vectors;
+pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -47,8 +47,8 @@ use crate::backend::ModelInfo;
 use crate::bus::{Bus, BusError, ErrorCode, RemoteError, Router, SendOptions};
 use crate::messages::{
     EmbedRequest, EmbedderEmbed, IndexRequest, IndexResponse, InitRequest, InitResponse,
-    SearchMode, SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
-    WorkerSearch, WorkerStats,
+    SearchMode, SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex,
+    WorkerInit, WorkerSearch, WorkerStats,
 };
 use chunk::{Chunk, ChunkSettings, Tokens};
 use extract::Skip;
@@ -457,13 +457,20 @@ pub fn fuse(rankings: &[Vec<(i64, f32)>], limit: usize) -> Vec<(i64, f32)> {
     }
     let mut fused: Vec<(i64, (f32, Vec<f32>))> = scores.into_iter().collect();
     fused.sort_by(|a, b| {
-        let by_own = a.1.1.iter().zip(&b.1.1).fold(std::cmp::Ordering::Equal, |o, (x, y)| {
-            o.then(y.total_cmp(x))
-        });
+        let by_own =
+            a.1.1
+                .iter()
+                .zip(&b.1.1)
+                .fold(std::cmp::Ordering::Equal, |o, (x, y)| {
+                    o.then(y.total_cmp(x))
+                });
         b.1.0.total_cmp(&a.1.0).then(by_own).then(a.0.cmp(&b.0))
     });
     fused.truncate(limit);
-    fused.into_iter().map(|(id, (score, _))| (id, score)).collect()
+    fused
+        .into_iter()
+        .map(|(id, (score, _))| (id, score))
+        .collect()
 }
 
 /// A router serving `worker.init`, `worker.index`, `worker.search` and

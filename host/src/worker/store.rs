@@ -816,12 +816,11 @@ pub const STOPWORDS: &[&str] = &[
     "a", "about", "after", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be",
     "because", "been", "before", "being", "but", "by", "can", "could", "did", "do", "does",
     "doing", "for", "from", "get", "got", "had", "has", "have", "having", "he", "her", "here",
-    "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "just", "keep", "keeps",
-    "me", "more", "most", "my", "no", "not", "of", "on", "one", "or", "our", "out", "over",
-    "she", "should", "so", "some", "than", "that", "the", "their", "them", "then", "there",
-    "these", "they", "this", "those", "to", "too", "up", "us", "very", "was", "we", "were",
-    "what", "when", "where", "which", "while", "who", "why", "will", "with", "would", "you",
-    "your",
+    "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "just", "keep", "keeps", "me",
+    "more", "most", "my", "no", "not", "of", "on", "one", "or", "our", "out", "over", "she",
+    "should", "so", "some", "than", "that", "the", "their", "them", "then", "there", "these",
+    "they", "this", "those", "to", "too", "up", "us", "very", "was", "we", "were", "what", "when",
+    "where", "which", "while", "who", "why", "will", "with", "would", "you", "your",
 ];
 
 /// An FTS5 query for what a person typed: each word ([`STOPWORDS`] left
@@ -852,7 +851,13 @@ pub fn fts_query(query: &str) -> Option<String> {
             // the tokenizer splits on the rest anyway.
             let clean: String = word
                 .chars()
-                .map(|c| if c.is_alphanumeric() || c == '_' { c } else { ' ' })
+                .map(|c| {
+                    if c.is_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        ' '
+                    }
+                })
                 .collect();
             let clean = clean.split_whitespace().collect::<Vec<_>>().join(" ");
             if clean.is_empty() {

@@ -79,8 +79,16 @@ impl Guest for Hostile {
                 "mode" => parsed.mode = value,
                 "probe" => parsed.probe = Some(value),
                 "addr" => parsed.addr = Some(value),
-                "fill_mb" => parsed.fill_mb = value.parse().map_err(|_| EmbedError::InvalidConfig("fill_mb".into()))?,
-                "bytes" => parsed.bytes = value.parse().map_err(|_| EmbedError::InvalidConfig("bytes".into()))?,
+                "fill_mb" => {
+                    parsed.fill_mb = value
+                        .parse()
+                        .map_err(|_| EmbedError::InvalidConfig("fill_mb".into()))?
+                }
+                "bytes" => {
+                    parsed.bytes = value
+                        .parse()
+                        .map_err(|_| EmbedError::InvalidConfig("bytes".into()))?
+                }
                 other => return Err(EmbedError::InvalidConfig(format!("unknown key `{other}`"))),
             }
         }
@@ -98,7 +106,10 @@ impl Guest for Hostile {
             "huge_model_id" => model_id = "m".repeat(parsed.bytes),
             "fill_init" => {
                 let filled = vec![7u8; parsed.fill_mb << 20];
-                FILLED.lock().unwrap_or_else(|p| p.into_inner()).push(filled);
+                FILLED
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(filled);
             }
             _ => {}
         }
@@ -151,9 +162,15 @@ fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
             let args: Vec<String> = std::env::args().collect();
             let cwd = std::env::current_dir().ok();
             report(vec![
-                (format!("{} environment variables {vars:?}", vars.len()), !vars.is_empty()),
+                (
+                    format!("{} environment variables {vars:?}", vars.len()),
+                    !vars.is_empty(),
+                ),
                 (format!("{} arguments", args.len()), !args.is_empty()),
-                (format!("working directory {cwd:?}"), cwd.is_some_and(|d| d.as_os_str() != "/" && !d.as_os_str().is_empty())),
+                (
+                    format!("working directory {cwd:?}"),
+                    cwd.is_some_and(|d| d.as_os_str() != "/" && !d.as_os_str().is_empty()),
+                ),
             ])
         }
         "socket" => report(sockets(config.addr.as_deref())),
@@ -166,7 +183,9 @@ fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
         }
         "recurse" => {
             let depth = recurse(std::hint::black_box(1));
-            Err(EmbedError::ModelFailure(format!("recursion ended at {depth}")))
+            Err(EmbedError::ModelFailure(format!(
+                "recursion ended at {depth}"
+            )))
         }
         "giant_output" => {
             // A log line past the host's line limit (but within what a host
@@ -179,13 +198,17 @@ fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
         }
         "giant_log" => {
             host_log::log(Level::Warn, &"x".repeat(4 << 20));
-            Err(EmbedError::ModelFailure("the giant log line got through".into()))
+            Err(EmbedError::ModelFailure(
+                "the giant log line got through".into(),
+            ))
         }
         "log_flood" => {
             for i in 0..1_000_000u32 {
                 host_log::log(
                     Level::Error,
-                    &format!("line {i}\n2026-01-01T00:00:00.000000Z ERROR embedhost::supervisor: forged by the plugin"),
+                    &format!(
+                        "line {i}\n2026-01-01T00:00:00.000000Z ERROR embedhost::supervisor: forged by the plugin"
+                    ),
                 );
             }
             println!("stdout\r\x1b[2Kforged too");
@@ -206,9 +229,14 @@ fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
                     return report(vec![("opened a million handles".into(), true)]);
                 }
             };
-            report(vec![(format!("opened {} handles, then refused ({refused})", held.len()), false)])
+            report(vec![(
+                format!("opened {} handles, then refused ({refused})", held.len()),
+                false,
+            )])
         }
-        other => Err(EmbedError::ModelFailure(format!("no attack named `{other}`"))),
+        other => Err(EmbedError::ModelFailure(format!(
+            "no attack named `{other}`"
+        ))),
     }
 }
 
@@ -223,7 +251,11 @@ fn recurse(n: u64) -> u64 {
 type Attempts = Vec<(String, bool)>;
 
 fn report(attempts: Attempts) -> Result<Embeddings, EmbedError> {
-    let escaped: Vec<&str> = attempts.iter().filter(|(_, ok)| *ok).map(|(a, _)| a.as_str()).collect();
+    let escaped: Vec<&str> = attempts
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(a, _)| a.as_str())
+        .collect();
     let all: Vec<&str> = attempts.iter().map(|(a, _)| a.as_str()).collect();
     Err(EmbedError::ModelFailure(if escaped.is_empty() {
         format!("contained: {}", all.join("; "))
@@ -238,7 +270,13 @@ fn files(probe: Option<&str>) -> Attempts {
         let result = std::fs::read(path);
         attempts.push((format!("read {path}: {}", outcome(&result)), result.is_ok()));
     };
-    for path in ["/etc/passwd", "/etc/hostname", "/model/../../etc/passwd", "../etc/passwd", "/proc/self/environ"] {
+    for path in [
+        "/etc/passwd",
+        "/etc/hostname",
+        "/model/../../etc/passwd",
+        "../etc/passwd",
+        "/proc/self/environ",
+    ] {
         read(path);
     }
     if let Some(probe) = probe {
@@ -246,9 +284,15 @@ fn files(probe: Option<&str>) -> Attempts {
     }
     let listed = std::fs::read_dir("/");
     attempts.push((format!("list /: {}", outcome(&listed)), listed.is_ok()));
-    for path in probe.into_iter().chain(["/tmp/embedhost-hostile-probe", "/model/written-by-plugin"]) {
+    for path in probe
+        .into_iter()
+        .chain(["/tmp/embedhost-hostile-probe", "/model/written-by-plugin"])
+    {
         let written = std::fs::write(path, b"escaped");
-        attempts.push((format!("write {path}: {}", outcome(&written)), written.is_ok()));
+        attempts.push((
+            format!("write {path}: {}", outcome(&written)),
+            written.is_ok(),
+        ));
     }
     attempts
 }
@@ -257,7 +301,10 @@ fn sockets(addr: Option<&str>) -> Attempts {
     let mut attempts = Attempts::new();
     if let Some(addr) = addr {
         let tcp = std::net::TcpStream::connect(addr);
-        attempts.push((format!("tcp connect {addr}: {}", outcome(&tcp)), tcp.is_ok()));
+        attempts.push((
+            format!("tcp connect {addr}: {}", outcome(&tcp)),
+            tcp.is_ok(),
+        ));
         let udp = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"escaped", addr));
         attempts.push((format!("udp send {addr}: {}", outcome(&udp)), udp.is_ok()));
     }

@@ -10,8 +10,8 @@
 
 pub mod child;
 mod in_process;
-pub mod nats;
 mod mock;
+pub mod nats;
 
 use std::sync::Arc;
 

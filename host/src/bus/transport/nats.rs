@@ -227,13 +227,14 @@ impl Nats {
     pub async fn new(client: async_nats::Client, model: &str) -> Result<Self, NatsError> {
         let inbox = client.new_inbox();
         let wildcard = format!("{inbox}.*");
-        let mut replies = client
-            .subscribe(wildcard.clone())
-            .await
-            .map_err(|e| NatsError::Subscribe {
-                subject: wildcard,
-                message: e.to_string(),
-            })?;
+        let mut replies =
+            client
+                .subscribe(wildcard.clone())
+                .await
+                .map_err(|e| NatsError::Subscribe {
+                    subject: wildcard,
+                    message: e.to_string(),
+                })?;
         let pending: Pending = Arc::default();
         let routes = pending.clone();
         let listener = tokio::spawn(async move {
@@ -280,7 +281,10 @@ struct PendingGuard(Pending, u64);
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
     }
 }
 
@@ -512,7 +516,11 @@ pub async fn serve(
             Some(envelope) => envelope,
             None => {
                 let error = RemoteError::new(ErrorCode::Decode, "not a request frame");
-                send(Reply::Done { model: model_now, result: Err(error) }).await;
+                send(Reply::Done {
+                    model: model_now,
+                    result: Err(error),
+                })
+                .await;
                 continue;
             }
         };
@@ -522,12 +530,20 @@ pub async fn serve(
                 format!("this member is busy ({room} requests in flight)"),
             );
             busy.retry_after_ms = Some(0);
-            send(Reply::Done { model: model_now, result: Err(busy) }).await;
+            send(Reply::Done {
+                model: model_now,
+                result: Err(busy),
+            })
+            .await;
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
         let (router, in_flight, serving) = (router.clone(), in_flight.clone(), serving.clone());
-        let key = message.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let key = message
+            .reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
         let cancelled = CancellationToken::new();
         running
             .lock()
@@ -552,7 +568,10 @@ pub async fn serve(
                     () = cancelled.cancelled() => break None,
                 }
             };
-            running.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
             let Some(result) = result else {
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 return;
@@ -562,7 +581,11 @@ pub async fn serve(
                     .map(|b| serde_bytes::ByteBuf::from(b.to_vec()))
                     .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))
             });
-            send(Reply::Done { model: serving(), result }).await;
+            send(Reply::Done {
+                model: serving(),
+                result,
+            })
+            .await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }

@@ -1,0 +1,917 @@
+//! The arithmetic of the engine, written for WebAssembly SIMD: the two
+//! matrix kernels (int8 with the relaxed dot product, and f32) and the lane
+//! kernels around them (LayerNorm, GELU, softmax, quantization).
+//!
+//! # Why these shapes
+//! - Cranelift (wasmtime 48) allocates xmm0–xmm15 only, so a tile keeps
+//!   8 accumulators (4 rows x 8 outputs, two vectors a row) plus the two
+//!   weight vectors and one broadcast operand: 11 registers, no spill.
+//!   Wider tiles (12x4, 6x8) spill and run slower.
+//! - SIMD is enabled per function (`#[target_feature]`), not for the crate:
+//!   with `+simd128` for the whole crate LLVM auto-vectorizes shuffles and
+//!   strided copies that Cranelift lowers poorly.
+//! - int8: `i32x4.relaxed_dot_i8x16_i7x16_add` multiplies signed weight bytes
+//!   by activation bytes in 0..=127 and adds groups of four into i32 lanes.
+//!   With the activation below 128, the pairwise i16 sums stay within
+//!   ±32512, so no platform saturates and the result is exact and identical
+//!   everywhere (x86 lowers it to `pmaddubsw` + `pmaddwd`).
+//!
+//! # Invariants
+//! - Every row is computed alone, in a fixed order of operations, whatever
+//!   rows share its tile: a text's vector never depends on its batch
+//!   neighbours, bit for bit.
+//! - Matrices hold a multiple of [`ROWS`] rows (callers pad), and packed
+//!   weights a multiple of [`COLS`] outputs (padded with zero weights).
+//! - No fused multiply-add (`relaxed_madd`): its rounding differs by
+//!   platform, which would make vectors differ by machine.
+
+use core::arch::wasm32::*;
+
+/// Rows (tokens) of one tile.
+pub const ROWS: usize = 4;
+/// Outputs of one tile: two f32x4 / i32x4 vectors.
+pub const COLS: usize = 8;
+/// The largest activation code: 7 bits, see the module docs.
+const ACT_MAX: f32 = 127.0;
+/// The largest wide activation code: two 7-bit halves.
+const WIDE_MAX: f32 = 16383.0;
+/// The weight of a wide code's high half.
+const WIDE_BASE: f32 = 128.0;
+/// The largest weight code (symmetric, so -127..=127).
+const WEIGHT_MAX: f32 = 127.0;
+/// LayerNorm's and quantization's floor for a zero spread.
+const TINY: f32 = 1e-30;
+
+/// `n` rounded up to a multiple of `m`.
+pub const fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// Rows of activations a weight block is applied to before the next block:
+/// 64 rows of 384 inputs are 24 KiB (int8) to 96 KiB (f32), held in L1/L2
+/// while the layer's weights stream past once per 64 rows instead of once
+/// per 4.
+const ROW_CHUNK: usize = 64;
+
+/// The (row, output block) order of a product's tiles: blocks outer within
+/// each chunk of [`ROW_CHUNK`] rows.
+fn tiles(rows: usize, outputs: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(ROW_CHUNK).flat_map(move |chunk| {
+        (0..outputs.div_ceil(COLS)).flat_map(move |block| {
+            (chunk..rows.min(chunk + ROW_CHUNK))
+                .step_by(ROWS)
+                .map(move |r| (r, block))
+        })
+    })
+}
+
+/// What a linear layer does to its output before storing it.
+#[derive(Clone, Copy)]
+pub enum Then<'a> {
+    /// Store `x W^T + b`.
+    Store,
+    /// Store `gelu(x W^T + b)` (the exact, erf form BERT uses).
+    Gelu,
+    /// Store `x W^T + b + residual` (`residual` has the output's shape).
+    Add(&'a [f32]),
+}
+
+/// A linear layer's weights in f32, packed for [`f32_tile`]: for each block
+/// of [`COLS`] outputs, every input's 8 weights side by side.
+pub struct F32Linear {
+    pub inputs: usize,
+    pub outputs: usize,
+    packed: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// A linear layer's weights in int8 with one scale per output, packed for
+/// [`i8_tile`]: for each block of [`COLS`] outputs and each group of 4
+/// inputs, 32 bytes (4 outputs x 4 inputs, twice).
+pub struct I8Linear {
+    pub inputs: usize,
+    pub outputs: usize,
+    /// Inputs padded to a multiple of 4.
+    stride: usize,
+    packed: Vec<i8>,
+    /// Per input: the factor applied before quantizing (1 / the smoothing
+    /// scale folded into the weights), if smoothed.
+    smooth: Option<Vec<f32>>,
+    /// Whether activations are quantized wide (14 bits in two passes).
+    wide: bool,
+    /// Per output (padded): the weight scale, the sum of its codes, the bias.
+    scale: Vec<f32>,
+    code_sum: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl F32Linear {
+    /// Packs `weight` (`[outputs, inputs]`, PyTorch's layout) and `bias`.
+    pub fn new(weight: &[f32], bias: &[f32], outputs: usize, inputs: usize) -> Self {
+        let blocks = outputs.div_ceil(COLS);
+        let mut packed = vec![0f32; blocks * inputs * COLS];
+        for o in 0..outputs {
+            let (block, lane) = (o / COLS, o % COLS);
+            for k in 0..inputs {
+                packed[(block * inputs + k) * COLS + lane] = weight[o * inputs + k];
+            }
+        }
+        let mut padded_bias = bias.to_vec();
+        padded_bias.resize(blocks * COLS, 0.0);
+        F32Linear {
+            inputs,
+            outputs,
+            packed,
+            bias: padded_bias,
+        }
+    }
+
+    /// `out[r] = then(x[r] W^T + b)` for every row of `x` (`rows x inputs`,
+    /// `rows` a multiple of [`ROWS`]); `out` is `rows x outputs`.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], then: Then) {
+        debug_assert!(rows % ROWS == 0 && x.len() >= rows * self.inputs);
+        let mut tile = [0f32; ROWS * COLS];
+        for (r, block) in tiles(rows, self.outputs) {
+            // SAFETY: the tile reads ROWS rows of `inputs` values from
+            // `x` at row r, and `inputs * COLS` packed weights of this
+            // block; both are in bounds by construction (asserted above).
+            unsafe {
+                f32_tile(
+                    x.as_ptr().add(r * self.inputs),
+                    self.inputs,
+                    self.inputs,
+                    self.packed.as_ptr().add(block * self.inputs * COLS),
+                    &mut tile,
+                );
+            }
+            store(
+                &tile,
+                &self.bias[block * COLS..][..COLS],
+                r,
+                block * COLS,
+                self.outputs,
+                out,
+                then,
+            );
+        }
+    }
+}
+
+impl I8Linear {
+    /// Quantizes `weight` (`[outputs, inputs]`) per output channel and packs
+    /// it. With `smooth` (per input, from [`smoothing`]), input `k`'s weights
+    /// are multiplied by `smooth[k]` and its activations divided by it.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        outputs: usize,
+        inputs: usize,
+        smooth: Option<Vec<f32>>,
+        wide: bool,
+    ) -> Self {
+        let stride = round_up(inputs, 4);
+        let blocks = outputs.div_ceil(COLS);
+        let mut packed = vec![0i8; blocks * stride * COLS];
+        let mut scale = vec![0f32; blocks * COLS];
+        let mut code_sum = vec![0f32; blocks * COLS];
+        for o in 0..outputs {
+            let row: Vec<f32> = match &smooth {
+                Some(s) => weight[o * inputs..][..inputs]
+                    .iter()
+                    .zip(s)
+                    .map(|(w, s)| w * s)
+                    .collect(),
+                None => weight[o * inputs..][..inputs].to_vec(),
+            };
+            let max = row.iter().fold(0f32, |m, w| m.max(w.abs()));
+            let s = max.max(TINY) / WEIGHT_MAX;
+            scale[o] = s;
+            let (block, lane) = (o / COLS, o % COLS);
+            let mut sum = 0i32;
+            for (k, &w) in row.iter().enumerate() {
+                let q = (w / s).round().clamp(-WEIGHT_MAX, WEIGHT_MAX) as i8;
+                sum += i32::from(q);
+                // Group g of 4 inputs: 32 bytes; the first 16 hold outputs
+                // 0..4 of the block, the next 16 outputs 4..8, each 4 bytes.
+                let (g, within) = (k / 4, k % 4);
+                let at = (block * stride / 4 + g) * 32 + (lane / 4) * 16 + (lane % 4) * 4 + within;
+                packed[at] = q;
+            }
+            code_sum[o] = sum as f32;
+        }
+        let mut padded_bias = bias.to_vec();
+        padded_bias.resize(blocks * COLS, 0.0);
+        I8Linear {
+            inputs,
+            outputs,
+            stride,
+            packed,
+            scale,
+            code_sum,
+            bias: padded_bias,
+            smooth: smooth.map(|s| s.iter().map(|v| 1.0 / v).collect()),
+            wide,
+        }
+    }
+
+    /// Quantizes `rows` rows of `x` for this layer into `q`.
+    pub fn quantize(&self, x: &[f32], rows: usize, q: &mut Quantized) {
+        q.wide = self.wide;
+        quantize(x, rows, self.inputs, self.stride, self.smooth.as_deref(), q);
+    }
+
+    /// As [`F32Linear::forward`], on activations quantized by
+    /// [`Self::quantize`].
+    pub fn forward(&self, x: &Quantized, rows: usize, out: &mut [f32], then: Then) {
+        debug_assert!(rows % ROWS == 0 && x.codes.len() >= rows * self.stride);
+        debug_assert_eq!(x.stride, self.stride);
+        debug_assert_eq!(x.wide, !x.low_codes.is_empty());
+        let mut tile = [0i32; ROWS * COLS];
+        let mut low_tile = [0i32; ROWS * COLS];
+        let mut real = [0f32; ROWS * COLS];
+        for (r, block) in tiles(rows, self.outputs) {
+            let w = self.packed[block * self.stride * COLS..].as_ptr();
+            // SAFETY: ROWS rows of `stride` codes at row r, and the
+            // block's `stride * COLS` packed bytes: in bounds by
+            // construction (asserted above).
+            unsafe {
+                i8_tile(
+                    x.codes.as_ptr().add(r * self.stride),
+                    self.stride,
+                    w,
+                    &mut tile,
+                );
+                if x.wide {
+                    i8_tile(
+                        x.low_codes.as_ptr().add(r * self.stride),
+                        self.stride,
+                        w,
+                        &mut low_tile,
+                    );
+                }
+            }
+            let o = block * COLS;
+            dequantize(
+                &tile,
+                x.wide.then_some(&low_tile),
+                &x.step[r..r + ROWS],
+                &x.low[r..r + ROWS],
+                &self.scale[o..o + COLS],
+                &self.code_sum[o..o + COLS],
+                &mut real,
+            );
+            store(
+                &real,
+                &self.bias[block * COLS..][..COLS],
+                r,
+                block * COLS,
+                self.outputs,
+                out,
+                then,
+            );
+        }
+    }
+}
+
+/// Writes one tile's `x W^T` (plus bias, then the follow-up) into `out`.
+#[target_feature(enable = "simd128")]
+fn store(
+    tile: &[f32; ROWS * COLS],
+    bias: &[f32],
+    row: usize,
+    first: usize,
+    outputs: usize,
+    out: &mut [f32],
+    then: Then,
+) {
+    let width = COLS.min(outputs - first);
+    if width < COLS {
+        for i in 0..ROWS {
+            let at = (row + i) * outputs + first;
+            let dst = &mut out[at..][..width];
+            for j in 0..width {
+                dst[j] = tile[i * COLS + j] + bias[j];
+            }
+            match then {
+                Then::Store => {}
+                Then::Gelu => gelu(dst),
+                Then::Add(residual) => {
+                    for (d, r) in dst.iter_mut().zip(&residual[at..][..width]) {
+                        *d += r;
+                    }
+                }
+            }
+        }
+        return;
+    }
+    // The same arithmetic, four lanes at a time.
+    let load = |s: &[f32]| {
+        let s = &s[..4];
+        // SAFETY: 4 values.
+        unsafe { v128_load(s.as_ptr() as *const v128) }
+    };
+    let bias = [load(&bias[..4]), load(&bias[4..8])];
+    for i in 0..ROWS {
+        let at = (row + i) * outputs + first;
+        let dst = &mut out[at..][..COLS];
+        for h in 0..2 {
+            let mut v = f32x4_add(load(&tile[i * COLS + 4 * h..]), bias[h]);
+            match then {
+                Then::Store => {}
+                Then::Gelu => v = gelu4(v),
+                Then::Add(residual) => v = f32x4_add(v, load(&residual[at + 4 * h..])),
+            }
+            let d = &mut dst[4 * h..][..4];
+            // SAFETY: 4 values.
+            unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+        }
+    }
+}
+
+/// An int8 tile's sums as real values: `x ~ step * code + low`, `w = scale *
+/// code`, so `x.w = scale * (step * sum(codes) + low * sum(w codes))`; a
+/// wide code's sum is `128 * high + low`.
+#[target_feature(enable = "simd128")]
+#[allow(clippy::too_many_arguments)]
+fn dequantize(
+    tile: &[i32; ROWS * COLS],
+    low_tile: Option<&[i32; ROWS * COLS]>,
+    step: &[f32],
+    low: &[f32],
+    scale: &[f32],
+    code_sum: &[f32],
+    real: &mut [f32; ROWS * COLS],
+) {
+    let f = |s: &[f32]| {
+        let s = &s[..4];
+        // SAFETY: 4 values.
+        unsafe { v128_load(s.as_ptr() as *const v128) }
+    };
+    let i = |s: &[i32]| {
+        let s = &s[..4];
+        // SAFETY: 4 values.
+        f32x4_convert_i32x4(unsafe { v128_load(s.as_ptr() as *const v128) })
+    };
+    let (scale, sums) = (
+        [f(&scale[..4]), f(&scale[4..8])],
+        [f(&code_sum[..4]), f(&code_sum[4..8])],
+    );
+    for r in 0..ROWS {
+        let (st, lo) = (f32x4_splat(step[r]), f32x4_splat(low[r]));
+        for h in 0..2 {
+            let k = r * COLS + 4 * h;
+            let mut sum = i(&tile[k..]);
+            if let Some(low_tile) = low_tile {
+                sum = f32x4_add(f32x4_mul(sum, f32x4_splat(WIDE_BASE)), i(&low_tile[k..]));
+            }
+            let v = f32x4_mul(
+                scale[h],
+                f32x4_add(f32x4_mul(st, sum), f32x4_mul(lo, sums[h])),
+            );
+            let d = &mut real[k..][..4];
+            // SAFETY: 4 values.
+            unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+        }
+    }
+}
+
+/// Steps of a tile's inner loop written out per loop iteration. wasmtime
+/// checks the epoch at every loop header, and the check's slow path is a
+/// call that clobbers every vector register, so Cranelift keeps the 8
+/// accumulators in stack slots across the back-edge: 16 moves an iteration,
+/// which this many steps share. (Seen in the machine code, see the plugin's
+/// README; the unrolled int8 tile measured about 1.5x the one-step loop.)
+/// What remains: the machine code loads all of an iteration's operands
+/// first and spills most of them, the main gap to the native kernel.
+const UNROLL: usize = 8;
+
+/// 16 bytes at `p` as a vector (WebAssembly loads need no alignment).
+///
+/// # Safety
+/// 16 bytes at `p` must be readable.
+#[inline(always)]
+unsafe fn load<T>(p: *const T) -> v128 {
+    // SAFETY: the caller's.
+    unsafe { v128_load(p as *const v128) }
+}
+
+/// Four bytes at `p`, in every lane.
+///
+/// # Safety
+/// 4 bytes at `p` must be readable.
+#[inline(always)]
+unsafe fn splat32<T>(p: *const T) -> v128 {
+    // SAFETY: the caller's.
+    u32x4_splat(unsafe { (p as *const u32).read_unaligned() })
+}
+
+/// One 4x8 tile of `x W^T` in f32: `x` is ROWS rows of `inputs` values,
+/// `stride` apart, `w` the block's packed weights.
+///
+/// # Safety
+/// `x` must hold `ROWS` readable rows of `inputs` values `stride` apart, and
+/// `w` `inputs * COLS` values.
+#[target_feature(enable = "simd128")]
+unsafe fn f32_tile(
+    x: *const f32,
+    stride: usize,
+    inputs: usize,
+    w: *const f32,
+    tile: &mut [f32; ROWS * COLS],
+) {
+    let zero = f32x4_splat(0.0);
+    let mut acc = [zero; 8];
+    macro_rules! step {
+        ($k:expr) => {{
+            let k = $k;
+            // SAFETY: k < inputs; the caller guarantees the extents.
+            unsafe {
+                let w0 = load(w.add(k * COLS));
+                let w1 = load(w.add(k * COLS + 4));
+                let x0 = splat32(x.add(k));
+                acc[0] = f32x4_add(acc[0], f32x4_mul(x0, w0));
+                acc[1] = f32x4_add(acc[1], f32x4_mul(x0, w1));
+                let x1 = splat32(x.add(stride + k));
+                acc[2] = f32x4_add(acc[2], f32x4_mul(x1, w0));
+                acc[3] = f32x4_add(acc[3], f32x4_mul(x1, w1));
+                let x2 = splat32(x.add(2 * stride + k));
+                acc[4] = f32x4_add(acc[4], f32x4_mul(x2, w0));
+                acc[5] = f32x4_add(acc[5], f32x4_mul(x2, w1));
+                let x3 = splat32(x.add(3 * stride + k));
+                acc[6] = f32x4_add(acc[6], f32x4_mul(x3, w0));
+                acc[7] = f32x4_add(acc[7], f32x4_mul(x3, w1));
+            }
+        }};
+    }
+    let mut k = 0;
+    while k + UNROLL <= inputs {
+        step!(k);
+        step!(k + 1);
+        step!(k + 2);
+        step!(k + 3);
+        step!(k + 4);
+        step!(k + 5);
+        step!(k + 6);
+        step!(k + 7);
+        k += UNROLL;
+    }
+    while k < inputs {
+        step!(k);
+        k += 1;
+    }
+    let out = tile.as_mut_ptr() as *mut v128;
+    // SAFETY: the tile holds 8 vectors.
+    unsafe {
+        for (i, v) in acc.into_iter().enumerate() {
+            v128_store(out.add(i), v);
+        }
+    }
+}
+
+/// One 4x8 tile of `x W^T` in int8: `x` is ROWS rows of `stride` activation
+/// codes (0..=127), `w` the block's packed weight codes.
+///
+/// # Safety
+/// `x` must hold `ROWS * stride` readable bytes and `w` `stride * COLS`;
+/// `stride` must be a multiple of 4.
+#[target_feature(enable = "simd128,relaxed-simd")]
+unsafe fn i8_tile(x: *const u8, stride: usize, w: *const i8, tile: &mut [i32; ROWS * COLS]) {
+    let zero = i32x4_splat(0);
+    let mut acc = [zero; 8];
+    macro_rules! step {
+        ($k:expr) => {{
+            let k = $k;
+            // SAFETY: k + 4 <= stride; the caller guarantees the extents.
+            unsafe {
+                let w0 = load(w.add(k * COLS));
+                let w1 = load(w.add(k * COLS + 16));
+                let x0 = splat32(x.add(k));
+                acc[0] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x0, acc[0]);
+                acc[1] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x0, acc[1]);
+                let x1 = splat32(x.add(stride + k));
+                acc[2] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x1, acc[2]);
+                acc[3] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x1, acc[3]);
+                let x2 = splat32(x.add(2 * stride + k));
+                acc[4] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x2, acc[4]);
+                acc[5] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x2, acc[5]);
+                let x3 = splat32(x.add(3 * stride + k));
+                acc[6] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x3, acc[6]);
+                acc[7] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x3, acc[7]);
+            }
+        }};
+    }
+    let mut k = 0;
+    while k + 4 * UNROLL <= stride {
+        step!(k);
+        step!(k + 4);
+        step!(k + 8);
+        step!(k + 12);
+        step!(k + 16);
+        step!(k + 20);
+        step!(k + 24);
+        step!(k + 28);
+        k += 4 * UNROLL;
+    }
+    while k < stride {
+        step!(k);
+        k += 4;
+    }
+    let out = tile.as_mut_ptr() as *mut v128;
+    // SAFETY: the tile holds 8 vectors.
+    unsafe {
+        for (i, v) in acc.into_iter().enumerate() {
+            v128_store(out.add(i), v);
+        }
+    }
+}
+
+/// Activations quantized per row (per token, never per batch: a text's codes
+/// do not depend on its neighbours): `x ~ step * code + low`, codes 0..=127,
+/// or when `wide`, codes 0..=16383 kept as two 7-bit halves
+/// (`code = 128 * codes + low_codes`) that take one pass of the kernel each.
+#[derive(Default)]
+pub struct Quantized {
+    pub wide: bool,
+    pub codes: Vec<u8>,
+    pub low_codes: Vec<u8>,
+    pub step: Vec<f32>,
+    pub low: Vec<f32>,
+    pub stride: usize,
+}
+
+/// Per-input smoothing scales for a linear layer fed by a LayerNorm with
+/// `gamma` and `beta` (SmoothQuant's balance, with the LayerNorm's
+/// parameters standing in for calibration): an input channel the norm makes
+/// large is divided down before per-token quantization, and its weights are
+/// multiplied up to match, so one loud channel no longer coarsens the
+/// quantization step of every other channel of the token.
+pub fn smoothing(
+    weight: &[f32],
+    outputs: usize,
+    inputs: usize,
+    gamma: &[f32],
+    beta: &[f32],
+) -> Vec<f32> {
+    (0..inputs)
+        .map(|k| {
+            let act = gamma[k].abs() + beta[k].abs();
+            let w = (0..outputs).fold(0f32, |m, o| m.max(weight[o * inputs + k].abs()));
+            if act <= TINY || w <= TINY {
+                1.0
+            } else {
+                (act / w).sqrt()
+            }
+        })
+        .collect()
+}
+
+/// Quantizes `rows` rows of `x` (each `width` values, divided by `smooth`'s
+/// per-input factors first if given) into `q` (wide if `q.wide`), with
+/// `stride` codes a row (the padding codes are 0).
+fn quantize(
+    x: &[f32],
+    rows: usize,
+    width: usize,
+    stride: usize,
+    smooth: Option<&[f32]>,
+    q: &mut Quantized,
+) {
+    q.stride = stride;
+    q.codes.clear();
+    q.codes.resize(rows * stride, 0);
+    q.low_codes.clear();
+    if q.wide {
+        q.low_codes.resize(rows * stride, 0);
+    }
+    let top = if q.wide { WIDE_MAX } else { ACT_MAX };
+    q.step.clear();
+    q.low.clear();
+    let mut smoothed = Vec::new();
+    for r in 0..rows {
+        let mut row = &x[r * width..][..width];
+        if let Some(f) = smooth {
+            smoothed.clear();
+            smoothed.extend(row.iter().zip(f).map(|(v, f)| v * f));
+            row = &smoothed;
+        }
+        let (low, high) = min_max(row);
+        let step = (high - low).max(TINY) / top;
+        let codes = &mut q.codes[r * stride..][..width];
+        let lows = q.wide.then(|| &mut q.low_codes[r * stride..][..width]);
+        encode_row(row, low, 1.0 / step, top, codes, lows);
+        q.step.push(step);
+        q.low.push(low);
+    }
+}
+
+/// The smallest and largest value of `row`.
+#[target_feature(enable = "simd128")]
+fn min_max(row: &[f32]) -> (f32, f32) {
+    let mut lo = f32x4_splat(f32::INFINITY);
+    let mut hi = f32x4_splat(f32::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(4);
+    for c in &mut chunks {
+        // SAFETY: the chunk holds 4 values.
+        let v = unsafe { v128_load(c.as_ptr() as *const v128) };
+        lo = f32x4_pmin(lo, v);
+        hi = f32x4_pmax(hi, v);
+    }
+    let lanes = |v: v128| {
+        [
+            f32x4_extract_lane::<0>(v),
+            f32x4_extract_lane::<1>(v),
+            f32x4_extract_lane::<2>(v),
+            f32x4_extract_lane::<3>(v),
+        ]
+    };
+    let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in lanes(lo).iter().chain(chunks.remainder()) {
+        l = if v < l { v } else { l };
+    }
+    for &v in lanes(hi).iter().chain(chunks.remainder()) {
+        h = if v > h { v } else { h };
+    }
+    (l, h)
+}
+
+/// The codes of one row: `round((v - low) * inverse)`, at most `top`; with
+/// `lows`, split into a high half (in `codes`) and a low half of 7 bits.
+#[target_feature(enable = "simd128")]
+fn encode_row(
+    row: &[f32],
+    low: f32,
+    inverse: f32,
+    top: f32,
+    codes: &mut [u8],
+    mut lows: Option<&mut [u8]>,
+) {
+    let (l, inv, half, t) = (
+        f32x4_splat(low),
+        f32x4_splat(inverse),
+        f32x4_splat(0.5),
+        f32x4_splat(top),
+    );
+    // Non-negative, so adding one half and truncating rounds to nearest.
+    let code = |v: v128| {
+        i32x4_trunc_sat_f32x4(f32x4_pmin(
+            f32x4_add(f32x4_mul(f32x4_sub(v, l), inv), half),
+            t,
+        ))
+    };
+    let n = row.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        // SAFETY: 16 values at i < n <= row.len().
+        let c = unsafe {
+            let p = row.as_ptr().add(i);
+            [
+                code(v128_load(p as *const v128)),
+                code(v128_load(p.add(4) as *const v128)),
+                code(v128_load(p.add(8) as *const v128)),
+                code(v128_load(p.add(12) as *const v128)),
+            ]
+        };
+        let pack = |c: [v128; 4]| {
+            u8x16_narrow_i16x8(
+                i16x8_narrow_i32x4(c[0], c[1]),
+                i16x8_narrow_i32x4(c[2], c[3]),
+            )
+        };
+        match lows.as_deref_mut() {
+            Some(lows) => {
+                let high = c.map(|v| u32x4_shr(v, 7));
+                let low7 = c.map(|v| v128_and(v, i32x4_splat(0x7f)));
+                // SAFETY: 16 bytes at i in both.
+                unsafe {
+                    v128_store(codes.as_mut_ptr().add(i) as *mut v128, pack(high));
+                    v128_store(lows.as_mut_ptr().add(i) as *mut v128, pack(low7));
+                }
+            }
+            // SAFETY: 16 bytes at i.
+            None => unsafe { v128_store(codes.as_mut_ptr().add(i) as *mut v128, pack(c)) },
+        }
+    }
+    for i in n..row.len() {
+        let c = ((row[i] - low) * inverse + 0.5).min(top) as u32;
+        match lows.as_deref_mut() {
+            Some(lows) => (codes[i], lows[i]) = ((c >> 7) as u8, (c & 0x7f) as u8),
+            None => codes[i] = c as u8,
+        }
+    }
+}
+
+/// LayerNorm of each row of `x` in place (`width` values a row).
+pub fn layer_norm(x: &mut [f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().sum::<f32>() / width as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
+}
+
+/// GELU, exact form: `x/2 (1 + erf(x / sqrt 2))`, in place.
+pub fn gelu(x: &mut [f32]) {
+    let mut chunks = x.chunks_exact_mut(4);
+    for c in &mut chunks {
+        // SAFETY: the chunk holds 4 values.
+        unsafe {
+            let p = c.as_mut_ptr() as *mut v128;
+            v128_store(p, gelu4(v128_load(p as *const v128)));
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = f32x4_extract_lane::<0>(gelu4(f32x4_splat(*v)));
+    }
+}
+
+#[target_feature(enable = "simd128")]
+fn gelu4(x: v128) -> v128 {
+    let half = f32x4_splat(0.5);
+    let z = f32x4_mul(x, f32x4_splat(core::f32::consts::FRAC_1_SQRT_2));
+    f32x4_mul(f32x4_mul(half, x), f32x4_add(f32x4_splat(1.0), erf4(z)))
+}
+
+/// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
+#[target_feature(enable = "simd128")]
+fn erf4(x: v128) -> v128 {
+    let a = f32x4_abs(x);
+    let t = f32x4_div(
+        f32x4_splat(1.0),
+        f32x4_add(f32x4_splat(1.0), f32x4_mul(f32x4_splat(0.327_591_1), a)),
+    );
+    let mut p = f32x4_splat(1.061_405_4);
+    for c in [-1.453_152_1f32, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+        p = f32x4_add(f32x4_mul(p, t), f32x4_splat(c));
+    }
+    p = f32x4_mul(p, t);
+    let e = exp4(f32x4_neg(f32x4_mul(a, a)));
+    let y = f32x4_sub(f32x4_splat(1.0), f32x4_mul(p, e));
+    // erf is odd: take the sign of x.
+    v128_bitselect(f32x4_neg(y), y, f32x4_lt(x, f32x4_splat(0.0)))
+}
+
+/// e^x for each lane (relative error about 2e-7; below -87 it is 0).
+#[target_feature(enable = "simd128")]
+fn exp4(x: v128) -> v128 {
+    let x = f32x4_max(f32x4_min(x, f32x4_splat(88.0)), f32x4_splat(-87.0));
+    let n = f32x4_nearest(f32x4_mul(x, f32x4_splat(core::f32::consts::LOG2_E)));
+    // x - n ln 2, in two parts for precision (Cody and Waite).
+    let r = f32x4_sub(x, f32x4_mul(n, f32x4_splat(0.693_359_4)));
+    let r = f32x4_add(r, f32x4_mul(n, f32x4_splat(2.121_944_4e-4)));
+    // e^r on |r| <= ln2/2: Taylor to the 6th power.
+    let mut p = f32x4_splat(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32] {
+        p = f32x4_add(f32x4_mul(p, r), f32x4_splat(c));
+    }
+    let scale = i32x4_shl(i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127)), 23);
+    f32x4_mul(p, scale)
+}
+
+/// Softmax of `x` in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = min_max(x).1;
+    let mut sum = 0f32;
+    let mut chunks = x.chunks_exact_mut(4);
+    let m = f32x4_splat(max);
+    let mut acc = f32x4_splat(0.0);
+    for c in &mut chunks {
+        // SAFETY: the chunk holds 4 values.
+        unsafe {
+            let p = c.as_mut_ptr() as *mut v128;
+            let e = exp4(f32x4_sub(v128_load(p as *const v128), m));
+            v128_store(p, e);
+            acc = f32x4_add(acc, e);
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = f32x4_extract_lane::<0>(exp4(f32x4_splat(*v - max)));
+        sum += *v;
+    }
+    sum += f32x4_extract_lane::<0>(acc)
+        + f32x4_extract_lane::<1>(acc)
+        + f32x4_extract_lane::<2>(acc)
+        + f32x4_extract_lane::<3>(acc);
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Buffers of [`attend`], reused across heads and calls.
+#[derive(Default)]
+pub struct Attention {
+    q: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    scores: Vec<f32>,
+    context: Vec<f32>,
+}
+
+/// One text's self-attention for one head, all in f32: for each query row
+/// `i < n`, `out[i] = softmax(scale * q_i . k_j) . v_j`, as two products
+/// through the f32 tile: the keys packed as the "weights" of the scores, the
+/// values as those of the context (packing is `n x head` copies against
+/// `n x n x head` multiply-adds).
+///
+/// Rows are `stride` values apart in `qkv`, starting at the text's first
+/// row; `q`, `k` and `v` are the head's offsets in a row, `head` its width.
+/// `out` rows are `out_stride` apart, the head at `o`.
+///
+/// # Panics
+/// If the offsets or row counts fall outside `qkv` or `out` (a bug).
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    qkv: &[f32],
+    stride: usize,
+    (q, k, v): (usize, usize, usize),
+    n: usize,
+    head: usize,
+    scale: f32,
+    a: &mut Attention,
+    out: &mut [f32],
+    out_stride: usize,
+    o: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let row = |i: usize, at: usize| &qkv[i * stride + at..][..head];
+    let (rows, keys, dims) = (round_up(n, ROWS), round_up(n, COLS), round_up(head, COLS));
+    // Queries, contiguous and padded to whole tiles.
+    a.q.clear();
+    a.q.resize(rows * head, 0.0);
+    for i in 0..n {
+        a.q[i * head..][..head].copy_from_slice(row(i, q));
+    }
+    // Keys as weights: for each block of 8 keys, every dimension's 8 values.
+    a.keys.clear();
+    a.keys.resize(keys * head, 0.0);
+    for j in 0..n {
+        let (block, lane) = (j / COLS, j % COLS);
+        for (d, &x) in row(j, k).iter().enumerate() {
+            a.keys[(block * head + d) * COLS + lane] = x;
+        }
+    }
+    // Values as weights: for each block of 8 dimensions, every key's 8 values.
+    a.values.clear();
+    a.values.resize(dims * n, 0.0);
+    for j in 0..n {
+        for (d, &x) in row(j, v).iter().enumerate() {
+            let (block, lane) = (d / COLS, d % COLS);
+            a.values[(block * n + j) * COLS + lane] = x;
+        }
+    }
+    a.scores.clear();
+    a.scores.resize(rows * keys, 0.0);
+    a.context.clear();
+    a.context.resize(rows * dims, 0.0);
+    let mut tile = [0f32; ROWS * COLS];
+    for r in (0..rows).step_by(ROWS) {
+        for block in 0..keys / COLS {
+            // SAFETY: ROWS rows of `head` queries at r (of `rows`), and the
+            // block's `head * COLS` packed keys.
+            unsafe {
+                f32_tile(
+                    a.q[r * head..].as_ptr(),
+                    head,
+                    head,
+                    a.keys[block * head * COLS..].as_ptr(),
+                    &mut tile,
+                )
+            };
+            for i in 0..ROWS {
+                a.scores[(r + i) * keys + block * COLS..][..COLS]
+                    .copy_from_slice(&tile[i * COLS..][..COLS]);
+            }
+        }
+    }
+    for i in 0..n {
+        let s = &mut a.scores[i * keys..][..n];
+        s.iter_mut().for_each(|x| *x *= scale);
+        softmax(s);
+    }
+    for r in (0..rows).step_by(ROWS) {
+        for block in 0..dims / COLS {
+            // SAFETY: ROWS rows of `n` probabilities `keys` apart at r, and
+            // the block's `n * COLS` packed values.
+            unsafe {
+                f32_tile(
+                    a.scores[r * keys..].as_ptr(),
+                    keys,
+                    n,
+                    a.values[block * n * COLS..].as_ptr(),
+                    &mut tile,
+                )
+            };
+            for i in 0..ROWS {
+                a.context[(r + i) * dims + block * COLS..][..COLS]
+                    .copy_from_slice(&tile[i * COLS..][..COLS]);
+            }
+        }
+    }
+    for i in 0..n {
+        out[i * out_stride + o..][..head].copy_from_slice(&a.context[i * dims..][..head]);
+    }
+}
