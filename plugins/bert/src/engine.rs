@@ -17,13 +17,13 @@
 
 use crate::kernels::{self, F32Linear, I8Linear, Quantized, ROWS, Then, round_up};
 
-/// The linear layers whose activations are quantized to 14 bits (two
-/// passes of the int8 kernel) rather than 7. The query and key products
-/// feed the softmax, which turns small score errors into large weight
-/// errors: with them at 7 bits, a short text ("hello") fell to cosine 0.989
-/// against the reference; wide, every golden sentence stays at 0.995 or
-/// more, for a quarter more int8 work (`the_wasm_plugin_in_int8_stays_near_the_reference`).
-const WIDE: &[&str] = &["qkv"];
+// At int8, the query/key/value product takes 14-bit activations (two passes
+// of the int8 kernel) rather than 7: queries and keys feed the softmax, which
+// turns small score errors into large weight errors. With the product at 7
+// bits, a short text ("hello") fell to cosine 0.989 against the reference;
+// with queries and keys wide and values at 7 bits, 0.992; all wide, 0.9957
+// (`the_wasm_plugin_in_int8_stays_near_the_reference`), for a quarter more
+// int8 work than all at 7 bits.
 
 /// How the linear layers compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +40,9 @@ pub enum Linear {
 
 impl Linear {
     /// `after` is the LayerNorm that feeds this layer, if one does: at int8
-    /// its scales even out the input channels before quantization. `wide`
-    /// quantizes the activations to 14 bits instead of 7, at twice the cost.
+    /// its scales even out the input channels before quantization. Outputs
+    /// below `wide` see the activations at 14 bits instead of 7, at twice the
+    /// cost.
     fn new(
         precision: Precision,
         w: &[f32],
@@ -49,7 +50,7 @@ impl Linear {
         outputs: usize,
         inputs: usize,
         after: Option<&Norm>,
-        wide: bool,
+        wide: usize,
     ) -> Self {
         match precision {
             Precision::Fp32 => Linear::F32(F32Linear::new(w, b, outputs, inputs)),
@@ -157,7 +158,6 @@ impl Bert {
     /// # Errors
     /// A message naming the tensor that is missing or has the wrong shape.
     pub fn load(tensors: &dyn Tensors, shape: Shape, precision: Precision) -> Result<Self, String> {
-        let wide = |kind: &str| WIDE.contains(&kind);
         let Shape {
             hidden,
             heads,
@@ -195,22 +195,13 @@ impl Bert {
             })
         };
         let linear = |name: &str,
-                      kind: &str,
                       outputs: usize,
                       inputs: usize,
                       after: Option<&Norm>|
          -> Result<Linear, String> {
             let w = get(&format!("{name}.weight"), &[outputs, inputs])?;
             let b = get(&format!("{name}.bias"), &[outputs])?;
-            Ok(Linear::new(
-                precision,
-                &w,
-                &b,
-                outputs,
-                inputs,
-                after,
-                wide(kind),
-            ))
+            Ok(Linear::new(precision, &w, &b, outputs, inputs, after, 0))
         };
         let embedding_norm = norm("embeddings.LayerNorm")?;
         let mut layers: Vec<Layer> = Vec::with_capacity(shape.layers);
@@ -231,27 +222,20 @@ impl Bert {
                 3 * hidden,
                 hidden,
                 Some(before),
-                wide("qkv"),
+                3 * hidden,
             );
             let attention_norm = norm(&format!("{a}.output.LayerNorm"))?;
             layers.push(Layer {
                 qkv,
-                attention_out: linear(
-                    &format!("{a}.output.dense"),
-                    "attention_out",
-                    hidden,
-                    hidden,
-                    None,
-                )?,
+                attention_out: linear(&format!("{a}.output.dense"), hidden, hidden, None)?,
                 intermediate: linear(
                     &format!("{l}.intermediate.dense"),
-                    "intermediate",
                     inner,
                     hidden,
                     Some(&attention_norm),
                 )?,
                 attention_norm,
-                output: linear(&format!("{l}.output.dense"), "output", hidden, inner, None)?,
+                output: linear(&format!("{l}.output.dense"), hidden, inner, None)?,
                 output_norm: norm(&format!("{l}.output.LayerNorm"))?,
             });
         }

@@ -97,8 +97,10 @@ pub struct I8Linear {
     /// Per input: the factor applied before quantizing (1 / the smoothing
     /// scale folded into the weights), if smoothed.
     smooth: Option<Vec<f32>>,
-    /// Whether activations are quantized wide (14 bits in two passes).
-    wide: bool,
+    /// Outputs `0..wide` see 14-bit activations (two passes of the kernel);
+    /// the rest, if the input is wide, only the high halves with the low
+    /// halves' mean (as good as 7-bit rounding). 0: the input is not wide.
+    wide: usize,
     /// Per output (padded): the weight scale, the sum of its codes, the bias.
     scale: Vec<f32>,
     code_sum: Vec<f32>,
@@ -167,7 +169,7 @@ impl I8Linear {
         outputs: usize,
         inputs: usize,
         smooth: Option<Vec<f32>>,
-        wide: bool,
+        wide: usize,
     ) -> Self {
         let stride = round_up(inputs, 4);
         let blocks = outputs.div_ceil(COLS);
@@ -216,7 +218,7 @@ impl I8Linear {
 
     /// Quantizes `rows` rows of `x` for this layer into `q`.
     pub fn quantize(&self, x: &[f32], rows: usize, q: &mut Quantized) {
-        q.wide = self.wide;
+        q.wide = self.wide > 0;
         quantize(x, rows, self.inputs, self.stride, self.smooth.as_deref(), q);
     }
 
@@ -241,7 +243,7 @@ impl I8Linear {
                     w,
                     &mut tile,
                 );
-                if x.wide {
+                if x.wide && block * COLS < self.wide {
                     i8_tile(
                         x.low_codes.as_ptr().add(r * self.stride),
                         self.stride,
@@ -253,7 +255,11 @@ impl I8Linear {
             let o = block * COLS;
             dequantize(
                 &tile,
-                x.wide.then_some(&low_tile),
+                match (x.wide, block * COLS < self.wide) {
+                    (false, _) => Low::None,
+                    (true, true) => Low::Tile(&low_tile),
+                    (true, false) => Low::Mean,
+                },
                 &x.step[r..r + ROWS],
                 &x.low[r..r + ROWS],
                 &self.scale[o..o + COLS],
@@ -328,6 +334,19 @@ fn store(
     }
 }
 
+/// The low halves of wide codes, for [`dequantize`].
+enum Low<'a> {
+    /// The codes are not wide.
+    None,
+    /// Their sums with the weights.
+    Tile(&'a [i32; ROWS * COLS]),
+    /// Not computed: each low half counts as its mean, 63.5.
+    Mean,
+}
+
+/// The mean of a 7-bit low half (0..=127).
+const LOW_MEAN: f32 = 63.5;
+
 /// An int8 tile's sums as real values: `x ~ step * code + low`, `w = scale *
 /// code`, so `x.w = scale * (step * sum(codes) + low * sum(w codes))`; a
 /// wide code's sum is `128 * high + low`.
@@ -335,7 +354,7 @@ fn store(
 #[allow(clippy::too_many_arguments)]
 fn dequantize(
     tile: &[i32; ROWS * COLS],
-    low_tile: Option<&[i32; ROWS * COLS]>,
+    low_tile: Low,
     step: &[f32],
     low: &[f32],
     scale: &[f32],
@@ -361,8 +380,17 @@ fn dequantize(
         for h in 0..2 {
             let k = r * COLS + 4 * h;
             let mut sum = i(&tile[k..]);
-            if let Some(low_tile) = low_tile {
-                sum = f32x4_add(f32x4_mul(sum, f32x4_splat(WIDE_BASE)), i(&low_tile[k..]));
+            match low_tile {
+                Low::None => {}
+                Low::Tile(low_tile) => {
+                    sum = f32x4_add(f32x4_mul(sum, f32x4_splat(WIDE_BASE)), i(&low_tile[k..]))
+                }
+                Low::Mean => {
+                    sum = f32x4_add(
+                        f32x4_mul(sum, f32x4_splat(WIDE_BASE)),
+                        f32x4_mul(sums[h], f32x4_splat(LOW_MEAN)),
+                    )
+                }
             }
             let v = f32x4_mul(
                 scale[h],
@@ -375,15 +403,17 @@ fn dequantize(
     }
 }
 
-// The tiles' inner loops: each iteration takes 8 inputs (f32) or 32 (int8),
+// The tiles' inner loops: each iteration takes 4 inputs (f32) or 16 (int8),
 // loading 16 bytes of each of the 4 rows once and broadcasting their lanes
 // with shuffles. wasmtime checks the epoch at every loop header, and the
 // check's slow path is a call that clobbers every vector register, so
 // Cranelift keeps the 8 accumulators in stack slots across the back-edge: 16
 // moves an iteration, which this much work per iteration shares. (Seen in the
 // machine code, see the plugin's README. Measured with a timer inside the
-// guest: one step an iteration ran the int8 tile at 37 GOP/s, 8 steps with
-// scalar broadcasts at 40 to 57, this shape at 67 to 73.)
+// guest: one group an iteration with scalar broadcasts ran the int8 tile at
+// 37 GOP/s, 8 groups at 40 to 57, this shape at 60 to 95 (the machine's noise
+// is that wide); two of these iterations unrolled into one were slower, as
+// Cranelift then loads all of them first and spills.)
 
 /// 16 bytes at `p` as a vector (WebAssembly loads need no alignment).
 ///
@@ -477,11 +507,6 @@ unsafe fn f32_tile(
         }};
     }
     let mut k = 0;
-    while k + 8 <= inputs {
-        step4!(k);
-        step4!(k + 4);
-        k += 8;
-    }
     while k + 4 <= inputs {
         step4!(k);
         k += 4;
@@ -567,11 +592,6 @@ unsafe fn i8_tile(x: *const u8, stride: usize, w: *const i8, tile: &mut [i32; RO
         }};
     }
     let mut k = 0;
-    while k + 32 <= stride {
-        step4!(k);
-        step4!(k + 16);
-        k += 32;
-    }
     while k + 16 <= stride {
         step4!(k);
         k += 16;
