@@ -131,7 +131,7 @@ impl F32Linear {
     /// `out[r] = then(x[r] W^T + b)` for every row of `x` (`rows x inputs`,
     /// `rows` a multiple of [`ROWS`]); `out` is `rows x outputs`.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], then: Then) {
-        debug_assert!(rows % ROWS == 0 && x.len() >= rows * self.inputs);
+        debug_assert!(rows.is_multiple_of(ROWS) && x.len() >= rows * self.inputs);
         let mut tile = [0f32; ROWS * COLS];
         for (r, block) in tiles(rows, self.outputs) {
             // SAFETY: the tile reads ROWS rows of `inputs` values from
@@ -225,7 +225,7 @@ impl I8Linear {
     /// As [`F32Linear::forward`], on activations quantized by
     /// [`Self::quantize`].
     pub fn forward(&self, x: &Quantized, rows: usize, out: &mut [f32], then: Then) {
-        debug_assert!(rows % ROWS == 0 && x.codes.len() >= rows * self.stride);
+        debug_assert!(rows.is_multiple_of(ROWS) && x.codes.len() >= rows * self.stride);
         debug_assert_eq!(x.stride, self.stride);
         debug_assert_eq!(x.wide, !x.low_codes.is_empty());
         let mut tile = [0i32; ROWS * COLS];
