@@ -85,6 +85,67 @@ pub struct F32Linear {
     bias: Vec<f32>,
 }
 
+/// Packs `outputs x inputs` weights (`weight(o, k)`) into `packed` for
+/// [`f32_tile`]: for each block of [`COLS`] outputs (the last padded with
+/// zeros), every input's 8 weights side by side.
+fn pack_f32(
+    packed: &mut Vec<f32>,
+    outputs: usize,
+    inputs: usize,
+    weight: impl Fn(usize, usize) -> f32,
+) {
+    packed.clear();
+    packed.resize(outputs.div_ceil(COLS) * inputs * COLS, 0.0);
+    for o in 0..outputs {
+        let (block, lane) = (o / COLS, o % COLS);
+        for k in 0..inputs {
+            packed[(block * inputs + k) * COLS + lane] = weight(o, k);
+        }
+    }
+}
+
+/// `out[r][o] = x_r . w_o` through [`f32_tile`], with no bias: `rows` rows
+/// (a multiple of [`ROWS`]) of `units` values, `stride` apart in `x`, against
+/// `packed` weights (from [`pack_f32`]) of `blocks` blocks of outputs; `out`
+/// rows are `blocks * COLS` wide.
+///
+/// # Panics
+/// If `x`, `packed` or `out` is shorter than that (a bug).
+fn f32_product(
+    x: &[f32],
+    stride: usize,
+    units: usize,
+    rows: usize,
+    packed: &[f32],
+    blocks: usize,
+    out: &mut [f32],
+) {
+    let width = blocks * COLS;
+    assert!(rows.is_multiple_of(ROWS) && stride >= units);
+    assert!(rows == 0 || x.len() >= (rows - 1) * stride + units);
+    assert!(packed.len() >= blocks * units * COLS && out.len() >= rows * width);
+    let mut tile = [0f32; ROWS * COLS];
+    for r in (0..rows).step_by(ROWS) {
+        for block in 0..blocks {
+            // SAFETY: ROWS rows of `units` values `stride` apart at row r,
+            // and the block's `units * COLS` weights (asserted above).
+            unsafe {
+                f32_tile(
+                    x[r * stride..].as_ptr() as *const u8,
+                    stride,
+                    units,
+                    packed[block * units * COLS..].as_ptr() as *const u8,
+                    &mut tile,
+                )
+            };
+            for i in 0..ROWS {
+                out[(r + i) * width + block * COLS..][..COLS]
+                    .copy_from_slice(&tile[i * COLS..][..COLS]);
+            }
+        }
+    }
+}
+
 /// A linear layer's weights in int8 with one scale per output, packed for
 /// [`i8_tile`]: for each block of [`COLS`] outputs and each group of 4
 /// inputs, 32 bytes (4 outputs x 4 inputs, twice).
@@ -111,13 +172,8 @@ impl F32Linear {
     /// Packs `weight` (`[outputs, inputs]`, PyTorch's layout) and `bias`.
     pub fn new(weight: &[f32], bias: &[f32], outputs: usize, inputs: usize) -> Self {
         let blocks = outputs.div_ceil(COLS);
-        let mut packed = vec![0f32; blocks * inputs * COLS];
-        for o in 0..outputs {
-            let (block, lane) = (o / COLS, o % COLS);
-            for k in 0..inputs {
-                packed[(block * inputs + k) * COLS + lane] = weight[o * inputs + k];
-            }
-        }
+        let mut packed = Vec::new();
+        pack_f32(&mut packed, outputs, inputs, |o, k| weight[o * inputs + k]);
         let mut padded_bias = bias.to_vec();
         padded_bias.resize(blocks * COLS, 0.0);
         F32Linear {
@@ -139,10 +195,10 @@ impl F32Linear {
             // block; both are in bounds by construction (asserted above).
             unsafe {
                 f32_tile(
-                    x.as_ptr().add(r * self.inputs),
+                    x.as_ptr().add(r * self.inputs) as *const u8,
                     self.inputs,
                     self.inputs,
-                    self.packed.as_ptr().add(block * self.inputs * COLS),
+                    self.packed.as_ptr().add(block * self.inputs * COLS) as *const u8,
                     &mut tile,
                 );
             }
@@ -232,21 +288,25 @@ impl I8Linear {
         let mut low_tile = [0i32; ROWS * COLS];
         let mut real = [0f32; ROWS * COLS];
         for (r, block) in tiles(rows, self.outputs) {
-            let w = self.packed[block * self.stride * COLS..].as_ptr();
+            let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
+            // Units of 4 codes.
+            let units = self.stride / 4;
             // SAFETY: ROWS rows of `stride` codes at row r, and the
             // block's `stride * COLS` packed bytes: in bounds by
             // construction (asserted above).
             unsafe {
                 i8_tile(
                     x.codes.as_ptr().add(r * self.stride),
-                    self.stride,
+                    units,
+                    units,
                     w,
                     &mut tile,
                 );
                 if x.wide && block * COLS < self.wide {
                     i8_tile(
                         x.low_codes.as_ptr().add(r * self.stride),
-                        self.stride,
+                        units,
+                        units,
                         w,
                         &mut low_tile,
                     );
@@ -435,179 +495,99 @@ unsafe fn splat32<T>(p: *const T) -> v128 {
     u32x4_splat(unsafe { (p as *const u32).read_unaligned() })
 }
 
-/// One 4x8 tile of `x W^T` in f32: `x` is ROWS rows of `inputs` values,
-/// `stride` apart, `w` the block's packed weights.
+/// Defines a 4x8 tile kernel over 4-byte units: one f32 input, or a group of
+/// four int8 codes. `x` is ROWS rows of `units` units, `stride` units apart;
+/// `w` holds 32 bytes of packed weights per unit (outputs 0..4, then 4..8), as
+/// both [`F32Linear`] and [`I8Linear`] pack them. `|acc, s, w| mac` adds the
+/// products of the unit `s` (broadcast to every lane) and weights `w` to `acc`.
 ///
-/// # Safety
-/// `x` must hold `ROWS` readable rows of `inputs` values `stride` apart, and
-/// `w` `inputs * COLS` values.
-#[target_feature(enable = "simd128")]
-unsafe fn f32_tile(
-    x: *const f32,
-    stride: usize,
-    inputs: usize,
-    w: *const f32,
-    tile: &mut [f32; ROWS * COLS],
-) {
-    let zero = f32x4_splat(0.0);
-    let mut acc = [zero; 8];
-    macro_rules! step {
-        ($k:expr) => {{
-            let k = $k;
-            // SAFETY: k < inputs; the caller guarantees the extents.
-            unsafe {
-                let w0 = load(w.add(k * COLS));
-                let w1 = load(w.add(k * COLS + 4));
-                let x0 = splat32(x.add(k));
-                acc[0] = f32x4_add(acc[0], f32x4_mul(x0, w0));
-                acc[1] = f32x4_add(acc[1], f32x4_mul(x0, w1));
-                let x1 = splat32(x.add(stride + k));
-                acc[2] = f32x4_add(acc[2], f32x4_mul(x1, w0));
-                acc[3] = f32x4_add(acc[3], f32x4_mul(x1, w1));
-                let x2 = splat32(x.add(2 * stride + k));
-                acc[4] = f32x4_add(acc[4], f32x4_mul(x2, w0));
-                acc[5] = f32x4_add(acc[5], f32x4_mul(x2, w1));
-                let x3 = splat32(x.add(3 * stride + k));
-                acc[6] = f32x4_add(acc[6], f32x4_mul(x3, w0));
-                acc[7] = f32x4_add(acc[7], f32x4_mul(x3, w1));
-            }
-        }};
-    }
-    // Four inputs from one load a row, each broadcast by a shuffle.
-    macro_rules! lane {
-        ($l:literal, $w:expr, $x:expr) => {{
-            // SAFETY: the caller's extents; see `step4`.
-            let (w0, w1) = unsafe { (load($w.add($l * COLS)), load($w.add($l * COLS + 4))) };
-            for (r, x) in $x.iter().enumerate() {
-                let s = i32x4_shuffle::<$l, $l, $l, $l>(*x, *x);
-                acc[2 * r] = f32x4_add(acc[2 * r], f32x4_mul(s, w0));
-                acc[2 * r + 1] = f32x4_add(acc[2 * r + 1], f32x4_mul(s, w1));
-            }
-        }};
-    }
-    macro_rules! step4 {
-        ($k:expr) => {{
-            let k = $k;
-            // SAFETY: k + 4 <= inputs; the caller guarantees the extents.
-            let (x, w) = unsafe {
-                (
-                    [
-                        load(x.add(k)),
-                        load(x.add(stride + k)),
-                        load(x.add(2 * stride + k)),
-                        load(x.add(3 * stride + k)),
-                    ],
-                    w.add(k * COLS),
-                )
+/// Each iteration loads 16 bytes (4 units) of each row once and broadcasts
+/// the units with shuffles; the last `units % 4` take a unit at a time.
+macro_rules! tile_kernel {
+    ($(#[$attr:meta])* $name:ident, $sum:ty, $features:literal, |$acc:ident, $s:ident, $w:ident| $mac:expr) => {
+        $(#[$attr])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            x: *const u8,
+            stride: usize,
+            units: usize,
+            w: *const u8,
+            tile: &mut [$sum; ROWS * COLS],
+        ) {
+            let mac = |$acc: v128, $s: v128, $w: v128| -> v128 { $mac };
+            let mut acc = [i32x4_splat(0); 8];
+            // The products of unit `u`'s weights with each row's broadcast unit.
+            let mut add = |u: usize, s: [v128; ROWS]| {
+                // SAFETY: u < units; the caller guarantees the extents.
+                let (w0, w1) = unsafe { (load(w.add(32 * u)), load(w.add(32 * u + 16))) };
+                for (r, s) in s.into_iter().enumerate() {
+                    acc[2 * r] = mac(acc[2 * r], s, w0);
+                    acc[2 * r + 1] = mac(acc[2 * r + 1], s, w1);
+                }
             };
-            lane!(0, w, x);
-            lane!(1, w, x);
-            lane!(2, w, x);
-            lane!(3, w, x);
-        }};
-    }
-    let mut k = 0;
-    while k + 4 <= inputs {
-        step4!(k);
-        k += 4;
-    }
-    while k < inputs {
-        step!(k);
-        k += 1;
-    }
-    let out = tile.as_mut_ptr() as *mut v128;
-    // SAFETY: the tile holds 8 vectors.
-    unsafe {
-        for (i, v) in acc.into_iter().enumerate() {
-            v128_store(out.add(i), v);
+            let mut u = 0;
+            while u + 4 <= units {
+                // SAFETY: units u..u + 4 of every row are in bounds.
+                let x = unsafe {
+                    [
+                        load(x.add(4 * u)),
+                        load(x.add(4 * (stride + u))),
+                        load(x.add(4 * (2 * stride + u))),
+                        load(x.add(4 * (3 * stride + u))),
+                    ]
+                };
+                add(u, x.map(|x| i32x4_shuffle::<0, 0, 0, 0>(x, x)));
+                add(u + 1, x.map(|x| i32x4_shuffle::<1, 1, 1, 1>(x, x)));
+                add(u + 2, x.map(|x| i32x4_shuffle::<2, 2, 2, 2>(x, x)));
+                add(u + 3, x.map(|x| i32x4_shuffle::<3, 3, 3, 3>(x, x)));
+                u += 4;
+            }
+            while u < units {
+                // SAFETY: unit u of every row is in bounds.
+                let x = unsafe {
+                    [
+                        splat32(x.add(4 * u)),
+                        splat32(x.add(4 * (stride + u))),
+                        splat32(x.add(4 * (2 * stride + u))),
+                        splat32(x.add(4 * (3 * stride + u))),
+                    ]
+                };
+                add(u, x);
+                u += 1;
+            }
+            let out = tile.as_mut_ptr() as *mut v128;
+            for (i, v) in acc.into_iter().enumerate() {
+                // SAFETY: the tile holds 8 vectors.
+                unsafe { v128_store(out.add(i), v) };
+            }
         }
-    }
+    };
 }
 
-/// One 4x8 tile of `x W^T` in int8: `x` is ROWS rows of `stride` activation
-/// codes (0..=127), `w` the block's packed weight codes.
-///
-/// # Safety
-/// `x` must hold `ROWS * stride` readable bytes and `w` `stride * COLS`;
-/// `stride` must be a multiple of 4.
-#[target_feature(enable = "simd128,relaxed-simd")]
-unsafe fn i8_tile(x: *const u8, stride: usize, w: *const i8, tile: &mut [i32; ROWS * COLS]) {
-    let zero = i32x4_splat(0);
-    let mut acc = [zero; 8];
-    macro_rules! step {
-        ($k:expr) => {{
-            let k = $k;
-            // SAFETY: k + 4 <= stride; the caller guarantees the extents.
-            unsafe {
-                let w0 = load(w.add(k * COLS));
-                let w1 = load(w.add(k * COLS + 16));
-                let x0 = splat32(x.add(k));
-                acc[0] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x0, acc[0]);
-                acc[1] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x0, acc[1]);
-                let x1 = splat32(x.add(stride + k));
-                acc[2] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x1, acc[2]);
-                acc[3] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x1, acc[3]);
-                let x2 = splat32(x.add(2 * stride + k));
-                acc[4] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x2, acc[4]);
-                acc[5] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x2, acc[5]);
-                let x3 = splat32(x.add(3 * stride + k));
-                acc[6] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, x3, acc[6]);
-                acc[7] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, x3, acc[7]);
-            }
-        }};
-    }
-    // Four groups of 4 inputs from one 16-byte load a row, each group
-    // broadcast by a shuffle (one instruction, where a scalar load and splat
-    // take three).
-    macro_rules! group {
-        ($g:literal, $w:expr, $x:expr) => {{
-            // SAFETY: the caller's extents; see `step4`.
-            let (w0, w1) = unsafe { (load($w.add($g * 32)), load($w.add($g * 32 + 16))) };
-            for (r, x) in $x.iter().enumerate() {
-                let s = i32x4_shuffle::<$g, $g, $g, $g>(*x, *x);
-                acc[2 * r] = i32x4_relaxed_dot_i8x16_i7x16_add(w0, s, acc[2 * r]);
-                acc[2 * r + 1] = i32x4_relaxed_dot_i8x16_i7x16_add(w1, s, acc[2 * r + 1]);
-            }
-        }};
-    }
-    macro_rules! step4 {
-        ($k:expr) => {{
-            let k = $k;
-            // SAFETY: k + 16 <= stride; the caller guarantees the extents.
-            let (x, w) = unsafe {
-                (
-                    [
-                        load(x.add(k)),
-                        load(x.add(stride + k)),
-                        load(x.add(2 * stride + k)),
-                        load(x.add(3 * stride + k)),
-                    ],
-                    w.add(k * COLS),
-                )
-            };
-            group!(0, w, x);
-            group!(1, w, x);
-            group!(2, w, x);
-            group!(3, w, x);
-        }};
-    }
-    let mut k = 0;
-    while k + 16 <= stride {
-        step4!(k);
-        k += 16;
-    }
-    while k < stride {
-        step!(k);
-        k += 4;
-    }
-    let out = tile.as_mut_ptr() as *mut v128;
-    // SAFETY: the tile holds 8 vectors.
-    unsafe {
-        for (i, v) in acc.into_iter().enumerate() {
-            v128_store(out.add(i), v);
-        }
-    }
-}
+tile_kernel!(
+    /// One 4x8 tile of `x W^T` in f32 (a unit is one input).
+    ///
+    /// # Safety
+    /// `x` must hold ROWS readable rows of `units` f32 values `stride` apart,
+    /// and `w` `units * COLS` packed f32 weights.
+    f32_tile,
+    f32,
+    "simd128",
+    |acc, s, w| f32x4_add(acc, f32x4_mul(s, w))
+);
+
+tile_kernel!(
+    /// One 4x8 tile of `x W^T` in int8 (a unit is 4 activation codes,
+    /// 0..=127, and 4 weight codes per output).
+    ///
+    /// # Safety
+    /// `x` must hold ROWS readable rows of `4 * units` bytes, `4 * stride`
+    /// apart, and `w` `32 * units` packed weight bytes.
+    i8_tile,
+    i32,
+    "simd128,relaxed-simd",
+    |acc, s, w| i32x4_relaxed_dot_i8x16_i7x16_add(w, s, acc)
+);
 
 /// Activations quantized per row (per token, never per batch: a text's codes
 /// do not depend on its neighbours): `x ~ step * code + low`, codes 0..=127,
@@ -975,72 +955,29 @@ pub fn attend(
             *d = x * scale;
         }
     }
-    // Keys as weights: for each block of 8 keys, every dimension's 8 values.
-    a.keys.clear();
-    a.keys.resize(keys * head, 0.0);
-    for j in 0..n {
-        let (block, lane) = (j / COLS, j % COLS);
-        for (d, &x) in row(j, k).iter().enumerate() {
-            a.keys[(block * head + d) * COLS + lane] = x;
-        }
-    }
-    // Values as weights: for each block of 8 dimensions, every key's 8 values.
-    a.values.clear();
-    a.values.resize(dims * n, 0.0);
-    for j in 0..n {
-        for (d, &x) in row(j, v).iter().enumerate() {
-            let (block, lane) = (d / COLS, d % COLS);
-            a.values[(block * n + j) * COLS + lane] = x;
-        }
-    }
+    // The keys as the weights of the scores (an output per key), and the
+    // values as those of the context (an output per dimension).
+    pack_f32(&mut a.keys, n, head, |j, d| row(j, k)[d]);
+    pack_f32(&mut a.values, head, n, |d, j| row(j, v)[d]);
     a.scores.clear();
     a.scores.resize(rows * keys, 0.0);
     a.context.clear();
     a.context.resize(rows * dims, 0.0);
-    let mut tile = [0f32; ROWS * COLS];
-    for r in (0..rows).step_by(ROWS) {
-        for block in 0..keys / COLS {
-            // SAFETY: ROWS rows of `head` queries at r (of `rows`), and the
-            // block's `head * COLS` packed keys.
-            unsafe {
-                f32_tile(
-                    a.q[r * head..].as_ptr(),
-                    head,
-                    head,
-                    a.keys[block * head * COLS..].as_ptr(),
-                    &mut tile,
-                )
-            };
-            for i in 0..ROWS {
-                a.scores[(r + i) * keys + block * COLS..][..COLS]
-                    .copy_from_slice(&tile[i * COLS..][..COLS]);
-            }
-        }
-    }
+    f32_product(&a.q, head, head, rows, &a.keys, keys / COLS, &mut a.scores);
     a.sums.clear();
     for i in 0..n {
         a.sums
             .push(softmax_unscaled(&mut a.scores[i * keys..][..n]));
     }
-    for r in (0..rows).step_by(ROWS) {
-        for block in 0..dims / COLS {
-            // SAFETY: ROWS rows of `n` probabilities `keys` apart at r, and
-            // the block's `n * COLS` packed values.
-            unsafe {
-                f32_tile(
-                    a.scores[r * keys..].as_ptr(),
-                    keys,
-                    n,
-                    a.values[block * n * COLS..].as_ptr(),
-                    &mut tile,
-                )
-            };
-            for i in 0..ROWS {
-                a.context[(r + i) * dims + block * COLS..][..COLS]
-                    .copy_from_slice(&tile[i * COLS..][..COLS]);
-            }
-        }
-    }
+    f32_product(
+        &a.scores,
+        keys,
+        n,
+        rows,
+        &a.values,
+        dims / COLS,
+        &mut a.context,
+    );
     for i in 0..n {
         let inv = 1.0 / a.sums[i];
         for (d, &x) in out[i * out_stride + o..][..head]
