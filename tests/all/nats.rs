@@ -235,17 +235,25 @@ fn one_text(text: &str) -> embedhost::messages::EmbedRequest {
     }
 }
 
+/// Waits for [`busy_member`]'s first request, lets the member settle, and
+/// checks that no other request was ever run on its instance.
+async fn only_the_first_ran(first: FirstRequest, member: Service) {
+    first.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = tokio::task::spawn_blocking(move || member.get("/info").1)
+        .await
+        .unwrap();
+    assert_eq!(info["served_calls"], 1, "{info}");
+}
+
+/// The request [`busy_member`] keeps its instance busy with.
+type FirstRequest =
+    tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>;
+
 /// A nats-server; a member whose one instance takes `call_ms` a call; a
 /// caller's bus to it; and a first request, running on the instance by the
 /// time this returns (50 ms after it was sent).
-async fn busy_member(
-    call_ms: u64,
-) -> (
-    NatsServer,
-    Service,
-    embedhost::bus::Bus,
-    tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>,
-) {
+async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus, FirstRequest) {
     use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
     use embedhost::bus::{Bus, SendOptions};
     use embedhost::messages::EmbedderEmbed;
@@ -291,13 +299,7 @@ async fn a_request_past_its_deadline_is_dropped_by_the_member_too() {
             "a 200 ms request to a busy member cannot succeed"
         );
     }
-    first.await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let info = tokio::task::spawn_blocking(move || member.get("/info").1)
-        .await
-        .unwrap();
-    // Only the first was ever run on an instance.
-    assert_eq!(info["served_calls"], 1, "{info}");
+    only_the_first_ran(first, member).await;
 }
 
 #[test]
@@ -363,12 +365,7 @@ async fn a_caller_that_gives_up_early_cancels_its_request_at_the_member() {
     )
     .await;
     assert!(gave_up.is_err());
-    first.await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let info = tokio::task::spawn_blocking(move || member.get("/info").1)
-        .await
-        .unwrap();
-    assert_eq!(info["served_calls"], 1, "{info}");
+    only_the_first_ran(first, member).await;
 }
 
 /// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in
