@@ -469,8 +469,8 @@ fn dequantize(
 // check's slow path is a call that clobbers every vector register, so
 // Cranelift keeps the 8 accumulators in stack slots across the back-edge: 16
 // moves an iteration, which this much work per iteration shares. (Seen in the
-// machine code, see the plugin's README. Measured with a timer inside the
-// guest: one group an iteration with scalar broadcasts ran the int8 tile at
+// machine code, see the plugin's README. Measured with a temporary timer
+// inside the guest, not a benchmark that can be rerun: one group an iteration with scalar broadcasts ran the int8 tile at
 // 37 GOP/s, 8 groups at 40 to 57, this shape at 60 to 95 (the machine's noise
 // is that wide); two of these iterations unrolled into one were slower, as
 // Cranelift then loads all of them first and spills.)
