@@ -958,18 +958,43 @@ fn sigterm_under_load_answers_every_accepted_request_and_leaves_no_child() {
 
 #[test]
 fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
-    // A long batch wait, so the requests below surely share a batch.
+    // A batch waits for more pieces only while every instance is busy, so
+    // two long texts first occupy both instances (the stub's time grows with
+    // its input); the seven requests below then queue behind them and share
+    // batches however slowly the machine delivers them.
     let config = stub_config(
         "wasm",
-        "\"fault.trap_marker\" = \"POISON\"",
+        "\"fault.trap_marker\" = \"POISON\"\n\"fault.sleep_ms_per_kib\" = \"500\"",
         "[serve]\nbatch_wait_us = 300000\n",
     );
     let s = Service::start(&config, &[]);
     let (status, clean) = s.post("/embed", &json!({ "inputs": ["fine one", "fine two"] }));
     assert_eq!(status, 200);
+    let texts_batched = || {
+        let (_, metrics, _) = s.raw("GET", "/metrics", None, &[]);
+        metric(&metrics, "embed_batch_size_sum")
+    };
+    let batches = || {
+        let (_, metrics, _) = s.raw("GET", "/metrics", None, &[]);
+        metric(&metrics, "embed_batch_size_count")
+    };
+    // One word (the stub counts words as tokens) of 4 KiB: 2 s of work.
+    let long = "slow".repeat(1000);
     let results = std::thread::scope(|scope| {
+        let mut blockers = Vec::new();
+        for batched in [3.0, 4.0] {
+            let (s, long) = (&s, &long);
+            blockers.push(scope.spawn(move || s.post("/embed", &json!({ "inputs": [long] }))));
+            // Polled, not slept: the blocker's batch went to the supervisor.
+            let start = std::time::Instant::now();
+            while texts_batched() < batched {
+                assert!(start.elapsed() < Duration::from_secs(60), "the blocker never ran");
+                std::thread::yield_now();
+            }
+        }
+        let before = batches();
         let poisoned = scope.spawn(|| {
-            s.post(
+            (&s).post(
                 "/v1/embeddings",
                 &json!({ "input": ["fine one", "a POISON text", "fine two"] }),
             )
@@ -985,15 +1010,14 @@ fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
                 })
             })
             .collect();
-        (
-            poisoned.join().unwrap(),
-            others
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Vec<_>>(),
-        )
+        let poisoned = poisoned.join().unwrap();
+        let others: Vec<_> = others.into_iter().map(|h| h.join().unwrap()).collect();
+        for blocker in blockers {
+            assert_eq!(blocker.join().unwrap().0, 200);
+        }
+        (poisoned, others, before)
     });
-    let ((status, e), others) = results;
+    let ((status, e), others, before) = results;
     assert_eq!(status, 422, "{e}");
     assert!(
         e["error"]["message"]
@@ -1009,8 +1033,8 @@ fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
     }
     let (_, metrics, _) = s.raw("GET", "/metrics", None, &[]);
     // Seven requests, fewer batches: they were merged.
-    let batches = metric(&metrics, "embed_batch_size_count");
-    assert!(batches < 8.0, "{batches} batches\n{metrics}");
+    let merged = batches() - before;
+    assert!(merged < 7.0, "{merged} batches for 7 requests\n{metrics}");
     assert!(metric(&metrics, "restarts_total{") >= 1.0);
 }
 
