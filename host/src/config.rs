@@ -268,6 +268,9 @@ pub struct IndexSection {
     /// How often `index` prints a progress line when stderr is not a
     /// terminal, ms.
     pub log_interval_ms: u64,
+    /// Chunks one file may add; the rest of a longer file is not indexed
+    /// and `stats` lists the file as cut.
+    pub max_file_chunks: usize,
 }
 
 impl Default for IndexSection {
@@ -281,6 +284,7 @@ impl Default for IndexSection {
             batch_chunks: w.batch_chunks,
             include_generated: w.include_generated,
             log_interval_ms: limits::INDEX_LOG_INTERVAL.as_millis() as u64,
+            max_file_chunks: w.max_file_chunks,
         }
     }
 }
@@ -502,9 +506,10 @@ impl Config {
         if config.index.chunk_tokens == 0
             || config.index.batch_chunks == 0
             || config.index.log_interval_ms == 0
+            || config.index.max_file_chunks == 0
         {
             return Err(invalid(
-                "[index] chunk_tokens, batch_chunks and log_interval_ms must be greater than zero",
+                "[index] chunk_tokens, batch_chunks, log_interval_ms and max_file_chunks must be greater than zero",
             ));
         }
         if config.index.chunk_overlap >= config.index.chunk_tokens {
@@ -802,6 +807,7 @@ impl Config {
             batch_chunks: self.index.batch_chunks,
             in_flight: self.supervisor_config().pool_size + 1,
             include_generated: self.index.include_generated,
+            max_file_chunks: self.index.max_file_chunks,
         }
     }
 

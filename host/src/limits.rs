@@ -552,3 +552,11 @@ pub const INDEX_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// (`Supervisor::wait_all_up`): an instance starts in milliseconds (a
 /// snapshot) to a second (a native child), so 10 ms adds little.
 pub const POOL_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Chunks one file may add to the index (`[index] max_file_chunks`); past
+/// it the file is indexed up to here and `stats` lists it as cut. 2,000
+/// chunks of 254 tokens are about 2 MB of prose, a 700-page book: more is
+/// a log, a dump or a data file, whose tail nobody searches, and which
+/// would cost minutes of embedding on the WASM default (an hour for the
+/// Rust Book's 4.7 MB search index, were it not skipped as generated).
+pub const DEFAULT_MAX_FILE_CHUNKS: usize = 2_000;

@@ -534,7 +534,39 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("by the running service"));
-    assert_eq!(s.get("/stats").1["indexed"], 3);
+    let stats = s.get("/stats").1;
+    assert_eq!(stats["indexed"], 3);
+    let real = docs.canonicalize().unwrap();
+    assert_eq!(stats["roots"][0]["path"], real.to_str().unwrap(), "{stats}");
+    // `forget` beside the service goes through it, so its in-memory index
+    // drops the chunks too: the search no longer finds them.
+    let (status, e) = s.post("/forget", &json!({ "path": "/etc" }));
+    assert_eq!(status, 403, "{e}");
+    let (status, e) = s.post("/forget", &json!({ "path": docs.join("nothing-here") }));
+    assert!(
+        status == 404 && e["error"].as_str().unwrap().contains("nothing is indexed"),
+        "{e}"
+    );
+    let out = s.cli(&["-v", "forget", "docs/notes/rust.txt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("using the running service"));
+    let (_, results) = s.post(
+        "/search",
+        &json!({ "query": "borrowing in rust", "limit": 10 }),
+    );
+    assert!(
+        results
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| !r["path"].as_str().unwrap().ends_with("rust.txt")),
+        "{results}"
+    );
+    assert_eq!(s.get("/stats").1["indexed"], 2);
 
     // Metrics: requests by route and status, batches, latency.
     let (status, text, _) = s.raw("GET", "/metrics", None, &[]);
@@ -988,7 +1020,10 @@ fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
             // Polled, not slept: the blocker's batch went to the supervisor.
             let start = std::time::Instant::now();
             while texts_batched() < batched {
-                assert!(start.elapsed() < Duration::from_secs(60), "the blocker never ran");
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "the blocker never ran"
+                );
                 std::thread::yield_now();
             }
         }

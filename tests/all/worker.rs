@@ -289,6 +289,37 @@ fn the_command_line_indexes_searches_and_reports() {
     let out = succeeded(&["--config", config, "stats", "--db", db, "--json"]);
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["indexed"], 2, "{stats}");
+    let real = std::fs::canonicalize(docs).unwrap();
+    assert_eq!(stats["roots"][0]["path"], real.to_str().unwrap(), "{stats}");
+    assert_eq!(stats["roots"][0]["files"], 2, "{stats}");
+    assert_eq!(stats["max_file_chunks"], 2000, "{stats}");
+    let out = succeeded(&["--config", config, "stats", "--db", db]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("root:     {}: 2 files, 2 chunks", real.display())),
+        "{text}"
+    );
+    // `forget` takes a folder out of the index (the files stay on disk).
+    let out = succeeded(&["--config", config, "forget", "--db", db, docs]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 chunks removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(Path::new(docs).join("a.txt").is_file());
+    let out = succeeded(&["--config", config, "stats", "--db", db, "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (stats["indexed"].as_u64(), stats["chunks"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let out = embedhost(&["--config", config, "forget", "--db", db, docs]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing is indexed under"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // No index yet: a clear message, not an empty one.
     let empty = root.path().join("none");
     let out = embedhost(&[
@@ -660,11 +691,13 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
         worker.index(vec![docs.clone()]).await.unwrap();
         settled(&worker).await;
     }
-    // Turn it into what version 1 wrote: no keyword index, schema 1.
+    // Turn it into what version 1 wrote: no keyword index, no roots, no
+    // chunk-cap column, schema 1.
     let conn = rusqlite::Connection::open(db.join(DB_FILE)).unwrap();
     conn.execute_batch(
         "DROP TRIGGER chunks_fts_insert; DROP TRIGGER chunks_fts_delete;
          DROP TRIGGER chunks_fts_update; DROP TABLE chunks_fts;
+         DROP TABLE roots; ALTER TABLE files DROP COLUMN cut_from;
          UPDATE meta SET value = '1' WHERE key = 'schema';",
     )
     .unwrap();
@@ -677,9 +710,17 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
         normalized: true,
     };
     let store = Store::open(&db, &info.model_id, info.dimension).unwrap();
-    assert_eq!(store.meta("schema").unwrap().as_deref(), Some("2"));
+    assert_eq!(store.meta("schema").unwrap().as_deref(), Some("3"));
     assert_eq!(store.vectors().unwrap(), before, "vectors are untouched");
     assert_eq!(store.keyword("unique_marker_word", 5).unwrap().len(), 1);
+    // Its roots were never recorded: its files show under none.
+    let roots = store.roots().unwrap();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    assert_eq!(
+        (roots[0].path.as_os_str(), roots[0].files),
+        ("".as_ref(), 2)
+    );
+    assert!(store.cut().unwrap().is_empty());
     drop(store);
     // And the worker searches it by keyword at once, with nothing re-embedded.
     let worker = stub_worker(WorkerSettings::default()).await;
@@ -693,8 +734,13 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     assert_eq!(paths(&hits), vec!["a.txt".to_string()]);
     // A file changed after the upgrade is kept in step by the triggers.
     write(&docs.join("b.txt"), "now the second_marker is here");
-    worker.index(vec![docs]).await.unwrap();
+    worker.index(vec![docs.clone()]).await.unwrap();
     settled(&worker).await;
+    // Indexed again, the folder is a root and nothing is left under none.
+    let roots = worker.roots().await.unwrap();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    assert_eq!(roots[0].path, docs.canonicalize().unwrap());
+    assert_eq!(roots[0].files, 2);
     let hits = worker
         .search_mode("second_marker".into(), 5, SearchMode::Keyword)
         .await
@@ -908,4 +954,119 @@ fn index_prints_progress_lines_at_a_steady_interval_when_not_on_a_terminal() {
         .collect();
     assert!(lines.len() >= 3, "{err}");
     assert!(lines[0].contains("/40 files"), "{}", lines[0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_lists_roots_and_cut_files_and_forget_removes_a_root_everywhere() {
+    use embedhost::messages::SearchMode;
+    use embedhost::worker::store::Store;
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, db) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("db"),
+    );
+    write(&a.join("one.txt"), "the alpha_marker note");
+    write(&a.join("sub/two.txt"), "another note in a");
+    write(&b.join("three.txt"), "the beta_marker note");
+    // 2,400 words: about ten chunks of the default size, over a cap of 3.
+    let long: Vec<String> = (0..200)
+        .map(|i| format!("Sentence {i} of the long file talks about the spring weather."))
+        .collect();
+    write(&b.join("long.txt"), &long.join("\n"));
+    let settings = WorkerSettings {
+        max_file_chunks: 3,
+        ..WorkerSettings::default()
+    };
+    let worker = stub_worker(settings).await;
+    worker.init(&db).await.unwrap();
+    worker.index(vec![a.clone(), b.clone()]).await.unwrap();
+    let stats = settled(&worker).await;
+    assert_eq!((stats.indexed, stats.chunks), (4, 6), "{stats:?}");
+    let roots = worker.roots().await.unwrap();
+    let (a_real, b_real) = (a.canonicalize().unwrap(), b.canonicalize().unwrap());
+    assert_eq!(
+        roots
+            .iter()
+            .map(|r| (r.path.clone(), r.files, r.chunks))
+            .collect::<Vec<_>>(),
+        vec![(a_real.clone(), 2, 2), (b_real.clone(), 2, 4)]
+    );
+    let store = Store::open_existing(&db).unwrap();
+    let cut = store.cut().unwrap();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert_eq!(cut[0].0, b_real.join("long.txt"));
+    assert_eq!(cut[0].1, 3);
+    assert!(cut[0].2 > 3, "{cut:?}");
+    assert_eq!(store.stats().unwrap().cut, 1);
+    drop(store);
+
+    // Forgetting `a` removes its files from the store, the keyword index
+    // and the vectors: no mode finds them.
+    assert_eq!(worker.forget(&a).await.unwrap(), 2);
+    for mode in [
+        SearchMode::Keyword,
+        SearchMode::Semantic,
+        SearchMode::Hybrid,
+    ] {
+        let hits = worker
+            .search_mode("alpha_marker note".into(), 10, mode)
+            .await
+            .unwrap();
+        assert!(
+            hits.iter().all(|h| !h.path.starts_with(&a_real)),
+            "{mode:?}: {hits:?}"
+        );
+        assert!(!hits.is_empty(), "{mode:?}: b's notes are still found");
+    }
+    let stats = settled(&worker).await;
+    assert_eq!((stats.indexed, stats.chunks), (2, 4), "{stats:?}");
+    assert_eq!(worker.roots().await.unwrap().len(), 1);
+    // Twice is an error that says where to look.
+    let err = worker.forget(&a).await.unwrap_err().to_string();
+    assert!(
+        err.contains("nothing is indexed") && err.contains("stats"),
+        "{err}"
+    );
+    // A folder deleted from disk can still be forgotten.
+    std::fs::remove_dir_all(&b).unwrap();
+    assert_eq!(worker.forget(&b).await.unwrap(), 4);
+    assert!(worker.roots().await.unwrap().is_empty());
+    let stats = settled(&worker).await;
+    assert_eq!((stats.indexed, stats.chunks), (0, 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_forgotten_while_its_files_are_at_the_embedder_does_not_come_back() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    for i in 0..40 {
+        write(
+            &docs.join(format!("f{i}.txt")),
+            &format!("file number {i} {}", "x".repeat(500)),
+        );
+    }
+    // Slow enough that files are still at the embedder when `forget` runs.
+    let (worker, _pool) = stub_worker_with(
+        &[("fault.sleep_ms_per_kib", "100")],
+        InstanceLimits::default(),
+        WorkerSettings {
+            batch_chunks: 4,
+            ..WorkerSettings::default()
+        },
+        "stub",
+    )
+    .await;
+    worker.init(&root.path().join("db")).await.unwrap();
+    worker.index(vec![docs.clone()]).await.unwrap();
+    // Polled until the indexer has files in hand (no sleep as a signal).
+    let started = std::time::Instant::now();
+    while worker.stats().await.unwrap().processing == 0 {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::task::yield_now().await;
+    }
+    worker.forget(&docs).await.unwrap();
+    let stats = settled(&worker).await;
+    assert_eq!((stats.indexed, stats.chunks), (0, 0), "{stats:?}");
+    assert!(worker.roots().await.unwrap().is_empty());
 }

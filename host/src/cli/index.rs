@@ -1,4 +1,4 @@
-//! `embedhost index`, `search` and `stats`: the worker's commands.
+//! `embedhost index`, `search`, `stats` and `forget`: the worker's commands.
 //!
 //! `index` and `search` start the configured embedder and a worker over
 //! the bus, exactly as an embedding application would; `stats` only reads
@@ -69,6 +69,16 @@ pub struct SearchArgs {
     /// What to look for, in words.
     #[arg(required = true)]
     pub query: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The index directory (default: `[index] dir`, else the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub db: Option<PathBuf>,
+    /// The folder or file to forget (as given to `index`, or any folder or
+    /// file inside one; it need not exist any more).
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -456,14 +466,21 @@ fn print_results(results: &[SearchResult]) {
 pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let db = config.index_dir(args.db.as_deref())?;
-    let (stats, model, skipped) = tokio::task::spawn_blocking(move || {
+    let cap = config.index.max_file_chunks;
+    let (stats, model, skipped, roots, cut) = tokio::task::spawn_blocking(move || {
         let store = Store::open_existing(&db)?;
         let s = store.stats()?;
         let model = (
             store.meta("model_id")?.unwrap_or_default(),
             store.meta("dimension")?.unwrap_or_default(),
         );
-        Ok::<_, crate::worker::store::StoreError>((s, model, store.skipped()?))
+        Ok::<_, crate::worker::store::StoreError>((
+            s,
+            model,
+            store.skipped()?,
+            store.roots()?,
+            store.cut()?,
+        ))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -479,6 +496,12 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
     if args.json {
         let mut json = serde_json::to_value(&response).map_err(|e| e.to_string())?;
         json["model_id"] = model.0.into();
+        json["roots"] = serde_json::to_value(&roots).map_err(|e| e.to_string())?;
+        json["max_file_chunks"] = cap.into();
+        json["cut"] = cut
+            .iter()
+            .map(|(path, kept, made)| serde_json::json!({ "path": path, "kept": kept, "made": made }))
+            .collect();
         json["skipped"] = skipped
             .iter()
             .map(|(path, reason, detail)| {
@@ -495,8 +518,71 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
         response.chunks
     );
     outln!("queued:   {} files", response.queued);
+    for root in &roots {
+        let path = if root.path.as_os_str().is_empty() {
+            "(under no recorded root: indexed before roots were kept; `index` them again)"
+                .to_string()
+        } else {
+            root.path.display().to_string()
+        };
+        outln!(
+            "root:     {path}: {} files, {} chunks{}",
+            root.files,
+            root.chunks,
+            if root.skipped > 0 {
+                format!(", {} skipped", root.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for (path, kept, made) in &cut {
+        outln!(
+            "cut:      {} (its first {kept} of {made} chunks; [index] max_file_chunks = {cap})",
+            path.display()
+        );
+    }
     for (path, _reason, detail) in skipped {
         outln!("skipped:  {} ({detail})", path.display());
     }
+    Ok(())
+}
+
+/// `embedhost forget PATH`: through the running service if there is one
+/// (its in-memory index must drop the chunks too), else on the store.
+pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Result<(), String> {
+    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let db = config.index_dir(args.db.as_deref())?;
+    // Resolved here: the service has its own working directory.
+    let path = std::fs::canonicalize(&args.path)
+        .or_else(|_| std::path::absolute(&args.path))
+        .map_err(|e| format!("`{}`: {e}", args.path.display()))?;
+    let chunks = if let Some(client) = super::running_service(&config, Some(&db)).await {
+        let answer = client
+            .post("/forget", &serde_json::json!({ "path": path }), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        answer["chunks"].as_u64().unwrap_or(0)
+    } else {
+        let (asked, db2) = (args.path.clone(), db.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut store = Store::open_existing(&db2).map_err(|e| e.to_string())?;
+            let (ids, known) = store.forget(&path).map_err(|e| e.to_string())?;
+            if !known {
+                return Err(format!(
+                    "nothing is indexed under `{}` (`embedhost stats` lists the roots)",
+                    asked.display()
+                ));
+            }
+            Ok(ids.len() as u64)
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    outln!(
+        "forgot `{}`: {chunks} chunks removed from {}",
+        args.path.display(),
+        db.display()
+    );
     Ok(())
 }

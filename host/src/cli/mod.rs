@@ -72,6 +72,9 @@ pub enum Command {
     Search(index::SearchArgs),
     /// Show the index's counts.
     Stats(index::StatsArgs),
+    /// Remove an indexed folder or file (and everything under it) from the
+    /// index; the files on disk are not touched.
+    Forget(index::ForgetArgs),
     /// Run the embedding service: OpenAI- and TEI-compatible HTTP, search
     /// and indexing, until SIGTERM or Ctrl-C (SIGHUP reloads the config).
     Serve(ServeArgs),
@@ -249,6 +252,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Index(args) => index::index(cli.config, args).await,
         Command::Search(args) => index::search(cli.config, args).await,
         Command::Stats(args) => index::stats(cli.config, args).await,
+        Command::Forget(args) => index::forget(cli.config, args).await,
         Command::Serve(args) => crate::serve::run(crate::serve::ServeOptions {
             config: cli.config,
             listen: args.listen,

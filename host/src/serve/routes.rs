@@ -103,6 +103,7 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
         .route("/search", post(search))
         .route("/index", post(index_start).get(index_progress))
         .route("/stats", get(stats))
+        .route("/forget", post(forget))
         .route("/metrics", get(render_metrics));
     if access == Access::Owner {
         api = api.route("/embedhost/embed", post(embedhost_embed));
@@ -566,27 +567,7 @@ async fn index_start(
                 format!("`paths[{i}]` (`{path}`) cannot be read: {e}"),
             )
         })?;
-        if access == Access::Network && !state.roots.iter().any(|root| real.starts_with(root)) {
-            let allowed: Vec<String> = state
-                .roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect();
-            return Err(ApiError {
-                param: Some("paths".into()),
-                ..ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "`paths[{i}]` (`{path}`) is outside the folders this service may index ([serve] index_roots: {})",
-                        if allowed.is_empty() {
-                            "none".to_string()
-                        } else {
-                            allowed.join(", ")
-                        }
-                    ),
-                )
-            });
-        }
+        within_roots(&state, access, &format!("paths[{i}]"), path, &real)?;
         resolved.push(real);
     }
     let worker = state.worker()?;
@@ -596,6 +577,65 @@ async fn index_start(
         Json(json!({ "job": id, "paths": resolved })),
     )
         .into_response())
+}
+
+/// Refuses a path outside `[serve] index_roots` to a caller off loopback:
+/// the service reads and forgets only what its owner allowed.
+fn within_roots(
+    state: &super::State,
+    access: Access,
+    field: &str,
+    path: &str,
+    real: &std::path::Path,
+) -> Result<(), ApiError> {
+    if access != Access::Network || state.roots.iter().any(|root| real.starts_with(root)) {
+        return Ok(());
+    }
+    let allowed: Vec<String> = state
+        .roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect();
+    let param = field.split('[').next().unwrap_or(field);
+    Err(ApiError {
+        param: Some(param.into()),
+        ..ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{field}` (`{path}`) is outside the folders this service may index ([serve] index_roots: {})",
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            ),
+        )
+    })
+}
+
+/// `POST /forget {"path": ...}`: removes an indexed root (or any folder or
+/// file in one) and its chunks. The path need not exist any more.
+async fn forget(
+    Shared((state, access)): Shared<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let map = api::object(body)?;
+    let Some(path) = api::string(&map, "path")? else {
+        return Err(ApiError::bad("path", "`path` is missing"));
+    };
+    let real = std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .map_err(|e| ApiError::bad("path", format!("`path` (`{path}`): {e}")))?;
+    within_roots(&state, access, "path", path, &real)?;
+    let worker = state.worker()?;
+    match worker.forget(&real).await {
+        Ok(chunks) => Ok(Json(json!({ "path": real, "chunks": chunks }))),
+        Err(e @ crate::worker::WorkerError::NotIndexed(_)) => Err(ApiError {
+            param: Some("path".into()),
+            ..ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+        }),
+        Err(e) => Err(worker_error(e)),
+    }
 }
 
 async fn index_progress(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
@@ -610,6 +650,8 @@ async fn stats(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiE
     let worker = state.worker()?;
     let stats = worker.stats().await.map_err(worker_error)?;
     let mut body = serde_json::to_value(stats).unwrap_or_default();
+    body["roots"] =
+        serde_json::to_value(worker.roots().await.map_err(worker_error)?).unwrap_or_default();
     if let Ok(pool) = state.pool() {
         body["model_id"] = pool.info.model_id.clone().into();
         body["restarts"] = serde_json::to_value(pool.restarts()).unwrap_or_default();

@@ -89,6 +89,9 @@ pub struct WorkerSettings {
     /// Index machine-made text too (generated, minified, lock files), which
     /// is skipped as `generated` otherwise.
     pub include_generated: bool,
+    /// A file's chunks past this many are not indexed; the file is
+    /// recorded as cut (`stats` lists it).
+    pub max_file_chunks: usize,
 }
 
 impl Default for WorkerSettings {
@@ -99,6 +102,7 @@ impl Default for WorkerSettings {
             batch_chunks: DEFAULT_BATCH_CHUNKS,
             in_flight: 2,
             include_generated: false,
+            max_file_chunks: crate::limits::DEFAULT_MAX_FILE_CHUNKS,
         }
     }
 }
@@ -118,6 +122,9 @@ pub enum WorkerError {
     #[error("cannot index `{path}`: {reason}")]
     /// A path given to `index` cannot be walked.
     Path { path: PathBuf, reason: String },
+    #[error("nothing is indexed under `{0}` (`embedhost stats` lists the roots)")]
+    /// `forget` was given a path the index knows nothing under.
+    NotIndexed(PathBuf),
     #[error("the embedder returned no vector for the query: {0}")]
     /// The query cannot be searched (empty, or refused by the embedder).
     Query(String),
@@ -126,7 +133,9 @@ pub enum WorkerError {
 impl From<WorkerError> for RemoteError {
     fn from(e: WorkerError) -> Self {
         let code = match &e {
-            WorkerError::NotInitialized | WorkerError::Path { .. } => ErrorCode::InvalidInput,
+            WorkerError::NotInitialized | WorkerError::Path { .. } | WorkerError::NotIndexed(_) => {
+                ErrorCode::InvalidInput
+            }
             WorkerError::Embedder(BusError::Remote(r)) if r.code == ErrorCode::Unavailable => {
                 ErrorCode::Unavailable
             }
@@ -319,6 +328,53 @@ impl Worker {
         *opened.stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
         opened.wake.notify_one();
         Ok(queued)
+    }
+
+    /// Forgets `path` (an indexed root, or any folder or file in one) and
+    /// everything indexed or queued under it, and the roots inside it: its
+    /// chunks leave the store and the in-memory index together, and the
+    /// indexer will not bring back a file it was working on. The path
+    /// need not exist any more. Returns the chunks removed.
+    ///
+    /// # Errors
+    /// [`WorkerError::NotIndexed`] if nothing is known under `path`, or the
+    /// store's error.
+    pub async fn forget(&self, path: &Path) -> Result<u64, WorkerError> {
+        let opened = self.opened().await?;
+        let root = path
+            .canonicalize()
+            .or_else(|_| std::path::absolute(path))
+            .map_err(|e| WorkerError::Path {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let state = opened.clone();
+        let asked = path.to_path_buf();
+        blocking(move || {
+            let mut store = lock(&state.store);
+            let (ids, known) = store.forget(&root)?;
+            if !known {
+                return Err(WorkerError::NotIndexed(asked));
+            }
+            // The in-memory index changes under the store's lock, so a
+            // search sees both before or both after.
+            let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
+            for &id in &ids {
+                index.remove(id);
+            }
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    /// The indexed roots with their counts ([`Store::roots`]).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn roots(&self) -> Result<Vec<store::RootStats>, WorkerError> {
+        let opened = self.opened().await?;
+        let store = opened.store.clone();
+        blocking(move || Ok(lock(&store).roots()?)).await
     }
 
     /// `worker.search`: the `limit` chunks closest in meaning to `query`,
@@ -543,11 +599,17 @@ fn walk(state: &Opened, paths: &[PathBuf]) -> Result<u64, WorkerError> {
         .unwrap_or_else(|_| state.dir.clone());
     let mut candidates = Vec::new();
     let mut removed = Vec::new();
-    for path in paths {
-        let root = path.canonicalize().map_err(|e| WorkerError::Path {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+    let roots = paths
+        .iter()
+        .map(|path| {
+            path.canonicalize().map_err(|e| WorkerError::Path {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    lock(&state.store).add_roots(&roots)?;
+    for root in roots {
         let mut seen = HashSet::new();
         let walker = ignore::WalkBuilder::new(&root)
             // .gitignore applies in any folder, as a person reading it
@@ -615,6 +677,8 @@ enum Prepared {
         meta: FileMeta,
         hash: String,
         chunks: Vec<Chunk>,
+        /// The chunks the file made, when more than the cap kept.
+        cut_from: Option<usize>,
     },
 }
 
@@ -651,12 +715,18 @@ fn prepare(inner: &Inner, store: &SyncMutex<Store>, path: PathBuf) -> Prepared {
         return Prepared::Skipped(path, meta, Skip::Generated(why));
     }
     match chunk::chunk(&text, &inner.tokens, inner.settings.chunk) {
-        Ok(chunks) => Prepared::Chunks {
-            path,
-            meta,
-            hash,
-            chunks,
-        },
+        Ok(mut chunks) => {
+            let cap = inner.settings.max_file_chunks.max(1);
+            let cut_from = (chunks.len() > cap).then_some(chunks.len());
+            chunks.truncate(cap);
+            Prepared::Chunks {
+                path,
+                meta,
+                hash,
+                chunks,
+                cut_from,
+            }
+        }
         Err(e) => Prepared::Skipped(path, meta, Skip::Unreadable(format!("tokenizer: {e}"))),
     }
 }
@@ -667,6 +737,7 @@ struct Pending {
     meta: FileMeta,
     hash: String,
     chunks: Vec<Chunk>,
+    cut_from: Option<usize>,
     vectors: Vec<Option<Vec<f32>>>,
     missing: usize,
     failed: Option<String>,
@@ -745,11 +816,11 @@ async fn index_round(
             file = rx.recv(), if input_open && room => {
                 match file {
                     None => input_open = false,
-                    Some(Prepared::Chunks { path, meta, hash, chunks }) if !chunks.is_empty() => {
+                    Some(Prepared::Chunks { path, meta, hash, chunks, cut_from }) if !chunks.is_empty() => {
                         let n = chunks.len();
                         batch.extend((0..n).map(|i| (next_file, i)));
                         pending.insert(next_file, Pending {
-                            path, meta, hash, chunks,
+                            path, meta, hash, chunks, cut_from,
                             vectors: vec![None; n],
                             missing: n,
                             failed: None,
@@ -905,7 +976,7 @@ async fn commit_other(opened: &Arc<Opened>, file: Prepared) -> Result<(), Worker
                 path, meta, hash, ..
             } => {
                 // A file without text: indexed, with no chunk.
-                store.commit_file(&path, &meta, &hash, &[])?.0
+                store.commit_file(&path, &meta, &hash, &[], None)?.0
             }
         };
         drop(store);
@@ -965,7 +1036,7 @@ async fn commit_pending(
                 vector: v,
             })
             .collect();
-        let (old, new) = store.commit_file(&p.path, &p.meta, &p.hash, &chunks)?;
+        let (old, new) = store.commit_file(&p.path, &p.meta, &p.hash, &chunks, p.cut_from)?;
         drop(store);
         let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
         old.into_iter().for_each(|id| index.remove(id));

@@ -29,7 +29,15 @@ pub const DB_FILE: &str = "index.sqlite";
 /// 2: adds `chunks_fts`, the keyword index (FTS5, BM25) of the chunks'
 ///    text, kept in step with `chunks` by triggers, so a file's keywords are
 ///    written in the same transaction as its chunks.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: adds `roots` (the paths `index` was given, for `stats` and
+///    `forget`) and `files.cut_from` (the chunks a file would have made
+///    when it made more than the cap, `[index] max_file_chunks`).
+const SCHEMA_VERSION: i64 = 3;
+
+/// The indexed roots: every path `index` was given, canonical. A file
+/// belongs to the roots that are its ancestors (or itself).
+const ROOTS_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS roots (path TEXT PRIMARY KEY, added_ns INTEGER NOT NULL);";
 
 /// The keyword index over `chunks.text` and the triggers that keep it in
 /// step. `unicode61` with `_` as a token character keeps `snake_case`
@@ -54,12 +62,21 @@ const FTS_SCHEMA: &str = "
 /// Upgrades from each older schema version, each step in one transaction
 /// with the version bump: an index is at one version or the next, never
 /// between. Nothing is re-embedded: vectors are left as they are.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    // After [`FTS_SCHEMA`]: builds the keyword index from the chunks
-    // already stored.
-    "INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        // After [`FTS_SCHEMA`]: builds the keyword index from the chunks
+        // already stored.
+        "INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');",
+    ),
+    (
+        2,
+        // After [`ROOTS_SCHEMA`]. The roots an older index was given were
+        // not recorded: its files show as under no root until `index`
+        // names them again. No file was cut then.
+        "ALTER TABLE files ADD COLUMN cut_from INTEGER;",
+    ),
+];
 
 use crate::limits::INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT;
 
@@ -166,6 +183,21 @@ pub struct StoreStats {
     pub queued: u64,
     /// Files not indexed, by reason (`binary`, `too_large`, ...).
     pub skipped: BTreeMap<String, u64>,
+    /// Files indexed only up to the chunk cap.
+    pub cut: u64,
+}
+
+/// An indexed root and what the index holds under it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RootStats {
+    /// The path `index` was given, canonical.
+    pub path: PathBuf,
+    /// Files indexed under it.
+    pub files: u64,
+    /// Their chunks.
+    pub chunks: u64,
+    /// Files under it not indexed (any reason).
+    pub skipped: u64,
 }
 
 /// The index database.
@@ -219,7 +251,8 @@ impl Store {
                  mtime_ns INTEGER NOT NULL,
                  hash TEXT NOT NULL,
                  skip_reason TEXT,
-                 skip_detail TEXT
+                 skip_detail TEXT,
+                 cut_from INTEGER
              );
              CREATE TABLE IF NOT EXISTS chunks (
                  id INTEGER PRIMARY KEY,
@@ -307,6 +340,7 @@ impl Store {
                         source,
                     })?;
                 tx.execute_batch(FTS_SCHEMA)
+                    .and_then(|()| tx.execute_batch(ROOTS_SCHEMA))
                     .map_err(|source| StoreError::Sqlite {
                         path: self.path.clone(),
                         source,
@@ -363,8 +397,10 @@ impl Store {
         };
         for (version, step) in MIGRATIONS.iter().filter(|(v, _)| *v >= from) {
             let tx = self.conn.transaction().map_err(sql)?;
-            if *version == 1 {
-                tx.execute_batch(FTS_SCHEMA).map_err(sql)?;
+            match version {
+                1 => tx.execute_batch(FTS_SCHEMA).map_err(sql)?,
+                2 => tx.execute_batch(ROOTS_SCHEMA).map_err(sql)?,
+                _ => {}
             }
             tx.execute_batch(step).map_err(sql)?;
             tx.execute(
@@ -517,9 +553,11 @@ impl Store {
             .map_err(self.sql())
     }
 
-    /// Records the file at `path` as indexed with `chunks`, replacing what
-    /// the index had of it, and takes it off the queue: one transaction.
-    /// Returns the ids of the chunks it replaced and of the new ones.
+    /// Records the file at `path` as indexed with `chunks` (`cut_from`: the
+    /// chunks it made, if more than were kept), replacing what the index
+    /// had of it, and takes it off the queue: one transaction. Returns the
+    /// ids of the chunks it replaced and of the new ones. A file no longer
+    /// queued (deleted or forgotten meanwhile) is not written.
     ///
     /// # Errors
     /// SQLite's error; nothing is written then.
@@ -529,21 +567,31 @@ impl Store {
         meta: &FileMeta,
         hash: &str,
         chunks: &[NewChunk<'_>],
+        cut_from: Option<usize>,
     ) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
         let sql = |source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
         };
         let tx = self.conn.transaction().map_err(sql)?;
+        if !queued(&tx, path).map_err(sql)? {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let old = chunk_ids(&tx, path).map_err(sql)?;
         let file_id: i64 = tx
             .query_row(
-                "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail)
-                 VALUES (?1, ?2, ?3, ?4, NULL, NULL)
+                "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail, cut_from)
+                 VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5)
                  ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = ?4,
-                     skip_reason = NULL, skip_detail = NULL
+                     skip_reason = NULL, skip_detail = NULL, cut_from = ?5
                  RETURNING id",
-                params![path_text(path), meta.size as i64, meta.mtime_ns, hash],
+                params![
+                    path_text(path),
+                    meta.size as i64,
+                    meta.mtime_ns,
+                    hash,
+                    cut_from.map(|n| n as i64)
+                ],
                 |r| r.get(0),
             )
             .map_err(sql)?;
@@ -597,12 +645,15 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(sql)?;
+        if !queued(&tx, path).map_err(sql)? {
+            return Ok(Vec::new());
+        }
         let old = chunk_ids(&tx, path).map_err(sql)?;
         tx.execute(
             "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail)
              VALUES (?1, ?2, ?3, '', ?4, ?5)
              ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = '',
-                 skip_reason = ?4, skip_detail = ?5",
+                 skip_reason = ?4, skip_detail = ?5, cut_from = NULL",
             params![
                 path_text(path),
                 meta.size as i64,
@@ -633,6 +684,9 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(sql)?;
+        if !queued(&tx, path).map_err(sql)? {
+            return Ok(());
+        }
         tx.execute(
             "UPDATE files SET size = ?2, mtime_ns = ?3 WHERE path = ?1",
             params![path_text(path), meta.size as i64, meta.mtime_ns],
@@ -746,6 +800,7 @@ impl Store {
             chunks: count("SELECT COUNT(*) FROM chunks")?,
             queued: count("SELECT COUNT(*) FROM queue")?,
             skipped: BTreeMap::new(),
+            cut: count("SELECT COUNT(*) FROM files WHERE cut_from IS NOT NULL")?,
         };
         let mut stmt = self
             .conn
@@ -761,6 +816,164 @@ impl Store {
             stats.skipped.insert(reason, n as u64);
         }
         Ok(stats)
+    }
+
+    /// Files indexed only up to the chunk cap: each path with the chunks
+    /// kept and the chunks it would have made, for `stats`.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn cut(&self) -> Result<Vec<(PathBuf, u64, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT path, (SELECT COUNT(*) FROM chunks WHERE file_id = files.id), cut_from
+                 FROM files WHERE cut_from IS NOT NULL ORDER BY path",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    PathBuf::from(r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Records `roots` (canonical paths) as indexed roots.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn add_roots(&mut self, roots: &[PathBuf]) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for root in roots {
+            tx.execute(
+                "INSERT INTO roots (path, added_ns) VALUES (?1, ?2) ON CONFLICT (path) DO NOTHING",
+                params![path_text(root), now],
+            )
+            .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Every indexed root with its counts, by path; then, if the index
+    /// holds files under no recorded root (an index from before roots were
+    /// recorded), one entry for them with an empty path.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn roots(&self) -> Result<Vec<RootStats>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path FROM roots ORDER BY path")
+            .map_err(self.sql())?;
+        let paths: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(self.sql())?
+            .collect::<Result<_, _>>()
+            .map_err(self.sql())?;
+        let mut out = Vec::with_capacity(paths.len() + 1);
+        let count = |filter: &str,
+                     params: &[&dyn rusqlite::ToSql]|
+         -> Result<(u64, u64, u64), StoreError> {
+            self.conn
+                .query_row(
+                    &format!(
+                        "SELECT COUNT(*) FILTER (WHERE skip_reason IS NULL),
+                                COUNT(*) FILTER (WHERE skip_reason IS NOT NULL),
+                                COALESCE(SUM((SELECT COUNT(*) FROM chunks WHERE file_id = files.id)), 0)
+                         FROM files WHERE {filter}"
+                    ),
+                    params,
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, i64>(1)? as u64,
+                            r.get::<_, i64>(2)? as u64,
+                        ))
+                    },
+                )
+                .map_err(self.sql())
+        };
+        for path in paths {
+            let prefix = format!("{}/", path.trim_end_matches('/'));
+            let (files, skipped, chunks) = count(
+                "path = ?1 OR substr(path, 1, length(?2)) = ?2",
+                &[&path, &prefix],
+            )?;
+            out.push(RootStats {
+                path: PathBuf::from(path),
+                files,
+                chunks,
+                skipped,
+            });
+        }
+        let (files, skipped, chunks) = count(
+            "NOT EXISTS (SELECT 1 FROM roots WHERE roots.path = files.path
+                 OR substr(files.path, 1, length(roots.path) + 1) = rtrim(roots.path, '/') || '/')",
+            &[],
+        )?;
+        if files + skipped > 0 {
+            out.push(RootStats {
+                path: PathBuf::new(),
+                files,
+                chunks,
+                skipped,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets the root `root` and everything under it (files, chunks,
+    /// keywords, queued paths), and the roots inside it, in one
+    /// transaction. `root` need not be a recorded root: any indexed folder
+    /// or file can be forgotten. Returns the removed chunks and whether
+    /// anything was known under `root`.
+    ///
+    /// # Errors
+    /// SQLite's error; nothing is removed then.
+    pub fn forget(&mut self, root: &Path) -> Result<(Vec<i64>, bool), StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let root = path_text(root);
+        let prefix = format!("{}/", root.trim_end_matches('/'));
+        const UNDER: &str = "(path = ?1 OR substr(path, 1, length(?2)) = ?2)";
+        let tx = self.conn.transaction().map_err(sql)?;
+        let ids: Vec<i64> = {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT chunks.id FROM chunks WHERE file_id IN
+                     (SELECT id FROM files WHERE {UNDER})"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![root, prefix], |r| r.get(0))
+                .map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
+        let mut known = 0;
+        for table in ["files", "queue", "roots"] {
+            known += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE {UNDER}"),
+                    params![root, prefix],
+                )
+                .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)?;
+        Ok((ids, known > 0))
     }
 
     /// Skipped files with their reason and detail, for `stats`.
@@ -783,6 +996,17 @@ impl Store {
 
 fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// Whether `path` is queued. A file is committed only while it is: one
+/// that left the queue while it was being read or embedded (deleted, or
+/// its root forgotten) must not come back as a stale entry.
+fn queued(conn: &Connection, path: &Path) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM queue WHERE path = ?1)",
+        [path_text(path)],
+        |r| r.get(0),
+    )
 }
 
 fn file_id(conn: &Connection, path: &Path) -> rusqlite::Result<Option<i64>> {
