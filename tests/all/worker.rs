@@ -243,6 +243,57 @@ fn the_command_line_indexes_searches_and_reports() {
     let out = succeeded(&["--config", config, "search", "--db", db, "violin"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
+    // `--context`: the best line, numbered; piped, so no escape codes.
+    write(
+        &Path::new(docs).join("c.txt"),
+        "intro line\nthe quartet tunes up\nthen the harpsichord_solo starts\nclosing line\nlast",
+    );
+    succeeded(&["--config", config, "index", "--db", db, docs]);
+    let out = succeeded(&[
+        "--config",
+        config,
+        "search",
+        "--db",
+        db,
+        "-n",
+        "1",
+        "--context",
+        "1",
+        "harpsichord_solo",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].ends_with("c.txt:1-5"), "{text}");
+    assert_eq!(
+        &lines[1..],
+        &[
+            "      2: the quartet tunes up",
+            "      3: then the harpsichord_solo starts",
+            "      4: closing line"
+        ],
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "{text:?}");
+    let out = succeeded(&[
+        "--config",
+        config,
+        "search",
+        "--db",
+        db,
+        "-n",
+        "1",
+        "--jsonl",
+        "-C",
+        "0",
+        "harpsichord_solo",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["context"],
+        serde_json::json!([{ "line": 3, "text": "then the harpsichord_solo starts" }])
+    );
+    std::fs::remove_file(Path::new(docs).join("c.txt")).unwrap();
+    succeeded(&["--config", config, "index", "--db", db, docs]);
     // Output for programs and pipes: a line per file, a JSON object per
     // line, and only results above a score.
     let out = succeeded(&[

@@ -66,6 +66,10 @@ pub struct SearchArgs {
     /// Print only the files, best first, each once (as `rg -l`).
     #[arg(long, conflicts_with_all = ["json", "jsonl"])]
     pub files: bool,
+    /// Show the chunk's best-matching line and N lines either side (within
+    /// the chunk), numbered, instead of a snippet; JSON gets `context`.
+    #[arg(long, short = 'C', value_name = "N", conflicts_with = "files")]
+    pub context: Option<usize>,
     /// What to look for, in words.
     #[arg(required = true)]
     pub query: Vec<String>,
@@ -365,15 +369,29 @@ fn show_results(mut results: Vec<SearchResult>, args: &SearchArgs) -> Result<(),
                 outln!("{}", r.path.display());
             }
         }
-    } else if args.jsonl {
+    } else if args.jsonl || args.json {
+        let terms = super::show::terms(&args.query.join(" "));
+        let mut values = Vec::with_capacity(results.len());
         for r in &results {
-            outln!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+            let mut value = serde_json::to_value(r).map_err(|e| e.to_string())?;
+            if let Some(n) = args.context {
+                value["context"] = super::show::context(&r.text, r.start_line, &terms, n)
+                    .into_iter()
+                    .map(|(line, text)| serde_json::json!({ "line": line, "text": text }))
+                    .collect();
+            }
+            values.push(value);
         }
-    } else if args.json {
-        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-        outln!("{json}");
+        if args.jsonl {
+            for v in &values {
+                outln!("{v}");
+            }
+        } else {
+            let json = serde_json::to_string_pretty(&values).map_err(|e| e.to_string())?;
+            outln!("{json}");
+        }
     } else {
-        print_results(&results);
+        print_results(&results, &args.query.join(" "), args.context);
     }
     Ok(())
 }
@@ -443,10 +461,15 @@ async fn index_through(
     Ok(())
 }
 
-fn print_results(results: &[SearchResult]) {
+/// Results for a person: score, `path:lines`, then a snippet, or with
+/// `context` the best-matching lines, numbered; the query's words marked
+/// on a terminal.
+fn print_results(results: &[SearchResult], query: &str, context: Option<usize>) {
     if results.is_empty() {
         outln!("no results");
     }
+    let terms = super::show::terms(query);
+    let color = super::show::color_wanted();
     for r in results {
         let lines = if r.start_line == r.end_line {
             r.start_line.to_string()
@@ -454,12 +477,19 @@ fn print_results(results: &[SearchResult]) {
             format!("{}-{}", r.start_line, r.end_line)
         };
         outln!("{:.3}  {}:{lines}", r.score, r.path.display());
+        if let Some(n) = context {
+            for (line, text) in super::show::context(&r.text, r.start_line, &terms, n) {
+                let text = super::show::highlight(text.trim_end(), &terms, color);
+                outln!("{line:>7}: {text}");
+            }
+            continue;
+        }
         let flat: String = r.text.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut snippet: String = flat.chars().take(SNIPPET_CHARS).collect();
         if flat.chars().count() > SNIPPET_CHARS {
             snippet.push('…');
         }
-        outln!("       {snippet}");
+        outln!("       {}", super::show::highlight(&snippet, &terms, color));
     }
 }
 

@@ -24,6 +24,7 @@ macro_rules! out {
 }
 
 mod index;
+pub mod show;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
