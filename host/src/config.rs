@@ -331,6 +331,9 @@ pub struct ServeSection {
     pub batch_wait_us: u64,
     /// How long SIGTERM waits for requests in flight, ms.
     pub shutdown_grace_ms: u64,
+    /// Keep the index fresh: watch every indexed root (as `index --watch`
+    /// does) while serving.
+    pub watch: bool,
 }
 
 impl Default for ServeSection {
@@ -346,6 +349,7 @@ impl Default for ServeSection {
             max_batch_tokens: limits::DEFAULT_SERVE_MAX_BATCH_TOKENS,
             batch_wait_us: limits::DEFAULT_SERVE_BATCH_WAIT.as_micros() as u64,
             shutdown_grace_ms: limits::DEFAULT_SERVE_SHUTDOWN_GRACE.as_millis() as u64,
+            watch: true,
         }
     }
 }

@@ -1137,3 +1137,104 @@ fn ready_says_503_with_the_reason_while_the_pool_cools_down() {
     // Alive all the same.
     assert_eq!(s.get("/health").0, 200);
 }
+
+/// The files `/search` finds for `query` by keyword.
+fn keyword_hits(s: &Service, query: &str) -> Vec<String> {
+    let (status, results) = s.post(
+        "/search",
+        &json!({ "query": query, "limit": 10, "mode": "keyword" }),
+    );
+    assert_eq!(status, 200, "{results}");
+    results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Polls (not sleeps) until `done` holds, for at most `limit`.
+fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < until, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_keeps_its_roots_fresh_and_catches_up_on_changes_made_while_it_was_down() {
+    // The watch's batch window is 200 ms quiet, 2 s at most; 20 s bounds
+    // a slow machine's walk and embedding too.
+    const FRESH_WITHIN: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(docs.join("sub")).unwrap();
+    std::fs::write(docs.join("a.txt"), "the first note").unwrap();
+    let config = stub_config("wasm", "", "[serve]\nindex_roots = [\"docs\"]\n");
+    let s = Service::start_in(&dir, &config, &[]);
+    let (status, job) = s.post("/index", &json!({ "paths": [docs.to_str().unwrap()] }));
+    assert_eq!(status, 202, "{job}");
+    eventually(FRESH_WITHIN, "the first index", || {
+        s.get("/stats").1["indexed"] == 1
+    });
+    // Created, edited in place, replaced by rename, deleted: each is
+    // followed without another `POST /index`.
+    std::fs::write(docs.join("sub/new.txt"), "a zebra_crossing note").unwrap();
+    eventually(FRESH_WITHIN, "a new file is found", || {
+        keyword_hits(&s, "zebra_crossing").len() == 1
+    });
+    std::fs::write(
+        docs.join("a.txt"),
+        "the first note, now about a pelican_brief",
+    )
+    .unwrap();
+    eventually(FRESH_WITHIN, "an edit is found", || {
+        keyword_hits(&s, "pelican_brief").len() == 1
+    });
+    std::fs::write(
+        docs.join(".a.txt.swp"),
+        "the first note, about a walrus_tusk",
+    )
+    .unwrap();
+    std::fs::rename(docs.join(".a.txt.swp"), docs.join("a.txt")).unwrap();
+    eventually(FRESH_WITHIN, "a rename over a file is found", || {
+        keyword_hits(&s, "walrus_tusk").len() == 1 && keyword_hits(&s, "pelican_brief").is_empty()
+    });
+    std::fs::remove_file(docs.join("sub/new.txt")).unwrap();
+    eventually(FRESH_WITHIN, "a deletion is followed", || {
+        keyword_hits(&s, "zebra_crossing").is_empty()
+    });
+    let stats = s.get("/stats").1;
+    assert_eq!(stats["indexed"], 1);
+    assert_eq!(
+        stats["watching"],
+        json!([docs.canonicalize().unwrap()]),
+        "{stats}"
+    );
+    drop(s);
+
+    // Changed while no service ran: found when it starts again.
+    std::fs::write(
+        docs.join("later.txt"),
+        "written while down: an okapi_stripe",
+    )
+    .unwrap();
+    let s = Service::start_in(&dir, &config, &[]);
+    eventually(FRESH_WITHIN, "a change made while down is found", || {
+        keyword_hits(&s, "okapi_stripe").len() == 1
+    });
+    // `[serve] watch = false` turns it off.
+    drop(s);
+    let off = stub_config(
+        "wasm",
+        "",
+        "[serve]\nindex_roots = [\"docs\"]\nwatch = false\n",
+    );
+    std::fs::write(docs.join("unseen.txt"), "an ibex_horn").unwrap();
+    let s = Service::start_in(&dir, &off, &[]);
+    let stats = s.get("/stats").1;
+    assert_eq!(stats["watching"], json!([]), "{stats}");
+    assert_eq!(stats["indexed"], 2, "{stats}");
+    assert!(keyword_hits(&s, "ibex_horn").is_empty());
+}

@@ -125,6 +125,13 @@ pub(crate) struct WorkerEntry {
     model: (String, u32),
 }
 
+/// What is being watched, by which worker, and how to stop it.
+struct Watching {
+    roots: Vec<PathBuf>,
+    worker: Worker,
+    stop: CancellationToken,
+}
+
 /// One `POST /index`, as `GET /index` reports it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct IndexJob {
@@ -151,6 +158,8 @@ pub struct State {
     phase: Mutex<Phase>,
     generations: AtomicU64,
     worker: Mutex<Option<WorkerEntry>>,
+    /// The watch keeping the index's roots fresh (`[serve] watch`).
+    watching: tokio::sync::Mutex<Option<Watching>>,
     jobs: Mutex<VecDeque<IndexJob>>,
     next_job: AtomicU64,
     /// Renders `/metrics`.
@@ -269,10 +278,87 @@ impl State {
         tokio::spawn(async move {
             let result = worker.index(paths).await.map_err(|e| e.to_string());
             if let Some(state) = state.upgrade() {
+                let walked = result.is_ok();
                 state.finish_job(id, result);
+                if walked {
+                    state.rewatch().await;
+                }
             }
         });
         id
+    }
+
+    /// Watches the index's roots (`[serve] watch`), restarting the watch
+    /// when the roots or the worker changed: after the index opens, after
+    /// a reload that opened another, after `POST /index` and `/forget`.
+    /// A watch starts with a walk of every root, so what changed while
+    /// nothing watched (the service was down) is indexed too.
+    pub(crate) async fn rewatch(self: &Arc<Self>) {
+        if !self.settings.watch {
+            return;
+        }
+        let Ok(worker) = self.worker() else { return };
+        let roots: Vec<PathBuf> = match worker.roots().await {
+            Ok(roots) => roots
+                .into_iter()
+                .map(|r| r.path)
+                .filter(|p| !p.as_os_str().is_empty() && p.exists())
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot read the index's roots; not watching: {e}");
+                return;
+            }
+        };
+        let mut watching = self.watching.lock().await;
+        if watching
+            .as_ref()
+            .is_some_and(|w| w.roots == roots && w.worker.same(&worker))
+        {
+            return;
+        }
+        if let Some(old) = watching.take() {
+            old.stop.cancel();
+        }
+        if roots.is_empty() {
+            return;
+        }
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let (worker, roots, stop) = (worker.clone(), roots.clone(), stop.clone());
+            async move {
+                tracing::info!(roots = roots.len(), "watching the index's roots");
+                let result = crate::worker::watch::watch(&worker, &roots, stop, |batch| {
+                    if batch.events > 0 {
+                        tracing::info!(
+                            events = batch.events,
+                            folders = batch.folders.len(),
+                            files = batch.stats.indexed,
+                            chunks = batch.stats.chunks,
+                            "index kept fresh"
+                        );
+                    }
+                })
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!("watching the index's roots stopped: {e}");
+                }
+            }
+        });
+        *watching = Some(Watching {
+            roots,
+            worker,
+            stop,
+        });
+    }
+
+    /// The roots being watched now.
+    pub(crate) async fn watched(&self) -> Vec<PathBuf> {
+        self.watching
+            .lock()
+            .await
+            .as_ref()
+            .map(|w| w.roots.clone())
+            .unwrap_or_default()
     }
 
     /// The request's deadline: its header's, within bounds, else the
@@ -374,6 +460,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         phase: Mutex::new(Phase::Starting),
         generations: AtomicU64::new(0),
         worker: Mutex::new(None),
+        watching: tokio::sync::Mutex::new(None),
         jobs: Mutex::new(VecDeque::new()),
         next_job: AtomicU64::new(0),
         prometheus: routes::prometheus(),
@@ -491,6 +578,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
 
 /// Stops the worker, then every pool (retiring ones first), in order.
 async fn shut_down(state: &Arc<State>) {
+    if let Some(watching) = state.watching.lock().await.take() {
+        watching.stop.cancel();
+    }
     lock(&state.worker).take();
     let retiring = std::mem::take(&mut *lock(&state.retiring));
     for task in retiring {
@@ -563,6 +653,7 @@ async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
     *state.current.write().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
     open_worker(state, &pool).await;
     *lock(&state.phase) = Phase::Ready;
+    state.rewatch().await;
     Ok(())
 }
 
@@ -635,6 +726,7 @@ async fn reload(state: &Arc<State>) {
                 .unwrap_or_else(|p| p.into_inner())
                 .replace(pool.clone());
             open_worker(state, &pool).await;
+            state.rewatch().await;
             tracing::info!(
                 backend = pool.backend,
                 generation,

@@ -629,7 +629,10 @@ async fn forget(
     within_roots(&state, access, "path", path, &real)?;
     let worker = state.worker()?;
     match worker.forget(&real).await {
-        Ok(chunks) => Ok(Json(json!({ "path": real, "chunks": chunks }))),
+        Ok(chunks) => {
+            state.rewatch().await;
+            Ok(Json(json!({ "path": real, "chunks": chunks })))
+        }
         Err(e @ crate::worker::WorkerError::NotIndexed(_)) => Err(ApiError {
             param: Some("path".into()),
             ..ApiError::new(StatusCode::NOT_FOUND, e.to_string())
@@ -652,6 +655,7 @@ async fn stats(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiE
     let mut body = serde_json::to_value(stats).unwrap_or_default();
     body["roots"] =
         serde_json::to_value(worker.roots().await.map_err(worker_error)?).unwrap_or_default();
+    body["watching"] = serde_json::to_value(state.watched().await).unwrap_or_default();
     if let Ok(pool) = state.pool() {
         body["model_id"] = pool.info.model_id.clone().into();
         body["restarts"] = serde_json::to_value(pool.restarts()).unwrap_or_default();

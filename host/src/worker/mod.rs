@@ -252,6 +252,11 @@ impl Worker {
         self
     }
 
+    /// Whether `other` is this worker (a clone of it), not merely alike.
+    pub fn same(&self, other: &Worker) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The open index's directory (resolved), if one is open.
     pub async fn db_dir(&self) -> Option<PathBuf> {
         let opened = self.inner.opened.lock().await;
@@ -322,9 +327,22 @@ impl Worker {
     /// # Errors
     /// A path that does not exist, or the store's error.
     pub async fn index(&self, paths: Vec<PathBuf>) -> Result<u64, WorkerError> {
+        self.walk(paths, true).await
+    }
+
+    /// As [`Worker::index`], for paths inside roots already indexed (a
+    /// watcher's changed folders): they are walked, not recorded as roots.
+    ///
+    /// # Errors
+    /// A path that does not exist, or the store's error.
+    pub async fn refresh(&self, paths: Vec<PathBuf>) -> Result<u64, WorkerError> {
+        self.walk(paths, false).await
+    }
+
+    async fn walk(&self, paths: Vec<PathBuf>, roots: bool) -> Result<u64, WorkerError> {
         let opened = self.opened().await?;
         let state = opened.clone();
-        let queued = blocking(move || walk(&state, &paths)).await?;
+        let queued = blocking(move || walk(&state, &paths, roots)).await?;
         *opened.stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
         opened.wake.notify_one();
         Ok(queued)
@@ -591,8 +609,9 @@ fn file_meta(meta: &std::fs::Metadata) -> FileMeta {
     }
 }
 
-/// Walks `paths`, forgets deleted files, queues new and changed ones.
-fn walk(state: &Opened, paths: &[PathBuf]) -> Result<u64, WorkerError> {
+/// Walks `paths` (recorded as roots if `record`), forgets deleted files,
+/// queues new and changed ones.
+fn walk(state: &Opened, paths: &[PathBuf], record: bool) -> Result<u64, WorkerError> {
     let db_dir = state
         .dir
         .canonicalize()
@@ -608,7 +627,9 @@ fn walk(state: &Opened, paths: &[PathBuf]) -> Result<u64, WorkerError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    lock(&state.store).add_roots(&roots)?;
+    if record {
+        lock(&state.store).add_roots(&roots)?;
+    }
     for root in roots {
         let mut seen = HashSet::new();
         let walker = ignore::WalkBuilder::new(&root)

@@ -157,7 +157,8 @@ async fn reindex(
         .cloned()
         .collect();
     if !existing.is_empty() {
-        worker.index(existing).await?;
+        // Walked, not recorded as roots: the roots are what was asked.
+        worker.refresh(existing).await?;
     }
     loop {
         let stats = worker.stats().await?;
