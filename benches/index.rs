@@ -11,7 +11,13 @@
 //!    all-MiniLM-L6-v2, against the embedder's raw rate on the same chunks
 //!    sent in the same batches (target: at least 90%);
 //! 3. the whole `embedhost search` command (process start, model load, query
-//!    embedding, search), against `embedhost embed` of the same query.
+//!    embedding, search), against `embedhost embed` of the same query;
+//! 4. the worker's search in each mode (`semantic`, `keyword`, `hybrid`) at
+//!    100,000 chunks of text, against semantic in the same run (target:
+//!    hybrid p50 under 15 ms). The store is written directly (random unit
+//!    vectors, text drawn from a Zipf-distributed vocabulary, as words in
+//!    real text are); the query is embedded by the stub plugin, whose cost
+//!    is printed beside.
 //!
 //! Under `cargo test` each part runs once on a small input (a smoke test).
 
@@ -29,6 +35,9 @@ use std::time::{Duration, Instant};
 use embedhost::bus::Bus;
 use embedhost::bus::transport::InProcess;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
+use embedhost::wasm::{
+    ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
+};
 use embedhost::worker::chunk::{self, Tokens};
 use embedhost::worker::vectors::VectorIndex;
 use embedhost::worker::{Worker, WorkerSettings};
@@ -334,6 +343,195 @@ fn command(model: &Path, db: &Path, runs: usize) {
     );
 }
 
+/// A vocabulary of `n` made-up words (syllables from a fixed seed).
+fn vocabulary(n: usize) -> Vec<String> {
+    const SYLLABLES: &[&str] = &[
+        "ka", "lo", "mi", "ren", "sto", "va", "ther", "gu", "pel", "dri", "an", "so", "tem", "bra",
+        "qui", "nor", "fe", "lu", "cha", "dex",
+    ];
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut words = std::collections::BTreeSet::new();
+    while words.len() < n {
+        let k = rng.usize(1..=4);
+        let w: String = (0..k)
+            .map(|_| SYLLABLES[rng.usize(..SYLLABLES.len())])
+            .collect();
+        words.insert(w);
+    }
+    let mut words: Vec<String> = words.into_iter().collect();
+    rng.shuffle(&mut words);
+    words
+}
+
+/// Word ranks drawn with Zipf's law (exponent 1), as in real text.
+struct Zipf(Vec<f64>);
+
+impl Zipf {
+    fn new(n: usize) -> Self {
+        let mut acc = 0.0;
+        Zipf(
+            (1..=n)
+                .map(|r| {
+                    acc += 1.0 / r as f64;
+                    acc
+                })
+                .collect(),
+        )
+    }
+
+    fn rank(&self, rng: &mut fastrand::Rng) -> usize {
+        let x = rng.f64() * self.0[self.0.len() - 1];
+        self.0.partition_point(|&c| c < x).min(self.0.len() - 1)
+    }
+}
+
+fn modes(rt: &tokio::runtime::Runtime, chunks: usize, queries: usize) {
+    use embedhost::messages::SearchMode;
+    use embedhost::worker::store::{FileMeta, NewChunk, Store};
+    const WORDS: usize = 20_000;
+    const PER_FILE: usize = 100;
+    let vocabulary = vocabulary(WORDS);
+    let zipf = Zipf::new(WORDS);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let d = 384;
+    let db = tempfile::tempdir().unwrap();
+    let built = Instant::now();
+    {
+        let mut store = Store::open(db.path(), embedhost_stub_engine::MODEL_ID, d as u32).unwrap();
+        let vectors = unit_vectors(chunks, d);
+        for (f, rows) in vectors.chunks(PER_FILE * d).enumerate() {
+            let path = std::path::PathBuf::from(format!("/corpus/{}/file-{f}.txt", f % 50));
+            let texts: Vec<String> = (0..rows.len() / d)
+                .map(|c| {
+                    let mut words: Vec<&str> = (0..150)
+                        .map(|_| vocabulary[zipf.rank(&mut rng)].as_str())
+                        .collect();
+                    let id = format!("config_value_{}", f * PER_FILE + c);
+                    if c % 100 == 0 {
+                        words.push(&id);
+                        words.join(" ")
+                    } else {
+                        words.join(" ")
+                    }
+                })
+                .collect();
+            let new: Vec<NewChunk<'_>> = texts
+                .iter()
+                .zip(rows.chunks_exact(d))
+                .enumerate()
+                .map(|(c, (text, vector))| NewChunk {
+                    text,
+                    start_line: c as u32 + 1,
+                    end_line: c as u32 + 1,
+                    vector,
+                })
+                .collect();
+            store.enqueue(std::slice::from_ref(&path)).unwrap();
+            let meta = FileMeta {
+                size: 1,
+                mtime_ns: 1,
+            };
+            store.commit_file(&path, &meta, "h", &new, None).unwrap();
+        }
+    }
+    let built = built.elapsed();
+    let engine = WasmEngine::new(Some(ArtifactCache::new(
+        std::env::temp_dir().join("embedhost-bench-cache"),
+    )))
+    .unwrap();
+    let spawner = WasmSpawner {
+        plugin: WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap(),
+        limits: InstanceLimits::default(),
+        config: Vec::new(),
+    };
+    let pool = SupervisorConfig {
+        pool_size: 1,
+        max_processed: u64::MAX,
+        ..SupervisorConfig::default()
+    };
+    let supervisor = rt.block_on(Supervisor::start(spawner, pool)).unwrap();
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    let worker = Worker::new(
+        bus,
+        supervisor.model_info(),
+        Tokens::Words,
+        WorkerSettings::default(),
+    );
+    rt.block_on(worker.init(db.path())).unwrap();
+    // Queries of two to four words, drawn as the text is (so common words
+    // with long posting lists come up), every tenth an identifier alone.
+    let texts: Vec<String> = (0..queries)
+        .map(|i| {
+            if i % 10 == 0 {
+                format!("config_value_{}", rng.usize(..chunks / 100) * 100)
+            } else {
+                (0..rng.usize(2..=4))
+                    .map(|_| vocabulary[zipf.rank(&mut rng)].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        })
+        .collect();
+    let time = |mode: SearchMode| {
+        let samples: Vec<Duration> = texts
+            .iter()
+            .map(|q| {
+                let at = Instant::now();
+                let hits = rt
+                    .block_on(worker.search_mode(q.clone(), 10, mode))
+                    .unwrap();
+                assert!(!hits.is_empty() || mode == SearchMode::Keyword);
+                at.elapsed()
+            })
+            .collect();
+        p50_p99(samples)
+    };
+    let embed: Vec<Duration> = texts
+        .iter()
+        .map(|q| {
+            let at = Instant::now();
+            rt.block_on(supervisor.embed(vec![q.clone()], true, DEADLINE))
+                .unwrap();
+            at.elapsed()
+        })
+        .collect();
+    let (em50, _) = p50_p99(embed);
+    let (s50, s99) = time(SearchMode::Semantic);
+    let (k50, k99) = time(SearchMode::Keyword);
+    let (h50, h99) = time(SearchMode::Hybrid);
+    println!(
+        "search by mode, {chunks} chunks of 150 words x {d} (built in {built:.1?}), top 10, {queries} queries, the stub embedding each (p50 {em50:.2?}); target: hybrid p50 under 15 ms\n  semantic p50 {s50:.2?} p99 {s99:.2?}\n  keyword  p50 {k50:.2?} p99 {k99:.2?}\n  hybrid   p50 {h50:.2?} p99 {h99:.2?} ({:.2}x semantic's p50)",
+        h50.as_secs_f64() / s50.as_secs_f64()
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let section = "Search by mode (the worker's whole search, stub embedder)";
+    let size = format!("{chunks} chunks");
+    for (what, p50, p99) in [("keyword", k50, k99), ("hybrid", h50, h99)] {
+        figure(
+            section,
+            &format!("{what} search p50, {size}"),
+            ms(p50),
+            "ms",
+            ("semantic search p50", ms(s50)),
+            Better::Lower,
+            COMMAND,
+        );
+        figure(
+            section,
+            &format!("{what} search p99, {size}"),
+            ms(p99),
+            "ms",
+            ("semantic search p99", ms(s99)),
+            Better::Lower,
+            COMMAND,
+        );
+    }
+    rt.block_on(supervisor.shutdown());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args
@@ -358,6 +556,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    modes(
+        &rt,
+        if bench { 100_000 } else { 2_000 },
+        if bench { 200 } else { 10 },
+    );
     let db = indexing(&rt, &model, if bench { 1000 } else { 40 });
     command(&model, &db, if bench { 10 } else { 1 });
 }

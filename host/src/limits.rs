@@ -560,3 +560,19 @@ pub const POOL_UP_POLL: Duration = Duration::from_millis(10);
 /// would cost minutes of embedding on the WASM default (an hour for the
 /// Rust Book's 4.7 MB search index, were it not skipped as generated).
 pub const DEFAULT_MAX_FILE_CHUNKS: usize = 2_000;
+
+/// A keyword query's word found in more than this share of the chunks is
+/// left out of the match when the query has a rarer one. BM25 weighs a word
+/// by `ln((N - n + 0.5) / (n + 0.5))`: at a fifth of the chunks that is
+/// under 1.4, against 6 to 9 for a word in a few dozen, so the ranking
+/// barely moves; but scoring every chunk such a word occurs in was nearly
+/// all of a keyword query's time (71 ms p50 at 100,000 chunks, `cargo
+/// bench --bench index`).
+pub const KEYWORD_COMMON_SHARE: f64 = 0.2;
+
+/// In the keyword half of a hybrid search, a word in more than this share
+/// of the chunks is left out even when no other word is left: past half,
+/// BM25's weight `ln((N - n + 0.5) / (n + 0.5))` is zero or below (FTS5
+/// clamps it to almost zero), so it cannot rank anything, and meaning
+/// ranks the results instead. `--mode keyword` still matches it.
+pub const KEYWORD_WEIGHTLESS_SHARE: f64 = 0.5;

@@ -763,7 +763,10 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     let store = Store::open(&db, &info.model_id, info.dimension).unwrap();
     assert_eq!(store.meta("schema").unwrap().as_deref(), Some("3"));
     assert_eq!(store.vectors().unwrap(), before, "vectors are untouched");
-    assert_eq!(store.keyword("unique_marker_word", 5).unwrap().len(), 1);
+    assert_eq!(
+        store.keyword("unique_marker_word", 5, false).unwrap().len(),
+        1
+    );
     // Its roots were never recorded: its files show under none.
     let roots = store.roots().unwrap();
     assert_eq!(roots.len(), 1, "{roots:?}");
@@ -1120,4 +1123,49 @@ async fn a_root_forgotten_while_its_files_are_at_the_embedder_does_not_come_back
     let stats = settled(&worker).await;
     assert_eq!((stats.indexed, stats.chunks), (0, 0), "{stats:?}");
     assert!(worker.roots().await.unwrap().is_empty());
+}
+
+#[test]
+fn keyword_search_leaves_out_words_too_common_to_rank_by() {
+    use embedhost::worker::store::{FileMeta, NewChunk, Store};
+    let db = tempfile::tempdir().unwrap();
+    let mut store = Store::open(db.path(), "m", 2).unwrap();
+    // "everywhere" is in all ten chunks, "often" in four, "rare" in one.
+    let texts: Vec<String> = (0..10)
+        .map(|i| {
+            let often = if i < 4 { " often" } else { "" };
+            let rare = if i == 3 { " rare" } else { "" };
+            format!("chunk {i} everywhere{often}{rare}")
+        })
+        .collect();
+    let vector = [1.0f32, 0.0];
+    for (i, text) in texts.iter().enumerate() {
+        let path = PathBuf::from(format!("/f{i}"));
+        store.enqueue(std::slice::from_ref(&path)).unwrap();
+        let chunk = NewChunk {
+            text,
+            start_line: 1,
+            end_line: 1,
+            vector: &vector,
+        };
+        let meta = FileMeta {
+            size: 1,
+            mtime_ns: 1,
+        };
+        store
+            .commit_file(&path, &meta, "h", &[chunk], None)
+            .unwrap();
+    }
+    let ids = |query: &str, fused: bool| store.keyword(query, 20, fused).unwrap().len();
+    // A rarer word that occurs: the common ones are left out of the match.
+    assert_eq!(ids("rare often everywhere", false), 1);
+    // Only common words: keyword mode still matches them all...
+    assert_eq!(ids("everywhere", false), 10);
+    assert_eq!(ids("often everywhere", false), 10);
+    // ...a word in no chunk does not count as rarer...
+    assert_eq!(ids("absent often", false), 4);
+    // ...and in a hybrid search a word in over half the chunks (weightless
+    // in BM25) is left out even alone, while one in 40% still matches.
+    assert_eq!(ids("everywhere", true), 0);
+    assert_eq!(ids("often everywhere", true), 4);
 }

@@ -428,7 +428,8 @@ impl Worker {
             SearchMode::Semantic => Vec::new(),
             SearchMode::Keyword | SearchMode::Hybrid => {
                 let (store, q) = (opened.store.clone(), query.clone());
-                blocking(move || Ok(lock(&store).keyword(&q, candidates)?)).await?
+                let fused = mode == SearchMode::Hybrid;
+                blocking(move || Ok(lock(&store).keyword(&q, candidates, fused)?)).await?
             }
         };
         let semantic = match mode {

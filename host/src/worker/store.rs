@@ -78,7 +78,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-use crate::limits::INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT;
+use crate::limits::{self, INDEX_BUSY_TIMEOUT as BUSY_TIMEOUT};
 
 /// Errors of the index store.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +205,10 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     dimension: usize,
+    /// Chunks stored, once counted; every write of chunks forgets it.
+    total: std::cell::Cell<Option<u64>>,
+    /// Whether this connection has made its `temp.chunks_vocab` table.
+    vocab: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -271,6 +275,8 @@ impl Store {
             conn,
             path: path.clone(),
             dimension: dimension as usize,
+            total: Default::default(),
+            vocab: Default::default(),
         };
         store.check_model(dir, model_id, dimension)?;
         Ok(store)
@@ -297,6 +303,8 @@ impl Store {
             conn,
             path: path.clone(),
             dimension: 0,
+            total: Default::default(),
+            vocab: Default::default(),
         };
         store.dimension = store
             .meta("dimension")?
@@ -417,10 +425,55 @@ impl Store {
     /// The chunks whose text best matches `query`'s words (BM25), best
     /// first, with their scores (higher is better), at most `limit`.
     ///
+    /// Words in a large share of the chunks carry almost no weight in BM25,
+    /// yet scoring every chunk they occur in is nearly all of a query's
+    /// time. So a word in more than [`limits::KEYWORD_COMMON_SHARE`] of the
+    /// chunks is left out when a rarer word is there to rank by; and when
+    /// `fused` (the keyword half of a hybrid search, where meaning ranks
+    /// too), a word in more than [`limits::KEYWORD_WEIGHTLESS_SHARE`],
+    /// which BM25 weighs at zero, is left out even if nothing is left.
+    ///
     /// # Errors
     /// SQLite's error.
-    pub fn keyword(&self, query: &str, limit: usize) -> Result<Vec<(i64, f32)>, StoreError> {
-        let Some(expression) = fts_query(query) else {
+    pub fn keyword(
+        &self,
+        query: &str,
+        limit: usize,
+        fused: bool,
+    ) -> Result<Vec<(i64, f32)>, StoreError> {
+        let parts = query_parts(query);
+        let mut parts = content(&parts);
+        if parts.len() > 1 || fused {
+            let total = self.total()? as f64;
+            // Each part's share of the chunks; `None` for a phrase, which
+            // is rarer than its words and always kept.
+            let mut shares = Vec::with_capacity(parts.len());
+            for part in &parts {
+                shares.push(match &part.token {
+                    Some(token) => Some(self.documents_with(token)? as f64 / total.max(1.0)),
+                    None => None,
+                });
+            }
+            // Common words go only for a rarer word that occurs: one that
+            // is in no chunk ranks nothing.
+            let rarer_occurs = shares
+                .iter()
+                .any(|s| s.is_none_or(|s| s > 0.0 && s <= limits::KEYWORD_COMMON_SHARE));
+            let under = |share: f64| -> Vec<&Part> {
+                parts
+                    .iter()
+                    .zip(&shares)
+                    .filter(|(_, s)| s.is_none_or(|s| s <= share))
+                    .map(|(p, _)| *p)
+                    .collect()
+            };
+            if rarer_occurs {
+                parts = under(limits::KEYWORD_COMMON_SHARE);
+            } else if fused {
+                parts = under(limits::KEYWORD_WEIGHTLESS_SHARE);
+            }
+        }
+        let Some(expression) = expression(&parts) else {
             return Ok(Vec::new());
         };
         let mut stmt = self
@@ -436,6 +489,40 @@ impl Store {
             })
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Chunks stored (counted once, until the next write).
+    fn total(&self) -> Result<u64, StoreError> {
+        if let Some(n) = self.total.get() {
+            return Ok(n);
+        }
+        let n = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
+            .map_err(self.sql())? as u64;
+        self.total.set(Some(n));
+        Ok(n)
+    }
+
+    /// Chunks whose text holds `token` (as the keyword index folds it), by
+    /// FTS5's own vocabulary: one lookup, no scan.
+    fn documents_with(&self, token: &str) -> Result<u64, StoreError> {
+        if !self.vocab.get() {
+            // A temp table: nothing is written to the index file, and it
+            // works on an index of any version that has `chunks_fts`.
+            self.conn
+                .execute_batch(
+                    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunks_vocab
+                     USING fts5vocab(main, chunks_fts, row);",
+                )
+                .map_err(self.sql())?;
+            self.vocab.set(true);
+        }
+        self.conn
+            .prepare_cached("SELECT doc FROM temp.chunks_vocab WHERE term = ?1")
+            .and_then(|mut s| s.query_row([token], |r| r.get::<_, i64>(0)).optional())
+            .map(|n| n.unwrap_or(0) as u64)
+            .map_err(self.sql())
     }
 
     /// What the index knows of the file at `path`.
@@ -573,6 +660,7 @@ impl Store {
             path: self.path.clone(),
             source,
         };
+        self.total.set(None);
         let tx = self.conn.transaction().map_err(sql)?;
         if !queued(&tx, path).map_err(sql)? {
             return Ok((Vec::new(), Vec::new()));
@@ -644,6 +732,7 @@ impl Store {
             path: self.path.clone(),
             source,
         };
+        self.total.set(None);
         let tx = self.conn.transaction().map_err(sql)?;
         if !queued(&tx, path).map_err(sql)? {
             return Ok(Vec::new());
@@ -707,6 +796,7 @@ impl Store {
             path: self.path.clone(),
             source,
         };
+        self.total.set(None);
         let tx = self.conn.transaction().map_err(sql)?;
         let old = chunk_ids(&tx, path).map_err(sql)?;
         // Chunks go with the file (ON DELETE CASCADE).
@@ -950,6 +1040,7 @@ impl Store {
         let root = path_text(root);
         let prefix = format!("{}/", root.trim_end_matches('/'));
         const UNDER: &str = "(path = ?1 OR substr(path, 1, length(?2)) = ?2)";
+        self.total.set(None);
         let tx = self.conn.transaction().map_err(sql)?;
         let ids: Vec<i64> = {
             let mut stmt = tx
@@ -1053,8 +1144,25 @@ pub const STOPWORDS: &[&str] = &[
 /// may match; BM25 ranks chunks with more and rarer matches first. `None`
 /// if nothing searchable is left.
 pub fn fts_query(query: &str) -> Option<String> {
-    let mut phrases = Vec::new();
-    let mut common = Vec::new();
+    expression(&content(&query_parts(query)))
+}
+
+/// One searchable part of a keyword query.
+#[derive(Clone, Debug, PartialEq)]
+struct Part {
+    /// As FTS5 reads it: a quoted phrase.
+    phrase: String,
+    /// An unquoted stopword.
+    stop: bool,
+    /// The single token it is, lower-cased, when it is one unquoted word
+    /// (its document frequency can be looked up).
+    token: Option<String>,
+}
+
+/// The parts of `query`: each word, and each "quoted phrase", cleaned to
+/// the characters the tokenizer keeps.
+fn query_parts(query: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
     let mut rest = query;
     while !rest.is_empty() {
         let (part, quoted, next) = match rest.find('"') {
@@ -1083,21 +1191,40 @@ pub fn fts_query(query: &str) -> Option<String> {
                     }
                 })
                 .collect();
-            let clean = clean.split_whitespace().collect::<Vec<_>>().join(" ");
-            if clean.is_empty() {
+            let tokens: Vec<&str> = clean.split_whitespace().collect();
+            if tokens.is_empty() {
                 continue;
             }
-            let phrase = format!("\"{clean}\"");
-            if !quoted && STOPWORDS.contains(&clean.to_lowercase().as_str()) {
-                common.push(phrase);
-            } else {
-                phrases.push(phrase);
-            }
+            let lower = tokens.join(" ").to_lowercase();
+            parts.push(Part {
+                phrase: format!("\"{}\"", tokens.join(" ")),
+                stop: !quoted && STOPWORDS.contains(&lower.as_str()),
+                token: (!quoted && tokens.len() == 1).then_some(lower),
+            });
         }
         rest = next;
     }
-    if phrases.is_empty() {
-        phrases = common;
+    parts
+}
+
+/// The parts worth searching: all but the stopwords, or the stopwords if
+/// they are all there is.
+fn content(parts: &[Part]) -> Vec<&Part> {
+    let words: Vec<&Part> = parts.iter().filter(|p| !p.stop).collect();
+    if words.is_empty() {
+        parts.iter().collect()
+    } else {
+        words
     }
-    (!phrases.is_empty()).then(|| phrases.join(" OR "))
+}
+
+/// The FTS5 expression matching any of `parts`, or `None` if empty.
+fn expression(parts: &[&Part]) -> Option<String> {
+    (!parts.is_empty()).then(|| {
+        parts
+            .iter()
+            .map(|p| p.phrase.as_str())
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    })
 }
