@@ -1169,3 +1169,191 @@ fn keyword_search_leaves_out_words_too_common_to_rank_by() {
     assert_eq!(ids("everywhere", true), 0);
     assert_eq!(ids("often everywhere", true), 4);
 }
+
+/// `index --watch` on a 500-file tree while another thread edits, saves by
+/// rename, deletes, creates, moves files and folders for `secs`; then the
+/// watched index must equal a fresh index of the final tree (no missed and
+/// no stale file, same chunks and vectors) within a bounded time, and
+/// Ctrl-C must stop the watcher cleanly.
+fn watch_against_churn(secs: u64) {
+    // After the last change: the watch's batch window (2 s at most), then
+    // the re-walk and the embedding of what changed, on a slow machine.
+    const CONVERGES_WITHIN: Duration = Duration::from_secs(60);
+    let root = tempfile::tempdir().unwrap();
+    let tree = root.path().join("tree");
+    let mut rng = fastrand::Rng::with_seed(42);
+    const WORDS: &[&str] = &[
+        "river", "lantern", "copper", "orchard", "violet", "engine", "harbour", "meadow", "signal",
+        "thunder", "marble", "quiet", "window", "garden", "falcon", "ember",
+    ];
+    let text = |rng: &mut fastrand::Rng| -> String {
+        (0..rng.usize(1..6))
+            .map(|_| {
+                (0..rng.usize(3..12))
+                    .map(|_| WORDS[rng.usize(..WORDS.len())])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut files: Vec<PathBuf> = Vec::new();
+    for i in 0..500 {
+        let path = tree.join(format!("d{}/e{}/f{i}.txt", i % 10, i % 7));
+        write(&path, &text(&mut rng));
+        files.push(path);
+    }
+    let (config, db) = (stub_config(), root.path().join("db"));
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "index",
+            "--watch",
+            "--db",
+        ])
+        .arg(&db)
+        .arg(&tree)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first line is the first index's summary: the watch is set up.
+    let mut out = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.contains("500 files indexed"), "{line}");
+    let lines =
+        std::thread::spawn(move || std::io::BufRead::lines(out).map_while(Result::ok).count());
+
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut ops = 0;
+    let mut next = 500;
+    while std::time::Instant::now() < until {
+        ops += 1;
+        let pick = rng.usize(..files.len().max(1));
+        match rng.u8(..10) {
+            // Edit in place.
+            0..=2 if !files.is_empty() => write(&files[pick], &text(&mut rng)),
+            // An editor's save: a temporary file renamed over the original.
+            3 if !files.is_empty() => {
+                let tmp = files[pick].with_extension("txt.tmp~");
+                write(&tmp, &text(&mut rng));
+                std::fs::rename(&tmp, &files[pick]).unwrap();
+            }
+            // Delete (the tree stays near 500 files).
+            4 if files.len() > 450 => {
+                std::fs::remove_file(files.swap_remove(pick)).unwrap();
+            }
+            // Move to another folder, maybe a new one.
+            5 if !files.is_empty() => {
+                let to = tree.join(format!(
+                    "d{}/m{}/f{next}.txt",
+                    rng.usize(..12),
+                    rng.usize(..3)
+                ));
+                next += 1;
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::rename(&files[pick], &to).unwrap();
+                files[pick] = to;
+            }
+            // A new folder with a few files.
+            6 => {
+                let folder = tree.join(format!("new{next}"));
+                next += 1;
+                for k in 0..rng.usize(1..5) {
+                    let path = folder.join(format!("n{k}.txt"));
+                    write(&path, &text(&mut rng));
+                    files.push(path);
+                }
+            }
+            // A folder renamed or deleted whole.
+            7 if !files.is_empty() => {
+                let folder = files[pick].parent().unwrap().to_path_buf();
+                if files.len() < 500 || rng.bool() {
+                    let to = tree.join(format!("moved{next}"));
+                    next += 1;
+                    std::fs::rename(&folder, &to).unwrap();
+                    for f in files.iter_mut().filter(|f| f.starts_with(&folder)) {
+                        *f = to.join(f.strip_prefix(&folder).unwrap());
+                    }
+                } else {
+                    std::fs::remove_dir_all(&folder).unwrap();
+                    files.retain(|f| !f.starts_with(&folder));
+                }
+            }
+            // A new file.
+            _ => {
+                let path = tree.join(format!("d{}/f{next}.txt", rng.usize(..10)));
+                next += 1;
+                write(&path, &text(&mut rng));
+                files.push(path);
+            }
+        }
+        // Bursts and pauses, as people and tools make them.
+        if rng.u8(..8) == 0 {
+            std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+        }
+    }
+    // The final tree, indexed afresh by the same embedder.
+    let fresh = root.path().join("fresh");
+    succeeded(&[
+        "--config",
+        config.to_str().unwrap(),
+        "index",
+        "--db",
+        fresh.to_str().unwrap(),
+        tree.to_str().unwrap(),
+    ]);
+    let want = contents(&fresh);
+    assert_eq!(
+        want.iter()
+            .map(|l| l.split('|').next().unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        files.len(),
+        "the fresh index holds the final tree"
+    );
+    let settled = std::time::Instant::now();
+    loop {
+        let got = contents(&db);
+        if got == want {
+            break;
+        }
+        if settled.elapsed() > CONVERGES_WITHIN {
+            let missing: Vec<_> = want.iter().filter(|l| !got.contains(l)).take(5).collect();
+            let stale: Vec<_> = got.iter().filter(|l| !want.contains(l)).take(5).collect();
+            panic!(
+                "after {ops} changes the watched index differs from a fresh one {CONVERGES_WITHIN:?} later:\nmissing {missing:#?}\nstale {stale:#?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Ctrl-C stops it cleanly.
+    unsafe { libc::kill(watcher.id() as i32, libc::SIGINT) };
+    let status = watcher.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let batches = lines.join().unwrap();
+    eprintln!(
+        "watch against churn: {ops} changes in {secs} s, {batches} batch lines, {} files at the end; equal to a fresh index {:.1?} after that index was built",
+        files.len(),
+        settled.elapsed()
+    );
+    assert!(batches > 0);
+}
+
+#[test]
+fn watch_keeps_an_index_equal_to_a_fresh_one_under_churn() {
+    watch_against_churn(15);
+}
+
+#[test]
+#[ignore = "soak: churns for EMBEDHOST_WATCH_SOAK_SECS (default 600); run with --ignored --nocapture"]
+fn watch_soak() {
+    let secs = std::env::var("EMBEDHOST_WATCH_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    watch_against_churn(secs);
+}
