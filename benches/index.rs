@@ -12,7 +12,10 @@
 //!    sent in the same batches (target: at least 90%);
 //! 3. the whole `embedhost search` command (process start, model load, query
 //!    embedding, search), against `embedhost embed` of the same query;
-//! 4. the worker's search in each mode (`semantic`, `keyword`, `hybrid`) at
+//! 4. indexing `examples/corpus` end to end on each backend (native fp32,
+//!    WASM int8, WASM fp32, each a pool of one instance per core), against
+//!    native fp32 in the same run;
+//! 5. the worker's search in each mode (`semantic`, `keyword`, `hybrid`) at
 //!    100,000 chunks of text, against semantic in the same run (target:
 //!    hybrid p50 under 15 ms). The store is written directly (random unit
 //!    vectors, text drawn from a Zipf-distributed vocabulary, as words in
@@ -292,6 +295,108 @@ fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::pa
     db
 }
 
+/// Indexes `examples/corpus` into a fresh index through `supervisor`,
+/// `runs` times; the median rate in chunks per second.
+fn corpus_rate(
+    rt: &tokio::runtime::Runtime,
+    supervisor: &Supervisor,
+    tokens: &Tokens,
+    runs: usize,
+) -> (f64, u64) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/corpus");
+    let mut rates = Vec::new();
+    let mut chunks = 0;
+    for _ in 0..runs {
+        let db = tempfile::tempdir().unwrap();
+        let rate = rt.block_on(async {
+            let bus = Bus::new(InProcess::named(
+                "embedder",
+                embedhost::embedder::supervised_router(supervisor.clone()),
+            ));
+            let mut model_info = supervisor.model_info();
+            model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
+            let settings = WorkerSettings {
+                in_flight: cores + 1,
+                ..WorkerSettings::default()
+            };
+            let worker = Worker::new(bus, model_info, tokens.clone(), settings);
+            worker.init(db.path()).await.unwrap();
+            let start = Instant::now();
+            worker.index(vec![corpus.clone()]).await.unwrap();
+            let stats = loop {
+                let s = worker.stats().await.unwrap();
+                if s.queued == 0 && s.processing == 0 {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            chunks = stats.chunks;
+            stats.chunks as f64 / start.elapsed().as_secs_f64()
+        });
+        rates.push(rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    (rates[rates.len() / 2], chunks)
+}
+
+/// `examples/corpus` indexed end to end on each backend, against native
+/// fp32 in the same run.
+fn corpus(rt: &tokio::runtime::Runtime, model: &Path, runs: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let encoder =
+        embedhost_text::TextEncoder::from_file(&model.join("tokenizer.json"), 256).unwrap();
+    let tokens = Tokens::Model(Arc::new(encoder));
+    let pool = SupervisorConfig {
+        pool_size: cores,
+        max_processed: u64::MAX,
+        ..SupervisorConfig::default()
+    };
+    let native = common::onnx_spawner(&common::onnx_settings(model.to_path_buf(), 1), DEADLINE);
+    let native = rt
+        .block_on(Supervisor::start(native, pool.clone()))
+        .unwrap();
+    let engine = WasmEngine::new(Some(ArtifactCache::new(
+        std::env::temp_dir().join("embedhost-bench-cache"),
+    )))
+    .unwrap();
+    let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
+        .unwrap()
+        .with_model_dir(model);
+    let wasm = |precision: &str| {
+        let spawner = WasmSpawner {
+            plugin: plugin.clone(),
+            limits: InstanceLimits::default(),
+            config: vec![("precision".into(), precision.into())],
+        };
+        rt.block_on(Supervisor::start(spawner, pool.clone()))
+            .unwrap()
+    };
+    let (base, chunks) = corpus_rate(rt, &native, &tokens, runs);
+    println!(
+        "indexing examples/corpus ({chunks} chunks) end to end, pool of {cores}, median of {runs}: native fp32 {base:.1} chunks/s"
+    );
+    rt.block_on(native.shutdown());
+    for precision in ["int8", "fp32"] {
+        let supervisor = wasm(precision);
+        let (rate, _) = corpus_rate(rt, &supervisor, &tokens, runs);
+        println!(
+            "  WASM {precision} {rate:.1} chunks/s ({:.2}x native fp32)",
+            rate / base
+        );
+        figure(
+            "Indexing",
+            &format!("indexing examples/corpus end to end, WASM {precision}, pool of {cores}"),
+            rate,
+            "chunks/s",
+            ("native fp32, same pool size", base),
+            Better::Higher,
+            COMMAND,
+        );
+        rt.block_on(supervisor.shutdown());
+    }
+}
+
 fn command(model: &Path, db: &Path, runs: usize) {
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
@@ -561,6 +666,7 @@ fn main() {
         if bench { 100_000 } else { 2_000 },
         if bench { 200 } else { 10 },
     );
+    corpus(&rt, &model, if bench { 5 } else { 1 });
     let db = indexing(&rt, &model, if bench { 1000 } else { 40 });
     command(&model, &db, if bench { 10 } else { 1 });
 }
