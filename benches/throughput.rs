@@ -13,7 +13,8 @@
 //!   model.onnx and the same thread count (`scripts/bench_python_ort.py`).
 //!
 //! Two workloads: batches of 32 short sentences, and batches of 8 passages
-//! of 256 tokens (truncated).
+//! of 256 tokens (truncated). The four backends are measured in turns
+//! ([`ROUNDS`]), so each ratio compares the same stretch of the run.
 
 mod common;
 
@@ -38,49 +39,216 @@ fn passage_batch() -> Vec<String> {
         .collect()
 }
 
-/// Sentences per second through `supervisor`, `concurrency` batches in
-/// flight at a time.
+/// Rounds each backend's measuring time is split into. The backends take
+/// turns, a round each, in an order that rotates every round, so a change
+/// in the machine's speed during the run (this machine class varies by
+/// 1.5x from minute to minute) falls on all of them alike rather than on
+/// whichever was measured then.
+const ROUNDS: usize = 8;
+
+/// Sentences per second through each of `backends` (a supervisor and the
+/// batches it gets in flight at a time), measured in turns for `seconds`
+/// each in all.
 fn through(
     rt: &tokio::runtime::Runtime,
-    supervisor: &Supervisor,
+    backends: &[(&Supervisor, usize)],
     batch: &[String],
-    concurrency: usize,
     seconds: f64,
-) -> f64 {
+) -> Vec<f64> {
     rt.block_on(async {
         // Warm-up: every instance once.
-        let warm: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (s, b) = (supervisor.clone(), batch.to_vec());
-                tokio::spawn(async move { s.embed(b, false, DEADLINE).await.unwrap() })
-            })
-            .collect();
-        for w in warm {
-            w.await.unwrap();
-        }
-        let start = Instant::now();
-        let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (s, b) = (supervisor.clone(), batch.to_vec());
-                tokio::spawn(async move {
-                    let mut sentences = 0;
-                    loop {
-                        let r = s.embed(b.clone(), false, DEADLINE).await.unwrap();
-                        assert!(r.failed.is_empty());
-                        sentences += b.len();
-                        if start.elapsed().as_secs_f64() >= seconds {
-                            return sentences;
-                        }
-                    }
+        for (supervisor, concurrency) in backends {
+            let warm: Vec<_> = (0..*concurrency)
+                .map(|_| {
+                    let (s, b) = ((*supervisor).clone(), batch.to_vec());
+                    tokio::spawn(async move { s.embed(b, false, DEADLINE).await.unwrap() })
                 })
-            })
-            .collect();
-        let mut sentences = 0;
-        for w in workers {
-            sentences += w.await.unwrap();
+                .collect();
+            for w in warm {
+                w.await.unwrap();
+            }
         }
-        sentences as f64 / start.elapsed().as_secs_f64()
+        let mut done = vec![(0usize, 0f64); backends.len()];
+        let rounds = if seconds > 0.0 { ROUNDS } else { 1 };
+        for round in 0..rounds {
+            for turn in 0..backends.len() {
+                let which = (round + turn) % backends.len();
+                let (supervisor, concurrency) = backends[which];
+                let start = Instant::now();
+                let workers: Vec<_> = (0..concurrency)
+                    .map(|_| {
+                        let (s, b) = (supervisor.clone(), batch.to_vec());
+                        let slice = seconds / rounds as f64;
+                        tokio::spawn(async move {
+                            let mut sentences = 0;
+                            loop {
+                                let r = s.embed(b.clone(), false, DEADLINE).await.unwrap();
+                                assert!(r.failed.is_empty());
+                                sentences += b.len();
+                                if start.elapsed().as_secs_f64() >= slice {
+                                    return sentences;
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for w in workers {
+                    done[which].0 += w.await.unwrap();
+                }
+                done[which].1 += start.elapsed().as_secs_f64();
+            }
+        }
+        done.into_iter()
+            .map(|(sentences, secs)| sentences as f64 / secs)
+            .collect()
     })
+}
+
+mod probe {
+    wasmtime::component::bindgen!({ path: "../plugins/kernel-probe/wit", world: "kernel-probe" });
+}
+
+struct ProbeState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for ProbeState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The linear layers of all-MiniLM-L6-v2 on a 256-token passage: rows,
+/// outputs, inputs (query/key/value, attention output, intermediate,
+/// output).
+const LAYER_SHAPES: &[(usize, usize, usize)] = &[
+    (256, 1152, 384),
+    (256, 384, 384),
+    (256, 1536, 384),
+    (256, 384, 1536),
+];
+
+/// The best of `tries` timings of `f`, in seconds.
+fn best(tries: usize, mut f: impl FnMut()) -> f64 {
+    (0..tries)
+        .map(|_| {
+            let at = Instant::now();
+            f();
+            at.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The plugin's linear-layer kernels alone, in the sandbox (the host's own
+/// engine settings: epoch interruption, relaxed SIMD), against a native
+/// single-threaded f32 product (`matrixmultiply`, which uses AVX2 and FMA
+/// where the CPU has them) on the same shapes: GFLOP/s and GOP/s (two
+/// operations per multiply-add), best of several runs each.
+fn kernels(engine: &WasmEngine, tries: usize) {
+    use probe::Precision;
+    let component = wasmtime::component::Component::from_file(
+        engine.engine(),
+        embedhost::plugins::KERNEL_PROBE,
+    )
+    .unwrap();
+    let mut linker = wasmtime::component::Linker::new(engine.engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+    let mut store = wasmtime::Store::new(
+        engine.engine(),
+        ProbeState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: Default::default(),
+        },
+    );
+    store.set_epoch_deadline(u64::MAX / 2);
+    let probe = probe::KernelProbe::instantiate(&mut store, &component, &linker).unwrap();
+    println!(
+        "kernels alone (cargo bench --bench throughput): all-MiniLM-L6-v2's linear layers on 256 tokens, one thread, best of {tries}"
+    );
+    let (mut ops, mut native_s, mut f32_s, mut i8_s) = (0.0, 0.0, 0.0, 0.0);
+    for &(rows, outputs, inputs) in LAYER_SHAPES {
+        let flops = 2.0 * (rows * outputs * inputs) as f64;
+        let a: Vec<f32> = (0..rows * inputs).map(|i| (i % 13) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..outputs * inputs)
+            .map(|i| (i % 7) as f32 * 0.01)
+            .collect();
+        let mut c = vec![0f32; rows * outputs];
+        let native = best(tries, || unsafe {
+            // c (rows x outputs) = a (rows x inputs) * b^T (inputs x outputs).
+            matrixmultiply::sgemm(
+                rows,
+                inputs,
+                outputs,
+                1.0,
+                a.as_ptr(),
+                inputs as isize,
+                1,
+                b.as_ptr(),
+                1,
+                inputs as isize,
+                0.0,
+                c.as_mut_ptr(),
+                outputs as isize,
+                1,
+            );
+            std::hint::black_box(&c);
+        });
+        let mut guest = |precision| {
+            let (r, o, i) = (rows as u32, outputs as u32, inputs as u32);
+            // The first call packs the weights; only the products are timed.
+            probe
+                .call_linear(&mut store, precision, r, o, i, 1)
+                .unwrap();
+            best(tries, || {
+                std::hint::black_box(
+                    probe
+                        .call_linear(&mut store, precision, r, o, i, 1)
+                        .unwrap(),
+                );
+            })
+        };
+        let (f, q) = (guest(Precision::Fp32), guest(Precision::Int8));
+        println!(
+            "  {rows}x{inputs} -> {outputs}: native f32 {:.1} GFLOP/s; guest f32 {:.1} GFLOP/s ({:.2}x); guest int8 {:.1} GOP/s ({:.2}x)",
+            flops / native / 1e9,
+            flops / f / 1e9,
+            native / f,
+            flops / q / 1e9,
+            native / q
+        );
+        ops += flops;
+        native_s += native;
+        f32_s += f;
+        i8_s += q;
+    }
+    let section = "The kernels alone (one thread, the four linear layers of a 256-token passage)";
+    let rate = |s: f64| ops / s / 1e9;
+    println!(
+        "  all four: native f32 {:.1} GFLOP/s; guest f32 {:.1} GFLOP/s ({:.2}x); guest int8 {:.1} GOP/s ({:.2}x)",
+        rate(native_s),
+        rate(f32_s),
+        native_s / f32_s,
+        rate(i8_s),
+        native_s / i8_s
+    );
+    for (what, secs) in [
+        ("guest f32", f32_s),
+        ("guest int8 (with per-row quantization)", i8_s),
+    ] {
+        common::figure(
+            section,
+            what,
+            rate(secs),
+            "G(FL)OP/s",
+            ("native f32 (matrixmultiply)", rate(native_s)),
+            common::Better::Higher,
+            "cargo bench --bench throughput",
+        );
+    }
 }
 
 /// Sentences per second of the Python baseline on the same batch.
@@ -155,6 +323,7 @@ fn main() {
         rt.block_on(Supervisor::start(spawner, pool.clone()))
             .unwrap()
     };
+    kernels(&engine, if seconds > 0.0 { 15 } else { 1 });
     let wasm = wasm_pool("int8");
     let wasm32 = wasm_pool("fp32");
 
@@ -179,10 +348,13 @@ fn main() {
         ("8 passages of 256 tokens", passage_batch()),
     ] {
         let base = python(&dir, &batch, cores, seconds.max(0.1));
-        let n = through(&rt, &native, &batch, 1, seconds);
-        let q = through(&rt, &int8, &batch, 1, seconds);
-        let w = through(&rt, &wasm, &batch, cores, seconds);
-        let w32 = through(&rt, &wasm32, &batch, cores, seconds);
+        let rates = through(
+            &rt,
+            &[(&native, 1), (&int8, 1), (&wasm, cores), (&wasm32, cores)],
+            &batch,
+            seconds,
+        );
+        let (n, q, w, w32) = (rates[0], rates[1], rates[2], rates[3]);
         let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));
         let ratio = base.map_or("-".to_string(), |b| format!("{:.2}x", n / b));
         println!(

@@ -19,6 +19,7 @@ use std::process::Command;
 const PLUGINS: &[(&str, &str)] = &[
     ("embedhost-plugin-stub", "STUB"),
     ("embedhost-plugin-shape-probe", "SHAPE_PROBE"),
+    ("embedhost-plugin-kernel-probe", "KERNEL_PROBE"),
     ("embedhost-plugin-bert", "BERT"),
     ("embedhost-plugin-hostile", "HOSTILE"),
     ("embedhost-plugin-broken", "BROKEN"),

@@ -1233,7 +1233,13 @@ fn watch_against_churn(secs: u64) {
     while std::time::Instant::now() < until {
         ops += 1;
         let pick = rng.usize(..files.len().max(1));
-        match rng.u8(..10) {
+        // Creations outnumber deletions, so past 550 files a creation
+        // becomes a deletion: the tree stays near 500 files.
+        let op = match rng.u8(..10) {
+            6 | 8 | 9 if files.len() > 550 => 4,
+            op => op,
+        };
+        match op {
             // Edit in place.
             0..=2 if !files.is_empty() => write(&files[pick], &text(&mut rng)),
             // An editor's save: a temporary file renamed over the original.

@@ -211,7 +211,7 @@ impl WasmEngine {
         config.cranelift_opt_level(OptLevel::Speed);
         // The model plugin's int8 kernels use the relaxed dot product. The
         // fast (non-deterministic-by-spec) lowering is exact for the codes
-        // they feed it (activations below 128, see plugins/bert/src/kernels.rs)
+        // they feed it (activations below 128, see plugins/kernels/src/lib.rs)
         // and 3x faster than the deterministic one.
         config.wasm_relaxed_simd(true);
         config.relaxed_simd_deterministic(false);

@@ -15,7 +15,7 @@
 //!   channel, activations per token), everything else (attention scores,
 //!   softmax, LayerNorm, GELU, residuals) in f32.
 
-use crate::kernels::{self, F32Linear, I8Linear, Quantized, ROWS, Then, round_up};
+use embedhost_kernels::{self as kernels, F32Linear, I8Linear, Quantized, ROWS, Then, round_up};
 
 // At int8, the query/key/value product takes 14-bit activations (two passes
 // of the int8 kernel) rather than 7: queries and keys feed the softmax, which

@@ -10,7 +10,8 @@
 //!   the same ids; the engine packs texts instead of padding them and
 //!   mean-pools each text over its own tokens, as the native engine does over
 //!   the attention mask.
-//! - Inference is this crate's own engine ([`engine`], [`kernels`]): it
+//! - Inference is this crate's own engine ([`engine`], over the kernels of
+//!   `plugins/kernels`): it
 //!   reads the safetensors directly, so the plugin needs no converted graph,
 //!   and runs in f32 (the default, `precision = "fp32"`) or with the linear
 //!   layers in int8 through WebAssembly's relaxed dot product
@@ -28,7 +29,6 @@
 //!   error value; only a bug or exhaustion traps.
 
 mod engine;
-mod kernels;
 
 use std::sync::Mutex;
 
