@@ -2,6 +2,8 @@
 //! the same run. `cargo bench --bench bus` (or `./x bench`); filter by group:
 //! `./x bench -- in-process`, `child-process`, `cbor`, `embed`, `wit-shape`.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -211,20 +213,6 @@ mod probe_async {
     });
 }
 
-struct ProbeState {
-    wasi: wasmtime_wasi::WasiCtx,
-    table: wasmtime::component::ResourceTable,
-}
-
-impl wasmtime_wasi::WasiView for ProbeState {
-    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
-        wasmtime_wasi::WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
 /// Why the contract returns one flat `list<f32>`: lifting it against
 /// lifting `list<list<f32>>` of the same floats.
 fn wit_shape(c: &mut Criterion) {
@@ -236,11 +224,7 @@ fn wit_shape(c: &mut Criterion) {
             .unwrap();
     let mut linker = wasmtime::component::Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let state = ProbeState {
-        wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-        table: Default::default(),
-    };
-    let mut store = wasmtime::Store::new(&engine, state);
+    let mut store = wasmtime::Store::new(&engine, common::ProbeState::new());
     let probe = probe::Probe::instantiate(&mut store, &component, &linker).unwrap();
     let mut group = c.benchmark_group("wit-shape");
     for rows in [32u32, 256] {
@@ -266,10 +250,7 @@ fn wasm_call(c: &mut Criterion) {
     let component =
         wasmtime::component::Component::from_file(&engine, embedhost::plugins::SHAPE_PROBE)
             .unwrap();
-    let state = || ProbeState {
-        wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-        table: Default::default(),
-    };
+    let state = common::ProbeState::new;
     let mut group = c.benchmark_group("wasm-call");
     {
         let mut linker = wasmtime::component::Linker::new(&engine);

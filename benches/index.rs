@@ -254,28 +254,8 @@ fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::pa
     raw(&texts[..texts.len().min(64)]);
     let before = raw(&texts);
     let db = tempfile::tempdir().unwrap().keep();
-    let rate = rt.block_on(async {
-        let bus = Bus::new(InProcess::named(
-            "embedder",
-            embedhost::embedder::supervised_router(supervisor.clone()),
-        ));
-        let mut model_info = supervisor.model_info();
-        model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
-        let worker = Worker::new(bus, model_info, tokens, settings);
-        worker.init(&db).await.unwrap();
-        let start = Instant::now();
-        worker.index(vec![docs.clone()]).await.unwrap();
-        let stats = loop {
-            let s = worker.stats().await.unwrap();
-            if s.queued == 0 && s.processing == 0 {
-                break s;
-            }
-            // As the command line polls: the counts take the store's lock.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert_eq!(stats.chunks as usize, texts.len());
-        stats.chunks as f64 / start.elapsed().as_secs_f64()
-    });
+    let (chunks, rate) = index_into(rt, &supervisor, &tokens, settings, &docs, &db);
+    assert_eq!(chunks as usize, texts.len());
     let after = raw(&texts);
     let baseline = (before + after) / 2.0;
     println!(
@@ -295,6 +275,42 @@ fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::pa
     db
 }
 
+/// Indexes `docs` into the index `db` with a worker over `supervisor`, as
+/// the command line does; the chunks stored and their rate per second.
+fn index_into(
+    rt: &tokio::runtime::Runtime,
+    supervisor: &Supervisor,
+    tokens: &Tokens,
+    settings: WorkerSettings,
+    docs: &Path,
+    db: &Path,
+) -> (u64, f64) {
+    rt.block_on(async {
+        let bus = Bus::new(InProcess::named(
+            "embedder",
+            embedhost::embedder::supervised_router(supervisor.clone()),
+        ));
+        let mut model_info = supervisor.model_info();
+        model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
+        let worker = Worker::new(bus, model_info, tokens.clone(), settings);
+        worker.init(db).await.unwrap();
+        let start = Instant::now();
+        worker.index(vec![docs.to_path_buf()]).await.unwrap();
+        let stats = loop {
+            let s = worker.stats().await.unwrap();
+            if s.queued == 0 && s.processing == 0 {
+                break s;
+            }
+            // As the command line polls: the counts take the store's lock.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (
+            stats.chunks,
+            stats.chunks as f64 / start.elapsed().as_secs_f64(),
+        )
+    })
+}
+
 /// Indexes `examples/corpus` into a fresh index through `supervisor`,
 /// `runs` times; the median rate in chunks per second.
 fn corpus_rate(
@@ -309,31 +325,12 @@ fn corpus_rate(
     let mut chunks = 0;
     for _ in 0..runs {
         let db = tempfile::tempdir().unwrap();
-        let rate = rt.block_on(async {
-            let bus = Bus::new(InProcess::named(
-                "embedder",
-                embedhost::embedder::supervised_router(supervisor.clone()),
-            ));
-            let mut model_info = supervisor.model_info();
-            model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
-            let settings = WorkerSettings {
-                in_flight: cores + 1,
-                ..WorkerSettings::default()
-            };
-            let worker = Worker::new(bus, model_info, tokens.clone(), settings);
-            worker.init(db.path()).await.unwrap();
-            let start = Instant::now();
-            worker.index(vec![corpus.clone()]).await.unwrap();
-            let stats = loop {
-                let s = worker.stats().await.unwrap();
-                if s.queued == 0 && s.processing == 0 {
-                    break s;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-            chunks = stats.chunks;
-            stats.chunks as f64 / start.elapsed().as_secs_f64()
-        });
+        let settings = WorkerSettings {
+            in_flight: cores + 1,
+            ..WorkerSettings::default()
+        };
+        let (n, rate) = index_into(rt, supervisor, tokens, settings, &corpus, db.path());
+        chunks = n;
         rates.push(rate);
     }
     rates.sort_by(f64::total_cmp);
@@ -363,15 +360,7 @@ fn corpus(rt: &tokio::runtime::Runtime, model: &Path, runs: usize) {
     let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
         .unwrap()
         .with_model_dir(model);
-    let wasm = |precision: &str| {
-        let spawner = WasmSpawner {
-            plugin: plugin.clone(),
-            limits: InstanceLimits::default(),
-            config: vec![("precision".into(), precision.into())],
-        };
-        rt.block_on(Supervisor::start(spawner, pool.clone()))
-            .unwrap()
-    };
+    let wasm = |precision: &str| common::bert_pool(rt, &plugin, precision, pool.clone());
     let (base, chunks) = corpus_rate(rt, &native, &tokens, runs);
     println!(
         "indexing examples/corpus ({chunks} chunks) end to end, pool of {cores}, median of {runs}: native fp32 {base:.1} chunks/s"

@@ -22,9 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
-use embedhost::wasm::{
-    ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
-};
+use embedhost::wasm::{ArtifactCache, PluginSource, WasmEngine, WasmPlugin};
 
 /// Measuring time per backend and workload under `cargo bench`; a smoke
 /// run under `cargo test` does one pass.
@@ -108,20 +106,6 @@ mod probe {
     wasmtime::component::bindgen!({ path: "../plugins/kernel-probe/wit", world: "kernel-probe" });
 }
 
-struct ProbeState {
-    wasi: wasmtime_wasi::WasiCtx,
-    table: wasmtime::component::ResourceTable,
-}
-
-impl wasmtime_wasi::WasiView for ProbeState {
-    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
-        wasmtime_wasi::WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
 /// The linear layers of all-MiniLM-L6-v2 on a 256-token passage: rows,
 /// outputs, inputs (query/key/value, attention output, intermediate,
 /// output).
@@ -157,13 +141,7 @@ fn kernels(engine: &WasmEngine, tries: usize) {
     .unwrap();
     let mut linker = wasmtime::component::Linker::new(engine.engine());
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let mut store = wasmtime::Store::new(
-        engine.engine(),
-        ProbeState {
-            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-            table: Default::default(),
-        },
-    );
+    let mut store = wasmtime::Store::new(engine.engine(), common::ProbeState::new());
     store.set_epoch_deadline(u64::MAX / 2);
     let probe = probe::KernelProbe::instantiate(&mut store, &component, &linker).unwrap();
     println!(
@@ -314,15 +292,7 @@ fn main() {
         pool_size: cores,
         ..one
     };
-    let wasm_pool = |precision: &str| {
-        let spawner = WasmSpawner {
-            plugin: plugin.clone(),
-            limits: InstanceLimits::default(),
-            config: vec![("precision".into(), precision.into())],
-        };
-        rt.block_on(Supervisor::start(spawner, pool.clone()))
-            .unwrap()
-    };
+    let wasm_pool = |precision: &str| common::bert_pool(&rt, &plugin, precision, pool.clone());
     kernels(&engine, if seconds > 0.0 { 15 } else { 1 });
     let wasm = wasm_pool("int8");
     let wasm32 = wasm_pool("fp32");

@@ -122,3 +122,46 @@ pub fn figure(
         .expect("open the benchmark report file");
     writeln!(file, "{record}").expect("write the benchmark report file");
 }
+
+/// The state of a probe component of another world (a WASI context and
+/// nothing else), for benches that call one directly.
+pub struct ProbeState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl ProbeState {
+    /// An empty WASI context.
+    pub fn new() -> Self {
+        ProbeState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: Default::default(),
+        }
+    }
+}
+
+impl wasmtime_wasi::WasiView for ProbeState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A supervised pool of `plugin` (the BERT plugin with its model) at
+/// `precision` (`"fp32"` or `"int8"`).
+pub fn bert_pool(
+    rt: &tokio::runtime::Runtime,
+    plugin: &embedhost::wasm::WasmPlugin,
+    precision: &str,
+    pool: embedhost::supervisor::SupervisorConfig,
+) -> embedhost::supervisor::Supervisor {
+    let spawner = embedhost::wasm::WasmSpawner {
+        plugin: plugin.clone(),
+        limits: embedhost::wasm::InstanceLimits::default(),
+        config: vec![("precision".into(), precision.into())],
+    };
+    rt.block_on(embedhost::supervisor::Supervisor::start(spawner, pool))
+        .unwrap()
+}

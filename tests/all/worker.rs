@@ -226,11 +226,12 @@ fn the_command_line_indexes_searches_and_reports() {
         db.to_str().unwrap(),
         docs.to_str().unwrap(),
     );
+    // `embedhost --config C search --db D ARGS...`
+    let search =
+        |args: &[&str]| succeeded(&[&["--config", config, "search", "--db", db], args].concat());
     let out = succeeded(&["--config", config, "index", "--db", db, docs]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 files indexed"));
-    let out = succeeded(&[
-        "--config", config, "search", "--db", db, "--json", "bicycle", "repair",
-    ]);
+    let out = search(&["--json", "bicycle", "repair"]);
     let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let first = &results[0];
     assert!(
@@ -240,7 +241,7 @@ fn the_command_line_indexes_searches_and_reports() {
     for key in ["start_line", "end_line", "score", "text"] {
         assert!(first.get(key).is_some(), "{key} in {first}");
     }
-    let out = succeeded(&["--config", config, "search", "--db", db, "violin"]);
+    let out = search(&["violin"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().next().unwrap().ends_with("a.txt:1"), "{text}");
     // `--context`: the best line, numbered; piped, so no escape codes.
@@ -249,18 +250,7 @@ fn the_command_line_indexes_searches_and_reports() {
         "intro line\nthe quartet tunes up\nthen the harpsichord_solo starts\nclosing line\nlast",
     );
     succeeded(&["--config", config, "index", "--db", db, docs]);
-    let out = succeeded(&[
-        "--config",
-        config,
-        "search",
-        "--db",
-        db,
-        "-n",
-        "1",
-        "--context",
-        "1",
-        "harpsichord_solo",
-    ]);
+    let out = search(&["-n", "1", "--context", "1", "harpsichord_solo"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].ends_with("c.txt:1-5"), "{text}");
@@ -274,19 +264,7 @@ fn the_command_line_indexes_searches_and_reports() {
         "{text}"
     );
     assert!(!text.contains('\x1b'), "{text:?}");
-    let out = succeeded(&[
-        "--config",
-        config,
-        "search",
-        "--db",
-        db,
-        "-n",
-        "1",
-        "--jsonl",
-        "-C",
-        "0",
-        "harpsichord_solo",
-    ]);
+    let out = search(&["-n", "1", "--jsonl", "-C", "0", "harpsichord_solo"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["context"],
@@ -296,9 +274,7 @@ fn the_command_line_indexes_searches_and_reports() {
     succeeded(&["--config", config, "index", "--db", db, docs]);
     // Output for programs and pipes: a line per file, a JSON object per
     // line, and only results above a score.
-    let out = succeeded(&[
-        "--config", config, "search", "--db", db, "--files", "bicycle", "violin",
-    ]);
+    let out = search(&["--files", "bicycle", "violin"]);
     let files: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(
@@ -307,9 +283,7 @@ fn the_command_line_indexes_searches_and_reports() {
             .all(|f| f.ends_with(".txt") && !f.contains(' ')),
         "{files:?}"
     );
-    let out = succeeded(&[
-        "--config", config, "search", "--db", db, "--jsonl", "--mode", "semantic", "bicycle",
-    ]);
+    let out = search(&["--jsonl", "--mode", "semantic", "bicycle"]);
     let lines: Vec<serde_json::Value> = std::str::from_utf8(&out.stdout)
         .unwrap()
         .lines()
@@ -318,12 +292,7 @@ fn the_command_line_indexes_searches_and_reports() {
     assert_eq!(lines.len(), 2);
     assert!(lines[0]["path"].as_str().unwrap().ends_with("b.txt"));
     let top = lines[0]["score"].as_f64().unwrap();
-    let out = succeeded(&[
-        "--config",
-        config,
-        "search",
-        "--db",
-        db,
+    let out = search(&[
         "--jsonl",
         "--mode",
         "semantic",
