@@ -722,6 +722,11 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     )
     .unwrap();
     drop(conn);
+    // `stats` opens an index without a model: it is upgraded then too.
+    let existing = Store::open_existing(&db).unwrap();
+    assert_eq!(existing.roots().unwrap().len(), 1);
+    assert!(existing.cut().unwrap().is_empty());
+    drop(existing);
     let before = Store::open_existing(&db).unwrap().vectors().unwrap();
     let info = embedhost::wasm::ModelInfo {
         model_id: "embedhost/stub-feature-hash".into(),

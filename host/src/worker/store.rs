@@ -282,10 +282,12 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens an existing index to read its counts, whatever its model.
+    /// Opens an existing index to read its counts, whatever its model,
+    /// upgrading an older schema in place.
     ///
     /// # Errors
-    /// [`StoreError::Missing`] if there is none, or SQLite's error.
+    /// [`StoreError::Missing`] if there is none, [`StoreError::Schema`] for
+    /// a newer schema, or SQLite's error.
     pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join(DB_FILE);
         if !path.is_file() {
@@ -310,6 +312,19 @@ impl Store {
             .meta("dimension")?
             .and_then(|d| d.parse().ok())
             .unwrap_or(0);
+        // An older index is upgraded here too (the steps are transactions
+        // that re-embed nothing), so a command that only reads it, such as
+        // `stats`, sees the current schema; a newer one is refused.
+        match store.meta("schema")?.map(|v| v.parse::<i64>()) {
+            Some(Ok(SCHEMA_VERSION)) | None => {}
+            Some(Ok(old)) if old > 0 && old < SCHEMA_VERSION => store.migrate(old)?,
+            Some(found) => {
+                return Err(StoreError::Schema {
+                    dir: dir.to_path_buf(),
+                    found: found.unwrap_or(-1),
+                });
+            }
+        }
         Ok(store)
     }
 
