@@ -24,9 +24,22 @@ pub struct Service {
     agent: ureq::Agent,
 }
 
+/// A service a test is done with stops as people stop it, by SIGTERM (so
+/// an instrumented build writes its coverage profile, which SIGKILL would
+/// lose); one that has not exited after [`STOP_WITHIN`] is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
 impl Drop for Service {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let until = Instant::now() + STOP_WITHIN;
+            while Instant::now() < until {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
