@@ -275,6 +275,21 @@ fn indexing(rt: &tokio::runtime::Runtime, model: &Path, files: usize) -> std::pa
     db
 }
 
+/// A worker embedding through `supervisor` over the in-process bus, as an
+/// embedding application builds one.
+fn worker_over(
+    supervisor: &Supervisor,
+    model: embedhost::backend::ModelInfo,
+    tokens: Tokens,
+    settings: WorkerSettings,
+) -> Worker {
+    let bus = Bus::new(InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    Worker::new(bus, model, tokens, settings)
+}
+
 /// Indexes `docs` into the index `db` with a worker over `supervisor`, as
 /// the command line does; the chunks stored and their rate per second.
 fn index_into(
@@ -285,14 +300,10 @@ fn index_into(
     docs: &Path,
     db: &Path,
 ) -> (u64, f64) {
+    let mut model_info = supervisor.model_info();
+    model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
+    let worker = worker_over(supervisor, model_info, tokens.clone(), settings);
     rt.block_on(async {
-        let bus = Bus::new(InProcess::named(
-            "embedder",
-            embedhost::embedder::supervised_router(supervisor.clone()),
-        ));
-        let mut model_info = supervisor.model_info();
-        model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
-        let worker = Worker::new(bus, model_info, tokens.clone(), settings);
         worker.init(db).await.unwrap();
         let start = Instant::now();
         worker.index(vec![docs.to_path_buf()]).await.unwrap();
@@ -544,12 +555,8 @@ fn modes(rt: &tokio::runtime::Runtime, chunks: usize, queries: usize) {
         ..SupervisorConfig::default()
     };
     let supervisor = rt.block_on(Supervisor::start(spawner, pool)).unwrap();
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    let worker = Worker::new(
-        bus,
+    let worker = worker_over(
+        &supervisor,
         supervisor.model_info(),
         Tokens::Words,
         WorkerSettings::default(),

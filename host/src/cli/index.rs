@@ -584,8 +584,7 @@ pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Re
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
     let db = config.index_dir(args.db.as_deref())?;
     // Resolved here: the service has its own working directory.
-    let path = std::fs::canonicalize(&args.path)
-        .or_else(|_| std::path::absolute(&args.path))
+    let path = crate::worker::forget_path(&args.path)
         .map_err(|e| format!("`{}`: {e}", args.path.display()))?;
     let chunks = if let Some(client) = super::running_service(&config, Some(&db)).await {
         let answer = client
@@ -597,14 +596,9 @@ pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Re
         let (asked, db2) = (args.path.clone(), db.clone());
         tokio::task::spawn_blocking(move || {
             let mut store = Store::open_existing(&db2).map_err(|e| e.to_string())?;
-            let (ids, known) = store.forget(&path).map_err(|e| e.to_string())?;
-            if !known {
-                return Err(format!(
-                    "nothing is indexed under `{}` (`embedhost stats` lists the roots)",
-                    asked.display()
-                ));
-            }
-            Ok(ids.len() as u64)
+            crate::worker::forget_in(&mut store, &path, asked)
+                .map(|ids| ids.len() as u64)
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??

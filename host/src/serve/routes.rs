@@ -623,8 +623,7 @@ async fn forget(
     let Some(path) = api::string(&map, "path")? else {
         return Err(ApiError::bad("path", "`path` is missing"));
     };
-    let real = std::fs::canonicalize(path)
-        .or_else(|_| std::path::absolute(path))
+    let real = crate::worker::forget_path(std::path::Path::new(path))
         .map_err(|e| ApiError::bad("path", format!("`path` (`{path}`): {e}")))?;
     within_roots(&state, access, "path", path, &real)?;
     let worker = state.worker()?;

@@ -359,21 +359,15 @@ impl Worker {
     /// store's error.
     pub async fn forget(&self, path: &Path) -> Result<u64, WorkerError> {
         let opened = self.opened().await?;
-        let root = path
-            .canonicalize()
-            .or_else(|_| std::path::absolute(path))
-            .map_err(|e| WorkerError::Path {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let root = forget_path(path).map_err(|e| WorkerError::Path {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let state = opened.clone();
         let asked = path.to_path_buf();
         blocking(move || {
             let mut store = lock(&state.store);
-            let (ids, known) = store.forget(&root)?;
-            if !known {
-                return Err(WorkerError::NotIndexed(asked));
-            }
+            let ids = forget_in(&mut store, &root, asked)?;
             // The in-memory index changes under the store's lock, so a
             // search sees both before or both after.
             let mut index = state.index.write().unwrap_or_else(|e| e.into_inner());
@@ -511,6 +505,29 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         })
+    }
+}
+
+/// The path `forget` removes for `path`: resolved through links if it
+/// still exists, else made absolute as written (a folder deleted from disk
+/// can still be forgotten). Callers in another working directory than the
+/// service resolve it themselves, with this.
+///
+/// # Errors
+/// The current directory cannot be read (for a relative path).
+pub fn forget_path(path: &Path) -> std::io::Result<PathBuf> {
+    path.canonicalize().or_else(|_| std::path::absolute(path))
+}
+
+/// Forgets `root` in `store` ([`Store::forget`]); the removed chunks.
+///
+/// # Errors
+/// [`WorkerError::NotIndexed`] (naming `asked`, the path as the caller
+/// gave it) if nothing is known under `root`, or the store's error.
+pub fn forget_in(store: &mut Store, root: &Path, asked: PathBuf) -> Result<Vec<i64>, WorkerError> {
+    match store.forget(root)? {
+        (ids, true) => Ok(ids),
+        (_, false) => Err(WorkerError::NotIndexed(asked)),
     }
 }
 

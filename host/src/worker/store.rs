@@ -568,11 +568,10 @@ impl Store {
     /// # Errors
     /// SQLite's error.
     pub fn files_under(&self, root: &Path) -> Result<Vec<PathBuf>, StoreError> {
-        let root = path_text(root);
-        let prefix = format!("{}/", root.trim_end_matches('/'));
+        let (root, prefix) = under(&path_text(root));
         let mut stmt = self
             .conn
-            .prepare("SELECT path FROM files WHERE path = ?1 OR substr(path, 1, length(?2)) = ?2")
+            .prepare(&format!("SELECT path FROM files WHERE {UNDER}"))
             .map_err(self.sql())?;
         let rows = stmt
             .query_map(params![root, prefix], |r| r.get::<_, String>(0))
@@ -1011,11 +1010,8 @@ impl Store {
                 .map_err(self.sql())
         };
         for path in paths {
-            let prefix = format!("{}/", path.trim_end_matches('/'));
-            let (files, skipped, chunks) = count(
-                "path = ?1 OR substr(path, 1, length(?2)) = ?2",
-                &[&path, &prefix],
-            )?;
+            let (root, prefix) = under(&path);
+            let (files, skipped, chunks) = count(UNDER, &[&root, &prefix])?;
             out.push(RootStats {
                 path: PathBuf::from(path),
                 files,
@@ -1052,9 +1048,7 @@ impl Store {
             path: self.path.clone(),
             source,
         };
-        let root = path_text(root);
-        let prefix = format!("{}/", root.trim_end_matches('/'));
-        const UNDER: &str = "(path = ?1 OR substr(path, 1, length(?2)) = ?2)";
+        let (root, prefix) = under(&path_text(root));
         self.total.set(None);
         let tx = self.conn.transaction().map_err(sql)?;
         let ids: Vec<i64> = {
@@ -1098,6 +1092,17 @@ impl Store {
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
     }
+}
+
+/// An SQL condition on a row's `path`: it is the root `?1`, or inside it
+/// (its text starts with `?2`, the root and a slash: see [`under`]), so
+/// `/a/b` is not taken for a file of `/a/bc`.
+const UNDER: &str = "(path = ?1 OR substr(path, 1, length(?2)) = ?2)";
+
+/// The parameters of [`UNDER`] for `root`: its text, and its text with one
+/// trailing slash.
+fn under(root: &str) -> (String, String) {
+    (root.to_string(), format!("{}/", root.trim_end_matches('/')))
 }
 
 fn path_text(path: &Path) -> String {
