@@ -15,15 +15,17 @@
 //!   channel, activations per token), everything else (attention scores,
 //!   softmax, LayerNorm, GELU, residuals) in f32.
 
-use embedhost_kernels::{self as kernels, F32Linear, I8Linear, Quantized, ROWS, Then, round_up};
+use embedhost_kernels::{
+    self as kernels, F32Linear, I8Linear, Pull, Quantized, ROWS, Then, round_up,
+};
 
-// At int8, the query/key/value product takes 14-bit activations (two passes
-// of the int8 kernel) rather than 7: queries and keys feed the softmax, which
-// turns small score errors into large weight errors. With the product at 7
-// bits, a short text ("hello") fell to cosine 0.989 against the reference;
-// with queries and keys wide and values at 7 bits, 0.992; all wide, 0.995
-// (`the_wasm_plugin_in_int8_stays_near_the_reference`), for a quarter more
-// int8 work than all at 7 bits.
+// At int8, the query/key/value product pulls each token's largest channel
+// out of its quantization range (`Pull::Outlier`): queries and keys feed the
+// softmax, which turns small score errors into large weight errors, and the
+// [CLS] token carries one channel ten times larger than the rest. Without it,
+// "hello" fell to cosine 0.989 against the reference; with it, 0.9955
+// (`the_wasm_plugin_in_int8_stays_near_the_reference`). The other layers'
+// inputs have no such outlier worth its cost.
 
 /// How the linear layers compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +42,8 @@ pub enum Linear {
 
 impl Linear {
     /// `after` is the LayerNorm that feeds this layer, if one does: at int8
-    /// its scales even out the input channels before quantization. Outputs
-    /// below `wide` see the activations at 14 bits instead of 7, at twice the
-    /// cost.
+    /// its scales even out the input channels before quantization, and
+    /// `pull` says whether each token's outlier channel is pulled out.
     fn new(
         precision: Precision,
         w: &[f32],
@@ -50,7 +51,7 @@ impl Linear {
         outputs: usize,
         inputs: usize,
         after: Option<&Norm>,
-        wide: usize,
+        pull: Pull,
     ) -> Self {
         match precision {
             Precision::Fp32 => Linear::F32(F32Linear::new(w, b, outputs, inputs)),
@@ -60,7 +61,7 @@ impl Linear {
                 outputs,
                 inputs,
                 after.map(|n| kernels::smoothing(w, outputs, inputs, &n.gamma, &n.beta)),
-                wide,
+                pull,
             )),
         }
     }
@@ -201,7 +202,15 @@ impl Bert {
          -> Result<Linear, String> {
             let w = get(&format!("{name}.weight"), &[outputs, inputs])?;
             let b = get(&format!("{name}.bias"), &[outputs])?;
-            Ok(Linear::new(precision, &w, &b, outputs, inputs, after, 0))
+            Ok(Linear::new(
+                precision,
+                &w,
+                &b,
+                outputs,
+                inputs,
+                after,
+                Pull::None,
+            ))
         };
         let embedding_norm = norm("embeddings.LayerNorm")?;
         let mut layers: Vec<Layer> = Vec::with_capacity(shape.layers);
@@ -222,7 +231,7 @@ impl Bert {
                 3 * hidden,
                 hidden,
                 Some(before),
-                3 * hidden,
+                Pull::Outlier,
             );
             let attention_norm = norm(&format!("{a}.output.LayerNorm"))?;
             layers.push(Layer {

@@ -3,7 +3,7 @@
 //! figures. The weights and inputs are made once per shape from a fixed
 //! sequence, so every call measures only the products.
 
-use embedhost_kernels::{F32Linear, I8Linear, Quantized, ROWS, Then, round_up};
+use embedhost_kernels::{F32Linear, I8Linear, Pull, Quantized, ROWS, Then, round_up};
 
 wit_bindgen::generate!({
     path: "wit",
@@ -58,7 +58,7 @@ impl Guest for Probe {
                 f32: (precision == Precision::Fp32)
                     .then(|| F32Linear::new(&w, &b, outputs, inputs)),
                 i8: (precision == Precision::Int8)
-                    .then(|| I8Linear::new(&w, &b, outputs, inputs, None, 0)),
+                    .then(|| I8Linear::new(&w, &b, outputs, inputs, None, Pull::None)),
                 x: values(rows * inputs, 3),
                 q: Quantized::default(),
                 out: vec![0.0; rows * outputs],
