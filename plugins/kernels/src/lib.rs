@@ -89,28 +89,10 @@ pub struct F32Linear {
     bias: Vec<f32>,
 }
 
-/// Packs `outputs x inputs` weights (`weight(o, k)`) into `packed` for
-/// [`f32_tile`]: for each block of [`COLS`] outputs (the last padded with
-/// zeros), every input's 8 weights side by side.
-fn pack_f32(
-    packed: &mut Vec<f32>,
-    outputs: usize,
-    inputs: usize,
-    weight: impl Fn(usize, usize) -> f32,
-) {
-    packed.clear();
-    packed.resize(outputs.div_ceil(COLS) * inputs * COLS, 0.0);
-    for o in 0..outputs {
-        let (block, lane) = (o / COLS, o % COLS);
-        for k in 0..inputs {
-            packed[(block * inputs + k) * COLS + lane] = weight(o, k);
-        }
-    }
-}
-
-/// As [`pack_f32`] for weights that are rows: `weight(o, k) = row(o)[k]`,
-/// each row sliced once.
-fn pack_rows_f32<'a>(
+/// Packs `outputs x inputs` weights, `row(o)` holding output `o`'s, into
+/// `packed` for [`f32_tile`]: for each block of [`COLS`] outputs (the last
+/// padded with zeros), every input's 8 weights side by side.
+fn pack_f32<'a>(
     packed: &mut Vec<f32>,
     outputs: usize,
     inputs: usize,
@@ -125,6 +107,13 @@ fn pack_rows_f32<'a>(
             dst[k * COLS + lane] = w;
         }
     }
+}
+
+/// Per output, padded with zeros to whole blocks of [`COLS`].
+fn padded(bias: &[f32]) -> Vec<f32> {
+    let mut padded = bias.to_vec();
+    padded.resize(round_up(bias.len(), COLS), 0.0);
+    padded
 }
 
 /// As [`pack_f32`] for weights that are the columns of `inputs` rows:
@@ -218,10 +207,10 @@ pub struct I8Linear {
 /// reaches 6.6 to 8.2 in one channel while its others stay below 0.8 (median
 /// 0.01 to 0.05). One 7-bit step across that range (0.06) is larger than most
 /// of the token's values, and the softmax magnifies the error: "hello" fell to
-/// cosine 0.988. With `Outlier`, the largest `|x|` of each row is left out of
+/// cosine 0.989. With `Outlier`, the largest `|x|` of each row is left out of
 /// the row's range; the int8 product counts it at the nearest code, and the
 /// output step adds back the rest of it, `delta * w` over that channel's int8
-/// weights (`inputs` more multiply-adds per row, against `inputs x outputs`).
+/// weights (`outputs` more multiply-adds per row, against `inputs x outputs`).
 /// Measured: min cosine 0.9955 over the golden sentences, as with the 14-bit
 /// activations (two passes of the kernel) that this replaces in one pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,16 +222,15 @@ pub enum Pull {
 impl F32Linear {
     /// Packs `weight` (`[outputs, inputs]`, PyTorch's layout) and `bias`.
     pub fn new(weight: &[f32], bias: &[f32], outputs: usize, inputs: usize) -> Self {
-        let blocks = outputs.div_ceil(COLS);
         let mut packed = Vec::new();
-        pack_f32(&mut packed, outputs, inputs, |o, k| weight[o * inputs + k]);
-        let mut padded_bias = bias.to_vec();
-        padded_bias.resize(blocks * COLS, 0.0);
+        pack_f32(&mut packed, outputs, inputs, |o| {
+            &weight[o * inputs..][..inputs]
+        });
         F32Linear {
             inputs,
             outputs,
             packed,
-            bias: padded_bias,
+            bias: padded(bias),
         }
     }
 
@@ -323,8 +311,6 @@ impl I8Linear {
             }
             code_sum[o] = sum as f32;
         }
-        let mut padded_bias = bias.to_vec();
-        padded_bias.resize(blocks * COLS, 0.0);
         I8Linear {
             inputs,
             outputs,
@@ -332,7 +318,7 @@ impl I8Linear {
             packed,
             scale,
             code_sum,
-            bias: padded_bias,
+            bias: padded(bias),
             smooth: smooth.map(|s| s.iter().map(|v| 1.0 / v).collect()),
             columns,
         }
@@ -353,7 +339,7 @@ impl I8Linear {
         assert_eq!(x.pull, self.columns.is_some());
         let mut tile = [0i32; ROWS * COLS];
         let mut real = [0f32; ROWS * COLS];
-        let width = self.outputs.div_ceil(COLS) * COLS;
+        let width = round_up(self.outputs, COLS);
         for_each_tile(rows, self.outputs, |r, block| {
             let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
             // Units of 4 codes.
@@ -710,12 +696,16 @@ fn quantize(
         v.clear();
     }
     q.channel.clear();
+    // A row is copied only to be changed: smoothed, or its outlier set aside.
+    let copy = smooth.is_some() || q.pull;
     for r in 0..rows {
         let source = &x[r * width..][..width];
-        q.row.clear();
-        match smooth {
-            Some(f) => q.row.extend(source.iter().zip(f).map(|(v, f)| v * f)),
-            None => q.row.extend_from_slice(source),
+        if copy {
+            q.row.clear();
+            match smooth {
+                Some(f) => q.row.extend(source.iter().zip(f).map(|(v, f)| v * f)),
+                None => q.row.extend_from_slice(source),
+            }
         }
         // The outlier: the first channel of the largest |x|. It is set to 0
         // (or the nearest end of the others' range) for the codes.
@@ -730,10 +720,11 @@ fn quantize(
             q.row[at] = 0.0;
             (at, value)
         });
-        let (low, high) = min_max(&q.row);
+        let row: &[f32] = if copy { &q.row } else { source };
+        let (low, high) = min_max(row);
         let step = (high - low).max(TINY) / ACT_MAX;
         let codes = &mut q.codes[r * stride..][..width];
-        encode_row(&q.row, low, 1.0 / step, ACT_MAX, codes);
+        encode_row(row, low, 1.0 / step, ACT_MAX, codes);
         if let Some((at, value)) = pulled {
             q.channel.push(at as u32);
             q.delta.push(value - (low + step * f32::from(codes[at])));
@@ -1026,7 +1017,7 @@ pub fn attend(
     }
     // The keys as the weights of the scores (an output per key), and the
     // values as those of the context (an output per dimension).
-    pack_rows_f32(&mut a.keys, n, head, |j| row(j, k));
+    pack_f32(&mut a.keys, n, head, |j| row(j, k));
     pack_columns_f32(&mut a.values, n, head, |j| row(j, v));
     a.scores.clear();
     a.scores.resize(rows * keys, 0.0);
