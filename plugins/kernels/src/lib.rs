@@ -91,7 +91,10 @@ pub struct F32Linear {
 
 /// Packs `outputs x inputs` weights, `row(o)` holding output `o`'s, into
 /// `packed` for [`f32_tile`]: for each block of [`COLS`] outputs (the last
-/// padded with zeros), every input's 8 weights side by side.
+/// padded with zeros), every input's 8 weights side by side. Four outputs by
+/// four inputs at a time, transposed in registers: attention packs its keys
+/// this way for every text and head.
+#[target_feature(enable = "simd128")]
 fn pack_f32<'a>(
     packed: &mut Vec<f32>,
     outputs: usize,
@@ -100,11 +103,45 @@ fn pack_f32<'a>(
 ) {
     packed.clear();
     packed.resize(outputs.div_ceil(COLS) * inputs * COLS, 0.0);
-    for o in 0..outputs {
-        let (block, lane) = (o / COLS, o % COLS);
+    let whole = inputs / 4 * 4;
+    for first in (0..outputs).step_by(4) {
+        let (block, lane) = (first / COLS, first % COLS);
         let dst = &mut packed[block * inputs * COLS..][..inputs * COLS];
-        for (k, &w) in row(o)[..inputs].iter().enumerate() {
-            dst[k * COLS + lane] = w;
+        let count = 4.min(outputs - first);
+        let rows: [&[f32]; 4] = core::array::from_fn(|i| {
+            if i < count {
+                &row(first + i)[..inputs]
+            } else {
+                &[]
+            }
+        });
+        for k in (0..whole).step_by(4) {
+            // (A loop, not `from_fn`: a closure would not get the SIMD.)
+            let mut v = [f32x4_splat(0.0); 4];
+            for (v, r) in v.iter_mut().zip(&rows).take(count) {
+                *v = load4(&r[k..]);
+            }
+            // The 4x4 transpose: t[j] holds input k + j of the 4 outputs.
+            let a = i32x4_shuffle::<0, 4, 1, 5>(v[0], v[1]);
+            let b = i32x4_shuffle::<2, 6, 3, 7>(v[0], v[1]);
+            let c = i32x4_shuffle::<0, 4, 1, 5>(v[2], v[3]);
+            let d = i32x4_shuffle::<2, 6, 3, 7>(v[2], v[3]);
+            let t = [
+                i32x4_shuffle::<0, 1, 4, 5>(a, c),
+                i32x4_shuffle::<2, 3, 6, 7>(a, c),
+                i32x4_shuffle::<0, 1, 4, 5>(b, d),
+                i32x4_shuffle::<2, 3, 6, 7>(b, d),
+            ];
+            for (j, t) in t.into_iter().enumerate() {
+                let d = &mut dst[(k + j) * COLS + lane..][..4];
+                // SAFETY: 4 values.
+                unsafe { v128_store(d.as_mut_ptr() as *mut v128, t) };
+            }
+        }
+        for (i, r) in rows.iter().enumerate().take(count) {
+            for k in whole..inputs {
+                dst[k * COLS + lane + i] = r[k];
+            }
         }
     }
 }
@@ -120,6 +157,7 @@ fn padded(bias: &[f32]) -> Vec<f32> {
 /// `weight(o, k) = row(k)[o]`, `row(k)` holding `outputs` values. Each block
 /// of 8 outputs of an input is then 8 values side by side in its row: one
 /// copy, not 8 strided reads.
+#[target_feature(enable = "simd128")]
 fn pack_columns_f32<'a>(
     packed: &mut Vec<f32>,
     inputs: usize,
@@ -131,7 +169,17 @@ fn pack_columns_f32<'a>(
     packed.resize(blocks * inputs * COLS, 0.0);
     for k in 0..inputs {
         for (block, chunk) in row(k)[..outputs].chunks(COLS).enumerate() {
-            packed[(block * inputs + k) * COLS..][..chunk.len()].copy_from_slice(chunk);
+            let dst = &mut packed[(block * inputs + k) * COLS..][..chunk.len()];
+            if chunk.len() == COLS {
+                // Two vector copies, not a call to memmove.
+                // SAFETY: 8 values each.
+                unsafe {
+                    v128_store(dst.as_mut_ptr() as *mut v128, load4(chunk));
+                    v128_store(dst[4..].as_mut_ptr() as *mut v128, load4(&chunk[4..]));
+                }
+            } else {
+                dst.copy_from_slice(chunk);
+            }
         }
     }
 }
@@ -156,24 +204,21 @@ fn f32_product(
     assert!(rows.is_multiple_of(ROWS) && stride >= units);
     assert!(rows == 0 || x.len() >= (rows - 1) * stride + units);
     assert!(packed.len() >= blocks * units * COLS && out.len() >= rows * width);
-    let mut tile = [0f32; ROWS * COLS];
     for r in (0..rows).step_by(ROWS) {
         for block in 0..blocks {
             // SAFETY: ROWS rows of `units` values `stride` apart at row r,
-            // and the block's `units * COLS` weights (asserted above).
+            // the block's `units * COLS` weights, and ROWS rows of `width`
+            // outputs at row r (asserted above).
             unsafe {
                 f32_tile(
                     x[r * stride..].as_ptr() as *const u8,
                     stride,
                     units,
                     packed[block * units * COLS..].as_ptr() as *const u8,
-                    &mut tile,
+                    out[r * width + block * COLS..].as_mut_ptr(),
+                    width,
                 )
             };
-            for i in 0..ROWS {
-                out[(r + i) * width + block * COLS..][..COLS]
-                    .copy_from_slice(&tile[i * COLS..][..COLS]);
-            }
         }
     }
 }
@@ -249,7 +294,8 @@ impl F32Linear {
                     self.inputs,
                     self.inputs,
                     self.packed.as_ptr().add(block * self.inputs * COLS) as *const u8,
-                    &mut tile,
+                    tile.as_mut_ptr(),
+                    COLS,
                 );
             }
             store(
@@ -338,7 +384,6 @@ impl I8Linear {
         assert!(!x.pull || x.channel.len() >= rows);
         assert_eq!(x.pull, self.columns.is_some());
         let mut tile = [0i32; ROWS * COLS];
-        let mut real = [0f32; ROWS * COLS];
         let width = round_up(self.outputs, COLS);
         for_each_tile(rows, self.outputs, |r, block| {
             let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
@@ -353,7 +398,8 @@ impl I8Linear {
                     units,
                     units,
                     w,
-                    &mut tile,
+                    tile.as_mut_ptr(),
+                    COLS,
                 );
             }
             let o = block * COLS;
@@ -370,17 +416,14 @@ impl I8Linear {
                 &self.scale[o..o + COLS],
                 &self.code_sum[o..o + COLS],
                 pulled,
-                o,
-                &mut real,
-            );
-            store(
-                &real,
-                &self.bias[o..o + COLS],
-                r,
-                o,
-                self.outputs,
-                out,
-                then,
+                Target {
+                    bias: &self.bias[o..o + COLS],
+                    row: r,
+                    first: o,
+                    outputs: self.outputs,
+                    out: &mut *out,
+                    then,
+                },
             );
         });
     }
@@ -418,27 +461,36 @@ fn store(
         return;
     }
     // The same arithmetic, four lanes at a time.
-    let load = |s: &[f32]| {
-        let s = &s[..4];
-        // SAFETY: 4 values.
-        unsafe { v128_load(s.as_ptr() as *const v128) }
-    };
-    let bias = [load(&bias[..4]), load(&bias[4..8])];
+    let bias = [load4(&bias[..4]), load4(&bias[4..8])];
     for i in 0..ROWS {
         let at = (row + i) * outputs + first;
-        let dst = &mut out[at..][..COLS];
         for h in 0..2 {
-            let mut v = f32x4_add(load(&tile[i * COLS + 4 * h..]), bias[h]);
-            match then {
-                Then::Store => {}
-                Then::Gelu => v = gelu4(v),
-                Then::Add(residual) => v = f32x4_add(v, load(&residual[at + 4 * h..])),
-            }
-            let d = &mut dst[4 * h..][..4];
-            // SAFETY: 4 values.
-            unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+            let v = f32x4_add(load4(&tile[i * COLS + 4 * h..]), bias[h]);
+            finish4(v, at + 4 * h, out, then);
         }
     }
+}
+
+/// The first 4 values of `s` as a vector.
+#[inline(always)]
+fn load4(s: &[f32]) -> v128 {
+    let s = &s[..4];
+    // SAFETY: 4 values.
+    unsafe { v128_load(s.as_ptr() as *const v128) }
+}
+
+/// Applies `then` to `v` (outputs `at..at + 4` of `out`, bias added) and
+/// stores it there.
+#[inline(always)]
+fn finish4(v: v128, at: usize, out: &mut [f32], then: Then) {
+    let v = match then {
+        Then::Store => v,
+        Then::Gelu => gelu4(v),
+        Then::Add(residual) => f32x4_add(v, load4(&residual[at..])),
+    };
+    let d = &mut out[at..][..4];
+    // SAFETY: 4 values.
+    unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
 }
 
 /// The pulled channels of a tile's rows, for [`dequantize`].
@@ -451,10 +503,23 @@ struct Pulled<'a> {
     delta: &'a [f32],
 }
 
+/// Where an int8 tile's outputs go, for [`dequantize`]: as [`store`]'s
+/// arguments.
+struct Target<'a, 'b> {
+    bias: &'a [f32],
+    row: usize,
+    first: usize,
+    outputs: usize,
+    out: &'b mut [f32],
+    then: Then<'a>,
+}
+
 /// An int8 tile's sums as real values: `x ~ step * code + low`, `w = scale *
 /// code`, so `x.w = scale * (step * sum(codes) + low * sum(w codes))`; plus,
 /// with `pulled`, each row's `delta * scale * code` of its pulled channel's
-/// weights (outputs `first..first + 8`).
+/// weights; then the bias and the follow-up, stored as [`store`] does. A
+/// whole block of 8 outputs goes from the sums to `out` in registers; a
+/// partial last block through [`store`].
 #[target_feature(enable = "simd128")]
 #[allow(clippy::too_many_arguments)]
 fn dequantize(
@@ -464,49 +529,97 @@ fn dequantize(
     scale: &[f32],
     code_sum: &[f32],
     pulled: Option<Pulled>,
-    first: usize,
-    real: &mut [f32; ROWS * COLS],
+    to: Target,
 ) {
-    let f = |s: &[f32]| {
-        let s = &s[..4];
-        // SAFETY: 4 values.
-        unsafe { v128_load(s.as_ptr() as *const v128) }
-    };
-    let i = |s: &[i32]| {
-        let s = &s[..4];
-        // SAFETY: 4 values.
-        f32x4_convert_i32x4(unsafe { v128_load(s.as_ptr() as *const v128) })
-    };
     let (scale, sums) = (
-        [f(&scale[..4]), f(&scale[4..8])],
-        [f(&code_sum[..4]), f(&code_sum[4..8])],
+        [load4(&scale[..4]), load4(&scale[4..8])],
+        [load4(&code_sum[..4]), load4(&code_sum[4..8])],
     );
-    for r in 0..ROWS {
-        let (st, lo) = (f32x4_splat(step[r]), f32x4_splat(low[r]));
-        // The pulled channel's 8 weight codes as two f32x4, times delta.
-        let extra = pulled.as_ref().map(|p| {
-            let codes = &p.columns[p.channel[r] as usize * p.width + first..][..COLS];
-            // SAFETY: 8 bytes.
-            let c =
-                i16x8_extend_low_i8x16(unsafe { v128_load64_zero(codes.as_ptr() as *const u64) });
-            let d = f32x4_splat(p.delta[r]);
-            [
-                f32x4_mul(d, f32x4_convert_i32x4(i32x4_extend_low_i16x8(c))),
-                f32x4_mul(d, f32x4_convert_i32x4(i32x4_extend_high_i16x8(c))),
-            ]
-        });
-        for h in 0..2 {
-            let k = r * COLS + 4 * h;
-            let mut sum = f32x4_add(f32x4_mul(st, i(&tile[k..])), f32x4_mul(lo, sums[h]));
-            if let Some(e) = extra {
-                sum = f32x4_add(sum, e[h]);
+    let bias = [load4(&to.bias[..4]), load4(&to.bias[4..8])];
+    // A partial block goes through a tile of real values and [`store`].
+    // (Only then: a zeroed array is a call to wasmtime's memory.fill.)
+    let mut partial = (to.outputs - to.first < COLS).then_some([0f32; ROWS * COLS]);
+    // The rows written out, not a loop: a loop's header checks the epoch,
+    // and across that check Cranelift keeps the scales, sums and biases in
+    // stack slots, reloading them for every row.
+    macro_rules! row {
+        ($r:literal) => {{
+            let r = $r;
+            let at = (to.row + r) * to.outputs + to.first;
+            let v = row_values(
+                tile,
+                r,
+                step[r],
+                low[r],
+                scale,
+                sums,
+                pulled.as_ref(),
+                to.first,
+            );
+            for (h, v) in v.into_iter().enumerate() {
+                match &mut partial {
+                    None => finish4(f32x4_add(v, bias[h]), at + 4 * h, to.out, to.then),
+                    Some(real) => {
+                        let d = &mut real[r * COLS + 4 * h..][..4];
+                        // SAFETY: 4 values.
+                        unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+                    }
+                }
             }
-            let v = f32x4_mul(scale[h], sum);
-            let d = &mut real[k..][..4];
-            // SAFETY: 4 values.
-            unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
-        }
+        }};
     }
+    const _: () = assert!(ROWS == 4);
+    row!(0);
+    row!(1);
+    row!(2);
+    row!(3);
+    if let Some(real) = partial {
+        store(
+            &real, to.bias, to.row, to.first, to.outputs, to.out, to.then,
+        );
+    }
+}
+
+/// Row `r` of an int8 tile as real values before the bias (see
+/// [`dequantize`]). (A function, not a closure: a closure is compiled
+/// without the caller's SIMD and was not inlined.)
+#[target_feature(enable = "simd128")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn row_values(
+    tile: &[i32; ROWS * COLS],
+    r: usize,
+    step: f32,
+    low: f32,
+    scale: [v128; 2],
+    sums: [v128; 2],
+    pulled: Option<&Pulled>,
+    first: usize,
+) -> [v128; 2] {
+    let (st, lo) = (f32x4_splat(step), f32x4_splat(low));
+    // The pulled channel's 8 weight codes as two f32x4, times delta.
+    let extra = pulled.map(|p| {
+        let codes = &p.columns[p.channel[r] as usize * p.width + first..][..COLS];
+        // SAFETY: 8 bytes.
+        let c = i16x8_extend_low_i8x16(unsafe { v128_load64_zero(codes.as_ptr() as *const u64) });
+        let d = f32x4_splat(p.delta[r]);
+        [
+            f32x4_mul(d, f32x4_convert_i32x4(i32x4_extend_low_i16x8(c))),
+            f32x4_mul(d, f32x4_convert_i32x4(i32x4_extend_high_i16x8(c))),
+        ]
+    });
+    let mut v = [f32x4_splat(0.0); 2];
+    for (h, v) in v.iter_mut().enumerate() {
+        let codes = &tile[r * COLS + 4 * h..][..4];
+        // SAFETY: 4 values.
+        let codes = f32x4_convert_i32x4(unsafe { v128_load(codes.as_ptr() as *const v128) });
+        let mut sum = f32x4_add(f32x4_mul(st, codes), f32x4_mul(lo, sums[h]));
+        if let Some(e) = extra {
+            sum = f32x4_add(sum, e[h]);
+        }
+        *v = f32x4_mul(scale[h], sum);
+    }
+    v
 }
 
 // The tiles' inner loops: each iteration takes 4 inputs (f32) or 16 (int8),
@@ -546,6 +659,8 @@ unsafe fn splat32<T>(p: *const T) -> v128 {
 /// `w` holds 32 bytes of packed weights per unit (outputs 0..4, then 4..8), as
 /// both [`F32Linear`] and [`I8Linear`] pack them. `|acc, s, w| mac` adds the
 /// products of the unit `s` (broadcast to every lane) and weights `w` to `acc`.
+/// The sums go to ROWS rows of COLS values at `out`, `out_stride` values
+/// apart (straight into a product's output where nothing follows).
 ///
 /// Each iteration loads 16 bytes (4 units) of each row once and broadcasts
 /// the units with shuffles; the last `units % 4` take a unit at a time.
@@ -558,7 +673,8 @@ macro_rules! tile_kernel {
             stride: usize,
             units: usize,
             w: *const u8,
-            tile: &mut [$sum; ROWS * COLS],
+            out: *mut $sum,
+            out_stride: usize,
         ) {
             let mac = |$acc: v128, $s: v128, $w: v128| -> v128 { $mac };
             let mut acc = [i32x4_splat(0); 8];
@@ -601,10 +717,9 @@ macro_rules! tile_kernel {
                 add(u, x);
                 u += 1;
             }
-            let out = tile.as_mut_ptr() as *mut v128;
             for (i, v) in acc.into_iter().enumerate() {
-                // SAFETY: the tile holds 8 vectors.
-                unsafe { v128_store(out.add(i), v) };
+                // SAFETY: the caller's: ROWS rows of COLS values.
+                unsafe { v128_store(out.add((i / 2) * out_stride + (i % 2) * 4) as *mut v128, v) };
             }
         }
     };
@@ -615,7 +730,8 @@ tile_kernel!(
     ///
     /// # Safety
     /// `x` must hold ROWS readable rows of `units` f32 values `stride` apart,
-    /// and `w` `units * COLS` packed f32 weights.
+    /// `w` `units * COLS` packed f32 weights, and `out` ROWS writable rows of
+    /// COLS values `out_stride` apart.
     f32_tile,
     f32,
     "simd128",
@@ -628,7 +744,8 @@ tile_kernel!(
     ///
     /// # Safety
     /// `x` must hold ROWS readable rows of `4 * units` bytes, `4 * stride`
-    /// apart, and `w` `32 * units` packed weight bytes.
+    /// apart, `w` `32 * units` packed weight bytes, and `out` ROWS writable
+    /// rows of COLS values `out_stride` apart.
     i8_tile,
     i32,
     "simd128,relaxed-simd",
@@ -734,6 +851,17 @@ fn quantize(
     }
 }
 
+/// The four lanes of an f32x4.
+#[target_feature(enable = "simd128")]
+fn lanes(v: v128) -> [f32; 4] {
+    [
+        f32x4_extract_lane::<0>(v),
+        f32x4_extract_lane::<1>(v),
+        f32x4_extract_lane::<2>(v),
+        f32x4_extract_lane::<3>(v),
+    ]
+}
+
 /// The smallest and largest value of `row`.
 #[target_feature(enable = "simd128")]
 fn min_max(row: &[f32]) -> (f32, f32) {
@@ -746,14 +874,6 @@ fn min_max(row: &[f32]) -> (f32, f32) {
         lo = f32x4_pmin(lo, v);
         hi = f32x4_pmax(hi, v);
     }
-    let lanes = |v: v128| {
-        [
-            f32x4_extract_lane::<0>(v),
-            f32x4_extract_lane::<1>(v),
-            f32x4_extract_lane::<2>(v),
-            f32x4_extract_lane::<3>(v),
-        ]
-    };
     let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in lanes(lo).iter().chain(chunks.remainder()) {
         l = if v < l { v } else { l };
@@ -762,6 +882,23 @@ fn min_max(row: &[f32]) -> (f32, f32) {
         h = if v > h { v } else { h };
     }
     (l, h)
+}
+
+/// The largest value of `row` (softmax needs only this side of
+/// [`min_max`]).
+#[target_feature(enable = "simd128")]
+fn largest(row: &[f32]) -> f32 {
+    let mut hi = f32x4_splat(f32::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(4);
+    for c in &mut chunks {
+        // SAFETY: the chunk holds 4 values.
+        hi = f32x4_pmax(hi, unsafe { v128_load(c.as_ptr() as *const v128) });
+    }
+    let mut h = f32::NEG_INFINITY;
+    for &v in lanes(hi).iter().chain(chunks.remainder()) {
+        h = if v > h { v } else { h };
+    }
+    h
 }
 
 /// The codes of one row: `round((v - low) * inverse)`, within 0..=`top`.
@@ -917,22 +1054,41 @@ fn erf4(x: v128) -> v128 {
     f32x4_div(f32x4_mul(x, odd), even)
 }
 
-/// e^x for each lane (relative error about 2e-7; below -87 it is 0).
+/// e^x for each lane of `x <= 0` (softmax's `x - max`): relative error
+/// below 2e-7 against f64 `exp` over -87..=0 (checked in float32 numpy);
+/// below -87 it is e^-87. Above 0 it is wrong: the caller subtracts the max.
+///
+/// About 22 operations for four lanes: the rounding of `x log2 e` to an
+/// integer `n` is one addition of 1.5 * 2^23 (whose float then holds `n` in
+/// its low bits, so 2^n is an integer add and shift), where `nearest` and a
+/// saturating conversion took about 10; and a fitted polynomial of degree 5
+/// is as exact as Taylor's of degree 6.
 #[target_feature(enable = "simd128")]
 fn exp4(x: v128) -> v128 {
-    // pmin/pmax: one instruction each on x86, where min/max (with their NaN
-    // rules) take several; the inputs are finite.
-    let x = f32x4_pmax(f32x4_pmin(x, f32x4_splat(88.0)), f32x4_splat(-87.0));
-    let n = f32x4_nearest(f32x4_mul(x, f32x4_splat(core::f32::consts::LOG2_E)));
+    // 1.5 * 2^23: adding it rounds to an integer (to nearest even), held
+    // in the mantissa's low bits for |n| < 2^22.
+    const ROUND: f32 = 12_582_912.0;
+    // pmax: one instruction on x86, where max (with its NaN rules) takes
+    // several; the inputs are finite.
+    let x = f32x4_pmax(x, f32x4_splat(-87.0));
+    let t = f32x4_add(
+        f32x4_mul(x, f32x4_splat(core::f32::consts::LOG2_E)),
+        f32x4_splat(ROUND),
+    );
+    let n = f32x4_sub(t, f32x4_splat(ROUND));
     // x - n ln 2, in two parts for precision (Cody and Waite).
     let r = f32x4_sub(x, f32x4_mul(n, f32x4_splat(0.693_359_4)));
     let r = f32x4_add(r, f32x4_mul(n, f32x4_splat(2.121_944_4e-4)));
-    // e^r on |r| <= ln2/2: Taylor to the 6th power.
-    let mut p = f32x4_splat(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32] {
-        p = f32x4_add(f32x4_mul(p, r), f32x4_splat(c));
+    // e^r on |r| <= ln2/2 as 1 + r q(r), q fitted for the least largest
+    // relative error (1.8e-7 in f32 over -87..=0; Taylor to r^5: 3.3e-6).
+    let mut q = f32x4_splat(8.290_315e-3);
+    for c in [4.189_793e-2, 0.166_676_36, 0.499_991_5, 0.999_999_7f32] {
+        q = f32x4_add(f32x4_mul(q, r), f32x4_splat(c));
     }
-    let scale = i32x4_shl(i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127)), 23);
+    let p = f32x4_add(f32x4_mul(q, r), f32x4_splat(1.0));
+    // 2^n: n + 127 in the exponent field. t's bits are 0x4B40_0000 + n,
+    // whose constant part the shift by 23 pushes out of the word.
+    let scale = i32x4_shl(i32x4_add(t, i32x4_splat(127)), 23);
     f32x4_mul(p, scale)
 }
 
@@ -940,7 +1096,7 @@ fn exp4(x: v128) -> v128 {
 /// the sum is returned (the caller divides the smaller product by it).
 #[target_feature(enable = "simd128")]
 fn softmax_unscaled(x: &mut [f32]) -> f32 {
-    let max = min_max(x).1;
+    let max = largest(x);
     let mut sum = 0f32;
     let mut chunks = x.chunks_exact_mut(4);
     let m = f32x4_splat(max);
@@ -958,11 +1114,23 @@ fn softmax_unscaled(x: &mut [f32]) -> f32 {
         *v = f32x4_extract_lane::<0>(exp4(f32x4_splat(*v - max)));
         sum += *v;
     }
-    sum += f32x4_extract_lane::<0>(acc)
-        + f32x4_extract_lane::<1>(acc)
-        + f32x4_extract_lane::<2>(acc)
-        + f32x4_extract_lane::<3>(acc);
+    sum += lanes(acc).iter().sum::<f32>();
     sum
+}
+
+/// `dst[i] = src[i] * factor` (`dst` as long as `src`).
+#[target_feature(enable = "simd128")]
+fn scaled(dst: &mut [f32], src: &[f32], factor: f32) {
+    let f = f32x4_splat(factor);
+    let mut d = dst.chunks_exact_mut(4);
+    let mut s = src.chunks_exact(4);
+    for (d, s) in (&mut d).zip(&mut s) {
+        // SAFETY: 4 values each.
+        unsafe { v128_store(d.as_mut_ptr() as *mut v128, f32x4_mul(load4(s), f)) };
+    }
+    for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = s * factor;
+    }
 }
 
 /// Buffers of [`attend`], reused across heads and calls.
@@ -989,6 +1157,7 @@ pub struct Attention {
 /// # Panics
 /// If the offsets or row counts fall outside `qkv` or `out` (a bug).
 #[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "simd128")]
 pub fn attend(
     qkv: &[f32],
     stride: usize,
@@ -1011,9 +1180,7 @@ pub fn attend(
     a.q.clear();
     a.q.resize(rows * head, 0.0);
     for i in 0..n {
-        for (d, &x) in a.q[i * head..][..head].iter_mut().zip(row(i, q)) {
-            *d = x * scale;
-        }
+        scaled(&mut a.q[i * head..][..head], row(i, q), scale);
     }
     // The keys as the weights of the scores (an output per key), and the
     // values as those of the context (an output per dimension).
@@ -1039,12 +1206,10 @@ pub fn attend(
         &mut a.context,
     );
     for i in 0..n {
-        let inv = 1.0 / a.sums[i];
-        for (d, &x) in out[i * out_stride + o..][..head]
-            .iter_mut()
-            .zip(&a.context[i * dims..][..head])
-        {
-            *d = x * inv;
-        }
+        scaled(
+            &mut out[i * out_stride + o..][..head],
+            &a.context[i * dims..][..head],
+            1.0 / a.sums[i],
+        );
     }
 }
