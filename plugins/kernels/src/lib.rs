@@ -633,6 +633,15 @@ fn row_values(
 // 37 GOP/s, 8 groups at 40 to 57, this shape at 60 to 95 (the machine's noise
 // is that wide); two of these iterations unrolled into one were slower, as
 // Cranelift then loads all of them first and spills.)
+//
+// Why all loads come first: a load from linear memory may trap, so Cranelift
+// keeps loads in program order, while it places pure arithmetic where a
+// side-effecting instruction first needs it, here the back-edge. Every vector
+// an iteration loads is live at once, so an iteration holds at most about 13
+// (here 12: 4 rows and 8 weight vectors). A dot-product form (two rows by four
+// outputs, horizontal sums once per tile, no shuffles) holds fewer
+// multiply-adds per loaded vector and was slower in the kernel probe with one,
+// two and four steps an iteration.
 
 /// 16 bytes at `p` as a vector (WebAssembly loads need no alignment).
 ///
