@@ -6,6 +6,7 @@ mod child;
 mod cli;
 mod fuzz;
 mod generated;
+mod kernels;
 mod layering;
 mod model;
 mod native;

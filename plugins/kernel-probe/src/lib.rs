@@ -3,7 +3,9 @@
 //! figures. The weights and inputs are made once per shape from a fixed
 //! sequence, so every call measures only the products.
 
-use embedhost_kernels::{F32Linear, I8Linear, Pull, Quantized, ROWS, Then, round_up};
+use embedhost_kernels::{
+    Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Then, attend, gelu, round_up,
+};
 
 wit_bindgen::generate!({
     path: "wit",
@@ -78,6 +80,146 @@ impl Guest for Probe {
         }
         layer.out.iter().sum()
     }
+
+    fn check_linear(precision: Precision, rows: u32, outputs: u32, inputs: u32) -> f32 {
+        let (rows, outputs, inputs) = (
+            rows.max(1) as usize,
+            outputs.max(1) as usize,
+            inputs.max(1) as usize,
+        );
+        let biggest = (round_up(rows, ROWS) * inputs.max(outputs)).max(outputs * inputs) as u64;
+        if biggest > MAX_ELEMENTS {
+            return f32::NAN;
+        }
+        check_linear(precision, rows, outputs, inputs)
+    }
+
+    fn check_attention(n: u32, head: u32) -> f32 {
+        let (n, head) = (n.max(1) as usize, head.max(1) as usize);
+        if (n * (3 * head + 5)).max(n * n) as u64 > MAX_ELEMENTS {
+            return f32::NAN;
+        }
+        check_attention(n, head)
+    }
+}
+
+/// The largest `|got - want|` over `want`'s entries, divided by the largest
+/// `|want|`.
+fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want
+        .iter()
+        .fold(0f32, |m, w| m.max(w.abs()))
+        .max(f32::MIN_POSITIVE);
+    let worst = got.iter().zip(want).fold(0f32, |m, (g, w)| {
+        if (g - w).abs() > m || g.is_nan() {
+            (g - w).abs()
+        } else {
+            m
+        }
+    });
+    worst / scale
+}
+
+/// One layer's forward pass into `out`, through a given output step.
+type Forward = Box<dyn Fn(&mut [f32], Then)>;
+
+/// `check-linear`, for shapes within [`MAX_ELEMENTS`].
+fn check_linear(precision: Precision, rows: usize, outputs: usize, inputs: usize) -> f32 {
+    let padded = round_up(rows, ROWS);
+    let (w, b) = (values(outputs * inputs, 5), values(outputs, 6));
+    let (x, residual) = (values(padded * inputs, 7), values(padded * outputs, 8));
+    let mut plain = vec![0f32; rows * outputs];
+    for r in 0..rows {
+        for o in 0..outputs {
+            let dot: f64 = (0..inputs)
+                .map(|k| f64::from(x[r * inputs + k]) * f64::from(w[o * inputs + k]))
+                .sum();
+            plain[r * outputs + o] = (dot + f64::from(b[o])) as f32;
+        }
+    }
+    let mut gelu_plain = plain.clone();
+    gelu(&mut gelu_plain);
+    let added: Vec<f32> = plain.iter().zip(&residual).map(|(p, r)| p + r).collect();
+    let layers: Vec<Forward> = match precision {
+        Precision::Fp32 => {
+            let l = F32Linear::new(&w, &b, outputs, inputs);
+            vec![Box::new(move |out: &mut [f32], then: Then| {
+                l.forward(&x, padded, out, then)
+            })]
+        }
+        Precision::Int8 => [Pull::None, Pull::Outlier]
+            .into_iter()
+            .map(|pull| {
+                let l = I8Linear::new(&w, &b, outputs, inputs, None, pull);
+                let x = x.clone();
+                Box::new(move |out: &mut [f32], then: Then| {
+                    let mut q = Quantized::default();
+                    l.quantize(&x, padded, &mut q);
+                    l.forward(&q, padded, out, then)
+                }) as Forward
+            })
+            .collect(),
+    };
+    let mut worst = 0f32;
+    for layer in &layers {
+        for (then, want) in [
+            (Then::Store, &plain),
+            (Then::Gelu, &gelu_plain),
+            (Then::Add(&residual), &added),
+        ] {
+            let mut out = vec![0f32; padded * outputs];
+            layer(&mut out, then);
+            worst = worst.max(relative_error(&out[..rows * outputs], want));
+        }
+    }
+    worst
+}
+
+/// `check-attention`, for shapes within [`MAX_ELEMENTS`]: the rows are laid
+/// out as the engine's are (query, key and value side by side, with more
+/// in a row), and the output lands at an offset in wider rows.
+fn check_attention(n: usize, head: usize) -> f32 {
+    let stride = 3 * head + 5;
+    let qkv = values(n * stride, 9);
+    let (out_stride, at) = (head + 3, 1);
+    let scale = 1.0 / (head as f32).sqrt();
+    let mut want = vec![0f32; n * head];
+    for i in 0..n {
+        let scores: Vec<f64> = (0..n)
+            .map(|j| {
+                (0..head)
+                    .map(|d| f64::from(qkv[i * stride + d]) * f64::from(qkv[j * stride + head + d]))
+                    .sum::<f64>()
+                    * f64::from(scale)
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for d in 0..head {
+            let v: f64 = (0..n)
+                .map(|j| e[j] * f64::from(qkv[j * stride + 2 * head + d]))
+                .sum();
+            want[i * head + d] = (v / sum) as f32;
+        }
+    }
+    let mut out = vec![0f32; n * out_stride];
+    attend(
+        &qkv,
+        stride,
+        (0, head, 2 * head),
+        n,
+        head,
+        scale,
+        &mut Attention::default(),
+        &mut out,
+        out_stride,
+        at,
+    );
+    let got: Vec<f32> = (0..n)
+        .flat_map(|i| out[i * out_stride + at..][..head].to_vec())
+        .collect();
+    relative_error(&got, &want)
 }
 
 export!(Probe);

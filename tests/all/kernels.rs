@@ -1,0 +1,93 @@
+//! The BERT plugin's kernels at shapes the model never has, against plain
+//! f64 references computed inside the same component (`kernel-probe`'s
+//! `check-linear` and `check-attention`): rows, outputs and inputs that are
+//! not multiples of the tiles', so partial tiles, padded rows and the
+//! scalar remainders of the SIMD packing run. all-MiniLM-L6-v2's shapes
+//! (384, 1152, 1536; head 32) never reach those paths, so the golden tests
+//! cannot catch a mistake there.
+
+use embedhost::wasm::WasmEngine;
+
+mod probe {
+    wasmtime::component::bindgen!({ path: "../plugins/kernel-probe/wit", world: "kernel-probe" });
+}
+use probe::Precision;
+
+struct State {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for State {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// f32 sums in a different order than f64's: relative error well below.
+const F32_TOLERANCE: f32 = 1e-5;
+/// int8 weights and 7-bit activations: about 1% of the largest output; a
+/// layout mistake gives errors of the order of the outputs themselves.
+const INT8_TOLERANCE: f32 = 0.05;
+
+fn probe() -> (wasmtime::Store<State>, probe::KernelProbe) {
+    let engine = WasmEngine::new(None).unwrap();
+    let component = wasmtime::component::Component::from_file(
+        engine.engine(),
+        embedhost::plugins::KERNEL_PROBE,
+    )
+    .unwrap();
+    let mut linker = wasmtime::component::Linker::new(engine.engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+    let mut store = wasmtime::Store::new(
+        engine.engine(),
+        State {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: Default::default(),
+        },
+    );
+    store.set_epoch_deadline(u64::MAX / 2);
+    let probe = probe::KernelProbe::instantiate(&mut store, &component, &linker).unwrap();
+    (store, probe)
+}
+
+#[test]
+fn the_kernels_match_plain_products_at_shapes_off_the_tiles() {
+    let (mut store, probe) = probe();
+    // (rows, outputs, inputs): partial row tiles, partial output blocks,
+    // inputs off the 4-wide units and the 16-byte steps, and one of each.
+    let shapes = [
+        (1, 1, 1),
+        (5, 13, 7),
+        (4, 8, 16),
+        (9, 3, 33),
+        (13, 30, 45),
+        (70, 21, 100),
+    ];
+    for (rows, outputs, inputs) in shapes {
+        for (precision, tolerance) in [
+            (Precision::Fp32, F32_TOLERANCE),
+            (Precision::Int8, INT8_TOLERANCE),
+        ] {
+            let error = probe
+                .call_check_linear(&mut store, precision, rows, outputs, inputs)
+                .unwrap();
+            assert!(
+                error < tolerance,
+                "{precision:?} linear {rows}x{inputs} -> {outputs}: relative error {error}"
+            );
+        }
+    }
+    // (n, head): n off the tiles' 4 rows and 8 keys, heads off the 4-wide
+    // packing and the 8-wide value blocks.
+    for (n, head) in [(1, 1), (3, 5), (5, 7), (9, 12), (13, 32), (37, 19)] {
+        let error = probe.call_check_attention(&mut store, n, head).unwrap();
+        assert!(
+            error < F32_TOLERANCE,
+            "attention n={n} head={head}: relative error {error}"
+        );
+    }
+}
