@@ -2,6 +2,11 @@
 //! linear layer alone, for `cargo bench --bench throughput`'s kernel
 //! figures. The weights and inputs are made once per shape from a fixed
 //! sequence, so every call measures only the products.
+//!
+//! It also checks the kernels against plain f64 references at any shape
+//! (`check-linear`, `check-attention`), for the test in
+//! `tests/all/kernels.rs`: the model's own shapes never reach the kernels'
+//! partial tiles and remainders.
 
 use embedhost_kernels::{
     Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Then, attend, gelu, round_up,
