@@ -102,10 +102,6 @@ fn through(
     })
 }
 
-mod probe {
-    wasmtime::component::bindgen!({ path: "../plugins/kernel-probe/wit", world: "kernel-probe" });
-}
-
 /// The linear layers of all-MiniLM-L6-v2 on a 256-token passage: rows,
 /// outputs, inputs (query/key/value, attention output, intermediate,
 /// output).
@@ -133,17 +129,8 @@ fn best(tries: usize, mut f: impl FnMut()) -> f64 {
 /// where the CPU has them) on the same shapes: GFLOP/s and GOP/s (two
 /// operations per multiply-add), best of several runs each.
 fn kernels(engine: &WasmEngine, tries: usize) {
-    use probe::Precision;
-    let component = wasmtime::component::Component::from_file(
-        engine.engine(),
-        embedhost::plugins::KERNEL_PROBE,
-    )
-    .unwrap();
-    let mut linker = wasmtime::component::Linker::new(engine.engine());
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let mut store = wasmtime::Store::new(engine.engine(), common::ProbeState::new());
-    store.set_epoch_deadline(u64::MAX / 2);
-    let probe = probe::KernelProbe::instantiate(&mut store, &component, &linker).unwrap();
+    use common::kernel_probe::Precision;
+    let (mut store, probe) = common::kernel_probe::instantiate(engine);
     println!(
         "kernels alone (cargo bench --bench throughput): all-MiniLM-L6-v2's linear layers on 256 tokens, one thread, best of {tries}"
     );

@@ -123,31 +123,11 @@ pub fn figure(
     writeln!(file, "{record}").expect("write the benchmark report file");
 }
 
-/// The state of a probe component of another world (a WASI context and
-/// nothing else), for benches that call one directly.
-pub struct ProbeState {
-    wasi: wasmtime_wasi::WasiCtx,
-    table: wasmtime::component::ResourceTable,
-}
-
-impl ProbeState {
-    /// An empty WASI context.
-    pub fn new() -> Self {
-        ProbeState {
-            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-            table: Default::default(),
-        }
-    }
-}
-
-impl wasmtime_wasi::WasiView for ProbeState {
-    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
-        wasmtime_wasi::WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
+pub mod kernel_probe;
+// For the benches that call other probe components (`bus`); not every
+// bench including this module does.
+#[allow(unused_imports)]
+pub use kernel_probe::ProbeState;
 
 /// A supervised pool of `plugin` (the BERT plugin with its model) at
 /// `precision` (`"fp32"` or `"int8"`).

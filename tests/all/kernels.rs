@@ -8,24 +8,9 @@
 
 use embedhost::wasm::WasmEngine;
 
-mod probe {
-    wasmtime::component::bindgen!({ path: "../plugins/kernel-probe/wit", world: "kernel-probe" });
-}
-use probe::Precision;
-
-struct State {
-    wasi: wasmtime_wasi::WasiCtx,
-    table: wasmtime::component::ResourceTable,
-}
-
-impl wasmtime_wasi::WasiView for State {
-    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
-        wasmtime_wasi::WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
+#[path = "../../benches/common/kernel_probe.rs"]
+mod kernel_probe;
+use kernel_probe::Precision;
 
 /// f32 sums in a different order than f64's: relative error well below.
 const F32_TOLERANCE: f32 = 1e-5;
@@ -33,30 +18,9 @@ const F32_TOLERANCE: f32 = 1e-5;
 /// layout mistake gives errors of the order of the outputs themselves.
 const INT8_TOLERANCE: f32 = 0.05;
 
-fn probe() -> (wasmtime::Store<State>, probe::KernelProbe) {
-    let engine = WasmEngine::new(None).unwrap();
-    let component = wasmtime::component::Component::from_file(
-        engine.engine(),
-        embedhost::plugins::KERNEL_PROBE,
-    )
-    .unwrap();
-    let mut linker = wasmtime::component::Linker::new(engine.engine());
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-    let mut store = wasmtime::Store::new(
-        engine.engine(),
-        State {
-            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
-            table: Default::default(),
-        },
-    );
-    store.set_epoch_deadline(u64::MAX / 2);
-    let probe = probe::KernelProbe::instantiate(&mut store, &component, &linker).unwrap();
-    (store, probe)
-}
-
 #[test]
 fn the_kernels_match_plain_products_at_shapes_off_the_tiles() {
-    let (mut store, probe) = probe();
+    let (mut store, probe) = kernel_probe::instantiate(&WasmEngine::new(None).unwrap());
     // (rows, outputs, inputs): partial row tiles, partial output blocks,
     // inputs off the 4-wide units and the 16-byte steps, and one of each.
     let shapes = [
