@@ -298,14 +298,17 @@ impl F32Linear {
                     COLS,
                 );
             }
+            let o = block * COLS;
             store(
                 &tile,
-                &self.bias[block * COLS..][..COLS],
-                r,
-                block * COLS,
-                self.outputs,
-                out,
-                then,
+                Target {
+                    bias: &self.bias[o..o + COLS],
+                    row: r,
+                    first: o,
+                    outputs: self.outputs,
+                    out: &mut *out,
+                    then,
+                },
             );
         });
     }
@@ -429,17 +432,29 @@ impl I8Linear {
     }
 }
 
-/// Writes one tile's `x W^T` (plus bias, then the follow-up) into `out`.
-#[target_feature(enable = "simd128")]
-fn store(
-    tile: &[f32; ROWS * COLS],
-    bias: &[f32],
+/// Where a tile's outputs go: rows `row..row + ROWS`, outputs `first..` of
+/// `out` (`outputs` a row), with the block's `bias` and the follow-up.
+struct Target<'a, 'b> {
+    bias: &'a [f32],
     row: usize,
     first: usize,
     outputs: usize,
-    out: &mut [f32],
-    then: Then,
-) {
+    out: &'b mut [f32],
+    then: Then<'a>,
+}
+
+/// Writes one tile's `x W^T` (plus bias, then the follow-up) where `to`
+/// says.
+#[target_feature(enable = "simd128")]
+fn store(tile: &[f32; ROWS * COLS], to: Target) {
+    let Target {
+        bias,
+        row,
+        first,
+        outputs,
+        out,
+        then,
+    } = to;
     let width = COLS.min(outputs - first);
     if width < COLS {
         for i in 0..ROWS {
@@ -503,17 +518,6 @@ struct Pulled<'a> {
     delta: &'a [f32],
 }
 
-/// Where an int8 tile's outputs go, for [`dequantize`]: as [`store`]'s
-/// arguments.
-struct Target<'a, 'b> {
-    bias: &'a [f32],
-    row: usize,
-    first: usize,
-    outputs: usize,
-    out: &'b mut [f32],
-    then: Then<'a>,
-}
-
 /// An int8 tile's sums as real values: `x ~ step * code + low`, `w = scale *
 /// code`, so `x.w = scale * (step * sum(codes) + low * sum(w codes))`; plus,
 /// with `pulled`, each row's `delta * scale * code` of its pulled channel's
@@ -574,9 +578,7 @@ fn dequantize(
     row!(2);
     row!(3);
     if let Some(real) = partial {
-        store(
-            &real, to.bias, to.row, to.first, to.outputs, to.out, to.then,
-        );
+        store(&real, to);
     }
 }
 
@@ -640,8 +642,9 @@ fn row_values(
 // an iteration loads is live at once, so an iteration holds at most about 13
 // (here 12: 4 rows and 8 weight vectors). A dot-product form (two rows by four
 // outputs, horizontal sums once per tile, no shuffles) holds fewer
-// multiply-adds per loaded vector and was slower in the kernel probe with one,
-// two and four steps an iteration.
+// multiply-adds per loaded vector and was slower with one, two and four
+// steps an iteration (an informal timing of the kernel probe in a loop, not
+// a committed benchmark).
 
 /// 16 bytes at `p` as a vector (WebAssembly loads need no alignment).
 ///
