@@ -298,17 +298,9 @@ impl F32Linear {
                     COLS,
                 );
             }
-            let o = block * COLS;
             store(
                 &tile,
-                Target {
-                    bias: &self.bias[o..o + COLS],
-                    row: r,
-                    first: o,
-                    outputs: self.outputs,
-                    out: &mut *out,
-                    then,
-                },
+                Target::of(&self.bias, self.outputs, r, block, &mut *out, then),
             );
         });
     }
@@ -419,14 +411,7 @@ impl I8Linear {
                 &self.scale[o..o + COLS],
                 &self.code_sum[o..o + COLS],
                 pulled,
-                Target {
-                    bias: &self.bias[o..o + COLS],
-                    row: r,
-                    first: o,
-                    outputs: self.outputs,
-                    out: &mut *out,
-                    then,
-                },
+                Target::of(&self.bias, self.outputs, r, block, &mut *out, then),
             );
         });
     }
@@ -441,6 +426,29 @@ struct Target<'a, 'b> {
     outputs: usize,
     out: &'b mut [f32],
     then: Then<'a>,
+}
+
+impl<'a, 'b> Target<'a, 'b> {
+    /// The tile at row `row` and output block `block` of a layer with
+    /// `outputs` outputs and `bias` padded to whole blocks.
+    fn of(
+        bias: &'a [f32],
+        outputs: usize,
+        row: usize,
+        block: usize,
+        out: &'b mut [f32],
+        then: Then<'a>,
+    ) -> Self {
+        let first = block * COLS;
+        Target {
+            bias: &bias[first..first + COLS],
+            row,
+            first,
+            outputs,
+            out,
+            then,
+        }
+    }
 }
 
 /// Writes one tile's `x W^T` (plus bias, then the follow-up) where `to`
