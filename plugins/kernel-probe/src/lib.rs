@@ -9,7 +9,7 @@
 //! partial tiles and remainders.
 
 use embedhost_kernels::{
-    Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Then, attend, gelu, round_up,
+    Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, attend, gelu, round_up,
 };
 
 wit_bindgen::generate!({
@@ -36,6 +36,24 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Weights (`outputs x inputs`) shaped like a trained layer's: bell-shaped
+/// and mostly small (the mean of four [`values`]), with one weight of each
+/// output at 0.5 setting its int8 scale, as a trained layer's few large
+/// weights do. Weights drawn evenly from the whole range would make the
+/// int8 layer fall back from paired sums (see `PAIRS_AT_RISK`), and the
+/// probe would neither measure nor check them.
+fn weights(outputs: usize, inputs: usize, seed: u32) -> Vec<f32> {
+    let n = outputs * inputs;
+    let parts: Vec<Vec<f32>> = (0..4).map(|i| values(n, seed * 4 + i)).collect();
+    let mut w: Vec<f32> = (0..n)
+        .map(|i| parts.iter().map(|p| p[i]).sum::<f32>() / 4.0)
+        .collect();
+    for o in 0..outputs {
+        w[o * inputs + o % inputs] = 0.5;
+    }
+    w
+}
+
 struct Layer {
     shape: (Precision, usize, usize, usize),
     f32: Option<F32Linear>,
@@ -58,14 +76,14 @@ impl Guest for Probe {
         let shape = (precision, rows, outputs, inputs);
         let mut slot = LAYER.lock().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_none_or(|l| l.shape != shape) {
-            let w = values(outputs * inputs, 1);
+            let w = weights(outputs, inputs, 1);
             let b = values(outputs, 2);
             *slot = Some(Layer {
                 shape,
                 f32: (precision == Precision::Fp32)
                     .then(|| F32Linear::new(&w, &b, outputs, inputs)),
-                i8: (precision == Precision::Int8)
-                    .then(|| I8Linear::new(&w, &b, outputs, inputs, None, Pull::None)),
+                i8: sums(precision)
+                    .map(|s| I8Linear::new(&w, &b, outputs, inputs, None, Pull::None, s)),
                 x: values(rows * inputs, 3),
                 q: Quantized::default(),
                 out: vec![0.0; rows * outputs],
@@ -74,6 +92,10 @@ impl Guest for Probe {
         let Some(layer) = slot.as_mut() else {
             return f32::NAN;
         };
+        if layer.i8.as_ref().map(I8Linear::sums) != sums(precision) {
+            // The int8 kernel asked for would not run.
+            return f32::NAN;
+        }
         for _ in 0..reps {
             if let Some(l) = &layer.f32 {
                 l.forward(&layer.x, rows, &mut layer.out, Then::Store);
@@ -97,6 +119,22 @@ impl Guest for Probe {
             return f32::NAN;
         }
         check_linear(precision, rows, outputs, inputs)
+    }
+
+    fn pairs_kept(outputs: u32, inputs: u32) -> (bool, bool) {
+        let (outputs, inputs) = (outputs.max(1) as usize, inputs.max(1) as usize);
+        if (outputs * inputs) as u64 > MAX_ELEMENTS {
+            return (false, false);
+        }
+        let b = values(outputs, 2);
+        let kept = |w: &[f32]| {
+            I8Linear::new(w, &b, outputs, inputs, None, Pull::None, Sums::Pairs).sums()
+                == Sums::Pairs
+        };
+        (
+            kept(&weights(outputs, inputs, 1)),
+            kept(&values(outputs * inputs, 1)),
+        )
     }
 
     fn check_attention(n: u32, head: u32) -> f32 {
@@ -125,13 +163,22 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     worst / scale
 }
 
+/// How an int8 precision adds its products; `None` for f32.
+fn sums(precision: Precision) -> Option<Sums> {
+    match precision {
+        Precision::Fp32 => None,
+        Precision::Int8 => Some(Sums::Exact),
+        Precision::Int8Pairs => Some(Sums::Pairs),
+    }
+}
+
 /// One layer's forward pass into `out`, through a given output step.
 type Forward = Box<dyn Fn(&mut [f32], Then)>;
 
 /// `check-linear`, for shapes within [`MAX_ELEMENTS`].
 fn check_linear(precision: Precision, rows: usize, outputs: usize, inputs: usize) -> f32 {
     let padded = round_up(rows, ROWS);
-    let (w, b) = (values(outputs * inputs, 5), values(outputs, 6));
+    let (w, b) = (weights(outputs, inputs, 5), values(outputs, 6));
     let (x, residual) = (values(padded * inputs, 7), values(padded * outputs, 8));
     let mut plain = vec![0f32; rows * outputs];
     for r in 0..rows {
@@ -145,25 +192,34 @@ fn check_linear(precision: Precision, rows: usize, outputs: usize, inputs: usize
     let mut gelu_plain = plain.clone();
     gelu(&mut gelu_plain);
     let added: Vec<f32> = plain.iter().zip(&residual).map(|(p, r)| p + r).collect();
-    let layers: Vec<Forward> = match precision {
-        Precision::Fp32 => {
+    let layers: Vec<Forward> = match sums(precision) {
+        None => {
             let l = F32Linear::new(&w, &b, outputs, inputs);
             vec![Box::new(move |out: &mut [f32], then: Then| {
                 l.forward(&x, padded, out, then)
             })]
         }
-        Precision::Int8 => [Pull::None, Pull::Outlier]
-            .into_iter()
-            .map(|pull| {
-                let l = I8Linear::new(&w, &b, outputs, inputs, None, pull);
-                let x = x.clone();
-                Box::new(move |out: &mut [f32], then: Then| {
-                    let mut q = Quantized::default();
-                    l.quantize(&x, padded, &mut q);
-                    l.forward(&q, padded, out, then)
-                }) as Forward
-            })
-            .collect(),
+        Some(sums) => {
+            let built: Vec<I8Linear> = [Pull::None, Pull::Outlier]
+                .into_iter()
+                .map(|pull| I8Linear::new(&w, &b, outputs, inputs, None, pull, sums))
+                .collect();
+            if built.iter().any(|l| l.sums() != sums) {
+                // The kernel asked for would not run: nothing to check.
+                return f32::NAN;
+            }
+            built
+                .into_iter()
+                .map(|l| {
+                    let x = x.clone();
+                    Box::new(move |out: &mut [f32], then: Then| {
+                        let mut q = Quantized::default();
+                        l.quantize(&x, padded, &mut q);
+                        l.forward(&q, padded, out, then)
+                    }) as Forward
+                })
+                .collect()
+        }
     };
     let mut worst = 0f32;
     for layer in &layers {
