@@ -12,8 +12,11 @@
 //! - `fp32`: every product in f32; the reference's arithmetic up to summation
 //!   order (cosine >= 0.9999 to the golden vectors).
 //! - `int8`: the six linear layers of each block in int8 (weights per output
-//!   channel, activations per token), everything else (attention scores,
-//!   softmax, LayerNorm, GELU, residuals) in f32.
+//!   channel, activations per token; paired 16-bit sums but for the
+//!   query/key/value product), attention's two products in 16-bit fixed
+//!   point (`attend_fixed`: 11- to 13-bit codes, exact integer sums), and
+//!   everything else (the scores' scaling, softmax, LayerNorm, GELU,
+//!   residuals) in f32.
 
 use embedhost_kernels::{
     self as kernels, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, round_up,
@@ -352,8 +355,12 @@ impl Bert {
             let mut first = 0;
             for text in texts {
                 let n = text.ids.len();
+                let attend = match self.precision {
+                    Precision::Fp32 => kernels::attend,
+                    Precision::Int8 => kernels::attend_fixed,
+                };
                 for h in 0..heads {
-                    kernels::attend(
+                    attend(
                         &s.qkv[first * 3 * hidden..],
                         3 * hidden,
                         (h * head, hidden + h * head, 2 * hidden + h * head),

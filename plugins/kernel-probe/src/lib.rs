@@ -9,7 +9,8 @@
 //! partial tiles and remainders.
 
 use embedhost_kernels::{
-    Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, attend, gelu, round_up,
+    Attention, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, attend, attend_fixed, gelu,
+    round_up,
 };
 
 wit_bindgen::generate!({
@@ -137,12 +138,12 @@ impl Guest for Probe {
         )
     }
 
-    fn check_attention(n: u32, head: u32) -> f32 {
+    fn check_attention(precision: Precision, n: u32, head: u32) -> f32 {
         let (n, head) = (n.max(1) as usize, head.max(1) as usize);
         if (n * (3 * head + 5)).max(n * n) as u64 > MAX_ELEMENTS {
             return f32::NAN;
         }
-        check_attention(n, head)
+        check_attention(precision, n, head)
     }
 }
 
@@ -239,7 +240,7 @@ fn check_linear(precision: Precision, rows: usize, outputs: usize, inputs: usize
 /// `check-attention`, for shapes within [`MAX_ELEMENTS`]: the rows are laid
 /// out as the engine's are (query, key and value side by side, with more
 /// in a row), and the output lands at an offset in wider rows.
-fn check_attention(n: usize, head: usize) -> f32 {
+fn check_attention(precision: Precision, n: usize, head: usize) -> f32 {
     let stride = 3 * head + 5;
     let qkv = values(n * stride, 9);
     let (out_stride, at) = (head + 3, 1);
@@ -265,6 +266,10 @@ fn check_attention(n: usize, head: usize) -> f32 {
         }
     }
     let mut out = vec![0f32; n * out_stride];
+    let attend = match precision {
+        Precision::Fp32 => attend,
+        Precision::Int8 | Precision::Int8Pairs => attend_fixed,
+    };
     attend(
         &qkv,
         stride,

@@ -1,6 +1,8 @@
-//! The arithmetic of the engine, written for WebAssembly SIMD: the two
-//! matrix kernels (int8 with the relaxed dot product, and f32) and the lane
-//! kernels around them (LayerNorm, GELU, softmax, quantization).
+//! The arithmetic of the engine, written for WebAssembly SIMD: the matrix
+//! kernels, all one 4x8 tile over 4-byte units (int8 with the relaxed dot
+//! product, exact or with paired 16-bit sums; 16-bit fixed point for the int8
+//! precision's attention; and f32) and the lane kernels around them
+//! (LayerNorm, GELU, softmax, quantization).
 //!
 //! # Why these shapes
 //! - Cranelift (wasmtime 48) allocates xmm0–xmm15 only, so a tile keeps
@@ -14,7 +16,10 @@
 //!   by activation bytes in 0..=127 and adds groups of four into i32 lanes.
 //!   With the activation below 128, the pairwise i16 sums stay within
 //!   ±32512, so no platform saturates and the result is exact and identical
-//!   everywhere (x86 lowers it to `pmaddubsw` + `pmaddwd`).
+//!   everywhere (x86 lowers it to `pmaddubsw` + `pmaddwd`). [`Sums::Pairs`]
+//!   trades that exactness for speed where saturation is rare.
+//! - 16-bit fixed point: `i32x4.dot_i16x8_s` is exact; [`attend_fixed`]
+//!   bounds its codes so that no i32 sum overflows.
 //!
 //! # Invariants
 //! - Every row is computed alone, in a fixed order of operations, whatever
@@ -916,6 +921,24 @@ tile_kernel!(
     )
 );
 
+tile_kernel!(
+    /// One 4x8 tile of a product in 16-bit fixed point (a unit is two i16
+    /// inputs): `i32x4.dot_i16x8_s` (x86: one `pmaddwd`) multiplies and adds
+    /// pairs exactly; the caller bounds the codes so that no sum passes
+    /// `i32::MAX` (see [`attend_fixed`]). Twice the multiply-adds of the f32
+    /// tile an instruction.
+    ///
+    /// # Safety
+    /// `x` must hold ROWS readable rows of `2 * units` i16 codes, `2 *
+    /// stride` apart, `w` `32 * units` packed bytes, and `out` ROWS writable
+    /// rows of COLS values `out_stride` apart.
+    i16_tile,
+    i32,
+    "simd128",
+    |acc, s, w| i32x4_add(acc, i32x4_dot_i16x8(s, w)),
+    |acc, s0, w0, s1, w1| i32x4_add(acc, i32x4_add(i32x4_dot_i16x8(s0, w0), i32x4_dot_i16x8(s1, w1)))
+);
+
 /// Activations quantized per row (per token, never per batch: a text's codes
 /// do not depend on its neighbours): `x ~ step * code + low`, codes 0..=127.
 /// With `pull`, each row's largest `|x|` is left out of its range (see
@@ -1322,7 +1345,8 @@ fn scaled(dst: &mut [f32], src: &[f32], factor: f32) {
     }
 }
 
-/// Buffers of [`attend`], reused across heads and calls.
+/// Buffers of [`attend`] and [`attend_fixed`], reused across heads and
+/// calls.
 #[derive(Default)]
 pub struct Attention {
     q: Vec<f32>,
@@ -1331,9 +1355,26 @@ pub struct Attention {
     scores: Vec<f32>,
     sums: Vec<f32>,
     context: Vec<f32>,
+    fixed: Fixed,
 }
 
-/// One text's self-attention for one head, all in f32: for each query row
+/// [`attend_fixed`]'s buffers: codes and packed codes (i16), sums (i32).
+#[derive(Default)]
+struct Fixed {
+    q: Vec<i16>,
+    /// Keys or values coded, a row per token (`dims` wide).
+    row_codes: Vec<i16>,
+    q_scale: Vec<f32>,
+    keys: Vec<i16>,
+    values: Vec<i16>,
+    scores: Vec<i32>,
+    p: Vec<i16>,
+    p_sum: Vec<i32>,
+    context: Vec<i32>,
+}
+
+/// One text's self-attention for one head, all in f32 (the fp32
+/// precision's; int8 uses [`attend_fixed`]): for each query row
 /// `i < n`, `out[i] = softmax(scale * q_i . k_j) . v_j`, as two products
 /// through the f32 tile: the keys packed as the "weights" of the scores, the
 /// values as those of the context (packing is `n x head` copies against
@@ -1401,4 +1442,312 @@ pub fn attend(
             1.0 / a.sums[i],
         );
     }
+}
+
+/// The largest code of an attention probability in [`attend_fixed`]: 11 bits.
+/// The softmax's numerators are `e^(x - max)`, so the largest is exactly 1 and
+/// needs no scale of its own.
+const P_MAX: f32 = 2047.0;
+
+/// The largest code of a query, key or value in [`attend_fixed`]: 13 bits
+/// (less where the sums would pass `i32::MAX`, see there).
+const QKV_MAX: f32 = 4095.0;
+
+/// 1.5 * 2^23: adding it to a float below 2^22 in magnitude rounds it to
+/// an integer (to nearest even), which the sum's bits then hold in their
+/// low bits, as `ROUND_BITS + n`. Two operations, where a saturating
+/// conversion takes Cranelift about 7.
+const ROUND: f32 = 12_582_912.0;
+const ROUND_BITS: i32 = 0x4B40_0000;
+
+/// `v` (within `±2^15`) rounded to the nearest integer (ties to even).
+#[inline(always)]
+fn code16(v: f32) -> i16 {
+    ((v + ROUND).to_bits() as i32 - ROUND_BITS) as i16
+}
+
+/// The largest `|x|` of `row`.
+#[target_feature(enable = "simd128")]
+fn largest_abs(row: &[f32]) -> f32 {
+    let mut top = f32x4_splat(0.0);
+    let mut chunks = row.chunks_exact(4);
+    for c in &mut chunks {
+        top = f32x4_pmax(top, f32x4_abs(load4(c)));
+    }
+    // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf`.
+    let mut m = 0f32;
+    for x in lanes(top).iter().chain(chunks.remainder()) {
+        m = if x.abs() > m { x.abs() } else { m };
+    }
+    m
+}
+
+/// `row`'s values times `inverse`, rounded to integer codes, into `codes`
+/// (as long as `row`; `|x * inverse|` must stay within `2^15`).
+#[target_feature(enable = "simd128")]
+fn code_row(row: &[f32], inverse: f32, codes: &mut [i16]) {
+    let factor = f32x4_splat(inverse);
+    let mut eights = row.chunks_exact(8);
+    let mut out = codes.chunks_exact_mut(8);
+    for (x, c) in (&mut eights).zip(&mut out) {
+        let v = i16x8_narrow_i32x4(
+            round4(f32x4_mul(load4(x), factor)),
+            round4(f32x4_mul(load4(&x[4..]), factor)),
+        );
+        // SAFETY: 8 codes.
+        unsafe { v128_store(c.as_mut_ptr() as *mut v128, v) };
+    }
+    for (c, x) in out.into_remainder().iter_mut().zip(eights.remainder()) {
+        *c = code16(x * inverse);
+    }
+}
+
+/// One text's self-attention for one head, as [`attend`] computes it but with
+/// both products in 16-bit fixed point through [`i16_tile`]: queries coded
+/// per row, keys and values per head (one scale each), and the softmax's
+/// numerators `e^(x - max)` in 0..=1 as 11-bit codes, whose sum (an exact
+/// integer) normalizes them. The scores, the softmax and the last scaling
+/// stay f32. The int8 precision uses it: its products take half the
+/// instructions of [`f32_tile`]'s, and the codes are finer (11 to 13 bits)
+/// than the int8 layers' 7-bit activations around them.
+///
+/// No sum can overflow: a score adds `head` products of codes within
+/// `±q_max`, with `head * q_max^2 < 2^31`, and a context value `n` products
+/// of codes within `P_MAX` and `±v_max`, with `n * P_MAX * v_max < 2^31`.
+/// Both bounds depend only on the head width and the text's length, so a
+/// text's codes never depend on its batch neighbours.
+///
+/// # Panics
+/// As [`attend`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "simd128")]
+pub fn attend_fixed(
+    qkv: &[f32],
+    stride: usize,
+    (q, k, v): (usize, usize, usize),
+    n: usize,
+    head: usize,
+    scale: f32,
+    a: &mut Attention,
+    out: &mut [f32],
+    out_stride: usize,
+    o: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let f = &mut a.fixed;
+    let row = |i: usize, at: usize| &qkv[i * stride + at..][..head];
+    // Inputs come in pairs (a unit of the tile): dims for the scores,
+    // tokens for the context.
+    let (dims, tokens) = (round_up(head, 2), round_up(n, 2));
+    let (rows, keys, blocks) = (round_up(n, ROWS), round_up(n, COLS), head.div_ceil(COLS));
+    let limit = i32::MAX as f32;
+    let q_max = QKV_MAX.min((limit / dims as f32).sqrt().floor());
+    let v_max = QKV_MAX.min((limit / (tokens as f32 * P_MAX)).floor());
+    // Queries, one scale a row (the attention scale folded in).
+    f.q.clear();
+    f.q.resize(rows * dims, 0);
+    f.q_scale.clear();
+    for i in 0..n {
+        let r = row(i, q);
+        let big = largest_abs(r).max(TINY);
+        code_row(r, q_max / big, &mut f.q[i * dims..][..head]);
+        f.q_scale.push(big * scale / q_max);
+    }
+    // Keys and values, one scale each for the head, coded row by row into
+    // `row_codes` (n x dims) and packed from there.
+    let largest = |at: usize| (0..n).fold(TINY, |m, j| largest_abs(row(j, at)).max(m));
+    let (big_k, big_v) = (largest(k), largest(v));
+    let (k_scale, v_scale) = (big_k / q_max, big_v / v_max);
+    let units = dims / 2;
+    let t_units = tokens / 2;
+    f.row_codes.clear();
+    f.row_codes.resize(tokens * dims, 0);
+    for j in 0..n {
+        code_row(
+            row(j, k),
+            q_max / big_k,
+            &mut f.row_codes[j * dims..][..head],
+        );
+    }
+    // The keys as the tile's weights: per block of 8 keys and unit of 2
+    // dims, each key's 2 codes side by side (one u32).
+    f.keys.clear();
+    f.keys.resize(keys * dims, 0);
+    for j in 0..n {
+        let (block, lane) = (j / COLS, j % COLS);
+        let codes = &f.row_codes[j * dims..][..dims];
+        for (u, pair) in codes.chunks_exact(2).enumerate() {
+            let at = ((block * units + u) * COLS + lane) * 2;
+            f.keys[at..at + 2].copy_from_slice(pair);
+        }
+    }
+    for j in 0..n {
+        code_row(
+            row(j, v),
+            v_max / big_v,
+            &mut f.row_codes[j * dims..][..head],
+        );
+    }
+    // The values as the weights of the context: per block of 8 dims and
+    // unit of 2 tokens, each dim's 2 codes side by side: rows j and j + 1
+    // interleaved, 8 dims at a time. (The padding token's codes are 0.)
+    f.values.clear();
+    f.values.resize(blocks * COLS * tokens, 0);
+    f.row_codes[n * dims..].fill(0);
+    for u in 0..t_units {
+        let (a, b) = (
+            &f.row_codes[2 * u * dims..][..dims],
+            &f.row_codes[(2 * u + 1) * dims..][..dims],
+        );
+        for block in 0..blocks {
+            let at = (block * t_units + u) * COLS * 2;
+            let dst = &mut f.values[at..at + 2 * COLS];
+            let width = COLS.min(head - block * COLS);
+            if width == COLS {
+                // SAFETY: 8 codes each side, 16 out.
+                unsafe {
+                    let (x, y) = (
+                        load(a[block * COLS..].as_ptr()),
+                        load(b[block * COLS..].as_ptr()),
+                    );
+                    v128_store(
+                        dst.as_mut_ptr() as *mut v128,
+                        i16x8_shuffle::<0, 8, 1, 9, 2, 10, 3, 11>(x, y),
+                    );
+                    v128_store(
+                        dst[8..].as_mut_ptr() as *mut v128,
+                        i16x8_shuffle::<4, 12, 5, 13, 6, 14, 7, 15>(x, y),
+                    );
+                }
+            } else {
+                for lane in 0..width {
+                    dst[2 * lane] = a[block * COLS + lane];
+                    dst[2 * lane + 1] = b[block * COLS + lane];
+                }
+            }
+        }
+    }
+    f.scores.clear();
+    f.scores.resize(rows * keys, 0);
+    for r in (0..rows).step_by(ROWS) {
+        for block in 0..keys / COLS {
+            // SAFETY: ROWS rows of `dims` codes at row r, the block's
+            // `units * 32` packed bytes, ROWS rows of `keys` sums at row r.
+            unsafe {
+                i16_tile(
+                    f.q[r * dims..].as_ptr() as *const u8,
+                    units,
+                    units,
+                    f.keys[block * units * COLS * 2..].as_ptr() as *const u8,
+                    f.scores[r * keys + block * COLS..].as_mut_ptr(),
+                    keys,
+                )
+            };
+        }
+    }
+    // The softmax's numerators as codes; the padding rows' stay 0.
+    f.p.clear();
+    f.p.resize(rows * tokens, 0);
+    f.p_sum.clear();
+    for i in 0..n {
+        let c = f.q_scale[i] * k_scale;
+        let sum = softmax_codes(&f.scores[i * keys..][..n], c, &mut f.p[i * tokens..][..n]);
+        f.p_sum.push(sum.max(1));
+    }
+    let width = blocks * COLS;
+    f.context.clear();
+    f.context.resize(rows * width, 0);
+    for r in (0..rows).step_by(ROWS) {
+        for block in 0..blocks {
+            // SAFETY: ROWS rows of `tokens` codes at row r, the block's
+            // `t_units * 32` packed bytes, ROWS rows of `width` sums.
+            unsafe {
+                i16_tile(
+                    f.p[r * tokens..].as_ptr() as *const u8,
+                    t_units,
+                    t_units,
+                    f.values[block * t_units * COLS * 2..].as_ptr() as *const u8,
+                    f.context[r * width + block * COLS..].as_mut_ptr(),
+                    width,
+                )
+            };
+        }
+    }
+    for i in 0..n {
+        let factor = v_scale / f.p_sum[i] as f32;
+        let dst = &mut out[i * out_stride + o..][..head];
+        for (d, c) in dst.iter_mut().zip(&f.context[i * width..][..head]) {
+            *d = *c as f32 * factor;
+        }
+    }
+}
+
+/// The codes of `e^(s c - m)` for integer scores `s`: `round(e * P_MAX)`.
+/// (A function, not a closure: a closure would not get the SIMD.)
+#[inline(always)]
+fn p_code(s: v128, c: v128, m: v128) -> v128 {
+    let e = exp4(f32x4_sub(f32x4_mul(f32x4_convert_i32x4(s), c), m));
+    round4(f32x4_mul(e, f32x4_splat(P_MAX)))
+}
+
+/// Each lane of `v` (within `±2^22`) rounded to the nearest integer, as i32
+/// (see [`ROUND`]).
+#[inline(always)]
+fn round4(v: v128) -> v128 {
+    i32x4_sub(f32x4_add(v, f32x4_splat(ROUND)), i32x4_splat(ROUND_BITS))
+}
+
+/// Row `scores` (integer sums, times `c` in real terms) through the softmax's
+/// numerators `e^(x - max)`, as codes `0..=P_MAX` into `codes`; returns their
+/// sum.
+#[target_feature(enable = "simd128")]
+fn softmax_codes(scores: &[i32], c: f32, codes: &mut [i16]) -> i32 {
+    let mut top = i32x4_splat(i32::MIN);
+    let mut chunks = scores.chunks_exact(4);
+    for s in &mut chunks {
+        // SAFETY: 4 values.
+        top = i32x4_max(top, unsafe { v128_load(s.as_ptr() as *const v128) });
+    }
+    let mut max = chunks.remainder().iter().fold(i32::MIN, |m, &s| m.max(s));
+    for lane in [
+        i32x4_extract_lane::<0>(top),
+        i32x4_extract_lane::<1>(top),
+        i32x4_extract_lane::<2>(top),
+        i32x4_extract_lane::<3>(top),
+    ] {
+        max = max.max(lane);
+    }
+    // c > 0, so the largest score is the largest real value.
+    let m = f32x4_splat(max as f32 * c);
+    let c = f32x4_splat(c);
+    let mut sum = i32x4_splat(0);
+    // Sixteen values an iteration, as in [`softmax_unscaled`].
+    let whole = scores.len() / 16 * 16;
+    for (s, d) in scores[..whole]
+        .chunks_exact(16)
+        .zip(codes.chunks_exact_mut(16))
+    {
+        // SAFETY: 16 values each side.
+        unsafe {
+            let (a, b) = (load(s.as_ptr()), load(s[4..].as_ptr()));
+            let (e, g) = (load(s[8..].as_ptr()), load(s[12..].as_ptr()));
+            let (a, b) = (p_code(a, c, m), p_code(b, c, m));
+            let (e, g) = (p_code(e, c, m), p_code(g, c, m));
+            sum = i32x4_add(sum, i32x4_add(i32x4_add(a, b), i32x4_add(e, g)));
+            v128_store(d.as_mut_ptr() as *mut v128, i16x8_narrow_i32x4(a, b));
+            v128_store(d[8..].as_mut_ptr() as *mut v128, i16x8_narrow_i32x4(e, g));
+        }
+    }
+    let mut total = i32x4_extract_lane::<0>(sum)
+        + i32x4_extract_lane::<1>(sum)
+        + i32x4_extract_lane::<2>(sum)
+        + i32x4_extract_lane::<3>(sum);
+    for (s, d) in scores[whole..].iter().zip(&mut codes[whole..]) {
+        let k = i32x4_extract_lane::<0>(p_code(i32x4_splat(*s), c, m));
+        *d = k as i16;
+        total += k;
+    }
+    total
 }
