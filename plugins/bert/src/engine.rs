@@ -13,7 +13,7 @@
 //!   order (cosine >= 0.9999 to the golden vectors).
 //! - `int8`: the six linear layers of each block in int8 (weights per output
 //!   channel, activations per token; paired 16-bit sums but for the
-//!   query/key/value product), attention's two products in 16-bit fixed
+//!   attention's values), attention's two products in 16-bit fixed
 //!   point (`attend_fixed`: 11- to 13-bit codes, exact integer sums), and
 //!   everything else (the scores' scaling, softmax, LayerNorm, GELU,
 //!   residuals) in f32.
@@ -28,10 +28,10 @@ use embedhost_kernels::{
 // [CLS] token carries one channel ten times larger than the rest. Without it,
 // "hello" fell to cosine 0.989 against the reference; with it, 0.9955
 // (`the_wasm_plugin_in_int8_stays_near_the_reference`). The other layers'
-// inputs have no such outlier worth its cost. For the same reason that
-// product adds its int8 products exactly (`Sums::Exact`), and the others
-// add pairs of groups in 16 bits (`Sums::Pairs`, see its docs): with pairs
-// there too, "hello" fell to 0.9936; with pairs elsewhere it is 0.9951.
+// inputs have no such outlier worth its cost. The values of that product
+// add their int8 products exactly, and everything else adds pairs of groups
+// in 16 bits (`Sums::PairsBefore`, `Sums::Pairs`; see `Sums` for the
+// measurements).
 
 /// How the linear layers compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,7 +243,7 @@ impl Bert {
                 hidden,
                 Some(before),
                 Pull::Outlier,
-                Sums::Exact,
+                Sums::PairsBefore(2 * hidden),
             );
             let attention_norm = norm(&format!("{a}.output.LayerNorm"))?;
             layers.push(Layer {

@@ -260,19 +260,37 @@ pub struct I8Linear {
 ///   ±32767 it saturates: in all-MiniLM-L6-v2's weights about 0.2% of the
 ///   lanes could get there with the largest activation codes.
 ///
-/// The engine keeps `Exact` where the outputs feed the softmax (the
-/// query/key/value product), for the reason [`Pull`] gives: with `Pairs`
-/// there too, the golden minimum fell from 0.9955 to 0.9936; with `Pairs`
-/// everywhere else it is 0.9951.
+/// - `PairsBefore(o)`: `Pairs` for outputs below `o` (a multiple of
+///   [`COLS`]), `Exact` from there.
+///
+/// The engine gives the query/key/value product `PairsBefore` the values:
+/// measured on the golden sentences ("hello" is the minimum each time),
+/// `Pairs` everywhere gives 0.9933 to 0.9936, `Pairs` but for that whole
+/// product 0.9963, and `Pairs` but for its values 0.9961. The values reach
+/// the output through the attention's average alone, and in a short text a
+/// few tokens' values, the [CLS] token's among them with its outlier
+/// channel (see [`Pull`]), carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sums {
     Exact,
     Pairs,
+    PairsBefore(usize),
+}
+
+impl Sums {
+    /// Whether outputs `first..first + COLS` add their products in pairs.
+    fn paired(self, first: usize) -> bool {
+        match self {
+            Sums::Exact => false,
+            Sums::Pairs => true,
+            Sums::PairsBefore(end) => first < end,
+        }
+    }
 }
 
 /// The largest share of a layer's 16-bit lanes whose four weight codes
 /// could saturate the lane with the largest activation codes, for
-/// [`Sums::Pairs`] to be used; above it the layer runs `Exact`. In
+/// paired sums to be used; above it the layer runs `Exact`. In
 /// all-MiniLM-L6-v2 the share is 0.2% in every layer (trained weights are
 /// mostly small); weights drawn evenly from the whole code range reach
 /// about 8%, and there saturation is no longer rare.
@@ -420,13 +438,15 @@ impl I8Linear {
                 }
             }
             code_sum[o] = sum as f32;
-            codes.resize(stride, 0);
-            let (risky, all) = lanes_at_risk(&codes);
-            at_risk += risky;
-            lanes += all;
+            if sums.paired(block * COLS) {
+                codes.resize(stride, 0);
+                let (risky, all) = lanes_at_risk(&codes);
+                at_risk += risky;
+                lanes += all;
+            }
         }
         // Paired sums only where the weights make saturation rare.
-        let sums = if sums == Sums::Pairs && at_risk as f32 > PAIRS_AT_RISK * lanes as f32 {
+        let sums = if at_risk as f32 > PAIRS_AT_RISK * lanes as f32 {
             Sums::Exact
         } else {
             sums
@@ -445,8 +465,8 @@ impl I8Linear {
         }
     }
 
-    /// How this layer adds its products: as asked, or `Exact` where
-    /// `Pairs` was asked but its weights could saturate too often (see
+    /// How this layer adds its products: as asked, or `Exact` where paired
+    /// sums were asked but its weights could saturate them too often (see
     /// [`PAIRS_AT_RISK`]).
     pub fn sums(&self) -> Sums {
         self.sums
@@ -471,9 +491,10 @@ impl I8Linear {
             let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
             // Units of 4 codes.
             let units = self.stride / 4;
-            let kernel = match self.sums {
-                Sums::Exact => i8_tile,
-                Sums::Pairs => i8_pair_tile,
+            let kernel = if self.sums.paired(block * COLS) {
+                i8_pair_tile
+            } else {
+                i8_tile
             };
             // SAFETY: ROWS rows of `stride` codes at row r, and the
             // block's `stride * COLS` packed bytes: in bounds by
