@@ -485,47 +485,58 @@ impl I8Linear {
         assert!(x.stride == self.stride && x.step.len() >= rows);
         assert!(!x.pull || x.channel.len() >= rows);
         assert_eq!(x.pull, self.columns.is_some());
-        let mut tile = [0i32; ROWS * COLS];
+        // One block's tiles for a chunk of rows, then their output step in
+        // one call.
+        let mut tiles = [[0i32; ROWS * COLS]; ROW_CHUNK / ROWS];
         let width = round_up(self.outputs, COLS);
-        for_each_tile(rows, self.outputs, |r, block| {
-            let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
-            // Units of 4 codes.
-            let units = self.stride / 4;
-            let kernel = if self.sums.paired(block * COLS) {
-                i8_pair_tile
-            } else {
-                i8_tile
-            };
-            // SAFETY: ROWS rows of `stride` codes at row r, and the
-            // block's `stride * COLS` packed bytes: in bounds by
-            // construction (asserted above).
-            unsafe {
-                kernel(
-                    x.codes.as_ptr().add(r * self.stride),
-                    units,
-                    units,
-                    w,
-                    tile.as_mut_ptr(),
-                    COLS,
+        // Units of 4 codes.
+        let units = self.stride / 4;
+        let mut chunk = 0;
+        while chunk < rows {
+            let end = rows.min(chunk + ROW_CHUNK);
+            let groups = (end - chunk) / ROWS;
+            for block in 0..self.outputs.div_ceil(COLS) {
+                let w = self.packed[block * self.stride * COLS..].as_ptr() as *const u8;
+                let kernel = if self.sums.paired(block * COLS) {
+                    i8_pair_tile
+                } else {
+                    i8_tile
+                };
+                for (g, tile) in tiles[..groups].iter_mut().enumerate() {
+                    let r = chunk + g * ROWS;
+                    // SAFETY: ROWS rows of `stride` codes at row r, and the
+                    // block's `stride * COLS` packed bytes: in bounds by
+                    // construction (asserted above).
+                    unsafe {
+                        kernel(
+                            x.codes.as_ptr().add(r * self.stride),
+                            units,
+                            units,
+                            w,
+                            tile.as_mut_ptr(),
+                            COLS,
+                        );
+                    }
+                }
+                let o = block * COLS;
+                let pulled = self.columns.as_deref().map(|c| Pulled {
+                    columns: c,
+                    width,
+                    channel: &x.channel[chunk..end],
+                    delta: &x.delta[chunk..end],
+                });
+                dequantize(
+                    &tiles[..groups],
+                    &x.step[chunk..end],
+                    &x.low[chunk..end],
+                    &self.scale[o..o + COLS],
+                    &self.code_sum[o..o + COLS],
+                    pulled,
+                    Target::of(&self.bias, self.outputs, chunk, block, &mut *out, then),
                 );
             }
-            let o = block * COLS;
-            let pulled = self.columns.as_deref().map(|c| Pulled {
-                columns: c,
-                width,
-                channel: &x.channel[r..r + ROWS],
-                delta: &x.delta[r..r + ROWS],
-            });
-            dequantize(
-                &tile,
-                &x.step[r..r + ROWS],
-                &x.low[r..r + ROWS],
-                &self.scale[o..o + COLS],
-                &self.code_sum[o..o + COLS],
-                pulled,
-                Target::of(&self.bias, self.outputs, r, block, &mut *out, then),
-            );
-        });
+            chunk = end;
+        }
     }
 }
 
@@ -638,16 +649,18 @@ struct Pulled<'a> {
     delta: &'a [f32],
 }
 
-/// An int8 tile's sums as real values: `x ~ step * code + low`, `w = scale *
+/// Int8 tiles' sums as real values: `x ~ step * code + low`, `w = scale *
 /// code`, so `x.w = scale * (step * sum(codes) + low * sum(w codes))`; plus,
 /// with `pulled`, each row's `delta * scale * code` of its pulled channel's
-/// weights; then the bias and the follow-up, stored as [`store`] does. A
-/// whole block of 8 outputs goes from the sums to `out` in registers; a
-/// partial last block through [`store`].
+/// weights; then the bias and the follow-up, stored as [`store`] does.
+/// `tiles` are one block's tiles for rows `to.row..` in order (`step`,
+/// `low` and `pulled` cover the same rows): one call a block of a chunk of
+/// rows, not one a tile. A whole block of 8 outputs goes from the sums to
+/// `out` in registers; a partial last block through [`store`].
 #[target_feature(enable = "simd128")]
 #[allow(clippy::too_many_arguments)]
 fn dequantize(
-    tile: &[i32; ROWS * COLS],
+    tiles: &[[i32; ROWS * COLS]],
     step: &[f32],
     low: &[f32],
     scale: &[f32],
@@ -660,56 +673,66 @@ fn dequantize(
         [load4(&code_sum[..4]), load4(&code_sum[4..8])],
     );
     let bias = [load4(&to.bias[..4]), load4(&to.bias[4..8])];
-    // A partial block goes through a tile of real values and [`store`].
-    // (Only then: a zeroed array is a call to wasmtime's memory.fill.)
-    let mut partial = (to.outputs - to.first < COLS).then_some([0f32; ROWS * COLS]);
-    // The rows written out, not a loop: a loop's header checks the epoch,
-    // and across that check Cranelift keeps the scales, sums and biases in
-    // stack slots, reloading them for every row.
-    macro_rules! row {
-        ($r:literal) => {{
-            let r = $r;
-            let at = (to.row + r) * to.outputs + to.first;
-            let v = row_values(
-                tile,
-                r,
-                step[r],
-                low[r],
-                scale,
-                sums,
-                pulled.as_ref(),
-                to.first,
-            );
-            for (h, v) in v.into_iter().enumerate() {
-                match &mut partial {
-                    None => finish4(f32x4_add(v, bias[h]), at + 4 * h, to.out, to.then),
-                    Some(real) => {
-                        let d = &mut real[r * COLS + 4 * h..][..4];
-                        // SAFETY: 4 values.
-                        unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+    let whole = to.outputs - to.first >= COLS;
+    for (g, tile) in tiles.iter().enumerate() {
+        // A partial block goes through a tile of real values and [`store`].
+        // (Only then: a zeroed array is a call to wasmtime's memory.fill.)
+        let mut partial = (!whole).then_some([0f32; ROWS * COLS]);
+        // The rows written out, not a loop: a loop's header checks the
+        // epoch, and across that check Cranelift keeps the scales, sums and
+        // biases in stack slots, reloading them for every row.
+        macro_rules! row {
+            ($r:literal) => {{
+                let (r, pr) = ($r, g * ROWS + $r);
+                let at = (to.row + pr) * to.outputs + to.first;
+                let v = row_values(
+                    &tile[r * COLS..][..COLS],
+                    pr,
+                    step[pr],
+                    low[pr],
+                    scale,
+                    sums,
+                    pulled.as_ref(),
+                    to.first,
+                );
+                for (h, v) in v.into_iter().enumerate() {
+                    match &mut partial {
+                        None => finish4(f32x4_add(v, bias[h]), at + 4 * h, to.out, to.then),
+                        Some(real) => {
+                            let d = &mut real[r * COLS + 4 * h..][..4];
+                            // SAFETY: 4 values.
+                            unsafe { v128_store(d.as_mut_ptr() as *mut v128, v) };
+                        }
                     }
                 }
-            }
-        }};
-    }
-    const _: () = assert!(ROWS == 4);
-    row!(0);
-    row!(1);
-    row!(2);
-    row!(3);
-    if let Some(real) = partial {
-        store(&real, to);
+            }};
+        }
+        const _: () = assert!(ROWS == 4);
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        if let Some(real) = partial {
+            store(
+                &real,
+                Target {
+                    row: to.row + g * ROWS,
+                    out: &mut *to.out,
+                    ..to
+                },
+            );
+        }
     }
 }
 
-/// Row `r` of an int8 tile as real values before the bias (see
-/// [`dequantize`]). (A function, not a closure: a closure is compiled
+/// Row `r` of an int8 tile (`tile` the row's 8 sums, `r` its index in
+/// `pulled`'s rows) as real values before the bias (see [`dequantize`]). (A function, not a closure: a closure is compiled
 /// without the caller's SIMD and was not inlined.)
 #[target_feature(enable = "simd128")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
 fn row_values(
-    tile: &[i32; ROWS * COLS],
+    tile: &[i32],
     r: usize,
     step: f32,
     low: f32,
@@ -732,7 +755,7 @@ fn row_values(
     });
     let mut v = [f32x4_splat(0.0); 2];
     for (h, v) in v.iter_mut().enumerate() {
-        let codes = &tile[r * COLS + 4 * h..][..4];
+        let codes = &tile[4 * h..][..4];
         // SAFETY: 4 values.
         let codes = f32x4_convert_i32x4(unsafe { v128_load(codes.as_ptr() as *const v128) });
         let mut sum = f32x4_add(f32x4_mul(st, codes), f32x4_mul(lo, sums[h]));
