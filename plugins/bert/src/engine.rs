@@ -347,6 +347,10 @@ impl Bert {
 
         let head = hidden / heads;
         let scale = 1.0 / (head as f32).sqrt();
+        let attend = match self.precision {
+            Precision::Fp32 => kernels::attend,
+            Precision::Int8 => kernels::attend_fixed,
+        };
         for layer in &self.layers {
             layer
                 .qkv
@@ -355,10 +359,6 @@ impl Bert {
             let mut first = 0;
             for text in texts {
                 let n = text.ids.len();
-                let attend = match self.precision {
-                    Precision::Fp32 => kernels::attend,
-                    Precision::Int8 => kernels::attend_fixed,
-                };
                 for h in 0..heads {
                     attend(
                         &s.qkv[first * 3 * hidden..],

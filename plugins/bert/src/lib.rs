@@ -15,8 +15,8 @@
 //!   reads the safetensors directly, so the plugin needs no converted graph,
 //!   and runs with the linear layers in int8 through WebAssembly's relaxed
 //!   dot product and attention in 16-bit fixed point (the default,
-//!   `precision = "int8"`) or all in f32 (`precision = "fp32"`). One thread: parallelism comes from the host's
-//!   pool of instances.
+//!   `precision = "int8"`) or all in f32 (`precision = "fp32"`). One
+//!   thread: parallelism comes from the host's pool of instances.
 //!
 //! # Invariants
 //! - `embed` before a successful `init` is `not-initialized`, never a trap.

@@ -259,7 +259,6 @@ pub struct I8Linear {
 ///   both kernels). A 16-bit lane then holds four products, and past
 ///   ±32767 it saturates: in all-MiniLM-L6-v2's weights about 0.2% of the
 ///   lanes could get there with the largest activation codes.
-///
 /// - `PairsBefore(o)`: `Pairs` for outputs below `o` (a multiple of
 ///   [`COLS`]), `Exact` from there.
 ///
@@ -297,8 +296,7 @@ impl Sums {
 pub const PAIRS_AT_RISK: f32 = 0.01;
 
 /// Of one output's weight codes (input order, padded to whole units), the
-/// 16-bit lanes of
-/// [`i8_pair_tile`] that could saturate, and all its lanes: a lane adds
+/// 16-bit lanes of [`i8_pair_tile`] that could saturate, and all its lanes: a lane adds
 /// inputs `j, j+1` of two neighbouring units, and saturates only if the
 /// codes of one sign, times the largest activation code, pass `i16::MAX`.
 fn lanes_at_risk(codes: &[i8]) -> (usize, usize) {
@@ -726,8 +724,9 @@ fn dequantize(
 }
 
 /// Row `r` of an int8 tile (`tile` the row's 8 sums, `r` its index in
-/// `pulled`'s rows) as real values before the bias (see [`dequantize`]). (A function, not a closure: a closure is compiled
-/// without the caller's SIMD and was not inlined.)
+/// `pulled`'s rows) as real values before the bias (see [`dequantize`]).
+/// (A function, not a closure: a closure is compiled without the caller's
+/// SIMD and was not inlined.)
 #[target_feature(enable = "simd128")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -814,7 +813,8 @@ unsafe fn splat32<T>(p: *const T) -> v128 {
 /// `w` holds 32 bytes of packed weights per unit (outputs 0..4, then 4..8), as
 /// both [`F32Linear`] and [`I8Linear`] pack them. `|acc, s, w| mac` adds the
 /// products of the unit `s` (broadcast to every lane) and weights `w` to
-/// `acc`; `|acc, s0, w0, s1, w1| pair` adds those of two units in a row.
+/// `acc`; `|acc, s0, w0, s1, w1| pair`, if given, adds those of two units in
+/// a row (by default `mac` twice).
 /// The sums go to ROWS rows of COLS values at `out`, `out_stride` values
 /// apart (straight into a product's output where nothing follows).
 ///
@@ -823,8 +823,8 @@ unsafe fn splat32<T>(p: *const T) -> v128 {
 macro_rules! tile_kernel {
     (
         $(#[$attr:meta])* $name:ident, $sum:ty, $features:literal,
-        |$acc:ident, $s:ident, $w:ident| $mac:expr,
-        |$pacc:ident, $s0:ident, $w0:ident, $s1:ident, $w1:ident| $pair:expr
+        |$acc:ident, $s:ident, $w:ident| $mac:expr
+        $(, |$pacc:ident, $s0:ident, $w0:ident, $s1:ident, $w1:ident| $pair:expr)?
     ) => {
         $(#[$attr])*
         #[target_feature(enable = $features)]
@@ -837,7 +837,9 @@ macro_rules! tile_kernel {
             out_stride: usize,
         ) {
             let mac = |$acc: v128, $s: v128, $w: v128| -> v128 { $mac };
-            let pair = |$pacc: v128, $s0: v128, $w0: v128, $s1: v128, $w1: v128| -> v128 { $pair };
+            #[allow(unused_variables)]
+            let pair = |a: v128, s0: v128, w0: v128, s1: v128, w1: v128| mac(mac(a, s0, w0), s1, w1);
+            $(let pair = |$pacc: v128, $s0: v128, $w0: v128, $s1: v128, $w1: v128| -> v128 { $pair };)?
             let mut acc = [i32x4_splat(0); 8];
             // The products of units `u` and `u + 1` with each row's
             // broadcast units `a` and `b`.
@@ -917,8 +919,7 @@ tile_kernel!(
     f32_tile,
     f32,
     "simd128",
-    |acc, s, w| f32x4_add(acc, f32x4_mul(s, w)),
-    |acc, s0, w0, s1, w1| f32x4_add(f32x4_add(acc, f32x4_mul(s0, w0)), f32x4_mul(s1, w1))
+    |acc, s, w| f32x4_add(acc, f32x4_mul(s, w))
 );
 
 tile_kernel!(
@@ -932,12 +933,7 @@ tile_kernel!(
     i8_tile,
     i32,
     "simd128,relaxed-simd",
-    |acc, s, w| i32x4_relaxed_dot_i8x16_i7x16_add(w, s, acc),
-    |acc, s0, w0, s1, w1| i32x4_relaxed_dot_i8x16_i7x16_add(
-        w1,
-        s1,
-        i32x4_relaxed_dot_i8x16_i7x16_add(w0, s0, acc)
-    )
+    |acc, s, w| i32x4_relaxed_dot_i8x16_i7x16_add(w, s, acc)
 );
 
 tile_kernel!(
@@ -980,7 +976,10 @@ tile_kernel!(
     i32,
     "simd128",
     |acc, s, w| i32x4_add(acc, i32x4_dot_i16x8(s, w)),
-    |acc, s0, w0, s1, w1| i32x4_add(acc, i32x4_add(i32x4_dot_i16x8(s0, w0), i32x4_dot_i16x8(s1, w1)))
+    |acc, s0, w0, s1, w1| i32x4_add(
+        acc,
+        i32x4_add(i32x4_dot_i16x8(s0, w0), i32x4_dot_i16x8(s1, w1))
+    )
 );
 
 /// Activations quantized per row (per token, never per batch: a text's codes
@@ -1304,9 +1303,7 @@ fn erf4(x: v128) -> v128 {
 /// is as exact as Taylor's of degree 6.
 #[target_feature(enable = "simd128")]
 fn exp4(x: v128) -> v128 {
-    // 1.5 * 2^23: adding it rounds to an integer (to nearest even), held
-    // in the mantissa's low bits for |n| < 2^22.
-    const ROUND: f32 = 12_582_912.0;
+    // Adding ROUND rounds to an integer, held in the low bits (see there).
     // pmax: one instruction on x86, where max (with its NaN rules) takes
     // several; the inputs are finite.
     let x = f32x4_pmax(x, f32x4_splat(-87.0));
@@ -1603,7 +1600,12 @@ pub fn attend_fixed(
     }
     // Keys and values, one scale each for the head, coded row by row into
     // `row_codes` (n x dims) and packed from there.
-    let largest = |at: usize| (0..n).fold(TINY, |m, j| largest_abs(row(j, at)).max(m));
+    let largest = |at: usize| {
+        (0..n).fold(TINY, |m, j| {
+            let b = largest_abs(row(j, at));
+            if b > m { b } else { m }
+        })
+    };
     let (big_k, big_v) = (largest(k), largest(v));
     let (k_scale, v_scale) = (big_k / q_max, big_v / v_max);
     let units = dims / 2;
@@ -1638,10 +1640,10 @@ pub fn attend_fixed(
     }
     // The values as the weights of the context: per block of 8 dims and
     // unit of 2 tokens, each dim's 2 codes side by side: rows j and j + 1
-    // interleaved, 8 dims at a time. (The padding token's codes are 0.)
+    // interleaved, 8 dims at a time. (The padding token's row, if any, is
+    // still the zeros `row_codes` was resized with.)
     f.values.clear();
     f.values.resize(blocks * COLS * tokens, 0);
-    f.row_codes[n * dims..].fill(0);
     for u in 0..t_units {
         let (a, b) = (
             &f.row_codes[2 * u * dims..][..dims],
