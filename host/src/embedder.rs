@@ -60,8 +60,9 @@ pub fn supervised_router(supervisor: Supervisor) -> Router {
             })
         }
     });
+    let for_health = supervisor.clone();
     router.handle::<EmbedderHealth, _, _>(move |_, _: Empty| {
-        let health = supervisor.health();
+        let health = for_health.health();
         async move {
             let health = health?;
             Ok(HealthResponse {
@@ -70,9 +71,15 @@ pub fn supervised_router(supervisor: Supervisor) -> Router {
             })
         }
     });
-    router.handle::<Shutdown, _, _>(|_, request| async move {
-        tracing::info!(reason = %request.reason, "shutdown requested");
-        Ok(Empty {})
+    // `shutdown` stops the pool in order (native children get `shutdown`
+    // and their grace); later calls are refused.
+    router.handle::<Shutdown, _, _>(move |_, request| {
+        let supervisor = supervisor.clone();
+        async move {
+            tracing::info!(reason = %crate::untrusted::sanitize(&request.reason, 200), "shutdown requested");
+            supervisor.shutdown().await;
+            Ok(Empty {})
+        }
     });
     router
 }

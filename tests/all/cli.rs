@@ -1,5 +1,7 @@
 //! The `embedhost` binary, as a user runs it.
 
+use crate::OutputWithin;
+
 use std::process::{Command, Output};
 
 fn embedhost(args: &[&str]) -> Output {
@@ -7,7 +9,7 @@ fn embedhost(args: &[&str]) -> Output {
         .args(args)
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
         .env_remove("RUST_LOG")
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .expect("run embedhost")
 }
 
@@ -232,7 +234,7 @@ fn status_model_check_and_stats_print_for_a_person() {
     let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .args(["model", "check", "all-minilm-l6-v2"])
         .env("EMBEDHOST_MODELS_DIR", &models)
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(!out.status.success());
     assert!(stdout(&out).contains("  missing  "), "{}", stdout(&out));

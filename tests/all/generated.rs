@@ -1,6 +1,8 @@
 //! Machine-made text (generated, minified, lock files) is told from text
 //! people write by its shape alone.
 
+use crate::OutputWithin;
+
 use std::path::{Path, PathBuf};
 
 use embedhost::worker::extract::generated;
@@ -114,7 +116,7 @@ fn generated_minified_and_lock_files_are_recognized_by_shape() {
     // index and minified scripts are caught, its chapters are not.
     let docs = std::process::Command::new("rustc")
         .args(["--print", "sysroot"])
-        .output();
+        .output_within(crate::PROCESS_LIMIT);
     if let Ok(out) = docs {
         let book = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
             .join("share/doc/rust/html/book");

@@ -13,6 +13,7 @@ mod native;
 mod nats;
 mod onnx;
 mod plugins;
+mod privacy;
 mod real_model;
 mod sandbox;
 mod serve;
@@ -35,5 +36,51 @@ pub struct DropFlag(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
 impl Drop for DropFlag {
     fn drop(&mut self) {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How long any process a test runs may take before it is killed and the
+/// test fails with what it printed: generous (a busy 2-core machine runs
+/// the slowest command, a first model load, in well under a minute), so
+/// only a hang reaches it, and then it fails one test instead of stalling
+/// the suite.
+pub const PROCESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// [`std::process::Command::output`] with a bound: past `limit` the process
+/// is killed and the test panics with its output so far.
+pub trait OutputWithin {
+    /// Runs the command to its end, within `limit`.
+    ///
+    /// # Errors
+    /// The spawn's error, as `output` gives it.
+    fn output_within(&mut self, limit: std::time::Duration) -> std::io::Result<std::process::Output>;
+}
+
+impl OutputWithin for std::process::Command {
+    fn output_within(&mut self, limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+        use std::process::Stdio;
+        let child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(output) => output,
+            Err(_) => {
+                // SAFETY: kill(2) of our own child, reaped by the thread.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                let out = rx.recv().ok().and_then(Result::ok);
+                panic!(
+                    "{self:?} ran past {limit:?} and was killed; stdout: {}; stderr: {}",
+                    out.as_ref().map_or(String::new(), |o| String::from_utf8_lossy(&o.stdout).into_owned()),
+                    out.as_ref().map_or(String::new(), |o| String::from_utf8_lossy(&o.stderr).into_owned()),
+                );
+            }
+        }
     }
 }

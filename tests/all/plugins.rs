@@ -2,6 +2,8 @@
 //! plugin test`) on good and broken plugins, the plugin template, and
 //! hostile plugins that attack the sandbox.
 
+use crate::OutputWithin;
+
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -29,7 +31,7 @@ fn plugin_test(args: &[&str]) -> (bool, String, String) {
         .args(args)
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
         .env_remove("RUST_LOG")
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .expect("run embedhost");
     (
         out.status.success(),

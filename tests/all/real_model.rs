@@ -2,6 +2,8 @@
 //! reference vectors, against the native ONNX engine, and the one-line
 //! backend swap of the example configs.
 
+use crate::OutputWithin;
+
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
@@ -86,7 +88,8 @@ async fn the_wasm_plugin_in_int8_stays_near_the_reference() {
         .map(|(t, c)| (t.clone(), *c))
         .unwrap();
     eprintln!("int8 vs reference: minimum cosine {min:.5} ({worst:?})");
-    assert!(min >= 0.99, "{worst:?}: cosine {min}");
+    // README's claim: 0.995 or more (0.9961 measured, on "hello").
+    assert!(min >= 0.995, "{worst:?}: cosine {min}");
     // Quantization changes the vectors: this is not the fp32 path by mistake.
     assert!(worded.iter().any(|(_, c)| *c < 0.9999));
 }
@@ -257,7 +260,7 @@ fn embedhost_offline(args: &[&str], models: &Path) -> Output {
         .env("EMBEDHOST_MODELS_DIR", models)
         .env("XDG_CONFIG_HOME", cwd.path())
         .env("EMBEDHOST_OFFLINE", "1")
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap()
 }
 

@@ -569,10 +569,15 @@ async fn the_embedder_peer_answers_health_and_shutdown() {
         .request::<embedhost::messages::EmbedderHealth>(embedhost::bus::Empty {})
         .await
         .unwrap();
-    assert!(health.processed_count >= 1, "{health:?}");
+    // Texts, as the message documents, not calls.
+    assert_eq!(health.processed_count, 2, "{health:?}");
     bus.request::<embedhost::messages::Shutdown>(embedhost::messages::ShutdownRequest {
         reason: "test".into(),
     })
     .await
     .unwrap();
+    // Shut down means down: the pool serves no more.
+    let after = supervisor.embed(texts(&["three"]), false, DEADLINE).await;
+    assert!(after.is_err(), "{after:?}");
+    assert!(supervisor.status().iter().all(|s| !s.up), "{:?}", supervisor.status());
 }

@@ -2,6 +2,8 @@
 //! it, re-indexing incrementally, skips with reasons, a refused model, the
 //! command line, and a host killed mid-index.
 
+use crate::OutputWithin;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -192,7 +194,7 @@ fn embedhost(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .args(args)
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap()
 }
 
@@ -462,7 +464,7 @@ fn a_host_killed_mid_index_resumes_to_the_same_index() {
 fn real_world_files(n: usize) -> Vec<PathBuf> {
     let sysroot = std::process::Command::new("rustc")
         .args(["--print", "sysroot"])
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
         .unwrap_or_default();
     let mut files: Vec<PathBuf> = std::fs::read_dir(sysroot.join("share/doc/rust/html/book"))
@@ -1336,4 +1338,96 @@ fn watch_soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
     watch_against_churn(secs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_file_swapped_for_a_link_or_a_fifo_is_skipped_with_its_reason_and_never_read() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    let outside = root.path().join("outside");
+    write(&docs.join("a.txt"), "violin cello orchestra");
+    write(&outside.join("secret.txt"), "the password is swordfish");
+    let db = root.path().join("db");
+    let worker = stub_worker(WorkerSettings::default()).await;
+    worker.init(&db).await.unwrap();
+    worker.index(vec![docs.clone()]).await.unwrap();
+    settled(&worker).await;
+    // After the walk (as a queue resumed after a restart, or a file swapped
+    // between the walk and the read): a link to a file outside the roots,
+    // a folder swapped for a link to outside, and a FIFO no one writes.
+    let link = docs.join("link.txt");
+    std::os::unix::fs::symlink(outside.join("secret.txt"), &link).unwrap();
+    std::os::unix::fs::symlink(&outside, docs.join("sub")).unwrap();
+    let via_folder = docs.join("sub/secret.txt");
+    let fifo = docs.join("fifo.txt");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    {
+        let mut store = embedhost::worker::store::Store::open_existing(&db).unwrap();
+        store
+            .enqueue(&[link.clone(), via_folder.clone(), fifo.clone()])
+            .unwrap();
+    }
+    worker.refresh(Vec::new()).await.unwrap();
+    // Settles: the FIFO is never waited on.
+    let stats = settled(&worker).await;
+    assert_eq!(stats.failures.get("not_regular"), Some(&2), "{stats:?}");
+    assert_eq!(stats.failures.get("outside_roots"), Some(&1), "{stats:?}");
+    assert_eq!(stats.indexed, 1, "{stats:?}");
+    let hits = worker.search("swordfish password".into(), 10).await.unwrap();
+    assert!(
+        hits.iter().all(|h| !h.text.contains("swordfish")),
+        "a file outside the roots was indexed: {hits:?}"
+    );
+}
+
+#[test]
+fn the_index_is_private_to_its_owner_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    write(&docs.join("a.txt"), "violin cello orchestra symphony");
+    let db = root.path().join("db");
+    // An index folder left open by an older embedhost.
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"));
+    command
+        .args(["--config", stub_config().to_str().unwrap(), "index", "--db"])
+        .arg(&db)
+        .arg(&docs)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir());
+    // SAFETY: umask(2) only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let out = command.output_within(crate::PROCESS_LIMIT).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o700, "the index folder");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&db).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            files += 1;
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    assert!(files >= 1);
+}
+
+#[test]
+fn dot_dot_is_resolved_before_any_check_of_a_path() {
+    use embedhost::worker::{forget_path, lexical_absolute};
+    assert_eq!(lexical_absolute(Path::new("/a/b/../c/./d")).unwrap(), Path::new("/a/c/d"));
+    assert_eq!(lexical_absolute(Path::new("/../../etc")).unwrap(), Path::new("/etc"));
+    // A path that does not exist (so it cannot be made canonical) keeps no
+    // `..`, which a prefix check against a root would misread.
+    let gone = forget_path(Path::new("/no/such/root/../../../etc/passwd")).unwrap();
+    assert_eq!(gone, Path::new("/etc/passwd"));
 }

@@ -264,7 +264,11 @@ async fn watch(worker: &Worker, paths: &[PathBuf]) -> Result<(), String> {
     let ctrl_c = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            // Ctrl-C, or nobody left to read the lines (`| head`).
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = super::output_gone().cancelled() => {}
+            }
             stop.cancel();
         })
     };
@@ -532,12 +536,7 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
             .iter()
             .map(|(path, kept, made)| serde_json::json!({ "path": path, "kept": kept, "made": made }))
             .collect();
-        json["skipped"] = skipped
-            .iter()
-            .map(|(path, reason, detail)| {
-                serde_json::json!({ "path": path, "reason": reason, "detail": detail })
-            })
-            .collect();
+        json["skipped"] = serde_json::to_value(&skipped).map_err(|e| e.to_string())?;
         outln!("{json:#}");
         return Ok(());
     }
@@ -572,8 +571,18 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
             path.display()
         );
     }
-    for (path, _reason, detail) in skipped {
-        outln!("skipped:  {} ({detail})", path.display());
+    for file in skipped {
+        let tries = if file.reason == "embed_failed" {
+            let max = crate::limits::MAX_EMBED_ATTEMPTS;
+            if file.attempts < max {
+                format!("; failed {} of {max} runs, tried again by the next `index`", file.attempts)
+            } else {
+                format!("; failed {max} runs in a row, tried again when it or the embedder changes")
+            }
+        } else {
+            String::new()
+        };
+        outln!("skipped:  {} ({}{tries})", file.path.display(), file.detail);
     }
     Ok(())
 }

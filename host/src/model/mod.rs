@@ -130,6 +130,8 @@ pub struct FetchOptions {
     /// The Python for pip and the derive scripts (default: see
     /// [`ModelStore::python`]).
     pub python: Option<PathBuf>,
+    /// How long a download may wait (the defaults are in `limits.rs`).
+    pub http: fetch::HttpTimeouts,
 }
 
 /// The model store.
@@ -238,7 +240,7 @@ impl ModelStore {
                 if options.offline {
                     tried.push(format!("{url}: skipped (offline)"));
                 } else {
-                    match fetch::https(url, &dir, spec, options.progress) {
+                    match fetch::https(url, &dir, spec, options.progress, &options.http) {
                         Ok(()) => obtained = Some(Obtained::Https),
                         Err(e) => tried.push(e),
                     }

@@ -632,6 +632,8 @@ async fn bind_socket(db: &Path) -> Result<tokio::net::UnixListener, ServeError> 
         addr: path.display().to_string(),
         message: e.to_string(),
     };
+    // The index directory is private (0700) before anything is made in it.
+    crate::worker::store::make_private(db).map_err(fail)?;
     std::fs::create_dir_all(&dir).map_err(fail)?;
     // The directory is the access check: only the owner can reach the
     // socket inside it.

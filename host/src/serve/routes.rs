@@ -106,7 +106,9 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
         .route("/forget", post(forget))
         .route("/metrics", get(render_metrics));
     if access == Access::Owner {
-        api = api.route("/embedhost/embed", post(embedhost_embed));
+        api = api
+            .route("/embedhost/embed", post(embedhost_embed))
+            .route("/embedhost/embedder", get(embedhost_embedder));
     }
     let overloaded = |_: tower::BoxError| async {
         ApiError::new(
@@ -479,6 +481,16 @@ async fn embedhost_embed(
     ))
 }
 
+/// `GET /embedhost/embedder` (owner only): the identity of the embedder
+/// serving (`Config::embedder_id`: backend, plugin or engine, model,
+/// settings), so the CLI uses this service only when it would run the same.
+async fn embedhost_embedder(
+    Shared((state, _)): Shared<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool()?;
+    Ok(Json(json!({ "embedder_id": pool.config.embedder_id() })))
+}
+
 async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
     let pool = state.pool()?;
     Ok(Json(json!({
@@ -561,7 +573,14 @@ async fn index_start(
     }
     let mut resolved = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
-        let real = std::fs::canonicalize(path).map_err(|e| {
+        // Outside the roots by its text (`..` resolved) is refused before
+        // anything is looked up, so the answer is the same whether such a
+        // path exists or not.
+        let field = format!("paths[{i}]");
+        let lexical = crate::worker::lexical_absolute(std::path::Path::new(path))
+            .map_err(|e| ApiError::bad("paths", format!("`{field}` (`{path}`): {e}")))?;
+        within_roots(&state, access, &field, path, &lexical)?;
+        let real = std::fs::canonicalize(&lexical).map_err(|e| {
             ApiError::bad(
                 "paths",
                 format!("`paths[{i}]` (`{path}`) cannot be read: {e}"),
@@ -623,7 +642,10 @@ async fn forget(
     let Some(path) = api::string(&map, "path")? else {
         return Err(ApiError::bad("path", "`path` is missing"));
     };
-    let real = crate::worker::forget_path(std::path::Path::new(path))
+    let lexical = crate::worker::lexical_absolute(std::path::Path::new(path))
+        .map_err(|e| ApiError::bad("path", format!("`path` (`{path}`): {e}")))?;
+    within_roots(&state, access, "path", path, &lexical)?;
+    let real = crate::worker::forget_path(&lexical)
         .map_err(|e| ApiError::bad("path", format!("`path` (`{path}`): {e}")))?;
     within_roots(&state, access, "path", path, &real)?;
     let worker = state.worker()?;

@@ -33,7 +33,12 @@
 //! - [`Supervisor::embed`] never loses a text: the texts of a crashed batch
 //!   are retried one by one; a text present in `poison_after` crashes (the
 //!   last ones alone) is answered with an error naming its index, and the
-//!   rest of the batch is embedded without it. A poison text is remembered
+//!   rest of the batch is embedded without it, but only with evidence: the
+//!   pool must then answer a control text ([`CONTROL_TEXT`]), and the
+//!   suspect must crash alone once more after it. When the control fails
+//!   too, the fault is the pool's (a storm), no text is poison, and the
+//!   suspect starts over under the caller's deadline while intensity
+//!   restarts or escalates the pool. A poison text is remembered
 //!   and never sent again; its crashes alone are charged to a poison budget
 //!   and the batch crash it caused is refunded, so bad inputs do not
 //!   escalate a healthy pool, while a plugin that crashes on every text
@@ -73,6 +78,12 @@ pub const METRIC_RESTARTS: &str = "restarts_total";
 /// restart of the whole pool).
 pub const METRIC_ESCALATIONS: &str = "escalations_total";
 
+/// The text a poison verdict is checked against: a suspect that crashed
+/// an instance alone `poison_after` times is poison only if the pool then
+/// answers this one. Short and plain, so that any working embedder
+/// answers it.
+pub const CONTROL_TEXT: &str = "control";
+
 /// Whether a slot's instance is restarted (OTP's restart types).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +121,9 @@ pub struct SupervisorConfig {
     /// call, a text is falsely isolated with probability about
     /// `p^poison_after`.
     pub poison_after: u32,
+    /// Seed of the restart delays' jitter (slot `n` draws from `seed + n`),
+    /// so a test can reproduce a schedule; `None` draws a random one.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Default for SupervisorConfig {
@@ -117,19 +131,13 @@ impl Default for SupervisorConfig {
         SupervisorConfig {
             pool_size: std::thread::available_parallelism().map_or(1, |n| n.get()),
             restart: RestartType::Permanent,
-            intensity: IntensityConfig {
-                max_restarts: limits::DEFAULT_MAX_RESTARTS,
-                window: limits::DEFAULT_RESTART_WINDOW,
-                backoff_min: limits::DEFAULT_RESTART_BACKOFF_MIN,
-                backoff_max: limits::DEFAULT_RESTART_BACKOFF_MAX,
-                stable_uptime: limits::DEFAULT_STABLE_UPTIME,
-                max_unproven: limits::DEFAULT_MAX_UNPROVEN_FAILURES,
-            },
+            intensity: IntensityConfig::default(),
             health_interval: limits::DEFAULT_HEALTH_INTERVAL,
             health_timeout: limits::DEFAULT_HEALTH_TIMEOUT,
             max_memory_bytes: limits::DEFAULT_RECYCLE_MEMORY_BYTES,
             max_processed: limits::DEFAULT_RECYCLE_PROCESSED,
             poison_after: limits::DEFAULT_POISON_AFTER,
+            jitter_seed: None,
         }
     }
 }
@@ -238,6 +246,8 @@ struct SlotState {
     pid: Option<u32>,
     up_since: Option<Instant>,
     served: u64,
+    /// Texts embedded by the slot's instances (all incarnations).
+    texts: u64,
     memory_bytes: u64,
     restarts: BTreeMap<String, u64>,
 }
@@ -420,7 +430,7 @@ impl Supervisor {
         // The first instance is started here, so a plugin that cannot start at
         // all is reported to the caller rather than retried in the background.
         let stop = shutdown.child_token();
-        let mut intensity = Intensity::new(inner.config.intensity);
+        let mut intensity = slot_intensity(&inner.config, 0);
         let mut incarnation = 0;
         let (first, info) = loop {
             incarnation += 1;
@@ -626,6 +636,8 @@ impl Supervisor {
         let dimension = self.model_info().dimension as usize;
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         let mut crashes = vec![0u32; texts.len()];
+        // Suspects after whose crashes the pool answered the control text.
+        let mut controlled = vec![false; texts.len()];
         let mut failed: Vec<FailedInput> = Vec::new();
         let mut work: VecDeque<Vec<usize>> = VecDeque::new();
         // For each text, the batch crash it was in (a number) and the slot
@@ -705,9 +717,29 @@ impl Supervisor {
                         continue;
                     }
                     let i = batch[0];
-                    if crashes[i] >= self.inner.config.poison_after {
+                    if crashes[i] >= self.inner.config.poison_after && !controlled[i] {
+                        if self.control_answers(is_query, until, deadline).await? {
+                            // The pool answers a harmless text: one more
+                            // crash of the suspect alone convicts it.
+                            controlled[i] = true;
+                        } else {
+                            // A storm, not a poison text: the pool fails a
+                            // harmless text too. The suspect starts over;
+                            // the pool's intensity deals with the storm (a
+                            // restart, or an escalation whose cooldown the
+                            // caller is told of).
+                            tracing::warn!(index = i, %reason, "a suspect crashed, and so did the control text: not poison");
+                            crashes[i] = 0;
+                        }
+                        work.push_front(batch);
+                        continue;
+                    }
+                    if controlled[i] {
                         tracing::warn!(index = i, crashes = crashes[i], %reason, "poison input isolated");
-                        let why = format!("crashed {} instances ({reason}): {message}", crashes[i]);
+                        let why = format!(
+                            "crashed {} instances, the last alone after the pool answered a control text ({reason}): {message}",
+                            crashes[i]
+                        );
                         lock(&self.inner.poison).remember(&texts[i], why.clone());
                         if let Some((crash, slot)) = batch_crash[i]
                             && refunded.insert(crash)
@@ -766,6 +798,27 @@ impl Supervisor {
         batch_result(dimension, data, failed)
     }
 
+    /// Whether the pool answers [`CONTROL_TEXT`] (the evidence a poison
+    /// verdict needs: the pool answers other texts around the suspect).
+    ///
+    /// # Errors
+    /// The pool's own failure (escalated, out of time).
+    async fn control_answers(
+        &self,
+        is_query: bool,
+        until: Instant,
+        deadline: Duration,
+    ) -> Result<bool, SupervisorError> {
+        let remaining = until.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(SupervisorError::DeadlineExceeded(deadline));
+        }
+        let (_, result) = self
+            .dispatch(vec![CONTROL_TEXT.to_string()], is_query, remaining, false)
+            .await?;
+        Ok(result.is_ok())
+    }
+
     /// One attempt on some idle instance. The outer `Result` is the
     /// supervisor's own failure; the inner one the call's.
     async fn dispatch(
@@ -819,7 +872,7 @@ impl Supervisor {
         let slots = lock(&self.inner.slots);
         Ok(Health {
             memory_bytes: slots.iter().map(|s| s.memory_bytes).sum(),
-            processed: slots.iter().map(|s| s.served).sum(),
+            processed: slots.iter().map(|s| s.texts).sum(),
         })
     }
 }
@@ -902,14 +955,35 @@ enum Restart {
 
 /// How a slot's serving loop ended.
 enum Ended {
-    /// The instance crashed: the reason, the message, whether the call was
-    /// a suspected poison text alone (see [`Job::suspect`]), whether the
-    /// instance had served (a call or a health check) before, and whether
-    /// it had answered a call before (a working instance, not a crash loop).
-    Crashed(FailureReason, String, bool, bool, bool),
+    /// The instance crashed.
+    Crashed(Crash),
     /// The instance ended normally (a child that exited 0 on its own).
     Normal(String),
     Shutdown,
+}
+
+/// How an instance crashed.
+struct Crash {
+    reason: FailureReason,
+    message: String,
+    /// Whether the call was a suspected poison text alone (see
+    /// [`Job::suspect`]).
+    suspect: bool,
+    /// Whether the instance had served (a call or a health check) before.
+    proven: bool,
+    /// Whether it crashed during a call (judged by the slot's crash rate,
+    /// see [`Intensity::on_call_crash`]) rather than at a health check.
+    call: bool,
+    /// Calls the slot answered since its last failure, for the crash rate.
+    answered: u64,
+}
+
+/// The jitter seed of `slot`'s restart intensity.
+fn slot_intensity(config: &SupervisorConfig, slot: usize) -> Intensity {
+    match config.jitter_seed {
+        Some(seed) => Intensity::with_seed(config.intensity, seed.wrapping_add(slot as u64)),
+        None => Intensity::new(config.intensity),
+    }
 }
 
 /// The instance `start` brought up, with its incarnation and the intensity
@@ -927,7 +1001,7 @@ async fn run_slot(
         None => (
             None,
             lock(&inner.slots)[slot].incarnation,
-            Intensity::new(inner.config.intensity),
+            slot_intensity(&inner.config, slot),
         ),
     };
     // Crashes of suspected poison texts have a budget of their own: a bad
@@ -1037,10 +1111,22 @@ async fn run_slot(
                     Restart::No(_) => return,
                 }
             }
-            Ended::Crashed(reason, message, suspect, served, worked) => {
-                if served {
+            Ended::Crashed(Crash {
+                reason,
+                message,
+                suspect,
+                proven,
+                call,
+                answered,
+            }) => {
+                if proven {
                     intensity.on_success();
                     poison_budget.on_success();
+                }
+                // The calls it answered count in the crash rate (at most a
+                // window's worth matter).
+                for _ in 0..answered.min(u64::from(inner.config.intensity.rate_window)) {
+                    intensity.on_answer();
                 }
                 let restart = match inner.config.restart {
                     RestartType::Temporary => false,
@@ -1070,7 +1156,7 @@ async fn run_slot(
                     reason,
                     &message,
                     started.elapsed(),
-                    worked && !suspect,
+                    call && !suspect,
                 )
                 .await
                 {
@@ -1110,15 +1196,15 @@ async fn on_failure(
     reason: FailureReason,
     message: &str,
     uptime: Duration,
-    worked: bool,
+    call: bool,
 ) -> Restart {
     metrics::counter!(METRIC_RESTARTS, "reason" => reason.label()).increment(1);
     *lock(&inner.slots)[slot]
         .restarts
         .entry(reason.label().to_string())
         .or_default() += 1;
-    let decision = if worked {
-        intensity.on_failure_after_work(Instant::now(), uptime)
+    let decision = if call {
+        intensity.on_call_crash(Instant::now(), uptime)
     } else {
         intensity.on_failure(Instant::now(), uptime)
     };
@@ -1236,7 +1322,18 @@ async fn serve(
     let mut proven = false;
     // Whether it has answered a call: a crash after that is a working
     // instance's, not a crash loop's.
-    let mut worked = false;
+    // Calls answered (by any incarnation of this loop), for the crash rate.
+    let mut answered = 0u64;
+    let crashed = |reason, message, suspect, proven, call, answered| {
+        Ended::Crashed(Crash {
+            reason,
+            message,
+            suspect,
+            proven,
+            call,
+            answered,
+        })
+    };
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -1258,7 +1355,6 @@ async fn serve(
                         // Make-before-break: the old instance has no call in
                         // flight (a slot runs one at a time); stop it and swap.
                         let old = std::mem::replace(&mut worker, fresh);
-                        worked = false;
                         old.stop().await;
                         lock(&inner.slots)[slot].pid = worker.pid();
                         metrics::counter!(METRIC_RESTARTS, "reason" => "recycle").increment(1);
@@ -1274,10 +1370,10 @@ async fn serve(
             }
             _ = health.tick() => {
                 match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
-                    Err(_) => return Ended::Crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven, worked),
-                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return Ended::Crashed(FailureReason::HealthTimeout, message, false, proven, worked),
-                    Ok(Err(CallError::Crash { message, .. })) => return Ended::Crashed(FailureReason::HealthFailed, message, false, proven, worked),
-                    Ok(Err(CallError::Refused(e))) => return Ended::Crashed(FailureReason::HealthFailed, e.to_string(), false, proven, worked),
+                    Err(_) => return crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven, false, answered),
+                    Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return crashed(FailureReason::HealthTimeout, message, false, proven, false, answered),
+                    Ok(Err(CallError::Crash { message, .. })) => return crashed(FailureReason::HealthFailed, message, false, proven, false, answered),
+                    Ok(Err(CallError::Refused(e))) => return crashed(FailureReason::HealthFailed, e.to_string(), false, proven, false, answered),
                     Ok(Ok(report)) => {
                         proven = true;
                         lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
@@ -1312,6 +1408,7 @@ async fn serve(
                 // instance, so its impatience never kills one (or counts
                 // towards restart intensity). The result is then dropped.
                 let busy = Busy::enter(&inner.busy);
+                let texts = job.texts.len() as u64;
                 let call = worker.embed(job.texts, job.is_query, limits::UNBOUNDED_BY_CALLER);
                 let mut result = if worker.health_during_calls() {
                     watch_call(inner, slot, &mut worker, &mut health, call).await
@@ -1321,8 +1418,9 @@ async fn serve(
                 drop(busy);
                 lock(&inner.slots)[slot].served += 1;
                 if result.is_ok() {
+                    lock(&inner.slots)[slot].texts += texts;
                     proven = true;
-                    worked = true;
+                    answered += 1;
                     // The pool serves again: the next escalation's cooldown
                     // starts from the shortest.
                     inner.escalations.store(0, Ordering::Relaxed);
@@ -1341,7 +1439,7 @@ async fn serve(
                     if matches!(reason, FailureReason::Exited(_)) && worker.exited_normally().await {
                         return Ended::Normal(message);
                     }
-                    return Ended::Crashed(reason, message, suspect, proven, worked);
+                    return crashed(reason, message, suspect, proven, true, answered);
                 }
             }
         }

@@ -36,6 +36,12 @@ pub enum Skip {
     #[error("machine-made text ({0}); set `index.include_generated = true` to index it")]
     /// Generated, minified or lock-file text, by its shape ([`generated`]).
     Generated(String),
+    #[error("not a regular file ({0}) when it was read")]
+    /// Replaced, after the walk, by a link, a FIFO, a device or a folder.
+    NotRegular(&'static str),
+    #[error("outside the index's roots when it was read (a folder on its path was replaced)")]
+    /// Its real path, read through the open file, is under no root.
+    OutsideRoots,
 }
 
 impl Skip {
@@ -48,6 +54,8 @@ impl Skip {
             Skip::Unreadable(_) => "unreadable",
             Skip::EmbedFailed(_) => "embed_failed",
             Skip::Generated(_) => "generated",
+            Skip::NotRegular(_) => "not_regular",
+            Skip::OutsideRoots => "outside_roots",
         }
     }
 }

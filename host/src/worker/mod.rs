@@ -29,6 +29,7 @@
 
 pub mod chunk;
 pub mod extract;
+pub mod open;
 pub mod store;
 pub mod vectors;
 pub mod watch;
@@ -426,15 +427,24 @@ impl Worker {
                 blocking(move || Ok(lock(&store).keyword(&q, candidates, fused)?)).await?
             }
         };
-        let semantic = match mode {
-            SearchMode::Keyword => Vec::new(),
+        let (semantic, query_vector) = match mode {
+            SearchMode::Keyword => (Vec::new(), Vec::new()),
             SearchMode::Semantic => self.semantic(&opened, query, limit).await?,
             SearchMode::Hybrid => self.semantic(&opened, query, candidates).await?,
         };
         let hits = match mode {
             SearchMode::Semantic => semantic,
             SearchMode::Keyword => keyword.into_iter().take(limit).collect(),
-            SearchMode::Hybrid => fuse(&[semantic, keyword], limit),
+            // Fusion orders the hits; each shows its cosine to the query,
+            // a score that means the same from query to query (a fusion
+            // score is only a rank: 0.033 for the best and the second).
+            SearchMode::Hybrid => {
+                let index = opened.index.read().unwrap_or_else(|e| e.into_inner());
+                fuse(&[semantic, keyword], limit)
+                    .into_iter()
+                    .map(|(id, _)| (id, index.score(id, &query_vector).unwrap_or_default()))
+                    .collect()
+            }
         };
         let store = opened.store.clone();
         let ids: Vec<i64> = hits.iter().map(|h| h.0).collect();
@@ -452,13 +462,14 @@ impl Worker {
             .collect())
     }
 
-    /// The `limit` chunks closest in meaning to `query`, with their cosine.
+    /// The `limit` chunks closest in meaning to `query`, with their cosine,
+    /// and the query's vector.
     async fn semantic(
         &self,
         opened: &Opened,
         query: String,
         limit: usize,
-    ) -> Result<Vec<(i64, f32)>, WorkerError> {
+    ) -> Result<(Vec<(i64, f32)>, Vec<f32>), WorkerError> {
         let response = self
             .inner
             .embedder
@@ -477,11 +488,12 @@ impl Worker {
                 .map_or("no reason given".to_string(), |f| f.reason.clone());
             return Err(WorkerError::Query(reason));
         };
-        Ok(opened
+        let hits = opened
             .index
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .search(vector, limit))
+            .search(vector, limit);
+        Ok((hits, vector.to_vec()))
     }
 
     /// `worker.stats`.
@@ -516,7 +528,30 @@ impl Worker {
 /// # Errors
 /// The current directory cannot be read (for a relative path).
 pub fn forget_path(path: &Path) -> std::io::Result<PathBuf> {
-    path.canonicalize().or_else(|_| std::path::absolute(path))
+    path.canonicalize().or_else(|_| lexical_absolute(path))
+}
+
+/// `path` made absolute (against the working directory) with every `.`
+/// and `..` resolved by its text alone, touching no file: `/a/b/../c` is
+/// `/a/c`, and `..` never climbs above `/`. A check of this path against
+/// a root cannot be escaped by `..`.
+///
+/// # Errors
+/// The working directory cannot be read (for a relative path).
+pub fn lexical_absolute(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let absolute = std::path::absolute(path)?;
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    Ok(out)
 }
 
 /// Forgets `root` in `store` ([`Store::forget`]); the removed chunks.
@@ -677,13 +712,15 @@ fn walk(state: &Opened, paths: &[PathBuf], record: bool) -> Result<u64, WorkerEr
                 tracing::warn!(path = %path.display(), "skipping a path that is not UTF-8");
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(&path) else {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
             let meta = file_meta(&meta);
             seen.insert(path.clone());
             match store.file(&path)? {
-                Some(stored) if stored.meta == meta => {}
+                // A file the embedder failed is tried again by the next
+                // runs, up to `limits::MAX_EMBED_ATTEMPTS`.
+                Some(stored) if stored.meta == meta && !stored.retry => {}
                 _ => candidates.push(path),
             }
         }
@@ -721,23 +758,21 @@ enum Prepared {
     },
 }
 
-fn prepare(inner: &Inner, store: &SyncMutex<Store>, path: PathBuf) -> Prepared {
-    let Ok(meta) = std::fs::metadata(&path) else {
-        return Prepared::Gone(path);
-    };
-    let meta = file_meta(&meta);
+/// Reads and cuts the queued file at `path`, opened as [`open`] requires
+/// (no link followed, no blocking, a regular file inside `roots`).
+fn prepare(inner: &Inner, store: &SyncMutex<Store>, roots: &[PathBuf], path: PathBuf) -> Prepared {
     let limit = inner.settings.max_file_bytes;
-    if meta.size > limit {
-        let skip = Skip::TooLarge {
-            size: meta.size,
-            limit,
-        };
-        return Prepared::Skipped(path, meta, skip);
-    }
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Prepared::Gone(path),
-        Err(e) => return Prepared::Skipped(path, meta, Skip::Unreadable(e.to_string())),
+    let (meta, bytes) = match open::read_queued(&path, roots, limit) {
+        Ok((meta, bytes)) => (file_meta(&meta), bytes),
+        Err(open::NotRead::Gone) => return Prepared::Gone(path),
+        Err(open::NotRead::Skip(skip)) => {
+            // The metadata of what is at the path now, without following
+            // it: a link's own, a FIFO's.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                return Prepared::Gone(path);
+            };
+            return Prepared::Skipped(path, file_meta(&meta), skip);
+        }
     };
     let hash = crate::wasm::sha256_hex(&bytes);
     let stored = lock(store).file(&path).ok().flatten();
@@ -826,13 +861,17 @@ async fn index_round(
         .processing
         .store(queue.len() as u64, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Prepared>(PREPARED_AHEAD);
+    let roots = {
+        let store = opened.store.clone();
+        Arc::new(blocking(move || lock(&store).root_paths().map_err(WorkerError::from)).await?)
+    };
     let reader = {
         let (inner, store) = (inner.clone(), opened.store.clone());
         tokio::spawn(async move {
             let mut prepared = futures::stream::iter(queue)
                 .map(|path| {
-                    let (inner, store) = (inner.clone(), store.clone());
-                    tokio::task::spawn_blocking(move || prepare(&inner, &store, path))
+                    let (inner, store, roots) = (inner.clone(), store.clone(), roots.clone());
+                    tokio::task::spawn_blocking(move || prepare(&inner, &store, &roots, path))
                 })
                 .buffered(INDEX_READERS);
             while let Some(file) = prepared.next().await {

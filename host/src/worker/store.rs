@@ -32,7 +32,10 @@ pub const DB_FILE: &str = "index.sqlite";
 /// 3: adds `roots` (the paths `index` was given, for `stats` and
 ///    `forget`) and `files.cut_from` (the chunks a file would have made
 ///    when it made more than the cap, `[index] max_file_chunks`).
-const SCHEMA_VERSION: i64 = 3;
+/// 4: adds `files.attempts`: how many `index` runs in a row the embedder
+///    failed a file (`embed_failed`); such a file is tried again by each
+///    run until [`limits::MAX_EMBED_ATTEMPTS`].
+const SCHEMA_VERSION: i64 = 4;
 
 /// The indexed roots: every path `index` was given, canonical. A file
 /// belongs to the roots that are its ancestors (or itself).
@@ -75,6 +78,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // not recorded: its files show as under no root until `index`
         // names them again. No file was cut then.
         "ALTER TABLE files ADD COLUMN cut_from INTEGER;",
+    ),
+    (
+        3,
+        // A file that failed before attempts were counted has had one.
+        "ALTER TABLE files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+         UPDATE files SET attempts = 1 WHERE skip_reason = 'embed_failed';",
     ),
 ];
 
@@ -142,6 +151,23 @@ pub struct StoredFile {
     pub meta: FileMeta,
     /// Hex sha256 of the contents.
     pub hash: String,
+    /// Whether the embedder failed it in fewer than
+    /// [`limits::MAX_EMBED_ATTEMPTS`] runs in a row: the next `index` run
+    /// tries it again even if it did not change.
+    pub retry: bool,
+}
+
+/// A file the index holds no chunks of, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// The reason's label (`binary`, `embed_failed`, ...).
+    pub reason: String,
+    /// The reason in words.
+    pub detail: String,
+    /// For `embed_failed`: the runs in a row the embedder failed it.
+    pub attempts: u32,
 }
 
 /// A chunk ready to be stored.
@@ -225,7 +251,7 @@ impl Store {
     /// The directory or database cannot be opened,
     /// [`StoreError::ModelMismatch`], or [`StoreError::Schema`].
     pub fn open(dir: &Path, model_id: &str, dimension: u32) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+        make_private(dir).map_err(|source| StoreError::CreateDir {
             dir: dir.to_path_buf(),
             source,
         })?;
@@ -256,7 +282,8 @@ impl Store {
                  hash TEXT NOT NULL,
                  skip_reason TEXT,
                  skip_detail TEXT,
-                 cut_from INTEGER
+                 cut_from INTEGER,
+                 attempts INTEGER NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS chunks (
                  id INTEGER PRIMARY KEY,
@@ -547,8 +574,10 @@ impl Store {
     pub fn file(&self, path: &Path) -> Result<Option<StoredFile>, StoreError> {
         self.conn
             .query_row(
-                "SELECT size, mtime_ns, hash FROM files WHERE path = ?1",
-                [path_text(path)],
+                "SELECT size, mtime_ns, hash,
+                        skip_reason IS 'embed_failed' AND attempts < ?2
+                 FROM files WHERE path = ?1",
+                params![path_text(path), limits::MAX_EMBED_ATTEMPTS],
                 |r| {
                     Ok(StoredFile {
                         meta: FileMeta {
@@ -556,6 +585,7 @@ impl Store {
                             mtime_ns: r.get(1)?,
                         },
                         hash: r.get(2)?,
+                        retry: r.get(3)?,
                     })
                 },
             )
@@ -685,7 +715,7 @@ impl Store {
                 "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail, cut_from)
                  VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5)
                  ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = ?4,
-                     skip_reason = NULL, skip_detail = NULL, cut_from = ?5
+                     skip_reason = NULL, skip_detail = NULL, cut_from = ?5, attempts = 0
                  RETURNING id",
                 params![
                     path_text(path),
@@ -753,10 +783,13 @@ impl Store {
         }
         let old = chunk_ids(&tx, path).map_err(sql)?;
         tx.execute(
-            "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail)
-             VALUES (?1, ?2, ?3, '', ?4, ?5)
+            "INSERT INTO files (path, size, mtime_ns, hash, skip_reason, skip_detail, attempts)
+             VALUES (?1, ?2, ?3, '', ?4, ?5, ?4 IS 'embed_failed')
              ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = '',
-                 skip_reason = ?4, skip_detail = ?5, cut_from = NULL",
+                 skip_reason = ?4, skip_detail = ?5, cut_from = NULL,
+                 attempts = CASE WHEN ?4 IS NOT 'embed_failed' THEN 0
+                                 WHEN skip_reason IS 'embed_failed' THEN attempts + 1
+                                 ELSE 1 END",
             params![
                 path_text(path),
                 meta.size as i64,
@@ -970,6 +1003,14 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
+    /// The recorded roots' paths (canonical).
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn root_paths(&self) -> Result<Vec<PathBuf>, StoreError> {
+        self.paths("SELECT path FROM roots ORDER BY path")
+    }
+
     /// Every indexed root with its counts, by path; then, if the index
     /// holds files under no recorded root (an index from before roots were
     /// recorded), one entry for them with an empty path.
@@ -1080,18 +1121,54 @@ impl Store {
     ///
     /// # Errors
     /// SQLite's error.
-    pub fn skipped(&self) -> Result<Vec<(PathBuf, String, String)>, StoreError> {
+    pub fn skipped(&self) -> Result<Vec<SkippedFile>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT path, skip_reason, COALESCE(skip_detail, '') FROM files WHERE skip_reason IS NOT NULL ORDER BY path")
+            .prepare("SELECT path, skip_reason, COALESCE(skip_detail, ''), attempts FROM files WHERE skip_reason IS NOT NULL ORDER BY path")
             .map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((PathBuf::from(r.get::<_, String>(0)?), r.get(1)?, r.get(2)?))
+                Ok(SkippedFile {
+                    path: PathBuf::from(r.get::<_, String>(0)?),
+                    reason: r.get(1)?,
+                    detail: r.get(2)?,
+                    attempts: r.get(3)?,
+                })
             })
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
     }
+}
+
+/// Creates the index directory if needed and makes it and its database
+/// files private to the owner, whatever the umask: the directory 0700, the
+/// database 0600 (created so before SQLite opens it; SQLite gives its WAL
+/// and shared-memory files the database's mode). An index made by an
+/// older embedhost (0755, 0644) is made private here too.
+///
+/// # Errors
+/// The directory cannot be created, or a mode cannot be set.
+pub fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let db = dir.join(DB_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.join(format!("{DB_FILE}{suffix}"));
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// An SQL condition on a row's `path`: it is the root `?1`, or inside it

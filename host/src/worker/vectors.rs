@@ -133,6 +133,14 @@ impl VectorIndex {
         self.quantized.truncate(last * self.dimension);
     }
 
+    /// The exact score (cosine) of chunk `id` against `query`, if the
+    /// index holds it.
+    pub fn score(&self, id: i64, query: &[f32]) -> Option<f32> {
+        let row = *self.rows.get(&id)?;
+        let d = self.dimension;
+        (query.len() == d).then(|| dot(&self.data[row * d..(row + 1) * d], query))
+    }
+
     /// The `limit` chunks most similar to `query`, best first, with their
     /// scores (exact cosine): an exact scan below [`QUANTIZED_FROM`] rows,
     /// the int8 scan with exact re-scoring from there.

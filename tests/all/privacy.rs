@@ -1,0 +1,47 @@
+//! What a stranger on the service's port can learn of the machine: nothing
+//! outside `[serve] index_roots`, whether a path exists or not.
+
+use serde_json::json;
+
+use crate::serve::{Service, stub_config};
+
+#[test]
+fn index_and_forget_answer_the_same_outside_the_roots_whether_the_path_exists_or_not() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "violin cello orchestra").unwrap();
+    let config = stub_config("wasm", "", "[serve]\nindex_roots = [\"docs\"]\nwatch = false\n");
+    let s = Service::start_in(&dir, &config, &[]);
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let climbing = format!("{}/../outside", docs.display());
+    let missing_climbing = format!("{}/../no-such-folder", docs.display());
+    let answers: Vec<(u16, String)> = [
+        outside.display().to_string(),
+        dir.join("no-such-folder").display().to_string(),
+        climbing,
+        missing_climbing,
+        "/etc".into(),
+        "/no/such/path/anywhere".into(),
+    ]
+    .iter()
+    .flat_map(|path| {
+        let index = s.post("/index", &json!({ "paths": [path] }));
+        let forget = s.post("/forget", &json!({ "path": path }));
+        [index, forget].map(|(status, e)| {
+            // The path is named as it was given; the rest must not depend on it.
+            let message = e["error"].as_str().unwrap_or_default().replace(path.as_str(), "PATH");
+            (status, message)
+        })
+    })
+    .collect();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.0, 403, "{i}: {answer:?}");
+        assert_eq!(answer, &answers[i % 2], "{i}: {answers:#?}");
+    }
+    // Inside the roots, `..` that stays inside is fine.
+    let inside = format!("{}/../docs/a.txt", docs.display());
+    let (status, e) = s.post("/index", &json!({ "paths": [inside] }));
+    assert_eq!(status, 202, "{e}");
+}
