@@ -283,13 +283,19 @@ pub const DEFAULT_RECYCLE_PROCESSED: u64 = 100_000;
 /// Four: the batch's crash and three alone. A text that happens to be in a
 /// batch when an instance fails for another reason (a fault, a leak, a
 /// bad moment) is retried alone; with a fault rate `p` per call it is
-/// falsely isolated with probability `p^3` (3e-5 at 3%), where two (one
-/// alone) falsely isolated a few texts in every chaos run at 3%. A real
-/// poison text costs four restarts once: it is then remembered
+/// falsely isolated with probability `p^4` (8e-7 at 3%; the control text
+/// must be answered in between), where two (one alone) falsely isolated a
+/// few texts in every chaos run at 3%. A real poison text costs
+/// [`POISON_VERDICT_CRASHES`] restarts once: it is then remembered
 /// ([`MAX_REMEMBERED_POISON`]) and its crashes alone are charged to the
 /// poison budget ([`DEFAULT_MAX_POISON_RESTARTS`]), not to the slot's
 /// intensity.
 pub const DEFAULT_POISON_AFTER: u32 = 4;
+
+/// The crashes a poison verdict costs under [`DEFAULT_POISON_AFTER`]: the
+/// batch's, three alone, then (once the pool answered a control text) one
+/// more alone, the evidence that the text, not the pool, is at fault.
+pub const POISON_VERDICT_CRASHES: u32 = DEFAULT_POISON_AFTER + 1;
 
 /// Poison texts a supervisor remembers (by a keyed hash of their content),
 /// so that the same text never crashes an instance twice, in any batch. A

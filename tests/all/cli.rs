@@ -153,7 +153,7 @@ fn a_crashing_plugin_gives_an_error_and_a_non_zero_exit_not_a_crash_of_the_host(
     assert!(
         reason.contains(&format!(
             "crashed {} instances",
-            embedhost::limits::DEFAULT_POISON_AFTER
+            embedhost::limits::POISON_VERDICT_CRASHES
         )) && reason.contains("unreachable"),
         "{reason}"
     );

@@ -155,7 +155,7 @@ async fn stdout_fault_is_contained(setting: &str, expected: &str) {
     // The batch's crash, then the text alone until it is poison.
     assert_eq!(
         status.restarts.get("exited"),
-        Some(&u64::from(embedhost::limits::DEFAULT_POISON_AFTER)),
+        Some(&u64::from(embedhost::limits::POISON_VERDICT_CRASHES)),
         "{status:?}"
     );
     let ok = supervisor
@@ -219,7 +219,7 @@ async fn a_hung_child_is_found_by_the_health_check_killed_and_replaced() {
     let status = &supervisor.status()[0];
     assert_eq!(
         status.restarts.get("health_timeout"),
-        Some(&u64::from(embedhost::limits::DEFAULT_POISON_AFTER)),
+        Some(&u64::from(embedhost::limits::POISON_VERDICT_CRASHES)),
         "{status:?}"
     );
 }

@@ -320,7 +320,7 @@ async fn unbounded_allocation_hits_the_memory_cap_and_the_instance_is_replaced()
     let reason = attack(&supervisor).await;
     assert!(reason.contains("memory limit"), "{reason}");
     // The batch's crash, then the text alone until it is poison.
-    let poison = u64::from(embedhost::limits::DEFAULT_POISON_AFTER);
+    let poison = u64::from(embedhost::limits::POISON_VERDICT_CRASHES);
     assert_eq!(restarts(&supervisor, "memory_cap"), poison);
     still_serves(&supervisor).await;
 }
@@ -335,7 +335,7 @@ async fn unbounded_recursion_traps_and_the_instance_is_replaced() {
     assert!(reason.contains("out of bounds memory access"), "{reason}");
     assert_eq!(
         restarts(&supervisor, "trap"),
-        u64::from(embedhost::limits::DEFAULT_POISON_AFTER)
+        u64::from(embedhost::limits::POISON_VERDICT_CRASHES)
     );
     still_serves(&supervisor).await;
 }

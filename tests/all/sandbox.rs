@@ -156,7 +156,7 @@ async fn a_pool_serves_again_after_a_plugin_blocks_in_embed() {
     assert!(r.failed[0].reason.contains("deadline"), "{:?}", r.failed);
     // The batch's crash, then the text alone until it is poison, each
     // ended by the deadline plus grace, and restarts in between.
-    let poison = u64::from(limits::DEFAULT_POISON_AFTER);
+    let poison = u64::from(limits::POISON_VERDICT_CRASHES);
     assert!(
         started.elapsed() < Duration::from_secs(3 * poison),
         "{:?}",

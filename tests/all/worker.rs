@@ -622,7 +622,12 @@ async fn files_the_embedder_failed_on_are_tried_again_when_the_embedder_changes(
     broken.index(vec![docs.clone()]).await.unwrap();
     let stats = settled(&broken).await;
     assert_eq!(stats.failures.get("embed_failed"), Some(&1), "{stats:?}");
-    // The same embedder again: the file is not retried (it would fail again).
+    // The same embedder again: the file is retried by the next runs, up
+    // to `MAX_EMBED_ATTEMPTS` in a row, then left until something changes.
+    for _ in 1..embedhost::limits::MAX_EMBED_ATTEMPTS {
+        assert_eq!(broken.index(vec![docs.clone()]).await.unwrap(), 1);
+        settled(&broken).await;
+    }
     assert_eq!(broken.index(vec![docs.clone()]).await.unwrap(), 0);
     drop(broken);
     // A fixed plugin: the file gets its chance.
@@ -720,6 +725,7 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
         "DROP TRIGGER chunks_fts_insert; DROP TRIGGER chunks_fts_delete;
          DROP TRIGGER chunks_fts_update; DROP TABLE chunks_fts;
          DROP TABLE roots; ALTER TABLE files DROP COLUMN cut_from;
+         ALTER TABLE files DROP COLUMN attempts;
          UPDATE meta SET value = '1' WHERE key = 'schema';",
     )
     .unwrap();
@@ -737,7 +743,7 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
         normalized: true,
     };
     let store = Store::open(&db, &info.model_id, info.dimension).unwrap();
-    assert_eq!(store.meta("schema").unwrap().as_deref(), Some("3"));
+    assert_eq!(store.meta("schema").unwrap().as_deref(), Some("4"));
     assert_eq!(store.vectors().unwrap(), before, "vectors are untouched");
     assert_eq!(
         store.keyword("unique_marker_word", 5, false).unwrap().len(),

@@ -189,7 +189,13 @@ pub fn https(
         request = request.header("Range", format!("bytes={have}-"));
     }
     let name = &spec.name;
-    let response = request.call().map_err(|e| format!("{name} from {url}: {e}"))?;
+    let response = request.call().map_err(|e| match e {
+        ureq::Error::Timeout(_) => format!(
+            "{name} from {url}: the server did not answer within its timeouts (connect {:?}, answer {:?}); {e}",
+            timeouts.connect, timeouts.read
+        ),
+        e => format!("{name} from {url}: {e}"),
+    })?;
     let status = response.status().as_u16();
     let (file, start) = match status {
         206 if have > 0 => {

@@ -958,7 +958,8 @@ enum Ended {
     /// The instance crashed.
     Crashed(Crash),
     /// The instance ended normally (a child that exited 0 on its own).
-    Normal(String),
+    /// `true` if the call it ended on was a suspected poison text alone.
+    Normal(String, bool),
     Shutdown,
 }
 
@@ -1087,7 +1088,7 @@ async fn run_slot(
         lock(&inner.slots)[slot].up_since = None;
         match ended {
             Ended::Shutdown => return,
-            Ended::Normal(message) => {
+            Ended::Normal(message, suspect) => {
                 // OTP: a permanent child is restarted after any exit; a
                 // transient or temporary one only after an abnormal exit.
                 if inner.config.restart != RestartType::Permanent {
@@ -1095,11 +1096,17 @@ async fn run_slot(
                     leave_pool(&inner, slot).await;
                     return;
                 }
+                // An exit on a suspect's call is charged as its crash would be.
+                let budget = if suspect {
+                    &mut poison_budget
+                } else {
+                    &mut intensity
+                };
                 match on_failure(
                     &inner,
                     slot,
                     &stop,
-                    &mut intensity,
+                    budget,
                     FailureReason::Exited(message.clone()),
                     &message,
                     started.elapsed(),
@@ -1437,7 +1444,7 @@ async fn serve(
                 let _ = job.reply.send((Some(slot), result));
                 if let Some((reason, message)) = crash {
                     if matches!(reason, FailureReason::Exited(_)) && worker.exited_normally().await {
-                        return Ended::Normal(message);
+                        return Ended::Normal(message, suspect);
                     }
                     return crashed(reason, message, suspect, proven, true, answered);
                 }
