@@ -291,3 +291,51 @@ fn a_reader_that_closes_the_pipe_early_ends_the_command_quietly_not_in_a_panic()
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{:?} {err}", out.status);
 }
+
+#[test]
+fn index_into_a_closed_pipe_stops_its_native_children_politely_not_by_sigkill() {
+    // As `embedhost index DIR | head -0`: stdout is gone before the summary
+    // is written. The command still ends through its normal path: each
+    // child gets `shutdown` and exits 0 (logged at debug), none is killed.
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "violin cello orchestra").unwrap();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("examples/config/native.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["-vv", "--config", config.to_str().unwrap(), "index", "--db"])
+        .arg(root.path().join("db"))
+        .arg(&docs)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx.recv_timeout(crate::PROCESS_LIMIT).unwrap_or_else(|_| {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("index into a closed pipe did not end");
+    });
+    let out = out.unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{:?} {err}", out.status);
+    let stopped = err.lines().filter(|l| l.contains("child stopped")).count();
+    assert!(stopped >= 1, "no child was stopped politely: {err}");
+    assert!(
+        err.lines()
+            .filter(|l| l.contains("child stopped"))
+            .all(|l| l.contains("exit status: 0")),
+        "{err}"
+    );
+    assert!(!err.contains("killing it"), "{err}");
+}

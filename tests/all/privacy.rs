@@ -45,3 +45,34 @@ fn index_and_forget_answer_the_same_outside_the_roots_whether_the_path_exists_or
     let (status, e) = s.post("/index", &json!({ "paths": [inside] }));
     assert_eq!(status, 202, "{e}");
 }
+
+#[test]
+fn the_cli_uses_a_running_service_only_when_it_would_run_the_same_embedder() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let s = Service::start_in(&dir, &stub_config("wasm", "dimension = \"32\"", ""), &[]);
+    let index = dir.join("index");
+    // The same config: answered by the service, silently.
+    let same = s.cli(&["embed", "hello"]);
+    assert!(same.status.success(), "{}", String::from_utf8_lossy(&same.stderr));
+    assert_eq!(crate::cli::vectors(&same)[0].1.len(), 32);
+    assert!(!String::from_utf8_lossy(&same.stderr).contains("another embedder"));
+    // Another config for the same index (another dimension): run here, and
+    // said so; the service's model never answers for it.
+    let other = dir.join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "{}\n",
+            stub_config("wasm", "dimension = \"16\"", "").replace(
+                "dir = \"index\"",
+                &format!("dir = \"{}\"", index.display())
+            )
+        ),
+    )
+    .unwrap();
+    let out = s.cli(&["--config", other.to_str().unwrap(), "embed", "hello"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(crate::cli::vectors(&out)[0].1.len(), 16, "{err}");
+    assert!(err.contains("runs another embedder"), "{err}");
+}
