@@ -165,12 +165,40 @@ fn assert_same(remote: &Path, local: &Path) {
     }
 }
 
-/// A client directory with the corpus, indexing through `url`.
+/// A client directory with the corpus, indexing through `url` in batches
+/// of 8 chunks: about 500 calls of 100 ms on six instances, so a run lasts
+/// seconds on any machine.
 fn client(url: &str) -> (PathBuf, String) {
     let dir = tempfile::tempdir().unwrap().keep();
     corpus(&dir.join("docs"));
-    let config = stub_config("wasm", "", &format!("[embedder]\nremote = \"{url}\"\n"));
+    let config = stub_config(
+        "wasm",
+        "",
+        &format!("[embedder]\nremote = \"{url}\"\n[index]\nbatch_chunks = 8\n"),
+    )
+    .replace("[index]\ndir = \"index\"\n", "")
+    .replace("[index]\nbatch_chunks", "[index]\ndir = \"index\"\nbatch_chunks");
     (dir, config)
+}
+
+/// Waits until `run` has indexed some files but not all: the point to
+/// fault it at. Polls the client's index (no fixed sleep: a fast machine
+/// and a slow one both reach it), for at most two minutes.
+fn under_way(dir: &Path, run: &mut Child) {
+    let db = dir.join("index").join(embedhost::worker::store::DB_FILE);
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(run.try_wait().unwrap().is_none(), "the run ended before the faults");
+        let indexed: i64 = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0)))
+            .unwrap_or(0);
+        if indexed >= 100 {
+            assert!(indexed < FILES as i64, "the run was over before the faults");
+            return;
+        }
+        assert!(Instant::now() < until, "the run made no progress: {indexed} files");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The same corpus indexed by a local pool, no NATS.
@@ -200,27 +228,18 @@ fn three_mixed_members_index_2000_files_as_a_local_run_does_through_faults() {
     // 2. A member SIGKILLed mid-run, another started mid-run.
     let [mut first, second, third] = members;
     let (dir, config) = client(&url);
-    let run = index(&dir, &config);
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut run = index(&dir, &config);
+    under_way(&dir, &mut run);
     first.signal(libc::SIGKILL);
     let _ = first.wait_exit(Duration::from_secs(5));
     let fourth = member("wasm", &url);
-    let mut run = run;
-    assert!(
-        run.try_wait().unwrap().is_none(),
-        "the run ended before the faults"
-    );
     finish(run);
     assert_same(&dir, &local);
 
     // 3. nats-server restarted mid-run.
     let (dir, config) = client(&url);
     let mut run = index(&dir, &config);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        run.try_wait().unwrap().is_none(),
-        "the run ended before the restart"
-    );
+    under_way(&dir, &mut run);
     nats.down();
     std::thread::sleep(Duration::from_millis(300));
     nats.up();
@@ -260,8 +279,8 @@ type FirstRequest =
     tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>;
 
 /// A nats-server; a member whose one instance takes `call_ms` a call; a
-/// caller's bus to it; and a first request, running on the instance by the
-/// time this returns (50 ms after it was sent).
+/// caller's bus to it; and a first request, handed to the member's pool
+/// by the time this returns.
 async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus, FirstRequest) {
     use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
     use embedhost::bus::{Bus, SendOptions};
@@ -284,7 +303,26 @@ async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus,
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Until the member's batcher has handed the first request to its pool
+    // (its one instance then takes it before anything sent later).
+    let member = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, metrics, _) = member.raw("GET", "/metrics", None, &[]);
+            let batches = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("embed_batch_size_count "))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if batches >= 1.0 {
+                return member;
+            }
+            assert!(Instant::now() < until, "the first request never reached the member");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
     (nats, member, bus, first)
 }
 
