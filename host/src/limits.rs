@@ -393,7 +393,6 @@ pub const PIP_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(900);
 /// quantization): a few seconds for MiniLM; the process is killed past it.
 pub const DERIVE_TIMEOUT: Duration = Duration::from_secs(900);
 
-
 /// Time given to one `embedder.embed` of a batch while indexing, before
 /// twice the batch's [`CALL_DEADLINE_PER_KIB`] allowance is added (the
 /// embedder's own deadline grows with the text, and a batch may wait for

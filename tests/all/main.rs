@@ -53,11 +53,17 @@ pub trait OutputWithin {
     ///
     /// # Errors
     /// The spawn's error, as `output` gives it.
-    fn output_within(&mut self, limit: std::time::Duration) -> std::io::Result<std::process::Output>;
+    fn output_within(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> std::io::Result<std::process::Output>;
 }
 
 impl OutputWithin for std::process::Command {
-    fn output_within(&mut self, limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+    fn output_within(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> std::io::Result<std::process::Output> {
         use std::process::Stdio;
         let child = self
             .stdin(Stdio::null())
@@ -77,8 +83,12 @@ impl OutputWithin for std::process::Command {
                 let out = rx.recv().ok().and_then(Result::ok);
                 panic!(
                     "{self:?} ran past {limit:?} and was killed; stdout: {}; stderr: {}",
-                    out.as_ref().map_or(String::new(), |o| String::from_utf8_lossy(&o.stdout).into_owned()),
-                    out.as_ref().map_or(String::new(), |o| String::from_utf8_lossy(&o.stderr).into_owned()),
+                    out.as_ref()
+                        .map_or(String::new(), |o| String::from_utf8_lossy(&o.stdout)
+                            .into_owned()),
+                    out.as_ref()
+                        .map_or(String::new(), |o| String::from_utf8_lossy(&o.stderr)
+                            .into_owned()),
                 );
             }
         }

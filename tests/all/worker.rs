@@ -1381,7 +1381,10 @@ async fn a_queued_file_swapped_for_a_link_or_a_fifo_is_skipped_with_its_reason_a
     assert_eq!(stats.failures.get("not_regular"), Some(&2), "{stats:?}");
     assert_eq!(stats.failures.get("outside_roots"), Some(&1), "{stats:?}");
     assert_eq!(stats.indexed, 1, "{stats:?}");
-    let hits = worker.search("swordfish password".into(), 10).await.unwrap();
+    let hits = worker
+        .search("swordfish password".into(), 10)
+        .await
+        .unwrap();
     assert!(
         hits.iter().all(|h| !h.text.contains("swordfish")),
         "a file outside the roots was indexed: {hits:?}"
@@ -1413,7 +1416,11 @@ fn the_index_is_private_to_its_owner_whatever_the_umask() {
         });
     }
     let out = command.output_within(crate::PROCESS_LIMIT).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&db), 0o700, "the index folder");
     let mut files = 0;
@@ -1430,8 +1437,14 @@ fn the_index_is_private_to_its_owner_whatever_the_umask() {
 #[test]
 fn dot_dot_is_resolved_before_any_check_of_a_path() {
     use embedhost::worker::{forget_path, lexical_absolute};
-    assert_eq!(lexical_absolute(Path::new("/a/b/../c/./d")).unwrap(), Path::new("/a/c/d"));
-    assert_eq!(lexical_absolute(Path::new("/../../etc")).unwrap(), Path::new("/etc"));
+    assert_eq!(
+        lexical_absolute(Path::new("/a/b/../c/./d")).unwrap(),
+        Path::new("/a/c/d")
+    );
+    assert_eq!(
+        lexical_absolute(Path::new("/../../etc")).unwrap(),
+        Path::new("/etc")
+    );
     // A path that does not exist (so it cannot be made canonical) keeps no
     // `..`, which a prefix check against a root would misread.
     let gone = forget_path(Path::new("/no/such/root/../../../etc/passwd")).unwrap();

@@ -575,7 +575,10 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
         let tries = if file.reason == "embed_failed" {
             let max = crate::limits::MAX_EMBED_ATTEMPTS;
             if file.attempts < max {
-                format!("; failed {} of {max} runs, tried again by the next `index`", file.attempts)
+                format!(
+                    "; failed {} of {max} runs, tried again by the next `index`",
+                    file.attempts
+                )
             } else {
                 format!("; failed {max} runs in a row, tried again when it or the embedder changes")
             }

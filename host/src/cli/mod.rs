@@ -264,11 +264,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             crate::serve::run(crate::serve::ServeOptions {
-            config: cli.config,
-            listen: args.listen,
-            api_key: args.api_key,
-            db: args.db,
-            nats: args.nats,
+                config: cli.config,
+                listen: args.listen,
+                api_key: args.api_key,
+                db: args.db,
+                nats: args.nats,
             })
             .await
             .map_err(|e| e.to_string())

@@ -69,8 +69,9 @@ impl Default for HttpTimeouts {
 impl HttpTimeouts {
     /// The longest a download of `bytes` may take in all.
     pub fn total(&self, bytes: u64) -> Duration {
-        self.total_base
-            .saturating_add(Duration::from_secs(bytes / self.min_bytes_per_second.max(1)))
+        self.total_base.saturating_add(Duration::from_secs(
+            bytes / self.min_bytes_per_second.max(1),
+        ))
     }
 }
 
@@ -181,7 +182,11 @@ pub fn https(
         .timeout_connect(Some(timeouts.connect))
         .timeout_recv_response(Some(timeouts.read))
         .timeout_recv_body(Some(total))
-        .timeout_global(Some(total.saturating_add(timeouts.connect).saturating_add(timeouts.read)))
+        .timeout_global(Some(
+            total
+                .saturating_add(timeouts.connect)
+                .saturating_add(timeouts.read),
+        ))
         .build()
         .into();
     let mut request = agent.get(url);
@@ -214,7 +219,11 @@ pub fn https(
             return install(&part, &dir.join(&spec.name), spec)
                 .map_err(|e| format!("{name} from {url}: {e}"));
         }
-        other => return Err(format!("{name} from {url}: the server answered HTTP {other}")),
+        other => {
+            return Err(format!(
+                "{name} from {url}: the server answered HTTP {other}"
+            ));
+        }
     };
     let body = response
         .into_body()

@@ -484,9 +484,7 @@ async fn embedhost_embed(
 /// `GET /embedhost/embedder` (owner only): the identity of the embedder
 /// serving (`Config::embedder_id`: backend, plugin or engine, model,
 /// settings), so the CLI uses this service only when it would run the same.
-async fn embedhost_embedder(
-    Shared((state, _)): Shared<AppState>,
-) -> Result<Json<Value>, ApiError> {
+async fn embedhost_embedder(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
     let pool = state.pool()?;
     Ok(Json(json!({ "embedder_id": pool.config.embedder_id() })))
 }

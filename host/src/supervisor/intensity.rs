@@ -285,7 +285,11 @@ mod tests {
         assert_ne!(run(7), run(8));
         for (n, delay) in run(7).into_iter().enumerate() {
             let ceiling = Intensity::ceiling(&config, n as u32 + 1);
-            assert!(delay <= ceiling && delay >= ceiling / 2, "restart {}: {delay:?} of {ceiling:?}", n + 1);
+            assert!(
+                delay <= ceiling && delay >= ceiling / 2,
+                "restart {}: {delay:?} of {ceiling:?}",
+                n + 1
+            );
         }
     }
 
@@ -299,7 +303,13 @@ mod tests {
         for n in 0..5000u64 {
             if n % 50 == 49 {
                 let d = low.on_call_crash(at(0, start), Duration::ZERO);
-                assert_eq!(d, Decision::Restart { delay: Duration::ZERO }, "crash at call {n}");
+                assert_eq!(
+                    d,
+                    Decision::Restart {
+                        delay: Duration::ZERO
+                    },
+                    "crash at call {n}"
+                );
             } else {
                 low.on_answer();
             }
@@ -321,7 +331,11 @@ mod tests {
             matches!(decisions.last(), Some(Decision::Escalate { .. })),
             "{decisions:?}"
         );
-        assert_eq!(decisions.len() as u32, 1 + config.max_restarts + 1, "{decisions:?}");
+        assert_eq!(
+            decisions.len() as u32,
+            1 + config.max_restarts + 1,
+            "{decisions:?}"
+        );
         assert!(
             matches!(decisions[3], Decision::Restart { delay } if delay >= config.backoff_min),
             "{decisions:?}"

@@ -1327,8 +1327,6 @@ async fn serve(
     let mut serving = *incarnation;
     // Whether this instance has served: a call or a health check.
     let mut proven = false;
-    // Whether it has answered a call: a crash after that is a working
-    // instance's, not a crash loop's.
     // Calls answered (by any incarnation of this loop), for the crash rate.
     let mut answered = 0u64;
     let crashed = |reason, message, suspect, proven, call, answered| {

@@ -40,7 +40,11 @@ pub enum NotRead {
 /// # Errors
 /// [`NotRead::Gone`] if the path no longer exists, otherwise
 /// [`NotRead::Skip`] with the reason.
-pub fn read_queued(path: &Path, roots: &[PathBuf], limit: u64) -> Result<(Metadata, Vec<u8>), NotRead> {
+pub fn read_queued(
+    path: &Path,
+    roots: &[PathBuf],
+    limit: u64,
+) -> Result<(Metadata, Vec<u8>), NotRead> {
     let mut file = open_regular(path, roots)?;
     let meta = file
         .metadata()
