@@ -85,3 +85,24 @@ fn the_cli_uses_a_running_service_only_when_it_would_run_the_same_embedder() {
     assert_eq!(crate::cli::vectors(&out)[0].1.len(), 16, "{err}");
     assert!(err.contains("runs another embedder"), "{err}");
 }
+
+#[test]
+fn an_api_key_on_the_command_line_is_warned_of_as_visible_to_local_users() {
+    use crate::OutputWithin;
+    // The service cannot bind this address, so it ends at once; the warning
+    // comes first.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["serve", "--listen", "256.0.0.1:1", "--api-key", "0123456789abcdef0123"])
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("EMBEDHOST_API_KEY")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--api-key is visible to every local user")
+            && err.contains("EMBEDHOST_API_KEY"),
+        "{err}"
+    );
+    assert!(!err.contains("0123456789abcdef0123"), "the key is never echoed: {err}");
+}
