@@ -406,7 +406,10 @@ fn fake_python(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
@@ -430,7 +433,10 @@ fn a_derived_file_is_made_by_its_script_verified_and_installed_and_a_failing_scr
     let store = ModelStore::new(root.path());
     // `python SCRIPT MODEL_DIR OUT`: the fake writes the payload to OUT.
     let good = FetchOptions {
-        python: Some(fake_python(tools.path(), &format!("cp '{}' \"$3\"", payload.display()))),
+        python: Some(fake_python(
+            tools.path(),
+            &format!("cp '{}' \"$3\"", payload.display()),
+        )),
         ..online()
     };
     let done = store.fetch(&m, &good).unwrap();
@@ -440,7 +446,10 @@ fn a_derived_file_is_made_by_its_script_verified_and_installed_and_a_failing_scr
     std::fs::remove_file(store.dir(&m).join("out.bin")).unwrap();
     let bad_tools = tempfile::tempdir().unwrap();
     let bad = FetchOptions {
-        python: Some(fake_python(bad_tools.path(), "echo 'no module named onnx' >&2; exit 3")),
+        python: Some(fake_python(
+            bad_tools.path(),
+            "echo 'no module named onnx' >&2; exit 3",
+        )),
         ..online()
     };
     let err = store.fetch(&m, &bad).unwrap_err().to_string();

@@ -92,7 +92,13 @@ fn an_api_key_on_the_command_line_is_warned_of_as_visible_to_local_users() {
     // The service cannot bind this address, so it ends at once; the warning
     // comes first.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
-        .args(["serve", "--listen", "256.0.0.1:1", "--api-key", "0123456789abcdef0123"])
+        .args([
+            "serve",
+            "--listen",
+            "256.0.0.1:1",
+            "--api-key",
+            "0123456789abcdef0123",
+        ])
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
         .env_remove("EMBEDHOST_API_KEY")
         .output_within(crate::PROCESS_LIMIT)
@@ -104,5 +110,8 @@ fn an_api_key_on_the_command_line_is_warned_of_as_visible_to_local_users() {
             && err.contains("EMBEDHOST_API_KEY"),
         "{err}"
     );
-    assert!(!err.contains("0123456789abcdef0123"), "the key is never echoed: {err}");
+    assert!(
+        !err.contains("0123456789abcdef0123"),
+        "the key is never echoed: {err}"
+    );
 }

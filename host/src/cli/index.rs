@@ -144,7 +144,7 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     let db = config.index_dir(args.db.as_deref())?;
     let started = Instant::now();
     if !args.watch
-        && let Some(client) = super::running_service(&config, Some(&db)).await
+        && let Some(client) = super::running_service(&config, Some(&db), super::Embeds::Yes).await
     {
         return index_through(&client, args.paths, started, &db).await;
     }
@@ -334,7 +334,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             db.display()
         ));
     }
-    if let Some(client) = super::running_service(&config, Some(&db)).await {
+    if let Some(client) = super::running_service(&config, Some(&db), super::Embeds::Yes).await {
         let body = serde_json::json!({ "query": args.query.join(" "), "limit": args.limit, "mode": args.mode });
         let answer = client
             .post("/search", &body, None)
@@ -598,23 +598,24 @@ pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Re
     // Resolved here: the service has its own working directory.
     let path = crate::worker::forget_path(&args.path)
         .map_err(|e| format!("`{}`: {e}", args.path.display()))?;
-    let chunks = if let Some(client) = super::running_service(&config, Some(&db)).await {
-        let answer = client
-            .post("/forget", &serde_json::json!({ "path": path }), None)
+    let chunks =
+        if let Some(client) = super::running_service(&config, Some(&db), super::Embeds::No).await {
+            let answer = client
+                .post("/forget", &serde_json::json!({ "path": path }), None)
+                .await
+                .map_err(|e| e.to_string())?;
+            answer["chunks"].as_u64().unwrap_or(0)
+        } else {
+            let (asked, db2) = (args.path.clone(), db.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut store = Store::open_existing(&db2).map_err(|e| e.to_string())?;
+                crate::worker::forget_in(&mut store, &path, asked)
+                    .map(|ids| ids.len() as u64)
+                    .map_err(|e| e.to_string())
+            })
             .await
-            .map_err(|e| e.to_string())?;
-        answer["chunks"].as_u64().unwrap_or(0)
-    } else {
-        let (asked, db2) = (args.path.clone(), db.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut store = Store::open_existing(&db2).map_err(|e| e.to_string())?;
-            crate::worker::forget_in(&mut store, &path, asked)
-                .map(|ids| ids.len() as u64)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??
-    };
+            .map_err(|e| e.to_string())??
+        };
     outln!(
         "forgot `{}`: {chunks} chunks removed from {}",
         args.path.display(),

@@ -283,7 +283,7 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     // this run names its own plugin or wants the pool's own statistics.
     if args.plugin.is_none()
         && !args.stats
-        && let Some(client) = running_service(&config, None).await
+        && let Some(client) = running_service(&config, None, Embeds::Yes).await
     {
         let body = serde_json::json!({ "texts": args.texts, "query": args.query });
         let answer = client
@@ -379,6 +379,7 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
 pub(crate) async fn running_service(
     config: &Config,
     db: Option<&std::path::Path>,
+    embeds: Embeds,
 ) -> Option<crate::serve::client::Client> {
     let db = config.index_dir(db).ok()?;
     let Some(client) = crate::serve::client::Client::find(&db).await else {
@@ -388,6 +389,9 @@ pub(crate) async fn running_service(
         );
         return None;
     };
+    if embeds == Embeds::No {
+        return Some(client);
+    }
     // The service answers only for the embedder it runs: another model,
     // backend, plugin or precision than this command's config would give
     // other vectors, so the work is done here instead, and said so.
@@ -742,6 +746,16 @@ fn key_values(args: &[String]) -> Result<Vec<(String, String)>, String> {
 
 async fn child(args: ChildArgs) -> Result<(), String> {
     crate::native::run_child(&args.engine, key_values(&args.settings)?).await
+}
+
+/// Whether a command's work through a service embeds text: then the
+/// service must run the embedder the command's config would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Embeds {
+    Yes,
+    /// `forget`: the service must do it (its in-memory index drops the
+    /// chunks too), whatever embedder it runs.
+    No,
 }
 
 /// Cancelled once stdout's reader is gone (a closed pipe, as under
