@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State as Shared};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -38,11 +37,14 @@ pub const METRIC_HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const METRIC_INSTANCE_MEMORY: &str = "instance_memory_bytes";
 /// Texts embedded, by route.
 pub const METRIC_TEXTS: &str = "embedded_texts_total";
-
-/// Texts up to this many bytes in all are tokenized on the request's own
-/// task: a sentence takes microseconds, less than a hand-off to a blocking
-/// thread.
-const INLINE_TOKENIZE_BYTES: usize = 4096;
+/// HTTP requests being handled now (their body being read included).
+pub const METRIC_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Requests holding an admission slot now (`[serve] max_concurrent_requests`).
+pub const METRIC_ADMITTED: &str = "http_requests_admitted";
+/// Connections open now, both listeners.
+pub const METRIC_CONNECTIONS: &str = "http_connections_open";
+/// Connections closed at the cap to make room for new ones, in all.
+pub const METRIC_EVICTED: &str = "http_connections_evicted_total";
 
 /// Who reaches the router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,33 +100,34 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
     let mut api = Router::new()
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/models", get(openai_models))
+        .route("/v1/models/{*id}", get(openai_model))
         .route("/embed", post(tei_embed))
         .route("/info", get(info))
         .route("/search", post(search))
         .route("/index", post(index_start).get(index_progress))
         .route("/stats", get(stats))
-        .route("/forget", post(forget))
-        .route("/metrics", get(render_metrics));
+        .route("/forget", post(forget));
     if access == Access::Owner {
         api = api.route("/embedhost/embed", post(embedhost_embed));
     }
-    let overloaded = |_: tower::BoxError| async {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many requests at once; retry shortly",
-        )
-        .retry_after(limits::SERVE_RETRY_AFTER)
-    };
-    let api = api.layer(
-        tower::ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(overloaded))
-            .load_shed()
-            .concurrency_limit(state.settings.max_concurrent_requests),
-    );
+    // One admission limit for every route that costs work, taken once the
+    // body is read (`admit.rs`); `route_layer`, so an unknown path is a 404,
+    // not a slot.
+    let api = api.route_layer(axum::middleware::from_fn_with_state(
+        (state.clone(), access),
+        super::admit::admit,
+    ));
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .merge(api);
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), access),
+            super::admit::read_body,
+        ));
     if access == Access::Network && state.api_key.is_some() {
         app = app.layer(axum::middleware::from_fn_with_state(
             (state.clone(), access),
@@ -143,7 +146,7 @@ type AppState = (Arc<State>, Access);
 
 /// Counts every request by route and status, and times it.
 async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Next) -> Response {
-    let _running = state.running();
+    let mut running = state.running();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -151,6 +154,7 @@ async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Nex
         .to_string();
     let started = Instant::now();
     let response = next.run(request).await;
+    running.answered();
     let status = response.status().as_u16().to_string();
     metrics::counter!(METRIC_HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
@@ -168,26 +172,44 @@ async fn authorize(Shared((state, _)): Shared<AppState>, request: Request, next:
     if request.uri().path() == "/health" {
         return next.run(request).await;
     }
+    // RFC 9110: the scheme is case-insensitive.
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, key)| key);
     if bool::from(given.trim().as_bytes().ct_eq(key.as_bytes())) {
         return next.run(request).await;
     }
-    let style = if request.uri().path().starts_with("/v1/") {
-        Style::OpenAi
-    } else {
-        Style::Tei
-    };
+    let style = super::admit::style_of(request.uri().path());
     ApiError::new(
         StatusCode::UNAUTHORIZED,
         "missing or wrong API key: send `Authorization: Bearer KEY`",
     )
     .style(style)
     .into_response()
+}
+
+/// 404 in the shape of the API the path belongs to.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    let path = crate::untrusted::sanitize(uri.path(), 256);
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("there is no route `{path}` (see GET /info and the README's route table)"),
+    )
+    .style(super::admit::style_of(uri.path()))
+}
+
+/// 405 in the shape of the API the path belongs to.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let path = crate::untrusted::sanitize(uri.path(), 256);
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("`{path}` does not answer {method}"),
+    )
+    .style(super::admit::style_of(uri.path()))
 }
 
 async fn health() -> Json<Value> {
@@ -202,6 +224,7 @@ async fn ready(Shared((state, _)): Shared<AppState>) -> Response {
                 "ready": true,
                 "backend": pool.as_ref().map(|p| p.backend),
                 "generation": pool.as_ref().map(|p| p.generation),
+                "reloading": state.reloading(),
             }))
             .into_response()
         }
@@ -226,6 +249,12 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
                 .set(instance.memory_bytes as f64);
         }
     }
+    metrics::gauge!(METRIC_IN_FLIGHT).set(state.in_flight() as f64);
+    let free = state.admission.available_permits();
+    metrics::gauge!(METRIC_ADMITTED)
+        .set(state.settings.max_concurrent_requests.saturating_sub(free) as f64);
+    metrics::gauge!(METRIC_CONNECTIONS).set(state.connections.open() as f64);
+    metrics::counter!(METRIC_EVICTED).absolute(state.connections.evicted());
     state.prometheus.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -258,7 +287,7 @@ async fn embed_checked(
         return Err(ApiError::bad(field, format!("`{field}` has no texts")));
     }
     if texts.len() > state.settings.max_inputs {
-        return Err(ApiError::bad(
+        return Err(ApiError::over_limit(
             field,
             format!(
                 "`{field}` has {} texts; at most {} are accepted per request ([serve] max_inputs)",
@@ -270,29 +299,13 @@ async fn embed_checked(
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(ApiError::bad(field, format!("`{field}[{i}]` is empty")));
     }
+    super::admit::check_words(field, &texts)?;
     let pool = state.pool()?;
-    // A few short texts are counted here; more go to a blocking thread, so
-    // a large request does not hold up the runtime's other requests.
-    let bytes: usize = texts.iter().map(String::len).sum();
-    let (texts, counted) = if bytes <= INLINE_TOKENIZE_BYTES {
-        let counted = pool.count_tokens(&texts);
-        (texts, counted)
-    } else {
-        let pool = pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let counted = pool.count_tokens(&texts);
-            (texts, counted)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    };
-    let counts = counted.map_err(|(i, e)| {
-        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
-    })?;
+    let (texts, counts) = super::admit::count_tokens(state, &pool, field, texts).await?;
     let window = pool.info.max_input_tokens as usize;
     for (i, &n) in counts.iter().enumerate() {
         if n > limits::SERVE_MAX_INPUT_TOKENS {
-            return Err(ApiError::bad(
+            return Err(ApiError::over_limit(
                 field,
                 format!(
                     "`{field}[{i}]` has {n} tokens; at most {} are accepted per input",
@@ -301,7 +314,7 @@ async fn embed_checked(
             ));
         }
         if !truncate && n > window {
-            return Err(ApiError::bad(
+            return Err(ApiError::over_limit(
                 field,
                 format!(
                     "`{field}[{i}]` has {n} tokens; the model reads at most {window} (send `truncate: true` to cut it)"
@@ -310,8 +323,12 @@ async fn embed_checked(
         }
     }
     let total: usize = counts.iter().map(|&n| n.min(window)).sum();
+    super::admit::check_deadline(&pool, total.max(texts.len()), until)?;
     let n = texts.len();
-    let rows = pool.embed(texts, &counts, false, until).await?;
+    let rows = pool
+        .embed(texts, &counts, false, until)
+        .await
+        .map_err(|e| out_of_time(e, deadline))?;
     let mut vectors = Vec::with_capacity(n);
     for (i, row) in rows.into_iter().enumerate() {
         match row {
@@ -335,12 +352,34 @@ async fn embed_checked(
     })
 }
 
+/// A batch error as the client's answer; running out of time says how
+/// long the request had.
+fn out_of_time(e: super::batcher::BatchError, deadline: std::time::Duration) -> ApiError {
+    use super::batcher::BatchError;
+    use crate::supervisor::SupervisorError;
+    match e {
+        BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the request ran out of its {} ms deadline (the {} header, else [serve] request_deadline_ms)",
+                deadline.as_millis(),
+                super::DEADLINE_HEADER
+            ),
+        ),
+        other => other.into(),
+    }
+}
+
 /// Whether `name` names the served model (its id, or the configured
 /// manifest id), ignoring case.
 fn serves(pool: &Pool, name: &str) -> bool {
     let name = name.trim();
     name.eq_ignore_ascii_case(&pool.info.model_id)
         || name.eq_ignore_ascii_case(pool.config.model_id())
+        || pool
+            .alias
+            .as_deref()
+            .is_some_and(|alias| name.eq_ignore_ascii_case(alias))
 }
 
 async fn openai_embeddings(
@@ -432,6 +471,32 @@ async fn openai_models(Shared((state, _)): Shared<AppState>) -> Result<Json<Valu
     })))
 }
 
+/// OpenAI's `GET /v1/models/{id}`: the served model under any of its
+/// names, else 404.
+async fn openai_model(
+    Shared((state, _)): Shared<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
+    if !serves(&pool, &id) {
+        return Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{}` is not served here; this service serves `{}`",
+                    crate::untrusted::sanitize(&id, 256),
+                    pool.info.model_id
+                ),
+            )
+        }
+        .style(Style::OpenAi));
+    }
+    Ok(Json(
+        json!({ "id": id, "object": "model", "created": 0, "owned_by": "embedhost" }),
+    ))
+}
+
 async fn tei_embed(
     Shared((state, _)): Shared<AppState>,
     headers: HeaderMap,
@@ -441,6 +506,18 @@ async fn tei_embed(
     let texts = api::texts(&map, "inputs")?;
     let normalize = api::boolean(&map, "normalize", true)?;
     let truncate = api::boolean(&map, "truncate", false)?;
+    tei_unsupported(&map)?;
+    let pool = state.pool()?;
+    if !normalize && pool.info.normalized {
+        return Err(ApiError::bad(
+            "normalize",
+            format!(
+                "`normalize: false` cannot be honoured: `{}` normalizes its vectors itself",
+                pool.info.model_id
+            ),
+        ));
+    }
+    drop(pool);
     let mut done = embed_checked(&state, &headers, "inputs", texts, truncate, "/embed").await?;
     if normalize && !done.pool.info.normalized {
         for v in &mut done.rows {
@@ -451,6 +528,32 @@ async fn tei_embed(
         }
     }
     Ok(Json(done.rows))
+}
+
+/// Refuses, naming the field, what TEI's `/embed` accepts and this service
+/// cannot honour: a left `truncation_direction`, a `prompt_name` (the
+/// served models have no prompts).
+fn tei_unsupported(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    match api::string(map, "truncation_direction")? {
+        None => {}
+        Some(d) if d.eq_ignore_ascii_case("right") => {}
+        Some(d) => {
+            return Err(ApiError::bad(
+                "truncation_direction",
+                format!(
+                    "`truncation_direction` `{}` is not supported: inputs are cut on the right",
+                    crate::untrusted::sanitize(d, 64)
+                ),
+            ));
+        }
+    }
+    if api::string(map, "prompt_name")?.is_some() {
+        return Err(ApiError::bad(
+            "prompt_name",
+            "`prompt_name` is not supported: the served model has no prompts",
+        ));
+    }
+    Ok(())
 }
 
 /// The CLI's `embed` through the owner's socket: one row per text, a
@@ -483,7 +586,7 @@ async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiEr
     let pool = state.pool()?;
     Ok(Json(json!({
         "model_id": pool.info.model_id,
-        "model_dtype": "float32",
+        "model_dtype": dtype(&pool),
         "model_type": { "embedding": { "pooling": "mean" } },
         "dimension": pool.info.dimension,
         "max_input_length": pool.info.max_input_tokens,
@@ -498,6 +601,31 @@ async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiEr
         "served_calls": pool.status().iter().map(|i| i.served).sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
+}
+
+/// The numbers the model runs in, as TEI names them.
+fn dtype(pool: &Pool) -> &'static str {
+    use crate::config::{Backend, Precision};
+    let config = &pool.config;
+    match config.backend {
+        Backend::Native if config.native.engine == "stub" => "float32",
+        Backend::Native => match config.native.precision {
+            Precision::Fp32 => "float32",
+            Precision::Int8 => "int8",
+        },
+        Backend::Wasm => match config
+            .plugin
+            .config
+            .get("precision")
+            .map(ToString::to_string)
+        {
+            Some(p) if p.contains("fp32") => "float32",
+            Some(p) if p.contains("int8") => "int8",
+            // The built-in BERT plugin runs int8 unless told otherwise.
+            _ if config.plugin.path.is_none() => "int8",
+            _ => "float32",
+        },
+    }
 }
 
 async fn search(
