@@ -610,8 +610,9 @@ pub const SERVE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 /// Connections the service keeps open at once, TCP and the owner's socket
 /// together (`[serve] max_connections`), at most: each costs a file
 /// descriptor and hyper's buffers (a few KiB idle). Past it a new
-/// connection first closes the connection idle the longest (no request in
-/// it: a kept-alive or a slow-loris one); if every connection has a
+/// connection first closes one without a request in it (one that never sent
+/// a whole request, an idle or slow-loris one, before a kept-alive one
+/// between requests; the longest idle of them); if every connection has a
 /// request in flight, the new one gets a canned 503 and is closed, without
 /// being read. 4096 idle connections cost about 40 MB. The cap is lowered
 /// to fit the process's file descriptor limit (see [`SERVE_FD_RESERVE`]).

@@ -11,8 +11,11 @@
 //! - At most [`Connections::cap`] connections are open at once, both
 //!   listeners together; the cap is below the process's file descriptor
 //!   limit (raised to its hard limit at start) by
-//!   [`limits::SERVE_FD_RESERVE`]. Past the cap, a new connection closes the
-//!   connection that has been without a request the longest; if every
+//!   [`limits::SERVE_FD_RESERVE`]. Past the cap, a new connection closes a
+//!   connection without a request in it: one that never sent a whole
+//!   request first (an idle or slow-loris flood), the longest-idle kept-alive
+//!   one only if there is none (a client between requests would otherwise
+//!   lose its connection to every new one); if every
 //!   connection has a request in flight, the new one is answered a canned
 //!   503 without being read, and closed. So an idle or slow-loris flood never
 //!   keeps a new client (or `/health`) out, and nothing past the cap costs
@@ -82,6 +85,8 @@ impl Accept for tokio::net::UnixListener {
 struct Conn {
     /// Requests handed to the router and not yet fully answered.
     requests: AtomicUsize,
+    /// Whether a request has ever been handed to the router.
+    served: std::sync::atomic::AtomicBool,
     /// Since when it has had no request (meaningful while `requests` is 0).
     idle_since: Mutex<Instant>,
     /// Closes the connection (it is dropped, not drained).
@@ -158,7 +163,7 @@ impl Connections {
             let oldest = open
                 .iter()
                 .filter(|(_, c)| c.requests.load(Ordering::SeqCst) == 0)
-                .min_by_key(|(_, c)| *lock(&c.idle_since))
+                .min_by_key(|(_, c)| (c.served.load(Ordering::SeqCst), *lock(&c.idle_since)))
                 .map(|(&id, _)| id)?;
             if let Some(conn) = open.remove(&oldest) {
                 conn.close.cancel();
@@ -168,6 +173,7 @@ impl Connections {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             requests: AtomicUsize::new(0),
+            served: std::sync::atomic::AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             close: CancellationToken::new(),
         });
@@ -242,6 +248,7 @@ struct Busy(Arc<Conn>);
 impl Busy {
     fn new(conn: Arc<Conn>) -> Self {
         conn.requests.fetch_add(1, Ordering::SeqCst);
+        conn.served.store(true, Ordering::SeqCst);
         Busy(conn)
     }
 }
@@ -327,6 +334,31 @@ pub async fn serve<A: Accept>(
     Drained { closed_idle, cut }
 }
 
+/// Waits for both listeners' drains for at most `grace`, then cuts what is
+/// left; what they closed and cut, together.
+pub async fn drain(
+    tcp: tokio::task::JoinHandle<Drained>,
+    socket: tokio::task::JoinHandle<Drained>,
+    grace: Duration,
+    cut: &CancellationToken,
+) -> Drained {
+    let both = async { (tcp.await, socket.await) };
+    let mut both = std::pin::pin!(both);
+    let (tcp, socket) = match tokio::time::timeout(grace, both.as_mut()).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!("requests still running after the {grace:?} grace period are cut off");
+            cut.cancel();
+            both.await
+        }
+    };
+    let (tcp, socket) = (tcp.unwrap_or_default(), socket.unwrap_or_default());
+    Drained {
+        closed_idle: tcp.closed_idle + socket.closed_idle,
+        cut: tcp.cut + socket.cut,
+    }
+}
+
 /// One connection, until it closes, is closed, or (after `stop`) has
 /// answered its request.
 async fn connection<I>(
@@ -393,17 +425,25 @@ mod tests {
         assert_eq!(Connections::new(100, 1024).cap(), 100);
         // A tiny limit keeps half for the rest.
         assert_eq!(Connections::new(4096, 300).cap(), 150);
-        let table = Connections::new(2, 1 << 20);
+        let table = Connections::new(3, 1 << 20);
+        let (_, kept) = table.admit().unwrap();
+        drop(Busy::new(kept.clone()));
         let (_, first) = table.admit().unwrap();
         let (_, second) = table.admit().unwrap();
         let _busy = Busy::new(second.clone());
-        // Full: the idle one goes.
+        // Full: the idle one that never sent a request goes, not the
+        // kept-alive one idle for longer.
         let (_, third) = table.admit().unwrap();
         assert!(first.close.is_cancelled() && !second.close.is_cancelled());
+        assert!(!kept.close.is_cancelled());
         assert_eq!(table.evicted(), 1);
-        // Full of busy connections: refused.
+        // Then the kept-alive one.
         let _busy3 = Busy::new(third);
+        let (_, fourth) = table.admit().unwrap();
+        assert!(kept.close.is_cancelled());
+        // Full of busy connections: refused.
+        let _busy4 = Busy::new(fourth);
         assert!(table.admit().is_none());
-        assert_eq!(table.open(), 2);
+        assert_eq!(table.open(), 3);
     }
 }

@@ -27,9 +27,11 @@ pub mod api;
 pub mod batcher;
 pub mod client;
 pub mod listen;
+mod openai;
 pub mod pool;
 pub mod routes;
 mod settings;
+mod tei;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -611,7 +613,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     stop.cancel();
     state.draining.cancel();
     let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
-    let drained = drain(tcp, socket, grace, &cut).await;
+    let drained = listen::drain(tcp, socket, grace, &cut).await;
     // One last line on stdout, for people and for the programs that watch
     // us: what the drain answered and what it had to cut off.
     let line = format!(
@@ -631,31 +633,6 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let _ = std::fs::remove_file(socket_path(&db));
     shut_down(&state).await;
     result
-}
-
-/// Waits for both listeners' drains for at most `grace`, then cuts what is
-/// left; what they closed and cut, together.
-async fn drain(
-    tcp: tokio::task::JoinHandle<listen::Drained>,
-    socket: tokio::task::JoinHandle<listen::Drained>,
-    grace: Duration,
-    cut: &CancellationToken,
-) -> listen::Drained {
-    let both = async { (tcp.await, socket.await) };
-    let mut both = std::pin::pin!(both);
-    let (tcp, socket) = match tokio::time::timeout(grace, both.as_mut()).await {
-        Ok(done) => done,
-        Err(_) => {
-            tracing::warn!("requests still running after the {grace:?} grace period are cut off");
-            cut.cancel();
-            both.await
-        }
-    };
-    let (tcp, socket) = (tcp.unwrap_or_default(), socket.unwrap_or_default());
-    listen::Drained {
-        closed_idle: tcp.closed_idle + socket.closed_idle,
-        cut: tcp.cut + socket.cut,
-    }
 }
 
 /// Stops the worker, then every pool (retiring ones first), in order.

@@ -19,14 +19,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::State;
-use super::api::{self, ApiError, Style};
+use super::api::{self, ApiError};
 use super::pool::Pool;
+use super::{openai, tei};
 use crate::limits;
 
 /// HTTP requests, by route and status.
@@ -98,11 +98,11 @@ pub fn prometheus() -> PrometheusHandle {
 pub fn router(state: Arc<State>, access: Access) -> Router {
     let limit = state.settings.max_body_kb * 1024;
     let mut api = Router::new()
-        .route("/v1/embeddings", post(openai_embeddings))
-        .route("/v1/models", get(openai_models))
-        .route("/v1/models/{*id}", get(openai_model))
-        .route("/embed", post(tei_embed))
-        .route("/info", get(info))
+        .route("/v1/embeddings", post(openai::openai_embeddings))
+        .route("/v1/models", get(openai::openai_models))
+        .route("/v1/models/{*id}", get(openai::openai_model))
+        .route("/embed", post(tei::tei_embed))
+        .route("/info", get(tei::info))
         .route("/search", post(search))
         .route("/index", post(index_start).get(index_progress))
         .route("/stats", get(stats))
@@ -122,8 +122,8 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .merge(api)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(tei::not_found)
+        .method_not_allowed_fallback(tei::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), access),
             super::admit::read_body,
@@ -142,7 +142,7 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
     .with_state((state, access))
 }
 
-type AppState = (Arc<State>, Access);
+pub(super) type AppState = (Arc<State>, Access);
 
 /// Counts every request by route and status, and times it.
 async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Next) -> Response {
@@ -190,26 +190,6 @@ async fn authorize(Shared((state, _)): Shared<AppState>, request: Request, next:
     )
     .style(style)
     .into_response()
-}
-
-/// 404 in the shape of the API the path belongs to.
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    let path = crate::untrusted::sanitize(uri.path(), 256);
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("there is no route `{path}` (see GET /info and the README's route table)"),
-    )
-    .style(super::admit::style_of(uri.path()))
-}
-
-/// 405 in the shape of the API the path belongs to.
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    let path = crate::untrusted::sanitize(uri.path(), 256);
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("`{path}` does not answer {method}"),
-    )
-    .style(super::admit::style_of(uri.path()))
 }
 
 async fn health() -> Json<Value> {
@@ -264,16 +244,16 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
 }
 
 /// Texts checked against the limits and embedded: one row per text.
-struct Embedded {
-    pool: Arc<Pool>,
-    rows: Vec<Vec<f32>>,
-    tokens: usize,
+pub(super) struct Embedded {
+    pub(super) pool: Arc<Pool>,
+    pub(super) rows: Vec<Vec<f32>>,
+    pub(super) tokens: usize,
 }
 
 /// Checks `texts` (count, emptiness, tokens; over the model's window only
 /// if `truncate` is false) and embeds them; a text that fails fails the
 /// request with 422 naming it.
-async fn embed_checked(
+pub(super) async fn embed_checked(
     state: &State,
     headers: &HeaderMap,
     field: &str,
@@ -370,192 +350,6 @@ fn out_of_time(e: super::batcher::BatchError, deadline: std::time::Duration) -> 
     }
 }
 
-/// Whether `name` names the served model (its id, or the configured
-/// manifest id), ignoring case.
-fn serves(pool: &Pool, name: &str) -> bool {
-    let name = name.trim();
-    name.eq_ignore_ascii_case(&pool.info.model_id)
-        || name.eq_ignore_ascii_case(pool.config.model_id())
-        || pool
-            .alias
-            .as_deref()
-            .is_some_and(|alias| name.eq_ignore_ascii_case(alias))
-}
-
-async fn openai_embeddings(
-    Shared((state, _)): Shared<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let style = |e: ApiError| e.style(Style::OpenAi);
-    let map = api::object(body).map_err(style)?;
-    let texts = api::texts(&map, "input").map_err(style)?;
-    let model = api::string(&map, "model")
-        .map_err(style)?
-        .map(str::to_string);
-    let format = api::string(&map, "encoding_format")
-        .map_err(style)?
-        .unwrap_or("float");
-    let base64 = match format {
-        "float" => false,
-        "base64" => true,
-        other => {
-            return Err(style(ApiError::bad(
-                "encoding_format",
-                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
-            )));
-        }
-    };
-    let dimensions = api::integer(&map, "dimensions").map_err(style)?;
-    let pool = state.pool().map_err(style)?;
-    if let Some(model) = &model
-        && !serves(&pool, model)
-    {
-        return Err(style(ApiError {
-            param: Some("model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "the model `{model}` is not served here; this service serves `{}`",
-                    pool.info.model_id
-                ),
-            )
-        }));
-    }
-    if let Some(d) = dimensions
-        && d != u64::from(pool.info.dimension)
-    {
-        return Err(style(ApiError::bad(
-            "dimensions",
-            format!(
-                "`dimensions` is {d}, but `{}` gives {} dimensions and cannot shorten its vectors",
-                pool.info.model_id, pool.info.dimension
-            ),
-        )));
-    }
-    drop(pool);
-    // OpenAI's endpoint truncates nothing silently below its own limit; the
-    // model's window is shorter, so inputs are cut to it, as every
-    // OpenAI-compatible server of small models does.
-    let done = embed_checked(&state, &headers, "input", texts, true, "/v1/embeddings")
-        .await
-        .map_err(style)?;
-    let data: Vec<Value> = done
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(v)
-            };
-            json!({ "object": "embedding", "index": i, "embedding": embedding })
-        })
-        .collect();
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model.unwrap_or_else(|| done.pool.info.model_id.clone()),
-        "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
-    }))
-    .into_response())
-}
-
-async fn openai_models(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{ "id": pool.info.model_id, "object": "model", "created": 0, "owned_by": "embedhost" }],
-    })))
-}
-
-/// OpenAI's `GET /v1/models/{id}`: the served model under any of its
-/// names, else 404.
-async fn openai_model(
-    Shared((state, _)): Shared<AppState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
-    if !serves(&pool, &id) {
-        return Err(ApiError {
-            param: Some("model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "the model `{}` is not served here; this service serves `{}`",
-                    crate::untrusted::sanitize(&id, 256),
-                    pool.info.model_id
-                ),
-            )
-        }
-        .style(Style::OpenAi));
-    }
-    Ok(Json(
-        json!({ "id": id, "object": "model", "created": 0, "owned_by": "embedhost" }),
-    ))
-}
-
-async fn tei_embed(
-    Shared((state, _)): Shared<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
-    let map = api::object(body)?;
-    let texts = api::texts(&map, "inputs")?;
-    let normalize = api::boolean(&map, "normalize", true)?;
-    let truncate = api::boolean(&map, "truncate", false)?;
-    tei_unsupported(&map)?;
-    let pool = state.pool()?;
-    if !normalize && pool.info.normalized {
-        return Err(ApiError::bad(
-            "normalize",
-            format!(
-                "`normalize: false` cannot be honoured: `{}` normalizes its vectors itself",
-                pool.info.model_id
-            ),
-        ));
-    }
-    drop(pool);
-    let mut done = embed_checked(&state, &headers, "inputs", texts, truncate, "/embed").await?;
-    if normalize && !done.pool.info.normalized {
-        for v in &mut done.rows {
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
-    }
-    Ok(Json(done.rows))
-}
-
-/// Refuses, naming the field, what TEI's `/embed` accepts and this service
-/// cannot honour: a left `truncation_direction`, a `prompt_name` (the
-/// served models have no prompts).
-fn tei_unsupported(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
-    match api::string(map, "truncation_direction")? {
-        None => {}
-        Some(d) if d.eq_ignore_ascii_case("right") => {}
-        Some(d) => {
-            return Err(ApiError::bad(
-                "truncation_direction",
-                format!(
-                    "`truncation_direction` `{}` is not supported: inputs are cut on the right",
-                    crate::untrusted::sanitize(d, 64)
-                ),
-            ));
-        }
-    }
-    if api::string(map, "prompt_name")?.is_some() {
-        return Err(ApiError::bad(
-            "prompt_name",
-            "`prompt_name` is not supported: the served model has no prompts",
-        ));
-    }
-    Ok(())
-}
-
 /// The CLI's `embed` through the owner's socket: one row per text, a
 /// vector or the reason it failed, so one bad text does not hide the rest.
 async fn embedhost_embed(
@@ -580,52 +374,6 @@ async fn embedhost_embed(
     Ok(Json(
         json!({ "model": pool.info.model_id, "backend": pool.backend, "rows": rows }),
     ))
-}
-
-async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool()?;
-    Ok(Json(json!({
-        "model_id": pool.info.model_id,
-        "model_dtype": dtype(&pool),
-        "model_type": { "embedding": { "pooling": "mean" } },
-        "dimension": pool.info.dimension,
-        "max_input_length": pool.info.max_input_tokens,
-        "normalized": pool.info.normalized,
-        "max_concurrent_requests": state.settings.max_concurrent_requests,
-        "max_batch_tokens": state.settings.max_batch_tokens,
-        "max_client_batch_size": state.settings.max_inputs,
-        "backend": pool.backend,
-        "engine": pool.engine_name,
-        "generation": pool.generation,
-        "pool_size": pool.status().len(),
-        "served_calls": pool.status().iter().map(|i| i.served).sum::<u64>(),
-        "version": env!("CARGO_PKG_VERSION"),
-    })))
-}
-
-/// The numbers the model runs in, as TEI names them.
-fn dtype(pool: &Pool) -> &'static str {
-    use crate::config::{Backend, Precision};
-    let config = &pool.config;
-    match config.backend {
-        Backend::Native if config.native.engine == "stub" => "float32",
-        Backend::Native => match config.native.precision {
-            Precision::Fp32 => "float32",
-            Precision::Int8 => "int8",
-        },
-        Backend::Wasm => match config
-            .plugin
-            .config
-            .get("precision")
-            .map(ToString::to_string)
-        {
-            Some(p) if p.contains("fp32") => "float32",
-            Some(p) if p.contains("int8") => "int8",
-            // The built-in BERT plugin runs int8 unless told otherwise.
-            _ if config.plugin.path.is_none() => "int8",
-            _ => "float32",
-        },
-    }
 }
 
 async fn search(
