@@ -405,3 +405,42 @@ fn oversized_strings_in_parallel_are_refused_from_their_words_before_tokenizing(
     });
     sentence(&s, 100);
 }
+
+#[test]
+fn ready_stays_200_while_a_reload_starts_its_pool_and_the_old_one_serves() {
+    // The new pool's native children start 3 s late (a wrapper sleeps,
+    // then runs the real child): a reload window long enough to watch.
+    let dir = tempfile::tempdir().unwrap().keep();
+    let wrapper = dir.join("slow-child.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nsleep 3\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_embedhost")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Service::start_in(&dir, &stub_config("wasm", "", ""), &[]);
+    let native = stub_config("native", "", "").replace(
+        env!("CARGO_BIN_EXE_embedhost"),
+        wrapper.to_str().unwrap(),
+    );
+    std::fs::write(dir.join("embedhost.toml"), native).unwrap();
+    s.signal(libc::SIGHUP);
+    let (mut reloading, mut swapped) = (0, false);
+    let until = Instant::now() + WITHIN;
+    while !swapped {
+        assert!(Instant::now() < until, "the reload never finished");
+        let (status, ready) = s.get("/ready");
+        assert_eq!(status, 200, "{ready}");
+        if ready["reloading"] == true {
+            reloading += 1;
+            // The old pool serves meanwhile.
+            sentence(&s, reloading);
+        }
+        swapped = ready["backend"] == "native";
+    }
+    assert!(reloading > 0, "never saw the reload");
+}
