@@ -201,9 +201,32 @@ pub async fn count_tokens(
     texts: Vec<String>,
 ) -> Result<(Vec<String>, Vec<usize>), ApiError> {
     let bytes: usize = texts.iter().map(String::len).sum();
-    let (texts, counted) = if bytes <= INLINE_TOKENIZE_BYTES {
+    let pool = pool.clone();
+    let (texts, counted) = tokenizing(state, bytes, move || {
         let counted = pool.count_tokens(&texts);
         (texts, counted)
+    })
+    .await?;
+    let counts = counted.map_err(|(i, e)| {
+        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
+    })?;
+    Ok((texts, counts))
+}
+
+/// Runs `work`, a tokenization of `bytes` of text: here if they are few,
+/// else on a blocking thread once it has its share of
+/// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`] (429 if that takes longer
+/// than [`limits::SERVE_TOKENIZE_WAIT`]).
+///
+/// # Errors
+/// The 429, or a 500 if the blocking thread panicked.
+pub async fn tokenizing<T: Send + 'static>(
+    state: &State,
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if bytes <= INLINE_TOKENIZE_BYTES {
+        Ok(work())
     } else {
         let share = bytes.min(limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT) as u32;
         let permit = tokio::time::timeout(
@@ -220,19 +243,14 @@ pub async fn count_tokens(
             )
             .retry_after(limits::SERVE_RETRY_AFTER)
         })?;
-        let pool = pool.clone();
         tokio::task::spawn_blocking(move || {
-            let counted = pool.count_tokens(&texts);
+            let done = work();
             drop(permit);
-            (texts, counted)
+            done
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    };
-    let counts = counted.map_err(|(i, e)| {
-        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
-    })?;
-    Ok((texts, counts))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
 }
 
 /// Refuses at once a request of `tokens` that the pool cannot finish by

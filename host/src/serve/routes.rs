@@ -103,6 +103,8 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
         .route("/v1/models/{*id}", get(openai::openai_model))
         .route("/embed", post(tei::tei_embed))
         .route("/info", get(tei::info))
+        .route("/tokenize", post(tei::tokenize))
+        .route("/decode", post(tei::decode))
         .route("/search", post(search))
         .route("/index", post(index_start).get(index_progress))
         .route("/stats", get(stats))

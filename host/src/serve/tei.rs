@@ -1,5 +1,6 @@
-//! TEI's routes: `POST /embed`, `GET /info`, and the 404 and 405 of every
-//! path, in the shape of the API the path belongs to.
+//! TEI's routes: `POST /embed`, `POST /tokenize`, `POST /decode`,
+//! `GET /info`, and the 404 and 405 of every path, in the shape of the API
+//! the path belongs to.
 //!
 //! What TEI's clients send is honoured or refused with 400 naming the
 //! field, never ignored: `normalize: false` for a model that normalizes its
@@ -143,4 +144,123 @@ pub(super) async fn method_not_allowed(
         format!("`{path}` does not answer {method}"),
     )
     .style(super::admit::style_of(uri.path()))
+}
+
+/// The model's tokenizer, or 501 if the host has none for it (the stub
+/// counts words and has no vocabulary).
+fn encoder(pool: &Pool) -> Result<std::sync::Arc<embedhost_text::TextEncoder>, ApiError> {
+    match &pool.tokens {
+        crate::worker::chunk::Tokens::Model(encoder) => Ok(encoder.clone()),
+        crate::worker::chunk::Tokens::Words => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "`{}` has no tokenizer the host can read (it counts words), so there are no token ids to show",
+                pool.info.model_id
+            ),
+        )),
+    }
+}
+
+/// TEI's `POST /tokenize`: `inputs` (a string or an array),
+/// `add_special_tokens` (default true); an array of tokens per input.
+pub(super) async fn tokenize(
+    Shared((state, _)): Shared<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let map = api::object(body)?;
+    let texts = api::texts(&map, "inputs")?;
+    let special = api::boolean(&map, "add_special_tokens", true)?;
+    if api::string(&map, "prompt_name")?.is_some() {
+        return Err(ApiError::bad(
+            "prompt_name",
+            "`prompt_name` is not supported: the served model has no prompts",
+        ));
+    }
+    if texts.len() > state.settings.max_inputs {
+        return Err(ApiError::over_limit(
+            "inputs",
+            format!(
+                "`inputs` has {} texts; at most {} are accepted per request ([serve] max_inputs)",
+                texts.len(),
+                state.settings.max_inputs
+            ),
+        ));
+    }
+    super::admit::check_words("inputs", &texts)?;
+    let encoder = encoder(&*state.pool()?)?;
+    let bytes = texts.iter().map(String::len).sum();
+    let tokens = super::admit::tokenizing(&state, bytes, move || {
+        texts
+            .iter()
+            .map(|t| encoder.tokens(t, special))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?
+    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let shown: Vec<Vec<Value>> = tokens
+        .into_iter()
+        .map(|list| {
+            list.into_iter()
+                .map(|t| {
+                    json!({ "id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop })
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Json(json!(shown)))
+}
+
+/// TEI's `POST /decode`: `ids` (an array of ids, or of arrays),
+/// `skip_special_tokens` (default true); one text per array.
+pub(super) async fn decode(
+    Shared((state, _)): Shared<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let map = api::object(body)?;
+    let skip = api::boolean(&map, "skip_special_tokens", true)?;
+    let lists = ids(&map)?;
+    if lists.len() > state.settings.max_inputs {
+        return Err(ApiError::over_limit(
+            "ids",
+            format!(
+                "`ids` has {} lists; at most {} are accepted per request ([serve] max_inputs)",
+                lists.len(),
+                state.settings.max_inputs
+            ),
+        ));
+    }
+    let encoder = encoder(&*state.pool()?)?;
+    lists
+        .iter()
+        .map(|ids| encoder.decode(ids, skip))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Json)
+        .map_err(|e| ApiError::bad("ids", format!("`ids` cannot be decoded: {e}")))
+}
+
+/// `ids`: an array of token ids, or an array of such arrays.
+fn ids(map: &serde_json::Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "ids",
+            "`ids` must be an array of token ids (whole numbers), or an array of such arrays",
+        )
+    };
+    let list = |v: &Value| -> Result<Vec<u32>, ApiError> {
+        v.as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|id| {
+                id.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    let all = map.get("ids").and_then(Value::as_array).ok_or_else(bad)?;
+    if all.iter().all(Value::is_array) && !all.is_empty() {
+        all.iter().map(list).collect()
+    } else {
+        Ok(vec![list(&map["ids"])?])
+    }
 }

@@ -196,3 +196,43 @@ fn a_deadline_error_says_how_long_the_request_had() {
     assert!(message.contains("300 ms"), "{message}");
     assert_eq!(e["error"]["code"], "deadline_exceeded");
 }
+
+#[test]
+fn tokenize_and_decode_answer_in_teis_shape() {
+    // The stub has no vocabulary: 501, said in TEI's shape.
+    let s = Service::start(&stub_config("wasm", "", ""), &[]);
+    let (status, e) = s.post("/tokenize", &json!({ "inputs": "hello" }));
+    assert_eq!(status, 501, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("tokenizer"), "{e}");
+    drop(s);
+    // A real tokenizer (the tiny BERT the ONNX tests build).
+    let (root, _) = crate::onnx::tiny_model(8);
+    let config = "backend = \"native\"\n[native]\nengine = \"onnx\"\n[model]\ndir = \"tiny-bert\"\n[index]\ndir = \"index\"\n[supervisor]\npool_size = 1\n";
+    let s = Service::start_in(root.path(), config, &[]);
+    let (status, tokens) = s.post("/tokenize", &json!({ "inputs": ["Hello cats", "world"] }));
+    assert_eq!(status, 200, "{tokens}");
+    let first = tokens[0].as_array().unwrap();
+    let ids: Vec<u64> = first.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 4, 6, 2], "{tokens}");
+    assert_eq!(first[0]["special"], true);
+    assert_eq!(first[0]["start"], Value::Null);
+    assert_eq!(
+        (&first[2]["text"], &first[2]["start"], &first[2]["stop"]),
+        (&json!("cats"), &json!(6), &json!(10))
+    );
+    assert_eq!(tokens[1].as_array().unwrap().len(), 3);
+    let (_, bare) = s.post(
+        "/tokenize",
+        &json!({ "inputs": "hello", "add_special_tokens": false }),
+    );
+    assert_eq!(bare[0].as_array().unwrap().len(), 1, "{bare}");
+    let (status, texts) = s.post("/decode", &json!({ "ids": [4, 6] }));
+    assert_eq!((status, texts), (200, json!(["hello cats"])));
+    let (status, texts) = s.post("/decode", &json!({ "ids": [[4], [5, 7]] }));
+    assert_eq!((status, texts), (200, json!(["hello", "world dogs"])));
+    let (status, e) = s.post("/decode", &json!({ "ids": "hello" }));
+    assert!(
+        status == 400 && e["error"].as_str().unwrap().contains("`ids`"),
+        "{e}"
+    );
+}
