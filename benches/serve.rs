@@ -5,6 +5,10 @@
 //!   concurrent clients, against large batch requests to the same service
 //!   (the batch rate of the same backend): what dynamic batching buys;
 //!   p50 and p99 latency per level;
+//! - p50 and p99 of a client sending one sentence at a time while another
+//!   sends the largest request the default limits allow (2,048 sentences)
+//!   back to back, against the same client alone: what the batcher's
+//!   round-robin by request buys;
 //! - the official `openai` Python client (asyncio, 64 concurrent requests),
 //!   a client that is not ours, against our own 64-client figure;
 //! - `embedhost search` with a running service, against without one (whole
@@ -152,6 +156,42 @@ fn load(url: &str, clients: usize, per_request: usize, seconds: f64) -> (f64, f6
     )
 }
 
+/// p50 and p99 latency of one client sending one sentence per request for
+/// `seconds` (at least 20 requests) while another sends requests of 2,048
+/// sentences (`[serve] max_inputs`) back to back; and how many of those
+/// large requests were answered meanwhile.
+fn beside_largest(url: &str, seconds: f64) -> (f64, f64, usize) {
+    let sentences = common::short_sentences(4096);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let large = std::sync::atomic::AtomicUsize::new(0);
+    let mut latencies = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let agent = agent();
+            let input = serde_json::json!(&sentences[..2048]);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                post(&agent, url, &input);
+                large.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let agent = agent();
+        let started = Instant::now();
+        for r in 0.. {
+            let input = serde_json::json!(&sentences[2048 + r % 2048]);
+            let t = Instant::now();
+            post(&agent, url, &input);
+            latencies.push(t.elapsed().as_secs_f64());
+            if r >= 20 && started.elapsed().as_secs_f64() >= seconds {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), large.into_inner())
+}
+
 /// The `openai` client's texts per second with `concurrency` requests of one
 /// sentence in flight, `total` requests.
 fn openai_client(url: &str, concurrency: usize, total: usize) -> Option<f64> {
@@ -283,6 +323,7 @@ fn main() {
         .into_iter()
         .map(|clients| (clients, load(&service.url, clients, 1, seconds)))
         .collect();
+    let (fair_p50, fair_p99, large) = beside_largest(&service.url, seconds);
     let total = if bench { 3000 } else { 64 };
     let openai = openai_client(&service.url, 64, total);
     drop(service);
@@ -297,6 +338,11 @@ fn main() {
             p99 * 1e3
         );
     }
+    println!(
+        " 1 client beside requests of 2048 sentences ({large} answered meanwhile): p50 {:.1} ms, p99 {:.1} ms",
+        fair_p50 * 1e3,
+        fair_p99 * 1e3
+    );
     if let Some(openai) = openai {
         println!("openai Python client, 64 concurrent, 1 sentence each: {openai:.0} texts/s");
     }
@@ -352,6 +398,15 @@ fn main() {
             COMMAND,
         );
     }
+    figure(
+        SECTION,
+        "p99 latency of 1 client (1 sentence per request) while another sends the largest legal request (2,048 sentences) back to back",
+        fair_p99 * 1e3,
+        "ms",
+        ("p99 of the same client alone", one.2 * 1e3),
+        Better::Lower,
+        COMMAND,
+    );
     if let Some(openai) = openai {
         figure(
             SECTION,

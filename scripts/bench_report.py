@@ -30,7 +30,7 @@ BENCHES = [
     ("recovery", "request and instance recovery after a crash, planned recycles under load"),
     ("throughput", "embedding throughput per backend against Python onnxruntime"),
     ("index", "search latency and recall, indexing rate against the raw embedder, the search command"),
-    ("serve", "the service: dynamic batching by concurrency, the openai client, search and embed against their baselines"),
+    ("serve", "the service: dynamic batching by concurrency, a sentence beside the largest legal request, the openai client, search and embed against their baselines"),
     ("nats", "the NATS transport against the child transport, three members against one"),
 ]
 

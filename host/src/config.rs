@@ -334,6 +334,14 @@ pub struct ServeSection {
     /// Keep the index fresh: watch every indexed root (as `index --watch`
     /// does) while serving.
     pub watch: bool,
+    /// How long a connection may take to send a request's headers, and how
+    /// long an idle keep-alive connection is kept, ms.
+    pub header_timeout_ms: u64,
+    /// How long a request's body may take to arrive, ms (408 past it).
+    pub body_timeout_ms: u64,
+    /// Connections open at once, at most (lowered to fit the file
+    /// descriptor limit).
+    pub max_connections: usize,
 }
 
 impl Default for ServeSection {
@@ -350,6 +358,9 @@ impl Default for ServeSection {
             batch_wait_us: limits::DEFAULT_SERVE_BATCH_WAIT.as_micros() as u64,
             shutdown_grace_ms: limits::DEFAULT_SERVE_SHUTDOWN_GRACE.as_millis() as u64,
             watch: true,
+            header_timeout_ms: limits::DEFAULT_SERVE_HEADER_TIMEOUT.as_millis() as u64,
+            body_timeout_ms: limits::DEFAULT_SERVE_BODY_TIMEOUT.as_millis() as u64,
+            max_connections: limits::DEFAULT_SERVE_MAX_CONNECTIONS,
         }
     }
 }
@@ -541,6 +552,10 @@ impl Config {
                 "[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)",
             ));
         }
+        config
+            .serve
+            .check_service_limits()
+            .map_err(|m| invalid(&m))?;
         if config.nats.tls_cert.is_some() != config.nats.tls_key.is_some() {
             return Err(invalid("[nats] tls_cert and tls_key go together"));
         }

@@ -633,3 +633,95 @@ pub const KEYWORD_COMMON_SHARE: f64 = 0.2;
 /// clamps it to almost zero), so it cannot rank anything, and meaning
 /// ranks the results instead. `--mode keyword` still matches it.
 pub const KEYWORD_WEIGHTLESS_SHARE: f64 = 0.5;
+
+// --- service (issue 27) ---
+
+/// How long a connection may take to send a request's headers
+/// (`[serve] header_timeout_ms`), counted from when the connection starts
+/// waiting for them: hyper starts this clock as soon as it waits for a
+/// request head, so it is also how long an idle keep-alive connection is
+/// kept (the keep-alive idle timeout). A client sends its headers in one
+/// write, well within a millisecond on a LAN; 10 s covers a slow mobile
+/// link, while a slow-loris connection (a header byte every few seconds)
+/// or an idle one is closed and its file descriptor freed. hyper's own
+/// default is 30 s.
+pub const DEFAULT_SERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request's whole body may take to arrive once its headers
+/// have (`[serve] body_timeout_ms`); past it the answer is 408 and the
+/// connection is closed. A body is at most `[serve] max_body_kb` (4 MiB):
+/// 30 s lets that arrive at 140 KB/s, slower than any link a service is
+/// used over, while a body that never ends (a Content-Length larger than
+/// what is sent, an endless chunked stream, headers and no body) holds its
+/// connection for no longer than this. The body is read before the request
+/// takes its admission slot, so a slow body costs a connection, never a
+/// slot another client needs.
+pub const DEFAULT_SERVE_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest and longest `[serve] header_timeout_ms` and `body_timeout_ms`:
+/// under 100 ms a healthy client on a busy machine is cut off; past 10
+/// minutes the limit no longer frees anything in time.
+pub const SERVE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
+
+/// Connections the service keeps open at once, TCP and the owner's socket
+/// together (`[serve] max_connections`), at most: each costs a file
+/// descriptor and hyper's buffers (a few KiB idle). Past it a new
+/// connection first closes one without a request in it (one that never sent
+/// a whole request, an idle or slow-loris one, before a kept-alive one
+/// between requests; the longest idle of them); if every connection has a
+/// request in flight, the new one gets a canned 503 and is closed, without
+/// being read. 4096 idle connections cost about 40 MB. The cap is lowered
+/// to fit the process's file descriptor limit (see [`SERVE_FD_RESERVE`]).
+pub const DEFAULT_SERVE_MAX_CONNECTIONS: usize = 4096;
+
+/// Largest `[serve] max_connections` accepted: past a million the table of
+/// connections alone costs more than a small machine has.
+pub const SERVE_MAX_CONNECTIONS_CEILING: usize = 1_000_000;
+
+/// File descriptors kept out of the connection cap for everything else the
+/// service opens: the index's SQLite files, the pool's children's pipes,
+/// the plugin and model files, the artifact cache, the watch's inotify
+/// descriptors, logs. A pool of 16 native children uses about 64; 256
+/// leaves room. At start the service raises its soft `RLIMIT_NOFILE` to
+/// the hard limit, then caps connections at that limit less this reserve,
+/// so a flood of connections cannot take the descriptors the pool and the
+/// index need (under systemd's default soft limit of 1024, 1,200 idle
+/// connections had made every new client time out).
+pub const SERVE_FD_RESERVE: u64 = 256;
+
+/// How long the accept loop pauses after `accept` fails (out of file
+/// descriptors, most often): the failure would otherwise repeat in a busy
+/// loop. Short, since closing one connection is enough to recover.
+pub const SERVE_ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often the accept loop logs that it refused connections at the cap
+/// (with the count since the last line), so a flood cannot flood the log.
+pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Smallest batch, in tokens, whose time the batcher counts when it
+/// measures the pool's speed: a batch of a few short sentences is mostly a
+/// call's fixed cost (a frame, a graph run), so its rate would make every
+/// large request look too slow and refuse it. 1024 tokens is four full
+/// passages of all-MiniLM-L6-v2's window, where the per-token cost rules.
+pub const SERVE_THROUGHPUT_MIN_TOKENS: usize = 1024;
+
+/// Weight of a new batch in the moving average of the pool's speed: a
+/// third, so a change (a reload, a busier machine) shows within a few
+/// batches while one odd batch moves the estimate little.
+pub const SERVE_THROUGHPUT_SMOOTHING: f64 = 0.3;
+
+/// Bytes of text being tokenized at once, in all requests (the check
+/// before any work): the tokenizer holds several times its input while it
+/// works (alignments per byte, the normalized copy), and 16 requests of a
+/// 4 MB string each had taken 5.9 GB. 8 MiB is two of the largest bodies;
+/// a request waits at most [`SERVE_TOKENIZE_WAIT`] for its share, then
+/// gets 429. Texts of a request under 4 KiB in all are counted on its own
+/// task without waiting (a sentence costs microseconds).
+pub const SERVE_TOKENIZE_BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
+
+/// How long a request waits for its share of
+/// [`SERVE_TOKENIZE_BYTES_IN_FLIGHT`] before it is refused with 429: a
+/// share frees when a tokenization ends, within a second or two even for
+/// the largest body.
+pub const SERVE_TOKENIZE_WAIT: Duration = Duration::from_secs(5);

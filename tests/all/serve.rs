@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod contact;
+mod limits;
+
 /// How long a service may take to become ready (compiling the stub is
 /// cached; a native pool starts two children).
 const READY_WITHIN: Duration = Duration::from_secs(120);
@@ -425,8 +428,9 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
         "{e}"
     );
     let nine: Vec<String> = (0..9).map(|i| format!("text {i}")).collect();
+    // TEI answers its validation errors (sizes and counts) with 413.
     let (status, e) = s.post("/embed", &json!({ "inputs": nine }));
-    assert_eq!(status, 400);
+    assert_eq!(status, 413);
     assert!(e["error"].as_str().unwrap().contains("max_inputs"), "{e}");
     assert_eq!(e["error_type"], "Validation");
     let (status, e) = s.post("/embed", &json!({ "inputs": "x".repeat(20_000) }));
@@ -435,7 +439,7 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     // `truncate: false` refuses longer inputs, naming the limit.
     let long = vec!["word"; 300].join(" ");
     let (status, e) = s.post("/embed", &json!({ "inputs": long, "truncate": false }));
-    assert_eq!(status, 400);
+    assert_eq!(status, 413);
     assert!(e["error"].as_str().unwrap().contains("at most 256"), "{e}");
     let (status, _) = s.post("/embed", &json!({ "inputs": long, "truncate": true }));
     assert_eq!(status, 200);

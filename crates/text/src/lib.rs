@@ -70,6 +70,21 @@ pub struct Batch {
     pub token_type_ids: Vec<i64>,
 }
 
+/// One token of a text (see [`TextEncoder::tokens`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// Its id in the vocabulary.
+    pub id: u32,
+    /// Its part of the text, or the token itself if it is special.
+    pub text: String,
+    /// Whether the tokenizer added it (`[CLS]`, `[SEP]`).
+    pub special: bool,
+    /// Its byte range in the text (none for a special token).
+    pub start: Option<usize>,
+    /// See `start`.
+    pub stop: Option<usize>,
+}
+
 /// A model's tokenizer, configured to truncate and pad.
 #[derive(Clone)]
 pub struct TextEncoder {
@@ -177,6 +192,49 @@ impl TextEncoder {
             .copied()
             .filter(|(start, end)| end > start)
             .collect())
+    }
+
+    /// The tokens of `text` with no truncation, as TEI's `/tokenize` lists
+    /// them: id, its part of the text (the token itself for a special one),
+    /// whether it is special, and its byte range in `text` (none for a
+    /// special token).
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer fails.
+    pub fn tokens(&self, text: &str, add_special: bool) -> Result<Vec<Token>, TextError> {
+        let encoding = self
+            .counter
+            .encode(text, add_special)
+            .map_err(|e| TextError::Encode(e.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(((&id, token), &(start, stop)), &special)| {
+                let special = special == 1;
+                let part = (!special).then(|| text.get(start..stop)).flatten();
+                Token {
+                    id,
+                    text: part.unwrap_or(token).to_string(),
+                    special,
+                    start: (!special).then_some(start),
+                    stop: (!special).then_some(stop),
+                }
+            })
+            .collect())
+    }
+
+    /// The text of token `ids`, without special tokens if `skip_special`.
+    ///
+    /// # Errors
+    /// [`TextError::Encode`] if the tokenizer cannot decode them (an id
+    /// outside its vocabulary).
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TextError> {
+        self.counter
+            .decode(ids, skip_special)
+            .map_err(|e| TextError::Encode(e.to_string()))
     }
 
     /// Tokenizes, truncates and pads `texts` into one batch.
@@ -363,6 +421,22 @@ mod tests {
         let spans = encoder(4).token_spans(text).unwrap();
         let words: Vec<&str> = spans.iter().map(|&(s, e)| &text[s..e]).collect();
         assert_eq!(words, ["Grüße", ",", "hello", "world", "cats"]);
+    }
+
+    #[test]
+    fn tokens_list_ids_parts_and_specials_and_decode_back() {
+        let e = encoder(4);
+        let tokens = e.tokens("hello world", true).unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        assert_eq!(ids, [1, 4, 5, 2]);
+        assert!(tokens[0].special && tokens[0].start.is_none());
+        assert_eq!(
+            (tokens[2].text.as_str(), tokens[2].start, tokens[2].stop),
+            ("world", Some(6), Some(11))
+        );
+        assert_eq!(e.tokens("hello world", false).unwrap().len(), 2);
+        assert_eq!(e.decode(&ids[1..3], true).unwrap(), "hello world");
+        assert!(e.decode(&ids, false).unwrap().contains("world"));
     }
 
     #[test]

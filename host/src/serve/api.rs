@@ -37,6 +37,9 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// The shape to answer in.
     pub style: Style,
+    /// A size or count past a limit: 400 in OpenAI's shape, 413 in TEI's
+    /// (TEI answers its validation errors so).
+    pub limit: bool,
 }
 
 impl ApiError {
@@ -48,6 +51,16 @@ impl ApiError {
             param: None,
             retry_after: None,
             style: Style::Tei,
+            limit: false,
+        }
+    }
+
+    /// 400 (413 on TEI's routes) for a size or count past a limit, naming
+    /// `param`.
+    pub fn over_limit(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            limit: true,
+            ..Self::bad(param, message)
         }
     }
 
@@ -83,6 +96,25 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's `code`: a stable, machine-readable name of the refusal
+    /// (OpenAI's own where it has one).
+    fn openai_code(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "invalid_api_key",
+            StatusCode::NOT_FOUND if self.param.as_deref() == Some("model") => "model_not_found",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::UNPROCESSABLE_ENTITY => "input_failed",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+            StatusCode::GATEWAY_TIMEOUT => "deadline_exceeded",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request",
+        }
+    }
+
     fn tei_type(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "Unauthorized",
@@ -96,19 +128,27 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    fn into_response(mut self) -> Response {
+        if self.limit && self.style == Style::Tei {
+            self.status = StatusCode::PAYLOAD_TOO_LARGE;
+        }
         let body = match self.style {
             Style::OpenAi => json!({
                 "error": {
                     "message": self.message,
                     "type": self.openai_type(),
                     "param": self.param,
-                    "code": null,
+                    "code": self.openai_code(),
                 }
             }),
             Style::Tei => json!({ "error": self.message, "error_type": self.tei_type() }),
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(after) = self.retry_after {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

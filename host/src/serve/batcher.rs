@@ -1,28 +1,47 @@
-//! Dynamic batching: requests that arrive together share a batch.
+//! Dynamic batching: requests that arrive together share a batch, and a
+//! large request does not make a small one wait for all of it.
 //!
 //! Every request's texts are cut into pieces of at most the token budget
-//! (`[serve] max_batch_tokens`) and queued. A few lanes (one more than the
-//! pool has instances, so a batch is always ready when an instance frees)
-//! each take the oldest piece, add whatever else is queued up to the budget,
-//! wait at most `batch_wait` for more while every instance is busy, and send the merged batch to
+//! (`[serve] max_batch_tokens`) and queued as one entry of a rotation. A few
+//! lanes (one more than the pool has instances, so a batch is always ready
+//! when an instance frees) each form a batch, one lane at a time: the first
+//! piece of the request at the head of the rotation, then the first piece
+//! of the next requests in turn, up to the budget, waiting at most
+//! `batch_wait` for more while every instance is busy. The batch goes to
 //! [`Supervisor::embed`], which cuts it again across idle instances. The
 //! answer is split back into each piece's rows, in order.
+//!
+//! **The fairness rule:** pieces are taken round-robin by request. A
+//! request that gave a piece to a batch goes to the back of the rotation,
+//! so a request waits for at most one piece of each request queued before
+//! it per round, never for every piece of a large one: a single sentence
+//! sent beside the largest legal request is in one of the next batches
+//! formed (at most one per lane is running ahead of it).
 //!
 //! Invariants:
 //! - A text's vector does not depend on its batch neighbours (every engine
 //!   embeds texts independently), so merging never changes an answer.
+//! - A request's pieces are answered in order; its rows come back in the
+//!   order of its texts.
 //! - A poison text fails only its own row: the supervisor isolates it and
 //!   every other text of the batch, of any request, gets its vector.
-//! - The queue is bounded ([`limits::SERVE_BATCH_QUEUE`]); a full queue is
-//!   refused at once ([`BatchError::Overloaded`]), never waited on.
+//! - The queue is bounded ([`limits::SERVE_BATCH_QUEUE`] pieces); a request
+//!   that does not fit is refused whole, at once ([`BatchError::Overloaded`]),
+//!   never waited on.
 //! - A piece whose caller is gone or whose deadline passed is dropped
 //!   before it costs an instance any work; a batch whose callers are all
 //!   gone is dropped from the supervisor's queue.
+//! - The batcher measures what a batch costs (tokens per second, from
+//!   batches of at least [`limits::SERVE_THROUGHPUT_MIN_TOKENS`]), so a
+//!   request can be told at once that it cannot finish within its deadline
+//!   ([`Batcher::estimate`]).
 
+use std::collections::VecDeque;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -43,7 +62,7 @@ pub type Row = Result<Vec<f32>, String>;
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum BatchError {
     /// The queue is full: retry shortly.
-    #[error("the service is overloaded: {0} requests wait for the embedder")]
+    #[error("the service is overloaded: {0} pieces of requests wait for the embedder")]
     Overloaded(usize),
     /// The pool stopped (the service is shutting down or was reloaded).
     #[error("the embedder pool was stopped")]
@@ -71,20 +90,77 @@ struct Piece {
     tokens: usize,
     is_query: bool,
     until: Instant,
+    /// The whole deadline its request was given, for messages.
+    given: Duration,
     reply: oneshot::Sender<Result<Vec<Row>, BatchError>>,
 }
 
-struct Queue {
-    rx: mpsc::Receiver<Piece>,
-    /// A piece taken that did not fit the batch being formed: the next
-    /// batch starts with it, so order is kept.
-    carry: Option<Piece>,
+/// One request's pieces not yet taken.
+struct Waiting {
+    pieces: VecDeque<Piece>,
+    tokens: usize,
+}
+
+/// The requests waiting, in the order of the round-robin.
+#[derive(Default)]
+struct Rotation {
+    requests: VecDeque<Waiting>,
+    pieces: usize,
+    closed: bool,
+}
+
+impl Rotation {
+    /// The first piece of the first request in the rotation whose next
+    /// piece is of kind `is_query` (any, if `None`) and fits `room` tokens;
+    /// that request goes to the back of the rotation.
+    fn take(&mut self, is_query: Option<bool>, room: usize) -> Option<Piece> {
+        let i = self.requests.iter().position(|w| {
+            w.pieces
+                .front()
+                .is_some_and(|p| is_query.is_none_or(|q| p.is_query == q) && p.tokens <= room)
+        })?;
+        let mut waiting = self.requests.remove(i)?;
+        let piece = waiting.pieces.pop_front()?;
+        waiting.tokens -= piece.tokens;
+        self.pieces -= 1;
+        if !waiting.pieces.is_empty() {
+            self.requests.push_back(waiting);
+        }
+        Some(piece)
+    }
+}
+
+/// What the lanes share.
+struct Shared {
+    rotation: std::sync::Mutex<Rotation>,
+    /// Woken when pieces are queued or the batcher closes.
+    queued: Notify,
+    /// One lane forms a batch at a time.
+    forming: tokio::sync::Mutex<()>,
+    /// Tokens per second one batch is embedded at (a moving average), once
+    /// measured.
+    rate: std::sync::Mutex<Option<f64>>,
+}
+
+impl Shared {
+    fn rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {
+        self.rotation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How long a request would take, as [`Batcher::estimate`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// Its own tokens alone, on the whole pool.
+    pub alone: Duration,
+    /// With what the fairness rule puts ahead of it in the queue.
+    pub queued: Duration,
 }
 
 /// The queue and its lanes. Dropping it (or [`Batcher::close`]) lets the
 /// lanes finish what is queued and end.
 pub struct Batcher {
-    tx: std::sync::Mutex<Option<mpsc::Sender<Piece>>>,
+    shared: Arc<Shared>,
     lanes: std::sync::Mutex<Vec<JoinHandle<()>>>,
     settings: BatchSettings,
 }
@@ -92,16 +168,17 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the lanes over `supervisor`.
     pub fn start(supervisor: Supervisor, settings: BatchSettings) -> Self {
-        let (tx, rx) = mpsc::channel(limits::SERVE_BATCH_QUEUE);
-        let queue = Arc::new(Mutex::new(Queue { rx, carry: None }));
+        let shared = Arc::new(Shared {
+            rotation: std::sync::Mutex::new(Rotation::default()),
+            queued: Notify::new(),
+            forming: tokio::sync::Mutex::new(()),
+            rate: std::sync::Mutex::new(None),
+        });
         let lanes = (0..settings.lanes.max(1))
-            .map(|_| {
-                let (queue, supervisor, tx) = (queue.clone(), supervisor.clone(), tx.downgrade());
-                tokio::spawn(lane(queue, supervisor, settings, tx))
-            })
+            .map(|_| tokio::spawn(lane(shared.clone(), supervisor.clone(), settings)))
             .collect();
         Batcher {
-            tx: std::sync::Mutex::new(Some(tx)),
+            shared,
             lanes: std::sync::Mutex::new(lanes),
             settings,
         }
@@ -120,43 +197,77 @@ impl Batcher {
         is_query: bool,
         until: Instant,
     ) -> Result<Vec<Row>, BatchError> {
-        let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return Err(BatchError::Stopped);
+        let given = until.saturating_duration_since(Instant::now());
+        let mut waiting = Waiting {
+            pieces: VecDeque::new(),
+            tokens: 0,
         };
-        let mut waiting = Vec::new();
+        let mut answers = Vec::new();
         let mut texts = texts.into_iter();
         for range in pieces(tokens, self.settings.max_batch_tokens) {
             let piece_texts: Vec<String> = texts.by_ref().take(range.len()).collect();
             let (reply, answer) = oneshot::channel();
-            let piece = Piece {
+            let piece_tokens: usize = tokens[range].iter().sum();
+            waiting.tokens += piece_tokens;
+            waiting.pieces.push_back(Piece {
                 count: piece_texts.len(),
                 texts: piece_texts,
-                tokens: tokens[range].iter().sum(),
+                tokens: piece_tokens,
                 is_query,
                 until,
+                given,
                 reply,
-            };
-            match tx.try_send(piece) {
-                Ok(()) => waiting.push(answer),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    return Err(BatchError::Overloaded(limits::SERVE_BATCH_QUEUE));
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(BatchError::Stopped),
-            }
+            });
+            answers.push(answer);
         }
-        metrics::gauge!(METRIC_QUEUE_DEPTH).set((tx.max_capacity() - tx.capacity()) as f64);
-        drop(tx);
+        {
+            let mut rotation = self.shared.rotation();
+            if rotation.closed {
+                return Err(BatchError::Stopped);
+            }
+            if rotation.pieces + waiting.pieces.len() > limits::SERVE_BATCH_QUEUE {
+                return Err(BatchError::Overloaded(rotation.pieces));
+            }
+            rotation.pieces += waiting.pieces.len();
+            metrics::gauge!(METRIC_QUEUE_DEPTH).set(rotation.pieces as f64);
+            rotation.requests.push_back(waiting);
+        }
+        self.shared.queued.notify_waiters();
         let mut rows = Vec::with_capacity(tokens.len());
-        for answer in waiting {
+        for answer in answers {
             rows.extend(answer.await.map_err(|_| BatchError::Stopped)??);
         }
         Ok(rows)
     }
 
+    /// How long `tokens` more tokens would take on the pool's `instances`,
+    /// alone and behind what the fairness rule puts ahead of them (of each
+    /// queued request, at most as many tokens as these); `None` until a
+    /// batch large enough to measure has run. The rate of one batch times
+    /// the instances overstates the pool's speed when the supervisor split
+    /// that batch across instances, so the estimate errs short: it refuses
+    /// only what cannot finish.
+    pub fn estimate(&self, tokens: usize, instances: usize) -> Option<Estimate> {
+        let rate = (*self.shared.rate.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let pool = rate * instances.max(1) as f64;
+        let ahead: usize = self
+            .shared
+            .rotation()
+            .requests
+            .iter()
+            .map(|w| w.tokens.min(tokens))
+            .sum();
+        Some(Estimate {
+            alone: Duration::from_secs_f64(tokens as f64 / pool),
+            queued: Duration::from_secs_f64((tokens + ahead) as f64 / pool),
+        })
+    }
+
     /// Stops taking pieces and waits until the lanes have answered every
     /// piece already queued.
     pub async fn close(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.shared.rotation().closed = true;
+        self.shared.queued.notify_waiters();
         let lanes = std::mem::take(&mut *self.lanes.lock().unwrap_or_else(|p| p.into_inner()));
         for lane in lanes {
             let _ = lane.await;
@@ -166,7 +277,8 @@ impl Batcher {
 
 impl Drop for Batcher {
     fn drop(&mut self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.shared.rotation().closed = true;
+        self.shared.queued.notify_waiters();
     }
 }
 
@@ -188,36 +300,45 @@ pub fn pieces(tokens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-async fn lane(
-    queue: Arc<Mutex<Queue>>,
-    supervisor: Supervisor,
-    settings: BatchSettings,
-    tx: mpsc::WeakSender<Piece>,
-) {
+async fn lane(shared: Arc<Shared>, supervisor: Supervisor, settings: BatchSettings) {
     loop {
         let batch = {
-            let mut queue = queue.lock().await;
-            let first = match queue.carry.take() {
-                Some(piece) => piece,
-                None => match queue.rx.recv().await {
-                    Some(piece) => piece,
-                    None => return,
-                },
+            let _forming = shared.forming.lock().await;
+            let Some(first) = next_piece(&shared).await else {
+                return;
             };
-            gather(&mut queue, first, &settings, &supervisor).await
+            gather(&shared, first, &settings, &supervisor).await
         };
-        if let Some(tx) = tx.upgrade() {
-            metrics::gauge!(METRIC_QUEUE_DEPTH).set((tx.max_capacity() - tx.capacity()) as f64);
-        }
-        run(&supervisor, batch).await;
+        metrics::gauge!(METRIC_QUEUE_DEPTH).set(shared.rotation().pieces as f64);
+        run(&shared, &supervisor, batch).await;
     }
 }
 
-/// `first` and the pieces queued after it that fit the budget, waiting up to
-/// the batch wait for more while the budget is not full and every instance
-/// is busy (with one free, waiting would only leave it idle).
+/// The next piece in the rotation, waiting for one; `None` once the
+/// batcher is closed and nothing is left.
+async fn next_piece(shared: &Shared) -> Option<Piece> {
+    loop {
+        let mut queued = pin!(shared.queued.notified());
+        queued.as_mut().enable();
+        {
+            let mut rotation = shared.rotation();
+            if let Some(piece) = rotation.take(None, usize::MAX) {
+                return Some(piece);
+            }
+            if rotation.closed {
+                return None;
+            }
+        }
+        queued.await;
+    }
+}
+
+/// `first` and the pieces the rotation gives next that fit the budget,
+/// waiting up to the batch wait for more while nothing else is queued and
+/// every instance is busy (with one free, waiting would only leave it
+/// idle; with pieces queued that do not fit, the next batch has them).
 async fn gather(
-    queue: &mut Queue,
+    shared: &Shared,
     first: Piece,
     settings: &BatchSettings,
     supervisor: &Supervisor,
@@ -227,29 +348,31 @@ async fn gather(
     let mut batch = vec![first];
     let stop = Instant::now() + settings.wait;
     while tokens < settings.max_batch_tokens {
-        let next = match queue.rx.try_recv() {
-            Ok(piece) => piece,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) if supervisor.free_instances() > 0 => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(stop, queue.rx.recv()).await {
-                    Ok(Some(piece)) => piece,
-                    Ok(None) | Err(_) => break,
+        let mut queued = pin!(shared.queued.notified());
+        queued.as_mut().enable();
+        let left = {
+            let mut rotation = shared.rotation();
+            match rotation.take(Some(is_query), settings.max_batch_tokens - tokens) {
+                Some(piece) => {
+                    tokens += piece.tokens;
+                    batch.push(piece);
+                    continue;
                 }
+                None => rotation.pieces > 0 || rotation.closed,
             }
         };
-        if next.is_query != is_query || tokens + next.tokens > settings.max_batch_tokens {
-            queue.carry = Some(next);
+        if left || supervisor.free_instances() > 0 {
             break;
         }
-        tokens += next.tokens;
-        batch.push(next);
+        if tokio::time::timeout_at(stop, queued).await.is_err() {
+            break;
+        }
     }
     batch
 }
 
 /// Embeds the live pieces of `batch` as one call and answers each.
-async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
+async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>) {
     let now = Instant::now();
     let mut live = Vec::with_capacity(batch.len());
     for piece in batch {
@@ -258,7 +381,7 @@ async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
         }
         if piece.until <= now {
             let _ = piece.reply.send(Err(BatchError::Supervisor(
-                SupervisorError::DeadlineExceeded(Duration::ZERO),
+                SupervisorError::DeadlineExceeded(piece.given),
             )));
             continue;
         }
@@ -279,6 +402,7 @@ async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
     let n = texts.len();
     // If every caller of the batch gives up, the batch is dropped too: its
     // job leaves the supervisor's queue unrun (or its answer is dropped).
+    let started = Instant::now();
     let result = {
         let gone = futures::future::join_all(live.iter_mut().map(|p| p.reply.closed()));
         tokio::select! {
@@ -289,6 +413,9 @@ async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
     let Some(result) = result else {
         return;
     };
+    if result.is_ok() && tokens >= limits::SERVE_THROUGHPUT_MIN_TOKENS {
+        measured(shared, tokens, started.elapsed());
+    }
     let rows: Vec<Row> = match result {
         Err(e) => {
             for piece in live {
@@ -321,4 +448,14 @@ async fn run(supervisor: &Supervisor, batch: Vec<Piece>) {
         let mine: Vec<Row> = rest.by_ref().take(piece.count).collect();
         let _ = piece.reply.send(Ok(mine));
     }
+}
+
+/// Folds one batch's rate (`tokens` in `took`) into the moving average.
+fn measured(shared: &Shared, tokens: usize, took: Duration) {
+    let rate = tokens as f64 / took.as_secs_f64().max(1e-6);
+    let mut average = shared.rate.lock().unwrap_or_else(|p| p.into_inner());
+    *average = Some(match *average {
+        None => rate,
+        Some(old) => old + limits::SERVE_THROUGHPUT_SMOOTHING * (rate - old),
+    });
 }

@@ -22,11 +22,16 @@
 //!   request, tokens per input, requests at once, the batch queue, the
 //!   deadline, the index jobs remembered.
 
+pub mod admit;
 pub mod api;
 pub mod batcher;
 pub mod client;
+pub mod listen;
+mod openai;
 pub mod pool;
 pub mod routes;
+mod settings;
+mod tei;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -174,8 +179,20 @@ pub struct State {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Requests answered since SIGTERM.
     drained: std::sync::atomic::AtomicUsize,
+    /// Requests dropped unanswered since SIGTERM (the grace period ended).
+    cut: std::sync::atomic::AtomicUsize,
     /// Set once SIGTERM has stopped the listeners.
     stopping: std::sync::atomic::AtomicBool,
+    /// The service's one admission limit (`[serve] max_concurrent_requests`),
+    /// taken by every route that costs work once its body is read.
+    pub admission: Arc<tokio::sync::Semaphore>,
+    /// Cancelled at SIGTERM: bodies still arriving are answered 503 at once.
+    pub draining: CancellationToken,
+    /// The open connections of both listeners, and their cap.
+    pub connections: Arc<listen::Connections>,
+    /// Bytes of text being tokenized now, at most
+    /// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`].
+    pub tokenizing: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -206,21 +223,34 @@ impl State {
     /// abandoned), so the drain can say what it cut off.
     pub fn running(self: &Arc<Self>) -> Running {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        Running(self.clone())
+        Running {
+            state: self.clone(),
+            answered: false,
+        }
     }
 
-    /// Why the service is not ready, or `None` if it is.
+    /// HTTP requests being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Why the service is not ready, or `None` if it is: ready while any
+    /// pool can serve, so a reload (whose old pool serves until the new one
+    /// is up) does not take the service out of a load balancer.
     pub fn not_ready(&self) -> Option<String> {
-        match &*lock(&self.phase) {
-            Phase::Starting => return Some("the embedder backend is starting".into()),
-            Phase::Reloading => {
-                return Some("reloading: a new embedder pool is starting".into());
-            }
-            Phase::Ready => {}
+        if *lock(&self.phase) == Phase::Starting {
+            return Some("the embedder backend is starting".into());
         }
-        let pool = self.pool().ok()?;
+        let Ok(pool) = self.pool() else {
+            return Some("the embedder backend is starting".into());
+        };
         pool.escalated()
             .map(|reason| format!("the embedder backend is cooling down after failures: {reason}"))
+    }
+
+    /// Whether a reload is starting a new pool (the current one serves).
+    pub fn reloading(&self) -> bool {
+        *lock(&self.phase) == Phase::Reloading
     }
 
     /// The worker, or why there is none.
@@ -386,13 +416,28 @@ impl State {
 }
 
 /// A request being handled (see [`State::running`]).
-pub struct Running(Arc<State>);
+pub struct Running {
+    state: Arc<State>,
+    answered: bool,
+}
+
+impl Running {
+    /// The request has its response (dropped without it, it was cut off).
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.0.stopping.load(Ordering::SeqCst) {
-            self.0.drained.fetch_add(1, Ordering::SeqCst);
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.state.stopping.load(Ordering::SeqCst) {
+            let counter = if self.answered {
+                &self.state.drained
+            } else {
+                &self.state.cut
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -451,6 +496,15 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         message: e.to_string(),
     })?;
     let unix = bind_socket(&db).await?;
+    let settings_concurrency = settings.max_concurrent_requests;
+    let nofile = listen::raise_nofile();
+    let connections = listen::Connections::new(settings.max_connections, nofile);
+    tracing::info!(
+        nofile,
+        max_connections = connections.cap(),
+        "file descriptor limit and connection cap"
+    );
+    let header_timeout = Duration::from_millis(settings.header_timeout_ms);
 
     let state = Arc::new(State {
         options,
@@ -469,7 +523,14 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         retiring: Mutex::new(Vec::new()),
         in_flight: Arc::default(),
         drained: Default::default(),
+        cut: Default::default(),
         stopping: Default::default(),
+        admission: Arc::new(tokio::sync::Semaphore::new(settings_concurrency)),
+        draining: CancellationToken::new(),
+        connections: connections.clone(),
+        tokenizing: Arc::new(tokio::sync::Semaphore::new(
+            limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
+        )),
     });
 
     let stop = CancellationToken::new();
@@ -485,22 +546,23 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     });
     let public = routes::router(state.clone(), routes::Access::Network);
     let private = routes::router(state.clone(), routes::Access::Owner);
-    let tcp = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            axum::serve(listener, public)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
-    let socket = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            axum::serve(unix, private)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
+    let cut = CancellationToken::new();
+    let tcp = tokio::spawn(listen::serve(
+        listener,
+        public,
+        connections.clone(),
+        header_timeout,
+        stop.clone(),
+        cut.clone(),
+    ));
+    let socket = tokio::spawn(listen::serve(
+        unix,
+        private,
+        connections.clone(),
+        header_timeout,
+        stop.clone(),
+        cut.clone(),
+    ));
     // One line on stdout, for people and for programs that started us on
     // port 0.
     {
@@ -543,27 +605,24 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         Err(e) => Err(ServeError::Backend(e)),
     };
 
-    // Stop accepting; requests in flight finish within the grace period.
+    // Stop accepting; requests in flight finish within the grace period,
+    // connections without one close at once.
     tracing::info!("stopping: draining requests in flight");
     state.stopping.store(true, Ordering::SeqCst);
     let running_at_stop = state.in_flight.load(Ordering::SeqCst);
     stop.cancel();
+    state.draining.cancel();
     let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
-    let drained = tokio::time::timeout(grace, async {
-        let _ = tcp.await;
-        let _ = socket.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("requests still running after the {grace:?} grace period are cut off");
-    }
+    let drained = listen::drain(tcp, socket, grace, &cut).await;
     // One last line on stdout, for people and for the programs that watch
     // us: what the drain answered and what it had to cut off.
-    let cut = state.in_flight.load(Ordering::SeqCst);
     let line = format!(
-        "embedhost serve: stopped; {} request(s) were running at the stop, {} answered during the drain, {cut} cut off\n",
+        "embedhost serve: stopped; {} request(s) were running at the stop, {} answered during the drain, {} cut off; {} connection(s) without a request closed at once, {} cut at the end of the grace period\n",
         running_at_stop,
         state.drained.load(Ordering::SeqCst),
+        state.cut.load(Ordering::SeqCst) + state.in_flight.load(Ordering::SeqCst),
+        drained.closed_idle,
+        drained.cut,
     );
     {
         use std::io::Write as _;

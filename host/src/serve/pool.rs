@@ -35,6 +35,10 @@ pub struct Pool {
     pub engine_name: String,
     /// Counts tokens as the model does (or words, for the stub).
     pub tokens: Tokens,
+    /// The configured model's full name (its Hugging Face name,
+    /// `sentence-transformers/all-MiniLM-L6-v2`), which clients may ask
+    /// for as well as its id.
+    pub alias: Option<String>,
     engine: Engine,
 }
 
@@ -73,6 +77,7 @@ impl Pool {
                 backend: "remote",
                 engine: Engine::Remote { bus },
                 engine_name: config.embedder.remote.clone().unwrap_or_default(),
+                alias: alias(&config),
                 info,
                 tokens,
                 config,
@@ -104,6 +109,7 @@ impl Pool {
             generation,
             backend: config.backend.name(),
             engine_name: engine,
+            alias: alias(&config),
             info,
             tokens,
             engine: Engine::Local {
@@ -152,6 +158,19 @@ impl Pool {
         match &self.engine {
             Engine::Local { batcher, .. } => batcher.embed(texts, &capped, is_query, until).await,
             Engine::Remote { bus } => remote_embed(bus, texts, is_query, until).await,
+        }
+    }
+
+    /// How long `tokens` more would take here (see
+    /// [`Batcher::estimate`]); `None` for a remote pool or before a
+    /// measurement.
+    pub fn estimate(&self, tokens: usize) -> Option<super::batcher::Estimate> {
+        match &self.engine {
+            Engine::Local {
+                batcher,
+                supervisor,
+            } => batcher.estimate(tokens, supervisor.status().len()),
+            Engine::Remote { .. } => None,
         }
     }
 
@@ -204,6 +223,13 @@ impl Pool {
             supervisor.shutdown().await;
         }
     }
+}
+
+/// The configured model's full name, if it is one the host knows.
+fn alias(config: &Config) -> Option<String> {
+    crate::model::builtin(config.model_id())
+        .ok()
+        .map(|manifest| manifest.name)
 }
 
 /// `embedder.embed` to a remote pool, as rows.

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State as Shared};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -20,14 +19,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::State;
-use super::api::{self, ApiError, Style};
+use super::api::{self, ApiError};
 use super::pool::Pool;
+use super::{openai, tei};
 use crate::limits;
 
 /// HTTP requests, by route and status.
@@ -38,11 +37,14 @@ pub const METRIC_HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const METRIC_INSTANCE_MEMORY: &str = "instance_memory_bytes";
 /// Texts embedded, by route.
 pub const METRIC_TEXTS: &str = "embedded_texts_total";
-
-/// Texts up to this many bytes in all are tokenized on the request's own
-/// task: a sentence takes microseconds, less than a hand-off to a blocking
-/// thread.
-const INLINE_TOKENIZE_BYTES: usize = 4096;
+/// HTTP requests being handled now (their body being read included).
+pub const METRIC_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Requests holding an admission slot now (`[serve] max_concurrent_requests`).
+pub const METRIC_ADMITTED: &str = "http_requests_admitted";
+/// Connections open now, both listeners.
+pub const METRIC_CONNECTIONS: &str = "http_connections_open";
+/// Connections closed at the cap to make room for new ones, in all.
+pub const METRIC_EVICTED: &str = "http_connections_evicted_total";
 
 /// Who reaches the router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,37 +98,40 @@ pub fn prometheus() -> PrometheusHandle {
 pub fn router(state: Arc<State>, access: Access) -> Router {
     let limit = state.settings.max_body_kb * 1024;
     let mut api = Router::new()
-        .route("/v1/embeddings", post(openai_embeddings))
-        .route("/v1/models", get(openai_models))
-        .route("/embed", post(tei_embed))
-        .route("/info", get(info))
+        .route("/v1/embeddings", post(openai::openai_embeddings))
+        .route("/v1/models", get(openai::openai_models))
+        .route("/v1/models/{*id}", get(openai::openai_model))
+        .route("/embed", post(tei::tei_embed))
+        .route("/info", get(tei::info))
+        .route("/tokenize", post(tei::tokenize))
+        .route("/decode", post(tei::decode))
         .route("/search", post(search))
         .route("/index", post(index_start).get(index_progress))
         .route("/stats", get(stats))
-        .route("/forget", post(forget))
-        .route("/metrics", get(render_metrics));
+        .route("/forget", post(forget));
     if access == Access::Owner {
         api = api
             .route("/embedhost/embed", post(embedhost_embed))
             .route("/embedhost/embedder", get(embedhost_embedder));
     }
-    let overloaded = |_: tower::BoxError| async {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many requests at once; retry shortly",
-        )
-        .retry_after(limits::SERVE_RETRY_AFTER)
-    };
-    let api = api.layer(
-        tower::ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(overloaded))
-            .load_shed()
-            .concurrency_limit(state.settings.max_concurrent_requests),
-    );
+    // One admission limit for every route that costs work, taken once the
+    // body is read (`admit.rs`); `route_layer`, so an unknown path is a 404,
+    // not a slot.
+    let api = api.route_layer(axum::middleware::from_fn_with_state(
+        (state.clone(), access),
+        super::admit::admit,
+    ));
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .merge(api);
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .fallback(tei::not_found)
+        .method_not_allowed_fallback(tei::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), access),
+            super::admit::read_body,
+        ));
     if access == Access::Network && state.api_key.is_some() {
         app = app.layer(axum::middleware::from_fn_with_state(
             (state.clone(), access),
@@ -141,11 +146,11 @@ pub fn router(state: Arc<State>, access: Access) -> Router {
     .with_state((state, access))
 }
 
-type AppState = (Arc<State>, Access);
+pub(super) type AppState = (Arc<State>, Access);
 
 /// Counts every request by route and status, and times it.
 async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Next) -> Response {
-    let _running = state.running();
+    let mut running = state.running();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -153,6 +158,7 @@ async fn count(Shared((state, _)): Shared<AppState>, request: Request, next: Nex
         .to_string();
     let started = Instant::now();
     let response = next.run(request).await;
+    running.answered();
     let status = response.status().as_u16().to_string();
     metrics::counter!(METRIC_HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
@@ -170,20 +176,18 @@ async fn authorize(Shared((state, _)): Shared<AppState>, request: Request, next:
     if request.uri().path() == "/health" {
         return next.run(request).await;
     }
+    // RFC 9110: the scheme is case-insensitive.
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, key)| key);
     if bool::from(given.trim().as_bytes().ct_eq(key.as_bytes())) {
         return next.run(request).await;
     }
-    let style = if request.uri().path().starts_with("/v1/") {
-        Style::OpenAi
-    } else {
-        Style::Tei
-    };
+    let style = super::admit::style_of(request.uri().path());
     ApiError::new(
         StatusCode::UNAUTHORIZED,
         "missing or wrong API key: send `Authorization: Bearer KEY`",
@@ -204,6 +208,7 @@ async fn ready(Shared((state, _)): Shared<AppState>) -> Response {
                 "ready": true,
                 "backend": pool.as_ref().map(|p| p.backend),
                 "generation": pool.as_ref().map(|p| p.generation),
+                "reloading": state.reloading(),
             }))
             .into_response()
         }
@@ -228,6 +233,12 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
                 .set(instance.memory_bytes as f64);
         }
     }
+    metrics::gauge!(METRIC_IN_FLIGHT).set(state.in_flight() as f64);
+    let free = state.admission.available_permits();
+    metrics::gauge!(METRIC_ADMITTED)
+        .set(state.settings.max_concurrent_requests.saturating_sub(free) as f64);
+    metrics::gauge!(METRIC_CONNECTIONS).set(state.connections.open() as f64);
+    metrics::counter!(METRIC_EVICTED).absolute(state.connections.evicted());
     state.prometheus.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -237,16 +248,16 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
 }
 
 /// Texts checked against the limits and embedded: one row per text.
-struct Embedded {
-    pool: Arc<Pool>,
-    rows: Vec<Vec<f32>>,
-    tokens: usize,
+pub(super) struct Embedded {
+    pub(super) pool: Arc<Pool>,
+    pub(super) rows: Vec<Vec<f32>>,
+    pub(super) tokens: usize,
 }
 
 /// Checks `texts` (count, emptiness, tokens; over the model's window only
 /// if `truncate` is false) and embeds them; a text that fails fails the
 /// request with 422 naming it.
-async fn embed_checked(
+pub(super) async fn embed_checked(
     state: &State,
     headers: &HeaderMap,
     field: &str,
@@ -260,7 +271,7 @@ async fn embed_checked(
         return Err(ApiError::bad(field, format!("`{field}` has no texts")));
     }
     if texts.len() > state.settings.max_inputs {
-        return Err(ApiError::bad(
+        return Err(ApiError::over_limit(
             field,
             format!(
                 "`{field}` has {} texts; at most {} are accepted per request ([serve] max_inputs)",
@@ -272,29 +283,13 @@ async fn embed_checked(
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(ApiError::bad(field, format!("`{field}[{i}]` is empty")));
     }
+    super::admit::check_words(field, &texts)?;
     let pool = state.pool()?;
-    // A few short texts are counted here; more go to a blocking thread, so
-    // a large request does not hold up the runtime's other requests.
-    let bytes: usize = texts.iter().map(String::len).sum();
-    let (texts, counted) = if bytes <= INLINE_TOKENIZE_BYTES {
-        let counted = pool.count_tokens(&texts);
-        (texts, counted)
-    } else {
-        let pool = pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let counted = pool.count_tokens(&texts);
-            (texts, counted)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    };
-    let counts = counted.map_err(|(i, e)| {
-        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
-    })?;
+    let (texts, counts) = super::admit::count_tokens(state, &pool, field, texts).await?;
     let window = pool.info.max_input_tokens as usize;
     for (i, &n) in counts.iter().enumerate() {
         if n > limits::SERVE_MAX_INPUT_TOKENS {
-            return Err(ApiError::bad(
+            return Err(ApiError::over_limit(
                 field,
                 format!(
                     "`{field}[{i}]` has {n} tokens; at most {} are accepted per input",
@@ -303,7 +298,7 @@ async fn embed_checked(
             ));
         }
         if !truncate && n > window {
-            return Err(ApiError::bad(
+            return Err(ApiError::over_limit(
                 field,
                 format!(
                     "`{field}[{i}]` has {n} tokens; the model reads at most {window} (send `truncate: true` to cut it)"
@@ -312,8 +307,12 @@ async fn embed_checked(
         }
     }
     let total: usize = counts.iter().map(|&n| n.min(window)).sum();
+    super::admit::check_deadline(&pool, total.max(texts.len()), until)?;
     let n = texts.len();
-    let rows = pool.embed(texts, &counts, false, until).await?;
+    let rows = pool
+        .embed(texts, &counts, false, until)
+        .await
+        .map_err(|e| out_of_time(e, deadline))?;
     let mut vectors = Vec::with_capacity(n);
     for (i, row) in rows.into_iter().enumerate() {
         match row {
@@ -337,122 +336,22 @@ async fn embed_checked(
     })
 }
 
-/// Whether `name` names the served model (its id, or the configured
-/// manifest id), ignoring case.
-fn serves(pool: &Pool, name: &str) -> bool {
-    let name = name.trim();
-    name.eq_ignore_ascii_case(&pool.info.model_id)
-        || name.eq_ignore_ascii_case(pool.config.model_id())
-}
-
-async fn openai_embeddings(
-    Shared((state, _)): Shared<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let style = |e: ApiError| e.style(Style::OpenAi);
-    let map = api::object(body).map_err(style)?;
-    let texts = api::texts(&map, "input").map_err(style)?;
-    let model = api::string(&map, "model")
-        .map_err(style)?
-        .map(str::to_string);
-    let format = api::string(&map, "encoding_format")
-        .map_err(style)?
-        .unwrap_or("float");
-    let base64 = match format {
-        "float" => false,
-        "base64" => true,
-        other => {
-            return Err(style(ApiError::bad(
-                "encoding_format",
-                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
-            )));
-        }
-    };
-    let dimensions = api::integer(&map, "dimensions").map_err(style)?;
-    let pool = state.pool().map_err(style)?;
-    if let Some(model) = &model
-        && !serves(&pool, model)
-    {
-        return Err(style(ApiError {
-            param: Some("model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "the model `{model}` is not served here; this service serves `{}`",
-                    pool.info.model_id
-                ),
-            )
-        }));
-    }
-    if let Some(d) = dimensions
-        && d != u64::from(pool.info.dimension)
-    {
-        return Err(style(ApiError::bad(
-            "dimensions",
+/// A batch error as the client's answer; running out of time says how
+/// long the request had.
+fn out_of_time(e: super::batcher::BatchError, deadline: std::time::Duration) -> ApiError {
+    use super::batcher::BatchError;
+    use crate::supervisor::SupervisorError;
+    match e {
+        BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
             format!(
-                "`dimensions` is {d}, but `{}` gives {} dimensions and cannot shorten its vectors",
-                pool.info.model_id, pool.info.dimension
+                "the request ran out of its {} ms deadline (the {} header, else [serve] request_deadline_ms)",
+                deadline.as_millis(),
+                super::DEADLINE_HEADER
             ),
-        )));
+        ),
+        other => other.into(),
     }
-    drop(pool);
-    // OpenAI's endpoint truncates nothing silently below its own limit; the
-    // model's window is shorter, so inputs are cut to it, as every
-    // OpenAI-compatible server of small models does.
-    let done = embed_checked(&state, &headers, "input", texts, true, "/v1/embeddings")
-        .await
-        .map_err(style)?;
-    let data: Vec<Value> = done
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(v)
-            };
-            json!({ "object": "embedding", "index": i, "embedding": embedding })
-        })
-        .collect();
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model.unwrap_or_else(|| done.pool.info.model_id.clone()),
-        "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
-    }))
-    .into_response())
-}
-
-async fn openai_models(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{ "id": pool.info.model_id, "object": "model", "created": 0, "owned_by": "embedhost" }],
-    })))
-}
-
-async fn tei_embed(
-    Shared((state, _)): Shared<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
-    let map = api::object(body)?;
-    let texts = api::texts(&map, "inputs")?;
-    let normalize = api::boolean(&map, "normalize", true)?;
-    let truncate = api::boolean(&map, "truncate", false)?;
-    let mut done = embed_checked(&state, &headers, "inputs", texts, truncate, "/embed").await?;
-    if normalize && !done.pool.info.normalized {
-        for v in &mut done.rows {
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
-    }
-    Ok(Json(done.rows))
 }
 
 /// The CLI's `embed` through the owner's socket: one row per text, a
@@ -487,27 +386,6 @@ async fn embedhost_embed(
 async fn embedhost_embedder(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
     let pool = state.pool()?;
     Ok(Json(json!({ "embedder_id": pool.config.embedder_id() })))
-}
-
-async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool()?;
-    Ok(Json(json!({
-        "model_id": pool.info.model_id,
-        "model_dtype": "float32",
-        "model_type": { "embedding": { "pooling": "mean" } },
-        "dimension": pool.info.dimension,
-        "max_input_length": pool.info.max_input_tokens,
-        "normalized": pool.info.normalized,
-        "max_concurrent_requests": state.settings.max_concurrent_requests,
-        "max_batch_tokens": state.settings.max_batch_tokens,
-        "max_client_batch_size": state.settings.max_inputs,
-        "backend": pool.backend,
-        "engine": pool.engine_name,
-        "generation": pool.generation,
-        "pool_size": pool.status().len(),
-        "served_calls": pool.status().iter().map(|i| i.served).sum::<u64>(),
-        "version": env!("CARGO_PKG_VERSION"),
-    })))
 }
 
 async fn search(

@@ -1,0 +1,315 @@
+//! What a request must pass before it costs the service work: its body,
+//! read whole within a time limit, then one admission slot of the whole
+//! service.
+//!
+//! Invariants, and why:
+//! - The body is read before the request takes a slot: a client that sends
+//!   headers and no body (or a body that never ends) holds its connection
+//!   until `[serve] body_timeout_ms` (then 408), never a slot another
+//!   client needs.
+//! - A declared `Content-Length` past `[serve] max_body_kb` is refused (413)
+//!   before a byte of it is read; a body that grows past it is refused when
+//!   it does. Either closes the connection.
+//! - Admission is one semaphore for the whole service
+//!   (`[serve] max_concurrent_requests`), shared by every route that costs
+//!   work and taken without waiting: 429 with `Retry-After` past it.
+//!   (A tower `ConcurrencyLimitLayer` under `Router::layer` makes one
+//!   semaphore per route, so the limit was per route.)
+//! - At a stop, a body still arriving is answered 503 at once, so a slow
+//!   client does not hold the drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State as Shared};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
+
+use super::State;
+use super::api::{ApiError, Style};
+use super::routes::Access;
+use crate::limits;
+
+/// The error shape of the route at `path`.
+pub fn style_of(path: &str) -> Style {
+    if path.starts_with("/v1/") {
+        Style::OpenAi
+    } else {
+        Style::Tei
+    }
+}
+
+/// An error that also closes the connection (its body was not read whole).
+fn closing(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Reads the request's body whole, within `[serve] body_timeout_ms` and
+/// `[serve] max_body_kb`, and passes the request on with it.
+pub async fn read_body(
+    Shared((state, _)): Shared<(Arc<State>, Access)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = state.settings.max_body_kb * 1024;
+    let (parts, body) = request.into_parts();
+    let style = style_of(parts.uri.path());
+    let too_large = || {
+        closing(
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {limit} bytes ([serve] max_body_kb)"),
+            )
+            .style(style),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let timeout = Duration::from_millis(state.settings.body_timeout_ms);
+    let read = http_body_util::Limited::new(body, limit).collect();
+    let collected = tokio::select! {
+        read = tokio::time::timeout(timeout, read) => read,
+        () = state.draining.cancelled() => {
+            return closing(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the service is stopping")
+                    .style(style)
+                    .retry_after(limits::SERVE_RETRY_AFTER),
+            );
+        }
+    };
+    let bytes = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(e)) => {
+            return closing(
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+                .style(style),
+            );
+        }
+        Err(_) => {
+            return closing(
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} ms ([serve] body_timeout_ms)",
+                        timeout.as_millis()
+                    ),
+                )
+                .style(style),
+            );
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Takes one slot of the service's admission limit for the request, or
+/// answers 429 at once.
+pub async fn admit(
+    Shared((state, _)): Shared<(Arc<State>, Access)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_slot) = state.admission.clone().try_acquire_owned() else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests at once (more than {}, [serve] max_concurrent_requests); retry shortly",
+                state.settings.max_concurrent_requests
+            ),
+        )
+        .style(style_of(request.uri().path()))
+        .retry_after(limits::SERVE_RETRY_AFTER)
+        .into_response();
+    };
+    next.run(request).await
+}
+
+/// Texts up to this many bytes in all are tokenized on the request's own
+/// task, without a share of [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`]: a
+/// sentence takes microseconds, less than a hand-off to a blocking thread.
+const INLINE_TOKENIZE_BYTES: usize = 4096;
+
+/// The fewest tokens the model's tokenizer can give `text`, counted without
+/// tokenizing it: one per word (split at ASCII spaces, tabs and line
+/// breaks) that holds a letter or a digit. Every tokenizer the host reads
+/// splits at those (BERT's WordPiece, SentencePiece's metaspace, byte-level
+/// BPE, the stub's words) and gives a word with a letter or digit at least
+/// one token (an unknown word is one `[UNK]`); other characters may be
+/// dropped by normalization (controls, accents), and other Unicode spaces
+/// may not split, so they are not counted. So the count never exceeds the
+/// real one, and a text refused for it could not have fitted.
+pub fn fewest_tokens(text: &str) -> usize {
+    text.split([' ', '\t', '\n', '\r'])
+        .filter(|word| word.chars().any(char::is_alphanumeric))
+        .count()
+}
+
+/// Refuses, before any tokenizing, a text whose fewest possible tokens
+/// already pass [`limits::SERVE_MAX_INPUT_TOKENS`] (400, naming it).
+///
+/// # Errors
+/// The refusal.
+pub fn check_words(field: &str, texts: &[String]) -> Result<(), ApiError> {
+    for (i, text) in texts.iter().enumerate() {
+        // A text of fewer bytes than the limit cannot have more words.
+        if text.len() <= limits::SERVE_MAX_INPUT_TOKENS {
+            continue;
+        }
+        let fewest = fewest_tokens(text);
+        if fewest > limits::SERVE_MAX_INPUT_TOKENS {
+            return Err(ApiError::over_limit(
+                field,
+                format!(
+                    "`{field}[{i}]` has at least {fewest} tokens (one per word); at most {} are accepted per input",
+                    limits::SERVE_MAX_INPUT_TOKENS
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Token counts of `texts`: a few short ones here, more on a blocking
+/// thread once the request has its share of the bytes being tokenized
+/// ([`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`]), waited for at most
+/// [`limits::SERVE_TOKENIZE_WAIT`].
+///
+/// # Errors
+/// 429 if the share does not come in time; 400 naming a text the
+/// tokenizer refuses.
+pub async fn count_tokens(
+    state: &State,
+    pool: &Arc<super::pool::Pool>,
+    field: &str,
+    texts: Vec<String>,
+) -> Result<(Vec<String>, Vec<usize>), ApiError> {
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let pool = pool.clone();
+    let (texts, counted) = tokenizing(state, bytes, move || {
+        let counted = pool.count_tokens(&texts);
+        (texts, counted)
+    })
+    .await?;
+    let counts = counted.map_err(|(i, e)| {
+        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
+    })?;
+    Ok((texts, counts))
+}
+
+/// Runs `work`, a tokenization of `bytes` of text: here if they are few,
+/// else on a blocking thread once it has its share of
+/// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`] (429 if that takes longer
+/// than [`limits::SERVE_TOKENIZE_WAIT`]).
+///
+/// # Errors
+/// The 429, or a 500 if the blocking thread panicked.
+pub async fn tokenizing<T: Send + 'static>(
+    state: &State,
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if bytes <= INLINE_TOKENIZE_BYTES {
+        Ok(work())
+    } else {
+        let share = bytes.min(limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT) as u32;
+        let permit = tokio::time::timeout(
+            limits::SERVE_TOKENIZE_WAIT,
+            state.tokenizing.clone().acquire_many_owned(share),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the tokenizer is busy with other requests' text; retry shortly",
+            )
+            .retry_after(limits::SERVE_RETRY_AFTER)
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let done = work();
+            drop(permit);
+            done
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
+}
+
+/// Refuses at once a request of `tokens` that the pool cannot finish by
+/// `until` at the speed it has been measured at: 413 if it could not alone,
+/// 429 (with `Retry-After`) if it could, but not behind what is queued.
+///
+/// # Errors
+/// The refusal, saying what cannot finish and why.
+pub fn check_deadline(
+    pool: &super::pool::Pool,
+    tokens: usize,
+    until: tokio::time::Instant,
+) -> Result<(), ApiError> {
+    let Some(estimate) = pool.estimate(tokens) else {
+        return Ok(());
+    };
+    let left = until.saturating_duration_since(tokio::time::Instant::now());
+    if estimate.alone > left {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "this request's {tokens} tokens would take about {:.1} s at the speed the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
+                estimate.alone.as_secs_f64(),
+                left.as_secs_f64(),
+                super::DEADLINE_HEADER,
+            ),
+        ));
+    }
+    if estimate.queued > left {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "with the work queued ahead of it, this request's {tokens} tokens would take about {:.1} s, more than the {:.1} s left of its deadline; retry shortly",
+                estimate.queued.as_secs_f64(),
+                left.as_secs_f64(),
+            ),
+        )
+        .retry_after((estimate.queued - left).max(limits::SERVE_RETRY_AFTER)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fewest_tokens_never_exceed_the_words_the_stub_counts() {
+        assert_eq!(fewest_tokens("hello world"), 2);
+        assert_eq!(fewest_tokens("  a\t\tb\nc\r\n"), 3);
+        // Punctuation alone, controls and other spaces are not counted.
+        assert_eq!(fewest_tokens("... !!! \u{0085}\u{200b}"), 0);
+        assert_eq!(fewest_tokens("a\u{2028}b a\u{000c}b"), 2);
+        // One unknown word is one token, however long.
+        assert_eq!(fewest_tokens(&"x".repeat(100_000)), 1);
+        let text = "word ".repeat(9000);
+        assert_eq!(fewest_tokens(&text), 9000);
+        assert!(check_words("input", &[text]).is_err());
+        assert!(check_words("input", &["x".repeat(100_000)]).is_ok());
+        assert!(check_words("input", &[" ".repeat(100_000) + "a"]).is_ok());
+    }
+}

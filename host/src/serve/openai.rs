@@ -1,0 +1,148 @@
+//! OpenAI's routes: `POST /v1/embeddings`, `GET /v1/models` and
+//! `GET /v1/models/{id}`, with errors in OpenAI's shape.
+//!
+//! A model is named by its id, the configured manifest's id, or its full
+//! Hugging Face name (what OpenAI-style clients and the README send); any
+//! other name is 404 with `code: model_not_found`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State as Shared;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use super::api::{self, ApiError, Style};
+use super::pool::Pool;
+use super::routes::{AppState, embed_checked};
+
+/// Whether `name` names the served model (its id, or the configured
+/// manifest id), ignoring case.
+pub(super) fn serves(pool: &Pool, name: &str) -> bool {
+    let name = name.trim();
+    name.eq_ignore_ascii_case(&pool.info.model_id)
+        || name.eq_ignore_ascii_case(pool.config.model_id())
+        || pool
+            .alias
+            .as_deref()
+            .is_some_and(|alias| name.eq_ignore_ascii_case(alias))
+}
+
+pub(super) async fn openai_embeddings(
+    Shared((state, _)): Shared<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let style = |e: ApiError| e.style(Style::OpenAi);
+    let map = api::object(body).map_err(style)?;
+    let texts = api::texts(&map, "input").map_err(style)?;
+    let model = api::string(&map, "model")
+        .map_err(style)?
+        .map(str::to_string);
+    let format = api::string(&map, "encoding_format")
+        .map_err(style)?
+        .unwrap_or("float");
+    let base64 = match format {
+        "float" => false,
+        "base64" => true,
+        other => {
+            return Err(style(ApiError::bad(
+                "encoding_format",
+                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
+            )));
+        }
+    };
+    let dimensions = api::integer(&map, "dimensions").map_err(style)?;
+    let pool = state.pool().map_err(style)?;
+    if let Some(model) = &model
+        && !serves(&pool, model)
+    {
+        return Err(style(ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{model}` is not served here; this service serves `{}`",
+                    pool.info.model_id
+                ),
+            )
+        }));
+    }
+    if let Some(d) = dimensions
+        && d != u64::from(pool.info.dimension)
+    {
+        return Err(style(ApiError::bad(
+            "dimensions",
+            format!(
+                "`dimensions` is {d}, but `{}` gives {} dimensions and cannot shorten its vectors",
+                pool.info.model_id, pool.info.dimension
+            ),
+        )));
+    }
+    drop(pool);
+    // OpenAI's endpoint truncates nothing silently below its own limit; the
+    // model's window is shorter, so inputs are cut to it, as every
+    // OpenAI-compatible server of small models does.
+    let done = embed_checked(&state, &headers, "input", texts, true, "/v1/embeddings")
+        .await
+        .map_err(style)?;
+    let data: Vec<Value> = done
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.unwrap_or_else(|| done.pool.info.model_id.clone()),
+        "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
+    }))
+    .into_response())
+}
+
+pub(super) async fn openai_models(
+    Shared((state, _)): Shared<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{ "id": pool.info.model_id, "object": "model", "created": 0, "owned_by": "embedhost" }],
+    })))
+}
+
+/// OpenAI's `GET /v1/models/{id}`: the served model under any of its
+/// names, else 404.
+pub(super) async fn openai_model(
+    Shared((state, _)): Shared<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
+    if !serves(&pool, &id) {
+        return Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{}` is not served here; this service serves `{}`",
+                    crate::untrusted::sanitize(&id, 256),
+                    pool.info.model_id
+                ),
+            )
+        }
+        .style(Style::OpenAi));
+    }
+    Ok(Json(
+        json!({ "id": id, "object": "model", "created": 0, "owned_by": "embedhost" }),
+    ))
+}
