@@ -15,6 +15,7 @@ mod onnx;
 mod plugins;
 mod real_model;
 mod sandbox;
+mod sandbox2;
 mod serve;
 mod supervisor;
 mod wasm;

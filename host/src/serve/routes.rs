@@ -418,7 +418,7 @@ async fn openai_embeddings(
     Ok(Json(json!({
         "object": "list",
         "data": data,
-        "model": model.unwrap_or_else(|| done.pool.info.model_id.clone()),
+        "model": model.unwrap_or_else(|| done.pool.info.model_id.to_string()),
         "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
     }))
     .into_response())
@@ -656,7 +656,7 @@ async fn stats(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiE
         serde_json::to_value(worker.roots().await.map_err(worker_error)?).unwrap_or_default();
     body["watching"] = serde_json::to_value(state.watched().await).unwrap_or_default();
     if let Ok(pool) = state.pool() {
-        body["model_id"] = pool.info.model_id.clone().into();
+        body["model_id"] = pool.info.model_id.as_str().into();
         body["restarts"] = serde_json::to_value(pool.restarts()).unwrap_or_default();
     }
     body["db"] = state.db.display().to_string().into();
