@@ -313,3 +313,29 @@ pub trait Spawner: Send + Sync + 'static {
     /// Starts and initialises incarnation `incarnation` of slot `slot`.
     fn start(&self, slot: usize, incarnation: u64) -> BoxFuture<Started>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_deadline_saturates_and_is_capped_whatever_its_inputs() {
+        let huge = vec!["x".repeat(1 << 20); 8];
+        // `mul_f64` panicked here before ("overflow when multiplying").
+        let d = work_deadline(Duration::from_secs(30), Duration::MAX, &huge);
+        assert_eq!(d, crate::limits::MAX_WORK_DEADLINE);
+        let d = work_deadline(Duration::MAX, Duration::MAX, &huge);
+        assert_eq!(d, Duration::MAX);
+        // An ordinary batch keeps its allowance.
+        let d = work_deadline(Duration::from_secs(30), Duration::from_secs(6), &["y".repeat(2048)]);
+        assert_eq!(d, Duration::from_secs(42));
+    }
+
+    #[test]
+    fn a_model_id_is_checked_when_deserialized_too() {
+        let ok: ModelId = serde_json::from_str("\"org/model\"").unwrap();
+        assert_eq!(ok, "org/model");
+        assert!(serde_json::from_str::<ModelId>("\"a\\u001b[2Jb\"").is_err());
+        assert!(ModelId::new("m".repeat(crate::limits::MAX_MODEL_ID_BYTES + 1)).is_err());
+    }
+}
