@@ -38,3 +38,38 @@ impl Drop for DropFlag {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Runs `command` to its end, with its output captured; past `guard` it is
+/// killed and the test fails with what it printed (a hang fails its test
+/// instead of holding the suite).
+pub fn run_bounded(
+    mut command: std::process::Command,
+    guard: std::time::Duration,
+) -> (std::process::Output, std::time::Duration) {
+    use std::process::Stdio;
+    let started = std::time::Instant::now();
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(guard) {
+        Ok(out) => (out.expect("wait"), started.elapsed()),
+        Err(_) => {
+            // SAFETY: our own child, not reaped yet (its waiter has not
+            // returned), so the pid is still its.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = rx.recv().expect("waiter").expect("wait");
+            panic!(
+                "{command:?} ran past {guard:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! to fail).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -50,34 +50,9 @@ fn quick() -> InstanceLimits {
     }
 }
 
-/// Runs `command` to its end, killed past [`PROCESS_GUARD`] (the test then
-/// fails with what it printed).
-fn bounded(mut command: Command) -> (Output, Duration) {
-    let started = Instant::now();
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(PROCESS_GUARD) {
-        Ok(out) => (out.expect("wait"), started.elapsed()),
-        Err(_) => {
-            // SAFETY: kill of our own child's pid, which is not reaped yet
-            // (the waiting thread has not returned).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let out = rx.recv().unwrap().unwrap();
-            panic!(
-                "{command:?} ran past {PROCESS_GUARD:?}:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+/// Runs `command` to its end, killed past [`PROCESS_GUARD`].
+fn bounded(command: Command) -> (Output, Duration) {
+    crate::run_bounded(command, PROCESS_GUARD)
 }
 
 fn embedhost(args: &[&str], cache: &Path) -> (Output, Duration) {
@@ -637,4 +612,80 @@ async fn a_health_check_using_most_of_its_timeout_counts_against_the_instance() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     supervisor.shutdown().await;
+}
+
+// --- finding 10: no lost wakeups ---------------------------------------------------
+
+/// CPU load beside a test: `threads` spinning until dropped.
+struct Load(std::sync::Arc<std::sync::atomic::AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+
+impl Load {
+    fn start(threads: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Load(stop, handles)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        for handle in self.1.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[test]
+fn a_call_racing_the_end_of_its_instance_is_always_answered() {
+    // Finding 10: a call made as an instance's thread ends (after a crash)
+    // could land in its queue after the queue was drained, and wait
+    // forever. Hundreds of crashes, each followed at once by two calls,
+    // beside CPU load; every call must come back, with its answer or
+    // `InstanceGone`, within a bound no healthy run comes near.
+    let _load = Load::start(2);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bound = Duration::from_secs(30);
+    let crash_then_call = |round: usize, mode: &'static str| {
+        runtime.block_on(async {
+            let config = pairs(&[("mode", mode), ("lines", "0")]);
+            let embedder = WasmEmbedder::start(hostile(), quick(), config).await.unwrap();
+            let crashed = match mode {
+                "sleep_health" => embedder.health(Some(Duration::from_millis(1))).await,
+                _ => embedder.embed(vec![TRIGGER.into()], false, None).await.map(|_| unreachable!()),
+            };
+            assert!(crashed.is_err_and(|e| e.is_crash()), "round {round}");
+            let (embed, health) = tokio::join!(
+                tokio::time::timeout(bound, embedder.embed(vec!["x".into()], false, None)),
+                tokio::time::timeout(bound, embedder.health(None)),
+            );
+            assert!(
+                embed.is_ok() && health.is_ok(),
+                "round {round} ({mode}): a call on an ended instance never came back: embed {}, health {}",
+                if embed.is_ok() { "answered" } else { "stuck" },
+                if health.is_ok() { "answered" } else { "stuck" },
+            );
+        })
+    };
+    for round in 0..300 {
+        crash_then_call(round, "log_trap");
+    }
+    // The scenario of finding 10 itself (a health call blocked, cancelled
+    // at its deadline and grace), fewer times: each costs the grace.
+    for round in 0..20 {
+        crash_then_call(round, "sleep_health");
+    }
 }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 
 use super::bindings::Plugin;
@@ -331,6 +332,9 @@ pub struct WasmEmbedder {
     jobs: mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     name: Arc<str>,
+    /// Cancelled when the instance's thread ends, however it ends: what
+    /// wakes every caller still waiting on it (see [`WasmEmbedder::wait`]).
+    ended: CancellationToken,
 }
 
 impl std::fmt::Debug for WasmEmbedder {
@@ -356,9 +360,16 @@ impl WasmEmbedder {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
         let thread_name = name.clone();
+        let ended = CancellationToken::new();
+        let guard = ended.clone().drop_guard();
         std::thread::Builder::new()
             .name("embedhost-wasm".into())
-            .spawn(move || run(plugin, limits, config, rx, ready_tx))
+            .spawn(move || {
+                // Dropped last, after the store and the job queue, even if
+                // `run` panics.
+                let _ended = guard;
+                run(plugin, limits, config, rx, ready_tx)
+            })
             .map_err(|e| WasmError::Instantiate {
                 name: thread_name.to_string(),
                 reason: format!("no thread: {e}"),
@@ -371,6 +382,7 @@ impl WasmEmbedder {
             jobs,
             info: Arc::new(info),
             name,
+            ended,
         })
     }
 
@@ -402,7 +414,7 @@ impl WasmEmbedder {
             reply,
         })
         .await?;
-        answer.await.map_err(|_| self.gone())?
+        self.wait(answer).await
     }
 
     /// Calls the plugin's `health`.
@@ -412,11 +424,35 @@ impl WasmEmbedder {
     pub async fn health(&self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Health { deadline, reply }).await?;
-        answer.await.map_err(|_| self.gone())?
+        self.wait(answer).await
     }
 
     async fn submit(&self, job: Job) -> Result<(), WasmError> {
-        self.jobs.send(job).await.map_err(|_| self.gone())
+        tokio::select! {
+            sent = self.jobs.send(job) => sent.map_err(|_| self.gone()),
+            () = self.ended.cancelled() => Err(self.gone()),
+        }
+    }
+
+    /// The answer to a submitted job, or [`WasmError::InstanceGone`] once
+    /// the thread has ended without giving one.
+    ///
+    /// Waiting on the answer alone lost a wakeup (finding 10 of issue 26): a
+    /// job sent while the thread, after a crash, was dropping its queue can
+    /// land in the queue after the queue was drained, and stays there, its
+    /// reply never sent nor dropped, for as long as a sender lives (the
+    /// caller's own handle). The thread's end is a signal of its own,
+    /// raised after everything else it drops, so a caller is woken whatever
+    /// became of its job. An answer already given wins (`biased`).
+    async fn wait<T>(
+        &self,
+        answer: oneshot::Receiver<Result<T, WasmError>>,
+    ) -> Result<T, WasmError> {
+        tokio::select! {
+            biased;
+            answer = answer => answer.map_err(|_| self.gone())?,
+            () = self.ended.cancelled() => Err(self.gone()),
+        }
     }
 
     fn gone(&self) -> WasmError {
@@ -549,3 +585,7 @@ impl Spawner for WasmSpawner {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "instance_tests.rs"]
+mod tests;
