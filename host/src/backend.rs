@@ -76,7 +76,9 @@ pub enum ModelIdError {
         limit: usize,
     },
     /// It holds a control, line-breaking or bidi character.
-    #[error("the model id holds {escaped} at byte {at}: control, line-breaking and bidi characters are refused (`{shown}`)")]
+    #[error(
+        "the model id holds {escaped} at byte {at}: control, line-breaking and bidi characters are refused (`{shown}`)"
+    )]
     Unprintable {
         /// The character, escaped.
         escaped: String,
@@ -96,7 +98,10 @@ impl ModelId {
         let id = id.into();
         let limit = crate::limits::MAX_MODEL_ID_BYTES;
         if id.len() > limit {
-            return Err(ModelIdError::TooLong { len: id.len(), limit });
+            return Err(ModelIdError::TooLong {
+                len: id.len(),
+                limit,
+            });
         }
         if let Some((at, c)) = id.char_indices().find(|&(_, c)| crate::untrusted::hides(c)) {
             return Err(ModelIdError::Unprintable {
@@ -327,7 +332,11 @@ mod tests {
         let d = work_deadline(Duration::MAX, Duration::MAX, &huge);
         assert_eq!(d, Duration::MAX);
         // An ordinary batch keeps its allowance.
-        let d = work_deadline(Duration::from_secs(30), Duration::from_secs(6), &["y".repeat(2048)]);
+        let d = work_deadline(
+            Duration::from_secs(30),
+            Duration::from_secs(6),
+            &["y".repeat(2048)],
+        );
         assert_eq!(d, Duration::from_secs(42));
     }
 

@@ -58,37 +58,192 @@ macro_rules! ceiling {
 
 /// Every numeric key of the config and its ceiling.
 pub static CEILINGS: &[Ceiling] = &[
-    ceiling!("[limits] memory_mb", limits::MAX_MEMORY_LIMIT_BYTES / MIB, "limits::MAX_MEMORY_LIMIT_BYTES", |c| Some(c.limits.memory_mb)),
-    ceiling!("[limits] call_deadline_ms", ms(limits::MAX_CONFIG_DEADLINE), "limits::MAX_CONFIG_DEADLINE", |c| Some(c.limits.call_deadline_ms)),
-    ceiling!("[limits] call_deadline_per_kib_ms", ms(limits::MAX_CALL_DEADLINE_PER_KIB), "limits::MAX_CALL_DEADLINE_PER_KIB", |c| Some(c.limits.call_deadline_per_kib_ms)),
-    ceiling!("[limits] init_deadline_ms", ms(limits::MAX_CONFIG_DEADLINE), "limits::MAX_CONFIG_DEADLINE", |c| Some(c.limits.init_deadline_ms)),
-    ceiling!("[cache] max_mb", limits::MAX_CACHE_BYTES / MIB, "limits::MAX_CACHE_BYTES", |c| c.cache.max_mb),
-    ceiling!("[supervisor] pool_size", limits::MAX_POOL_SIZE as u64, "limits::MAX_POOL_SIZE", |c| c.supervisor.pool_size.map(|n| n as u64)),
-    ceiling!("[supervisor] max_restarts", limits::MAX_CONFIG_COUNT, "limits::MAX_CONFIG_COUNT", |c| c.supervisor.max_restarts.map(u64::from)),
-    ceiling!("[supervisor] restart_window_ms", ms(limits::MAX_CONFIG_INTERVAL), "limits::MAX_CONFIG_INTERVAL", |c| c.supervisor.restart_window_ms),
-    ceiling!("[supervisor] restart_backoff_min_ms", ms(limits::MAX_CONFIG_INTERVAL), "limits::MAX_CONFIG_INTERVAL", |c| c.supervisor.restart_backoff_min_ms),
-    ceiling!("[supervisor] restart_backoff_max_ms", ms(limits::MAX_CONFIG_INTERVAL), "limits::MAX_CONFIG_INTERVAL", |c| c.supervisor.restart_backoff_max_ms),
-    ceiling!("[supervisor] health_interval_ms", ms(limits::MAX_CONFIG_INTERVAL), "limits::MAX_CONFIG_INTERVAL", |c| c.supervisor.health_interval_ms),
-    ceiling!("[supervisor] health_timeout_ms", ms(limits::MAX_CONFIG_DEADLINE), "limits::MAX_CONFIG_DEADLINE", |c| c.supervisor.health_timeout_ms),
-    ceiling!("[supervisor] recycle_memory_bytes", limits::MAX_CONFIG_MEMORY_BYTES, "limits::MAX_CONFIG_MEMORY_BYTES", |c| c.supervisor.recycle_memory_bytes),
-    ceiling!("[supervisor] recycle_processed", limits::MAX_RECYCLE_PROCESSED, "limits::MAX_RECYCLE_PROCESSED", |c| c.supervisor.recycle_processed),
-    ceiling!("[supervisor] poison_after", limits::MAX_CONFIG_COUNT, "limits::MAX_CONFIG_COUNT", |c| c.supervisor.poison_after.map(u64::from)),
-    ceiling!("[native] threads", limits::MAX_NATIVE_THREADS as u64, "limits::MAX_NATIVE_THREADS", |c| c.native.threads.map(|n| n as u64)),
-    ceiling!("[native] grace_ms", ms(limits::MAX_CONFIG_GRACE), "limits::MAX_CONFIG_GRACE", |c| Some(c.native.grace_ms)),
-    ceiling!("[native] memory_ceiling_mb", limits::MAX_CONFIG_MEMORY_BYTES / MIB, "limits::MAX_CONFIG_MEMORY_BYTES", |c| c.native.memory_ceiling_mb),
-    ceiling!("[index] max_file_bytes", limits::MAX_INDEX_FILE_BYTES, "limits::MAX_INDEX_FILE_BYTES", |c| Some(c.index.max_file_bytes)),
-    ceiling!("[index] chunk_tokens", limits::MAX_CONFIG_TOKENS, "limits::MAX_CONFIG_TOKENS", |c| Some(c.index.chunk_tokens as u64)),
-    ceiling!("[index] chunk_overlap", limits::MAX_CONFIG_TOKENS, "limits::MAX_CONFIG_TOKENS", |c| Some(c.index.chunk_overlap as u64)),
-    ceiling!("[index] batch_chunks", limits::MAX_CONFIG_BATCH, "limits::MAX_CONFIG_BATCH", |c| Some(c.index.batch_chunks as u64)),
-    ceiling!("[index] log_interval_ms", ms(limits::MAX_CONFIG_INTERVAL), "limits::MAX_CONFIG_INTERVAL", |c| Some(c.index.log_interval_ms)),
-    ceiling!("[index] max_file_chunks", limits::MAX_CONFIG_FILE_CHUNKS, "limits::MAX_CONFIG_FILE_CHUNKS", |c| Some(c.index.max_file_chunks as u64)),
-    ceiling!("[serve] max_body_kb", limits::MAX_SERVE_BODY_BYTES / 1024, "limits::MAX_SERVE_BODY_BYTES", |c| Some(c.serve.max_body_kb as u64)),
-    ceiling!("[serve] max_inputs", limits::MAX_CONFIG_BATCH, "limits::MAX_CONFIG_BATCH", |c| Some(c.serve.max_inputs as u64)),
-    ceiling!("[serve] max_concurrent_requests", limits::MAX_SERVE_CONCURRENT, "limits::MAX_SERVE_CONCURRENT", |c| Some(c.serve.max_concurrent_requests as u64)),
-    ceiling!("[serve] request_deadline_ms", ms(limits::SERVE_MAX_REQUEST_DEADLINE), "limits::SERVE_MAX_REQUEST_DEADLINE", |c| Some(c.serve.request_deadline_ms)),
-    ceiling!("[serve] max_batch_tokens", limits::MAX_CONFIG_TOKENS, "limits::MAX_CONFIG_TOKENS", |c| Some(c.serve.max_batch_tokens as u64)),
-    ceiling!("[serve] batch_wait_us", limits::MAX_SERVE_BATCH_WAIT.as_micros() as u64, "limits::MAX_SERVE_BATCH_WAIT", |c| Some(c.serve.batch_wait_us)),
-    ceiling!("[serve] shutdown_grace_ms", ms(limits::MAX_CONFIG_GRACE), "limits::MAX_CONFIG_GRACE", |c| Some(c.serve.shutdown_grace_ms)),
+    ceiling!(
+        "[limits] memory_mb",
+        limits::MAX_MEMORY_LIMIT_BYTES / MIB,
+        "limits::MAX_MEMORY_LIMIT_BYTES",
+        |c| Some(c.limits.memory_mb)
+    ),
+    ceiling!(
+        "[limits] call_deadline_ms",
+        ms(limits::MAX_CONFIG_DEADLINE),
+        "limits::MAX_CONFIG_DEADLINE",
+        |c| Some(c.limits.call_deadline_ms)
+    ),
+    ceiling!(
+        "[limits] call_deadline_per_kib_ms",
+        ms(limits::MAX_CALL_DEADLINE_PER_KIB),
+        "limits::MAX_CALL_DEADLINE_PER_KIB",
+        |c| Some(c.limits.call_deadline_per_kib_ms)
+    ),
+    ceiling!(
+        "[limits] init_deadline_ms",
+        ms(limits::MAX_CONFIG_DEADLINE),
+        "limits::MAX_CONFIG_DEADLINE",
+        |c| Some(c.limits.init_deadline_ms)
+    ),
+    ceiling!(
+        "[cache] max_mb",
+        limits::MAX_CACHE_BYTES / MIB,
+        "limits::MAX_CACHE_BYTES",
+        |c| c.cache.max_mb
+    ),
+    ceiling!(
+        "[supervisor] pool_size",
+        limits::MAX_POOL_SIZE as u64,
+        "limits::MAX_POOL_SIZE",
+        |c| c.supervisor.pool_size.map(|n| n as u64)
+    ),
+    ceiling!(
+        "[supervisor] max_restarts",
+        limits::MAX_CONFIG_COUNT,
+        "limits::MAX_CONFIG_COUNT",
+        |c| c.supervisor.max_restarts.map(u64::from)
+    ),
+    ceiling!(
+        "[supervisor] restart_window_ms",
+        ms(limits::MAX_CONFIG_INTERVAL),
+        "limits::MAX_CONFIG_INTERVAL",
+        |c| c.supervisor.restart_window_ms
+    ),
+    ceiling!(
+        "[supervisor] restart_backoff_min_ms",
+        ms(limits::MAX_CONFIG_INTERVAL),
+        "limits::MAX_CONFIG_INTERVAL",
+        |c| c.supervisor.restart_backoff_min_ms
+    ),
+    ceiling!(
+        "[supervisor] restart_backoff_max_ms",
+        ms(limits::MAX_CONFIG_INTERVAL),
+        "limits::MAX_CONFIG_INTERVAL",
+        |c| c.supervisor.restart_backoff_max_ms
+    ),
+    ceiling!(
+        "[supervisor] health_interval_ms",
+        ms(limits::MAX_CONFIG_INTERVAL),
+        "limits::MAX_CONFIG_INTERVAL",
+        |c| c.supervisor.health_interval_ms
+    ),
+    ceiling!(
+        "[supervisor] health_timeout_ms",
+        ms(limits::MAX_CONFIG_DEADLINE),
+        "limits::MAX_CONFIG_DEADLINE",
+        |c| c.supervisor.health_timeout_ms
+    ),
+    ceiling!(
+        "[supervisor] recycle_memory_bytes",
+        limits::MAX_CONFIG_MEMORY_BYTES,
+        "limits::MAX_CONFIG_MEMORY_BYTES",
+        |c| c.supervisor.recycle_memory_bytes
+    ),
+    ceiling!(
+        "[supervisor] recycle_processed",
+        limits::MAX_RECYCLE_PROCESSED,
+        "limits::MAX_RECYCLE_PROCESSED",
+        |c| c.supervisor.recycle_processed
+    ),
+    ceiling!(
+        "[supervisor] poison_after",
+        limits::MAX_CONFIG_COUNT,
+        "limits::MAX_CONFIG_COUNT",
+        |c| c.supervisor.poison_after.map(u64::from)
+    ),
+    ceiling!(
+        "[native] threads",
+        limits::MAX_NATIVE_THREADS as u64,
+        "limits::MAX_NATIVE_THREADS",
+        |c| c.native.threads.map(|n| n as u64)
+    ),
+    ceiling!(
+        "[native] grace_ms",
+        ms(limits::MAX_CONFIG_GRACE),
+        "limits::MAX_CONFIG_GRACE",
+        |c| Some(c.native.grace_ms)
+    ),
+    ceiling!(
+        "[native] memory_ceiling_mb",
+        limits::MAX_CONFIG_MEMORY_BYTES / MIB,
+        "limits::MAX_CONFIG_MEMORY_BYTES",
+        |c| c.native.memory_ceiling_mb
+    ),
+    ceiling!(
+        "[index] max_file_bytes",
+        limits::MAX_INDEX_FILE_BYTES,
+        "limits::MAX_INDEX_FILE_BYTES",
+        |c| Some(c.index.max_file_bytes)
+    ),
+    ceiling!(
+        "[index] chunk_tokens",
+        limits::MAX_CONFIG_TOKENS,
+        "limits::MAX_CONFIG_TOKENS",
+        |c| Some(c.index.chunk_tokens as u64)
+    ),
+    ceiling!(
+        "[index] chunk_overlap",
+        limits::MAX_CONFIG_TOKENS,
+        "limits::MAX_CONFIG_TOKENS",
+        |c| Some(c.index.chunk_overlap as u64)
+    ),
+    ceiling!(
+        "[index] batch_chunks",
+        limits::MAX_CONFIG_BATCH,
+        "limits::MAX_CONFIG_BATCH",
+        |c| Some(c.index.batch_chunks as u64)
+    ),
+    ceiling!(
+        "[index] log_interval_ms",
+        ms(limits::MAX_CONFIG_INTERVAL),
+        "limits::MAX_CONFIG_INTERVAL",
+        |c| Some(c.index.log_interval_ms)
+    ),
+    ceiling!(
+        "[index] max_file_chunks",
+        limits::MAX_CONFIG_FILE_CHUNKS,
+        "limits::MAX_CONFIG_FILE_CHUNKS",
+        |c| Some(c.index.max_file_chunks as u64)
+    ),
+    ceiling!(
+        "[serve] max_body_kb",
+        limits::MAX_SERVE_BODY_BYTES / 1024,
+        "limits::MAX_SERVE_BODY_BYTES",
+        |c| Some(c.serve.max_body_kb as u64)
+    ),
+    ceiling!(
+        "[serve] max_inputs",
+        limits::MAX_CONFIG_BATCH,
+        "limits::MAX_CONFIG_BATCH",
+        |c| Some(c.serve.max_inputs as u64)
+    ),
+    ceiling!(
+        "[serve] max_concurrent_requests",
+        limits::MAX_SERVE_CONCURRENT,
+        "limits::MAX_SERVE_CONCURRENT",
+        |c| Some(c.serve.max_concurrent_requests as u64)
+    ),
+    ceiling!(
+        "[serve] request_deadline_ms",
+        ms(limits::SERVE_MAX_REQUEST_DEADLINE),
+        "limits::SERVE_MAX_REQUEST_DEADLINE",
+        |c| Some(c.serve.request_deadline_ms)
+    ),
+    ceiling!(
+        "[serve] max_batch_tokens",
+        limits::MAX_CONFIG_TOKENS,
+        "limits::MAX_CONFIG_TOKENS",
+        |c| Some(c.serve.max_batch_tokens as u64)
+    ),
+    ceiling!(
+        "[serve] batch_wait_us",
+        limits::MAX_SERVE_BATCH_WAIT.as_micros() as u64,
+        "limits::MAX_SERVE_BATCH_WAIT",
+        |c| Some(c.serve.batch_wait_us)
+    ),
+    ceiling!(
+        "[serve] shutdown_grace_ms",
+        ms(limits::MAX_CONFIG_GRACE),
+        "limits::MAX_CONFIG_GRACE",
+        |c| Some(c.serve.shutdown_grace_ms)
+    ),
 ];
 
 /// The first key of `config` past its ceiling: the ceiling and the value.
@@ -132,17 +287,21 @@ pub fn fit_pool(
     per_instance: u64,
     machine: u64,
 ) -> Result<usize, PoolMemoryError> {
-    let budget = u64::try_from(
-        u128::from(machine) * u128::from(limits::POOL_MEMORY_SHARE_PERCENT) / 100,
-    )
-    .unwrap_or(u64::MAX);
+    let budget =
+        u64::try_from(u128::from(machine) * u128::from(limits::POOL_MEMORY_SHARE_PERCENT) / 100)
+            .unwrap_or(u64::MAX);
     let total = per_instance.saturating_mul(pool as u64);
     if total <= budget {
         return Ok(pool);
     }
     let fits = usize::try_from(budget / per_instance.max(1)).unwrap_or(usize::MAX);
     if !explicit && fits >= 1 {
-        tracing::info!(pool, fits, per_instance, "the default pool is made smaller to fit this machine's memory");
+        tracing::info!(
+            pool,
+            fits,
+            per_instance,
+            "the default pool is made smaller to fit this machine's memory"
+        );
         return Ok(fits.min(pool));
     }
     Err(PoolMemoryError {
@@ -188,7 +347,11 @@ mod tests {
                 // parser, which names the key too; any other by its ceiling.
                 let past = matches!(err, crate::config::ConfigError::PastCeiling { .. });
                 assert!(past || value != ceiling.max + 1, "{}: {text}", ceiling.key);
-                assert!(!past || text.contains(ceiling.constant), "{}: {text}", ceiling.key);
+                assert!(
+                    !past || text.contains(ceiling.constant),
+                    "{}: {text}",
+                    ceiling.key
+                );
             }
         }
     }
@@ -199,7 +362,11 @@ mod tests {
             let mut text = setting(ceiling, ceiling.max);
             if ceiling.key == "[index] chunk_overlap" {
                 // It must stay below chunk_tokens, whose ceiling it shares.
-                text = format!("[index]\nchunk_tokens = {0}\nchunk_overlap = {1}\n", ceiling.max, ceiling.max - 1);
+                text = format!(
+                    "[index]\nchunk_tokens = {0}\nchunk_overlap = {1}\n",
+                    ceiling.max,
+                    ceiling.max - 1
+                );
             }
             let config = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", ceiling.key));
             // What the host derives from the values, at their ceilings.
@@ -230,7 +397,10 @@ mod tests {
         assert_eq!(fit_pool(6, true, gib, 8 * gib), Ok(6));
         let err = fit_pool(8, true, gib, 8 * gib).unwrap_err();
         assert_eq!((err.total, err.budget), (8 * gib, 6 * gib));
-        assert!(err.to_string().contains("POOL_MEMORY_SHARE_PERCENT"), "{err}");
+        assert!(
+            err.to_string().contains("POOL_MEMORY_SHARE_PERCENT"),
+            "{err}"
+        );
         assert_eq!(err.to_string().lines().count(), 1);
         assert_eq!(fit_pool(8, false, gib, 8 * gib), Ok(6));
         // Not even one fits.

@@ -100,7 +100,15 @@ async fn a_model_id_with_terminal_escapes_is_refused_at_init_with_a_typed_error(
         "{err:?}"
     );
     // The type refuses each kind of character on its own.
-    for bad in ["a\x1bb", "a\x07", "a\nb", "a\rb", "a\u{202e}b", "a\u{2028}b", "a\u{85}b"] {
+    for bad in [
+        "a\x1bb",
+        "a\x07",
+        "a\nb",
+        "a\rb",
+        "a\u{202e}b",
+        "a\u{2028}b",
+        "a\u{85}b",
+    ] {
         assert!(embedhost::backend::ModelId::new(bad).is_err(), "{bad:?}");
     }
     assert!(embedhost::backend::ModelId::new("org/model-v2 (int8)").is_ok());
@@ -155,8 +163,10 @@ async fn a_huge_declared_dimension_is_refused_and_a_large_log_call_never_rides_o
     let err = embedder.embed(texts, false, None).await.unwrap_err();
     assert!(err.is_crash(), "{err:?}");
     assert!(
-        err.to_string()
-            .contains(&format!("more than {} bytes in one host call", limits::MAX_HOSTCALL_BYTES)),
+        err.to_string().contains(&format!(
+            "more than {} bytes in one host call",
+            limits::MAX_HOSTCALL_BYTES
+        )),
         "{err}"
     );
     // The batch's own vectors still come out whole.
@@ -206,7 +216,13 @@ fn a_log_then_trap_loop_writes_no_more_than_the_plugins_byte_budget() {
         .replace("pool_size = 1", "pool_size = 2");
     std::fs::write(&config, text).unwrap();
     let (out, took) = embedhost(
-        &["--config", config.to_str().unwrap(), "embed", TRIGGER, TRIGGER],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "embed",
+            TRIGGER,
+            TRIGGER,
+        ],
         &crate::test_cache_dir(),
     );
     let err = stderr(&out);
@@ -224,7 +240,11 @@ fn a_log_then_trap_loop_writes_no_more_than_the_plugins_byte_budget() {
         (plugin_bytes as f64) < allowed,
         "{plugin_bytes} bytes of plugin log in {took:?} (allowed {allowed})"
     );
-    assert!(err.contains("plugin log lines dropped"), "{}", &err[err.len().saturating_sub(2000)..]);
+    assert!(
+        err.contains("plugin log lines dropped"),
+        "{}",
+        &err[err.len().saturating_sub(2000)..]
+    );
 }
 
 // --- finding 3: the artifact cache ---------------------------------------------
@@ -260,13 +280,21 @@ fn a_swapped_or_patched_cache_entry_is_refused_and_rebuilt() {
     )
     .unwrap();
     let plugin = load(stub);
-    assert_eq!(plugin.cache_outcome(), CacheOutcome::Compiled, "a swapped entry was mapped");
+    assert_eq!(
+        plugin.cache_outcome(),
+        CacheOutcome::Compiled,
+        "a swapped entry was mapped"
+    );
     // Patched: one byte of machine code changed.
     let mut bytes = std::fs::read(broken_entry).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(broken_entry, &bytes).unwrap();
-    assert_eq!(load(broken).cache_outcome(), CacheOutcome::Compiled, "a patched entry was mapped");
+    assert_eq!(
+        load(broken).cache_outcome(),
+        CacheOutcome::Compiled,
+        "a patched entry was mapped"
+    );
     // Rebuilt, both load from the cache again.
     assert_eq!(load(stub).cache_outcome(), CacheOutcome::Hit);
     assert_eq!(load(broken).cache_outcome(), CacheOutcome::Hit);
@@ -294,7 +322,10 @@ fn the_cache_is_owner_only_whatever_the_umask_and_refused_if_others_can_write_it
     assert!(out.status.success(), "{}", stderr(&out));
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&cache), 0o700);
-    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert!(files.len() >= 3, "{files:?}");
     for file in &files {
         assert_eq!(mode(file), 0o600, "{}", file.display());
@@ -331,7 +362,10 @@ fn a_same_size_same_mtime_change_or_a_change_in_a_subdirectory_makes_a_new_snaps
         .unwrap()
         .set_modified(mtime)
         .unwrap();
-    assert_eq!(std::fs::metadata(&weights).unwrap().modified().unwrap(), mtime);
+    assert_eq!(
+        std::fs::metadata(&weights).unwrap().modified().unwrap(),
+        mtime
+    );
     let second = id(&[]);
     assert_ne!(first, second, "a same-size same-mtime rewrite kept the id");
     // A change below the top level.
@@ -365,13 +399,23 @@ fn config_values_past_their_ceiling_and_a_pool_past_the_machine_are_refused_with
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[supervisor]\npool_size = 1000\n", "pool_size"),
-        ("[limits]\ncall_deadline_per_kib_ms = 9223372036854775807\n", "call_deadline_per_kib_ms"),
+        (
+            "[limits]\ncall_deadline_per_kib_ms = 9223372036854775807\n",
+            "call_deadline_per_kib_ms",
+        ),
         ("[limits]\nmemory_mb = 1000000000\n", "memory_mb"),
-        ("[limits]\ncall_deadline_ms = 9223372036854775807\n", "call_deadline_ms"),
+        (
+            "[limits]\ncall_deadline_ms = 9223372036854775807\n",
+            "call_deadline_ms",
+        ),
     ];
     for (text, key) in cases {
         let config = dir.path().join("c.toml");
-        std::fs::write(&config, format!("[plugin]\npath = \"builtin:stub\"\n{text}")).unwrap();
+        std::fs::write(
+            &config,
+            format!("[plugin]\npath = \"builtin:stub\"\n{text}"),
+        )
+        .unwrap();
         let (out, _) = embedhost(
             &["--config", config.to_str().unwrap(), "embed", "hello"],
             &crate::test_cache_dir(),
@@ -617,7 +661,10 @@ async fn a_health_check_using_most_of_its_timeout_counts_against_the_instance() 
 // --- finding 10: no lost wakeups ---------------------------------------------------
 
 /// CPU load beside a test: `threads` spinning until dropped.
-struct Load(std::sync::Arc<std::sync::atomic::AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+struct Load(
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    Vec<std::thread::JoinHandle<()>>,
+);
 
 impl Load {
     fn start(threads: usize) -> Self {

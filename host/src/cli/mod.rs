@@ -271,7 +271,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string()),
         Command::Child(args) => child(args).await,
-        Command::CompilePlugin => Err("compile-plugin is answered before the runtime starts".into()),
+        Command::CompilePlugin => {
+            Err("compile-plugin is answered before the runtime starts".into())
+        }
     }
 }
 

@@ -275,7 +275,10 @@ impl ArtifactCache {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
         if meta.uid() != me {
-            return Err(unsafe_dir(format!("it belongs to user {}, not to this user ({me})", meta.uid())));
+            return Err(unsafe_dir(format!(
+                "it belongs to user {}, not to this user ({me})",
+                meta.uid()
+            )));
         }
         let mode = meta.mode() & 0o777;
         if mode & 0o022 != 0 {
@@ -288,7 +291,8 @@ impl ArtifactCache {
             // before this rule was 0755), and its entries with it.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
             for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
-                let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600));
+                let _ =
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600));
             }
         }
         self.secret().map_err(|e| match e.kind() {
@@ -313,7 +317,8 @@ impl ArtifactCache {
                 ));
             }
             let mut secret = [0u8; 32];
-            if meta.mode() & 0o077 == 0 && meta.len() == 32 && file.read_exact(&mut secret).is_ok() {
+            if meta.mode() & 0o077 == 0 && meta.len() == 32 && file.read_exact(&mut secret).is_ok()
+            {
                 return Ok(Secret(secret));
             }
             tracing::warn!(key = %path.display(), "replacing an artifact cache key others could read; every entry will be rebuilt");

@@ -68,7 +68,7 @@ pub enum CompileError {
 /// # Errors
 /// [`CompileError`].
 pub(crate) fn precompile_in_child(exe: &Path, bytes: &[u8]) -> Result<Vec<u8>, CompileError> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::CommandExt;
     let mut command = Command::new(exe);
     command
         .arg(COMPILE_SUBCOMMAND)
@@ -134,26 +134,33 @@ pub(crate) fn precompile_in_child(exe: &Path, bytes: &[u8]) -> Result<Vec<u8>, C
                 Err(e) => Err(CompileError::Child(e.to_string())),
             };
         }
-        Err(match status.signal() {
-            Some(libc::SIGXCPU | libc::SIGKILL) => CompileError::Time {
-                cpu: limits::MAX_COMPILE_CPU,
-                wall: limits::MAX_COMPILE_TIME,
-            },
-            // An allocation refused by RLIMIT_DATA aborts the child
-            // ("memory allocation of N bytes failed").
-            Some(libc::SIGABRT) | Some(libc::SIGSEGV) => CompileError::Memory { limit: memory },
-            _ if message.contains("memory allocation") || message.contains("out of memory") => {
-                CompileError::Memory { limit: memory }
-            }
-            _ if status.code() == Some(1) && !message.is_empty() => CompileError::Refused(
-                crate::untrusted::sanitize(message.lines().last().unwrap_or_default(), 2048),
-            ),
-            _ => CompileError::Child(format!(
-                "{status}: {}",
-                crate::untrusted::sanitize(&message, 2048)
-            )),
-        })
+        Err(failure(status, &message))
     })
+}
+
+/// What a compiler child that did not succeed ran into.
+fn failure(status: std::process::ExitStatus, message: &str) -> CompileError {
+    use std::os::unix::process::ExitStatusExt;
+    let memory = limits::MAX_COMPILE_MEMORY_BYTES;
+    match status.signal() {
+        Some(libc::SIGXCPU | libc::SIGKILL) => CompileError::Time {
+            cpu: limits::MAX_COMPILE_CPU,
+            wall: limits::MAX_COMPILE_TIME,
+        },
+        // An allocation refused by RLIMIT_DATA aborts the child
+        // ("memory allocation of N bytes failed").
+        Some(libc::SIGABRT) | Some(libc::SIGSEGV) => CompileError::Memory { limit: memory },
+        _ if message.contains("memory allocation") || message.contains("out of memory") => {
+            CompileError::Memory { limit: memory }
+        }
+        _ if status.code() == Some(1) && !message.is_empty() => CompileError::Refused(
+            crate::untrusted::sanitize(message.lines().last().unwrap_or_default(), 2048),
+        ),
+        _ => CompileError::Child(format!(
+            "{status}: {}",
+            crate::untrusted::sanitize(message, 2048)
+        )),
+    }
 }
 
 /// Reads `from` to its end, or `None` past `limit` bytes.

@@ -86,7 +86,8 @@ pub fn other_version(engine: &Engine, component: &Component) -> Option<ContractE
 pub fn differing_signature(engine: &Engine, component: &Component) -> Option<ContractError> {
     let ty = component.component_type();
     let cx = ty.instance_type();
-    let ComponentItem::ComponentInstance(interface) = ty.get_export(engine, super::EXPORTED_INTERFACE)?.ty
+    let ComponentItem::ComponentInstance(interface) =
+        ty.get_export(engine, super::EXPORTED_INTERFACE)?.ty
     else {
         return None;
     };
@@ -97,8 +98,12 @@ pub fn differing_signature(engine: &Engine, component: &Component) -> Option<Con
             continue;
         };
         let fits = match function {
-            "init" => check::<(Vec<(String, String)>,), (Result<ModelInfo, EmbedError>,)>(&func, &cx),
-            "embed" => check::<(Vec<String>, InputKind), (Result<Embeddings, EmbedError>,)>(&func, &cx),
+            "init" => {
+                check::<(Vec<(String, String)>,), (Result<ModelInfo, EmbedError>,)>(&func, &cx)
+            }
+            "embed" => {
+                check::<(Vec<String>, InputKind), (Result<Embeddings, EmbedError>,)>(&func, &cx)
+            }
             _ => check::<(), (HealthReport,)>(&func, &cx),
         };
         if !fits {
@@ -154,7 +159,11 @@ fn show(ty: &Type) -> String {
         Type::List(l) => format!("list<{}>", show(&l.ty())),
         Type::Record(r) => format!(
             "record {{ {} }}",
-            list(r.fields().map(|f| format!("{}: {}", f.name, show(&f.ty))).collect())
+            list(
+                r.fields()
+                    .map(|f| format!("{}: {}", f.name, show(&f.ty)))
+                    .collect()
+            )
         ),
         Type::Tuple(t) => format!("tuple<{}>", list(t.types().map(|t| show(&t)).collect())),
         Type::Variant(v) => format!(
@@ -168,13 +177,19 @@ fn show(ty: &Type) -> String {
                     .collect()
             )
         ),
-        Type::Enum(e) => format!("enum {{ {} }}", list(e.names().map(str::to_string).collect())),
+        Type::Enum(e) => format!(
+            "enum {{ {} }}",
+            list(e.names().map(str::to_string).collect())
+        ),
         Type::Option(o) => format!("option<{}>", show(&o.ty())),
         Type::Result(r) => {
             let side = |t: Option<Type>| t.map_or("_".to_string(), |t| show(&t));
             format!("result<{}, {}>", side(r.ok()), side(r.err()))
         }
-        Type::Flags(f) => format!("flags {{ {} }}", list(f.names().map(str::to_string).collect())),
+        Type::Flags(f) => format!(
+            "flags {{ {} }}",
+            list(f.names().map(str::to_string).collect())
+        ),
         other => format!("{other:?}"),
     }
 }

@@ -33,8 +33,8 @@ use wasmtime::Store;
 
 use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
-use super::host::HostState;
 use super::boundary::{classify, validate};
+use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
 use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
 use crate::bus::BoxFuture;

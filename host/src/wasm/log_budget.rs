@@ -138,7 +138,10 @@ mod tests {
             }
         }
         // (and what the burst left, under one line)
-        assert!(more <= 10 * limits::PLUGIN_LOG_BYTES_PER_SECOND + line as u64, "{more}");
+        assert!(
+            more <= 10 * limits::PLUGIN_LOG_BYTES_PER_SECOND + line as u64,
+            "{more}"
+        );
         assert!(budget.dropped_bytes > 0);
     }
 

@@ -92,7 +92,9 @@ pub enum SnapshotIdError {
         source: std::io::Error,
     },
     /// More entries than [`crate::limits::MAX_SNAPSHOT_MODEL_FILES`].
-    #[error("the model directory holds more than {limit} files and directories (limits::MAX_SNAPSHOT_MODEL_FILES)")]
+    #[error(
+        "the model directory holds more than {limit} files and directories (limits::MAX_SNAPSHOT_MODEL_FILES)"
+    )]
     TooManyFiles {
         /// The bound.
         limit: usize,
@@ -169,9 +171,11 @@ pub fn hash_model_dir(dir: &Path) -> Result<String, SnapshotIdError> {
                     if n == 0 {
                         break;
                     }
-                    budget = budget.checked_sub(n as u64).ok_or(SnapshotIdError::TooManyBytes {
-                        limit: crate::limits::MAX_SNAPSHOT_MODEL_BYTES,
-                    })?;
+                    budget = budget
+                        .checked_sub(n as u64)
+                        .ok_or(SnapshotIdError::TooManyBytes {
+                            limit: crate::limits::MAX_SNAPSHOT_MODEL_BYTES,
+                        })?;
                     length += n as u64;
                     hasher.update(&buffer[..n]);
                 }
@@ -238,7 +242,9 @@ pub fn make(
     let runtime = CallRuntime::new().map_err(|e| format!("no runtime: {e}"))?;
     // Each step is bounded like an instance's `init`: guest code by the
     // epoch deadline, a wait in a host function by the timer.
-    let bound = limits.init_deadline.saturating_add(crate::limits::HOST_CALL_GRACE);
+    let bound = limits
+        .init_deadline
+        .saturating_add(crate::limits::HOST_CALL_GRACE);
     let timed_out = || format!("`init` ran past its {:?} deadline", limits.init_deadline);
     let initialized = runtime.run_for(bound, async {
         let instance = linker
