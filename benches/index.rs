@@ -301,7 +301,8 @@ fn index_into(
     db: &Path,
 ) -> (u64, f64) {
     let mut model_info = supervisor.model_info();
-    model_info.model_id = embedhost::model::DEFAULT_MODEL.into();
+    model_info.model_id =
+        embedhost::backend::ModelId::new(embedhost::model::DEFAULT_MODEL).unwrap();
     let worker = worker_over(supervisor, model_info, tokens.clone(), settings);
     rt.block_on(async {
         worker.init(db).await.unwrap();

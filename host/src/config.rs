@@ -64,6 +64,18 @@ pub enum ConfigError {
     #[error("invalid config file `{path}`: {message}")]
     /// The file is not a valid config; the message names the key.
     Invalid { path: PathBuf, message: String },
+    // --- sandbox, second round (issue 26) ---
+    #[error(
+        "invalid config file `{path}`: `{key}` = {value} is past its ceiling of {max} ({constant})"
+    )]
+    /// A value past its ceiling (see [`crate::ceilings`]).
+    PastCeiling {
+        path: PathBuf,
+        key: &'static str,
+        value: u64,
+        max: u64,
+        constant: &'static str,
+    },
 }
 
 /// Which embedder implementation serves `embedder.*`.
@@ -447,6 +459,16 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
+        // --- sandbox, second round (issue 26) ---
+        if let Some((ceiling, value)) = crate::ceilings::first_past(&config) {
+            return Err(ConfigError::PastCeiling {
+                path: path.to_path_buf(),
+                key: ceiling.key,
+                value,
+                max: ceiling.max,
+                constant: ceiling.constant,
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let builtin = config
             .plugin

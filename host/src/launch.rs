@@ -18,7 +18,13 @@ use crate::worker::chunk::Tokens;
 /// # Errors
 /// Why wasmtime could not start.
 pub fn engine_for(config: &Config) -> Result<WasmEngine, String> {
-    WasmEngine::new(config.artifact_cache()).map_err(|e| format!("cannot start wasmtime: {e:#}"))
+    let engine = WasmEngine::new(config.artifact_cache())
+        .map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
+    // Plugin code is compiled in a child of this binary, bounded in memory
+    // and time (`wasm::compile`).
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the embedhost executable: {e}"))?;
+    Ok(engine.with_compiler(exe))
 }
 
 /// Starts the configured backend's supervised pool, of at most `max_pool`
@@ -29,6 +35,8 @@ pub async fn start_backend(
     max_pool: Option<usize>,
 ) -> Result<(Supervisor, Option<SnapshotStatus>), String> {
     let mut supervision = config.supervisor_config();
+    // The configured pool is checked, whatever this command starts of it.
+    supervision.pool_size = fit_machine(config, supervision.pool_size)?;
     if let Some(max) = max_pool {
         supervision.pool_size = supervision.pool_size.min(max);
     }
@@ -74,6 +82,30 @@ pub async fn start_backend(
         }
     }
     .map_err(|e| e.to_string())
+}
+
+/// The pool size whose memory caps fit the machine (see
+/// [`crate::ceilings::fit_pool`]): each WASM instance's `memory_mb`, or each
+/// native child's memory ceiling.
+fn fit_machine(config: &Config, pool: usize) -> Result<usize, String> {
+    let per_instance = match config.backend {
+        Backend::Wasm => Some(config.instance_limits().memory_bytes),
+        Backend::Native => match config.native.memory_ceiling_mb {
+            None => Some(crate::limits::DEFAULT_CHILD_MEMORY_CEILING),
+            Some(0) => None,
+            Some(mb) => Some(mb.saturating_mul(1024 * 1024)),
+        },
+    };
+    match (per_instance, crate::ceilings::machine_memory_bytes()) {
+        (Some(per_instance), Some(machine)) => crate::ceilings::fit_pool(
+            pool,
+            config.supervisor.pool_size.is_some(),
+            per_instance,
+            machine,
+        )
+        .map_err(|e| e.to_string()),
+        _ => Ok(pool),
+    }
 }
 
 /// A fetch from the command line: progress bars, offline if asked or if

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod bus;
+pub mod ceilings;
 pub mod cli;
 pub mod config;
 pub mod conformance;

@@ -725,3 +725,189 @@ pub const SERVE_TOKENIZE_BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
 /// share frees when a tokenization ends, within a second or two even for
 /// the largest body.
 pub const SERVE_TOKENIZE_WAIT: Duration = Duration::from_secs(5);
+
+// --- sandbox, second round (issue 26) ---
+//
+// Ceilings of the configuration's values. Each value a config file can set
+// has one, checked when the file is read (`crate::ceilings`): a value past
+// it is refused with the key's name, so no setting can hang the host
+// (a deadline of 580 million years), panic it (a `Duration` overflow), or
+// take the machine (a thousand instances of a terabyte each). Keys that
+// share a unit and a reason share a ceiling.
+
+/// Ceiling of `[supervisor] pool_size`: each instance is a thread and a
+/// memory cap of its own, and past a few per core they only queue for the
+/// cores (1000 were accepted and started). 64 instances serve a 32-core
+/// machine with room for overlap.
+pub const MAX_POOL_SIZE: usize = 64;
+
+/// Ceiling of `[limits] memory_mb`: a wasm32 memory addresses 4 GiB at
+/// most, and a plugin needs one (`memory_mb = 10^9` was accepted).
+pub const MAX_MEMORY_LIMIT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Ceiling of every call deadline a config sets (`[limits]
+/// call_deadline_ms`, `init_deadline_ms`, `[supervisor] health_timeout_ms`):
+/// ten minutes is twenty times the longest default (`init`, 60 s would
+/// already be slow); past it a hung plugin holds its caller for good
+/// (`u64::MAX` ms was accepted and hung).
+pub const MAX_CONFIG_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Ceiling of `[limits] call_deadline_per_kib_ms`: ten times the default
+/// ([`CALL_DEADLINE_PER_KIB`]), itself ten times our measured cost.
+/// (`u64::MAX` panicked in `Duration::mul_f64`.)
+pub const MAX_CALL_DEADLINE_PER_KIB: Duration = Duration::from_secs(60);
+
+/// The longest an `embed` call's deadline may grow with its text
+/// ([`CALL_DEADLINE_PER_KIB`]): an hour. The arithmetic saturates, and this
+/// caps what it gives, so no batch and no setting makes a deadline a timer
+/// cannot hold.
+pub const MAX_WORK_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// Ceiling of every interval and window a config sets (`[supervisor]
+/// health_interval_ms`, `restart_window_ms`, `restart_backoff_*_ms`,
+/// `[index] log_interval_ms`): an hour. Longer is "never", which the
+/// setting does not mean; `Instant + interval` must not overflow.
+pub const MAX_CONFIG_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Ceiling of grace periods (`[native] grace_ms`, `[serve]
+/// shutdown_grace_ms`): ten minutes, far past what a process manager
+/// gives before SIGKILL.
+pub const MAX_CONFIG_GRACE: Duration = Duration::from_secs(600);
+
+/// Ceiling of counts of events (`[supervisor] max_restarts`,
+/// `poison_after`): past a thousand restarts in a window the pool never
+/// escalates, which is what the count is for.
+pub const MAX_CONFIG_COUNT: u64 = 1000;
+
+/// Ceiling of byte amounts that bound one process's memory
+/// (`[supervisor] recycle_memory_bytes`, `[native] memory_ceiling_mb`):
+/// 64 GiB, more than a laptop has.
+pub const MAX_CONFIG_MEMORY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+/// Ceiling of `[supervisor] recycle_processed`: a trillion texts is
+/// "never" in practice, while staying far from overflow.
+pub const MAX_RECYCLE_PROCESSED: u64 = 1_000_000_000_000;
+
+/// Ceiling of `[native] threads`: ONNX Runtime's intra-op threads per
+/// child; more than the largest machines' cores only thrash.
+pub const MAX_NATIVE_THREADS: usize = 256;
+
+/// Ceiling of `[cache] max_mb`: 1 TiB.
+pub const MAX_CACHE_BYTES: u64 = 1024 * 1024 * 1024 * 1024;
+
+/// Ceiling of `[index] max_file_bytes`: 1 GiB; a file is read whole to be
+/// extracted.
+pub const MAX_INDEX_FILE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Ceiling of token counts a config sets (`[index] chunk_tokens`,
+/// `chunk_overlap`, `[serve] max_batch_tokens`... per chunk or batch):
+/// a million tokens, past any model's window many times over.
+pub const MAX_CONFIG_TOKENS: u64 = 1_000_000;
+
+/// Ceiling of `[index] batch_chunks` and `[serve] max_inputs`: texts in one
+/// request; each is held in memory with its vector.
+pub const MAX_CONFIG_BATCH: u64 = 100_000;
+
+/// Ceiling of `[index] max_file_chunks`: ten million chunks of one file.
+pub const MAX_CONFIG_FILE_CHUNKS: u64 = 10_000_000;
+
+/// Ceiling of `[serve] max_body_kb`: 256 MiB of request body.
+pub const MAX_SERVE_BODY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Ceiling of `[serve] max_concurrent_requests`: each holds its body.
+pub const MAX_SERVE_CONCURRENT: u64 = 65_536;
+
+/// Ceiling of `[serve] batch_wait_us`: one second of waiting for company
+/// is already longer than most requests.
+pub const MAX_SERVE_BATCH_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest dimension a plugin may declare in `init`: the largest common
+/// models have 4096; four times that leaves room, while each vector stays
+/// at 64 KiB (4,194,304 was accepted, and 32 one-line files made a 513 MB
+/// index). Refused at `init` with a typed error.
+pub const MAX_DIMENSION: u32 = 16_384;
+
+/// Share of the machine's memory (`MemTotal` of `/proc/meminfo`) the
+/// pool's caps may add up to (`pool_size` × `memory_mb`, or the native
+/// children's ceilings): three quarters leaves the rest to the host, the
+/// index and everything else. Past it an explicit `pool_size` is refused
+/// at start with one line; the default pool (one per core) is made
+/// smaller to fit. (8 × 400 MB ran to 3.2 GB on a machine with less.)
+pub const POOL_MEMORY_SHARE_PERCENT: u64 = 75;
+
+/// Log bytes one plugin may make the host write per second, sustained: all
+/// its instances, restarts and snapshots together (a bucket keyed by the
+/// plugin, outside any instance). Lines past it are dropped and their bytes
+/// counted (`plugin_log_dropped_bytes_total`). 16 KiB/s is four full lines
+/// a second, more than any plugin's diagnostics need; before it, 4 KB
+/// lines reached 242 KiB/s per instance (19 GiB a day).
+pub const PLUGIN_LOG_BYTES_PER_SECOND: u64 = 16 * 1024;
+
+/// Bytes one plugin may log at once above [`PLUGIN_LOG_BYTES_PER_SECOND`]
+/// (the per-second bucket's size): a start-up banner or an error trace
+/// passes whole. It does not refill on a restart: a pool of 2 that logged
+/// 400 lines of 4 KB and trapped, in a loop, wrote 118 MiB in 120 s when
+/// each restart began with a full burst.
+pub const PLUGIN_LOG_BYTES_BURST: u64 = 256 * 1024;
+
+/// Log bytes one plugin may make the host write per hour, sustained (a
+/// second bucket, of this size, refilled at this rate per hour): 32 MiB,
+/// where the per-second rate alone would allow 56 MiB, so a day's log of
+/// one plugin stays under 800 MiB (and no hour holds more than twice this:
+/// a full bucket and its refill).
+pub const PLUGIN_LOG_BYTES_PER_HOUR: u64 = 32 * 1024 * 1024;
+
+/// Files and directories under a model directory that a snapshot's id
+/// covers (every one, at any depth, is hashed): a model has a handful;
+/// past ten thousand the directory is not a model, and the plugin runs
+/// without a snapshot (loading in `init`) rather than the host walking it
+/// on every start.
+pub const MAX_SNAPSHOT_MODEL_FILES: usize = 10_000;
+
+/// Bytes of model files a snapshot's id hashes, in all: the content of
+/// every file, so that any change makes a new snapshot (the id had hashed
+/// top-level names, sizes and mtimes, and a same-size same-mtime rewrite
+/// or a change in a subdirectory served the old model). all-MiniLM-L6-v2's
+/// directory holds about 200 MB, hashed in well under a second with the
+/// CPU's SHA extensions; 4 GiB leaves room for larger models, and past it
+/// the plugin runs without a snapshot.
+pub const MAX_SNAPSHOT_MODEL_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Memory a plugin's compile may use (`RLIMIT_DATA` of the compiler
+/// child, `wasm::compile`): compile memory is not bounded by a file's
+/// structure (a 1.9 MiB component of empty functions took 2.68 GB, a
+/// 7.3 MiB function 3.7 GB). Measured (`embedhost compile-plugin`, debug
+/// build, optimized dependencies, 2026-12-07): the built-in BERT plugin
+/// (2.8 MB) peaks at 132 MB, a 4 MiB function of additions at 425 MB, six
+/// modules of 100,000 empty functions past 1 GiB. A snapshot is compiled
+/// too, holding its memory (up to [`MAX_SNAPSHOT_BYTES`]) in and out: 2 GiB
+/// leaves room for both, and stops a bomb long before it takes the machine.
+pub const MAX_COMPILE_MEMORY_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// CPU time a plugin's compile may use (`RLIMIT_CPU` of the compiler
+/// child; the sum over its threads). The built-in BERT plugin takes 5.5 s
+/// of CPU (measured as above); 100,000 nested empty loops in a 300 KB file
+/// took more than 100 s (and the issue's nested loops 70 s and 4 GiB).
+/// 30 s is five times BERT's cost.
+pub const MAX_COMPILE_CPU: Duration = Duration::from_secs(30);
+
+/// Wall time a plugin's compile may take before its child is killed: four
+/// times the CPU bound, for a machine busy with other work.
+pub const MAX_COMPILE_TIME: Duration = Duration::from_secs(120);
+
+/// Bytes the compiler child may read or answer: a compiled snapshot is
+/// about the size of the memory it keeps ([`MAX_SNAPSHOT_BYTES`]) plus its
+/// code.
+pub const MAX_COMPILE_OUTPUT_BYTES: u64 = MAX_SNAPSHOT_BYTES + 256 * 1024 * 1024;
+
+/// A health answer slower than this share of its timeout counts against
+/// the instance: `health` is meant to be cheap, and one that used 890 of
+/// its 900 ms made indexing 7.2 times slower, uncounted. A quarter leaves
+/// room for a check queued behind a batch's end on a busy machine.
+pub const HEALTH_SLOW_SHARE_PERCENT: u32 = 25;
+
+/// Slow health answers in a row ([`HEALTH_SLOW_SHARE_PERCENT`]) after
+/// which the instance is replaced as failing its health check (and the
+/// restart counted): one slow answer is a busy moment, three are the
+/// plugin.
+pub const HEALTH_SLOW_STRIKES: u32 = 3;

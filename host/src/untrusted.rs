@@ -18,24 +18,31 @@ pub fn sanitize(text: &str, max: usize) -> String {
             out.push_str(" [truncated]");
             return out;
         }
-        let hides = c.is_control()
-            || matches!(
-                c,
-                '\u{2028}'
-                    | '\u{2029}'
-                    | '\u{202a}'..='\u{202e}'
-                    | '\u{2066}'..='\u{2069}'
-                    | '\u{200e}'
-                    | '\u{200f}'
-                    | '\u{061c}'
-            );
-        if hides {
+        if hides(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Whether `c` acts on a terminal or a log instead of being printed:
+/// control characters (newlines, carriage returns, ESC, BEL), the Unicode
+/// line and paragraph separators, and the bidi overrides, isolates and
+/// marks that reorder a line.
+pub fn hides(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{061c}'
+        )
 }
 
 #[cfg(test)]

@@ -176,7 +176,7 @@ fn write_the_seed_corpus() {
     let handshake = HandshakeResponse {
         protocol_version: PROTOCOL_VERSION,
         model: embedhost::wasm::ModelInfo {
-            model_id: "all-minilm-l6-v2".into(),
+            model_id: embedhost::backend::ModelId::new("all-minilm-l6-v2").unwrap(),
             dimension: 384,
             max_input_tokens: 256,
             normalized: true,

@@ -16,6 +16,7 @@ mod plugins;
 mod privacy;
 mod real_model;
 mod sandbox;
+mod sandbox2;
 mod serve;
 mod supervisor;
 mod wasm;
@@ -93,4 +94,16 @@ impl OutputWithin for std::process::Command {
             }
         }
     }
+}
+
+/// Runs `command` to its end, with its output captured, and how long it
+/// took; past `guard` it is killed and the test fails with what it printed
+/// (a hang fails its test instead of holding the suite).
+pub fn run_bounded(
+    mut command: std::process::Command,
+    guard: std::time::Duration,
+) -> (std::process::Output, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let out = command.output_within(guard).expect("spawn");
+    (out, started.elapsed())
 }

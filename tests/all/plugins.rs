@@ -348,7 +348,7 @@ async fn a_gigantic_output_and_log_line_are_refused_at_the_boundary() {
     // memory: the host copies out what the batch needs, and no more.
     let budget = 4 * 4 + embedhost::limits::MAX_HOSTCALL_BYTES;
     assert!(
-        reason.contains(&format!("more than {budget} bytes in one call")),
+        reason.contains(&format!("larger than its {budget} bytes")),
         "{reason}"
     );
     still_serves(&supervisor).await;

@@ -230,16 +230,15 @@ fn blocked_calls_probe() {
 
 #[test]
 fn fifty_blocked_calls_leave_no_thread_or_store_behind() {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sandbox::blocked_calls_probe",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args([
+        "--exact",
+        "sandbox::blocked_calls_probe",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    let (out, _) = crate::run_bounded(command, PROCESS_GUARD);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -258,15 +257,18 @@ fn resident_bytes() -> u64 {
 
 // --- the command line, for a plugin that blocks ------------------------------
 
+/// How long any `embedhost` a test here runs may take before it is killed
+/// and its test fails with its output: a guard against a hang (finding 10
+/// of issue 26 held the whole suite), far above every bound asserted.
+const PROCESS_GUARD: Duration = Duration::from_secs(120);
+
 fn embedhost(args: &[&str]) -> (Output, Duration) {
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_embedhost"));
+    command
         .args(args)
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run embedhost");
-    (out, started.elapsed())
+        .env_remove("RUST_LOG");
+    crate::run_bounded(command, PROCESS_GUARD)
 }
 
 /// A config running the hostile plugin in `mode` with short deadlines.
@@ -552,7 +554,6 @@ fn nested(levels: usize) -> Vec<u8> {
 /// children are: a load that needs more fails instead of taking the machine.
 fn embedhost_within_1_gib(args: &[&str]) -> (Output, Duration) {
     use std::os::unix::process::CommandExt;
-    let started = Instant::now();
     let mut command = Command::new(env!("CARGO_BIN_EXE_embedhost"));
     command
         .args(args)
@@ -562,8 +563,7 @@ fn embedhost_within_1_gib(args: &[&str]) -> (Output, Duration) {
     unsafe {
         command.pre_exec(|| embedhost::native::ceiling::apply(1 << 30));
     }
-    let out = command.output().unwrap();
-    (out, started.elapsed())
+    crate::run_bounded(command, PROCESS_GUARD)
 }
 
 #[test]
@@ -634,7 +634,7 @@ async fn a_model_id_past_its_bound_is_refused_not_stored() {
     let err = WasmEmbedder::start(hostile(), quick(), config)
         .await
         .unwrap_err();
-    assert!(matches!(err, WasmError::InvalidOutput { .. }), "{err:?}");
+    assert!(matches!(err, WasmError::ModelInfo(..)), "{err:?}");
     assert!(err.to_string().contains("MAX_MODEL_ID_BYTES"), "{err}");
     let config = pairs(&[("mode", "huge_model_id")]);
     let err = WasmEmbedder::start(hostile(), quick(), config)
@@ -688,11 +688,12 @@ async fn a_giant_log_message_is_refused_at_the_boundary() {
         .await
         .unwrap_err();
     assert!(err.is_crash(), "{err:?}");
-    // One text of dimension 4: the call may copy out 16 bytes of vectors
-    // and the bound for everything else.
+    // A host call gets the bound, whatever the batch's vectors allow.
     assert!(
-        err.to_string()
-            .contains(&format!("more than {}", limits::MAX_HOSTCALL_BYTES + 16)),
+        err.to_string().contains(&format!(
+            "more than {} bytes in one host call",
+            limits::MAX_HOSTCALL_BYTES
+        )),
         "{err}"
     );
 }

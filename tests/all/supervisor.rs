@@ -98,7 +98,7 @@ impl Worker for Scripted {
 
 fn info() -> ModelInfo {
     ModelInfo {
-        model_id: "scripted".into(),
+        model_id: embedhost::backend::ModelId::new("scripted").unwrap(),
         dimension: 2,
         max_input_tokens: 16,
         normalized: false,

@@ -737,7 +737,7 @@ async fn an_index_of_schema_1_is_upgraded_in_place_without_re_embedding() {
     drop(existing);
     let before = Store::open_existing(&db).unwrap().vectors().unwrap();
     let info = embedhost::wasm::ModelInfo {
-        model_id: "embedhost/stub-feature-hash".into(),
+        model_id: embedhost::backend::ModelId::new("embedhost/stub-feature-hash").unwrap(),
         dimension: 384,
         max_input_tokens: 256,
         normalized: true,

@@ -505,7 +505,12 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
         let store = Store::open_existing(&db)?;
         let s = store.stats()?;
         let model = (
-            store.meta("model_id")?.unwrap_or_default(),
+            // Escaped: an index written before model ids were checked
+            // may hold one that acts on a terminal.
+            crate::untrusted::sanitize(
+                &store.meta("model_id")?.unwrap_or_default(),
+                crate::limits::MAX_MODEL_ID_BYTES,
+            ),
             store.meta("dimension")?.unwrap_or_default(),
         );
         Ok::<_, crate::worker::store::StoreError>((

@@ -82,6 +82,10 @@ pub enum Command {
     /// Serve the bus on stdin/stdout (started by the host; not for people).
     #[command(hide = true)]
     Child(ChildArgs),
+    /// Compile the component on stdin to stdout, under the limits the host
+    /// sets (started by the host; not for people).
+    #[command(hide = true, name = "compile-plugin")]
+    CompilePlugin,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +203,9 @@ pub struct ChildArgs {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::CompilePlugin) {
+        return crate::wasm::compile::serve_compile();
+    }
     init_tracing(cli.verbose);
     // A child serves frames on one thread: its handlers hand CPU-bound work
     // to blocking threads, and one thread saves a cross-thread wake-up per
@@ -274,6 +281,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())
         }
         Command::Child(args) => child(args).await,
+        Command::CompilePlugin => {
+            Err("compile-plugin is answered before the runtime starts".into())
+        }
     }
 }
 
@@ -573,8 +583,10 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
 }
 
 fn print_status(report: &serde_json::Value) {
+    // Every value is printed escaped: some come from the plugin or the
+    // index, and none may act on the terminal.
     let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => crate::untrusted::sanitize(s, 1024),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     };
@@ -711,7 +723,9 @@ async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Resu
     let options = crate::conformance::Options {
         config: table,
         limits: config.instance_limits(),
-        throughput_time: std::time::Duration::from_secs_f64(args.seconds),
+        // A huge `--seconds` would overflow a `Duration` (a panic before).
+        throughput_time: std::time::Duration::try_from_secs_f64(args.seconds)
+            .map_err(|e| format!("`--seconds {}`: {e}", args.seconds))?,
     };
     let report = crate::conformance::run(plugin, options).await;
     if args.json {

@@ -102,7 +102,8 @@ impl StubEngine {
 impl Engine for StubEngine {
     fn model_info(&self) -> ModelInfo {
         ModelInfo {
-            model_id: embedhost_stub_engine::MODEL_ID.to_string(),
+            model_id: crate::backend::ModelId::new(embedhost_stub_engine::MODEL_ID)
+                .expect("the stub engine's model id is printable"),
             dimension: self.0.dimension() as u32,
             max_input_tokens: embedhost_stub_engine::MAX_INPUT_TOKENS,
             normalized: true,

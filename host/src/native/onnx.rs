@@ -343,6 +343,7 @@ impl OnnxEngine {
                 |n| n.to_string_lossy().into_owned(),
             )
         });
+        let model_id = crate::backend::ModelId::new(model_id).map_err(|e| e.to_string())?;
         let mut engine = OnnxEngine {
             session,
             encoder,

@@ -722,7 +722,7 @@ async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
 /// place already serves that model (a swap of backend keeps it: the same
 /// model gives the same vectors).
 async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
-    let model = (pool.info.model_id.clone(), pool.info.dimension);
+    let model = (pool.info.model_id.to_string(), pool.info.dimension);
     if lock(&state.worker)
         .as_ref()
         .is_some_and(|w| w.model == model)
@@ -887,7 +887,7 @@ async fn join_nats(
     let serving: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         weak.upgrade()
             .and_then(|s| s.pool().ok())
-            .map(|p| p.info.model_id.clone())
+            .map(|p| p.info.model_id.to_string())
             .unwrap_or_default()
     });
     // Subscribed before this returns, so a caller started after us finds us.

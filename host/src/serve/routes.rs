@@ -554,7 +554,7 @@ async fn stats(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiE
         serde_json::to_value(worker.roots().await.map_err(worker_error)?).unwrap_or_default();
     body["watching"] = serde_json::to_value(state.watched().await).unwrap_or_default();
     if let Ok(pool) = state.pool() {
-        body["model_id"] = pool.info.model_id.clone().into();
+        body["model_id"] = pool.info.model_id.as_str().into();
         body["restarts"] = serde_json::to_value(pool.restarts()).unwrap_or_default();
     }
     body["db"] = state.db.display().to_string().into();

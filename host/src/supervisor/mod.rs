@@ -1308,6 +1308,35 @@ async fn next_job(inner: &Inner) -> Option<Job> {
     inner.queue.lock().await.recv().await
 }
 
+/// Health answers slower than [`limits::HEALTH_SLOW_SHARE_PERCENT`] of
+/// their timeout, in a row: [`limits::HEALTH_SLOW_STRIKES`] of them fail
+/// the instance's health check.
+#[derive(Default)]
+struct SlowHealth(u32);
+
+impl SlowHealth {
+    /// Records an answer that took `took`; the failure's message once the
+    /// strikes are reached.
+    fn answered(&mut self, took: Duration, timeout: Duration) -> Option<String> {
+        let share = timeout / 100 * limits::HEALTH_SLOW_SHARE_PERCENT;
+        if took <= share {
+            self.0 = 0;
+            return None;
+        }
+        self.0 += 1;
+        metrics::counter!(METRIC_HEALTH_SLOW).increment(1);
+        (self.0 >= limits::HEALTH_SLOW_STRIKES).then(|| {
+            format!(
+                "health answered in {took:?}, more than {}% of its {timeout:?} timeout, {} times in a row (limits::HEALTH_SLOW_SHARE_PERCENT)",
+                limits::HEALTH_SLOW_SHARE_PERCENT, self.0
+            )
+        })
+    }
+}
+
+/// Metric: health answers slower than their share of the timeout.
+pub const METRIC_HEALTH_SLOW: &str = "supervisor_health_slow_total";
+
 async fn serve(
     inner: &Arc<Inner>,
     slot: usize,
@@ -1339,6 +1368,7 @@ async fn serve(
             answered,
         })
     };
+    let mut slow_health = SlowHealth::default();
     loop {
         let pending_replacement = async {
             match replacement.as_mut() {
@@ -1374,12 +1404,17 @@ async fn serve(
                 }
             }
             _ = health.tick() => {
+                let asked = Instant::now();
                 match tokio::time::timeout(config.health_timeout, worker.health(config.health_timeout)).await {
                     Err(_) => return crashed(FailureReason::HealthTimeout, format!("no health report within {:?}", config.health_timeout), false, proven, false, answered),
                     Ok(Err(CallError::Crash { reason: FailureReason::Deadline, message })) => return crashed(FailureReason::HealthTimeout, message, false, proven, false, answered),
                     Ok(Err(CallError::Crash { message, .. })) => return crashed(FailureReason::HealthFailed, message, false, proven, false, answered),
                     Ok(Err(CallError::Refused(e))) => return crashed(FailureReason::HealthFailed, e.to_string(), false, proven, false, answered),
                     Ok(Ok(report)) => {
+                        // --- sandbox, second round (issue 26): a slow answer counts.
+                        if let Some(message) = slow_health.answered(asked.elapsed(), config.health_timeout) {
+                            return crashed(FailureReason::HealthFailed, message, false, proven, false, answered);
+                        }
                         proven = true;
                         lock(&inner.slots)[slot].memory_bytes = report.memory_bytes;
                         let over = if report.memory_bytes > config.max_memory_bytes {

@@ -6,12 +6,26 @@
 //! wasmtime version and every setting that changes compiled code), so a
 //! changed plugin or a changed engine never loads a stale artifact.
 //!
+//! # Trust
+//! Mapping an artifact runs its machine code in the host, so the cache
+//! trusts only what this host wrote:
+//! - Each entry carries an HMAC-SHA256 under a per-cache secret key
+//!   ([`KEY_FILE`], 32 random bytes, created 0600 beside the entries) over
+//!   the entry's key and its bytes. An entry copied under another key,
+//!   swapped, patched or written by anyone without the secret fails the
+//!   check and is discarded and rebuilt, never mapped.
+//! - The bytes checked are the bytes loaded: the file is read into memory
+//!   once, checked, and deserialized from that copy.
+//! - The directory is 0700 and every file in it 0600, whatever the umask;
+//!   a directory that another user can write (or that another user owns)
+//!   is refused with one line ([`CacheError::Unsafe`]), since whoever can
+//!   write it could replace the key.
+//! - What it does not defend against: the same user, or root, who can
+//!   read the key. They can run code as the host anyway.
+//!
 //! # Invariants
 //! - Entries are written atomically (temporary file, fsync, rename), so a
 //!   crash mid-write leaves no entry rather than a torn one.
-//! - An entry is trusted only if its own sha256 matches the digest stored
-//!   beside it when it was written: mapping an artifact runs its machine code,
-//!   so a corrupt or tampered one is discarded and recompiled, never loaded.
 //! - The cache never holds more than its budget
 //!   ([`crate::limits::DEFAULT_CACHE_MAX_BYTES`], `[cache] max_mb`): after
 //!   each write the least recently used entries (by modification time,
@@ -21,9 +35,11 @@
 //!   without a budget the cache grows with every change.
 
 use std::hash::{Hash, Hasher};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -81,7 +97,7 @@ impl ArtifactCache {
                 continue;
             }
             let Ok(meta) = item.metadata() else { continue };
-            let digest = path.with_extension("sha256");
+            let digest = path.with_extension(MAC_EXTENSION);
             let digest_bytes = std::fs::metadata(&digest).map_or(0, |m| m.len());
             entries.push(Entry {
                 used: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
@@ -132,7 +148,7 @@ impl ArtifactCache {
     /// The compilation error, if `bytes` is not a valid component.
     pub fn load_or_compile(
         &self,
-        engine: &Engine,
+        engine: &super::WasmEngine,
         bytes: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
         self.load_or_make(engine, &sha256_hex(bytes), || Ok(bytes.to_vec()))
@@ -147,15 +163,17 @@ impl ArtifactCache {
     /// `make`'s error, or the compilation error of what it made.
     pub fn load_or_make(
         &self,
-        engine: &Engine,
+        wasm: &super::WasmEngine,
         id: &str,
         make: impl FnOnce() -> wasmtime::Result<Vec<u8>>,
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let engine = wasm.engine();
         let key = self.key(engine, id);
+        let secret = self.prepare()?;
         let artifact = self.dir.join(format!("{key}.cwasm"));
-        let digest = self.dir.join(format!("{key}.sha256"));
+        let digest = self.dir.join(format!("{key}.{MAC_EXTENSION}"));
         if artifact.exists() {
-            match self.load_verified(engine, &artifact, &digest) {
+            match self.load_verified(engine, &secret, &key, &artifact, &digest) {
                 Ok(component) => {
                     // Refresh its last use, which eviction goes by.
                     if let Ok(file) = std::fs::File::options().append(true).open(&artifact) {
@@ -167,13 +185,16 @@ impl ArtifactCache {
                     tracing::warn!(artifact = %artifact.display(), %reason, "discarding a cache entry that does not verify");
                     let _ = std::fs::remove_file(&artifact);
                     let _ = std::fs::remove_file(&digest);
+                    // The digest an older embedhost kept beside its entries.
+                    let _ = std::fs::remove_file(artifact.with_extension("sha256"));
                 }
             }
         }
-        let serialized = engine.precompile_component(&make()?)?;
-        // SAFETY: `serialized` was produced just now by this engine.
+        let serialized = wasm.precompile(&make()?)?;
+        // SAFETY: `serialized` was produced just now by this engine (or its
+        // compiler child, with the same settings; wasmtime checks them).
         let component = unsafe { Component::deserialize(engine, &serialized)? };
-        if let Err(e) = self.store(&artifact, &digest, &serialized) {
+        if let Err(e) = self.store(&secret, &key, &artifact, &digest, &serialized) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the artifact cache; continuing without it");
         }
         Ok((component, CacheOutcome::Compiled))
@@ -182,24 +203,38 @@ impl ArtifactCache {
     fn load_verified(
         &self,
         engine: &Engine,
+        secret: &Secret,
+        key: &str,
         artifact: &Path,
         digest: &Path,
     ) -> Result<Component, String> {
-        let expected = std::fs::read_to_string(digest).map_err(|e| format!("no digest: {e}"))?;
-        let bytes = std::fs::read(artifact).map_err(|e| format!("unreadable: {e}"))?;
-        if sha256_hex(&bytes) != expected.trim() {
-            return Err("its sha256 does not match the digest written with it".into());
-        }
-        drop(bytes);
-        // SAFETY: the artifact was written by `store` from this engine's
-        // `precompile_component` (the key includes the engine's compatibility
-        // hash), and its digest matches what was written, so it is unaltered;
-        // wasmtime checks the compatibility again on load.
-        unsafe { Component::deserialize_file(engine, artifact) }
+        let expected = std::fs::read_to_string(digest).map_err(|e| format!("no MAC: {e}"))?;
+        let expected = decode_hex(expected.trim()).ok_or("its MAC file is not hex")?;
+        // Read once: the bytes checked are the bytes deserialized, whatever
+        // happens to the file afterwards.
+        let mut bytes = Vec::new();
+        open_private(artifact)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| format!("unreadable: {e}"))?;
+        entry_mac(secret, key, &bytes)
+            .verify_slice(&expected)
+            .map_err(|_| "its MAC does not match: not written by this host for this key")?;
+        // SAFETY: the bytes carry this host's MAC over this key, so they are
+        // what `store` wrote from this engine's `precompile_component` (the
+        // key includes the engine's compatibility hash); wasmtime checks
+        // the compatibility again on load.
+        unsafe { Component::deserialize(engine, &bytes) }
             .map_err(|e| format!("wasmtime refused it: {e}"))
     }
 
-    fn store(&self, artifact: &Path, digest: &Path, serialized: &[u8]) -> std::io::Result<()> {
+    fn store(
+        &self,
+        secret: &Secret,
+        key: &str,
+        artifact: &Path,
+        digest: &Path,
+        serialized: &[u8],
+    ) -> std::io::Result<()> {
         if serialized.len() as u64 > self.max_bytes {
             tracing::warn!(
                 bytes = serialized.len(),
@@ -208,12 +243,214 @@ impl ArtifactCache {
             );
             return Ok(());
         }
-        std::fs::create_dir_all(&self.dir)?;
-        write_atomic(digest, sha256_hex(serialized).as_bytes())?;
-        write_atomic(artifact, serialized)?;
+        let mac = hex(&entry_mac(secret, key, serialized).finalize().into_bytes());
+        write_private(digest, mac.as_bytes())?;
+        write_private(artifact, serialized)?;
         self.evict(artifact);
         Ok(())
     }
+
+    /// Makes the directory if it is missing (0700) and checks it, and
+    /// returns the cache's secret key, made on first use.
+    ///
+    /// # Errors
+    /// [`CacheError::Unsafe`] for a directory another user owns or can
+    /// write, or a key file another user owns; [`CacheError::Io`].
+    pub fn prepare(&self) -> Result<Secret, CacheError> {
+        let dir = &self.dir;
+        let io = |source| CacheError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        let unsafe_dir = |reason: String| CacheError::Unsafe {
+            dir: dir.clone(),
+            reason,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let meta = std::fs::metadata(dir).map_err(io)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(unsafe_dir(format!(
+                "it belongs to user {}, not to this user ({me})",
+                meta.uid()
+            )));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o022 != 0 {
+            return Err(unsafe_dir(format!(
+                "other users can write it (mode {mode:03o})"
+            )));
+        }
+        if mode != 0o700 {
+            // Ours, and nobody else could write it: narrow it (a cache made
+            // before this rule was 0755), and its entries with it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
+                let _ =
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600));
+            }
+        }
+        self.secret().map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => unsafe_dir(format!("its key file: {e}")),
+            _ => io(e),
+        })
+    }
+
+    /// The secret in [`KEY_FILE`], made (32 bytes from the system's random
+    /// source, 0600) if there is none, or if the one there could have been
+    /// read by another user.
+    fn secret(&self) -> std::io::Result<Secret> {
+        let path = self.dir.join(KEY_FILE);
+        if let Ok(mut file) = open_private(&path) {
+            let meta = file.metadata()?;
+            // SAFETY: as above.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("`{}` belongs to user {}", path.display(), meta.uid()),
+                ));
+            }
+            let mut secret = [0u8; 32];
+            if meta.mode() & 0o077 == 0 && meta.len() == 32 && file.read_exact(&mut secret).is_ok()
+            {
+                return Ok(Secret(secret));
+            }
+            tracing::warn!(key = %path.display(), "replacing an artifact cache key others could read; every entry will be rebuilt");
+            std::fs::remove_file(&path)?;
+        }
+        let mut secret = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+        let tmp = temporary(&path);
+        write_new_private(&tmp, &secret)?;
+        // A hard link never replaces: of two hosts making a key at once,
+        // one wins and the other reads the winner's.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(Secret(secret)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.secret(),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The file in the cache directory that holds its secret key.
+pub const KEY_FILE: &str = ".embedhost-cache-key";
+
+/// The extension of an entry's MAC file.
+const MAC_EXTENSION: &str = "mac";
+
+/// What the MAC of every entry starts with (changed if what it covers
+/// changes).
+const MAC_CONTEXT: &[u8] = b"embedhost-artifact-mac-1";
+
+/// A cache's secret key.
+#[derive(Clone)]
+pub struct Secret([u8; 32]);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The MAC over an entry: its key (so an entry copied under another key
+/// fails) and its bytes.
+fn entry_mac(secret: &Secret, key: &str, bytes: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new_from_slice(&secret.0)
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+    mac.update(MAC_CONTEXT);
+    mac.update(&(key.len() as u64).to_le_bytes());
+    mac.update(key.as_bytes());
+    mac.update(&(bytes.len() as u64).to_le_bytes());
+    mac.update(bytes);
+    mac
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Why the artifact cache cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The directory (or its key) could be written by someone else.
+    #[error(
+        "the artifact cache `{dir}` is refused: {reason}; use a directory of your own (mode 0700) in `[cache] dir` or EMBEDHOST_CACHE_DIR"
+    )]
+    Unsafe {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// It cannot be made or read.
+    #[error("cannot use the artifact cache `{dir}`: {source}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Opens `path` for reading, not following a symbolic link.
+fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Creates `path` (which must not exist) 0600 with `bytes`, fsynced.
+fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    // The mode above is filtered by the umask; 0600 needs no bit a umask
+    // could leave, but set it again in case the umask cleared the owner's.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// [`write_atomic`], with the file 0600 whatever the umask.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temporary(path);
+    let result = write_new_private(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// A temporary name beside `path`.
+fn temporary(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        ".{}.{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+        std::process::id(),
+        fastrand::u64(..)
+    ))
 }
 
 struct Entry {
@@ -238,13 +475,7 @@ pub enum CacheOutcome {
 /// # Errors
 /// Any I/O error; `path` is then untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-        std::process::id(),
-        fastrand::u64(..)
-    ));
+    let tmp = temporary(path);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;

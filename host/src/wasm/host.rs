@@ -7,11 +7,14 @@
 //!   The same total is the memory figure the supervisor recycles on: it is
 //!   measured here, never taken from the plugin's `health` report.
 //! - Counts the cap cannot see are bounded too: core instances, memories,
-//!   tables, resource handles, and bytes copied out per host call.
+//!   tables, resource handles, and bytes copied out per host call: never
+//!   more than [`limits::MAX_HOSTCALL_BYTES`] for a host import, in any
+//!   store; only an export's result gets more ([`bound_hostcalls`]).
 //! - Nothing a plugin logs reaches the host's log unescaped or unthrottled:
 //!   control characters are escaped (no forged lines), lines are cut at a
-//!   named length, and a per-instance token bucket drops (and counts) what
-//!   exceeds the rate.
+//!   named length, and a per-instance token bucket of lines and a
+//!   per-plugin one of bytes ([`super::log_budget`], shared by all its
+//!   instances and restarts) drop (and count) what exceeds the rate.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -36,6 +39,9 @@ pub struct HostState {
     table: ResourceTable,
     pub(crate) limiter: MemoryCap,
     log: Arc<Mutex<LogGate>>,
+    /// Bytes the result of the export being called may copy out (see
+    /// [`bound_hostcalls`]).
+    pub(crate) export_allowance: usize,
 }
 
 impl HostState {
@@ -54,6 +60,7 @@ impl HostState {
         let log = Arc::new(Mutex::new(LogGate::new(plugin)));
         let mut builder = WasiCtxBuilder::new();
         if let Some(dir) = model_dir {
+            refuse_special_files(dir)?;
             builder
                 .preopened_dir(
                     dir,
@@ -87,6 +94,7 @@ impl HostState {
                 hit: None,
             },
             log,
+            export_allowance: limits::MAX_HOSTCALL_BYTES,
         })
     }
 
@@ -106,6 +114,71 @@ impl Drop for HostState {
     fn drop(&mut self) {
         lock(&self.log).report_dropped();
     }
+}
+
+/// Refuses a model directory holding, at any depth, anything but files,
+/// directories and symbolic links: opening a FIFO (or a device) blocks in
+/// the host, on a thread that a cancelled call cannot take back (17
+/// cancelled reads of a FIFO under `/model` left 19 threads). Walked at
+/// every instance's start (a model has a handful of files), within
+/// [`limits::MAX_SNAPSHOT_MODEL_FILES`] entries.
+fn refuse_special_files(dir: &std::path::Path) -> Result<(), String> {
+    let mut pending = vec![dir.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(current) = pending.pop() {
+        let listing = std::fs::read_dir(&current)
+            .map_err(|e| format!("cannot list `{}`: {e}", current.display()))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| format!("cannot list `{}`: {e}", current.display()))?;
+            seen += 1;
+            if seen > limits::MAX_SNAPSHOT_MODEL_FILES {
+                return Err(format!(
+                    "the model directory `{}` holds more than {} entries (limits::MAX_SNAPSHOT_MODEL_FILES)",
+                    dir.display(),
+                    limits::MAX_SNAPSHOT_MODEL_FILES
+                ));
+            }
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("cannot read `{}`: {e}", entry.path().display()))?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if !(kind.is_file() || kind.is_symlink()) {
+                return Err(format!(
+                    "`{}` under the model directory is not a file, a directory or a link (a FIFO, socket or device blocks the host when opened)",
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bounds what `store` copies out of its plugin: every host import call
+/// (`host-log`, a stdout write, a path) gets [`limits::MAX_HOSTCALL_BYTES`],
+/// whatever the call being made, and only the result of an export (read
+/// when the guest returns to the host) gets the store's
+/// [`HostState::export_allowance`] (an `embed`'s vectors, a snapshot's
+/// memory).
+///
+/// wasmtime's hostcall fuel is one value per store, read when a lift
+/// starts; a call hook sets it at each crossing: on return from guest code
+/// (an export's result is lifted next) to the allowance, on every other
+/// crossing (into the guest, into a host function, back) to the bound. So
+/// a host call never sees the allowance, however large the declared
+/// dimension or the batch. (Before, `embed` set one fuel for its whole
+/// call, and one 200 MiB `host-log` call went through with a huge
+/// dimension.)
+pub(crate) fn bound_hostcalls(store: &mut wasmtime::Store<HostState>) {
+    store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
+    store.call_hook(|mut cx, hook| {
+        let fuel = match hook {
+            wasmtime::CallHook::ReturningFromWasm => cx.data().export_allowance,
+            _ => limits::MAX_HOSTCALL_BYTES,
+        };
+        cx.set_hostcall_fuel(fuel);
+        Ok(())
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +214,8 @@ impl host_log::Host for HostState {
 /// `host-log` and the plugin's stdout and stderr.
 pub(crate) struct LogGate {
     plugin: Arc<str>,
+    /// The plugin's byte budget, shared with its other instances.
+    budget: Arc<Mutex<super::log_budget::LogBudget>>,
     tokens: f64,
     refilled: Instant,
     /// Dropped since the last line that got through (reported with it).
@@ -154,6 +229,7 @@ pub(crate) struct LogGate {
 impl LogGate {
     fn new(plugin: Arc<str>) -> Self {
         LogGate {
+            budget: super::log_budget::for_plugin(&plugin),
             plugin,
             tokens: f64::from(limits::PLUGIN_LOG_BURST),
             refilled: Instant::now(),
@@ -187,8 +263,11 @@ impl LogGate {
                 target: "embedhost::plugin",
                 plugin = &*self.plugin,
                 dropped = self.dropped,
-                "plugin log lines dropped: more than {} lines/s",
-                limits::PLUGIN_LOG_LINES_PER_SECOND
+                "plugin log lines dropped: more than {} lines/s per instance, or {} bytes/s (burst {}) or {} bytes/h per plugin",
+                limits::PLUGIN_LOG_LINES_PER_SECOND,
+                limits::PLUGIN_LOG_BYTES_PER_SECOND,
+                limits::PLUGIN_LOG_BYTES_BURST,
+                limits::PLUGIN_LOG_BYTES_PER_HOUR
             );
             self.dropped = 0;
         }
@@ -203,6 +282,17 @@ impl LogGate {
             self.report_dropped();
         }
         let message = crate::untrusted::sanitize(text, limits::MAX_PLUGIN_LOG_MESSAGE);
+        // Charged what the line costs the log: the message, the plugin's
+        // name and the line's own fields.
+        let cost = message.len() + self.plugin.len() + super::log_budget::LINE_OVERHEAD;
+        if !lock(&self.budget).admit(cost, Instant::now()) {
+            self.dropped += 1;
+            self.dropped_total += 1;
+            metrics::counter!(METRIC_LOG_DROPPED, "plugin" => self.plugin.to_string()).increment(1);
+            metrics::counter!(super::log_budget::METRIC_LOG_DROPPED_BYTES, "plugin" => self.plugin.to_string())
+                .increment(cost as u64);
+            return;
+        }
         let plugin = &*self.plugin;
         match level {
             tracing::Level::TRACE => {
@@ -378,5 +468,53 @@ impl Drop for LogOutput {
         if !self.line.is_empty() {
             self.emit();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_past_the_plugins_budget_are_dropped_and_counted_in_metrics() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let plugin: Arc<str> = Arc::from("test:dropped-bytes-metric");
+        metrics::with_local_recorder(&recorder, || {
+            // Two gates of one plugin, as two instances (or a restart): the
+            // second starts with what the first left.
+            let line = "x".repeat(4000);
+            for _ in 0..2 {
+                let mut gate = LogGate::new(plugin.clone());
+                for _ in 0..100 {
+                    gate.emit(tracing::Level::INFO, "host-log", &line);
+                }
+            }
+        });
+        let dropped =
+            snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .find_map(|(key, _, _, value)| {
+                    let key = key.key();
+                    (key.name() == super::super::log_budget::METRIC_LOG_DROPPED_BYTES
+                        && key.labels().any(|l| l.value() == &*plugin))
+                    .then_some(value)
+                });
+        let Some(DebugValue::Counter(bytes)) = dropped else {
+            panic!(
+                "no {} counter: {dropped:?}",
+                super::super::log_budget::METRIC_LOG_DROPPED_BYTES
+            );
+        };
+        // 200 lines of about 4 KB asked for, a burst of 256 KiB allowed (the
+        // per-instance line bucket alone would have let all 200 through).
+        let asked = 200 * (4000 + plugin.len() + super::super::log_budget::LINE_OVERHEAD) as u64;
+        assert!(
+            bytes >= asked - limits::PLUGIN_LOG_BYTES_BURST - 8192,
+            "{bytes} of {asked}"
+        );
     }
 }

@@ -28,10 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 
 use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
+use super::boundary::{classify, validate};
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
 use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
@@ -132,12 +134,12 @@ impl Instance {
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
-        store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
+        super::host::bound_hostcalls(&mut store);
         let deadline = limits.init_deadline;
         store.set_epoch_deadline(deadline_ticks(deadline));
         let pre = plugin.pre();
         let started = runtime.run_for(
-            deadline + limits::HOST_CALL_GRACE,
+            deadline.saturating_add(limits::HOST_CALL_GRACE),
             pre.instantiate_async(&mut store),
         );
         let bindings = match started {
@@ -158,7 +160,7 @@ impl Instance {
             store,
             plugin: bindings,
             info: ModelInfo {
-                model_id: String::new(),
+                model_id: crate::backend::ModelId::default(),
                 dimension: 0,
                 max_input_tokens: 0,
                 normalized: false,
@@ -172,29 +174,11 @@ impl Instance {
                 .call_init(store, config)
                 .await
         })?;
-        let info: ModelInfo = info
-            .map_err(|e| WasmError::Plugin {
-                call: "init",
-                error: e.into(),
-            })?
-            .into();
-        if info.dimension == 0 {
-            return Err(WasmError::InvalidOutput {
-                index: None,
-                reason: "`init` declared dimension 0".into(),
-            });
-        }
-        if info.model_id.len() > limits::MAX_MODEL_ID_BYTES {
-            return Err(WasmError::InvalidOutput {
-                index: None,
-                reason: format!(
-                    "`init` declared a model id of {} bytes; the limit is {} (limits::MAX_MODEL_ID_BYTES)",
-                    info.model_id.len(),
-                    limits::MAX_MODEL_ID_BYTES
-                ),
-            });
-        }
-        instance.info = info;
+        let info = info.map_err(|e| WasmError::Plugin {
+            call: "init",
+            error: e.into(),
+        })?;
+        instance.info = ModelInfo::try_from(info)?;
         Ok(instance)
     }
 
@@ -219,15 +203,14 @@ impl Instance {
         });
         let deadline =
             crate::backend::work_deadline(deadline, self.limits.call_deadline_per_kib, texts);
-        // The host copies out exactly the vectors it asked for, plus room
-        // for log lines and an error text: anything larger is refused while
-        // it is still in the plugin's memory.
-        let expected = texts.len() as u64 * u64::from(self.info.dimension) * 4;
-        self.store.set_hostcall_fuel(
-            usize::try_from(expected)
-                .unwrap_or(usize::MAX)
-                .saturating_add(limits::MAX_HOSTCALL_BYTES),
-        );
+        // The result may copy out exactly the vectors the host asked for,
+        // plus room for an error text: anything larger is refused while it
+        // is still in the plugin's memory. Host calls made during `embed`
+        // keep their own bound (`host::bound_hostcalls`).
+        let expected = (texts.len() as u64).saturating_mul(u64::from(self.info.dimension) * 4);
+        self.store.data_mut().export_allowance = usize::try_from(expected)
+            .unwrap_or(usize::MAX)
+            .saturating_add(limits::MAX_HOSTCALL_BYTES);
         let result = self.call("embed", deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()
@@ -252,7 +235,7 @@ impl Instance {
     /// A crash, as for [`Instance::embed`].
     pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let deadline = self.deadline(deadline);
-        self.store.set_hostcall_fuel(limits::MAX_HOSTCALL_BYTES);
+        self.store.data_mut().export_allowance = limits::MAX_HOSTCALL_BYTES;
         let report = self.call("health", deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()
@@ -286,7 +269,7 @@ impl Instance {
     ) -> Result<T, WasmError> {
         self.store.set_epoch_deadline(deadline_ticks(deadline));
         let result = self.runtime.run_for(
-            deadline + limits::HOST_CALL_GRACE,
+            deadline.saturating_add(limits::HOST_CALL_GRACE),
             f(&self.plugin, &mut self.store),
         );
         match result {
@@ -307,92 +290,6 @@ impl Instance {
             }
         }
     }
-}
-
-/// Turns a wasmtime error into the typed error it stands for.
-fn classify(
-    store: &Store<HostState>,
-    call: &'static str,
-    deadline: Duration,
-    error: wasmtime::Error,
-    otherwise: impl FnOnce(String) -> WasmError,
-) -> WasmError {
-    if let Some(hit) = error.downcast_ref::<super::MemoryCapHit>() {
-        return WasmError::MemoryCap {
-            call,
-            source: super::MemoryCapHit {
-                limit: hit.limit,
-                desired: hit.desired,
-            },
-        };
-    }
-    if let Some(desired) = store.data().limiter.hit {
-        // The growth was refused and the plugin trapped on the failure.
-        return WasmError::MemoryCap {
-            call,
-            source: super::MemoryCapHit {
-                limit: store.data().limiter.limit,
-                desired,
-            },
-        };
-    }
-    if format!("{error:#}").contains("fuel allocated for hostcalls has been exhausted") {
-        return WasmError::Trap {
-            call,
-            reason: format!(
-                "the plugin passed the host more than {} bytes in one call (limits::MAX_HOSTCALL_BYTES, or the batch's vectors)",
-                store.hostcall_fuel()
-            ),
-        };
-    }
-    match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => WasmError::DeadlineExceeded { call, deadline },
-        // The trap's kind is the message; its wasm backtrace goes to the debug log.
-        Some(trap) => {
-            tracing::debug!(call, "trap details: {error:?}");
-            otherwise(trap.to_string())
-        }
-        None => otherwise(format!("{error:#}")),
-    }
-}
-
-/// Checks the contract on a plugin's output.
-fn validate(
-    info: &ModelInfo,
-    texts: usize,
-    dimension: u32,
-    data: Vec<f32>,
-) -> Result<Vectors, WasmError> {
-    if dimension != info.dimension {
-        return Err(WasmError::InvalidOutput {
-            index: None,
-            reason: format!(
-                "vectors of dimension {dimension}, but `init` declared {}",
-                info.dimension
-            ),
-        });
-    }
-    let expected = texts * dimension as usize;
-    if data.len() != expected {
-        return Err(WasmError::InvalidOutput {
-            index: None,
-            reason: format!(
-                "{} floats for {texts} texts of dimension {dimension} (expected {expected})",
-                data.len()
-            ),
-        });
-    }
-    if let Some(at) = data.iter().position(|x| !x.is_finite()) {
-        let index = (at / dimension as usize) as u32;
-        return Err(WasmError::InvalidOutput {
-            index: Some(index),
-            reason: format!("the vector of input {index} contains {}", data[at]),
-        });
-    }
-    Vectors::new(dimension as usize, data).map_err(|e| WasmError::InvalidOutput {
-        index: None,
-        reason: e.to_string(),
-    })
 }
 
 enum Job {
@@ -435,6 +332,9 @@ pub struct WasmEmbedder {
     jobs: mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     name: Arc<str>,
+    /// Cancelled when the instance's thread ends, however it ends: what
+    /// wakes every caller still waiting on it (see [`WasmEmbedder::wait`]).
+    ended: CancellationToken,
 }
 
 impl std::fmt::Debug for WasmEmbedder {
@@ -460,9 +360,16 @@ impl WasmEmbedder {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
         let thread_name = name.clone();
+        let ended = CancellationToken::new();
+        let guard = ended.clone().drop_guard();
         std::thread::Builder::new()
             .name("embedhost-wasm".into())
-            .spawn(move || run(plugin, limits, config, rx, ready_tx))
+            .spawn(move || {
+                // Dropped last, after the store and the job queue, even if
+                // `run` panics.
+                let _ended = guard;
+                run(plugin, limits, config, rx, ready_tx)
+            })
             .map_err(|e| WasmError::Instantiate {
                 name: thread_name.to_string(),
                 reason: format!("no thread: {e}"),
@@ -475,6 +382,7 @@ impl WasmEmbedder {
             jobs,
             info: Arc::new(info),
             name,
+            ended,
         })
     }
 
@@ -506,7 +414,7 @@ impl WasmEmbedder {
             reply,
         })
         .await?;
-        answer.await.map_err(|_| self.gone())?
+        self.wait(answer).await
     }
 
     /// Calls the plugin's `health`.
@@ -516,11 +424,35 @@ impl WasmEmbedder {
     pub async fn health(&self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Health { deadline, reply }).await?;
-        answer.await.map_err(|_| self.gone())?
+        self.wait(answer).await
     }
 
     async fn submit(&self, job: Job) -> Result<(), WasmError> {
-        self.jobs.send(job).await.map_err(|_| self.gone())
+        tokio::select! {
+            sent = self.jobs.send(job) => sent.map_err(|_| self.gone()),
+            () = self.ended.cancelled() => Err(self.gone()),
+        }
+    }
+
+    /// The answer to a submitted job, or [`WasmError::InstanceGone`] once
+    /// the thread has ended without giving one.
+    ///
+    /// Waiting on the answer alone lost a wakeup (finding 10 of issue 26): a
+    /// job sent while the thread, after a crash, was dropping its queue can
+    /// land in the queue after the queue was drained, and stays there, its
+    /// reply never sent nor dropped, for as long as a sender lives (the
+    /// caller's own handle). The thread's end is a signal of its own,
+    /// raised after everything else it drops, so a caller is woken whatever
+    /// became of its job. An answer already given wins (`biased`).
+    async fn wait<T>(
+        &self,
+        answer: oneshot::Receiver<Result<T, WasmError>>,
+    ) -> Result<T, WasmError> {
+        tokio::select! {
+            biased;
+            answer = answer => answer.map_err(|_| self.gone())?,
+            () = self.ended.cancelled() => Err(self.gone()),
+        }
     }
 
     fn gone(&self) -> WasmError {
@@ -653,3 +585,7 @@ impl Spawner for WasmSpawner {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "instance_tests.rs"]
+mod tests;

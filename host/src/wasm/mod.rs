@@ -13,13 +13,18 @@
 //! - Plugin output is validated at the boundary: a vector of the wrong
 //!   dimension, or with a NaN or infinite value, is an error, never passed on.
 
+mod boundary;
 mod cache;
+pub mod compile;
+pub mod contract;
+mod error;
 mod host;
 mod instance;
+pub mod log_budget;
 pub mod snapshot;
+mod source;
 pub mod structure;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +32,11 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
 pub use bindings::exports::embedhost::embedder::embedder::InputKind;
-pub use cache::{ArtifactCache, CacheOutcome, sha256_hex, write_atomic};
+pub use cache::{ArtifactCache, CacheError, CacheOutcome, KEY_FILE, sha256_hex, write_atomic};
+pub use error::{PluginError, WasmError};
 pub use host::MemoryCapHit;
 pub use instance::{Instance, WasmEmbedder, WasmSpawner};
+pub use source::{BUILTIN_PLUGINS, PluginSource};
 
 pub use crate::backend::ModelInfo;
 use crate::limits;
@@ -48,139 +55,15 @@ pub mod bindings {
 /// The contract's interface a plugin must export.
 pub const EXPORTED_INTERFACE: &str = "embedhost:embedder/embedder@0.1.0";
 
-/// Errors of the WASM backend.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WasmError {
-    /// The plugin file cannot be read.
-    #[error("cannot read plugin `{path}`: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-
-    /// The file is not a WebAssembly component.
-    #[error("`{name}` is not a WebAssembly component: {reason}")]
-    NotAComponent { name: String, reason: String },
-
-    /// The file exceeds what the host lets a plugin cost to load (its size,
-    /// nesting, parts or sections); checked before compiling.
-    #[error("`{name}` is refused before compiling: {reason}")]
-    TooCostly {
-        name: String,
-        reason: structure::StructureError,
-    },
-
-    /// The component does not implement the embedder world.
-    #[error("`{name}` is a component but not an embedhost plugin: {reason}")]
-    WrongWorld { name: String, reason: String },
-
-    /// The component failed to compile.
-    #[error("cannot compile `{name}`: {reason}")]
-    Compile { name: String, reason: String },
-
-    /// Instantiation failed (for example, the start function trapped).
-    #[error("cannot instantiate `{name}`: {reason}")]
-    Instantiate { name: String, reason: String },
-
-    /// The plugin trapped. The instance is discarded.
-    #[error("plugin trapped in `{call}`: {reason}")]
-    Trap { call: &'static str, reason: String },
-
-    /// A call ran past its deadline and was interrupted. The instance is
-    /// discarded.
-    #[error("`{call}` ran past its {deadline:?} deadline and was interrupted")]
-    DeadlineExceeded {
-        call: &'static str,
-        deadline: Duration,
-    },
-
-    /// The plugin tried to grow its memory past the cap. The instance is
-    /// discarded.
-    #[error("plugin exceeded its memory limit in `{call}`: {source}")]
-    MemoryCap {
-        call: &'static str,
-        source: MemoryCapHit,
-    },
-
-    /// The plugin returned an error value.
-    #[error("plugin refused `{call}`: {error}")]
-    Plugin {
-        call: &'static str,
-        error: PluginError,
-    },
-
-    /// The plugin's output breaks the contract.
-    #[error("plugin returned invalid output: {reason}")]
-    InvalidOutput { index: Option<u32>, reason: String },
-
-    /// The instance's worker thread is gone (it panicked or was shut down).
-    #[error("plugin instance `{name}` is gone")]
-    InstanceGone { name: String },
-}
-
-impl WasmError {
-    /// Whether the instance that produced this error must be discarded.
-    pub fn is_crash(&self) -> bool {
-        self.failure_reason().is_some()
-    }
-
-    /// For a crash, the reason the supervisor records; `None` otherwise.
-    pub fn failure_reason(&self) -> Option<crate::backend::FailureReason> {
-        use crate::backend::FailureReason;
-        match self {
-            WasmError::Trap { reason, .. } => Some(FailureReason::Trap(reason.clone())),
-            WasmError::DeadlineExceeded { .. } => Some(FailureReason::Deadline),
-            WasmError::MemoryCap { .. } => Some(FailureReason::MemoryCap),
-            WasmError::InstanceGone { .. } => {
-                Some(FailureReason::Exited("instance thread ended".into()))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// An `embed-error` value returned by a plugin, in host types.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PluginError {
-    #[error("invalid config: {0}")]
-    /// `init` cannot use its configuration.
-    InvalidConfig(String),
-    #[error("invalid input {index}: {reason}")]
-    /// One input of the batch was refused.
-    InvalidInput { index: u32, reason: String },
-    #[error("not initialized")]
-    /// `embed` came before a successful `init`.
-    NotInitialized,
-    #[error("model failure: {0}")]
-    /// The model failed.
-    ModelFailure(String),
-}
-
-impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
-    fn from(e: bindings::embedhost::embedder::types::EmbedError) -> Self {
-        use bindings::embedhost::embedder::types::EmbedError as E;
-        // A plugin's text is cut to a named bound and escaped: it ends up
-        // in logs, errors, the index's skip reasons and HTTP answers.
-        let text = |s: String| crate::untrusted::sanitize(&s, limits::MAX_PLUGIN_ERROR_BYTES);
-        match e {
-            E::InvalidConfig(s) => PluginError::InvalidConfig(text(s)),
-            E::InvalidInput(i) => PluginError::InvalidInput {
-                index: i.index,
-                reason: text(i.reason),
-            },
-            E::NotInitialized => PluginError::NotInitialized,
-            E::ModelFailure(s) => PluginError::ModelFailure(text(s)),
-        }
-    }
-}
-
 /// The wasmtime engine shared by every plugin of the process, with its epoch
 /// ticker and artifact cache.
 #[derive(Clone)]
 pub struct WasmEngine {
     engine: Engine,
     cache: Option<ArtifactCache>,
+    /// The executable that compiles plugin code in a bounded child
+    /// ([`compile`]); `None` compiles in this process.
+    compiler: Option<Arc<std::path::Path>>,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -217,7 +100,44 @@ impl WasmEngine {
         config.relaxed_simd_deterministic(false);
         let engine = Engine::new(&config)?;
         spawn_epoch_ticker(&engine);
-        Ok(WasmEngine { engine, cache })
+        Ok(WasmEngine {
+            engine,
+            cache,
+            compiler: None,
+        })
+    }
+
+    /// The same engine, compiling plugin code in `exe compile-plugin`
+    /// under the limits of [`compile`] (the CLI passes its own binary).
+    #[must_use]
+    pub fn with_compiler(mut self, exe: impl Into<std::path::PathBuf>) -> Self {
+        self.compiler = Some(Arc::from(exe.into().into_boxed_path()));
+        self
+    }
+
+    /// What `Engine::precompile_component` gives for `bytes`, compiled in
+    /// the bounded child if there is a compiler executable.
+    ///
+    /// # Errors
+    /// The compiler's refusal, or [`compile::CompileError`] naming the
+    /// limit a compile went past.
+    pub(crate) fn precompile(&self, bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
+        match &self.compiler {
+            Some(exe) => Ok(compile::precompile_in_child(exe, bytes)?),
+            None => self.engine.precompile_component(bytes),
+        }
+    }
+
+    /// `bytes` compiled (see [`WasmEngine::precompile`]) and loaded.
+    ///
+    /// # Errors
+    /// As [`WasmEngine::precompile`], or wasmtime's refusal to load it.
+    pub(crate) fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let serialized = self.precompile(bytes)?;
+        // SAFETY: `serialized` was made just now by this engine, or by this
+        // host's own binary with the same settings (wasmtime checks their
+        // compatibility on load).
+        unsafe { Component::deserialize(&self.engine, &serialized) }
     }
 
     /// The wasmtime engine.
@@ -255,59 +175,7 @@ fn spawn_epoch_ticker(engine: &Engine) {
 /// Epoch ticks for a deadline, rounded up, at least one.
 pub(crate) fn deadline_ticks(deadline: Duration) -> u64 {
     let tick = limits::EPOCH_TICK.as_nanos();
-    (deadline.as_nanos().div_ceil(tick)).max(1) as u64
-}
-
-/// Where a plugin comes from.
-#[derive(Clone, Debug)]
-pub enum PluginSource {
-    /// A `.wasm` file.
-    File(PathBuf),
-    /// Bytes with a name (a built-in plugin).
-    Bytes { name: String, bytes: &'static [u8] },
-}
-
-/// The plugins built into the binary, by the name a config gives them
-/// (`plugin.path = "builtin:NAME"`).
-pub const BUILTIN_PLUGINS: &[&str] = &["stub", "bert"];
-
-impl PluginSource {
-    /// `builtin:NAME` as that built-in plugin, any other path as a file.
-    pub fn from_path(path: &std::path::Path) -> Self {
-        path.to_str()
-            .and_then(|p| p.strip_prefix("builtin:"))
-            .and_then(Self::builtin)
-            .unwrap_or_else(|| PluginSource::File(path.to_path_buf()))
-    }
-
-    /// The built-in plugin `name` (`stub` or `bert`).
-    pub fn builtin(name: &str) -> Option<Self> {
-        let bytes = match name {
-            "stub" => crate::plugins::STUB_WASM_BYTES,
-            "bert" => crate::plugins::BERT_WASM_BYTES,
-            _ => return None,
-        };
-        Some(PluginSource::Bytes {
-            name: format!("builtin:{name}"),
-            bytes,
-        })
-    }
-
-    /// The built-in stub plugin.
-    pub fn builtin_stub() -> Self {
-        PluginSource::Bytes {
-            name: "builtin:stub".into(),
-            bytes: crate::plugins::STUB_WASM_BYTES,
-        }
-    }
-
-    /// A short name for messages.
-    pub fn name(&self) -> String {
-        match self {
-            PluginSource::File(p) => p.display().to_string(),
-            PluginSource::Bytes { name, .. } => name.clone(),
-        }
-    }
+    u64::try_from(deadline.as_nanos().div_ceil(tick).max(1)).unwrap_or(u64::MAX)
 }
 
 /// Limits of each instance of a plugin.
@@ -380,16 +248,16 @@ impl WasmPlugin {
         check_header(&name, &bytes)?;
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let id = snapshot::snapshot_id(&bytes, model_dir, config)
-                .map_err(|e| format!("cannot list `{}`: {e}", model_dir.display()))?;
+                .map_err(|e| format!("no snapshot id for `{}`: {e}", model_dir.display()))?;
             let make = || {
                 tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
                 snapshot::make(engine, &name, &bytes, model_dir, limits, config)
                     .map_err(|reason| wasmtime::format_err!("{reason}"))
             };
             match engine.cache() {
-                Some(cache) => cache.load_or_make(engine.engine(), &id, make),
+                Some(cache) => cache.load_or_make(engine, &id, make),
                 None => make()
-                    .and_then(|wasm| Component::new(engine.engine(), &wasm))
+                    .and_then(|wasm| engine.compile(&wasm))
                     .map(|c| (c, CacheOutcome::Compiled)),
             }
             .map_err(|e| format!("{e:#}"))
@@ -476,18 +344,32 @@ impl WasmPlugin {
 
     fn from_bytes(engine: &WasmEngine, name: String, bytes: &[u8]) -> Result<Self, WasmError> {
         check_header(&name, bytes)?;
+        if let Some(cache) = engine.cache() {
+            cache.prepare()?;
+        }
         let (component, cache_outcome) = match engine.cache() {
-            Some(cache) => cache.load_or_compile(engine.engine(), bytes),
-            None => Component::new(engine.engine(), bytes).map(|c| (c, CacheOutcome::Compiled)),
+            Some(cache) => cache.load_or_compile(engine, bytes),
+            None => engine.compile(bytes).map(|c| (c, CacheOutcome::Compiled)),
         }
         .map_err(|e| WasmError::Compile {
             name: name.clone(),
             reason: format!("{e:#}"),
         })?;
-        let pre = link(engine, &component).map_err(|reason| WasmError::WrongWorld {
-            name: name.clone(),
-            reason,
+        let pre = link(engine, &component).map_err(|reason| {
+            match contract::other_version(engine.engine(), &component) {
+                Some(reason) => WasmError::Contract {
+                    name: name.clone(),
+                    reason,
+                },
+                None => WasmError::WrongWorld {
+                    name: name.clone(),
+                    reason,
+                },
+            }
         })?;
+        if let Some(reason) = contract::differing_signature(engine.engine(), &component) {
+            return Err(WasmError::Contract { name, reason });
+        }
         tracing::debug!(plugin = %name, cache = ?cache_outcome, "plugin loaded");
         Ok(WasmPlugin {
             name: name.into(),
@@ -586,13 +468,16 @@ fn link(
     })
 }
 
-impl From<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {
-    fn from(m: bindings::embedhost::embedder::types::ModelInfo) -> Self {
-        ModelInfo {
-            model_id: m.model_id,
+impl TryFrom<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {
+    type Error = crate::backend::ModelInfoError;
+    fn try_from(m: bindings::embedhost::embedder::types::ModelInfo) -> Result<Self, Self::Error> {
+        let info = ModelInfo {
+            model_id: crate::backend::ModelId::new(m.model_id)?,
             dimension: m.dimension,
             max_input_tokens: m.max_input_tokens,
             normalized: m.normalized,
-        }
+        };
+        info.check_dimension()?;
+        Ok(info)
     }
 }

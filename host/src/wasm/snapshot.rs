@@ -12,8 +12,11 @@
 //! # Invariants
 //! - A snapshot is made once per plugin, model files and `init`
 //!   configuration ([`snapshot_id`]) and kept in the artifact cache beside
-//!   the plugin's precompiled code; a changed plugin, model file or setting
-//!   makes another.
+//!   the plugin's precompiled code; a changed plugin, setting, or content
+//!   of any file under the model directory at any depth makes another
+//!   (the whole content is hashed, within
+//!   [`crate::limits::MAX_SNAPSHOT_MODEL_BYTES`] and
+//!   [`crate::limits::MAX_SNAPSHOT_MODEL_FILES`]).
 //! - An instance restored from a snapshot still gets `init(config)` from the
 //!   host, with the configuration the snapshot was made with: the plugin
 //!   answers from its loaded model without touching a file. (File handles
@@ -26,7 +29,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
-use wasmtime::component::{Component, ComponentExportIndex, Lift, WasmList};
+use wasmtime::component::{ComponentExportIndex, Lift, WasmList};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::Plugin;
@@ -38,12 +41,11 @@ use super::{InstanceLimits, WasmEngine, deadline_ticks};
 /// changes, so a cache never hands back a snapshot made the old way.
 const SNAPSHOT_FORMAT: &str = "embedhost-snapshot-1 wasmtime-wizer-48";
 
-/// Hostcall fuel of the pre-initializing store: wizer reads each memory
-/// back through one call returning a `list<u8>` of the whole memory (about
-/// 190 MB with all-MiniLM-L6-v2), past wasmtime's 128 MiB default, which
-/// guards ordinary instances against a guest making the host allocate
-/// without bound. The pre-initializing instance runs only the plugin's own
-/// `init`, so the limit here is the instance's memory cap.
+/// What an export's result may copy out of the pre-initializing store:
+/// wizer reads each memory back through one export returning a `list<u8>`
+/// of the whole memory (about 190 MB with all-MiniLM-L6-v2), so the limit
+/// here is the instance's memory cap. Host imports (a log line in `init`)
+/// keep [`crate::limits::MAX_HOSTCALL_BYTES`], as in every store.
 fn snapshot_hostcall_fuel(limits: &InstanceLimits) -> usize {
     usize::try_from(limits.memory_bytes)
         .unwrap_or(usize::MAX)
@@ -51,16 +53,18 @@ fn snapshot_hostcall_fuel(limits: &InstanceLimits) -> usize {
 }
 
 /// The id of the snapshot of the plugin `bytes` over the model in
-/// `model_dir` with `config`: a sha256 over the plugin, every model file's (hidden ones aside)
-/// name, size and modification time, and the configuration.
+/// `model_dir` with `config`: a sha256 over the plugin, the content of
+/// every file under `model_dir` at any depth (with its relative path; see
+/// [`hash_model_dir`]), and the configuration.
 ///
 /// # Errors
-/// The model directory cannot be listed.
+/// [`SnapshotIdError`]: the directory cannot be read, or is past its
+/// bounds (the plugin then runs without a snapshot).
 pub fn snapshot_id(
     bytes: &[u8],
     model_dir: &Path,
     config: &[(String, String)],
-) -> std::io::Result<String> {
+) -> Result<String, SnapshotIdError> {
     let mut hasher = Sha256::new();
     let mut field = |data: &[u8]| {
         hasher.update((data.len() as u64).to_le_bytes());
@@ -68,34 +72,135 @@ pub fn snapshot_id(
     };
     field(SNAPSHOT_FORMAT.as_bytes());
     field(super::sha256_hex(bytes).as_bytes());
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(model_dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        // Hidden files are the host's own bookkeeping (the model store's
-        // record of verified files, temporary files of atomic writes), not
-        // the model.
-        if !meta.is_file() || entry.file_name().as_encoded_bytes().starts_with(b".") {
-            continue;
-        }
-        let modified = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        files.push((entry.file_name(), meta.len(), modified));
-    }
-    files.sort();
-    for (name, size, modified) in files {
-        field(name.as_encoded_bytes());
-        field(&size.to_le_bytes());
-        field(&modified.to_le_bytes());
-    }
+    field(hash_model_dir(model_dir)?.as_bytes());
     for (key, value) in config {
         field(key.as_bytes());
         field(value.as_bytes());
     }
     Ok(super::sha256_hex(&hasher.finalize()))
+}
+
+/// Why a snapshot's id could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotIdError {
+    /// A file or directory could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// What.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// More entries than [`crate::limits::MAX_SNAPSHOT_MODEL_FILES`].
+    #[error(
+        "the model directory holds more than {limit} files and directories (limits::MAX_SNAPSHOT_MODEL_FILES)"
+    )]
+    TooManyFiles {
+        /// The bound.
+        limit: usize,
+    },
+    /// More bytes than [`crate::limits::MAX_SNAPSHOT_MODEL_BYTES`].
+    #[error("the model directory holds more than {limit} bytes (limits::MAX_SNAPSHOT_MODEL_BYTES)")]
+    TooManyBytes {
+        /// The bound.
+        limit: u64,
+    },
+}
+
+/// A sha256 over everything under `dir` a plugin can read at `/model`:
+/// each entry's path relative to `dir`, its kind, and for a regular file
+/// its whole content, for a symbolic link its target (links are not
+/// followed: WASI refuses those leading out of `/model`, and those inside
+/// lead to files hashed under their own path). Other kinds (a FIFO, a
+/// socket) count by name and kind only and are never opened, so hashing
+/// cannot block. The host's own record of verified files
+/// ([`crate::model::VERIFIED_FILE`]) is left out: it only holds digests of
+/// the files hashed here.
+///
+/// # Errors
+/// As [`snapshot_id`].
+pub fn hash_model_dir(dir: &Path) -> Result<String, SnapshotIdError> {
+    use std::io::Read;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotIdError::Io { path, source }
+    };
+    let mut hasher = Sha256::new();
+    let mut entries = 0usize;
+    let mut budget = crate::limits::MAX_SNAPSHOT_MODEL_BYTES;
+    let mut pending = vec![std::path::PathBuf::new()];
+    let mut buffer = vec![0u8; 1 << 16];
+    while let Some(relative) = pending.pop() {
+        let full = dir.join(&relative);
+        let mut listing: Vec<_> = std::fs::read_dir(&full)
+            .map_err(io(&full))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io(&full))?;
+        listing.sort();
+        for name in listing {
+            entries += 1;
+            if entries > crate::limits::MAX_SNAPSHOT_MODEL_FILES {
+                return Err(SnapshotIdError::TooManyFiles {
+                    limit: crate::limits::MAX_SNAPSHOT_MODEL_FILES,
+                });
+            }
+            let path = relative.join(&name);
+            let full = dir.join(&path);
+            if relative.as_os_str().is_empty() && name == crate::model::VERIFIED_FILE {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&full).map_err(io(&full))?;
+            let kind = meta.file_type();
+            hasher.update((path.as_os_str().len() as u64).to_le_bytes());
+            hasher.update(path.as_os_str().as_encoded_bytes());
+            if kind.is_dir() {
+                hasher.update(b"d");
+                pending.push(path);
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&full).map_err(io(&full))?;
+                hasher.update(b"l");
+                hasher.update((target.as_os_str().len() as u64).to_le_bytes());
+                hasher.update(target.as_os_str().as_encoded_bytes());
+            } else if kind.is_file() {
+                hasher.update(b"f");
+                let mut file = open_regular(&full).map_err(io(&full))?;
+                let mut length = 0u64;
+                loop {
+                    let n = file.read(&mut buffer).map_err(io(&full))?;
+                    if n == 0 {
+                        break;
+                    }
+                    budget = budget
+                        .checked_sub(n as u64)
+                        .ok_or(SnapshotIdError::TooManyBytes {
+                            limit: crate::limits::MAX_SNAPSHOT_MODEL_BYTES,
+                        })?;
+                    length += n as u64;
+                    hasher.update(&buffer[..n]);
+                }
+                hasher.update(length.to_le_bytes());
+            } else {
+                hasher.update(b"o");
+            }
+        }
+    }
+    Ok(super::sha256_hex(&hasher.finalize()))
+}
+
+/// Opens `path` for reading only if it is still a regular file: without
+/// following a link, without blocking (a FIFO swapped in after the listing
+/// would otherwise block the open), and checked again once open.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("no longer a regular file"));
+    }
+    Ok(file)
 }
 
 /// Makes the snapshot: instruments `bytes`, runs `init(config)` in an
@@ -121,7 +226,8 @@ pub fn make(
     let (cx, instrumented) = wizer
         .instrument_component(bytes)
         .map_err(|e| format!("cannot instrument the component: {e:#}"))?;
-    let component = Component::new(engine.engine(), &instrumented)
+    let component = engine
+        .compile(&instrumented)
         .map_err(|e| format!("cannot compile the instrumented component: {e:#}"))?;
     let linker = super::linker(engine)?;
     let state = HostState::new(name.into(), limits.memory_bytes, Some(model_dir))?;
@@ -129,11 +235,16 @@ pub fn make(
     store.limiter(|state| &mut state.limiter);
     store.epoch_deadline_trap();
     store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
-    store.set_hostcall_fuel(snapshot_hostcall_fuel(&limits));
+    // Host calls keep their bound during `init`; only the accessors' results
+    // (the instance's memory, read back by wizer) get the memory cap.
+    store.data_mut().export_allowance = snapshot_hostcall_fuel(&limits);
+    super::host::bound_hostcalls(&mut store);
     let runtime = CallRuntime::new().map_err(|e| format!("no runtime: {e}"))?;
     // Each step is bounded like an instance's `init`: guest code by the
     // epoch deadline, a wait in a host function by the timer.
-    let bound = limits.init_deadline + crate::limits::HOST_CALL_GRACE;
+    let bound = limits
+        .init_deadline
+        .saturating_add(crate::limits::HOST_CALL_GRACE);
     let timed_out = || format!("`init` ran past its {:?} deadline", limits.init_deadline);
     let initialized = runtime.run_for(bound, async {
         let instance = linker

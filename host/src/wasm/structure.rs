@@ -11,8 +11,11 @@
 //! - the number of components and modules ([`limits::MAX_COMPONENT_PARTS`]);
 //! - the entries of any one section ([`limits::MAX_SECTION_ENTRIES`]).
 //!
-//! Within these bounds the compiler's memory and time grow linearly with
-//! the file's size, which is itself bounded.
+//! These bound the container, not what compiling it costs: within them a
+//! component of many empty functions, or of nested loops, still costs the
+//! compiler gigabytes or minutes (issue 26, finding 1). That cost is bounded
+//! by compiling in a child under memory and time limits
+//! ([`super::compile`]).
 
 use wasmparser::{Parser, Payload};
 

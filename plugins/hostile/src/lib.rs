@@ -19,6 +19,11 @@
 //! | `huge_model_id` | `init` declares a model id of 100 MB (`bytes = N`) |
 //! | `handles` | opens the model file until refused, holding every handle |
 //! | `fill_init` | fills `fill_mb` MiB (default 900) in `init`, so a snapshot would keep it |
+//! | `escape_model_id` | `init` declares a model id with ESC, BEL, a newline forging a host line and a bidi override |
+//! | `big_log` | one `host-log` call of `bytes` (default 3 MiB), then one vector (declare a large `dimension` to make the batch's allowance large) |
+//! | `big_log_init` | the same `host-log` call in `init` (what a snapshot runs) |
+//! | `slow_health` | every `health` sleeps `health_ms` (default 250) before answering |
+//! | `log_trap` | logs `lines` lines (default 400) of 4 KB, then traps |
 
 use std::sync::Mutex;
 
@@ -37,12 +42,23 @@ pub const TRIGGER: &str = "attack";
 
 const DIMENSION: u32 = 4;
 
+/// The id `escape_model_id` declares: it would clear the screen, set the
+/// terminal's title, forge a host log line and reverse the rest.
+pub const ESCAPING_MODEL_ID: &str =
+    "embedhost/\x1b[2J\x1b]0;pwned\x07x\n2026-01-01T00:00:00Z ERROR embedhost: forged\u{202e}di";
+
 struct Config {
     mode: String,
     /// `fill_init`: MiB filled in `init`.
     fill_mb: usize,
-    /// `huge_error`, `huge_model_id`: the text's length.
+    /// `huge_error`, `huge_model_id`, `big_log`: the text's length.
     bytes: usize,
+    /// The dimension declared (default 4).
+    dimension: u32,
+    /// `log_trap`: lines logged before the trap.
+    lines: usize,
+    /// `slow_health`: how long each `health` takes, in ms.
+    health_ms: u64,
     /// A host path the `files` attack tries to create and read.
     probe: Option<String>,
     /// A socket address the `socket` attack tries to reach.
@@ -71,6 +87,9 @@ impl Guest for Hostile {
             mode: String::new(),
             fill_mb: 900,
             bytes: 100 << 20,
+            dimension: DIMENSION,
+            lines: 400,
+            health_ms: 250,
             probe: None,
             addr: None,
         };
@@ -83,6 +102,21 @@ impl Guest for Hostile {
                     parsed.fill_mb = value
                         .parse()
                         .map_err(|_| EmbedError::InvalidConfig("fill_mb".into()))?
+                }
+                "dimension" => {
+                    parsed.dimension = value
+                        .parse()
+                        .map_err(|_| EmbedError::InvalidConfig("dimension".into()))?
+                }
+                "health_ms" => {
+                    parsed.health_ms = value
+                        .parse()
+                        .map_err(|_| EmbedError::InvalidConfig("health_ms".into()))?
+                }
+                "lines" => {
+                    parsed.lines = value
+                        .parse()
+                        .map_err(|_| EmbedError::InvalidConfig("lines".into()))?
                 }
                 "bytes" => {
                     parsed.bytes = value
@@ -104,6 +138,8 @@ impl Guest for Hostile {
             "sleep_init" => sleep_forever(),
             "huge_error" => return Err(EmbedError::InvalidConfig("e".repeat(parsed.bytes))),
             "huge_model_id" => model_id = "m".repeat(parsed.bytes),
+            "escape_model_id" => model_id = ESCAPING_MODEL_ID.into(),
+            "big_log_init" => host_log::log(Level::Warn, &"x".repeat(big_log_bytes(&parsed))),
             "fill_init" => {
                 let filled = vec![7u8; parsed.fill_mb << 20];
                 FILLED
@@ -113,10 +149,11 @@ impl Guest for Hostile {
             }
             _ => {}
         }
+        let dimension = parsed.dimension;
         *embedhost_plugin_support::lock(&CONFIG) = Some(parsed);
         Ok(ModelInfo {
             model_id,
-            dimension: DIMENSION,
+            dimension,
             max_input_tokens: 512,
             normalized: true,
         })
@@ -129,22 +166,29 @@ impl Guest for Hostile {
             return attack(config);
         }
         *embedhost_plugin_support::lock(&PROCESSED) += texts.len() as u64;
-        let mut data = Vec::with_capacity(texts.len() * DIMENSION as usize);
-        for _ in &texts {
-            data.extend_from_slice(&[1.0, 0.0, 0.0, 0.0]);
-        }
+        let dimension = embedhost_plugin_support::lock(&CONFIG)
+            .as_ref()
+            .map_or(DIMENSION, |c| c.dimension);
         Ok(Embeddings {
-            dimension: DIMENSION,
-            data,
+            dimension,
+            data: unit_vectors(texts.len(), dimension),
         })
     }
 
     fn health() -> HealthReport {
-        let sleeps = embedhost_plugin_support::lock(&CONFIG)
+        let (sleeps, slow) = embedhost_plugin_support::lock(&CONFIG)
             .as_ref()
-            .is_some_and(|c| c.mode == "sleep_health");
+            .map_or((false, None), |c| {
+                (
+                    c.mode == "sleep_health",
+                    (c.mode == "slow_health").then_some(c.health_ms),
+                )
+            });
         if sleeps {
             sleep_forever();
+        }
+        if let Some(ms) = slow {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         HealthReport {
             // A lie the host must not believe: it measures memory itself.
@@ -154,8 +198,41 @@ impl Guest for Hostile {
     }
 }
 
+/// `texts` unit vectors of `dimension`.
+fn unit_vectors(texts: usize, dimension: u32) -> Vec<f32> {
+    let mut data = vec![0.0; texts * dimension as usize];
+    for row in data.chunks_mut(dimension.max(1) as usize) {
+        row[0] = 1.0;
+    }
+    data
+}
+
+/// `big_log`'s size: `bytes` if set, else 3 MiB.
+fn big_log_bytes(config: &Config) -> usize {
+    if config.bytes == 100 << 20 {
+        3 << 20
+    } else {
+        config.bytes
+    }
+}
+
 fn attack(config: &Config) -> Result<Embeddings, EmbedError> {
     match config.mode.as_str() {
+        "big_log" => {
+            let message = "x".repeat(big_log_bytes(config));
+            host_log::log(Level::Warn, &message);
+            Ok(Embeddings {
+                dimension: config.dimension,
+                data: unit_vectors(1, config.dimension),
+            })
+        }
+        "log_trap" => {
+            let line = "l".repeat(4000);
+            for _ in 0..config.lines {
+                host_log::log(Level::Warn, &line);
+            }
+            std::process::abort()
+        }
         "files" => report(files(config.probe.as_deref())),
         "env" => {
             let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
