@@ -100,7 +100,8 @@ impl LogBudget {
 /// The budget of the plugin named `plugin`, shared by every instance of it
 /// in this process.
 pub(crate) fn for_plugin(plugin: &Arc<str>) -> Arc<Mutex<LogBudget>> {
-    static BUDGETS: OnceLock<Mutex<HashMap<Arc<str>, Arc<Mutex<LogBudget>>>>> = OnceLock::new();
+    type Budgets = HashMap<Arc<str>, Arc<Mutex<LogBudget>>>;
+    static BUDGETS: OnceLock<Mutex<Budgets>> = OnceLock::new();
     let mut budgets = BUDGETS
         .get_or_init(Default::default)
         .lock()
