@@ -105,7 +105,7 @@ pub(super) async fn openai_embeddings(
     Ok(Json(json!({
         "object": "list",
         "data": data,
-        "model": model.unwrap_or_else(|| done.pool.info.model_id.clone()),
+        "model": model.unwrap_or_else(|| done.pool.info.model_id.to_string()),
         "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
     }))
     .into_response())
