@@ -16,7 +16,11 @@
 //! so a request waits for at most one piece of each request queued before
 //! it per round, never for every piece of a large one: a single sentence
 //! sent beside the largest legal request is in one of the next batches
-//! formed (at most one per lane is running ahead of it).
+//! formed. What it still waits for is the batches already formed (at most
+//! one per lane) to finish: a batch is never preempted, so the bound is a
+//! few batches' time, and a batch of `max_batch_tokens` of one request can
+//! take seconds on a slow backend (`cargo bench --bench serve` measures
+//! the p99 beside 2,048-sentence requests).
 //!
 //! Invariants:
 //! - A text's vector does not depend on its batch neighbours (every engine

@@ -190,6 +190,9 @@ pub struct State {
     pub draining: CancellationToken,
     /// The open connections of both listeners, and their cap.
     pub connections: Arc<listen::Connections>,
+    /// Bytes of request bodies held now, at most
+    /// [`limits::SERVE_BODY_BYTES_IN_FLIGHT`].
+    pub bodies: Arc<tokio::sync::Semaphore>,
     /// Bytes of text being tokenized now, at most
     /// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`].
     pub tokenizing: Arc<tokio::sync::Semaphore>,
@@ -528,6 +531,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         admission: Arc::new(tokio::sync::Semaphore::new(settings_concurrency)),
         draining: CancellationToken::new(),
         connections: connections.clone(),
+        bodies: Arc::new(tokio::sync::Semaphore::new(
+            limits::SERVE_BODY_BYTES_IN_FLIGHT,
+        )),
         tokenizing: Arc::new(tokio::sync::Semaphore::new(
             limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
         )),
@@ -613,7 +619,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     stop.cancel();
     state.draining.cancel();
     let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
-    let drained = listen::drain(tcp, socket, grace, &cut).await;
+    let drained = listen::drain(tcp, socket, &state.connections, grace, &cut).await;
     // One last line on stdout, for people and for the programs that watch
     // us: what the drain answered and what it had to cut off.
     let line = format!(

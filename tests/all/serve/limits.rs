@@ -424,8 +424,14 @@ fn oversized_strings_in_parallel_are_refused_from_their_words_before_tokenizing(
     // before, 80 MB at the peak, 34 MB after.
     const BODY: u64 = 4 * 1024 * 1024;
     let (peak, after) = (memory(s.pid(), "VmHWM"), memory(s.pid(), "VmRSS"));
-    assert!(peak < before + 16 * 8 * BODY, "peak RSS {peak}, {before} before");
-    assert!(after < before + 8 * BODY, "RSS {after} after, {before} before");
+    assert!(
+        peak < before + 16 * 8 * BODY,
+        "peak RSS {peak}, {before} before"
+    );
+    assert!(
+        after < before + 8 * BODY,
+        "RSS {after} after, {before} before"
+    );
 }
 
 #[test]
@@ -445,10 +451,8 @@ fn ready_stays_200_while_a_reload_starts_its_pool_and_the_old_one_serves() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let s = Service::start_in(&dir, &stub_config("wasm", "", ""), &[]);
-    let native = stub_config("native", "", "").replace(
-        env!("CARGO_BIN_EXE_embedhost"),
-        wrapper.to_str().unwrap(),
-    );
+    let native = stub_config("native", "", "")
+        .replace(env!("CARGO_BIN_EXE_embedhost"), wrapper.to_str().unwrap());
     std::fs::write(dir.join("embedhost.toml"), native).unwrap();
     s.signal(libc::SIGHUP);
     let (mut reloading, mut swapped) = (0, false);
@@ -465,4 +469,48 @@ fn ready_stays_200_while_a_reload_starts_its_pool_and_the_old_one_serves() {
         swapped = ready["backend"] == "native";
     }
     assert!(reloading > 0, "never saw the reload");
+}
+
+#[test]
+fn large_bodies_past_the_bytes_in_flight_are_refused_and_sentences_still_pass() {
+    // 70 bodies of 4 MiB less one byte, never finished: 289 MB past their
+    // free first 64 KiB, more than the 256 MiB all bodies may hold.
+    let config = stub_config("wasm", "", "[serve]\nbody_timeout_ms = 10000\n");
+    let s = Service::start(&config, &[]);
+    sentence(&s, 0);
+    let before = memory(s.pid(), "VmRSS");
+    const BODY: usize = 4 * 1024 * 1024;
+    let chunk = vec![b' '; BODY - 1];
+    let mut held: Vec<TcpStream> = (0..70)
+        .map(|_| {
+            let mut c = connect(&s);
+            let head = format!(
+                "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {BODY}\r\n\r\n"
+            );
+            // A refused body's connection is closed under the writer.
+            let _ = c.write_all(head.as_bytes()).and_then(|()| c.write_all(&chunk));
+            c
+        })
+        .collect();
+    for i in 0..10 {
+        sentence(&s, i + 1);
+    }
+    let peak = memory(s.pid(), "VmHWM");
+    let statuses: Vec<String> = held.iter_mut().map(status_line).collect();
+    let crowded = statuses
+        .iter()
+        .filter(|l| l.as_str() == "HTTP/1.1 429 Too Many Requests")
+        .count();
+    let late = statuses
+        .iter()
+        .filter(|l| l.as_str() == "HTTP/1.1 408 Request Timeout")
+        .count();
+    assert!(crowded >= 1 && crowded + late == 70, "{statuses:?}");
+    // The bodies' memory is bounded by the budget (and the free 64 KiB of
+    // each), with room for the copies a request makes.
+    assert!(
+        peak < before + 2 * 256 * 1024 * 1024 + 70 * 64 * 1024,
+        "peak RSS {peak}, {before} before"
+    );
+    sentence(&s, 100);
 }
