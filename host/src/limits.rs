@@ -639,7 +639,8 @@ pub const SERVE_FD_RESERVE: u64 = 256;
 pub const SERVE_ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// How often the accept loop logs that it refused connections at the cap
-/// (with the count since the last line), so a flood cannot flood the log.
+/// (with the count since the last line), or that `accept` fails, so a flood
+/// cannot flood the log.
 pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Smallest batch, in tokens, whose time the batcher counts when it

@@ -288,6 +288,7 @@ pub async fn serve<A: Accept>(
     cut: CancellationToken,
 ) -> Drained {
     let mut tasks = JoinSet::new();
+    let mut accept_logged: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -297,7 +298,12 @@ pub async fn serve<A: Accept>(
         let io = match accepted {
             Ok(io) => io,
             Err(e) => {
-                tracing::warn!("accept failed: {e}; pausing");
+                // Logged at most once per interval: the failure repeats
+                // every pause while it lasts.
+                if accept_logged.is_none_or(|t| t.elapsed() >= limits::SERVE_REFUSAL_LOG_INTERVAL) {
+                    accept_logged = Some(Instant::now());
+                    tracing::warn!("accept failed: {e}; pausing");
+                }
                 tokio::time::sleep(limits::SERVE_ACCEPT_ERROR_PAUSE).await;
                 continue;
             }

@@ -514,3 +514,61 @@ fn large_bodies_past_the_bytes_in_flight_are_refused_and_sentences_still_pass() 
     );
     sentence(&s, 100);
 }
+
+/// A service started as `start_in` does, but under a file descriptor limit
+/// of `nofile` (soft and hard), as systemd's default or a container sets.
+fn start_with_nofile(config: &str, nofile: u64) -> Service {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("embedhost.toml"), config).unwrap();
+    let mut child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .env_remove("EMBEDHOST_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in `{line}`"))
+        .to_string();
+    let s = Service {
+        child: Some(child),
+        stdout: Some(stdout),
+        url,
+        dir,
+        agent: super::agent(),
+    };
+    eventually(WITHIN, "the service becomes ready", || {
+        s.get("/ready").0 == 200
+    });
+    s
+}
+
+#[test]
+fn an_idle_flood_past_a_low_fd_limit_is_capped_below_it() {
+    // 400 descriptors in all, and a header timeout longer than the test:
+    // only the cap (400 / 2 = 200 connections, the reserve of 256 not
+    // fitting) keeps accept from running out of descriptors.
+    const NOFILE: u64 = 400;
+    let config = stub_config("wasm", "", "[serve]\nheader_timeout_ms = 120000\n");
+    let s = start_with_nofile(&config, NOFILE);
+    sentence(&s, 0);
+    let flood: Vec<TcpStream> = (0..600).map(|_| connect(&s)).collect();
+    for i in 0..10 {
+        sentence(&s, i + 1);
+    }
+    assert_eq!(s.get("/health").0, 200);
+    assert!(open_fds(s.pid()) < NOFILE as usize, "{}", open_fds(s.pid()));
+    let m = metrics_of(&s);
+    assert!(metric(&m, "http_connections_open") <= 200.0, "{m}");
+    drop(flood);
+}
