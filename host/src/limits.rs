@@ -650,11 +650,6 @@ pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// passages of all-MiniLM-L6-v2's window, where the per-token cost rules.
 pub const SERVE_THROUGHPUT_MIN_TOKENS: usize = 1024;
 
-/// Weight of a new batch in the moving average of the pool's speed: a
-/// third, so a change (a reload, a busier machine) shows within a few
-/// batches while one odd batch moves the estimate little.
-pub const SERVE_THROUGHPUT_SMOOTHING: f64 = 0.3;
-
 /// Bytes of text being tokenized at once, in all requests (the check
 /// before any work): the tokenizer holds several times its input while it
 /// works (alignments per byte, the normalized copy), and 16 requests of a

@@ -320,7 +320,8 @@ pub async fn tokenizing<T: Send + 'static>(
 }
 
 /// Refuses at once a request of `tokens` that the pool cannot finish by
-/// `until` at the speed it has been measured at: 413 if it could not alone,
+/// `until` at the fastest speed it has been measured at: 413 if it could
+/// not alone,
 /// 429 (with `Retry-After`) if it could, but not behind what is queued.
 ///
 /// # Errors
@@ -338,7 +339,7 @@ pub fn check_deadline(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "this request's {tokens} tokens would take about {:.1} s at the speed the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
+                "this request's {tokens} tokens would take about {:.1} s at the fastest the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
                 estimate.alone.as_secs_f64(),
                 left.as_secs_f64(),
                 super::DEADLINE_HEADER,
