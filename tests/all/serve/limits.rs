@@ -38,6 +38,23 @@ fn status_line(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&got).trim().to_string()
 }
 
+/// The status line of the answer on `stream`, or "reset" if the service
+/// reset it (closing a connection with a body still unread resets it, and
+/// the answer can be lost with it).
+fn status_or_reset(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => got.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "reset".into(),
+            Err(e) => panic!("no answer within {WITHIN:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&got).trim().to_string()
+}
+
 /// Whether the service closed `stream` (EOF or reset) within [`WITHIN`].
 fn closed_by_the_service(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 512];
@@ -342,10 +359,11 @@ fn a_single_sentence_is_not_queued_behind_every_piece_of_the_largest_request() {
         assert_eq!(status, 200, "{body}");
         // Counted, not timed: first in, first out, the sentence would wait
         // for the 60 pieces still queued; round-robin, for at most one
-        // batch per lane (three) before its own, and the few formed while
-        // this thread reads the count.
+        // batch per lane (three) before its own, and those formed while
+        // this thread reads the count (generous: a busy machine may stall
+        // it for seconds).
         let ran = batches(&s) - before;
-        assert!(ran <= 10.0, "{ran} batches ran before the sentence's");
+        assert!(ran <= 20.0, "{ran} batches ran before the sentence's");
         let (status, body) = big.join().unwrap();
         assert_eq!(status, 200);
         assert_eq!(body.as_array().map(Vec::len), Some(64));
@@ -496,10 +514,12 @@ fn large_bodies_past_the_bytes_in_flight_are_refused_and_sentences_still_pass() 
         sentence(&s, i + 1);
     }
     let peak = memory(s.pid(), "VmHWM");
-    let statuses: Vec<String> = held.iter_mut().map(status_line).collect();
+    let statuses: Vec<String> = held.iter_mut().map(status_or_reset).collect();
+    // Refused early: answered 429, or reset with the answer (only a
+    // refusal closes a connection before the body timeout).
     let crowded = statuses
         .iter()
-        .filter(|l| l.as_str() == "HTTP/1.1 429 Too Many Requests")
+        .filter(|l| matches!(l.as_str(), "HTTP/1.1 429 Too Many Requests" | "reset"))
         .count();
     let late = statuses
         .iter()
