@@ -15,12 +15,18 @@
 //!   no key.
 //! - A reload (SIGHUP) starts the new pool before the old one stops, and
 //!   each request keeps the pool it started on, so a swap fails no request.
-//! - SIGTERM and Ctrl-C stop accepting, let requests in flight finish
-//!   within the grace period, then stop every pool in order: no child
-//!   process outlives the service.
-//! - Everything a client can make large is bounded: body size, inputs per
-//!   request, tokens per input, requests at once, the batch queue, the
-//!   deadline, the index jobs remembered.
+//! - SIGTERM and Ctrl-C stop accepting, close connections without a
+//!   request at once, let requests in flight finish within the grace
+//!   period, then stop every pool in order: no child process outlives the
+//!   service, and the last line says what was answered and what was cut.
+//! - Everything a client can make large or slow is bounded: connections
+//!   ([`listen`]: a cap below the fd limit, header and keep-alive time),
+//!   body size, time and bytes in flight, requests at once (one admission
+//!   limit, taken after the body: [`admit`]), inputs per request, tokens
+//!   per input (counted from words before tokenizing), text being
+//!   tokenized, the time a request would take against its deadline, the
+//!   batch queue (round-robin by request: [`batcher`]), the deadline, the
+//!   index jobs remembered.
 
 pub mod admit;
 pub mod api;
