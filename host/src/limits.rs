@@ -696,7 +696,8 @@ pub const SERVE_FD_RESERVE: u64 = 256;
 pub const SERVE_ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// How often the accept loop logs that it refused connections at the cap
-/// (with the count since the last line), so a flood cannot flood the log.
+/// (with the count since the last line), or that `accept` fails, so a flood
+/// cannot flood the log.
 pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Smallest batch, in tokens, whose time the batcher counts when it
@@ -705,11 +706,6 @@ pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// large request look too slow and refuse it. 1024 tokens is four full
 /// passages of all-MiniLM-L6-v2's window, where the per-token cost rules.
 pub const SERVE_THROUGHPUT_MIN_TOKENS: usize = 1024;
-
-/// Weight of a new batch in the moving average of the pool's speed: a
-/// third, so a change (a reload, a busier machine) shows within a few
-/// batches while one odd batch moves the estimate little.
-pub const SERVE_THROUGHPUT_SMOOTHING: f64 = 0.3;
 
 /// Bytes of text being tokenized at once, in all requests (the check
 /// before any work): the tokenizer holds several times its input while it
@@ -725,6 +721,24 @@ pub const SERVE_TOKENIZE_BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
 /// share frees when a tokenization ends, within a second or two even for
 /// the largest body.
 pub const SERVE_TOKENIZE_WAIT: Duration = Duration::from_secs(5);
+
+/// Bytes of request bodies the service holds at once, all connections
+/// together: arriving, or read and waiting for their answer. A body whose
+/// next bytes do not fit is refused with 429 instead of being buffered, so
+/// a flood of large bodies (4,096 connections could each send 4 MiB) costs
+/// at most this much memory for them. 256 MiB is 64 of the largest bodies
+/// at once, far more than the pool can embed at a time; to fill it a client
+/// must really send 256 MiB, and what it sends slowly is cut at
+/// `[serve] body_timeout_ms`.
+pub const SERVE_BODY_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
+
+/// Bytes at the start of every body that do not count against
+/// [`SERVE_BODY_BYTES_IN_FLIGHT`]: a request of a few sentences is never
+/// refused because others' large bodies fill the budget. Their memory is
+/// bounded by the connection cap instead (4,096 connections x 64 KiB =
+/// 256 MiB at the default cap); 64 KiB holds a request of hundreds of
+/// sentences.
+pub const SERVE_BODY_FREE_BYTES: usize = 64 * 1024;
 
 // --- sandbox, second round (issue 26) ---
 //

@@ -17,6 +17,13 @@
 //!   semaphore per route, so the limit was per route.)
 //! - At a stop, a body still arriving is answered 503 at once, so a slow
 //!   client does not hold the drain.
+//! - The bytes of all bodies held at once (arriving, or read and not yet
+//!   answered) are at most [`limits::SERVE_BODY_BYTES_IN_FLIGHT`] beyond the
+//!   first [`limits::SERVE_BODY_FREE_BYTES`] of each (which the connection
+//!   cap bounds): a body whose next bytes do not fit is refused (429) rather
+//!   than buffered, so memory for bodies stays bounded however many
+//!   connections send them, and a small request is never refused for
+//!   others' large bodies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,72 +58,131 @@ fn closing(error: ApiError) -> Response {
     response
 }
 
-/// Reads the request's body whole, within `[serve] body_timeout_ms` and
-/// `[serve] max_body_kb`, and passes the request on with it.
+/// Why a body was not read.
+enum Unread {
+    /// Past `[serve] max_body_kb` (413).
+    TooLarge,
+    /// Bodies in flight hold [`limits::SERVE_BODY_BYTES_IN_FLIGHT`] (429).
+    Crowded,
+    /// Not whole within `[serve] body_timeout_ms` (408).
+    Late,
+    /// The service is stopping (503).
+    Stopping,
+    /// The connection failed (400).
+    Broken(String),
+}
+
+/// Reads the request's body whole, within `[serve] body_timeout_ms`,
+/// `[serve] max_body_kb` and the bytes all bodies may hold at once, and
+/// passes the request on with it; the body's share of
+/// [`limits::SERVE_BODY_BYTES_IN_FLIGHT`] is held until the answer.
 pub async fn read_body(
     Shared((state, _)): Shared<(Arc<State>, Access)>,
     request: Request,
     next: Next,
 ) -> Response {
     let limit = state.settings.max_body_kb * 1024;
+    let timeout = Duration::from_millis(state.settings.body_timeout_ms);
     let (parts, body) = request.into_parts();
     let style = style_of(parts.uri.path());
-    let too_large = || {
-        closing(
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is larger than {limit} bytes ([serve] max_body_kb)"),
-            )
-            .style(style),
-        )
-    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large();
-    }
-    let timeout = Duration::from_millis(state.settings.body_timeout_ms);
-    let read = http_body_util::Limited::new(body, limit).collect();
-    let collected = tokio::select! {
-        read = tokio::time::timeout(timeout, read) => read,
-        () = state.draining.cancelled() => {
+    let read = if declared.is_some_and(|n| n > limit as u64) {
+        Err(Unread::TooLarge)
+    } else {
+        collect(&state, body, limit, timeout).await
+    };
+    let refusal = |status, message: String| closing(ApiError::new(status, message).style(style));
+    let (bytes, _held) = match read {
+        Ok(read) => read,
+        Err(Unread::TooLarge) => {
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {limit} bytes ([serve] max_body_kb)"),
+            );
+        }
+        Err(Unread::Late) => {
+            return refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms ([serve] body_timeout_ms)",
+                    timeout.as_millis()
+                ),
+            );
+        }
+        Err(Unread::Broken(e)) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            );
+        }
+        Err(unread) => {
+            let (status, message) = match unread {
+                Unread::Crowded => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "the service is receiving too many request bodies at once; retry shortly",
+                ),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "the service is stopping"),
+            };
             return closing(
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the service is stopping")
+                ApiError::new(status, message)
                     .style(style)
                     .retry_after(limits::SERVE_RETRY_AFTER),
             );
         }
     };
-    let bytes = match collected {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(e)) => {
-            return closing(
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read the request body: {e}"),
-                )
-                .style(style),
-            );
-        }
-        Err(_) => {
-            return closing(
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request body did not arrive within {} ms ([serve] body_timeout_ms)",
-                        timeout.as_millis()
-                    ),
-                )
-                .style(style),
-            );
-        }
-    };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// The body's bytes, frame by frame, each taking its share of the bytes in
+/// flight, by `timeout`.
+async fn collect(
+    state: &State,
+    mut body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(axum::body::Bytes, tokio::sync::OwnedSemaphorePermit), Unread> {
+    let until = tokio::time::Instant::now() + timeout;
+    let mut held = state
+        .bodies
+        .clone()
+        .try_acquire_many_owned(0)
+        .map_err(|_| Unread::Crowded)?;
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::select! {
+            frame = tokio::time::timeout_at(until, body.frame()) => frame,
+            () = state.draining.cancelled() => return Err(Unread::Stopping),
+        };
+        let data = match frame {
+            Err(_) => return Err(Unread::Late),
+            Ok(None) => return Ok((bytes.freeze(), held)),
+            Ok(Some(Err(e))) => return Err(Unread::Broken(e.to_string())),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        if bytes.len() + data.len() > limit {
+            return Err(Unread::TooLarge);
+        }
+        // The first bytes of every body are free: their memory is bounded
+        // by the connection cap, and a sentence is never refused for
+        // others' large bodies.
+        let free = limits::SERVE_BODY_FREE_BYTES.saturating_sub(bytes.len());
+        let share = u32::try_from(data.len().saturating_sub(free)).map_err(|_| Unread::TooLarge)?;
+        let more = state
+            .bodies
+            .clone()
+            .try_acquire_many_owned(share)
+            .map_err(|_| Unread::Crowded)?;
+        held.merge(more);
+        bytes.extend_from_slice(&data);
+    }
 }
 
 /// Takes one slot of the service's admission limit for the request, or
@@ -254,7 +320,8 @@ pub async fn tokenizing<T: Send + 'static>(
 }
 
 /// Refuses at once a request of `tokens` that the pool cannot finish by
-/// `until` at the speed it has been measured at: 413 if it could not alone,
+/// `until` at the fastest speed it has been measured at: 413 if it could
+/// not alone,
 /// 429 (with `Retry-After`) if it could, but not behind what is queued.
 ///
 /// # Errors
@@ -272,7 +339,7 @@ pub fn check_deadline(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "this request's {tokens} tokens would take about {:.1} s at the speed the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
+                "this request's {tokens} tokens would take about {:.1} s at the fastest the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
                 estimate.alone.as_secs_f64(),
                 left.as_secs_f64(),
                 super::DEADLINE_HEADER,

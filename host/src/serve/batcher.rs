@@ -16,7 +16,11 @@
 //! so a request waits for at most one piece of each request queued before
 //! it per round, never for every piece of a large one: a single sentence
 //! sent beside the largest legal request is in one of the next batches
-//! formed (at most one per lane is running ahead of it).
+//! formed. What it still waits for is the batches already formed (at most
+//! one per lane) to finish: a batch is never preempted, so the bound is a
+//! few batches' time, and a batch of `max_batch_tokens` of one request can
+//! take seconds on a slow backend (`cargo bench --bench serve` measures
+//! the p99 beside 2,048-sentence requests).
 //!
 //! Invariants:
 //! - A text's vector does not depend on its batch neighbours (every engine
@@ -137,8 +141,11 @@ struct Shared {
     queued: Notify,
     /// One lane forms a batch at a time.
     forming: tokio::sync::Mutex<()>,
-    /// Tokens per second one batch is embedded at (a moving average), once
-    /// measured.
+    /// The fastest rate, in tokens per second, one batch of this pool has
+    /// been embedded at, once measured. The fastest, not an average: a
+    /// batch slowed by a restart or a busy machine must not make the
+    /// estimate refuse requests that would finish, and with large requests
+    /// refused nothing would measure the pool again.
     rate: std::sync::Mutex<Option<f64>>,
 }
 
@@ -242,8 +249,9 @@ impl Batcher {
 
     /// How long `tokens` more tokens would take on the pool's `instances`,
     /// alone and behind what the fairness rule puts ahead of them (of each
-    /// queued request, at most as many tokens as these); `None` until a
-    /// batch large enough to measure has run. The rate of one batch times
+    /// queued request, at most as many tokens as these), at the fastest rate
+    /// measured; `None` until a batch large enough to measure has run. The
+    /// rate of one batch times
     /// the instances overstates the pool's speed when the supervisor split
     /// that batch across instances, so the estimate errs short: it refuses
     /// only what cannot finish.
@@ -450,12 +458,12 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>) {
     }
 }
 
-/// Folds one batch's rate (`tokens` in `took`) into the moving average.
+/// Keeps one batch's rate (`tokens` in `took`) if it is the fastest yet.
 fn measured(shared: &Shared, tokens: usize, took: Duration) {
     let rate = tokens as f64 / took.as_secs_f64().max(1e-6);
     let mut average = shared.rate.lock().unwrap_or_else(|p| p.into_inner());
     *average = Some(match *average {
         None => rate,
-        Some(old) => old + limits::SERVE_THROUGHPUT_SMOOTHING * (rate - old),
+        Some(fastest) => fastest.max(rate),
     });
 }

@@ -103,12 +103,15 @@ pub struct Connections {
     last_refusal_log: Mutex<Option<Instant>>,
     /// Connections closed at the cap to make room.
     evicted: AtomicU64,
+    /// Connections without a request closed at once at the stop.
+    closed_at_stop: AtomicUsize,
 }
 
 /// What the drain closed or cut.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Drained {
-    /// Connections without a request, closed at once at the stop.
+    /// Connections without a request, closed at once at the stop (both
+    /// listeners; [`drain`] fills it in).
     pub closed_idle: usize,
     /// Connections still open when the grace period ended.
     pub cut: usize,
@@ -136,6 +139,7 @@ impl Connections {
             refused: AtomicU64::new(0),
             last_refusal_log: Mutex::new(None),
             evicted: AtomicU64::new(0),
+            closed_at_stop: AtomicUsize::new(0),
         })
     }
 
@@ -185,19 +189,6 @@ impl Connections {
         lock(&self.open).remove(&id);
     }
 
-    /// Closes every connection without a request; how many.
-    fn close_idle(&self) -> usize {
-        let open = lock(&self.open);
-        let mut closed = 0;
-        for conn in open.values() {
-            if conn.requests.load(Ordering::SeqCst) == 0 && !conn.close.is_cancelled() {
-                conn.close.cancel();
-                closed += 1;
-            }
-        }
-        closed
-    }
-
     /// Counts a refusal and logs the count at most once per
     /// [`limits::SERVE_REFUSAL_LOG_INTERVAL`].
     fn refused(&self) {
@@ -238,7 +229,7 @@ pub fn raise_nofile() -> u64 {
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// A request being answered on a connection: the connection is busy until
@@ -297,6 +288,7 @@ pub async fn serve<A: Accept>(
     cut: CancellationToken,
 ) -> Drained {
     let mut tasks = JoinSet::new();
+    let mut accept_logged: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -306,7 +298,12 @@ pub async fn serve<A: Accept>(
         let io = match accepted {
             Ok(io) => io,
             Err(e) => {
-                tracing::warn!("accept failed: {e}; pausing");
+                // Logged at most once per interval: the failure repeats
+                // every pause while it lasts.
+                if accept_logged.is_none_or(|t| t.elapsed() >= limits::SERVE_REFUSAL_LOG_INTERVAL) {
+                    accept_logged = Some(Instant::now());
+                    tracing::warn!("accept failed: {e}; pausing");
+                }
                 tokio::time::sleep(limits::SERVE_ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
@@ -318,20 +315,22 @@ pub async fn serve<A: Accept>(
         };
         let (router, connections, stop) = (router.clone(), connections.clone(), stop.clone());
         tasks.spawn(async move {
-            connection(io, conn, router, header_timeout, stop).await;
+            connection(io, conn, &connections, router, header_timeout, stop).await;
             connections.remove(id);
         });
         while tasks.try_join_next().is_some() {}
     }
     drop(listener);
-    let closed_idle = connections.close_idle();
     tokio::select! {
         () = async { while tasks.join_next().await.is_some() {} } => {}
         () = cut.cancelled() => {}
     }
     let cut = tasks.len();
     tasks.shutdown().await;
-    Drained { closed_idle, cut }
+    Drained {
+        closed_idle: 0,
+        cut,
+    }
 }
 
 /// Waits for both listeners' drains for at most `grace`, then cuts what is
@@ -339,6 +338,7 @@ pub async fn serve<A: Accept>(
 pub async fn drain(
     tcp: tokio::task::JoinHandle<Drained>,
     socket: tokio::task::JoinHandle<Drained>,
+    connections: &Connections,
     grace: Duration,
     cut: &CancellationToken,
 ) -> Drained {
@@ -354,7 +354,7 @@ pub async fn drain(
     };
     let (tcp, socket) = (tcp.unwrap_or_default(), socket.unwrap_or_default());
     Drained {
-        closed_idle: tcp.closed_idle + socket.closed_idle,
+        closed_idle: connections.closed_at_stop.load(Ordering::SeqCst),
         cut: tcp.cut + socket.cut,
     }
 }
@@ -364,6 +364,7 @@ pub async fn drain(
 async fn connection<I>(
     io: I,
     conn: Arc<Conn>,
+    connections: &Connections,
     router: axum::Router,
     header_timeout: Duration,
     stop: CancellationToken,
@@ -396,6 +397,12 @@ async fn connection<I>(
         _ = served.as_mut() => return,
         () = conn.close.cancelled() => return,
         () = stop.cancelled() => {}
+    }
+    // Idle or slow (headers still arriving): closed at once, not left to
+    // hold the drain until its header timeout.
+    if conn.requests.load(Ordering::SeqCst) == 0 {
+        connections.closed_at_stop.fetch_add(1, Ordering::SeqCst);
+        return;
     }
     served.as_mut().graceful_shutdown();
     tokio::select! {

@@ -15,12 +15,18 @@
 //!   no key.
 //! - A reload (SIGHUP) starts the new pool before the old one stops, and
 //!   each request keeps the pool it started on, so a swap fails no request.
-//! - SIGTERM and Ctrl-C stop accepting, let requests in flight finish
-//!   within the grace period, then stop every pool in order: no child
-//!   process outlives the service.
-//! - Everything a client can make large is bounded: body size, inputs per
-//!   request, tokens per input, requests at once, the batch queue, the
-//!   deadline, the index jobs remembered.
+//! - SIGTERM and Ctrl-C stop accepting, close connections without a
+//!   request at once, let requests in flight finish within the grace
+//!   period, then stop every pool in order: no child process outlives the
+//!   service, and the last line says what was answered and what was cut.
+//! - Everything a client can make large or slow is bounded: connections
+//!   ([`listen`]: a cap below the fd limit, header and keep-alive time),
+//!   body size, time and bytes in flight, requests at once (one admission
+//!   limit, taken after the body: [`admit`]), inputs per request, tokens
+//!   per input (counted from words before tokenizing), text being
+//!   tokenized, the time a request would take against its deadline, the
+//!   batch queue (round-robin by request: [`batcher`]), the deadline, the
+//!   index jobs remembered.
 
 pub mod admit;
 pub mod api;
@@ -190,6 +196,9 @@ pub struct State {
     pub draining: CancellationToken,
     /// The open connections of both listeners, and their cap.
     pub connections: Arc<listen::Connections>,
+    /// Bytes of request bodies held now, at most
+    /// [`limits::SERVE_BODY_BYTES_IN_FLIGHT`].
+    pub bodies: Arc<tokio::sync::Semaphore>,
     /// Bytes of text being tokenized now, at most
     /// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`].
     pub tokenizing: Arc<tokio::sync::Semaphore>,
@@ -528,6 +537,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         admission: Arc::new(tokio::sync::Semaphore::new(settings_concurrency)),
         draining: CancellationToken::new(),
         connections: connections.clone(),
+        bodies: Arc::new(tokio::sync::Semaphore::new(
+            limits::SERVE_BODY_BYTES_IN_FLIGHT,
+        )),
         tokenizing: Arc::new(tokio::sync::Semaphore::new(
             limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
         )),
@@ -613,7 +625,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     stop.cancel();
     state.draining.cancel();
     let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
-    let drained = listen::drain(tcp, socket, grace, &cut).await;
+    let drained = listen::drain(tcp, socket, &state.connections, grace, &cut).await;
     // One last line on stdout, for people and for the programs that watch
     // us: what the drain answered and what it had to cut off.
     let line = format!(

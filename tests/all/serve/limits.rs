@@ -38,6 +38,23 @@ fn status_line(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&got).trim().to_string()
 }
 
+/// The status line of the answer on `stream`, or "reset" if the service
+/// reset it (closing a connection with a body still unread resets it, and
+/// the answer can be lost with it).
+fn status_or_reset(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => got.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "reset".into(),
+            Err(e) => panic!("no answer within {WITHIN:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&got).trim().to_string()
+}
+
 /// Whether the service closed `stream` (EOF or reset) within [`WITHIN`].
 fn closed_by_the_service(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 512];
@@ -342,10 +359,11 @@ fn a_single_sentence_is_not_queued_behind_every_piece_of_the_largest_request() {
         assert_eq!(status, 200, "{body}");
         // Counted, not timed: first in, first out, the sentence would wait
         // for the 60 pieces still queued; round-robin, for at most one
-        // batch per lane (three) before its own, and the few formed while
-        // this thread reads the count.
+        // batch per lane (three) before its own, and those formed while
+        // this thread reads the count (generous: a busy machine may stall
+        // it for seconds).
         let ran = batches(&s) - before;
-        assert!(ran <= 10.0, "{ran} batches ran before the sentence's");
+        assert!(ran <= 20.0, "{ran} batches ran before the sentence's");
         let (status, body) = big.join().unwrap();
         assert_eq!(status, 200);
         assert_eq!(body.as_array().map(Vec::len), Some(64));
@@ -424,8 +442,14 @@ fn oversized_strings_in_parallel_are_refused_from_their_words_before_tokenizing(
     // before, 80 MB at the peak, 34 MB after.
     const BODY: u64 = 4 * 1024 * 1024;
     let (peak, after) = (memory(s.pid(), "VmHWM"), memory(s.pid(), "VmRSS"));
-    assert!(peak < before + 16 * 8 * BODY, "peak RSS {peak}, {before} before");
-    assert!(after < before + 8 * BODY, "RSS {after} after, {before} before");
+    assert!(
+        peak < before + 16 * 8 * BODY,
+        "peak RSS {peak}, {before} before"
+    );
+    assert!(
+        after < before + 8 * BODY,
+        "RSS {after} after, {before} before"
+    );
 }
 
 #[test]
@@ -445,10 +469,8 @@ fn ready_stays_200_while_a_reload_starts_its_pool_and_the_old_one_serves() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let s = Service::start_in(&dir, &stub_config("wasm", "", ""), &[]);
-    let native = stub_config("native", "", "").replace(
-        env!("CARGO_BIN_EXE_embedhost"),
-        wrapper.to_str().unwrap(),
-    );
+    let native = stub_config("native", "", "")
+        .replace(env!("CARGO_BIN_EXE_embedhost"), wrapper.to_str().unwrap());
     std::fs::write(dir.join("embedhost.toml"), native).unwrap();
     s.signal(libc::SIGHUP);
     let (mut reloading, mut swapped) = (0, false);
@@ -465,4 +487,108 @@ fn ready_stays_200_while_a_reload_starts_its_pool_and_the_old_one_serves() {
         swapped = ready["backend"] == "native";
     }
     assert!(reloading > 0, "never saw the reload");
+}
+
+#[test]
+fn large_bodies_past_the_bytes_in_flight_are_refused_and_sentences_still_pass() {
+    // 70 bodies of 4 MiB less one byte, never finished: 289 MB past their
+    // free first 64 KiB, more than the 256 MiB all bodies may hold.
+    let config = stub_config("wasm", "", "[serve]\nbody_timeout_ms = 10000\n");
+    let s = Service::start(&config, &[]);
+    sentence(&s, 0);
+    let before = memory(s.pid(), "VmRSS");
+    const BODY: usize = 4 * 1024 * 1024;
+    let chunk = vec![b' '; BODY - 1];
+    let mut held: Vec<TcpStream> = (0..70)
+        .map(|_| {
+            let mut c = connect(&s);
+            let head = format!(
+                "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {BODY}\r\n\r\n"
+            );
+            // A refused body's connection is closed under the writer.
+            let _ = c.write_all(head.as_bytes()).and_then(|()| c.write_all(&chunk));
+            c
+        })
+        .collect();
+    for i in 0..10 {
+        sentence(&s, i + 1);
+    }
+    let peak = memory(s.pid(), "VmHWM");
+    let statuses: Vec<String> = held.iter_mut().map(status_or_reset).collect();
+    // Refused early: answered 429, or reset with the answer (only a
+    // refusal closes a connection before the body timeout).
+    let crowded = statuses
+        .iter()
+        .filter(|l| matches!(l.as_str(), "HTTP/1.1 429 Too Many Requests" | "reset"))
+        .count();
+    let late = statuses
+        .iter()
+        .filter(|l| l.as_str() == "HTTP/1.1 408 Request Timeout")
+        .count();
+    assert!(crowded >= 1 && crowded + late == 70, "{statuses:?}");
+    // The bodies' memory is bounded by the budget (and the free 64 KiB of
+    // each), with room for the copies a request makes.
+    assert!(
+        peak < before + 2 * 256 * 1024 * 1024 + 70 * 64 * 1024,
+        "peak RSS {peak}, {before} before"
+    );
+    sentence(&s, 100);
+}
+
+/// A service started as `start_in` does, but under a file descriptor limit
+/// of `nofile` (soft and hard), as systemd's default or a container sets.
+fn start_with_nofile(config: &str, nofile: u64) -> Service {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("embedhost.toml"), config).unwrap();
+    let mut child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+        .env_remove("RUST_LOG")
+        .env_remove("EMBEDHOST_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in `{line}`"))
+        .to_string();
+    let s = Service {
+        child: Some(child),
+        stdout: Some(stdout),
+        url,
+        dir,
+        agent: super::agent(),
+    };
+    eventually(WITHIN, "the service becomes ready", || {
+        s.get("/ready").0 == 200
+    });
+    s
+}
+
+#[test]
+fn an_idle_flood_past_a_low_fd_limit_is_capped_below_it() {
+    // 400 descriptors in all, and a header timeout longer than the test:
+    // only the cap (400 / 2 = 200 connections, the reserve of 256 not
+    // fitting) keeps accept from running out of descriptors.
+    const NOFILE: u64 = 400;
+    let config = stub_config("wasm", "", "[serve]\nheader_timeout_ms = 120000\n");
+    let s = start_with_nofile(&config, NOFILE);
+    sentence(&s, 0);
+    let flood: Vec<TcpStream> = (0..600).map(|_| connect(&s)).collect();
+    for i in 0..10 {
+        sentence(&s, i + 1);
+    }
+    assert_eq!(s.get("/health").0, 200);
+    assert!(open_fds(s.pid()) < NOFILE as usize, "{}", open_fds(s.pid()));
+    let m = metrics_of(&s);
+    assert!(metric(&m, "http_connections_open") <= 200.0, "{m}");
+    drop(flood);
 }
