@@ -2,6 +2,8 @@
 //! free loopback port: every route, bad input, the API key, load with
 //! crashes, a backend swap by SIGHUP under load, and SIGTERM's drain.
 
+use crate::OutputWithin;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -103,7 +105,18 @@ impl Service {
             .expect("start embedhost serve");
         let mut line = String::new();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        // The address line is waited for within READY_WITHIN: a service that
+        // hangs before printing it is killed, and the read ends.
+        let (printed, watchdog) = std::sync::mpsc::channel::<()>();
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            if watchdog.recv_timeout(READY_WITHIN).is_err() {
+                // SAFETY: kill(2) of the test's own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
         stdout.read_line(&mut line).unwrap();
+        let _ = printed.send(());
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -241,7 +254,7 @@ impl Service {
             .args(args)
             .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
             .env_remove("RUST_LOG")
-            .output()
+            .output_within(crate::PROCESS_LIMIT)
             .unwrap()
     }
 }
@@ -270,7 +283,7 @@ fn embed_alone(dir: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
         .arg("embed")
         .args(texts)
         .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(
         out.status.success(),
@@ -479,7 +492,11 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
     let (status, _) = s.post("/index", &json!({ "paths": [docs.join("escape")] }));
     assert_eq!(status, 403);
     std::fs::remove_file(docs.join("escape")).unwrap();
+    // Outside the roots, a missing path gets the same 403 as an existing
+    // one (tests/all/privacy.rs); inside them, it is named as missing.
     let (status, e) = s.post("/index", &json!({ "paths": [dir.join("missing")] }));
+    assert_eq!(status, 403, "{e}");
+    let (status, e) = s.post("/index", &json!({ "paths": [docs.join("missing")] }));
     assert!(
         status == 400 && e["error"].as_str().unwrap().contains("missing"),
         "{e}"
@@ -631,7 +648,7 @@ print(json.dumps({
             &s.url,
             &serde_json::to_string(&texts).unwrap(),
         ])
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(
         out.status.success(),
@@ -659,7 +676,7 @@ fn off_loopback_needs_a_key_and_requests_without_it_get_401() {
         .current_dir(dir.path())
         .args(["serve", "--listen", "0.0.0.0:0"])
         .env_remove("EMBEDHOST_API_KEY")
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -670,7 +687,7 @@ fn off_loopback_needs_a_key_and_requests_without_it_get_401() {
     let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .current_dir(dir.path())
         .args(["serve", "--listen", "0.0.0.0:0", "--api-key", "short"])
-        .output()
+        .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
 

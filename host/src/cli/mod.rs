@@ -400,6 +400,7 @@ pub(crate) async fn running_service(
         return None;
     };
     if embeds == Embeds::No {
+        tracing::info!("using the running service at {}", client.path().display());
         return Some(client);
     }
     // The service answers only for the embedder it runs: another model,

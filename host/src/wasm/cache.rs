@@ -182,7 +182,14 @@ impl ArtifactCache {
                     return Ok((component, CacheOutcome::Hit));
                 }
                 Err(reason) => {
-                    tracing::warn!(artifact = %artifact.display(), %reason, "discarding a cache entry that does not verify");
+                    // An entry with no MAC beside it was made by an older
+                    // embedhost (or its write was cut short): rebuilt
+                    // quietly. One whose MAC does not verify was changed.
+                    if digest.exists() {
+                        tracing::warn!(artifact = %artifact.display(), %reason, "discarding a cache entry that does not verify");
+                    } else {
+                        tracing::info!(artifact = %artifact.display(), %reason, "rebuilding a cache entry that has no MAC");
+                    }
                     let _ = std::fs::remove_file(&artifact);
                     let _ = std::fs::remove_file(&digest);
                     // The digest an older embedhost kept beside its entries.

@@ -2,6 +2,8 @@
 //! error is JSON in its API's shape, the key check speaks RFC 9110, and
 //! what TEI's and OpenAI's clients send is honoured or refused by name.
 
+use crate::OutputWithin;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -44,7 +46,10 @@ fn the_readme_examples_work_as_written() {
         let command = curl
             .replace("localhost:8080", &host)
             .replace("127.0.0.1:8080", &host);
-        let out = Command::new("sh").args(["-c", &command]).output().unwrap();
+        let out = Command::new("sh")
+            .args(["-c", &command])
+            .output_within(crate::PROCESS_LIMIT)
+            .unwrap();
         assert!(out.status.success(), "{command}: {out:?}");
         let answer: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{command}: {e}: {out:?}"));
@@ -56,7 +61,7 @@ fn the_readme_examples_work_as_written() {
             + "\nassert len(vectors) == 1 and len(vectors[0].embedding) == 384\n";
         let out = Command::new(&python)
             .args(["-c", &script])
-            .output()
+            .output_within(crate::PROCESS_LIMIT)
             .unwrap();
         assert!(
             out.status.success(),
