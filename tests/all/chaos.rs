@@ -92,9 +92,28 @@ recycle_memory_bytes = 100000000
     Config::parse(&text, Path::new("/chaos/embedhost.toml")).unwrap()
 }
 
+/// The chaos runs' seed: `EMBEDHOST_CHAOS_SEED`, or a random one. Every
+/// run prints it, and every assertion names it.
+fn chaos_seed() -> u64 {
+    let seed = std::env::var("EMBEDHOST_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("chaos seed {seed} (EMBEDHOST_CHAOS_SEED={seed} replays its faults)");
+    seed
+}
+
 /// A host: the configured embedder behind its bus, and a worker on it.
-async fn host(config: &Config) -> (Worker, Supervisor) {
+/// Each instance's chaos dice are seeded with `seed` mixed with its slot
+/// and incarnation, so an instance's faults fall on the same calls when a
+/// run is replayed with the same seed (which calls an instance gets still
+/// depends on timing).
+async fn host(config: &Config, seed: u64) -> (Worker, Supervisor) {
+    use embedhost::supervisor::Spawner;
     let supervision = config.supervisor_config();
+    let instance_seed = move |slot: usize, incarnation: u64| {
+        embedhost_stub_engine::seeded_roll(seed, ((slot as u64) << 40) ^ incarnation).to_string()
+    };
     let supervisor = match config.backend {
         embedhost::config::Backend::Wasm => {
             let engine =
@@ -104,12 +123,25 @@ async fn host(config: &Config) -> (Worker, Supervisor) {
                 limits: config.instance_limits(),
                 config: config.wasm_plugin_config(),
             };
-            Supervisor::start(spawner, supervision).await.unwrap()
+            let seeded = move |slot, incarnation| {
+                let mut spawner = spawner.clone();
+                spawner
+                    .config
+                    .push(("fault.chaos_seed".into(), instance_seed(slot, incarnation)));
+                spawner.start(slot, incarnation)
+            };
+            Supervisor::from_fn(seeded, supervision).await.unwrap()
         }
         embedhost::config::Backend::Native => {
-            Supervisor::start(config.native_spawner(None).unwrap(), supervision)
-                .await
-                .unwrap()
+            let spawner = config.native_spawner(None).unwrap();
+            let seeded = move |slot, incarnation| {
+                let mut spawner = spawner.clone();
+                spawner
+                    .settings
+                    .push(("child.chaos_seed".into(), instance_seed(slot, incarnation)));
+                spawner.start(slot, incarnation)
+            };
+            Supervisor::from_fn(seeded, supervision).await.unwrap()
         }
     };
     let bus = Bus::new(InProcess::named(
@@ -194,7 +226,7 @@ async fn index(worker: &Worker, docs: &Path, db: &Path) -> Run {
 
 /// The clean run's result, once per test binary.
 async fn clean(docs: &Path, db: &Path) -> Run {
-    let (worker, _supervisor) = host(&config(Backend::Wasm, false)).await;
+    let (worker, _supervisor) = host(&config(Backend::Wasm, false), 0).await;
     let run = index(&worker, docs, db).await;
     assert!(run.caller_failures.is_empty(), "{:?}", run.caller_failures);
     assert!(run.contents.len() >= FILES, "every file has a chunk");
@@ -207,12 +239,13 @@ async fn chaos_equals_clean(backend: Backend) {
     corpus(&docs);
     let clean = clean(&docs, &root.path().join("clean")).await;
 
-    let (worker, supervisor) = host(&config(backend, true)).await;
+    let seed = chaos_seed();
+    let (worker, supervisor) = host(&config(backend, true), seed).await;
     let run = index(&worker, &docs, &root.path().join("chaos")).await;
     let restarts = supervisor.restarts();
     let total: u64 = restarts.values().sum();
-    eprintln!("{backend:?} chaos: restarts {restarts:?}");
-    assert!(total >= 5, "chaos happened: {restarts:?}");
+    eprintln!("{backend:?} chaos (seed {seed}): restarts {restarts:?}");
+    assert!(total >= 5, "chaos happened: {restarts:?} (seed {seed})");
     let expected: &[&str] = match backend {
         Backend::Wasm => &["trap", "deadline", "memory_cap"],
         Backend::Native => &["exited"],
@@ -220,26 +253,26 @@ async fn chaos_equals_clean(backend: Backend) {
     for reason in expected {
         assert!(
             restarts.get(*reason).is_some_and(|n| *n > 0),
-            "{reason} in {restarts:?}"
+            "{reason} in {restarts:?} (seed {seed})"
         );
     }
     assert!(
         run.caller_failures.is_empty(),
-        "callers saw failures: {:?}",
+        "callers saw failures: {:?} (seed {seed})",
         run.caller_failures
     );
     assert_eq!(
         run.contents.len(),
         clean.contents.len(),
-        "no chunk lost or duplicated"
+        "no chunk lost or duplicated (seed {seed})"
     );
     assert!(
         run.contents == clean.contents,
-        "the chaos index differs from the clean one"
+        "the chaos index differs from the clean one (seed {seed})"
     );
     assert_eq!(
         run.searches, clean.searches,
-        "every search answers as on the clean index"
+        "every search answers as on the clean index (seed {seed})"
     );
 }
 
@@ -275,7 +308,7 @@ async fn chaos_soak() {
     let mut report = String::new();
     for backend in [Backend::Wasm, Backend::Native] {
         let faults = std::env::var_os("EMBEDHOST_SOAK_CLEAN").is_none();
-        let (worker, supervisor) = host(&config(backend, faults)).await;
+        let (worker, supervisor) = host(&config(backend, faults), chaos_seed()).await;
         let until = Instant::now() + Duration::from_secs(secs / 2);
         let (mut rounds, mut mismatches) = (0u64, 0u64);
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();

@@ -27,6 +27,9 @@
 //! one of `fault.chaos_kinds` (trap, loop, grow) at random. The dice are
 //! seeded from the platform's randomness per engine, so a restarted instance
 //! does not replay its predecessor's faults; the chaos tests depend on that.
+//! `fault.chaos_seed = S` seeds them instead ([`seeded_roll`]): a host that
+//! gives each instance its own seed (the chaos tests mix the run's seed
+//! with the slot and incarnation) can replay a run's faults.
 //!
 //! # Invariants
 //! - Same configuration and same inputs give the same output, bit for bit, on
@@ -81,6 +84,20 @@ pub struct Faults {
     pub chaos_ppm: u32,
     /// What a random failure does, picked at random among these.
     pub chaos_kinds: Vec<Chaos>,
+    /// The chaos dice's seed (`fault.chaos_seed`): the same seed gives the
+    /// same faults at the same calls. Without one, the dice are keyed from
+    /// the platform's randomness.
+    pub chaos_seed: Option<u64>,
+}
+
+/// The `n`-th roll of dice seeded with `seed` (splitmix64): the same seed
+/// and `n` give the same roll on every platform, so a chaos run's faults
+/// can be replayed from its seed.
+pub fn seeded_roll(seed: u64, n: u64) -> u64 {
+    let mut z = seed.wrapping_add(n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A fault `fault.chaos` can pick.
@@ -167,6 +184,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "fault.nan_marker",
     "fault.chaos",
     "fault.chaos_kinds",
+    "fault.chaos_seed",
 ];
 
 impl StubConfig {
@@ -221,6 +239,7 @@ impl StubConfig {
                 }
                 "fault.nan_marker" => config.faults.nan_marker = marker(value)?,
                 "fault.chaos" => config.faults.chaos_ppm = parse_chance(value).map_err(err)?,
+                "fault.chaos_seed" => config.faults.chaos_seed = Some(number(value)?),
                 "fault.chaos_kinds" => {
                     config.faults.chaos_kinds = value
                         .split(',')
@@ -273,7 +292,10 @@ impl StubEngine {
         if faults.chaos_ppm == 0 || faults.chaos_kinds.is_empty() {
             return None;
         }
-        let roll = self.dice.hash_one(self.calls);
+        let roll = match faults.chaos_seed {
+            Some(seed) => seeded_roll(seed, self.calls),
+            None => self.dice.hash_one(self.calls),
+        };
         ((roll % 1_000_000) < u64::from(faults.chaos_ppm))
             .then(|| faults.chaos_kinds[((roll >> 32) % faults.chaos_kinds.len() as u64) as usize])
     }

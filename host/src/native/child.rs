@@ -28,6 +28,7 @@
 //! | `child.oversized_marker = M` | write a frame header announcing more than the frame limit |
 //! | `child.protocol_version = N` | claim protocol version `N` in the handshake |
 //! | `child.chaos = P` | on each embed, with probability `P`, one of `child.chaos_kinds` |
+//! | `child.chaos_seed = S` | seeds `child.chaos`'s dice (replayable faults) |
 //! | `child.chaos_kinds = K,...` | what chaos does: `kill` (SIGKILL itself), `abort`, `exit`, `hang`, `leak` (keep 64 MiB); default all |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,7 +144,14 @@ pub struct ProcessFaults {
     pub chaos_ppm: u32,
     /// `child.chaos_kinds`.
     pub chaos_kinds: Vec<ProcessChaos>,
+    /// `child.chaos_seed`: the same seed gives the same faults at the same
+    /// embeds of the process; none draws from the platform's randomness.
+    pub chaos_seed: Option<u64>,
 }
+
+/// Embeds this process has rolled the chaos dice for (one engine a
+/// process), the index of a seeded roll.
+static CHAOS_ROLLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A process fault `child.chaos` can pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +219,11 @@ impl ProcessFaults {
                 "garbage_marker" => faults.garbage_marker = marker,
                 "oversized_marker" => faults.oversized_marker = marker,
                 "protocol_version" => faults.protocol_version = Some(number(&value)? as u32),
+                "chaos_seed" => {
+                    faults.chaos_seed = Some(value.trim().parse::<u64>().map_err(|e| {
+                        format!("setting `{key}`: `{value}` is not a whole number: {e}")
+                    })?);
+                }
                 "chaos" => {
                     faults.chaos_ppm = embedhost_stub_engine::parse_chance(&value)
                         .map_err(|e| format!("setting `{key}`: {e}"))?;
@@ -232,7 +245,7 @@ impl ProcessFaults {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version, chaos, chaos_kinds)"
+                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version, chaos, chaos_kinds, chaos_seed)"
                     ));
                 }
             }
@@ -249,8 +262,15 @@ impl ProcessFaults {
         if self.chaos_ppm == 0 || self.chaos_kinds.is_empty() {
             return None;
         }
-        (fastrand::u32(0..1_000_000) < self.chaos_ppm)
-            .then(|| self.chaos_kinds[fastrand::usize(0..self.chaos_kinds.len())])
+        let roll = match self.chaos_seed {
+            Some(seed) => {
+                let n = CHAOS_ROLLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                embedhost_stub_engine::seeded_roll(seed, n)
+            }
+            None => fastrand::u64(..),
+        };
+        ((roll % 1_000_000) < u64::from(self.chaos_ppm))
+            .then(|| self.chaos_kinds[((roll >> 32) % self.chaos_kinds.len() as u64) as usize])
     }
 
     fn hit(marker: &Option<String>, texts: &[String]) -> bool {
