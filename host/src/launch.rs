@@ -54,10 +54,12 @@ pub async fn start_backend(
                     .await
                     .map_err(|e| format!("plugin load: {e}"))?
                 } else {
-                    WasmPlugin::load(&engine, source).map(|p| p.with_model_dir(dir))
+                    load_blocking(&engine, source)
+                        .await?
+                        .map(|p| p.with_model_dir(dir))
                 }
             } else {
-                WasmPlugin::load(&engine, source)
+                load_blocking(&engine, source).await?
             }
             .map_err(|e| e.to_string())?;
             let snapshot = plugin.snapshot().clone();
@@ -177,4 +179,17 @@ pub async fn remote_embedder(
         })?;
     tracing::info!(url = %shown, model = %hello.model.model_id, "using the pool over NATS");
     Ok(Some((bus, hello.model)))
+}
+
+/// [`WasmPlugin::load`] on a blocking thread: a compile (in its bounded
+/// child, up to `limits::MAX_COMPILE_TIME`) never holds an async worker, so
+/// the service still sees SIGTERM while a plugin compiles.
+async fn load_blocking(
+    engine: &crate::wasm::WasmEngine,
+    source: &crate::wasm::PluginSource,
+) -> Result<Result<WasmPlugin, crate::wasm::WasmError>, String> {
+    let (engine, source) = (engine.clone(), source.clone());
+    tokio::task::spawn_blocking(move || WasmPlugin::load(&engine, &source))
+        .await
+        .map_err(|e| format!("plugin load: {e}"))
 }

@@ -524,11 +524,24 @@ pub const MIN_API_KEY_BYTES: usize = 16;
 /// working alone: a live service accepts at once.
 pub const SERVE_SOCKET_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Longest the CLI waits for a running service to say which embedder it
+/// runs (`GET /embedhost/embedder` on the owner's socket): an answer from
+/// memory, so a service that takes longer is busy or starting, and the
+/// command runs its own embedder instead of waiting on it.
+pub const SERVE_EMBEDDER_ID_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Tokens one input may have (400 past it): OpenAI's own limit for its
 /// embedding models. Inputs longer than the model's window are cut to it
 /// (or refused, if a TEI client asks `truncate: false`); this bound only
 /// keeps one input from costing the tokenizer without limit.
 pub const SERVE_MAX_INPUT_TOKENS: usize = 8192;
+
+/// Tokens one `POST /tokenize` shows, or ids one `POST /decode` decodes,
+/// in all its inputs: each shown token is a JSON object of about 80 bytes
+/// (and a string while it is built), so 65,536 tokens (eight inputs at the
+/// input limit) make a few MB of answer, where 2,048 inputs of 8,192 tokens
+/// each would have made gigabytes.
+pub const SERVE_MAX_TOKENIZE_TOKENS: usize = 65_536;
 
 /// Results one `/search` may ask for: more than a person reads, and each
 /// carries its chunk's text.

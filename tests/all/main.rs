@@ -81,7 +81,12 @@ impl OutputWithin for std::process::Command {
             Err(_) => {
                 // SAFETY: kill(2) of our own child, reaped by the thread.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                let out = rx.recv().ok().and_then(Result::ok);
+                // Bounded too: a grandchild holding the pipes open would
+                // keep the reader from ever seeing their end.
+                let out = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .ok()
+                    .and_then(Result::ok);
                 panic!(
                     "{self:?} ran past {limit:?} and was killed; stdout: {}; stderr: {}",
                     out.as_ref()

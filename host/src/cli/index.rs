@@ -370,7 +370,7 @@ fn show_results(mut results: Vec<SearchResult>, args: &SearchArgs) -> Result<(),
         let mut seen = std::collections::HashSet::new();
         for r in &results {
             if seen.insert(r.path.clone()) {
-                outln!("{}", r.path.display());
+                outln!("{}", super::show::safe_path(&r.path));
             }
         }
     } else if args.jsonl || args.json {
@@ -480,15 +480,21 @@ fn print_results(results: &[SearchResult], query: &str, context: Option<usize>) 
         } else {
             format!("{}-{}", r.start_line, r.end_line)
         };
-        outln!("{:.3}  {}:{lines}", r.score, r.path.display());
+        outln!(
+            "{:.3}  {}:{lines}",
+            r.score,
+            super::show::safe_path(&r.path)
+        );
         if let Some(n) = context {
             for (line, text) in super::show::context(&r.text, r.start_line, &terms, n) {
-                let text = super::show::highlight(text.trim_end(), &terms, color);
+                let text = super::show::safe(text.trim_end());
+                let text = super::show::highlight(&text, &terms, color);
                 outln!("{line:>7}: {text}");
             }
             continue;
         }
         let flat: String = r.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let flat = super::show::safe(&flat);
         let mut snippet: String = flat.chars().take(SNIPPET_CHARS).collect();
         if flat.chars().count() > SNIPPET_CHARS {
             snippet.push('…');
@@ -557,7 +563,7 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
             "(under no recorded root: indexed before roots were kept; `index` them again)"
                 .to_string()
         } else {
-            root.path.display().to_string()
+            super::show::safe_path(&root.path)
         };
         outln!(
             "root:     {path}: {} files, {} chunks{}",
@@ -573,7 +579,7 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
     for (path, kept, made) in &cut {
         outln!(
             "cut:      {} (its first {kept} of {made} chunks; [index] max_file_chunks = {cap})",
-            path.display()
+            super::show::safe_path(path)
         );
     }
     for file in skipped {
@@ -590,7 +596,11 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
         } else {
             String::new()
         };
-        outln!("skipped:  {} ({}{tries})", file.path.display(), file.detail);
+        outln!(
+            "skipped:  {} ({}{tries})",
+            super::show::safe_path(&file.path),
+            super::show::safe(&file.detail)
+        );
     }
     Ok(())
 }

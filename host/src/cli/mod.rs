@@ -407,10 +407,11 @@ pub(crate) async fn running_service(
     // backend, plugin or precision than this command's config would give
     // other vectors, so the work is done here instead, and said so.
     let ours = config.embedder_id();
-    let theirs = client
-        .get("/embedhost/embedder")
+    let asked = client.get("/embedhost/embedder");
+    let theirs = tokio::time::timeout(crate::limits::SERVE_EMBEDDER_ID_TIMEOUT, asked)
         .await
         .ok()
+        .and_then(Result::ok)
         .and_then(|v| v["embedder_id"].as_str().map(str::to_string));
     if theirs.as_deref() != Some(ours.as_str()) {
         eprintln!(

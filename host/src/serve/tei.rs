@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::api::{self, ApiError};
 use super::pool::Pool;
 use super::routes::{AppState, embed_checked};
+use crate::limits;
 
 pub(super) async fn tei_embed(
     Shared((state, _)): Shared<AppState>,
@@ -166,7 +167,7 @@ fn encoder(pool: &Pool) -> Result<std::sync::Arc<embedhost_text::TextEncoder>, A
 pub(super) async fn tokenize(
     Shared((state, _)): Shared<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<Vec<Shown>>>, ApiError> {
     let map = api::object(body)?;
     let texts = api::texts(&map, "inputs")?;
     let special = api::boolean(&map, "add_special_tokens", true)?;
@@ -190,24 +191,53 @@ pub(super) async fn tokenize(
     let encoder = encoder(&*state.pool()?)?;
     let bytes = texts.iter().map(String::len).sum();
     let tokens = super::admit::tokenizing(&state, bytes, move || {
-        texts
-            .iter()
-            .map(|t| encoder.tokens(t, special))
-            .collect::<Result<Vec<_>, _>>()
+        let mut total = 0usize;
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let list = encoder
+                .tokens(text, special)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+            total += list.len();
+            if list.len() > limits::SERVE_MAX_INPUT_TOKENS || total > limits::SERVE_MAX_TOKENIZE_TOKENS
+            {
+                return Err(ApiError::over_limit(
+                    "inputs",
+                    format!(
+                        "`inputs[{i}]` brings the request to {total} tokens ({} in it); at most {} an input and {} a request are shown (limits::SERVE_MAX_INPUT_TOKENS, SERVE_MAX_TOKENIZE_TOKENS)",
+                        list.len(),
+                        limits::SERVE_MAX_INPUT_TOKENS,
+                        limits::SERVE_MAX_TOKENIZE_TOKENS
+                    ),
+                ));
+            }
+            out.push(list.into_iter().map(Shown::from).collect::<Vec<_>>());
+        }
+        Ok(out)
     })
-    .await?
-    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let shown: Vec<Vec<Value>> = tokens
-        .into_iter()
-        .map(|list| {
-            list.into_iter()
-                .map(|t| {
-                    json!({ "id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop })
-                })
-                .collect()
-        })
-        .collect();
-    Ok(Json(json!(shown)))
+    .await??;
+    Ok(Json(tokens))
+}
+
+/// One token as TEI shows it (serialized directly, no `Value` per field).
+#[derive(serde::Serialize)]
+pub(super) struct Shown {
+    id: u32,
+    text: String,
+    special: bool,
+    start: Option<usize>,
+    stop: Option<usize>,
+}
+
+impl From<embedhost_text::Token> for Shown {
+    fn from(t: embedhost_text::Token) -> Self {
+        Shown {
+            id: t.id,
+            text: t.text,
+            special: t.special,
+            start: t.start,
+            stop: t.stop,
+        }
+    }
 }
 
 /// TEI's `POST /decode`: `ids` (an array of ids, or of arrays),
@@ -229,13 +259,27 @@ pub(super) async fn decode(
             ),
         ));
     }
+    let total: usize = lists.iter().map(Vec::len).sum();
+    if total > limits::SERVE_MAX_TOKENIZE_TOKENS {
+        return Err(ApiError::over_limit(
+            "ids",
+            format!(
+                "`ids` holds {total} ids; at most {} are decoded per request (limits::SERVE_MAX_TOKENIZE_TOKENS)",
+                limits::SERVE_MAX_TOKENIZE_TOKENS
+            ),
+        ));
+    }
     let encoder = encoder(&*state.pool()?)?;
-    lists
-        .iter()
-        .map(|ids| encoder.decode(ids, skip))
-        .collect::<Result<Vec<_>, _>>()
-        .map(Json)
-        .map_err(|e| ApiError::bad("ids", format!("`ids` cannot be decoded: {e}")))
+    // Off the async workers, and within the tokenizers' share.
+    super::admit::tokenizing(&state, total * 4, move || {
+        lists
+            .iter()
+            .map(|ids| encoder.decode(ids, skip))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Json)
+            .map_err(|e| ApiError::bad("ids", format!("`ids` cannot be decoded: {e}")))
+    })
+    .await?
 }
 
 /// `ids`: an array of token ids, or an array of such arrays.

@@ -798,8 +798,9 @@ impl Supervisor {
         batch_result(dimension, data, failed)
     }
 
-    /// Whether the pool answers [`CONTROL_TEXT`] (the evidence a poison
-    /// verdict needs: the pool answers other texts around the suspect).
+    /// Whether the pool answers [`CONTROL_TEXT`] without crashing (the
+    /// evidence a poison verdict needs: the pool answers other texts around
+    /// the suspect).
     ///
     /// # Errors
     /// The pool's own failure (escalated, out of time).
@@ -816,7 +817,9 @@ impl Supervisor {
         let (_, result) = self
             .dispatch(vec![CONTROL_TEXT.to_string()], is_query, remaining, false)
             .await?;
-        Ok(result.is_ok())
+        // Answered with vectors or a refusal (a plugin may refuse so short
+        // a text): the pool works. Only a crash on it too is a storm.
+        Ok(!matches!(result, Err(CallError::Crash { .. })))
     }
 
     /// One attempt on some idle instance. The outer `Result` is the

@@ -297,9 +297,16 @@ impl ArtifactCache {
             // Ours, and nobody else could write it: narrow it (a cache made
             // before this rule was 0755), and its entries with it.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            // Only the cache's own regular files, never a folder or a link
+            // (a cache pointed at a shared folder leaves the rest alone).
             for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
-                let _ =
-                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600));
+                let own = entry.file_name().to_str().is_some_and(is_own_file);
+                if own && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = std::fs::set_permissions(
+                        entry.path(),
+                        std::fs::Permissions::from_mode(0o600),
+                    );
+                }
             }
         }
         self.secret().map_err(|e| match e.kind() {
@@ -341,7 +348,14 @@ impl ArtifactCache {
         let _ = std::fs::remove_file(&tmp);
         match linked {
             Ok(()) => Ok(Secret(secret)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.secret(),
+            // Another host made it meanwhile: read theirs, once (a key that
+            // exists but cannot be read is an error, not a loop).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let mut file = open_private(&path)?;
+                let mut secret = [0u8; 32];
+                file.read_exact(&mut secret)?;
+                Ok(Secret(secret))
+            }
             Err(e) => Err(e),
         }
     }
@@ -419,10 +433,28 @@ pub enum CacheError {
 
 /// Opens `path` for reading, not following a symbolic link.
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::options()
+    let file = std::fs::File::options()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    // A FIFO or a device named as an entry is never read (nor waited on).
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("`{}` is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Whether `name` is one of the files the cache writes: entries, their
+/// MACs, the key, temporaries, and an older embedhost's digests.
+fn is_own_file(name: &str) -> bool {
+    name == KEY_FILE
+        || [".cwasm", ".sha256", ".tmp", &format!(".{MAC_EXTENSION}")]
+            .iter()
+            .any(|ext| name.ends_with(ext))
+        || name.contains(".tmp")
 }
 
 /// Creates `path` (which must not exist) 0600 with `bytes`, fsynced.

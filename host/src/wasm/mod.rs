@@ -344,10 +344,21 @@ impl WasmPlugin {
 
     fn from_bytes(engine: &WasmEngine, name: String, bytes: &[u8]) -> Result<Self, WasmError> {
         check_header(&name, bytes)?;
-        if let Some(cache) = engine.cache() {
-            cache.prepare()?;
-        }
-        let (component, cache_outcome) = match engine.cache() {
+        // A cache another user could write is refused (that is a danger);
+        // one that cannot be made or read (a read-only home, EACCES) only
+        // costs the compile: the plugin is compiled without it.
+        let cache = match engine.cache() {
+            Some(cache) => match cache.prepare() {
+                Ok(_) => Some(cache),
+                Err(e @ CacheError::Io { .. }) => {
+                    tracing::warn!(error = %e, "compiling without the artifact cache");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let (component, cache_outcome) = match cache {
             Some(cache) => cache.load_or_compile(engine, bytes),
             None => engine.compile(bytes).map(|c| (c, CacheOutcome::Compiled)),
         }

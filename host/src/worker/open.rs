@@ -5,14 +5,16 @@
 //! outside the index's roots, or by a FIFO that blocks whoever opens it.
 //!
 //! # Invariants
-//! - A queued file is opened with `O_NOFOLLOW | O_NONBLOCK`: a final
-//!   component that is a symbolic link is refused by the kernel, and no
-//!   open ever blocks (a FIFO with no writer opens at once).
-//! - What was opened is judged by `fstat` on the descriptor, never by the
-//!   path again: only a regular file is read.
-//! - Where the descriptor really points (`/proc/self/fd/N`, which resolves
+//! - A queued file is first opened as a bare handle (`O_PATH |
+//!   O_NOFOLLOW`), which opens nothing: a final component that is a link
+//!   is the link itself, and a FIFO or a device is not opened.
+//! - The handle is judged by `fstat`, never the path again: only a
+//!   regular file goes on.
+//! - Where the handle really points (`/proc/self/fd/N`, which resolves
 //!   every directory on the way) must be inside one of the index's roots;
 //!   a directory swapped for a link to elsewhere is caught here too.
+//! - Only then is the same file opened for reading, through the handle
+//!   (`O_NONBLOCK`, so even a file that changed kind cannot block).
 //! - A file is read through the descriptor, at most `limit + 1` bytes.
 //!
 //! Each refusal is a [`Skip`] with its reason, recorded like any other.
@@ -77,16 +79,18 @@ pub fn read_queued(
 /// # Errors
 /// As [`read_queued`].
 pub fn open_regular(path: &Path, roots: &[PathBuf]) -> Result<File, NotRead> {
-    let file = std::fs::OpenOptions::new()
+    // First a handle that opens nothing (`O_PATH`): the file's type and
+    // real place are checked on it before the file itself is opened, so
+    // nothing outside the roots, nor a FIFO or a device, is ever opened.
+    let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ENOTDIR) => NotRead::Gone,
-            Some(libc::ELOOP) => NotRead::Skip(Skip::NotRegular("a symbolic link")),
             _ => NotRead::Skip(Skip::Unreadable(e.to_string())),
         })?;
-    let kind = file
+    let kind = handle
         .metadata()
         .map_err(|e| NotRead::Skip(Skip::Unreadable(e.to_string())))?
         .file_type();
@@ -94,12 +98,20 @@ pub fn open_regular(path: &Path, roots: &[PathBuf]) -> Result<File, NotRead> {
         return Err(NotRead::Skip(Skip::NotRegular(kind_name(&kind))));
     }
     if !roots.is_empty() {
-        let real = real_path(&file).map_err(|e| NotRead::Skip(Skip::Unreadable(e.to_string())))?;
+        let real =
+            real_path(&handle).map_err(|e| NotRead::Skip(Skip::Unreadable(e.to_string())))?;
         if !roots.iter().any(|root| real.starts_with(root)) {
             return Err(NotRead::Skip(Skip::OutsideRoots));
         }
     }
-    Ok(file)
+    // The same file, opened for reading through the handle (never by the
+    // path again, which may have changed meanwhile).
+    use std::os::fd::AsRawFd;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(|e| NotRead::Skip(Skip::Unreadable(e.to_string())))
 }
 
 /// Where an open descriptor points, every link on the way resolved.

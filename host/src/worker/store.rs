@@ -251,10 +251,12 @@ impl Store {
     /// The directory or database cannot be opened,
     /// [`StoreError::ModelMismatch`], or [`StoreError::Schema`].
     pub fn open(dir: &Path, model_id: &str, dimension: u32) -> Result<Store, StoreError> {
-        make_private(dir).map_err(|source| StoreError::CreateDir {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        make_private(dir)
+            .and_then(|()| make_private_db(dir))
+            .map_err(|source| StoreError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         let path = dir.join(DB_FILE);
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -654,6 +656,14 @@ impl Store {
             return Ok(0);
         }
         let failed = self.paths("SELECT path FROM files WHERE skip_reason = 'embed_failed'")?;
+        // Another embedder's failures say nothing of this one's: its runs
+        // count from zero.
+        self.conn
+            .execute(
+                "UPDATE files SET attempts = 0 WHERE skip_reason = 'embed_failed'",
+                [],
+            )
+            .map_err(self.sql())?;
         let queued = self.enqueue(&failed)?;
         self.conn
             .execute(
@@ -788,7 +798,8 @@ impl Store {
              ON CONFLICT (path) DO UPDATE SET size = ?2, mtime_ns = ?3, hash = '',
                  skip_reason = ?4, skip_detail = ?5, cut_from = NULL,
                  attempts = CASE WHEN ?4 IS NOT 'embed_failed' THEN 0
-                                 WHEN skip_reason IS 'embed_failed' THEN attempts + 1
+                                 WHEN skip_reason IS 'embed_failed'
+                                      AND size = ?2 AND mtime_ns = ?3 THEN attempts + 1
                                  ELSE 1 END",
             params![
                 path_text(path),
@@ -1140,27 +1151,55 @@ impl Store {
     }
 }
 
-/// Creates the index directory if needed and makes it and its database
-/// files private to the owner, whatever the umask: the directory 0700, the
-/// database 0600 (created so before SQLite opens it; SQLite gives its WAL
-/// and shared-memory files the database's mode). An index made by an
-/// older embedhost (0755, 0644) is made private here too.
+/// Creates the index directory if needed and makes it private to the
+/// owner, whatever the umask: a directory made here is 0700; one that was
+/// there (an index made by an older embedhost, 0755) is narrowed to 0700
+/// when it is this user's and holds nothing but the index's files, and
+/// otherwise left as it is, with a warning (`--db` may name a shared or a
+/// home folder).
 ///
 /// # Errors
-/// The directory cannot be created, or a mode cannot be set.
+/// The directory cannot be created, or its mode cannot be set.
 pub fn make_private(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let db = dir.join(DB_FILE);
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let meta = std::fs::metadata(dir)?;
+    if meta.mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    let mine = meta.uid() == unsafe { libc::geteuid() };
+    let only_ours = std::fs::read_dir(dir)?.flatten().all(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(DB_FILE) || n == "serve")
+    });
+    if mine && only_ours {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    } else {
+        tracing::warn!(dir = %dir.display(), "the index folder is open to other users and holds other files; its mode is left as it is (the database files are 0600)");
+        Ok(())
+    }
+}
+
+/// Creates the database file 0600 before SQLite opens it (SQLite gives its
+/// WAL and shared-memory files the database's mode), and narrows those of
+/// an older index to 0600.
+///
+/// # Errors
+/// A file cannot be created or its mode set.
+fn make_private_db(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(&db)?;
+        .open(dir.join(DB_FILE))?;
     for suffix in ["", "-wal", "-shm"] {
         let file = dir.join(format!("{DB_FILE}{suffix}"));
         match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
