@@ -170,6 +170,17 @@ fn worker_over(
     )
 }
 
+/// The shipped policy (poison verdicts, intensity, cooldowns) for a pool
+/// of `pool`, with the tests' jitter seed and no recycling by count.
+fn shipped(pool: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        pool_size: pool,
+        jitter_seed: Some(SEED),
+        max_processed: u64::MAX,
+        ..SupervisorConfig::default()
+    }
+}
+
 /// The jitter seed of every test's supervisor: printed by the tests that
 /// depend on it, so a failure can be replayed.
 const SEED: u64 = 0x5eed_0001;
@@ -682,11 +693,7 @@ async fn a_poison_text_never_crashes_an_instance_twice_across_batches() {
 #[tokio::test(start_paused = true)]
 async fn poison_texts_close_together_do_not_escalate_a_pool_of_one_under_the_defaults() {
     // The shipped policy, poison included.
-    let mut c = SupervisorConfig {
-        pool_size: 1,
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(1);
     let (supervisor, _) = supervise(
         c,
         |_, _, t| {
@@ -716,11 +723,7 @@ async fn poison_texts_close_together_do_not_escalate_a_pool_of_one_under_the_def
 
 #[tokio::test(start_paused = true)]
 async fn a_plugin_that_crashes_on_every_text_still_escalates() {
-    let mut c = SupervisorConfig {
-        pool_size: 1,
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(1);
     let (supervisor, _) = supervise(c, |_, _, _| Act::Crash, |_, _| false, |_| false).await;
     let texts: Vec<String> = (0..64).map(|i| format!("text {i}")).collect();
     let err = supervisor.embed(texts, false, DEADLINE).await.unwrap_err();
@@ -830,11 +833,7 @@ async fn health_failures_spaced_wider_than_the_window_still_escalate() {
     // Every incarnation's health check hangs: one failure every 15 s
     // (interval 10 s + timeout 5 s), three times the 5 s window, so the
     // window never holds two. Before, such a slot restarted forever.
-    let mut c = SupervisorConfig {
-        pool_size: 1,
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(1);
     let (supervisor, starts) = supervise(c, |_, _, _| Act::Ok, |_, _| false, |_| true).await;
     let bound = u64::from(embedhost::limits::DEFAULT_MAX_UNPROVEN_FAILURES) + 1;
     // Failure k comes at 15k s (each restart is immediate: the window is
@@ -1091,12 +1090,7 @@ async fn a_steady_two_percent_crash_rate_under_load_never_escalates_under_the_sh
     let seed = SEED;
     let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
     let draw = rng.clone();
-    let mut c = SupervisorConfig {
-        pool_size: 1,
-        jitter_seed: Some(seed),
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(1);
     let (supervisor, starts) = supervise(
         c,
         move |_, _, _| {
@@ -1130,11 +1124,7 @@ async fn a_crash_loop_that_answers_every_other_call_is_stopped_with_growing_dela
     // answered" is true of every incarnation, but the rate is 50%.
     let calls = Arc::new(AtomicU64::new(0));
     let counted = calls.clone();
-    let c = SupervisorConfig {
-        pool_size: 1,
-        jitter_seed: Some(SEED),
-        ..SupervisorConfig::default()
-    };
+    let c = shipped(1);
     let (supervisor, starts) = supervise(
         c.clone(),
         move |_, _, _| {
@@ -1193,12 +1183,7 @@ async fn a_six_second_storm_mid_index_marks_no_file_and_leaves_every_file_indexe
     let calls = Arc::new(AtomicU64::new(0));
     let storm: Arc<Mutex<Option<Instant>>> = Arc::default();
     let (counted, began) = (calls.clone(), storm.clone());
-    let mut c = SupervisorConfig {
-        pool_size: 2,
-        jitter_seed: Some(SEED),
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(2);
     let (supervisor, _) = supervise(
         c,
         move |_, _, _| {
@@ -1247,12 +1232,7 @@ async fn a_six_second_storm_mid_index_marks_no_file_and_leaves_every_file_indexe
 
 #[tokio::test(start_paused = true)]
 async fn a_file_the_embedder_failed_is_tried_again_by_the_next_runs_a_bounded_number_of_times() {
-    let mut c = SupervisorConfig {
-        pool_size: 1,
-        jitter_seed: Some(SEED),
-        ..SupervisorConfig::default()
-    };
-    c.max_processed = u64::MAX;
+    let c = shipped(1);
     let (supervisor, _) = supervise(
         c,
         |_, _, t| {
