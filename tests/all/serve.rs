@@ -1063,7 +1063,7 @@ fn a_poison_text_fails_only_itself_in_a_batch_shared_by_many_requests() {
         }
         let before = batches();
         let poisoned = scope.spawn(|| {
-            (&s).post(
+            s.post(
                 "/v1/embeddings",
                 &json!({ "input": ["fine one", "a POISON text", "fine two"] }),
             )

@@ -153,6 +153,23 @@ pub fn color_wanted() -> bool {
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// Longest piece of indexed text or path shown on one line: a path is at
+/// most 4096 bytes (`PATH_MAX`), and a chunk's line is cut here too.
+pub const SHOWN_TEXT_MAX: usize = 4096;
+
+/// `text` from the index (a file's words, a skip reason) made safe for a
+/// terminal: control, line-breaking and bidi characters escaped
+/// ([`crate::untrusted::sanitize`]), so a file cannot drive the terminal
+/// that shows it.
+pub fn safe(text: &str) -> String {
+    crate::untrusted::sanitize(text, SHOWN_TEXT_MAX)
+}
+
+/// A file's path, made safe as [`safe`] makes text.
+pub fn safe_path(path: &std::path::Path) -> String {
+    safe(&path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,21 +221,4 @@ mod tests {
         );
         assert!(context("", 1, &t, 3).is_empty());
     }
-}
-
-/// Longest piece of indexed text or path shown on one line: a path is at
-/// most 4096 bytes (`PATH_MAX`), and a chunk's line is cut here too.
-pub const SHOWN_TEXT_MAX: usize = 4096;
-
-/// `text` from the index (a file's words, a skip reason) made safe for a
-/// terminal: control, line-breaking and bidi characters escaped
-/// ([`crate::untrusted::sanitize`]), so a file cannot drive the terminal
-/// that shows it.
-pub fn safe(text: &str) -> String {
-    crate::untrusted::sanitize(text, SHOWN_TEXT_MAX)
-}
-
-/// A file's path, made safe as [`safe`] makes text.
-pub fn safe_path(path: &std::path::Path) -> String {
-    safe(&path.display().to_string())
 }
