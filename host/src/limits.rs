@@ -543,6 +543,14 @@ pub const SERVE_MAX_INPUT_TOKENS: usize = 8192;
 /// each would have made gigabytes.
 pub const SERVE_MAX_TOKENIZE_TOKENS: usize = 65_536;
 
+/// JSON values one request body may hold (counted before it is parsed,
+/// `serve::api::json_values`): parsing makes a `Value` of tens of bytes of
+/// each, so 4 MiB of `[[],[],...]` had cost about 100 MB. 262,144 leaves
+/// room for the largest legal requests (2,048 inputs; a `/decode` of
+/// [`SERVE_MAX_TOKENIZE_TOKENS`] ids) and holds a body's parse to about
+/// 20 MB.
+pub const SERVE_MAX_BODY_JSON_VALUES: usize = 262_144;
+
 /// Results one `/search` may ask for: more than a person reads, and each
 /// carries its chunk's text.
 pub const SERVE_MAX_SEARCH_LIMIT: usize = 1000;

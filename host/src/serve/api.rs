@@ -201,6 +201,16 @@ pub fn object(
             )
         }
     })?;
+    let values = json_values(&body);
+    if values > crate::limits::SERVE_MAX_BODY_JSON_VALUES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body holds {values} JSON values; at most {} are read (limits::SERVE_MAX_BODY_JSON_VALUES)",
+                crate::limits::SERVE_MAX_BODY_JSON_VALUES
+            ),
+        ));
+    }
     match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(ApiError::new(
@@ -212,6 +222,31 @@ pub fn object(
             format!("the body is not valid JSON: {e}"),
         )),
     }
+}
+
+/// An upper bound on the JSON values in `body`, counted before it is
+/// parsed: one more than its commas, colons and opening brackets outside
+/// strings. Parsing builds a `Value` (tens of bytes) for each, so a body of
+/// empty arrays would cost many times its size; the count bounds that.
+pub fn json_values(body: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => count += 1,
+                _ => {}
+            }
+        }
+    }
+    count
 }
 
 /// A JSON value's kind, for messages.
@@ -309,5 +344,19 @@ pub fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<u64>, Api
             field,
             format!("`{field}` must be an integer, not {}", kind(other)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod json_value_tests {
+    use super::json_values;
+
+    #[test]
+    fn values_are_counted_outside_strings_only_and_bound_the_real_count() {
+        assert_eq!(json_values(br#"{"a":[1,2,3]}"#), 6); // 5 values
+        assert_eq!(json_values(br#"{"a":"x,y:[z{"}"#), 3); // 2 values
+        assert_eq!(json_values(br#"{"a":"q\",[,"}"#), 3); // an escaped quote
+        let flood = format!("{{\"input\":[{}]}}", vec!["[]"; 300_000].join(","));
+        assert!(json_values(flood.as_bytes()) > crate::limits::SERVE_MAX_BODY_JSON_VALUES);
     }
 }
