@@ -451,10 +451,10 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
 /// MACs, the key, temporaries, and an older embedhost's digests.
 fn is_own_file(name: &str) -> bool {
     name == KEY_FILE
-        || [".cwasm", ".sha256", ".tmp", &format!(".{MAC_EXTENSION}")]
+        || name.contains(".tmp")
+        || [".cwasm", ".sha256", &format!(".{MAC_EXTENSION}")]
             .iter()
             .any(|ext| name.ends_with(ext))
-        || name.contains(".tmp")
 }
 
 /// Creates `path` (which must not exist) 0600 with `bytes`, fsynced.
