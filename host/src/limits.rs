@@ -349,6 +349,13 @@ pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);
 /// gone within the grace period plus this plus the reap.
 pub const CHILD_SIGTERM_GRACE: Duration = Duration::from_millis(50);
 
+/// How long killing a child waits for its reap after SIGKILL: the kernel
+/// ends a killed process within milliseconds unless it sits in
+/// uninterruptible I/O, which no signal hurries; past this the reap is left
+/// to tokio's orphan reaper, so a stuck child costs a zombie, never a
+/// stuck slot.
+pub const CHILD_KILL_REAP_WAIT: Duration = Duration::from_secs(1);
+
 /// Default memory ceiling of a native child (`[native] memory_ceiling_mb`),
 /// enforced by the kernel (`RLIMIT_DATA`, see `native::ceiling`) between
 /// health checks. all-MiniLM-L6-v2 in ONNX Runtime peaked at 320 MB of
@@ -484,10 +491,16 @@ pub const DEFAULT_SERVE_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 pub const SERVE_MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Tokens in one merged batch (`[serve] max_batch_tokens`, TEI's knob of
-/// the same name and default): requests arriving together are merged up to
-/// this many tokens, so a batch fills the instances' SIMD lanes without one
-/// batch holding an instance for long.
-pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 16_384;
+/// the same name). A batch is never interrupted, so this is what a single
+/// sentence may wait for behind a large request: the batches already
+/// formed, one per lane (see `serve::batcher`). TEI's default of 16,384
+/// made that wait 2.4 to 5.2 s (p99) on the default WASM model (about
+/// 3,000 to 7,000 tokens a second per instance on a 2-core machine);
+/// 2,048 tokens (eight passages of all-MiniLM-L6-v2's window, hundreds of
+/// sentences) is well past where a batch stops gaining throughput on
+/// either backend, and a batch of it takes a fraction of a second
+/// (`./x bench-report`, the serve section, measures that p99).
+pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 2_048;
 
 /// How long a batch waits for more requests once it has one
 /// (`[serve] batch_wait_us`). Short against a request's own time (a short
@@ -523,6 +536,13 @@ pub const MIN_API_KEY_BYTES: usize = 16;
 /// How long the CLI waits to connect to a running service's socket before
 /// working alone: a live service accepts at once.
 pub const SERVE_SOCKET_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How much longer than the request's own deadline the CLI waits for a
+/// running service's answer (the deadline is the one it sends, else the
+/// longest a service may be configured with, [`SERVE_MAX_REQUEST_DEADLINE`]):
+/// the service answers by the deadline, so a service that has not by then
+/// plus this is hung, and the command fails instead of waiting on it.
+pub const SERVE_CLIENT_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// Longest the CLI waits for a running service to say which embedder it
 /// runs (`GET /embedhost/embedder` on the owner's socket): an answer from

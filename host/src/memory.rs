@@ -11,6 +11,10 @@
 //! with the threshold fixed. A fixed threshold
 //! ([`limits::MALLOC_MMAP_THRESHOLD`]) keeps large blocks mapped, so freeing
 //! one returns it to the system.
+//!
+//! Many small blocks freed together (a tokenizer's state for megabytes of
+//! text) stay with the process too, spread over the heaps of the threads
+//! that made them: [`give_back`] returns their pages after such a burst.
 
 use crate::limits;
 
@@ -25,5 +29,18 @@ pub fn tune() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
         }
+    }
+}
+
+/// Returns the free pages of every heap to the system (glibc's
+/// `malloc_trim`), after work that allocated and freed many small blocks:
+/// 32 costly texts tokenized for the real model left the service 513 MB
+/// above where it started without it. Costs milliseconds; a no-op where
+/// the C library is not glibc.
+pub fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory; it takes the heaps' locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

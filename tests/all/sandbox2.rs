@@ -529,23 +529,39 @@ fn section(out: &mut Vec<u8>, id: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// A core module of `bodies.len()` functions of type `() -> ()`, each with
-/// the given body (local declarations, code, `end`).
-fn core_module(bodies: &[Vec<u8>]) -> Vec<u8> {
+/// A core module of the given function types (each `0x60 ...`) and of
+/// one function per body, the function's type index given with its body
+/// (local declarations, code, `end`).
+fn core_module_of(types: &[Vec<u8>], functions: &[(usize, Vec<u8>)]) -> Vec<u8> {
     let mut module = b"\0asm\x01\0\0\0".to_vec();
-    section(&mut module, 1, &[1, 0x60, 0, 0]);
-    let mut functions = Vec::new();
-    leb(&mut functions, bodies.len());
-    functions.extend(std::iter::repeat_n(0u8, bodies.len()));
-    section(&mut module, 3, &functions);
-    let mut code = Vec::new();
-    leb(&mut code, bodies.len());
-    for body in bodies {
+    let mut section_types = Vec::new();
+    leb(&mut section_types, types.len());
+    types
+        .iter()
+        .for_each(|t| section_types.extend_from_slice(t));
+    section(&mut module, 1, &section_types);
+    let (mut declared, mut code) = (Vec::new(), Vec::new());
+    leb(&mut declared, functions.len());
+    leb(&mut code, functions.len());
+    for (type_index, body) in functions {
+        leb(&mut declared, *type_index);
         leb(&mut code, body.len());
         code.extend_from_slice(body);
     }
+    section(&mut module, 3, &declared);
     section(&mut module, 10, &code);
     module
+}
+
+/// A core module of `bodies.len()` functions of type `() -> ()`.
+fn core_module(bodies: &[Vec<u8>]) -> Vec<u8> {
+    let functions: Vec<_> = bodies.iter().map(|b| (0, b.clone())).collect();
+    core_module_of(&[vec![0x60, 0, 0]], &functions)
+}
+
+/// The type `(i32) -> ()`.
+fn takes_i32() -> Vec<u8> {
+    vec![0x60, 1, 0x7f, 0]
 }
 
 /// A component holding `modules`.
@@ -557,9 +573,66 @@ fn component_of(modules: &[Vec<u8>]) -> Vec<u8> {
     component
 }
 
-/// The compile bombs of finding 1 that pass every pre-compile bound: many
-/// empty functions (six modules of the most functions a section may
-/// declare: memory), and nested loops (100,000 in 300 KB: time).
+/// One function of straight-line code: a million dependent additions
+/// (`x = x + 1`), 7 MB, under wasmparser's 7,654,321-byte function bound.
+/// Measured compiling in one process (2026-12-07): 3.8 GB and 48 s of CPU.
+fn straight_line() -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend(std::iter::repeat_n([0x20u8, 0, 0x41, 1, 0x6a, 0x21, 0], 1_000_000).flatten());
+    body.push(0x0b);
+    component_of(&[core_module_of(&[takes_i32()], &[(0, body)])])
+}
+
+/// One function of 49,990 locals, every one read and written inside a
+/// loop, so all are live at its head (wasmparser allows 50,000). Measured:
+/// past 60 s of CPU (110 MB).
+fn live_locals() -> Vec<u8> {
+    let n = 49_990;
+    let mut body = Vec::new();
+    leb(&mut body, 1);
+    leb(&mut body, n);
+    body.extend_from_slice(&[0x7f, 0x03, 0x40]);
+    for i in 1..=n {
+        body.push(0x20);
+        leb(&mut body, i);
+        body.extend_from_slice(&[0x41, 1, 0x6a, 0x21]);
+        leb(&mut body, i);
+    }
+    body.extend_from_slice(&[0x20, 0, 0x0d, 0, 0x0b, 0x0b]);
+    component_of(&[core_module_of(&[takes_i32()], &[(0, body)])])
+}
+
+/// 30 million types: the most function types a section may hold, each of
+/// 300 parameters and each distinct (its first 17 are i32 or i64 by the
+/// bits of its index), each used by one empty function. 30 MB; measured:
+/// 2.4 GB and past 38 s of CPU.
+fn many_types() -> Vec<u8> {
+    let n = limits::MAX_SECTION_ENTRIES as usize;
+    let types: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut t = vec![0x60];
+            leb(&mut t, 300);
+            t.extend((0..300).map(|j| {
+                if j < 17 && (i >> j) & 1 == 1 {
+                    0x7e
+                } else {
+                    0x7f
+                }
+            }));
+            t.push(0);
+            t
+        })
+        .collect();
+    let functions: Vec<_> = (0..n).map(|i| (i, vec![0u8, 0x0b])).collect();
+    component_of(&[core_module_of(&types, &functions)])
+}
+
+/// The compile bombs of finding 1 that pass every pre-compile bound, one
+/// of each shape the issue measured: many empty functions (six modules of
+/// the most functions a section may declare: memory), nested loops
+/// (100,000 in 300 KB: time), straight-line code, live locals and many
+/// types. Each costs more than the host's own 1 GiB (the test's limit on
+/// it) when compiled in one process.
 fn compile_bombs() -> Vec<(&'static str, Vec<u8>)> {
     let empty = vec![vec![0u8, 0x0b]; limits::MAX_SECTION_ENTRIES as usize];
     let many = component_of(&vec![core_module(&empty); 6]);
@@ -568,7 +641,13 @@ fn compile_bombs() -> Vec<(&'static str, Vec<u8>)> {
     body.extend(std::iter::repeat_n([0x03u8, 0x40], depth).flatten());
     body.extend(std::iter::repeat_n(0x0bu8, depth + 1));
     let loops = component_of(&[core_module(&[body])]);
-    vec![("many empty functions", many), ("nested loops", loops)]
+    vec![
+        ("many empty functions", many),
+        ("nested loops", loops),
+        ("straight-line code", straight_line()),
+        ("50k live locals", live_locals()),
+        ("30M types", many_types()),
+    ]
 }
 
 #[test]

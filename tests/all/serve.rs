@@ -91,11 +91,22 @@ impl Service {
     }
 
     pub fn start_in(dir: &Path, config: &str, args: &[&str]) -> Service {
+        Self::start_with(dir, config, args, &[])
+    }
+
+    /// [`Service::start_in`] with `envs` set for the service.
+    pub fn start_with(
+        dir: &Path,
+        config: &str,
+        args: &[&str],
+        envs: &[(&str, &std::ffi::OsStr)],
+    ) -> Service {
         std::fs::write(dir.join("embedhost.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_embedhost"))
             .current_dir(dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(envs.iter().copied())
             .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
             .env_remove("RUST_LOG")
             .env_remove("EMBEDHOST_API_KEY")

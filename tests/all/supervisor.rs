@@ -21,6 +21,8 @@ enum Act {
     Ok,
     Crash,
     Sleep(Duration),
+    /// A bug in the host's own code on the slot's task.
+    Panic,
 }
 
 type Script = Arc<dyn Fn(usize, u64, &str) -> Act + Send + Sync>;
@@ -51,6 +53,7 @@ impl Worker for Scripted {
         self.processed += texts.len() as u64;
         Box::pin(async move {
             match act {
+                Act::Panic => panic!("scripted panic on the slot's task"),
                 Act::Crash => Err(CallError::Crash {
                     reason: FailureReason::Trap("scripted".into()),
                     message: "scripted crash".into(),
@@ -289,6 +292,85 @@ async fn a_first_instance_that_never_starts_escalates_with_the_last_reason() {
         "{err}"
     );
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Nothing is left running: no recovery restarts the failed pool after
+    // its cooldown (an hour on the paused clock).
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_whose_task_panics_is_not_left_up_and_the_pool_recovers() {
+    let (supervisor, starts) = supervise(
+        config(1),
+        |_, incarnation, t| match (incarnation, t) {
+            (1, "panic") => Act::Panic,
+            _ => Act::Ok,
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let long = Duration::from_secs(3600);
+    assert!(supervisor.embed(one("panic"), false, long).await.is_err());
+    // The slot is gone: not reported up, and the pool recovers after its
+    // cooldown instead of queueing every later call until its deadline.
+    assert!(!supervisor.status()[0].up);
+    let t0 = Instant::now();
+    let r = loop {
+        match supervisor.embed(one("after"), false, long).await {
+            Err(SupervisorError::Unavailable { retry_after, .. }) => {
+                tokio::time::sleep(retry_after.max(Duration::from_millis(10))).await;
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(r.unwrap().vectors.get(0).unwrap(), vector_of("after"));
+    assert!(
+        t0.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(starts.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_fails_queued_calls_at_once_not_at_their_deadlines() {
+    let (supervisor, _) = supervise(
+        config(1),
+        |_, _, t| match t {
+            "slow" => Act::Sleep(Duration::from_secs(5)),
+            _ => Act::Ok,
+        },
+        |_, _| false,
+        |_| false,
+    )
+    .await;
+    let long = Duration::from_secs(600);
+    let call = |text: &'static str| {
+        let s = supervisor.clone();
+        tokio::spawn(async move { s.embed(one(text), false, long).await })
+    };
+    let running = call("slow");
+    // Yields (no time passes on the paused clock): the slow call starts,
+    // the next one is queued behind it.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    let queued = call("queued");
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    let t0 = Instant::now();
+    supervisor.shutdown().await;
+    let err = queued.await.unwrap().unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let _ = running.await.unwrap();
+    let err = supervisor
+        .embed(one("late"), false, long)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::Escalated(_)), "{err}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -324,7 +324,9 @@ impl Worker for NativeWorker {
                 pid = process.pid(),
                 "child ignored shutdown and SIGTERM; killing it"
             );
-            let _ = process.kill().await;
+            if let Err(e) = process.kill().await {
+                tracing::error!(pid = process.pid(), "{e}");
+            }
         })
     }
 }

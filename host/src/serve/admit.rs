@@ -268,7 +268,7 @@ pub async fn count_tokens(
 ) -> Result<(Vec<String>, Vec<usize>), ApiError> {
     let bytes: usize = texts.iter().map(String::len).sum();
     let pool = pool.clone();
-    let (texts, counted) = tokenizing(state, bytes, move || {
+    let (texts, counted) = tokenizing(&state.tokenizing, bytes, move || {
         let counted = pool.count_tokens(&texts);
         (texts, counted)
     })
@@ -280,14 +280,15 @@ pub async fn count_tokens(
 }
 
 /// Runs `work`, a tokenization of `bytes` of text: here if they are few,
-/// else on a blocking thread once it has its share of
-/// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`] (429 if that takes longer
-/// than [`limits::SERVE_TOKENIZE_WAIT`]).
+/// else on a blocking thread once it has its share of `share_of` (the
+/// service's [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`] permits, one per
+/// byte), held until the work ends (429 if that takes longer than
+/// [`limits::SERVE_TOKENIZE_WAIT`]).
 ///
 /// # Errors
 /// The 429, or a 500 if the blocking thread panicked.
 pub async fn tokenizing<T: Send + 'static>(
-    state: &State,
+    share_of: &Arc<tokio::sync::Semaphore>,
     bytes: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -297,7 +298,7 @@ pub async fn tokenizing<T: Send + 'static>(
         let share = bytes.min(limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT) as u32;
         let permit = tokio::time::timeout(
             limits::SERVE_TOKENIZE_WAIT,
-            state.tokenizing.clone().acquire_many_owned(share),
+            share_of.clone().acquire_many_owned(share),
         )
         .await
         .ok()
@@ -312,6 +313,10 @@ pub async fn tokenizing<T: Send + 'static>(
         tokio::task::spawn_blocking(move || {
             let done = work();
             drop(permit);
+            // The tokenizer's state for this much text was many small
+            // blocks, now freed: their pages go back, or the service keeps
+            // its peak after an attack.
+            crate::memory::give_back();
             done
         })
         .await
@@ -378,5 +383,88 @@ mod tests {
         assert!(check_words("input", &[text]).is_err());
         assert!(check_words("input", &["x".repeat(100_000)]).is_ok());
         assert!(check_words("input", &[" ".repeat(100_000) + "a"]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn tokenizing_holds_at_most_the_bytes_in_flight_and_refuses_past_the_wait() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Mutex, mpsc};
+        let cap = limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT;
+        let share_of = Arc::new(tokio::sync::Semaphore::new(cap));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (release, released) = mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        // Twelve requests of a quarter of the cap each, whose work blocks
+        // until released: four fit at once.
+        let requests: Vec<_> = (0..12)
+            .map(|_| {
+                let (share_of, in_flight) = (share_of.clone(), in_flight.clone());
+                let released = released.clone();
+                tokio::spawn(async move {
+                    tokenizing(&share_of, cap / 4, move || {
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        let _ = released.lock().unwrap().recv();
+                    })
+                    .await
+                })
+            })
+            .collect();
+        // Polled, not slept: four works start once they have their share.
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while in_flight.load(Ordering::SeqCst) < 4 {
+            assert!(
+                std::time::Instant::now() < until,
+                "four works never started"
+            );
+            tokio::task::yield_now().await;
+        }
+        // The eight without a share are refused once the tokenize wait
+        // passes (real time: blocked work holds the paused clock still),
+        // while the four hold it all. Awaited, with a guard against a hang.
+        let mut waiting = requests;
+        let mut refused = 0;
+        while refused < 8 {
+            let guard = limits::SERVE_TOKENIZE_WAIT * 12;
+            let (done, _, rest) = tokio::time::timeout(guard, futures::future::select_all(waiting))
+                .await
+                .expect("requests ran without their share of the bytes");
+            assert_eq!(
+                done.unwrap().unwrap_err().status,
+                StatusCode::TOO_MANY_REQUESTS
+            );
+            refused += 1;
+            waiting = rest;
+        }
+        assert_eq!(in_flight.load(Ordering::SeqCst), 4);
+        let requests = waiting;
+        for _ in 0..12 {
+            release.send(()).unwrap();
+        }
+        let mut statuses = Vec::new();
+        for request in requests {
+            statuses.push(
+                request
+                    .await
+                    .unwrap()
+                    .map_or_else(|e| e.status, |()| StatusCode::OK),
+            );
+        }
+        assert_eq!(statuses, vec![StatusCode::OK; 4]);
+        assert_eq!(share_of.available_permits(), cap);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_past_the_tokenize_wait_gets_429() {
+        let share_of = Arc::new(tokio::sync::Semaphore::new(
+            limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
+        ));
+        let _all = share_of
+            .clone()
+            .acquire_many_owned(share_of.available_permits() as u32)
+            .await;
+        let err = tokenizing(&share_of, 1 << 20, || ()).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+        // A sentence needs no share.
+        tokenizing(&share_of, 10, || ()).await.unwrap();
     }
 }

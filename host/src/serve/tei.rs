@@ -190,7 +190,7 @@ pub(super) async fn tokenize(
     super::admit::check_words("inputs", &texts)?;
     let encoder = encoder(&*state.pool()?)?;
     let bytes = texts.iter().map(String::len).sum();
-    let tokens = super::admit::tokenizing(&state, bytes, move || {
+    let tokens = super::admit::tokenizing(&state.tokenizing, bytes, move || {
         let mut total = 0usize;
         let mut out = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
@@ -271,7 +271,7 @@ pub(super) async fn decode(
     }
     let encoder = encoder(&*state.pool()?)?;
     // Off the async workers, and within the tokenizers' share.
-    super::admit::tokenizing(&state, total * 4, move || {
+    super::admit::tokenizing(&state.tokenizing, total * 4, move || {
         lists
             .iter()
             .map(|ids| encoder.decode(ids, skip))

@@ -413,6 +413,10 @@ impl Supervisor {
         let pool = config.pool_size.max(1);
         let (jobs, queue) = mpsc::channel(pool * QUEUE_PER_INSTANCE);
         let shutdown = CancellationToken::new();
+        // Until a `Supervisor` owns the token, a start that fails (or is
+        // dropped) stops what it spawned: an escalation's recovery task
+        // would otherwise restart the pool after its cooldown, forever.
+        let abandon = shutdown.clone().drop_guard();
         let inner = Arc::new(Inner {
             config,
             shutdown: shutdown.clone(),
@@ -465,6 +469,7 @@ impl Supervisor {
             slots[0].up_since = Some(Instant::now());
         }
         start_generation(&inner, Some((first, incarnation, intensity)), stop);
+        abandon.disarm();
         Ok(Supervisor {
             inner,
             _stop_on_drop: Arc::new(shutdown.drop_guard()),
@@ -491,6 +496,15 @@ impl Supervisor {
             }
         }
         self.inner.shutdown.cancel();
+        // No slot is left to take them: queued calls fail now (their
+        // replies are dropped), not at their own deadlines, and later
+        // sends fail at once. The lock is bounded: a slot that did not stop
+        // in time might still hold it.
+        let queue = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, self.inner.queue.lock());
+        if let Ok(mut queue) = queue.await {
+            queue.close();
+            while queue.try_recv().is_ok() {}
+        }
     }
 
     /// What the model reported at the first start.
@@ -940,12 +954,31 @@ fn start_generation(inner: &Arc<Inner>, first: Option<FirstInstance>, stop: Canc
     generation.slots.clear();
     for slot in 0..pool {
         let token = stop.child_token();
-        let task = tokio::spawn(run_slot(
+        let run = run_slot(
             inner.clone(),
             slot,
             if slot == 0 { first.take() } else { None },
             token.clone(),
-        ));
+        );
+        let watched = inner.clone();
+        let task = tokio::spawn(async move {
+            // A panic (a bug in the host) ends the slot's task: the slot no
+            // longer counts as up, and the pool escalates and recovers,
+            // rather than leave callers queued for a slot that is gone. The
+            // call in flight was answered when its reply was dropped.
+            if futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .await
+                .is_err()
+            {
+                lock(&watched.slots)[slot].up_since = None;
+                escalate(
+                    &watched,
+                    format!("the task of instance {slot} panicked"),
+                    true,
+                )
+                .await;
+            }
+        });
         generation.slots.push((token, Some(task)));
     }
 }

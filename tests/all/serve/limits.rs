@@ -599,3 +599,84 @@ fn an_idle_flood_past_a_low_fd_limit_is_capped_below_it() {
     assert!(metric(&m, "http_connections_open") <= 200.0, "{m}");
     drop(flood);
 }
+
+/// A text of `words` words of 90 letters each, none in a vocabulary: it
+/// passes the word check (one token per word at least) yet costs the real
+/// tokenizer hundreds of thousands of word pieces.
+fn costly_text(words: usize) -> String {
+    (0..words)
+        .map(|i| {
+            (0..90)
+                .map(|j| (b'a' + ((i * 7 + j * j * 13) % 26) as u8) as char)
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn costly_texts_in_parallel_keep_the_real_models_service_within_its_memory_bound() {
+    // The default model (all-MiniLM-L6-v2 on WASM) and its real tokenizer.
+    let models = crate::onnx::real_model().parent().unwrap().to_path_buf();
+    let dir = tempfile::tempdir().unwrap().keep();
+    let config = "backend = \"wasm\"\n[index]\ndir = \"index\"\n[supervisor]\npool_size = 2\n";
+    let offline = std::ffi::OsString::from("1");
+    let s = Service::start_with(
+        &dir,
+        config,
+        &[],
+        &[
+            ("EMBEDHOST_MODELS_DIR", models.as_os_str()),
+            ("EMBEDHOST_OFFLINE", offline.as_os_str()),
+        ],
+    );
+    for i in 0..4 {
+        sentence(&s, i);
+    }
+    let before = memory(s.pid(), "VmRSS").max(memory(s.pid(), "VmHWM"));
+    // 32 requests of 8,000 words (720 KB) each at once: 23 MB of text to
+    // tokenize, of which at most 8 MiB is tokenized at a time.
+    let body = json!({ "input": costly_text(8000) }).to_string();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let attackers: Vec<_> = (0..32)
+            .map(|_| {
+                let (s, body) = (&s, body.clone());
+                scope.spawn(move || s.call("POST", "/v1/embeddings", Some(body), &[]).0)
+            })
+            .collect();
+        for i in 0..10 {
+            sentence(&s, 100 + i);
+        }
+        attackers.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    // Each was tokenized and refused for its tokens, or told to retry
+    // while the tokenizer's share was taken; none crashed the service.
+    assert!(
+        statuses.iter().all(|s| [400, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&400),
+        "nothing was tokenized: {statuses:?}"
+    );
+    sentence(&s, 200);
+    let (peak, after) = (memory(s.pid(), "VmHWM"), memory(s.pid(), "VmRSS"));
+    eprintln!(
+        "real model: {} MB before, {} MB at the peak, {} MB after; {statuses:?}",
+        before >> 20,
+        peak >> 20,
+        after >> 20
+    );
+    // The bound README states: the tokenizer holds at most
+    // SERVE_TOKENIZE_BYTES_IN_FLIGHT of text at once, at about 100 bytes
+    // of its state per byte of text; bodies are bounded on their own.
+    const TOKENIZING: u64 = 100 * embedhost::limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT as u64;
+    assert!(
+        peak < before + TOKENIZING + 32 * 8 * 1024 * 1024,
+        "peak RSS {peak}, {before} before"
+    );
+    assert!(
+        after < before + 64 * 1024 * 1024,
+        "RSS {after} after, {before} before"
+    );
+}

@@ -371,6 +371,12 @@ impl super::Transport for Connection {
             let bytes = encode_frame(&frame, shared.max_frame)?;
             let (tx, rx) = oneshot::channel();
             shared.pending().insert(id, tx);
+            // `close` sets `closed` before it drains `pending`: an entry
+            // inserted after the drain is caught here, never left waiting.
+            if let Some(reason) = shared.closed_reason() {
+                shared.pending().remove(&id);
+                return Err(shared.gone(&reason));
+            }
             // From here on, dropping this future cancels the request.
             let mut guard = CancelOnDrop {
                 shared: shared.clone(),
@@ -667,12 +673,25 @@ impl ChildProcess {
         self.pid
     }
 
-    /// Kills the child (SIGKILL) and waits for it to exit.
+    /// Kills the child (SIGKILL) and waits up to
+    /// [`crate::limits::CHILD_KILL_REAP_WAIT`] for it to exit (a child in
+    /// uninterruptible I/O is left to tokio's orphan reaper).
     ///
     /// # Errors
-    /// The error of the kill or wait system calls.
+    /// The error of the kill system call, or `TimedOut` if the child was
+    /// not reaped in time.
     pub async fn kill(&mut self) -> io::Result<()> {
-        self.child.kill().await
+        self.child.start_kill()?;
+        match self
+            .wait_for_exit(crate::limits::CHILD_KILL_REAP_WAIT)
+            .await
+        {
+            Some(_) => Ok(()),
+            None => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("child {} was not reaped after SIGKILL", self.pid),
+            )),
+        }
     }
 
     /// Sends `signal` to the child, unless it has already been reaped.
