@@ -308,3 +308,130 @@ fn ids(map: &serde_json::Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> 
         Ok(vec![list(&map["ids"])?])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use super::*;
+    use crate::serve::routes::Access;
+    use crate::serve::{Phase, State};
+
+    /// A service's shared state with no pool yet (starting), accepting
+    /// `max_inputs` inputs a request.
+    fn starting(max_inputs: usize) -> AppState {
+        let settings = crate::config::ServeSection {
+            max_inputs,
+            ..Default::default()
+        };
+        let state = State {
+            options: Default::default(),
+            admission: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_requests,
+            )),
+            settings,
+            db: std::path::PathBuf::from("/nonexistent/index"),
+            current: RwLock::new(None),
+            phase: Mutex::new(Phase::Starting),
+            generations: Default::default(),
+            worker: Mutex::new(None),
+            watching: tokio::sync::Mutex::new(None),
+            jobs: Mutex::default(),
+            next_job: Default::default(),
+            prometheus: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+            api_key: None,
+            roots: Vec::new(),
+            retiring: Mutex::default(),
+            in_flight: Arc::default(),
+            drained: Default::default(),
+            cut: Default::default(),
+            stopping: Default::default(),
+            draining: tokio_util::sync::CancellationToken::new(),
+            connections: crate::serve::listen::Connections::new(16, 1024),
+            bodies: Arc::new(tokio::sync::Semaphore::new(
+                limits::SERVE_BODY_BYTES_IN_FLIGHT,
+            )),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(
+                limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
+            )),
+        };
+        (Arc::new(state), Access::Owner)
+    }
+
+    fn body(json: Value) -> Result<Bytes, BytesRejection> {
+        Ok(Bytes::from(json.to_string()))
+    }
+
+    /// `result`'s error, answered in TEI's shape: its status, its body.
+    fn refused<T>(result: Result<T, ApiError>) -> (ApiError, StatusCode) {
+        use axum::response::IntoResponse;
+        let Err(err) = result else {
+            panic!("not refused")
+        };
+        let status = err.clone().into_response().status();
+        (err, status)
+    }
+
+    #[tokio::test]
+    async fn tokenize_refuses_a_prompt_name_and_too_many_inputs_before_asking_for_the_pool() {
+        let state = starting(2);
+        let (err, status) = refused(
+            tokenize(
+                Shared(state.clone()),
+                body(json!({ "inputs": "a", "prompt_name": "query" })),
+            )
+            .await,
+        );
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.param.as_deref(), Some("prompt_name"));
+        let (err, status) = refused(
+            tokenize(
+                Shared(state.clone()),
+                body(json!({ "inputs": ["a", "b", "c"] })),
+            )
+            .await,
+        );
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(err.param.as_deref(), Some("inputs"));
+        assert!(
+            err.message.contains("has 3 texts") && err.message.contains("at most 2"),
+            "{}",
+            err.message
+        );
+        // Within the limits, the request gets as far as the pool.
+        let (err, status) =
+            refused(tokenize(Shared(state), body(json!({ "inputs": ["a", "b"] }))).await);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn decode_refuses_too_many_lists_and_too_many_ids_before_asking_for_the_pool() {
+        let state = starting(2);
+        let (err, status) = refused(
+            decode(Shared(state.clone()), body(json!({ "ids": [[1], [2], [3]] }))).await,
+        );
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(err.param.as_deref(), Some("ids"));
+        assert!(
+            err.message.contains("has 3 lists") && err.message.contains("at most 2"),
+            "{}",
+            err.message
+        );
+        let many = vec![0u32; limits::SERVE_MAX_TOKENIZE_TOKENS + 1];
+        let (err, status) =
+            refused(decode(Shared(state.clone()), body(json!({ "ids": many }))).await);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(err.param.as_deref(), Some("ids"));
+        assert!(
+            err.message
+                .contains(&format!("holds {} ids", limits::SERVE_MAX_TOKENIZE_TOKENS + 1)),
+            "{}",
+            err.message
+        );
+        let (err, status) =
+            refused(decode(Shared(state), body(json!({ "ids": [[1], [2]] }))).await);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", err.message);
+    }
+}

@@ -366,3 +366,54 @@ impl ComponentInstanceState for Access<'_> {
             .to_bits()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symbolic_link_counts_by_its_target_and_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("weights"), "w").unwrap();
+        let link = dir.path().join("link");
+        // Dangling (a target outside the directory): hashed, not read.
+        std::os::unix::fs::symlink("/nonexistent/one", &link).unwrap();
+        let one = hash_model_dir(dir.path()).unwrap();
+        assert_eq!(hash_model_dir(dir.path()).unwrap(), one);
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/two", &link).unwrap();
+        let two = hash_model_dir(dir.path()).unwrap();
+        assert_ne!(one, two, "another target is another model directory");
+    }
+
+    #[test]
+    fn a_model_directory_past_its_entry_count_is_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = crate::limits::MAX_SNAPSHOT_MODEL_FILES;
+        std::fs::create_dir(dir.path().join("many")).unwrap();
+        for i in 0..limit {
+            std::fs::write(dir.path().join("many").join(i.to_string()), "").unwrap();
+        }
+        // The directory and its files: one entry too many.
+        let err = hash_model_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, SnapshotIdError::TooManyFiles { limit: l } if l == limit),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("MAX_SNAPSHOT_MODEL_FILES"), "{err}");
+        std::fs::remove_file(dir.path().join("many").join("0")).unwrap();
+        assert!(hash_model_dir(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_model_directory_that_cannot_be_read_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = snapshot_id(b"plugin", &missing, &[]).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotIdError::Io { path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+    }
+}
