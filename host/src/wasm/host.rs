@@ -476,6 +476,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_model_directory_of_too_many_entries_is_refused_naming_it_and_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..=limits::MAX_SNAPSHOT_MODEL_FILES {
+            std::fs::write(dir.path().join(i.to_string()), "").unwrap();
+        }
+        let err = refuse_special_files(dir.path()).unwrap_err();
+        assert!(
+            err.contains(&*dir.path().to_string_lossy())
+                && err.contains("MAX_SNAPSHOT_MODEL_FILES"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("0")).unwrap();
+        assert_eq!(refuse_special_files(dir.path()), Ok(()));
+    }
+
+    #[test]
     fn bytes_past_the_plugins_budget_are_dropped_and_counted_in_metrics() {
         use metrics_util::debugging::{DebugValue, DebuggingRecorder};
         let recorder = DebuggingRecorder::new();

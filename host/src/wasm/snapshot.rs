@@ -368,7 +368,7 @@ impl ComponentInstanceState for Access<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -415,5 +415,106 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+    }
+
+    /// `component` with `module` added as one more top-level core module,
+    /// instantiated with no imports.
+    pub(crate) fn splice(component: &[u8], module: &[u8]) -> Vec<u8> {
+        use wasmparser::{ComponentAlias, ComponentOuterAliasKind, Parser, Payload};
+        let leb = |out: &mut Vec<u8>, mut n: usize| loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        };
+        let (mut depth, mut modules) = (0usize, 0usize);
+        for payload in Parser::new(0).parse_all(component) {
+            match payload.unwrap() {
+                Payload::Version { .. } => depth += 1,
+                Payload::End(_) => depth -= 1,
+                Payload::ModuleSection { .. } if depth == 1 => modules += 1,
+                Payload::ComponentAliasSection(aliases) if depth == 1 => {
+                    for alias in aliases {
+                        if let ComponentAlias::Outer {
+                            kind: ComponentOuterAliasKind::CoreModule,
+                            ..
+                        } = alias.unwrap()
+                        {
+                            modules += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = component.to_vec();
+        out.push(1); // core module section
+        leb(&mut out, module.len());
+        out.extend_from_slice(module);
+        let mut instance = vec![1, 0]; // one instance: instantiate
+        leb(&mut instance, modules);
+        instance.push(0); // no arguments
+        out.push(2); // core instance section
+        leb(&mut out, instance.len());
+        out.extend_from_slice(&instance);
+        out
+    }
+
+    /// Wizer reads every global of the instance back through the host: a
+    /// 64-bit integer and both float kinds come out in the snapshot with
+    /// the values the instance held, not zeros.
+    #[test]
+    fn a_snapshot_keeps_the_instances_64_bit_and_float_globals() {
+        use wasmparser::{Operator, Parser, Payload, ValType};
+        let module = wat::parse_str(
+            // An export section: wizer exports the globals in it.
+            "(module
+                (func (export \"f\"))
+                (global (mut i64) (i64.const 0x123456789abc))
+                (global (mut f32) (f32.const 3.25))
+                (global (mut f64) (f64.const -6.5)))",
+        )
+        .unwrap();
+        let bytes = splice(crate::plugins::STUB_WASM_BYTES, &module);
+        let engine = WasmEngine::new(None).unwrap();
+        let model = tempfile::tempdir().unwrap();
+        let limits = InstanceLimits {
+            memory_bytes: 256 << 20,
+            ..InstanceLimits::default()
+        };
+        let snapshot = make(&engine, "spliced", &bytes, model.path(), limits, &[]).unwrap();
+        let mut found = Vec::new();
+        for payload in Parser::new(0).parse_all(&snapshot) {
+            let Payload::GlobalSection(globals) = payload.unwrap() else {
+                continue;
+            };
+            for global in globals {
+                let global = global.unwrap();
+                if !global.ty.mutable {
+                    continue;
+                }
+                let init = global.init_expr.get_operators_reader().read().unwrap();
+                match (global.ty.content_type, init) {
+                    (ValType::I64, Operator::I64Const { value }) => found.push(format!("i64 {value}")),
+                    (ValType::F32, Operator::F32Const { value }) => {
+                        found.push(format!("f32 {}", f32::from_bits(value.bits())));
+                    }
+                    (ValType::F64, Operator::F64Const { value }) => {
+                        found.push(format!("f64 {}", f64::from_bits(value.bits())));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for kept in [
+            format!("i64 {}", 0x1234_5678_9abc_i64),
+            "f32 3.25".into(),
+            "f64 -6.5".into(),
+        ] {
+            assert!(found.contains(&kept), "{kept} not in {found:?}");
+        }
     }
 }
