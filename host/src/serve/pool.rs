@@ -280,17 +280,22 @@ async fn remote_embed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::bus::transport::InProcess;
     use crate::bus::{ErrorCode, RemoteError, RequestContext, Router};
     use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed};
     use crate::supervisor::SupervisorError;
 
-    /// A remote pool whose members answer `embedder.embed` by the first
-    /// text: `ok` embeds, `unavailable`, `deadline` and `refused` refuse
-    /// so, `silent` never answers.
     fn remote() -> (Pool, InProcess) {
+        remote_pool(Config::default(), true)
+    }
+
+    /// A remote pool of a 2-dimensional model (`normalized` as given)
+    /// started from `config`, whose members answer `embedder.embed` by
+    /// the first text: `ok` embeds as (0.5, 0.5), `unavailable`,
+    /// `deadline` and `refused` refuse so, any other never answers.
+    pub(crate) fn remote_pool(config: Config, normalized: bool) -> (Pool, InProcess) {
         let mut router = Router::new();
         router.handle::<EmbedderEmbed, _, _>(|_: RequestContext, request: EmbedRequest| async move {
             let error = |code, message: &str| Err::<EmbedResponse, _>(RemoteError::new(code, message));
@@ -314,12 +319,12 @@ mod tests {
         let transport = InProcess::named("members", router);
         let pool = Pool {
             generation: 3,
-            config: Config::default(),
+            config,
             info: ModelInfo {
                 model_id: crate::backend::ModelId::default(),
                 dimension: 2,
                 max_input_tokens: 8,
-                normalized: true,
+                normalized,
             },
             backend: "remote",
             engine_name: "nats://members".into(),

@@ -374,6 +374,81 @@ mod tests {
         (err, status)
     }
 
+    /// `state` served by a remote pool started from `config` (see
+    /// `pool::tests::remote_pool`).
+    fn serving(state: &AppState, config: crate::config::Config, normalized: bool) {
+        let (pool, _members) = super::super::pool::tests::remote_pool(config, normalized);
+        *state.0.current.write().unwrap() = Some(Arc::new(pool));
+    }
+
+    #[tokio::test]
+    async fn embed_normalizes_the_vectors_of_a_model_that_does_not_unless_asked_not_to() {
+        let state = starting(4);
+        serving(&state, crate::config::Config::default(), false);
+        let embed = |json: Value| {
+            let state = state.clone();
+            async move {
+                let Ok(Json(rows)) = tei_embed(Shared(state), HeaderMap::new(), body(json)).await
+                else {
+                    panic!("refused");
+                };
+                rows
+            }
+        };
+        let half = std::f32::consts::FRAC_1_SQRT_2;
+        let rows = embed(json!({ "inputs": ["ok", "ok"] })).await;
+        assert_eq!(rows.len(), 2);
+        for row in rows {
+            assert!(
+                row.iter().all(|x| (x - half).abs() < 1e-6),
+                "not unit length: {row:?}"
+            );
+        }
+        let rows = embed(json!({ "inputs": "ok", "normalize": false })).await;
+        assert_eq!(rows, vec![vec![0.5, 0.5]]);
+    }
+
+    #[tokio::test]
+    async fn info_names_the_numbers_the_model_runs_in_as_tei_does() {
+        use crate::config::{Backend, Config, Precision};
+        let native = |engine: &str, precision| {
+            let mut config = Config::default();
+            config.backend = Backend::Native;
+            config.native.engine = engine.into();
+            config.native.precision = precision;
+            config
+        };
+        let wasm = |precision: Option<&str>, path: Option<&str>| {
+            let mut config = Config::default();
+            config.backend = Backend::Wasm;
+            config.plugin.path = path.map(Into::into);
+            if let Some(p) = precision {
+                config
+                    .plugin
+                    .config
+                    .insert("precision".into(), crate::config::Value::String(p.into()));
+            }
+            config
+        };
+        for (config, dtype) in [
+            (native("onnx", Precision::Int8), "int8"),
+            (native("onnx", Precision::Fp32), "float32"),
+            (native("stub", Precision::Int8), "float32"),
+            (wasm(Some("fp32"), Some("model.wasm")), "float32"),
+            (wasm(Some("int8"), Some("model.wasm")), "int8"),
+            (wasm(None, None), "int8"),
+            (wasm(None, Some("model.wasm")), "float32"),
+        ] {
+            let state = starting(4);
+            serving(&state, config.clone(), true);
+            let Ok(Json(info)) = info(Shared(state)).await else {
+                panic!("no info");
+            };
+            assert_eq!(info["model_dtype"], dtype, "{config:?}");
+            assert_eq!(info["backend"], "remote");
+        }
+    }
+
     #[tokio::test]
     async fn tokenize_refuses_a_prompt_name_and_too_many_inputs_before_asking_for_the_pool() {
         let state = starting(2);
