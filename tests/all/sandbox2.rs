@@ -613,9 +613,7 @@ fn compile_plugin(input: &[u8], stdout: &str) -> Output {
     let mut command = Command::new("/bin/sh");
     command
         .arg("-c")
-        .arg(format!(
-            "exec \"$0\" compile-plugin < \"$1\" > {stdout}"
-        ))
+        .arg(format!("exec \"$0\" compile-plugin < \"$1\" > {stdout}"))
         .arg(env!("CARGO_BIN_EXE_embedhost"))
         .arg(&file)
         .env_remove("RUST_LOG");

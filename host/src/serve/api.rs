@@ -457,7 +457,9 @@ mod tests {
         assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(
             err.message.contains("SERVE_MAX_BODY_JSON_VALUES")
-                && err.message.contains(&json_values(flood.as_bytes()).to_string()),
+                && err
+                    .message
+                    .contains(&json_values(flood.as_bytes()).to_string()),
             "{}",
             err.message
         );
@@ -466,12 +468,10 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_cannot_be_read_is_400_and_one_past_the_limit_is_413() {
         use axum::extract::FromRequest;
-        let broken = axum::body::Body::from_stream(futures::stream::iter([Err::<
-            axum::body::Bytes,
-            _,
-        >(
-            std::io::Error::other("the peer went away"),
-        )]));
+        let broken =
+            axum::body::Body::from_stream(futures::stream::iter([Err::<axum::body::Bytes, _>(
+                std::io::Error::other("the peer went away"),
+            )]));
         let request = axum::http::Request::new(broken);
         let rejection = axum::body::Bytes::from_request(request, &()).await;
         let err = object(rejection).unwrap_err();

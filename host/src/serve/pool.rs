@@ -297,25 +297,28 @@ pub(super) mod tests {
     /// `deadline` and `refused` refuse so, any other never answers.
     pub(crate) fn remote_pool(config: Config, normalized: bool) -> (Pool, InProcess) {
         let mut router = Router::new();
-        router.handle::<EmbedderEmbed, _, _>(|_: RequestContext, request: EmbedRequest| async move {
-            let error = |code, message: &str| Err::<EmbedResponse, _>(RemoteError::new(code, message));
-            match request.texts[0].as_str() {
-                "ok" => {
-                    let data = vec![0.5; 2 * request.texts.len()];
-                    Ok(EmbedResponse::complete(
-                        crate::vectors::Vectors::new(2, data).unwrap(),
-                    ))
+        router.handle::<EmbedderEmbed, _, _>(
+            |_: RequestContext, request: EmbedRequest| async move {
+                let error =
+                    |code, message: &str| Err::<EmbedResponse, _>(RemoteError::new(code, message));
+                match request.texts[0].as_str() {
+                    "ok" => {
+                        let data = vec![0.5; 2 * request.texts.len()];
+                        Ok(EmbedResponse::complete(
+                            crate::vectors::Vectors::new(2, data).unwrap(),
+                        ))
+                    }
+                    "unavailable" => {
+                        let mut e = RemoteError::new(ErrorCode::Unavailable, "cooling down");
+                        e.retry_after_ms = Some(2500);
+                        Err(e)
+                    }
+                    "deadline" => error(ErrorCode::DeadlineExceeded, "too slow"),
+                    "refused" => error(ErrorCode::InvalidRequest, "no such thing"),
+                    _ => futures::future::pending().await,
                 }
-                "unavailable" => {
-                    let mut e = RemoteError::new(ErrorCode::Unavailable, "cooling down");
-                    e.retry_after_ms = Some(2500);
-                    Err(e)
-                }
-                "deadline" => error(ErrorCode::DeadlineExceeded, "too slow"),
-                "refused" => error(ErrorCode::InvalidRequest, "no such thing"),
-                _ => futures::future::pending().await,
-            }
-        });
+            },
+        );
         let transport = InProcess::named("members", router);
         let pool = Pool {
             generation: 3,
@@ -368,7 +371,10 @@ pub(super) mod tests {
         );
         match embed(&pool, "refused").await {
             Err(BatchError::Supervisor(SupervisorError::Refused(e))) => {
-                assert_eq!((e.code, e.message.as_str()), (ErrorCode::InvalidRequest, "no such thing"));
+                assert_eq!(
+                    (e.code, e.message.as_str()),
+                    (ErrorCode::InvalidRequest, "no such thing")
+                );
             }
             other => panic!("not refused: {other:?}"),
         }

@@ -179,7 +179,13 @@ fn a_directory_others_can_read_is_narrowed_and_only_its_own_files_with_it() {
     let open = |path: &Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
-    let own = ["a.cwasm", "a.mac", "old.sha256", ".a.cwasm.1.2.tmp", KEY_FILE];
+    let own = [
+        "a.cwasm",
+        "a.mac",
+        "old.sha256",
+        ".a.cwasm.1.2.tmp",
+        KEY_FILE,
+    ];
     for name in own {
         let path = dir.join(name);
         if !path.exists() {

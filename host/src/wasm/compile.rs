@@ -249,7 +249,10 @@ mod tests {
                 matches!(err, CompileError::Memory { limit } if limit == limits::MAX_COMPILE_MEMORY_BYTES),
                 "{said}: {err:?}"
             );
-            assert!(err.to_string().contains("MAX_COMPILE_MEMORY_BYTES"), "{err}");
+            assert!(
+                err.to_string().contains("MAX_COMPILE_MEMORY_BYTES"),
+                "{err}"
+            );
         }
     }
 
@@ -263,7 +266,10 @@ mod tests {
         };
         assert!(message.starts_with("error: not a "), "{message}");
         assert!(message.ends_with("component"), "{message}");
-        assert!(!message.contains('\u{1b}') && !message.contains("warning"), "{message}");
+        assert!(
+            !message.contains('\u{1b}') && !message.contains("warning"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -182,7 +182,11 @@ mod tests {
         ] {
             let text = error.to_string();
             assert!(!text.contains('\u{1b}'), "{error:?}");
-            assert!(text.len() < limits::MAX_PLUGIN_ERROR_BYTES + 64, "{}", text.len());
+            assert!(
+                text.len() < limits::MAX_PLUGIN_ERROR_BYTES + 64,
+                "{}",
+                text.len()
+            );
             assert!(text.contains("[truncated]"), "{text}");
         }
         assert_eq!(

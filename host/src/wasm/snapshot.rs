@@ -400,7 +400,10 @@ pub(super) mod tests {
             matches!(err, SnapshotIdError::TooManyFiles { limit: l } if l == limit),
             "{err:?}"
         );
-        assert!(err.to_string().contains("MAX_SNAPSHOT_MODEL_FILES"), "{err}");
+        assert!(
+            err.to_string().contains("MAX_SNAPSHOT_MODEL_FILES"),
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("many").join("0")).unwrap();
         assert!(hash_model_dir(dir.path()).is_ok());
     }
@@ -414,7 +417,10 @@ pub(super) mod tests {
             matches!(&err, SnapshotIdError::Io { path, .. } if *path == missing),
             "{err:?}"
         );
-        assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+        assert!(
+            err.to_string().contains(&*missing.to_string_lossy()),
+            "{err}"
+        );
     }
 
     /// `component` with `module` added as one more top-level core module,
@@ -498,7 +504,9 @@ pub(super) mod tests {
                 }
                 let init = global.init_expr.get_operators_reader().read().unwrap();
                 match (global.ty.content_type, init) {
-                    (ValType::I64, Operator::I64Const { value }) => found.push(format!("i64 {value}")),
+                    (ValType::I64, Operator::I64Const { value }) => {
+                        found.push(format!("i64 {value}"))
+                    }
                     (ValType::F32, Operator::F32Const { value }) => {
                         found.push(format!("f32 {}", f32::from_bits(value.bits())));
                     }
