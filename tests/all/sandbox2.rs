@@ -683,6 +683,47 @@ fn compile_bombs_fail_with_one_line_naming_the_limit_and_the_host_stays_small() 
     }
 }
 
+/// `embedhost compile-plugin` (the compiler child) run with `input` on its
+/// stdin and its stdout sent to `stdout` (a shell redirection).
+fn compile_plugin(input: &[u8], stdout: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input.wasm");
+    std::fs::write(&file, input).unwrap();
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(format!("exec \"$0\" compile-plugin < \"$1\" > {stdout}"))
+        .arg(env!("CARGO_BIN_EXE_embedhost"))
+        .arg(&file)
+        .env_remove("RUST_LOG");
+    bounded(command).0
+}
+
+#[test]
+fn the_compiler_child_refuses_what_is_not_a_component_with_exit_1_and_the_reason() {
+    let out = compile_plugin(b"\0asm this is no component", "/dev/null");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.trim().is_empty(), "no reason given");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn the_compiler_child_that_cannot_write_its_artifact_fails_saying_so() {
+    let component = wat::parse_str("(component)").unwrap();
+    // Compiles: the artifact goes to stdout.
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("artifact");
+    let out = compile_plugin(&component, artifact.to_str().unwrap());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::metadata(&artifact).unwrap().len() > 0);
+    // A full disk: one line saying what could not be written.
+    let out = compile_plugin(&component, "/dev/full");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("cannot write the artifact"), "{err}");
+}
+
 // --- finding 7: a FIFO under /model ------------------------------------------------
 
 #[tokio::test]

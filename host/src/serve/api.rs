@@ -360,3 +360,178 @@ mod json_value_tests {
         assert!(json_values(flood.as_bytes()) > crate::limits::SERVE_MAX_BODY_JSON_VALUES);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{ErrorCode, RemoteError};
+
+    fn map(json: Value) -> Map<String, Value> {
+        let Value::Object(map) = json else {
+            panic!("not an object: {json}")
+        };
+        map
+    }
+
+    fn body(text: &str) -> Result<axum::body::Bytes, axum::extract::rejection::BytesRejection> {
+        Ok(axum::body::Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn each_batch_error_has_its_status_and_a_retry_only_where_one_helps() {
+        let cases = [
+            (
+                BatchError::Overloaded(5),
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(crate::limits::SERVE_RETRY_AFTER),
+            ),
+            (
+                BatchError::Stopped,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(crate::limits::SERVE_RETRY_AFTER),
+            ),
+            (
+                BatchError::Supervisor(SupervisorError::Unavailable {
+                    reason: "crashes".into(),
+                    retry_after: Duration::from_secs(7),
+                }),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(7)),
+            ),
+            (
+                BatchError::Supervisor(SupervisorError::DeadlineExceeded(Duration::from_secs(2))),
+                StatusCode::GATEWAY_TIMEOUT,
+                None,
+            ),
+            (
+                BatchError::Supervisor(SupervisorError::Escalated("no instance".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+            ),
+            (
+                BatchError::Supervisor(SupervisorError::Refused(RemoteError::new(
+                    ErrorCode::Failed,
+                    "the plugin said no",
+                ))),
+                StatusCode::BAD_GATEWAY,
+                None,
+            ),
+        ];
+        for (error, status, retry) in cases {
+            let message = error.to_string();
+            let api = ApiError::from(error);
+            assert_eq!((api.status, api.retry_after), (status, retry), "{message}");
+            assert_eq!(api.message, message);
+        }
+        let response = ApiError::from(BatchError::Supervisor(SupervisorError::Unavailable {
+            reason: "crashes".into(),
+            retry_after: Duration::from_secs(7),
+        }))
+        .into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn a_body_that_is_json_but_no_object_is_400_naming_what_it_is() {
+        for (text, what) in [
+            ("[1]", "an array"),
+            ("null", "null"),
+            ("true", "a boolean"),
+            ("3", "a number"),
+            ("\"s\"", "a string"),
+        ] {
+            let err = object(body(text)).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{text}");
+            assert_eq!(
+                err.message,
+                format!("the body must be a JSON object, not {what}")
+            );
+        }
+        assert_eq!(object(body(r#"{"a":1}"#)).unwrap()["a"], 1);
+    }
+
+    #[test]
+    fn a_body_of_too_many_values_is_413_before_it_is_parsed() {
+        let flood = format!("{{\"input\":[{}]}}", vec!["0"; 300_000].join(","));
+        let err = object(body(&flood)).unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            err.message.contains("SERVE_MAX_BODY_JSON_VALUES")
+                && err
+                    .message
+                    .contains(&json_values(flood.as_bytes()).to_string()),
+            "{}",
+            err.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_cannot_be_read_is_400_and_one_past_the_limit_is_413() {
+        use axum::extract::FromRequest;
+        let broken =
+            axum::body::Body::from_stream(futures::stream::iter([Err::<axum::body::Bytes, _>(
+                std::io::Error::other("the peer went away"),
+            )]));
+        let request = axum::http::Request::new(broken);
+        let rejection = axum::body::Bytes::from_request(request, &()).await;
+        let err = object(rejection).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(
+            err.message.starts_with("cannot read the request body"),
+            "{}",
+            err.message
+        );
+        // axum's own default limit (2 MB), without a layer setting another.
+        let large = axum::http::Request::new(axum::body::Body::from(vec![b' '; 3 << 20]));
+        let rejection = axum::body::Bytes::from_request(large, &()).await;
+        let err = object(rejection).unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            err.message.starts_with("the request body is too large"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn an_input_that_is_not_text_is_refused_naming_its_index_and_kind() {
+        for (item, what) in [
+            (json!(true), "a boolean"),
+            (json!(null), "null"),
+            (json!({}), "an object"),
+        ] {
+            let err = texts(&map(json!({ "input": ["a", item] })), "input").unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(err.param.as_deref(), Some("input"));
+            assert_eq!(
+                err.message,
+                format!("`input[1]` must be a string, not {what}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_string_or_integer_field_of_another_type_is_refused_naming_it() {
+        let fields = map(json!({
+            "s": "x", "n": 3, "neg": -1, "frac": 1.5, "text": "3", "none": null
+        }));
+        assert_eq!(string(&fields, "s").unwrap(), Some("x"));
+        assert_eq!(string(&fields, "none").unwrap(), None);
+        let err = string(&fields, "n").unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("n"));
+        assert_eq!(err.message, "`n` must be a string, not a number");
+
+        assert_eq!(integer(&fields, "n").unwrap(), Some(3));
+        assert_eq!(integer(&fields, "missing").unwrap(), None);
+        for (field, message) in [
+            ("neg", "`neg` must be a non-negative integer, not -1"),
+            ("frac", "`frac` must be a non-negative integer, not 1.5"),
+            ("text", "`text` must be an integer, not a string"),
+        ] {
+            let err = integer(&fields, field).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(err.param.as_deref(), Some(field));
+            assert_eq!(err.message, message);
+        }
+    }
+}

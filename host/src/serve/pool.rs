@@ -278,3 +278,137 @@ async fn remote_embed(
         .collect();
     Ok(rows)
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::bus::transport::InProcess;
+    use crate::bus::{ErrorCode, RemoteError, RequestContext, Router};
+    use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed};
+    use crate::supervisor::SupervisorError;
+
+    fn remote() -> (Pool, InProcess) {
+        remote_pool(Config::default(), true)
+    }
+
+    /// A remote pool of a 2-dimensional model (`normalized` as given)
+    /// started from `config`, whose members answer `embedder.embed` by
+    /// the first text: `ok` embeds as (0.5, 0.5), `unavailable`,
+    /// `deadline` and `refused` refuse so, any other never answers.
+    pub(crate) fn remote_pool(config: Config, normalized: bool) -> (Pool, InProcess) {
+        let mut router = Router::new();
+        router.handle::<EmbedderEmbed, _, _>(
+            |_: RequestContext, request: EmbedRequest| async move {
+                let error =
+                    |code, message: &str| Err::<EmbedResponse, _>(RemoteError::new(code, message));
+                match request.texts[0].as_str() {
+                    "ok" => {
+                        let data = vec![0.5; 2 * request.texts.len()];
+                        Ok(EmbedResponse::complete(
+                            crate::vectors::Vectors::new(2, data).unwrap(),
+                        ))
+                    }
+                    "unavailable" => {
+                        let mut e = RemoteError::new(ErrorCode::Unavailable, "cooling down");
+                        e.retry_after_ms = Some(2500);
+                        Err(e)
+                    }
+                    "deadline" => error(ErrorCode::DeadlineExceeded, "too slow"),
+                    "refused" => error(ErrorCode::InvalidRequest, "no such thing"),
+                    _ => futures::future::pending().await,
+                }
+            },
+        );
+        let transport = InProcess::named("members", router);
+        let pool = Pool {
+            generation: 3,
+            config,
+            info: ModelInfo {
+                model_id: crate::backend::ModelId::default(),
+                dimension: 2,
+                max_input_tokens: 8,
+                normalized,
+            },
+            backend: "remote",
+            engine_name: "nats://members".into(),
+            tokens: Tokens::Words,
+            alias: None,
+            engine: Engine::Remote {
+                bus: crate::bus::Bus::new(transport.clone()),
+            },
+        };
+        (pool, transport)
+    }
+
+    /// Embeds `text` with a deadline long enough for every retry the bus
+    /// makes (the clock is paused: waiting costs nothing).
+    async fn embed(pool: &Pool, text: &str) -> Result<Vec<Row>, BatchError> {
+        let until = Instant::now() + Duration::from_secs(3600);
+        pool.embed(vec![text.to_string()], &[1], false, until).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_pools_answers_and_refusals_become_the_batch_errors_routes_answer_with() {
+        let (pool, transport) = remote();
+        let rows = embed(&pool, "ok").await.unwrap();
+        assert_eq!(rows, vec![Ok(vec![0.5, 0.5])]);
+        match embed(&pool, "unavailable").await {
+            Err(BatchError::Supervisor(SupervisorError::Unavailable {
+                reason,
+                retry_after,
+            })) => {
+                assert_eq!(reason, "cooling down");
+                assert_eq!(retry_after, Duration::from_millis(2500));
+            }
+            other => panic!("not unavailable: {other:?}"),
+        }
+        assert!(
+            matches!(
+                embed(&pool, "deadline").await,
+                Err(BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)))
+            ),
+            "a member's deadline is the request's"
+        );
+        match embed(&pool, "refused").await {
+            Err(BatchError::Supervisor(SupervisorError::Refused(e))) => {
+                assert_eq!(
+                    (e.code, e.message.as_str()),
+                    (ErrorCode::InvalidRequest, "no such thing")
+                );
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        // No answer within the request's deadline.
+        assert!(
+            matches!(
+                embed(&pool, "silent").await,
+                Err(BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)))
+            ),
+            "a silent member runs out the deadline"
+        );
+        // Members gone, past every retry: unavailable, retried after the
+        // NATS pause.
+        transport.close();
+        match embed(&pool, "ok").await {
+            Err(BatchError::Supervisor(SupervisorError::Unavailable { retry_after, .. })) => {
+                assert_eq!(retry_after, limits::NATS_RETRY_AFTER);
+            }
+            other => panic!("not unavailable: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_remote_pool_reports_no_local_state_and_shows_what_it_serves() {
+        let (pool, _transport) = remote();
+        assert!(pool.status().is_empty());
+        assert!(pool.restarts().is_empty());
+        assert_eq!(pool.escalated(), None);
+        assert!(pool.estimate(100).is_none());
+        let shown = format!("{pool:?}");
+        assert!(
+            shown.starts_with("Pool { generation: 3, backend: \"remote\", model: ")
+                && shown.ends_with(", .. }"),
+            "{shown}"
+        );
+    }
+}

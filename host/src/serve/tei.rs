@@ -308,3 +308,7 @@ fn ids(map: &serde_json::Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> 
         Ok(vec![list(&map["ids"])?])
     }
 }
+
+#[cfg(test)]
+#[path = "tei_tests.rs"]
+mod tests;

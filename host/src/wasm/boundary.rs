@@ -102,3 +102,38 @@ pub(super) fn validate(
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(dimension: u32) -> ModelInfo {
+        ModelInfo {
+            model_id: crate::backend::ModelId::default(),
+            dimension,
+            max_input_tokens: 8,
+            normalized: false,
+        }
+    }
+
+    #[test]
+    fn vectors_of_another_dimension_than_init_declared_are_refused_naming_both() {
+        let err = validate(&info(4), 1, 3, vec![0.0; 3]).unwrap_err();
+        let WasmError::InvalidOutput { index, reason } = &err else {
+            panic!("not an invalid output: {err:?}");
+        };
+        assert_eq!(*index, None);
+        assert_eq!(reason, "vectors of dimension 3, but `init` declared 4");
+    }
+
+    #[test]
+    fn a_dimension_of_zero_is_refused_not_divided_by() {
+        let err = validate(&info(0), 2, 0, Vec::new()).unwrap_err();
+        assert!(
+            matches!(&err, WasmError::InvalidOutput { index: None, reason } if reason.contains("0-dimensional")),
+            "{err:?}"
+        );
+        // The shapes that fit pass.
+        assert_eq!(validate(&info(2), 2, 2, vec![1.0; 4]).unwrap().len(), 2);
+    }
+}

@@ -526,3 +526,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     result
 }
+
+#[cfg(test)]
+#[path = "cache_tests.rs"]
+mod tests;

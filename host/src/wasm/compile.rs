@@ -220,3 +220,102 @@ pub fn serve_compile() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A compiler executable that runs `body` (shell) after reading the
+    /// component on its stdin.
+    fn compiler(dir: &Path, body: &str) -> std::path::PathBuf {
+        let path = dir.join("compiler");
+        std::fs::write(&path, format!("#!/bin/sh\ncat >/dev/null\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn compile_with(body: &str) -> CompileError {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = compiler(dir.path(), body);
+        precompile_in_child(&exe, b"\0asm not really").unwrap_err()
+    }
+
+    #[test]
+    fn a_child_that_says_it_ran_out_of_memory_is_named_the_memory_limit() {
+        for said in ["memory allocation of 1048576 bytes failed", "out of memory"] {
+            let err = compile_with(&format!("echo '{said}' >&2; exit 3"));
+            assert!(
+                matches!(err, CompileError::Memory { limit } if limit == limits::MAX_COMPILE_MEMORY_BYTES),
+                "{said}: {err:?}"
+            );
+            assert!(
+                err.to_string().contains("MAX_COMPILE_MEMORY_BYTES"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_the_compilers_last_line_made_safe_to_print() {
+        let err = compile_with(
+            "printf 'warning: ignored\\nerror: not a \\033[31mcomponent\\n' >&2; exit 1",
+        );
+        let CompileError::Refused(message) = &err else {
+            panic!("not a refusal: {err:?}");
+        };
+        assert!(message.starts_with("error: not a "), "{message}");
+        assert!(message.ends_with("component"), "{message}");
+        assert!(
+            !message.contains('\u{1b}') && !message.contains("warning"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn any_other_failure_names_the_exit_status_and_what_the_child_said() {
+        let err = compile_with("echo 'it broke' >&2; exit 2");
+        let CompileError::Child(message) = &err else {
+            panic!("not a child failure: {err:?}");
+        };
+        assert!(
+            message.contains("exit status: 2") && message.contains("it broke"),
+            "{message}"
+        );
+        // Exit 1 without a message is no refusal: there is nothing to show.
+        let err = compile_with("exit 1");
+        assert!(
+            matches!(&err, CompileError::Child(m) if m.contains("exit status: 1")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_limit_is_clamped_to_the_hard_limit_and_a_bad_resource_is_an_error() {
+        // RLIMIT_MSGQUEUE: nothing in a test process uses POSIX message
+        // queues. Its soft limit is set back below.
+        let resource = libc::RLIMIT_MSGQUEUE;
+        let read = || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid resource and pointer.
+            assert_eq!(unsafe { libc::getrlimit(resource, &mut limit) }, 0);
+            limit
+        };
+        let before = read();
+        // Asked for more than the hard limit: set to the hard limit (an
+        // unprivileged process could not raise it), not refused.
+        set_limit(resource, u64::MAX).unwrap();
+        let after = read();
+        // SAFETY: as above; lowering a soft limit is always allowed.
+        unsafe { libc::setrlimit(resource, &before) };
+        assert_eq!(
+            (after.rlim_cur, after.rlim_max),
+            (before.rlim_max, before.rlim_max)
+        );
+        let err = set_limit(0x7fff, 1).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
+}

@@ -193,3 +193,113 @@ fn show(ty: &Type) -> String {
         other => format!("{other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    fn component(engine: &Engine, wat: &str) -> Component {
+        Component::new(engine, wat::parse_str(wat).unwrap()).unwrap()
+    }
+
+    /// The refusal of a plugin whose `embed` takes every kind of value
+    /// spells its signature as WIT would, kind by kind (and the missing
+    /// `init` is skipped, not reported).
+    #[test]
+    fn a_differing_signature_is_shown_as_wit_writes_every_kind_of_type() {
+        let engine = engine();
+        let wat = r#"(component
+            (core module $m
+                (memory (export "mem") 1)
+                (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 0)
+                (func (export "f") (param i32 i32 i32 i32) (result i32) i32.const 0))
+            (core instance $i (instantiate $m))
+            (type $rec (record
+                (field "a" bool) (field "b" s8) (field "c" u8) (field "d" s16)
+                (field "e" u16) (field "f" s32) (field "g" u32) (field "h" s64)
+                (field "i" u64) (field "j" f32) (field "k" f64) (field "l" char)
+                (field "m" string)))
+            (export $rec2 "rec" (type $rec))
+            (type $var (variant (case "none") (case "some" u32)))
+            (export $var2 "var" (type $var))
+            (type $en (enum "x" "y"))
+            (export $en2 "en" (type $en))
+            (type $fl (flags "p" "q"))
+            (export $fl2 "fl" (type $fl))
+            (type $ft (func
+                (param "a" (list $rec2))
+                (param "b" (list (tuple $var2 $en2 $fl2 (option string) (result) (result u32 (error string)))))
+                (result u32)))
+            (func $f (type $ft) (canon lift (core func $i "f") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+            (instance $e (export "embed" (func $f)))
+            (export "embedhost:embedder/embedder@0.1.0" (instance $e)))"#;
+        let err = differing_signature(&engine, &component(&engine, wat)).expect("a refusal");
+        let ContractError::Signature {
+            function,
+            plugin,
+            host,
+            host_contract,
+        } = &err
+        else {
+            panic!("not a signature refusal: {err:?}");
+        };
+        assert_eq!(*function, "embed");
+        assert_eq!(*host, HOST_FUNCTIONS[1].1);
+        assert_eq!(*host_contract, HOST_CONTRACT);
+        assert_eq!(
+            plugin,
+            "func(a: list<record { a: bool, b: s8, c: u8, d: s16, e: u16, f: s32, g: u32, h: s64, i: u64, j: f32, k: f64, l: char, m: string }>, \
+             b: list<tuple<variant { none, some(u32) }, enum { x, y }, flags { p, q }, option<string>, result<_, _>, result<u32, string>>>) -> u32"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("`embed`") && text.contains(HOST_CONTRACT) && text.contains(host),
+            "{text}"
+        );
+    }
+
+    /// A function with no result shows none (no dangling arrow), and the
+    /// functions the plugin lacks are not what its refusal names.
+    #[test]
+    fn a_function_without_a_result_is_shown_without_an_arrow() {
+        let engine = engine();
+        let wat = r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func $f (canon lift (core func $i "f")))
+            (instance $e (export "health" (func $f)))
+            (export "embedhost:embedder/embedder@0.1.0" (instance $e)))"#;
+        let err = differing_signature(&engine, &component(&engine, wat));
+        assert_eq!(
+            err,
+            Some(ContractError::Signature {
+                function: "health",
+                plugin: "func()".into(),
+                host: "func() -> health-report",
+                host_contract: HOST_CONTRACT,
+            })
+        );
+    }
+
+    /// The interface's name exported as a function is not an interface
+    /// whose signatures could differ (the missing export is refused
+    /// elsewhere, by the bindings).
+    #[test]
+    fn an_interface_name_exported_as_a_function_has_no_signature_to_compare() {
+        let engine = engine();
+        let wat = r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func $f (canon lift (core func $i "f")))
+            (export "embedhost:embedder/embedder@0.1.0" (func $f)))"#;
+        let component = component(&engine, wat);
+        assert_eq!(differing_signature(&engine, &component), None);
+        assert_eq!(other_version(&engine, &component), None);
+    }
+}

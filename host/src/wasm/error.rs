@@ -149,3 +149,59 @@ impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bindings::embedhost::embedder::types::{EmbedError, InvalidInput};
+
+    #[test]
+    fn an_ended_instance_is_a_crash_the_supervisor_records() {
+        let gone = WasmError::InstanceGone {
+            name: "stub".into(),
+        };
+        assert!(gone.is_crash());
+        assert_eq!(
+            gone.failure_reason(),
+            Some(crate::backend::FailureReason::Exited(
+                "instance thread ended".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_plugins_error_text_is_escaped_and_cut_to_its_bound() {
+        let long = "\u{1b}[2J".to_string() + &"x".repeat(limits::MAX_PLUGIN_ERROR_BYTES * 2);
+        for error in [
+            PluginError::from(EmbedError::ModelFailure(long.clone())),
+            PluginError::from(EmbedError::InvalidConfig(long.clone())),
+            PluginError::from(EmbedError::InvalidInput(InvalidInput {
+                index: 3,
+                reason: long.clone(),
+            })),
+        ] {
+            let text = error.to_string();
+            assert!(!text.contains('\u{1b}'), "{error:?}");
+            assert!(
+                text.len() < limits::MAX_PLUGIN_ERROR_BYTES + 64,
+                "{}",
+                text.len()
+            );
+            assert!(text.contains("[truncated]"), "{text}");
+        }
+        assert_eq!(
+            PluginError::from(EmbedError::InvalidInput(InvalidInput {
+                index: 3,
+                reason: "empty".into(),
+            })),
+            PluginError::InvalidInput {
+                index: 3,
+                reason: "empty".into()
+            }
+        );
+        assert_eq!(
+            PluginError::from(EmbedError::NotInitialized),
+            PluginError::NotInitialized
+        );
+    }
+}

@@ -472,49 +472,5 @@ impl Drop for LogOutput {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_past_the_plugins_budget_are_dropped_and_counted_in_metrics() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let plugin: Arc<str> = Arc::from("test:dropped-bytes-metric");
-        metrics::with_local_recorder(&recorder, || {
-            // Two gates of one plugin, as two instances (or a restart): the
-            // second starts with what the first left.
-            let line = "x".repeat(4000);
-            for _ in 0..2 {
-                let mut gate = LogGate::new(plugin.clone());
-                for _ in 0..100 {
-                    gate.emit(tracing::Level::INFO, "host-log", &line);
-                }
-            }
-        });
-        let dropped =
-            snapshotter
-                .snapshot()
-                .into_vec()
-                .into_iter()
-                .find_map(|(key, _, _, value)| {
-                    let key = key.key();
-                    (key.name() == super::super::log_budget::METRIC_LOG_DROPPED_BYTES
-                        && key.labels().any(|l| l.value() == &*plugin))
-                    .then_some(value)
-                });
-        let Some(DebugValue::Counter(bytes)) = dropped else {
-            panic!(
-                "no {} counter: {dropped:?}",
-                super::super::log_budget::METRIC_LOG_DROPPED_BYTES
-            );
-        };
-        // 200 lines of about 4 KB asked for, a burst of 256 KiB allowed (the
-        // per-instance line bucket alone would have let all 200 through).
-        let asked = 200 * (4000 + plugin.len() + super::super::log_budget::LINE_OVERHEAD) as u64;
-        assert!(
-            bytes >= asked - limits::PLUGIN_LOG_BYTES_BURST - 8192,
-            "{bytes} of {asked}"
-        );
-    }
-}
+#[path = "host_tests.rs"]
+mod tests;

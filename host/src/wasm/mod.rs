@@ -492,3 +492,29 @@ impl TryFrom<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {
         Ok(info)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache that cannot be made (its directory under a file) costs
+    /// only the compile: the plugin loads, compiled, without it.
+    #[test]
+    fn a_cache_that_cannot_be_made_costs_only_the_compile() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("file"), "").unwrap();
+        let dir = root.path().join("file").join("cache");
+        let engine = WasmEngine::new(Some(ArtifactCache::new(&dir))).unwrap();
+        let shown = format!("{engine:?}");
+        assert!(
+            shown.starts_with("WasmEngine") && shown.contains(&*dir.to_string_lossy()),
+            "{shown}"
+        );
+        let plugin = WasmPlugin::load(&engine, &PluginSource::builtin_stub()).unwrap();
+        assert_eq!(plugin.cache_outcome(), CacheOutcome::Compiled);
+        assert_eq!(
+            format!("{plugin:?}"),
+            "WasmPlugin { name: \"builtin:stub\", .. }"
+        );
+    }
+}

@@ -366,3 +366,163 @@ impl ComponentInstanceState for Access<'_> {
             .to_bits()
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symbolic_link_counts_by_its_target_and_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("weights"), "w").unwrap();
+        let link = dir.path().join("link");
+        // Dangling (a target outside the directory): hashed, not read.
+        std::os::unix::fs::symlink("/nonexistent/one", &link).unwrap();
+        let one = hash_model_dir(dir.path()).unwrap();
+        assert_eq!(hash_model_dir(dir.path()).unwrap(), one);
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/two", &link).unwrap();
+        let two = hash_model_dir(dir.path()).unwrap();
+        assert_ne!(one, two, "another target is another model directory");
+    }
+
+    #[test]
+    fn a_model_directory_past_its_entry_count_is_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = crate::limits::MAX_SNAPSHOT_MODEL_FILES;
+        std::fs::create_dir(dir.path().join("many")).unwrap();
+        for i in 0..limit {
+            std::fs::write(dir.path().join("many").join(i.to_string()), "").unwrap();
+        }
+        // The directory and its files: one entry too many.
+        let err = hash_model_dir(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, SnapshotIdError::TooManyFiles { limit: l } if l == limit),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("MAX_SNAPSHOT_MODEL_FILES"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("many").join("0")).unwrap();
+        assert!(hash_model_dir(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_model_directory_that_cannot_be_read_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = snapshot_id(b"plugin", &missing, &[]).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotIdError::Io { path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&*missing.to_string_lossy()),
+            "{err}"
+        );
+    }
+
+    /// `component` with `module` added as one more top-level core module,
+    /// instantiated with no imports.
+    pub(crate) fn splice(component: &[u8], module: &[u8]) -> Vec<u8> {
+        use wasmparser::{ComponentAlias, ComponentOuterAliasKind, Parser, Payload};
+        let leb = |out: &mut Vec<u8>, mut n: usize| loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        };
+        let (mut depth, mut modules) = (0usize, 0usize);
+        for payload in Parser::new(0).parse_all(component) {
+            match payload.unwrap() {
+                Payload::Version { .. } => depth += 1,
+                Payload::End(_) => depth -= 1,
+                Payload::ModuleSection { .. } if depth == 1 => modules += 1,
+                Payload::ComponentAliasSection(aliases) if depth == 1 => {
+                    for alias in aliases {
+                        if let ComponentAlias::Outer {
+                            kind: ComponentOuterAliasKind::CoreModule,
+                            ..
+                        } = alias.unwrap()
+                        {
+                            modules += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = component.to_vec();
+        out.push(1); // core module section
+        leb(&mut out, module.len());
+        out.extend_from_slice(module);
+        let mut instance = vec![1, 0]; // one instance: instantiate
+        leb(&mut instance, modules);
+        instance.push(0); // no arguments
+        out.push(2); // core instance section
+        leb(&mut out, instance.len());
+        out.extend_from_slice(&instance);
+        out
+    }
+
+    /// Wizer reads every global of the instance back through the host: a
+    /// 64-bit integer and both float kinds come out in the snapshot with
+    /// the values the instance held, not zeros.
+    #[test]
+    fn a_snapshot_keeps_the_instances_64_bit_and_float_globals() {
+        use wasmparser::{Operator, Parser, Payload, ValType};
+        let module = wat::parse_str(
+            // An export section: wizer exports the globals in it.
+            "(module
+                (func (export \"f\"))
+                (global (mut i64) (i64.const 0x123456789abc))
+                (global (mut f32) (f32.const 3.25))
+                (global (mut f64) (f64.const -6.5)))",
+        )
+        .unwrap();
+        let bytes = splice(crate::plugins::STUB_WASM_BYTES, &module);
+        let engine = WasmEngine::new(None).unwrap();
+        let model = tempfile::tempdir().unwrap();
+        let limits = InstanceLimits {
+            memory_bytes: 256 << 20,
+            ..InstanceLimits::default()
+        };
+        let snapshot = make(&engine, "spliced", &bytes, model.path(), limits, &[]).unwrap();
+        let mut found = Vec::new();
+        for payload in Parser::new(0).parse_all(&snapshot) {
+            let Payload::GlobalSection(globals) = payload.unwrap() else {
+                continue;
+            };
+            for global in globals {
+                let global = global.unwrap();
+                if !global.ty.mutable {
+                    continue;
+                }
+                let init = global.init_expr.get_operators_reader().read().unwrap();
+                match (global.ty.content_type, init) {
+                    (ValType::I64, Operator::I64Const { value }) => {
+                        found.push(format!("i64 {value}"))
+                    }
+                    (ValType::F32, Operator::F32Const { value }) => {
+                        found.push(format!("f32 {}", f32::from_bits(value.bits())));
+                    }
+                    (ValType::F64, Operator::F64Const { value }) => {
+                        found.push(format!("f64 {}", f64::from_bits(value.bits())));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for kept in [
+            format!("i64 {}", 0x1234_5678_9abc_i64),
+            "f32 3.25".into(),
+            "f64 -6.5".into(),
+        ] {
+            assert!(found.contains(&kept), "{kept} not in {found:?}");
+        }
+    }
+}

@@ -195,6 +195,71 @@ mod tests {
         ));
     }
 
+    /// `preamble` and one section `id` declaring `count` entries (and
+    /// holding none: the count is checked before any entry is read).
+    fn declaring(preamble: &[u8], id: u8, count: u32) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut n = count;
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                body.push(byte);
+                break;
+            }
+            body.push(byte | 0x80);
+        }
+        let mut bytes = preamble.to_vec();
+        bytes.push(id);
+        bytes.push(body.len() as u8);
+        bytes.extend(body);
+        bytes
+    }
+
+    #[test]
+    fn a_section_declaring_more_entries_than_the_bound_is_refused_naming_it() {
+        const MODULE: &[u8] = b"\0asm\x01\0\0\0";
+        const COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
+        let past = limits::MAX_SECTION_ENTRIES + 1;
+        for (preamble, id, section) in [
+            (MODULE, 1, "type"),
+            (MODULE, 6, "global"),
+            (COMPONENT, 5, "component instance"),
+            (COMPONENT, 11, "component export"),
+        ] {
+            assert_eq!(
+                check(&declaring(preamble, id, past)),
+                Err(StructureError::SectionTooLarge {
+                    section,
+                    count: past,
+                    limit: limits::MAX_SECTION_ENTRIES
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn more_sibling_parts_than_the_bound_are_refused() {
+        const PREAMBLE: &[u8] = b"\0asm\x0d\0\x01\0";
+        let with = |parts: usize| {
+            let mut bytes = PREAMBLE.to_vec();
+            for _ in 0..parts {
+                bytes.push(4); // component section
+                bytes.push(PREAMBLE.len() as u8);
+                bytes.extend_from_slice(PREAMBLE);
+            }
+            bytes
+        };
+        // The outer component is a part too.
+        assert_eq!(check(&with(limits::MAX_COMPONENT_PARTS - 1)), Ok(()));
+        assert_eq!(
+            check(&with(limits::MAX_COMPONENT_PARTS)),
+            Err(StructureError::TooManyParts {
+                limit: limits::MAX_COMPONENT_PARTS
+            })
+        );
+    }
+
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         let mut bytes = nested(3);
