@@ -522,3 +522,34 @@ fn the_ceiling_makes_the_kernel_refuse_memory_past_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_child_whose_fault_settings_are_refused_answers_its_handshake_with_why_and_exits_when_asked() {
+    use embedhost::bus::transport::child::ChildProcess;
+    use embedhost::bus::{Bus, BusError, Empty, ErrorCode, SendOptions};
+    use embedhost::messages::{EmbedderHandshake, Shutdown, ShutdownRequest};
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_embedhost"));
+    command.args(["child", "--engine", "stub", "--set", "child.explode=1"]);
+    let mut process = ChildProcess::spawn(command, "refused-child").unwrap();
+    let bus = Bus::new(process.connection());
+    let options = || SendOptions::default().timeout(DEADLINE);
+    match bus.send::<EmbedderHandshake>(Empty {}, options()).await {
+        Err(BusError::Remote(remote)) => {
+            assert_eq!(remote.code, ErrorCode::Failed);
+            assert!(
+                remote.message.contains("unknown setting `child.explode`"),
+                "{remote}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let request = ShutdownRequest {
+        reason: "test".into(),
+    };
+    bus.send::<Shutdown>(request, options()).await.unwrap();
+    let status = process
+        .wait_for_exit(DEADLINE)
+        .await
+        .expect("the child exits when asked");
+    assert!(status.success(), "{status}");
+}

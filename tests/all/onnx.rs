@@ -497,3 +497,55 @@ fn a_graph_the_engine_cannot_feed_or_pool_is_refused_at_start_naming_the_culprit
         );
     }
 }
+
+#[test]
+fn without_an_onnxruntime_setting_the_library_named_by_the_environment_is_loaded() {
+    let (_root, dir) = tiny_model(4);
+    let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["child", "--engine", "onnx", "--set", "threads=1", "--set"])
+        .arg(format!("model_dir={}", dir.display()))
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime-test.so")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(
+        stderr.contains("cannot load ONNX Runtime from `/nonexistent/libonnxruntime-test.so`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_setting_or_environment_the_library_is_looked_for_beside_the_executable_then_in_the_setups_folder()
+{
+    let (_root, dir) = tiny_model(4);
+    let exe = Path::new(env!("CARGO_BIN_EXE_embedhost"));
+    let beside = exe.parent().unwrap().join("libonnxruntime.so");
+    // The setup's folder, as `embedhost-deps` up to three levels above.
+    let setup = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("embedhost-deps"))
+        .find(|d| d.is_dir());
+    let out = Command::new(exe)
+        .args(["child", "--engine", "onnx", "--set", "threads=1", "--set"])
+        .arg(format!("model_dir={}", dir.display()))
+        .env_remove("ORT_DYLIB_PATH")
+        .env_remove("EMBEDHOST_DEPS")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let found = beside.exists()
+        || setup.is_some_and(|d| d.join("onnxruntime/libonnxruntime.so").exists());
+    if found {
+        assert!(!stderr.contains("the engine cannot start"), "{stderr}");
+    } else {
+        assert!(
+            stderr.contains("cannot find the ONNX Runtime library")
+                && stderr.contains(&beside.display().to_string()),
+            "{stderr}"
+        );
+    }
+}
