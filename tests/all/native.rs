@@ -511,7 +511,12 @@ fn ceiling_probe() {
 #[test]
 fn the_ceiling_makes_the_kernel_refuse_memory_past_it() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "native::ceiling_probe", "--ignored", "--test-threads=1"])
+        .args([
+            "--exact",
+            "native::ceiling_probe",
+            "--ignored",
+            "--test-threads=1",
+        ])
         .env(CEILING_PROBE, "1")
         .output_within(crate::PROCESS_LIMIT)
         .unwrap();
@@ -524,7 +529,8 @@ fn the_ceiling_makes_the_kernel_refuse_memory_past_it() {
 }
 
 #[tokio::test]
-async fn a_child_whose_fault_settings_are_refused_answers_its_handshake_with_why_and_exits_when_asked() {
+async fn a_child_whose_fault_settings_are_refused_answers_its_handshake_with_why_and_exits_when_asked()
+ {
     use embedhost::bus::transport::child::ChildProcess;
     use embedhost::bus::{Bus, BusError, Empty, ErrorCode, SendOptions};
     use embedhost::messages::{EmbedderHandshake, Shutdown, ShutdownRequest};

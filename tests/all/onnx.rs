@@ -517,7 +517,7 @@ fn without_an_onnxruntime_setting_the_library_named_by_the_environment_is_loaded
 
 #[test]
 fn without_setting_or_environment_the_library_is_looked_for_beside_the_executable_then_in_the_setups_folder()
-{
+ {
     let (_root, dir) = tiny_model(4);
     let exe = Path::new(env!("CARGO_BIN_EXE_embedhost"));
     let beside = exe.parent().unwrap().join("libonnxruntime.so");
@@ -537,8 +537,8 @@ fn without_setting_or_environment_the_library_is_looked_for_beside_the_executabl
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
-    let found = beside.exists()
-        || setup.is_some_and(|d| d.join("onnxruntime/libonnxruntime.so").exists());
+    let found =
+        beside.exists() || setup.is_some_and(|d| d.join("onnxruntime/libonnxruntime.so").exists());
     if found {
         assert!(!stderr.contains("the engine cannot start"), "{stderr}");
     } else {

@@ -517,11 +517,8 @@ mod tests {
 
     #[test]
     fn a_subprocess_past_its_time_is_killed_and_named_a_timeout() {
-        let err = output_within(
-            Command::new("sleep").arg("600"),
-            Duration::from_millis(100),
-        )
-        .unwrap_err();
+        let err = output_within(Command::new("sleep").arg("600"), Duration::from_millis(100))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(err.to_string(), "killed after running for 100ms");
         // One that ends in time gives its output.

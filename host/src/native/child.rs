@@ -458,7 +458,11 @@ mod tests {
         for (key, value, words) in [
             ("child.ignore_sigterm", "maybe", "is not true or false"),
             ("child.chaos_seed", "-1", "is not a whole number"),
-            ("child.chaos_kinds", "kill,explode", "`explode` is not one of kill, abort, exit, hang, leak"),
+            (
+                "child.chaos_kinds",
+                "kill,explode",
+                "`explode` is not one of kill, abort, exit, hang, leak",
+            ),
         ] {
             let err = ProcessFaults::take_from(&mut pairs(&[(key, value)])).unwrap_err();
             assert!(err.contains(key) && err.contains(words), "{err}");
@@ -534,14 +538,22 @@ mod tests {
             message: "too odd".into(),
         };
         let stop = CancellationToken::new();
-        let router = engine_router(Box::new(Broken { fail: refused }), ProcessFaults::default(), stop);
+        let router = engine_router(
+            Box::new(Broken { fail: refused }),
+            ProcessFaults::default(),
+            stop,
+        );
         let remote = embed(&bus(router)).await;
         assert_eq!(
             (remote.code, remote.index, remote.message.as_str()),
             (ErrorCode::InvalidInput, Some(1), "too odd")
         );
         let failed = || EngineError::Failed("out of ideas".into());
-        let router = engine_router(Box::new(Broken { fail: failed }), ProcessFaults::default(), CancellationToken::new());
+        let router = engine_router(
+            Box::new(Broken { fail: failed }),
+            ProcessFaults::default(),
+            CancellationToken::new(),
+        );
         let remote = embed(&bus(router)).await;
         assert_eq!(
             (remote.code, remote.message.as_str()),
@@ -552,7 +564,11 @@ mod tests {
     #[tokio::test]
     async fn an_engine_that_panics_is_reported_unavailable_and_health_still_answers() {
         let panics = || -> EngineError { panic!("the engine's own bug") };
-        let router = engine_router(Box::new(Broken { fail: panics }), ProcessFaults::default(), CancellationToken::new());
+        let router = engine_router(
+            Box::new(Broken { fail: panics }),
+            ProcessFaults::default(),
+            CancellationToken::new(),
+        );
         let bus = bus(router);
         let remote = embed(&bus).await;
         assert_eq!(remote.code, ErrorCode::Unavailable, "{remote}");
@@ -566,9 +582,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_child_whose_engine_cannot_start_fails_its_handshake_with_the_reason_and_still_stops() {
+    async fn a_child_whose_engine_cannot_start_fails_its_handshake_with_the_reason_and_still_stops()
+    {
         let stop = CancellationToken::new();
-        let bus = bus(failed_router("no model at `/m/model.onnx`".into(), stop.clone()));
+        let bus = bus(failed_router(
+            "no model at `/m/model.onnx`".into(),
+            stop.clone(),
+        ));
         match bus
             .send::<EmbedderHandshake>(Empty {}, crate::bus::SendOptions::default())
             .await

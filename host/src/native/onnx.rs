@@ -520,7 +520,10 @@ mod tests {
         /// A `ValueInfoProto` of a tensor of `elem` (1 float, 7 int64) with
         /// symbolic dimensions.
         pub fn tensor(name: &str, elem: u64, dims: &[&str]) -> Vec<u8> {
-            let shape: Vec<u8> = dims.iter().flat_map(|d| bytes(1, &bytes(2, d.as_bytes()))).collect();
+            let shape: Vec<u8> = dims
+                .iter()
+                .flat_map(|d| bytes(1, &bytes(2, d.as_bytes())))
+                .collect();
             let tensor_type = [int(1, elem), bytes(2, &shape)].concat();
             [bytes(1, name.as_bytes()), bytes(2, &bytes(1, &tensor_type))].concat()
         }
@@ -542,10 +545,18 @@ mod tests {
             pb::bytes(1, &node),
             pb::bytes(2, b"pooled"),
             pb::bytes(11, &pb::tensor("input_ids", 7, &["batch", "sequence"])),
-            pb::bytes(12, &pb::tensor("sentence_embedding", 1, &["batch", "sequence"])),
+            pb::bytes(
+                12,
+                &pb::tensor("sentence_embedding", 1, &["batch", "sequence"]),
+            ),
         ]
         .concat();
-        [pb::int(1, 7), pb::bytes(8, &pb::int(2, 13)), pb::bytes(7, &graph)].concat()
+        [
+            pb::int(1, 7),
+            pb::bytes(8, &pb::int(2, 13)),
+            pb::bytes(7, &graph),
+        ]
+        .concat()
     }
 
     /// A word-level tokenizer: [CLS]=1, [SEP]=2, [UNK]=3, then the words.
@@ -655,7 +666,11 @@ mod tests {
             ]
         };
         for (key, value, words) in [
-            ("threads", "0", "`threads`: `0` is not a positive whole number"),
+            (
+                "threads",
+                "0",
+                "`threads`: `0` is not a positive whole number",
+            ),
             ("max_tokens", "many", "`max_tokens`: `many`"),
             ("gpu", "yes", "unknown onnx engine setting `gpu`"),
         ] {

@@ -171,7 +171,9 @@ fn writes_to_a_damaged_index_name_the_database_and_change_nothing() {
         "queue",
     );
     assert_sqlite(
-        store.commit_skip(&other, &meta(1), "binary", "d").unwrap_err(),
+        store
+            .commit_skip(&other, &meta(1), "binary", "d")
+            .unwrap_err(),
         dir.path(),
         "queue",
     );
@@ -183,7 +185,11 @@ fn writes_to_a_damaged_index_name_the_database_and_change_nothing() {
     // `remove` deletes the file's row before it reaches the queue: rolled
     // back, the file and its chunk are still there.
     assert_sqlite(store.remove(file).unwrap_err(), dir.path(), "queue");
-    assert_sqlite(store.forget(Path::new("/docs")).unwrap_err(), dir.path(), "queue");
+    assert_sqlite(
+        store.forget(Path::new("/docs")).unwrap_err(),
+        dir.path(),
+        "queue",
+    );
     assert!(store.file(file).unwrap().is_some(), "the file row survived");
     assert_eq!(store.vectors().unwrap().0, ids, "its chunk survived");
     // The roots are gone too.
@@ -203,7 +209,9 @@ fn a_skip_whose_chunks_cannot_be_read_fails_naming_the_database() {
     store.enqueue(std::slice::from_ref(&file)).unwrap();
     raw(dir.path()).execute_batch("DROP TABLE chunks").unwrap();
     assert_sqlite(
-        store.commit_skip(&file, &meta(1), "binary", "d").unwrap_err(),
+        store
+            .commit_skip(&file, &meta(1), "binary", "d")
+            .unwrap_err(),
         dir.path(),
         "chunks",
     );
@@ -233,7 +241,10 @@ fn a_vector_of_the_wrong_length_is_reported_as_corrupt_naming_the_chunk() {
     let mut store = store(dir.path());
     let ids = commit_one(&mut store, Path::new("/docs/a.txt"));
     raw(dir.path())
-        .execute("UPDATE chunks SET vector = x'00010203' WHERE id = ?1", [ids[0]])
+        .execute(
+            "UPDATE chunks SET vector = x'00010203' WHERE id = ?1",
+            [ids[0]],
+        )
         .unwrap();
     let err = store.vectors().unwrap_err();
     assert!(
@@ -266,7 +277,11 @@ fn an_open_index_folder_is_narrowed_only_when_it_holds_only_the_index() {
     drop(store(ours.path()));
     drop(store(shared.path()));
     assert_eq!(mode(ours.path()), 0o700);
-    assert_eq!(mode(shared.path()), 0o755, "a folder with other files is left");
+    assert_eq!(
+        mode(shared.path()),
+        0o755,
+        "a folder with other files is left"
+    );
 }
 
 #[test]
