@@ -552,8 +552,13 @@ fn a_server_that_refuses_or_answers_short_is_named_and_a_complete_part_file_is_i
         "{err}"
     );
     // A whole answer of 1000 bytes: the transfer ended, to be resumed.
+    // (With a progress bar, hidden off a terminal.)
+    let progress = FetchOptions {
+        progress: true,
+        ..online()
+    };
     *server.mode.lock().unwrap() = Mode::Short(1000);
-    let err = store.fetch(&m, &online()).unwrap_err().to_string();
+    let err = store.fetch(&m, &progress).unwrap_err().to_string();
     assert!(
         err.contains("the transfer ended after 1000 of 300000 bytes"),
         "{err}"
@@ -563,10 +568,6 @@ fn a_server_that_refuses_or_answers_short_is_named_and_a_complete_part_file_is_i
     // send (416), and the part file is verified and installed.
     std::fs::write(store.dir(&m).join(".model.bin.part"), &data).unwrap();
     *server.mode.lock().unwrap() = Mode::Status(416);
-    let progress = FetchOptions {
-        progress: true,
-        ..online()
-    };
     assert_eq!(
         store.fetch(&m, &progress).unwrap(),
         [("model.bin".to_string(), Obtained::Https)]
