@@ -193,3 +193,32 @@ async fn load_blocking(
         .await
         .map_err(|e| format!("plugin load: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_native_pool_is_fitted_to_its_childrens_ceiling_and_unbounded_children_are_not() {
+        let mut config = Config {
+            backend: Backend::Native,
+            ..Config::default()
+        };
+        config.native.memory_ceiling_mb = Some(0);
+        // No ceiling (0): nothing to fit, whatever the pool.
+        assert_eq!(fit_machine(&config, 100_000), Ok(100_000));
+        let Some(machine) = crate::ceilings::machine_memory_bytes() else {
+            return;
+        };
+        // Two explicit children of a whole machine each: refused, saying so.
+        config.native.memory_ceiling_mb = Some(machine / (1024 * 1024));
+        config.supervisor.pool_size = Some(2);
+        let err = fit_machine(&config, 2).unwrap_err();
+        assert!(
+            err.starts_with("2 instances of") && err.contains("pool_size"),
+            "{err}"
+        );
+        config.native.memory_ceiling_mb = Some(1);
+        assert_eq!(fit_machine(&config, 2), Ok(2));
+    }
+}

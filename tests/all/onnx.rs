@@ -410,3 +410,142 @@ async fn the_real_model_ranks_paraphrases_above_unrelated_sentences() {
         );
     }
 }
+
+/// Writes into `dir/model.onnx` a graph the onnx engine must refuse, with
+/// the setup's Python (`kind`: see the script's table).
+fn bad_graph(dir: &Path, kind: &str) {
+    const SCRIPT: &str = r#"
+import sys
+import onnx
+from onnx import TensorProto, helper
+
+kind, path = sys.argv[1], sys.argv[2]
+seq = ["batch", "sequence"]
+ids = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, seq)
+out = lambda shape: helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, shape)
+cast = lambda src, dst: helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT)
+graphs = {
+    # an input the engine has nothing to feed
+    "unknown_input": ([cast("input_ids", "sentence_embedding")], [ids("input_ids"), ids("pixel_values")], out(seq)),
+    # no token ids at all
+    "no_input_ids": ([cast("attention_mask", "sentence_embedding")], [ids("attention_mask")], out(seq)),
+    # one number per text
+    "rank_one": ([cast("input_ids", "f"), helper.make_node("ReduceSum", ["f"], ["sentence_embedding"], axes=[1], keepdims=0)], [ids("input_ids")], out(["batch"])),
+    # declares 5 values per text, gives one per token
+    "static_dimension": ([cast("input_ids", "sentence_embedding")], [ids("input_ids")], out(["batch", 5])),
+}
+nodes, inputs, output = graphs[kind]
+model = helper.make_model(helper.make_graph(nodes, kind, inputs, [output]), opset_imports=[helper.make_opsetid("", 11)])
+model.ir_version = 7
+onnx.save(model, path)
+"#;
+    let out = Command::new(deps().join("venv/bin/python"))
+        .args(["-c", SCRIPT, kind])
+        .arg(dir.join("model.onnx"))
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `embedhost child` loading the onnx engine from `dir`, with no host on
+/// its stdin: it logs why the engine cannot start and ends at the pipe's
+/// end. Returns its stderr.
+fn child_refusal(dir: &Path, extra: &[&str]) -> String {
+    let library = embedhost::native::onnx::resolve_library(None).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["child", "--engine", "onnx", "--set"])
+        .arg(format!("model_dir={}", dir.display()))
+        .arg("--set")
+        .arg(format!("onnxruntime={}", library.display()))
+        .args(["--set", "threads=1"])
+        .args(extra)
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(out.stdout.is_empty(), "no frame without a request");
+    assert!(stderr.contains("the engine cannot start"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_graph_the_engine_cannot_feed_or_pool_is_refused_at_start_naming_the_culprit() {
+    let (_root, dir) = tiny_model(4);
+    let missing = child_refusal(&dir, &["--set", "model_file=missing.onnx"]);
+    assert!(
+        missing.contains("no model at") && missing.contains("missing.onnx"),
+        "{missing}"
+    );
+    for (kind, words) in [
+        ("unknown_input", "has input `pixel_values`"),
+        ("no_input_ids", "has no `input_ids` input"),
+        (
+            "rank_one",
+            "output `sentence_embedding` has rank 1; expected [batch, sequence, dimension] or [batch, dimension]",
+        ),
+        ("static_dimension", "declares dimension 5 but produced 3"),
+    ] {
+        bad_graph(&dir, kind);
+        let stderr = child_refusal(&dir, &[]);
+        assert!(
+            stderr.contains(words) && stderr.contains("model.onnx"),
+            "{kind}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn without_an_onnxruntime_setting_the_library_named_by_the_environment_is_loaded() {
+    let (_root, dir) = tiny_model(4);
+    let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+        .args(["child", "--engine", "onnx", "--set", "threads=1", "--set"])
+        .arg(format!("model_dir={}", dir.display()))
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime-test.so")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(
+        stderr.contains("cannot load ONNX Runtime from `/nonexistent/libonnxruntime-test.so`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_setting_or_environment_the_library_is_looked_for_beside_the_executable_then_in_the_setups_folder()
+ {
+    let (_root, dir) = tiny_model(4);
+    let exe = Path::new(env!("CARGO_BIN_EXE_embedhost"));
+    let beside = exe.parent().unwrap().join("libonnxruntime.so");
+    // The setup's folder, as `embedhost-deps` up to three levels above.
+    let setup = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("embedhost-deps"))
+        .find(|d| d.is_dir());
+    let out = Command::new(exe)
+        .args(["child", "--engine", "onnx", "--set", "threads=1", "--set"])
+        .arg(format!("model_dir={}", dir.display()))
+        .env_remove("ORT_DYLIB_PATH")
+        .env_remove("EMBEDHOST_DEPS")
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let found =
+        beside.exists() || setup.is_some_and(|d| d.join("onnxruntime/libonnxruntime.so").exists());
+    if found {
+        assert!(!stderr.contains("the engine cannot start"), "{stderr}");
+    } else {
+        assert!(
+            stderr.contains("cannot find the ONNX Runtime library")
+                && stderr.contains(&beside.display().to_string()),
+            "{stderr}"
+        );
+    }
+}

@@ -1450,3 +1450,35 @@ fn dot_dot_is_resolved_before_any_check_of_a_path() {
     let gone = forget_path(Path::new("/no/such/root/../../../etc/passwd")).unwrap();
     assert_eq!(gone, Path::new("/etc/passwd"));
 }
+
+#[tokio::test]
+async fn watch_refuses_a_root_that_does_not_exist_and_changes_outside_the_roots_walk_nothing() {
+    use embedhost::worker::WorkerError;
+    use embedhost::worker::watch::{folders_to_walk, watch};
+    let worker = stub_worker(WorkerSettings::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    let err = watch(
+        &worker,
+        std::slice::from_ref(&missing),
+        tokio_util::sync::CancellationToken::new(),
+        |b| panic!("no batch without a root: {b:?}"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::Path { path, .. } if *path == missing),
+        "{err}"
+    );
+    let base = tmp.path().canonicalize().unwrap();
+    std::fs::create_dir(base.join("docs")).unwrap();
+    assert_eq!(
+        folders_to_walk(
+            &[base.join("docs")],
+            &[base.join("elsewhere/x.txt"), base.join("docs/gone/y.txt")],
+            None
+        ),
+        [base.join("docs")],
+        "the outside change is dropped; the inside one walks its nearest folder"
+    );
+}

@@ -510,3 +510,25 @@ pub fn derive(
     }
     install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{}: {e}", recipe.script))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subprocess_past_its_time_is_killed_and_named_a_timeout() {
+        let err = output_within(Command::new("sleep").arg("600"), Duration::from_millis(100))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(err.to_string(), "killed after running for 100ms");
+        // One that ends in time gives its output.
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo done; echo why >&2; exit 3"]),
+            limits::PIP_DOWNLOAD_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"done\n");
+        assert_eq!(last_words(&out.stderr), "why");
+    }
+}

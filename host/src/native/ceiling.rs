@@ -127,4 +127,28 @@ mod tests {
             super::CEILING_MARKER
         );
     }
+
+    /// Unarmed (the host, this test), a refused allocation is the system
+    /// allocator's null, for the caller to handle: nothing exits.
+    #[test]
+    fn an_unarmed_allocator_hands_a_refusal_back_as_null() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let allocator = super::CeilingAllocator;
+        // Far more than any machine's address space.
+        let huge = Layout::from_size_align(isize::MAX as usize / 2, 8).unwrap();
+        // SAFETY: a valid layout; the null results are never dereferenced,
+        // and the small block is freed with its own layout.
+        unsafe {
+            assert!(allocator.alloc(huge).is_null());
+            assert!(allocator.alloc_zeroed(huge).is_null());
+            let small = Layout::from_size_align(64, 8).unwrap();
+            let block = allocator.alloc(small);
+            assert!(!block.is_null());
+            block.write_bytes(7, 64);
+            assert!(allocator.realloc(block, small, huge.size()).is_null());
+            // A refused realloc leaves the block as it was.
+            assert_eq!(*block.add(63), 7);
+            allocator.dealloc(block, small);
+        }
+    }
 }

@@ -395,3 +395,38 @@ fn load_engine(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::RemoteError;
+
+    #[test]
+    fn a_request_never_sent_is_refused_and_a_broken_answer_is_a_crash() {
+        let overloaded = BusError::Overloaded {
+            peer: "onnx-child-0.1".into(),
+            limit: 4,
+        };
+        assert!(
+            matches!(call_error(overloaded), CallError::Refused(r) if r.code == ErrorCode::Failed && r.message.contains("overloaded")),
+        );
+        let refused = RemoteError::invalid_input(2, "empty text");
+        assert!(
+            matches!(call_error(BusError::Remote(refused.clone())), CallError::Refused(r) if r == refused),
+        );
+        let garbled = BusError::Decode {
+            what: "embedder.embed".into(),
+            reason: "not CBOR".into(),
+        };
+        assert!(matches!(
+            call_error(garbled),
+            CallError::Crash { reason: FailureReason::Exited(why), .. } if why.contains("not CBOR")
+        ));
+    }
+
+    #[test]
+    fn an_unknown_engine_is_named_with_the_known_ones() {
+        let err = load_engine("tensorflow", &[]).err().unwrap();
+        assert_eq!(err, "unknown engine `tensorflow` (known: stub, onnx)");
+    }
+}

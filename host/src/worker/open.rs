@@ -193,4 +193,31 @@ mod tests {
             Err(NotRead::Gone)
         ));
     }
+
+    #[test]
+    fn directories_sockets_devices_and_unopenable_names_are_skipped_naming_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let roots = vec![root.clone()];
+        std::fs::create_dir(root.join("sub")).unwrap();
+        assert_eq!(
+            skip(read_queued(&root.join("sub"), &roots, 100)),
+            Skip::NotRegular("a directory")
+        );
+        let _listener = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+        assert_eq!(
+            skip(read_queued(&root.join("sock"), &roots, 100)),
+            Skip::NotRegular("a socket")
+        );
+        // No roots recorded (an older index): the type is still checked.
+        assert_eq!(
+            skip(read_queued(Path::new("/dev/null"), &[], 100)),
+            Skip::NotRegular("a device")
+        );
+        // A name longer than the system allows: unreadable, not gone.
+        let long = root.join("x".repeat(300));
+        assert!(
+            matches!(skip(read_queued(&long, &roots, 100)), Skip::Unreadable(why) if why.contains("too long")),
+        );
+    }
 }

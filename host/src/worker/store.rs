@@ -1364,3 +1364,7 @@ fn expression(parts: &[&Part]) -> Option<String> {
             .join(" OR ")
     })
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
