@@ -24,8 +24,11 @@ use crate::messages::{
     SearchRequest, SearchResponse, StatsResponse,
 };
 
+/// A fuzz target: what it does with one input.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name: what `fuzz/` and the stable replay run.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frames", frames),
     ("envelope", envelope),
     ("config", config),

@@ -125,9 +125,13 @@ fn finish(child: Child) {
     );
 }
 
-/// The index in `dir/index`: every chunk (file relative to `dir`, lines,
-/// text) with its vector, and the files indexed and skipped.
-fn contents(dir: &Path) -> (BTreeMap<(PathBuf, u32, String), Vec<f32>>, u64, u64) {
+/// Every chunk of an index (file relative to its root, lines, text) with
+/// its vector.
+type Chunks = BTreeMap<(PathBuf, u32, String), Vec<f32>>;
+
+/// The index in `dir/index`: every chunk with its vector, and the files
+/// indexed and skipped.
+fn contents(dir: &Path) -> (Chunks, u64, u64) {
     let store = Store::open_existing(&dir.join("index")).unwrap();
     let (ids, data) = store.vectors().unwrap();
     let dimension = data.len() / ids.len().max(1);
