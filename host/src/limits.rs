@@ -491,16 +491,19 @@ pub const DEFAULT_SERVE_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 pub const SERVE_MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Tokens in one merged batch (`[serve] max_batch_tokens`, TEI's knob of
-/// the same name). A batch is never interrupted, so this is what a single
-/// sentence may wait for behind a large request: the batches already
-/// formed, one per lane (see `serve::batcher`). TEI's default of 16,384
-/// made that wait 2.4 to 5.2 s (p99) on the default WASM model (about
-/// 3,000 to 7,000 tokens a second per instance on a 2-core machine);
-/// 2,048 tokens (eight passages of all-MiniLM-L6-v2's window, hundreds of
-/// sentences) is well past where a batch stops gaining throughput on
-/// either backend, and a batch of it takes a fraction of a second
-/// (`./x bench-report`, the serve section, measures that p99).
-pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 2_048;
+/// the same name). A batch is never interrupted, and a sentence's own
+/// batch is filled up with a large request's pieces, so what a single
+/// sentence waits for behind a large request is about two batches: the one
+/// running on the instance it gets, and its own (see `serve::batcher`).
+/// Measured beside requests of 2,048 sentences (`./x bench-report`, the
+/// serve section; native, pool of 2, 2 cores), that p99 was 2.4 to 5.2 s
+/// at TEI's default of 16,384, 1.08 s at 2,048, 0.93 s with one lane per
+/// instance, and 0.28 s at 512 (p50 0.14 s; the large requests' rate
+/// within the run-to-run noise). 512 tokens (two passages of all-MiniLM-L6-v2's window,
+/// or about 40 sentences) is still past where a batch stops gaining
+/// throughput on either backend (the native engine runs 32 sentences at
+/// its full rate, `cargo bench --bench native`).
+pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 512;
 
 /// How long a batch waits for more requests once it has one
 /// (`[serve] batch_wait_us`). Short against a request's own time (a short
@@ -744,9 +747,11 @@ pub const SERVE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Smallest batch, in tokens, whose time the batcher counts when it
 /// measures the pool's speed: a batch of a few short sentences is mostly a
 /// call's fixed cost (a frame, a graph run), so its rate would make every
-/// large request look too slow and refuse it. 1024 tokens is four full
-/// passages of all-MiniLM-L6-v2's window, where the per-token cost rules.
-pub const SERVE_THROUGHPUT_MIN_TOKENS: usize = 1024;
+/// large request look too slow and refuse it. 256 tokens is a full
+/// passage of all-MiniLM-L6-v2's window, about 20 ms of work on either
+/// backend against a fixed cost under a millisecond; at most half the
+/// default batch budget, so a batch of one large request is measured.
+pub const SERVE_THROUGHPUT_MIN_TOKENS: usize = 256;
 
 /// Bytes of text being tokenized at once, in all requests (the check
 /// before any work): the tokenizer holds several times its input while it

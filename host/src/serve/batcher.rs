@@ -2,9 +2,10 @@
 //! large request does not make a small one wait for all of it.
 //!
 //! Every request's texts are cut into pieces of at most the token budget
-//! (`[serve] max_batch_tokens`) and queued as one entry of a rotation. A few
-//! lanes (one more than the pool has instances, so a batch is always ready
-//! when an instance frees) each form a batch, one lane at a time: the first
+//! (`[serve] max_batch_tokens`) and queued as one entry of a rotation. One
+//! lane per instance of the pool (no more: a batch formed ahead of a free
+//! instance would be one more batch a new sentence waits behind; forming
+//! one takes microseconds) each form a batch, one lane at a time: the first
 //! piece of the request at the head of the rotation, then the first piece
 //! of the next requests in turn, up to the budget, waiting at most
 //! `batch_wait` for more while every instance is busy. The batch goes to
@@ -16,11 +17,10 @@
 //! so a request waits for at most one piece of each request queued before
 //! it per round, never for every piece of a large one: a single sentence
 //! sent beside the largest legal request is in one of the next batches
-//! formed. What it still waits for is the batches already formed (at most
-//! one per lane) to finish: a batch is never preempted, so the bound is a
-//! few batches' time, and a batch of `max_batch_tokens` of one request can
-//! take seconds on a slow backend (`cargo bench --bench serve` measures
-//! the p99 beside 2,048-sentence requests).
+//! formed. What it still waits for is the batches already running (at most
+//! one per instance) to finish: a batch is never preempted, so the bound is
+//! about one batch's time, `max_batch_tokens` of work (`cargo bench --bench
+//! serve` measures the p99 beside 2,048-sentence requests).
 //!
 //! Invariants:
 //! - A text's vector does not depend on its batch neighbours (every engine

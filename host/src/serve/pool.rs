@@ -91,7 +91,7 @@ impl Pool {
         let settings = BatchSettings {
             max_batch_tokens: config.serve.max_batch_tokens,
             wait: Duration::from_micros(config.serve.batch_wait_us),
-            lanes: pool_size + 1,
+            lanes: pool_size,
         };
         let engine = match config.backend {
             Backend::Wasm => match &source {

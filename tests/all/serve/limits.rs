@@ -366,7 +366,7 @@ fn a_single_sentence_is_not_queued_behind_every_piece_of_the_largest_request() {
         assert_eq!(status, 200, "{body}");
         // Counted, not timed: first in, first out, the sentence would wait
         // for the 60 pieces still queued; round-robin, for at most one
-        // batch per lane (three) before its own, and those formed while
+        // batch per lane (two) before its own, and those formed while
         // this thread reads the count (generous: a busy machine may stall
         // it for seconds).
         let ran = batches(&s) - before;
