@@ -32,6 +32,8 @@ pub mod model;
 pub mod native;
 pub mod serve;
 pub mod supervisor;
+#[cfg(test)]
+mod test_support;
 pub mod untrusted;
 pub mod vectors;
 pub mod wasm;

@@ -421,6 +421,22 @@ fn fake_python(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
     path
 }
 
+/// A manifest of one file, `out.bin`, made of `data` by the
+/// `quantize_int8` script from no inputs.
+fn derived_manifest(data: &[u8]) -> Manifest {
+    Manifest::parse(
+        &format!(
+            "id = \"derived\"\nname = \"d\"\ndimension = 4\nmax_tokens = 8\n\
+             [[files]]\nname = \"out.bin\"\nsha256 = \"{}\"\nsize = {}\n\
+             derive = {{ script = \"quantize_int8\", from = [] }}\n",
+            sha256_hex(data),
+            data.len()
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
@@ -431,17 +447,7 @@ fn sha256_hex(data: &[u8]) -> String {
 #[test]
 fn a_derived_file_is_made_by_its_script_verified_and_installed_and_a_failing_script_is_named() {
     let data = b"derived bytes".to_vec();
-    let m = Manifest::parse(
-        &format!(
-            "id = \"derived\"\nname = \"d\"\ndimension = 4\nmax_tokens = 8\n\
-             [[files]]\nname = \"out.bin\"\nsha256 = \"{}\"\nsize = {}\n\
-             derive = {{ script = \"quantize_int8\", from = [] }}\n",
-            sha256_hex(&data),
-            data.len()
-        ),
-        "test",
-    )
-    .unwrap();
+    let m = derived_manifest(&data);
     let root = tempfile::tempdir().unwrap();
     let tools = tempfile::tempdir().unwrap();
     let payload = tools.path().join("payload");
@@ -723,17 +729,7 @@ fn a_derived_file_whose_input_is_missing_is_not_attempted() {
     // A manifest lists a file's inputs before it, so a fetch always has
     // them; the recipe checks again, for an input removed since.
     let data = b"derived bytes".to_vec();
-    let m = Manifest::parse(
-        &format!(
-            "id = \"derived\"\nname = \"d\"\ndimension = 4\nmax_tokens = 8\n\
-             [[files]]\nname = \"out.bin\"\nsha256 = \"{}\"\nsize = {}\n\
-             derive = {{ script = \"quantize_int8\", from = [] }}\n",
-            sha256_hex(&data),
-            data.len()
-        ),
-        "test",
-    )
-    .unwrap();
+    let m = derived_manifest(&data);
     let spec = &m.files[0];
     let recipe = embedhost::model::manifest::Derive {
         script: "quantize_int8".into(),

@@ -97,34 +97,7 @@ fn pooled_ids_model() -> Vec<u8> {
 
 /// A word-level tokenizer: [CLS]=1, [SEP]=2, [UNK]=3, then the words.
 fn tokenizer_json() -> String {
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [
-                {"SpecialToken": {"id": "[CLS]", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
-            ],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]},
-            },
-        },
-        "decoder": null,
-        "model": {
-            "type": "WordLevel",
-            "vocab": {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "hello": 4, "world": 5, "cats": 6, "dogs": 7},
-            "unk_token": "[UNK]",
-        },
-    })
-    .to_string()
+    crate::test_support::word_level_tokenizer(&["hello", "world", "cats", "dogs"])
 }
 
 fn unit(v: &[f32]) -> Vec<f32> {

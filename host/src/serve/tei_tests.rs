@@ -146,34 +146,16 @@ async fn info_names_the_numbers_the_model_runs_in_as_tei_does() {
     }
 }
 
-/// A word-level `tokenizer.json`: lowercased, split at whitespace and
-/// punctuation, `[CLS]` and `[SEP]` around each text.
-const TINY_TOKENIZER: &str = r#"{
-  "version": "1.0",
-  "truncation": null,
-  "padding": null,
-  "added_tokens": [],
-  "normalizer": {"type": "Lowercase"},
-  "pre_tokenizer": {"type": "Whitespace"},
-  "post_processor": {
-    "type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-    "special_tokens": {
-      "[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]},
-      "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]}
-    }
-  },
-  "decoder": null,
-  "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "hello": 4, "world": 5}, "unk_token": "[UNK]"}
-}"#;
-
 #[tokio::test]
 async fn tokenize_shows_tokens_within_the_per_input_and_per_request_bounds() {
     let state = starting(16);
     let (mut pool, _members) = super::super::pool::tests::remote_pool(Default::default(), true);
-    let encoder =
-        embedhost_text::TextEncoder::from_bytes(TINY_TOKENIZER.as_bytes(), "tiny", 8).unwrap();
+    let encoder = embedhost_text::TextEncoder::from_bytes(
+        crate::test_support::word_level_tokenizer(&["hello", "world"]).as_bytes(),
+        "tiny",
+        8,
+    )
+    .unwrap();
     pool.tokens = crate::worker::chunk::Tokens::Model(Arc::new(encoder));
     *state.0.current.write().unwrap() = Some(Arc::new(pool));
     let tokenize = |json: Value| tokenize(Shared(state.clone()), body(json));
