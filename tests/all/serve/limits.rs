@@ -93,6 +93,33 @@ fn memory(pid: u32, field: &str) -> u64 {
         * 1024
 }
 
+/// The memory bound README states for the service under hostile load, in
+/// bytes above what it held before the attack: bodies
+/// (`SERVE_BODY_BYTES_IN_FLIGHT`, plus the free first `SERVE_BODY_FREE_BYTES`
+/// of each of `connections`), text being tokenized (about 100 bytes of the
+/// tokenizer's state per byte of `SERVE_TOKENIZE_BYTES_IN_FLIGHT`), and
+/// 64 MiB for connections' own buffers and the allocator.
+fn memory_bound(connections: u64) -> u64 {
+    use embedhost::limits::{
+        SERVE_BODY_BYTES_IN_FLIGHT, SERVE_BODY_FREE_BYTES, SERVE_TOKENIZE_BYTES_IN_FLIGHT,
+    };
+    SERVE_BODY_BYTES_IN_FLIGHT as u64
+        + connections * SERVE_BODY_FREE_BYTES as u64
+        + 100 * SERVE_TOKENIZE_BYTES_IN_FLIGHT as u64
+        + 64 * 1024 * 1024
+}
+
+/// Fails unless the service's peak RSS stayed within [`memory_bound`]
+/// above `before` (its peak before the attack).
+fn assert_within_memory_bound(s: &Service, before: u64, connections: u64) {
+    let peak = memory(s.pid(), "VmHWM");
+    assert!(
+        peak < before + memory_bound(connections),
+        "peak RSS {peak} past the bound {} above {before}",
+        memory_bound(connections)
+    );
+}
+
 fn metrics_of(s: &Service) -> String {
     let (status, text, _) = s.raw("GET", "/metrics", None, &[]);
     assert_eq!(status, 200, "{text}");
@@ -119,6 +146,7 @@ fn idle_and_slow_loris_floods_past_the_cap_leave_other_clients_served() {
         &format!("[serve]\nmax_connections = {CAP}\nheader_timeout_ms = 120000\n"),
     );
     let s = Service::start(&config, &[]);
+    let memory_before = memory(s.pid(), "VmHWM");
     sentence(&s, 0);
     let before = open_fds(s.pid());
     let mut flood = Vec::new();
@@ -145,12 +173,14 @@ fn idle_and_slow_loris_floods_past_the_cap_leave_other_clients_served() {
     assert!(metric(&m, "http_connections_evicted_total") >= 250.0, "{m}");
     // The oldest were closed to make room.
     assert!(closed_by_the_service(&mut flood[0]));
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 #[test]
 fn idle_and_slow_loris_connections_are_closed_at_the_header_timeout() {
     let config = stub_config("wasm", "", "[serve]\nheader_timeout_ms = 1000\n");
     let s = Service::start(&config, &[]);
+    let memory_before = memory(s.pid(), "VmHWM");
     let mut idle: Vec<TcpStream> = (0..10).map(|_| connect(&s)).collect();
     // A slow-loris client keeps sending, a byte at a time: progress does
     // not extend the timeout.
@@ -186,6 +216,7 @@ fn idle_and_slow_loris_connections_are_closed_at_the_header_timeout() {
         assert!(closed_by_the_service(c), "an idle connection was kept");
     }
     sentence(&s, 0);
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 #[test]
@@ -196,6 +227,7 @@ fn bodies_that_never_arrive_hold_no_slot_and_get_408() {
         "[serve]\nmax_concurrent_requests = 2\nbody_timeout_ms = 15000\nmax_body_kb = 16\n",
     );
     let s = Service::start(&config, &[]);
+    let memory_before = memory(s.pid(), "VmHWM");
     // Headers and the start of a body, never the rest.
     let mut held: Vec<TcpStream> = (0..8)
         .map(|_| {
@@ -240,6 +272,7 @@ fn bodies_that_never_arrive_hold_no_slot_and_get_408() {
     drop(endless);
     writer.join().unwrap();
     sentence(&s, 100);
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 #[test]
@@ -252,6 +285,7 @@ fn one_admission_limit_holds_across_routes() {
         "[serve]\nmax_concurrent_requests = 2\n",
     );
     let s = Service::start(&config, &[]);
+    let memory_before = memory(s.pid(), "VmHWM");
     let answers = std::thread::scope(|scope| {
         let requests: Vec<_> = [
             ("/v1/embeddings", json!({ "input": "one route" })),
@@ -286,6 +320,7 @@ fn one_admission_limit_holds_across_routes() {
         assert_eq!(retry.as_deref(), Some("1"));
         assert!(text.contains("max_concurrent_requests"), "{text}");
     }
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 #[test]
@@ -354,6 +389,7 @@ fn a_single_sentence_is_not_queued_behind_every_piece_of_the_largest_request() {
         "[serve]\nmax_inputs = 64\nmax_batch_tokens = 256\n",
     );
     let s = Service::start(&config, &[]);
+    let memory_before = memory(s.pid(), "VmHWM");
     let passage = vec!["word"; 256].join(" ");
     let largest = vec![passage; 64];
     std::thread::scope(|scope| {
@@ -375,6 +411,7 @@ fn a_single_sentence_is_not_queued_behind_every_piece_of_the_largest_request() {
         assert_eq!(status, 200);
         assert_eq!(body.as_array().map(Vec::len), Some(64));
     });
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 #[test]
@@ -588,6 +625,7 @@ fn an_idle_flood_past_a_low_fd_limit_is_capped_below_it() {
     const NOFILE: u64 = 400;
     let config = stub_config("wasm", "", "[serve]\nheader_timeout_ms = 120000\n");
     let s = start_with_nofile(&config, NOFILE);
+    let memory_before = memory(s.pid(), "VmHWM");
     sentence(&s, 0);
     let flood: Vec<TcpStream> = (0..600).map(|_| connect(&s)).collect();
     for i in 0..10 {
@@ -598,6 +636,7 @@ fn an_idle_flood_past_a_low_fd_limit_is_capped_below_it() {
     let m = metrics_of(&s);
     assert!(metric(&m, "http_connections_open") <= 200.0, "{m}");
     drop(flood);
+    assert_within_memory_bound(&s, memory_before, 4096);
 }
 
 /// A text of `words` words of 90 letters each, none in a vocabulary: it
@@ -667,14 +706,8 @@ fn costly_texts_in_parallel_keep_the_real_models_service_within_its_memory_bound
         peak >> 20,
         after >> 20
     );
-    // The bound README states: the tokenizer holds at most
-    // SERVE_TOKENIZE_BYTES_IN_FLIGHT of text at once, at about 100 bytes
-    // of its state per byte of text; bodies are bounded on their own.
-    const TOKENIZING: u64 = 100 * embedhost::limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT as u64;
-    assert!(
-        peak < before + TOKENIZING + 32 * 8 * 1024 * 1024,
-        "peak RSS {peak}, {before} before"
-    );
+    // The bound README states, for these 32 connections.
+    assert_within_memory_bound(&s, before, 32);
     assert!(
         after < before + 64 * 1024 * 1024,
         "RSS {after} after, {before} before"
