@@ -350,11 +350,12 @@ pub const DEFAULT_CHILD_GRACE: Duration = Duration::from_secs(5);
 pub const CHILD_SIGTERM_GRACE: Duration = Duration::from_millis(50);
 
 /// How long killing a child waits for its reap after SIGKILL: the kernel
-/// ends a killed process within milliseconds unless it sits in
+/// ends a killed process within milliseconds (a second or two to free
+/// gigabytes on a busy machine) unless it sits in
 /// uninterruptible I/O, which no signal hurries; past this the reap is left
 /// to tokio's orphan reaper, so a stuck child costs a zombie, never a
 /// stuck slot.
-pub const CHILD_KILL_REAP_WAIT: Duration = Duration::from_secs(1);
+pub const CHILD_KILL_REAP_WAIT: Duration = Duration::from_secs(5);
 
 /// Default memory ceiling of a native child (`[native] memory_ceiling_mb`),
 /// enforced by the kernel (`RLIMIT_DATA`, see `native::ceiling`) between

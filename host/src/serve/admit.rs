@@ -310,17 +310,34 @@ pub async fn tokenizing<T: Send + 'static>(
             )
             .retry_after(limits::SERVE_RETRY_AFTER)
         })?;
+        let share_of = share_of.clone();
         tokio::task::spawn_blocking(move || {
             let done = work();
             drop(permit);
-            // The tokenizer's state for this much text was many small
-            // blocks, now freed: their pages go back, or the service keeps
-            // its peak after an attack.
-            crate::memory::give_back();
+            give_back_after_burst(&share_of);
             done
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
+}
+
+/// Whether a trim of the heaps is running (one at a time is enough).
+static TRIMMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives the heaps' free pages back once a burst of tokenizing has ended
+/// (`share_of` whole again): the tokenizer's state was many small blocks,
+/// and without it the service kept 513 MB after an attack. Once a burst,
+/// not after each request: a trim walks every heap and would drop pages
+/// the tokenizations still running are about to reuse. Racy but harmless:
+/// at worst one trim too many, or one missed until the next burst ends.
+fn give_back_after_burst(share_of: &tokio::sync::Semaphore) {
+    use std::sync::atomic::Ordering;
+    if share_of.available_permits() >= limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT
+        && !TRIMMING.swap(true, Ordering::AcqRel)
+    {
+        crate::memory::give_back();
+        TRIMMING.store(false, Ordering::Release);
     }
 }
 

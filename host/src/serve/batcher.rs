@@ -318,7 +318,7 @@ async fn lane(shared: Arc<Shared>, supervisor: Supervisor, settings: BatchSettin
             gather(&shared, first, &settings, &supervisor).await
         };
         metrics::gauge!(METRIC_QUEUE_DEPTH).set(shared.rotation().pieces as f64);
-        run(&shared, &supervisor, batch).await;
+        run(&shared, &supervisor, batch, settings.max_batch_tokens).await;
     }
 }
 
@@ -380,7 +380,7 @@ async fn gather(
 }
 
 /// Embeds the live pieces of `batch` as one call and answers each.
-async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>) {
+async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget: usize) {
     let now = Instant::now();
     let mut live = Vec::with_capacity(batch.len());
     for piece in batch {
@@ -410,6 +410,9 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>) {
     let n = texts.len();
     // If every caller of the batch gives up, the batch is dropped too: its
     // job leaves the supervisor's queue unrun (or its answer is dropped).
+    // The supervisor cuts a batch across the instances free now: the rate
+    // measured is then theirs together, and is kept per instance.
+    let parts = crate::supervisor::split_parts(n, supervisor.free_instances().max(1));
     let started = Instant::now();
     let result = {
         let gone = futures::future::join_all(live.iter_mut().map(|p| p.reply.closed()));
@@ -421,8 +424,10 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>) {
     let Some(result) = result else {
         return;
     };
-    if result.is_ok() && tokens >= limits::SERVE_THROUGHPUT_MIN_TOKENS {
-        measured(shared, tokens, started.elapsed());
+    // A budget set below the measuring size still measures its full batches.
+    let measurable = limits::SERVE_THROUGHPUT_MIN_TOKENS.min(budget / 2).max(1);
+    if result.is_ok() && tokens >= measurable {
+        measured(shared, tokens / parts, started.elapsed());
     }
     let rows: Vec<Row> = match result {
         Err(e) => {

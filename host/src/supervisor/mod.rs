@@ -914,7 +914,7 @@ fn batch_result(
 /// How many parts a batch of `texts` is cut into on a pool of `pool`
 /// instances: one per instance, but none smaller than
 /// [`limits::MIN_SPLIT_TEXTS`].
-fn split_parts(texts: usize, pool: usize) -> usize {
+pub fn split_parts(texts: usize, pool: usize) -> usize {
     (texts / limits::MIN_SPLIT_TEXTS).clamp(1, pool)
 }
 

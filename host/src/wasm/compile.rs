@@ -229,9 +229,19 @@ mod tests {
     /// A compiler executable that runs `body` (shell) after reading the
     /// component on its stdin.
     fn compiler(dir: &Path, body: &str) -> std::path::PathBuf {
-        let path = dir.join("compiler");
-        std::fs::write(&path, format!("#!/bin/sh\ncat >/dev/null\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The executable is made by `install`, which exits before it runs:
+        // a file this process held open for writing could be inherited by a
+        // child another test forks meanwhile, and running it would then fail
+        // with ETXTBSY ("Text file busy").
+        let (source, path) = (dir.join("compiler.sh"), dir.join("compiler"));
+        std::fs::write(&source, format!("#!/bin/sh\ncat >/dev/null\n{body}\n")).unwrap();
+        let made = std::process::Command::new("install")
+            .args(["-m", "755"])
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
         path
     }
 

@@ -425,7 +425,7 @@ fn a_request_that_cannot_finish_in_its_deadline_is_refused_before_any_work() {
     );
     let s = Service::start(&config, &[]);
     let passage = vec!["word"; 250].join(" ");
-    // A batch large enough to measure the pool by (2,000 tokens).
+    // Batches large enough to measure the pool by (two passages each).
     let (status, _) = s.post("/embed", &json!({ "inputs": vec![passage.clone(); 8] }));
     assert_eq!(status, 200);
     let before = batches(&s);
