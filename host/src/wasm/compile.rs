@@ -224,7 +224,6 @@ pub fn serve_compile() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     /// A compiler executable that runs `body` (shell) after reading the
     /// component on its stdin.
