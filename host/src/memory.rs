@@ -32,15 +32,24 @@ pub fn tune() {
     }
 }
 
+/// Whether a trim is running: one at a time is enough.
+static TRIMMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Returns the free pages of every heap to the system (glibc's
 /// `malloc_trim`), after work that allocated and freed many small blocks:
 /// 32 costly texts tokenized for the real model left the service 513 MB
-/// above where it started without it. Costs milliseconds; a no-op where
-/// the C library is not glibc.
+/// above where it started without it. Costs milliseconds (it walks every
+/// heap); a call while another trims returns at once. A no-op where the C
+/// library is not glibc.
 pub fn give_back() {
+    use std::sync::atomic::Ordering;
+    if TRIMMING.swap(true, Ordering::AcqRel) {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory; it takes the heaps' locks.
     unsafe {
         libc::malloc_trim(0);
     }
+    TRIMMING.store(false, Ordering::Release);
 }

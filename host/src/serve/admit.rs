@@ -322,9 +322,6 @@ pub async fn tokenizing<T: Send + 'static>(
     }
 }
 
-/// Whether a trim of the heaps is running (one at a time is enough).
-static TRIMMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Gives the heaps' free pages back once a burst of tokenizing has ended
 /// (`share_of` whole again): the tokenizer's state was many small blocks,
 /// and without it the service kept 513 MB after an attack. Once a burst,
@@ -332,12 +329,8 @@ static TRIMMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// the tokenizations still running are about to reuse. Racy but harmless:
 /// at worst one trim too many, or one missed until the next burst ends.
 fn give_back_after_burst(share_of: &tokio::sync::Semaphore) {
-    use std::sync::atomic::Ordering;
-    if share_of.available_permits() >= limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT
-        && !TRIMMING.swap(true, Ordering::AcqRel)
-    {
+    if share_of.available_permits() >= limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT {
         crate::memory::give_back();
-        TRIMMING.store(false, Ordering::Release);
     }
 }
 

@@ -17,10 +17,11 @@
 //! so a request waits for at most one piece of each request queued before
 //! it per round, never for every piece of a large one: a single sentence
 //! sent beside the largest legal request is in one of the next batches
-//! formed. What it still waits for is the batches already running (at most
-//! one per instance) to finish: a batch is never preempted, so the bound is
-//! about one batch's time, `max_batch_tokens` of work (`cargo bench --bench
-//! serve` measures the p99 beside 2,048-sentence requests).
+//! formed. What it still waits for is about two batches of
+//! `max_batch_tokens`: the one running on the instance it gets (a batch is
+//! never preempted), and its own, which the rotation fills with the large
+//! request's pieces (`cargo bench --bench serve` measures the p99 beside
+//! 2,048-sentence requests).
 //!
 //! Invariants:
 //! - A text's vector does not depend on its batch neighbours (every engine

@@ -496,15 +496,9 @@ impl Supervisor {
             }
         }
         self.inner.shutdown.cancel();
-        // No slot is left to take them: queued calls fail now (their
-        // replies are dropped), not at their own deadlines, and later
-        // sends fail at once. The lock is bounded: a slot that did not stop
-        // in time might still hold it.
-        let queue = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, self.inner.queue.lock());
-        if let Ok(mut queue) = queue.await {
-            queue.close();
-            while queue.try_recv().is_ok() {}
-        }
+        // No slot is left to take them: queued calls fail now, not at
+        // their own deadlines, and later sends fail at once.
+        fail_queued(&self.inner, "the pool was shut down", true).await;
     }
 
     /// What the model reported at the first start.
@@ -1307,19 +1301,9 @@ async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
     for (token, _) in &slots {
         token.cancel();
     }
-    // Fail what waits in the queue; later submissions fail at once.
-    {
-        let mut queue = inner.queue.lock().await;
-        while let Ok(job) = queue.try_recv() {
-            let _ = job.reply.send((
-                None,
-                Err(CallError::Refused(RemoteError::new(
-                    ErrorCode::Unavailable,
-                    "the pool escalated",
-                ))),
-            ));
-        }
-    }
+    // Fail what waits in the queue; later submissions fail at once (the
+    // cooldown is set).
+    fail_queued(inner, "the pool escalated", false).await;
     if !recover || inner.shutdown.is_cancelled() {
         return;
     }
@@ -1341,6 +1325,25 @@ async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
         let stop = inner.shutdown.child_token();
         start_generation(&inner, None, stop);
     });
+}
+
+/// Refuses every job waiting in the queue (`why`, as unavailable), so
+/// their callers learn at once rather than at their deadlines; with
+/// `close`, later sends fail at once too. The lock is bounded: a slot that
+/// did not stop in time might still hold it.
+async fn fail_queued(inner: &Inner, why: &str, close: bool) {
+    let queue = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, inner.queue.lock());
+    let Ok(mut queue) = queue.await else {
+        tracing::warn!("the job queue stayed locked; its jobs end at their deadlines");
+        return;
+    };
+    if close {
+        queue.close();
+    }
+    while let Ok(job) = queue.try_recv() {
+        let refusal = RemoteError::new(ErrorCode::Unavailable, why);
+        let _ = job.reply.send((None, Err(CallError::Refused(refusal))));
+    }
 }
 
 async fn next_job(inner: &Inner) -> Option<Job> {
