@@ -35,8 +35,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use embedhost::bus::Bus;
-use embedhost::bus::transport::InProcess;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 use embedhost::wasm::{
     ArtifactCache, InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner,
@@ -283,11 +281,8 @@ fn worker_over(
     tokens: Tokens,
     settings: WorkerSettings,
 ) -> Worker {
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    Worker::new(bus, model, tokens, settings)
+    let embedder = embedhost::embedder::Embedder::local(supervisor.clone(), tokens.clone());
+    Worker::new(embedder, model, tokens, settings)
 }
 
 /// Indexes `docs` into the index `db` with a worker over `supervisor`, as

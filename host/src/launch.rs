@@ -6,12 +6,11 @@
 //! way through here, so a backend behaves alike under both.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use crate::config::{Backend, Config};
 use crate::supervisor::Supervisor;
+use crate::tokens::Tokens;
 use crate::wasm::{PluginSource, SnapshotStatus, WasmEngine, WasmPlugin, WasmSpawner};
-use crate::worker::chunk::Tokens;
 
 /// The wasmtime engine, with the configured artifact cache.
 ///
@@ -136,12 +135,7 @@ pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String
     if !(config.wasm_needs_model() || config.needs_model_files()) {
         return Ok(Tokens::Words);
     }
-    let path = config
-        .model_dir()?
-        .join(crate::native::onnx::TOKENIZER_FILE);
-    embedhost_text::TextEncoder::from_file(&path, max_input_tokens)
-        .map(|encoder| Tokens::Model(Arc::new(encoder)))
-        .map_err(|e| e.to_string())
+    Tokens::from_model_dir(&config.model_dir()?, max_input_tokens).map_err(|e| e.to_string())
 }
 
 /// The pool on the NATS server `[embedder] remote` names, if the config

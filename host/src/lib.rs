@@ -5,7 +5,9 @@
 //! - [`bus`]: the typed message bus (messages, transports, middleware).
 //! - [`messages`]: the message catalogue.
 //! - [`wasm`]: the WebAssembly backend (wasmtime, sandbox, limits).
-//! - [`embedder`]: the backend-neutral embedder API and its bus handlers.
+//! - [`embedder`]: the front door every caller embeds through, and its bus
+//!   peer.
+//! - [`tokens`]: where a model's tokens are (its tokenizer, or words).
 //! - [`config`]: the `embedhost.toml` configuration.
 //! - [`conformance`]: the plugin conformance suite (`embedhost plugin test`).
 //! - [`limits`]: every timeout and threshold, with its reason.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod conformance;
 pub mod deps;
 pub mod embedder;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod launch;
@@ -34,6 +37,7 @@ pub mod serve;
 pub mod supervisor;
 #[cfg(test)]
 mod test_support;
+pub mod tokens;
 pub mod untrusted;
 pub mod vectors;
 pub mod wasm;

@@ -495,7 +495,7 @@ pub const SERVE_MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 /// the same name). A batch is never interrupted, and a sentence's own
 /// batch is filled up with a large request's pieces, so what a single
 /// sentence waits for behind a large request is about two batches: the one
-/// running on the instance it gets, and its own (see `serve::batcher`).
+/// running on the instance it gets, and its own (see `embedder::batcher`).
 /// Measured beside requests of 2,048 sentences (`./x bench-report`, the
 /// serve section; native, pool of 2, 2 cores), that p99 was 2.4 to 5.2 s
 /// at TEI's default of 16,384, 1.08 s at 2,048, 0.93 s with one lane per

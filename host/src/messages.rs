@@ -4,8 +4,8 @@
 //! Idempotence decides retries (see [`crate::bus::Message::IDEMPOTENT`]):
 //! reads and embeddings are idempotent; `worker.index` queues work, but
 //! queueing the same paths twice is harmless (files already queued or
-//! unchanged are skipped), so it is idempotent too. `worker.init`,
-//! `model.download` and `shutdown` have effects a second run could repeat
+//! unchanged are skipped), so it is idempotent too. `worker.init` and
+//! `shutdown` have effects a second run could repeat
 //! while the first is still under way, so they are not retried.
 
 use std::path::PathBuf;
@@ -220,22 +220,6 @@ pub struct ModelCheckResponse {
     pub path: Option<PathBuf>,
 }
 
-/// `model.download`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ModelDownloadRequest {
-    /// The file the chunk is from.
-    pub path: PathBuf,
-}
-
-/// Answer to `model.download`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ModelDownloadResponse {
-    /// The model is present and verified.
-    pub success: bool,
-    /// What failed, if anything.
-    pub error: Option<String>,
-}
-
 /// The version of the embedder protocol a native child speaks. A child of
 /// another version is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -270,10 +254,8 @@ message!(/// Protocol version and model info of a native child.
     EmbedderHandshake, "embedder.handshake", idempotent = true, Empty => HandshakeResponse);
 message!(/// The embedder's memory and processed count.
     EmbedderHealth, "embedder.health", idempotent = true, Empty => HealthResponse);
-message!(/// Whether the model files are present.
+message!(/// Whether the model files are present (checked by size).
     ModelCheck, "model.check", idempotent = true, Empty => ModelCheckResponse);
-message!(/// Fetch the model files.
-    ModelDownload, "model.download", idempotent = false, ModelDownloadRequest => ModelDownloadResponse);
 message!(/// Stop gracefully.
     Shutdown, "shutdown", idempotent = false, ShutdownRequest => Empty);
 
@@ -287,6 +269,5 @@ pub const ALL: &[&str] = &[
     EmbedderHandshake::NAME,
     EmbedderHealth::NAME,
     ModelCheck::NAME,
-    ModelDownload::NAME,
     Shutdown::NAME,
 ];

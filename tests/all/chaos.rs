@@ -17,8 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use embedhost::bus::Bus;
-use embedhost::bus::transport::InProcess;
 use embedhost::config::Config;
 use embedhost::supervisor::Supervisor;
 use embedhost::wasm::{ArtifactCache, WasmEngine, WasmPlugin, WasmSpawner};
@@ -144,12 +142,9 @@ async fn host(config: &Config, seed: u64) -> (Worker, Supervisor) {
             Supervisor::from_fn(seeded, supervision).await.unwrap()
         }
     };
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
+    let embedder = embedhost::embedder::Embedder::local(supervisor.clone(), Tokens::Words);
     let worker = Worker::new(
-        bus,
+        embedder,
         supervisor.model_info(),
         Tokens::Words,
         config.worker_settings(),

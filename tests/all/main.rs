@@ -4,6 +4,7 @@ mod bus;
 mod chaos;
 mod child;
 mod cli;
+mod front;
 mod fuzz;
 mod generated;
 mod kernels;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod contact;
+mod front;
 mod limits;
 
 /// How long a service may take to become ready (compiling the stub is
@@ -812,7 +813,7 @@ fn clean_vectors(texts: &[String]) -> std::collections::HashMap<String, Vec<f32>
     out
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
+pub fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

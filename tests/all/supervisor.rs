@@ -161,12 +161,12 @@ fn worker_over(
     supervisor: &Supervisor,
     settings: embedhost::worker::WorkerSettings,
 ) -> embedhost::worker::Worker {
-    let bus = embedhost::bus::Bus::new(embedhost::bus::transport::InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
+    let embedder = embedhost::embedder::Embedder::local(
+        supervisor.clone(),
+        embedhost::worker::chunk::Tokens::Words,
+    );
     embedhost::worker::Worker::new(
-        bus,
+        embedder,
         info(),
         embedhost::worker::chunk::Tokens::Words,
         settings,
@@ -1079,7 +1079,7 @@ async fn a_batch_is_cut_across_the_pool_and_gathered_in_order() {
 
 #[test]
 fn the_batcher_cuts_requests_by_the_token_budget() {
-    use embedhost::serve::batcher::pieces;
+    use embedhost::embedder::batcher::pieces;
     assert_eq!(pieces(&[5, 5, 5, 20, 1], 10), vec![0..2, 2..3, 3..4, 4..5]);
     assert_eq!(pieces(&[3; 4], 100), vec![0..4]);
     assert!(pieces(&[], 10).is_empty());
@@ -1087,7 +1087,7 @@ fn the_batcher_cuts_requests_by_the_token_budget() {
 
 #[tokio::test(start_paused = true)]
 async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
-    use embedhost::serve::batcher::{BatchSettings, Batcher};
+    use embedhost::embedder::batcher::{BatchSettings, Batcher};
     let calls = Arc::new(Mutex::new(Vec::new()));
     let log = calls.clone();
     let (supervisor, _) = supervise(
@@ -1151,16 +1151,24 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
         assert_eq!(row.len(), 1);
         assert_eq!(row[0].as_ref().unwrap()[0], len);
     }
-    // A request over the budget is cut into pieces, gathered in order.
+    // A request over the budget is ordered longest first, cut into
+    // pieces by tokens (60 | 60 30 | 20 10 5), and gathered back in the
+    // caller's order.
     let texts: Vec<String> = (0..6).map(|i| "y".repeat(i + 1)).collect();
-    let rows = batcher.embed(texts, &[40; 6], false, until).await.unwrap();
+    let tokens = [10, 60, 20, 60, 5, 30];
+    let rows = batcher.embed(texts, &tokens, false, until).await.unwrap();
     let lens: Vec<f32> = rows.iter().map(|r| r.as_ref().unwrap()[0]).collect();
     assert_eq!(lens, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(
+        calls.lock().unwrap()[3..],
+        ["yy".to_string(), "yyyy".to_string(), "yyy".to_string()],
+        "each piece starts with its longest text, the longest piece first"
+    );
     batcher.close().await;
     let closed = batcher.embed(vec!["z".into()], &[1], false, until).await;
     assert!(matches!(
         closed,
-        Err(embedhost::serve::batcher::BatchError::Stopped)
+        Err(embedhost::embedder::EmbedError::Stopped)
     ));
 }
 

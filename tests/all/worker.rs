@@ -7,8 +7,6 @@ use crate::OutputWithin;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use embedhost::bus::Bus;
-use embedhost::bus::transport::InProcess;
 use embedhost::messages::{SearchResult, StatsResponse};
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 use embedhost::wasm::{
@@ -594,11 +592,8 @@ async fn stub_worker_with(
     )
     .await
     .unwrap();
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        embedhost::embedder::supervised_router(supervisor.clone()),
-    ));
-    let worker = Worker::new(bus, supervisor.model_info(), Tokens::Words, settings)
+    let embedder = embedhost::embedder::Embedder::local(supervisor.clone(), Tokens::Words);
+    let worker = Worker::new(embedder, supervisor.model_info(), Tokens::Words, settings)
         .with_embedder_id(embedder_id);
     (worker, supervisor)
 }

@@ -5,6 +5,7 @@
 //! the index.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
@@ -12,11 +13,11 @@ use clap::Args;
 use crate::bus::transport::InProcess;
 use crate::bus::{Bus, Empty, SendOptions};
 use crate::config::Config;
+use crate::embedder::{Embedder, Generation};
 use crate::messages::{
     IndexRequest, InitRequest, SearchRequest, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
-use crate::supervisor::Supervisor;
 use crate::worker::store::Store;
 use crate::worker::{Worker, router};
 
@@ -102,21 +103,14 @@ async fn start_worker(
     config: &Config,
     db: &std::path::Path,
     max_pool: Option<usize>,
-) -> Result<(Bus, Option<Supervisor>, Worker), String> {
-    // A remote pool (over NATS) if the config names one, else our own.
-    let (embedder, model, supervisor) = match crate::launch::remote_embedder(config).await? {
-        Some((bus, model)) => (bus, model, None),
-        None => {
-            let source = config.plugin_source();
-            let (supervisor, _) = crate::launch::start_backend(config, &source, max_pool).await?;
-            let bus = Bus::new(InProcess::named(
-                "embedder",
-                crate::embedder::supervised_router(supervisor.clone()),
-            ));
-            (bus, supervisor.model_info(), Some(supervisor))
-        }
-    };
-    let tokens = crate::launch::tokens(config, model.max_input_tokens as usize)?;
+) -> Result<(Bus, Arc<Embedder>, Worker), String> {
+    // A remote pool (over NATS) if the config names one, else our own:
+    // either way through the front door.
+    let embedder = Arc::new(Embedder::start(config.clone(), max_pool).await?);
+    let generation = embedder.generation().map_err(|e| e.to_string())?;
+    let model = generation.info.clone();
+    let tokens = generation.tokens.clone();
+    drop(generation);
     let mut settings = config.worker_settings();
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);
@@ -125,7 +119,7 @@ async fn start_worker(
         Some(url) => format!("remote|{url}|{}", model.model_id),
         None => config.embedder_id(),
     };
-    let worker = Worker::new(embedder, model, tokens, settings).with_embedder_id(id);
+    let worker = Worker::new(embedder.clone(), model, tokens, settings).with_embedder_id(id);
     let bus = Bus::new(InProcess::named("worker", router(worker.clone())));
     bus.send::<WorkerInit>(
         InitRequest {
@@ -136,7 +130,7 @@ async fn start_worker(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok((bus, supervisor, worker))
+    Ok((bus, embedder, worker))
 }
 
 pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {
@@ -148,10 +142,10 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     {
         return index_through(&client, args.paths, started, &db).await;
     }
-    let (bus, supervisor, worker) = start_worker(&config, &db, None).await?;
+    let (bus, embedder, worker) = start_worker(&config, &db, None).await?;
     let mut result = run_index(
         &bus,
-        supervisor.as_ref(),
+        embedder.current().as_deref(),
         args.paths.clone(),
         started,
         &db,
@@ -163,15 +157,15 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     }
     // A normal exit stops the pool in order: native children get
     // `shutdown` and exit 0, never SIGKILL.
-    if let Some(supervisor) = supervisor {
-        supervisor.shutdown().await;
+    if let Some(generation) = embedder.take() {
+        generation.shutdown().await;
     }
     result
 }
 
 async fn run_index(
     bus: &Bus,
-    supervisor: Option<&Supervisor>,
+    generation: Option<&Generation>,
     paths: Vec<PathBuf>,
     started: Instant,
     db: &std::path::Path,
@@ -252,7 +246,7 @@ async fn run_index(
             reasons.join(", ")
         );
     }
-    if let Some(line) = supervisor.and_then(restarts_line) {
+    if let Some(line) = generation.and_then(restarts_line) {
         outln!("{line}");
     }
     Ok(())
@@ -317,8 +311,8 @@ fn clock() -> String {
 
 /// `embedder restarts: trap 3, deadline 1`, summed over the pool, or
 /// `None` if no instance was restarted.
-fn restarts_line(supervisor: &Supervisor) -> Option<String> {
-    let by_reason = supervisor.restarts();
+fn restarts_line(generation: &Generation) -> Option<String> {
+    let by_reason = generation.restarts();
     (!by_reason.is_empty()).then(|| {
         let parts: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
         format!("embedder restarts: {}", parts.join(", "))
@@ -344,7 +338,7 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
             serde_json::from_value(answer).map_err(|e| format!("the service's answer: {e}"))?;
         return show_results(results, &args);
     }
-    let (bus, supervisor, _) = start_worker(&config, &db, Some(1)).await?;
+    let (bus, embedder, _) = start_worker(&config, &db, Some(1)).await?;
     let results = bus
         .send::<WorkerSearch>(
             SearchRequest {
@@ -356,8 +350,8 @@ pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Re
         )
         .await
         .map_err(|e| e.to_string());
-    if let Some(supervisor) = supervisor {
-        supervisor.shutdown().await;
+    if let Some(generation) = embedder.take() {
+        generation.shutdown().await;
     }
     show_results(results?.results, &args)
 }

@@ -31,10 +31,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::bus::transport::InProcess;
-use crate::bus::{Bus, SendOptions};
 use crate::config::{Backend, Config};
-use crate::messages::{EmbedRequest, EmbedderEmbed};
+use crate::embedder::{Embedder, Job};
 use crate::wasm::{PluginSource, SnapshotStatus, WasmEmbedder, WasmPlugin};
 
 /// Run text-embedding plugins under supervision.
@@ -315,71 +313,46 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
             .collect();
         return print_rows(&args.texts, rows);
     }
-    // A remote pool (over NATS) does the work if the config names one.
-    if args.plugin.is_none()
-        && let Some((bus, _)) = crate::launch::remote_embedder(&config).await?
-    {
-        let options = SendOptions::default()
-            .timeout(crate::limits::DEFAULT_REQUEST_TIMEOUT)
-            .retries(crate::limits::NATS_HANDSHAKE_RETRIES);
-        let request = EmbedRequest {
-            texts: args.texts.clone(),
-            is_query: args.query,
-        };
-        let response = bus
-            .send::<EmbedderEmbed>(request, options)
-            .await
-            .map_err(|e| e.to_string())?;
-        let rows = response
-            .per_text(args.texts.len())
-            .ok_or("the embedder's answer does not match the request")?
-            .into_iter()
-            .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
-            .collect();
-        return print_rows(&args.texts, rows);
-    }
     // `--plugin` replaces the configured plugin everywhere (whether it is
-    // given the model, the table its `init` gets), as `plugin.path` would.
+    // given the model, the table its `init` gets), as `plugin.path` would,
+    // and runs here even if the config names a remote pool.
     if let Some(path) = args.plugin {
         config.plugin.path = Some(path);
+        config.embedder.remote = None;
     }
     let source = config.plugin_source();
-    if config.backend == Backend::Native && matches!(source, PluginSource::File(_)) {
+    if config.backend == Backend::Native
+        && config.embedder.remote.is_none()
+        && matches!(source, PluginSource::File(_))
+    {
         return Err("`--plugin` and `plugin.path` name a WASM plugin, but the config selects backend = \"native\"".into());
     }
-    let limits = config.instance_limits();
-    // One command, one batch: more instances than texts would only start idle.
-    let (supervisor, _) =
-        crate::launch::start_backend(&config, &source, Some(args.texts.len().max(1))).await?;
-    let bus = Bus::new(InProcess::named(
-        "embedder",
-        crate::embedder::supervised_router(supervisor.clone()),
-    ));
+    let deadline =
+        crate::limits::DEFAULT_REQUEST_TIMEOUT.max(config.instance_limits().call_deadline);
+    // One command, one batch: more instances than texts would only start
+    // idle. A remote pool (`[embedder] remote`) is used through the same
+    // front door.
+    let embedder = Embedder::start(config, Some(args.texts.len().max(1))).await?;
     let texts = args.texts;
-    let options = SendOptions::default()
-        .timeout(crate::limits::DEFAULT_REQUEST_TIMEOUT.max(limits.call_deadline));
-    let response = bus
-        .send::<EmbedderEmbed>(
-            EmbedRequest {
-                texts: texts.clone(),
-                is_query: args.query,
-            },
-            options,
-        )
-        .await;
-    if args.stats {
-        let status = serde_json::to_string(&supervisor.status()).unwrap_or_default();
+    let job = Job::new(texts.clone()).query(args.query).deadline(deadline);
+    let done = embedder.embed(job).await;
+    let generation = embedder.take();
+    if args.stats
+        && let Some(generation) = &generation
+    {
+        let status = serde_json::to_string(&generation.status()).unwrap_or_default();
         eprintln!("{status}");
     }
     // A normal exit stops the pool in order: native children get
     // `shutdown` and exit 0, never SIGKILL.
-    supervisor.shutdown().await;
-    let response = response.map_err(|e| e.to_string())?;
-    let rows = response
-        .per_text(texts.len())
-        .ok_or("the embedder's answer does not match the request")?
+    if let Some(generation) = generation {
+        generation.shutdown().await;
+    }
+    let rows = done
+        .map_err(|e| e.to_string())?
+        .rows
         .into_iter()
-        .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
+        .map(|row| row.map_err(|f| f.0))
         .collect();
     print_rows(&texts, rows)
 }

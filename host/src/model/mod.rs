@@ -403,7 +403,7 @@ impl VerifiedRecord {
         }
         if let Ok(bytes) = serde_json::to_vec(self) {
             // A record that cannot be written only costs a hash next time.
-            let _ = crate::wasm::write_atomic(&dir.join(VERIFIED_FILE), &bytes);
+            let _ = crate::files::write_atomic(&dir.join(VERIFIED_FILE), &bytes);
         }
     }
 }

@@ -40,7 +40,7 @@ use crate::backend::ModelInfo;
 use crate::bus::{Empty, ErrorCode, RemoteError, Router};
 use crate::messages::{
     EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, EmbedderHealth,
-    HandshakeResponse, HealthResponse, PROTOCOL_VERSION, Shutdown,
+    HandshakeResponse, HealthResponse, ModelCheck, ModelCheckResponse, PROTOCOL_VERSION, Shutdown,
 };
 use crate::vectors::Vectors;
 
@@ -392,6 +392,13 @@ pub fn engine_router(
                 model,
             })
         }
+    });
+    // The engine loaded its model: its files are there.
+    router.handle::<ModelCheck, _, _>(move |_, _: Empty| async move {
+        Ok(ModelCheckResponse {
+            exists: true,
+            path: None,
+        })
     });
     add_shutdown(&mut router, stop);
     router

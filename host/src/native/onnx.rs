@@ -48,7 +48,7 @@ pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
 pub const INT8_MODEL_FILE: &str = "model.int8.onnx";
 
 /// The tokenizer a model directory must hold beside its graph.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use crate::tokens::TOKENIZER_FILE;
 
 /// Environment variable naming the library (ort's own convention).
 pub const LIBRARY_ENV: &str = "ORT_DYLIB_PATH";

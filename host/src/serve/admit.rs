@@ -207,172 +207,30 @@ pub async fn admit(
     next.run(request).await
 }
 
-/// Texts up to this many bytes in all are tokenized on the request's own
-/// task, without a share of [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`]: a
-/// sentence takes microseconds, less than a hand-off to a blocking thread.
-const INLINE_TOKENIZE_BYTES: usize = 4096;
+pub use crate::embedder::job::fewest_tokens;
 
-/// The fewest tokens the model's tokenizer can give `text`, counted without
-/// tokenizing it: one per word (split at ASCII spaces, tabs and line
-/// breaks) that holds a letter or a digit. Every tokenizer the host reads
-/// splits at those (BERT's WordPiece, SentencePiece's metaspace, byte-level
-/// BPE, the stub's words) and gives a word with a letter or digit at least
-/// one token (an unknown word is one `[UNK]`); other characters may be
-/// dropped by normalization (controls, accents), and other Unicode spaces
-/// may not split, so they are not counted. So the count never exceeds the
-/// real one, and a text refused for it could not have fitted.
-pub fn fewest_tokens(text: &str) -> usize {
-    text.split([' ', '\t', '\n', '\r'])
-        .filter(|word| word.chars().any(char::is_alphanumeric))
-        .count()
-}
-
-/// Refuses, before any tokenizing, a text whose fewest possible tokens
-/// already pass [`limits::SERVE_MAX_INPUT_TOKENS`] (400, naming it).
+/// Refuses, before any tokenizing, a text in `field` whose fewest possible
+/// tokens already pass [`limits::SERVE_MAX_INPUT_TOKENS`] (400 naming it;
+/// 413 on TEI's routes).
 ///
 /// # Errors
 /// The refusal.
 pub fn check_words(field: &str, texts: &[String]) -> Result<(), ApiError> {
-    for (i, text) in texts.iter().enumerate() {
-        // A text of fewer bytes than the limit cannot have more words.
-        if text.len() <= limits::SERVE_MAX_INPUT_TOKENS {
-            continue;
-        }
-        let fewest = fewest_tokens(text);
-        if fewest > limits::SERVE_MAX_INPUT_TOKENS {
-            return Err(ApiError::over_limit(
-                field,
-                format!(
-                    "`{field}[{i}]` has at least {fewest} tokens (one per word); at most {} are accepted per input",
-                    limits::SERVE_MAX_INPUT_TOKENS
-                ),
-            ));
-        }
-    }
-    Ok(())
+    crate::embedder::job::check_words(texts).map_err(|e| ApiError::embedding(e, field))
 }
 
-/// Token counts of `texts`: a few short ones here, more on a blocking
-/// thread once the request has its share of the bytes being tokenized
-/// ([`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`]), waited for at most
-/// [`limits::SERVE_TOKENIZE_WAIT`].
+/// Runs `work`, a tokenization of `bytes` of text, within the share of
+/// the text being tokenized that every caller of the front door uses
+/// ([`crate::embedder::tokenizing`]).
 ///
 /// # Errors
-/// 429 if the share does not come in time; 400 naming a text the
-/// tokenizer refuses.
-pub async fn count_tokens(
-    state: &State,
-    pool: &Arc<super::pool::Pool>,
-    field: &str,
-    texts: Vec<String>,
-) -> Result<(Vec<String>, Vec<usize>), ApiError> {
-    let bytes: usize = texts.iter().map(String::len).sum();
-    let pool = pool.clone();
-    let (texts, counted) = tokenizing(&state.tokenizing, bytes, move || {
-        let counted = pool.count_tokens(&texts);
-        (texts, counted)
-    })
-    .await?;
-    let counts = counted.map_err(|(i, e)| {
-        ApiError::bad(field, format!("`{field}[{i}]` cannot be tokenized: {e}"))
-    })?;
-    Ok((texts, counts))
-}
-
-/// Runs `work`, a tokenization of `bytes` of text: here if they are few,
-/// else on a blocking thread once it has its share of `share_of` (the
-/// service's [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`] permits, one per
-/// byte), held until the work ends (429 if that takes longer than
-/// [`limits::SERVE_TOKENIZE_WAIT`]).
-///
-/// # Errors
-/// The 429, or a 500 if the blocking thread panicked.
+/// 429 if the share does not come in time; 500 if the work panicked.
 pub async fn tokenizing<T: Send + 'static>(
     share_of: &Arc<tokio::sync::Semaphore>,
     bytes: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    if bytes <= INLINE_TOKENIZE_BYTES {
-        Ok(work())
-    } else {
-        let share = bytes.min(limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT) as u32;
-        let permit = tokio::time::timeout(
-            limits::SERVE_TOKENIZE_WAIT,
-            share_of.clone().acquire_many_owned(share),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "the tokenizer is busy with other requests' text; retry shortly",
-            )
-            .retry_after(limits::SERVE_RETRY_AFTER)
-        })?;
-        let share_of = share_of.clone();
-        tokio::task::spawn_blocking(move || {
-            let done = work();
-            drop(permit);
-            give_back_after_burst(&share_of);
-            done
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-    }
-}
-
-/// Gives the heaps' free pages back once a burst of tokenizing has ended
-/// (`share_of` whole again): the tokenizer's state was many small blocks,
-/// and without it the service kept 513 MB after an attack. Once a burst,
-/// not after each request: a trim walks every heap and would drop pages
-/// the tokenizations still running are about to reuse. Racy but harmless:
-/// at worst one trim too many, or one missed until the next burst ends.
-fn give_back_after_burst(share_of: &tokio::sync::Semaphore) {
-    if share_of.available_permits() >= limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT {
-        crate::memory::give_back();
-    }
-}
-
-/// Refuses at once a request of `tokens` that the pool cannot finish by
-/// `until` at the fastest speed it has been measured at: 413 if it could
-/// not alone,
-/// 429 (with `Retry-After`) if it could, but not behind what is queued.
-///
-/// # Errors
-/// The refusal, saying what cannot finish and why.
-pub fn check_deadline(
-    pool: &super::pool::Pool,
-    tokens: usize,
-    until: tokio::time::Instant,
-) -> Result<(), ApiError> {
-    let Some(estimate) = pool.estimate(tokens) else {
-        return Ok(());
-    };
-    let left = until.saturating_duration_since(tokio::time::Instant::now());
-    if estimate.alone > left {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "this request's {tokens} tokens would take about {:.1} s at the fastest the pool has been measured at, more than the {:.1} s left of its deadline: send fewer or shorter texts, or a longer deadline (the {} header)",
-                estimate.alone.as_secs_f64(),
-                left.as_secs_f64(),
-                super::DEADLINE_HEADER,
-            ),
-        ));
-    }
-    if estimate.queued > left {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "with the work queued ahead of it, this request's {tokens} tokens would take about {:.1} s, more than the {:.1} s left of its deadline; retry shortly",
-                estimate.queued.as_secs_f64(),
-                left.as_secs_f64(),
-            ),
-        )
-        .retry_after((estimate.queued - left).max(limits::SERVE_RETRY_AFTER)));
-    }
-    Ok(())
+    Ok(crate::embedder::tokenizing(share_of, bytes, work).await?)
 }
 
 #[cfg(test)]

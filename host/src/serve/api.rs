@@ -12,7 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::batcher::BatchError;
+use crate::embedder::{EmbedError, InputProblem};
 use crate::supervisor::SupervisorError;
 
 /// Which API's error shape a route answers in.
@@ -159,26 +159,53 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<BatchError> for ApiError {
-    fn from(e: BatchError) -> Self {
+impl From<EmbedError> for ApiError {
+    fn from(e: EmbedError) -> Self {
+        ApiError::embedding(e, "input")
+    }
+}
+
+impl ApiError {
+    /// The front door's refusal of the texts in `field`, as the client's
+    /// answer: an input's problem names `field[i]`, running out of time
+    /// names the deadline header.
+    pub fn embedding(e: EmbedError, field: &str) -> Self {
         let message = e.to_string();
-        match e {
-            BatchError::Overloaded(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
-                .retry_after(crate::limits::SERVE_RETRY_AFTER),
-            BatchError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
-                .retry_after(crate::limits::SERVE_RETRY_AFTER),
-            BatchError::Supervisor(SupervisorError::Unavailable { retry_after, .. }) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(retry_after)
+        let retry_after = e.retry_after();
+        let error = match e {
+            EmbedError::Input { index, problem } => {
+                let message = format!("`{field}[{index}]` {problem}");
+                return match problem {
+                    InputProblem::Untokenizable(_) => ApiError::bad(field, message),
+                    _ => ApiError::over_limit(field, message),
+                };
             }
-            BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)) => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, message)
+            EmbedError::TooSlow { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{message} (the {} header)", super::DEADLINE_HEADER),
+            ),
+            EmbedError::Behind { .. } | EmbedError::TokenizerBusy | EmbedError::Overloaded(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
             }
-            BatchError::Supervisor(SupervisorError::Escalated(_)) => {
+            EmbedError::Starting
+            | EmbedError::Stopped
+            | EmbedError::Supervisor(SupervisorError::Unavailable { .. })
+            | EmbedError::Supervisor(SupervisorError::Escalated(_)) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
             }
-            BatchError::Supervisor(SupervisorError::Refused(_)) => {
+            EmbedError::Supervisor(SupervisorError::DeadlineExceeded(_)) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, message)
+            }
+            EmbedError::Supervisor(SupervisorError::Refused(_)) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, message)
             }
+            EmbedError::Counts { .. } | EmbedError::TokenizerFailed(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+            }
+        };
+        ApiError {
+            retry_after,
+            ..error
         }
     }
 }
@@ -381,17 +408,17 @@ mod tests {
     fn each_batch_error_has_its_status_and_a_retry_only_where_one_helps() {
         let cases = [
             (
-                BatchError::Overloaded(5),
+                EmbedError::Overloaded(5),
                 StatusCode::TOO_MANY_REQUESTS,
                 Some(crate::limits::SERVE_RETRY_AFTER),
             ),
             (
-                BatchError::Stopped,
+                EmbedError::Stopped,
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some(crate::limits::SERVE_RETRY_AFTER),
             ),
             (
-                BatchError::Supervisor(SupervisorError::Unavailable {
+                EmbedError::Supervisor(SupervisorError::Unavailable {
                     reason: "crashes".into(),
                     retry_after: Duration::from_secs(7),
                 }),
@@ -399,17 +426,17 @@ mod tests {
                 Some(Duration::from_secs(7)),
             ),
             (
-                BatchError::Supervisor(SupervisorError::DeadlineExceeded(Duration::from_secs(2))),
+                EmbedError::Supervisor(SupervisorError::DeadlineExceeded(Duration::from_secs(2))),
                 StatusCode::GATEWAY_TIMEOUT,
                 None,
             ),
             (
-                BatchError::Supervisor(SupervisorError::Escalated("no instance".into())),
+                EmbedError::Supervisor(SupervisorError::Escalated("no instance".into())),
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
             ),
             (
-                BatchError::Supervisor(SupervisorError::Refused(RemoteError::new(
+                EmbedError::Supervisor(SupervisorError::Refused(RemoteError::new(
                     ErrorCode::Failed,
                     "the plugin said no",
                 ))),
@@ -423,7 +450,7 @@ mod tests {
             assert_eq!((api.status, api.retry_after), (status, retry), "{message}");
             assert_eq!(api.message, message);
         }
-        let response = ApiError::from(BatchError::Supervisor(SupervisorError::Unavailable {
+        let response = ApiError::from(EmbedError::Supervisor(SupervisorError::Unavailable {
             reason: "crashes".into(),
             retry_after: Duration::from_secs(7),
         }))

@@ -1,8 +1,7 @@
 //! `embedhost serve`: a long-running embedding service over HTTP.
 //!
-//! The parts: [`pool`] (one generation of the supervised backend and its
-//! [`batcher`]), [`routes`] (the OpenAI-, TEI- and embedhost-shaped
-//! routes), [`api`] (error shapes and field-by-field body reading) and
+//! The parts: [`routes`] (the OpenAI-, TEI- and embedhost-shaped
+//! routes, every one through the front door, [`crate::embedder`]), [`api`] (error shapes and field-by-field body reading) and
 //! [`client`] (the CLI's way to a running service, over its Unix socket).
 //!
 //! Invariants, and why:
@@ -25,16 +24,14 @@
 //!   limit, taken after the body: [`admit`]), inputs per request, tokens
 //!   per input (counted from words before tokenizing), text being
 //!   tokenized, the time a request would take against its deadline, the
-//!   batch queue (round-robin by request: [`batcher`]), the deadline, the
+//!   batch queue (round-robin by request: [`crate::embedder::batcher`]), the deadline, the
 //!   index jobs remembered.
 
 pub mod admit;
 pub mod api;
-pub mod batcher;
 pub mod client;
 pub mod listen;
 mod openai;
-pub mod pool;
 pub mod routes;
 mod settings;
 mod tei;
@@ -43,24 +40,16 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::transport::InProcess;
-use crate::bus::{Bus, ErrorCode, RemoteError, RequestContext, Router};
 use crate::config::Config;
+use crate::embedder::{Embedder, Generation};
 use crate::limits;
-use crate::messages::{
-    EmbedRequest, EmbedResponse, EmbedderEmbed, EmbedderHandshake, FailedInput, HandshakeResponse,
-    PROTOCOL_VERSION,
-};
-use crate::vectors::Vectors;
 use crate::worker::Worker;
-
-use pool::Pool;
 
 /// Environment variable holding the API key.
 pub const API_KEY_ENV: &str = "EMBEDHOST_API_KEY";
@@ -165,7 +154,8 @@ pub struct State {
     pub settings: crate::config::ServeSection,
     /// The index directory.
     pub db: PathBuf,
-    current: RwLock<Option<Arc<Pool>>>,
+    /// The front door every route, the worker and a NATS member use.
+    pub embedder: Arc<Embedder>,
     phase: Mutex<Phase>,
     generations: AtomicU64,
     worker: Mutex<Option<WorkerEntry>>,
@@ -199,9 +189,6 @@ pub struct State {
     /// Bytes of request bodies held now, at most
     /// [`limits::SERVE_BODY_BYTES_IN_FLIGHT`].
     pub bodies: Arc<tokio::sync::Semaphore>,
-    /// Bytes of text being tokenized now, at most
-    /// [`limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT`].
-    pub tokenizing: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -213,19 +200,8 @@ impl State {
     ///
     /// # Errors
     /// The reason, while the service starts or the pool cools down.
-    pub fn pool(&self) -> Result<Arc<Pool>, api::ApiError> {
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        current.ok_or_else(|| {
-            api::ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "the embedder backend is starting",
-            )
-            .retry_after(limits::SERVE_RETRY_AFTER)
-        })
+    pub fn pool(&self) -> Result<Arc<Generation>, api::ApiError> {
+        Ok(self.embedder.generation()?)
     }
 
     /// Counts a request as running until the guard is dropped (answered or
@@ -519,7 +495,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         options,
         settings,
         db: db.clone(),
-        current: RwLock::new(None),
+        embedder: Arc::new(Embedder::new()),
         phase: Mutex::new(Phase::Starting),
         generations: AtomicU64::new(0),
         worker: Mutex::new(None),
@@ -539,9 +515,6 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         connections: connections.clone(),
         bodies: Arc::new(tokio::sync::Semaphore::new(
             limits::SERVE_BODY_BYTES_IN_FLIGHT,
-        )),
-        tokenizing: Arc::new(tokio::sync::Semaphore::new(
-            limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
         )),
     });
 
@@ -657,12 +630,7 @@ async fn shut_down(state: &Arc<State>) {
     for task in retiring {
         task.abort();
     }
-    let current = state
-        .current
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(pool) = current {
+    if let Some(pool) = state.embedder.take() {
         pool.shutdown().await;
     }
 }
@@ -721,9 +689,10 @@ async fn bind_socket(db: &Path) -> Result<tokio::net::UnixListener, ServeError> 
 /// Starts the first pool and opens the index.
 async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    let pool = Pool::start(config, generation).await?;
+    let pool = Generation::start(config, generation, None).await?;
+    pool.wait_all_up().await;
     tracing::info!(backend = pool.backend, model = %pool.info.model_id, "embedder pool up");
-    *state.current.write().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
+    state.embedder.install(pool.clone());
     open_worker(state, &pool).await;
     *lock(&state.phase) = Phase::Ready;
     state.rewatch().await;
@@ -733,7 +702,7 @@ async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
 /// Opens the index with a worker for `pool`'s model, unless the worker in
 /// place already serves that model (a swap of backend keeps it: the same
 /// model gives the same vectors).
-async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
+async fn open_worker(state: &Arc<State>, pool: &Arc<Generation>) {
     let model = (pool.info.model_id.to_string(), pool.info.dimension);
     if lock(&state.worker)
         .as_ref()
@@ -742,7 +711,7 @@ async fn open_worker(state: &Arc<State>, pool: &Arc<Pool>) {
         return;
     }
     let worker = Worker::new(
-        embedder_bus(Arc::downgrade(state)),
+        state.embedder.clone(),
         pool.info.clone(),
         pool.tokens.clone(),
         pool.config.worker_settings(),
@@ -791,13 +760,10 @@ async fn reload(state: &Arc<State>) {
     drop(current);
     *lock(&state.phase) = Phase::Reloading;
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    match Pool::start(config, generation).await {
+    match Generation::start(config, generation, None).await {
         Ok(pool) => {
-            let old = state
-                .current
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .replace(pool.clone());
+            pool.wait_all_up().await;
+            let old = state.embedder.install(pool.clone());
             open_worker(state, &pool).await;
             state.rewatch().await;
             tracing::info!(
@@ -815,58 +781,6 @@ async fn reload(state: &Arc<State>) {
         Err(e) => tracing::error!("reload failed, the pool in force stays: {e}"),
     }
     *lock(&state.phase) = Phase::Ready;
-}
-
-/// The worker's embedder: `embedder.embed` through whichever pool serves
-/// now, so the index keeps working across a swap.
-fn embedder_bus(state: Weak<State>) -> Bus {
-    Bus::new(InProcess::named("embedder", embedder_router(state)))
-}
-
-/// `embedder.embed` and `embedder.handshake` through whichever pool serves
-/// now: for the worker in this process, and for callers over NATS.
-fn embedder_router(state: Weak<State>) -> Router {
-    let mut router = Router::new();
-    let for_handshake = state.clone();
-    router.handle::<EmbedderHandshake, _, _>(move |_, _: crate::bus::Empty| {
-        let state = for_handshake.upgrade();
-        async move {
-            let pool = state
-                .ok_or_else(|| RemoteError::new(ErrorCode::Unavailable, "the service stopped"))?
-                .pool()
-                .map_err(|e| RemoteError::new(ErrorCode::Unavailable, e.message))?;
-            Ok(HandshakeResponse {
-                protocol_version: PROTOCOL_VERSION,
-                model: pool.info.clone(),
-            })
-        }
-    });
-    router.handle::<EmbedderEmbed, _, _>(move |ctx: RequestContext, request: EmbedRequest| {
-        let state = state.clone();
-        async move {
-            let unavailable = |message: String| {
-                let mut e = RemoteError::new(ErrorCode::Unavailable, message);
-                e.retry_after_ms = Some(limits::SERVE_RETRY_AFTER.as_millis() as u64);
-                e
-            };
-            let state = state
-                .upgrade()
-                .ok_or_else(|| unavailable("the service stopped".into()))?;
-            let pool = state.pool().map_err(|e| unavailable(e.message))?;
-            let until = tokio::time::Instant::now()
-                + ctx.deadline.unwrap_or(limits::DEFAULT_REQUEST_TIMEOUT);
-            let tokens = pool.batch_tokens(&request.texts);
-            let rows = pool
-                .embed(request.texts, &tokens, request.is_query, until)
-                .await
-                .map_err(|e| match e {
-                    batcher::BatchError::Supervisor(s) => RemoteError::from(s),
-                    other => unavailable(other.to_string()),
-                })?;
-            Ok(response(rows, pool.info.dimension as usize))
-        }
-    });
-    router
 }
 
 /// Joins the pool of this service's model on the NATS server at `url`,
@@ -894,7 +808,10 @@ async fn join_nats(
     }
     let room = pool.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
     let model = pool.config.model_id().to_string();
-    let router = Arc::new(embedder_router(Arc::downgrade(state)));
+    let router = Arc::new(crate::embedder::peer::router(
+        state.embedder.clone(),
+        crate::embedder::peer::Role::Member,
+    ));
     let weak = Arc::downgrade(state);
     let serving: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         weak.upgrade()
@@ -917,25 +834,6 @@ async fn join_nats(
             addr: shown.clone(),
             message: "the NATS task ended".into(),
         }),
-    }
-}
-
-/// Rows as the bus's `EmbedResponse`.
-fn response(rows: Vec<batcher::Row>, dimension: usize) -> EmbedResponse {
-    let mut data = Vec::new();
-    let mut failed = Vec::new();
-    for (i, row) in rows.into_iter().enumerate() {
-        match row {
-            Ok(v) => data.extend(v),
-            Err(reason) => failed.push(FailedInput {
-                index: i as u32,
-                reason,
-            }),
-        }
-    }
-    EmbedResponse {
-        vectors: Vectors::new(dimension, data).unwrap_or_default(),
-        failed,
     }
 }
 

@@ -15,12 +15,12 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::api::{self, ApiError, Style};
-use super::pool::Pool;
 use super::routes::{AppState, embed_checked};
+use crate::embedder::Generation;
 
 /// Whether `name` names the served model (its id, or the configured
 /// manifest id), ignoring case.
-pub(super) fn serves(pool: &Pool, name: &str) -> bool {
+pub(super) fn serves(pool: &Generation, name: &str) -> bool {
     let name = name.trim();
     name.eq_ignore_ascii_case(&pool.info.model_id)
         || name.eq_ignore_ascii_case(pool.config.model_id())
@@ -81,13 +81,20 @@ pub(super) async fn openai_embeddings(
             ),
         )));
     }
-    drop(pool);
     // OpenAI's endpoint truncates nothing silently below its own limit; the
     // model's window is shorter, so inputs are cut to it, as every
     // OpenAI-compatible server of small models does.
-    let done = embed_checked(&state, &headers, "input", texts, true, "/v1/embeddings")
-        .await
-        .map_err(style)?;
+    let done = embed_checked(
+        &state,
+        pool,
+        &headers,
+        "input",
+        texts,
+        true,
+        "/v1/embeddings",
+    )
+    .await
+    .map_err(style)?;
     let data: Vec<Value> = done
         .rows
         .iter()

@@ -3,7 +3,8 @@
 //! `/search`, `/index` and `/stats`; the owner's socket adds `/embedhost/embed`
 //! (per-text rows, for the CLI).
 //!
-//! Every embedding route goes through [`State::pool`] and the batcher, so
+//! Every embedding route takes one generation ([`State::pool`]) and goes
+//! through the front door ([`crate::embedder`]) on it, so
 //! requests that arrive together share batches, and a request is checked in
 //! full (input count, empty and over-long inputs) before any of it is
 //! queued.
@@ -25,8 +26,8 @@ use subtle::ConstantTimeEq;
 
 use super::State;
 use super::api::{self, ApiError};
-use super::pool::Pool;
 use super::{openai, tei};
+use crate::embedder::{EmbedError, Generation, Job};
 use crate::limits;
 
 /// HTTP requests, by route and status.
@@ -73,13 +74,13 @@ pub fn prometheus() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &seconds)
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full(super::batcher::METRIC_BATCH_SIZE.into()),
+                        Matcher::Full(crate::embedder::batcher::METRIC_BATCH_SIZE.into()),
                         &counts,
                     )
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full(super::batcher::METRIC_BATCH_TOKENS.into()),
+                        Matcher::Full(crate::embedder::batcher::METRIC_BATCH_TOKENS.into()),
                         &tokens,
                     )
                 })
@@ -249,16 +250,18 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
 
 /// Texts checked against the limits and embedded: one row per text.
 pub(super) struct Embedded {
-    pub(super) pool: Arc<Pool>,
+    pub(super) pool: Arc<Generation>,
     pub(super) rows: Vec<Vec<f32>>,
     pub(super) tokens: usize,
 }
 
-/// Checks `texts` (count, emptiness, tokens; over the model's window only
-/// if `truncate` is false) and embeds them; a text that fails fails the
-/// request with 422 naming it.
+/// Checks the request's shape (count, emptiness), then embeds `texts`
+/// through the front door on `pool`, the generation the route took once
+/// (over the model's window only if `truncate`); a text that fails fails
+/// the request with 422 naming it.
 pub(super) async fn embed_checked(
     state: &State,
+    pool: Arc<Generation>,
     headers: &HeaderMap,
     field: &str,
     texts: Vec<String>,
@@ -266,7 +269,6 @@ pub(super) async fn embed_checked(
     route: &'static str,
 ) -> Result<Embedded, ApiError> {
     let deadline = state.deadline(headers)?;
-    let until = tokio::time::Instant::now() + deadline;
     if texts.is_empty() {
         return Err(ApiError::bad(field, format!("`{field}` has no texts")));
     }
@@ -283,38 +285,20 @@ pub(super) async fn embed_checked(
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(ApiError::bad(field, format!("`{field}[{i}]` is empty")));
     }
-    super::admit::check_words(field, &texts)?;
-    let pool = state.pool()?;
-    let (texts, counts) = super::admit::count_tokens(state, &pool, field, texts).await?;
-    let window = pool.info.max_input_tokens as usize;
-    for (i, &n) in counts.iter().enumerate() {
-        if n > limits::SERVE_MAX_INPUT_TOKENS {
-            return Err(ApiError::over_limit(
-                field,
-                format!(
-                    "`{field}[{i}]` has {n} tokens; at most {} are accepted per input",
-                    limits::SERVE_MAX_INPUT_TOKENS
-                ),
-            ));
-        }
-        if !truncate && n > window {
-            return Err(ApiError::over_limit(
-                field,
-                format!(
-                    "`{field}[{i}]` has {n} tokens; the model reads at most {window} (send `truncate: true` to cut it)"
-                ),
-            ));
-        }
-    }
-    let total: usize = counts.iter().map(|&n| n.min(window)).sum();
-    super::admit::check_deadline(&pool, total.max(texts.len()), until)?;
     let n = texts.len();
-    let rows = pool
-        .embed(texts, &counts, false, until)
+    let mut job = Job::new(texts).deadline(deadline);
+    if !truncate {
+        job = job.strict();
+    }
+    let embedding = |e| out_of_time(e, field, deadline);
+    let prepared = state
+        .embedder
+        .prepare(&pool, job)
         .await
-        .map_err(|e| out_of_time(e, deadline))?;
+        .map_err(embedding)?;
+    let done = prepared.run().await.map_err(embedding)?;
     let mut vectors = Vec::with_capacity(n);
-    for (i, row) in rows.into_iter().enumerate() {
+    for (i, row) in done.rows.into_iter().enumerate() {
         match row {
             Ok(v) => vectors.push(v),
             Err(reason) => {
@@ -330,19 +314,18 @@ pub(super) async fn embed_checked(
     }
     metrics::counter!(METRIC_TEXTS, "route" => route).increment(n as u64);
     Ok(Embedded {
-        pool,
+        pool: done.generation,
         rows: vectors,
-        tokens: total,
+        tokens: done.tokens,
     })
 }
 
-/// A batch error as the client's answer; running out of time says how
-/// long the request had.
-fn out_of_time(e: super::batcher::BatchError, deadline: std::time::Duration) -> ApiError {
-    use super::batcher::BatchError;
+/// The front door's error as the client's answer; running out of time
+/// says how long the request had.
+fn out_of_time(e: EmbedError, field: &str, deadline: std::time::Duration) -> ApiError {
     use crate::supervisor::SupervisorError;
     match e {
-        BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)) => ApiError::new(
+        EmbedError::Supervisor(SupervisorError::DeadlineExceeded(_)) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
                 "the request ran out of its {} ms deadline (the {} header, else [serve] request_deadline_ms)",
@@ -350,7 +333,7 @@ fn out_of_time(e: super::batcher::BatchError, deadline: std::time::Duration) -> 
                 super::DEADLINE_HEADER
             ),
         ),
-        other => other.into(),
+        other => ApiError::embedding(other, field),
     }
 }
 
@@ -364,17 +347,23 @@ async fn embedhost_embed(
     let map = api::object(body)?;
     let texts = api::texts(&map, "texts")?;
     let is_query = api::boolean(&map, "query", false)?;
-    let until = tokio::time::Instant::now() + state.deadline(&headers)?;
-    let pool = state.pool()?;
-    let counts = pool.batch_tokens(&texts);
-    let rows = pool.embed(texts, &counts, is_query, until).await?;
-    let rows: Vec<Value> = rows
+    let job = Job::new(texts)
+        .query(is_query)
+        .deadline(state.deadline(&headers)?);
+    let done = state
+        .embedder
+        .embed(job)
+        .await
+        .map_err(|e| ApiError::embedding(e, "texts"))?;
+    let rows: Vec<Value> = done
+        .rows
         .into_iter()
         .map(|row| match row {
             Ok(v) => json!({ "vector": v }),
-            Err(e) => json!({ "error": e }),
+            Err(e) => json!({ "error": e.0 }),
         })
         .collect();
+    let pool = done.generation;
     Ok(Json(
         json!({ "model": pool.info.model_id, "backend": pool.backend, "rows": rows }),
     ))

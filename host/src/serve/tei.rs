@@ -15,8 +15,8 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::api::{self, ApiError};
-use super::pool::Pool;
 use super::routes::{AppState, embed_checked};
+use crate::embedder::Generation;
 use crate::limits;
 
 pub(super) async fn tei_embed(
@@ -39,8 +39,8 @@ pub(super) async fn tei_embed(
             ),
         ));
     }
-    drop(pool);
-    let mut done = embed_checked(&state, &headers, "inputs", texts, truncate, "/embed").await?;
+    let mut done =
+        embed_checked(&state, pool, &headers, "inputs", texts, truncate, "/embed").await?;
     if normalize && !done.pool.info.normalized {
         for v in &mut done.rows {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -100,7 +100,7 @@ pub(super) async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Va
 }
 
 /// The numbers the model runs in, as TEI names them.
-fn dtype(pool: &Pool) -> &'static str {
+fn dtype(pool: &Generation) -> &'static str {
     use crate::config::{Backend, Precision};
     let config = &pool.config;
     match config.backend {
@@ -149,7 +149,7 @@ pub(super) async fn method_not_allowed(
 
 /// The model's tokenizer, or 501 if the host has none for it (the stub
 /// counts words and has no vocabulary).
-fn encoder(pool: &Pool) -> Result<std::sync::Arc<embedhost_text::TextEncoder>, ApiError> {
+fn encoder(pool: &Generation) -> Result<std::sync::Arc<embedhost_text::TextEncoder>, ApiError> {
     match &pool.tokens {
         crate::worker::chunk::Tokens::Model(encoder) => Ok(encoder.clone()),
         crate::worker::chunk::Tokens::Words => Err(ApiError::new(
@@ -190,7 +190,7 @@ pub(super) async fn tokenize(
     super::admit::check_words("inputs", &texts)?;
     let encoder = encoder(&*state.pool()?)?;
     let bytes = texts.iter().map(String::len).sum();
-    let tokens = super::admit::tokenizing(&state.tokenizing, bytes, move || {
+    let tokens = super::admit::tokenizing(state.embedder.tokenizing_budget(), bytes, move || {
         let mut total = 0usize;
         let mut out = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
@@ -271,7 +271,7 @@ pub(super) async fn decode(
     }
     let encoder = encoder(&*state.pool()?)?;
     // Off the async workers, and within the tokenizers' share.
-    super::admit::tokenizing(&state.tokenizing, total * 4, move || {
+    super::admit::tokenizing(state.embedder.tokenizing_budget(), total * 4, move || {
         lists
             .iter()
             .map(|ids| encoder.decode(ids, skip))

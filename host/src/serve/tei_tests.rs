@@ -1,6 +1,6 @@
 //! Unit tests of `tei.rs`.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::serve::routes::Access;
@@ -20,7 +20,7 @@ fn starting(max_inputs: usize) -> AppState {
         )),
         settings,
         db: std::path::PathBuf::from("/nonexistent/index"),
-        current: RwLock::new(None),
+        embedder: Arc::new(crate::embedder::Embedder::new()),
         phase: Mutex::new(Phase::Starting),
         generations: Default::default(),
         worker: Mutex::new(None),
@@ -42,9 +42,6 @@ fn starting(max_inputs: usize) -> AppState {
         bodies: Arc::new(tokio::sync::Semaphore::new(
             limits::SERVE_BODY_BYTES_IN_FLIGHT,
         )),
-        tokenizing: Arc::new(tokio::sync::Semaphore::new(
-            limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT,
-        )),
     };
     (Arc::new(state), Access::Owner)
 }
@@ -64,10 +61,10 @@ fn refused<T>(result: Result<T, ApiError>) -> (ApiError, StatusCode) {
 }
 
 /// `state` served by a remote pool started from `config` (see
-/// `pool::tests::remote_pool`).
+/// `embedder::generation::tests::remote_pool`).
 fn serving(state: &AppState, config: crate::config::Config, normalized: bool) {
-    let (pool, _members) = super::super::pool::tests::remote_pool(config, normalized);
-    *state.0.current.write().unwrap() = Some(Arc::new(pool));
+    let (pool, _members) = crate::embedder::generation::tests::remote_pool(config, normalized);
+    state.0.embedder.install(Arc::new(pool));
 }
 
 #[tokio::test]
@@ -149,7 +146,8 @@ async fn info_names_the_numbers_the_model_runs_in_as_tei_does() {
 #[tokio::test]
 async fn tokenize_shows_tokens_within_the_per_input_and_per_request_bounds() {
     let state = starting(16);
-    let (mut pool, _members) = super::super::pool::tests::remote_pool(Default::default(), true);
+    let (mut pool, _members) =
+        crate::embedder::generation::tests::remote_pool(Default::default(), true);
     let encoder = embedhost_text::TextEncoder::from_bytes(
         crate::test_support::word_level_tokenizer(&["hello", "world"]).as_bytes(),
         "tiny",
@@ -157,7 +155,7 @@ async fn tokenize_shows_tokens_within_the_per_input_and_per_request_bounds() {
     )
     .unwrap();
     pool.tokens = crate::worker::chunk::Tokens::Model(Arc::new(encoder));
-    *state.0.current.write().unwrap() = Some(Arc::new(pool));
+    state.0.embedder.install(Arc::new(pool));
     let tokenize = |json: Value| tokenize(Shared(state.clone()), body(json));
     let Ok(Json(shown)) = tokenize(json!({ "inputs": "Hello world" })).await else {
         panic!("refused");

@@ -40,7 +40,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+
+pub(crate) use crate::files::{sha256_hex, temporary};
+use sha2::Sha256;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -49,14 +51,6 @@ use wasmtime::component::Component;
 pub struct ArtifactCache {
     dir: PathBuf,
     max_bytes: u64,
-}
-
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl ArtifactCache {
@@ -481,17 +475,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// A temporary name beside `path`.
-fn temporary(path: &Path) -> PathBuf {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    dir.join(format!(
-        ".{}.{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-        std::process::id(),
-        fastrand::u64(..)
-    ))
-}
-
 struct Entry {
     artifact: PathBuf,
     digest: PathBuf,
@@ -506,25 +489,6 @@ pub enum CacheOutcome {
     Hit,
     /// Compiled now (and stored).
     Compiled,
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory,
-/// fsynced, then renamed over `path`.
-///
-/// # Errors
-/// Any I/O error; `path` is then untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = temporary(path);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Unit tests of `cache.rs`.
 
 use super::*;
+use crate::files::write_atomic;
 use std::sync::OnceLock;
 
 use crate::wasm::WasmEngine;

@@ -150,6 +150,40 @@ impl From<bindings::embedhost::embedder::types::EmbedError> for PluginError {
     }
 }
 
+/// Error mapping (WASM error → bus code), which decides what the bus may
+/// retry:
+/// - a crash of the instance (trap, memory cap, lost instance) →
+///   [`crate::bus::ErrorCode::Unavailable`]: retryable, the next attempt runs on a fresh
+///   instance;
+/// - a call past its deadline → [`crate::bus::ErrorCode::DeadlineExceeded`]: not
+///   retried, the same input would take as long again;
+/// - an input the plugin refuses → [`crate::bus::ErrorCode::InvalidInput`] with its index;
+/// - invalid output, a refused configuration, a model failure →
+///   [`crate::bus::ErrorCode::Failed`].
+impl From<WasmError> for crate::bus::RemoteError {
+    fn from(e: WasmError) -> Self {
+        use crate::bus::{ErrorCode, RemoteError};
+        let message = e.to_string();
+        match e {
+            WasmError::DeadlineExceeded { .. } => {
+                RemoteError::new(ErrorCode::DeadlineExceeded, message)
+            }
+            e if e.is_crash() => RemoteError::new(ErrorCode::Unavailable, message),
+            WasmError::Plugin {
+                error: PluginError::InvalidInput { index, .. },
+                ..
+            } => RemoteError::invalid_input(index, message),
+            WasmError::InvalidOutput { index, .. } => RemoteError {
+                index,
+                ..RemoteError::new(ErrorCode::Failed, message)
+            },
+            _ => RemoteError::new(ErrorCode::Failed, message),
+        }
+    }
+}
+
+/// A router serving `embedder.embed`, `embedder.health` and `shutdown` from a
+
 #[cfg(test)]
 mod tests {
     use super::*;

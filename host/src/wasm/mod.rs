@@ -32,7 +32,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
 pub use bindings::exports::embedhost::embedder::embedder::InputKind;
-pub use cache::{ArtifactCache, CacheError, CacheOutcome, KEY_FILE, sha256_hex, write_atomic};
+pub(crate) use cache::sha256_hex;
+pub use cache::{ArtifactCache, CacheError, CacheOutcome, KEY_FILE};
 pub use error::{PluginError, WasmError};
 pub use host::MemoryCapHit;
 pub use instance::{Instance, WasmEmbedder, WasmSpawner};

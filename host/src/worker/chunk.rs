@@ -10,10 +10,6 @@
 //!   last token's end, and its lines are where those bytes are (1-based,
 //!   inclusive), so `path:start_line` points at it.
 
-use std::sync::Arc;
-
-use embedhost_text::TextEncoder;
-
 /// How files are cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkSettings {
@@ -53,47 +49,7 @@ impl ChunkSettings {
     }
 }
 
-/// What tells a chunker where the tokens are.
-#[derive(Clone, Debug)]
-pub enum Tokens {
-    /// The model's own tokenizer (`tokenizer.json`): chunks fit exactly.
-    Model(Arc<TextEncoder>),
-    /// Whitespace-separated words, for an embedder without a tokenizer the
-    /// host can read (the stub): a word is at least one token of any model.
-    Words,
-}
-
-impl Tokens {
-    /// Byte ranges of the tokens of `text`.
-    ///
-    /// # Errors
-    /// The tokenizer's error.
-    pub fn spans(&self, text: &str) -> Result<Vec<(usize, usize)>, String> {
-        match self {
-            Tokens::Model(encoder) => encoder.token_spans(text).map_err(|e| e.to_string()),
-            Tokens::Words => Ok(word_spans(text)),
-        }
-    }
-}
-
-fn word_spans(text: &str) -> Vec<(usize, usize)> {
-    let mut spans = Vec::new();
-    let mut start = None;
-    for (i, c) in text.char_indices() {
-        match (c.is_whitespace(), start) {
-            (true, Some(s)) => {
-                spans.push((s, i));
-                start = None;
-            }
-            (false, None) => start = Some(i),
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        spans.push((s, text.len()));
-    }
-    spans
-}
+pub use crate::tokens::Tokens;
 
 /// One chunk of a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +60,10 @@ pub struct Chunk {
     pub start_line: u32,
     /// Last line (inclusive).
     pub end_line: u32,
+    /// Its tokens, as the model's tokenizer cut them (special tokens
+    /// excluded): the front door takes this count instead of tokenizing
+    /// the chunk again.
+    pub tokens: usize,
 }
 
 /// Cuts `text` into chunks of `settings.tokens` tokens overlapping by
@@ -132,6 +92,7 @@ pub fn chunk(text: &str, tokens: &Tokens, settings: ChunkSettings) -> Result<Vec
             text: text[start..end].to_string(),
             start_line: line_of(start),
             end_line: line_of(end.saturating_sub(1).max(start)),
+            tokens: last + 1 - first,
         });
         if last + 1 == spans.len() {
             break;

@@ -1,6 +1,7 @@
 //! The worker: a semantic index of a person's files, inside the host. It
-//! serves `worker.*` on the bus and asks the embedder for vectors through the
-//! bus (`embedder.embed`), as the seed's worker process did.
+//! serves `worker.*` on the bus and asks the front door
+//! ([`crate::embedder::Embedder`]) for vectors, handing it the token counts
+//! its chunker already has, so no chunk is tokenized twice.
 //!
 //! # How indexing flows
 //! `worker.index` walks the paths (ripgrep's rules, through `ignore`),
@@ -45,11 +46,12 @@ use futures::stream::FuturesOrdered;
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::backend::ModelInfo;
-use crate::bus::{Bus, BusError, ErrorCode, RemoteError, Router, SendOptions};
+use crate::bus::{ErrorCode, RemoteError, Router};
+use crate::embedder::{EmbedError, Embedder, Job, Row};
 use crate::messages::{
-    EmbedRequest, EmbedderEmbed, IndexRequest, IndexResponse, InitRequest, InitResponse,
-    SearchMode, SearchRequest, SearchResponse, SearchResult, StatsResponse, WorkerIndex,
-    WorkerInit, WorkerSearch, WorkerStats,
+    IndexRequest, IndexResponse, InitRequest, InitResponse, SearchMode, SearchRequest,
+    SearchResponse, SearchResult, StatsResponse, WorkerIndex, WorkerInit, WorkerSearch,
+    WorkerStats,
 };
 use chunk::{Chunk, ChunkSettings, Tokens};
 use extract::Skip;
@@ -119,7 +121,7 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("embedder: {0}")]
     /// The embedder could not be reached or failed.
-    Embedder(#[from] BusError),
+    Embedder(#[from] EmbedError),
     #[error("cannot index `{path}`: {reason}")]
     /// A path given to `index` cannot be walked.
     Path { path: PathBuf, reason: String },
@@ -137,9 +139,7 @@ impl From<WorkerError> for RemoteError {
             WorkerError::NotInitialized | WorkerError::Path { .. } | WorkerError::NotIndexed(_) => {
                 ErrorCode::InvalidInput
             }
-            WorkerError::Embedder(BusError::Remote(r)) if r.code == ErrorCode::Unavailable => {
-                ErrorCode::Unavailable
-            }
+            WorkerError::Embedder(e) if e.retry_after().is_some() => ErrorCode::Unavailable,
             _ => ErrorCode::Failed,
         };
         RemoteError::new(code, e.to_string())
@@ -152,7 +152,7 @@ impl From<WorkerError> for RemoteError {
 /// A worker on the stub embedder, indexing a folder and searching it.
 /// ```
 /// # #[tokio::main] async fn main() {
-/// use embedhost::bus::{Bus, transport::InProcess};
+/// use embedhost::embedder::{Embedder, Generation};
 /// use embedhost::supervisor::{Supervisor, SupervisorConfig};
 /// use embedhost::wasm::{InstanceLimits, PluginSource, WasmEngine, WasmPlugin, WasmSpawner};
 /// use embedhost::worker::{Worker, WorkerSettings, chunk::Tokens};
@@ -164,11 +164,9 @@ impl From<WorkerError> for RemoteError {
 ///     config: vec![],
 /// };
 /// let supervisor = Supervisor::start(spawner, SupervisorConfig::default()).await.unwrap();
-/// let embedder = Bus::new(InProcess::named(
-///     "embedder",
-///     embedhost::embedder::supervised_router(supervisor.clone()),
-/// ));
-/// let worker = Worker::new(embedder, supervisor.model_info(), Tokens::Words, WorkerSettings::default());
+/// let model = supervisor.model_info();
+/// let embedder = Embedder::serving(Generation::local(supervisor, Tokens::Words, Default::default()));
+/// let worker = Worker::new(embedder.into(), model, Tokens::Words, WorkerSettings::default());
 ///
 /// let root = tempfile::tempdir().unwrap();
 /// std::fs::write(root.path().join("tyres.txt"), "fixing a flat bicycle tyre").unwrap();
@@ -188,7 +186,7 @@ pub struct Worker {
 }
 
 struct Inner {
-    embedder: Bus,
+    embedder: Arc<Embedder>,
     /// What identifies the embedder beyond its model (plugin, engine,
     /// settings): files it failed to embed are tried again when it changes.
     embedder_id: String,
@@ -219,9 +217,14 @@ impl Drop for Opened {
 }
 
 impl Worker {
-    /// A worker asking `embedder` (a bus to an `embedder.*` peer serving
-    /// `model`) for vectors, cutting files with `tokens`.
-    pub fn new(embedder: Bus, model: ModelInfo, tokens: Tokens, settings: WorkerSettings) -> Self {
+    /// A worker asking `embedder` (the front door, serving `model`) for
+    /// vectors, cutting files with `tokens`.
+    pub fn new(
+        embedder: Arc<Embedder>,
+        model: ModelInfo,
+        tokens: Tokens,
+        settings: WorkerSettings,
+    ) -> Self {
         let settings = WorkerSettings {
             chunk: settings.chunk.fitted(model.max_input_tokens as usize),
             batch_chunks: settings.batch_chunks.max(1),
@@ -470,30 +473,21 @@ impl Worker {
         query: String,
         limit: usize,
     ) -> Result<(Vec<(i64, f32)>, Vec<f32>), WorkerError> {
-        let response = self
-            .inner
-            .embedder
-            .send::<EmbedderEmbed>(
-                EmbedRequest {
-                    texts: vec![query],
-                    is_query: true,
-                },
-                SendOptions::default().timeout(SEARCH_EMBED_TIMEOUT),
-            )
-            .await?;
-        let Some(vector) = response.vectors.get(0) else {
-            let reason = response
-                .failed
-                .first()
-                .map_or("no reason given".to_string(), |f| f.reason.clone());
-            return Err(WorkerError::Query(reason));
+        let job = Job::new(vec![query])
+            .query(true)
+            .deadline(SEARCH_EMBED_TIMEOUT);
+        let done = self.inner.embedder.embed(job).await?;
+        let vector = match done.rows.into_iter().next() {
+            Some(Ok(vector)) => vector,
+            Some(Err(reason)) => return Err(WorkerError::Query(reason.0)),
+            None => return Err(WorkerError::Query("no reason given".into())),
         };
         let hits = opened
             .index
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .search(vector, limit);
-        Ok((hits, vector.to_vec()))
+            .search(&vector, limit);
+        Ok((hits, vector))
     }
 
     /// `worker.stats`.
@@ -774,7 +768,7 @@ fn prepare(inner: &Inner, store: &SyncMutex<Store>, roots: &[PathBuf], path: Pat
             return Prepared::Skipped(path, file_meta(&meta), skip);
         }
     };
-    let hash = crate::wasm::sha256_hex(&bytes);
+    let hash = crate::files::sha256_hex(&bytes);
     let stored = lock(store).file(&path).ok().flatten();
     if stored.is_some_and(|s| s.hash == hash) {
         return Prepared::Unchanged(path, meta);
@@ -922,22 +916,16 @@ async fn index_round(
                 }
             }
             Some((keys, response)) = in_flight.next(), if !in_flight.is_empty() => {
-                let response = match response {
-                    Ok(response) => response,
+                let rows = match response {
+                    Ok(rows) => rows,
                     Err(e) => break Err(WorkerError::Embedder(e)),
                 };
-                let failed: HashMap<usize, String> = response
-                    .failed
-                    .iter()
-                    .map(|f| (f.index as usize, f.reason.clone()))
-                    .collect();
-                let mut rows = response.vectors.iter();
                 let mut done = Vec::new();
-                for (i, (file, chunk)) in keys.into_iter().enumerate() {
+                for ((file, chunk), row) in keys.into_iter().zip(rows) {
                     let Some(p) = pending.get_mut(&file) else { continue };
-                    match failed.get(&i) {
-                        Some(reason) => p.failed = Some(reason.clone()),
-                        None => p.vectors[chunk] = rows.next().map(<[f32]>::to_vec),
+                    match row {
+                        Err(reason) => p.failed = Some(reason.0),
+                        Ok(vector) => p.vectors[chunk] = Some(vector),
                     }
                     p.missing -= 1;
                     if p.missing == 0 {
@@ -966,26 +954,23 @@ async fn index_round(
     result
 }
 
-type BatchResult = (
-    Vec<(u64, usize)>,
-    Result<crate::messages::EmbedResponse, BusError>,
-);
+type BatchResult = (Vec<(u64, usize)>, Result<Vec<Row>, EmbedError>);
 
 fn send_batch(
     inner: &Arc<Inner>,
     pending: &HashMap<u64, Pending>,
     keys: Vec<(u64, usize)>,
 ) -> impl std::future::Future<Output = BatchResult> + use<> {
-    let texts: Vec<String> = keys
+    let (texts, counts): (Vec<String>, Vec<usize>) = keys
         .iter()
         .map(|(file, chunk)| {
             pending
                 .get(file)
-                .map(|p| p.chunks[*chunk].text.clone())
+                .map(|p| (p.chunks[*chunk].text.clone(), p.chunks[*chunk].tokens))
                 .unwrap_or_default()
         })
-        .collect();
-    let bus = inner.embedder.clone();
+        .unzip();
+    let embedder = inner.embedder.clone();
     async move {
         // An embedder pool that escalated says when it will serve again:
         // the batch waits out the cooldown (up to a bound) and loses
@@ -1000,24 +985,17 @@ fn send_batch(
         );
         let timeout = INDEX_EMBED_TIMEOUT.saturating_add(allowance.saturating_mul(2));
         let response = loop {
-            let response = bus
-                .send::<EmbedderEmbed>(
-                    EmbedRequest {
-                        texts: texts.clone(),
-                        is_query: false,
-                    },
-                    SendOptions::default().timeout(timeout),
-                )
-                .await;
+            // The chunker's counts go along: the front door does not
+            // tokenize a chunk again.
+            let job = Job::new(texts.clone())
+                .deadline(timeout)
+                .counted(counts.clone());
+            let response = embedder.embed(job).await.map(|done| done.rows);
             match &response {
-                Err(BusError::Remote(remote))
-                    if remote.code == crate::bus::ErrorCode::Unavailable
-                        && tokio::time::Instant::now() < patience =>
-                {
-                    let Some(ms) = remote.retry_after_ms else {
-                        break response;
-                    };
-                    let wait = std::time::Duration::from_millis(ms)
+                Err(e) if e.retry_after().is_some() && tokio::time::Instant::now() < patience => {
+                    let wait = e
+                        .retry_after()
+                        .unwrap_or_default()
                         .max(crate::limits::INDEX_UNAVAILABLE_POLL);
                     tracing::info!(?wait, "the embedder is recovering; waiting");
                     tokio::time::sleep(wait).await;

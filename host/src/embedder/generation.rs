@@ -1,35 +1,36 @@
-//! One generation of the service's backend: a supervised pool and its
+//! One generation of the front door's backend: a supervised pool and its
 //! batcher (or, with `[embedder] remote`, a pool on other machines over
 //! NATS), and the tokenizer that counts tokens for it.
 //!
 //! A reload starts a new generation beside the old one (make before break),
-//! swaps it in, and only then stops the old one: a request holds the
-//! generation it started with (an `Arc`), so the old pool stops only once
-//! no request uses it, and no request ever sees a pool stopping.
+//! swaps it in, and only then stops the old one: a job holds the
+//! generation it was prepared on (an `Arc`) until it is answered, so the
+//! old pool stops only once no job uses it, and no job is validated on one
+//! model and embedded on another.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::ModelInfo;
+use super::batcher::{BatchSettings, Batcher};
+use super::job::{EmbedError, Row, TextFailure};
+use crate::backend::{Health, ModelInfo};
 use crate::config::{Backend, Config};
 use crate::limits;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, SupervisorError};
+use crate::tokens::Tokens;
 use crate::wasm::PluginSource;
-use crate::worker::chunk::Tokens;
-
-use super::batcher::{BatchError, BatchSettings, Batcher, Row};
 
 /// A running backend.
-pub struct Pool {
+pub struct Generation {
     /// Counts reloads: 1 for the first pool.
     pub generation: u64,
     /// The configuration it was started from.
     pub config: Config,
     /// What the model reported.
     pub info: ModelInfo,
-    /// `wasm` or `native`.
+    /// `wasm`, `native` or `remote`.
     pub backend: &'static str,
     /// The plugin (WASM), engine (native) or NATS server (remote) serving.
     pub engine_name: String,
@@ -54,9 +55,9 @@ enum Engine {
     Remote { bus: crate::bus::Bus },
 }
 
-impl std::fmt::Debug for Pool {
+impl std::fmt::Debug for Generation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
+        f.debug_struct("Generation")
             .field("generation", &self.generation)
             .field("backend", &self.backend)
             .field("model", &self.info.model_id)
@@ -64,35 +65,38 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-impl Pool {
-    /// Starts the configured backend and its batcher.
+/// The batch settings for a pool of `pool_size` from `config`: one lane per
+/// instance.
+fn batch_settings(config: &Config, pool_size: usize) -> BatchSettings {
+    BatchSettings {
+        max_batch_tokens: config.serve.max_batch_tokens,
+        wait: Duration::from_micros(config.serve.batch_wait_us),
+        lanes: pool_size.max(1),
+    }
+}
+
+impl Generation {
+    /// Starts the configured backend (at most `max_pool` instances of it)
+    /// and its batcher.
     ///
     /// # Errors
     /// Why the backend could not start (model files, plugin, escalation).
-    pub async fn start(config: Config, generation: u64) -> Result<Arc<Pool>, String> {
+    pub async fn start(
+        config: Config,
+        generation: u64,
+        max_pool: Option<usize>,
+    ) -> Result<Arc<Generation>, String> {
         if let Some((bus, info)) = crate::launch::remote_embedder(&config).await? {
             let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
-            return Ok(Arc::new(Pool {
-                generation,
-                backend: "remote",
-                engine: Engine::Remote { bus },
-                engine_name: config.embedder.remote.clone().unwrap_or_default(),
-                alias: alias(&config),
-                info,
-                tokens,
-                config,
-            }));
+            let name = config.embedder.remote.clone().unwrap_or_default();
+            return Ok(Arc::new(Generation::remote(
+                bus, info, tokens, config, name,
+            )));
         }
         let source = config.plugin_source();
-        let (supervisor, _) = crate::launch::start_backend(&config, &source, None).await?;
-        let info = supervisor.model_info();
-        let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
-        let pool_size = config.supervisor_config().pool_size.max(1);
-        let settings = BatchSettings {
-            max_batch_tokens: config.serve.max_batch_tokens,
-            wait: Duration::from_micros(config.serve.batch_wait_us),
-            lanes: pool_size,
-        };
+        let (supervisor, _) = crate::launch::start_backend(&config, &source, max_pool).await?;
+        let tokens =
+            crate::launch::tokens(&config, supervisor.model_info().max_input_tokens as usize)?;
         let engine = match config.backend {
             Backend::Wasm => match &source {
                 PluginSource::File(path) => path.display().to_string(),
@@ -100,24 +104,69 @@ impl Pool {
             },
             Backend::Native => format!("{} ({:?})", config.native.engine, config.native.precision),
         };
-        // The whole pool up before it takes traffic: a swapped-in pool
-        // serves at full width from its first request.
-        supervisor
-            .wait_all_up(config.instance_limits().init_deadline)
-            .await;
-        Ok(Arc::new(Pool {
-            generation,
+        let mut local = Generation::local(supervisor, tokens, config);
+        local.generation = generation;
+        local.engine_name = engine;
+        Ok(Arc::new(local))
+    }
+
+    /// A generation over a running `supervisor`, counting with `tokens`,
+    /// batching as `config`'s `[serve]` says.
+    pub fn local(supervisor: Supervisor, tokens: Tokens, config: Config) -> Generation {
+        let pool_size = supervisor.status().len();
+        let settings = batch_settings(&config, pool_size);
+        Generation {
+            generation: 1,
             backend: config.backend.name(),
-            engine_name: engine,
+            engine_name: String::new(),
             alias: alias(&config),
-            info,
+            info: supervisor.model_info(),
             tokens,
             engine: Engine::Local {
                 batcher: Batcher::start(supervisor.clone(), settings),
                 supervisor,
             },
             config,
-        }))
+        }
+    }
+
+    /// A generation whose pool is behind `bus` (NATS members, or any
+    /// `embedder.*` peer), serving `info`.
+    pub fn remote(
+        bus: crate::bus::Bus,
+        info: ModelInfo,
+        tokens: Tokens,
+        config: Config,
+        name: String,
+    ) -> Generation {
+        Generation {
+            generation: 1,
+            backend: "remote",
+            engine: Engine::Remote { bus },
+            engine_name: name,
+            alias: alias(&config),
+            info,
+            tokens,
+            config,
+        }
+    }
+
+    /// Waits until every instance is up (at most the init deadline), so a
+    /// generation swapped in serves at full width from its first request.
+    pub async fn wait_all_up(&self) {
+        if let Some(supervisor) = self.supervisor() {
+            supervisor
+                .wait_all_up(self.config.instance_limits().init_deadline)
+                .await;
+        }
+    }
+
+    /// The supervised pool, unless the pool is remote.
+    pub fn supervisor(&self) -> Option<&Supervisor> {
+        match &self.engine {
+            Engine::Local { supervisor, .. } => Some(supervisor),
+            Engine::Remote { .. } => None,
+        }
     }
 
     /// Token counts of `texts`, as the model's tokenizer counts them.
@@ -132,27 +181,18 @@ impl Pool {
             .collect()
     }
 
-    /// Token counts for the batcher's budget only: a text the tokenizer
-    /// refuses counts as one token (the engine judges it).
-    pub fn batch_tokens(&self, texts: &[String]) -> Vec<usize> {
-        texts
-            .iter()
-            .map(|t| self.tokens.spans(t).map_or(1, |s| s.len()))
-            .collect()
-    }
-
     /// Embeds `texts` through the batcher by `until`; each text's
     /// token count is capped at the model's window (the engine truncates).
     ///
     /// # Errors
-    /// [`BatchError`] when no text can be answered.
-    pub async fn embed(
+    /// [`EmbedError`] when no text can be answered.
+    pub(super) async fn embed(
         &self,
         texts: Vec<String>,
         tokens: &[usize],
         is_query: bool,
         until: Instant,
-    ) -> Result<Vec<Row>, BatchError> {
+    ) -> Result<Vec<Row>, EmbedError> {
         let window = self.info.max_input_tokens.max(1) as usize;
         let capped: Vec<usize> = tokens.iter().map(|&t| t.clamp(1, window)).collect();
         match &self.engine {
@@ -174,34 +214,53 @@ impl Pool {
         }
     }
 
+    /// The pool's memory and texts processed (a remote pool's, asked over
+    /// the bus).
+    ///
+    /// # Errors
+    /// Why the pool cannot answer (cooling down, unreachable).
+    pub async fn health(&self) -> Result<Health, SupervisorError> {
+        match &self.engine {
+            Engine::Local { supervisor, .. } => supervisor.health(),
+            Engine::Remote { bus } => {
+                let options = crate::bus::SendOptions::default()
+                    .timeout(limits::DEFAULT_REQUEST_TIMEOUT)
+                    .retries(limits::NATS_HANDSHAKE_RETRIES);
+                let health = bus
+                    .send::<crate::messages::EmbedderHealth>(crate::bus::Empty {}, options)
+                    .await
+                    .map_err(|e| bus_error(e, limits::DEFAULT_REQUEST_TIMEOUT))?;
+                Ok(Health {
+                    memory_bytes: health.memory,
+                    processed: health.processed_count,
+                })
+            }
+        }
+    }
+
     /// Per-instance status (none for a remote pool: its members report
     /// their own).
     pub fn status(&self) -> Vec<crate::supervisor::InstanceStatus> {
-        match &self.engine {
-            Engine::Local { supervisor, .. } => supervisor.status(),
-            Engine::Remote { .. } => Vec::new(),
-        }
+        self.supervisor()
+            .map(Supervisor::status)
+            .unwrap_or_default()
     }
 
     /// Restarts by reason.
     pub fn restarts(&self) -> std::collections::BTreeMap<String, u64> {
-        match &self.engine {
-            Engine::Local { supervisor, .. } => supervisor.restarts(),
-            Engine::Remote { .. } => Default::default(),
-        }
+        self.supervisor()
+            .map(Supervisor::restarts)
+            .unwrap_or_default()
     }
 
     /// Why the pool is cooling down, if it is.
     pub fn escalated(&self) -> Option<String> {
-        match &self.engine {
-            Engine::Local { supervisor, .. } => supervisor.escalated(),
-            Engine::Remote { .. } => None,
-        }
+        self.supervisor().and_then(Supervisor::escalated)
     }
 
     /// Stops the pool in order, at once.
     pub async fn shutdown(&self) {
-        if let Engine::Local { supervisor, .. } = &self.engine {
+        if let Some(supervisor) = self.supervisor() {
             supervisor.shutdown().await;
         }
     }
@@ -232,15 +291,36 @@ fn alias(config: &Config) -> Option<String> {
         .map(|manifest| manifest.name)
 }
 
+/// A bus error from a remote pool as the supervisor's error a local pool
+/// would have given (`left`: the time the call had).
+fn bus_error(e: crate::bus::BusError, left: Duration) -> SupervisorError {
+    use crate::bus::{BusError, ErrorCode};
+    match e {
+        BusError::Remote(r) if r.code == ErrorCode::Unavailable => SupervisorError::Unavailable {
+            reason: r.message,
+            retry_after: Duration::from_millis(r.retry_after_ms.unwrap_or(0)),
+        },
+        BusError::Remote(r) if r.code == ErrorCode::DeadlineExceeded => {
+            SupervisorError::DeadlineExceeded(left)
+        }
+        BusError::Remote(r) => SupervisorError::Refused(r),
+        BusError::Timeout { .. } | BusError::DeadlineExceeded { .. } => {
+            SupervisorError::DeadlineExceeded(left)
+        }
+        other => SupervisorError::Unavailable {
+            reason: other.to_string(),
+            retry_after: limits::NATS_RETRY_AFTER,
+        },
+    }
+}
+
 /// `embedder.embed` to a remote pool, as rows.
 async fn remote_embed(
     bus: &crate::bus::Bus,
     texts: Vec<String>,
     is_query: bool,
     until: Instant,
-) -> Result<Vec<Row>, BatchError> {
-    use crate::bus::{BusError, ErrorCode};
-    use crate::supervisor::SupervisorError;
+) -> Result<Vec<Row>, EmbedError> {
     let left = until.saturating_duration_since(Instant::now());
     let n = texts.len();
     let options = crate::bus::SendOptions::default()
@@ -251,43 +331,28 @@ async fn remote_embed(
     let response = bus
         .send::<crate::messages::EmbedderEmbed>(request, options)
         .await
-        .map_err(|e| match e {
-            BusError::Remote(r) if r.code == ErrorCode::Unavailable => {
-                BatchError::Supervisor(SupervisorError::Unavailable {
-                    reason: r.message,
-                    retry_after: Duration::from_millis(r.retry_after_ms.unwrap_or(0)),
-                })
-            }
-            BusError::Remote(r) if r.code == ErrorCode::DeadlineExceeded => {
-                BatchError::Supervisor(SupervisorError::DeadlineExceeded(left))
-            }
-            BusError::Remote(r) => BatchError::Supervisor(SupervisorError::Refused(r)),
-            BusError::Timeout { .. } | BusError::DeadlineExceeded { .. } => {
-                BatchError::Supervisor(SupervisorError::DeadlineExceeded(left))
-            }
-            other => BatchError::Supervisor(SupervisorError::Unavailable {
-                reason: other.to_string(),
-                retry_after: limits::NATS_RETRY_AFTER,
-            }),
-        })?;
+        .map_err(|e| bus_error(e, left))?;
     let rows = response
         .per_text(n)
-        .ok_or(BatchError::Stopped)?
+        .ok_or(EmbedError::Stopped)?
         .into_iter()
-        .map(|row| row.map(<[f32]>::to_vec).map_err(|f| f.reason.clone()))
+        .map(|row| {
+            row.map(<[f32]>::to_vec)
+                .map_err(|f| TextFailure(f.reason.clone()))
+        })
         .collect();
     Ok(rows)
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bus::transport::InProcess;
     use crate::bus::{ErrorCode, RemoteError, RequestContext, Router};
     use crate::messages::{EmbedRequest, EmbedResponse, EmbedderEmbed};
     use crate::supervisor::SupervisorError;
 
-    fn remote() -> (Pool, InProcess) {
+    fn remote() -> (Generation, InProcess) {
         remote_pool(Config::default(), true)
     }
 
@@ -295,7 +360,7 @@ pub(super) mod tests {
     /// started from `config`, whose members answer `embedder.embed` by
     /// the first text: `ok` embeds as (0.5, 0.5), `unavailable`,
     /// `deadline` and `refused` refuse so, any other never answers.
-    pub(crate) fn remote_pool(config: Config, normalized: bool) -> (Pool, InProcess) {
+    pub(crate) fn remote_pool(config: Config, normalized: bool) -> (Generation, InProcess) {
         let mut router = Router::new();
         router.handle::<EmbedderEmbed, _, _>(
             |_: RequestContext, request: EmbedRequest| async move {
@@ -320,7 +385,7 @@ pub(super) mod tests {
             },
         );
         let transport = InProcess::named("members", router);
-        let pool = Pool {
+        let pool = Generation {
             generation: 3,
             config,
             info: ModelInfo {
@@ -342,7 +407,7 @@ pub(super) mod tests {
 
     /// Embeds `text` with a deadline long enough for every retry the bus
     /// makes (the clock is paused: waiting costs nothing).
-    async fn embed(pool: &Pool, text: &str) -> Result<Vec<Row>, BatchError> {
+    async fn embed(pool: &Generation, text: &str) -> Result<Vec<Row>, EmbedError> {
         let until = Instant::now() + Duration::from_secs(3600);
         pool.embed(vec![text.to_string()], &[1], false, until).await
     }
@@ -353,7 +418,7 @@ pub(super) mod tests {
         let rows = embed(&pool, "ok").await.unwrap();
         assert_eq!(rows, vec![Ok(vec![0.5, 0.5])]);
         match embed(&pool, "unavailable").await {
-            Err(BatchError::Supervisor(SupervisorError::Unavailable {
+            Err(EmbedError::Supervisor(SupervisorError::Unavailable {
                 reason,
                 retry_after,
             })) => {
@@ -365,12 +430,12 @@ pub(super) mod tests {
         assert!(
             matches!(
                 embed(&pool, "deadline").await,
-                Err(BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)))
+                Err(EmbedError::Supervisor(SupervisorError::DeadlineExceeded(_)))
             ),
             "a member's deadline is the request's"
         );
         match embed(&pool, "refused").await {
-            Err(BatchError::Supervisor(SupervisorError::Refused(e))) => {
+            Err(EmbedError::Supervisor(SupervisorError::Refused(e))) => {
                 assert_eq!(
                     (e.code, e.message.as_str()),
                     (ErrorCode::InvalidRequest, "no such thing")
@@ -382,7 +447,7 @@ pub(super) mod tests {
         assert!(
             matches!(
                 embed(&pool, "silent").await,
-                Err(BatchError::Supervisor(SupervisorError::DeadlineExceeded(_)))
+                Err(EmbedError::Supervisor(SupervisorError::DeadlineExceeded(_)))
             ),
             "a silent member runs out the deadline"
         );
@@ -390,7 +455,7 @@ pub(super) mod tests {
         // NATS pause.
         transport.close();
         match embed(&pool, "ok").await {
-            Err(BatchError::Supervisor(SupervisorError::Unavailable { retry_after, .. })) => {
+            Err(EmbedError::Supervisor(SupervisorError::Unavailable { retry_after, .. })) => {
                 assert_eq!(retry_after, limits::NATS_RETRY_AFTER);
             }
             other => panic!("not unavailable: {other:?}"),
@@ -406,7 +471,7 @@ pub(super) mod tests {
         assert!(pool.estimate(100).is_none());
         let shown = format!("{pool:?}");
         assert!(
-            shown.starts_with("Pool { generation: 3, backend: \"remote\", model: ")
+            shown.starts_with("Generation { generation: 3, backend: \"remote\", model: ")
                 && shown.ends_with(", .. }"),
             "{shown}"
         );

@@ -31,7 +31,7 @@
 //! - A poison text fails only its own row: the supervisor isolates it and
 //!   every other text of the batch, of any request, gets its vector.
 //! - The queue is bounded ([`limits::SERVE_BATCH_QUEUE`] pieces); a request
-//!   that does not fit is refused whole, at once ([`BatchError::Overloaded`]),
+//!   that does not fit is refused whole, at once ([`EmbedError::Overloaded`]),
 //!   never waited on.
 //! - A piece whose caller is gone or whose deadline passed is dropped
 //!   before it costs an instance any work; a batch whose callers are all
@@ -50,6 +50,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::job::{EmbedError, Row, TextFailure};
 use crate::limits;
 use crate::supervisor::{Supervisor, SupervisorError};
 
@@ -59,23 +60,6 @@ pub const METRIC_BATCH_SIZE: &str = "embed_batch_size";
 pub const METRIC_BATCH_TOKENS: &str = "embed_batch_tokens";
 /// Pieces waiting for a batch.
 pub const METRIC_QUEUE_DEPTH: &str = "embed_queue_depth";
-
-/// One text's answer: its vector, or why it could not be embedded.
-pub type Row = Result<Vec<f32>, String>;
-
-/// Why a request got no rows at all.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum BatchError {
-    /// The queue is full: retry shortly.
-    #[error("the service is overloaded: {0} pieces of requests wait for the embedder")]
-    Overloaded(usize),
-    /// The pool stopped (the service is shutting down or was reloaded).
-    #[error("the embedder pool was stopped")]
-    Stopped,
-    /// The supervisor's error for the whole batch.
-    #[error(transparent)]
-    Supervisor(#[from] SupervisorError),
-}
 
 /// How batches are formed.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +81,7 @@ struct Piece {
     until: Instant,
     /// The whole deadline its request was given, for messages.
     given: Duration,
-    reply: oneshot::Sender<Result<Vec<Row>, BatchError>>,
+    reply: oneshot::Sender<Result<Vec<Row>, EmbedError>>,
 }
 
 /// One request's pieces not yet taken.
@@ -192,11 +176,15 @@ impl Batcher {
         }
     }
 
-    /// Embeds `texts` (with their token counts) by `until`: cut into pieces
-    /// of at most the budget, queued, gathered in order.
+    /// Embeds `texts` (with their token counts) by `until`: ordered by
+    /// length, longest first, so that each piece holds texts of about one
+    /// length (an engine pads a batch to its longest text) and the longest
+    /// pieces start first; cut into pieces of at most the budget, so that
+    /// the lanes share the work by tokens, not by texts; queued; gathered
+    /// back in the caller's order.
     ///
     /// # Errors
-    /// [`BatchError`] when no row can be given: the queue is full, the pool
+    /// [`EmbedError`] when no row can be given: the queue is full, the pool
     /// stopped, or the supervisor failed the whole batch.
     pub async fn embed(
         &self,
@@ -204,18 +192,21 @@ impl Batcher {
         tokens: &[usize],
         is_query: bool,
         until: Instant,
-    ) -> Result<Vec<Row>, BatchError> {
+    ) -> Result<Vec<Row>, EmbedError> {
         let given = until.saturating_duration_since(Instant::now());
+        let order = longest_first(tokens);
+        let sorted_tokens: Vec<usize> = order.iter().map(|&i| tokens[i]).collect();
+        let mut slots: Vec<Option<String>> = texts.into_iter().map(Some).collect();
+        let mut texts = order.iter().map(|&i| slots[i].take().unwrap_or_default());
         let mut waiting = Waiting {
             pieces: VecDeque::new(),
             tokens: 0,
         };
         let mut answers = Vec::new();
-        let mut texts = texts.into_iter();
-        for range in pieces(tokens, self.settings.max_batch_tokens) {
+        for range in pieces(&sorted_tokens, self.settings.max_batch_tokens) {
             let piece_texts: Vec<String> = texts.by_ref().take(range.len()).collect();
             let (reply, answer) = oneshot::channel();
-            let piece_tokens: usize = tokens[range].iter().sum();
+            let piece_tokens: usize = sorted_tokens[range].iter().sum();
             waiting.tokens += piece_tokens;
             waiting.pieces.push_back(Piece {
                 count: piece_texts.len(),
@@ -228,24 +219,37 @@ impl Batcher {
             });
             answers.push(answer);
         }
+        self.queue(waiting)?;
+        let mut sorted = Vec::with_capacity(tokens.len());
+        for answer in answers {
+            sorted.extend(answer.await.map_err(|_| EmbedError::Stopped)??);
+        }
+        let mut rows: Vec<Option<Row>> = vec![None; sorted.len()];
+        for (row, &i) in sorted.into_iter().zip(&order) {
+            rows[i] = Some(row);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|row| row.unwrap_or_else(|| Err(TextFailure("no answer came back".into()))))
+            .collect())
+    }
+
+    /// Puts one request's pieces in the rotation, or refuses all of them.
+    fn queue(&self, waiting: Waiting) -> Result<(), EmbedError> {
         {
             let mut rotation = self.shared.rotation();
             if rotation.closed {
-                return Err(BatchError::Stopped);
+                return Err(EmbedError::Stopped);
             }
             if rotation.pieces + waiting.pieces.len() > limits::SERVE_BATCH_QUEUE {
-                return Err(BatchError::Overloaded(rotation.pieces));
+                return Err(EmbedError::Overloaded(rotation.pieces));
             }
             rotation.pieces += waiting.pieces.len();
             metrics::gauge!(METRIC_QUEUE_DEPTH).set(rotation.pieces as f64);
             rotation.requests.push_back(waiting);
         }
         self.shared.queued.notify_waiters();
-        let mut rows = Vec::with_capacity(tokens.len());
-        for answer in answers {
-            rows.extend(answer.await.map_err(|_| BatchError::Stopped)??);
-        }
-        Ok(rows)
+        Ok(())
     }
 
     /// How long `tokens` more tokens would take on the pool's `instances`,
@@ -289,6 +293,13 @@ impl Drop for Batcher {
         self.shared.rotation().closed = true;
         self.shared.queued.notify_waiters();
     }
+}
+
+/// The positions of `tokens`, longest first (ties in their order).
+pub fn longest_first(tokens: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
+    order
 }
 
 /// Index ranges of consecutive texts whose tokens fit `budget` together (a
@@ -389,7 +400,7 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
             continue;
         }
         if piece.until <= now {
-            let _ = piece.reply.send(Err(BatchError::Supervisor(
+            let _ = piece.reply.send(Err(EmbedError::Supervisor(
                 SupervisorError::DeadlineExceeded(piece.given),
             )));
             continue;
@@ -433,7 +444,7 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
     let rows: Vec<Row> = match result {
         Err(e) => {
             for piece in live {
-                let _ = piece.reply.send(Err(BatchError::Supervisor(e.clone())));
+                let _ = piece.reply.send(Err(EmbedError::Supervisor(e.clone())));
             }
             return;
         }
@@ -441,7 +452,7 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
             let mut rows: Vec<Option<Row>> = vec![None; n];
             for f in result.failed {
                 if let Some(row) = rows.get_mut(f.index as usize) {
-                    *row = Some(Err(f.reason));
+                    *row = Some(Err(TextFailure(f.reason)));
                 }
             }
             let mut vectors = result.vectors.iter();
@@ -451,7 +462,7 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
                     None => vectors
                         .next()
                         .map(<[f32]>::to_vec)
-                        .ok_or_else(|| "the embedder returned too few vectors".to_string()),
+                        .ok_or_else(|| TextFailure("the embedder returned too few vectors".into())),
                 })
                 .collect()
         }
