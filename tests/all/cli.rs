@@ -339,3 +339,41 @@ fn index_into_a_closed_pipe_stops_its_native_children_politely_not_by_sigkill() 
     );
     assert!(!err.contains("killing it"), "{err}");
 }
+
+#[test]
+fn embed_index_and_search_go_through_the_front_door() {
+    // Only the front door logs to `embedhost::front_door`, once per job.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    std::fs::write(
+        &config,
+        "[plugin]\npath = \"builtin:stub\"\n[index]\ndir = \"index\"\n",
+    )
+    .unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "a note about a flat tyre\nand a pump\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .current_dir(dir.path())
+            .args(args)
+            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+            .env("RUST_LOG", "embedhost::front_door=debug")
+            .output_within(crate::PROCESS_LIMIT)
+            .expect("run embedhost");
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let jobs = stderr(&out)
+            .lines()
+            .filter(|l| l.contains("embedhost::front_door") && l.contains("job"))
+            .count();
+        (out, jobs)
+    };
+    let (out, jobs) = run(&["embed", "one", "two"]);
+    assert_eq!(vectors(&out).len(), 2);
+    assert_eq!(jobs, 1, "embed: {}", stderr(&out));
+    let (out, jobs) = run(&["index", "docs"]);
+    assert!(jobs >= 1, "index: {}", stderr(&out));
+    let (out, jobs) = run(&["search", "flat", "tyre"]);
+    assert!(stdout(&out).contains("a.txt"), "{}", stdout(&out));
+    assert_eq!(jobs, 1, "search: {}", stderr(&out));
+}

@@ -571,3 +571,81 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_answers_every_embedder_verb_through_its_front_door() {
+    use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
+    use embedhost::bus::{Bus, BusError, Empty, ErrorCode, SendOptions};
+    use embedhost::messages::{
+        EmbedderEmbed, EmbedderHandshake, EmbedderHealth, ModelCheck, Shutdown, ShutdownRequest,
+    };
+    let nats = NatsServer::start();
+    let config = stub_config("wasm", "", "");
+    let url = nats.url();
+    let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
+        .await
+        .unwrap();
+    let client = connect(&nats.url(), &NatsOptions::default(), "test")
+        .await
+        .unwrap();
+    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    let options = || SendOptions::default().timeout(Duration::from_secs(60));
+    let hello = bus.send::<EmbedderHandshake>(Empty {}, options()).await.unwrap();
+    let embedded = bus
+        .send::<EmbedderEmbed>(one_text("hello"), options())
+        .await
+        .unwrap();
+    assert_eq!(embedded.vectors.dimension(), hello.model.dimension as usize);
+    let health = bus.send::<EmbedderHealth>(Empty {}, options()).await.unwrap();
+    assert!(health.processed_count >= 1, "{health:?}");
+    let model = bus.send::<ModelCheck>(Empty {}, options()).await.unwrap();
+    assert!(model.exists, "the stub needs no files: {model:?}");
+    // A stranger on the server cannot stop the member's pool.
+    let refused = bus
+        .send::<Shutdown>(ShutdownRequest::default(), options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, BusError::Remote(r) if r.code == ErrorCode::InvalidRequest),
+        "{refused}"
+    );
+    // Every call went through the member's front door, and it still serves.
+    let member = tokio::task::spawn_blocking(move || {
+        let (_, metrics, _) = member.raw("GET", "/metrics", None, &[]);
+        assert!(
+            crate::serve::metric(&metrics, "front_door_jobs_total") >= 1.0,
+            "{metrics}"
+        );
+        assert_eq!(member.get("/ready").0, 200);
+        member
+    })
+    .await
+    .unwrap();
+    // A caller whose embedder is remote goes through its own front door
+    // too: `embedhost embed` with `[embedder] remote`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("embedhost.toml"),
+        format!("[embedder]\nremote = \"{}\"\n[index]\ndir = \"index\"\n", nats.url()),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .current_dir(dir.path())
+            .args(["embed", "over the pool"])
+            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+            .env("RUST_LOG", "embedhost::front_door=debug")
+            .output_within(crate::PROCESS_LIMIT)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("embedhost::front_door") && l.contains("remote")),
+        "{err}"
+    );
+    drop(member);
+}
