@@ -23,11 +23,36 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::slot::{Crash, Ended};
 use super::{CallError, FailureReason, Health, Inner, Job, METRIC_RESTARTS, Started, Worker, lock};
 use crate::bus::BoxFuture;
 use crate::limits;
 use crate::vectors::Vectors;
+
+/// How a slot's serving loop ended.
+pub(super) enum Ended {
+    /// The instance crashed.
+    Crashed(Crash),
+    /// The instance ended normally (a child that exited 0 on its own).
+    /// `true` if the call it ended on was a suspected poison text alone.
+    Normal(String, bool),
+    Shutdown,
+}
+
+/// How an instance crashed.
+pub(super) struct Crash {
+    pub(super) reason: FailureReason,
+    pub(super) message: String,
+    /// Whether the call was a suspected poison text alone (see
+    /// [`super::Job::suspect`]).
+    pub(super) suspect: bool,
+    /// Whether the instance had served (a call or a health check) before.
+    pub(super) proven: bool,
+    /// Whether it crashed during a call (judged by the slot's crash rate,
+    /// see [`super::Intensity::on_call_crash`]) rather than at a health check.
+    pub(super) call: bool,
+    /// Calls the slot answered since its last failure, for the crash rate.
+    pub(super) answered: u64,
+}
 
 /// Counts a slot as busy while alive (so a cancelled call is counted out).
 struct Busy<'a>(&'a AtomicUsize);

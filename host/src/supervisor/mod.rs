@@ -48,19 +48,20 @@
 //!   same `ModelInfo` from every incarnation.
 //! - [`Supervisor::shutdown`] stops the slots in reverse start order, each
 //!   within a timeout; a start in progress is finished, then stopped.
-
 //!
 //! # Layout
 //! - this file: the public types, the shared state of the pool ([`Inner`]),
-//!   and [`Supervisor`]'s start and status;
+//!   and [`Supervisor`]'s start, status and shutdown;
 //! - `calls`: the request policy of [`Supervisor::embed`] (splitting across
 //!   instances, poison isolation, answer checks);
-//! - `slot`: one slot's task (start, restart, intensity);
-//! - `instance`: serving one instance (calls, health, recycle);
-//! - `generation`: escalation, recovery and shutdown of the whole pool.
+//! - `slot`: one slot's task (start, restart, intensity), and the
+//!   generations of slots (escalation and recovery of the whole pool);
+//! - `instance`: serving one instance (calls, health, recycle).
+//!
+//! No import runs in a circle: `calls` and `instance` use only this file,
+//! `slot` uses `instance`, and this file uses the three.
 
 mod calls;
-mod generation;
 mod instance;
 mod intensity;
 mod slot;
@@ -87,8 +88,7 @@ use crate::limits;
 pub use crate::messages::FailedInput;
 use crate::vectors::Vectors;
 use calls::PoisonMemory;
-use generation::start_generation;
-use slot::{Failure, Restart, Slot};
+use slot::{Failure, Restart, Slot, fail_queued, start_generation};
 
 /// Metric: restarts, by `reason`.
 pub const METRIC_RESTARTS: &str = "restarts_total";
@@ -420,6 +420,31 @@ impl Supervisor {
         })
     }
 
+    /// Stops the pool: each slot's instance is stopped in reverse start
+    /// order (a native child gets `shutdown` and exits 0), each within
+    /// [`limits::SHUTDOWN_SLOT_TIMEOUT`]. Later calls fail at once. A
+    /// program's normal exit waits for this, so no child is killed.
+    pub async fn shutdown(&self) {
+        let slots = std::mem::take(&mut lock(&self.inner.generation).slots);
+        for (token, task) in slots.into_iter().rev() {
+            token.cancel();
+            if let Some(task) = task
+                && tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, task)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    "a slot did not stop within {:?}",
+                    limits::SHUTDOWN_SLOT_TIMEOUT
+                );
+            }
+        }
+        self.inner.shutdown.cancel();
+        // No slot is left to take them: queued calls fail now, not at
+        // their own deadlines, and later sends fail at once.
+        fail_queued(&self.inner, "the pool was shut down", true).await;
+    }
+
     /// What the model reported at the first start.
     pub fn model_info(&self) -> ModelInfo {
         lock(&self.inner.info)
@@ -502,6 +527,7 @@ impl Supervisor {
             .max(1)
             .saturating_sub(self.inner.busy.load(Ordering::Relaxed) + queued)
     }
+
     /// Health of one idle instance (for `embedder.health`).
     ///
     /// # Errors

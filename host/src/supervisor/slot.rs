@@ -1,6 +1,8 @@
-//! One slot of the pool: its task starts an instance, serves it (see
-//! [`super::instance`]), and on failure restarts it after the delay its
-//! restart intensity decides, or escalates.
+//! One slot of the pool, and the generations of slots: a slot's task
+//! starts an instance, serves it (see [`super::instance`]), and on failure
+//! restarts it after the delay its restart intensity decides, or
+//! escalates; an escalation ends the generation and (after a cooldown)
+//! starts the next.
 //!
 //! # Invariants
 //! - A crashed worker is dropped, never called again; the slot starts a new
@@ -17,51 +19,36 @@
 //! - OTP restart types: a permanent slot restarts after any end, a
 //!   transient one only after a crash, a temporary one never (it leaves
 //!   the pool).
+//! - One escalation per generation: the first slot to escalate sets the
+//!   cooldown; later ones in the same generation return at once. The
+//!   cooldown doubles with each escalation in a row, capped at
+//!   [`limits::ESCALATION_COOLDOWN_MAX`], and the pool comes back after it
+//!   (unless it is shutting down, or has no slot left to restart).
+//! - The old generation's slots are stopped (each within
+//!   [`limits::SHUTDOWN_SLOT_TIMEOUT`]) before the next one starts.
+//! - A queued job never waits for a pool that is down: escalation and
+//!   shutdown refuse every queued job at once.
+//! - A slot task that panics counts as down and escalates the pool.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::generation::{escalate, leave_pool};
-use super::instance::serve;
+use super::instance::{Crash, Ended, serve};
 use super::{
-    Decision, FailureReason, Inner, Intensity, IntensityConfig, METRIC_RESTARTS, RestartType,
-    SupervisorConfig, Worker, lock,
+    CallError, Cooldown, Decision, FailureReason, Inner, Intensity, IntensityConfig,
+    METRIC_ESCALATIONS, METRIC_RESTARTS, RestartType, SupervisorConfig, Worker, lock,
 };
+use crate::bus::{ErrorCode, RemoteError};
 use crate::limits;
 
 /// Whether a failed slot restarts, or why not.
 pub(super) enum Restart {
     Yes,
     No(String),
-}
-
-/// How a slot's serving loop ended.
-pub(super) enum Ended {
-    /// The instance crashed.
-    Crashed(Crash),
-    /// The instance ended normally (a child that exited 0 on its own).
-    /// `true` if the call it ended on was a suspected poison text alone.
-    Normal(String, bool),
-    Shutdown,
-}
-
-/// How an instance crashed.
-pub(super) struct Crash {
-    pub(super) reason: FailureReason,
-    pub(super) message: String,
-    /// Whether the call was a suspected poison text alone (see
-    /// [`super::Job::suspect`]).
-    pub(super) suspect: bool,
-    /// Whether the instance had served (a call or a health check) before.
-    pub(super) proven: bool,
-    /// Whether it crashed during a call (judged by the slot's crash rate,
-    /// see [`Intensity::on_call_crash`]) rather than at a health check.
-    pub(super) call: bool,
-    /// Calls the slot answered since its last failure, for the crash rate.
-    pub(super) answered: u64,
 }
 
 /// One failure of a slot's instance, to record and charge.
@@ -99,7 +86,7 @@ fn slot_intensity(config: &SupervisorConfig, slot: usize) -> Intensity {
 
 /// The instance `start` brought up, with its incarnation and the intensity
 /// its start-up failures already used.
-pub(super) type FirstInstance = (Box<dyn Worker>, u64, Intensity);
+type FirstInstance = (Box<dyn Worker>, u64, Intensity);
 
 /// What a slot does after trying to start an instance.
 enum Next {
@@ -355,7 +342,7 @@ impl Slot {
 
 /// The task of slot `slot`: starting with `first` if given (the instance
 /// [`super::Supervisor::start`] brought up), until `stop`.
-pub(super) async fn run_slot(
+async fn run_slot(
     inner: Arc<Inner>,
     slot: usize,
     first: Option<FirstInstance>,
@@ -368,4 +355,137 @@ pub(super) async fn run_slot(
     Slot::new(inner, slot, stop, incarnation, intensity)
         .run(first)
         .await;
+}
+
+/// Starts a generation of slots: slot 0 with `first` if given, the others
+/// fresh, each under a child token of `stop`.
+pub(super) fn start_generation(
+    inner: &Arc<Inner>,
+    first: Option<FirstInstance>,
+    stop: CancellationToken,
+) {
+    let pool = inner.config.pool_size.max(1);
+    let mut first = first;
+    let mut generation = lock(&inner.generation);
+    generation.slots.clear();
+    for slot in 0..pool {
+        let token = stop.child_token();
+        let run = run_slot(
+            inner.clone(),
+            slot,
+            if slot == 0 { first.take() } else { None },
+            token.clone(),
+        );
+        let watched = inner.clone();
+        let task = tokio::spawn(async move {
+            // A panic (a bug in the host) ends the slot's task: the slot no
+            // longer counts as up, and the pool escalates and recovers,
+            // rather than leave callers queued for a slot that is gone. The
+            // call in flight was answered when its reply was dropped.
+            if futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .await
+                .is_err()
+            {
+                lock(&watched.slots)[slot].up_since = None;
+                escalate(
+                    &watched,
+                    format!("the task of instance {slot} panicked"),
+                    true,
+                )
+                .await;
+            }
+        });
+        generation.slots.push((token, Some(task)));
+    }
+}
+
+/// A temporary slot that ended leaves the pool; when none is left, queued
+/// and later calls fail at once instead of waiting for their deadlines.
+async fn leave_pool(inner: &Arc<Inner>, slot: usize) {
+    let left = {
+        let mut slots = lock(&inner.slots);
+        slots[slot].gone = true;
+        slots.iter().filter(|s| !s.gone).count()
+    };
+    if left == 0 {
+        escalate(
+            inner,
+            "every instance of the pool has ended and none is restarted (restart = transient or temporary)".into(),
+            false,
+        )
+        .await;
+    }
+}
+
+/// The pool goes down: every slot of this generation stops, queued jobs get
+/// [`SupervisorError::Unavailable`], and (when `recover`) the whole pool is
+/// started again after a cooldown that doubles with each escalation in a
+/// row (OTP's escalation to a parent, which restarts the subtree).
+async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
+    let cooldown = {
+        let mut down = lock(&inner.cooldown);
+        if down.is_some() {
+            // Another slot escalated this generation already: one
+            // escalation, one step of the cooldown.
+            return;
+        }
+        let n = inner.escalations.fetch_add(1, Ordering::Relaxed);
+        let cooldown = limits::ESCALATION_COOLDOWN_MIN
+            .saturating_mul(1u32 << n.min(16))
+            .min(limits::ESCALATION_COOLDOWN_MAX);
+        *down = Some(Cooldown {
+            reason: why,
+            until: Instant::now() + cooldown,
+            recovering: recover,
+        });
+        cooldown
+    };
+    metrics::counter!(METRIC_ESCALATIONS).increment(1);
+    let slots = std::mem::take(&mut lock(&inner.generation).slots);
+    for (token, _) in &slots {
+        token.cancel();
+    }
+    // Fail what waits in the queue; later submissions fail at once (the
+    // cooldown is set).
+    fail_queued(inner, "the pool escalated", false).await;
+    if !recover || inner.shutdown.is_cancelled() {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        // The old generation's instances are stopped before the new one
+        // starts (a native child gets its grace period).
+        for (_, task) in slots {
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, task).await;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(cooldown) => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        tracing::info!(?cooldown, "cooldown over: restarting the pool");
+        *lock(&inner.cooldown) = None;
+        let stop = inner.shutdown.child_token();
+        start_generation(&inner, None, stop);
+    });
+}
+
+/// Refuses every job waiting in the queue (`why`, as unavailable), so
+/// their callers learn at once rather than at their deadlines; with
+/// `close`, later sends fail at once too. The lock is bounded: a slot that
+/// did not stop in time might still hold it.
+pub(super) async fn fail_queued(inner: &Inner, why: &str, close: bool) {
+    let queue = tokio::time::timeout(limits::SHUTDOWN_SLOT_TIMEOUT, inner.queue.lock());
+    let Ok(mut queue) = queue.await else {
+        tracing::warn!("the job queue stayed locked; its jobs end at their deadlines");
+        return;
+    };
+    if close {
+        queue.close();
+    }
+    while let Ok(job) = queue.try_recv() {
+        let refusal = RemoteError::new(ErrorCode::Unavailable, why);
+        let _ = job.reply.send((None, Err(CallError::Refused(refusal))));
+    }
 }
