@@ -123,14 +123,6 @@ impl Config {
         )
     }
 
-    /// The configured model's id.
-    pub fn model_id(&self) -> &str {
-        self.model
-            .id
-            .as_deref()
-            .unwrap_or(crate::model::DEFAULT_MODEL)
-    }
-
     /// Whether the WASM plugin is given the model's directory (read-only):
     /// for the built-in BERT plugin, and for any plugin when the config
     /// names a model (`[model] id` or `dir`).
@@ -145,16 +137,6 @@ impl Config {
         match (self.native.precision, &self.model.dir) {
             (Precision::Int8, None) => crate::native::onnx::INT8_MODEL_FILE,
             _ => crate::native::onnx::DEFAULT_MODEL_FILE,
-        }
-    }
-
-    /// What the configured embedder needs from a model manifest (its files'
-    /// `needed_by`): `wasm`, `native` or `native-int8`.
-    pub fn model_use(&self) -> &'static str {
-        match (self.backend, self.native.precision) {
-            (Backend::Wasm, _) => "wasm",
-            (Backend::Native, Precision::Fp32) => "native",
-            (Backend::Native, Precision::Int8) => "native-int8",
         }
     }
 

@@ -12,12 +12,15 @@
 //!   config works from any working directory.
 //!
 //! # Layout
-//! - this file: the file's shape (the sections and their defaults);
+//! - this file: the file's shape (the sections and their defaults) and
+//!   the configured model;
 //! - `parse`: reading, path resolution and validation;
 //! - `build`: what the configuration builds (spawners, supervisor and
 //!   worker settings, plugin tables, identities);
 //! - `files`: the places on disk it names (model, index and cache
 //!   directories) and the checks of the files there.
+//!
+//! `parse` and `files` use only this file; `build` uses `files` too.
 //!
 //! ```toml
 //! backend = "wasm"
@@ -456,6 +459,26 @@ pub struct Config {
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// The configured model's id.
+    pub fn model_id(&self) -> &str {
+        self.model
+            .id
+            .as_deref()
+            .unwrap_or(crate::model::DEFAULT_MODEL)
+    }
+
+    /// What the configured embedder needs from a model manifest (its files'
+    /// `needed_by`): `wasm`, `native` or `native-int8`.
+    pub fn model_use(&self) -> &'static str {
+        match (self.backend, self.native.precision) {
+            (Backend::Wasm, _) => "wasm",
+            (Backend::Native, Precision::Fp32) => "native",
+            (Backend::Native, Precision::Int8) => "native-int8",
+        }
+    }
 }
 
 fn project_dirs() -> Option<directories::ProjectDirs> {
