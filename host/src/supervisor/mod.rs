@@ -50,7 +50,7 @@
 //!   within a timeout; a start in progress is finished, then stopped.
 //!
 //! # Layout
-//! - this file: the public types, the shared state of the pool ([`Inner`]),
+//! - this file: the public types, the shared state of the pool (`Inner`),
 //!   and [`Supervisor`]'s start, status and shutdown;
 //! - `calls`: the request policy of [`Supervisor::embed`] (splitting across
 //!   instances, poison isolation, answer checks);

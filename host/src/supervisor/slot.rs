@@ -418,7 +418,7 @@ async fn leave_pool(inner: &Arc<Inner>, slot: usize) {
 }
 
 /// The pool goes down: every slot of this generation stops, queued jobs get
-/// [`SupervisorError::Unavailable`], and (when `recover`) the whole pool is
+/// [`super::SupervisorError::Unavailable`], and (when `recover`) the whole pool is
 /// started again after a cooldown that doubles with each escalation in a
 /// row (OTP's escalation to a parent, which restarts the subtree).
 async fn escalate(inner: &Arc<Inner>, why: String, recover: bool) {
