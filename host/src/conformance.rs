@@ -214,12 +214,49 @@ pub async fn run(plugin: WasmPlugin, options: Options) -> Report {
         options,
         live: None,
     };
+    let Some(info) = init(&mut report, &mut subject).await else {
+        return report;
+    };
+
+    let texts: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
+    let first = match subject.embed(texts.clone(), false).await {
+        Ok(v) => v,
+        Err(e) => {
+            report.record("embeds a batch", Err(e.to_string()));
+            skip_rest(&mut report, "no batch was embedded");
+            return report;
+        }
+    };
+    report.record(
+        "embeds a batch",
+        Ok(format!(
+            "{} vectors of dimension {}, finite",
+            first.len(),
+            first.dimension()
+        )),
+    );
+    report.record("normalized as declared", normalized(&info, &first));
+    let repeated = deterministic(&mut subject, &texts, &first).await;
+    report.record("deterministic", repeated);
+    let alone = batch_independent(&mut subject, &texts, &first).await;
+    report.record("batch-independent", alone);
+
+    hard_inputs(&mut report, &mut subject).await;
+    report.record("bad config is a value", bad_config(&subject).await);
+    report.record("health", health(&mut subject).await);
+    measure(&mut report, &mut subject).await;
+    report
+}
+
+/// Starts the first instance and records `init` and `declares a model`;
+/// the model's info, or `None` (the rest skipped) if it did not start.
+async fn init(report: &mut Report, subject: &mut Subject) -> Option<ModelInfo> {
     let info = match subject.instance().await {
         Ok(instance) => instance.model_info().clone(),
         Err(e) => {
             report.record("init", Err(e.to_string()));
-            skip_rest(&mut report, "init failed");
-            return report;
+            skip_rest(report, "init failed");
+            return None;
         }
     };
     report.record(
@@ -247,46 +284,41 @@ pub async fn run(plugin: WasmPlugin, options: Options) -> Report {
             Ok(format!("dimension {}", info.dimension))
         },
     );
+    Some(info)
+}
 
-    let texts: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
-    let first = match subject.embed(texts.clone(), false).await {
-        Ok(v) => v,
-        Err(e) => {
-            report.record("embeds a batch", Err(e.to_string()));
-            skip_rest(&mut report, "no batch was embedded");
-            return report;
+/// `deterministic`: `texts` embedded again give `first` to
+/// [`REPEAT_TOLERANCE`].
+async fn deterministic(
+    subject: &mut Subject,
+    texts: &[String],
+    first: &Vectors,
+) -> Result<String, String> {
+    let again = subject.embed(texts.to_vec(), false).await;
+    again.map_err(|e| e.to_string()).and_then(|again| {
+        let diff = first
+            .as_flat()
+            .iter()
+            .zip(again.as_flat())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if diff <= REPEAT_TOLERANCE {
+            Ok(format!("the same batch twice differs by {diff:e}"))
+        } else {
+            Err(format!(
+                "the same batch twice differs by {diff:e} (allowed {REPEAT_TOLERANCE:e})"
+            ))
         }
-    };
-    report.record(
-        "embeds a batch",
-        Ok(format!(
-            "{} vectors of dimension {}, finite",
-            first.len(),
-            first.dimension()
-        )),
-    );
-    report.record("normalized as declared", normalized(&info, &first));
+    })
+}
 
-    let again = subject.embed(texts.clone(), false).await;
-    report.record(
-        "deterministic",
-        again.map_err(|e| e.to_string()).and_then(|again| {
-            let diff = first
-                .as_flat()
-                .iter()
-                .zip(again.as_flat())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            if diff <= REPEAT_TOLERANCE {
-                Ok(format!("the same batch twice differs by {diff:e}"))
-            } else {
-                Err(format!(
-                    "the same batch twice differs by {diff:e} (allowed {REPEAT_TOLERANCE:e})"
-                ))
-            }
-        }),
-    );
-
+/// `batch-independent`: each of `texts` embedded alone points where its
+/// row of `first` does, to [`BATCH_COSINE`].
+async fn batch_independent(
+    subject: &mut Subject,
+    texts: &[String],
+    first: &Vectors,
+) -> Result<String, String> {
     let mut alone = Ok(f32::INFINITY);
     for (i, text) in texts.iter().enumerate() {
         alone = match (alone, subject.embed(vec![text.clone()], false).await) {
@@ -298,19 +330,20 @@ pub async fn run(plugin: WasmPlugin, options: Options) -> Report {
             (_, Err(e)) => Err(format!("text {i} alone: {e}")),
         };
     }
-    report.record(
-        "batch-independent",
-        alone.and_then(|worst| {
-            if worst >= BATCH_COSINE {
-                Ok(format!("alone vs in a batch: cosine >= {worst:.6}"))
-            } else {
-                Err(format!(
-                    "a text alone and in a batch: cosine {worst:.6} (needs {BATCH_COSINE})"
-                ))
-            }
-        }),
-    );
+    alone.and_then(|worst| {
+        if worst >= BATCH_COSINE {
+            Ok(format!("alone vs in a batch: cosine >= {worst:.6}"))
+        } else {
+            Err(format!(
+                "a text alone and in a batch: cosine {worst:.6} (needs {BATCH_COSINE})"
+            ))
+        }
+    })
+}
 
+/// The hard inputs (an empty list, an empty string, a very long and a
+/// non-ASCII input) and the query kind: a value or vectors, never a crash.
+async fn hard_inputs(report: &mut Report, subject: &mut Subject) {
     report.record(
         "empty list",
         match subject.embed(Vec::new(), false).await {
@@ -353,33 +386,35 @@ pub async fn run(plugin: WasmPlugin, options: Options) -> Report {
             Err(e) => value_or_crash(e),
         },
     );
+}
 
-    // A key no plugin knows: refusing it is a value, accepting it is fine,
-    // a trap is not.
+/// `bad config is a value`: a key no plugin knows. Refusing it is a value,
+/// accepting it is fine, a trap is not.
+async fn bad_config(subject: &Subject) -> Result<String, String> {
     let mut odd = subject.options.config.clone();
     odd.push(("embedhost.conformance.unknown-key".into(), "1".into()));
-    report.record(
-        "bad config is a value",
-        match WasmEmbedder::start(subject.plugin.clone(), subject.options.limits, odd).await {
-            Ok(_) => Ok("an unknown key was accepted".into()),
-            Err(WasmError::Plugin { error, .. }) => Ok(format!("refused: {error}")),
-            Err(e) => Err(e.to_string()),
-        },
-    );
+    match WasmEmbedder::start(subject.plugin.clone(), subject.options.limits, odd).await {
+        Ok(_) => Ok("an unknown key was accepted".into()),
+        Err(WasmError::Plugin { error, .. }) => Ok(format!("refused: {error}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
-    report.record("health", health(&mut subject).await);
-    if !subject.options.throughput_time.is_zero() {
-        match throughput(&mut subject).await {
-            Ok((rate, memory)) => {
-                report.texts_per_second = Some(rate);
-                report.memory_bytes = memory;
-            }
-            Err(e) => {
-                report.record("throughput run", Err(e));
-            }
+/// The throughput and memory figures, unless `throughput_time` is zero; a
+/// failed run is a failed check.
+async fn measure(report: &mut Report, subject: &mut Subject) {
+    if subject.options.throughput_time.is_zero() {
+        return;
+    }
+    match throughput(subject).await {
+        Ok((rate, memory)) => {
+            report.texts_per_second = Some(rate);
+            report.memory_bytes = memory;
+        }
+        Err(e) => {
+            report.record("throughput run", Err(e));
         }
     }
-    report
 }
 
 fn skip_rest(report: &mut Report, why: &str) {

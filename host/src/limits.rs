@@ -3,6 +3,10 @@
 //!
 //! A value that a user may want to change is also a configuration key (see
 //! [`crate::config`]); the constant here is then its default.
+//!
+//! Size: a flat list of documented constants, one per limit, read by
+//! looking one up; split by topic, a limit's reason would be harder to
+//! find and two related limits could drift apart.
 
 use std::time::Duration;
 

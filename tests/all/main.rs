@@ -19,6 +19,7 @@ mod real_model;
 mod sandbox;
 mod sandbox2;
 mod serve;
+mod sizes;
 mod supervisor;
 mod wasm;
 mod worker;

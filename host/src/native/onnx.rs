@@ -250,6 +250,90 @@ pub struct OnnxEngine {
     info: ModelInfo,
 }
 
+/// The session of the model at `model_path`, on `threads` intra-op
+/// threads.
+fn open_session(
+    environment: &ort::environment::Environment,
+    threads: usize,
+    model_path: &Path,
+) -> Result<Session, String> {
+    let session_error = |e: ort::Error<_>| format!("`{}`: {e}", model_path.display());
+    Session::builder(environment)
+        .map_err(|e| format!("`{}`: {e}", model_path.display()))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(session_error)?
+        .with_intra_threads(threads)
+        .map_err(session_error)?
+        // ONNX Runtime's workers spin after each run by default, burning
+        // a core each for a while: in a pool of children sharing the
+        // machine, that spinning steals the CPU the other children's
+        // batches need.
+        .with_intra_op_spinning(false)
+        .map_err(session_error)?
+        .commit_from_file(model_path)
+        .map_err(|e| format!("cannot load `{}`: {e}", model_path.display()))
+}
+
+/// The model's inputs, each one the engine feeds; `input_ids` among them.
+fn session_inputs(session: &Session, model_path: &Path) -> Result<Vec<(String, Input)>, String> {
+    let mut inputs = Vec::new();
+    for input in session.inputs() {
+        let kind = match input.name() {
+            "input_ids" => Input::Ids,
+            "attention_mask" => Input::Mask,
+            "token_type_ids" => Input::TypeIds,
+            other => {
+                return Err(format!(
+                    "`{}` has input `{other}`; the onnx engine feeds input_ids, attention_mask and token_type_ids",
+                    model_path.display()
+                ));
+            }
+        };
+        inputs.push((input.name().to_string(), kind));
+    }
+    if !inputs.iter().any(|(_, k)| *k == Input::Ids) {
+        return Err(format!(
+            "`{}` has no `input_ids` input",
+            model_path.display()
+        ));
+    }
+    Ok(inputs)
+}
+
+/// The output the engine reads (`sentence_embedding`, else
+/// `last_hidden_state`, else the first), how it is pooled, and the
+/// dimension it declares (if static).
+fn session_output(
+    session: &Session,
+    model_path: &Path,
+) -> Result<(String, Pooling, Option<i64>), String> {
+    let outputs = session.outputs();
+    let chosen = outputs
+        .iter()
+        .find(|o| o.name() == "sentence_embedding")
+        .or_else(|| outputs.iter().find(|o| o.name() == "last_hidden_state"))
+        .or_else(|| outputs.first())
+        .ok_or_else(|| format!("`{}` has no output", model_path.display()))?;
+    let shape = chosen
+        .dtype()
+        .tensor_shape()
+        .map(|s| s.to_vec())
+        .unwrap_or_default();
+    let pooling = match shape.len() {
+        3 => Pooling::Mean,
+        2 => Pooling::Pooled,
+        n => {
+            return Err(format!(
+                "`{}` output `{}` has rank {n}; expected [batch, sequence, dimension] or [batch, dimension]",
+                model_path.display(),
+                chosen.name()
+            ));
+        }
+    };
+    let declared = shape.last().copied().filter(|&d| d > 0);
+    Ok((chosen.name().to_string(), pooling, declared))
+}
+
 impl std::fmt::Debug for OnnxEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OnnxEngine")
@@ -276,67 +360,9 @@ impl OnnxEngine {
         };
         let encoder = TextEncoder::from_file(&dir.join(TOKENIZER_FILE), max_tokens)
             .map_err(|e| e.to_string())?;
-        let session_error = |e: ort::Error<_>| format!("`{}`: {e}", model_path.display());
-        let session = Session::builder(&environment)
-            .map_err(|e| format!("`{}`: {e}", model_path.display()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(session_error)?
-            .with_intra_threads(settings.threads)
-            .map_err(session_error)?
-            // ONNX Runtime's workers spin after each run by default, burning
-            // a core each for a while: in a pool of children sharing the
-            // machine, that spinning steals the CPU the other children's
-            // batches need.
-            .with_intra_op_spinning(false)
-            .map_err(session_error)?
-            .commit_from_file(&model_path)
-            .map_err(|e| format!("cannot load `{}`: {e}", model_path.display()))?;
-        let mut inputs = Vec::new();
-        for input in session.inputs() {
-            let kind = match input.name() {
-                "input_ids" => Input::Ids,
-                "attention_mask" => Input::Mask,
-                "token_type_ids" => Input::TypeIds,
-                other => {
-                    return Err(format!(
-                        "`{}` has input `{other}`; the onnx engine feeds input_ids, attention_mask and token_type_ids",
-                        model_path.display()
-                    ));
-                }
-            };
-            inputs.push((input.name().to_string(), kind));
-        }
-        if !inputs.iter().any(|(_, k)| *k == Input::Ids) {
-            return Err(format!(
-                "`{}` has no `input_ids` input",
-                model_path.display()
-            ));
-        }
-        let outputs = session.outputs();
-        let chosen = outputs
-            .iter()
-            .find(|o| o.name() == "sentence_embedding")
-            .or_else(|| outputs.iter().find(|o| o.name() == "last_hidden_state"))
-            .or_else(|| outputs.first())
-            .ok_or_else(|| format!("`{}` has no output", model_path.display()))?;
-        let shape = chosen
-            .dtype()
-            .tensor_shape()
-            .map(|s| s.to_vec())
-            .unwrap_or_default();
-        let pooling = match shape.len() {
-            3 => Pooling::Mean,
-            2 => Pooling::Pooled,
-            n => {
-                return Err(format!(
-                    "`{}` output `{}` has rank {n}; expected [batch, sequence, dimension] or [batch, dimension]",
-                    model_path.display(),
-                    chosen.name()
-                ));
-            }
-        };
-        let output = chosen.name().to_string();
-        let declared = shape.last().copied().filter(|&d| d > 0);
+        let session = open_session(&environment, settings.threads, &model_path)?;
+        let inputs = session_inputs(&session, &model_path)?;
+        let (output, pooling, declared) = session_output(&session, &model_path)?;
         let model_id = settings.model_id.clone().unwrap_or_else(|| {
             dir.file_name().map_or_else(
                 || dir.display().to_string(),

@@ -65,7 +65,49 @@ pub async fn watch(
             })
         })
         .collect::<Result<_, _>>()?;
-    let (tx, mut rx) = mpsc::channel::<PathBuf>(limits::WATCH_EVENT_QUEUE);
+    // Kept until the end: dropping it stops the events.
+    let (_watcher, mut rx, overflow) = start_watcher(&roots)?;
+    // Everything once: what changed while nothing watched.
+    let stats = reindex(worker, &roots, &stop).await?;
+    report(&Batch {
+        events: 0,
+        folders: roots.clone(),
+        stats,
+    });
+    loop {
+        let Some(changed) = next_burst(&mut rx, &stop).await else {
+            return Ok(());
+        };
+        let folders = if overflow.swap(false, Ordering::Relaxed) {
+            roots.clone()
+        } else {
+            folders_to_walk(&roots, &changed, worker.db_dir().await.as_deref())
+        };
+        if folders.is_empty() {
+            continue;
+        }
+        let stats = reindex(worker, &folders, &stop).await?;
+        report(&Batch {
+            events: changed.len(),
+            folders,
+            stats,
+        });
+    }
+}
+
+/// A watcher of `roots` (canonical), sending each changed path; the flag is
+/// set when paths were lost (a full queue, a broken watch): walk all.
+fn start_watcher(
+    roots: &[PathBuf],
+) -> Result<
+    (
+        notify::RecommendedWatcher,
+        mpsc::Receiver<PathBuf>,
+        Arc<AtomicBool>,
+    ),
+    WorkerError,
+> {
+    let (tx, rx) = mpsc::channel::<PathBuf>(limits::WATCH_EVENT_QUEUE);
     let overflow = Arc::new(AtomicBool::new(false));
     let flag = overflow.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -85,7 +127,7 @@ pub async fn watch(
         path: roots.first().cloned().unwrap_or_default(),
         reason: format!("cannot watch: {e}"),
     })?;
-    for root in &roots {
+    for root in roots {
         watcher
             .watch(root, RecursiveMode::Recursive)
             .map_err(|e| WorkerError::Path {
@@ -93,49 +135,34 @@ pub async fn watch(
                 reason: format!("cannot watch: {e}"),
             })?;
     }
-    // Everything once: what changed while nothing watched.
-    let stats = reindex(worker, &roots, &stop).await?;
-    report(&Batch {
-        events: 0,
-        folders: roots.clone(),
-        stats,
-    });
+    Ok((watcher, rx, overflow))
+}
+
+/// The paths of the next burst of events: from the first, until the tree
+/// has been quiet for [`limits::WATCH_QUIET`] or [`limits::WATCH_MAX_DELAY`]
+/// has passed. `None` once stopped (or the watcher is gone).
+async fn next_burst(
+    rx: &mut mpsc::Receiver<PathBuf>,
+    stop: &CancellationToken,
+) -> Option<Vec<PathBuf>> {
+    let first = tokio::select! {
+        () = stop.cancelled() => return None,
+        path = rx.recv() => path?,
+    };
+    let mut changed = vec![first];
+    let started = tokio::time::Instant::now();
     loop {
-        let first = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            path = rx.recv() => match path {
-                Some(p) => p,
-                None => return Ok(()),
+        let quiet = tokio::time::Instant::now() + limits::WATCH_QUIET;
+        let until = quiet.min(started + limits::WATCH_MAX_DELAY);
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            next = tokio::time::timeout_at(until, rx.recv()) => match next {
+                Ok(Some(p)) => changed.push(p),
+                Ok(None) | Err(_) => break,
             },
-        };
-        let mut changed = vec![first];
-        let started = tokio::time::Instant::now();
-        loop {
-            let quiet = tokio::time::Instant::now() + limits::WATCH_QUIET;
-            let until = quiet.min(started + limits::WATCH_MAX_DELAY);
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                next = tokio::time::timeout_at(until, rx.recv()) => match next {
-                    Ok(Some(p)) => changed.push(p),
-                    Ok(None) | Err(_) => break,
-                },
-            }
         }
-        let folders = if overflow.swap(false, Ordering::Relaxed) {
-            roots.clone()
-        } else {
-            folders_to_walk(&roots, &changed, worker.db_dir().await.as_deref())
-        };
-        if folders.is_empty() {
-            continue;
-        }
-        let stats = reindex(worker, &folders, &stop).await?;
-        report(&Batch {
-            events: changed.len(),
-            folders,
-            stats,
-        });
     }
+    Some(changed)
 }
 
 /// Walks `folders` (those that still exist) and waits until the queue is

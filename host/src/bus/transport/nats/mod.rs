@@ -27,21 +27,25 @@
 //!   gone, so no member starts work its caller gave up on. A caller that
 //!   gives up before its deadline (drops its future) sends [`Cancel`] to the
 //!   member that accepted the request, which drops it the same way.
+//!
+//! The member's side, serving a pool, is in `member`.
+
+mod member;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::child::Frame;
-use crate::bus::{Body, BoxFuture, BusError, Envelope, ErrorCode, RemoteError, Router};
+use crate::bus::{Body, BoxFuture, BusError, Envelope, ErrorCode, RemoteError};
 use crate::limits;
+
+pub use member::serve;
 
 /// Every subject starts with this.
 pub const SUBJECT_PREFIX: &str = "embedhost";
@@ -297,26 +301,10 @@ impl super::Transport for Nats {
         let id = envelope.id.0;
         let subject = subject(&envelope.message, &self.model);
         let reply_to = format!("{}.{id}", self.inbox);
-        let what = envelope.message.to_string();
-        let frame = match Frame::request(envelope) {
-            Ok(frame) => frame,
+        let payload = match request_payload(envelope) {
+            Ok(payload) => payload,
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
-        let mut payload = Vec::new();
-        if let Err(e) = ciborium::into_writer(&frame, &mut payload) {
-            return futures::future::ready(Err(BusError::Encode {
-                what,
-                reason: e.to_string(),
-            }))
-            .boxed();
-        }
-        if payload.len() > limits::MAX_FRAME_BYTES {
-            return futures::future::ready(Err(BusError::FrameTooLarge {
-                size: payload.len(),
-                max: limits::MAX_FRAME_BYTES,
-            }))
-            .boxed();
-        }
         let (tx, mut rx) = mpsc::channel(limits::NATS_REPLIES_BUFFERED);
         self.pending
             .lock()
@@ -426,168 +414,23 @@ impl ModelCheck {
     }
 }
 
-/// Serves `router` to the pool of `model` on `client` until `stop`: one
-/// queue subscription for every verb of the model, at most `room` requests
-/// at once, each answered with the model id `serving()` returns. Says on
-/// `ready` once subscribed (or why not).
-///
-/// # Errors
-/// [`NatsError::Subscribe`].
-pub async fn serve(
-    client: async_nats::Client,
-    model: &str,
-    router: Arc<Router>,
-    room: usize,
-    serving: Arc<dyn Fn() -> String + Send + Sync>,
-    stop: CancellationToken,
-    ready: tokio::sync::oneshot::Sender<Result<(), NatsError>>,
-) -> Result<(), NatsError> {
-    let wildcard = format!("{SUBJECT_PREFIX}.*.{}", model_token(model));
-    let subscribed = client
-        .queue_subscribe(wildcard.clone(), QUEUE_GROUP.to_string())
-        .await;
-    let mut requests = match subscribed {
-        Ok(s) => s,
-        Err(e) => {
-            let error = |e: &dyn std::fmt::Display| NatsError::Subscribe {
-                subject: wildcard.clone(),
-                message: e.to_string(),
-            };
-            let _ = ready.send(Err(error(&e)));
-            return Err(error(&e));
-        }
-    };
-    // Cancels come to this member's own inbox, keyed by the request's reply
-    // subject (unique per request).
-    let cancel_inbox = client.new_inbox();
-    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
-    match client.subscribe(cancel_inbox.clone()).await {
-        Ok(mut cancels) => {
-            let running = running.clone();
-            tokio::spawn(async move {
-                while let Some(message) = cancels.next().await {
-                    if let Ok(cancel) = ciborium::from_reader::<Cancel, _>(message.payload.as_ref())
-                        && let Some(token) = running
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&cancel.reply_to)
-                    {
-                        token.cancel();
-                    }
-                }
-            });
-        }
-        Err(e) => tracing::warn!("NATS: no cancel inbox, callers cannot cancel: {e}"),
-    }
-    // The subscriptions reach the server before anyone is told we serve.
-    let _ = client.flush().await;
-    let _ = ready.send(Ok(()));
-    tracing::info!(subject = %wildcard, group = QUEUE_GROUP, "serving the pool over NATS");
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    loop {
-        let message = tokio::select! {
-            () = stop.cancelled() => break,
-            m = requests.next() => match m {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        let Some(reply_to) = message.reply.clone() else {
-            continue;
-        };
-        let send = {
-            let client = client.clone();
-            move |reply: Reply| {
-                let client = client.clone();
-                let reply_to = reply_to.clone();
-                async move {
-                    let mut bytes = Vec::new();
-                    if ciborium::into_writer(&reply, &mut bytes).is_ok() {
-                        let _ = client.publish(reply_to, Bytes::from(bytes)).await;
-                    }
-                }
-            }
-        };
-        let model_now = serving();
-        let frame = match ciborium::from_reader::<Frame, _>(message.payload.as_ref())
-            .ok()
-            .and_then(Frame::into_envelope)
-        {
-            Some(envelope) => envelope,
-            None => {
-                let error = RemoteError::new(ErrorCode::Decode, "not a request frame");
-                send(Reply::Done {
-                    model: model_now,
-                    result: Err(error),
-                })
-                .await;
-                continue;
-            }
-        };
-        if in_flight.load(Ordering::Relaxed) >= room {
-            let mut busy = RemoteError::new(
-                ErrorCode::Unavailable,
-                format!("this member is busy ({room} requests in flight)"),
-            );
-            busy.retry_after_ms = Some(0);
-            send(Reply::Done {
-                model: model_now,
-                result: Err(busy),
-            })
-            .await;
-            continue;
-        }
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let (router, in_flight, serving) = (router.clone(), in_flight.clone(), serving.clone());
-        let key = message
-            .reply
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let cancelled = CancellationToken::new();
-        running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), cancelled.clone());
-        let (running, cancel_to) = (running.clone(), cancel_inbox.clone());
-        tokio::spawn(async move {
-            send(Reply::Accepted {
-                model: model_now,
-                cancel: cancel_to,
-            })
-            .await;
-            let mut handler = router.dispatch(frame);
-            let mut beat = tokio::time::interval(limits::NATS_HEARTBEAT);
-            beat.tick().await;
-            let result = loop {
-                tokio::select! {
-                    result = &mut handler => break Some(result),
-                    _ = beat.tick() => send(Reply::Working).await,
-                    // The caller gave up: its handler (and the job it
-                    // queued) is dropped, and nobody is answered.
-                    () = cancelled.cancelled() => break None,
-                }
-            };
-            running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            let Some(result) = result else {
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-                return;
-            };
-            let result = result.and_then(|body| {
-                body.into_bytes("answer")
-                    .map(|b| serde_bytes::ByteBuf::from(b.to_vec()))
-                    .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))
-            });
-            send(Reply::Done {
-                model: serving(),
-                result,
-            })
-            .await;
-            in_flight.fetch_sub(1, Ordering::Relaxed);
+/// The request frame of `envelope` as a NATS payload, within
+/// [`limits::MAX_FRAME_BYTES`].
+fn request_payload(envelope: Envelope) -> Result<Vec<u8>, BusError> {
+    let what = envelope.message.to_string();
+    let frame = Frame::request(envelope)?;
+    let mut payload = Vec::new();
+    if let Err(e) = ciborium::into_writer(&frame, &mut payload) {
+        return Err(BusError::Encode {
+            what,
+            reason: e.to_string(),
         });
     }
-    Ok(())
+    if payload.len() > limits::MAX_FRAME_BYTES {
+        return Err(BusError::FrameTooLarge {
+            size: payload.len(),
+            max: limits::MAX_FRAME_BYTES,
+        });
+    }
+    Ok(payload)
 }

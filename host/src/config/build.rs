@@ -1,0 +1,251 @@
+//! What a configuration builds: the backends' spawners and limits, the
+//! supervisor's and the worker's settings, the tables a plugin is given,
+//! and the identities an index records.
+//!
+//! # Invariants
+//! - Built from a parsed (so valid) [`Config`]; nothing here fails on a
+//!   value, only on what the machine lacks (an executable, model files, the
+//!   ONNX Runtime library), and says which.
+//! - Both backends are given the same model id for the same configuration,
+//!   so an index stays valid across a backend swap.
+//! - Defaults come from [`crate::limits`] and [`SupervisorConfig::default`];
+//!   a configured value replaces them, never adds to them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Backend, Config, DEFAULT_PLUGIN, Precision};
+use crate::limits;
+use crate::supervisor::SupervisorConfig;
+use crate::wasm::{InstanceLimits, PluginSource};
+
+impl Config {
+    /// The plugin to load.
+    pub fn plugin_source(&self) -> PluginSource {
+        match &self.plugin.path {
+            Some(path) => PluginSource::from_path(path),
+            None => {
+                PluginSource::builtin(DEFAULT_PLUGIN).unwrap_or_else(PluginSource::builtin_stub)
+            }
+        }
+    }
+
+    /// The native backend's spawner.
+    ///
+    /// # Errors
+    /// When the path of this executable cannot be found and none is configured.
+    pub fn native_spawner(
+        &self,
+        model_dir: Option<&Path>,
+    ) -> Result<crate::native::NativeSpawner, String> {
+        let executable = match &self.native.executable {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| format!("cannot find the embedhost executable: {e}"))?,
+        };
+        let mut settings = self.plugin_config();
+        if self.native.engine == "onnx" {
+            let dir = model_dir.ok_or("the onnx engine needs the model's directory")?;
+            settings.extend(self.onnx_settings(dir)?);
+        }
+        Ok(crate::native::NativeSpawner {
+            executable,
+            engine: self.native.engine.clone(),
+            settings,
+            init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
+            call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
+            call_deadline_per_kib: Duration::from_millis(self.limits.call_deadline_per_kib_ms),
+            grace: Duration::from_millis(self.native.grace_ms),
+            memory_ceiling: match self.native.memory_ceiling_mb {
+                None => Some(limits::DEFAULT_CHILD_MEMORY_CEILING),
+                Some(0) => None,
+                Some(mb) => Some(mb.saturating_mul(1024 * 1024)),
+            },
+        })
+    }
+
+    /// The onnx engine's settings for the model in `dir`, its files
+    /// checked.
+    fn onnx_settings(&self, dir: &Path) -> Result<Vec<(String, String)>, String> {
+        // Checked here, once, rather than by every child the supervisor
+        // would start and restart before giving up.
+        let model_file = self.onnx_model_file();
+        let library = self.check_onnx_files(dir, model_file)?;
+        let onnx = crate::native::onnx::OnnxSettings {
+            model_dir: dir.to_path_buf(),
+            library,
+            threads: self.native_threads(),
+            max_tokens: None,
+            // The id the model store knows, whichever backend serves it,
+            // so an index built on one backend stays valid on the other.
+            model_id: (!self.plugin.config.contains_key("model_id"))
+                .then(|| self.model_id().to_string()),
+            model_file: (model_file != crate::native::onnx::DEFAULT_MODEL_FILE)
+                .then(|| model_file.to_string()),
+        };
+        Ok(onnx.to_pairs())
+    }
+
+    /// What identifies the configured embedder beyond its model id: the
+    /// backend, the plugin (its path with size and modification time, or
+    /// the built-in one of this embedhost version), the native engine and
+    /// precision, and the plugin's settings. An index records it, and
+    /// retries the files an embedder failed on when it changes.
+    pub fn embedder_id(&self) -> String {
+        let plugin = match self.plugin_source() {
+            PluginSource::File(path) => {
+                let stamp = std::fs::metadata(&path)
+                    .ok()
+                    .map(|m| {
+                        let mtime = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_nanos());
+                        format!("{}:{mtime}", m.len())
+                    })
+                    .unwrap_or_default();
+                format!("{}@{stamp}", path.display())
+            }
+            PluginSource::Bytes { name, .. } => {
+                format!("{name}@embedhost-{}", env!("CARGO_PKG_VERSION"))
+            }
+        };
+        let engine = match self.backend {
+            Backend::Wasm => plugin,
+            Backend::Native => format!("{}:{:?}", self.native.engine, self.native.precision),
+        };
+        format!(
+            "{}|{engine}|{}|{:?}",
+            self.backend.name(),
+            self.model_id(),
+            self.plugin_config()
+        )
+    }
+
+    /// Whether the WASM plugin is given the model's directory (read-only):
+    /// for the built-in BERT plugin, and for any plugin when the config
+    /// names a model (`[model] id` or `dir`).
+    pub fn wasm_needs_model(&self) -> bool {
+        self.model.id.is_some()
+            || self.model.dir.is_some()
+            || matches!(self.plugin_source(), PluginSource::Bytes { ref name, .. } if name == "builtin:bert")
+    }
+
+    /// The graph the onnx engine loads from the model's directory.
+    pub fn onnx_model_file(&self) -> &'static str {
+        match (self.native.precision, &self.model.dir) {
+            (Precision::Int8, None) => crate::native::onnx::INT8_MODEL_FILE,
+            _ => crate::native::onnx::DEFAULT_MODEL_FILE,
+        }
+    }
+
+    /// Whether WASM instances start from a pre-initialized snapshot: for a
+    /// plugin given a model, unless `[plugin] snapshot = false`.
+    pub fn wasm_snapshot(&self) -> bool {
+        self.wasm_needs_model() && self.plugin.snapshot != Some(false)
+    }
+
+    /// Whether the backend loads model files (the native onnx engine).
+    pub fn needs_model_files(&self) -> bool {
+        self.backend == Backend::Native && self.native.engine == "onnx"
+    }
+
+    /// The worker's settings.
+    pub fn worker_settings(&self) -> crate::worker::WorkerSettings {
+        crate::worker::WorkerSettings {
+            chunk: crate::worker::chunk::ChunkSettings {
+                tokens: self.index.chunk_tokens,
+                overlap: self.index.chunk_overlap,
+            },
+            max_file_bytes: self.index.max_file_bytes,
+            batch_chunks: self.index.batch_chunks,
+            in_flight: self.supervisor_config().pool_size + 1,
+            include_generated: self.index.include_generated,
+            max_file_chunks: self.index.max_file_chunks,
+        }
+    }
+
+    /// Intra-op threads of each native child.
+    pub fn native_threads(&self) -> usize {
+        self.native.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.supervisor_config().pool_size.max(1)).max(1)
+        })
+    }
+
+    /// The table passed to the plugin's `init` (or the native engine).
+    pub fn plugin_config(&self) -> Vec<(String, String)> {
+        self.plugin
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+
+    /// The table a WASM plugin's `init` gets: `[plugin] config`, plus the
+    /// configured model's id for a plugin given a model (unless the table
+    /// sets `model_id`), so both backends report the same model and an
+    /// index stays valid across a backend swap.
+    pub fn wasm_plugin_config(&self) -> Vec<(String, String)> {
+        let mut config = self.plugin_config();
+        if self.wasm_needs_model() && !self.plugin.config.contains_key("model_id") {
+            config.push(("model_id".into(), self.model_id().to_string()));
+        }
+        config
+    }
+
+    /// The NATS client's credentials and TLS.
+    pub fn nats_options(&self) -> crate::bus::transport::nats::NatsOptions {
+        crate::bus::transport::nats::NatsOptions {
+            creds: self.nats.creds.clone(),
+            tls_ca: self.nats.tls_ca.clone(),
+            tls_cert: self.nats.tls_cert.clone().zip(self.nats.tls_key.clone()),
+            require_tls: self.nats.require_tls,
+        }
+    }
+
+    /// Per-instance limits.
+    pub fn instance_limits(&self) -> InstanceLimits {
+        InstanceLimits {
+            memory_bytes: self.limits.memory_mb.saturating_mul(1024 * 1024),
+            call_deadline: Duration::from_millis(self.limits.call_deadline_ms),
+            call_deadline_per_kib: Duration::from_millis(self.limits.call_deadline_per_kib_ms),
+            init_deadline: Duration::from_millis(self.limits.init_deadline_ms),
+        }
+    }
+
+    /// The supervisor's settings.
+    pub fn supervisor_config(&self) -> SupervisorConfig {
+        let s = &self.supervisor;
+        let mut c = SupervisorConfig::default();
+        let ms = Duration::from_millis;
+        c.pool_size = s.pool_size.unwrap_or(c.pool_size).max(1);
+        c.restart = s.restart.unwrap_or(c.restart);
+        c.intensity.max_restarts = s.max_restarts.unwrap_or(c.intensity.max_restarts);
+        c.intensity.window = s.restart_window_ms.map_or(c.intensity.window, ms);
+        c.intensity.backoff_min = s.restart_backoff_min_ms.map_or(c.intensity.backoff_min, ms);
+        c.intensity.backoff_max = s
+            .restart_backoff_max_ms
+            .map_or(c.intensity.backoff_max, ms)
+            .max(c.intensity.backoff_min);
+        c.health_interval = s.health_interval_ms.map_or(c.health_interval, ms);
+        c.health_timeout = s.health_timeout_ms.map_or(c.health_timeout, ms);
+        c.max_memory_bytes = s.recycle_memory_bytes.unwrap_or(c.max_memory_bytes);
+        c.max_processed = s.recycle_processed.unwrap_or(c.max_processed);
+        c.poison_after = s.poison_after.unwrap_or(c.poison_after).max(1);
+        c
+    }
+
+    /// The artifact cache: [`Config::cache_dir`] within `[cache] max_mb`.
+    pub fn artifact_cache(&self) -> Option<crate::wasm::ArtifactCache> {
+        let budget = self
+            .cache
+            .max_mb
+            .map_or(limits::DEFAULT_CACHE_MAX_BYTES, |mb| {
+                mb.saturating_mul(1024 * 1024)
+            });
+        self.cache_dir()
+            .map(|dir| crate::wasm::ArtifactCache::new(dir).with_max_bytes(budget))
+    }
+}

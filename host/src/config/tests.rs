@@ -1,0 +1,80 @@
+//! Parsing and validation of `embedhost.toml`.
+
+use std::path::Path;
+
+use super::*;
+use crate::wasm::InstanceLimits;
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = Config::parse("", Path::new("/etc/x/embedhost.toml")).unwrap();
+    assert_eq!(c.backend, Backend::Wasm);
+    assert!(c.plugin.path.is_none());
+    assert_eq!(c.instance_limits(), InstanceLimits::default());
+}
+
+#[test]
+fn relative_paths_follow_the_file_and_values_become_strings() {
+    let text = "backend = \"wasm\"\n[plugin]\npath = \"p.wasm\"\nconfig = { dimension = 8, name = \"x\", on = true }\n";
+    let c = Config::parse(text, Path::new("/etc/x/embedhost.toml")).unwrap();
+    assert_eq!(c.plugin.path.as_deref(), Some(Path::new("/etc/x/p.wasm")));
+    assert_eq!(
+        c.plugin_config(),
+        vec![
+            ("dimension".into(), "8".into()),
+            ("name".into(), "x".into()),
+            ("on".into(), "true".into())
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_name_the_key_and_the_file() {
+    let err = Config::parse(
+        "[limits]\nmemory_mbs = 5\n",
+        Path::new("conf/embedhost.toml"),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("memory_mbs"), "{msg}");
+    assert!(msg.contains("conf/embedhost.toml"), "{msg}");
+    let err = Config::parse("backnd = \"wasm\"\n", Path::new("a.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("backnd") && err.contains("a.toml"), "{err}");
+}
+
+#[test]
+fn zero_intervals_are_refused_and_the_native_executable_follows_the_file() {
+    let err = Config::parse(
+        "[supervisor]\nhealth_interval_ms = 0\n",
+        Path::new("a.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("[supervisor]") && err.contains("a.toml"),
+        "{err}"
+    );
+    let c = Config::parse(
+        "backend = \"native\"\n[native]\nexecutable = \"bin/eh\"\n",
+        Path::new("/etc/x/e.toml"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.native.executable.as_deref(),
+        Some(Path::new("/etc/x/bin/eh"))
+    );
+}
+
+#[test]
+fn unknown_backend_and_zero_limits_are_refused() {
+    let err = Config::parse("backend = \"gpu\"\n", Path::new("a.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gpu"), "{err}");
+    let err = Config::parse("[limits]\nmemory_mb = 0\n", Path::new("a.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("greater than zero"), "{err}");
+}
