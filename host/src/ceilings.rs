@@ -381,7 +381,7 @@ mod tests {
             let supervision = config.supervisor_config();
             let _ = std::time::Instant::now() + supervision.health_interval;
             let _ = std::time::Instant::now() + supervision.intensity.window;
-            let _ = config.worker_settings();
+            let _ = supervision.pool_size + 1;
         }
     }
 

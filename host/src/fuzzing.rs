@@ -111,7 +111,7 @@ pub fn config(data: &[u8]) {
         // What the host derives from a config must not panic either.
         let _ = config.supervisor_config();
         let _ = config.instance_limits();
-        let _ = config.worker_settings();
+        let _ = crate::worker::WorkerSettings::from_config(&config);
         let _ = config.plugin_config();
     }
 }

@@ -976,3 +976,23 @@ pub const HEALTH_SLOW_SHARE_PERCENT: u32 = 25;
 /// restart counted): one slow answer is a busy moment, three are the
 /// plugin.
 pub const HEALTH_SLOW_STRIKES: u32 = 3;
+
+/// The worker's defaults (`[index]`), here so that the config's defaults
+/// and the worker's are one number each.
+/// Tokens per chunk when the model allows it: all-MiniLM-L6-v2's
+/// sentence-transformers truncation (256) less its two special tokens, so
+/// a chunk is exactly what the model reads.
+pub const DEFAULT_CHUNK_TOKENS: usize = 254;
+
+/// Overlap between chunks: an eighth of a chunk, enough to keep a sentence
+/// or two of context across a cut without indexing much text twice.
+pub const DEFAULT_CHUNK_OVERLAP: usize = 32;
+
+/// Files over this size are skipped (`too_large`) unless the config says
+/// otherwise: 10 MiB of text is thousands of chunks, more likely a log or a
+/// data dump than a document a person searches.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Chunks per `embedder.embed` request: the batch the throughput benchmark
+/// measured (32 short texts; the native engine groups a batch by length).
+pub const DEFAULT_BATCH_CHUNKS: usize = 32;

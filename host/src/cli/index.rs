@@ -111,7 +111,7 @@ async fn start_worker(
     let model = generation.info.clone();
     let tokens = generation.tokens.clone();
     drop(generation);
-    let mut settings = config.worker_settings();
+    let mut settings = crate::worker::WorkerSettings::from_config(config);
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);
     }

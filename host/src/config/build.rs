@@ -151,21 +151,6 @@ impl Config {
         self.backend == Backend::Native && self.native.engine == "onnx"
     }
 
-    /// The worker's settings.
-    pub fn worker_settings(&self) -> crate::worker::WorkerSettings {
-        crate::worker::WorkerSettings {
-            chunk: crate::worker::chunk::ChunkSettings {
-                tokens: self.index.chunk_tokens,
-                overlap: self.index.chunk_overlap,
-            },
-            max_file_bytes: self.index.max_file_bytes,
-            batch_chunks: self.index.batch_chunks,
-            in_flight: self.supervisor_config().pool_size + 1,
-            include_generated: self.index.include_generated,
-            max_file_chunks: self.index.max_file_chunks,
-        }
-    }
-
     /// Intra-op threads of each native child.
     pub fn native_threads(&self) -> usize {
         self.native.threads.unwrap_or_else(|| {

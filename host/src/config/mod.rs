@@ -300,16 +300,15 @@ pub struct IndexSection {
 
 impl Default for IndexSection {
     fn default() -> Self {
-        let w = crate::worker::WorkerSettings::default();
         IndexSection {
             dir: None,
-            max_file_bytes: w.max_file_bytes,
-            chunk_tokens: w.chunk.tokens,
-            chunk_overlap: w.chunk.overlap,
-            batch_chunks: w.batch_chunks,
-            include_generated: w.include_generated,
+            max_file_bytes: limits::DEFAULT_MAX_FILE_BYTES,
+            chunk_tokens: limits::DEFAULT_CHUNK_TOKENS,
+            chunk_overlap: limits::DEFAULT_CHUNK_OVERLAP,
+            batch_chunks: limits::DEFAULT_BATCH_CHUNKS,
+            include_generated: false,
             log_interval_ms: limits::INDEX_LOG_INTERVAL.as_millis() as u64,
-            max_file_chunks: w.max_file_chunks,
+            max_file_chunks: limits::DEFAULT_MAX_FILE_CHUNKS,
         }
     }
 }

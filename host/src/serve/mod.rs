@@ -714,7 +714,7 @@ async fn open_worker(state: &Arc<State>, pool: &Arc<Generation>) {
         state.embedder.clone(),
         pool.info.clone(),
         pool.tokens.clone(),
-        pool.config.worker_settings(),
+        crate::worker::WorkerSettings::from_config(&pool.config),
     )
     .with_embedder_id(pool.config.embedder_id());
     let opened = match worker.init(&state.db).await {

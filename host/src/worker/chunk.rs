@@ -19,14 +19,7 @@ pub struct ChunkSettings {
     pub overlap: usize,
 }
 
-/// Tokens per chunk when the model allows it: all-MiniLM-L6-v2's
-/// sentence-transformers truncation (256) less its two special tokens, so
-/// a chunk is exactly what the model reads.
-pub const DEFAULT_CHUNK_TOKENS: usize = 254;
-
-/// Overlap between chunks: an eighth of a chunk, enough to keep a sentence
-/// or two of context across a cut without indexing much text twice.
-pub const DEFAULT_CHUNK_OVERLAP: usize = 32;
+pub use crate::limits::{DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS};
 
 impl Default for ChunkSettings {
     fn default() -> Self {

@@ -66,14 +66,7 @@ pub const INDEX_READERS: usize = 2;
 /// without holding much text in memory.
 const PREPARED_AHEAD: usize = 64;
 
-/// Files over this size are skipped (`too_large`) unless the config says
-/// otherwise: 10 MiB of text is thousands of chunks, more likely a log or a
-/// data dump than a document a person searches.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
-
-/// Chunks per `embedder.embed` request: the batch the throughput benchmark
-/// measured (32 short texts; the native engine groups a batch by length).
-pub const DEFAULT_BATCH_CHUNKS: usize = 32;
+pub use crate::limits::{DEFAULT_BATCH_CHUNKS, DEFAULT_MAX_FILE_BYTES};
 
 pub use crate::limits::{INDEX_EMBED_TIMEOUT, SEARCH_EMBED_TIMEOUT};
 
@@ -95,6 +88,25 @@ pub struct WorkerSettings {
     /// A file's chunks past this many are not indexed; the file is
     /// recorded as cut (`stats` lists it).
     pub max_file_chunks: usize,
+}
+
+impl WorkerSettings {
+    /// The settings `config`'s `[index]` asks for, with one batch in
+    /// flight more than the pool has instances.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let index = &config.index;
+        WorkerSettings {
+            chunk: ChunkSettings {
+                tokens: index.chunk_tokens,
+                overlap: index.chunk_overlap,
+            },
+            max_file_bytes: index.max_file_bytes,
+            batch_chunks: index.batch_chunks,
+            in_flight: config.supervisor_config().pool_size + 1,
+            include_generated: index.include_generated,
+            max_file_chunks: index.max_file_chunks,
+        }
+    }
 }
 
 impl Default for WorkerSettings {
