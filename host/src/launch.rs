@@ -9,20 +9,62 @@ use std::path::PathBuf;
 
 use crate::config::{Backend, Config};
 use crate::supervisor::Supervisor;
+use crate::supervisor::SupervisorError;
 use crate::tokens::Tokens;
+use crate::wasm::WasmError;
 use crate::wasm::{PluginSource, SnapshotStatus, WasmEngine, WasmPlugin, WasmSpawner};
+
+/// Why the configured backend could not start, by the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// wasmtime refused its configuration.
+    #[error("cannot start wasmtime: {0}")]
+    Wasmtime(String),
+    /// This executable's path (for the compiler child) is unknown.
+    #[error("cannot find the embedhost executable: {0}")]
+    Executable(std::io::Error),
+    /// The plugin could not be loaded (read, checked, compiled, linked).
+    #[error(transparent)]
+    Plugin(#[from] WasmError),
+    /// The model's files could not be found or fetched.
+    #[error("{0}")]
+    Model(String),
+    /// The native backend's settings name files that are not there.
+    #[error("{0}")]
+    Native(String),
+    /// The pool's memory caps do not fit the machine.
+    #[error(transparent)]
+    Machine(#[from] crate::ceilings::PoolMemoryError),
+    /// The pool could not start within its restart intensity.
+    #[error(transparent)]
+    Pool(#[from] SupervisorError),
+    /// The model's tokenizer could not be read.
+    #[error(transparent)]
+    Tokenizer(#[from] embedhost_text::TextError),
+    /// `[embedder] remote`: the NATS server or its pool could not be
+    /// reached.
+    #[error("{0}")]
+    Remote(String),
+    /// A blocking step (loading, fetching) panicked.
+    #[error("{step}: {source}")]
+    Task {
+        /// What was being done.
+        step: &'static str,
+        /// The panic.
+        source: tokio::task::JoinError,
+    },
+}
 
 /// The wasmtime engine, with the configured artifact cache.
 ///
 /// # Errors
 /// Why wasmtime could not start.
-pub fn engine_for(config: &Config) -> Result<WasmEngine, String> {
+pub fn engine_for(config: &Config) -> Result<WasmEngine, LaunchError> {
     let engine = WasmEngine::new(config.artifact_cache())
-        .map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
+        .map_err(|e| LaunchError::Wasmtime(format!("{e:#}")))?;
     // Plugin code is compiled in a child of this binary, bounded in memory
     // and time (`wasm::compile`).
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the embedhost executable: {e}"))?;
+    let exe = std::env::current_exe().map_err(LaunchError::Executable)?;
     Ok(engine.with_compiler(exe))
 }
 
@@ -32,7 +74,7 @@ pub async fn start_backend(
     config: &Config,
     source: &PluginSource,
     max_pool: Option<usize>,
-) -> Result<(Supervisor, Option<SnapshotStatus>), String> {
+) -> Result<(Supervisor, Option<SnapshotStatus>), LaunchError> {
     let mut supervision = config.supervisor_config();
     // The configured pool is checked, whatever this command starts of it.
     supervision.pool_size = fit_machine(config, supervision.pool_size)?;
@@ -51,7 +93,10 @@ pub async fn start_backend(
                         WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
                     })
                     .await
-                    .map_err(|e| format!("plugin load: {e}"))?
+                    .map_err(|source| LaunchError::Task {
+                        step: "plugin load",
+                        source,
+                    })?
                 } else {
                     load_blocking(&engine, source)
                         .await?
@@ -59,17 +104,16 @@ pub async fn start_backend(
                 }
             } else {
                 load_blocking(&engine, source).await?
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             let snapshot = plugin.snapshot().clone();
             let spawner = WasmSpawner {
                 plugin,
                 limits: config.instance_limits(),
                 config: config.wasm_plugin_config(),
             };
-            Supervisor::start(spawner, supervision)
+            Ok(Supervisor::start(spawner, supervision)
                 .await
-                .map(|s| (s, Some(snapshot)))
+                .map(|s| (s, Some(snapshot)))?)
         }
         Backend::Native => {
             let model_dir = if config.needs_model_files() {
@@ -77,18 +121,20 @@ pub async fn start_backend(
             } else {
                 None
             };
-            Supervisor::start(config.native_spawner(model_dir.as_deref())?, supervision)
+            let spawner = config
+                .native_spawner(model_dir.as_deref())
+                .map_err(LaunchError::Native)?;
+            Ok(Supervisor::start(spawner, supervision)
                 .await
-                .map(|s| (s, None))
+                .map(|s| (s, None))?)
         }
     }
-    .map_err(|e| e.to_string())
 }
 
 /// The pool size whose memory caps fit the machine (see
 /// [`crate::ceilings::fit_pool`]): each WASM instance's `memory_mb`, or each
 /// native child's memory ceiling.
-fn fit_machine(config: &Config, pool: usize) -> Result<usize, String> {
+fn fit_machine(config: &Config, pool: usize) -> Result<usize, crate::ceilings::PoolMemoryError> {
     let per_instance = match config.backend {
         Backend::Wasm => Some(config.instance_limits().memory_bytes),
         Backend::Native => match config.native.memory_ceiling_mb {
@@ -103,8 +149,7 @@ fn fit_machine(config: &Config, pool: usize) -> Result<usize, String> {
             config.supervisor.pool_size.is_some(),
             per_instance,
             machine,
-        )
-        .map_err(|e| e.to_string()),
+        ),
         _ => Ok(pool),
     }
 }
@@ -122,20 +167,25 @@ pub fn fetch_options(offline: bool) -> crate::model::FetchOptions {
 
 /// The configured model's directory, fetched and verified first if a file
 /// is missing (the main job's check on first use).
-pub async fn fetch_model(config: &Config) -> Result<PathBuf, String> {
+pub async fn fetch_model(config: &Config) -> Result<PathBuf, LaunchError> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || config.ensure_model_dir(&fetch_options(false)))
         .await
-        .map_err(|e| format!("model fetch: {e}"))?
+        .map_err(|source| LaunchError::Task {
+            step: "model fetch",
+            source,
+        })?
+        .map_err(LaunchError::Model)
 }
 
 /// How files are cut: by the model's tokenizer when the config names a
 /// model (its `tokenizer.json`), else by words.
-pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String> {
+pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, LaunchError> {
     if !(config.wasm_needs_model() || config.needs_model_files()) {
         return Ok(Tokens::Words);
     }
-    Tokens::from_model_dir(&config.model_dir()?, max_input_tokens).map_err(|e| e.to_string())
+    let dir = config.model_dir().map_err(LaunchError::Model)?;
+    Ok(Tokens::from_model_dir(&dir, max_input_tokens)?)
 }
 
 /// The pool on the NATS server `[embedder] remote` names, if the config
@@ -146,17 +196,18 @@ pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, String
 /// Why the server or the pool could not be reached.
 pub async fn remote_embedder(
     config: &Config,
-) -> Result<Option<(crate::bus::Bus, crate::backend::ModelInfo)>, String> {
+) -> Result<Option<(crate::bus::Bus, crate::backend::ModelInfo)>, LaunchError> {
     use crate::bus::transport::nats;
     let Some(url) = &config.embedder.remote else {
         return Ok(None);
     };
+    let remote = |e: nats::NatsError| LaunchError::Remote(e.to_string());
     let client = nats::connect(url, &config.nats_options(), "embedhost")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(remote)?;
     let transport = nats::Nats::new(client, config.model_id())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(remote)?;
     let bus = crate::bus::Bus::new(transport);
     let options = crate::bus::SendOptions::default()
         .retries(crate::limits::NATS_HANDSHAKE_RETRIES)
@@ -166,10 +217,10 @@ pub async fn remote_embedder(
         .send::<crate::messages::EmbedderHandshake>(crate::bus::Empty {}, options)
         .await
         .map_err(|e| {
-            format!(
+            LaunchError::Remote(format!(
                 "no NATS member serves `{}` at {shown}: {e}",
                 config.model_id()
-            )
+            ))
         })?;
     tracing::info!(url = %shown, model = %hello.model.model_id, "using the pool over NATS");
     Ok(Some((bus, hello.model)))
@@ -181,11 +232,14 @@ pub async fn remote_embedder(
 async fn load_blocking(
     engine: &crate::wasm::WasmEngine,
     source: &crate::wasm::PluginSource,
-) -> Result<Result<WasmPlugin, crate::wasm::WasmError>, String> {
+) -> Result<Result<WasmPlugin, crate::wasm::WasmError>, LaunchError> {
     let (engine, source) = (engine.clone(), source.clone());
     tokio::task::spawn_blocking(move || WasmPlugin::load(&engine, &source))
         .await
-        .map_err(|e| format!("plugin load: {e}"))
+        .map_err(|source| LaunchError::Task {
+            step: "plugin load",
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -207,7 +261,7 @@ mod tests {
         // Two explicit children of a whole machine each: refused, saying so.
         config.native.memory_ceiling_mb = Some(machine / (1024 * 1024));
         config.supervisor.pool_size = Some(2);
-        let err = fit_machine(&config, 2).unwrap_err();
+        let err = fit_machine(&config, 2).unwrap_err().to_string();
         assert!(
             err.starts_with("2 instances of") && err.contains("pool_size"),
             "{err}"

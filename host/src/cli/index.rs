@@ -106,7 +106,11 @@ async fn start_worker(
 ) -> Result<(Bus, Arc<Embedder>, Worker), String> {
     // A remote pool (over NATS) if the config names one, else our own:
     // either way through the front door.
-    let embedder = Arc::new(Embedder::start(config.clone(), max_pool).await?);
+    let embedder = Arc::new(
+        Embedder::start(config.clone(), max_pool)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let generation = embedder.generation().map_err(|e| e.to_string())?;
     let model = generation.info.clone();
     let tokens = generation.tokens.clone();

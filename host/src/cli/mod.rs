@@ -332,7 +332,9 @@ async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Result<(), Stri
     // One command, one batch: more instances than texts would only start
     // idle. A remote pool (`[embedder] remote`) is used through the same
     // front door.
-    let embedder = Embedder::start(config, Some(args.texts.len().max(1))).await?;
+    let embedder = Embedder::start(config, Some(args.texts.len().max(1)))
+        .await
+        .map_err(|e| e.to_string())?;
     let texts = args.texts;
     let job = Job::new(texts.clone()).query(args.query).deadline(deadline);
     let done = embedder.embed(job).await;
@@ -524,7 +526,9 @@ async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Result<(), St
         Ok(lib) => serde_json::json!({ "path": lib.display().to_string(), "found": lib.exists() }),
         Err(e) => serde_json::json!({ "path": null, "found": false, "error": e }),
     };
-    let started = crate::launch::start_backend(&config, &source, None).await;
+    let started = crate::launch::start_backend(&config, &source, None)
+        .await
+        .map_err(|e| e.to_string());
     match &started {
         Ok((supervisor, snapshot)) => {
             if let Some(snapshot) = snapshot {
@@ -629,7 +633,7 @@ fn print_status(report: &serde_json::Value) {
 
 async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let engine = crate::launch::engine_for(&config)?;
+    let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let plugin =
         WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
     let embedder = WasmEmbedder::start(plugin, config.instance_limits(), config.plugin_config())
@@ -676,11 +680,15 @@ async fn plugin_test(config_path: Option<PathBuf>, args: PluginTestArgs) -> Resu
     // --plugin` does: a model plugin (or a config naming a model) gets the
     // model's directory.
     config.plugin.path = Some(args.path.clone());
-    let engine = crate::launch::engine_for(&config)?;
+    let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let source = config.plugin_source();
     let model_dir = match args.model_dir {
         Some(dir) => Some(dir),
-        None if config.wasm_needs_model() => Some(crate::launch::fetch_model(&config).await?),
+        None if config.wasm_needs_model() => Some(
+            crate::launch::fetch_model(&config)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
     let mut plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;

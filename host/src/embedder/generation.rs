@@ -85,7 +85,7 @@ impl Generation {
         config: Config,
         generation: u64,
         max_pool: Option<usize>,
-    ) -> Result<Arc<Generation>, String> {
+    ) -> Result<Arc<Generation>, crate::launch::LaunchError> {
         if let Some((bus, info)) = crate::launch::remote_embedder(&config).await? {
             let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
             let name = config.embedder.remote.clone().unwrap_or_default();

@@ -137,7 +137,7 @@ impl Embedder {
     pub async fn start(
         config: crate::config::Config,
         max_pool: Option<usize>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, crate::launch::LaunchError> {
         let generation = Generation::start(config, 1, max_pool).await?;
         let embedder = Embedder::default();
         embedder.install(generation);

@@ -689,7 +689,9 @@ async fn bind_socket(db: &Path) -> Result<tokio::net::UnixListener, ServeError> 
 /// Starts the first pool and opens the index.
 async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    let pool = Generation::start(config, generation, None).await?;
+    let pool = Generation::start(config, generation, None)
+        .await
+        .map_err(|e| e.to_string())?;
     pool.wait_all_up().await;
     tracing::info!(backend = pool.backend, model = %pool.info.model_id, "embedder pool up");
     state.embedder.install(pool.clone());
