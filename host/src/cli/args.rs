@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::index;
+use super::{index, stats};
 
 /// Run text-embedding plugins under supervision.
 #[derive(Debug, Parser)]
@@ -47,10 +47,10 @@ pub enum Command {
     /// Search the index by meaning.
     Search(index::SearchArgs),
     /// Show the index's counts.
-    Stats(index::StatsArgs),
+    Stats(stats::StatsArgs),
     /// Remove an indexed folder or file (and everything under it) from the
     /// index; the files on disk are not touched.
-    Forget(index::ForgetArgs),
+    Forget(stats::ForgetArgs),
     /// Run the embedding service: OpenAI- and TEI-compatible HTTP, search
     /// and indexing, until SIGTERM or Ctrl-C (SIGHUP reloads the config).
     Serve(ServeArgs),

@@ -6,7 +6,7 @@
 //!
 //! The clap definitions are in `args.rs`; each command in its own file:
 //! `embed.rs`, `status.rs`, `model.rs`, `plugin.rs`, `index.rs` (`index`,
-//! `search`, `stats`, `forget`), and how a result is shown in `show.rs`.
+//! `search`), `stats.rs` (`stats`, `forget`), and how a result is shown in `show.rs`.
 //! Here: the entry point, the runtime, finding a running service, and
 //! stdout that tolerates a closed pipe.
 
@@ -35,6 +35,7 @@ mod index;
 mod model;
 mod plugin;
 pub mod show;
+mod stats;
 mod status;
 
 use std::process::ExitCode;
@@ -107,8 +108,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Model(command) => model::model(cli.config, command).await,
         Command::Index(args) => index::index(cli.config, args).await,
         Command::Search(args) => index::search(cli.config, args).await,
-        Command::Stats(args) => index::stats(cli.config, args).await,
-        Command::Forget(args) => index::forget(cli.config, args).await,
+        Command::Stats(args) => stats::stats(cli.config, args).await,
+        Command::Forget(args) => stats::forget(cli.config, args).await,
         Command::Serve(args) => {
             if args.api_key.is_some() {
                 eprintln!(
