@@ -590,13 +590,19 @@ async fn a_member_answers_every_embedder_verb_through_its_front_door() {
         .unwrap();
     let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
     let options = || SendOptions::default().timeout(Duration::from_secs(60));
-    let hello = bus.send::<EmbedderHandshake>(Empty {}, options()).await.unwrap();
+    let hello = bus
+        .send::<EmbedderHandshake>(Empty {}, options())
+        .await
+        .unwrap();
     let embedded = bus
         .send::<EmbedderEmbed>(one_text("hello"), options())
         .await
         .unwrap();
     assert_eq!(embedded.vectors.dimension(), hello.model.dimension as usize);
-    let health = bus.send::<EmbedderHealth>(Empty {}, options()).await.unwrap();
+    let health = bus
+        .send::<EmbedderHealth>(Empty {}, options())
+        .await
+        .unwrap();
     assert!(health.processed_count >= 1, "{health:?}");
     let model = bus.send::<ModelCheck>(Empty {}, options()).await.unwrap();
     assert!(model.exists, "the stub needs no files: {model:?}");
@@ -626,7 +632,10 @@ async fn a_member_answers_every_embedder_verb_through_its_front_door() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("embedhost.toml"),
-        format!("[embedder]\nremote = \"{}\"\n[index]\ndir = \"index\"\n", nats.url()),
+        format!(
+            "[embedder]\nremote = \"{}\"\n[index]\ndir = \"index\"\n",
+            nats.url()
+        ),
     )
     .unwrap();
     let out = tokio::task::spawn_blocking(move || {
