@@ -1,8 +1,10 @@
-//! `embedhost index`, `search`, `stats` and `forget`: the worker's commands.
+//! `embedhost index` and `search`: the worker's commands that embed.
 //!
-//! `index` and `search` start the configured embedder and a worker over
-//! the bus, exactly as an embedding application would; `stats` only reads
-//! the index.
+//! `index` and `search` go through the running service for the index if
+//! one runs the same embedder; else they start the configured embedder and
+//! a worker over the bus, exactly as an embedding application would, and
+//! stop its pool in order at the end. `stats` and `forget`, which only
+//! read or change the store, are in `stats.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +20,6 @@ use crate::messages::{
     IndexRequest, InitRequest, SearchRequest, SearchResult, StatsResponse, WorkerIndex, WorkerInit,
     WorkerSearch, WorkerStats,
 };
-use crate::worker::store::Store;
 use crate::worker::{Worker, router};
 
 use crate::limits::{INDEX_PROGRESS_INTERVAL as PROGRESS_INTERVAL, INDEX_WALK_TIMEOUT};
@@ -74,26 +75,6 @@ pub struct SearchArgs {
     /// What to look for, in words.
     #[arg(required = true)]
     pub query: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct ForgetArgs {
-    /// The index directory (default: `[index] dir`, else the data directory).
-    #[arg(long, value_name = "DIR")]
-    pub db: Option<PathBuf>,
-    /// The folder or file to forget (as given to `index`, or any folder or
-    /// file inside one; it need not exist any more).
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct StatsArgs {
-    /// The index directory (default: `[index] dir`, else the data directory).
-    #[arg(long, value_name = "DIR")]
-    pub db: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// The configured embedder and a worker on it, initialized on `db`, behind a
@@ -167,6 +148,8 @@ pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Resu
     result
 }
 
+/// Walks `paths` through the worker on `bus`, follows the indexing to its
+/// end, and prints what it did.
 async fn run_index(
     bus: &Bus,
     generation: Option<&Generation>,
@@ -183,6 +166,45 @@ async fn run_index(
         .await
         .map_err(|e| e.to_string())?
         .queued;
+    let last = follow(bus, started, log_interval_ms).await?;
+    if let Some(reason) = &last.stalled {
+        return Err(format!(
+            "indexing stopped, {} files stay queued for the next run: {reason}",
+            last.queued + last.processing
+        ));
+    }
+    outln!(
+        "{} queued, {} files indexed ({} chunks) in {:.1} s into {}",
+        queued,
+        last.indexed,
+        last.chunks,
+        started.elapsed().as_secs_f64(),
+        db.display()
+    );
+    if !last.failures.is_empty() {
+        let reasons: Vec<String> = last
+            .failures
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        outln!(
+            "not indexed: {} (embedhost stats lists them)",
+            reasons.join(", ")
+        );
+    }
+    if let Some(line) = generation.and_then(restarts_line) {
+        outln!("{line}");
+    }
+    Ok(())
+}
+
+/// Follows the worker's stats until nothing is left or it stalled: a bar
+/// on a terminal, else a line every `log_interval_ms`. The last stats.
+async fn follow(
+    bus: &Bus,
+    started: Instant,
+    log_interval_ms: u64,
+) -> Result<StatsResponse, String> {
     let stats = || async {
         bus.send::<WorkerStats>(Empty {}, SendOptions::default())
             .await
@@ -225,35 +247,7 @@ async fn run_index(
         tokio::time::sleep(PROGRESS_INTERVAL).await;
     };
     bar.finish_and_clear();
-    if let Some(reason) = &last.stalled {
-        return Err(format!(
-            "indexing stopped, {} files stay queued for the next run: {reason}",
-            last.queued + last.processing
-        ));
-    }
-    outln!(
-        "{} queued, {} files indexed ({} chunks) in {:.1} s into {}",
-        queued,
-        last.indexed,
-        last.chunks,
-        started.elapsed().as_secs_f64(),
-        db.display()
-    );
-    if !last.failures.is_empty() {
-        let reasons: Vec<String> = last
-            .failures
-            .iter()
-            .map(|(reason, n)| format!("{reason} {n}"))
-            .collect();
-        outln!(
-            "not indexed: {} (embedhost stats lists them)",
-            reasons.join(", ")
-        );
-    }
-    if let Some(line) = generation.and_then(restarts_line) {
-        outln!("{line}");
-    }
-    Ok(())
+    Ok(last)
 }
 
 /// `index --watch`: one line per batch of changes until Ctrl-C.
@@ -499,140 +493,4 @@ fn print_results(results: &[SearchResult], query: &str, context: Option<usize>) 
         }
         outln!("       {}", super::show::highlight(&snippet, &terms, color));
     }
-}
-
-pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Result<(), String> {
-    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
-    let cap = config.index.max_file_chunks;
-    let (stats, model, skipped, roots, cut) = tokio::task::spawn_blocking(move || {
-        let store = Store::open_existing(&db)?;
-        let s = store.stats()?;
-        let model = (
-            // Escaped: an index written before model ids were checked
-            // may hold one that acts on a terminal.
-            crate::untrusted::sanitize(
-                &store.meta("model_id")?.unwrap_or_default(),
-                crate::limits::MAX_MODEL_ID_BYTES,
-            ),
-            store.meta("dimension")?.unwrap_or_default(),
-        );
-        Ok::<_, crate::worker::store::StoreError>((
-            s,
-            model,
-            store.skipped()?,
-            store.roots()?,
-            store.cut()?,
-        ))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    let response = StatsResponse {
-        indexed: stats.indexed,
-        queued: stats.queued,
-        processing: 0,
-        chunks: stats.chunks,
-        failures: stats.skipped,
-        stalled: None,
-    };
-    if args.json {
-        let mut json = serde_json::to_value(&response).map_err(|e| e.to_string())?;
-        json["model_id"] = model.0.into();
-        json["roots"] = serde_json::to_value(&roots).map_err(|e| e.to_string())?;
-        json["max_file_chunks"] = cap.into();
-        json["cut"] = cut
-            .iter()
-            .map(|(path, kept, made)| serde_json::json!({ "path": path, "kept": kept, "made": made }))
-            .collect();
-        json["skipped"] = serde_json::to_value(&skipped).map_err(|e| e.to_string())?;
-        outln!("{json:#}");
-        return Ok(());
-    }
-    outln!("model:    {} ({} dimensions)", model.0, model.1);
-    outln!(
-        "indexed:  {} files, {} chunks",
-        response.indexed,
-        response.chunks
-    );
-    outln!("queued:   {} files", response.queued);
-    for root in &roots {
-        let path = if root.path.as_os_str().is_empty() {
-            "(under no recorded root: indexed before roots were kept; `index` them again)"
-                .to_string()
-        } else {
-            super::show::safe_path(&root.path)
-        };
-        outln!(
-            "root:     {path}: {} files, {} chunks{}",
-            root.files,
-            root.chunks,
-            if root.skipped > 0 {
-                format!(", {} skipped", root.skipped)
-            } else {
-                String::new()
-            }
-        );
-    }
-    for (path, kept, made) in &cut {
-        outln!(
-            "cut:      {} (its first {kept} of {made} chunks; [index] max_file_chunks = {cap})",
-            super::show::safe_path(path)
-        );
-    }
-    for file in skipped {
-        let tries = if file.reason == "embed_failed" {
-            let max = crate::limits::MAX_EMBED_ATTEMPTS;
-            if file.attempts < max {
-                format!(
-                    "; failed {} of {max} runs, tried again by the next `index`",
-                    file.attempts
-                )
-            } else {
-                format!("; failed {max} runs in a row, tried again when it or the embedder changes")
-            }
-        } else {
-            String::new()
-        };
-        outln!(
-            "skipped:  {} ({}{tries})",
-            super::show::safe_path(&file.path),
-            super::show::safe(&file.detail)
-        );
-    }
-    Ok(())
-}
-
-/// `embedhost forget PATH`: through the running service if there is one
-/// (its in-memory index must drop the chunks too), else on the store.
-pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Result<(), String> {
-    let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
-    // Resolved here: the service has its own working directory.
-    let path = crate::worker::forget_path(&args.path)
-        .map_err(|e| format!("`{}`: {e}", args.path.display()))?;
-    let chunks =
-        if let Some(client) = super::running_service(&config, Some(&db), super::Embeds::No).await {
-            let answer = client
-                .post("/forget", &serde_json::json!({ "path": path }), None)
-                .await
-                .map_err(|e| e.to_string())?;
-            answer["chunks"].as_u64().unwrap_or(0)
-        } else {
-            let (asked, db2) = (args.path.clone(), db.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut store = Store::open_existing(&db2).map_err(|e| e.to_string())?;
-                crate::worker::forget_in(&mut store, &path, asked)
-                    .map(|ids| ids.len() as u64)
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())??
-        };
-    outln!(
-        "forgot `{}`: {chunks} chunks removed from {}",
-        args.path.display(),
-        db.display()
-    );
-    Ok(())
 }

@@ -52,7 +52,7 @@ use tokio::time::Instant;
 
 use super::job::{EmbedError, Row, TextFailure};
 use crate::limits;
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::supervisor::{BatchResult, Supervisor, SupervisorError};
 
 /// Merged batch sizes, in texts.
 pub const METRIC_BATCH_SIZE: &str = "embed_batch_size";
@@ -394,19 +394,7 @@ async fn gather(
 /// Embeds the live pieces of `batch` as one call and answers each.
 async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget: usize) {
     let now = Instant::now();
-    let mut live = Vec::with_capacity(batch.len());
-    for piece in batch {
-        if piece.reply.is_closed() {
-            continue;
-        }
-        if piece.until <= now {
-            let _ = piece.reply.send(Err(EmbedError::Supervisor(
-                SupervisorError::DeadlineExceeded(piece.given),
-            )));
-            continue;
-        }
-        live.push(piece);
-    }
+    let mut live = live_pieces(batch, now);
     let Some(until) = live.iter().map(|p| p.until).max() else {
         return;
     };
@@ -448,24 +436,7 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
             }
             return;
         }
-        Ok(result) => {
-            let mut rows: Vec<Option<Row>> = vec![None; n];
-            for f in result.failed {
-                if let Some(row) = rows.get_mut(f.index as usize) {
-                    *row = Some(Err(TextFailure(f.reason)));
-                }
-            }
-            let mut vectors = result.vectors.iter();
-            rows.into_iter()
-                .map(|row| match row {
-                    Some(failed) => failed,
-                    None => vectors
-                        .next()
-                        .map(<[f32]>::to_vec)
-                        .ok_or_else(|| TextFailure("the embedder returned too few vectors".into())),
-                })
-                .collect()
-        }
+        Ok(result) => rows_of(result, n),
     };
     // Rows go back piece by piece, in the order the texts were appended.
     let mut rest = rows.into_iter();
@@ -473,6 +444,46 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
         let mine: Vec<Row> = rest.by_ref().take(piece.count).collect();
         let _ = piece.reply.send(Ok(mine));
     }
+}
+
+/// The pieces of `batch` still worth embedding at `now`: a piece whose
+/// caller is gone is dropped, one whose deadline passed is answered so.
+fn live_pieces(batch: Vec<Piece>, now: Instant) -> Vec<Piece> {
+    let mut live = Vec::with_capacity(batch.len());
+    for piece in batch {
+        if piece.reply.is_closed() {
+            continue;
+        }
+        if piece.until <= now {
+            let _ = piece.reply.send(Err(EmbedError::Supervisor(
+                SupervisorError::DeadlineExceeded(piece.given),
+            )));
+            continue;
+        }
+        live.push(piece);
+    }
+    live
+}
+
+/// The `n` rows of a batch's answer, in input order: each failed text's
+/// reason, every other text's vector.
+fn rows_of(result: BatchResult, n: usize) -> Vec<Row> {
+    let mut rows: Vec<Option<Row>> = vec![None; n];
+    for f in result.failed {
+        if let Some(row) = rows.get_mut(f.index as usize) {
+            *row = Some(Err(TextFailure(f.reason)));
+        }
+    }
+    let mut vectors = result.vectors.iter();
+    rows.into_iter()
+        .map(|row| match row {
+            Some(failed) => failed,
+            None => vectors
+                .next()
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| TextFailure("the embedder returned too few vectors".into())),
+        })
+        .collect()
 }
 
 /// Keeps one batch's rate (`tokens` in `took`) if it is the fastest yet.

@@ -30,31 +30,55 @@ pub(super) fn serves(pool: &Generation, name: &str) -> bool {
             .is_some_and(|alias| name.eq_ignore_ascii_case(alias))
 }
 
+/// The fields of a `POST /v1/embeddings` body, read one by one.
+struct EmbeddingsRequest {
+    /// `input`.
+    texts: Vec<String>,
+    /// `model`, as the client named it.
+    model: Option<String>,
+    /// `encoding_format` is `base64` (else `float`).
+    base64: bool,
+    /// `dimensions`.
+    dimensions: Option<u64>,
+}
+
+/// Reads `body`'s fields; each error names its field.
+fn embeddings_request(body: Result<Bytes, BytesRejection>) -> Result<EmbeddingsRequest, ApiError> {
+    let map = api::object(body)?;
+    let texts = api::texts(&map, "input")?;
+    let model = api::string(&map, "model")?.map(str::to_string);
+    let format = api::string(&map, "encoding_format")?.unwrap_or("float");
+    let base64 = match format {
+        "float" => false,
+        "base64" => true,
+        other => {
+            return Err(ApiError::bad(
+                "encoding_format",
+                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
+            ));
+        }
+    };
+    let dimensions = api::integer(&map, "dimensions")?;
+    Ok(EmbeddingsRequest {
+        texts,
+        model,
+        base64,
+        dimensions,
+    })
+}
+
 pub(super) async fn openai_embeddings(
     Shared((state, _)): Shared<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let style = |e: ApiError| e.style(Style::OpenAi);
-    let map = api::object(body).map_err(style)?;
-    let texts = api::texts(&map, "input").map_err(style)?;
-    let model = api::string(&map, "model")
-        .map_err(style)?
-        .map(str::to_string);
-    let format = api::string(&map, "encoding_format")
-        .map_err(style)?
-        .unwrap_or("float");
-    let base64 = match format {
-        "float" => false,
-        "base64" => true,
-        other => {
-            return Err(style(ApiError::bad(
-                "encoding_format",
-                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
-            )));
-        }
-    };
-    let dimensions = api::integer(&map, "dimensions").map_err(style)?;
+    let EmbeddingsRequest {
+        texts,
+        model,
+        base64,
+        dimensions,
+    } = embeddings_request(body).map_err(style)?;
     let pool = state.pool().map_err(style)?;
     if let Some(model) = &model
         && !serves(&pool, model)
