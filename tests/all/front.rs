@@ -242,6 +242,29 @@ async fn a_shutdown_through_the_owners_peer_stops_the_pool_and_later_jobs_are_re
         .unwrap();
     assert!(matches!(
         front.embed(Job::new(vec!["late".into()])).await,
-        Err(EmbedError::Stopped)
+        Err(EmbedError::ShutDown)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_guarded_job_is_held_to_the_services_limits_and_an_empty_job_queues_nothing() {
+    let front = Embedder::local(stub(8).await, Tokens::Words);
+    let long = vec!["word ".repeat(embedhost::limits::SERVE_MAX_INPUT_TOKENS + 1)];
+    // The CLI's, the worker's and a peer's jobs: the engine truncates.
+    let done = front.embed(Job::new(long.clone())).await.unwrap();
+    assert!(done.rows[0].is_ok());
+    // The HTTP routes' jobs: refused before any work, naming the input.
+    let refused = front.embed(Job::new(long).guarded()).await;
+    assert!(
+        matches!(refused, Err(EmbedError::Input { index: 0, .. })),
+        "{refused:?}"
+    );
+    // An empty job (a peer may send one) is answered at once, many times
+    // over, and leaves nothing in the queue a later job would wait behind.
+    for _ in 0..1000 {
+        assert!(front.embed(Job::new(vec![])).await.unwrap().rows.is_empty());
+    }
+    assert_eq!(front.generation().unwrap().queued(), 0);
+    let done = front.embed(Job::new(vec!["after".into()])).await.unwrap();
+    assert_eq!(done.rows.len(), 1);
 }

@@ -193,6 +193,17 @@ impl Batcher {
         is_query: bool,
         until: Instant,
     ) -> Result<Vec<Row>, EmbedError> {
+        if texts.len() != tokens.len() {
+            return Err(EmbedError::Counts {
+                counts: tokens.len(),
+                texts: texts.len(),
+            });
+        }
+        // Nothing to queue: an empty request would stay in the rotation
+        // for good.
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
         let given = until.saturating_duration_since(Instant::now());
         let order = longest_first(tokens);
         let sorted_tokens: Vec<usize> = order.iter().map(|&i| tokens[i]).collect();
@@ -274,6 +285,11 @@ impl Batcher {
             alone: Duration::from_secs_f64(tokens as f64 / pool),
             queued: Duration::from_secs_f64((tokens + ahead) as f64 / pool),
         })
+    }
+
+    /// Requests with pieces waiting in the rotation.
+    pub fn queued(&self) -> usize {
+        self.shared.rotation().requests.len()
     }
 
     /// Stops taking pieces and waits until the lanes have answered every

@@ -169,18 +169,6 @@ impl Generation {
         }
     }
 
-    /// Token counts of `texts`, as the model's tokenizer counts them.
-    ///
-    /// # Errors
-    /// The index of a text the tokenizer refuses, and why.
-    pub fn count_tokens(&self, texts: &[String]) -> Result<Vec<usize>, (usize, String)> {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| self.tokens.spans(t).map(|s| s.len()).map_err(|e| (i, e)))
-            .collect()
-    }
-
     /// Embeds `texts` through the batcher by `until`; each text's
     /// token count is capped at the model's window (the engine truncates).
     ///
@@ -211,6 +199,14 @@ impl Generation {
                 supervisor,
             } => batcher.estimate(tokens, supervisor.status().len()),
             Engine::Remote { .. } => None,
+        }
+    }
+
+    /// Requests waiting in the batcher's rotation (none for a remote pool).
+    pub fn queued(&self) -> usize {
+        match &self.engine {
+            Engine::Local { batcher, .. } => batcher.queued(),
+            Engine::Remote { .. } => 0,
         }
     }
 

@@ -39,6 +39,13 @@ pub struct Job {
     /// Cut a text longer than the model's window (the engine reads only
     /// its window); `false` refuses it instead.
     pub truncate: bool,
+    /// Held to the service's admission limits: words and tokens per input
+    /// ([`limits::SERVE_MAX_INPUT_TOKENS`]), a text the tokenizer refuses
+    /// fails the job, and the deadline is checked against the pool's
+    /// measured speed. The HTTP routes' jobs are; the CLI's, the worker's
+    /// and a bus peer's are not (a text is truncated by the engine, and a
+    /// text the tokenizer refuses fails only its own row).
+    pub guarded: bool,
 }
 
 impl Job {
@@ -51,7 +58,15 @@ impl Job {
             deadline: limits::DEFAULT_REQUEST_TIMEOUT,
             tokens: None,
             truncate: true,
+            guarded: false,
         }
+    }
+
+    /// Held to the service's admission limits (see [`Job::guarded`]).
+    #[must_use]
+    pub fn guarded(mut self) -> Self {
+        self.guarded = true;
+        self
     }
 
     /// As queries (`true`) or passages.
@@ -178,9 +193,13 @@ pub enum EmbedError {
     /// The batch queue is full: retry shortly.
     #[error("the service is overloaded: {0} pieces of requests wait for the embedder")]
     Overloaded(usize),
-    /// The generation stopped (the service is shutting down).
+    /// The generation stopped (a reload retired it): the next try reaches
+    /// the one serving now.
     #[error("the embedder pool was stopped")]
     Stopped,
+    /// The front door was shut down: nothing will serve again.
+    #[error("the embedder was shut down")]
+    ShutDown,
     /// The supervisor's (or a remote pool's) error for the whole batch.
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -217,7 +236,9 @@ impl From<EmbedError> for RemoteError {
             EmbedError::Counts { .. } | EmbedError::TooSlow { .. } => {
                 RemoteError::new(ErrorCode::InvalidRequest, e.to_string())
             }
-            EmbedError::TokenizerFailed(_) => RemoteError::new(ErrorCode::Failed, e.to_string()),
+            EmbedError::TokenizerFailed(_) | EmbedError::ShutDown => {
+                RemoteError::new(ErrorCode::Failed, e.to_string())
+            }
             _ => RemoteError::new(ErrorCode::Unavailable, e.to_string()),
         };
         remote.retry_after_ms = retry_after.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
@@ -265,14 +286,19 @@ pub fn check_words(texts: &[String]) -> Result<(), EmbedError> {
     Ok(())
 }
 
-/// Refuses a count past [`limits::SERVE_MAX_INPUT_TOKENS`], or past the
-/// model's `window` unless the job truncates.
+/// Refuses a count past [`limits::SERVE_MAX_INPUT_TOKENS`] (for a
+/// `guarded` job), or past the model's `window` unless the job truncates.
 ///
 /// # Errors
 /// [`EmbedError::Input`] naming the first such text.
-pub fn check_counts(counts: &[usize], window: usize, truncate: bool) -> Result<(), EmbedError> {
+pub fn check_counts(
+    counts: &[usize],
+    window: usize,
+    truncate: bool,
+    guarded: bool,
+) -> Result<(), EmbedError> {
     for (index, &tokens) in counts.iter().enumerate() {
-        let problem = if tokens > limits::SERVE_MAX_INPUT_TOKENS {
+        let problem = if guarded && tokens > limits::SERVE_MAX_INPUT_TOKENS {
             InputProblem::TooManyTokens {
                 tokens,
                 limit: limits::SERVE_MAX_INPUT_TOKENS,
@@ -307,9 +333,9 @@ mod tests {
 
     #[test]
     fn counts_are_refused_past_the_limit_and_past_the_window_only_when_strict() {
-        assert!(check_counts(&[10, 300], 256, true).is_ok());
+        assert!(check_counts(&[10, 300], 256, true, true).is_ok());
         assert!(matches!(
-            check_counts(&[10, 300], 256, false),
+            check_counts(&[10, 300], 256, false, true),
             Err(EmbedError::Input {
                 index: 1,
                 problem: InputProblem::OverWindow {
@@ -319,12 +345,18 @@ mod tests {
             })
         ));
         assert!(matches!(
-            check_counts(&[limits::SERVE_MAX_INPUT_TOKENS + 1], 256, true),
+            check_counts(&[limits::SERVE_MAX_INPUT_TOKENS + 1], 256, true, true),
             Err(EmbedError::Input {
                 index: 0,
                 problem: InputProblem::TooManyTokens { .. }
             })
         ));
+    }
+
+    #[test]
+    fn an_unguarded_job_is_not_held_to_the_services_limits() {
+        assert!(check_counts(&[limits::SERVE_MAX_INPUT_TOKENS + 1], 256, true, false).is_ok());
+        assert!(check_counts(&[300], 256, false, false).is_err());
     }
 
     #[test]

@@ -52,9 +52,7 @@ pub const LOG_TARGET: &str = "embedhost::front_door";
 /// The front door: the generation serving now, the tokenizing budget all
 /// jobs share, and counters of what passed.
 pub struct Embedder {
-    current: RwLock<Option<Arc<Generation>>>,
-    /// Set by [`Embedder::take`]: nothing serves because the pool stopped.
-    stopped: std::sync::atomic::AtomicBool,
+    current: RwLock<Serving>,
     tokenizing: Arc<Semaphore>,
     jobs: AtomicU64,
     tokenized: AtomicU64,
@@ -71,13 +69,24 @@ impl std::fmt::Debug for Embedder {
 impl Default for Embedder {
     fn default() -> Self {
         Embedder {
-            current: RwLock::new(None),
-            stopped: std::sync::atomic::AtomicBool::new(false),
+            current: RwLock::new(Serving::Starting),
             tokenizing: Arc::new(Semaphore::new(limits::SERVE_TOKENIZE_BYTES_IN_FLIGHT)),
             jobs: AtomicU64::new(0),
             tokenized: AtomicU64::new(0),
         }
     }
+}
+
+/// What the front door serves.
+#[derive(Debug, Default)]
+enum Serving {
+    /// Nothing yet.
+    #[default]
+    Starting,
+    /// This generation.
+    Now(Arc<Generation>),
+    /// Nothing any more: [`Embedder::take`] took the last generation.
+    ShutDown,
 }
 
 /// A job checked and counted on one generation, ready to run.
@@ -146,44 +155,42 @@ impl Embedder {
 
     /// The generation serving now, if any.
     pub fn current(&self) -> Option<Arc<Generation>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        match &*self.current.read().unwrap_or_else(|p| p.into_inner()) {
+            Serving::Now(generation) => Some(generation.clone()),
+            _ => None,
+        }
     }
 
     /// The generation serving now.
     ///
     /// # Errors
     /// [`EmbedError::Starting`] before the first is installed,
-    /// [`EmbedError::Stopped`] after [`Embedder::take`].
+    /// [`EmbedError::ShutDown`] after [`Embedder::take`].
     pub fn generation(&self) -> Result<Arc<Generation>, EmbedError> {
-        self.current().ok_or_else(|| {
-            if self.stopped.load(Ordering::Relaxed) {
-                EmbedError::Stopped
-            } else {
-                EmbedError::Starting
-            }
-        })
+        match &*self.current.read().unwrap_or_else(|p| p.into_inner()) {
+            Serving::Now(generation) => Ok(generation.clone()),
+            Serving::Starting => Err(EmbedError::Starting),
+            Serving::ShutDown => Err(EmbedError::ShutDown),
+        }
     }
 
     /// Serves `generation` from now on; returns the one it replaces (still
     /// held by the jobs prepared on it).
     pub fn install(&self, generation: Arc<Generation>) -> Option<Arc<Generation>> {
-        self.stopped.store(false, Ordering::Relaxed);
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(generation)
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *current, Serving::Now(generation)) {
+            Serving::Now(old) => Some(old),
+            _ => None,
+        }
     }
 
-    /// Stops serving; returns the generation that served.
+    /// Stops serving for good; returns the generation that served.
     pub fn take(&self) -> Option<Arc<Generation>> {
-        self.stopped.store(true, Ordering::Relaxed);
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *current, Serving::ShutDown) {
+            Serving::Now(old) => Some(old),
+            _ => None,
+        }
     }
 
     /// Jobs that came through the front door, from any entrance.
@@ -241,6 +248,7 @@ impl Embedder {
             is_query,
             tokens,
             truncate,
+            guarded,
             ..
         } = job;
         let (texts, counts) = match tokens {
@@ -251,12 +259,14 @@ impl Embedder {
                     texts: texts.len(),
                 });
             }
-            None => self.count(generation, texts).await?,
+            None => self.count(generation, texts, guarded).await?,
         };
         let window = generation.info.max_input_tokens.max(1) as usize;
-        job::check_counts(&counts, window, truncate)?;
-        let total: usize = counts.iter().map(|&n| n.min(window)).sum();
-        check_deadline(generation, total.max(texts.len()), until)?;
+        job::check_counts(&counts, window, truncate, guarded)?;
+        if guarded {
+            let total: usize = counts.iter().map(|&n| n.min(window)).sum();
+            check_deadline(generation, total.max(texts.len()), until)?;
+        }
         Ok(Prepared {
             generation: generation.clone(),
             texts,
@@ -266,28 +276,45 @@ impl Embedder {
         })
     }
 
-    /// Token counts of `texts` by `generation`'s tokenizer: words first,
-    /// then the tokenizer within the shared budget.
+    /// Token counts of `texts` by `generation`'s tokenizer (words first, for
+    /// a `guarded` job), within the shared budget. A text the tokenizer
+    /// refuses fails a guarded job; otherwise it counts as one token and
+    /// the engine judges it.
     async fn count(
         &self,
         generation: &Arc<Generation>,
         texts: Vec<String>,
+        guarded: bool,
     ) -> Result<(Vec<String>, Vec<usize>), EmbedError> {
-        job::check_words(&texts)?;
+        if guarded {
+            job::check_words(&texts)?;
+        }
         self.tokenized
             .fetch_add(texts.len() as u64, Ordering::Relaxed);
         metrics::counter!(METRIC_TOKENIZED).increment(texts.len() as u64);
         let bytes: usize = texts.iter().map(String::len).sum();
         let counter = generation.clone();
         let (texts, counted) = tokenizing(&self.tokenizing, bytes, move || {
-            let counted = counter.count_tokens(&texts);
+            let counted: Vec<Result<usize, String>> = texts
+                .iter()
+                .map(|t| counter.tokens.spans(t).map(|s| s.len()))
+                .collect();
             (texts, counted)
         })
         .await?;
-        let counts = counted.map_err(|(index, reason)| EmbedError::Input {
-            index,
-            problem: InputProblem::Untokenizable(reason),
-        })?;
+        let mut counts = Vec::with_capacity(counted.len());
+        for (index, count) in counted.into_iter().enumerate() {
+            counts.push(match count {
+                Ok(n) => n,
+                Err(reason) if guarded => {
+                    return Err(EmbedError::Input {
+                        index,
+                        problem: InputProblem::Untokenizable(reason),
+                    });
+                }
+                Err(_) => 1,
+            });
+        }
         Ok((texts, counts))
     }
 }

@@ -80,9 +80,14 @@ pub fn router(embedder: Arc<Embedder>, role: Role) -> Router {
         async move {
             let generation = generation?;
             let config = generation.config.clone();
-            tokio::task::spawn_blocking(move || check_model(&config))
+            let mut checked = tokio::task::spawn_blocking(move || check_model(&config))
                 .await
-                .map_err(|e| RemoteError::new(ErrorCode::Failed, e.to_string()))
+                .map_err(|e| RemoteError::new(ErrorCode::Failed, e.to_string()))?;
+            // Where the files are is the owner's business, not the server's.
+            if role == Role::Member {
+                checked.path = None;
+            }
+            Ok(checked)
         }
     });
     router.handle::<Shutdown, _, _>(move |_, request| {

@@ -199,6 +199,7 @@ impl ApiError {
             EmbedError::Supervisor(SupervisorError::Refused(_)) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, message)
             }
+            EmbedError::ShutDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message),
             EmbedError::Counts { .. } | EmbedError::TokenizerFailed(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
             }

@@ -286,7 +286,7 @@ pub(super) async fn embed_checked(
         return Err(ApiError::bad(field, format!("`{field}[{i}]` is empty")));
     }
     let n = texts.len();
-    let mut job = Job::new(texts).deadline(deadline);
+    let mut job = Job::new(texts).deadline(deadline).guarded();
     if !truncate {
         job = job.strict();
     }

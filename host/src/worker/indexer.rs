@@ -466,10 +466,12 @@ fn send_batch(
             let response = embedder.embed(job).await.map(|done| done.rows);
             match &response {
                 Err(e) if e.retry_after().is_some() && tokio::time::Instant::now() < patience => {
+                    let left = patience.saturating_duration_since(tokio::time::Instant::now());
                     let wait = e
                         .retry_after()
                         .unwrap_or_default()
-                        .max(crate::limits::INDEX_UNAVAILABLE_POLL);
+                        .max(crate::limits::INDEX_UNAVAILABLE_POLL)
+                        .min(left);
                     tracing::info!(?wait, "the embedder is recovering; waiting");
                     tokio::time::sleep(wait).await;
                 }

@@ -153,9 +153,19 @@ impl From<WorkerError> for RemoteError {
                 ErrorCode::InvalidInput
             }
             WorkerError::Embedder(e) if e.retry_after().is_some() => ErrorCode::Unavailable,
+            WorkerError::Embedder(EmbedError::Input { .. }) => ErrorCode::InvalidInput,
+            WorkerError::Embedder(EmbedError::TooSlow { .. } | EmbedError::Counts { .. }) => {
+                ErrorCode::InvalidRequest
+            }
             _ => ErrorCode::Failed,
         };
-        RemoteError::new(code, e.to_string())
+        let retry_after = match &e {
+            WorkerError::Embedder(e) => e.retry_after(),
+            _ => None,
+        };
+        let mut remote = RemoteError::new(code, e.to_string());
+        remote.retry_after_ms = retry_after.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
+        remote
     }
 }
 
