@@ -17,7 +17,14 @@
 //!   point (`attend_fixed`: 11- to 13-bit codes, exact integer sums), and
 //!   everything else (the scores' scaling, softmax, LayerNorm, GELU,
 //!   residuals) in f32.
+//!
+//! # Profiling
+//! Built with the `stage-timing` feature, each stage's time is charged to
+//! [`embedhost_kernels::timing`]'s totals (GELU then runs apart from its
+//! product, to be seen apart; the vectors are the same). Without it the laps
+//! are empty and the pass is as written.
 
+use embedhost_kernels::timing::{self, Stage, lap};
 use embedhost_kernels::{
     self as kernels, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, round_up,
 };
@@ -83,15 +90,26 @@ impl Linear {
         }
     }
 
-    /// `out = then(x W^T + b)`, quantizing `x` into `q` first at int8.
-    fn forward(&self, x: &[f32], rows: usize, q: &mut Quantized, out: &mut [f32], then: Then) {
+    /// `out = then(x W^T + b)`, quantizing `x` into `q` first at int8;
+    /// the product's time is charged to `stage`.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        q: &mut Quantized,
+        out: &mut [f32],
+        then: Then,
+        stage: Stage,
+    ) {
         match self {
             Linear::F32(l) => l.forward(x, rows, out, then),
             Linear::I8(l) => {
                 l.quantize(x, rows, q);
+                lap(Stage::Quantize);
                 l.forward(q, rows, out, then)
             }
         }
+        lap(stage);
     }
 }
 
@@ -298,6 +316,7 @@ impl Bert {
         } = self.shape;
         let total: usize = texts.iter().map(|t| t.ids.len()).sum();
         let rows = round_up(total.max(1), ROWS);
+        timing::reset();
         let s = scratch;
         for buffer in [&mut s.x, &mut s.attended] {
             buffer.clear();
@@ -344,6 +363,7 @@ impl Bert {
             &self.norm.beta,
             eps,
         );
+        lap(Stage::Embeddings);
 
         let head = hidden / heads;
         let scale = 1.0 / (head as f32).sqrt();
@@ -354,7 +374,7 @@ impl Bert {
         for layer in &self.layers {
             layer
                 .qkv
-                .forward(&s.x, rows, &mut s.q, &mut s.qkv, Then::Store);
+                .forward(&s.x, rows, &mut s.q, &mut s.qkv, Then::Store, Stage::Qkv);
             // Attention per text and head, on the text's own rows.
             let mut first = 0;
             for text in texts {
@@ -381,6 +401,7 @@ impl Bert {
                 &mut s.q,
                 &mut s.attended,
                 Then::Add(&s.x),
+                Stage::AttentionOut,
             );
             let n = &layer.attention_norm;
             kernels::layer_norm(
@@ -390,15 +411,37 @@ impl Bert {
                 &n.beta,
                 eps,
             );
+            lap(Stage::Norm);
             debug_assert_eq!(layer.intermediate.outputs(), inner);
-            layer
-                .intermediate
-                .forward(&s.attended, rows, &mut s.q, &mut s.inner, Then::Gelu);
-            layer
-                .output
-                .forward(&s.inner, rows, &mut s.q, &mut s.x, Then::Add(&s.attended));
+            // Timed, GELU runs apart from the product to be seen apart.
+            let gelu = if timing::ENABLED {
+                Then::Store
+            } else {
+                Then::Gelu
+            };
+            layer.intermediate.forward(
+                &s.attended,
+                rows,
+                &mut s.q,
+                &mut s.inner,
+                gelu,
+                Stage::FfnUp,
+            );
+            if timing::ENABLED {
+                kernels::gelu(&mut s.inner[..total * inner]);
+                lap(Stage::Gelu);
+            }
+            layer.output.forward(
+                &s.inner,
+                rows,
+                &mut s.q,
+                &mut s.x,
+                Then::Add(&s.attended),
+                Stage::FfnDown,
+            );
             let n = &layer.output_norm;
             kernels::layer_norm(&mut s.x[..total * hidden], hidden, &n.gamma, &n.beta, eps);
+            lap(Stage::Norm);
         }
 
         // Mean pooling over each text's rows, then L2 normalization.
@@ -418,6 +461,7 @@ impl Bert {
             embedhost_text::l2_normalize(v);
             first += n;
         }
+        lap(Stage::Pooling);
         Ok(())
     }
 

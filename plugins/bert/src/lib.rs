@@ -264,8 +264,23 @@ impl Model {
             .embed(&pass, &mut self.scratch, &mut out)
             .map_err(|e| failed("inference", e))?;
         self.processed += texts.len() as u64;
+        report_stages();
         Ok(out)
     }
+}
+
+/// With the `stage-timing` feature, logs the time of each stage of this
+/// call's passes (`stages: name=µs ...`); without it, nothing.
+fn report_stages() {
+    let stages = embedhost_kernels::timing::take();
+    if stages.is_empty() {
+        return;
+    }
+    let line: Vec<String> = stages
+        .iter()
+        .map(|(stage, ns)| format!("{stage:?}={}", ns / 1000))
+        .collect();
+    host_log::log(Level::Info, &format!("stages: {}", line.join(" ")));
 }
 
 struct Plugin;

@@ -32,6 +32,10 @@
 
 use core::arch::wasm32::*;
 
+pub mod timing;
+
+use timing::{Stage, lap};
+
 /// Rows (tokens) of one tile.
 pub const ROWS: usize = 4;
 /// Outputs of one tile: two f32x4 / i32x4 vectors.
@@ -1049,20 +1053,17 @@ fn quantize(
         let source = &x[r * width..][..width];
         if copy {
             q.row.clear();
+            q.row.resize(width, 0.0);
             match smooth {
-                Some(f) => q.row.extend(source.iter().zip(f).map(|(v, f)| v * f)),
-                None => q.row.extend_from_slice(source),
+                Some(f) => multiply(source, f, &mut q.row),
+                None => q.row.copy_from_slice(source),
             }
         }
         // The outlier: the first channel of the largest |x|. It is set to 0
         // (or the nearest end of the others' range) for the codes.
         let pulled = q.pull.then(|| {
-            let (mut at, mut big) = (0, -1f32);
-            for (k, v) in q.row.iter().enumerate() {
-                if v.abs() > big {
-                    (at, big) = (k, v.abs());
-                }
-            }
+            let big = largest_abs(&q.row);
+            let at = q.row.iter().position(|v| v.abs() == big).unwrap_or(0);
             let value = q.row[at];
             q.row[at] = 0.0;
             (at, value)
@@ -1078,6 +1079,26 @@ fn quantize(
         }
         q.step.push(step);
         q.low.push(low);
+    }
+}
+
+/// `dst[i] = x[i] * f[i]` (all three as long as `dst`).
+#[target_feature(enable = "simd128")]
+fn multiply(x: &[f32], f: &[f32], dst: &mut [f32]) {
+    let (x, f) = (&x[..dst.len()], &f[..dst.len()]);
+    let mut d = dst.chunks_exact_mut(4);
+    let (mut a, mut b) = (x.chunks_exact(4), f.chunks_exact(4));
+    for ((d, a), b) in (&mut d).zip(&mut a).zip(&mut b) {
+        // SAFETY: 4 values.
+        unsafe { v128_store(d.as_mut_ptr() as *mut v128, f32x4_mul(load4(a), load4(b))) };
+    }
+    let rest = d
+        .into_remainder()
+        .iter_mut()
+        .zip(a.remainder())
+        .zip(b.remainder());
+    for ((d, a), b) in rest {
+        *d = a * b;
     }
 }
 
@@ -1148,13 +1169,16 @@ fn encode_row(row: &[f32], low: f32, inverse: f32, top: f32, codes: &mut [u8]) {
         f32x4_splat(0.5),
         f32x4_splat(top),
     );
-    // Adding one half and truncating rounds to nearest for v >= low; below
-    // it (a pulled channel set to 0), the saturating narrowing gives 0.
+    // Adding one half and truncating rounds to nearest for v >= low (every
+    // value of the row: its low is its minimum). For those values truncation
+    // is the floor, and a floored value (within 0..=top) converts exactly
+    // through [`round4`]: three instructions on x86, where Cranelift's
+    // saturating conversion takes about ten.
     let code = |v: v128| {
-        i32x4_trunc_sat_f32x4(f32x4_pmin(
+        round4(f32x4_floor(f32x4_pmin(
             f32x4_add(f32x4_mul(f32x4_sub(v, l), inv), half),
             t,
-        ))
+        )))
     };
     let n = row.len() / 16 * 16;
     for i in (0..n).step_by(16) {
@@ -1403,8 +1427,6 @@ pub struct Attention {
 #[derive(Default)]
 struct Fixed {
     q: Vec<i16>,
-    /// Keys or values coded, a row per token (`dims` wide).
-    row_codes: Vec<i16>,
     q_scale: Vec<f32>,
     keys: Vec<i16>,
     values: Vec<i16>,
@@ -1461,12 +1483,15 @@ pub fn attend(
     a.scores.resize(rows * keys, 0.0);
     a.context.clear();
     a.context.resize(rows * dims, 0.0);
+    lap(Stage::AttentionPack);
     f32_product(&a.q, head, head, rows, &a.keys, keys / COLS, &mut a.scores);
+    lap(Stage::Scores);
     a.sums.clear();
     for i in 0..n {
         a.sums
             .push(softmax_unscaled(&mut a.scores[i * keys..][..n]));
     }
+    lap(Stage::Softmax);
     f32_product(
         &a.scores,
         keys,
@@ -1483,6 +1508,7 @@ pub fn attend(
             1.0 / a.sums[i],
         );
     }
+    lap(Stage::Context);
 }
 
 /// The largest code of an attention probability in [`attend_fixed`]: 2^11.
@@ -1533,10 +1559,7 @@ fn code_row(row: &[f32], inverse: f32, codes: &mut [i16]) {
     let mut eights = row.chunks_exact(8);
     let mut out = codes.chunks_exact_mut(8);
     for (x, c) in (&mut eights).zip(&mut out) {
-        let v = i16x8_narrow_i32x4(
-            round4(f32x4_mul(load4(x), factor)),
-            round4(f32x4_mul(load4(&x[4..]), factor)),
-        );
+        let v = code8(x, factor);
         // SAFETY: 8 codes.
         unsafe { v128_store(c.as_mut_ptr() as *mut v128, v) };
     }
@@ -1560,6 +1583,10 @@ fn code_row(row: &[f32], inverse: f32, codes: &mut [i16]) {
 /// Both bounds depend only on the head width and the text's length, so a
 /// text's codes never depend on its batch neighbours.
 ///
+/// Keys and values are coded straight into the tiles' packed layout, and
+/// the softmax runs over whole vectors of four (the lanes past `n` masked to
+/// code 0), so no step of the head's work is a scalar loop over its tokens.
+///
 /// # Panics
 /// As [`attend`].
 #[allow(clippy::too_many_arguments)]
@@ -1580,86 +1607,179 @@ pub fn attend_fixed(
         return;
     }
     let f = &mut a.fixed;
-    let row = |i: usize, at: usize| &qkv[i * stride + at..][..head];
-    // Inputs come in pairs (a unit of the tile): dims for the scores,
-    // tokens for the context.
-    let (dims, tokens) = (round_up(head, 2), round_up(n, 2));
-    let (rows, keys, blocks) = (round_up(n, ROWS), round_up(n, COLS), head.div_ceil(COLS));
+    let rows_of = |at: usize| Rows {
+        qkv,
+        stride,
+        at,
+        n,
+        head,
+    };
+    // Inputs come in pairs (a unit of the tile): dims for the scores, tokens
+    // for the context. The context's rows of codes are whole vectors of four
+    // (`tokens`); the bound on its sums counts the pairs the products add
+    // (the extra pair of a row is zeros).
+    let (dims, tokens) = (round_up(head, 2), round_up(n, 4));
     let limit = i32::MAX as f32;
     let q_max = QKV_MAX.min((limit / dims as f32).sqrt().floor());
-    let v_max = QKV_MAX.min((limit / (tokens as f32 * P_MAX)).floor());
-    // Queries, one scale a row (the attention scale folded in).
-    f.q.clear();
-    f.q.resize(rows * dims, 0);
-    f.q_scale.clear();
+    let v_max = QKV_MAX.min((limit / (round_up(n, 2) as f32 * P_MAX)).floor());
+    code_queries(f, &rows_of(q), dims, q_max, scale);
+    let (big_k, big_v) = rows_of(k).largest_abs_with(&rows_of(v));
+    pack_keys(&mut f.keys, &rows_of(k), dims, q_max / big_k);
+    pack_values(&mut f.values, &rows_of(v), tokens, v_max / big_v);
+    lap(Stage::AttentionPack);
+    fixed_product(&f.q, dims / 2, n, &f.keys, round_up(n, COLS), &mut f.scores);
+    lap(Stage::Scores);
+    // The softmax's numerators as codes; the padding rows' stay 0.
+    let keys = round_up(n, COLS);
+    f.p.clear();
+    f.p.resize(round_up(n, ROWS) * tokens, 0);
+    f.p_sum.clear();
     for i in 0..n {
-        let r = row(i, q);
-        let big = largest_abs(r).max(TINY);
-        code_row(r, q_max / big, &mut f.q[i * dims..][..head]);
-        f.q_scale.push(big * scale / q_max);
+        let c = f.q_scale[i] * (big_k / q_max);
+        let sum = softmax_codes(&f.scores[i * keys..], n, c, &mut f.p[i * tokens..]);
+        f.p_sum.push(sum.max(1));
     }
-    // Keys and values, one scale each for the head, coded row by row into
-    // `row_codes` (n x dims) and packed from there.
-    let largest = |at: usize| {
-        (0..n).fold(TINY, |m, j| {
-            let b = largest_abs(row(j, at));
-            if b > m { b } else { m }
-        })
-    };
-    let (big_k, big_v) = (largest(k), largest(v));
-    let (k_scale, v_scale) = (big_k / q_max, big_v / v_max);
-    let units = dims / 2;
-    let t_units = tokens / 2;
-    f.row_codes.clear();
-    f.row_codes.resize(tokens * dims, 0);
-    for j in 0..n {
-        code_row(
-            row(j, k),
-            q_max / big_k,
-            &mut f.row_codes[j * dims..][..head],
-        );
-    }
-    // The keys as the tile's weights: per block of 8 keys and unit of 2
-    // dims, each key's 2 codes side by side (one u32).
-    f.keys.clear();
-    f.keys.resize(keys * dims, 0);
-    for j in 0..n {
-        let (block, lane) = (j / COLS, j % COLS);
-        let codes = &f.row_codes[j * dims..][..dims];
-        for (u, pair) in codes.chunks_exact(2).enumerate() {
-            let at = ((block * units + u) * COLS + lane) * 2;
-            f.keys[at..at + 2].copy_from_slice(pair);
+    lap(Stage::Softmax);
+    let width = round_up(head, COLS);
+    fixed_product(&f.p, tokens / 2, n, &f.values, width, &mut f.context);
+    let v_scale = big_v / v_max;
+    for i in 0..n {
+        let factor = v_scale / f.p_sum[i] as f32;
+        let dst = &mut out[i * out_stride + o..][..head];
+        for (d, c) in dst.iter_mut().zip(&f.context[i * width..][..head]) {
+            *d = *c as f32 * factor;
         }
     }
-    for j in 0..n {
-        code_row(
-            row(j, v),
-            v_max / big_v,
-            &mut f.row_codes[j * dims..][..head],
-        );
+    lap(Stage::Context);
+}
+
+/// One head's slice of a text's rows in the query/key/value matrix: `n`
+/// rows of `head` values at offset `at`, `stride` apart.
+struct Rows<'a> {
+    qkv: &'a [f32],
+    stride: usize,
+    at: usize,
+    n: usize,
+    head: usize,
+}
+
+impl Rows<'_> {
+    /// Row `j`.
+    #[inline(always)]
+    fn row(&self, j: usize) -> &[f32] {
+        &self.qkv[j * self.stride + self.at..][..self.head]
     }
-    // The values as the weights of the context: per block of 8 dims and
-    // unit of 2 tokens, each dim's 2 codes side by side: rows j and j + 1
-    // interleaved, 8 dims at a time. (The padding token's row, if any, is
-    // still the zeros `row_codes` was resized with.)
-    f.values.clear();
-    f.values.resize(blocks * COLS * tokens, 0);
-    for u in 0..t_units {
-        let (a, b) = (
-            &f.row_codes[2 * u * dims..][..dims],
-            &f.row_codes[(2 * u + 1) * dims..][..dims],
-        );
+
+    /// The largest `|x|` of these rows and of `other`'s (as many rows, as
+    /// wide), each at least [`TINY`]: one pass over both, the lanes reduced
+    /// once at the end.
+    #[target_feature(enable = "simd128")]
+    fn largest_abs_with(&self, other: &Rows) -> (f32, f32) {
+        let mut top = [f32x4_splat(TINY); 2];
+        let mut rest = [TINY; 2];
+        for j in 0..self.n {
+            for (side, rows) in [self, other].into_iter().enumerate() {
+                let mut chunks = rows.row(j).chunks_exact(4);
+                for c in &mut chunks {
+                    top[side] = f32x4_pmax(top[side], f32x4_abs(load4(c)));
+                }
+                for x in chunks.remainder() {
+                    rest[side] = if x.abs() > rest[side] {
+                        x.abs()
+                    } else {
+                        rest[side]
+                    };
+                }
+            }
+        }
+        // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf`.
+        let reduce = |side: usize| {
+            lanes(top[side])
+                .into_iter()
+                .fold(rest[side], |m, x| if x > m { x } else { m })
+        };
+        (reduce(0), reduce(1))
+    }
+}
+
+/// Codes the queries into `f.q` (`round_up(n, ROWS)` rows of `dims` codes,
+/// the padding zero), one scale a row with the attention's `scale` folded
+/// into `f.q_scale`.
+#[target_feature(enable = "simd128")]
+fn code_queries(f: &mut Fixed, rows: &Rows, dims: usize, q_max: f32, scale: f32) {
+    f.q.clear();
+    f.q.resize(round_up(rows.n, ROWS) * dims, 0);
+    f.q_scale.clear();
+    for i in 0..rows.n {
+        let r = rows.row(i);
+        let big = largest_abs(r).max(TINY);
+        code_row(r, q_max / big, &mut f.q[i * dims..][..rows.head]);
+        f.q_scale.push(big * scale / q_max);
+    }
+}
+
+/// Codes the keys (times `factor`) into `keys` as the scores' weights: per
+/// block of [`COLS`] keys and unit of 2 dims, each key's 2 codes side by side
+/// (one u32), so a key's 8 codes from [`code_row`]'s vector are 4 lane
+/// stores, [`COLS`] u32 apart.
+#[target_feature(enable = "simd128")]
+fn pack_keys(keys: &mut Vec<i16>, rows: &Rows, dims: usize, factor: f32) {
+    let (units, head) = (dims / 2, rows.head);
+    keys.clear();
+    keys.resize(round_up(rows.n, COLS) * dims, 0);
+    let whole = head / 8 * 8;
+    let fx = f32x4_splat(factor);
+    for j in 0..rows.n {
+        let (block, lane) = (j / COLS, j % COLS);
+        let x = rows.row(j);
+        // Unit u of this key: i16 offset `at(u)`.
+        let at = |u: usize| ((block * units + u) * COLS + lane) * 2;
+        for d in (0..whole).step_by(8) {
+            let v = code8(&x[d..], fx);
+            let u = d / 2;
+            let dst = &mut keys[at(u)..at(u + 3) + 2];
+            let p = dst.as_mut_ptr();
+            // SAFETY: the four units' codes are at offsets 0, 16, 32 and 48
+            // of `dst` (COLS u32 apart), each 2 i16 long, within it.
+            unsafe {
+                v128_store32_lane::<0>(v, p as *mut u32);
+                v128_store32_lane::<1>(v, p.add(2 * COLS) as *mut u32);
+                v128_store32_lane::<2>(v, p.add(4 * COLS) as *mut u32);
+                v128_store32_lane::<3>(v, p.add(6 * COLS) as *mut u32);
+            }
+        }
+        for d in whole..head {
+            keys[at(d / 2) + d % 2] = code16(x[d] * factor);
+        }
+    }
+}
+
+/// Codes the values (times `factor`) into `values` as the context's
+/// weights: per block of [`COLS`] dims and unit of 2 tokens, each dim's 2
+/// codes side by side: rows `2u` and `2u + 1` coded and interleaved 8 dims
+/// at a time. `tokens` (even, at least `n`) rows, those past `n` zero.
+#[target_feature(enable = "simd128")]
+fn pack_values(values: &mut Vec<i16>, rows: &Rows, tokens: usize, factor: f32) {
+    let (head, n) = (rows.head, rows.n);
+    let (blocks, t_units) = (head.div_ceil(COLS), tokens / 2);
+    values.clear();
+    values.resize(blocks * COLS * tokens, 0);
+    let fx = f32x4_splat(factor);
+    for u in 0..n.div_ceil(2) {
+        let a = rows.row(2 * u);
+        let b = (2 * u + 1 < n).then(|| rows.row(2 * u + 1));
         for block in 0..blocks {
             let at = (block * t_units + u) * COLS * 2;
-            let dst = &mut f.values[at..at + 2 * COLS];
-            let width = COLS.min(head - block * COLS);
-            if width == COLS {
-                // SAFETY: 8 codes each side, 16 out.
+            let dst = &mut values[at..at + 2 * COLS];
+            let first = block * COLS;
+            if head - first >= COLS {
+                let x = code8(&a[first..], fx);
+                let y = match b {
+                    Some(b) => code8(&b[first..], fx),
+                    None => i16x8_splat(0),
+                };
+                // SAFETY: 16 codes.
                 unsafe {
-                    let (x, y) = (
-                        load(a[block * COLS..].as_ptr()),
-                        load(b[block * COLS..].as_ptr()),
-                    );
                     v128_store(
                         dst.as_mut_ptr() as *mut v128,
                         i16x8_shuffle::<0, 8, 1, 9, 2, 10, 3, 11>(x, y),
@@ -1670,64 +1790,39 @@ pub fn attend_fixed(
                     );
                 }
             } else {
-                for lane in 0..width {
-                    dst[2 * lane] = a[block * COLS + lane];
-                    dst[2 * lane + 1] = b[block * COLS + lane];
+                for lane in 0..head - first {
+                    dst[2 * lane] = code16(a[first + lane] * factor);
+                    dst[2 * lane + 1] = b.map_or(0, |b| code16(b[first + lane] * factor));
                 }
             }
         }
     }
-    f.scores.clear();
-    f.scores.resize(rows * keys, 0);
+}
+
+/// `out[r][c] = x_r . w_c` in 16-bit fixed point through [`i16_tile`]:
+/// `round_up(n, ROWS)` rows of `units` pairs of codes in `x`, against
+/// `width / COLS` packed blocks of `w`; `out` rows are `width` sums wide.
+#[target_feature(enable = "simd128")]
+fn fixed_product(x: &[i16], units: usize, n: usize, w: &[i16], width: usize, out: &mut Vec<i32>) {
+    let rows = round_up(n, ROWS);
+    assert!(x.len() >= rows * units * 2 && w.len() >= width * units * 2);
+    out.clear();
+    out.resize(rows * width, 0);
     for r in (0..rows).step_by(ROWS) {
-        for block in 0..keys / COLS {
-            // SAFETY: ROWS rows of `dims` codes at row r, the block's
-            // `units * 32` packed bytes, ROWS rows of `keys` sums at row r.
+        for block in 0..width / COLS {
+            // SAFETY: ROWS rows of `units` pairs at row r, the block's
+            // `units * 32` packed bytes, ROWS rows of `width` sums at row r
+            // (asserted and sized above).
             unsafe {
                 i16_tile(
-                    f.q[r * dims..].as_ptr() as *const u8,
+                    x[r * units * 2..].as_ptr() as *const u8,
                     units,
                     units,
-                    f.keys[block * units * COLS * 2..].as_ptr() as *const u8,
-                    f.scores[r * keys + block * COLS..].as_mut_ptr(),
-                    keys,
-                )
-            };
-        }
-    }
-    // The softmax's numerators as codes; the padding rows' stay 0.
-    f.p.clear();
-    f.p.resize(rows * tokens, 0);
-    f.p_sum.clear();
-    for i in 0..n {
-        let c = f.q_scale[i] * k_scale;
-        let sum = softmax_codes(&f.scores[i * keys..][..n], c, &mut f.p[i * tokens..][..n]);
-        f.p_sum.push(sum.max(1));
-    }
-    let width = blocks * COLS;
-    f.context.clear();
-    f.context.resize(rows * width, 0);
-    for r in (0..rows).step_by(ROWS) {
-        for block in 0..blocks {
-            // SAFETY: ROWS rows of `tokens` codes at row r, the block's
-            // `t_units * 32` packed bytes, ROWS rows of `width` sums.
-            unsafe {
-                i16_tile(
-                    f.p[r * tokens..].as_ptr() as *const u8,
-                    t_units,
-                    t_units,
-                    f.values[block * t_units * COLS * 2..].as_ptr() as *const u8,
-                    f.context[r * width + block * COLS..].as_mut_ptr(),
+                    w[block * units * COLS * 2..].as_ptr() as *const u8,
+                    out[r * width + block * COLS..].as_mut_ptr(),
                     width,
                 )
             };
-        }
-    }
-    for i in 0..n {
-        let factor = v_scale / f.p_sum[i] as f32;
-        let dst = &mut out[i * out_stride + o..][..head];
-        for (d, c) in dst.iter_mut().zip(&f.context[i * width..][..head]) {
-            *d = *c as f32 * factor;
         }
     }
 }
@@ -1767,33 +1862,59 @@ fn round4(v: v128) -> v128 {
     i32x4_sub(f32x4_add(v, f32x4_splat(ROUND)), i32x4_splat(ROUND_BITS))
 }
 
-/// Row `scores` (integer sums, times `c` in real terms) through the softmax's
-/// numerators `e^(x - max)`, as codes `0..=P_MAX` into `codes`; returns their
-/// sum.
+/// All ones in the lanes of the vector of four at `at` that are below `n`.
+/// (A function, not a closure: a closure would not get the SIMD.)
+#[inline(always)]
+fn live(at: usize, n: usize) -> v128 {
+    let at = at as i32;
+    i32x4_lt(i32x4(at, at + 1, at + 2, at + 3), i32x4_splat(n as i32))
+}
+
+/// Eight values of `x` times `factor`, rounded to i16 codes as [`code_row`]
+/// does.
+#[inline(always)]
+fn code8(x: &[f32], factor: v128) -> v128 {
+    i16x8_narrow_i32x4(
+        round4(f32x4_mul(load4(x), factor)),
+        round4(f32x4_mul(load4(&x[4..]), factor)),
+    )
+}
+
+/// Row `scores` (integer sums for keys `0..n`, times `c` in real terms)
+/// through the softmax's numerators `e^(x - max)`, as codes `0..=P_MAX` into
+/// `codes[..n]`; returns their sum. Both slices hold at least
+/// `round_up(n, 4)` values: the row runs in whole vectors of four, sixteen
+/// values an iteration as in [`softmax_unscaled`], and the lanes of the last
+/// vector past `n` are left out of the max and coded 0.
 #[target_feature(enable = "simd128")]
-fn softmax_codes(scores: &[i32], c: f32, codes: &mut [i16]) -> i32 {
+fn softmax_codes(scores: &[i32], n: usize, c: f32, codes: &mut [i16]) -> i32 {
+    let whole = round_up(n, 4);
+    let (scores, codes) = (&scores[..whole], &mut codes[..whole]);
+    let last = whole - 4;
     let mut top = i32x4_splat(i32::MIN);
-    let mut chunks = scores.chunks_exact(4);
-    for s in &mut chunks {
+    for s in scores[..last].chunks_exact(4) {
         // SAFETY: 4 values.
-        top = i32x4_max(top, unsafe { v128_load(s.as_ptr() as *const v128) });
+        top = i32x4_max(top, unsafe { load(s.as_ptr()) });
     }
-    let mut max = chunks.remainder().iter().fold(i32::MIN, |m, &s| m.max(s));
-    for lane in [
+    // SAFETY: 4 values.
+    let tail = unsafe { load(scores[last..].as_ptr()) };
+    let tail = v128_bitselect(tail, i32x4_splat(i32::MIN), live(last, n));
+    let top = i32x4_max(top, tail);
+    let max = [
         i32x4_extract_lane::<0>(top),
         i32x4_extract_lane::<1>(top),
         i32x4_extract_lane::<2>(top),
         i32x4_extract_lane::<3>(top),
-    ] {
-        max = max.max(lane);
-    }
+    ]
+    .into_iter()
+    .fold(i32::MIN, i32::max);
     // c > 0, so the largest score is the largest real value.
     let m = i32x4_splat(max);
     let c = f32x4_splat(c * core::f32::consts::LOG2_E);
     let mut sum = i32x4_splat(0);
-    // Sixteen values an iteration, as in [`softmax_unscaled`].
-    let whole = scores.len() / 16 * 16;
-    for (s, d) in scores[..whole]
+    // Whole sixteens of keys, then vectors of four, masked.
+    let sixteens = n / 16 * 16;
+    for (s, d) in scores[..sixteens]
         .chunks_exact(16)
         .zip(codes.chunks_exact_mut(16))
     {
@@ -1808,14 +1929,19 @@ fn softmax_codes(scores: &[i32], c: f32, codes: &mut [i16]) -> i32 {
             v128_store(d[8..].as_mut_ptr() as *mut v128, i16x8_narrow_i32x4(e, g));
         }
     }
-    let mut total = i32x4_extract_lane::<0>(sum)
+    let tails = scores[sixteens..]
+        .chunks_exact(4)
+        .zip(codes[sixteens..].chunks_exact_mut(4));
+    for (at, (s, d)) in (sixteens..).step_by(4).zip(tails) {
+        // SAFETY: 4 values each side.
+        unsafe {
+            let p = v128_and(p_code(load(s.as_ptr()), m, c), live(at, n));
+            sum = i32x4_add(sum, p);
+            v128_store64_lane::<0>(i16x8_narrow_i32x4(p, p), d.as_mut_ptr() as *mut u64);
+        }
+    }
+    i32x4_extract_lane::<0>(sum)
         + i32x4_extract_lane::<1>(sum)
         + i32x4_extract_lane::<2>(sum)
-        + i32x4_extract_lane::<3>(sum);
-    for (s, d) in scores[whole..].iter().zip(&mut codes[whole..]) {
-        let k = i32x4_extract_lane::<0>(p_code(i32x4_splat(*s), m, c));
-        *d = k as i16;
-        total += k;
-    }
-    total
+        + i32x4_extract_lane::<3>(sum)
 }
