@@ -29,6 +29,7 @@ BENCHES = [
     ("native", "the cost of the child-process boundary for the onnx engine"),
     ("recovery", "request and instance recovery after a crash, planned recycles under load"),
     ("throughput", "embedding throughput per backend against Python onnxruntime"),
+    ("corpus", "a mixed corpus (the Rust book) as one job through the front door, against Python onnxruntime"),
     ("index", "search latency and recall, indexing rate against the raw embedder, the search command"),
     ("serve", "the service: dynamic batching by concurrency, a sentence beside the largest legal request, the openai client, search and embed against their baselines"),
     ("nats", "the NATS transport against the child transport, three members against one"),
