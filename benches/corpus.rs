@@ -398,10 +398,13 @@ fn through(
 /// pieces of the batch budget, and what counting the tokens takes.
 fn describe(rt: &tokio::runtime::Runtime, name: &str, embedder: &Embedder, texts: &[String]) {
     let generation = embedder.generation().unwrap();
-    let counts = generation.count_tokens(texts).unwrap();
+    let counts: Vec<usize> = texts
+        .iter()
+        .map(|t| generation.tokens.spans(t).map_or(1, |s| s.len()))
+        .collect();
     let order = embedhost::embedder::batcher::longest_first(&counts);
     let sorted: Vec<usize> = order.iter().map(|&i| counts[i]).collect();
-    let budget = Config::default().serve.max_batch_tokens;
+    let budget = embedhost::limits::ONE_SHOT_BATCH_TOKENS;
     let pieces = embedhost::embedder::batcher::pieces(&sorted, budget);
     let sizes: Vec<usize> = pieces.iter().map(|r| r.len()).collect();
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);

@@ -510,6 +510,14 @@ pub const SERVE_MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 /// its full rate, `cargo bench --bench native`).
 pub const DEFAULT_SERVE_MAX_BATCH_TOKENS: usize = 512;
 
+/// Tokens in one batch for a command's own pool (`embed`, `index` and
+/// `search` without a service): no other caller waits behind its batches,
+/// so they are larger than the service's, cutting the per-call cost (a
+/// child round trip, an engine call) that many small batches of long texts
+/// pay, while a job of a few thousand tokens still makes several pieces
+/// for the lanes to share (`cargo bench --bench corpus`).
+pub const ONE_SHOT_BATCH_TOKENS: usize = 2048;
+
 /// How long a batch waits for more requests once it has one
 /// (`[serve] batch_wait_us`). Short against a request's own time (a short
 /// sentence takes milliseconds), long enough for clients that arrive

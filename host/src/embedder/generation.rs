@@ -65,11 +65,11 @@ impl std::fmt::Debug for Generation {
     }
 }
 
-/// The batch settings for a pool of `pool_size` from `config`: one lane per
-/// instance.
-fn batch_settings(config: &Config, pool_size: usize) -> BatchSettings {
+/// The batch settings for a pool of `pool_size` with batches of at most
+/// `budget` tokens, waiting as `config` says: one lane per instance.
+fn batch_settings(config: &Config, pool_size: usize, budget: usize) -> BatchSettings {
     BatchSettings {
-        max_batch_tokens: config.serve.max_batch_tokens,
+        max_batch_tokens: budget,
         wait: Duration::from_micros(config.serve.batch_wait_us),
         lanes: pool_size.max(1),
     }
@@ -77,7 +77,9 @@ fn batch_settings(config: &Config, pool_size: usize) -> BatchSettings {
 
 impl Generation {
     /// Starts the configured backend (at most `max_pool` instances of it)
-    /// and its batcher.
+    /// and its batcher, whose batches hold at most `budget` tokens (the
+    /// service's `[serve] max_batch_tokens`, or
+    /// [`limits::ONE_SHOT_BATCH_TOKENS`] for a command's own pool).
     ///
     /// # Errors
     /// Why the backend could not start (model files, plugin, escalation).
@@ -85,6 +87,7 @@ impl Generation {
         config: Config,
         generation: u64,
         max_pool: Option<usize>,
+        budget: usize,
     ) -> Result<Arc<Generation>, crate::launch::LaunchError> {
         if let Some((bus, info)) = crate::launch::remote_embedder(&config).await? {
             let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
@@ -104,7 +107,7 @@ impl Generation {
             },
             Backend::Native => format!("{} ({:?})", config.native.engine, config.native.precision),
         };
-        let mut local = Generation::local(supervisor, tokens, config);
+        let mut local = Generation::batching(supervisor, tokens, config, budget);
         local.generation = generation;
         local.engine_name = engine;
         Ok(Arc::new(local))
@@ -113,8 +116,19 @@ impl Generation {
     /// A generation over a running `supervisor`, counting with `tokens`,
     /// batching as `config`'s `[serve]` says.
     pub fn local(supervisor: Supervisor, tokens: Tokens, config: Config) -> Generation {
+        let budget = config.serve.max_batch_tokens;
+        Generation::batching(supervisor, tokens, config, budget)
+    }
+
+    /// [`Generation::local`] with batches of at most `budget` tokens.
+    fn batching(
+        supervisor: Supervisor,
+        tokens: Tokens,
+        config: Config,
+        budget: usize,
+    ) -> Generation {
         let pool_size = supervisor.status().len();
-        let settings = batch_settings(&config, pool_size);
+        let settings = batch_settings(&config, pool_size, budget);
         Generation {
             generation: 1,
             backend: config.backend.name(),

@@ -139,7 +139,9 @@ impl Embedder {
         )))
     }
 
-    /// Starts the configured backend, at most `max_pool` instances of it.
+    /// Starts the configured backend, at most `max_pool` instances of it,
+    /// for a command's own use (batches of
+    /// [`limits::ONE_SHOT_BATCH_TOKENS`]).
     ///
     /// # Errors
     /// Why it could not start.
@@ -147,7 +149,8 @@ impl Embedder {
         config: crate::config::Config,
         max_pool: Option<usize>,
     ) -> Result<Self, crate::launch::LaunchError> {
-        let generation = Generation::start(config, 1, max_pool).await?;
+        let budget = limits::ONE_SHOT_BATCH_TOKENS.max(config.serve.max_batch_tokens);
+        let generation = Generation::start(config, 1, max_pool, budget).await?;
         let embedder = Embedder::default();
         embedder.install(generation);
         Ok(embedder)

@@ -131,7 +131,8 @@ async fn shut_down(state: &Arc<State>) {
 /// Starts the first pool and opens the index.
 async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    let pool = Generation::start(config, generation, None)
+    let budget = config.serve.max_batch_tokens;
+    let pool = Generation::start(config, generation, None, budget)
         .await
         .map_err(|e| e.to_string())?;
     pool.wait_all_up().await;
@@ -204,7 +205,8 @@ async fn reload(state: &Arc<State>) {
     drop(current);
     *lock(&state.phase) = Phase::Reloading;
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
-    match Generation::start(config, generation, None).await {
+    let budget = config.serve.max_batch_tokens;
+    match Generation::start(config, generation, None, budget).await {
         Ok(pool) => {
             pool.wait_all_up().await;
             let old = state.embedder.install(pool.clone());
