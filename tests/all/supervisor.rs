@@ -155,16 +155,23 @@ async fn supervise(
     (supervisor, starts)
 }
 
-/// A worker whose embedder is `supervisor`, over the in-process bus, as
-/// the CLI builds it.
+/// A worker whose embedder is `supervisor`, through the front door, one
+/// text per call.
 fn worker_over(
     supervisor: &Supervisor,
     settings: embedhost::worker::WorkerSettings,
 ) -> embedhost::worker::Worker {
-    let embedder = embedhost::embedder::Embedder::local(
-        supervisor.clone(),
-        embedhost::worker::chunk::Tokens::Words,
-    );
+    // One text per call: a scripted embedder decides a batch by its first
+    // text, so the front door must not merge the worker's batches.
+    let mut config = embedhost::config::Config::default();
+    config.serve.max_batch_tokens = 1;
+    let embedder = std::sync::Arc::new(embedhost::embedder::Embedder::serving(
+        embedhost::embedder::Generation::local(
+            supervisor.clone(),
+            embedhost::worker::chunk::Tokens::Words,
+            config,
+        ),
+    ));
     embedhost::worker::Worker::new(
         embedder,
         info(),
