@@ -139,7 +139,9 @@ async fn start_worker(
 
 pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     if !args.watch
         && let Some(client) = super::running_service(&config, Some(&db), super::Embeds::Yes).await
@@ -325,7 +327,9 @@ fn restarts_line(generation: &Generation) -> Option<String> {
 
 pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     if !db.join(crate::worker::store::DB_FILE).is_file() {
         return Err(format!(
             "no index at `{}` (run `embedhost index PATH` first)",
@@ -503,7 +507,9 @@ fn print_results(results: &[SearchResult], query: &str, context: Option<usize>) 
 
 pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     let cap = config.index.max_file_chunks;
     let (stats, model, skipped, roots, cut) = tokio::task::spawn_blocking(move || {
         let store = Store::open_existing(&db)?;
@@ -607,7 +613,9 @@ pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Resu
 /// (its in-memory index must drop the chunks too), else on the store.
 pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     // Resolved here: the service has its own working directory.
     let path = crate::worker::forget_path(&args.path)
         .map_err(|e| format!("`{}`: {e}", args.path.display()))?;

@@ -130,7 +130,7 @@ impl OnnxSettings {
             model_dir: model_dir.ok_or("the onnx engine needs `model_dir`")?,
             library: match library {
                 Some(path) => path,
-                None => resolve_library(None)?,
+                None => resolve_library(None).map_err(|e| e.to_string())?,
             },
             threads: threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -180,8 +180,9 @@ impl OnnxSettings {
 /// in `onnxruntime/` of the setup's [`crate::deps::deps_dir`].
 ///
 /// # Errors
-/// When no candidate exists, listing the places looked at.
-pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
+/// [`LibraryNotFound`] when no candidate exists, listing the places looked
+/// at.
+pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, LibraryNotFound> {
     if let Some(path) = configured {
         return Ok(path.to_path_buf());
     }
@@ -199,10 +200,18 @@ pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
         }
         looked.push(candidate.display().to_string());
     }
-    Err(format!(
-        "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
-        looked.join(", ")
-    ))
+    Err(LibraryNotFound { looked })
+}
+
+/// No ONNX Runtime library was configured or found: the places looked at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
+    looked.join(", ")
+)]
+pub struct LibraryNotFound {
+    /// The candidate paths, in the order they were looked at.
+    pub looked: Vec<String>,
 }
 
 /// Loads ONNX Runtime from `library` (once per process) and reports its

@@ -189,5 +189,5 @@ fn a_bad_setting_is_named() {
     // Without `onnxruntime`, the library is looked for.
     let found =
         OnnxSettings::from_pairs(&[("model_dir".to_string(), "/m".to_string())]).map(|s| s.library);
-    assert_eq!(found, resolve_library(None));
+    assert_eq!(found, resolve_library(None).map_err(|e| e.to_string()));
 }

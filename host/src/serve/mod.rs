@@ -443,7 +443,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let config_nats = config.nats.url.clone();
     let db = config
         .index_dir(options.db.as_deref())
-        .map_err(ServeError::Config)?;
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let listen = options
         .listen
         .clone()
