@@ -182,8 +182,6 @@ impl From<WasmError> for crate::bus::RemoteError {
     }
 }
 
-/// A router serving `embedder.embed`, `embedder.health` and `shutdown` from a
-
 #[cfg(test)]
 mod tests {
     use super::*;
