@@ -147,7 +147,7 @@ async fn host(config: &Config, seed: u64) -> (Worker, Supervisor) {
         embedder,
         supervisor.model_info(),
         Tokens::Words,
-        embedhost::worker::WorkerSettings::from_config(&config),
+        embedhost::worker::WorkerSettings::from_config(config),
     );
     (worker, supervisor)
 }

@@ -127,7 +127,7 @@ async fn every_embedder_peer_answers_the_same_verbs() {
         assert_eq!(names, asked);
         for (verb, answer) in answers.iter() {
             assert_ne!(
-                answer.clone().err(),
+                (*answer).err(),
                 Some(ErrorCode::NoHandler),
                 "the {name} peer does not serve {verb}"
             );
