@@ -80,13 +80,36 @@ pub struct OnnxSettings {
     pub model_file: Option<String>,
 }
 
+/// An onnx engine setting the child cannot accept, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxSettingError {
+    /// A number that is not a positive whole number.
+    #[error("setting `{key}`: `{value}` is not a positive whole number")]
+    NotPositive { key: String, value: String },
+    /// `model_file` is not a file name.
+    #[error("setting `model_file`: `{0}` is not a file name in `model_dir`")]
+    ModelFile(String),
+    /// A key the onnx engine does not know.
+    #[error(
+        "unknown onnx engine setting `{0}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
+    )]
+    Unknown(String),
+    /// No `model_dir`.
+    #[error("the onnx engine needs `model_dir`")]
+    NoModelDir,
+    /// No `onnxruntime`, and no library found.
+    #[error(transparent)]
+    NoLibrary(#[from] LibraryNotFound),
+}
+
 impl OnnxSettings {
     /// Settings from the child's table: `model_dir` (required),
     /// `onnxruntime`, `threads`, `max_tokens`, `model_id`, `model_file`.
     ///
     /// # Errors
-    /// A missing `model_dir`, an unknown key or a bad number, naming it.
-    pub fn from_pairs(settings: &[(String, String)]) -> Result<Self, String> {
+    /// [`OnnxSettingError`]: a missing `model_dir`, an unknown key or a bad
+    /// number, naming it.
+    pub fn from_pairs(settings: &[(String, String)]) -> Result<Self, OnnxSettingError> {
         let mut model_dir = None;
         let mut library = None;
         let mut threads = None;
@@ -100,8 +123,9 @@ impl OnnxSettings {
                     .parse::<usize>()
                     .ok()
                     .filter(|&n| n > 0)
-                    .ok_or_else(|| {
-                        format!("setting `{key}`: `{value}` is not a positive whole number")
+                    .ok_or_else(|| OnnxSettingError::NotPositive {
+                        key: key.clone(),
+                        value: value.clone(),
                     })
             };
             match key.as_str() {
@@ -113,24 +137,18 @@ impl OnnxSettings {
                 "model_file" => {
                     // A file name, not a path: the graph lives in `model_dir`.
                     if value.is_empty() || value.contains('/') || value == ".." {
-                        return Err(format!(
-                            "setting `model_file`: `{value}` is not a file name in `model_dir`"
-                        ));
+                        return Err(OnnxSettingError::ModelFile(value.clone()));
                     }
                     model_file = Some(value.clone());
                 }
-                other => {
-                    return Err(format!(
-                        "unknown onnx engine setting `{other}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
-                    ));
-                }
+                other => return Err(OnnxSettingError::Unknown(other.to_string())),
             }
         }
         Ok(OnnxSettings {
-            model_dir: model_dir.ok_or("the onnx engine needs `model_dir`")?,
+            model_dir: model_dir.ok_or(OnnxSettingError::NoModelDir)?,
             library: match library {
                 Some(path) => path,
-                None => resolve_library(None).map_err(|e| e.to_string())?,
+                None => resolve_library(None)?,
             },
             threads: threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
