@@ -391,10 +391,9 @@ pub enum StartError {
     /// A setting the onnx engine cannot accept.
     #[error(transparent)]
     OnnxSettings(#[from] onnx::OnnxSettingError),
-    /// The onnx engine could not load ONNX Runtime or the model (the
-    /// message names the file or library at fault).
-    #[error("{0}")]
-    OnnxLoad(String),
+    /// The onnx engine could not load ONNX Runtime or the model.
+    #[error(transparent)]
+    OnnxLoad(#[from] onnx::OnnxLoadError),
     /// An engine this child does not have.
     #[error("unknown engine `{0}` (known: {known})", known = ENGINES.join(", "))]
     UnknownEngine(String),
@@ -409,9 +408,7 @@ fn load_engine(
         "onnx" => {
             let settings = onnx::OnnxSettings::from_pairs(settings)?;
             tracing::info!(library = %settings.library.display(), model = %settings.model_dir.display(), threads = settings.threads, "loading the onnx engine");
-            Ok(Box::new(
-                onnx::OnnxEngine::load(&settings).map_err(StartError::OnnxLoad)?,
-            ))
+            Ok(Box::new(onnx::OnnxEngine::load(&settings)?))
         }
         other => Err(StartError::UnknownEngine(other.to_string())),
     }

@@ -134,7 +134,7 @@ fn a_pooled_output_is_normalized_per_row_and_a_dimension_that_varies_is_refused(
     let mut engine = OnnxEngine::load(&settings).unwrap();
     // One ONNX Runtime environment per process: a second engine is
     // refused, naming the library (a child serves one engine).
-    let err = OnnxEngine::load(&settings).unwrap_err();
+    let err = OnnxEngine::load(&settings).unwrap_err().to_string();
     assert!(
         err.starts_with("cannot start ONNX Runtime from")
             && err.contains(&settings.library.display().to_string()),
