@@ -173,7 +173,10 @@ impl Generation {
     ///
     /// # Errors
     /// The index of a text the tokenizer refuses, and why.
-    pub fn count_tokens(&self, texts: &[String]) -> Result<Vec<usize>, (usize, String)> {
+    pub fn count_tokens(
+        &self,
+        texts: &[String],
+    ) -> Result<Vec<usize>, (usize, crate::tokens::TokenizeError)> {
         texts
             .iter()
             .enumerate()
