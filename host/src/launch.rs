@@ -27,11 +27,11 @@ pub enum LaunchError {
     #[error(transparent)]
     Plugin(#[from] WasmError),
     /// The model's files could not be found or fetched.
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     /// The native backend's settings name files that are not there.
-    #[error("{0}")]
-    Native(String),
+    #[error(transparent)]
+    Native(#[from] crate::config::NativeSetupError),
     /// The pool's memory caps do not fit the machine.
     #[error(transparent)]
     Machine(#[from] crate::ceilings::PoolMemoryError),
@@ -121,9 +121,7 @@ pub async fn start_backend(
             } else {
                 None
             };
-            let spawner = config
-                .native_spawner(model_dir.as_deref())
-                .map_err(LaunchError::Native)?;
+            let spawner = config.native_spawner(model_dir.as_deref())?;
             Ok(Supervisor::start(spawner, supervision)
                 .await
                 .map(|s| (s, None))?)
@@ -184,7 +182,7 @@ pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, Launch
     if !(config.wasm_needs_model() || config.needs_model_files()) {
         return Ok(Tokens::Words);
     }
-    let dir = config.model_dir().map_err(LaunchError::Model)?;
+    let dir = config.model_dir()?;
     Ok(Tokens::from_model_dir(&dir, max_input_tokens)?)
 }
 

@@ -71,16 +71,19 @@ pub enum SearchMode {
     Keyword,
 }
 
+/// A name that is no [`SearchMode`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a search mode (hybrid, semantic, keyword)")]
+pub struct UnknownSearchMode(pub String);
+
 impl std::str::FromStr for SearchMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownSearchMode;
+    fn from_str(s: &str) -> Result<Self, UnknownSearchMode> {
         match s {
             "hybrid" => Ok(SearchMode::Hybrid),
             "semantic" => Ok(SearchMode::Semantic),
             "keyword" => Ok(SearchMode::Keyword),
-            other => Err(format!(
-                "`{other}` is not a search mode (hybrid, semantic, keyword)"
-            )),
+            other => Err(UnknownSearchMode(other.to_string())),
         }
     }
 }

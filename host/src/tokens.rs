@@ -28,6 +28,26 @@ pub enum Tokens {
     Words,
 }
 
+/// The tokenizer's refusal of a text: its [`TextError`], shared so that the
+/// errors holding it stay `Clone` (two are equal when their messages are).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TokenizeError(Arc<TextError>);
+
+impl From<TextError> for TokenizeError {
+    fn from(e: TextError) -> Self {
+        TokenizeError(Arc::new(e))
+    }
+}
+
+impl PartialEq for TokenizeError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for TokenizeError {}
+
 impl Tokens {
     /// The tokenizer in the model directory `dir`, reading at most
     /// `max_tokens` per text.
@@ -42,11 +62,11 @@ impl Tokens {
     /// Byte ranges of the tokens of `text`.
     ///
     /// # Errors
-    /// The tokenizer's error, as text.
-    pub fn spans(&self, text: &str) -> Result<Vec<(usize, usize)>, String> {
+    /// [`TokenizeError`]: the tokenizer's error.
+    pub fn spans(&self, text: &str) -> Result<Vec<(usize, usize)>, TokenizeError> {
         metrics::counter!(METRIC_TOKENIZER_CALLS).increment(1);
         match self {
-            Tokens::Model(encoder) => encoder.token_spans(text).map_err(|e| e.to_string()),
+            Tokens::Model(encoder) => Ok(encoder.token_spans(text)?),
             Tokens::Words => Ok(word_spans(text)),
         }
     }

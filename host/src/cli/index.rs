@@ -123,7 +123,9 @@ async fn start_worker(
 
 pub(super) async fn index(config_path: Option<PathBuf>, args: IndexArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     if !args.watch
         && let Some(client) = super::running_service(&config, Some(&db), super::Embeds::Yes).await
@@ -322,7 +324,9 @@ fn restarts_line(generation: &Generation) -> Option<String> {
 
 pub(super) async fn search(config_path: Option<PathBuf>, args: SearchArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     if !db.join(crate::worker::store::DB_FILE).is_file() {
         return Err(format!(
             "no index at `{}` (run `embedhost index PATH` first)",

@@ -41,7 +41,9 @@ pub struct StatsArgs {
 /// files, read from the store (no embedder starts).
 pub(super) async fn stats(config_path: Option<PathBuf>, args: StatsArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     let cap = config.index.max_file_chunks;
     let stored = tokio::task::spawn_blocking(move || read(&db))
         .await
@@ -174,7 +176,9 @@ fn print_text(response: &StatsResponse, stored: &Stored, cap: usize) {
 /// (its in-memory index must drop the chunks too), else on the store.
 pub(super) async fn forget(config_path: Option<PathBuf>, args: ForgetArgs) -> Result<(), String> {
     let config = Config::discover(config_path.as_deref()).map_err(|e| e.to_string())?;
-    let db = config.index_dir(args.db.as_deref())?;
+    let db = config
+        .index_dir(args.db.as_deref())
+        .map_err(|e| e.to_string())?;
     // Resolved here: the service has its own working directory.
     let path = crate::worker::forget_path(&args.path)
         .map_err(|e| format!("`{}`: {e}", args.path.display()))?;

@@ -43,7 +43,7 @@ pub(super) async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Re
     // know whether it would find the library.
     report["onnxruntime"] = match &library {
         Ok(lib) => serde_json::json!({ "path": lib.display().to_string(), "found": lib.exists() }),
-        Err(e) => serde_json::json!({ "path": null, "found": false, "error": e }),
+        Err(e) => serde_json::json!({ "path": null, "found": false, "error": e.to_string() }),
     };
     let started = crate::launch::start_backend(&config, &source, None)
         .await

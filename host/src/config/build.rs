@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Backend, Config, DEFAULT_PLUGIN, Precision};
+use super::{Backend, Config, DEFAULT_PLUGIN, NativeSetupError, Precision};
 use crate::limits;
 use crate::supervisor::SupervisorConfig;
 use crate::wasm::{InstanceLimits, PluginSource};
@@ -33,19 +33,20 @@ impl Config {
     /// The native backend's spawner.
     ///
     /// # Errors
-    /// When the path of this executable cannot be found and none is configured.
+    /// [`NativeSetupError`]: the path of this executable cannot be found and
+    /// none is configured, or (onnx engine) no model directory, or a file
+    /// it needs is missing.
     pub fn native_spawner(
         &self,
         model_dir: Option<&Path>,
-    ) -> Result<crate::native::NativeSpawner, String> {
+    ) -> Result<crate::native::NativeSpawner, NativeSetupError> {
         let executable = match &self.native.executable {
             Some(exe) => exe.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| format!("cannot find the embedhost executable: {e}"))?,
+            None => std::env::current_exe().map_err(NativeSetupError::Executable)?,
         };
         let mut settings = self.plugin_config();
         if self.native.engine == "onnx" {
-            let dir = model_dir.ok_or("the onnx engine needs the model's directory")?;
+            let dir = model_dir.ok_or(NativeSetupError::NoModelDir)?;
             settings.extend(self.onnx_settings(dir)?);
         }
         Ok(crate::native::NativeSpawner {
@@ -66,7 +67,7 @@ impl Config {
 
     /// The onnx engine's settings for the model in `dir`, its files
     /// checked.
-    fn onnx_settings(&self, dir: &Path) -> Result<Vec<(String, String)>, String> {
+    fn onnx_settings(&self, dir: &Path) -> Result<Vec<(String, String)>, NativeSetupError> {
         // Checked here, once, rather than by every child the supervisor
         // would start and restart before giving up.
         let model_file = self.onnx_model_file();

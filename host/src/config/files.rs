@@ -12,33 +12,33 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CACHE_DIR_ENV, Config, INDEX_DIR_ENV, project_dirs};
+use super::{CACHE_DIR_ENV, Config, ConfigError, INDEX_DIR_ENV, NativeSetupError, project_dirs};
+use crate::model::ModelError;
 
 impl Config {
     /// The model's directory: `[model] dir`, else the model store's
     /// directory for `[model] id`, fetching the files if any is missing.
     ///
     /// # Errors
-    /// An unknown model id, or a fetch that failed.
+    /// [`ModelError`]: an unknown model id, no model store, or a fetch
+    /// that failed.
     pub fn ensure_model_dir(
         &self,
         options: &crate::model::FetchOptions,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, ModelError> {
         if let Some(dir) = &self.model.dir {
             return Ok(dir.clone());
         }
         let (manifest, store) = self.model_store()?;
-        store
-            .ensure(&manifest, Some(self.model_use()), options)
-            .map_err(|e| e.to_string())
+        store.ensure(&manifest, Some(self.model_use()), options)
     }
 
     /// Where the model's files are: `[model] dir`, else the model store's
     /// directory for `[model] id`. Nothing is checked or fetched.
     ///
     /// # Errors
-    /// An unknown model id, or no place for the model store.
-    pub fn model_dir(&self) -> Result<PathBuf, String> {
+    /// [`ModelError`]: an unknown model id, or no place for the model store.
+    pub fn model_dir(&self) -> Result<PathBuf, ModelError> {
         match &self.model.dir {
             Some(dir) => Ok(dir.clone()),
             None => self
@@ -47,9 +47,11 @@ impl Config {
         }
     }
 
-    fn model_store(&self) -> Result<(crate::model::Manifest, crate::model::ModelStore), String> {
-        let manifest = crate::model::builtin(self.model_id()).map_err(|e| e.to_string())?;
-        let store = crate::model::ModelStore::from_env().map_err(|e| e.to_string())?;
+    fn model_store(
+        &self,
+    ) -> Result<(crate::model::Manifest, crate::model::ModelStore), ModelError> {
+        let manifest = crate::model::builtin(self.model_id())?;
+        let store = crate::model::ModelStore::from_env()?;
         Ok((manifest, store))
     }
 
@@ -57,8 +59,9 @@ impl Config {
     /// else `$EMBEDHOST_INDEX_DIR`, else the platform's data directory.
     ///
     /// # Errors
-    /// No data directory on this platform and none configured.
-    pub fn index_dir(&self, db: Option<&Path>) -> Result<PathBuf, String> {
+    /// [`ConfigError::NoIndexDir`]: no data directory on this platform and
+    /// none configured.
+    pub fn index_dir(&self, db: Option<&Path>) -> Result<PathBuf, ConfigError> {
         if let Some(dir) = db.or(self.index.dir.as_deref()) {
             return Ok(dir.to_path_buf());
         }
@@ -67,11 +70,7 @@ impl Config {
         }
         directories::ProjectDirs::from("", "", "embedhost")
             .map(|d| d.data_dir().join("index"))
-            .ok_or_else(|| {
-                format!(
-                    "no data directory on this platform: set `[index] dir`, {INDEX_DIR_ENV} or --db"
-                )
-            })
+            .ok_or(ConfigError::NoIndexDir)
     }
 
     /// The artifact cache directory: `$EMBEDHOST_CACHE_DIR`, else the
@@ -86,21 +85,22 @@ impl Config {
     /// Checks that the onnx engine's files are there: `model_file` and the
     /// tokenizer in `dir`, and the ONNX Runtime library, whose path it
     /// returns.
-    pub(super) fn check_onnx_files(&self, dir: &Path, model_file: &str) -> Result<PathBuf, String> {
+    pub(super) fn check_onnx_files(
+        &self,
+        dir: &Path,
+        model_file: &str,
+    ) -> Result<PathBuf, NativeSetupError> {
         for file in [model_file, crate::native::onnx::TOKENIZER_FILE] {
             if !dir.join(file).is_file() {
-                return Err(format!(
-                    "the model directory `{}` has no `{file}` (`[model] dir` in the config)",
-                    dir.display()
-                ));
+                return Err(NativeSetupError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    file: file.to_string(),
+                });
             }
         }
         let library = crate::native::onnx::resolve_library(self.native.onnxruntime.as_deref())?;
         if !library.exists() {
-            return Err(format!(
-                "the ONNX Runtime library `{}` does not exist; run `./x setup` or set `[native] onnxruntime`",
-                library.display()
-            ));
+            return Err(NativeSetupError::LibraryMissing(library));
         }
         Ok(library)
     }

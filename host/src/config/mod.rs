@@ -89,6 +89,80 @@ pub enum ConfigError {
         max: u64,
         constant: &'static str,
     },
+    #[error("invalid config file `{path}`: {problem}")]
+    /// A value the file sets that is out of range or names nothing; the
+    /// problem names the key.
+    Check {
+        path: PathBuf,
+        problem: ConfigProblem,
+    },
+    #[error("no data directory on this platform: set `[index] dir`, {INDEX_DIR_ENV} or --db")]
+    /// No index directory is configured and the platform has no data
+    /// directory to put one in.
+    NoIndexDir,
+}
+
+/// What is wrong with a value of a config file, naming its key (the file is
+/// named by [`ConfigError::Check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("plugin.path: there is no built-in plugin `{name}` (built in: {})", crate::wasm::BUILTIN_PLUGINS.join(", "))]
+    /// `plugin.path = "builtin:NAME"` names no plugin of this build.
+    UnknownBuiltin { name: String },
+    #[error("every value in [limits] must be greater than zero")]
+    /// A `[limits]` value is zero.
+    LimitsZero,
+    #[error("[supervisor] intervals and windows must be greater than zero")]
+    /// A `[supervisor]` interval or window is zero.
+    SupervisorZero,
+    #[error("[native] threads must be greater than zero")]
+    /// `[native] threads = 0`.
+    NativeThreadsZero,
+    #[error(
+        "[index] chunk_tokens, batch_chunks, log_interval_ms and max_file_chunks must be greater than zero"
+    )]
+    /// An `[index]` size or interval is zero.
+    IndexZero,
+    #[error("[index] chunk_overlap must be smaller than chunk_tokens")]
+    /// `[index] chunk_overlap` is not smaller than `chunk_tokens`.
+    ChunkOverlap,
+    #[error("[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)")]
+    /// A `[serve]` size, count or time is zero.
+    ServeZero,
+    #[error("{0}")]
+    /// A `[serve]` connection limit out of its range (the message, naming
+    /// the key, comes from `ServeSection::check_service_limits`).
+    ServiceLimits(String),
+    #[error("[nats] tls_cert and tls_key go together")]
+    /// Only one of `[nats] tls_cert` and `tls_key` is set.
+    TlsPair,
+    #[error("[native] grace_ms must be greater than zero")]
+    /// `[native] grace_ms = 0`.
+    GraceZero,
+}
+
+/// Why the native backend cannot be set up from a config: what the machine
+/// lacks (this executable's path, the model's files, the ONNX Runtime
+/// library), naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeSetupError {
+    #[error("cannot find the embedhost executable: {0}")]
+    /// This executable's path is unknown and `[native] executable` is not set.
+    Executable(std::io::Error),
+    #[error("the onnx engine needs the model's directory")]
+    /// The onnx engine was given no model directory.
+    NoModelDir,
+    #[error("the model directory `{dir}` has no `{file}` (`[model] dir` in the config)")]
+    /// A file the onnx engine loads is not in the model's directory.
+    MissingFile { dir: PathBuf, file: String },
+    #[error(transparent)]
+    /// No ONNX Runtime library was found.
+    NoLibrary(#[from] crate::native::onnx::LibraryNotFound),
+    #[error(
+        "the ONNX Runtime library `{0}` does not exist; run `./x setup` or set `[native] onnxruntime`"
+    )]
+    /// The ONNX Runtime library the config or environment names is not there.
+    LibraryMissing(PathBuf),
 }
 
 /// Which embedder implementation serves `embedder.*`.

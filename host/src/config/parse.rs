@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Config, ConfigError, FILE_NAME, project_dirs};
+use super::{Config, ConfigError, ConfigProblem, FILE_NAME, project_dirs};
 
 impl Config {
     /// Parses `text`, read from `path`; relative paths are resolved against
@@ -36,9 +36,9 @@ impl Config {
                 constant: ceiling.constant,
             });
         }
-        let invalid = |message: String| ConfigError::Invalid {
+        let invalid = |problem: ConfigProblem| ConfigError::Check {
             path: path.to_path_buf(),
-            message,
+            problem,
         };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base).map_err(invalid)?;
@@ -55,7 +55,7 @@ impl Config {
 
     /// Resolves the file's relative paths against `base`, its directory; a
     /// `builtin:` plugin must be one this build has.
-    fn resolve_paths(&mut self, base: &Path) -> Result<(), String> {
+    fn resolve_paths(&mut self, base: &Path) -> Result<(), ConfigProblem> {
         let builtin = self
             .plugin
             .path
@@ -66,10 +66,7 @@ impl Config {
         if let Some(name) = &builtin
             && crate::wasm::PluginSource::builtin(name).is_none()
         {
-            return Err(format!(
-                "plugin.path: there is no built-in plugin `{name}` (built in: {})",
-                crate::wasm::BUILTIN_PLUGINS.join(", ")
-            ));
+            return Err(ConfigProblem::UnknownBuiltin { name: name.clone() });
         }
         let plugin_path = if builtin.is_some() {
             &mut None
@@ -100,8 +97,7 @@ impl Config {
 
     /// `[limits]`, `[supervisor]`, `[native] threads` and `[index]`: sizes,
     /// counts and times greater than zero.
-    fn check_ranges(&self) -> Result<(), String> {
-        let invalid = |message: &str| message.to_string();
+    fn check_ranges(&self) -> Result<(), ConfigProblem> {
         let limits = &self.limits;
         if [
             limits.memory_mb,
@@ -110,7 +106,7 @@ impl Config {
         ]
         .contains(&0)
         {
-            return Err(invalid("every value in [limits] must be greater than zero"));
+            return Err(ConfigProblem::LimitsZero);
         }
         let supervisor = &self.supervisor;
         let intervals = [
@@ -119,33 +115,26 @@ impl Config {
             supervisor.restart_window_ms,
         ];
         if intervals.contains(&Some(0)) {
-            return Err(invalid(
-                "[supervisor] intervals and windows must be greater than zero",
-            ));
+            return Err(ConfigProblem::SupervisorZero);
         }
         if self.native.threads == Some(0) {
-            return Err(invalid("[native] threads must be greater than zero"));
+            return Err(ConfigProblem::NativeThreadsZero);
         }
         if self.index.chunk_tokens == 0
             || self.index.batch_chunks == 0
             || self.index.log_interval_ms == 0
             || self.index.max_file_chunks == 0
         {
-            return Err(invalid(
-                "[index] chunk_tokens, batch_chunks, log_interval_ms and max_file_chunks must be greater than zero",
-            ));
+            return Err(ConfigProblem::IndexZero);
         }
         if self.index.chunk_overlap >= self.index.chunk_tokens {
-            return Err(invalid(
-                "[index] chunk_overlap must be smaller than chunk_tokens",
-            ));
+            return Err(ConfigProblem::ChunkOverlap);
         }
         Ok(())
     }
 
     /// `[serve]`, `[nats]` and `[native] grace_ms`.
-    fn check_serving(&self) -> Result<(), String> {
-        let invalid = |message: &str| message.to_string();
+    fn check_serving(&self) -> Result<(), ConfigProblem> {
         let serve = &self.serve;
         if [
             serve.max_body_kb,
@@ -157,16 +146,16 @@ impl Config {
             || serve.request_deadline_ms == 0
             || serve.shutdown_grace_ms == 0
         {
-            return Err(invalid(
-                "[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)",
-            ));
+            return Err(ConfigProblem::ServeZero);
         }
-        self.serve.check_service_limits()?;
+        self.serve
+            .check_service_limits()
+            .map_err(ConfigProblem::ServiceLimits)?;
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
-            return Err(invalid("[nats] tls_cert and tls_key go together"));
+            return Err(ConfigProblem::TlsPair);
         }
         if self.native.grace_ms == 0 {
-            return Err(invalid("[native] grace_ms must be greater than zero"));
+            return Err(ConfigProblem::GraceZero);
         }
         Ok(())
     }

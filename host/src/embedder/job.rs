@@ -130,7 +130,7 @@ pub enum InputProblem {
     },
     /// The tokenizer refused it.
     #[error("cannot be tokenized: {0}")]
-    Untokenizable(String),
+    Untokenizable(crate::tokens::TokenizeError),
 }
 
 /// Why a job got no rows at all.
@@ -366,7 +366,9 @@ mod tests {
         assert!(remote.retry_after_ms.is_some());
         let remote = RemoteError::from(EmbedError::Input {
             index: 2,
-            problem: InputProblem::Untokenizable("bad".into()),
+            problem: InputProblem::Untokenizable(
+                embedhost_text::TextError::Encode("bad".into()).into(),
+            ),
         });
         assert_eq!(remote.code, ErrorCode::InvalidInput);
         assert_eq!(remote.index, Some(2));

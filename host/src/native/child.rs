@@ -70,6 +70,37 @@ impl From<EngineError> for RemoteError {
     }
 }
 
+/// A `child.*` setting (a process fault) the child cannot accept, naming
+/// the key.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultSettingError {
+    /// A value that is not a whole number.
+    #[error("setting `{key}`: `{value}` is not a whole number: {source}")]
+    NotWhole {
+        key: String,
+        value: String,
+        source: std::num::ParseIntError,
+    },
+    /// A value that is not `true` or `false`.
+    #[error("setting `{key}`: `{value}` is not true or false: {source}")]
+    NotBool {
+        key: String,
+        value: String,
+        source: std::str::ParseBoolError,
+    },
+    /// A value that is not a probability.
+    #[error("setting `{key}`: {reason}")]
+    Chance { key: String, reason: String },
+    /// A chaos kind the child does not know.
+    #[error("setting `{key}`: `{kind}` is not one of kill, abort, exit, hang, leak")]
+    ChaosKind { key: String, kind: String },
+    /// A `child.*` key the child does not know.
+    #[error(
+        "unknown setting `{0}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version, chaos, chaos_kinds, chaos_seed)"
+    )]
+    Unknown(String),
+}
+
 /// An embedding engine inside a child process. Calls are serialized and run
 /// on a blocking thread.
 pub trait Engine: Send + 'static {
@@ -90,12 +121,12 @@ impl StubEngine {
     /// A stub engine from its settings table.
     ///
     /// # Errors
-    /// An unknown key or a bad value, naming the key.
-    pub fn new(settings: &[(String, String)]) -> Result<Self, String> {
+    /// The stub's [`embedhost_stub_engine::ConfigError`]: an unknown key or
+    /// a bad value, naming the key.
+    pub fn new(settings: &[(String, String)]) -> Result<Self, embedhost_stub_engine::ConfigError> {
         let config = embedhost_stub_engine::StubConfig::from_pairs(
             settings.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(StubEngine(embedhost_stub_engine::StubEngine::new(config)))
     }
 }
@@ -186,8 +217,9 @@ impl ProcessFaults {
     /// Takes the `child.*` keys out of `settings`, leaving the engine's.
     ///
     /// # Errors
-    /// An unknown `child.*` key or a value that does not parse, naming it.
-    pub fn take_from(settings: &mut Vec<(String, String)>) -> Result<Self, String> {
+    /// [`FaultSettingError`]: an unknown `child.*` key or a value that does
+    /// not parse, naming it.
+    pub fn take_from(settings: &mut Vec<(String, String)>) -> Result<Self, FaultSettingError> {
         let mut faults = ProcessFaults {
             exit_code: DEFAULT_FAULT_EXIT_CODE,
             ..ProcessFaults::default()
@@ -201,7 +233,11 @@ impl ProcessFaults {
             let number = |v: &str| {
                 v.trim()
                     .parse::<i64>()
-                    .map_err(|e| format!("setting `{key}`: `{v}` is not a whole number: {e}"))
+                    .map_err(|source| FaultSettingError::NotWhole {
+                        key: key.clone(),
+                        value: v.to_string(),
+                        source,
+                    })
             };
             let marker = Some(value.clone());
             match name {
@@ -211,8 +247,12 @@ impl ProcessFaults {
                 "exit_code" => faults.exit_code = number(&value)? as i32,
                 "hang_marker" => faults.hang_marker = marker,
                 "ignore_sigterm" => {
-                    faults.ignore_sigterm = value.trim().parse::<bool>().map_err(|e| {
-                        format!("setting `{key}`: `{value}` is not true or false: {e}")
+                    faults.ignore_sigterm = value.trim().parse::<bool>().map_err(|source| {
+                        FaultSettingError::NotBool {
+                            key: key.clone(),
+                            value: value.clone(),
+                            source,
+                        }
                     })?;
                 }
                 "leak_mb_per_call" => faults.leak_mb_per_call = number(&value)?.max(0) as usize,
@@ -220,13 +260,22 @@ impl ProcessFaults {
                 "oversized_marker" => faults.oversized_marker = marker,
                 "protocol_version" => faults.protocol_version = Some(number(&value)? as u32),
                 "chaos_seed" => {
-                    faults.chaos_seed = Some(value.trim().parse::<u64>().map_err(|e| {
-                        format!("setting `{key}`: `{value}` is not a whole number: {e}")
+                    faults.chaos_seed = Some(value.trim().parse::<u64>().map_err(|source| {
+                        FaultSettingError::NotWhole {
+                            key: key.clone(),
+                            value: value.clone(),
+                            source,
+                        }
                     })?);
                 }
                 "chaos" => {
-                    faults.chaos_ppm = embedhost_stub_engine::parse_chance(&value)
-                        .map_err(|e| format!("setting `{key}`: {e}"))?;
+                    faults.chaos_ppm =
+                        embedhost_stub_engine::parse_chance(&value).map_err(|reason| {
+                            FaultSettingError::Chance {
+                                key: key.clone(),
+                                reason,
+                            }
+                        })?;
                 }
                 "chaos_kinds" => {
                     faults.chaos_kinds = value
@@ -237,17 +286,14 @@ impl ProcessFaults {
                             "exit" => Ok(ProcessChaos::Exit),
                             "hang" => Ok(ProcessChaos::Hang),
                             "leak" => Ok(ProcessChaos::Leak),
-                            other => Err(format!(
-                                "setting `{key}`: `{other}` is not one of kill, abort, exit, hang, leak"
-                            )),
+                            other => Err(FaultSettingError::ChaosKind {
+                                key: key.clone(),
+                                kind: other.to_string(),
+                            }),
                         })
                         .collect::<Result<_, _>>()?;
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown setting `{key}` (the child's process faults are exit_at_start, abort_marker, exit_marker, exit_code, hang_marker, ignore_sigterm, leak_mb_per_call, garbage_marker, oversized_marker, protocol_version, chaos, chaos_kinds, chaos_seed)"
-                    ));
-                }
+                _ => return Err(FaultSettingError::Unknown(key)),
             }
         }
         *settings = rest;

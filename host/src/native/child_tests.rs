@@ -23,9 +23,13 @@ fn process_faults_are_taken_out_and_the_rest_left_for_the_engine() {
 
 #[test]
 fn an_unknown_or_malformed_process_fault_names_the_key() {
-    let err = ProcessFaults::take_from(&mut pairs(&[("child.explode", "1")])).unwrap_err();
+    let err = ProcessFaults::take_from(&mut pairs(&[("child.explode", "1")]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("child.explode"), "{err}");
-    let err = ProcessFaults::take_from(&mut pairs(&[("child.exit_code", "x")])).unwrap_err();
+    let err = ProcessFaults::take_from(&mut pairs(&[("child.exit_code", "x")]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("child.exit_code"), "{err}");
 }
 
@@ -40,7 +44,9 @@ fn malformed_fault_values_and_chaos_kinds_name_the_key() {
             "`explode` is not one of kill, abort, exit, hang, leak",
         ),
     ] {
-        let err = ProcessFaults::take_from(&mut pairs(&[(key, value)])).unwrap_err();
+        let err = ProcessFaults::take_from(&mut pairs(&[(key, value)]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(key) && err.contains(words), "{err}");
     }
     let faults = ProcessFaults::take_from(&mut pairs(&[(

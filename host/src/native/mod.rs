@@ -347,7 +347,7 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
     ceiling::arm();
     let stop = CancellationToken::new();
     let router = match child::ProcessFaults::take_from(&mut settings) {
-        Err(reason) => child::failed_router(reason, stop.clone()),
+        Err(reason) => child::failed_router(StartError::from(reason).to_string(), stop.clone()),
         Ok(faults) => {
             if let Some(code) = faults.exit_at_start {
                 tracing::warn!(code, "fault: exiting at start-up");
@@ -361,7 +361,7 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
                 Ok(engine) => child::engine_router(engine, faults, stop.clone()),
                 Err(reason) => {
                     tracing::error!(%reason, "the engine cannot start");
-                    child::failed_router(reason, stop.clone())
+                    child::failed_router(reason.to_string(), stop.clone())
                 }
             }
         }
@@ -378,10 +378,31 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
     }
 }
 
+/// Why a child's engine could not start: the reason its handshake answers
+/// with, naming the setting, file or engine at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A `child.*` setting the child cannot accept.
+    #[error(transparent)]
+    Faults(#[from] child::FaultSettingError),
+    /// A setting the stub engine cannot accept.
+    #[error(transparent)]
+    Stub(#[from] embedhost_stub_engine::ConfigError),
+    /// A setting the onnx engine cannot accept.
+    #[error(transparent)]
+    OnnxSettings(#[from] onnx::OnnxSettingError),
+    /// The onnx engine could not load ONNX Runtime or the model.
+    #[error(transparent)]
+    OnnxLoad(#[from] onnx::OnnxLoadError),
+    /// An engine this child does not have.
+    #[error("unknown engine `{0}` (known: {known})", known = ENGINES.join(", "))]
+    UnknownEngine(String),
+}
+
 fn load_engine(
     engine: &str,
     settings: &[(String, String)],
-) -> Result<Box<dyn child::Engine>, String> {
+) -> Result<Box<dyn child::Engine>, StartError> {
     match engine {
         "stub" => Ok(Box::new(child::StubEngine::new(settings)?)),
         "onnx" => {
@@ -389,10 +410,7 @@ fn load_engine(
             tracing::info!(library = %settings.library.display(), model = %settings.model_dir.display(), threads = settings.threads, "loading the onnx engine");
             Ok(Box::new(onnx::OnnxEngine::load(&settings)?))
         }
-        other => Err(format!(
-            "unknown engine `{other}` (known: {})",
-            ENGINES.join(", ")
-        )),
+        other => Err(StartError::UnknownEngine(other.to_string())),
     }
 }
 
@@ -427,6 +445,9 @@ mod tests {
     #[test]
     fn an_unknown_engine_is_named_with_the_known_ones() {
         let err = load_engine("tensorflow", &[]).err().unwrap();
-        assert_eq!(err, "unknown engine `tensorflow` (known: stub, onnx)");
+        assert_eq!(
+            err.to_string(),
+            "unknown engine `tensorflow` (known: stub, onnx)"
+        );
     }
 }

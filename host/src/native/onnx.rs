@@ -80,13 +80,36 @@ pub struct OnnxSettings {
     pub model_file: Option<String>,
 }
 
+/// An onnx engine setting the child cannot accept, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxSettingError {
+    /// A number that is not a positive whole number.
+    #[error("setting `{key}`: `{value}` is not a positive whole number")]
+    NotPositive { key: String, value: String },
+    /// `model_file` is not a file name.
+    #[error("setting `model_file`: `{0}` is not a file name in `model_dir`")]
+    ModelFile(String),
+    /// A key the onnx engine does not know.
+    #[error(
+        "unknown onnx engine setting `{0}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
+    )]
+    Unknown(String),
+    /// No `model_dir`.
+    #[error("the onnx engine needs `model_dir`")]
+    NoModelDir,
+    /// No `onnxruntime`, and no library found.
+    #[error(transparent)]
+    NoLibrary(#[from] LibraryNotFound),
+}
+
 impl OnnxSettings {
     /// Settings from the child's table: `model_dir` (required),
     /// `onnxruntime`, `threads`, `max_tokens`, `model_id`, `model_file`.
     ///
     /// # Errors
-    /// A missing `model_dir`, an unknown key or a bad number, naming it.
-    pub fn from_pairs(settings: &[(String, String)]) -> Result<Self, String> {
+    /// [`OnnxSettingError`]: a missing `model_dir`, an unknown key or a bad
+    /// number, naming it.
+    pub fn from_pairs(settings: &[(String, String)]) -> Result<Self, OnnxSettingError> {
         let mut model_dir = None;
         let mut library = None;
         let mut threads = None;
@@ -100,8 +123,9 @@ impl OnnxSettings {
                     .parse::<usize>()
                     .ok()
                     .filter(|&n| n > 0)
-                    .ok_or_else(|| {
-                        format!("setting `{key}`: `{value}` is not a positive whole number")
+                    .ok_or_else(|| OnnxSettingError::NotPositive {
+                        key: key.clone(),
+                        value: value.clone(),
                     })
             };
             match key.as_str() {
@@ -113,21 +137,15 @@ impl OnnxSettings {
                 "model_file" => {
                     // A file name, not a path: the graph lives in `model_dir`.
                     if value.is_empty() || value.contains('/') || value == ".." {
-                        return Err(format!(
-                            "setting `model_file`: `{value}` is not a file name in `model_dir`"
-                        ));
+                        return Err(OnnxSettingError::ModelFile(value.clone()));
                     }
                     model_file = Some(value.clone());
                 }
-                other => {
-                    return Err(format!(
-                        "unknown onnx engine setting `{other}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
-                    ));
-                }
+                other => return Err(OnnxSettingError::Unknown(other.to_string())),
             }
         }
         Ok(OnnxSettings {
-            model_dir: model_dir.ok_or("the onnx engine needs `model_dir`")?,
+            model_dir: model_dir.ok_or(OnnxSettingError::NoModelDir)?,
             library: match library {
                 Some(path) => path,
                 None => resolve_library(None)?,
@@ -180,8 +198,9 @@ impl OnnxSettings {
 /// in `onnxruntime/` of the setup's [`crate::deps::deps_dir`].
 ///
 /// # Errors
-/// When no candidate exists, listing the places looked at.
-pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
+/// [`LibraryNotFound`] when no candidate exists, listing the places looked
+/// at.
+pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, LibraryNotFound> {
     if let Some(path) = configured {
         return Ok(path.to_path_buf());
     }
@@ -199,28 +218,129 @@ pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, String> {
         }
         looked.push(candidate.display().to_string());
     }
-    Err(format!(
-        "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
-        looked.join(", ")
-    ))
+    Err(LibraryNotFound { looked })
+}
+
+/// No ONNX Runtime library was configured or found: the places looked at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot find the ONNX Runtime library ({LIBRARY_NAME}); run `./x setup`, or set `[native] onnxruntime` or ${LIBRARY_ENV} (looked in: {})",
+    looked.join(", ")
+)]
+pub struct LibraryNotFound {
+    /// The candidate paths, in the order they were looked at.
+    pub looked: Vec<String>,
+}
+
+/// Why the onnx engine could not load ONNX Runtime or the model, naming
+/// the library or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxLoadError {
+    /// The library could not be loaded.
+    #[error("cannot load ONNX Runtime from `{library}`: {source}")]
+    LoadLibrary {
+        library: PathBuf,
+        source: ort::LoadDynamicError,
+    },
+    /// The library loaded, but its environment could not start.
+    #[error("cannot start ONNX Runtime from `{library}`: {source}")]
+    StartLibrary {
+        library: PathBuf,
+        source: ort::Error,
+    },
+    /// The graph is not in the model's directory.
+    #[error("no model at `{0}`")]
+    NoModel(PathBuf),
+    /// `sentence_bert_config.json` is not JSON.
+    #[error("`{path}`: {source}")]
+    SentenceConfig {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// The tokenizer could not be read.
+    #[error(transparent)]
+    Tokenizer(embedhost_text::TextError),
+    /// The session for the graph could not be set up.
+    #[error("`{path}`: {source}")]
+    Session { path: PathBuf, source: ort::Error },
+    /// The graph could not be loaded.
+    #[error("cannot load `{path}`: {source}")]
+    Graph { path: PathBuf, source: ort::Error },
+    /// The graph has an input the engine does not feed.
+    #[error(
+        "`{path}` has input `{input}`; the onnx engine feeds input_ids, attention_mask and token_type_ids"
+    )]
+    UnknownInput { path: PathBuf, input: String },
+    /// The graph has no `input_ids` input.
+    #[error("`{0}` has no `input_ids` input")]
+    NoIds(PathBuf),
+    /// The graph has no output.
+    #[error("`{0}` has no output")]
+    NoOutput(PathBuf),
+    /// The chosen output is of a shape the engine cannot pool.
+    #[error(
+        "`{path}` output `{output}` has rank {rank}; expected [batch, sequence, dimension] or [batch, dimension]"
+    )]
+    Rank {
+        path: PathBuf,
+        output: String,
+        rank: usize,
+    },
+    /// The model's id is not one the host accepts.
+    #[error(transparent)]
+    ModelId(#[from] crate::backend::ModelIdError),
+    /// The test embedding failed.
+    #[error("`{path}` failed a test embedding: {reason}")]
+    Probe { path: PathBuf, reason: ProbeError },
+    /// The test embedding's dimension is not the one the graph declares.
+    #[error("`{path}` declares dimension {declared} but produced {produced}")]
+    Dimension {
+        path: PathBuf,
+        declared: i64,
+        produced: usize,
+    },
+}
+
+/// Why the test embedding of [`OnnxEngine::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The tokenizer refused the text.
+    #[error(transparent)]
+    Encode(embedhost_text::TextError),
+    /// The run failed.
+    #[error(transparent)]
+    Run(EngineError),
+}
+
+/// An [`OnnxLoadError`] made by `make` from an `ort` error of any
+/// recovery type.
+fn ort_error<R>(
+    make: impl Fn(ort::Error) -> OnnxLoadError,
+) -> impl Fn(ort::Error<R>) -> OnnxLoadError
+where
+    ort::Error: From<ort::Error<R>>,
+{
+    move |e| make(ort::Error::from(e))
 }
 
 /// Loads ONNX Runtime from `library` (once per process) and reports its
 /// version.
 ///
 /// # Errors
-/// When the library cannot be loaded or is older than the API `ort` needs.
-pub fn load_library(library: &Path) -> Result<ort::environment::Environment, String> {
+/// [`OnnxLoadError::LoadLibrary`] or [`OnnxLoadError::StartLibrary`] when
+/// the library cannot be loaded or is older than the API `ort` needs.
+pub fn load_library(library: &Path) -> Result<ort::environment::Environment, OnnxLoadError> {
     ort::init_from(library)
-        .map_err(|e| format!("cannot load ONNX Runtime from `{}`: {e}", library.display()))?
+        .map_err(|source| OnnxLoadError::LoadLibrary {
+            library: library.to_path_buf(),
+            source,
+        })?
         .with_name("embedhost")
         .build()
-        .map_err(|e| {
-            format!(
-                "cannot start ONNX Runtime from `{}`: {e}",
-                library.display()
-            )
-        })
+        .map_err(ort_error(|source| OnnxLoadError::StartLibrary {
+            library: library.to_path_buf(),
+            source,
+        }))
 }
 
 /// Which graph input a tokenizer output feeds.
@@ -256,26 +376,35 @@ fn open_session(
     environment: &ort::environment::Environment,
     threads: usize,
     model_path: &Path,
-) -> Result<Session, String> {
-    let session_error = |e: ort::Error<_>| format!("`{}`: {e}", model_path.display());
+) -> Result<Session, OnnxLoadError> {
+    let session_error = |source| OnnxLoadError::Session {
+        path: model_path.to_path_buf(),
+        source,
+    };
     Session::builder(environment)
-        .map_err(|e| format!("`{}`: {e}", model_path.display()))?
+        .map_err(ort_error(session_error))?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(session_error)?
+        .map_err(ort_error(session_error))?
         .with_intra_threads(threads)
-        .map_err(session_error)?
+        .map_err(ort_error(session_error))?
         // ONNX Runtime's workers spin after each run by default, burning
         // a core each for a while: in a pool of children sharing the
         // machine, that spinning steals the CPU the other children's
         // batches need.
         .with_intra_op_spinning(false)
-        .map_err(session_error)?
+        .map_err(ort_error(session_error))?
         .commit_from_file(model_path)
-        .map_err(|e| format!("cannot load `{}`: {e}", model_path.display()))
+        .map_err(ort_error(|source| OnnxLoadError::Graph {
+            path: model_path.to_path_buf(),
+            source,
+        }))
 }
 
 /// The model's inputs, each one the engine feeds; `input_ids` among them.
-fn session_inputs(session: &Session, model_path: &Path) -> Result<Vec<(String, Input)>, String> {
+fn session_inputs(
+    session: &Session,
+    model_path: &Path,
+) -> Result<Vec<(String, Input)>, OnnxLoadError> {
     let mut inputs = Vec::new();
     for input in session.inputs() {
         let kind = match input.name() {
@@ -283,19 +412,16 @@ fn session_inputs(session: &Session, model_path: &Path) -> Result<Vec<(String, I
             "attention_mask" => Input::Mask,
             "token_type_ids" => Input::TypeIds,
             other => {
-                return Err(format!(
-                    "`{}` has input `{other}`; the onnx engine feeds input_ids, attention_mask and token_type_ids",
-                    model_path.display()
-                ));
+                return Err(OnnxLoadError::UnknownInput {
+                    path: model_path.to_path_buf(),
+                    input: other.to_string(),
+                });
             }
         };
         inputs.push((input.name().to_string(), kind));
     }
     if !inputs.iter().any(|(_, k)| *k == Input::Ids) {
-        return Err(format!(
-            "`{}` has no `input_ids` input",
-            model_path.display()
-        ));
+        return Err(OnnxLoadError::NoIds(model_path.to_path_buf()));
     }
     Ok(inputs)
 }
@@ -306,14 +432,14 @@ fn session_inputs(session: &Session, model_path: &Path) -> Result<Vec<(String, I
 fn session_output(
     session: &Session,
     model_path: &Path,
-) -> Result<(String, Pooling, Option<i64>), String> {
+) -> Result<(String, Pooling, Option<i64>), OnnxLoadError> {
     let outputs = session.outputs();
     let chosen = outputs
         .iter()
         .find(|o| o.name() == "sentence_embedding")
         .or_else(|| outputs.iter().find(|o| o.name() == "last_hidden_state"))
         .or_else(|| outputs.first())
-        .ok_or_else(|| format!("`{}` has no output", model_path.display()))?;
+        .ok_or_else(|| OnnxLoadError::NoOutput(model_path.to_path_buf()))?;
     let shape = chosen
         .dtype()
         .tensor_shape()
@@ -322,12 +448,12 @@ fn session_output(
     let pooling = match shape.len() {
         3 => Pooling::Mean,
         2 => Pooling::Pooled,
-        n => {
-            return Err(format!(
-                "`{}` output `{}` has rank {n}; expected [batch, sequence, dimension] or [batch, dimension]",
-                model_path.display(),
-                chosen.name()
-            ));
+        rank => {
+            return Err(OnnxLoadError::Rank {
+                path: model_path.to_path_buf(),
+                output: chosen.name().to_string(),
+                rank,
+            });
         }
     };
     let declared = shape.last().copied().filter(|&d| d > 0);
@@ -346,20 +472,20 @@ impl OnnxEngine {
     /// Loads ONNX Runtime and the model.
     ///
     /// # Errors
-    /// A message naming the file or library at fault.
-    pub fn load(settings: &OnnxSettings) -> Result<Self, String> {
+    /// [`OnnxLoadError`] naming the file or library at fault.
+    pub fn load(settings: &OnnxSettings) -> Result<Self, OnnxLoadError> {
         let environment = load_library(&settings.library)?;
         let dir = &settings.model_dir;
         let model_path = settings.model_path();
         if !model_path.is_file() {
-            return Err(format!("no model at `{}`", model_path.display()));
+            return Err(OnnxLoadError::NoModel(model_path));
         }
         let max_tokens = match settings.max_tokens {
             Some(n) => n,
             None => max_seq_length(dir)?.unwrap_or(DEFAULT_MAX_TOKENS),
         };
         let encoder = TextEncoder::from_file(&dir.join(TOKENIZER_FILE), max_tokens)
-            .map_err(|e| e.to_string())?;
+            .map_err(OnnxLoadError::Tokenizer)?;
         let session = open_session(&environment, settings.threads, &model_path)?;
         let inputs = session_inputs(&session, &model_path)?;
         let (output, pooling, declared) = session_output(&session, &model_path)?;
@@ -369,7 +495,7 @@ impl OnnxEngine {
                 |n| n.to_string_lossy().into_owned(),
             )
         });
-        let model_id = crate::backend::ModelId::new(model_id).map_err(|e| e.to_string())?;
+        let model_id = crate::backend::ModelId::new(model_id)?;
         let mut engine = OnnxEngine {
             session,
             encoder,
@@ -388,16 +514,18 @@ impl OnnxEngine {
         let probe = engine
             .encoder
             .encode(&["embedhost"])
-            .map_err(|e| e.to_string())
-            .and_then(|batch| engine.run(&batch).map_err(|e| e.to_string()))
-            .map_err(|e| format!("`{}` failed a test embedding: {e}", model_path.display()))?;
+            .map_err(ProbeError::Encode)
+            .and_then(|batch| engine.run(&batch).map_err(ProbeError::Run))
+            .map_err(|reason| OnnxLoadError::Probe {
+                path: model_path.clone(),
+                reason,
+            })?;
         if declared.is_some_and(|d| d as usize != probe.len()) {
-            return Err(format!(
-                "`{}` declares dimension {} but produced {}",
-                model_path.display(),
-                declared.unwrap_or_default(),
-                probe.len()
-            ));
+            return Err(OnnxLoadError::Dimension {
+                path: model_path,
+                declared: declared.unwrap_or_default(),
+                produced: probe.len(),
+            });
         }
         engine.info.dimension = probe.len() as u32;
         Ok(engine)
@@ -473,13 +601,13 @@ impl Engine for OnnxEngine {
 }
 
 /// `max_seq_length` from the model's `sentence_bert_config.json`, if any.
-fn max_seq_length(dir: &Path) -> Result<Option<usize>, String> {
+fn max_seq_length(dir: &Path) -> Result<Option<usize>, OnnxLoadError> {
     let path = dir.join("sentence_bert_config.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| OnnxLoadError::SentenceConfig { path, source })?;
     Ok(value
         .get("max_seq_length")
         .and_then(serde_json::Value::as_u64)

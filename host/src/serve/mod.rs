@@ -161,7 +161,7 @@ async fn bind(options: &ServeOptions, config: &Config) -> Result<Bound, ServeErr
     let settings = &config.serve;
     let db = config
         .index_dir(options.db.as_deref())
-        .map_err(ServeError::Config)?;
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let listen = options
         .listen
         .clone()

@@ -398,9 +398,9 @@ async fn search(
     }
     let mode = match api::string(&map, "mode")? {
         None => crate::messages::SearchMode::default(),
-        Some(m) => m
-            .parse()
-            .map_err(|e: String| ApiError::bad("mode", format!("`mode`: {e}")))?,
+        Some(m) => m.parse().map_err(|e: crate::messages::UnknownSearchMode| {
+            ApiError::bad("mode", format!("`mode`: {e}"))
+        })?,
     };
     let worker = state.worker()?;
     let results = worker

@@ -159,7 +159,7 @@ impl Part {
         if let Err(reason) = check_rows(vectors, batch.len(), self.dimension) {
             return Err(SupervisorError::Refused(RemoteError::new(
                 ErrorCode::Failed,
-                reason,
+                reason.to_string(),
             )));
         }
         for (k, &i) in batch.iter().enumerate() {
@@ -493,20 +493,31 @@ pub fn split_parts(texts: usize, pool: usize) -> usize {
     (texts / limits::MIN_SPLIT_TEXTS).clamp(1, pool)
 }
 
+/// Why an answer's vectors do not fit its batch.
+#[derive(Debug, thiserror::Error)]
+enum RowsError {
+    /// Not one row per text.
+    #[error("the embedder returned {rows} vectors for {texts} texts")]
+    Count { rows: usize, texts: usize },
+    /// Rows of another dimension than the model's.
+    #[error("the embedder returned vectors of dimension {got}, but its model declared {dimension}")]
+    Dimension { got: usize, dimension: usize },
+}
+
 /// `Err` with the reason unless `vectors` has one row of `dimension` per
 /// text.
-fn check_rows(vectors: &Vectors, texts: usize, dimension: usize) -> Result<(), String> {
+fn check_rows(vectors: &Vectors, texts: usize, dimension: usize) -> Result<(), RowsError> {
     if vectors.len() != texts {
-        return Err(format!(
-            "the embedder returned {} vectors for {texts} texts",
-            vectors.len()
-        ));
+        return Err(RowsError::Count {
+            rows: vectors.len(),
+            texts,
+        });
     }
     if texts > 0 && vectors.dimension() != dimension {
-        return Err(format!(
-            "the embedder returned vectors of dimension {}, but its model declared {dimension}",
-            vectors.dimension()
-        ));
+        return Err(RowsError::Dimension {
+            got: vectors.dimension(),
+            dimension,
+        });
     }
     Ok(())
 }

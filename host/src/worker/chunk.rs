@@ -20,6 +20,7 @@ pub struct ChunkSettings {
 }
 
 pub use crate::limits::{DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS};
+use crate::tokens::TokenizeError;
 
 impl Default for ChunkSettings {
     fn default() -> Self {
@@ -63,8 +64,12 @@ pub struct Chunk {
 /// `settings.overlap`. A text without tokens (empty, blank) has no chunk.
 ///
 /// # Errors
-/// The tokenizer's error.
-pub fn chunk(text: &str, tokens: &Tokens, settings: ChunkSettings) -> Result<Vec<Chunk>, String> {
+/// [`TokenizeError`]: the tokenizer's error.
+pub fn chunk(
+    text: &str,
+    tokens: &Tokens,
+    settings: ChunkSettings,
+) -> Result<Vec<Chunk>, TokenizeError> {
     let spans = tokens.spans(text)?;
     let size = settings.tokens.max(1);
     let step = size.saturating_sub(settings.overlap).max(1);
