@@ -739,7 +739,7 @@ fn a_derived_file_whose_input_is_missing_is_not_attempted() {
     let tools = tempfile::tempdir().unwrap();
     let python = fake_python(tools.path(), "echo ran > \"$0.ran\"");
     let err =
-        embedhost::model::fetch::derive(&recipe, dir.path(), spec, &python, false).unwrap_err();
+        embedhost::model::python::derive(&recipe, dir.path(), spec, &python, false).unwrap_err();
     assert_eq!(
         err.to_string(),
         "quantize_int8 needs `model.onnx`, which is missing"

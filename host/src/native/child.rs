@@ -213,6 +213,24 @@ impl ProcessChaos {
 /// recycle threshold set for a stub child (tens of MiB resident).
 pub const CHAOS_LEAK_MB: usize = 64;
 
+/// The chaos kinds `value` (of `key`) lists, comma-separated.
+fn chaos_kinds(key: &str, value: &str) -> Result<Vec<ProcessChaos>, FaultSettingError> {
+    value
+        .split(',')
+        .map(|k| match k.trim() {
+            "kill" => Ok(ProcessChaos::Kill),
+            "abort" => Ok(ProcessChaos::Abort),
+            "exit" => Ok(ProcessChaos::Exit),
+            "hang" => Ok(ProcessChaos::Hang),
+            "leak" => Ok(ProcessChaos::Leak),
+            other => Err(FaultSettingError::ChaosKind {
+                key: key.to_string(),
+                kind: other.to_string(),
+            }),
+        })
+        .collect()
+}
+
 impl ProcessFaults {
     /// Takes the `child.*` keys out of `settings`, leaving the engine's.
     ///
@@ -277,22 +295,7 @@ impl ProcessFaults {
                             }
                         })?;
                 }
-                "chaos_kinds" => {
-                    faults.chaos_kinds = value
-                        .split(',')
-                        .map(|k| match k.trim() {
-                            "kill" => Ok(ProcessChaos::Kill),
-                            "abort" => Ok(ProcessChaos::Abort),
-                            "exit" => Ok(ProcessChaos::Exit),
-                            "hang" => Ok(ProcessChaos::Hang),
-                            "leak" => Ok(ProcessChaos::Leak),
-                            other => Err(FaultSettingError::ChaosKind {
-                                key: key.clone(),
-                                kind: other.to_string(),
-                            }),
-                        })
-                        .collect::<Result<_, _>>()?;
-                }
+                "chaos_kinds" => faults.chaos_kinds = chaos_kinds(&key, &value)?,
                 _ => return Err(FaultSettingError::Unknown(key)),
             }
         }

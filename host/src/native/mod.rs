@@ -21,6 +21,7 @@
 pub mod ceiling;
 pub mod child;
 pub mod onnx;
+mod onnx_errors;
 
 use std::path::PathBuf;
 use std::time::Duration;
