@@ -268,3 +268,16 @@ async fn only_a_guarded_job_is_held_to_the_services_limits_and_an_empty_job_queu
     let done = front.embed(Job::new(vec!["after".into()])).await.unwrap();
     assert_eq!(done.rows.len(), 1);
 }
+
+#[test]
+fn a_front_door_made_outside_a_runtime_serves_once_used_inside_one() {
+    // A library user (and `cargo bench --bench index`) may build the front
+    // door in plain code: its batcher's lanes start with its first job.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let supervisor = rt.block_on(stub(8));
+    let front = Embedder::local(supervisor, Tokens::Words);
+    let done = rt
+        .block_on(front.embed(Job::new(vec!["hello".into()])))
+        .unwrap();
+    assert_eq!(done.rows[0].as_ref().unwrap().len(), 8);
+}

@@ -153,12 +153,15 @@ pub struct Estimate {
 /// lanes finish what is queued and end.
 pub struct Batcher {
     shared: Arc<Shared>,
-    lanes: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The lanes, spawned by the first [`Batcher::embed`] (so a batcher
+    /// can be made outside a runtime, as a library user may).
+    lanes: std::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+    supervisor: Supervisor,
     settings: BatchSettings,
 }
 
 impl Batcher {
-    /// Starts the lanes over `supervisor`.
+    /// A batcher over `supervisor`; its lanes start with its first job.
     pub fn start(supervisor: Supervisor, settings: BatchSettings) -> Self {
         let shared = Arc::new(Shared {
             rotation: std::sync::Mutex::new(Rotation::default()),
@@ -166,12 +169,10 @@ impl Batcher {
             forming: tokio::sync::Mutex::new(()),
             rate: std::sync::Mutex::new(None),
         });
-        let lanes = (0..settings.lanes.max(1))
-            .map(|_| tokio::spawn(lane(shared.clone(), supervisor.clone(), settings)))
-            .collect();
         Batcher {
             shared,
-            lanes: std::sync::Mutex::new(lanes),
+            lanes: std::sync::Mutex::new(None),
+            supervisor,
             settings,
         }
     }
@@ -245,6 +246,19 @@ impl Batcher {
             .collect())
     }
 
+    /// Spawns the lanes, once, on the runtime of the first job.
+    fn lanes_up(&self) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if lanes.is_none() {
+            let (shared, settings) = (&self.shared, self.settings);
+            *lanes = Some(
+                (0..settings.lanes.max(1))
+                    .map(|_| tokio::spawn(lane(shared.clone(), self.supervisor.clone(), settings)))
+                    .collect(),
+            );
+        }
+    }
+
     /// Puts one request's pieces in the rotation, or refuses all of them.
     fn queue(&self, waiting: Waiting) -> Result<(), EmbedError> {
         {
@@ -252,6 +266,7 @@ impl Batcher {
             if rotation.closed {
                 return Err(EmbedError::Stopped);
             }
+            self.lanes_up();
             if rotation.pieces + waiting.pieces.len() > limits::SERVE_BATCH_QUEUE {
                 return Err(EmbedError::Overloaded(rotation.pieces));
             }
@@ -297,8 +312,8 @@ impl Batcher {
     pub async fn close(&self) {
         self.shared.rotation().closed = true;
         self.shared.queued.notify_waiters();
-        let lanes = std::mem::take(&mut *self.lanes.lock().unwrap_or_else(|p| p.into_inner()));
-        for lane in lanes {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for lane in lanes.into_iter().flatten() {
             let _ = lane.await;
         }
     }
