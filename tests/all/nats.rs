@@ -292,19 +292,10 @@ async fn only_the_first_ran(first: FirstRequest, member: Service, bus: embedhost
 }
 
 /// The request [`busy_member`] keeps its instance busy with.
-type FirstRequest =
-    tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>;
-
-/// A nats-server; a member whose one instance takes `call_ms` a call; a
-/// caller's bus to it; and a first request, handed to the member's pool
-/// by the time this returns.
-async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus, FirstRequest) {
+/// A member started from `config` on `nats`, and a caller's bus to its
+/// model's pool.
+async fn member_and_caller(nats: &NatsServer, config: String) -> (Service, embedhost::bus::Bus) {
     use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
-    use embedhost::bus::{Bus, SendOptions};
-    use embedhost::messages::EmbedderEmbed;
-    let nats = NatsServer::start();
-    let config = stub_config("wasm", &format!("\"fault.sleep_ms\" = \"{call_ms}\""), "")
-        .replace("pool_size = 2", "pool_size = 1");
     let url = nats.url();
     let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
         .await
@@ -312,7 +303,23 @@ async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus,
     let client = connect(&nats.url(), &NatsOptions::default(), "test")
         .await
         .unwrap();
-    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    let bus = embedhost::bus::Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    (member, bus)
+}
+
+type FirstRequest =
+    tokio::task::JoinHandle<Result<embedhost::messages::EmbedResponse, embedhost::bus::BusError>>;
+
+/// A nats-server; a member whose one instance takes `call_ms` a call; a
+/// caller's bus to it; and a first request, handed to the member's pool
+/// by the time this returns.
+async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus, FirstRequest) {
+    use embedhost::bus::SendOptions;
+    use embedhost::messages::EmbedderEmbed;
+    let nats = NatsServer::start();
+    let config = stub_config("wasm", &format!("\"fault.sleep_ms\" = \"{call_ms}\""), "")
+        .replace("pool_size = 2", "pool_size = 1");
+    let (member, bus) = member_and_caller(&nats, config).await;
     let first = {
         let bus = bus.clone();
         tokio::spawn(async move {
@@ -574,21 +581,12 @@ fn tls_and_credentials_pass_through_to_the_nats_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_answers_every_embedder_verb_through_its_front_door() {
-    use embedhost::bus::transport::nats::{Nats, NatsOptions, connect};
-    use embedhost::bus::{Bus, BusError, Empty, ErrorCode, SendOptions};
+    use embedhost::bus::{BusError, Empty, ErrorCode, SendOptions};
     use embedhost::messages::{
         EmbedderEmbed, EmbedderHandshake, EmbedderHealth, ModelCheck, Shutdown, ShutdownRequest,
     };
     let nats = NatsServer::start();
-    let config = stub_config("wasm", "", "");
-    let url = nats.url();
-    let member = tokio::task::spawn_blocking(move || Service::start(&config, &["--nats", &url]))
-        .await
-        .unwrap();
-    let client = connect(&nats.url(), &NatsOptions::default(), "test")
-        .await
-        .unwrap();
-    let bus = Bus::new(Nats::new(client, "all-minilm-l6-v2").await.unwrap());
+    let (member, bus) = member_and_caller(&nats, stub_config("wasm", "", "")).await;
     let options = || SendOptions::default().timeout(Duration::from_secs(60));
     let hello = bus
         .send::<EmbedderHandshake>(Empty {}, options())

@@ -139,6 +139,14 @@ impl RemoteError {
         }
     }
 
+    /// The same error, telling the caller to retry after `after` (in
+    /// whole milliseconds, saturating), if given.
+    #[must_use]
+    pub fn retry_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.retry_after_ms = after.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
+        self
+    }
+
     /// An [`ErrorCode::InvalidInput`] error naming input `index`.
     pub fn invalid_input(index: u32, message: impl Into<String>) -> Self {
         RemoteError {

@@ -228,7 +228,7 @@ impl EmbedError {
 impl From<EmbedError> for RemoteError {
     fn from(e: EmbedError) -> Self {
         let retry_after = e.retry_after();
-        let mut remote = match e {
+        let remote = match e {
             EmbedError::Supervisor(s) => return RemoteError::from(s),
             EmbedError::Input { index, .. } => {
                 return RemoteError::invalid_input(index as u32, e.to_string());
@@ -241,8 +241,7 @@ impl From<EmbedError> for RemoteError {
             }
             _ => RemoteError::new(ErrorCode::Unavailable, e.to_string()),
         };
-        remote.retry_after_ms = retry_after.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
-        remote
+        remote.retry_after(retry_after)
     }
 }
 

@@ -187,10 +187,8 @@ impl From<SupervisorError> for RemoteError {
         match e {
             SupervisorError::Escalated(_) => RemoteError::new(ErrorCode::Failed, e.to_string()),
             SupervisorError::Unavailable { retry_after, .. } => {
-                let mut remote = RemoteError::new(ErrorCode::Unavailable, e.to_string());
-                remote.retry_after_ms =
-                    Some(retry_after.as_millis().try_into().unwrap_or(u64::MAX));
-                remote
+                RemoteError::new(ErrorCode::Unavailable, e.to_string())
+                    .retry_after(Some(retry_after))
             }
             SupervisorError::DeadlineExceeded(_) => {
                 RemoteError::new(ErrorCode::DeadlineExceeded, e.to_string())

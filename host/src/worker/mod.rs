@@ -163,9 +163,7 @@ impl From<WorkerError> for RemoteError {
             WorkerError::Embedder(e) => e.retry_after(),
             _ => None,
         };
-        let mut remote = RemoteError::new(code, e.to_string());
-        remote.retry_after_ms = retry_after.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
-        remote
+        RemoteError::new(code, e.to_string()).retry_after(retry_after)
     }
 }
 
