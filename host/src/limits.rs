@@ -535,6 +535,13 @@ pub const SERVE_BATCH_QUEUE: usize = 4096;
 /// time to stop the pool.
 pub const DEFAULT_SERVE_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// How long a request body still arriving when the stop comes may take to
+/// finish before it is answered 503: a client that sent its request as the
+/// signal came is answered (on a loaded machine its bytes may lag the
+/// headers by a scheduling slice), and a stalled one holds the drain no
+/// longer than this. Well under [`DEFAULT_SERVE_SHUTDOWN_GRACE`].
+pub const SERVE_DRAIN_BODY_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a reload waits for requests still using the old pool before
 /// stopping it: the longest a request may run.
 pub const SERVE_RELOAD_DRAIN: Duration = SERVE_MAX_REQUEST_DEADLINE;

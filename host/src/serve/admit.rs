@@ -15,8 +15,11 @@
 //!   work and taken without waiting: 429 with `Retry-After` past it.
 //!   (A tower `ConcurrencyLimitLayer` under `Router::layer` makes one
 //!   semaphore per route, so the limit was per route.)
-//! - At a stop, a body still arriving is answered 503 at once, so a slow
-//!   client does not hold the drain.
+//! - At a stop, a body already sent is read and answered: the read polls
+//!   the body before the stop, and a body still arriving gets
+//!   [`limits::SERVE_DRAIN_BODY_WAIT`] more (its own timeout if sooner), then
+//!   503, so an accepted request is not refused for arriving at the same
+//!   moment as the signal, and a stalled client does not hold the drain.
 //! - The bytes of all bodies held at once (arriving, or read and not yet
 //!   answered) are at most [`limits::SERVE_BODY_BYTES_IN_FLIGHT`] beyond the
 //!   first [`limits::SERVE_BODY_FREE_BYTES`] of each (which the connection
@@ -93,7 +96,7 @@ pub async fn read_body(
     let read = if declared.is_some_and(|n| n > limit as u64) {
         Err(Unread::TooLarge)
     } else {
-        collect(&state, body, limit, timeout).await
+        collect(&state.bodies, &state.draining, body, limit, timeout).await
     };
     let refusal = |status, message: String| closing(ApiError::new(status, message).style(style));
     let (bytes, _held) = match read {
@@ -138,27 +141,36 @@ pub async fn read_body(
         .await
 }
 
-/// The body's bytes, frame by frame, each taking its share of the bytes in
-/// flight, by `timeout`.
+/// The body's bytes, frame by frame, each taking its share of `bodies` (the
+/// bytes in flight), by `timeout`; once `draining`, by
+/// [`limits::SERVE_DRAIN_BODY_WAIT`] from then if that is sooner.
 async fn collect(
-    state: &State,
+    bodies: &Arc<tokio::sync::Semaphore>,
+    draining: &tokio_util::sync::CancellationToken,
     mut body: Body,
     limit: usize,
     timeout: Duration,
 ) -> Result<(axum::body::Bytes, tokio::sync::OwnedSemaphorePermit), Unread> {
-    let until = tokio::time::Instant::now() + timeout;
-    let mut held = state
-        .bodies
+    let mut until = tokio::time::Instant::now() + timeout;
+    let mut stopping = false;
+    let mut held = bodies
         .clone()
         .try_acquire_many_owned(0)
         .map_err(|_| Unread::Crowded)?;
     let mut bytes = bytes::BytesMut::new();
     loop {
+        // Biased: a frame already here is taken before the stop is seen.
         let frame = tokio::select! {
+            biased;
             frame = tokio::time::timeout_at(until, body.frame()) => frame,
-            () = state.draining.cancelled() => return Err(Unread::Stopping),
+            () = draining.cancelled(), if !stopping => {
+                stopping = true;
+                until = until.min(tokio::time::Instant::now() + limits::SERVE_DRAIN_BODY_WAIT);
+                continue;
+            }
         };
         let data = match frame {
+            Err(_) if stopping => return Err(Unread::Stopping),
             Err(_) => return Err(Unread::Late),
             Ok(None) => return Ok((bytes.freeze(), held)),
             Ok(Some(Err(e))) => return Err(Unread::Broken(e.to_string())),
@@ -175,8 +187,7 @@ async fn collect(
         // others' large bodies.
         let free = limits::SERVE_BODY_FREE_BYTES.saturating_sub(bytes.len());
         let share = u32::try_from(data.len().saturating_sub(free)).map_err(|_| Unread::TooLarge)?;
-        let more = state
-            .bodies
+        let more = bodies
             .clone()
             .try_acquire_many_owned(share)
             .map_err(|_| Unread::Crowded)?;
@@ -251,6 +262,51 @@ mod tests {
         assert!(check_words("input", &[text]).is_err());
         assert!(check_words("input", &["x".repeat(100_000)]).is_ok());
         assert!(check_words("input", &[" ".repeat(100_000) + "a"]).is_ok());
+    }
+
+    /// A body whose bytes come `after` the start of the read, in one frame.
+    fn arriving(after: Duration, text: &'static str) -> Body {
+        let chunk = async move {
+            tokio::time::sleep(after).await;
+            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(text.as_bytes()))
+        };
+        Body::from_stream(futures::stream::once(chunk))
+    }
+
+    /// Reads `body` with a stop already under way, with the default limits.
+    async fn read_while_stopping(body: Body) -> Result<axum::body::Bytes, Unread> {
+        let bodies = Arc::new(tokio::sync::Semaphore::new(
+            limits::SERVE_BODY_BYTES_IN_FLIGHT,
+        ));
+        let draining = tokio_util::sync::CancellationToken::new();
+        draining.cancel();
+        let timeout = limits::DEFAULT_SERVE_BODY_TIMEOUT;
+        collect(&bodies, &draining, body, 1 << 20, timeout)
+            .await
+            .map(|(bytes, _held)| bytes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_already_sent_or_arriving_at_the_stop_is_read_and_a_stalled_one_refused() {
+        // Sent whole before the stop was seen: read, every time (an
+        // unbiased race between the two once refused one of these).
+        for _ in 0..64 {
+            let read = read_while_stopping(Body::from("{\"input\":\"hello\"}")).await;
+            assert!(
+                matches!(read, Ok(ref b) if b.len() == 17),
+                "refused a body already here"
+            );
+        }
+        // Arriving just after the stop: still read.
+        let lag = limits::SERVE_DRAIN_BODY_WAIT / 2;
+        let read = read_while_stopping(arriving(lag, "late but coming")).await;
+        assert!(matches!(read, Ok(ref b) if &b[..] == b"late but coming"));
+        // Stalled: 503 once the drain's wait is over, not the body timeout.
+        let start = tokio::time::Instant::now();
+        let stalled = arriving(limits::DEFAULT_SERVE_BODY_TIMEOUT * 2, "never");
+        let read = read_while_stopping(stalled).await;
+        assert!(matches!(read, Err(Unread::Stopping)));
+        assert_eq!(start.elapsed(), limits::SERVE_DRAIN_BODY_WAIT);
     }
 
     #[tokio::test]
