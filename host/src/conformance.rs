@@ -62,6 +62,11 @@ const NON_ASCII: &[&str] = &[
     "e\u{301}te\u{301} cafe\u{301}",
 ];
 
+/// A check's verdict as the report prints it: what it saw when the plugin
+/// keeps the rule, or how it breaks it. These texts are this module's
+/// edge (the rows of `plugin test`), so they are words, not error types.
+type Verdict = Result<String, String>;
+
 /// A check's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,7 +115,7 @@ impl Report {
         self.checks.iter().filter(|c| c.outcome == outcome).count()
     }
 
-    fn record(&mut self, name: &'static str, result: Result<String, String>) -> bool {
+    fn record(&mut self, name: &'static str, result: Verdict) -> bool {
         let (outcome, detail) = match result {
             Ok(detail) => (Outcome::Pass, detail),
             Err(detail) => (Outcome::Fail, detail),
@@ -289,11 +294,7 @@ async fn init(report: &mut Report, subject: &mut Subject) -> Option<ModelInfo> {
 
 /// `deterministic`: `texts` embedded again give `first` to
 /// [`REPEAT_TOLERANCE`].
-async fn deterministic(
-    subject: &mut Subject,
-    texts: &[String],
-    first: &Vectors,
-) -> Result<String, String> {
+async fn deterministic(subject: &mut Subject, texts: &[String], first: &Vectors) -> Verdict {
     let again = subject.embed(texts.to_vec(), false).await;
     again.map_err(|e| e.to_string()).and_then(|again| {
         let diff = first
@@ -314,11 +315,7 @@ async fn deterministic(
 
 /// `batch-independent`: each of `texts` embedded alone points where its
 /// row of `first` does, to [`BATCH_COSINE`].
-async fn batch_independent(
-    subject: &mut Subject,
-    texts: &[String],
-    first: &Vectors,
-) -> Result<String, String> {
+async fn batch_independent(subject: &mut Subject, texts: &[String], first: &Vectors) -> Verdict {
     let mut alone = Ok(f32::INFINITY);
     for (i, text) in texts.iter().enumerate() {
         alone = match (alone, subject.embed(vec![text.clone()], false).await) {
@@ -390,7 +387,7 @@ async fn hard_inputs(report: &mut Report, subject: &mut Subject) {
 
 /// `bad config is a value`: a key no plugin knows. Refusing it is a value,
 /// accepting it is fine, a trap is not.
-async fn bad_config(subject: &Subject) -> Result<String, String> {
+async fn bad_config(subject: &Subject) -> Verdict {
     let mut odd = subject.options.config.clone();
     odd.push(("embedhost.conformance.unknown-key".into(), "1".into()));
     match WasmEmbedder::start(subject.plugin.clone(), subject.options.limits, odd).await {
@@ -426,14 +423,14 @@ fn skip_rest(report: &mut Report, why: &str) {
 }
 
 /// A refused input passes; a crash or broken output does not.
-fn value_or_crash(e: WasmError) -> Result<String, String> {
+fn value_or_crash(e: WasmError) -> Verdict {
     match e {
         WasmError::Plugin { error, .. } => Ok(format!("refused with a value: {error}")),
         e => Err(e.to_string()),
     }
 }
 
-fn normalized(info: &ModelInfo, v: &Vectors) -> Result<String, String> {
+fn normalized(info: &ModelInfo, v: &Vectors) -> Verdict {
     if !info.normalized {
         return Ok("not declared normalized".into());
     }
@@ -448,7 +445,7 @@ fn normalized(info: &ModelInfo, v: &Vectors) -> Result<String, String> {
     Ok("every vector has norm 1".into())
 }
 
-async fn health(subject: &mut Subject) -> Result<String, String> {
+async fn health(subject: &mut Subject) -> Verdict {
     subject.live = None; // a fresh instance counts from zero
     let texts: Vec<String> = SENTENCES[..3].iter().map(|s| s.to_string()).collect();
     let before = subject.instance().await.map_err(|e| e.to_string())?;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::BusError;
+use super::{BusError, CodecProblem};
 
 /// A message type of the bus: a unique name, a request type and a response
 /// type.
@@ -149,7 +149,10 @@ impl fmt::Debug for Body {
 /// A payload that can stay a value or become CBOR on demand.
 pub trait LocalPayload: Send + 'static {
     /// Encodes the value as CBOR.
-    fn encode(&self) -> Result<Vec<u8>, String>;
+    ///
+    /// # Errors
+    /// The serializer's error if the value does not serialize.
+    fn encode(&self) -> Result<Vec<u8>, ciborium::ser::Error<std::io::Error>>;
     /// The value, for a downcast.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
     /// The value, for inspection (the mock transport).
@@ -157,9 +160,9 @@ pub trait LocalPayload: Send + 'static {
 }
 
 impl<T: Serialize + Send + 'static> LocalPayload for T {
-    fn encode(&self) -> Result<Vec<u8>, String> {
+    fn encode(&self) -> Result<Vec<u8>, ciborium::ser::Error<std::io::Error>> {
         let mut out = Vec::new();
-        ciborium::into_writer(self, &mut out).map_err(|e| e.to_string())?;
+        ciborium::into_writer(self, &mut out)?;
         Ok(out)
     }
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
@@ -183,15 +186,13 @@ impl Body {
     pub fn into_bytes(self, what: &str) -> Result<Bytes, BusError> {
         match self {
             Body::Encoded(bytes) => Ok(bytes),
-            Body::Local(value) => {
-                value
-                    .encode()
-                    .map(Bytes::from)
-                    .map_err(|reason| BusError::Encode {
-                        what: what.to_string(),
-                        reason,
-                    })
-            }
+            Body::Local(value) => value
+                .encode()
+                .map(Bytes::from)
+                .map_err(|e| BusError::Encode {
+                    what: what.to_string(),
+                    reason: e.into(),
+                }),
         }
     }
 
@@ -209,13 +210,13 @@ impl Body {
                     .map(|b| *b)
                     .map_err(|_| BusError::Decode {
                         what: what.to_string(),
-                        reason: format!("the value is not a `{}`", std::any::type_name::<T>()),
+                        reason: CodecProblem::WrongType(std::any::type_name::<T>()),
                     })
             }
             Body::Encoded(bytes) => {
                 ciborium::from_reader(bytes.as_ref()).map_err(|e| BusError::Decode {
                     what: what.to_string(),
-                    reason: e.to_string(),
+                    reason: e.into(),
                 })
             }
         }

@@ -44,15 +44,33 @@ pub enum BusError {
 
     /// A payload could not be decoded.
     #[error("cannot decode {what}: {reason}")]
-    Decode { what: String, reason: String },
+    Decode { what: String, reason: CodecProblem },
 
     /// A payload could not be encoded.
     #[error("cannot encode {what}: {reason}")]
-    Encode { what: String, reason: String },
+    Encode { what: String, reason: CodecProblem },
 
     /// A frame exceeds the transport's maximum size.
     #[error("frame of {size} bytes exceeds the {max}-byte limit")]
     FrameTooLarge { size: usize, max: usize },
+}
+
+/// Why a payload did not pass through CBOR.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecProblem {
+    /// The value does not serialize.
+    #[error("{0}")]
+    Serialize(#[from] ciborium::ser::Error<std::io::Error>),
+    /// The bytes are not CBOR of the expected shape.
+    #[error("{0}")]
+    Deserialize(#[from] ciborium::de::Error<std::io::Error>),
+    /// An in-process payload holds a value of another type.
+    #[error("the value is not a `{0}`")]
+    WrongType(&'static str),
+    /// A transport that carries only values was given bytes.
+    #[error("{0}")]
+    NotLocal(&'static str),
 }
 
 fn last_error_suffix(last: &Option<Box<BusError>>) -> String {

@@ -35,7 +35,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 pub use envelope::{Body, Empty, Envelope, LocalPayload, Message, RequestId, TraceContext};
-pub use error::{BusError, ErrorCode, RemoteError};
+pub use error::{BusError, CodecProblem, ErrorCode, RemoteError};
 pub use router::{RequestContext, Router};
 pub use transport::Transport;
 

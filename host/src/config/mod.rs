@@ -129,10 +129,15 @@ pub enum ConfigProblem {
     #[error("[serve] sizes, counts and times must be greater than zero (batch_wait_us may be 0)")]
     /// A `[serve]` size, count or time is zero.
     ServeZero,
-    #[error("{0}")]
-    /// A `[serve]` connection limit out of its range (the message, naming
-    /// the key, comes from `ServeSection::check_service_limits`).
-    ServiceLimits(String),
+    #[error("[serve] {key} = {value} is out of range: it must be between {min} and {max}")]
+    /// A `[serve]` connection limit out of its range (see
+    /// `ServeSection::check_service_limits`).
+    ServiceLimits {
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
     #[error("[nats] tls_cert and tls_key go together")]
     /// Only one of `[nats] tls_cert` and `tls_key` is set.
     TlsPair,

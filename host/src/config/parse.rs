@@ -148,9 +148,7 @@ impl Config {
         {
             return Err(ConfigProblem::ServeZero);
         }
-        self.serve
-            .check_service_limits()
-            .map_err(ConfigProblem::ServiceLimits)?;
+        self.serve.check_service_limits()?;
         if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
             return Err(ConfigProblem::TlsPair);
         }

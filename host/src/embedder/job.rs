@@ -189,7 +189,7 @@ pub enum EmbedError {
     TokenizerBusy,
     /// The thread tokenizing the job panicked.
     #[error("the tokenizer failed: {0}")]
-    TokenizerFailed(String),
+    TokenizerFailed(#[source] std::sync::Arc<tokio::task::JoinError>),
     /// The batch queue is full: retry shortly.
     #[error("the service is overloaded: {0} pieces of requests wait for the embedder")]
     Overloaded(usize),

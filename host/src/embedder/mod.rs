@@ -424,7 +424,7 @@ pub async fn tokenizing<T: Send + 'static>(
         done
     })
     .await
-    .map_err(|e| EmbedError::TokenizerFailed(e.to_string()))
+    .map_err(|e| EmbedError::TokenizerFailed(Arc::new(e)))
 }
 
 /// Gives the heaps' free pages back once a burst of tokenizing has ended

@@ -435,7 +435,7 @@ mod tests {
         );
         let garbled = BusError::Decode {
             what: "embedder.embed".into(),
-            reason: "not CBOR".into(),
+            reason: crate::bus::CodecProblem::WrongType("not CBOR"),
         };
         assert!(matches!(
             call_error(garbled),

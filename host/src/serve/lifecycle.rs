@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Phase, State, WorkerEntry, lock};
+use super::state::{IndexUnusable, Phase, State, WorkerEntry, lock};
 use super::{Listeners, ServeError, listen, socket_path};
 use crate::config::Config;
 use crate::embedder::Generation;
@@ -40,13 +40,11 @@ pub(super) async fn serve_signals(
 ) -> Result<(), ServeError> {
     let started = tokio::select! {
         started = install(state, config) => started,
-        _ = signals.terminate() => Err("stopped before the backend was up".to_string()),
+        _ = signals.terminate() => Err(ServeError::StoppedStarting),
     };
     let nats_url = state.options.nats.clone().or_else(|| config_nats.clone());
     let started = match (started, nats_url) {
-        (Ok(()), Some(url)) => join_nats(state, &url, stop.clone())
-            .await
-            .map_err(|e| e.to_string()),
+        (Ok(()), Some(url)) => join_nats(state, &url, stop.clone()).await,
         (started, _) => started,
     };
     match started {
@@ -64,7 +62,7 @@ pub(super) async fn serve_signals(
             }
             Ok(())
         }
-        Err(e) => Err(ServeError::Backend(e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -129,12 +127,10 @@ async fn shut_down(state: &Arc<State>) {
 }
 
 /// Starts the first pool and opens the index.
-async fn install(state: &Arc<State>, config: Config) -> Result<(), String> {
+async fn install(state: &Arc<State>, config: Config) -> Result<(), ServeError> {
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
     let budget = config.serve.max_batch_tokens;
-    let pool = Generation::start(config, generation, None, budget)
-        .await
-        .map_err(|e| e.to_string())?;
+    let pool = Generation::start(config, generation, None, budget).await?;
     pool.wait_all_up().await;
     tracing::info!(backend = pool.backend, model = %pool.info.model_id, "embedder pool up");
     state.embedder.install(pool.clone());
@@ -164,12 +160,13 @@ async fn open_worker(state: &Arc<State>, pool: &Arc<Generation>) {
     .with_embedder_id(pool.config.embedder_id());
     let opened = match worker.init(&state.db).await {
         Ok(()) => Ok(worker),
-        Err(e) => {
-            tracing::warn!("the index at {} is not served: {e}", state.db.display());
-            Err(format!(
-                "the index at `{}` cannot be used: {e}",
-                state.db.display()
-            ))
+        Err(source) => {
+            let unusable = IndexUnusable {
+                db: state.db.clone(),
+                source,
+            };
+            tracing::warn!("{unusable}");
+            Err(Arc::new(unusable))
         }
     };
     *lock(&state.worker) = Some(WorkerEntry {
@@ -237,7 +234,8 @@ async fn join_nats(
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
     use crate::bus::transport::nats;
-    let pool = state.pool().map_err(|e| ServeError::Backend(e.message))?;
+    // Only a stop takes the pool away once it is up.
+    let pool = state.pool().map_err(|_| ServeError::StoppedStarting)?;
     let shown = nats::split_credentials(url).0;
     let fail = |e: nats::NatsError| ServeError::Listen {
         addr: shown.clone(),

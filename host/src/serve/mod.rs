@@ -93,7 +93,10 @@ pub enum ServeError {
     AlreadyServing(PathBuf),
     /// The backend did not start.
     #[error("the embedder backend did not start: {0}")]
-    Backend(String),
+    Backend(#[from] crate::launch::LaunchError),
+    /// SIGTERM or Ctrl-C came before the backend was up.
+    #[error("the embedder backend did not start: stopped before the backend was up")]
+    StoppedStarting,
 }
 
 /// What `embedhost serve` was asked on its command line.

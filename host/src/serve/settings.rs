@@ -5,34 +5,39 @@
 
 use std::time::Duration;
 
-use crate::config::ServeSection;
+use crate::config::{ConfigProblem, ServeSection};
 use crate::limits;
 
 impl ServeSection {
     /// Checks the timeouts and the connection cap against their ranges.
     ///
     /// # Errors
-    /// A message naming the key, its value and the range.
-    pub fn check_service_limits(&self) -> Result<(), String> {
+    /// [`ConfigProblem::ServiceLimits`] naming the key, its value and the
+    /// range.
+    pub fn check_service_limits(&self) -> Result<(), ConfigProblem> {
         let range = limits::SERVE_TIMEOUT_RANGE;
+        let millis = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         for (key, ms) in [
             ("header_timeout_ms", self.header_timeout_ms),
             ("body_timeout_ms", self.body_timeout_ms),
         ] {
             if !range.contains(&Duration::from_millis(ms)) {
-                return Err(format!(
-                    "[serve] {key} = {ms} is out of range: it must be between {} and {}",
-                    range.start().as_millis(),
-                    range.end().as_millis()
-                ));
+                return Err(ConfigProblem::ServiceLimits {
+                    key,
+                    value: ms,
+                    min: millis(range.start()),
+                    max: millis(range.end()),
+                });
             }
         }
-        if !(1..=limits::SERVE_MAX_CONNECTIONS_CEILING).contains(&self.max_connections) {
-            return Err(format!(
-                "[serve] max_connections = {} is out of range: it must be between 1 and {}",
-                self.max_connections,
-                limits::SERVE_MAX_CONNECTIONS_CEILING
-            ));
+        let most = limits::SERVE_MAX_CONNECTIONS_CEILING;
+        if !(1..=most).contains(&self.max_connections) {
+            return Err(ConfigProblem::ServiceLimits {
+                key: "max_connections",
+                value: self.max_connections as u64,
+                min: 1,
+                max: most as u64,
+            });
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DEADLINE_HEADER, ServeOptions, api, listen};
 use crate::embedder::{Embedder, Generation};
 use crate::limits;
-use crate::worker::Worker;
+use crate::worker::{Worker, WorkerError};
 
 /// Why the service is not ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,10 +38,19 @@ pub enum Phase {
     Reloading,
 }
 
+/// Why the index cannot be served: it did not open for the current model.
+#[derive(Debug, thiserror::Error)]
+#[error("the index at `{}` cannot be used: {source}", .db.display())]
+pub(crate) struct IndexUnusable {
+    pub(crate) db: PathBuf,
+    #[source]
+    pub(crate) source: WorkerError,
+}
+
 /// The worker of the current model, or why there is none.
 #[derive(Clone)]
 pub(crate) struct WorkerEntry {
-    pub(crate) worker: Result<Worker, String>,
+    pub(crate) worker: Result<Worker, Arc<IndexUnusable>>,
     pub(super) model: (String, u32),
 }
 
@@ -162,7 +171,10 @@ impl State {
     pub(crate) fn worker(&self) -> Result<Worker, api::ApiError> {
         match lock(&self.worker).as_ref().map(|w| w.worker.clone()) {
             Some(Ok(w)) => Ok(w),
-            Some(Err(e)) => Err(api::ApiError::new(axum::http::StatusCode::CONFLICT, e)),
+            Some(Err(e)) => Err(api::ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                e.to_string(),
+            )),
             None => Err(api::ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "the index is not open yet: the embedder backend is starting",
@@ -186,7 +198,7 @@ impl State {
         id
     }
 
-    fn finish_job(&self, id: u64, result: Result<u64, String>) {
+    fn finish_job(&self, id: u64, result: Result<u64, WorkerError>) {
         if let Some(job) = lock(&self.jobs).iter_mut().find(|j| j.id == id) {
             match result {
                 Ok(queued) => {
@@ -195,7 +207,7 @@ impl State {
                 }
                 Err(e) => {
                     job.state = "failed";
-                    job.error = Some(e);
+                    job.error = Some(e.to_string());
                 }
             }
         }
@@ -211,7 +223,7 @@ impl State {
         let id = self.add_job(paths.clone());
         let state = Arc::downgrade(self);
         tokio::spawn(async move {
-            let result = worker.index(paths).await.map_err(|e| e.to_string());
+            let result = worker.index(paths).await;
             if let Some(state) = state.upgrade() {
                 let walked = result.is_ok();
                 state.finish_job(id, result);

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use crate::bus::{Body, BoxFuture, BusError, Envelope, Message, RequestId, TraceContext};
+use crate::bus::{
+    Body, BoxFuture, BusError, CodecProblem, Envelope, Message, RequestId, TraceContext,
+};
 
 /// What the mock answers to one request.
 #[derive(Debug)]
@@ -83,7 +85,7 @@ impl MockTransport {
                     Some(request) => respond(request, n),
                     None => MockReply::Fail(BusError::Decode {
                         what: M::NAME.into(),
-                        reason: "the mock expected a local value".into(),
+                        reason: CodecProblem::NotLocal("the mock expected a local value"),
                     }),
                 },
             );

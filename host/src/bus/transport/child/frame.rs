@@ -162,7 +162,7 @@ pub(super) fn encode_frame(frame: &Frame, max: usize) -> Result<Bytes, BusError>
     let mut out = Vec::new();
     ciborium::into_writer(frame, &mut out).map_err(|e| BusError::Encode {
         what: "frame".into(),
-        reason: e.to_string(),
+        reason: e.into(),
     })?;
     if out.len() > max {
         return Err(BusError::FrameTooLarge {

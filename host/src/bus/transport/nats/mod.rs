@@ -423,7 +423,7 @@ fn request_payload(envelope: Envelope) -> Result<Vec<u8>, BusError> {
     if let Err(e) = ciborium::into_writer(&frame, &mut payload) {
         return Err(BusError::Encode {
             what,
-            reason: e.to_string(),
+            reason: e.into(),
         });
     }
     if payload.len() > limits::MAX_FRAME_BYTES {
