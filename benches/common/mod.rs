@@ -46,6 +46,8 @@ pub fn onnx_settings(dir: PathBuf, threads: usize) -> OnnxSettings {
         max_tokens: None,
         model_id: None,
         model_file: None,
+        pooling: Default::default(),
+        normalize: true,
     }
 }
 

@@ -54,23 +54,39 @@ const VOCAB: &[&str] = &[
 /// What the tiny model and mean pooling give `text`, computed without ONNX
 /// Runtime: the script's table formula, the tokenizer's rules.
 fn expected(text: &str, dimension: usize) -> Vec<f32> {
+    expected_by(text, dimension, "mean", true)
+}
+
+/// What the tiny model gives `text` with the pooling mode named `pooling`,
+/// normalized or not, computed here: each token's state is the script's
+/// table row, and each mode is written out as sentence-transformers
+/// defines it.
+fn expected_by(text: &str, dimension: usize, pooling: &str, normalize: bool) -> Vec<f32> {
     let mut ids = vec![1usize];
     for word in text.split_whitespace() {
         let word = word.to_lowercase();
         ids.push(VOCAB.iter().position(|v| *v == word).unwrap_or(3));
     }
     ids.push(2);
+    let state = |t: usize, j: usize| ((t * 31 + j * 7) % 17) as f32 - 8.0;
+    let n = ids.len() as f32;
     let mut v: Vec<f32> = (0..dimension)
-        .map(|j| {
-            let sum: f32 = ids
-                .iter()
-                .map(|&t| ((t * 31 + j * 7) % 17) as f32 - 8.0)
-                .sum();
-            sum / ids.len() as f32
+        .map(|j| match pooling {
+            "mean" => ids.iter().map(|&t| state(t, j)).sum::<f32>() / n,
+            "cls" => state(ids[0], j),
+            "lasttoken" => state(ids[ids.len() - 1], j),
+            "max" => ids.iter().map(|&t| state(t, j)).fold(f32::MIN, f32::max),
+            "weightedmean" => {
+                let weighted: f32 = (1..).zip(&ids).map(|(w, &t)| w as f32 * state(t, j)).sum();
+                weighted / (n * (n + 1.0) / 2.0)
+            }
+            other => panic!("no pooling {other}"),
         })
         .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= norm);
+    if normalize {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
     v
 }
 
@@ -81,7 +97,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
     }
 }
 
-fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
+pub fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
     let mut settings = embedhost::native::onnx::OnnxSettings {
         model_dir: model_dir.to_path_buf(),
         library: embedhost::native::onnx::resolve_library(None).unwrap(),
@@ -89,6 +105,8 @@ fn spawner(model_dir: &Path, extra: &[(&str, &str)]) -> NativeSpawner {
         max_tokens: None,
         model_id: None,
         model_file: None,
+        pooling: Default::default(),
+        normalize: true,
     }
     .to_pairs();
     settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -150,6 +168,35 @@ async fn a_supervised_onnx_child_embeds_with_mean_pooling_over_the_mask() {
         .await
         .unwrap();
     assert_close(alone.vectors.get(0).unwrap(), r.vectors.get(1).unwrap());
+}
+
+#[tokio::test]
+async fn every_pooling_mode_and_an_unnormalized_model_give_what_sentence_transformers_defines() {
+    let (_root, dir) = tiny_model(16);
+    let texts = ["hello world", "search by meaning dogs", ""];
+    for pooling in ["cls", "max", "lasttoken", "weightedmean", "mean"] {
+        for normalize in [false, true] {
+            let normalized = normalize.to_string();
+            let set = [("pooling", pooling), ("normalize", normalized.as_str())];
+            let supervisor = Supervisor::start(spawner(&dir, &set), pool(1))
+                .await
+                .unwrap();
+            assert_eq!(supervisor.model_info().normalized, normalize);
+            let r = supervisor
+                .embed(
+                    texts.iter().map(|t| t.to_string()).collect(),
+                    false,
+                    DEADLINE,
+                )
+                .await
+                .unwrap();
+            for (i, text) in texts.iter().enumerate() {
+                let want = expected_by(text, 16, pooling, normalize);
+                assert_close(r.vectors.get(i).unwrap(), &want);
+            }
+            supervisor.shutdown().await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -23,6 +23,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 async fn wasm_pool(size: usize, precision: &str) -> Supervisor {
+    wasm_pool_with(size, &[("precision", precision)]).await
+}
+
+/// A pool of the BERT plugin on the real model, `init` given `config`.
+async fn wasm_pool_with(size: usize, config: &[(&str, &str)]) -> Supervisor {
     let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
     let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
     let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
@@ -31,7 +36,10 @@ async fn wasm_pool(size: usize, precision: &str) -> Supervisor {
     let spawner = WasmSpawner {
         plugin,
         limits: InstanceLimits::default(),
-        config: vec![("precision".into(), precision.into())],
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     let config = SupervisorConfig {
         pool_size: size,
@@ -63,6 +71,45 @@ async fn golden_cosines(precision: &str) -> Vec<(String, f32)> {
     }
     supervisor.shutdown().await;
     cosines
+}
+
+#[tokio::test]
+async fn every_pooling_mode_unnormalized_gives_the_native_engines_vectors_on_the_wasm_plugin_at_fp32()
+ {
+    let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let texts: Vec<String> = golden()
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| t.len() < 200)
+        .take(6)
+        .collect();
+    for pooling in ["cls", "max", "lasttoken", "weightedmean"] {
+        let set = [("pooling", pooling), ("normalize", "false")];
+        let wasm = wasm_pool_with(1, &[set[0], set[1], ("precision", "fp32")]).await;
+        let native = Supervisor::start(
+            crate::onnx::spawner(&dir, &set),
+            SupervisorConfig::default(),
+        )
+        .await
+        .unwrap();
+        assert!(!wasm.model_info().normalized && !native.model_info().normalized);
+        let w = wasm.embed(texts.clone(), false, DEADLINE).await.unwrap();
+        let n = native.embed(texts.clone(), false, DEADLINE).await.unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            let (w, n) = (w.vectors.get(i).unwrap(), n.vectors.get(i).unwrap());
+            let norm = |v: &[f32]| cosine(v, v).sqrt();
+            let c = cosine(w, n) / (norm(w) * norm(n));
+            assert!(c >= 0.9999, "{pooling} {text:?}: cosine {c}");
+            // Not normalized, and the same length on both.
+            assert!(
+                (norm(n) - 1.0).abs() > 1e-2,
+                "{pooling} {text:?}: unit length"
+            );
+            assert!((norm(w) / norm(n) - 1.0).abs() < 1e-3, "{pooling} {text:?}");
+        }
+        wasm.shutdown().await;
+        native.shutdown().await;
+    }
 }
 
 #[tokio::test]

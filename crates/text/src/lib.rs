@@ -1,6 +1,7 @@
 //! The text side of a sentence-embedding model, shared by every engine:
 //! tokenization with the model's own `tokenizer.json`, truncation, padding
-//! into a rectangular batch, and mean pooling over the attention mask with L2
+//! into a rectangular batch, and pooling over the attention mask (every mode
+//! of sentence-transformers' `Pooling`, in [`pool`]) with optional L2
 //! normalization.
 //!
 //! The native ONNX child and the WASM model plugin both call this crate, so
@@ -15,16 +16,19 @@
 //!   [`TextEncoder::count_tokens`].
 //! - A batch is padded to its longest member; padding has attention mask 0
 //!   and never contributes to a pooled vector.
-//! - Pooling divides by the number of real tokens (at least one: every
-//!   encoding carries the model's special tokens), and normalization leaves a
-//!   zero vector zero rather than dividing by zero, as sentence-transformers
-//!   does (`max(norm, 1e-12)`).
+//! - Pooling sees only real tokens (at least one: every encoding carries the
+//!   model's special tokens; see [`pool`]), and normalization leaves a zero
+//!   vector zero rather than dividing by zero, as sentence-transformers does
+//!   (`max(norm, 1e-12)`).
 //! - Pure Rust (the tokenizer's regexes are fancy-regex, not oniguruma), so it
 //!   builds unchanged for `wasm32-wasip2`.
 
 use std::path::Path;
 
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
+
+mod pool;
+pub use pool::{Pooling, pool};
 
 /// Smallest norm divided by when normalizing; sentence-transformers' value.
 pub const NORM_EPSILON: f32 = 1e-12;
@@ -310,46 +314,6 @@ impl TextEncoder {
     }
 }
 
-/// Mean-pools `hidden` (`[batch, tokens, dimension]`, row-major) over the
-/// batch's attention mask and L2-normalizes each row: one flat
-/// `batch x dimension` matrix.
-///
-/// # Errors
-/// [`TextError::Shape`] if `hidden` does not hold `batch x tokens x
-/// dimension` values.
-pub fn mean_pool(batch: &Batch, hidden: &[f32], dimension: usize) -> Result<Vec<f32>, TextError> {
-    let expected = batch.batch * batch.tokens * dimension;
-    if hidden.len() != expected {
-        return Err(TextError::Shape {
-            got: hidden.len(),
-            expected,
-            batch: batch.batch,
-            tokens: batch.tokens,
-            dimension,
-        });
-    }
-    let mut out = vec![0f32; batch.batch * dimension];
-    for (b, row) in out.chunks_exact_mut(dimension.max(1)).enumerate() {
-        let mut count = 0f32;
-        for t in 0..batch.tokens {
-            if batch.attention_mask[b * batch.tokens + t] == 0 {
-                continue;
-            }
-            count += 1.0;
-            let state = &hidden[(b * batch.tokens + t) * dimension..][..dimension];
-            for (acc, &h) in row.iter_mut().zip(state) {
-                *acc += h;
-            }
-        }
-        let count = count.max(1.0);
-        for v in row.iter_mut() {
-            *v /= count;
-        }
-        l2_normalize(row);
-    }
-    Ok(out)
-}
-
 /// Scales `v` to unit length (a zero vector stays zero).
 pub fn l2_normalize(v: &mut [f32]) {
     let norm = v
@@ -452,29 +416,6 @@ mod tests {
     fn unknown_words_map_to_unk_and_empty_text_keeps_special_tokens() {
         let batch = encoder(16).encode(&["zebra", ""]).unwrap();
         assert_eq!(batch.input_ids, [1, 3, 2, 1, 2, 0]);
-    }
-
-    #[test]
-    fn mean_pooling_ignores_padding_and_normalizes() {
-        let batch = Batch {
-            batch: 2,
-            tokens: 2,
-            input_ids: vec![1, 2, 1, 0],
-            attention_mask: vec![1, 1, 1, 0],
-            token_type_ids: vec![0; 4],
-        };
-        // Row 0: mean of (3,0) and (1,0) = (2,0) -> (1,0).
-        // Row 1: only (0,5) counts (the padding holds garbage) -> (0,1).
-        let hidden = [3.0, 0.0, 1.0, 0.0, 0.0, 5.0, 99.0, 99.0];
-        let pooled = mean_pool(&batch, &hidden, 2).unwrap();
-        assert_eq!(pooled, [1.0, 0.0, 0.0, 1.0]);
-    }
-
-    #[test]
-    fn a_hidden_state_of_the_wrong_shape_is_an_error() {
-        let batch = encoder(8).encode(&["hello"]).unwrap();
-        let err = mean_pool(&batch, &[0.0; 5], 2).unwrap_err();
-        assert!(err.to_string().contains("expected 6"), "{err}");
     }
 
     #[test]

@@ -83,6 +83,10 @@ impl Config {
                 .then(|| self.model_id().to_string()),
             model_file: (model_file != crate::native::onnx::DEFAULT_MODEL_FILE)
                 .then(|| model_file.to_string()),
+            // `[plugin] config` sets these for either backend when not
+            // the defaults; the settings carry them.
+            pooling: Default::default(),
+            normalize: true,
         };
         Ok(onnx.to_pairs())
     }

@@ -11,9 +11,11 @@
 //! - `model.onnx` (or the file the `model_file` setting names, such as the
 //!   int8 `model.int8.onnx`): inputs among `input_ids`, `attention_mask` and
 //!   `token_type_ids` (int64, `[batch, sequence]`); output either
-//!   `last_hidden_state` (`[batch, sequence, dimension]`, mean-pooled here)
-//!   or `sentence_embedding` (`[batch, dimension]`, already pooled). Either
-//!   way the vectors are L2-normalized here.
+//!   `last_hidden_state` (`[batch, sequence, dimension]`, pooled here by the
+//!   `pooling` setting, mean unless it says otherwise) or
+//!   `sentence_embedding` (`[batch, dimension]`, already pooled). Either way
+//!   the vectors are L2-normalized here unless `normalize = false` (a model
+//!   without sentence-transformers' `Normalize` module).
 //! - `tokenizer.json`: the model's Hugging Face tokenizer.
 //! - `sentence_bert_config.json` (optional): its `max_seq_length` is the
 //!   truncation length unless the `max_tokens` setting overrides it.
@@ -28,7 +30,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use embedhost_text::{Batch, TextEncoder};
+use embedhost_text::{Batch, Pooling, TextEncoder};
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
 use ort::value::Tensor;
 
@@ -78,6 +80,10 @@ pub struct OnnxSettings {
     pub model_id: Option<String>,
     /// The graph's file name in `model_dir`, if not [`DEFAULT_MODEL_FILE`].
     pub model_file: Option<String>,
+    /// How token states become a vector (`pooling`; default mean).
+    pub pooling: Pooling,
+    /// Whether vectors are L2-normalized (`normalize`; default true).
+    pub normalize: bool,
 }
 
 /// An onnx engine setting the child cannot accept, naming the key.
@@ -89,9 +95,15 @@ pub enum OnnxSettingError {
     /// `model_file` is not a file name.
     #[error("setting `model_file`: `{0}` is not a file name in `model_dir`")]
     ModelFile(String),
+    /// `pooling` names no mode.
+    #[error("setting `pooling`: `{0}` is not one of {modes}", modes = Pooling::names())]
+    Pooling(String),
+    /// `normalize` is not `true` or `false`.
+    #[error("setting `normalize`: `{0}` is not true or false")]
+    Normalize(String),
     /// A key the onnx engine does not know.
     #[error(
-        "unknown onnx engine setting `{0}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file)"
+        "unknown onnx engine setting `{0}` (known: model_dir, onnxruntime, threads, max_tokens, model_id, model_file, pooling, normalize)"
     )]
     Unknown(String),
     /// No `model_dir`.
@@ -104,7 +116,8 @@ pub enum OnnxSettingError {
 
 impl OnnxSettings {
     /// Settings from the child's table: `model_dir` (required),
-    /// `onnxruntime`, `threads`, `max_tokens`, `model_id`, `model_file`.
+    /// `onnxruntime`, `threads`, `max_tokens`, `model_id`, `model_file`,
+    /// `pooling`, `normalize`.
     ///
     /// # Errors
     /// [`OnnxSettingError`]: a missing `model_dir`, an unknown key or a bad
@@ -116,6 +129,8 @@ impl OnnxSettings {
         let mut max_tokens = None;
         let mut model_id = None;
         let mut model_file = None;
+        let mut pooling = Pooling::default();
+        let mut normalize = true;
         for (key, value) in settings {
             let number = || {
                 value
@@ -141,6 +156,15 @@ impl OnnxSettings {
                     }
                     model_file = Some(value.clone());
                 }
+                "pooling" => {
+                    pooling = Pooling::from_name(value)
+                        .ok_or_else(|| OnnxSettingError::Pooling(value.clone()))?;
+                }
+                "normalize" => {
+                    normalize = value
+                        .parse()
+                        .map_err(|_| OnnxSettingError::Normalize(value.clone()))?;
+                }
                 other => return Err(OnnxSettingError::Unknown(other.to_string())),
             }
         }
@@ -155,6 +179,8 @@ impl OnnxSettings {
             max_tokens,
             model_id,
             model_file,
+            pooling,
+            normalize,
         })
     }
 }
@@ -182,6 +208,12 @@ impl OnnxSettings {
         }
         if let Some(file) = &self.model_file {
             pairs.push(("model_file".into(), file.clone()));
+        }
+        if self.pooling != Pooling::default() {
+            pairs.push(("pooling".into(), self.pooling.name().into()));
+        }
+        if !self.normalize {
+            pairs.push(("normalize".into(), "false".into()));
         }
         pairs
     }
@@ -262,11 +294,11 @@ enum Input {
     TypeIds,
 }
 
-/// The graph's output and how to turn it into vectors.
+/// The graph's output: token states or vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pooling {
-    /// `[batch, sequence, dimension]`: mean-pool over the attention mask.
-    Mean,
+enum Output {
+    /// `[batch, sequence, dimension]`: pooled over the attention mask here.
+    States,
     /// `[batch, dimension]`: already pooled.
     Pooled,
 }
@@ -277,6 +309,7 @@ pub struct OnnxEngine {
     encoder: TextEncoder,
     inputs: Vec<(String, Input)>,
     output: String,
+    kind: Output,
     pooling: Pooling,
     info: ModelInfo,
 }
@@ -343,7 +376,7 @@ fn session_inputs(
 fn session_output(
     session: &Session,
     model_path: &Path,
-) -> Result<(String, Pooling, Option<i64>), OnnxLoadError> {
+) -> Result<(String, Output, Option<i64>), OnnxLoadError> {
     let outputs = session.outputs();
     let chosen = outputs
         .iter()
@@ -356,9 +389,9 @@ fn session_output(
         .tensor_shape()
         .map(|s| s.to_vec())
         .unwrap_or_default();
-    let pooling = match shape.len() {
-        3 => Pooling::Mean,
-        2 => Pooling::Pooled,
+    let kind = match shape.len() {
+        3 => Output::States,
+        2 => Output::Pooled,
         rank => {
             return Err(OnnxLoadError::Rank {
                 path: model_path.to_path_buf(),
@@ -368,7 +401,7 @@ fn session_output(
         }
     };
     let declared = shape.last().copied().filter(|&d| d > 0);
-    Ok((chosen.name().to_string(), pooling, declared))
+    Ok((chosen.name().to_string(), kind, declared))
 }
 
 impl std::fmt::Debug for OnnxEngine {
@@ -399,7 +432,7 @@ impl OnnxEngine {
             .map_err(OnnxLoadError::Tokenizer)?;
         let session = open_session(&environment, settings.threads, &model_path)?;
         let inputs = session_inputs(&session, &model_path)?;
-        let (output, pooling, declared) = session_output(&session, &model_path)?;
+        let (output, kind, declared) = session_output(&session, &model_path)?;
         let model_id = settings.model_id.clone().unwrap_or_else(|| {
             dir.file_name().map_or_else(
                 || dir.display().to_string(),
@@ -412,12 +445,13 @@ impl OnnxEngine {
             encoder,
             inputs,
             output,
-            pooling,
+            kind,
+            pooling: settings.pooling,
             info: ModelInfo {
                 model_id,
                 dimension: declared.unwrap_or(0) as u32,
                 max_input_tokens: max_tokens as u32,
-                normalized: true,
+                normalized: settings.normalize,
             },
         };
         // A dynamic dimension is learnt from one run; a static one is
@@ -461,12 +495,16 @@ impl OnnxEngine {
         })?;
         let (shape, data) = value.try_extract_tensor::<f32>().map_err(failed)?;
         let dimension = shape.last().copied().unwrap_or(0).max(0) as usize;
-        let pooled = match self.pooling {
-            Pooling::Mean => embedhost_text::mean_pool(batch, data, dimension)
+        let normalize = self.info.normalized;
+        let pooled = match self.kind {
+            Output::States => embedhost_text::pool(batch, data, dimension, self.pooling, normalize)
                 .map_err(|e| EngineError::Failed(e.to_string()))?,
-            Pooling::Pooled => {
+            Output::Pooled => {
                 let mut rows = data.to_vec();
-                for row in rows.chunks_exact_mut(dimension.max(1)) {
+                for row in rows
+                    .chunks_exact_mut(dimension.max(1))
+                    .filter(|_| normalize)
+                {
                     embedhost_text::l2_normalize(row);
                 }
                 rows

@@ -9,11 +9,28 @@ fn settings_round_trip_through_the_childs_table() {
         max_tokens: Some(128),
         model_id: Some("m".into()),
         model_file: Some(INT8_MODEL_FILE.into()),
+        pooling: Default::default(),
+        normalize: true,
     };
     assert_eq!(
         OnnxSettings::from_pairs(&settings.to_pairs()).unwrap(),
         settings
     );
+    let cls = OnnxSettings {
+        pooling: embedhost_text::Pooling::Cls,
+        normalize: false,
+        ..settings.clone()
+    };
+    assert_eq!(OnnxSettings::from_pairs(&cls.to_pairs()).unwrap(), cls);
+    for (key, bad) in [("pooling", "mean_sqrt_len"), ("normalize", "yes")] {
+        let pairs = [
+            ("model_dir".to_string(), "/m".to_string()),
+            ("onnxruntime".to_string(), "/lib/x.so".to_string()),
+            (key.to_string(), bad.to_string()),
+        ];
+        let err = OnnxSettings::from_pairs(&pairs).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains(bad), "{err}");
+    }
     assert_eq!(
         settings.model_path(),
         Path::new("/models/m/model.int8.onnx")
@@ -130,6 +147,8 @@ fn a_pooled_output_is_normalized_per_row_and_a_dimension_that_varies_is_refused(
         max_tokens: Some(16),
         model_id: None,
         model_file: None,
+        pooling: Default::default(),
+        normalize: true,
     };
     let mut engine = OnnxEngine::load(&settings).unwrap();
     // One ONNX Runtime environment per process: a second engine is

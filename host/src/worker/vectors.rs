@@ -19,8 +19,10 @@
 //!   a store commit succeeded, with the ids the commit returned.
 //! - Rows are contiguous (`ids[i]`'s vector is `data[i*d..(i+1)*d]`);
 //!   removing a row moves the last one into its place, so removal is O(d).
-//! - Search is exact: every row is scored. Scores of unit vectors are their
-//!   cosine; the embedders normalize (the contract's `normalized`).
+//! - Search is exact: every row is scored. Every row and every query is
+//!   scaled to unit length on the way in, so a score is a cosine whether or
+//!   not the model normalizes (a model without sentence-transformers'
+//!   `Normalize` module, or a plugin whose `normalized` is wrong).
 
 use std::collections::HashMap;
 
@@ -64,14 +66,23 @@ fn quantize(v: &[f32], out: &mut Vec<i8>) -> f32 {
     scale
 }
 
+/// `v` scaled to unit length (zero stays zero).
+fn unit(v: &[f32]) -> Vec<f32> {
+    let mut v = v.to_vec();
+    embedhost_text::l2_normalize(&mut v);
+    v
+}
+
 impl VectorIndex {
     /// An index of `ids` with their vectors `data` (row after row).
     ///
     /// # Panics
     /// If `data` does not hold `ids.len()` rows of `dimension` (a caller bug:
     /// the store checks every vector's length).
-    pub fn new(dimension: usize, ids: Vec<i64>, data: Vec<f32>) -> Self {
+    pub fn new(dimension: usize, ids: Vec<i64>, mut data: Vec<f32>) -> Self {
         assert_eq!(ids.len() * dimension, data.len(), "rows of {dimension}");
+        data.chunks_exact_mut(dimension.max(1))
+            .for_each(embedhost_text::l2_normalize);
         let rows = ids.iter().enumerate().map(|(row, &id)| (id, row)).collect();
         let mut quantized = Vec::with_capacity(data.len());
         let scales = data
@@ -106,8 +117,9 @@ impl VectorIndex {
         }
         self.rows.insert(id, self.ids.len());
         self.ids.push(id);
-        self.data.extend_from_slice(vector);
-        let scale = quantize(vector, &mut self.quantized);
+        let vector = unit(vector);
+        self.data.extend_from_slice(&vector);
+        let scale = quantize(&vector, &mut self.quantized);
         self.scales.push(scale);
     }
 
@@ -138,21 +150,23 @@ impl VectorIndex {
     pub fn score(&self, id: i64, query: &[f32]) -> Option<f32> {
         let row = *self.rows.get(&id)?;
         let d = self.dimension;
-        (query.len() == d).then(|| dot(&self.data[row * d..(row + 1) * d], query))
+        (query.len() == d).then(|| dot(&self.data[row * d..(row + 1) * d], &unit(query)))
     }
 
     /// The `limit` chunks most similar to `query`, best first, with their
     /// scores (exact cosine): an exact scan below [`QUANTIZED_FROM`] rows,
     /// the int8 scan with exact re-scoring from there.
     pub fn search(&self, query: &[f32], limit: usize) -> Vec<(i64, f32)> {
+        let query = unit(query);
         if self.len() >= QUANTIZED_FROM {
-            self.search_quantized(query, limit)
+            self.search_quantized(&query, limit)
         } else {
-            self.search_exact(query, limit)
+            self.search_exact(&query, limit)
         }
     }
 
-    /// The exact scan: every f32 row scored.
+    /// The exact scan: every f32 row scored against `query`, which must be
+    /// of unit length (as [`VectorIndex::search`] makes it).
     pub fn search_exact(&self, query: &[f32], limit: usize) -> Vec<(i64, f32)> {
         if limit == 0 || self.is_empty() || query.len() != self.dimension {
             return Vec::new();
@@ -168,7 +182,8 @@ impl VectorIndex {
     }
 
     /// The int8 scan on every core, then the best candidates re-scored
-    /// with their f32 vectors.
+    /// with their f32 vectors; `query` of unit length, as for
+    /// [`VectorIndex::search_exact`].
     pub fn search_quantized(&self, query: &[f32], limit: usize) -> Vec<(i64, f32)> {
         if limit == 0 || self.is_empty() || query.len() != self.dimension {
             return Vec::new();
@@ -311,6 +326,24 @@ mod tests {
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn vectors_of_any_length_are_ranked_and_scored_by_cosine() {
+        // A long vector along x, a unit one at (0.6, 0.8), a query three
+        // times that: by dot product the long one would win.
+        let mut index = VectorIndex::new(2, vec![1], vec![10.0, 0.0]);
+        index.insert(2, &[0.6, 0.8]);
+        let hits = index.search(&[1.8, 2.4], 2);
+        assert_eq!(hits[0].0, 2, "{hits:?}");
+        assert!(
+            (hits[0].1 - 1.0).abs() < 1e-6 && (hits[1].1 - 0.6).abs() < 1e-6,
+            "{hits:?}"
+        );
+        assert!((index.score(1, &[1.8, 2.4]).unwrap() - 0.6).abs() < 1e-6);
+        // A zero vector scores zero, never NaN.
+        index.insert(3, &[0.0, 0.0]);
+        assert_eq!(index.score(3, &[1.0, 0.0]), Some(0.0));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use embedhost_kernels::timing::{self, Stage, lap};
 use embedhost_kernels::{
     self as kernels, F32Linear, I8Linear, Pull, Quantized, ROWS, Sums, Then, round_up,
 };
+use embedhost_text::Pooling;
 
 // At int8, the query/key/value product pulls each token's largest channel
 // out of its quantization range (`Pull::Outlier`): queries and keys feed the
@@ -295,8 +296,9 @@ impl Bert {
         })
     }
 
-    /// The mean-pooled, L2-normalized vector of each text, `texts.len() x
-    /// hidden`, appended to `out`.
+    /// The vector of each text, `texts.len() x hidden`, appended to `out`:
+    /// its token states pooled by `pooled`'s mode, L2-normalized if
+    /// `pooled` says so.
     ///
     /// # Errors
     /// A message if a token id, type id or length is outside the model's
@@ -304,6 +306,7 @@ impl Bert {
     pub fn embed(
         &self,
         texts: &[Text],
+        pooled: (Pooling, bool),
         scratch: &mut Scratch,
         out: &mut Vec<f32>,
     ) -> Result<(), String> {
@@ -444,21 +447,18 @@ impl Bert {
             lap(Stage::Norm);
         }
 
-        // Mean pooling over each text's rows, then L2 normalization.
+        // Pooling over each text's rows, then L2 normalization if asked.
+        let (pooling, normalize) = pooled;
         let mut first = 0;
         for text in texts {
             let n = text.ids.len();
             let start = out.len();
             out.resize(start + hidden, 0.0);
             let v = &mut out[start..];
-            for r in first..first + n {
-                for (acc, x) in v.iter_mut().zip(&s.x[r * hidden..][..hidden]) {
-                    *acc += x;
-                }
+            pooling.pool_text(&s.x[first * hidden..(first + n) * hidden], hidden, v);
+            if normalize {
+                embedhost_text::l2_normalize(v);
             }
-            let count = n.max(1) as f32;
-            v.iter_mut().for_each(|x| *x /= count);
-            embedhost_text::l2_normalize(v);
             first += n;
         }
         lap(Stage::Pooling);

@@ -7,9 +7,10 @@
 //!   for the truncation length.
 //! - Tokenization, truncation and normalization come from `embedhost-text`,
 //!   the crate the native engine uses, so both backends feed their arithmetic
-//!   the same ids; the engine packs texts instead of padding them and
-//!   mean-pools each text over its own tokens, as the native engine does over
-//!   the attention mask.
+//!   the same ids; the engine packs texts instead of padding them and pools
+//!   each text over its own tokens (the `pooling` setting, mean unless it
+//!   says otherwise; L2-normalized unless `normalize = false`), as the
+//!   native engine does over the attention mask.
 //! - Inference is this crate's own engine ([`engine`], over the kernels of
 //!   `plugins/kernels`): it
 //!   reads the safetensors directly, so the plugin needs no converted graph,
@@ -32,7 +33,7 @@ mod engine;
 
 use std::sync::Mutex;
 
-use embedhost_text::TextEncoder;
+use embedhost_text::{Pooling, TextEncoder};
 use engine::{Bert, Precision, Scratch, Shape, Tensors, Text};
 use safetensors::{Dtype, SafeTensors};
 
@@ -70,6 +71,8 @@ const DEFAULT_PRECISION: Precision = Precision::Int8;
 struct Model {
     bert: Bert,
     encoder: TextEncoder,
+    /// Its pooling; `info.normalized` says whether it normalizes.
+    pooling: Pooling,
     info: ModelInfo,
     processed: u64,
     /// The `init` configuration this model was loaded with.
@@ -141,20 +144,36 @@ fn read(dir: &str, name: &str) -> Result<Vec<u8>, EmbedError> {
     std::fs::read(&path).map_err(|e| EmbedError::ModelFailure(format!("cannot read `{path}`: {e}")))
 }
 
-fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
-    let mut dir = DEFAULT_MODEL_DIR.to_string();
-    let mut max_tokens = None;
-    let mut model_id = None;
-    let mut pass_tokens = DEFAULT_PASS_TOKENS;
-    let mut precision = DEFAULT_PRECISION;
+/// What `init`'s configuration asks for.
+struct Settings {
+    dir: String,
+    max_tokens: Option<usize>,
+    model_id: Option<String>,
+    pass_tokens: usize,
+    precision: Precision,
+    pooling: Pooling,
+    normalize: bool,
+}
+
+/// The settings of `config`, or the first key it gets wrong.
+fn settings(config: &[(String, String)]) -> Result<Settings, EmbedError> {
+    let mut s = Settings {
+        dir: DEFAULT_MODEL_DIR.to_string(),
+        max_tokens: None,
+        model_id: None,
+        pass_tokens: DEFAULT_PASS_TOKENS,
+        precision: DEFAULT_PRECISION,
+        pooling: Pooling::default(),
+        normalize: true,
+    };
     for (key, value) in config {
         match key.as_str() {
-            "model_dir" => dir = value.clone(),
-            "pass_tokens" => pass_tokens = positive(key, value)?,
-            "max_tokens" => max_tokens = Some(positive(key, value)?),
-            "model_id" => model_id = Some(value.clone()),
+            "model_dir" => s.dir = value.clone(),
+            "pass_tokens" => s.pass_tokens = positive(key, value)?,
+            "max_tokens" => s.max_tokens = Some(positive(key, value)?),
+            "model_id" => s.model_id = Some(value.clone()),
             "precision" => {
-                precision = match value.as_str() {
+                s.precision = match value.as_str() {
                     "int8" => Precision::Int8,
                     "fp32" => Precision::Fp32,
                     other => {
@@ -165,13 +184,37 @@ fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
                     }
                 }
             }
+            "pooling" => {
+                s.pooling = Pooling::from_name(value).ok_or_else(|| {
+                    let modes = Pooling::names();
+                    config_error("pooling", format!("`{value}` is not one of {modes}"))
+                })?;
+            }
+            "normalize" => {
+                s.normalize = value.parse().map_err(|_| {
+                    config_error("normalize", format!("`{value}` is not true or false"))
+                })?;
+            }
             other => {
                 return Err(EmbedError::InvalidConfig(format!(
-                    "unknown key `{other}` (known: model_dir, max_tokens, model_id, precision, pass_tokens)"
+                    "unknown key `{other}` (known: model_dir, max_tokens, model_id, precision, pass_tokens, pooling, normalize)"
                 )));
             }
         }
     }
+    Ok(s)
+}
+
+fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
+    let Settings {
+        dir,
+        max_tokens,
+        model_id,
+        pass_tokens,
+        precision,
+        pooling,
+        normalize,
+    } = settings(config)?;
     let config: serde_json::Value = serde_json::from_slice(&read(&dir, "config.json")?)
         .map_err(|e| failed("config.json", e))?;
     let max_tokens = match max_tokens {
@@ -200,12 +243,13 @@ fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
         }),
         dimension: bert.shape.hidden as u32,
         max_input_tokens: max_tokens as u32,
-        normalized: true,
+        normalized: normalize,
     };
     Ok(Model {
         bert,
         encoder,
         info,
+        pooling,
         processed: 0,
         config: Vec::new(),
         pass_tokens,
@@ -214,6 +258,11 @@ fn load(config: &[(String, String)]) -> Result<Model, EmbedError> {
 }
 
 impl Model {
+    /// How the engine turns a text's states into its vector.
+    fn head(&self) -> (Pooling, bool) {
+        (self.pooling, self.info.normalized)
+    }
+
     /// Tokenizes `texts` (truncating each to the model's limit) and embeds
     /// them in packed passes of about `pass_tokens` tokens, in order.
     fn embed(&mut self, texts: &[String]) -> Result<Vec<f32>, EmbedError> {
@@ -252,7 +301,7 @@ impl Model {
         for (i, t) in ids.iter().zip(&types) {
             if !pass.is_empty() && tokens + i.len() > self.pass_tokens {
                 self.bert
-                    .embed(&pass, &mut self.scratch, &mut out)
+                    .embed(&pass, self.head(), &mut self.scratch, &mut out)
                     .map_err(|e| failed("inference", e))?;
                 pass.clear();
                 tokens = 0;
@@ -261,7 +310,7 @@ impl Model {
             pass.push(Text { ids: i, types: t });
         }
         self.bert
-            .embed(&pass, &mut self.scratch, &mut out)
+            .embed(&pass, self.head(), &mut self.scratch, &mut out)
             .map_err(|e| failed("inference", e))?;
         self.processed += texts.len() as u64;
         report_stages();
