@@ -36,7 +36,7 @@ use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::boundary::{classify, validate};
 use super::host::HostState;
 use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
-use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
+use crate::backend::{CallError, Health as SupervisedHealth, SpawnError, Spawner, Started, Worker};
 use crate::bus::BoxFuture;
 use crate::limits;
 use crate::vectors::Vectors;
@@ -578,7 +578,7 @@ impl Spawner for WasmSpawner {
             let started = std::time::Instant::now();
             let embedder = WasmEmbedder::start(this.plugin, this.limits, this.config)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(SpawnError::backend)?;
             tracing::debug!(slot, incarnation, elapsed = ?started.elapsed(), "wasm instance ready");
             let info = embedder.model_info().clone();
             Ok((Box::new(embedder) as Box<dyn Worker>, info))
