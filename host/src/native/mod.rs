@@ -389,8 +389,11 @@ pub const ENGINES: &[&str] = &["stub", "onnx"];
 /// handshake is answered with the reason, so the host can report it.
 ///
 /// # Errors
-/// A failure of the transport itself.
-pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Result<(), String> {
+/// [`ChildRunError`]: a failure of the transport itself.
+pub async fn run_child(
+    engine: &str,
+    mut settings: Vec<(String, String)>,
+) -> Result<(), ChildRunError> {
     ceiling::arm();
     let stop = CancellationToken::new();
     let router = match child::ProcessFaults::take_from(&mut settings) {
@@ -415,7 +418,7 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
     };
     tokio::select! {
         served = crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES) => {
-            served.map_err(|e| format!("child transport: {e}"))
+            served.map_err(ChildRunError::Transport)
         }
         () = stop.cancelled() => {
             // Let the reply to `shutdown` reach the pipe before exiting.
@@ -423,6 +426,15 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
             Ok(())
         }
     }
+}
+
+/// Why a native child ended in error (its engine's own failures are
+/// answered on the bus instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ChildRunError {
+    /// Its frame transport over stdin and stdout failed.
+    #[error("child transport: {0}")]
+    Transport(#[source] crate::bus::transport::child::FrameError),
 }
 
 /// Why a child's engine could not start: the reason its handshake answers
