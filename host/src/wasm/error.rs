@@ -283,6 +283,17 @@ pub enum SnapshotUnavailable {
     Link(#[from] LinkError),
 }
 
+impl SnapshotUnavailable {
+    /// What loading or making the snapshot gave: [`SnapshotError`] as
+    /// itself, anything else as the cache's or the compiler's.
+    pub(super) fn loading(error: wasmtime::Error) -> Self {
+        match error.downcast::<SnapshotError>() {
+            Ok(made) => SnapshotUnavailable::Make(made),
+            Err(other) => SnapshotUnavailable::Load(other),
+        }
+    }
+}
+
 /// An `embed-error` value returned by a plugin, in host types.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PluginError {

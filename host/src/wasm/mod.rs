@@ -268,7 +268,24 @@ impl WasmPlugin {
         let bytes = read(source)?;
         check_header(&name, &bytes)?;
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            snapshot::load(engine, &name, &bytes, model_dir, limits, config)
+            let id = snapshot::snapshot_id(&bytes, model_dir, config).map_err(|source| {
+                SnapshotUnavailable::Id {
+                    dir: model_dir.to_path_buf(),
+                    source,
+                }
+            })?;
+            let make = || {
+                tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
+                snapshot::make(engine, &name, &bytes, model_dir, limits, config)
+                    .map_err(wasmtime::Error::new)
+            };
+            match engine.cache() {
+                Some(cache) => cache.load_or_make(engine, &id, make),
+                None => make()
+                    .and_then(|wasm| engine.compile(&wasm))
+                    .map(|c| (c, CacheOutcome::Compiled)),
+            }
+            .map_err(SnapshotUnavailable::loading)
         }))
         .unwrap_or(Err(SnapshotUnavailable::Panicked));
         let reason = match made {

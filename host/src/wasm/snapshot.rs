@@ -29,14 +29,14 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
-use wasmtime::component::{Component, ComponentExportIndex, Lift, WasmList};
+use wasmtime::component::{ComponentExportIndex, Lift, WasmList};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::Plugin;
-use super::error::{SnapshotError, SnapshotUnavailable, StateError};
+use super::error::{SnapshotError, StateError};
 use super::host::HostState;
 use super::instance::CallRuntime;
-use super::{CacheOutcome, InstanceLimits, WasmEngine, deadline_ticks};
+use super::{InstanceLimits, WasmEngine, deadline_ticks};
 
 /// Part of every snapshot's id: changed whenever the way a snapshot is made
 /// changes, so a cache never hands back a snapshot made the old way.
@@ -202,42 +202,6 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
         return Err(std::io::Error::other("no longer a regular file"));
     }
     Ok(file)
-}
-
-/// The snapshot of `bytes` over `model_dir` and `config`, compiled: from
-/// the engine's artifact cache, or made now (and kept there).
-///
-/// # Errors
-/// [`SnapshotUnavailable`]: no id for the model directory, making it
-/// failed ([`SnapshotError`]), or the cache or the compiler refused it.
-pub(super) fn load(
-    engine: &WasmEngine,
-    name: &str,
-    bytes: &[u8],
-    model_dir: &Path,
-    limits: InstanceLimits,
-    config: &[(String, String)],
-) -> Result<(Component, CacheOutcome), SnapshotUnavailable> {
-    let id = snapshot_id(bytes, model_dir, config).map_err(|source| SnapshotUnavailable::Id {
-        dir: model_dir.to_path_buf(),
-        source,
-    })?;
-    let make = || {
-        tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
-        make(engine, name, bytes, model_dir, limits, config).map_err(wasmtime::Error::new)
-    };
-    match engine.cache() {
-        Some(cache) => cache.load_or_make(engine, &id, make),
-        None => make()
-            .and_then(|wasm| engine.compile(&wasm))
-            .map(|c| (c, CacheOutcome::Compiled)),
-    }
-    // What `make` refused comes back as itself; the rest is the cache's
-    // or the compiler's.
-    .map_err(|e| match e.downcast::<SnapshotError>() {
-        Ok(made) => SnapshotUnavailable::Make(made),
-        Err(e) => SnapshotUnavailable::Load(e),
-    })
 }
 
 /// Makes the snapshot: instruments `bytes`, runs `init(config)` in an
