@@ -1,7 +1,7 @@
 //! What every backend shares, and what the supervisor needs of one: the
 //! model a backend serves ([`ModelInfo`]), how a call fails ([`CallError`],
 //! [`FailureReason`]), and the two traits a backend implements
-//! ([`Spawner`] starts a [`Worker`]).
+//! ([`Spawner`] starts a [`Worker`], or says why not: [`SpawnError`]).
 //!
 //! # Invariant
 //! This module depends on nothing of the host but the bus's `BoxFuture`
@@ -311,7 +311,34 @@ pub trait Worker: Send + 'static {
 }
 
 /// A started worker and what its model reported, or why it failed to start.
-pub type Started = Result<(Box<dyn Worker>, ModelInfo), String>;
+pub type Started = Result<(Box<dyn Worker>, ModelInfo), SpawnError>;
+
+/// Why an incarnation could not be started (or was refused once started).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The backend could not start or initialise the instance: its own
+    /// typed error (a `WasmError`, a native child's start error), held as
+    /// an error only, since this layer does not know the backends.
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// The instance started but serves another model than the pool: its
+    /// vectors would mix two spaces in one index.
+    #[error("the new instance reports model {reported:?}, but the pool serves {serving:?}")]
+    OtherModel {
+        /// What the new instance reported.
+        reported: Box<ModelInfo>,
+        /// What the pool serves.
+        serving: Box<ModelInfo>,
+    },
+}
+
+impl SpawnError {
+    /// A backend's own error.
+    pub fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SpawnError::Backend(Box::new(error))
+    }
+}
 
 /// Starts incarnations.
 pub trait Spawner: Send + Sync + 'static {

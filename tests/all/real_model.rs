@@ -254,6 +254,7 @@ fn a_plugin_that_cannot_be_snapshotted_falls_back_to_loading_in_init() {
     .unwrap();
     match plugin.snapshot() {
         SnapshotStatus::Unavailable(reason) => {
+            let reason = reason.to_string();
             assert!(
                 reason.contains("`init` failed") && reason.contains("no_such_key"),
                 "{reason}"

@@ -743,6 +743,7 @@ fn a_snapshot_past_its_bound_is_not_made_and_the_cache_stays_small() {
         WasmPlugin::load_snapshot(&engine, &source, &model_dir(), limits, &config).unwrap();
     match plugin.snapshot() {
         SnapshotStatus::Unavailable(reason) => {
+            let reason = reason.to_string();
             assert!(reason.contains("MAX_SNAPSHOT_BYTES"), "{reason}")
         }
         other => panic!("{other:?}"),

@@ -194,6 +194,7 @@ fn a_large_log_call_in_a_snapshots_init_is_bounded_like_any_other() {
         WasmPlugin::load_snapshot(&engine, &source, model.path(), quick(), &config).unwrap();
     match plugin.snapshot() {
         SnapshotStatus::Unavailable(reason) => {
+            let reason = reason.to_string();
             assert!(reason.contains("hostcalls"), "{reason}")
         }
         other => panic!("the 3 MiB log call went through: {other:?}"),

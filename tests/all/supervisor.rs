@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use embedhost::bus::BoxFuture;
 use embedhost::supervisor::{
-    CallError, FailureReason, Health, Intensity, RestartType, Supervisor, SupervisorConfig,
-    SupervisorError, Worker,
+    CallError, FailureReason, Health, Intensity, RestartType, SpawnError, Supervisor,
+    SupervisorConfig, SupervisorError, Worker,
 };
 use embedhost::vectors::Vectors;
 use embedhost::wasm::ModelInfo;
@@ -134,9 +134,9 @@ async fn supervise(
             );
             Box::pin(async move {
                 if fails {
-                    return Err(format!(
+                    return Err(SpawnError::backend(std::io::Error::other(format!(
                         "scripted init failure of incarnation {incarnation}"
-                    ));
+                    ))));
                 }
                 let worker = Scripted {
                     slot,
@@ -285,7 +285,10 @@ async fn a_first_instance_that_never_starts_escalates_with_the_last_reason() {
     let err = Supervisor::from_fn(
         move |_, incarnation| {
             counter.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { Err(format!("exit status: 3 (incarnation {incarnation})")) })
+            Box::pin(async move {
+                let exited = format!("exit status: 3 (incarnation {incarnation})");
+                Err(SpawnError::backend(std::io::Error::other(exited)))
+            })
         },
         config(1),
     )

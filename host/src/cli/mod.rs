@@ -188,7 +188,9 @@ fn key_values(args: &[String]) -> Result<Vec<(String, String)>, String> {
 }
 
 async fn child(args: ChildArgs) -> Result<(), String> {
-    crate::native::run_child(&args.engine, key_values(&args.settings)?).await
+    crate::native::run_child(&args.engine, key_values(&args.settings)?)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Whether a command's work through a service embeds text: then the

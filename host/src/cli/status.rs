@@ -58,7 +58,7 @@ pub(super) async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Re
                         "from_cache": *outcome == crate::wasm::CacheOutcome::Hit,
                     }),
                     SnapshotStatus::Unavailable(reason) => {
-                        serde_json::json!({ "used": false, "error": reason })
+                        serde_json::json!({ "used": false, "error": reason.to_string() })
                     }
                 };
             }

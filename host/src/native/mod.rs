@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{CallError, FailureReason, Health, Spawner, Started, Worker};
+use crate::backend::{CallError, FailureReason, Health, SpawnError, Spawner, Started, Worker};
 use crate::bus::transport::child::{ChildProcess, MarkerWatch};
 use crate::bus::{BoxFuture, Bus, BusError, Empty, ErrorCode, SendOptions};
 use crate::messages::{
@@ -120,22 +120,31 @@ impl Spawner for NativeSpawner {
             let name = format!("{}-child-{slot}.{incarnation}", this.engine);
             let mut process =
                 ChildProcess::spawn_watching(this.command(), &name, Some(ceiling::CEILING_MARKER))
-                    .map_err(|e| format!("cannot start `{}`: {e}", this.executable.display()))?;
+                    .map_err(|source| {
+                        SpawnError::backend(ChildStartError::Spawn {
+                            executable: this.executable.clone(),
+                            source,
+                        })
+                    })?;
             let bus = Bus::new(process.connection());
             let options = SendOptions::default().timeout(this.init_deadline);
             let hello = match bus.send::<EmbedderHandshake>(Empty {}, options).await {
                 Ok(hello) => hello,
-                Err(e) => {
+                Err(source) => {
                     let status = process.wait_for_exit(Duration::from_millis(100)).await;
-                    let how = status.map(|s| format!(" ({s})")).unwrap_or_default();
-                    return Err(format!("{name} failed its handshake{how}: {e}"));
+                    let error = ChildStartError::Handshake {
+                        name,
+                        status,
+                        source,
+                    };
+                    return Err(SpawnError::backend(error));
                 }
             };
             if hello.protocol_version != PROTOCOL_VERSION {
-                return Err(format!(
-                    "{name} speaks protocol version {}, this host speaks {PROTOCOL_VERSION}",
-                    hello.protocol_version
-                ));
+                return Err(SpawnError::backend(ChildStartError::Protocol {
+                    name,
+                    version: hello.protocol_version,
+                }));
             }
             tracing::debug!(pid = process.pid(), %name, "native child ready");
             let worker = NativeWorker {
@@ -149,6 +158,43 @@ impl Spawner for NativeSpawner {
             Ok((Box::new(worker) as Box<dyn Worker>, hello.model))
         })
     }
+}
+
+/// Why the host could not start a native child: the child's own reason,
+/// if it gave one, is in its handshake's error.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildStartError {
+    /// The child process could not be spawned.
+    #[error("cannot start `{}`: {source}", executable.display())]
+    Spawn {
+        /// The executable.
+        executable: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The child did not answer its handshake (it may have exited).
+    #[error("{name} failed its handshake{}: {source}", exited(*status))]
+    Handshake {
+        /// The child (engine, slot, incarnation).
+        name: String,
+        /// How it exited, if it did.
+        status: Option<std::process::ExitStatus>,
+        /// The bus's error.
+        source: BusError,
+    },
+    /// The child speaks another protocol version than this host.
+    #[error("{name} speaks protocol version {version}, this host speaks {PROTOCOL_VERSION}")]
+    Protocol {
+        /// The child.
+        name: String,
+        /// Its version.
+        version: u32,
+    },
+}
+
+/// How a child exited, if it did: ` (exit status: 3)`, or nothing.
+fn exited(status: Option<std::process::ExitStatus>) -> String {
+    status.map(|s| format!(" ({s})")).unwrap_or_default()
 }
 
 /// One native child.
@@ -343,8 +389,11 @@ pub const ENGINES: &[&str] = &["stub", "onnx"];
 /// handshake is answered with the reason, so the host can report it.
 ///
 /// # Errors
-/// A failure of the transport itself.
-pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Result<(), String> {
+/// [`ChildRunError`]: a failure of the transport itself.
+pub async fn run_child(
+    engine: &str,
+    mut settings: Vec<(String, String)>,
+) -> Result<(), ChildRunError> {
     ceiling::arm();
     let stop = CancellationToken::new();
     let router = match child::ProcessFaults::take_from(&mut settings) {
@@ -369,7 +418,7 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
     };
     tokio::select! {
         served = crate::bus::transport::child::serve_stdio(router, crate::limits::MAX_FRAME_BYTES) => {
-            served.map_err(|e| format!("child transport: {e}"))
+            served.map_err(ChildRunError::Transport)
         }
         () = stop.cancelled() => {
             // Let the reply to `shutdown` reach the pipe before exiting.
@@ -377,6 +426,15 @@ pub async fn run_child(engine: &str, mut settings: Vec<(String, String)>) -> Res
             Ok(())
         }
     }
+}
+
+/// Why a native child ended in error (its engine's own failures are
+/// answered on the bus instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ChildRunError {
+    /// Its frame transport over stdin and stdout failed.
+    #[error("child transport: {0}")]
+    Transport(#[source] crate::bus::transport::child::FrameError),
 }
 
 /// Why a child's engine could not start: the reason its handshake answers

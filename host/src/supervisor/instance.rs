@@ -223,8 +223,8 @@ impl Serving<'_> {
                 );
                 self.serving = *self.incarnation;
             }
-            Err(message) => {
-                tracing::warn!(slot, %message, "replacement failed to start; keeping the current instance")
+            Err(error) => {
+                tracing::warn!(slot, message = %error, "replacement failed to start; keeping the current instance")
             }
         }
     }

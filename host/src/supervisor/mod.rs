@@ -81,7 +81,9 @@ pub use calls::{CONTROL_TEXT, split_parts};
 pub use instance::METRIC_HEALTH_SLOW;
 pub use intensity::{Decision, Intensity, IntensityConfig};
 
-pub use crate::backend::{CallError, FailureReason, Health, ModelInfo, Spawner, Started, Worker};
+pub use crate::backend::{
+    CallError, FailureReason, Health, ModelInfo, SpawnError, Spawner, Started, Worker,
+};
 
 use crate::bus::{BoxFuture, ErrorCode, RemoteError};
 use crate::limits;
@@ -395,7 +397,7 @@ impl Supervisor {
             slot.incarnation += 1;
             match inner.spawner.start(0, slot.incarnation).await {
                 Ok(started) => break started,
-                Err(message) => match slot.on_failure(Failure::init(message)).await {
+                Err(error) => match slot.on_failure(Failure::init(&error)).await {
                     Restart::Yes => {}
                     Restart::No(why) => return Err(SupervisorError::Escalated(why)),
                 },

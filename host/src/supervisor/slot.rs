@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::instance::{Crash, Ended, serve};
 use super::{
     CallError, Cooldown, Decision, FailureReason, Inner, Intensity, IntensityConfig,
-    METRIC_ESCALATIONS, METRIC_RESTARTS, RestartType, SupervisorConfig, Worker, lock,
+    METRIC_ESCALATIONS, METRIC_RESTARTS, RestartType, SpawnError, SupervisorConfig, Worker, lock,
 };
 use crate::bus::{ErrorCode, RemoteError};
 use crate::limits;
@@ -64,11 +64,12 @@ pub(super) struct Failure {
 }
 
 impl Failure {
-    /// A start that failed with `message`.
-    pub(super) fn init(message: String) -> Self {
+    /// A start that failed with `error` (its text is the log's and the
+    /// escalation's message).
+    pub(super) fn init(error: &SpawnError) -> Self {
         Failure {
             reason: FailureReason::InitFailed,
-            message,
+            message: error.to_string(),
             uptime: Duration::ZERO,
             call: false,
             suspect: false,
@@ -204,17 +205,18 @@ impl Slot {
                 // vectors of two spaces in one index.
                 Some(known) if known != info => {
                     worker.stop().await;
-                    Err(format!(
-                        "the new instance reports model {info:?}, but the pool serves {known:?}"
-                    ))
+                    Err(SpawnError::OtherModel {
+                        reported: Box::new(info),
+                        serving: Box::new(known),
+                    })
                 }
                 _ => Ok(worker),
             },
-            Err(message) => Err(message),
+            Err(error) => Err(error),
         };
         match checked {
             Ok(worker) => Next::Serve(worker),
-            Err(message) => match self.on_failure(Failure::init(message)).await {
+            Err(error) => match self.on_failure(Failure::init(&error)).await {
                 Restart::Yes => Next::Retry,
                 Restart::No(_) => Next::End,
             },

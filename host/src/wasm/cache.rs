@@ -208,24 +208,23 @@ impl ArtifactCache {
         key: &str,
         artifact: &Path,
         digest: &Path,
-    ) -> Result<Component, String> {
-        let expected = std::fs::read_to_string(digest).map_err(|e| format!("no MAC: {e}"))?;
-        let expected = decode_hex(expected.trim()).ok_or("its MAC file is not hex")?;
+    ) -> Result<Component, EntryRefused> {
+        let expected = std::fs::read_to_string(digest).map_err(EntryRefused::NoMac)?;
+        let expected = decode_hex(expected.trim()).ok_or(EntryRefused::MacNotHex)?;
         // Read once: the bytes checked are the bytes deserialized, whatever
         // happens to the file afterwards.
         let mut bytes = Vec::new();
         open_private(artifact)
             .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| format!("unreadable: {e}"))?;
+            .map_err(EntryRefused::Unreadable)?;
         entry_mac(secret, key, &bytes)
             .verify_slice(&expected)
-            .map_err(|_| "its MAC does not match: not written by this host for this key")?;
+            .map_err(|_| EntryRefused::MacMismatch)?;
         // SAFETY: the bytes carry this host's MAC over this key, so they are
         // what `store` wrote from this engine's `precompile_component` (the
         // key includes the engine's compatibility hash); wasmtime checks
         // the compatibility again on load.
-        unsafe { Component::deserialize(engine, &bytes) }
-            .map_err(|e| format!("wasmtime refused it: {e}"))
+        unsafe { Component::deserialize(engine, &bytes) }.map_err(EntryRefused::Wasmtime)
     }
 
     fn store(
@@ -423,6 +422,26 @@ pub enum CacheError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Why a cache entry is not used (it is then made again).
+#[derive(Debug, thiserror::Error)]
+enum EntryRefused {
+    /// Its MAC file cannot be read.
+    #[error("no MAC: {0}")]
+    NoMac(#[source] std::io::Error),
+    /// Its MAC file is not hex.
+    #[error("its MAC file is not hex")]
+    MacNotHex,
+    /// The entry cannot be read.
+    #[error("unreadable: {0}")]
+    Unreadable(#[source] std::io::Error),
+    /// Its MAC does not verify.
+    #[error("its MAC does not match: not written by this host for this key")]
+    MacMismatch,
+    /// wasmtime would not load it.
+    #[error("wasmtime refused it: {0}")]
+    Wasmtime(#[source] wasmtime::Error),
 }
 
 /// Opens `path` for reading, not following a symbolic link.

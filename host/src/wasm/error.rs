@@ -31,7 +31,7 @@ pub enum WasmError {
 
     /// The component does not implement the embedder world.
     #[error("`{name}` is a component but not an embedhost plugin: {reason}")]
-    WrongWorld { name: String, reason: String },
+    WrongWorld { name: String, reason: LinkError },
 
     /// The component failed to compile.
     #[error("cannot compile `{name}`: {reason}")]
@@ -39,7 +39,10 @@ pub enum WasmError {
 
     /// Instantiation failed (for example, the start function trapped).
     #[error("cannot instantiate `{name}`: {reason}")]
-    Instantiate { name: String, reason: String },
+    Instantiate {
+        name: String,
+        reason: InstantiateError,
+    },
 
     /// The plugin trapped. The instance is discarded.
     #[error("plugin trapped in `{call}`: {reason}")]
@@ -111,6 +114,182 @@ impl WasmError {
                 Some(FailureReason::Exited("instance thread ended".into()))
             }
             _ => None,
+        }
+    }
+}
+
+/// Why the host's imports could not be linked to a component.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The host's own imports (WASI, the contract's `host-log`) could not
+    /// be added to the linker.
+    #[error("{0:#}")]
+    Host(#[source] wasmtime::Error),
+    /// The component imports something the host does not provide.
+    #[error("it imports something the host does not provide: {0:#}")]
+    Imports(#[source] wasmtime::Error),
+    /// The component does not export the contract's interface.
+    #[error("it does not export `{iface}` as the contract defines it: {0:#}", iface = super::EXPORTED_INTERFACE)]
+    Exports(#[source] wasmtime::Error),
+}
+
+/// Why an instance's sandbox could not be made over its model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A directory under it cannot be listed.
+    #[error("cannot list `{}`: {source}", dir.display())]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// It holds more than [`limits::MAX_SNAPSHOT_MODEL_FILES`] entries.
+    #[error(
+        "the model directory `{}` holds more than {limit} entries (limits::MAX_SNAPSHOT_MODEL_FILES)",
+        dir.display()
+    )]
+    TooManyEntries { dir: PathBuf, limit: usize },
+    /// An entry's kind cannot be read.
+    #[error("cannot read `{}`: {source}", path.display())]
+    Kind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An entry is a FIFO, a socket or a device.
+    #[error(
+        "`{}` under the model directory is not a file, a directory or a link (a FIFO, socket or device blocks the host when opened)",
+        path.display()
+    )]
+    Special { path: PathBuf },
+    /// WASI could not open it.
+    #[error("cannot open the model directory `{}`: {source}", dir.display())]
+    Open {
+        dir: PathBuf,
+        source: wasmtime::Error,
+    },
+}
+
+/// Why an instance could not be instantiated.
+#[derive(Debug, thiserror::Error)]
+pub enum InstantiateError {
+    /// Its sandbox could not be made.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// No runtime for its host calls.
+    #[error("no runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// No thread to run it on.
+    #[error("no thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// wasmtime refused it, or its start function trapped: the trap's kind
+    /// or wasmtime's message, as [`super::boundary`] words a crash.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why a pre-initialized snapshot could not be made, by the step that
+/// failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// wizer could not instrument the component.
+    #[error("cannot instrument the component: {0:#}")]
+    Instrument(#[source] wasmtime::Error),
+    /// The instrumented component did not compile.
+    #[error("cannot compile the instrumented component: {0:#}")]
+    Compile(#[source] wasmtime::Error),
+    /// The host's imports could not be linked.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The sandbox over the model directory could not be made.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// No runtime for the instance's host calls.
+    #[error("no runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// A step ran past the `init` deadline.
+    #[error("`init` ran past its {0:?} deadline")]
+    Deadline(Duration),
+    /// The instrumented component could not be instantiated.
+    #[error("cannot instantiate the instrumented component: {0:#}")]
+    Instantiate(#[source] wasmtime::Error),
+    /// The instrumented component no longer exports the contract.
+    #[error("the instrumented component lost its exports: {0:#}")]
+    Exports(#[source] wasmtime::Error),
+    /// `init` trapped.
+    #[error("`init` trapped: {0:#}")]
+    InitTrapped(#[source] wasmtime::Error),
+    /// `init` returned the plugin's error.
+    #[error("`init` failed: {0}")]
+    InitFailed(#[source] PluginError),
+    /// More memory than [`limits::MAX_SNAPSHOT_BYTES`] after `init`.
+    #[error(
+        "the instance holds {held} bytes after `init`, more than a snapshot may keep ({limit} bytes, limits::MAX_SNAPSHOT_BYTES)"
+    )]
+    TooLarge { held: u64, limit: u64 },
+    /// wizer could not write the snapshot.
+    #[error("cannot write the snapshot: {0:#}")]
+    Write(#[source] wasmtime::Error),
+    /// An accessor of the instance's state failed.
+    #[error("cannot read the instance's state: {0}")]
+    State(#[source] StateError),
+}
+
+/// Why an accessor of the instrumented instance (its state, read back for
+/// the snapshot) could not be called.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The instrumented instance lacks an accessor's interface.
+    #[error("no export `{instance}`")]
+    NoInstance { instance: String },
+    /// The instrumented instance lacks an accessor.
+    #[error("no export `{instance}#{func}`")]
+    NoFunc { instance: String, func: String },
+    /// The accessor has another type.
+    #[error("`{instance}#{func}`: {source:#}")]
+    Type {
+        instance: String,
+        func: String,
+        source: wasmtime::Error,
+    },
+    /// The accessor trapped.
+    #[error("`{instance}#{func}` trapped: {source:#}")]
+    Trapped {
+        instance: String,
+        func: String,
+        source: wasmtime::Error,
+    },
+}
+
+/// Why a plugin runs without its pre-initialized snapshot (instances then
+/// load their model in `init`).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotUnavailable {
+    /// The model directory could not be hashed into the snapshot's id.
+    #[error("no snapshot id for `{}`: {source}", dir.display())]
+    Id {
+        dir: PathBuf,
+        source: super::snapshot::SnapshotIdError,
+    },
+    /// Making it failed.
+    #[error(transparent)]
+    Make(#[from] SnapshotError),
+    /// The artifact cache, or compiling what was made, failed.
+    #[error("{0:#}")]
+    Load(#[source] wasmtime::Error),
+    /// Making it panicked.
+    #[error("the snapshot panicked")]
+    Panicked,
+    /// What was made does not link.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+impl SnapshotUnavailable {
+    /// What loading or making the snapshot gave: [`SnapshotError`] as
+    /// itself, anything else as the cache's or the compiler's.
+    pub(super) fn loading(error: wasmtime::Error) -> Self {
+        match error.downcast::<SnapshotError>() {
+            Ok(made) => SnapshotUnavailable::Make(made),
+            Err(other) => SnapshotUnavailable::Load(other),
         }
     }
 }

@@ -28,6 +28,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::embedhost::embedder::host_log::{self, Level};
 use super::bindings::embedhost::embedder::types;
+use super::error::SandboxError;
 use crate::limits;
 
 /// Metric: plugin log lines dropped by the rate limit, by plugin.
@@ -51,12 +52,13 @@ impl HostState {
     /// log, and no directory but the model's, read-only, if one is given.
     ///
     /// # Errors
-    /// The model directory cannot be opened.
+    /// [`SandboxError`]: the model directory cannot be opened, or holds
+    /// what an instance must not see.
     pub fn new(
         plugin: Arc<str>,
         memory_limit: u64,
         model_dir: Option<&std::path::Path>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SandboxError> {
         let log = Arc::new(Mutex::new(LogGate::new(plugin)));
         let mut builder = WasiCtxBuilder::new();
         if let Some(dir) = model_dir {
@@ -67,7 +69,10 @@ impl HostState {
                     super::MODEL_DIR_IN_GUEST,
                     wasmtime_wasi::FsPerms::ReadOnly,
                 )
-                .map_err(|e| format!("cannot open the model directory `{}`: {e}", dir.display()))?;
+                .map_err(|source| SandboxError::Open {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
         }
         let wasi = builder
             .stdout(LogStream {
@@ -122,32 +127,31 @@ impl Drop for HostState {
 /// cancelled reads of a FIFO under `/model` left 19 threads). Walked at
 /// every instance's start (a model has a handful of files), within
 /// [`limits::MAX_SNAPSHOT_MODEL_FILES`] entries.
-fn refuse_special_files(dir: &std::path::Path) -> Result<(), String> {
+fn refuse_special_files(dir: &std::path::Path) -> Result<(), SandboxError> {
     let mut pending = vec![dir.to_path_buf()];
     let mut seen = 0usize;
     while let Some(current) = pending.pop() {
-        let listing = std::fs::read_dir(&current)
-            .map_err(|e| format!("cannot list `{}`: {e}", current.display()))?;
-        for entry in listing {
-            let entry = entry.map_err(|e| format!("cannot list `{}`: {e}", current.display()))?;
+        let list = |source| SandboxError::List {
+            dir: current.clone(),
+            source,
+        };
+        for entry in std::fs::read_dir(&current).map_err(list)? {
+            let entry = entry.map_err(list)?;
             seen += 1;
             if seen > limits::MAX_SNAPSHOT_MODEL_FILES {
-                return Err(format!(
-                    "the model directory `{}` holds more than {} entries (limits::MAX_SNAPSHOT_MODEL_FILES)",
-                    dir.display(),
-                    limits::MAX_SNAPSHOT_MODEL_FILES
-                ));
+                return Err(SandboxError::TooManyEntries {
+                    dir: dir.to_path_buf(),
+                    limit: limits::MAX_SNAPSHOT_MODEL_FILES,
+                });
             }
-            let kind = entry
-                .file_type()
-                .map_err(|e| format!("cannot read `{}`: {e}", entry.path().display()))?;
+            let kind = entry.file_type().map_err(|source| SandboxError::Kind {
+                path: entry.path(),
+                source,
+            })?;
             if kind.is_dir() {
                 pending.push(entry.path());
             } else if !(kind.is_file() || kind.is_symlink()) {
-                return Err(format!(
-                    "`{}` under the model directory is not a file, a directory or a link (a FIFO, socket or device blocks the host when opened)",
-                    entry.path().display()
-                ));
+                return Err(SandboxError::Special { path: entry.path() });
             }
         }
     }

@@ -98,13 +98,13 @@ fn a_model_directory_of_too_many_entries_is_refused_naming_it_and_the_limit() {
     for i in 0..=limits::MAX_SNAPSHOT_MODEL_FILES {
         std::fs::write(dir.path().join(i.to_string()), "").unwrap();
     }
-    let err = refuse_special_files(dir.path()).unwrap_err();
+    let err = refuse_special_files(dir.path()).unwrap_err().to_string();
     assert!(
         err.contains(&*dir.path().to_string_lossy()) && err.contains("MAX_SNAPSHOT_MODEL_FILES"),
         "{err}"
     );
     std::fs::remove_file(dir.path().join("0")).unwrap();
-    assert_eq!(refuse_special_files(dir.path()), Ok(()));
+    refuse_special_files(dir.path()).unwrap();
 }
 
 #[test]

@@ -35,8 +35,8 @@ use super::bindings::Plugin;
 use super::bindings::exports::embedhost::embedder::embedder::InputKind;
 use super::boundary::{classify, validate};
 use super::host::HostState;
-use super::{InstanceLimits, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
-use crate::backend::{CallError, Health as SupervisedHealth, Spawner, Started, Worker};
+use super::{InstanceLimits, InstantiateError, ModelInfo, WasmError, WasmPlugin, deadline_ticks};
+use crate::backend::{CallError, Health as SupervisedHealth, SpawnError, Spawner, Started, Worker};
 use crate::bus::BoxFuture;
 use crate::limits;
 use crate::vectors::Vectors;
@@ -124,13 +124,13 @@ impl Instance {
             reason,
         };
         let runtime =
-            CallRuntime::new().map_err(|e| instantiate_error(format!("no runtime: {e}")))?;
+            CallRuntime::new().map_err(|e| instantiate_error(InstantiateError::Runtime(e)))?;
         let state = HostState::new(
             plugin.shared_name(),
             limits.memory_bytes,
             plugin.model_dir(),
         )
-        .map_err(instantiate_error)?;
+        .map_err(|e| instantiate_error(e.into()))?;
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
@@ -146,7 +146,7 @@ impl Instance {
             Ok(Ok(bindings)) => bindings,
             Ok(Err(e)) => {
                 return Err(classify(&store, "instantiate", deadline, e, |reason| {
-                    instantiate_error(reason)
+                    instantiate_error(InstantiateError::Refused(reason))
                 }));
             }
             Err(_) => {
@@ -372,7 +372,7 @@ impl WasmEmbedder {
             })
             .map_err(|e| WasmError::Instantiate {
                 name: thread_name.to_string(),
-                reason: format!("no thread: {e}"),
+                reason: InstantiateError::Thread(e),
             })?;
         let gone = || WasmError::InstanceGone {
             name: name.to_string(),
@@ -578,7 +578,7 @@ impl Spawner for WasmSpawner {
             let started = std::time::Instant::now();
             let embedder = WasmEmbedder::start(this.plugin, this.limits, this.config)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(SpawnError::backend)?;
             tracing::debug!(slot, incarnation, elapsed = ?started.elapsed(), "wasm instance ready");
             let info = embedder.model_info().clone();
             Ok((Box::new(embedder) as Box<dyn Worker>, info))

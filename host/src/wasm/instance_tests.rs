@@ -80,5 +80,5 @@ fn a_plugin_that_traps_while_instantiating_is_refused_naming_the_trap() {
         panic!("not an instantiation failure: {err:?}");
     };
     assert_eq!(*name, file.display().to_string());
-    assert!(reason.contains("unreachable"), "{reason}");
+    assert!(reason.to_string().contains("unreachable"), "{reason}");
 }

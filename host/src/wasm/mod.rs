@@ -34,7 +34,10 @@ use wasmtime::{Config, Engine, OptLevel};
 pub use bindings::exports::embedhost::embedder::embedder::InputKind;
 pub(crate) use cache::sha256_hex;
 pub use cache::{ArtifactCache, CacheError, CacheOutcome, KEY_FILE};
-pub use error::{PluginError, WasmError};
+pub use error::{
+    InstantiateError, LinkError, PluginError, SandboxError, SnapshotError, SnapshotUnavailable,
+    StateError, WasmError,
+};
 pub use host::MemoryCapHit;
 pub use instance::{Instance, WasmEmbedder, WasmSpawner};
 pub use source::{BUILTIN_PLUGINS, PluginSource};
@@ -217,16 +220,33 @@ pub struct WasmPlugin {
 
 /// Whether a plugin's instances start from a pre-initialized snapshot
 /// (see [`snapshot`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum SnapshotStatus {
     /// Not asked for: instances load their model in `init`.
     NotUsed,
     /// Instances start from a snapshot, made now or found in the cache.
     Used(CacheOutcome),
-    /// Asked for, but it could not be made (the reason); instances load
-    /// their model in `init`.
-    Unavailable(String),
+    /// Asked for, but it could not be made (the reason, shared by the
+    /// plugin's clones); instances load their model in `init`.
+    Unavailable(Arc<SnapshotUnavailable>),
 }
+
+/// Two statuses are equal if they are of one kind and, for
+/// [`SnapshotStatus::Unavailable`], read the same.
+impl PartialEq for SnapshotStatus {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SnapshotStatus::NotUsed, SnapshotStatus::NotUsed) => true,
+            (SnapshotStatus::Used(a), SnapshotStatus::Used(b)) => a == b,
+            (SnapshotStatus::Unavailable(a), SnapshotStatus::Unavailable(b)) => {
+                a.to_string() == b.to_string()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for SnapshotStatus {}
 
 impl WasmPlugin {
     /// Loads `source` pre-initialized: `init(config)` already run over the
@@ -248,12 +268,16 @@ impl WasmPlugin {
         let bytes = read(source)?;
         check_header(&name, &bytes)?;
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let id = snapshot::snapshot_id(&bytes, model_dir, config)
-                .map_err(|e| format!("no snapshot id for `{}`: {e}", model_dir.display()))?;
+            let id = snapshot::snapshot_id(&bytes, model_dir, config).map_err(|source| {
+                SnapshotUnavailable::Id {
+                    dir: model_dir.to_path_buf(),
+                    source,
+                }
+            })?;
             let make = || {
                 tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
                 snapshot::make(engine, &name, &bytes, model_dir, limits, config)
-                    .map_err(|reason| wasmtime::format_err!("{reason}"))
+                    .map_err(wasmtime::Error::new)
             };
             match engine.cache() {
                 Some(cache) => cache.load_or_make(engine, &id, make),
@@ -261,10 +285,10 @@ impl WasmPlugin {
                     .and_then(|wasm| engine.compile(&wasm))
                     .map(|c| (c, CacheOutcome::Compiled)),
             }
-            .map_err(|e| format!("{e:#}"))
+            .map_err(SnapshotUnavailable::loading)
         }))
-        .unwrap_or_else(|_| Err("the snapshot panicked".into()));
-        let status = match made {
+        .unwrap_or(Err(SnapshotUnavailable::Panicked));
+        let reason = match made {
             Ok((component, outcome)) => match link(engine, &component) {
                 Ok(pre) => {
                     return Ok(WasmPlugin {
@@ -276,13 +300,13 @@ impl WasmPlugin {
                         snapshot: SnapshotStatus::Used(outcome),
                     });
                 }
-                Err(reason) => SnapshotStatus::Unavailable(reason),
+                Err(reason) => reason.into(),
             },
-            Err(reason) => SnapshotStatus::Unavailable(reason),
+            Err(reason) => reason,
         };
-        tracing::warn!(plugin = %name, ?status, "no snapshot; each instance loads its model in `init`");
+        tracing::warn!(plugin = %name, %reason, "no snapshot; each instance loads its model in `init`");
         let mut plugin = Self::from_bytes(engine, name, &bytes)?.with_model_dir(model_dir);
-        plugin.snapshot = status;
+        plugin.snapshot = SnapshotStatus::Unavailable(Arc::new(reason));
         Ok(plugin)
     }
 
@@ -459,25 +483,23 @@ fn check_header(name: &str, bytes: &[u8]) -> Result<(), WasmError> {
 
 /// The host's imports: WASI p2 (sandboxed by [`host::HostState`]) and the
 /// contract's `host-log`.
-fn linker(engine: &WasmEngine) -> Result<Linker<host::HostState>, String> {
+fn linker(engine: &WasmEngine) -> Result<Linker<host::HostState>, LinkError> {
     let mut linker: Linker<host::HostState> = Linker::new(engine.engine());
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(LinkError::Host)?;
     bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(LinkError::Host)?;
     Ok(linker)
 }
 
 fn link(
     engine: &WasmEngine,
     component: &Component,
-) -> Result<bindings::PluginPre<host::HostState>, String> {
+) -> Result<bindings::PluginPre<host::HostState>, LinkError> {
     let linker = linker(engine)?;
     let instance_pre = linker
         .instantiate_pre(component)
-        .map_err(|e| format!("it imports something the host does not provide: {e:#}"))?;
-    bindings::PluginPre::new(instance_pre).map_err(|e| {
-        format!("it does not export `{EXPORTED_INTERFACE}` as the contract defines it: {e:#}")
-    })
+        .map_err(LinkError::Imports)?;
+    bindings::PluginPre::new(instance_pre).map_err(LinkError::Exports)
 }
 
 impl TryFrom<bindings::embedhost::embedder::types::ModelInfo> for ModelInfo {

@@ -33,6 +33,7 @@ use wasmtime::component::{ComponentExportIndex, Lift, WasmList};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::Plugin;
+use super::error::{SnapshotError, StateError};
 use super::host::HostState;
 use super::instance::CallRuntime;
 use super::{InstanceLimits, WasmEngine, deadline_ticks};
@@ -208,8 +209,9 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
 /// instance's state in it.
 ///
 /// # Errors
-/// A message naming the step that failed: instrumenting, compiling,
-/// instantiating, `init` (with the plugin's error), or the snapshot.
+/// [`SnapshotError`], naming the step that failed: instrumenting,
+/// compiling, instantiating, `init` (with the plugin's error), or the
+/// snapshot.
 pub fn make(
     engine: &WasmEngine,
     name: &str,
@@ -217,7 +219,7 @@ pub fn make(
     model_dir: &Path,
     limits: InstanceLimits,
     config: &[(String, String)],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SnapshotError> {
     let mut wizer = Wizer::new();
     // The contract's `init` is the initializer, called by the host below,
     // not an export wizer calls and then removes: restored instances are
@@ -225,10 +227,10 @@ pub fn make(
     wizer.keep_init_func(true);
     let (cx, instrumented) = wizer
         .instrument_component(bytes)
-        .map_err(|e| format!("cannot instrument the component: {e:#}"))?;
+        .map_err(SnapshotError::Instrument)?;
     let component = engine
         .compile(&instrumented)
-        .map_err(|e| format!("cannot compile the instrumented component: {e:#}"))?;
+        .map_err(SnapshotError::Compile)?;
     let linker = super::linker(engine)?;
     let state = HostState::new(name.into(), limits.memory_bytes, Some(model_dir))?;
     let mut store = Store::new(engine.engine(), state);
@@ -239,35 +241,34 @@ pub fn make(
     // (the instance's memory, read back by wizer) get the memory cap.
     store.data_mut().export_allowance = snapshot_hostcall_fuel(&limits);
     super::host::bound_hostcalls(&mut store);
-    let runtime = CallRuntime::new().map_err(|e| format!("no runtime: {e}"))?;
+    let runtime = CallRuntime::new().map_err(SnapshotError::Runtime)?;
     // Each step is bounded like an instance's `init`: guest code by the
     // epoch deadline, a wait in a host function by the timer.
     let bound = limits
         .init_deadline
         .saturating_add(crate::limits::HOST_CALL_GRACE);
-    let timed_out = || format!("`init` ran past its {:?} deadline", limits.init_deadline);
+    let timed_out = |_| SnapshotError::Deadline(limits.init_deadline);
     let initialized = runtime.run_for(bound, async {
         let instance = linker
             .instantiate_async(&mut store, &component)
             .await
-            .map_err(|e| format!("cannot instantiate the instrumented component: {e:#}"))?;
-        let plugin = Plugin::new(&mut store, &instance)
-            .map_err(|e| format!("the instrumented component lost its exports: {e:#}"))?;
+            .map_err(SnapshotError::Instantiate)?;
+        let plugin = Plugin::new(&mut store, &instance).map_err(SnapshotError::Exports)?;
         plugin
             .embedhost_embedder_embedder()
             .call_init(&mut store, config)
             .await
-            .map_err(|e| format!("`init` trapped: {e:#}"))?
-            .map_err(|e| format!("`init` failed: {}", super::PluginError::from(e)))?;
-        Ok::<_, String>(instance)
+            .map_err(SnapshotError::InitTrapped)?
+            .map_err(|e| SnapshotError::InitFailed(e.into()))?;
+        Ok::<_, SnapshotError>(instance)
     });
-    let instance = initialized.map_err(|_| timed_out())??;
+    let instance = initialized.map_err(timed_out)??;
     let held = store.data().memory_bytes();
     if held > crate::limits::MAX_SNAPSHOT_BYTES {
-        return Err(format!(
-            "the instance holds {held} bytes after `init`, more than a snapshot may keep ({} bytes, limits::MAX_SNAPSHOT_BYTES)",
-            crate::limits::MAX_SNAPSHOT_BYTES
-        ));
+        return Err(SnapshotError::TooLarge {
+            held,
+            limit: crate::limits::MAX_SNAPSHOT_BYTES,
+        });
     }
     store.set_epoch_deadline(deadline_ticks(limits.init_deadline));
     let mut access = Access {
@@ -277,10 +278,10 @@ pub fn make(
     };
     let snapshot = runtime
         .run_for(bound, wizer.snapshot_component(&cx, &mut access))
-        .map_err(|_| timed_out())?
-        .map_err(|e| format!("cannot write the snapshot: {e:#}"))?;
+        .map_err(timed_out)?
+        .map_err(SnapshotError::Write)?;
     if let Some(reason) = access.failure {
-        return Err(format!("cannot read the instance's state: {reason}"));
+        return Err(SnapshotError::State(reason));
     }
     Ok(snapshot)
 }
@@ -293,7 +294,7 @@ struct Access<'a> {
     /// The first accessor call that failed (wizer's trait has no error
     /// channel; the value returned in its place is discarded with the
     /// snapshot).
-    failure: Option<String>,
+    failure: Option<StateError>,
 }
 
 impl Access<'_> {
@@ -305,20 +306,33 @@ impl Access<'_> {
             let (_, parent) = self
                 .instance
                 .get_export(&mut *self.store, None, instance)
-                .ok_or_else(|| format!("no export `{instance}`"))?;
+                .ok_or_else(|| StateError::NoInstance {
+                    instance: instance.to_string(),
+                })?;
             let (_, index): (_, ComponentExportIndex) = self
                 .instance
                 .get_export(&mut *self.store, Some(&parent), func)
-                .ok_or_else(|| format!("no export `{instance}#{func}`"))?;
+                .ok_or_else(|| StateError::NoFunc {
+                    instance: instance.to_string(),
+                    func: func.to_string(),
+                })?;
             let typed = self
                 .instance
                 .get_typed_func::<(), (R,)>(&mut *self.store, index)
-                .map_err(|e| format!("`{instance}#{func}`: {e:#}"))?;
+                .map_err(|source| StateError::Type {
+                    instance: instance.to_string(),
+                    func: func.to_string(),
+                    source,
+                })?;
             typed
                 .call_async(&mut *self.store, ())
                 .await
                 .map(|(r,)| r)
-                .map_err(|e| format!("`{instance}#{func}` trapped: {e:#}"))
+                .map_err(|source| StateError::Trapped {
+                    instance: instance.to_string(),
+                    func: func.to_string(),
+                    source,
+                })
         }
         .await;
         match result {
