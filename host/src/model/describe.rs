@@ -21,8 +21,9 @@
 //!   asked for. Text from the files is quoted escaped and cut
 //!   ([`MAX_MODEL_QUOTE_BYTES`]); a path is printed with `{:?}`.
 //! - No JSON file larger than [`MAX_MODEL_JSON_BYTES`] is read, and no path
-//!   from `modules.json` leaves the model's directory (absolute paths and
-//!   `..` are refused).
+//!   from `modules.json` leaves the model's directory: absolute paths and
+//!   `..` are refused. The check is on the path's text; symbolic links are
+//!   followed (a Hugging Face cache's snapshot is made of them).
 //! - Defaults are sentence-transformers' own: a Pooling config without
 //!   `pooling_mode_mean_tokens` means mean (with any other mode it asks for
 //!   two); `include_prompt` true; `do_lower_case` false; without
@@ -67,7 +68,8 @@ pub enum Pooling {
     WeightedMean,
 }
 
-/// The transformer's shape, from its Hugging Face `config.json`.
+/// The transformer's shape, from its Hugging Face `config.json` (each
+/// field is the key of the same name).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BertShape {
     pub hidden_size: usize,
@@ -177,8 +179,12 @@ pub enum Problem {
     NotAFile,
     #[error("is larger than {MAX_MODEL_JSON_BYTES} bytes; refused unread")]
     TooLarge,
-    #[error("is not valid JSON of its kind: {0}")]
-    Malformed(serde_json::Error),
+    #[error("is not valid JSON of its kind at line {line} column {column}: {reason}")]
+    Malformed {
+        reason: String,
+        line: usize,
+        column: usize,
+    },
     #[error(
         "module {index} is of type {kind}, which embedhost does not run (it runs \
          sentence_transformers.models.Transformer, Pooling and Normalize)"
@@ -293,14 +299,15 @@ fn quote(text: &str) -> String {
 /// The JSON file at `path`, at most [`MAX_MODEL_JSON_BYTES`] of it.
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, DescribeError> {
     let fail = at(path);
-    let file = std::fs::File::open(path).map_err(|e| fail(Problem::Unreadable(e)))?;
-    let meta = file.metadata().map_err(|e| fail(Problem::Unreadable(e)))?;
+    // Looked at before opening, as opening a FIFO would block.
+    let meta = std::fs::metadata(path).map_err(|e| fail(Problem::Unreadable(e)))?;
     if !meta.is_file() {
         return Err(fail(Problem::NotAFile));
     }
     if meta.len() > MAX_MODEL_JSON_BYTES {
         return Err(fail(Problem::TooLarge));
     }
+    let file = std::fs::File::open(path).map_err(|e| fail(Problem::Unreadable(e)))?;
     let mut bytes = Vec::new();
     // Bounded again while reading: the file may grow after the check.
     file.take(MAX_MODEL_JSON_BYTES + 1)
@@ -309,7 +316,22 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, DescribeError> {
     if bytes.len() as u64 > MAX_MODEL_JSON_BYTES {
         return Err(fail(Problem::TooLarge));
     }
-    serde_json::from_slice(&bytes).map_err(|e| fail(Problem::Malformed(e)))
+    serde_json::from_slice(&bytes).map_err(|e| fail(malformed(&e)))
+}
+
+/// A JSON error as [`Problem::Malformed`]: serde's message quotes the
+/// file's text, so it is escaped and cut, its place kept.
+fn malformed(error: &serde_json::Error) -> Problem {
+    let message = error.to_string();
+    let place = format!(" at line {} column {}", error.line(), error.column());
+    Problem::Malformed {
+        reason: crate::untrusted::sanitize(
+            message.strip_suffix(&place).unwrap_or(&message),
+            MAX_MODEL_QUOTE_BYTES,
+        ),
+        line: error.line(),
+        column: error.column(),
+    }
 }
 
 /// As [`read_json`], but a file that is not there is `None`.

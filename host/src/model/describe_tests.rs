@@ -429,7 +429,7 @@ fn refuses_malformed_json_naming_the_file() {
     )
     .unwrap();
     let error = refused(d);
-    assert!(matches!(error.problem, Problem::Malformed(_)));
+    assert!(matches!(error.problem, Problem::Malformed { line: 1, .. }));
     says(&error, d, "sentence_bert_config.json", &["not valid JSON"]);
     std::fs::write(d.join("sentence_bert_config.json"), "{}").unwrap();
     let mut config = bert_config(6);
@@ -500,4 +500,19 @@ fn quoted_text_is_escaped_and_cut() {
     let text = refused(d).to_string();
     assert!(!text.contains('\n') && !text.contains('\u{202e}'), "{text}");
     assert!(text.len() < 1000, "{} bytes", text.len());
+}
+
+#[test]
+fn a_json_error_quoting_the_file_is_escaped_and_cut() {
+    let dir = minilm();
+    let d = dir.path();
+    let mut config = bert_config(6);
+    config["hidden_size"] = json!(format!("\u{1b}[31m{}", "x".repeat(100_000)));
+    write(d, "config.json", &config);
+    let error = refused(d);
+    let text = error.to_string();
+    assert!(matches!(error.problem, Problem::Malformed { .. }), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text}");
+    assert!(text.len() < 1000, "{} bytes", text.len());
+    assert!(text.contains("at line"), "{text}");
 }
