@@ -225,6 +225,8 @@ pub enum Problem {
     Activation(String),
     #[error("position_embedding_type {0} is not absolute, the one embedhost runs")]
     PositionEmbedding(String),
+    #[error("has no {0}")]
+    MissingKey(&'static str),
     #[error("{key} is {value}: {reason}")]
     Value {
         key: &'static str,
@@ -372,10 +374,13 @@ impl ModuleKind {
                 | "sentence_transformers.base.models"
                 | "sentence_transformers.sentence_transformer.models"
         );
+        if !known {
+            return None;
+        }
         match class {
-            "Transformer" if known => Some(ModuleKind::Transformer),
-            "Pooling" if known => Some(ModuleKind::Pooling),
-            "Normalize" if known => Some(ModuleKind::Normalize),
+            "Transformer" => Some(ModuleKind::Transformer),
+            "Pooling" => Some(ModuleKind::Pooling),
+            "Normalize" => Some(ModuleKind::Normalize),
             _ => None,
         }
     }
@@ -530,16 +535,19 @@ impl PoolingConfig {
 /// `config_sentence_transformers.json`, as far as it is read.
 #[derive(Deserialize)]
 struct StConfig {
+    /// `null` is taken as `{}`.
     #[serde(default)]
-    prompts: BTreeMap<String, String>,
+    prompts: Option<BTreeMap<String, String>>,
     default_prompt_name: Option<String>,
 }
 
 impl StConfig {
     /// The query's and the document's prompts (see the module's invariants).
     fn prompts(&self) -> Result<(Option<String>, Option<String>), Problem> {
+        let none = BTreeMap::new();
+        let prompts = self.prompts.as_ref().unwrap_or(&none);
         let default = match &self.default_prompt_name {
-            Some(name) if !self.prompts.contains_key(name) => {
+            Some(name) if !prompts.contains_key(name) => {
                 return Err(Problem::DefaultPrompt(quote(name)));
             }
             other => other.as_deref(),
@@ -548,9 +556,9 @@ impl StConfig {
             let name = candidates
                 .iter()
                 .copied()
-                .find(|name| self.prompts.contains_key(*name))
+                .find(|name| prompts.contains_key(*name))
                 .or(default)?;
-            Some(self.prompts[name].clone()).filter(|p| !p.is_empty())
+            Some(prompts[name].clone()).filter(|p| !p.is_empty())
         };
         Ok((pick(&["query"]), pick(&["document", "passage", "corpus"])))
     }

@@ -200,6 +200,8 @@ fn e5_style_prompts() {
     let prompts = json!({"query": "q: ", "passage": "p: ", "document": "d: "});
     let d = model.prompts(prompts, None).describe();
     assert_eq!(d.prompt(false), Some("d: "));
+    model.set(ST_CONFIG, json!({"prompts": null}));
+    assert_eq!(model.describe().prompt(true), None);
 }
 
 /// Without a prompt of its kind, a text takes `default_prompt_name`'s; an
@@ -353,6 +355,11 @@ fn refuses_a_non_bert_architecture_naming_it() {
         .set("config.json", config)
         .refused("config.json", &["\"xlm-roberta\"", "XLMRobertaModel"]);
     assert!(matches!(error.problem, Problem::Architecture { .. }));
+    // Named before its sizes are looked for (T5 has no hidden_size).
+    let t5 = json!({"model_type": "t5", "architectures": null, "d_model": 512});
+    model
+        .set("config.json", t5)
+        .refused("config.json", &["\"t5\"", "not bert"]);
     // A bert model_type with another head is refused too.
     model
         .set(

@@ -12,20 +12,20 @@ const BERT_CONFIG: &str = "sentence_bert_config.json";
 const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 /// The transformer's Hugging Face `config.json`, as far as it is read. The
-/// shape has no defaults (the BERT engine needs each); the rest takes
-/// `BertConfig`'s.
+/// shape has no defaults (the BERT engine needs each), but its absence is
+/// told after the architecture (another architecture names its sizes
+/// otherwise); the rest takes `BertConfig`'s defaults.
 #[derive(Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
-    #[serde(default)]
-    architectures: Vec<String>,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    intermediate_size: usize,
-    vocab_size: usize,
-    max_position_embeddings: usize,
-    type_vocab_size: usize,
+    architectures: Option<Vec<String>>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    intermediate_size: Option<usize>,
+    vocab_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
     layer_norm_eps: Option<f64>,
     hidden_act: Option<String>,
     position_embedding_type: Option<String>,
@@ -40,10 +40,11 @@ pub(super) fn read_shape(dir: &Path) -> Result<BertShape, DescribeError> {
 
 impl HfConfig {
     fn check(self) -> Result<BertShape, Problem> {
+        let architectures = self.architectures.as_deref().unwrap_or_default();
         let bert = self.model_type.as_deref() == Some("bert")
-            && self.architectures.iter().all(|a| a.starts_with("Bert"));
+            && architectures.iter().all(|a| a.starts_with("Bert"));
         if !bert {
-            let architectures: Vec<&str> = self.architectures.iter().map(String::as_str).collect();
+            let architectures: Vec<&str> = architectures.iter().map(String::as_str).collect();
             return Err(Problem::Architecture {
                 model_type: self.model_type.as_deref().map_or("absent".into(), quote),
                 architectures: quote(&format!("[{}]", architectures.join(", "))),
@@ -60,14 +61,15 @@ impl HfConfig {
         if position != "absolute" {
             return Err(Problem::PositionEmbedding(quote(position)));
         }
+        let need = |key: &'static str, value: Option<usize>| value.ok_or(Problem::MissingKey(key));
         let shape = BertShape {
-            hidden_size: self.hidden_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            intermediate_size: self.intermediate_size,
-            vocab_size: self.vocab_size,
-            max_position_embeddings: self.max_position_embeddings,
-            type_vocab_size: self.type_vocab_size,
+            hidden_size: need("hidden_size", self.hidden_size)?,
+            num_hidden_layers: need("num_hidden_layers", self.num_hidden_layers)?,
+            num_attention_heads: need("num_attention_heads", self.num_attention_heads)?,
+            intermediate_size: need("intermediate_size", self.intermediate_size)?,
+            vocab_size: need("vocab_size", self.vocab_size)?,
+            max_position_embeddings: need("max_position_embeddings", self.max_position_embeddings)?,
+            type_vocab_size: need("type_vocab_size", self.type_vocab_size)?,
             layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-12),
         };
         shape.check()?;
