@@ -164,6 +164,18 @@ pub const MAX_PLUGIN_ERROR_BYTES: usize = 1024;
 /// collide and let an index built by one model be searched with another.
 pub const MAX_MODEL_ID_BYTES: usize = 256;
 
+/// Largest JSON file of a model's description (`modules.json`, the configs;
+/// see `model::describe`) that is read. Real ones are under 10 KiB (a
+/// `tokenizer_config.json` with its added tokens, the largest, a few
+/// hundred KiB at most); a larger one is refused before it is read, so a
+/// hostile directory cannot make the host parse gigabytes.
+pub const MAX_MODEL_JSON_BYTES: u64 = 1024 * 1024;
+
+/// Longest text taken from a model's description into an error (a module
+/// type, an architecture, a prompt name): past it the text is cut and
+/// marked, so a hostile file cannot make an error message huge.
+pub const MAX_MODEL_QUOTE_BYTES: usize = 200;
+
 /// Sustained rate of plugin log lines (`host-log` and stdout/stderr lines
 /// together) per instance, per second. Past it lines are dropped and
 /// counted (`plugin_log_dropped_total`): a chatty plugin cannot fill a disk

@@ -15,6 +15,7 @@
 //! - Offline (`--offline` or `EMBEDHOST_OFFLINE=1`), nothing touches the
 //!   network.
 
+pub mod describe;
 pub mod fetch;
 pub mod manifest;
 pub mod python;
