@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use crate::config::{Backend, Config};
-use crate::supervisor::Supervisor;
 use crate::supervisor::SupervisorError;
+use crate::supervisor::{ModelInfo, Supervisor};
 use crate::tokens::Tokens;
 use crate::wasm::WasmError;
 use crate::wasm::{PluginSource, SnapshotStatus, WasmEngine, WasmPlugin, WasmSpawner};
@@ -179,11 +179,35 @@ pub async fn fetch_model(config: &Config) -> Result<PathBuf, LaunchError> {
 /// How files are cut: by the model's tokenizer when the config names a
 /// model (its `tokenizer.json`), else by words.
 pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, LaunchError> {
-    if !(config.wasm_needs_model() || config.needs_model_files()) {
+    if !config.uses_model_files() {
         return Ok(Tokens::Words);
     }
     let dir = config.model_dir()?;
     Ok(Tokens::from_model_dir(&dir, max_input_tokens)?)
+}
+
+/// How a caller of a remote pool serving `info`'s model counts tokens: by
+/// the model the config names, if it names one; else by the tokenizer of
+/// the built-in model of that id when the store holds it (counted nothing
+/// is fetched for it); else by words (a model whose tokenizer this
+/// machine does not have, such as the stub).
+///
+/// # Errors
+/// The named model's tokenizer cannot be read.
+pub fn remote_tokens(config: &Config, info: &ModelInfo) -> Result<Tokens, LaunchError> {
+    let window = info.max_input_tokens as usize;
+    if config.model.id.is_some() || config.model.dir.is_some() {
+        return tokens(config, window);
+    }
+    let stored = crate::model::builtin(info.model_id.as_ref())
+        .ok()
+        .zip(crate::model::ModelStore::from_env().ok())
+        .map(|(manifest, store)| store.dir(&manifest))
+        .filter(|dir| dir.join(crate::tokens::TOKENIZER_FILE).is_file());
+    Ok(match stored {
+        Some(dir) => Tokens::from_model_dir(&dir, window)?,
+        None => Tokens::Words,
+    })
 }
 
 /// The pool on the NATS server `[embedder] remote` names, if the config

@@ -94,11 +94,10 @@ async fn start_worker(
     );
     let generation = embedder.generation().map_err(|e| e.to_string())?;
     let model = generation.info.clone();
+    // Files are cut by the tokenizer the front door counts with (for a
+    // remote pool, see `launch::remote_tokens`).
+    let tokens = generation.tokens.clone();
     drop(generation);
-    // Files are cut by the model's own tokenizer, which must be here even
-    // when the pool is remote (a remote generation may count by words).
-    let tokens = crate::launch::tokens(config, model.max_input_tokens as usize)
-        .map_err(|e| e.to_string())?;
     let mut settings = crate::worker::WorkerSettings::from_config(config);
     if let Some(max) = max_pool {
         settings.in_flight = settings.in_flight.min(max + 1);

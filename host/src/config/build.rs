@@ -156,6 +156,17 @@ impl Config {
         self.backend == Backend::Native && self.native.engine == "onnx"
     }
 
+    /// Whether the backend that runs loads the model's files: the WASM
+    /// plugin given them ([`Config::wasm_needs_model`]) on the WASM backend,
+    /// the onnx engine on the native one (a native `stub` engine needs none,
+    /// whatever the plugin line says).
+    pub fn uses_model_files(&self) -> bool {
+        match self.backend {
+            Backend::Wasm => self.wasm_needs_model(),
+            Backend::Native => self.needs_model_files(),
+        }
+    }
+
     /// Intra-op threads of each native child.
     pub fn native_threads(&self) -> usize {
         self.native.threads.unwrap_or_else(|| {

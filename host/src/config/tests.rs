@@ -78,3 +78,18 @@ fn unknown_backend_and_zero_limits_are_refused() {
         .to_string();
     assert!(err.contains("greater than zero"), "{err}");
 }
+
+#[test]
+fn only_the_backend_that_runs_decides_whether_the_models_files_are_used() {
+    let uses = |text: &str| {
+        Config::parse(text, Path::new("a.toml"))
+            .unwrap()
+            .uses_model_files()
+    };
+    // The default plugin line names the BERT plugin, but a native stub
+    // engine never loads it: no tokenizer to read, nothing to fetch.
+    assert!(!uses("backend = \"native\"\n[native]\nengine = \"stub\"\n"));
+    assert!(uses("backend = \"native\"\n"));
+    assert!(uses(""));
+    assert!(!uses("[plugin]\npath = \"builtin:stub\"\n"));
+}

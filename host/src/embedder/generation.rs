@@ -90,7 +90,7 @@ impl Generation {
         budget: usize,
     ) -> Result<Arc<Generation>, crate::launch::LaunchError> {
         if let Some((bus, info)) = crate::launch::remote_embedder(&config).await? {
-            let tokens = crate::launch::tokens(&config, info.max_input_tokens as usize)?;
+            let tokens = crate::launch::remote_tokens(&config, &info)?;
             let name = config.embedder.remote.clone().unwrap_or_default();
             return Ok(Arc::new(Generation::remote(
                 bus, info, tokens, config, name,

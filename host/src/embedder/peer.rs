@@ -112,7 +112,7 @@ pub fn router(embedder: Arc<Embedder>, role: Role) -> Router {
 /// Whether `config`'s model files are there, checked by size (a full
 /// check re-hashes every file: `embedhost model check`).
 pub fn check_model(config: &Config) -> ModelCheckResponse {
-    if !(config.wasm_needs_model() || config.needs_model_files()) {
+    if !config.uses_model_files() {
         return ModelCheckResponse {
             exists: true,
             path: None,

@@ -30,13 +30,12 @@
 //!   `max_seq_length`, the smaller of `max_position_embeddings` and the
 //!   tokenizer's `model_max_length` (`tokenizer_config.json`), as the
 //!   Transformer module computes it.
-//! - [`Description::apply_prompt`] is the one place a prompt is put before
+//! - [`super::form::TextForm::apply`] is the one place a prompt is put before
 //!   a text. A query takes the prompt named `query`, a document the first
 //!   of `document`, `passage`, `corpus` (as `encode_query` and
 //!   `encode_document` choose); without one, `default_prompt_name`'s; an
 //!   empty prompt is none.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -50,23 +49,9 @@ mod transformer;
 
 use transformer::{read_sentence_bert, read_shape};
 
-/// How token vectors become one vector (sentence-transformers' pooling
-/// modes that embedhost runs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    /// The first token's vector (`pooling_mode_cls_token`).
-    Cls,
-    /// The mean over the attended tokens (`pooling_mode_mean_tokens`).
-    Mean,
-    /// The per-dimension maximum over the attended tokens
-    /// (`pooling_mode_max_tokens`).
-    Max,
-    /// The last attended token's vector (`pooling_mode_lasttoken`).
-    LastToken,
-    /// The mean weighted by position, 1 for the first token
-    /// (`pooling_mode_weightedmean_tokens`).
-    WeightedMean,
-}
+/// How token vectors become one vector: the engines' own type, so what is
+/// read here is what they run.
+pub use embedhost_text::Pooling;
 
 /// The transformer's shape, from its Hugging Face `config.json` (each
 /// field is the key of the same name).
@@ -148,13 +133,10 @@ impl Description {
         }
     }
 
-    /// `text` as the model must see it: its prompt (see [`Self::prompt`])
-    /// put before it. The one place prompts are applied.
-    pub fn apply_prompt<'a>(&self, text: &'a str, is_query: bool) -> Cow<'a, str> {
-        match self.prompt(is_query) {
-            Some(prompt) => Cow::Owned(format!("{prompt}{text}")),
-            None => Cow::Borrowed(text),
-        }
+    /// The prompts and lowercasing a text gets before the model sees it
+    /// (applied by [`super::form::TextForm::apply`], the one place).
+    pub fn form(&self) -> super::form::TextForm {
+        super::form::TextForm::of(self)
     }
 }
 

@@ -162,8 +162,8 @@ fn all_minilm_l6_v2() {
     assert_eq!(d.transformer_dir(), model.path());
     assert_eq!(d.tokenizer(), model.path().join("tokenizer.json"));
     assert_eq!(d.prompt(true), None);
-    assert_eq!(d.apply_prompt("hello", true), "hello");
-    assert_eq!(d.apply_prompt("hello", false), "hello");
+    assert_eq!(d.form().apply("hello".into(), true), "hello");
+    assert_eq!(d.form().apply("hello".into(), false), "hello");
 }
 
 /// BGE (bge-small-en-v1.5): CLS pooling, Normalize, lowercased, 512 tokens.
@@ -194,8 +194,11 @@ fn e5_style_prompts() {
     let d = model
         .prompts(json!({"query": "query: ", "passage": "passage: "}), None)
         .describe();
-    assert_eq!(d.apply_prompt("how far", true), "query: how far");
-    assert_eq!(d.apply_prompt("it is far", false), "passage: it is far");
+    assert_eq!(d.form().apply("how far".into(), true), "query: how far");
+    assert_eq!(
+        d.form().apply("it is far".into(), false),
+        "passage: it is far"
+    );
     // "document" is preferred to "passage", as encode_document does.
     let prompts = json!({"query": "q: ", "passage": "p: ", "document": "d: "});
     let d = model.prompts(prompts, None).describe();
@@ -211,8 +214,8 @@ fn default_prompt_name_fallback() {
     let model = Model::minilm();
     let prompts = json!({"query": "query: ", "retrieval": "passage: "});
     let d = model.prompts(prompts, Some("retrieval")).describe();
-    assert_eq!(d.apply_prompt("x", true), "query: x");
-    assert_eq!(d.apply_prompt("x", false), "passage: x");
+    assert_eq!(d.form().apply("x".into(), true), "query: x");
+    assert_eq!(d.form().apply("x".into(), false), "passage: x");
     let prompts = json!({"query": "", "retrieval": "passage: "});
     let d = model.prompts(prompts, Some("retrieval")).describe();
     assert_eq!(d.prompt(true), None);

@@ -17,6 +17,7 @@
 
 pub mod describe;
 pub mod fetch;
+pub mod form;
 pub mod manifest;
 pub mod python;
 
