@@ -202,6 +202,10 @@ pub const SCRIPTS: &[(&str, &str)] = &[
         "quantize_int8",
         include_str!("../../../scripts/quantize_int8.py"),
     ),
+    (
+        "onnx_to_safetensors",
+        include_str!("../../../scripts/onnx_to_safetensors.py"),
+    ),
 ];
 
 /// How long an HTTP download may wait, at each step and in all. Every

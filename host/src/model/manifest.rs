@@ -308,6 +308,39 @@ derive = { script = "bert_to_onnx", from = ["a.bin"] }
     }
 
     #[test]
+    fn the_second_builtin_manifest_assembles_its_model_from_several_sources() {
+        let m = Manifest::parse(super::super::BUILTIN[1].1, "builtin").unwrap();
+        assert_eq!(m.id, "paraphrase-minilm-l3-v2");
+        assert_eq!((m.dimension, m.max_tokens), (384, 128));
+        assert_eq!((m.pooling_mode(), m.normalize), (Pooling::Mean, false));
+        let texts: Vec<_> = m.files.iter().filter(|f| f.text.is_some()).collect();
+        assert_eq!(texts.len(), 2);
+        for file in texts {
+            let text = file.text.as_deref().unwrap();
+            assert_eq!(text.len() as u64, file.size, "{}", file.name);
+            let sha: String = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(sha, file.sha256, "{}", file.name);
+        }
+        let names = |b| {
+            m.files_for(Some(b))
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        // The plugin's weights are derived from the graph, which comes along.
+        assert_eq!(names("wasm").len(), 5);
+        assert_eq!(
+            names("native"),
+            ["sentence_bert_config.json", "tokenizer.json", "model.onnx"]
+        );
+        let int8 = names("native-int8");
+        assert!(int8.contains(&"model.onnx") && int8.contains(&"model.int8.onnx"));
+    }
+
+    #[test]
     fn bad_manifests_are_refused_with_the_reason_and_origin() {
         let cases = [
             (

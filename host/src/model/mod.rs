@@ -29,10 +29,16 @@ pub use manifest::{FileSpec, Manifest, ManifestError};
 pub const DEFAULT_MODEL: &str = "all-minilm-l6-v2";
 
 /// Manifests built into the binary: (id, text).
-pub const BUILTIN: &[(&str, &str)] = &[(
-    "all-minilm-l6-v2",
-    include_str!("../../../models/all-minilm-l6-v2.toml"),
-)];
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "all-minilm-l6-v2",
+        include_str!("../../../models/all-minilm-l6-v2.toml"),
+    ),
+    (
+        "paraphrase-minilm-l3-v2",
+        include_str!("../../../models/paraphrase-minilm-l3-v2.toml"),
+    ),
+];
 
 /// Environment variable overriding the store's root.
 pub const MODELS_DIR_ENV: &str = "EMBEDHOST_MODELS_DIR";
