@@ -1,16 +1,23 @@
 """Writes reference vectors of a BERT sentence encoder, computed without
-ONNX, for the parity tests.
+ONNX Runtime, for the parity tests.
 
     python scripts/golden_vectors.py MODEL_DIR OUT.json
+    python scripts/golden_vectors.py --from-onnx --no-normalize \
+        --name sentence-transformers/paraphrase-MiniLM-L3-v2 MODEL_DIR OUT.json
 
-The reference is independent of the ONNX graph the native engine runs and of
+The reference is independent of the runtime the native engine uses and of
 the Rust tokenizer binding: the Python `tokenizers` package tokenizes (with
 the model's tokenizer.json, truncated to sentence_bert_config.json's
 max_seq_length and unpadded, as sentence-transformers does), a float64 numpy
-forward pass over the safetensors weights computes the hidden states, then
-mean pooling and L2 normalization, in float64.
+forward pass computes the hidden states, then mean pooling and (unless
+--no-normalize: a model without a Normalize module) L2 normalization, in
+float64. The weights are the safetensors checkpoint's, or with --from-onnx
+the initializers of MODEL_DIR/model.onnx read with the `onnx` package (named
+as scripts/onnx_to_safetensors.py names them, by following the graph),
+for a model published only as an ONNX graph.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -54,7 +61,14 @@ SENTENCES = [
 
 
 def main():
-    model_dir, out = sys.argv[1], sys.argv[2]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("out")
+    parser.add_argument("--from-onnx", action="store_true", help="weights from model.onnx's initializers")
+    parser.add_argument("--no-normalize", action="store_true", help="the model has no Normalize module")
+    parser.add_argument("--name", default="sentence-transformers/all-MiniLM-L6-v2")
+    args = parser.parse_args()
+    model_dir = args.model_dir
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(model_dir, "sentence_bert_config.json")) as f:
@@ -62,7 +76,15 @@ def main():
     tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     tokenizer.enable_truncation(max_length=max_len)
     tokenizer.no_padding()
-    tensors = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+    if args.from_onnx:
+        import onnx
+        from onnx_to_safetensors import checkpoint_tensors
+
+        tensors = checkpoint_tensors(onnx.load(os.path.join(model_dir, "model.onnx")), config)
+        weights = "the initializers of model.onnx, read with the onnx package"
+    else:
+        tensors = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+        weights = "model.safetensors"
     rows = []
     for text in SENTENCES:
         enc = tokenizer.encode(text)
@@ -71,16 +93,18 @@ def main():
         types = np.array([enc.type_ids], dtype=np.int64)
         hidden = numpy_forward(tensors, config, ids, mask, types)[0]
         pooled = (hidden * mask[0][:, None]).sum(0) / max(mask[0].sum(), 1e-9)
-        vector = pooled / max(np.linalg.norm(pooled), 1e-12)
+        vector = pooled if args.no_normalize else pooled / max(np.linalg.norm(pooled), 1e-12)
         rows.append({"text": text, "tokens": len(enc.ids), "vector": [float(f"{v:.9g}") for v in vector]})
         print(f"{len(enc.ids):4d} tokens  {text[:50]!r}", file=sys.stderr)
     doc = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "made_by": "scripts/golden_vectors.py (tokenizers + float64 numpy BERT over model.safetensors)",
+        "model": args.name,
+        "made_by": f"scripts/golden_vectors.py (tokenizers + float64 numpy BERT over {weights})",
         "max_seq_length": max_len,
         "sentences": rows,
     }
-    with open(out, "w") as f:
+    if args.no_normalize:
+        doc["normalized"] = False
+    with open(args.out, "w") as f:
         json.dump(doc, f, ensure_ascii=False, indent=1)
         f.write("\n")
 

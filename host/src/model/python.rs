@@ -208,10 +208,9 @@ pub fn derive(
     python: &Path,
     progress: bool,
 ) -> Result<(), FetchError> {
-    let (_, script) = SCRIPTS
-        .iter()
-        .find(|(name, _)| *name == recipe.script)
-        .ok_or_else(|| FetchError::UnknownScript(recipe.script.clone()))?;
+    if !SCRIPTS.iter().any(|(name, _)| *name == recipe.script) {
+        return Err(FetchError::UnknownScript(recipe.script.clone()));
+    }
     for input in &recipe.from {
         if !dir.join(input).is_file() {
             return Err(FetchError::MissingInput {
@@ -220,8 +219,16 @@ pub fn derive(
             });
         }
     }
-    let script_path = temp_path(dir, &recipe.script, "py");
-    std::fs::write(&script_path, script).map_err(file_error(&script_path))?;
+    // Every built-in script, side by side, so one can import another's
+    // functions (as the scripts in the source tree do).
+    let scripts = temp_path(dir, "scripts", "d");
+    let _ = std::fs::remove_dir_all(&scripts);
+    std::fs::create_dir_all(&scripts).map_err(file_error(&scripts))?;
+    for (name, text) in SCRIPTS {
+        let path = scripts.join(format!("{name}.py"));
+        std::fs::write(&path, text).map_err(file_error(&path))?;
+    }
+    let script_path = scripts.join(format!("{}.py", recipe.script));
     let tmp = temp_path(dir, &spec.name, "derived");
     let spinner = bar(
         progress,
@@ -233,7 +240,7 @@ pub fn derive(
         limits::DERIVE_TIMEOUT,
     );
     spinner.finish_and_clear();
-    let _ = std::fs::remove_file(&script_path);
+    let _ = std::fs::remove_dir_all(&scripts);
     let out = out.map_err(|source| FetchError::ScriptRun {
         python: python.to_path_buf(),
         script: recipe.script.clone(),

@@ -11,7 +11,8 @@
 //! - `model.onnx` (or the file the `model_file` setting names, such as the
 //!   int8 `model.int8.onnx`): inputs among `input_ids`, `attention_mask` and
 //!   `token_type_ids` (int64, `[batch, sequence]`); output either
-//!   `last_hidden_state` (`[batch, sequence, dimension]`, pooled here by the
+//!   `last_hidden_state` (`[batch, sequence, dimension]`, or the first float
+//!   output of that rank under another name; pooled here by the
 //!   `pooling` setting, mean unless it says otherwise) or
 //!   `sentence_embedding` (`[batch, dimension]`, already pooled). Either way
 //!   the vectors are L2-normalized here unless `normalize = false` (a model
@@ -370,18 +371,25 @@ fn session_inputs(
     Ok(inputs)
 }
 
-/// The output the engine reads (`sentence_embedding`, else
-/// `last_hidden_state`, else the first), how it is pooled, and the
-/// dimension it declares (if static).
+/// The output the engine reads, how it is pooled, and the dimension it
+/// declares (if static): `sentence_embedding`, else `last_hidden_state`,
+/// else the first float output of rank 3 (token states, under an
+/// exporter's name such as `onnx::Shape_422`: paraphrase-MiniLM-L3-v2's
+/// graph echoes its int64 inputs as its first outputs), else the first.
 fn session_output(
     session: &Session,
     model_path: &Path,
 ) -> Result<(String, Output, Option<i64>), OnnxLoadError> {
     let outputs = session.outputs();
+    let token_states = |o: &&ort::value::Outlet| {
+        o.dtype().tensor_type() == Some(ort::value::TensorElementType::Float32)
+            && o.dtype().tensor_shape().is_some_and(|s| s.len() == 3)
+    };
     let chosen = outputs
         .iter()
         .find(|o| o.name() == "sentence_embedding")
         .or_else(|| outputs.iter().find(|o| o.name() == "last_hidden_state"))
+        .or_else(|| outputs.iter().find(token_states))
         .or_else(|| outputs.first())
         .ok_or_else(|| OnnxLoadError::NoOutput(model_path.to_path_buf()))?;
     let shape = chosen
