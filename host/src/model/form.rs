@@ -22,13 +22,22 @@ pub struct TextForm {
 }
 
 impl TextForm {
+    /// A form of these prompts (an empty one is none) and lowercasing.
+    pub fn new(query: Option<String>, document: Option<String>, lowercase: bool) -> TextForm {
+        TextForm {
+            query: query.filter(|p| !p.is_empty()),
+            document: document.filter(|p| !p.is_empty()),
+            lowercase,
+        }
+    }
+
     /// The form `description` asks for.
     pub fn of(description: &Description) -> TextForm {
-        TextForm {
-            query: description.prompt(true).map(str::to_owned),
-            document: description.prompt(false).map(str::to_owned),
-            lowercase: description.do_lower_case(),
-        }
+        TextForm::new(
+            description.prompt(true).map(str::to_owned),
+            description.prompt(false).map(str::to_owned),
+            description.do_lower_case(),
+        )
     }
 
     /// Whether it leaves every text as it is.

@@ -33,6 +33,18 @@ pub struct Manifest {
     /// Normalize module); default true.
     #[serde(default = "yes")]
     pub normalize: bool,
+    /// The prompt put before a query (its sentence-transformers `prompts`
+    /// entry `query`), if any.
+    #[serde(default)]
+    pub query_prompt: Option<String>,
+    /// The prompt put before a document (`document`, `passage` or `corpus`),
+    /// if any.
+    #[serde(default)]
+    pub document_prompt: Option<String>,
+    /// Whether a text is lowercased before the tokenizer sees it
+    /// (`sentence_bert_config.json`'s `do_lower_case`); default false.
+    #[serde(default)]
+    pub do_lower_case: bool,
     /// The model's files.
     pub files: Vec<FileSpec>,
 }
@@ -223,6 +235,16 @@ impl Manifest {
     /// [`Manifest::parse`]).
     pub fn pooling_mode(&self) -> Pooling {
         Pooling::from_name(&self.pooling).unwrap_or_default()
+    }
+
+    /// The prompts and lowercasing its texts get (applied by the front
+    /// door, see [`super::form`]).
+    pub fn form(&self) -> super::form::TextForm {
+        super::form::TextForm::new(
+            self.query_prompt.clone(),
+            self.document_prompt.clone(),
+            self.do_lower_case,
+        )
     }
 
     /// The file called `name`.
