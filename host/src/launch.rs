@@ -41,6 +41,10 @@ pub enum LaunchError {
     /// The model's tokenizer could not be read.
     #[error(transparent)]
     Tokenizer(#[from] embedhost_text::TextError),
+    /// `[model] dir`'s sentence-transformers description cannot be read,
+    /// or asks for what the engines cannot run.
+    #[error(transparent)]
+    Describe(#[from] crate::model::describe::DescribeError),
     /// `[embedder] remote`: the NATS server or its pool could not be
     /// reached.
     #[error("{0}")]

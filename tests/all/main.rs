@@ -4,6 +4,7 @@ mod bus;
 mod chaos;
 mod child;
 mod cli;
+mod described;
 mod front;
 mod fuzz;
 mod generated;

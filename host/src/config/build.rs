@@ -209,27 +209,36 @@ impl Config {
     }
 
     /// How the configured model's token states become its vectors, and
-    /// whether they are normalized: as its built-in manifest says (the
-    /// defaults, mean and normalized, for a `[model] dir`), each unless
+    /// whether they are normalized: as its built-in manifest or its
+    /// directory's sentence-transformers description says (the defaults,
+    /// mean and normalized, for a directory without one), each unless
     /// `[plugin] config` sets it, so the user's setting wins (it reaches
     /// the backend through [`Config::plugin_config`], and this gives the
     /// default for it).
     fn model_pooling(&self) -> (Pooling, bool) {
-        let manifest = match self.model.dir {
-            Some(_) => None,
-            None => crate::model::builtin(self.model_id()).ok(),
+        // A description that cannot be read fails the start (see
+        // `Config::model_form`), so its defaults here are never served.
+        let own = match self.model.dir {
+            Some(_) => self
+                .model_description()
+                .ok()
+                .flatten()
+                .map(|d| (d.pooling(), d.normalize())),
+            None => crate::model::builtin(self.model_id())
+                .ok()
+                .map(|m| (m.pooling_mode(), m.normalize)),
         };
-        let Some(manifest) = manifest else {
+        let Some((pooling, normalize)) = own else {
             return (Pooling::default(), true);
         };
         let unset = |key: &str| !self.plugin.config.contains_key(key);
         (
             if unset("pooling") {
-                manifest.pooling_mode()
+                pooling
             } else {
                 Pooling::default()
             },
-            !unset("normalize") || manifest.normalize,
+            !unset("normalize") || normalize,
         )
     }
 

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::{CACHE_DIR_ENV, Config, ConfigError, INDEX_DIR_ENV, NativeSetupError, project_dirs};
 use crate::model::ModelError;
+use crate::model::describe::DescribeError;
 
 impl Config {
     /// The model's directory: `[model] dir`, else the model store's
@@ -45,6 +46,41 @@ impl Config {
                 .model_store()
                 .map(|(manifest, store)| store.dir(&manifest)),
         }
+    }
+
+    /// The sentence-transformers description of `[model] dir`, if the
+    /// directory has one (`modules.json`); a built-in or stored model's
+    /// manifest carries what it says instead.
+    ///
+    /// # Errors
+    /// [`DescribeError`] naming the file of the description at fault.
+    pub fn model_description(
+        &self,
+    ) -> Result<Option<crate::model::describe::Description>, DescribeError> {
+        match &self.model.dir {
+            Some(dir) if dir.join("modules.json").is_file() => {
+                crate::model::describe::describe(dir).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The prompts and lowercasing the configured model's texts get before
+    /// it sees them: as its description (`[model] dir`) or its manifest
+    /// says; none for a model without either.
+    ///
+    /// # Errors
+    /// [`DescribeError`]: `[model] dir`'s description cannot be read.
+    pub fn model_form(&self) -> Result<crate::model::form::TextForm, DescribeError> {
+        if self.model.dir.is_some() {
+            return Ok(self
+                .model_description()?
+                .map(|d| d.form())
+                .unwrap_or_default());
+        }
+        Ok(crate::model::builtin(self.model_id())
+            .map(|m| m.form())
+            .unwrap_or_default())
     }
 
     fn model_store(

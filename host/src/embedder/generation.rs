@@ -18,6 +18,7 @@ use super::job::{EmbedError, Row, TextFailure};
 use crate::backend::{Health, ModelInfo};
 use crate::config::{Backend, Config};
 use crate::limits;
+use crate::model::form::TextForm;
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::tokens::Tokens;
 use crate::wasm::PluginSource;
@@ -36,6 +37,10 @@ pub struct Generation {
     pub engine_name: String,
     /// Counts tokens as the model does (or words, for the stub).
     pub tokens: Tokens,
+    /// The prompts and lowercasing the model's texts get, which the front
+    /// door applies before counting (plain for a remote pool: its members'
+    /// front doors apply theirs).
+    pub form: TextForm,
     /// The configured model's full name (its Hugging Face name,
     /// `sentence-transformers/all-MiniLM-L6-v2`), which clients may ask
     /// for as well as its id.
@@ -96,6 +101,7 @@ impl Generation {
                 bus, info, tokens, config, name,
             )));
         }
+        let form = config.model_form()?;
         let source = config.plugin_source();
         let (supervisor, _) = crate::launch::start_backend(&config, &source, max_pool).await?;
         let tokens =
@@ -110,6 +116,7 @@ impl Generation {
         let mut local = Generation::batching(supervisor, tokens, config, budget);
         local.generation = generation;
         local.engine_name = engine;
+        local.form = form;
         Ok(Arc::new(local))
     }
 
@@ -136,6 +143,7 @@ impl Generation {
             alias: alias(&config),
             info: supervisor.model_info(),
             tokens,
+            form: TextForm::default(),
             engine: Engine::Local {
                 batcher: Batcher::start(supervisor.clone(), settings),
                 supervisor,
@@ -161,6 +169,7 @@ impl Generation {
             alias: alias(&config),
             info,
             tokens,
+            form: TextForm::default(),
             config,
         }
     }
@@ -407,6 +416,7 @@ pub(crate) mod tests {
             backend: "remote",
             engine_name: "nats://members".into(),
             tokens: Tokens::Words,
+            form: TextForm::default(),
             alias: None,
             engine: Engine::Remote {
                 bus: crate::bus::Bus::new(transport.clone()),

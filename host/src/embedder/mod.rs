@@ -7,11 +7,13 @@
 //! 1. [`Embedder::generation`] takes the generation serving now (an
 //!    `Arc`): the job keeps it until it is answered, so a reload never
 //!    validates a job on one model and embeds it on another.
-//! 2. [`Embedder::prepare`] checks the job and counts its tokens, once:
-//!    words before tokens, the caller's own counts when it has them (the
-//!    worker's chunker), else the model's tokenizer under the shared
-//!    tokenizing budget; then the deadline against the pool's measured
-//!    speed.
+//! 2. [`Embedder::prepare`] puts each text in the model's form (its prompt
+//!    for the job's kind and its lowercasing, [`crate::model::form`]: the
+//!    one place), then counts its tokens, once: words before tokens, the
+//!    caller's own counts when it has them (the worker's chunker) and the
+//!    form left the text as it was, else the model's tokenizer under the
+//!    shared tokenizing budget; then the deadline against the pool's
+//!    measured speed.
 //! 3. [`Prepared::run`] hands the texts and their counts to the
 //!    generation's batcher, which orders them by length, cuts them into
 //!    pieces of the token budget and queues them in the one rotation; the
@@ -20,7 +22,8 @@
 //! Invariants:
 //! - Every job passes through [`Embedder::prepare`] (counted in
 //!   [`Embedder::jobs`]); a text is tokenized there at most once per job
-//!   ([`Embedder::tokenized`]), and never when the caller gave counts.
+//!   ([`Embedder::tokenized`]), and never when the caller gave counts of
+//!   the text the model sees.
 //! - Errors stay typed ([`EmbedError`]) until an edge turns them into a
 //!   message, an HTTP status or a bus code.
 
@@ -254,6 +257,16 @@ impl Embedder {
             guarded,
             ..
         } = job;
+        // The model's prompt and lowercasing, before any count, so the
+        // limits count what the model sees. The caller's counts were of
+        // its own text: counted again then.
+        let form = &generation.form;
+        let (texts, tokens) = if form.is_plain() {
+            (texts, tokens)
+        } else {
+            let formed = texts.into_iter().map(|t| form.apply(t, is_query));
+            (formed.collect(), None)
+        };
         let (texts, counts) = match tokens {
             Some(counts) if counts.len() == texts.len() => (texts, counts),
             Some(counts) => {
