@@ -313,6 +313,56 @@ pub fn fit_pool(
     })
 }
 
+/// Several models' pools whose memory caps together do not fit the
+/// machine's budget.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the pools of the models served may use {total} bytes together ({}), more than {budget} bytes ({}% of this machine's {machine} bytes, limits::POOL_MEMORY_SHARE_PERCENT): serve fewer models, or lower their `pool_size` or memory per instance",
+    .pools.iter().map(|(name, pool, each)| format!("`{name}`: {pool} x {each}")).collect::<Vec<_>>().join(", "),
+    limits::POOL_MEMORY_SHARE_PERCENT
+)]
+pub struct ModelsMemoryError {
+    /// Each model's name, pool size and memory cap per instance.
+    pub pools: Vec<(String, usize, u64)>,
+    /// Their total.
+    pub total: u64,
+    /// What the machine allows.
+    pub budget: u64,
+    /// The machine's memory.
+    pub machine: u64,
+}
+
+/// Checks that the pools of several models (name, pool size, memory cap
+/// per instance, none for an unbounded one) fit the share of `machine`
+/// bytes together.
+///
+/// # Errors
+/// [`ModelsMemoryError`] naming each pool's share.
+pub fn fit_models(
+    pools: &[(String, usize, Option<u64>)],
+    machine: u64,
+) -> Result<(), ModelsMemoryError> {
+    let budget =
+        u64::try_from(u128::from(machine) * u128::from(limits::POOL_MEMORY_SHARE_PERCENT) / 100)
+            .unwrap_or(u64::MAX);
+    let bounded: Vec<(String, usize, u64)> = pools
+        .iter()
+        .filter_map(|(name, pool, each)| each.map(|each| (name.clone(), *pool, each)))
+        .collect();
+    let total = bounded.iter().fold(0u64, |sum, (_, pool, each)| {
+        sum.saturating_add(each.saturating_mul(*pool as u64))
+    });
+    if total <= budget {
+        return Ok(());
+    }
+    Err(ModelsMemoryError {
+        pools: bounded,
+        total,
+        budget,
+        machine,
+    })
+}
+
 /// The machine's memory (`MemTotal` in `/proc/meminfo`), if it can be read.
 pub fn machine_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

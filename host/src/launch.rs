@@ -137,15 +137,10 @@ pub async fn start_backend(
 /// [`crate::ceilings::fit_pool`]): each WASM instance's `memory_mb`, or each
 /// native child's memory ceiling.
 fn fit_machine(config: &Config, pool: usize) -> Result<usize, crate::ceilings::PoolMemoryError> {
-    let per_instance = match config.backend {
-        Backend::Wasm => Some(config.instance_limits().memory_bytes),
-        Backend::Native => match config.native.memory_ceiling_mb {
-            None => Some(crate::limits::DEFAULT_CHILD_MEMORY_CEILING),
-            Some(0) => None,
-            Some(mb) => Some(mb.saturating_mul(1024 * 1024)),
-        },
-    };
-    match (per_instance, crate::ceilings::machine_memory_bytes()) {
+    match (
+        instance_memory(config),
+        crate::ceilings::machine_memory_bytes(),
+    ) {
         (Some(per_instance), Some(machine)) => crate::ceilings::fit_pool(
             pool,
             config.supervisor.pool_size.is_some(),
@@ -153,6 +148,19 @@ fn fit_machine(config: &Config, pool: usize) -> Result<usize, crate::ceilings::P
             machine,
         ),
         _ => Ok(pool),
+    }
+}
+
+/// The memory cap of each instance of `config`'s pool: a WASM instance's
+/// `memory_mb`, or a native child's memory ceiling (none if unbounded).
+pub fn instance_memory(config: &Config) -> Option<u64> {
+    match config.backend {
+        Backend::Wasm => Some(config.instance_limits().memory_bytes),
+        Backend::Native => match config.native.memory_ceiling_mb {
+            None => Some(crate::limits::DEFAULT_CHILD_MEMORY_CEILING),
+            Some(0) => None,
+            Some(mb) => Some(mb.saturating_mul(1024 * 1024)),
+        },
     }
 }
 

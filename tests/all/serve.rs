@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 mod contact;
 mod front;
 mod limits;
+mod models;
 
 /// How long a service may take to become ready (compiling the stub is
 /// cached; a native pool starts two children).
@@ -624,7 +625,7 @@ fn every_route_answers_and_refuses_bad_input_with_the_right_status() {
         "embed_batch_size_bucket",
         "embed_batch_tokens_bucket",
         "embed_queue_depth",
-        "instance_memory_bytes{slot=\"0\"}",
+        "instance_memory_bytes{slot=\"0\",model=",
     ] {
         assert!(text.contains(needle), "no {needle} in\n{text}");
     }

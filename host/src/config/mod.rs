@@ -46,6 +46,7 @@
 
 mod build;
 mod files;
+mod models;
 mod parse;
 
 use std::collections::BTreeMap;
@@ -141,6 +142,17 @@ pub enum ConfigProblem {
     #[error("[nats] tls_cert and tls_key go together")]
     /// Only one of `[nats] tls_cert` and `tls_key` is set.
     TlsPair,
+    #[error("[[models]] entry {entry} may not set `{key}` (it may set: {keys})", keys = models::MODEL_KEYS.join(", "))]
+    /// A `[[models]]` entry sets what only the main config may.
+    ModelKey { entry: usize, key: String },
+    #[error("[[models]] entry {entry}: `name` must be a string that is not blank")]
+    /// A `[[models]]` entry's `name` is not a name.
+    ModelName { entry: usize },
+    #[error(
+        "the model `{name}` is served twice: give one of its [[models]] entries another `name`"
+    )]
+    /// Two models served under one name.
+    ServedTwice { name: String },
     #[error("[native] grace_ms must be greater than zero")]
     /// `[native] grace_ms = 0`.
     GraceZero,
@@ -534,6 +546,16 @@ pub struct Config {
     #[serde(default)]
     /// `[embedder]`.
     pub embedder: EmbedderSection,
+    /// `[[models]]` as written (see [`models`]); made into [`Config::models`].
+    #[serde(default, rename = "models")]
+    pub(crate) model_entries: Vec<toml::Table>,
+    /// The models served beside this one, each a whole config
+    /// (`[[models]]`).
+    #[serde(skip)]
+    pub models: Vec<Config>,
+    /// The name a `[[models]]` entry gave its model, if any.
+    #[serde(skip)]
+    pub name: Option<String>,
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,

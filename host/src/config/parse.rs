@@ -17,11 +17,27 @@ use super::{Config, ConfigError, ConfigProblem, FILE_NAME, project_dirs};
 
 impl Config {
     /// Parses `text`, read from `path`; relative paths are resolved against
-    /// `path`'s directory.
+    /// `path`'s directory. Each `[[models]]` entry becomes a config of its
+    /// own in [`Config::models`] (see `models.rs`).
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the file and the offending key.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Config::parse_one(text, path)?;
+        let entries = std::mem::take(&mut config.model_entries);
+        if !entries.is_empty() {
+            let main: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string().trim().to_string(),
+            })?;
+            config.add_models(&main, entries, path)?;
+        }
+        Ok(config)
+    }
+
+    /// [`Config::parse`] of one model's config, `[[models]]` left as
+    /// written.
+    pub(super) fn parse_one(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{IndexUnusable, Phase, State, WorkerEntry, lock};
-use super::{Listeners, ServeError, listen, socket_path};
+use super::{Listeners, ServeError, listen, models, socket_path};
 use crate::config::Config;
 use crate::embedder::Generation;
 use crate::limits;
@@ -124,16 +124,22 @@ async fn shut_down(state: &Arc<State>) {
     if let Some(pool) = state.embedder.take() {
         pool.shutdown().await;
     }
+    models::shut_down_others(state).await;
 }
 
 /// Starts the first pool and opens the index.
 async fn install(state: &Arc<State>, config: Config) -> Result<(), ServeError> {
+    if !config.models.is_empty() {
+        models::check_memory(&config)?;
+    }
+    let others = config.clone();
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
     let budget = config.serve.max_batch_tokens;
     let pool = Generation::start(config, generation, None, budget).await?;
     pool.wait_all_up().await;
     tracing::info!(backend = pool.backend, model = %pool.info.model_id, "embedder pool up");
     state.embedder.install(pool.clone());
+    models::start_others(state, &others).await?;
     open_worker(state, &pool).await;
     *lock(&state.phase) = Phase::Ready;
     state.rewatch().await;
@@ -190,17 +196,20 @@ async fn reload(state: &Arc<State>) {
     if config.serve != current.config.serve {
         tracing::warn!("[serve] changes take effect at the next start");
     }
-    let same = config.embedder_id() == current.config.embedder_id()
-        && config.supervisor_config() == current.config.supervisor_config()
-        && config.instance_limits() == current.config.instance_limits()
-        && config.native == current.config.native
-        && config.model == current.config.model;
-    if same {
-        tracing::info!("reload: the embedder's configuration is unchanged");
-        return;
-    }
+    let same = models::same_embedder(&config, &current.config);
     drop(current);
     *lock(&state.phase) = Phase::Reloading;
+    if same {
+        tracing::info!("reload: the default model's embedder is unchanged");
+    } else {
+        reload_default(state, config.clone()).await;
+    }
+    models::reload_others(state, &config).await;
+    *lock(&state.phase) = Phase::Ready;
+}
+
+/// Swaps the default model's pool for one of `config`, once it is up.
+async fn reload_default(state: &Arc<State>, config: Config) {
     let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
     let budget = config.serve.max_batch_tokens;
     match Generation::start(config, generation, None, budget).await {
@@ -214,16 +223,10 @@ async fn reload(state: &Arc<State>) {
                 generation,
                 "reload: new embedder pool swapped in"
             );
-            if let Some(old) = old {
-                let task = tokio::spawn(old.retire());
-                let mut retiring = lock(&state.retiring);
-                retiring.retain(|t| !t.is_finished());
-                retiring.push(task);
-            }
+            models::retire(state, old);
         }
         Err(e) => tracing::error!("reload failed, the pool in force stays: {e}"),
     }
-    *lock(&state.phase) = Phase::Ready;
 }
 
 /// Joins the pool of this service's model on the NATS server at `url`,
@@ -250,20 +253,50 @@ async fn join_nats(
                 .into(),
         ));
     }
+    // Each model joins the queue group of its own model id.
+    let others: Vec<Arc<crate::embedder::Embedder>> =
+        lock(&state.others).values().cloned().collect();
+    for embedder in std::iter::once(state.embedder.clone()).chain(others) {
+        let Ok(pool) = embedder.generation() else {
+            continue;
+        };
+        let joined = join_model(client.clone(), embedder, &pool, stop.clone()).await;
+        joined.map_err(|e| match e {
+            Some(e) => fail(e),
+            None => ServeError::Listen {
+                addr: shown.clone(),
+                message: "the NATS task ended".into(),
+            },
+        })?;
+    }
+    Ok(())
+}
+
+/// Serves `embedder` (whose generation now is `pool`) to its model's queue
+/// group on `client`, until `stop`; subscribed when this returns.
+///
+/// # Errors
+/// The subscription's error, or `None` if the task ended first.
+async fn join_model(
+    client: async_nats::Client,
+    embedder: Arc<crate::embedder::Embedder>,
+    pool: &Generation,
+    stop: CancellationToken,
+) -> Result<(), Option<crate::bus::transport::nats::NatsError>> {
+    use crate::bus::transport::nats;
     let room = pool.status().len().max(1) * limits::NATS_PENDING_PER_INSTANCE;
     let model = pool.config.model_id().to_string();
+    let weak = Arc::downgrade(&embedder);
     let router = Arc::new(crate::embedder::peer::router(
-        state.embedder.clone(),
+        embedder,
         crate::embedder::peer::Role::Member,
     ));
-    let weak = Arc::downgrade(state);
     let serving: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
         weak.upgrade()
-            .and_then(|s| s.pool().ok())
+            .and_then(|e| e.generation().ok())
             .map(|p| p.info.model_id.to_string())
             .unwrap_or_default()
     });
-    // Subscribed before this returns, so a caller started after us finds us.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let served = nats::serve(client, &model, router, room, serving, stop, ready_tx).await;
@@ -273,11 +306,8 @@ async fn join_nats(
     });
     match ready_rx.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(fail(e)),
-        Err(_) => Err(ServeError::Listen {
-            addr: shown.clone(),
-            message: "the NATS task ended".into(),
-        }),
+        Ok(Err(e)) => Err(Some(e)),
+        Err(_) => Err(None),
     }
 }
 

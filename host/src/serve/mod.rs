@@ -34,6 +34,7 @@ pub mod api;
 pub mod client;
 mod lifecycle;
 pub mod listen;
+mod models;
 mod openai;
 pub mod routes;
 mod settings;
@@ -94,6 +95,18 @@ pub enum ServeError {
     /// The backend did not start.
     #[error("the embedder backend did not start: {0}")]
     Backend(#[from] crate::launch::LaunchError),
+    /// One of the models beside the default one did not start.
+    #[error("the model `{name}` did not start: {source}")]
+    Model {
+        /// The name it is served under.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::launch::LaunchError,
+    },
+    /// The models' pools do not fit the machine's memory together.
+    #[error(transparent)]
+    Memory(crate::ceilings::ModelsMemoryError),
     /// SIGTERM or Ctrl-C came before the backend was up.
     #[error("the embedder backend did not start: stopped before the backend was up")]
     StoppedStarting,
@@ -234,6 +247,7 @@ fn new_state(
         settings,
         db,
         embedder: Arc::new(Embedder::new()),
+        others: Mutex::default(),
         phase: Mutex::new(Phase::Starting),
         generations: AtomicU64::new(0),
         worker: Mutex::new(None),

@@ -9,25 +9,36 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State as Shared;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::api::{self, ApiError, Style};
-use super::routes::{AppState, embed_checked};
+use super::routes::{AppState, Asked, embed_checked};
 use crate::embedder::Generation;
 
-/// Whether `name` names the served model (its id, or the configured
-/// manifest id), ignoring case.
+/// Whether `name` names the model `pool` serves (its id, the configured
+/// manifest id, the name it is served under, or its full name), ignoring
+/// case.
 pub(super) fn serves(pool: &Generation, name: &str) -> bool {
     let name = name.trim();
     name.eq_ignore_ascii_case(&pool.info.model_id)
         || name.eq_ignore_ascii_case(pool.config.model_id())
+        || name.eq_ignore_ascii_case(&pool.config.served_name())
         || pool
             .alias
             .as_deref()
             .is_some_and(|alias| name.eq_ignore_ascii_case(alias))
+}
+
+/// The id a client knows `pool`'s model by: the name its `[[models]]`
+/// entry gives it, else the id the model reports.
+pub(super) fn served_id(pool: &Generation) -> String {
+    pool.config
+        .name
+        .clone()
+        .unwrap_or_else(|| pool.info.model_id.to_string())
 }
 
 /// The fields of a `POST /v1/embeddings` body, read one by one.
@@ -79,21 +90,7 @@ pub(super) async fn openai_embeddings(
         base64,
         dimensions,
     } = embeddings_request(body).map_err(style)?;
-    let pool = state.pool().map_err(style)?;
-    if let Some(model) = &model
-        && !serves(&pool, model)
-    {
-        return Err(style(ApiError {
-            param: Some("model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "the model `{model}` is not served here; this service serves `{}`",
-                    pool.info.model_id
-                ),
-            )
-        }));
-    }
+    let pool = state.pool_for(model.as_deref()).map_err(style)?;
     if let Some(d) = dimensions
         && d != u64::from(pool.info.dimension)
     {
@@ -108,17 +105,16 @@ pub(super) async fn openai_embeddings(
     // OpenAI's endpoint truncates nothing silently below its own limit; the
     // model's window is shorter, so inputs are cut to it, as every
     // OpenAI-compatible server of small models does.
-    let done = embed_checked(
-        &state,
-        pool,
-        &headers,
-        "input",
-        texts,
-        true,
-        "/v1/embeddings",
-    )
-    .await
-    .map_err(style)?;
+    // OpenAI's body has no kind: texts are documents (passages).
+    let asked = Asked {
+        field: "input",
+        truncate: true,
+        is_query: false,
+        route: "/v1/embeddings",
+    };
+    let done = embed_checked(&state, pool, &headers, texts, asked)
+        .await
+        .map_err(style)?;
     let data: Vec<Value> = done
         .rows
         .iter()
@@ -145,34 +141,26 @@ pub(super) async fn openai_embeddings(
 pub(super) async fn openai_models(
     Shared((state, _)): Shared<AppState>,
 ) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{ "id": pool.info.model_id, "object": "model", "created": 0, "owned_by": "embedhost" }],
-    })))
+    state.pool().map_err(|e| e.style(Style::OpenAi))?;
+    let data: Vec<Value> = state
+        .pools()
+        .iter()
+        .map(|pool| {
+            json!({ "id": served_id(pool), "object": "model", "created": 0, "owned_by": "embedhost" })
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
 }
 
-/// OpenAI's `GET /v1/models/{id}`: the served model under any of its
-/// names, else 404.
+/// OpenAI's `GET /v1/models/{id}`: a served model under any of its names,
+/// else 404.
 pub(super) async fn openai_model(
     Shared((state, _)): Shared<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool().map_err(|e| e.style(Style::OpenAi))?;
-    if !serves(&pool, &id) {
-        return Err(ApiError {
-            param: Some("model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "the model `{}` is not served here; this service serves `{}`",
-                    crate::untrusted::sanitize(&id, 256),
-                    pool.info.model_id
-                ),
-            )
-        }
-        .style(Style::OpenAi));
-    }
+    state
+        .pool_for(Some(&id))
+        .map_err(|e| e.style(Style::OpenAi))?;
     Ok(Json(
         json!({ "id": id, "object": "model", "created": 0, "owned_by": "embedhost" }),
     ))

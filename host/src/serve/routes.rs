@@ -228,10 +228,14 @@ async fn ready(Shared((state, _)): Shared<AppState>) -> Response {
 }
 
 async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
-    if let Ok(pool) = state.pool() {
+    for pool in state.pools() {
+        let model = super::openai::served_id(&pool);
         for instance in pool.status() {
-            metrics::gauge!(METRIC_INSTANCE_MEMORY, "slot" => instance.slot.to_string())
-                .set(instance.memory_bytes as f64);
+            let labels = [
+                ("slot", instance.slot.to_string()),
+                ("model", model.clone()),
+            ];
+            metrics::gauge!(METRIC_INSTANCE_MEMORY, &labels).set(instance.memory_bytes as f64);
         }
     }
     metrics::gauge!(METRIC_IN_FLIGHT).set(state.in_flight() as f64);
@@ -246,6 +250,18 @@ async fn render_metrics(Shared((state, _)): Shared<AppState>) -> Response {
         state.prometheus.render(),
     )
         .into_response()
+}
+
+/// How a route asks for its texts to be embedded.
+pub(super) struct Asked {
+    /// The body's field holding the texts (named by errors).
+    pub(super) field: &'static str,
+    /// Cut texts past the model's window (else refuse them).
+    pub(super) truncate: bool,
+    /// Queries (else documents): which prompt the model's form puts first.
+    pub(super) is_query: bool,
+    /// The route, for the metrics.
+    pub(super) route: &'static str,
 }
 
 /// Texts checked against the limits and embedded: one row per text.
@@ -263,11 +279,15 @@ pub(super) async fn embed_checked(
     state: &State,
     pool: Arc<Generation>,
     headers: &HeaderMap,
-    field: &str,
     texts: Vec<String>,
-    truncate: bool,
-    route: &'static str,
+    asked: Asked,
 ) -> Result<Embedded, ApiError> {
+    let Asked {
+        field,
+        truncate,
+        is_query,
+        route,
+    } = asked;
     let deadline = state.deadline(headers)?;
     if texts.is_empty() {
         return Err(ApiError::bad(field, format!("`{field}` has no texts")));
@@ -286,7 +306,7 @@ pub(super) async fn embed_checked(
         return Err(ApiError::bad(field, format!("`{field}[{i}]` is empty")));
     }
     let n = texts.len();
-    let mut job = Job::new(texts).deadline(deadline).guarded();
+    let mut job = Job::new(texts).query(is_query).deadline(deadline).guarded();
     if !truncate {
         job = job.strict();
     }

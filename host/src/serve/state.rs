@@ -83,8 +83,12 @@ pub struct State {
     pub settings: crate::config::ServeSection,
     /// The index directory.
     pub db: PathBuf,
-    /// The front door every route, the worker and a NATS member use.
+    /// The front door every route, the worker and a NATS member use: the
+    /// default model's.
     pub embedder: Arc<Embedder>,
+    /// The models served beside it (`[[models]]`), by the name each is
+    /// served under; each swapped in and out by a reload on its own.
+    pub others: Mutex<std::collections::BTreeMap<String, Arc<Embedder>>>,
     pub(super) phase: Mutex<Phase>,
     pub(super) generations: AtomicU64,
     pub(super) worker: Mutex<Option<WorkerEntry>>,
@@ -131,6 +135,62 @@ impl State {
     /// The reason, while the service starts or the pool cools down.
     pub fn pool(&self) -> Result<Arc<Generation>, api::ApiError> {
         Ok(self.embedder.generation()?)
+    }
+
+    /// The generation serving the model `name` (any of its names, see
+    /// [`super::openai::serves`]), or the default model's for none.
+    ///
+    /// # Errors
+    /// 404 (`param: model`) naming the models served, for a name none of
+    /// them has; the model's own 503 while it is not serving.
+    pub fn pool_for(&self, name: Option<&str>) -> Result<Arc<Generation>, api::ApiError> {
+        let default = self.pool();
+        let Some(name) = name else { return default };
+        if let Ok(pool) = &default
+            && super::openai::serves(pool, name)
+        {
+            return default;
+        }
+        let others: Vec<(String, Arc<Embedder>)> = lock(&self.others)
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for (served, embedder) in &others {
+            let generation = embedder.generation();
+            let named = served.eq_ignore_ascii_case(name.trim())
+                || generation
+                    .as_ref()
+                    .is_ok_and(|g| super::openai::serves(g, name));
+            if named {
+                return Ok(generation?);
+            }
+        }
+        let mut names: Vec<String> = default
+            .iter()
+            .map(|p| super::openai::served_id(p))
+            .collect();
+        names.extend(others.into_iter().map(|(n, _)| n));
+        Err(api::ApiError {
+            param: Some("model".into()),
+            ..api::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{}` is not served here; this service serves `{}`",
+                    crate::untrusted::sanitize(name, 256),
+                    names.join("`, `")
+                ),
+            )
+        })
+    }
+
+    /// Every generation serving now: the default model's first, then the
+    /// others' by name.
+    pub fn pools(&self) -> Vec<Arc<Generation>> {
+        let others: Vec<Arc<Embedder>> = lock(&self.others).values().cloned().collect();
+        self.pool()
+            .into_iter()
+            .chain(others.iter().filter_map(|e| e.generation().ok()))
+            .collect()
     }
 
     /// Counts a request as running until the guard is dropped (answered or

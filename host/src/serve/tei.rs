@@ -4,23 +4,44 @@
 //!
 //! What TEI's clients send is honoured or refused with 400 naming the
 //! field, never ignored: `normalize: false` for a model that normalizes its
-//! vectors itself, `truncation_direction: Left` and `prompt_name` are
-//! refused. Validation errors (sizes, counts) are 413, as TEI answers them.
+//! vectors itself, `truncation_direction: Left`, and a `prompt_name` the
+//! model has no prompt for are refused. Validation errors (sizes, counts) are 413, as TEI answers them.
+//! A service of several models (`[[models]]`) takes `?model=NAME` on
+//! `/embed`, `/info`, `/tokenize` and `/decode`; without it, the default
+//! model answers, as TEI's one model does.
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State as Shared;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State as Shared};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::api::{self, ApiError};
-use super::routes::{AppState, embed_checked};
+use super::routes::{AppState, Asked, embed_checked};
 use crate::embedder::Generation;
 use crate::limits;
 
+/// `?model=NAME`: which of the served models a TEI route is for (TEI
+/// serves one model, so its bodies have no field for it); the default
+/// model without it.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct ModelParam {
+    model: Option<String>,
+}
+
+/// The generation `param` names (see [`super::State::pool_for`]).
+pub(super) fn pool_named(
+    state: &super::State,
+    param: Result<Query<ModelParam>, QueryRejection>,
+) -> Result<std::sync::Arc<Generation>, ApiError> {
+    let Query(param) = param.map_err(|e| ApiError::bad("model", format!("bad query: {e}")))?;
+    state.pool_for(param.model.as_deref())
+}
+
 pub(super) async fn tei_embed(
     Shared((state, _)): Shared<AppState>,
+    param: Result<Query<ModelParam>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
@@ -29,7 +50,8 @@ pub(super) async fn tei_embed(
     let normalize = api::boolean(&map, "normalize", true)?;
     let truncate = api::boolean(&map, "truncate", false)?;
     tei_unsupported(&map)?;
-    let pool = state.pool()?;
+    let pool = pool_named(&state, param)?;
+    let is_query = prompt_kind(&map, &pool)?;
     if !normalize && pool.info.normalized {
         return Err(ApiError::bad(
             "normalize",
@@ -39,8 +61,13 @@ pub(super) async fn tei_embed(
             ),
         ));
     }
-    let mut done =
-        embed_checked(&state, pool, &headers, "inputs", texts, truncate, "/embed").await?;
+    let asked = Asked {
+        field: "inputs",
+        truncate,
+        is_query,
+        route: "/embed",
+    };
+    let mut done = embed_checked(&state, pool, &headers, texts, asked).await?;
     if normalize && !done.pool.info.normalized {
         for v in &mut done.rows {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -69,21 +96,50 @@ fn tei_unsupported(map: &serde_json::Map<String, Value>) -> Result<(), ApiError>
             ));
         }
     }
-    if api::string(map, "prompt_name")?.is_some() {
-        return Err(ApiError::bad(
-            "prompt_name",
-            "`prompt_name` is not supported: the served model has no prompts",
-        ));
-    }
     Ok(())
 }
 
-pub(super) async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Value>, ApiError> {
-    let pool = state.pool()?;
+/// TEI's `prompt_name`: `query` embeds queries; `document`, `passage` or
+/// `corpus` (or none) documents, each with the model's prompt for its kind.
+/// A name the model has no prompt for is refused, naming it.
+fn prompt_kind(map: &serde_json::Map<String, Value>, pool: &Generation) -> Result<bool, ApiError> {
+    let Some(name) = api::string(map, "prompt_name")? else {
+        return Ok(false);
+    };
+    let is_query = match name {
+        "query" => true,
+        "document" | "passage" | "corpus" => false,
+        other => {
+            return Err(ApiError::bad(
+                "prompt_name",
+                format!(
+                    "`prompt_name` `{}` is not one of query, document, passage, corpus",
+                    crate::untrusted::sanitize(other, 64)
+                ),
+            ));
+        }
+    };
+    if pool.form.prompt(is_query).is_none() {
+        return Err(ApiError::bad(
+            "prompt_name",
+            format!(
+                "`prompt_name` `{name}` is not supported: `{}` has no prompt for it",
+                pool.info.model_id
+            ),
+        ));
+    }
+    Ok(is_query)
+}
+
+pub(super) async fn info(
+    Shared((state, _)): Shared<AppState>,
+    param: Result<Query<ModelParam>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = pool_named(&state, param)?;
     Ok(Json(json!({
         "model_id": pool.info.model_id,
         "model_dtype": dtype(&pool),
-        "model_type": { "embedding": { "pooling": "mean" } },
+        "model_type": { "embedding": { "pooling": pooling(&pool) } },
         "dimension": pool.info.dimension,
         "max_input_length": pool.info.max_input_tokens,
         "normalized": pool.info.normalized,
@@ -97,6 +153,29 @@ pub(super) async fn info(Shared((state, _)): Shared<AppState>) -> Result<Json<Va
         "served_calls": pool.status().iter().map(|i| i.served).sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
+}
+
+/// How the model pools, as its configuration asks (a plugin of its own may
+/// pool otherwise, unknown to the host).
+fn pooling(pool: &Generation) -> &'static str {
+    match pool.config.plugin.config.get("pooling") {
+        Some(crate::config::Value::String(mode)) => embedhost_text::Pooling::from_name(mode)
+            .unwrap_or_default()
+            .name(),
+        _ => pool
+            .config
+            .model_description()
+            .ok()
+            .flatten()
+            .map(|d| d.pooling())
+            .or_else(|| {
+                crate::model::builtin(pool.config.model_id())
+                    .ok()
+                    .map(|m| m.pooling_mode())
+            })
+            .unwrap_or_default()
+            .name(),
+    }
 }
 
 /// The numbers the model runs in, as TEI names them.
@@ -166,6 +245,7 @@ fn encoder(pool: &Generation) -> Result<std::sync::Arc<embedhost_text::TextEncod
 /// `add_special_tokens` (default true); an array of tokens per input.
 pub(super) async fn tokenize(
     Shared((state, _)): Shared<AppState>,
+    param: Result<Query<ModelParam>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<Shown>>>, ApiError> {
     let map = api::object(body)?;
@@ -188,7 +268,7 @@ pub(super) async fn tokenize(
         ));
     }
     super::admit::check_words("inputs", &texts)?;
-    let encoder = encoder(&*state.pool()?)?;
+    let encoder = encoder(&*pool_named(&state, param)?)?;
     let bytes = texts.iter().map(String::len).sum();
     let tokens = super::admit::tokenizing(state.embedder.tokenizing_budget(), bytes, move || {
         let mut total = 0usize;
@@ -244,6 +324,7 @@ impl From<embedhost_text::Token> for Shown {
 /// `skip_special_tokens` (default true); one text per array.
 pub(super) async fn decode(
     Shared((state, _)): Shared<AppState>,
+    param: Result<Query<ModelParam>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<String>>, ApiError> {
     let map = api::object(body)?;
@@ -269,7 +350,7 @@ pub(super) async fn decode(
             ),
         ));
     }
-    let encoder = encoder(&*state.pool()?)?;
+    let encoder = encoder(&*pool_named(&state, param)?)?;
     // Off the async workers, and within the tokenizers' share.
     super::admit::tokenizing(state.embedder.tokenizing_budget(), total * 4, move || {
         lists

@@ -21,6 +21,7 @@ fn starting(max_inputs: usize) -> AppState {
         settings,
         db: std::path::PathBuf::from("/nonexistent/index"),
         embedder: Arc::new(crate::embedder::Embedder::new()),
+        others: Mutex::default(),
         phase: Mutex::new(Phase::Starting),
         generations: Default::default(),
         worker: Mutex::new(None),
@@ -44,6 +45,12 @@ fn starting(max_inputs: usize) -> AppState {
         )),
     };
     (Arc::new(state), Access::Owner)
+}
+
+/// No `?model=`: the default model.
+fn no_model() -> Result<axum::extract::Query<ModelParam>, axum::extract::rejection::QueryRejection>
+{
+    Ok(axum::extract::Query(ModelParam::default()))
 }
 
 fn body(json: Value) -> Result<Bytes, BytesRejection> {
@@ -74,7 +81,8 @@ async fn embed_normalizes_the_vectors_of_a_model_that_does_not_unless_asked_not_
     let embed = |json: Value| {
         let state = state.clone();
         async move {
-            let Ok(Json(rows)) = tei_embed(Shared(state), HeaderMap::new(), body(json)).await
+            let Ok(Json(rows)) =
+                tei_embed(Shared(state), no_model(), HeaderMap::new(), body(json)).await
             else {
                 panic!("refused");
             };
@@ -131,7 +139,7 @@ async fn info_names_the_numbers_the_model_runs_in_as_tei_does() {
     ] {
         let state = starting(4);
         serving(&state, config.clone(), true);
-        let Ok(Json(info)) = info(Shared(state)).await else {
+        let Ok(Json(info)) = info(Shared(state), no_model()).await else {
             panic!("no info");
         };
         assert_eq!(
@@ -156,7 +164,7 @@ async fn tokenize_shows_tokens_within_the_per_input_and_per_request_bounds() {
     .unwrap();
     pool.tokens = crate::worker::chunk::Tokens::Model(Arc::new(encoder));
     state.0.embedder.install(Arc::new(pool));
-    let tokenize = |json: Value| tokenize(Shared(state.clone()), body(json));
+    let tokenize = |json: Value| tokenize(Shared(state.clone()), no_model(), body(json));
     let Ok(Json(shown)) = tokenize(json!({ "inputs": "Hello world" })).await else {
         panic!("refused");
     };
@@ -197,6 +205,7 @@ async fn tokenize_refuses_a_prompt_name_and_too_many_inputs_before_asking_for_th
     let (err, status) = refused(
         tokenize(
             Shared(state.clone()),
+            no_model(),
             body(json!({ "inputs": "a", "prompt_name": "query" })),
         )
         .await,
@@ -206,6 +215,7 @@ async fn tokenize_refuses_a_prompt_name_and_too_many_inputs_before_asking_for_th
     let (err, status) = refused(
         tokenize(
             Shared(state.clone()),
+            no_model(),
             body(json!({ "inputs": ["a", "b", "c"] })),
         )
         .await,
@@ -218,8 +228,14 @@ async fn tokenize_refuses_a_prompt_name_and_too_many_inputs_before_asking_for_th
         err.message
     );
     // Within the limits, the request gets as far as the pool.
-    let (err, status) =
-        refused(tokenize(Shared(state), body(json!({ "inputs": ["a", "b"] }))).await);
+    let (err, status) = refused(
+        tokenize(
+            Shared(state),
+            no_model(),
+            body(json!({ "inputs": ["a", "b"] })),
+        )
+        .await,
+    );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", err.message);
 }
 
@@ -229,6 +245,7 @@ async fn decode_refuses_too_many_lists_and_too_many_ids_before_asking_for_the_po
     let (err, status) = refused(
         decode(
             Shared(state.clone()),
+            no_model(),
             body(json!({ "ids": [[1], [2], [3]] })),
         )
         .await,
@@ -241,7 +258,14 @@ async fn decode_refuses_too_many_lists_and_too_many_ids_before_asking_for_the_po
         err.message
     );
     let many = vec![0u32; limits::SERVE_MAX_TOKENIZE_TOKENS + 1];
-    let (err, status) = refused(decode(Shared(state.clone()), body(json!({ "ids": many }))).await);
+    let (err, status) = refused(
+        decode(
+            Shared(state.clone()),
+            no_model(),
+            body(json!({ "ids": many })),
+        )
+        .await,
+    );
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(err.param.as_deref(), Some("ids"));
     assert!(
@@ -252,6 +276,13 @@ async fn decode_refuses_too_many_lists_and_too_many_ids_before_asking_for_the_po
         "{}",
         err.message
     );
-    let (err, status) = refused(decode(Shared(state), body(json!({ "ids": [[1], [2]] }))).await);
+    let (err, status) = refused(
+        decode(
+            Shared(state),
+            no_model(),
+            body(json!({ "ids": [[1], [2]] })),
+        )
+        .await,
+    );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", err.message);
 }
