@@ -343,6 +343,11 @@ pub const ESCALATION_COOLDOWN_MAX: Duration = Duration::from_secs(60);
 /// (grace, SIGTERM, SIGKILL) plus a margin.
 pub const SHUTDOWN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long stopping a WASM instance waits for its thread to drop the
+/// store: the current call ends within its own deadline, so this only
+/// bounds a thread stuck past it; well under [`SHUTDOWN_SLOT_TIMEOUT`].
+pub const INSTANCE_STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a native child waits after answering `shutdown` before it exits,
 /// so the answer reaches the pipe: a frame write takes microseconds; 20 ms is
 /// generous and still far below the host's grace period.

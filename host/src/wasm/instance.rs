@@ -555,8 +555,16 @@ impl Worker for WasmEmbedder {
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
-        // Dropping the last sender ends the thread after its current call.
-        Box::pin(async move { drop(self) })
+        // Dropping the last sender ends the thread after its current call;
+        // then the thread drops its store (which reports the plugin's
+        // dropped log lines and frees its memory). Waited for, within a
+        // bound, so a stopped pool has let go of its instances and a
+        // process that exits next loses none of their last lines.
+        Box::pin(async move {
+            let ended = self.ended.clone();
+            drop(self);
+            let _ = tokio::time::timeout(limits::INSTANCE_STOP_WAIT, ended.cancelled()).await;
+        })
     }
 }
 
