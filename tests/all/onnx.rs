@@ -11,12 +11,12 @@ use std::time::Duration;
 use embedhost::native::NativeSpawner;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 
-fn workspace() -> &'static Path {
+pub fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
 /// Where `./x setup` put the Python tools and ONNX Runtime.
-fn deps() -> PathBuf {
+pub fn deps() -> PathBuf {
     std::env::var_os("EMBEDHOST_DEPS")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/embedhost-deps"))
