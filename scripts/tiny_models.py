@@ -76,7 +76,9 @@ VARIANTS = [
     ("vocab", {"pooling": "mean", "normalize": False, "vocab": 157}),
 ]
 
-LONG = "the cat sat on the mat and the dog sat on the log. " * 24
+# Past 128 tokens it says something else, so a model that stops reading
+# there gives another vector.
+LONG = "the cat sat on the mat and the dog sat on the log. " * 9 + "Hello world, a quick brown fox jumps over a lazy model with meaning! " * 12
 
 TEXTS = [
     "hello",
