@@ -23,6 +23,7 @@ mod second_model;
 mod serve;
 mod sizes;
 mod supervisor;
+mod tiny;
 mod wasm;
 mod worker;
 

@@ -11,31 +11,28 @@ use std::time::Duration;
 use embedhost::native::NativeSpawner;
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 
-fn workspace() -> &'static Path {
+pub fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
 /// Where `./x setup` put the Python tools and ONNX Runtime.
-fn deps() -> PathBuf {
+pub fn deps() -> PathBuf {
     std::env::var_os("EMBEDHOST_DEPS")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/embedhost-deps"))
 }
 
-/// Writes the tiny model into a new directory named `tiny-bert`.
-pub fn tiny_model(dimension: usize) -> (tempfile::TempDir, PathBuf) {
+/// Runs the setup's Python with `args`; fails the test with its errors if
+/// it fails.
+pub fn python(args: &[&std::ffi::OsStr]) {
     let python = deps().join("venv/bin/python");
     assert!(
         python.exists(),
         "{} is missing: run `./x setup` (the tests need the project's Python tools)",
         python.display()
     );
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("tiny-bert");
     let out = Command::new(&python)
-        .arg(workspace().join("scripts/tiny_bert_onnx.py"))
-        .arg(&dir)
-        .arg(dimension.to_string())
+        .args(args)
         .output_within(crate::PROCESS_LIMIT)
         .unwrap();
     assert!(
@@ -43,6 +40,17 @@ pub fn tiny_model(dimension: usize) -> (tempfile::TempDir, PathBuf) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Writes the tiny model into a new directory named `tiny-bert`.
+pub fn tiny_model(dimension: usize) -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny-bert");
+    python(&[
+        workspace().join("scripts/tiny_bert_onnx.py").as_os_str(),
+        dir.as_os_str(),
+        dimension.to_string().as_ref(),
+    ]);
     (root, dir)
 }
 
@@ -496,16 +504,12 @@ model = helper.make_model(helper.make_graph(nodes, kind, inputs, [output]), opse
 model.ir_version = 7
 onnx.save(model, path)
 "#;
-    let out = Command::new(deps().join("venv/bin/python"))
-        .args(["-c", SCRIPT, kind])
-        .arg(dir.join("model.onnx"))
-        .output_within(crate::PROCESS_LIMIT)
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&[
+        "-c".as_ref(),
+        SCRIPT.as_ref(),
+        kind.as_ref(),
+        dir.join("model.onnx").as_os_str(),
+    ]);
 }
 
 /// `embedhost child` loading the onnx engine from `dir`, with no host on
