@@ -548,7 +548,7 @@ pub struct Config {
     pub embedder: EmbedderSection,
     /// `[[models]]` as written (see [`models`]); made into [`Config::models`].
     #[serde(default, rename = "models")]
-    pub(crate) model_entries: Vec<toml::Table>,
+    pub model_entries: Vec<toml::Table>,
     /// The models served beside this one, each a whole config
     /// (`[[models]]`).
     #[serde(skip)]
