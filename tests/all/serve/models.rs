@@ -131,3 +131,80 @@ fn models_whose_pools_do_not_fit_the_machine_together_are_refused_naming_each() 
         "{err}"
     );
 }
+
+#[test]
+fn both_real_models_serve_at_once_and_crashes_in_one_fail_no_request_of_the_other() {
+    // Both models in the setup's store, fetched before the service reads it.
+    let store = crate::onnx::deps().join("models");
+    crate::onnx::real_model();
+    crate::onnx::store_model("paraphrase-minilm-l3-v2");
+    // The default model, all-MiniLM-L6-v2, and paraphrase-MiniLM-L3-v2 whose
+    // children abort on 2% of their calls (seeded), under the shipped
+    // supervision policy.
+    let config = format!(
+        "backend = \"native\"\n[native]\nexecutable = \"{exe}\"\nthreads = 1\n[index]\ndir = \"index\"\n\
+         [[models]]\n[models.model]\nid = \"paraphrase-minilm-l3-v2\"\n\
+         [models.plugin.config]\n\"child.chaos\" = \"0.02\"\n\"child.chaos_kinds\" = \"abort\"\n\"child.chaos_seed\" = \"7\"\n",
+        exe = env!("CARGO_BIN_EXE_embedhost"),
+    );
+    let dir = tempfile::tempdir().unwrap().keep();
+    let envs = [
+        ("EMBEDHOST_MODELS_DIR", store.as_os_str()),
+        ("EMBEDHOST_OFFLINE", std::ffi::OsStr::new("1")),
+    ];
+    let s = Service::start_with(&dir, &config, &[], &envs);
+    let failed = std::sync::Mutex::new(Vec::new());
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for c in 0..64 {
+            let (failed, answered) = (&failed, &answered);
+            let url = format!("{}/v1/embeddings", s.url);
+            scope.spawn(move || {
+                let agent = super::agent();
+                for r in 0..24 {
+                    // Each client asks both models in turn.
+                    let model = ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2"][(c + r) % 2];
+                    let body =
+                        json!({ "input": format!("client {c} asks question {r}"), "model": model });
+                    match agent
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body.to_string())
+                    {
+                        Ok(response) if response.status() == 200 => {
+                            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(response) => failed
+                            .lock()
+                            .unwrap()
+                            .push((model, response.status().as_u16())),
+                        Err(e) => failed
+                            .lock()
+                            .unwrap()
+                            .push((model, e.to_string().len() as u16)),
+                    }
+                }
+            });
+        }
+    });
+    let failed = failed.into_inner().unwrap();
+    let other: Vec<_> = failed
+        .iter()
+        .filter(|(m, _)| *m == "all-minilm-l6-v2")
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{} requests of the healthy model failed: {other:?}",
+        other.len()
+    );
+    let (_, metrics, _) = s.raw("GET", "/metrics", None, &[]);
+    assert!(
+        super::metric(&metrics, "restarts_total{") > 0.0,
+        "no crash in the chaotic model:\n{metrics}"
+    );
+    eprintln!(
+        "answered {}, the chaotic model's failures: {}",
+        answered.into_inner(),
+        failed.len()
+    );
+}
