@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Search quality on real documents: `./x eval [--backend native|wasm|both]`.
+"""Search quality on real documents: `./x eval [--backend native|wasm|both] [--model ID]...`.
 
 Indexes The Rust Reference as the toolchain ships it (eval/rust-reference.toml
 says which pages, and lists the questions and identifiers with the pages that
@@ -17,7 +17,7 @@ MRR@10 is 1/rank of the first answer page among the first ten (0 if none).
 
 Everything is kept under target/eval: the copied documents, each backend's
 index (reused, so a second run only re-checks the files), the per-query
-results (`<backend>-details.jsonl`) and the table (`results.md`).
+results (`<model>-<backend>-details.jsonl`) and the table (`results.md`).
 """
 
 import argparse
@@ -142,11 +142,18 @@ def score(found: list[str], answers: list[str]) -> tuple[float, float]:
     return recall, (1.0 / rank if rank else 0.0)
 
 
-def run_backend(binary, backend, docs, evalset, out_dir) -> dict:
-    workdir = out_dir / backend
+# The built-in models (`models/*.toml`), each evaluated unless --model names
+# some.
+MODELS = ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2"]
+
+
+def run_backend(binary, model, backend, docs, evalset, out_dir) -> dict:
+    workdir = out_dir / model / backend
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "embedhost.toml").write_text(
         f'backend = "{backend}"\n'
+        "[model]\n"
+        f'id = "{model}"\n'
         "[index]\n"
         'dir = "index"\n'
         "[serve]\n"
@@ -174,7 +181,7 @@ def run_backend(binary, backend, docs, evalset, out_dir) -> dict:
             time.sleep(0.5)
         _, stats = service.request("GET", "/stats")
         print(
-            f"eval: {backend}: {stats['indexed']} pages, {stats['chunks']} chunks "
+            f"eval: {model}, {backend}: {stats['indexed']} pages, {stats['chunks']} chunks "
             f"indexed in {time.monotonic() - started:.0f} s",
             file=sys.stderr,
         )
@@ -197,7 +204,7 @@ def run_backend(binary, backend, docs, evalset, out_dir) -> dict:
                         "answers": item["answers"], "found": found[:10],
                         "recall@5": r, "mrr@10": m,
                     })
-        with open(out_dir / f"{backend}-details.jsonl", "w") as f:
+        with open(out_dir / f"{model}-{backend}-details.jsonl", "w") as f:
             for d in details:
                 f.write(json.dumps(d) + "\n")
         return {
@@ -211,6 +218,11 @@ def run_backend(binary, backend, docs, evalset, out_dir) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=["native", "wasm", "both"], default="both")
+    parser.add_argument(
+        "--model", action="append",
+        help="a model id (repeatable; default: every built-in model, "
+        + ", ".join(MODELS) + ")",
+    )
     parser.add_argument("--bin", default="target/release/embedhost")
     parser.add_argument("--set", default=str(ROOT / "eval/rust-reference.toml"))
     args = parser.parse_args()
@@ -226,32 +238,34 @@ def main():
                     sys.exit(f"eval: the answer `{a}` of {item['query']!r} is not in {source}")
     rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
     backends = ["native", "wasm"] if args.backend == "both" else [args.backend]
+    models = args.model or MODELS
     lines = [
         f"Search quality (`./x eval`): The Rust Reference of {rustc}, {n} pages; "
         f"{len(evalset['question'])} questions and {len(evalset['identifier'])} identifier "
         "queries (eval/rust-reference.toml).",
         "",
-        "| backend | queries | mode | recall@5 | MRR@10 |",
-        "|---|---|---|---|---|",
+        "| model | backend | queries | mode | recall@5 | MRR@10 |",
+        "|---|---|---|---|---|---|",
     ]
     checks = []
-    for backend in backends:
-        s = run_backend(Path(args.bin).resolve(), backend, docs, evalset, out_dir)
+    for model, backend in [(m, b) for m in models for b in backends]:
+        s = run_backend(Path(args.bin).resolve(), model, backend, docs, evalset, out_dir)
+        who = f"{model} on {backend}"
         for kind in ["question", "identifier"]:
             for mode in MODES:
                 r, m = s[(kind, mode)]
-                lines.append(f"| {backend} | {kind}s | {mode} | {r:.3f} | {m:.3f} |")
+                lines.append(f"| {model} | {backend} | {kind}s | {mode} | {r:.3f} | {m:.3f} |")
             (kr, km), (sr, sm), (hr, hm) = (s[(kind, m)] for m in MODES)
             checks.append((
-                f"{backend}, {kind}s: hybrid at or above the better of keyword and semantic",
+                f"{who}, {kind}s: hybrid at or above the better of keyword and semantic",
                 hr >= max(kr, sr) and hm >= max(km, sm),
                 f"recall@5 {hr:.3f} vs {max(kr, sr):.3f}, MRR@10 {hm:.3f} vs {max(km, sm):.3f}",
             ))
         hr, _ = s[("identifier", "hybrid")]
-        checks.append((f"{backend}, identifiers: hybrid recall@5 >= 0.9", hr >= 0.9, f"{hr:.3f}"))
+        checks.append((f"{who}, identifiers: hybrid recall@5 >= 0.9", hr >= 0.9, f"{hr:.3f}"))
         (hr, hm), (sr, sm) = s[("question", "hybrid")], s[("question", "semantic")]
         checks.append((
-            f"{backend}, questions: hybrid no worse than semantic",
+            f"{who}, questions: hybrid no worse than semantic",
             hr >= sr and hm >= sm,
             f"recall@5 {hr:.3f} vs {sr:.3f}, MRR@10 {hm:.3f} vs {sm:.3f}",
         ))
