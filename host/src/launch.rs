@@ -18,8 +18,8 @@ use crate::wasm::{PluginSource, SnapshotStatus, WasmEngine, WasmPlugin, WasmSpaw
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// wasmtime refused its configuration.
-    #[error("cannot start wasmtime: {0}")]
-    Wasmtime(String),
+    #[error("cannot start wasmtime: {0:#}")]
+    Wasmtime(#[source] wasmtime::Error),
     /// This executable's path (for the compiler child) is unknown.
     #[error("cannot find the embedhost executable: {0}")]
     Executable(std::io::Error),
@@ -45,10 +45,20 @@ pub enum LaunchError {
     /// or asks for what the engines cannot run.
     #[error(transparent)]
     Describe(#[from] crate::model::describe::DescribeError),
-    /// `[embedder] remote`: the NATS server or its pool could not be
-    /// reached.
-    #[error("{0}")]
-    Remote(String),
+    /// `[embedder] remote`: the NATS server could not be reached.
+    #[error(transparent)]
+    Nats(#[from] crate::bus::transport::nats::NatsError),
+    /// `[embedder] remote`: no member of the pool answered the handshake.
+    #[error("no NATS member serves `{model}` at {url}: {source}")]
+    NoMember {
+        /// The model asked for.
+        model: String,
+        /// The server, without credentials.
+        url: String,
+        /// The handshake's error.
+        #[source]
+        source: Box<crate::bus::BusError>,
+    },
     /// A blocking step (loading, fetching) panicked.
     #[error("{step}: {source}")]
     Task {
@@ -64,8 +74,7 @@ pub enum LaunchError {
 /// # Errors
 /// Why wasmtime could not start.
 pub fn engine_for(config: &Config) -> Result<WasmEngine, LaunchError> {
-    let engine = WasmEngine::new(config.artifact_cache())
-        .map_err(|e| LaunchError::Wasmtime(format!("{e:#}")))?;
+    let engine = WasmEngine::new(config.artifact_cache()).map_err(LaunchError::Wasmtime)?;
     // Plugin code is compiled in a child of this binary, bounded in memory
     // and time (`wasm::compile`).
     let exe = std::env::current_exe().map_err(LaunchError::Executable)?;
@@ -235,13 +244,8 @@ pub async fn remote_embedder(
     let Some(url) = &config.embedder.remote else {
         return Ok(None);
     };
-    let remote = |e: nats::NatsError| LaunchError::Remote(e.to_string());
-    let client = nats::connect(url, &config.nats_options(), "embedhost")
-        .await
-        .map_err(remote)?;
-    let transport = nats::Nats::new(client, config.model_id())
-        .await
-        .map_err(remote)?;
+    let client = nats::connect(url, &config.nats_options(), "embedhost").await?;
+    let transport = nats::Nats::new(client, config.model_id()).await?;
     let bus = crate::bus::Bus::new(transport);
     let options = crate::bus::SendOptions::default()
         .retries(crate::limits::NATS_HANDSHAKE_RETRIES)
@@ -250,11 +254,10 @@ pub async fn remote_embedder(
     let hello = bus
         .send::<crate::messages::EmbedderHandshake>(crate::bus::Empty {}, options)
         .await
-        .map_err(|e| {
-            LaunchError::Remote(format!(
-                "no NATS member serves `{}` at {shown}: {e}",
-                config.model_id()
-            ))
+        .map_err(|source| LaunchError::NoMember {
+            model: config.model_id().to_string(),
+            url: shown.clone(),
+            source: Box::new(source),
         })?;
     tracing::info!(url = %shown, model = %hello.model.model_id, "using the pool over NATS");
     Ok(Some((bus, hello.model)))
