@@ -14,6 +14,7 @@ mod model;
 mod native;
 mod nats;
 mod onnx;
+mod pinned;
 mod plugins;
 mod privacy;
 mod real_model;

@@ -28,6 +28,9 @@ pub(super) async fn status(config_path: Option<PathBuf>, args: StatusArgs) -> Re
         Backend::Wasm => {
             report["plugin"] = match &source {
                 PluginSource::File(p) => p.display().to_string().into(),
+                PluginSource::Pinned { path, sha256 } => {
+                    format!("{} (sha256 {sha256})", path.display()).into()
+                }
                 PluginSource::Bytes { name, .. } => format!("{name} (built in)").into(),
             };
         }

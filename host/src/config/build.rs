@@ -25,7 +25,13 @@ impl Config {
     /// The plugin to load.
     pub fn plugin_source(&self) -> PluginSource {
         match &self.plugin.path {
-            Some(path) => PluginSource::from_path(path),
+            Some(path) => match (PluginSource::from_path(path), &self.plugin.sha256) {
+                (PluginSource::File(path), Some(sha256)) => PluginSource::Pinned {
+                    path,
+                    sha256: sha256.clone(),
+                },
+                (source, _) => source,
+            },
             None => {
                 PluginSource::builtin(DEFAULT_PLUGIN).unwrap_or_else(PluginSource::builtin_stub)
             }
@@ -115,6 +121,7 @@ impl Config {
                     .unwrap_or_default();
                 format!("{}@{stamp}", path.display())
             }
+            PluginSource::Pinned { path, sha256 } => format!("{}@sha256:{sha256}", path.display()),
             PluginSource::Bytes { name, .. } => {
                 format!("{name}@embedhost-{}", env!("CARGO_PKG_VERSION"))
             }

@@ -153,6 +153,9 @@ pub enum ConfigProblem {
     )]
     /// Two models served under one name.
     ServedTwice { name: String },
+    #[error("[plugin] sha256 must be 64 hex digits, and pins a plugin file (not a built-in one)")]
+    /// `[plugin] sha256` is not a sha256, or names no file to pin.
+    PluginSha256,
     #[error("[native] grace_ms must be greater than zero")]
     /// `[native] grace_ms = 0`.
     GraceZero,
@@ -294,6 +297,9 @@ pub struct PluginSection {
     /// pre-initialized snapshot (default: true; see `wasm::snapshot`).
     /// `false` makes every instance load its model in `init`.
     pub snapshot: Option<bool>,
+    /// The plugin file's sha256 (64 hex digits): a file that differs is
+    /// refused at every load, naming both hashes.
+    pub sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -171,6 +171,17 @@ impl Config {
         if self.native.grace_ms == 0 {
             return Err(ConfigProblem::GraceZero);
         }
+        if let Some(sha256) = &self.plugin.sha256 {
+            let file = self
+                .plugin
+                .path
+                .as_ref()
+                .is_some_and(|p| !p.to_string_lossy().starts_with("builtin:"));
+            let hex = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !(file && hex) {
+                return Err(ConfigProblem::PluginSha256);
+            }
+        }
         Ok(())
     }
 

@@ -108,7 +108,9 @@ impl Generation {
             crate::launch::tokens(&config, supervisor.model_info().max_input_tokens as usize)?;
         let engine = match config.backend {
             Backend::Wasm => match &source {
-                PluginSource::File(path) => path.display().to_string(),
+                PluginSource::File(path) | PluginSource::Pinned { path, .. } => {
+                    path.display().to_string()
+                }
                 PluginSource::Bytes { name, .. } => name.to_string(),
             },
             Backend::Native => format!("{} ({:?})", config.native.engine, config.native.precision),

@@ -17,6 +17,14 @@ pub enum WasmError {
         source: std::io::Error,
     },
 
+    /// A pinned plugin file (`[plugin] sha256`) is not the one pinned.
+    #[error("plugin `{path}` has sha256 {actual}, but [plugin] sha256 pins {expected}: refused")]
+    Pinned {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
     /// The file is not a WebAssembly component.
     #[error("`{name}` is not a WebAssembly component: {reason}")]
     NotAComponent { name: String, reason: String },

@@ -319,6 +319,18 @@ impl WasmPlugin {
 /// The bytes of a plugin.
 fn read(source: &PluginSource) -> Result<std::borrow::Cow<'static, [u8]>, WasmError> {
     match source {
+        PluginSource::Pinned { path, sha256 } => {
+            let bytes = read(&PluginSource::File(path.clone()))?;
+            let actual = crate::files::sha256_hex(&bytes);
+            if !actual.eq_ignore_ascii_case(sha256) {
+                return Err(WasmError::Pinned {
+                    path: path.clone(),
+                    expected: sha256.to_ascii_lowercase(),
+                    actual,
+                });
+            }
+            Ok(bytes)
+        }
         PluginSource::File(path) => {
             let read_error = |source| WasmError::Read {
                 path: path.clone(),

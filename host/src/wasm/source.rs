@@ -7,6 +7,9 @@ use std::path::PathBuf;
 pub enum PluginSource {
     /// A `.wasm` file.
     File(PathBuf),
+    /// A `.wasm` file that must have this sha256 (`[plugin] sha256`):
+    /// every load reads it once, and refuses bytes that differ.
+    Pinned { path: PathBuf, sha256: String },
     /// Bytes with a name (a built-in plugin).
     Bytes { name: String, bytes: &'static [u8] },
 }
@@ -48,8 +51,16 @@ impl PluginSource {
     /// A short name for messages.
     pub fn name(&self) -> String {
         match self {
-            PluginSource::File(p) => p.display().to_string(),
+            PluginSource::File(p) | PluginSource::Pinned { path: p, .. } => p.display().to_string(),
             PluginSource::Bytes { name, .. } => name.clone(),
+        }
+    }
+
+    /// The file, for a plugin that is one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            PluginSource::File(p) | PluginSource::Pinned { path: p, .. } => Some(p),
+            PluginSource::Bytes { .. } => None,
         }
     }
 }
