@@ -125,14 +125,26 @@ impl Chaos {
     }
 }
 
+/// A value that is not a probability from 0 to 1 (the value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotAChance(pub String);
+
+impl std::fmt::Display for NotAChance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` is not a probability from 0 to 1", self.0)
+    }
+}
+
+impl std::error::Error for NotAChance {}
+
 /// Parses a probability (`"0.05"`) into calls per million.
 ///
 /// # Errors
-/// The reason, if `value` is not a number from 0 to 1.
-pub fn parse_chance(value: &str) -> Result<u32, String> {
+/// [`NotAChance`] if `value` is not a number from 0 to 1.
+pub fn parse_chance(value: &str) -> Result<u32, NotAChance> {
     match value.trim().parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok((p * 1e6).round() as u32),
-        _ => Err(format!("`{value}` is not a probability from 0 to 1")),
+        _ => Err(NotAChance(value.to_string())),
     }
 }
 
@@ -238,7 +250,9 @@ impl StubConfig {
                     config.faults.wrong_dimension_marker = marker(value)?
                 }
                 "fault.nan_marker" => config.faults.nan_marker = marker(value)?,
-                "fault.chaos" => config.faults.chaos_ppm = parse_chance(value).map_err(err)?,
+                "fault.chaos" => {
+                    config.faults.chaos_ppm = parse_chance(value).map_err(|e| err(e.to_string()))?
+                }
                 "fault.chaos_seed" => config.faults.chaos_seed = Some(number(value)?),
                 "fault.chaos_kinds" => {
                     config.faults.chaos_kinds = value

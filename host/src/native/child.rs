@@ -90,7 +90,10 @@ pub enum FaultSettingError {
     },
     /// A value that is not a probability.
     #[error("setting `{key}`: {reason}")]
-    Chance { key: String, reason: String },
+    Chance {
+        key: String,
+        reason: embedhost_stub_engine::NotAChance,
+    },
     /// A chaos kind the child does not know.
     #[error("setting `{key}`: `{kind}` is not one of kill, abort, exit, hang, leak")]
     ChaosKind { key: String, kind: String },
