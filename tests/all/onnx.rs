@@ -16,7 +16,7 @@ fn workspace() -> &'static Path {
 }
 
 /// Where `./x setup` put the Python tools and ONNX Runtime.
-fn deps() -> PathBuf {
+pub fn deps() -> PathBuf {
     std::env::var_os("EMBEDHOST_DEPS")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/embedhost-deps"))

@@ -209,7 +209,7 @@ impl Config {
     }
 
     /// How the configured model's token states become its vectors, and
-    /// whether they are normalized: as its built-in manifest says (the
+    /// whether they are normalized: as its manifest says (the
     /// defaults, mean and normalized, for a `[model] dir`), each unless
     /// `[plugin] config` sets it, so the user's setting wins (it reaches
     /// the backend through [`Config::plugin_config`], and this gives the
@@ -217,7 +217,7 @@ impl Config {
     fn model_pooling(&self) -> (Pooling, bool) {
         let manifest = match self.model.dir {
             Some(_) => None,
-            None => crate::model::builtin(self.model_id()).ok(),
+            None => crate::model::manifest(self.model_id()).ok(),
         };
         let Some(manifest) = manifest else {
             return (Pooling::default(), true);

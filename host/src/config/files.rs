@@ -50,8 +50,8 @@ impl Config {
     fn model_store(
         &self,
     ) -> Result<(crate::model::Manifest, crate::model::ModelStore), ModelError> {
-        let manifest = crate::model::builtin(self.model_id())?;
         let store = crate::model::ModelStore::from_env()?;
+        let manifest = crate::model::manifest_for(self.model_id(), &store)?;
         Ok((manifest, store))
     }
 
