@@ -5,7 +5,10 @@
 //! The store is one directory per model id under a root: `$EMBEDHOST_MODELS_DIR`,
 //! else the platform's data directory (`~/.local/share/embedhost/models` on
 //! Linux). A pip wheel cache lives beside the models (`.pip/`), so a re-fetch
-//! after corruption needs no network.
+//! after corruption needs no network. A model added by `embedhost model add`
+//! ([`add`]) keeps its manifest in its own directory
+//! ([`add::ADDED_MANIFEST`]); [`manifest_for`] finds a model by id among the
+//! built-ins, then the added ones.
 //!
 //! # Invariants
 //! - A file under its final name was verified (size and sha256) when it was
