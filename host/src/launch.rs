@@ -220,7 +220,7 @@ pub fn remote_tokens(config: &Config, info: &ModelInfo) -> Result<Tokens, Launch
     if config.model.id.is_some() || config.model.dir.is_some() {
         return tokens(config, window);
     }
-    let stored = crate::model::builtin(info.model_id.as_ref())
+    let stored = crate::model::manifest(info.model_id.as_ref())
         .ok()
         .zip(crate::model::ModelStore::from_env().ok())
         .map(|(manifest, store)| store.dir(&manifest))

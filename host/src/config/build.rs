@@ -216,9 +216,9 @@ impl Config {
     }
 
     /// How the configured model's token states become its vectors, and
-    /// whether they are normalized: as its built-in manifest or its
-    /// directory's sentence-transformers description says (the defaults,
-    /// mean and normalized, for a directory without one), each unless
+    /// whether they are normalized: as its manifest (built in or added) or
+    /// its directory's sentence-transformers description says (the
+    /// defaults, mean and normalized, for a directory without one), each unless
     /// `[plugin] config` sets it, so the user's setting wins (it reaches
     /// the backend through [`Config::plugin_config`], and this gives the
     /// default for it).
@@ -231,7 +231,7 @@ impl Config {
                 .ok()
                 .flatten()
                 .map(|d| (d.pooling(), d.normalize())),
-            None => crate::model::builtin(self.model_id())
+            None => crate::model::manifest(self.model_id())
                 .ok()
                 .map(|m| (m.pooling_mode(), m.normalize)),
         };

@@ -78,7 +78,7 @@ impl Config {
                 .map(|d| d.form())
                 .unwrap_or_default());
         }
-        Ok(crate::model::builtin(self.model_id())
+        Ok(crate::model::manifest(self.model_id())
             .map(|m| m.form())
             .unwrap_or_default())
     }
@@ -86,8 +86,8 @@ impl Config {
     fn model_store(
         &self,
     ) -> Result<(crate::model::Manifest, crate::model::ModelStore), ModelError> {
-        let manifest = crate::model::builtin(self.model_id())?;
         let store = crate::model::ModelStore::from_env()?;
+        let manifest = crate::model::manifest_for(self.model_id(), &store)?;
         Ok((manifest, store))
     }
 

@@ -307,7 +307,7 @@ impl Generation {
 
 /// The configured model's full name, if it is one the host knows.
 fn alias(config: &Config) -> Option<String> {
-    crate::model::builtin(config.model_id())
+    crate::model::manifest(config.model_id())
         .ok()
         .map(|manifest| manifest.name)
 }

@@ -125,7 +125,7 @@ pub fn check_model(config: &Config) -> ModelCheckResponse {
         };
     }
     let (Ok(manifest), Ok(store)) = (
-        crate::model::builtin(config.model_id()),
+        crate::model::manifest(config.model_id()),
         crate::model::ModelStore::from_env(),
     ) else {
         return ModelCheckResponse {

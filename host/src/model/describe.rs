@@ -72,6 +72,7 @@ pub struct BertShape {
 #[derive(Clone, Debug)]
 pub struct Description {
     transformer_dir: PathBuf,
+    pooling_config: PathBuf,
     shape: BertShape,
     pooling: Pooling,
     normalize: bool,
@@ -86,6 +87,11 @@ impl Description {
     /// and `tokenizer.json` are (the model's directory itself, usually).
     pub fn transformer_dir(&self) -> &Path {
         &self.transformer_dir
+    }
+
+    /// The Pooling module's `config.json`.
+    pub fn pooling_config(&self) -> &Path {
+        &self.pooling_config
     }
 
     /// The Transformer module's `tokenizer.json` (it exists).
@@ -254,6 +260,7 @@ pub fn describe(dir: &Path) -> Result<Description, DescribeError> {
     }
     Ok(Description {
         transformer_dir,
+        pooling_config: pooling_path,
         shape,
         pooling,
         normalize: modules.normalize,

@@ -157,6 +157,15 @@ pub enum FetchError {
         status: std::process::ExitStatus,
         last: String,
     },
+    /// A download past its limit.
+    #[error("larger than {limit} bytes; refused")]
+    TooLarge { limit: u64 },
+    /// Copying a local file failed.
+    #[error("{source_path}: {source}")]
+    Copy {
+        source_path: PathBuf,
+        source: Box<FetchError>,
+    },
     /// The manifest's text for the file could not be installed: its
     /// checksum or size is not the manifest's, or it could not be written.
     #[error("the text the manifest gives for {name}: {source}")]
@@ -325,6 +334,26 @@ pub fn text(text: &str, dir: &Path, spec: &FileSpec) -> Result<(), FetchError> {
         })
 }
 
+/// Copies the local file `source` into `dir` as `spec`, verified as any
+/// fetched file.
+///
+/// # Errors
+/// [`FetchError::Copy`] naming the source: a read or write error, or a
+/// checksum or size other than the manifest's (the file changed since).
+pub fn copy(source: &Path, dir: &Path, spec: &FileSpec) -> Result<(), FetchError> {
+    let tmp = temp_path(dir, &spec.name, "copy");
+    std::fs::copy(source, &tmp)
+        .map_err(file_error(source))
+        .and_then(|_| install(&tmp, &dir.join(&spec.name), spec))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            FetchError::Copy {
+                source_path: source.to_path_buf(),
+                source: Box::new(e),
+            }
+        })
+}
+
 pub(super) fn temp_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {
     dir.join(format!(".{name}.{suffix}"))
 }
@@ -383,30 +412,7 @@ fn https_inner(
     let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     let have = if have > spec.size { 0 } else { have };
     let total = timeouts.total(spec.size.saturating_sub(have));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(timeouts.connect))
-        .timeout_recv_response(Some(timeouts.read))
-        .timeout_recv_body(Some(total))
-        .timeout_global(Some(
-            total
-                .saturating_add(timeouts.connect)
-                .saturating_add(timeouts.read),
-        ))
-        .build()
-        .into();
-    let mut request = agent.get(url);
-    if have > 0 {
-        request = request.header("Range", format!("bytes={have}-"));
-    }
-    let response = request.call().map_err(|e| match e {
-        ureq::Error::Timeout(_) => FetchError::Timeout {
-            connect: timeouts.connect,
-            read: timeouts.read,
-            source: e,
-        },
-        e => FetchError::Transport(e),
-    })?;
+    let response = get(url, have, total, timeouts)?;
     let status = response.status().as_u16();
     let (file, start) = match status {
         206 if have > 0 => {
@@ -438,6 +444,40 @@ fn https_inner(
     install(&part, &dir.join(&spec.name), spec)
 }
 
+/// A GET of `url` (from byte `have` on, if not 0) whose body may take
+/// `total`; any HTTP status is an answer.
+pub(super) fn get(
+    url: &str,
+    have: u64,
+    total: Duration,
+    timeouts: &HttpTimeouts,
+) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(timeouts.connect))
+        .timeout_recv_response(Some(timeouts.read))
+        .timeout_recv_body(Some(total))
+        .timeout_global(Some(
+            total
+                .saturating_add(timeouts.connect)
+                .saturating_add(timeouts.read),
+        ))
+        .build()
+        .into();
+    let mut request = agent.get(url);
+    if have > 0 {
+        request = request.header("Range", format!("bytes={have}-"));
+    }
+    request.call().map_err(|e| match e {
+        ureq::Error::Timeout(_) => FetchError::Timeout {
+            connect: timeouts.connect,
+            read: timeouts.read,
+            source: e,
+        },
+        e => FetchError::Transport(e),
+    })
+}
+
 /// Streams `body` into `file` (at `start` bytes of `spec`) and returns the
 /// bytes the file then holds. The reads run on a thread of their own, so a
 /// server that stops sending is given up on after `stall` with no bytes;
@@ -446,7 +486,7 @@ fn https_inner(
 /// # Errors
 /// A stall, a broken transfer (the partial file is kept and flushed), or
 /// the file's write error.
-fn receive(
+pub(super) fn receive(
     mut body: impl Read + Send + 'static,
     mut file: File,
     part: &Path,

