@@ -333,11 +333,7 @@ async fn busy_member(call_ms: u64) -> (NatsServer, Service, embedhost::bus::Bus,
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let (_, metrics, _) = member.raw("GET", "/metrics", None, &[]);
-            let batches = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("embed_batch_size_count "))
-                .and_then(|n| n.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
+            let batches = crate::serve::metric(&metrics, "embed_batch_size_count");
             if batches >= 1.0 {
                 return member;
             }

@@ -1120,6 +1120,7 @@ async fn the_batcher_merges_requests_within_its_wait_and_not_after() {
             max_batch_tokens: 100,
             wait: Duration::from_millis(10),
             lanes: 2,
+            model: "stub".into(),
         },
     ));
     let until = Instant::now() + DEADLINE;

@@ -62,7 +62,7 @@ pub const METRIC_BATCH_TOKENS: &str = "embed_batch_tokens";
 pub const METRIC_QUEUE_DEPTH: &str = "embed_queue_depth";
 
 /// How batches are formed.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BatchSettings {
     /// Tokens in one batch, at most (a single larger text goes alone).
     pub max_batch_tokens: usize,
@@ -70,6 +70,8 @@ pub struct BatchSettings {
     pub wait: Duration,
     /// Batches formed or running at once.
     pub lanes: usize,
+    /// The model served, the `model` label of the batcher's metrics.
+    pub model: String,
 }
 
 struct Piece {
@@ -132,6 +134,8 @@ struct Shared {
     /// estimate refuse requests that would finish, and with large requests
     /// refused nothing would measure the pool again.
     rate: std::sync::Mutex<Option<f64>>,
+    /// The `model` label of its metrics.
+    model: String,
 }
 
 impl Shared {
@@ -168,6 +172,7 @@ impl Batcher {
             queued: Notify::new(),
             forming: tokio::sync::Mutex::new(()),
             rate: std::sync::Mutex::new(None),
+            model: settings.model.clone(),
         });
         Batcher {
             shared,
@@ -250,10 +255,16 @@ impl Batcher {
     fn lanes_up(&self) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         if lanes.is_none() {
-            let (shared, settings) = (&self.shared, self.settings);
+            let (shared, settings) = (&self.shared, &self.settings);
             *lanes = Some(
                 (0..settings.lanes.max(1))
-                    .map(|_| tokio::spawn(lane(shared.clone(), self.supervisor.clone(), settings)))
+                    .map(|_| {
+                        tokio::spawn(lane(
+                            shared.clone(),
+                            self.supervisor.clone(),
+                            settings.clone(),
+                        ))
+                    })
                     .collect(),
             );
         }
@@ -271,7 +282,8 @@ impl Batcher {
                 return Err(EmbedError::Overloaded(rotation.pieces));
             }
             rotation.pieces += waiting.pieces.len();
-            metrics::gauge!(METRIC_QUEUE_DEPTH).set(rotation.pieces as f64);
+            metrics::gauge!(METRIC_QUEUE_DEPTH, "model" => self.shared.model.clone())
+                .set(rotation.pieces as f64);
             rotation.requests.push_back(waiting);
         }
         self.shared.queued.notify_waiters();
@@ -360,7 +372,8 @@ async fn lane(shared: Arc<Shared>, supervisor: Supervisor, settings: BatchSettin
             };
             gather(&shared, first, &settings, &supervisor).await
         };
-        metrics::gauge!(METRIC_QUEUE_DEPTH).set(shared.rotation().pieces as f64);
+        metrics::gauge!(METRIC_QUEUE_DEPTH, "model" => shared.model.clone())
+            .set(shared.rotation().pieces as f64);
         run(&shared, &supervisor, batch, settings.max_batch_tokens).await;
     }
 }
@@ -436,8 +449,9 @@ async fn run(shared: &Shared, supervisor: &Supervisor, batch: Vec<Piece>, budget
         texts.append(&mut piece.texts);
         tokens += piece.tokens;
     }
-    metrics::histogram!(METRIC_BATCH_SIZE).record(texts.len() as f64);
-    metrics::histogram!(METRIC_BATCH_TOKENS).record(tokens as f64);
+    let model = shared.model.clone();
+    metrics::histogram!(METRIC_BATCH_SIZE, "model" => model.clone()).record(texts.len() as f64);
+    metrics::histogram!(METRIC_BATCH_TOKENS, "model" => model).record(tokens as f64);
     let n = texts.len();
     // If every caller of the batch gives up, the batch is dropped too: its
     // job leaves the supervisor's queue unrun (or its answer is dropped).

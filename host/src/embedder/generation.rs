@@ -77,6 +77,7 @@ fn batch_settings(config: &Config, pool_size: usize, budget: usize) -> BatchSett
         max_batch_tokens: budget,
         wait: Duration::from_micros(config.serve.batch_wait_us),
         lanes: pool_size.max(1),
+        model: config.served_name(),
     }
 }
 

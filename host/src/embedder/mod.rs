@@ -239,7 +239,7 @@ impl Embedder {
         job: Job,
     ) -> Result<Prepared, EmbedError> {
         self.jobs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(METRIC_JOBS).increment(1);
+        metrics::counter!(METRIC_JOBS, "model" => generation.config.served_name()).increment(1);
         tracing::debug!(
             target: LOG_TARGET,
             texts = job.texts.len(),
@@ -307,7 +307,8 @@ impl Embedder {
         }
         self.tokenized
             .fetch_add(texts.len() as u64, Ordering::Relaxed);
-        metrics::counter!(METRIC_TOKENIZED).increment(texts.len() as u64);
+        metrics::counter!(METRIC_TOKENIZED, "model" => generation.config.served_name())
+            .increment(texts.len() as u64);
         let bytes: usize = texts.iter().map(String::len).sum();
         let counter = generation.clone();
         let (texts, counted) = tokenizing(&self.tokenizing, bytes, move || {
