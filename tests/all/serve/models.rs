@@ -132,27 +132,120 @@ fn models_whose_pools_do_not_fit_the_machine_together_are_refused_naming_each() 
     );
 }
 
-#[test]
-fn both_real_models_serve_at_once_and_crashes_in_one_fail_no_request_of_the_other() {
-    // Both models in the setup's store, fetched before the service reads it.
-    let store = crate::onnx::deps().join("models");
+/// The native backend's config for the model `id` (or, with `id` None,
+/// all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 beside it, `l3` added to
+/// its entry).
+fn real_config(id: Option<&str>, l3: &str) -> String {
+    let head = format!(
+        "backend = \"native\"\n[native]\nexecutable = \"{}\"\nthreads = 1\n[index]\ndir = \"index\"\n",
+        env!("CARGO_BIN_EXE_embedhost")
+    );
+    match id {
+        Some(id) => format!("{head}[model]\nid = \"{id}\"\n"),
+        None => format!("{head}[[models]]\n[models.model]\nid = \"paraphrase-minilm-l3-v2\"\n{l3}"),
+    }
+}
+
+/// The setup's model store, with both real models fetched into it.
+fn real_store() -> std::path::PathBuf {
     crate::onnx::real_model();
     crate::onnx::store_model("paraphrase-minilm-l3-v2");
-    // The default model, all-MiniLM-L6-v2, and paraphrase-MiniLM-L3-v2 whose
-    // children abort on 2% of their calls (seeded), under the shipped
-    // supervision policy.
-    let config = format!(
-        "backend = \"native\"\n[native]\nexecutable = \"{exe}\"\nthreads = 1\n[index]\ndir = \"index\"\n\
-         [[models]]\n[models.model]\nid = \"paraphrase-minilm-l3-v2\"\n\
-         [models.plugin.config]\n\"child.chaos\" = \"0.02\"\n\"child.chaos_kinds\" = \"abort\"\n\"child.chaos_seed\" = \"7\"\n",
-        exe = env!("CARGO_BIN_EXE_embedhost"),
-    );
+    crate::onnx::deps().join("models")
+}
+
+/// A service of both real models (see [`real_config`]), offline on the
+/// setup's store; the store.
+fn two_real_models(l3: &str) -> (Service, std::path::PathBuf) {
+    let store = real_store();
     let dir = tempfile::tempdir().unwrap().keep();
     let envs = [
         ("EMBEDHOST_MODELS_DIR", store.as_os_str()),
         ("EMBEDHOST_OFFLINE", std::ffi::OsStr::new("1")),
     ];
-    let s = Service::start_with(&dir, &config, &[], &envs);
+    (
+        Service::start_with(&dir, &real_config(None, l3), &[], &envs),
+        store,
+    )
+}
+
+#[test]
+fn the_openai_client_gets_from_each_real_model_the_vectors_embed_gives() {
+    let python = embedhost::deps::python().expect("run ./x setup: the venv's python is missing");
+    let (s, store) = two_real_models("");
+    let texts = [
+        "The official client, unchanged.",
+        "Two models behind one door.",
+    ];
+    let script = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+texts = json.loads(sys.argv[2])
+print(json.dumps({m: [d.embedding for d in client.embeddings.create(model=m, input=texts, encoding_format="float").data] for m in sys.argv[3:]}))
+"#;
+    let models = ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2"];
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            script,
+            &s.url,
+            &serde_json::to_string(&texts).unwrap(),
+        ])
+        .args(models)
+        .output_within(crate::PROCESS_LIMIT)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for model in models {
+        let config = dir.path().join(format!("{model}.toml"));
+        std::fs::write(&config, real_config(Some(model), "")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
+            .args(["--config", config.to_str().unwrap(), "embed"])
+            .args(texts)
+            .env("EMBEDHOST_MODELS_DIR", &store)
+            .env("EMBEDHOST_OFFLINE", "1")
+            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
+            .output_within(crate::PROCESS_LIMIT)
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected = crate::cli::vectors(&out);
+        let got: Vec<Vec<f32>> = serde_json::from_value(answer[model].clone()).unwrap();
+        assert_eq!(got.len(), texts.len());
+        for ((text, want), got) in expected.iter().zip(&got) {
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+            let cosine = dot(want, got) / (dot(want, want) * dot(got, got)).sqrt();
+            assert!(cosine >= 0.99999, "{model} {text:?}: cosine {cosine}");
+            let ratio = (dot(got, got) / dot(want, want)).sqrt();
+            assert!(
+                (ratio - 1.0).abs() < 1e-4,
+                "{model} {text:?}: length ratio {ratio}"
+            );
+        }
+    }
+    // The two models give different vectors: each request reached its own.
+    let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+        serde_json::from_value(answer[models[0]].clone()).unwrap(),
+        serde_json::from_value(answer[models[1]].clone()).unwrap(),
+    );
+    assert_ne!(a, b);
+}
+
+#[test]
+fn both_real_models_serve_at_once_and_crashes_in_one_fail_no_request_of_the_other() {
+    // paraphrase-MiniLM-L3-v2's children abort on 2% of their calls
+    // (seeded), under the shipped supervision policy.
+    let (s, _store) = two_real_models(
+        "[models.plugin.config]\n\"child.chaos\" = \"0.02\"\n\"child.chaos_kinds\" = \"abort\"\n\"child.chaos_seed\" = \"7\"\n",
+    );
     let failed = std::sync::Mutex::new(Vec::new());
     let answered = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
