@@ -568,11 +568,18 @@ pub struct Config {
 }
 
 impl Config {
-    /// The configured model's id.
+    /// The configured model's id: `[model] id`, else the name of
+    /// `[model] dir` (a directory's model is not the default one), else the
+    /// default model's.
     pub fn model_id(&self) -> &str {
+        if let Some(id) = &self.model.id {
+            return id;
+        }
         self.model
-            .id
+            .dir
             .as_deref()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
             .unwrap_or(crate::model::DEFAULT_MODEL)
     }
 

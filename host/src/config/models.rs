@@ -13,9 +13,12 @@
 //! # Invariants
 //! - An entry sets only what describes an embedder ([`MODEL_KEYS`]): its
 //!   `name`, `backend`, `[model]`, `[plugin]`, `[native]`, `[supervisor]`
-//!   and `[limits]`. Each key it sets overrides the main config's; the rest,
-//!   and every other section (`[serve]`, `[index]`, `[nats]`, ...), are the
-//!   main config's.
+//!   and `[limits]`. Its `[model]` and `[plugin]` are its own: nothing of the
+//!   main config's model, plugin, plugin settings or pin reaches it (an
+//!   entry that sets neither serves the default model with the default
+//!   plugin). Each key it sets in `[native]`, `[supervisor]` and `[limits]`
+//!   overrides the main config's; the rest, `backend`, and every other
+//!   section (`[serve]`, `[index]`, `[nats]`, ...) are the main config's.
 //! - Each entry becomes a whole [`Config`] that passes every check the main
 //!   one passes, through the same code.
 //! - Every model served has a name of its own ([`Config::served_name`]): two
@@ -24,6 +27,10 @@
 use std::path::Path;
 
 use super::{Config, ConfigError, ConfigProblem};
+
+/// The sections an entry never inherits from the main config: a model's
+/// files, its plugin and the plugin's settings belong together.
+const OWN_SECTIONS: &[&str] = &["model", "plugin"];
 
 /// What an entry of `[[models]]` may set.
 pub const MODEL_KEYS: &[&str] = &[
@@ -118,6 +125,9 @@ fn merged(
 ) -> Result<toml::Table, ConfigProblem> {
     let mut table = main.clone();
     table.remove("models");
+    for own in OWN_SECTIONS {
+        table.remove(*own);
+    }
     for (key, value) in entry {
         if !MODEL_KEYS.contains(&key.as_str()) {
             return Err(ConfigProblem::ModelKey { entry: number, key });
@@ -170,6 +180,24 @@ mod tests {
             config.models[1].model.dir.as_deref(),
             Some(Path::new("/etc/e/m"))
         );
+    }
+
+    #[test]
+    fn an_entry_inherits_nothing_of_the_main_models_model_or_plugin() {
+        let config = parse(
+            "[model]\ndir = \"/m/e5\"\n[plugin]\npath = \"p.wasm\"\nsha256 = \"%s\"\n             [plugin.config]\npooling = \"cls\"\n             [[models]]\nname = \"l3\"\n[models.model]\nid = \"paraphrase-minilm-l3-v2\"\n"
+                .replace("%s", &"a".repeat(64))
+                .as_str(),
+        )
+        .unwrap();
+        let l3 = &config.models[0];
+        assert_eq!(l3.model.dir, None, "the main model's directory leaked");
+        assert_eq!(l3.model_id(), "paraphrase-minilm-l3-v2");
+        assert!(l3.plugin.path.is_none() && l3.plugin.sha256.is_none());
+        assert!(l3.plugin.config.is_empty(), "{:?}", l3.plugin.config);
+        // A directory's model is known by the directory's name, never as
+        // the default model.
+        assert_eq!(config.model_id(), "e5");
     }
 
     #[test]

@@ -310,8 +310,17 @@ fn unpack(wheel: &Path, path: &str, root: &Path) -> Result<(), Unpack> {
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent).map_err(|e| failed(&e))?;
         }
+        // Each member within the bound of an added file, whatever its
+        // header declares (a zip bomb stops at the bound).
+        let bound = crate::limits::MAX_ADDED_FILE_BYTES;
         let mut dest = std::fs::File::create(&out).map_err(|e| failed(&e))?;
-        std::io::copy(&mut member, &mut dest).map_err(|e| failed(&e))?;
+        let copied = std::io::copy(&mut std::io::Read::take(&mut member, bound + 1), &mut dest)
+            .map_err(|e| failed(&e))?;
+        if copied > bound {
+            return Err(Unpack::Failed(format!(
+                "`{name}` is larger than {bound} bytes (limits::MAX_ADDED_FILE_BYTES)"
+            )));
+        }
         found = true;
     }
     if found { Ok(()) } else { Err(Unpack::Empty) }

@@ -198,6 +198,14 @@ async fn reload(state: &Arc<State>) {
     }
     let same = models::same_embedder(&config, &current.config);
     drop(current);
+    // The pools the new config names must fit the machine together, as at
+    // the start.
+    if !config.models.is_empty()
+        && let Err(e) = models::check_memory(&config)
+    {
+        tracing::error!("reload refused, the config in force stays: {e}");
+        return;
+    }
     *lock(&state.phase) = Phase::Reloading;
     if same {
         tracing::info!("reload: the default model's embedder is unchanged");

@@ -68,13 +68,21 @@ async fn start(config: Config, generation: u64) -> Result<Arc<Generation>, Serve
 /// # Errors
 /// [`ServeError::Model`] naming the first that did not start.
 pub(super) async fn start_others(state: &Arc<State>, config: &Config) -> Result<(), ServeError> {
-    for other in &config.models {
+    // Each known before any starts: a request for one still starting is
+    // answered 503 (retry), not 404.
+    let embedders: Vec<(&Config, Arc<Embedder>)> = config
+        .models
+        .iter()
+        .map(|other| (other, Arc::new(Embedder::new())))
+        .collect();
+    for (other, embedder) in &embedders {
+        lock(&state.others).insert(other.served_name(), embedder.clone());
+    }
+    for (other, embedder) in embedders {
         let generation = state.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let pool = start(other.clone(), generation).await?;
         tracing::info!(model = %other.served_name(), backend = pool.backend, "embedder pool up");
-        let embedder = Arc::new(Embedder::new());
         embedder.install(pool);
-        lock(&state.others).insert(other.served_name(), embedder);
     }
     Ok(())
 }

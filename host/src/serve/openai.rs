@@ -141,7 +141,6 @@ pub(super) async fn openai_embeddings(
 pub(super) async fn openai_models(
     Shared((state, _)): Shared<AppState>,
 ) -> Result<Json<Value>, ApiError> {
-    state.pool().map_err(|e| e.style(Style::OpenAi))?;
     let data: Vec<Value> = state
         .pools()
         .iter()

@@ -17,7 +17,7 @@ fn two_models(dimension: usize, more: &str) -> String {
         "wasm",
         "dimension = \"8\"",
         &format!(
-            "[[models]]\nname = \"wide\"\n[models.plugin.config]\ndimension = \"{dimension}\"\n[models.supervisor]\npool_size = 1\n{more}"
+            "[[models]]\nname = \"wide\"\n[models.plugin]\npath = \"builtin:stub\"\n[models.plugin.config]\ndimension = \"{dimension}\"\n[models.supervisor]\npool_size = 1\n{more}"
         ),
     )
 }
@@ -105,7 +105,7 @@ fn models_whose_pools_do_not_fit_the_machine_together_are_refused_naming_each() 
     let each = fit / 2 + 1;
     let pools = format!("[supervisor]\npool_size = {each}\n[limits]\nmemory_mb = 4096\n");
     let config = format!(
-        "[plugin]\npath = \"builtin:stub\"\n{pools}[[models]]\nname = \"second\"\n[models.plugin.config]\ndimension = \"16\"\n"
+        "[plugin]\npath = \"builtin:stub\"\n{pools}[[models]]\nname = \"second\"\n[models.plugin]\npath = \"builtin:stub\"\n"
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("embedhost.toml");
