@@ -111,6 +111,18 @@ async fn a_described_directory_gets_its_prompts_pooling_and_normalization_on_the
         assert!((length(got) / length(&want) - 1.0).abs() < 1e-4);
     }
     assert!(!e5.generation().unwrap().info.normalized);
+    // The index's chunks leave room for the document prompt: the model
+    // reads every token of a chunk (256 tokens, 2 of them special).
+    let generation = e5.generation().unwrap();
+    let prompt = generation.tokens.spans("passage: ").unwrap().len();
+    assert!(prompt >= 1);
+    let worker = embedhost::worker::Worker::new(
+        std::sync::Arc::new(e5),
+        generation.info.clone(),
+        generation.tokens.clone(),
+        embedhost::worker::WorkerSettings::from_config(&generation.config),
+    );
+    assert_eq!(worker.settings().chunk.tokens, 256 - 2 - prompt);
 }
 
 #[tokio::test]

@@ -239,15 +239,27 @@ impl Drop for Opened {
 
 impl Worker {
     /// A worker asking `embedder` (the front door, serving `model`) for
-    /// vectors, cutting files with `tokens`.
+    /// vectors, cutting files with `tokens`. Chunks leave room for the
+    /// document prompt the front door puts before each of them, so the
+    /// model reads every token of a chunk.
     pub fn new(
         embedder: Arc<Embedder>,
         model: ModelInfo,
         tokens: Tokens,
         settings: WorkerSettings,
     ) -> Self {
+        let prompt = embedder
+            .generation()
+            .ok()
+            .and_then(|g| {
+                g.form
+                    .prompt(false)
+                    .map(|p| tokens.spans(p).map_or(0, |s| s.len()))
+            })
+            .unwrap_or(0);
+        let window = (model.max_input_tokens as usize).saturating_sub(prompt);
         let settings = WorkerSettings {
-            chunk: settings.chunk.fitted(model.max_input_tokens as usize),
+            chunk: settings.chunk.fitted(window),
             batch_chunks: settings.batch_chunks.max(1),
             in_flight: settings.in_flight.max(1),
             ..settings
