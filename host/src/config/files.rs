@@ -141,3 +141,30 @@ impl Config {
         Ok(library)
     }
 }
+
+impl Config {
+    /// The configured model's id: `[model] id`, else the name of
+    /// `[model] dir` (a directory's model is not the default one), else the
+    /// default model's.
+    pub fn model_id(&self) -> &str {
+        if let Some(id) = &self.model.id {
+            return id;
+        }
+        self.model
+            .dir
+            .as_deref()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or(crate::model::DEFAULT_MODEL)
+    }
+
+    /// What the configured embedder needs from a model manifest (its files'
+    /// `needed_by`): `wasm`, `native` or `native-int8`.
+    pub fn model_use(&self) -> &'static str {
+        match (self.backend, self.native.precision) {
+            (super::Backend::Wasm, _) => "wasm",
+            (super::Backend::Native, super::Precision::Fp32) => "native",
+            (super::Backend::Native, super::Precision::Int8) => "native-int8",
+        }
+    }
+}

@@ -567,33 +567,6 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
-impl Config {
-    /// The configured model's id: `[model] id`, else the name of
-    /// `[model] dir` (a directory's model is not the default one), else the
-    /// default model's.
-    pub fn model_id(&self) -> &str {
-        if let Some(id) = &self.model.id {
-            return id;
-        }
-        self.model
-            .dir
-            .as_deref()
-            .and_then(|d| d.file_name())
-            .and_then(|n| n.to_str())
-            .unwrap_or(crate::model::DEFAULT_MODEL)
-    }
-
-    /// What the configured embedder needs from a model manifest (its files'
-    /// `needed_by`): `wasm`, `native` or `native-int8`.
-    pub fn model_use(&self) -> &'static str {
-        match (self.backend, self.native.precision) {
-            (Backend::Wasm, _) => "wasm",
-            (Backend::Native, Precision::Fp32) => "native",
-            (Backend::Native, Precision::Int8) => "native-int8",
-        }
-    }
-}
-
 fn project_dirs() -> Option<directories::ProjectDirs> {
     directories::ProjectDirs::from("", "", "embedhost")
 }
