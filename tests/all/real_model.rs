@@ -310,7 +310,7 @@ async fn the_plugin_reads_only_its_model_directory() {
 /// Runs `embedhost ARGS` offline with the model store at `models`, from an
 /// empty working directory and with no user config, so only `args` (and the
 /// built-in defaults) decide what runs.
-fn embedhost_offline(args: &[&str], models: &Path) -> Output {
+pub(crate) fn embedhost_offline(args: &[&str], models: &Path) -> Output {
     let cwd = tempfile::tempdir().unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_embedhost"))
         .args(args)
@@ -323,7 +323,7 @@ fn embedhost_offline(args: &[&str], models: &Path) -> Output {
         .unwrap()
 }
 
-fn succeeded(out: &Output) -> Vec<(String, Vec<f32>)> {
+pub(crate) fn succeeded(out: &Output) -> Vec<(String, Vec<f32>)> {
     assert!(
         out.status.success(),
         "{}",

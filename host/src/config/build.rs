@@ -222,6 +222,16 @@ impl Config {
     /// `[plugin] config` sets it, so the user's setting wins (it reaches
     /// the backend through [`Config::plugin_config`], and this gives the
     /// default for it).
+    /// How the configured model pools, all told: `[plugin] config`'s
+    /// `pooling` if it names a mode, else what the model itself says (see
+    /// [`Config::model_pooling`]).
+    pub fn pooling(&self) -> Pooling {
+        match self.plugin.config.get("pooling") {
+            Some(super::Value::String(mode)) => Pooling::from_name(mode).unwrap_or_default(),
+            _ => self.model_pooling().0,
+        }
+    }
+
     fn model_pooling(&self) -> (Pooling, bool) {
         // A description that cannot be read fails the start (see
         // `Config::model_form`), so its defaults here are never served.

@@ -158,24 +158,7 @@ pub(super) async fn info(
 /// How the model pools, as its configuration asks (a plugin of its own may
 /// pool otherwise, unknown to the host).
 fn pooling(pool: &Generation) -> &'static str {
-    match pool.config.plugin.config.get("pooling") {
-        Some(crate::config::Value::String(mode)) => embedhost_text::Pooling::from_name(mode)
-            .unwrap_or_default()
-            .name(),
-        _ => pool
-            .config
-            .model_description()
-            .ok()
-            .flatten()
-            .map(|d| d.pooling())
-            .or_else(|| {
-                crate::model::manifest(pool.config.model_id())
-                    .ok()
-                    .map(|m| m.pooling_mode())
-            })
-            .unwrap_or_default()
-            .name(),
-    }
+    pool.config.pooling().name()
 }
 
 /// The numbers the model runs in, as TEI names them.

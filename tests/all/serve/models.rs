@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::{Service, stub_config};
 use crate::OutputWithin;
+use crate::real_model::{embedhost_offline, succeeded};
 
 /// The stub at 8 dimensions by default, and `wide` beside it at
 /// `dimension`; `more` appended (TOML).
@@ -204,20 +205,8 @@ print(json.dumps({m: [d.embedding for d in client.embeddings.create(model=m, inp
     for model in models {
         let config = dir.path().join(format!("{model}.toml"));
         std::fs::write(&config, real_config(Some(model), "")).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_embedhost"))
-            .args(["--config", config.to_str().unwrap(), "embed"])
-            .args(texts)
-            .env("EMBEDHOST_MODELS_DIR", &store)
-            .env("EMBEDHOST_OFFLINE", "1")
-            .env("EMBEDHOST_CACHE_DIR", crate::test_cache_dir())
-            .output_within(crate::PROCESS_LIMIT)
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let expected = crate::cli::vectors(&out);
+        let args = [&["--config", config.to_str().unwrap(), "embed"][..], &texts].concat();
+        let expected = succeeded(&embedhost_offline(&args, &store));
         let got: Vec<Vec<f32>> = serde_json::from_value(answer[model].clone()).unwrap();
         assert_eq!(got.len(), texts.len());
         for ((text, want), got) in expected.iter().zip(&got) {
