@@ -92,7 +92,7 @@ fn plugin_check_rejects_a_non_component_and_a_component_of_another_world() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(
         err.contains("not an embedhost plugin")
-            && err.contains("embedhost:embedder/embedder@0.1.0"),
+            && err.contains(embedhost::wasm::EXPORTED_INTERFACE),
         "{err}"
     );
 }

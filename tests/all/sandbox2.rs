@@ -449,13 +449,17 @@ fn config_values_past_their_ceiling_and_a_pool_past_the_machine_are_refused_with
 
 // --- finding 9: version errors name both sides -----------------------------------
 
-#[test]
-fn a_plugin_for_another_contract_version_is_refused_naming_both_versions() {
+/// The stub's bytes with its contract's version (every interface name of
+/// `embedhost:embedder`, imports and exports) rewritten to `version`, in a
+/// file (same length, so the component stays valid).
+fn stub_for_contract(version: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let mut bytes = std::fs::read(embedhost::plugins::STUB).unwrap();
+    let host = embedhost::wasm::contract::host_version();
+    assert_eq!(version.len(), host.len());
     let mut replaced = 0;
     for interface in ["embedder", "types", "host-log"] {
-        let from = format!("embedhost:embedder/{interface}@0.1.0");
-        let to = format!("embedhost:embedder/{interface}@0.2.0");
+        let from = format!("embedhost:embedder/{interface}@{host}");
+        let to = format!("embedhost:embedder/{interface}@{version}");
         let mut at = 0;
         while let Some(found) = bytes[at..]
             .windows(from.len())
@@ -468,15 +472,55 @@ fn a_plugin_for_another_contract_version_is_refused_naming_both_versions() {
         }
     }
     assert!(replaced > 0);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("newer.wasm");
+    let file = dir.join(format!("stub-{version}.wasm"));
     std::fs::write(&file, &bytes).unwrap();
-    let err = WasmPlugin::load(engine(), &PluginSource::File(file)).unwrap_err();
-    let text = err.to_string();
+    file
+}
+
+#[test]
+fn a_plugin_for_another_contract_line_or_a_newer_one_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    for version in ["0.2.0", "0.1.9"] {
+        let file = stub_for_contract(version, dir.path());
+        let err = WasmPlugin::load(engine(), &PluginSource::File(file)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, WasmError::Contract { .. })
+                && text.contains(&format!("embedhost:embedder@{version}"))
+                && text.contains(embedhost::wasm::contract::HOST_CONTRACT),
+            "{version}: {text}"
+        );
+    }
+}
+
+/// The contract grows in a versioned way: a plugin built for 0.1.0 (before
+/// the encoder) loads, embeds, and `plugin check` names both versions.
+#[tokio::test]
+async fn a_plugin_built_for_an_earlier_contract_of_the_line_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = stub_for_contract("0.1.0", dir.path());
+    let plugin = WasmPlugin::load(engine(), &PluginSource::File(file.clone())).unwrap();
+    let embedder = embedhost::wasm::WasmEmbedder::start(
+        plugin,
+        embedhost::wasm::InstanceLimits::default(),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let rows = embedder
+        .embed(vec!["old contract".into()], false, None)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let (out, _) = embedhost(
+        &["plugin", "check", file.to_str().unwrap()],
+        &crate::test_cache_dir(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
     assert!(
-        matches!(err, WasmError::Contract { .. })
-            && text.contains("embedhost:embedder@0.2.0")
-            && text.contains("embedhost:embedder@0.1.0"),
+        text.contains("embedhost:embedder@0.1.0")
+            && text.contains(embedhost::wasm::contract::HOST_CONTRACT),
         "{text}"
     );
 }
@@ -505,7 +549,7 @@ fn a_changed_signature_is_refused_naming_the_function_and_both_signatures() {
         text.contains("`init`")
             && text.contains("func() -> u32")
             && text.contains("list<tuple<string, string>>")
-            && text.contains("@0.1.0"),
+            && text.contains(embedhost::wasm::contract::HOST_CONTRACT),
         "{text}"
     );
 }

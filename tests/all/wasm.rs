@@ -434,7 +434,7 @@ fn loading_rejects_what_is_not_an_embedder_plugin_with_clear_errors() {
     )
     .unwrap_err();
     assert!(
-        matches!(&other_world, WasmError::WrongWorld { reason, .. } if reason.to_string().contains("embedhost:embedder/embedder@0.1.0")),
+        matches!(&other_world, WasmError::WrongWorld { reason, .. } if reason.to_string().contains(embedhost::wasm::EXPORTED_INTERFACE)),
         "{other_world}"
     );
     let core_module: &'static [u8] = b"\0asm\x01\0\0\0";

@@ -15,6 +15,7 @@ pub(super) async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result
     let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let plugin =
         WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
+    let plugin_contract = plugin.contract_version();
     let embedder = WasmEmbedder::start(plugin, config.instance_limits(), config.plugin_config())
         .await
         .map_err(|e| format!("`{}` failed to initialise: {e}", path.display()))?;
@@ -37,6 +38,12 @@ pub(super) async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result
         path.display(),
         crate::wasm::EXPORTED_INTERFACE
     );
+    if let Some(built_for) = plugin_contract {
+        outln!(
+            "contract:         built for embedhost:embedder@{built_for}; this host speaks {} and runs it",
+            crate::wasm::contract::HOST_CONTRACT
+        );
+    }
     outln!("model id:         {}", info.model_id);
     outln!("dimension:        {}", info.dimension);
     outln!("max input tokens: {}", info.max_input_tokens);

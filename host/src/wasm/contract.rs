@@ -16,7 +16,7 @@ use super::bindings::embedhost::embedder::types::{
 };
 
 /// The contract this host speaks: the package and version of `wit/`.
-pub const HOST_CONTRACT: &str = "embedhost:embedder@0.1.0";
+pub const HOST_CONTRACT: &str = "embedhost:embedder@0.1.1";
 
 /// The package every interface of the contract is in.
 const PACKAGE: &str = "embedhost:embedder/";
@@ -61,33 +61,75 @@ pub enum ContractError {
     },
 }
 
-/// The contract `component` was built for, if it names one of another
-/// version than the host's (in any of its imports or exports).
+/// The contract `component` was built for, if it is one this host cannot
+/// run: of another line (`0.1.x` against `0.2.x`; for 0.x the minor is the
+/// line) or newer than the host's (in any of its imports or exports). A
+/// plugin of an earlier version of the host's line runs (see
+/// `wit/embedder.wit`'s versioning; wasmtime links semver-compatible names).
 pub fn other_version(engine: &Engine, component: &Component) -> Option<ContractError> {
-    let ty = component.component_type();
-    let names: Vec<String> = ty
-        .imports(engine)
-        .map(|(name, _)| name.to_string())
-        .chain(ty.exports(engine).map(|(name, _)| name.to_string()))
-        .collect();
-    let host_version = HOST_CONTRACT.rsplit_once('@').map(|(_, v)| v)?;
-    names.iter().find_map(|name| {
-        let rest = name.strip_prefix(PACKAGE)?;
-        let (_, version) = rest.split_once('@')?;
-        (version != host_version).then(|| ContractError::Version {
+    let host = parse(host_version())?;
+    built_for(engine, component)
+        .into_iter()
+        .find(|version| parse(version).is_none_or(|v| line(v) != line(host) || v > host))
+        .map(|version| ContractError::Version {
             plugin: format!("{}@{version}", PACKAGE.trim_end_matches('/')),
             host: HOST_CONTRACT,
         })
-    })
+}
+
+/// The version of the contract `component` names in its imports and
+/// exports, if it names one other than the host's (the first, as written):
+/// what `plugin check` shows beside the host's when the two differ.
+pub fn plugin_version(engine: &Engine, component: &Component) -> Option<String> {
+    built_for(engine, component)
+        .into_iter()
+        .find(|v| v != host_version())
+}
+
+/// The host's version of the contract, as `0.1.1`.
+pub fn host_version() -> &'static str {
+    HOST_CONTRACT.rsplit_once('@').map_or("", |(_, v)| v)
+}
+
+/// Every version of the contract's package that `component` names.
+fn built_for(engine: &Engine, component: &Component) -> Vec<String> {
+    let ty = component.component_type();
+    ty.imports(engine)
+        .map(|(name, _)| name.to_string())
+        .chain(ty.exports(engine).map(|(name, _)| name.to_string()))
+        .filter_map(|name| {
+            let rest = name.strip_prefix(PACKAGE)?;
+            Some(rest.split_once('@')?.1.to_string())
+        })
+        .collect()
+}
+
+/// `major.minor.patch`, if `version` is that (pre-releases are not).
+fn parse(version: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let v = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(v)
+}
+
+/// The semver line: the major, or for 0.x the minor too.
+fn line((major, minor, _): (u64, u64, u64)) -> (u64, u64) {
+    (major, if major == 0 { minor } else { 0 })
 }
 
 /// The first function of the exported interface whose signature differs
-/// from the contract's.
+/// from the contract's (the interface at any version of the contract: the
+/// functions of every version of the `0.1` line are the same).
 pub fn differing_signature(engine: &Engine, component: &Component) -> Option<ContractError> {
     let ty = component.component_type();
     let cx = ty.instance_type();
-    let ComponentItem::ComponentInstance(interface) =
-        ty.get_export(engine, super::EXPORTED_INTERFACE)?.ty
+    let exported = super::EXPORTED_INTERFACE
+        .split_once('@')
+        .map_or(super::EXPORTED_INTERFACE, |(name, _)| name);
+    let ComponentItem::ComponentInstance(interface) = ty
+        .exports(engine)
+        .find(|(name, _)| name.split_once('@').is_some_and(|(n, _)| n == exported))?
+        .1
+        .ty
     else {
         return None;
     };

@@ -57,7 +57,7 @@ pub mod bindings {
 }
 
 /// The contract's interface a plugin must export.
-pub const EXPORTED_INTERFACE: &str = "embedhost:embedder/embedder@0.1.0";
+pub const EXPORTED_INTERFACE: &str = "embedhost:embedder/embedder@0.1.1";
 
 /// The wasmtime engine shared by every plugin of the process, with its epoch
 /// ticker and artifact cache.
@@ -216,6 +216,8 @@ pub struct WasmPlugin {
     cache_outcome: CacheOutcome,
     model_dir: Option<Arc<std::path::Path>>,
     snapshot: SnapshotStatus,
+    /// The contract it was built for, if an earlier one of the host's line.
+    contract_version: Option<Arc<str>>,
 }
 
 /// Whether a plugin's instances start from a pre-initialized snapshot
@@ -298,6 +300,8 @@ impl WasmPlugin {
                         cache_outcome: outcome,
                         model_dir: Some(Arc::from(model_dir)),
                         snapshot: SnapshotStatus::Used(outcome),
+                        contract_version: contract::plugin_version(engine.engine(), &component)
+                            .map(Arc::from),
                     });
                 }
                 Err(reason) => reason.into(),
@@ -426,6 +430,7 @@ impl WasmPlugin {
             cache_outcome,
             model_dir: None,
             snapshot: SnapshotStatus::NotUsed,
+            contract_version: contract::plugin_version(engine.engine(), &component).map(Arc::from),
         })
     }
 
@@ -454,6 +459,12 @@ impl WasmPlugin {
 
     pub(crate) fn engine(&self) -> &WasmEngine {
         &self.engine
+    }
+
+    /// The contract version the plugin was built for, if not the host's
+    /// (an earlier one of the host's line: others are refused at load).
+    pub fn contract_version(&self) -> Option<String> {
+        self.contract_version.as_deref().map(str::to_string)
     }
 
     pub(crate) fn pre(&self) -> &bindings::PluginPre<host::HostState> {
