@@ -383,6 +383,17 @@ impl WasmPlugin {
         Self::from_bytes(engine, source.name(), &bytes)
     }
 
+    /// Checks and loads `bytes` as [`WasmPlugin::load`] does a file's
+    /// (header and bounds, compile or cache, link, contract), naming the
+    /// plugin `name`: for bytes the caller has read and verified itself
+    /// (`embedhost plugin add` stores the very bytes it checked).
+    ///
+    /// # Errors
+    /// As [`WasmPlugin::load`], but for reading.
+    pub fn load_bytes(engine: &WasmEngine, name: &str, bytes: &[u8]) -> Result<Self, WasmError> {
+        Self::from_bytes(engine, name.to_string(), bytes)
+    }
+
     fn from_bytes(engine: &WasmEngine, name: String, bytes: &[u8]) -> Result<Self, WasmError> {
         check_header(&name, bytes)?;
         // A cache another user could write is refused (that is a danger);
