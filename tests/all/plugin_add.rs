@@ -366,3 +366,54 @@ fn a_url_is_fetched_verified_resumed_and_pinned() {
     ));
     assert!(err.contains("offline"), "{err}");
 }
+
+/// The dimension `serve` answers with now.
+fn served_dimension(s: &crate::serve::Service) -> usize {
+    let (status, body) = s.post("/v1/embeddings", &serde_json::json!({ "input": "x" }));
+    assert_eq!(status, 200, "{body}");
+    body["data"][0]["embedding"].as_array().unwrap().len()
+}
+
+#[test]
+fn a_reload_onto_a_changed_stored_plugin_is_refused_and_the_pool_in_force_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, cache) = (tmp.path().join("store"), crate::test_cache_dir());
+    ok(embedhost(
+        &store,
+        &cache,
+        &["plugin", "add", embedhost::plugins::STUB, "--name", "stub"],
+    ));
+    let dir = tmp.path().join("serve");
+    std::fs::create_dir(&dir).unwrap();
+    let config = |dimension: u32| {
+        format!(
+            "[plugin]\nname = \"stub\"\n[plugin.config]\ndimension = \"{dimension}\"\n\
+             [index]\ndir = \"index\"\n[supervisor]\npool_size = 1\n"
+        )
+    };
+    let envs = [("EMBEDHOST_MODELS_DIR", store.as_os_str())];
+    let s = crate::serve::Service::start_with(&dir, &config(8), &[], &envs);
+    assert_eq!(served_dimension(&s), 8);
+
+    // The stored file changed (still a plugin that would run), and a
+    // reload to a new pool of it asked for: refused before anything is
+    // compiled, the pool in force answering.
+    let file = store.join("plugins/stub/plugin.wasm");
+    let bytes = stub();
+    let mut changed = bytes.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    std::fs::write(&file, &changed).unwrap();
+    std::fs::write(dir.join("embedhost.toml"), config(16)).unwrap();
+    s.signal(libc::SIGHUP);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(served_dimension(&s), 8);
+
+    // The control: the same reload with the stored bytes back is made.
+    std::fs::write(&file, &bytes).unwrap();
+    s.signal(libc::SIGHUP);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while served_dimension(&s) != 16 {
+        assert!(std::time::Instant::now() < until, "the reload never came");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
