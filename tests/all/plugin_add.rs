@@ -1,8 +1,9 @@
 //! `embedhost plugin add|list|remove` and `[plugin] name`: the stub plugin
 //! added from a file and from a URL (a local HTTP server, resuming a cut
 //! download), listed, run by name, and refused at the next load once its
-//! stored file changes, even with the compiled plugin in the artifact
-//! cache; what is not a plugin, or not the bytes a sha256 names, refused
+//! stored file changes (a new `embed`, with the compiled plugin in the
+//! artifact cache; a `serve` reload, the pool in force staying); what is
+//! not a plugin, or not the bytes a sha256 names, refused
 //! with the store left as it was.
 
 use std::io::{BufRead, BufReader, Write};
