@@ -174,9 +174,19 @@ fn what_is_not_a_stored_plugin_is_refused_and_nothing_is_added() {
     std::fs::write(&notes, "not a plugin\n").unwrap();
     let core = tmp.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    // Past the bound by a byte (sparse: nothing is written or read).
+    let huge = tmp.path().join("huge.wasm");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(embedhost::limits::MAX_PLUGIN_FILE_BYTES + 1)
+        .unwrap();
     let sha = embedhost::files::sha256_hex(&stub());
     let other = "0".repeat(64);
-    let cases: [(Vec<&str>, Vec<&str>); 5] = [
+    let cases: [(Vec<&str>, Vec<&str>); 6] = [
+        (
+            vec![huge.to_str().unwrap()],
+            vec!["huge.wasm", "limits::MAX_PLUGIN_FILE_BYTES"],
+        ),
         (
             vec![notes.to_str().unwrap()],
             vec!["notes.wasm", "is not a WebAssembly component"],

@@ -63,7 +63,7 @@ pub enum PluginStoreError {
         known: String,
     },
     #[error(
-        "`{from}` is more than {limit} bytes; a plugin may be at most {limit} bytes (limits::MAX_PLUGIN_FILE_BYTES)"
+        "`{from}` is larger than a plugin may be: at most {limit} bytes (limits::MAX_PLUGIN_FILE_BYTES)"
     )]
     TooLarge { from: String, limit: u64 },
     #[error("`{from}` has sha256 {actual}, but it was given as {expected}: refused")]
