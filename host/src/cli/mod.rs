@@ -104,6 +104,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => embed::embed(cli.config, args).await,
         Command::Plugin(PluginCommand::Check { path }) => plugin::check(cli.config, path).await,
         Command::Plugin(PluginCommand::Test(args)) => plugin::plugin_test(cli.config, args).await,
+        Command::Plugin(command) => plugin::store(cli.config, command).await,
         Command::Status(args) => status::status(cli.config, args).await,
         Command::Model(command) => model::model(cli.config, command).await,
         Command::Index(args) => index::index(cli.config, args).await,
