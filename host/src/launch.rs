@@ -143,8 +143,20 @@ pub async fn load_wasm(
 ) -> Result<WasmPlugin, LaunchError> {
     let is_engine = matches!(source, PluginSource::Bytes { name, .. } if name == BERT);
     if !is_engine && crate::wasm::encoder::wants_encoder(source)? {
-        let plugin = load_blocking(engine, source).await??;
-        return with_encoder(config, engine, plugin).await;
+        let encoder = encoder_for(config, engine).await?;
+        if config.plugin.snapshot == Some(false) {
+            return Ok(load_blocking(engine, source).await??.with_encoder(encoder));
+        }
+        let (engine, source, limits) = (engine.clone(), source.clone(), config.instance_limits());
+        let table = config.plugin_config();
+        return Ok(tokio::task::spawn_blocking(move || {
+            WasmPlugin::load_encoded_snapshot(&engine, &source, encoder, limits, &table)
+        })
+        .await
+        .map_err(|source| LaunchError::Task {
+            step: "plugin load",
+            source,
+        })??);
     }
     if config.wasm_needs_model() {
         return load_model_plugin(config, engine, source, &config.wasm_plugin_config()).await;
@@ -165,16 +177,25 @@ pub async fn with_encoder(
     if !plugin.imports_encoder() {
         return Ok(plugin);
     }
+    Ok(plugin.with_encoder(encoder_for(config, engine).await?))
+}
+
+/// The built-in engine over the configured model (its snapshot unless
+/// `[plugin] snapshot = false`), as an encoder.
+async fn encoder_for(
+    config: &Config,
+    engine: &WasmEngine,
+) -> Result<crate::wasm::Encoder, LaunchError> {
     let bert =
         PluginSource::builtin(BERT.trim_start_matches("builtin:")).ok_or(LaunchError::NoEngine)?;
     let settings = config.encoder_config();
     let model = load_model_plugin(config, engine, &bert, &settings).await?;
-    let encoder =
-        crate::wasm::Encoder::new(model, settings).map_err(|reason| WasmError::WrongWorld {
+    crate::wasm::Encoder::new(model, settings).map_err(|reason| {
+        LaunchError::Plugin(WasmError::WrongWorld {
             name: BERT.to_string(),
             reason,
-        })?;
-    Ok(plugin.with_encoder(encoder))
+        })
+    })
 }
 
 /// The built-in engine, which the encoder import runs.

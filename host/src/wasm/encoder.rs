@@ -92,6 +92,11 @@ impl Encoder {
         })
     }
 
+    /// The table the engine's `init` gets.
+    pub(crate) fn config(&self) -> &[(String, String)] {
+        &self.config
+    }
+
     /// The loaded engine (its name, model directory and snapshot status).
     pub fn engine(&self) -> &super::WasmPlugin {
         &self.engine
@@ -99,6 +104,29 @@ impl Encoder {
 }
 
 impl WasmPlugin {
+    /// Loads `source`, a `model-plugin`, pre-initialized as
+    /// [`WasmPlugin::load_snapshot`] does a model plugin: `init(config)`
+    /// already run with `encoder` linked, then every instance linked to it.
+    /// The snapshot's id covers the plugin, `config`, the engine's model
+    /// directory and the encoder's settings. Where it cannot be made, the
+    /// plain plugin is loaded, linked to `encoder`, and
+    /// [`WasmPlugin::snapshot`] says why.
+    ///
+    /// # Errors
+    /// As [`WasmPlugin::load`]: a snapshot's failure is never an error.
+    pub fn load_encoded_snapshot(
+        engine: &super::WasmEngine,
+        source: &super::PluginSource,
+        encoder: Encoder,
+        limits: super::InstanceLimits,
+        config: &[(String, String)],
+    ) -> Result<Self, WasmError> {
+        let Some(dir) = encoder.engine.model_dir().map(std::path::Path::to_path_buf) else {
+            return Ok(WasmPlugin::load(engine, source)?.with_encoder(encoder));
+        };
+        Self::snapshot_of(engine, source, &dir, limits, config, Some(&encoder))
+    }
+
     /// Links every instance's encoder import to `encoder` (see
     /// [`super::encoder`]); a plugin that does not import it ignores it.
     #[must_use]

@@ -272,11 +272,32 @@ impl WasmPlugin {
         limits: InstanceLimits,
         config: &[(String, String)],
     ) -> Result<Self, WasmError> {
+        Self::snapshot_of(engine, source, model_dir, limits, config, None)
+    }
+
+    /// [`WasmPlugin::load_snapshot`], or with `encoder` linked while `init`
+    /// runs (a `model-plugin`: see [`encoder`]), the model directory then
+    /// the engine's, hashed into the snapshot's id but not given to the
+    /// plugin.
+    fn snapshot_of(
+        engine: &WasmEngine,
+        source: &PluginSource,
+        model_dir: &std::path::Path,
+        limits: InstanceLimits,
+        config: &[(String, String)],
+        encoder: Option<&Encoder>,
+    ) -> Result<Self, WasmError> {
         let name = source.name();
         let bytes = read(source)?;
         check_header(&name, &bytes)?;
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let id = snapshot::snapshot_id(&bytes, model_dir, config).map_err(|source| {
+            // A model-plugin's state may hold what its encoder told it.
+            let mut keyed = config.to_vec();
+            if let Some(encoder) = encoder {
+                keyed.push(("\0encoder".into(), String::new()));
+                keyed.extend(encoder.config().iter().cloned());
+            }
+            let id = snapshot::snapshot_id(&bytes, model_dir, &keyed).map_err(|source| {
                 SnapshotUnavailable::Id {
                     dir: model_dir.to_path_buf(),
                     source,
@@ -284,7 +305,8 @@ impl WasmPlugin {
             })?;
             let make = || {
                 tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
-                snapshot::make(engine, &name, &bytes, model_dir, limits, config)
+                let model = (encoder.is_none()).then_some(model_dir);
+                snapshot::make(engine, &name, &bytes, model, limits, config, encoder)
                     .map_err(wasmtime::Error::new)
             };
             match engine.cache() {
@@ -304,20 +326,24 @@ impl WasmPlugin {
                         engine: engine.clone(),
                         pre,
                         cache_outcome: outcome,
-                        model_dir: Some(Arc::from(model_dir)),
+                        model_dir: encoder.is_none().then(|| Arc::from(model_dir)),
                         snapshot: SnapshotStatus::Used(outcome),
                         contract_version: contract::plugin_version(engine.engine(), &component)
                             .map(Arc::from),
                         imports_encoder: encoder::imports_encoder(engine.engine(), &component),
-                        encoder: None,
+                        encoder: encoder.map(|e| Arc::new(e.clone())),
                     });
                 }
                 Err(reason) => reason.into(),
             },
             Err(reason) => reason,
         };
-        tracing::warn!(plugin = %name, %reason, "no snapshot; each instance loads its model in `init`");
-        let mut plugin = Self::from_bytes(engine, name, &bytes)?.with_model_dir(model_dir);
+        tracing::warn!(plugin = %name, %reason, "no snapshot; each instance runs `init` in full");
+        let mut plugin = Self::from_bytes(engine, name, &bytes)?;
+        plugin = match encoder {
+            Some(encoder) => plugin.with_encoder(encoder.clone()),
+            None => plugin.with_model_dir(model_dir),
+        };
         plugin.snapshot = SnapshotStatus::Unavailable(Arc::new(reason));
         Ok(plugin)
     }

@@ -216,9 +216,10 @@ pub fn make(
     engine: &WasmEngine,
     name: &str,
     bytes: &[u8],
-    model_dir: &Path,
+    model_dir: Option<&Path>,
     limits: InstanceLimits,
     config: &[(String, String)],
+    encoder: Option<&super::Encoder>,
 ) -> Result<Vec<u8>, SnapshotError> {
     let mut wizer = Wizer::new();
     // The contract's `init` is the initializer, called by the host below,
@@ -232,7 +233,7 @@ pub fn make(
         .compile(&instrumented)
         .map_err(SnapshotError::Compile)?;
     let linker = super::linker(engine)?;
-    let state = HostState::new(name.into(), limits.memory_bytes, Some(model_dir))?;
+    let state = HostState::new(name.into(), limits.memory_bytes, model_dir)?;
     let mut store = Store::new(engine.engine(), state);
     store.limiter(|state| &mut state.limiter);
     store.epoch_deadline_trap();
@@ -249,6 +250,14 @@ pub fn make(
         .saturating_add(crate::limits::HOST_CALL_GRACE);
     let timed_out = |_| SnapshotError::Deadline(limits.init_deadline);
     let initialized = runtime.run_for(bound, async {
+        if let Some(encoder) = encoder {
+            // The engine the plugin's `init` may ask: in this store, not in
+            // the snapshot (each instance starts its own from its snapshot).
+            super::encoder::start(&mut store, encoder)
+                .await
+                .map_err(SnapshotError::InitTrapped)?
+                .map_err(|e| SnapshotError::InitFailed(e.into()))?;
+        }
         let instance = linker
             .instantiate_async(&mut store, &component)
             .await
@@ -505,7 +514,16 @@ pub(super) mod tests {
             memory_bytes: 256 << 20,
             ..InstanceLimits::default()
         };
-        let snapshot = make(&engine, "spliced", &bytes, model.path(), limits, &[]).unwrap();
+        let snapshot = make(
+            &engine,
+            "spliced",
+            &bytes,
+            Some(model.path()),
+            limits,
+            &[],
+            None,
+        )
+        .unwrap();
         let mut found = Vec::new();
         for payload in Parser::new(0).parse_all(&snapshot) {
             let Payload::GlobalSection(globals) = payload.unwrap() else {
