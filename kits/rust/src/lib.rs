@@ -295,3 +295,65 @@ fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
 }
 
 export!(Plugin);
+
+/// `cargo test` runs these natively (no component, no encoder). The same
+/// texts give the same results in the Python and JavaScript kits.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markup_is_stripped_and_words_are_kept() {
+        let settings = Settings {
+            dimensions: 4,
+            strip_markup: true,
+            lowercase: true,
+        };
+        for (text, want) in [
+            (
+                "<b>Hello</b> **World** and snake_case 2*3",
+                "hello world and snake_case 2*3",
+            ),
+            (
+                "# Title\n## Sub  heading\n#hashtag\n####### seven",
+                "title\nsub  heading\n#hashtag\n####### seven",
+            ),
+            ("a < b > c <!-- x --> <br/>", "a < b > c  "),
+            ("_under_ *star* __x__ ***", "under star x "),
+            ("Grüße <i>aus</i> KÖLN_", "grüße aus köln"),
+            ("ΣΑΣ", "σας"),
+        ] {
+            assert_eq!(prepare(text, &settings), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_naming_the_key() {
+        let refused = |key: &str, value: &str| match parse_config(&[(key.into(), value.into())], 4)
+        {
+            Err(EmbedError::InvalidConfig(message)) => message,
+            _ => panic!("{key} = {value} accepted"),
+        };
+        for value in ["0", "5", "x", "", "+1"] {
+            assert!(refused("dimensions", value).contains("`dimensions = "));
+        }
+        assert!(refused("colour", "red").contains("unknown key `colour`"));
+        assert!(refused("lowercase", "yes").contains("`lowercase = yes`"));
+        let host = [
+            ("model_id".into(), "m".into()),
+            ("normalize".into(), "false".into()),
+        ];
+        assert_eq!(parse_config(&host, 4).ok().map(|s| s.dimensions), Some(4));
+    }
+
+    #[test]
+    fn a_cut_row_has_unit_length() {
+        let mut out = Vec::new();
+        cut(&[1.0, 2.0, 2.0, 0.0, 3.0, 4.0, 0.0, 9.0], 4, 2, &mut out);
+        let want = [0.447_213_6, 0.894_427_2, 0.6, 0.8];
+        assert!(
+            out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{out:?}"
+        );
+    }
+}
