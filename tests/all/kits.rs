@@ -139,44 +139,117 @@ fn the_python_kit_builds_from_scratch_and_passes_plugin_test() {
     passes_plugin_test(&python_kit());
 }
 
+/// The JavaScript kit's component, built once for every test that needs it.
+fn js_kit() -> PathBuf {
+    static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let modules = toolchain("js/node_modules");
+            let parent = tempfile::tempdir().unwrap();
+            let dir = new_project(parent.path(), "js-kit", "js");
+            std::os::unix::fs::symlink(modules, dir.join("node_modules")).unwrap();
+            let mut command = Command::new("node");
+            command.arg("build.mjs");
+            build(command, &dir, "the JavaScript project js-kit");
+            (parent, dir.join("js-kit.wasm"))
+        })
+        .1
+        .clone()
+}
+
+/// The Rust kit's component, built once for every test that needs it.
+fn rust_kit() -> PathBuf {
+    static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let parent = tempfile::tempdir().unwrap();
+            let dir = new_project(parent.path(), "rust-kit", "rust");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut command = Command::new(cargo);
+            command.args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+            ]);
+            // Its own target directory, as a newcomer's project has: nothing
+            // of the host's build may leak in.
+            for var in [
+                "CARGO_TARGET_DIR",
+                "RUSTFLAGS",
+                "CARGO_ENCODED_RUSTFLAGS",
+                "CARGO_BUILD_TARGET",
+                "RUSTC_WRAPPER",
+                "RUSTC_WORKSPACE_WRAPPER",
+            ] {
+                command.env_remove(var);
+            }
+            build(command, &dir, "the Rust project rust-kit");
+            (
+                parent,
+                dir.join("target/wasm32-wasip2/release/rust_kit.wasm"),
+            )
+        })
+        .1
+        .clone()
+}
+
 #[test]
 fn the_js_kit_builds_from_scratch_and_passes_plugin_test() {
-    let modules = toolchain("js/node_modules");
-    let parent = tempfile::tempdir().unwrap();
-    let dir = new_project(parent.path(), "js-kit", "js");
-    std::os::unix::fs::symlink(modules, dir.join("node_modules")).unwrap();
-    let mut command = Command::new("node");
-    command.arg("build.mjs");
-    build(command, &dir, "the JavaScript project js-kit");
-    passes_plugin_test(&dir.join("js-kit.wasm"));
+    passes_plugin_test(&js_kit());
 }
 
 #[test]
 fn the_rust_kit_builds_from_scratch_and_passes_plugin_test() {
-    let parent = tempfile::tempdir().unwrap();
-    let dir = new_project(parent.path(), "rust-kit", "rust");
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.args([
-        "build",
-        "--release",
-        "--locked",
-        "--target",
-        "wasm32-wasip2",
-    ]);
-    // Its own target directory, as a newcomer's copy has: nothing of the
-    // host's build may leak in.
-    for var in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-    ] {
-        command.env_remove(var);
+    passes_plugin_test(&rust_kit());
+}
+
+/// The three kits' examples behave the same: the same vectors for the same
+/// settings on markup, and the same refusals.
+#[test]
+fn the_three_kits_give_the_same_vectors_and_refusals() {
+    let texts = [
+        "# Release notes\n<p>The <b>new</b> parser is **much** faster.</p>",
+        "_Emphasis_ and snake_case and 2*3 <br/> END",
+        "Grüße aus <i>KÖLN</i>",
+    ];
+    let table = "dimensions = \"64\"\nstrip_markup = \"true\"\nlowercase = \"true\"";
+    let kits = [python_kit(), js_kit(), rust_kit()];
+    let rows: Vec<_> = kits
+        .iter()
+        .map(|wasm| embed_with(wasm.to_str().unwrap(), table, &texts))
+        .collect();
+    for (kit, got) in kits.iter().zip(&rows).skip(1) {
+        for ((text, a), (_, b)) in rows[0].iter().zip(got) {
+            assert_eq!((a.len(), b.len()), (64, 64));
+            let c = cosine(a, b);
+            assert!(
+                c >= 0.99999,
+                "{}: {text:?}: cosine {c} to Python's",
+                kit.display()
+            );
+        }
     }
-    build(command, &dir, "the Rust project rust-kit");
-    passes_plugin_test(&dir.join("target/wasm32-wasip2/release/rust_kit.wasm"));
+    // Stripped and lowercased, the first text is the plain one's vector.
+    let plain = embed_with(
+        kits[0].to_str().unwrap(),
+        "dimensions = \"64\"",
+        &["release notes\nthe new parser is much faster."],
+    );
+    let c = cosine(&rows[0][0].1, &plain[0].1);
+    assert!(c >= 0.9999, "stripping left something: cosine {c}");
+    for (table, refusal) in [
+        ("colour = \"red\"", "unknown key `colour`"),
+        ("dimensions = \"385\"", "`dimensions = 385`"),
+        ("dimensions = \"0\"", "`dimensions = 0`"),
+        ("lowercase = \"yes\"", "`lowercase = yes`"),
+    ] {
+        for wasm in &kits {
+            let err = embed_refused(wasm.to_str().unwrap(), table);
+            assert!(err.contains(refusal), "{}: {table}: {err}", wasm.display());
+        }
+    }
 }
 
 #[test]
@@ -235,6 +308,17 @@ fn embed_with(wasm: &str, table: &str, texts: &[&str]) -> Vec<(String, Vec<f32>)
     let mut args = vec!["--config", config.to_str().unwrap(), "embed"];
     args.extend_from_slice(texts);
     succeeded(&embedhost(&args))
+}
+
+/// The error of `embed` with the plugin at `wasm` given `table`.
+fn embed_refused(wasm: &str, table: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedhost.toml");
+    let text = format!("[plugin]\npath = {wasm:?}\n[plugin.config]\n{table}\n");
+    std::fs::write(&config, text).unwrap();
+    let out = embedhost(&["--config", config.to_str().unwrap(), "embed", "x"]);
+    assert!(!out.status.success(), "{wasm}: {table} accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
