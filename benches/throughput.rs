@@ -37,71 +37,6 @@ fn passage_batch() -> Vec<String> {
         .collect()
 }
 
-/// Rounds each backend's measuring time is split into. The backends take
-/// turns, a round each, in an order that rotates every round, so a change
-/// in the machine's speed during the run (this machine class varies by
-/// 1.5x from minute to minute) falls on all of them alike rather than on
-/// whichever was measured then.
-const ROUNDS: usize = 8;
-
-/// Sentences per second through each of `backends` (a supervisor and the
-/// batches it gets in flight at a time), measured in turns for `seconds`
-/// each in all.
-fn through(
-    rt: &tokio::runtime::Runtime,
-    backends: &[(&Supervisor, usize)],
-    batch: &[String],
-    seconds: f64,
-) -> Vec<f64> {
-    rt.block_on(async {
-        // Warm-up: every instance once.
-        for (supervisor, concurrency) in backends {
-            let warm: Vec<_> = (0..*concurrency)
-                .map(|_| {
-                    let (s, b) = ((*supervisor).clone(), batch.to_vec());
-                    tokio::spawn(async move { s.embed(b, false, DEADLINE).await.unwrap() })
-                })
-                .collect();
-            for w in warm {
-                w.await.unwrap();
-            }
-        }
-        let mut done = vec![(0usize, 0f64); backends.len()];
-        let rounds = if seconds > 0.0 { ROUNDS } else { 1 };
-        for round in 0..rounds {
-            for turn in 0..backends.len() {
-                let which = (round + turn) % backends.len();
-                let (supervisor, concurrency) = backends[which];
-                let start = Instant::now();
-                let workers: Vec<_> = (0..concurrency)
-                    .map(|_| {
-                        let (s, b) = (supervisor.clone(), batch.to_vec());
-                        let slice = seconds / rounds as f64;
-                        tokio::spawn(async move {
-                            let mut sentences = 0;
-                            loop {
-                                let r = s.embed(b.clone(), false, DEADLINE).await.unwrap();
-                                assert!(r.failed.is_empty());
-                                sentences += b.len();
-                                if start.elapsed().as_secs_f64() >= slice {
-                                    return sentences;
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                for w in workers {
-                    done[which].0 += w.await.unwrap();
-                }
-                done[which].1 += start.elapsed().as_secs_f64();
-            }
-        }
-        done.into_iter()
-            .map(|(sentences, secs)| sentences as f64 / secs)
-            .collect()
-    })
-}
-
 /// The linear layers of all-MiniLM-L6-v2 on a 256-token passage: rows,
 /// outputs, inputs (query/key/value, attention output, intermediate,
 /// output), and the share of the layer's outputs whose int8 products the
@@ -331,7 +266,7 @@ fn main() {
         ("8 passages of 256 tokens", passage_batch()),
     ] {
         let base = python(&dir, &batch, cores, seconds.max(0.1));
-        let rates = through(
+        let rates = common::through(
             &rt,
             &[(&native, 1), (&int8, 1), (&wasm, cores), (&wasm32, cores)],
             &batch,

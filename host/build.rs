@@ -23,6 +23,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("embedhost-plugin-bert", "BERT"),
     ("embedhost-plugin-hostile", "HOSTILE"),
     ("embedhost-plugin-broken", "BROKEN"),
+    ("embedhost-plugin-encoder-probe", "ENCODER_PROBE"),
 ];
 
 /// The plugin template a newcomer copies, built as its own cargo project

@@ -33,6 +33,7 @@ BENCHES = [
     ("index", "search latency and recall, indexing rate against the raw embedder, the search command"),
     ("serve", "the service: dynamic batching by concurrency, a sentence beside the largest legal request, the openai client, search and embed against their baselines"),
     ("nats", "the NATS transport against the child transport, three members against one"),
+    ("plugins", "plugins in Rust, Python and JavaScript through the encoder import against builtin:bert, and their restarts"),
 ]
 
 # Criterion pairs: (group, measured, baseline, what, which is better).

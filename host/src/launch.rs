@@ -59,6 +59,9 @@ pub enum LaunchError {
         #[source]
         source: Box<crate::bus::BusError>,
     },
+    /// A `model-plugin` needs the built-in engine, which this build lacks.
+    #[error("the plugin imports the encoder, but this build has no {BERT} to run it")]
+    NoEngine,
     /// A blocking step (loading, fetching) panicked.
     #[error("{step}: {source}")]
     Task {
@@ -97,32 +100,15 @@ pub async fn start_backend(
     match config.backend {
         Backend::Wasm => {
             let engine = engine_for(config)?;
-            let plugin = if config.wasm_needs_model() {
-                let dir = fetch_model(config).await?;
-                if config.wasm_snapshot() {
-                    let (source, limits) = (source.clone(), config.instance_limits());
-                    let settings = config.wasm_plugin_config();
-                    tokio::task::spawn_blocking(move || {
-                        WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
-                    })
-                    .await
-                    .map_err(|source| LaunchError::Task {
-                        step: "plugin load",
-                        source,
-                    })?
-                } else {
-                    load_blocking(&engine, source)
-                        .await?
-                        .map(|p| p.with_model_dir(dir))
-                }
-            } else {
-                load_blocking(&engine, source).await?
-            }?;
-            let snapshot = plugin.snapshot().clone();
+            let plugin = load_wasm(config, &engine, source).await?;
+            let snapshot = match plugin.encoder() {
+                Some(encoder) => encoder.engine().snapshot().clone(),
+                None => plugin.snapshot().clone(),
+            };
             let spawner = WasmSpawner {
+                config: wasm_init_table(config, &plugin),
                 plugin,
                 limits: config.instance_limits(),
-                config: config.wasm_plugin_config(),
             };
             Ok(Supervisor::start(spawner, supervision)
                 .await
@@ -139,6 +125,92 @@ pub async fn start_backend(
                 .await
                 .map(|s| (s, None))?)
         }
+    }
+}
+
+/// Loads the WASM plugin of `source` as `config` asks: a `model-plugin`
+/// linked to the built-in engine over the configured model (see
+/// [`crate::wasm::encoder`]); another plugin given a model as a snapshot
+/// (or with the model directory); any other plain.
+///
+/// # Errors
+/// The model cannot be fetched, or the plugin (or the engine) cannot be
+/// loaded.
+pub async fn load_wasm(
+    config: &Config,
+    engine: &WasmEngine,
+    source: &PluginSource,
+) -> Result<WasmPlugin, LaunchError> {
+    let is_engine = matches!(source, PluginSource::Bytes { name, .. } if name == BERT);
+    if !is_engine && crate::wasm::encoder::wants_encoder(source)? {
+        let plugin = load_blocking(engine, source).await??;
+        return with_encoder(config, engine, plugin).await;
+    }
+    if config.wasm_needs_model() {
+        return load_model_plugin(config, engine, source, &config.wasm_plugin_config()).await;
+    }
+    Ok(load_blocking(engine, source).await??)
+}
+
+/// `plugin`, its encoder import linked to the built-in engine over the
+/// configured model if it has one (else `plugin` as it is).
+///
+/// # Errors
+/// The model cannot be fetched, or the engine cannot be loaded.
+pub async fn with_encoder(
+    config: &Config,
+    engine: &WasmEngine,
+    plugin: WasmPlugin,
+) -> Result<WasmPlugin, LaunchError> {
+    if !plugin.imports_encoder() {
+        return Ok(plugin);
+    }
+    let bert =
+        PluginSource::builtin(BERT.trim_start_matches("builtin:")).ok_or(LaunchError::NoEngine)?;
+    let settings = config.encoder_config();
+    let model = load_model_plugin(config, engine, &bert, &settings).await?;
+    let encoder =
+        crate::wasm::Encoder::new(model, settings).map_err(|reason| WasmError::WrongWorld {
+            name: BERT.to_string(),
+            reason,
+        })?;
+    Ok(plugin.with_encoder(encoder))
+}
+
+/// The built-in engine, which the encoder import runs.
+const BERT: &str = "builtin:bert";
+
+/// Loads `source` over the configured model with `settings`: as a
+/// snapshot (`init` already run) unless `[plugin] snapshot = false`.
+async fn load_model_plugin(
+    config: &Config,
+    engine: &WasmEngine,
+    source: &PluginSource,
+    settings: &[(String, String)],
+) -> Result<WasmPlugin, LaunchError> {
+    let dir = fetch_model(config).await?;
+    if config.plugin.snapshot == Some(false) {
+        return Ok(load_blocking(engine, source).await??.with_model_dir(dir));
+    }
+    let (engine, source, limits) = (engine.clone(), source.clone(), config.instance_limits());
+    let settings = settings.to_vec();
+    Ok(tokio::task::spawn_blocking(move || {
+        WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &settings)
+    })
+    .await
+    .map_err(|source| LaunchError::Task {
+        step: "plugin load",
+        source,
+    })??)
+}
+
+/// The table `plugin`'s `init` gets: `[plugin] config` alone for a
+/// `model-plugin` (its encoder gets the model's settings), else
+/// [`Config::wasm_plugin_config`].
+pub fn wasm_init_table(config: &Config, plugin: &WasmPlugin) -> Vec<(String, String)> {
+    match plugin.imports_encoder() {
+        true => config.plugin_config(),
+        false => config.wasm_plugin_config(),
     }
 }
 

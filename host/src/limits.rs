@@ -152,6 +152,19 @@ pub const MAX_RESOURCE_HANDLES: usize = 4096;
 /// are bounded by the memory cap and checked by the validation of `embed`.
 pub const MAX_HOSTCALL_BYTES: usize = 1024 * 1024;
 
+/// Inputs (texts or lists of token ids) one call to the encoder import
+/// may carry (see `wasm::encoder`): a batch the host gives a plugin is
+/// split by its token budget long before this, and a plugin asking for a
+/// million texts is refused with `invalid-input` before any is tokenized.
+pub const ENCODER_MAX_BATCH: u32 = 1024;
+
+/// Bytes the encoder's answer to one call may copy out of the engine (see
+/// `wasm::encoder`): token states are a text's tokens times the model's
+/// width in floats (1024 texts of 128 tokens at 384 wide is 200 MB), and
+/// more than this would not fit the instance's memory cap with the model
+/// beside it anyway. Past it the call traps and the instance is replaced.
+pub const ENCODER_MAX_RESULT_BYTES: usize = 256 * 1024 * 1024;
+
 /// Longest text the host keeps from a plugin's error value (`invalid-config`,
 /// `invalid-input` reasons, `model-failure`): enough for any message meant
 /// for a person; past it the text is cut and marked, so a plugin cannot

@@ -5,6 +5,7 @@ mod chaos;
 mod child;
 mod cli;
 mod described;
+mod encoder;
 mod front;
 mod fuzz;
 mod generated;

@@ -16,6 +16,9 @@ pub(super) async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result
     let plugin =
         WasmPlugin::load(&engine, &PluginSource::File(path.clone())).map_err(|e| e.to_string())?;
     let plugin_contract = plugin.contract_version();
+    let plugin = crate::launch::with_encoder(&config, &engine, plugin)
+        .await
+        .map_err(|e| e.to_string())?;
     let embedder = WasmEmbedder::start(plugin, config.instance_limits(), config.plugin_config())
         .await
         .map_err(|e| format!("`{}` failed to initialise: {e}", path.display()))?;
@@ -71,7 +74,12 @@ pub(super) async fn plugin_test(
     config.plugin.path = Some(args.path.clone());
     let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let source = config.plugin_source();
+    let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+    if plugin.imports_encoder() {
+        config.model.dir = args.model_dir.clone().or(config.model.dir.take());
+    }
     let model_dir = match args.model_dir {
+        _ if plugin.imports_encoder() => None,
         Some(dir) => Some(dir),
         None if config.wasm_needs_model() => Some(
             crate::launch::fetch_model(&config)
@@ -80,7 +88,9 @@ pub(super) async fn plugin_test(
         ),
         None => None,
     };
-    let mut plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+    let mut plugin = crate::launch::with_encoder(&config, &engine, plugin)
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(dir) = model_dir {
         plugin = plugin.with_model_dir(dir);
     }

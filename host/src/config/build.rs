@@ -194,6 +194,28 @@ impl Config {
             .collect()
     }
 
+    /// The table the engine behind a `model-plugin`'s encoder gets: what
+    /// `builtin:bert` would get over the configured model (its id, pooling
+    /// and normalization), and `[plugin.encoder]`.
+    pub fn encoder_config(&self) -> Vec<(String, String)> {
+        let mut config = vec![("model_id".to_string(), self.model_id().to_string())];
+        let (pooling, normalize) = self.model_pooling();
+        if pooling != Pooling::default() {
+            config.push(("pooling".into(), pooling.name().into()));
+        }
+        if !normalize {
+            config.push(("normalize".into(), "false".into()));
+        }
+        config.extend(
+            self.plugin
+                .encoder
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "model_id" | "pooling" | "normalize"))
+                .map(|(k, v)| (k.clone(), v.to_string())),
+        );
+        config
+    }
+
     /// The table a WASM plugin's `init` gets: `[plugin] config`, plus the
     /// configured model's id for a plugin given a model (unless the table
     /// sets `model_id`), so both backends report the same model and an

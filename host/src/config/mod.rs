@@ -300,6 +300,11 @@ pub struct PluginSection {
     /// The plugin file's sha256 (64 hex digits): a file that differs is
     /// refused at every load, naming both hashes.
     pub sha256: Option<String>,
+    /// Passed to the `init` of the engine behind a `model-plugin`'s encoder
+    /// import (the built-in BERT engine's keys: `precision`, `pass_tokens`,
+    /// `max_tokens`), beside the model's own settings.
+    #[serde(default)]
+    pub encoder: BTreeMap<String, Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

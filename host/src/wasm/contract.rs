@@ -344,4 +344,42 @@ mod tests {
         assert_eq!(differing_signature(&engine, &component), None);
         assert_eq!(other_version(&engine, &component), None);
     }
+
+    /// An earlier version of the host's line is not "another version"; a
+    /// newer one or another line is, named with the host's (what a refusal
+    /// says when linking fails).
+    #[test]
+    fn versions_are_read_as_semver_lines() {
+        let engine = engine();
+        let exporting = |version: &str| {
+            component(
+                &engine,
+                &format!(
+                    r#"(component
+                        (core module $m (func (export "f")))
+                        (core instance $i (instantiate $m))
+                        (func $f (canon lift (core func $i "f")))
+                        (instance $e (export "health" (func $f)))
+                        (export "embedhost:embedder/embedder@{version}" (instance $e)))"#
+                ),
+            )
+        };
+        assert_eq!(other_version(&engine, &exporting("0.1.0")), None);
+        assert_eq!(other_version(&engine, &exporting(host_version())), None);
+        assert_eq!(
+            plugin_version(&engine, &exporting("0.1.0")).as_deref(),
+            Some("0.1.0")
+        );
+        assert_eq!(plugin_version(&engine, &exporting(host_version())), None);
+        for other in ["0.1.9", "0.2.0", "1.1.0", "0.1.0-rc1"] {
+            assert_eq!(
+                other_version(&engine, &exporting(other)),
+                Some(ContractError::Version {
+                    plugin: format!("embedhost:embedder@{other}"),
+                    host: HOST_CONTRACT,
+                }),
+                "{other}"
+            );
+        }
+    }
 }

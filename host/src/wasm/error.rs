@@ -52,6 +52,18 @@ pub enum WasmError {
         reason: InstantiateError,
     },
 
+    /// The plugin imports the encoder (it is a `model-plugin`) but was
+    /// started without one.
+    #[error(
+        "`{name}` imports the encoder ({iface}); it runs only with a model for it (`[model]`, or the default model)",
+        iface = super::encoder::ENCODER_INTERFACE
+    )]
+    NoEncoder { name: String },
+
+    /// The engine behind the plugin's encoder refused its configuration.
+    #[error("the encoder of `{name}` refused its configuration: {error}")]
+    EncoderRefused { name: String, error: PluginError },
+
     /// The plugin trapped. The instance is discarded.
     #[error("plugin trapped in `{call}`: {reason}")]
     Trap { call: &'static str, reason: String },

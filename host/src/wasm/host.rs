@@ -43,6 +43,9 @@ pub struct HostState {
     /// Bytes the result of the export being called may copy out (see
     /// [`bound_hostcalls`]).
     pub(crate) export_allowance: usize,
+    /// The engine the plugin's encoder import forwards to, once started
+    /// (see [`super::encoder`]).
+    pub(crate) encoder: Option<super::encoder::Linked>,
 }
 
 impl HostState {
@@ -100,6 +103,7 @@ impl HostState {
             },
             log,
             export_allowance: limits::MAX_HOSTCALL_BYTES,
+            encoder: None,
         })
     }
 

@@ -137,6 +137,7 @@ impl Instance {
         super::host::bound_hostcalls(&mut store);
         let deadline = limits.init_deadline;
         store.set_epoch_deadline(deadline_ticks(deadline));
+        super::encoder::start_in(plugin, &mut store, &runtime, deadline)?;
         let pre = plugin.pre();
         let started = runtime.run_for(
             deadline.saturating_add(limits::HOST_CALL_GRACE),

@@ -17,6 +17,7 @@ mod boundary;
 mod cache;
 pub mod compile;
 pub mod contract;
+pub mod encoder;
 mod error;
 mod host;
 mod instance;
@@ -34,6 +35,7 @@ use wasmtime::{Config, Engine, OptLevel};
 pub use bindings::exports::embedhost::embedder::embedder::InputKind;
 pub(crate) use cache::sha256_hex;
 pub use cache::{ArtifactCache, CacheError, CacheOutcome, KEY_FILE};
+pub use encoder::Encoder;
 pub use error::{
     InstantiateError, LinkError, PluginError, SandboxError, SnapshotError, SnapshotUnavailable,
     StateError, WasmError,
@@ -218,6 +220,10 @@ pub struct WasmPlugin {
     snapshot: SnapshotStatus,
     /// The contract it was built for, if an earlier one of the host's line.
     contract_version: Option<Arc<str>>,
+    /// Whether it imports the encoder (a `model-plugin`).
+    imports_encoder: bool,
+    /// The engine its encoder import is linked to, in each instance.
+    encoder: Option<Arc<Encoder>>,
 }
 
 /// Whether a plugin's instances start from a pre-initialized snapshot
@@ -302,6 +308,8 @@ impl WasmPlugin {
                         snapshot: SnapshotStatus::Used(outcome),
                         contract_version: contract::plugin_version(engine.engine(), &component)
                             .map(Arc::from),
+                        imports_encoder: encoder::imports_encoder(engine.engine(), &component),
+                        encoder: None,
                     });
                 }
                 Err(reason) => reason.into(),
@@ -431,6 +439,8 @@ impl WasmPlugin {
             model_dir: None,
             snapshot: SnapshotStatus::NotUsed,
             contract_version: contract::plugin_version(engine.engine(), &component).map(Arc::from),
+            imports_encoder: encoder::imports_encoder(engine.engine(), &component),
+            encoder: None,
         })
     }
 
@@ -440,6 +450,25 @@ impl WasmPlugin {
     pub fn with_model_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.model_dir = Some(Arc::from(dir.into().into_boxed_path()));
         self
+    }
+
+    /// Links every instance's encoder import to `encoder` (see
+    /// [`encoder`]); a plugin that does not import it ignores it.
+    #[must_use]
+    pub fn with_encoder(mut self, encoder: Encoder) -> Self {
+        self.encoder = Some(Arc::new(encoder));
+        self
+    }
+
+    /// Whether the plugin imports the encoder: it needs
+    /// [`WasmPlugin::with_encoder`] to start.
+    pub fn imports_encoder(&self) -> bool {
+        self.imports_encoder
+    }
+
+    /// The engine its encoder import is linked to, if any.
+    pub fn encoder(&self) -> Option<&Encoder> {
+        self.encoder.as_deref()
     }
 
     /// The host directory instances see as [`MODEL_DIR_IN_GUEST`], if any.
@@ -511,6 +540,7 @@ fn linker(engine: &WasmEngine) -> Result<Linker<host::HostState>, LinkError> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(LinkError::Host)?;
     bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
         .map_err(LinkError::Host)?;
+    encoder::add_to_linker(&mut linker).map_err(LinkError::Host)?;
     Ok(linker)
 }
 

@@ -148,6 +148,32 @@ pub fn check(bytes: &[u8]) -> Result<(), StructureError> {
     Ok(())
 }
 
+/// Whether the component `bytes` imports, at its top level, a name that
+/// starts with `prefix` (for [`super::encoder::wants_encoder`]: which plugins need
+/// an encoder, known before compiling). A file that cannot be parsed
+/// imports nothing here; compiling it names its fault.
+pub fn imports_name(bytes: &[u8], prefix: &str) -> bool {
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload {
+            Ok(Payload::Version { .. }) => depth += 1,
+            Ok(Payload::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Payload::ComponentImportSection(reader)) if depth == 1 => {
+                if reader
+                    .into_iter()
+                    .flatten()
+                    .any(|import| import.name.name.starts_with(prefix))
+                {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

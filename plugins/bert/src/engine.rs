@@ -310,6 +310,48 @@ impl Bert {
         scratch: &mut Scratch,
         out: &mut Vec<f32>,
     ) -> Result<(), String> {
+        self.forward(texts, scratch)?;
+        let hidden = self.shape.hidden;
+        // Pooling over each text's rows, then L2 normalization if asked.
+        let (pooling, normalize) = pooled;
+        let mut first = 0;
+        for text in texts {
+            let n = text.ids.len();
+            let start = out.len();
+            out.resize(start + hidden, 0.0);
+            let v = &mut out[start..];
+            pooling.pool_text(&scratch.x[first * hidden..(first + n) * hidden], hidden, v);
+            if normalize {
+                embedhost_text::l2_normalize(v);
+            }
+            first += n;
+        }
+        lap(Stage::Pooling);
+        Ok(())
+    }
+
+    /// The last layer's state of every token of `texts`, in order, appended
+    /// to `out`: `hidden` floats a token, for a caller that pools them its
+    /// own way.
+    ///
+    /// # Errors
+    /// As [`Bert::embed`].
+    pub fn states(
+        &self,
+        texts: &[Text],
+        scratch: &mut Scratch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        self.forward(texts, scratch)?;
+        let total: usize = texts.iter().map(|t| t.ids.len()).sum();
+        out.extend_from_slice(&scratch.x[..total * self.shape.hidden]);
+        Ok(())
+    }
+
+    /// One packed forward pass over `texts`: the last layer's states of
+    /// their tokens, in order, in `scratch.x` (its first `total x hidden`
+    /// floats).
+    fn forward(&self, texts: &[Text], scratch: &mut Scratch) -> Result<(), String> {
         let Shape {
             hidden,
             heads,
@@ -446,22 +488,6 @@ impl Bert {
             kernels::layer_norm(&mut s.x[..total * hidden], hidden, &n.gamma, &n.beta, eps);
             lap(Stage::Norm);
         }
-
-        // Pooling over each text's rows, then L2 normalization if asked.
-        let (pooling, normalize) = pooled;
-        let mut first = 0;
-        for text in texts {
-            let n = text.ids.len();
-            let start = out.len();
-            out.resize(start + hidden, 0.0);
-            let v = &mut out[start..];
-            pooling.pool_text(&s.x[first * hidden..(first + n) * hidden], hidden, v);
-            if normalize {
-                embedhost_text::l2_normalize(v);
-            }
-            first += n;
-        }
-        lap(Stage::Pooling);
         Ok(())
     }
 

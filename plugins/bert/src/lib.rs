@@ -39,8 +39,10 @@ use safetensors::{Dtype, SafeTensors};
 
 wit_bindgen::generate!({
     path: "../../wit",
-    world: "plugin",
+    world: "engine",
 });
+
+mod encoder;
 
 use embedhost::embedder::host_log::{self, Level};
 use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
@@ -266,8 +268,15 @@ impl Model {
     /// Tokenizes `texts` (truncating each to the model's limit) and embeds
     /// them in packed passes of about `pass_tokens` tokens, in order.
     fn embed(&mut self, texts: &[String]) -> Result<Vec<f32>, EmbedError> {
+        let (ids, types) = self.tokenize(texts)?;
+        self.run(&ids, &types, Output::Pooled)
+    }
+
+    /// Each text's token ids and type ids, special tokens included,
+    /// truncated to the model's limit.
+    fn tokenize(&self, texts: &[String]) -> Result<(Rows, Rows), EmbedError> {
         if texts.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let batch = self
             .encoder
@@ -295,27 +304,65 @@ impl Model {
                     .collect(),
             );
         }
-        let mut out = Vec::with_capacity(texts.len() * self.bert.shape.hidden);
+        Ok((ids, types))
+    }
+
+    /// Runs the texts of `ids` (with their `types`) in packed passes of
+    /// about `pass_tokens` tokens, in order: a pooled vector a text, or
+    /// every token's state.
+    fn run(
+        &mut self,
+        ids: &[Vec<u32>],
+        types: &[Vec<u32>],
+        output: Output,
+    ) -> Result<Vec<f32>, EmbedError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hidden = self.bert.shape.hidden;
+        let mut out = Vec::with_capacity(ids.len() * hidden);
         let mut pass: Vec<Text> = Vec::new();
         let mut tokens = 0;
-        for (i, t) in ids.iter().zip(&types) {
+        for (i, t) in ids.iter().zip(types) {
             if !pass.is_empty() && tokens + i.len() > self.pass_tokens {
-                self.bert
-                    .embed(&pass, self.head(), &mut self.scratch, &mut out)
-                    .map_err(|e| failed("inference", e))?;
+                self.pass(&pass, output, &mut out)?;
                 pass.clear();
                 tokens = 0;
             }
             tokens += i.len();
             pass.push(Text { ids: i, types: t });
         }
-        self.bert
-            .embed(&pass, self.head(), &mut self.scratch, &mut out)
-            .map_err(|e| failed("inference", e))?;
-        self.processed += texts.len() as u64;
+        self.pass(&pass, output, &mut out)?;
+        self.processed += ids.len() as u64;
         report_stages();
         Ok(out)
     }
+
+    fn pass(
+        &mut self,
+        pass: &[Text],
+        output: Output,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EmbedError> {
+        let head = self.head();
+        match output {
+            Output::Pooled => self.bert.embed(pass, head, &mut self.scratch, out),
+            Output::States => self.bert.states(pass, &mut self.scratch, out),
+        }
+        .map_err(|e| failed("inference", e))
+    }
+}
+
+/// A list of ids (tokens, or token types) a text.
+type Rows = Vec<Vec<u32>>;
+
+/// What a forward pass gives back.
+#[derive(Clone, Copy)]
+enum Output {
+    /// A vector a text: its states pooled (and normalized if the model is).
+    Pooled,
+    /// Every token's state.
+    States,
 }
 
 /// With the `stage-timing` feature, logs the time of each stage of this

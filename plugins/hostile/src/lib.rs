@@ -176,14 +176,15 @@ impl Guest for Hostile {
     }
 
     fn health() -> HealthReport {
-        let (sleeps, slow) = embedhost_plugin_support::lock(&CONFIG)
-            .as_ref()
-            .map_or((false, None), |c| {
-                (
-                    c.mode == "sleep_health",
-                    (c.mode == "slow_health").then_some(c.health_ms),
-                )
-            });
+        let (sleeps, slow) =
+            embedhost_plugin_support::lock(&CONFIG)
+                .as_ref()
+                .map_or((false, None), |c| {
+                    (
+                        c.mode == "sleep_health",
+                        (c.mode == "slow_health").then_some(c.health_ms),
+                    )
+                });
         if sleeps {
             sleep_forever();
         }
