@@ -12,9 +12,10 @@
 //   emphasis marks before encoding.
 // - `lowercase = "true"`: lowercase every text before encoding.
 //
-// Another key is refused naming it, except those the host passes to every
-// model plugin (`model_id`, `pooling`, `normalize`), which the encoder
-// already follows. The Rust and Python kits do exactly the same.
+// Another key is refused naming it, except those the host passes a plugin
+// given a model (`model_id`, `pooling`, `normalize`): the encoder already
+// follows them, and they are accepted so that one table serves both.
+// The Rust and Python kits do exactly the same.
 //
 // Errors are values: throw `{ tag: 'invalid-config', val: '...' }` and the
 // like. Any other exception is a trap, and the host replaces the instance.
@@ -22,7 +23,7 @@
 import { info, encode } from 'embedhost:embedder/encoder@0.1.1';
 import { log } from 'embedhost:embedder/host-log@0.1.1';
 
-// Keys the host gives every model plugin: the encoder already follows them.
+// Keys the host passes a plugin given a model: the encoder follows them.
 const HOST_KEYS = ['model_id', 'pooling', 'normalize'];
 const KEYS = ['dimensions', 'strip_markup', 'lowercase'];
 

@@ -12,9 +12,10 @@ plugin adds, set by `[plugin.config]` (every value a string):
   emphasis marks before encoding.
 - `lowercase = "true"`: lowercase every text before encoding.
 
-Another key is refused naming it, except those the host passes to every
-model plugin (`model_id`, `pooling`, `normalize`), which the encoder
-already follows. The Rust and JavaScript kits do exactly the same.
+Another key is refused naming it, except those the host passes a plugin
+given a model (`model_id`, `pooling`, `normalize`): the encoder already
+follows them, and they are accepted so that one table serves both.
+The Rust and JavaScript kits do exactly the same.
 
 Errors are values: raise `Err(EmbedError_...)`. Any other exception is a
 trap, and the host replaces the instance.
@@ -34,7 +35,7 @@ from wit_world.imports.types import (
 )
 from componentize_py_types import Err
 
-# Keys the host gives every model plugin: the encoder already follows them.
+# Keys the host passes a plugin given a model: the encoder follows them.
 HOST_KEYS = ("model_id", "pooling", "normalize")
 KEYS = ("dimensions", "strip_markup", "lowercase")
 

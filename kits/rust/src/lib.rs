@@ -13,9 +13,10 @@
 //!   emphasis marks before encoding.
 //! - `lowercase = "true"`: lowercase every text before encoding.
 //!
-//! Another key is refused naming it, except those the host passes to every
-//! model plugin (`model_id`, `pooling`, `normalize`), which the encoder
-//! already follows. The Python and JavaScript kits do exactly the same.
+//! Another key is refused naming it, except those the host passes a plugin
+//! given a model (`model_id`, `pooling`, `normalize`): the encoder already
+//! follows them, and they are accepted so that one table serves both.
+//! The Python and JavaScript kits do exactly the same.
 //!
 //! Errors are values: return an `EmbedError`. A panic is a trap, and the
 //! host replaces the instance.
@@ -34,7 +35,7 @@ use embedhost::embedder::types::{
 };
 use exports::embedhost::embedder::embedder::Guest;
 
-/// Keys the host gives every model plugin: the encoder already follows them.
+/// Keys the host passes a plugin given a model: the encoder follows them.
 const HOST_KEYS: [&str; 3] = ["model_id", "pooling", "normalize"];
 const KEYS: [&str; 3] = ["dimensions", "strip_markup", "lowercase"];
 
