@@ -218,10 +218,58 @@ pub fn through(
     })
 }
 
-/// The plugin of the `lang` kit (`python`, `js`), as `embedhost plugin new
-/// bench-LANG --lang LANG` writes it, built with the kit's pinned toolchain
-/// (`scripts/kits.sh`), in the bench's cache: the file, or why not.
+/// The plugin of the `lang` kit (`python`, `js`): the repository's
+/// `kits/LANG` as `embedhost plugin new --lang LANG` writes it, built with
+/// the kit's pinned toolchain from `scripts/kits.sh` into the bench's
+/// temporary directory: the file, or why not.
 pub fn kit_plugin(lang: &str) -> Result<PathBuf, String> {
-    let _ = lang;
-    Err("the kits are not wired into the benches yet".into())
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let toolchain = embedhost::deps::deps_dir()
+        .ok_or("no setup directory (run `./x setup`)")?
+        .join("kits")
+        .join(lang);
+    let dir = std::env::temp_dir().join("embedhost-bench-kits").join(lang);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("wit")).map_err(|e| e.to_string())?;
+    let source = root.join("kits").join(lang);
+    for entry in std::fs::read_dir(&source).map_err(|e| format!("{}: {e}", source.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if entry.file_type().map_err(|e| e.to_string())?.is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).map_err(|e| e.to_string())?;
+        }
+    }
+    std::fs::copy(root.join("wit/embedder.wit"), dir.join("wit/embedder.wit"))
+        .map_err(|e| e.to_string())?;
+    let out = dir.join("plugin.wasm");
+    let mut command = match lang {
+        "python" => {
+            let mut c = std::process::Command::new(toolchain.join("bin/componentize-py"));
+            c.args([
+                "-d",
+                "wit/embedder.wit",
+                "-w",
+                "model-plugin",
+                "componentize",
+                "app",
+                "-o",
+            ]);
+            c.arg(&out);
+            c
+        }
+        _ => {
+            std::os::unix::fs::symlink(toolchain.join("node_modules"), dir.join("node_modules"))
+                .map_err(|e| e.to_string())?;
+            let mut c = std::process::Command::new("node");
+            c.arg("build.mjs").arg(&out);
+            c
+        }
+    };
+    let built = command
+        .current_dir(&dir)
+        .output()
+        .map_err(|e| format!("the {lang} kit's toolchain (run `scripts/kits.sh {lang}`): {e}"))?;
+    if !built.status.success() {
+        return Err(String::from_utf8_lossy(&built.stderr).into_owned());
+    }
+    Ok(out)
 }

@@ -184,6 +184,13 @@ pub const MAX_MODEL_ID_BYTES: usize = 256;
 /// well under any file system's name limit (255).
 pub const MAX_ADDED_MODEL_ID_BYTES: usize = 64;
 
+/// Longest text of the plugin store shown on a terminal (`plugin add`'s
+/// error, a field of `plugin list`), escaped: a manifest in the store, a
+/// URL and a server's answer come from outside the host, and 4 KiB holds
+/// any real path, URL or error chain while a hostile one cannot flood the
+/// terminal.
+pub const MAX_SHOWN_STORE_TEXT: usize = 4096;
+
 /// Largest JSON header of a `model.safetensors` that `model add` reads to
 /// check the file is whole: the safetensors library's own limit (100 MB),
 /// so a header it would refuse is refused here, before it is read.

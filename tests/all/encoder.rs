@@ -103,6 +103,59 @@ async fn a_model_plugin_gets_builtin_berts_vectors_by_texts_ids_and_token_states
     }
 }
 
+/// The supervision policy applies unchanged to a composed plugin: under the
+/// shipped defaults a text that crashes it is isolated as poison (each
+/// restart a new store with a new engine in it), and every other text of
+/// the batch gets `builtin:bert`'s vector.
+#[tokio::test]
+async fn a_crashing_model_plugin_is_supervised_like_any_plugin() {
+    let engine = engine();
+    let (bert, settings) = tokio::task::spawn_blocking({
+        let engine = engine.clone();
+        move || bert(&engine, "int8", true)
+    })
+    .await
+    .unwrap();
+    let reference = WasmEmbedder::start(bert.clone(), InstanceLimits::default(), settings.clone())
+        .await
+        .unwrap();
+    let plugin = WasmPlugin::load(
+        &engine,
+        &PluginSource::File(embedhost::plugins::ENCODER_PROBE.into()),
+    )
+    .unwrap()
+    .with_encoder(Encoder::new(bert, settings).unwrap());
+    let spawner = embedhost::wasm::WasmSpawner {
+        plugin,
+        limits: InstanceLimits::default(),
+        config: Vec::new(),
+    };
+    let supervisor = embedhost::supervisor::Supervisor::start(
+        spawner,
+        embedhost::supervisor::SupervisorConfig {
+            pool_size: 1,
+            ..embedhost::supervisor::SupervisorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let texts: Vec<String> = ["a cat", "embedhost:crash", "a dog"]
+        .map(String::from)
+        .to_vec();
+    let r = supervisor
+        .embed(texts, false, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+    assert_eq!(r.failed[0].index, 1);
+    let expected = vectors(&reference, &["a cat".into(), "a dog".into()]).await;
+    for (got, want) in r.vectors.iter().zip(&expected) {
+        assert!(cosine(got, want) >= 0.9999);
+    }
+    let status = supervisor.status();
+    assert!(status.iter().any(|s| s.incarnation > 1), "{status:?}");
+}
+
 #[tokio::test]
 async fn a_plugin_that_calls_the_encoder_past_its_deadline_is_interrupted_and_replaced() {
     let limits = InstanceLimits {

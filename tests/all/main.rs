@@ -18,6 +18,7 @@ mod native;
 mod nats;
 mod onnx;
 mod pinned;
+mod plugin_add;
 mod plugins;
 mod privacy;
 mod real_model;

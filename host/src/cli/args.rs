@@ -150,6 +150,35 @@ pub enum PluginCommand {
     /// hard inputs, determinism, health, and a throughput and memory
     /// figure. Prints a pass/fail table; exits with 1 if a check fails.
     Test(PluginTestArgs),
+    /// Add a plugin to the store, pinned by sha256: SOURCE is a `.wasm`
+    /// file or an `https://` URL (`URL#sha256=HEX` or `--sha256` verifies
+    /// it; without, the hash of what was fetched is recorded and printed).
+    /// It is checked against the contract first; `[plugin] name` runs it.
+    Add {
+        /// Where the plugin is.
+        source: String,
+        /// Its name in the store (default: the file's name without
+        /// `.wasm`, lowercased).
+        #[arg(long)]
+        name: Option<String>,
+        /// The sha256 its bytes must have (64 hex digits).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// Touch no network: a URL is refused.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// List the plugins of the store, each file hashed against its manifest.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a plugin from the store (its file and manifest).
+    Remove {
+        /// The stored plugin's name.
+        name: String,
+    },
     /// Write a new plugin project of the `model-plugin` world (it asks the
     /// host's encoder for vectors) from a kit: Rust, Python or JavaScript,
     /// with the contract, a pinned build and an example to start from.

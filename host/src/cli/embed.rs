@@ -45,7 +45,7 @@ pub(super) async fn embed(config_path: Option<PathBuf>, args: EmbedArgs) -> Resu
     // given the model, the table its `init` gets), as `plugin.path` would,
     // and runs here even if the config names a remote pool.
     if let Some(path) = args.plugin {
-        config.plugin.path = Some(path);
+        config.plugin.replace_path(path);
         config.embedder.remote = None;
     }
     let source = config.plugin_source();

@@ -106,6 +106,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Plugin(PluginCommand::Check { path }) => plugin::check(cli.config, path).await,
         Command::Plugin(PluginCommand::Test(args)) => plugin::plugin_test(cli.config, args).await,
         Command::Plugin(PluginCommand::New(args)) => plugin_new::plugin_new(args),
+        Command::Plugin(command) => plugin::store(cli.config, command).await,
         Command::Status(args) => status::status(cli.config, args).await,
         Command::Model(command) => model::model(cli.config, command).await,
         Command::Index(args) => index::index(cli.config, args).await,

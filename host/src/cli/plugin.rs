@@ -1,13 +1,20 @@
-//! `embedhost plugin check|test`: a plugin loaded and checked against the
-//! contract, and the conformance suite run against it.
+//! `embedhost plugin check|test|add|list|remove`: a plugin loaded and
+//! checked against the contract, the conformance suite run against it, and
+//! the plugins of the store ([`crate::model::plugin`]).
 //!
 //! # Invariants
 //! - `plugin test` exits with 1 if any check fails.
+//! - `plugin add` stores only bytes the host's own load accepted (the
+//!   header and size bounds, compiled, linked against the contract), and
+//!   needs no model to do so: the plugin is not instantiated.
+//! - What the store or a server says is escaped before a terminal sees it.
 
 use std::path::PathBuf;
 
-use super::{PluginTestArgs, key_values};
+use super::{PluginCommand, PluginTestArgs, key_values};
 use crate::config::Config;
+use crate::model::plugin::{self as plugin_store, AddPlugin};
+use crate::model::{FileState, ModelStore};
 use crate::wasm::{PluginSource, WasmEmbedder, WasmPlugin};
 
 pub(super) async fn check(config_path: Option<PathBuf>, path: PathBuf) -> Result<(), String> {
@@ -71,7 +78,7 @@ pub(super) async fn plugin_test(
     // The plugin under test takes the configured one's place, as `embed
     // --plugin` does: a model plugin (or a config naming a model) gets the
     // model's directory.
-    config.plugin.path = Some(args.path.clone());
+    config.plugin.replace_path(args.path.clone());
     let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let source = config.plugin_source();
     let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
@@ -126,5 +133,149 @@ pub(super) async fn plugin_test(
             report.count(crate::conformance::Outcome::Fail),
             report.checks.len()
         ))
+    }
+}
+
+/// Text from the store or the network, escaped and bounded for a terminal.
+fn shown(text: &dyn std::fmt::Display) -> String {
+    crate::untrusted::sanitize(&text.to_string(), crate::limits::MAX_SHOWN_STORE_TEXT)
+}
+
+/// `plugin add`, `plugin list` and `plugin remove`: the store's plugins.
+pub(super) async fn store(
+    config_path: Option<PathBuf>,
+    command: PluginCommand,
+) -> Result<(), String> {
+    let store = ModelStore::from_env().map_err(|e| e.to_string())?;
+    match command {
+        PluginCommand::Add {
+            source,
+            name,
+            sha256,
+            offline,
+        } => {
+            let request = AddPlugin::parse(&source, name, sha256).map_err(|e| shown(&e))?;
+            // A config naming the plugin about to be added does not parse
+            // yet: the check then runs with the default artifact cache.
+            let config = Config::discover(config_path.as_deref()).unwrap_or_else(|e| {
+                eprintln!("warning: {}; checking without its [cache]", shown(&e));
+                Config::default()
+            });
+            let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
+            let options = crate::launch::fetch_options(offline);
+            let added = tokio::task::spawn_blocking(move || {
+                plugin_store::add(&store, &request, &options, |name, bytes| {
+                    let plugin = WasmPlugin::load_bytes(&engine, name, bytes)?;
+                    Ok(plugin
+                        .contract_version()
+                        .unwrap_or_else(|| crate::wasm::contract::host_version().to_string()))
+                })
+            })
+            .await
+            .map_err(|e| format!("plugin add: {e}"))?
+            .map_err(|e| shown(&e))?;
+            print_added(&added);
+            Ok(())
+        }
+        PluginCommand::List { json } => {
+            print_list(&store, json);
+            Ok(())
+        }
+        PluginCommand::Remove { name } => {
+            let dir = plugin_store::remove(&store, &name).map_err(|e| shown(&e))?;
+            outln!("removed {} ({})", shown(&name), dir.display());
+            Ok(())
+        }
+        PluginCommand::Check { .. } | PluginCommand::Test(_) | PluginCommand::New(_) => {
+            unreachable!("not a store command")
+        }
+    }
+}
+
+fn print_added(added: &plugin_store::Added) {
+    let manifest = &added.manifest;
+    let file = manifest.file();
+    outln!(
+        "pinned     {} ({} bytes, sha256 {})",
+        file.name,
+        file.size,
+        file.sha256
+    );
+    if added.verified {
+        outln!("verified   against the sha256 it was given");
+    } else {
+        outln!(
+            "unverified no sha256 was given: {} is the hash of what was read; compare it with the publisher's",
+            file.sha256
+        );
+    }
+    outln!(
+        "added {} in {} (contract {}); `[plugin] name = \"{}\"` runs it",
+        manifest.id,
+        added.dir.display(),
+        shown(&manifest.contract.as_deref().unwrap_or("unknown")),
+        manifest.id
+    );
+}
+
+/// One JSON object per stored plugin, its file hashed against its
+/// manifest.
+fn list(store: &ModelStore) -> Vec<serde_json::Value> {
+    plugin_store::names(store)
+        .into_iter()
+        .filter_map(|name| Some((plugin_store::manifest(store, &name)?, name)))
+        .map(|(manifest, name)| match manifest {
+            Err(e) => serde_json::json!({ "name": name, "error": shown(&e) }),
+            Ok(m) => {
+                let state = match plugin_store::state(store, &m) {
+                    FileState::Present => "verified".to_string(),
+                    FileState::Missing => "missing".to_string(),
+                    FileState::Corrupt { reason } => format!("changed: {reason}"),
+                };
+                serde_json::json!({
+                    "name": m.id,
+                    "sha256": m.file().sha256,
+                    "size": m.file().size,
+                    "source": shown(&m.source()),
+                    "contract": m.contract.as_deref().map(|c| shown(&c)),
+                    "state": state,
+                    "dir": plugin_store::plugins_dir(store).join(&m.id).display().to_string(),
+                })
+            }
+        })
+        .collect()
+}
+
+/// `plugin list`'s table, or its JSON (`json`).
+fn print_list(store: &ModelStore, json: bool) {
+    let rows = list(store);
+    if json {
+        outln!("{:#}", serde_json::Value::Array(rows));
+        return;
+    }
+    outln!(
+        "{:<24} {:<12} {:>10} {:<9} {:<10} SOURCE",
+        "NAME",
+        "SHA256",
+        "SIZE",
+        "CONTRACT",
+        "STATE"
+    );
+    for row in rows {
+        let text = |key: &str| row[key].as_str().unwrap_or("-").to_string();
+        if let Some(error) = row["error"].as_str() {
+            outln!("{:<24} unusable: {error}", text("name"));
+            continue;
+        }
+        let sha256 = text("sha256");
+        outln!(
+            "{:<24} {:<12} {:>10} {:<9} {:<10} {}",
+            text("name"),
+            sha256.get(..12).unwrap_or(&sha256),
+            row["size"].as_u64().unwrap_or(0),
+            text("contract"),
+            text("state"),
+            text("source"),
+        );
     }
 }

@@ -21,6 +21,17 @@ use crate::limits;
 use crate::supervisor::SupervisorConfig;
 use crate::wasm::{InstanceLimits, PluginSource};
 
+impl super::PluginSection {
+    /// Runs the plugin file `path` instead of the configured plugin (`embed
+    /// --plugin`, `plugin test`): a stored plugin's pin goes with it.
+    pub fn replace_path(&mut self, path: std::path::PathBuf) {
+        if self.name.take().is_some() {
+            self.sha256 = None;
+        }
+        self.path = Some(path);
+    }
+}
+
 impl Config {
     /// The plugin to load.
     pub fn plugin_source(&self) -> PluginSource {

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CACHE_DIR_ENV, Config, ConfigError, INDEX_DIR_ENV, NativeSetupError, project_dirs};
+use super::{CACHE_DIR_ENV, Config, ConfigError, INDEX_DIR_ENV, NativeSetupError};
 use crate::model::ModelError;
 use crate::model::describe::DescribeError;
 
@@ -167,4 +167,9 @@ impl Config {
             (super::Backend::Native, super::Precision::Int8) => "native-int8",
         }
     }
+}
+
+/// The user's directories for embedhost (config, cache, data).
+pub(super) fn project_dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "embedhost")
 }

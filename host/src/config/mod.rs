@@ -27,6 +27,7 @@
 //!
 //! [plugin]
 //! path = "plugins/my-embedder.wasm"   # omit for the built-in stub
+//! # name = "my-embedder"              # or a plugin of the store (`plugin add`)
 //! config = { dimension = 384 }        # passed to the plugin's `init`
 //!
 //! [limits]
@@ -97,6 +98,13 @@ pub enum ConfigError {
         path: PathBuf,
         problem: ConfigProblem,
     },
+    #[error("invalid config file `{path}`: [plugin] name: {source}")]
+    /// `[plugin] name` names no plugin of the store, or its manifest is
+    /// unusable.
+    StoredPlugin {
+        path: PathBuf,
+        source: crate::model::plugin::PluginStoreError,
+    },
     #[error("no data directory on this platform: set `[index] dir`, {INDEX_DIR_ENV} or --db")]
     /// No index directory is configured and the platform has no data
     /// directory to put one in.
@@ -156,6 +164,18 @@ pub enum ConfigProblem {
     #[error("[plugin] sha256 must be 64 hex digits, and pins a plugin file (not a built-in one)")]
     /// `[plugin] sha256` is not a sha256, or names no file to pin.
     PluginSha256,
+    #[error("[plugin] path and [plugin] name both name the plugin to run: keep one")]
+    /// Both `[plugin] path` and `[plugin] name`.
+    PluginPathAndName,
+    #[error(
+        "[plugin] sha256 pins {pinned}, but the stored plugin `{name}` has sha256 {stored} in its manifest: refused"
+    )]
+    /// `[plugin] sha256` beside `[plugin] name` is not the stored one's.
+    StoredPluginPin {
+        name: String,
+        pinned: String,
+        stored: String,
+    },
     #[error("[native] grace_ms must be greater than zero")]
     /// `[native] grace_ms = 0`.
     GraceZero,
@@ -301,10 +321,13 @@ pub struct PluginSection {
     /// refused at every load, naming both hashes.
     pub sha256: Option<String>,
     /// Passed to the `init` of the engine behind a `model-plugin`'s encoder
-    /// import (the built-in BERT engine's keys: `precision`, `pass_tokens`,
-    /// `max_tokens`), beside the model's own settings.
+    /// (`builtin:bert`'s keys: `precision`, `pass_tokens`, `max_tokens`).
     #[serde(default)]
     pub encoder: BTreeMap<String, Value>,
+    /// A plugin of the store (`embedhost plugin add`), by its name: parsing
+    /// sets `path` to its file and `sha256` to its manifest's, so it is
+    /// always loaded pinned.
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -570,10 +593,6 @@ pub struct Config {
     /// The file this came from, if any.
     #[serde(skip)]
     pub source: Option<PathBuf>,
-}
-
-fn project_dirs() -> Option<directories::ProjectDirs> {
-    directories::ProjectDirs::from("", "", "embedhost")
 }
 
 #[cfg(test)]

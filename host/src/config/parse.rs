@@ -13,7 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Config, ConfigError, ConfigProblem, FILE_NAME, project_dirs};
+use super::files::project_dirs;
+use super::{Config, ConfigError, ConfigProblem, FILE_NAME};
 
 impl Config {
     /// Parses `text`, read from `path`; relative paths are resolved against
@@ -58,6 +59,7 @@ impl Config {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base).map_err(invalid)?;
+        config.stored_plugin(path)?;
         config.check_ranges().map_err(invalid)?;
         for root in &mut config.serve.index_roots {
             if root.is_relative() {
@@ -108,6 +110,39 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        Ok(())
+    }
+
+    /// `[plugin] name`: the stored plugin's file, pinned to its manifest's
+    /// sha256 (which a `[plugin] sha256` beside it must equal).
+    fn stored_plugin(&mut self, file: &Path) -> Result<(), ConfigError> {
+        let Some(name) = &self.plugin.name else {
+            return Ok(());
+        };
+        let problem = |problem| ConfigError::Check {
+            path: file.to_path_buf(),
+            problem,
+        };
+        if self.plugin.path.is_some() {
+            return Err(problem(ConfigProblem::PluginPathAndName));
+        }
+        let stored = |source| ConfigError::StoredPlugin {
+            path: file.to_path_buf(),
+            source,
+        };
+        let store = crate::model::ModelStore::from_env().map_err(|e| stored(e.into()))?;
+        let (plugin, sha256) = crate::model::plugin::resolve(&store, name).map_err(stored)?;
+        if let Some(pinned) = &self.plugin.sha256
+            && !pinned.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(problem(ConfigProblem::StoredPluginPin {
+                name: name.clone(),
+                pinned: pinned.clone(),
+                stored: sha256,
+            }));
+        }
+        self.plugin.path = Some(plugin);
+        self.plugin.sha256 = Some(sha256);
         Ok(())
     }
 

@@ -51,6 +51,10 @@ pub enum AddError {
     #[error("model id `{0}` is a built-in model's; choose another with --id")]
     Builtin(String),
     #[error(
+        "model id `{0}` is the store's directory of plugins (`embedhost plugin add`); choose another with --id"
+    )]
+    Reserved(String),
+    #[error(
         "a model `{id}` is already in the store ({dir:?}); `embedhost model remove {id}` removes it"
     )]
     Exists { id: String, dir: PathBuf },
@@ -100,7 +104,7 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// A staging directory in the store, removed when dropped.
-struct Staging(PathBuf);
+pub(super) struct Staging(pub(super) PathBuf);
 
 impl Drop for Staging {
     fn drop(&mut self) {
@@ -126,6 +130,9 @@ pub fn add(
     }
     if !valid_id(&id) {
         return Err(AddError::BadId(id));
+    }
+    if id == super::plugin::PLUGINS_DIR {
+        return Err(AddError::Reserved(id));
     }
     let root = store.root();
     let target = root.join(&id);
@@ -393,13 +400,12 @@ fn manifest_text(id: &str, source: &Source, description: &Description, files: &[
         }
     }
     for file in files {
-        text.push_str(&format!("\n[[files]]\nname = {}\n", quote(&file.name)));
-        if let Some(backend) = file.needed_by {
-            text.push_str(&format!("needed_by = [\"{backend}\"]\n"));
-        }
-        text.push_str(&format!(
-            "sha256 = \"{}\"\nsize = {}\n{}\n",
-            file.sha256, file.size, file.source
+        text.push_str(&super::manifest::file_entry(
+            &file.name,
+            file.needed_by,
+            &file.sha256,
+            file.size,
+            &file.source,
         ));
     }
     text

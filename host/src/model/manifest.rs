@@ -125,6 +125,24 @@ pub struct ManifestError {
     pub message: String,
 }
 
+impl FileSpec {
+    /// A file known only by its name and (expected) size, with no sha256
+    /// and no source: what a download's progress bar reads.
+    pub(super) fn named(name: &str, size: u64) -> Self {
+        FileSpec {
+            name: name.to_string(),
+            sha256: String::new(),
+            size,
+            text: None,
+            path: None,
+            https: None,
+            pip: None,
+            derive: None,
+            needed_by: None,
+        }
+    }
+}
+
 impl Manifest {
     /// Parses and validates a manifest; `origin` names it in errors.
     ///
@@ -208,7 +226,7 @@ impl Manifest {
 }
 
 /// What is wrong with `file`, if anything, given the names listed before it.
-fn check_file(file: &FileSpec, seen: &[&str]) -> Result<(), String> {
+pub(super) fn check_file(file: &FileSpec, seen: &[&str]) -> Result<(), String> {
     let name = file.name.as_str();
     if !plain_name(name) {
         return Err(format!("file name `{name}` is not a plain name"));
@@ -267,12 +285,31 @@ fn check_file(file: &FileSpec, seen: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn plain_name(name: &str) -> bool {
+pub(super) fn plain_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
         && !name.starts_with('.')
         && !name.contains(['/', '\\', '\0'])
+}
+
+/// A `[[files]]` entry of a manifest as `model add` and `plugin add`
+/// write it: `source` is its source line(s) (`path = ...`, `https = ...`,
+/// `text = ...`, `derive = ...`).
+pub(super) fn file_entry(
+    name: &str,
+    needed_by: Option<&str>,
+    sha256: &str,
+    size: u64,
+    source: &str,
+) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut text = format!("\n[[files]]\nname = {}\n", quote(name));
+    if let Some(backend) = needed_by {
+        text.push_str(&format!("needed_by = [{}]\n", quote(backend)));
+    }
+    text.push_str(&format!("sha256 = \"{sha256}\"\nsize = {size}\n{source}\n"));
+    text
 }
 
 #[cfg(test)]

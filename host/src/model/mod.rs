@@ -8,7 +8,9 @@
 //! after corruption needs no network. A model added by `embedhost model add`
 //! ([`add`]) keeps its manifest in its own directory
 //! ([`add::ADDED_MANIFEST`]); [`manifest_for`] finds a model by id among the
-//! built-ins, then the added ones.
+//! built-ins, then the added ones. Plugins added by `embedhost plugin add`
+//! live in the store's `plugins/` directory, with manifests of the same
+//! format ([`plugin`]).
 //!
 //! # Invariants
 //! - A file under its final name was verified (size and sha256) when it was
@@ -23,6 +25,8 @@ pub mod describe;
 pub mod fetch;
 pub mod form;
 pub mod manifest;
+pub mod plugin;
+pub mod plugin_source;
 pub mod python;
 pub mod source;
 

@@ -425,17 +425,7 @@ fn download(
         .limit(limit.saturating_add(1))
         .reader();
     // Only the name (progress) and the size (the bar's end) are read.
-    let spec = super::FileSpec {
-        name: name.clone(),
-        sha256: String::new(),
-        size: announced,
-        text: None,
-        path: None,
-        https: None,
-        pip: None,
-        derive: None,
-        needed_by: None,
-    };
+    let spec = super::FileSpec::named(&name, announced);
     let written =
         fetch::receive(body, file, dest, &spec, 0, progress, timeouts.read).map_err(fail)?;
     if written > limit {

@@ -296,3 +296,41 @@ fn an_atomic_write_that_fails_leaves_the_target_and_no_temporary() {
     let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().flatten().collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
+
+/// A pinned plugin's bytes are read and verified before the cache is
+/// asked, by `load` and by `load_snapshot` alike: a file changed after its
+/// artifact was cached is refused, never mapped from the cache (the cache
+/// is keyed by the bytes, which are read first, never by the path).
+#[test]
+fn a_changed_pinned_file_is_refused_with_its_artifact_in_the_cache() {
+    use crate::wasm::{InstanceLimits, PluginSource, WasmError, WasmPlugin};
+    let root = tempfile::tempdir().unwrap();
+    let engine = WasmEngine::new(Some(ArtifactCache::new(root.path().join("cache")))).unwrap();
+    let bytes = crate::plugins::STUB_WASM_BYTES;
+    let path = root.path().join("plugin.wasm");
+    std::fs::write(&path, bytes).unwrap();
+    let pinned = PluginSource::Pinned {
+        path: path.clone(),
+        sha256: sha256_hex(bytes),
+    };
+    for outcome in [CacheOutcome::Compiled, CacheOutcome::Hit] {
+        let plugin = WasmPlugin::load(&engine, &pinned).unwrap();
+        assert_eq!(plugin.cache_outcome(), outcome);
+    }
+    let mut changed = bytes.to_vec();
+    *changed.last_mut().unwrap() ^= 1;
+    std::fs::write(&path, &changed).unwrap();
+    let limits = InstanceLimits::default();
+    let refused = |loaded: Result<WasmPlugin, WasmError>| match loaded {
+        Err(WasmError::Pinned { actual, .. }) => assert_eq!(actual, sha256_hex(&changed)),
+        other => panic!("{other:?}"),
+    };
+    refused(WasmPlugin::load(&engine, &pinned));
+    refused(WasmPlugin::load_snapshot(
+        &engine,
+        &pinned,
+        root.path(),
+        limits,
+        &[],
+    ));
+}

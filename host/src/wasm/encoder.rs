@@ -98,6 +98,27 @@ impl Encoder {
     }
 }
 
+impl WasmPlugin {
+    /// Links every instance's encoder import to `encoder` (see
+    /// [`super::encoder`]); a plugin that does not import it ignores it.
+    #[must_use]
+    pub fn with_encoder(mut self, encoder: Encoder) -> Self {
+        self.encoder = Some(Arc::new(encoder));
+        self
+    }
+
+    /// Whether the plugin imports the encoder: it needs
+    /// [`WasmPlugin::with_encoder`] to start.
+    pub fn imports_encoder(&self) -> bool {
+        self.imports_encoder
+    }
+
+    /// The engine its encoder import is linked to, if any.
+    pub fn encoder(&self) -> Option<&Encoder> {
+        self.encoder.as_deref()
+    }
+}
+
 /// What a store holds of its encoder: the engine's instance.
 pub(crate) type Linked = Arc<engine_bindings::Engine>;
 

@@ -17,8 +17,11 @@ pub enum WasmError {
         source: std::io::Error,
     },
 
-    /// A pinned plugin file (`[plugin] sha256`) is not the one pinned.
-    #[error("plugin `{path}` has sha256 {actual}, but [plugin] sha256 pins {expected}: refused")]
+    /// A pinned plugin file (`[plugin] sha256`, or a stored plugin's
+    /// manifest for `[plugin] name`) is not the one pinned.
+    #[error(
+        "plugin `{path}` has sha256 {actual}, but it is pinned to {expected} ([plugin] sha256, or the store's manifest of [plugin] name): refused"
+    )]
     Pinned {
         path: PathBuf,
         expected: String,

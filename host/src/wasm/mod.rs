@@ -391,6 +391,17 @@ impl WasmPlugin {
         Self::from_bytes(engine, source.name(), &bytes)
     }
 
+    /// Checks and loads `bytes` as [`WasmPlugin::load`] does a file's
+    /// (header and bounds, compile or cache, link, contract), naming the
+    /// plugin `name`: for bytes the caller has read and verified itself
+    /// (`embedhost plugin add` stores the very bytes it checked).
+    ///
+    /// # Errors
+    /// As [`WasmPlugin::load`], but for reading.
+    pub fn load_bytes(engine: &WasmEngine, name: &str, bytes: &[u8]) -> Result<Self, WasmError> {
+        Self::from_bytes(engine, name.to_string(), bytes)
+    }
+
     fn from_bytes(engine: &WasmEngine, name: String, bytes: &[u8]) -> Result<Self, WasmError> {
         check_header(&name, bytes)?;
         // A cache another user could write is refused (that is a danger);
@@ -450,25 +461,6 @@ impl WasmPlugin {
     pub fn with_model_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.model_dir = Some(Arc::from(dir.into().into_boxed_path()));
         self
-    }
-
-    /// Links every instance's encoder import to `encoder` (see
-    /// [`encoder`]); a plugin that does not import it ignores it.
-    #[must_use]
-    pub fn with_encoder(mut self, encoder: Encoder) -> Self {
-        self.encoder = Some(Arc::new(encoder));
-        self
-    }
-
-    /// Whether the plugin imports the encoder: it needs
-    /// [`WasmPlugin::with_encoder`] to start.
-    pub fn imports_encoder(&self) -> bool {
-        self.imports_encoder
-    }
-
-    /// The engine its encoder import is linked to, if any.
-    pub fn encoder(&self) -> Option<&Encoder> {
-        self.encoder.as_deref()
     }
 
     /// The host directory instances see as [`MODEL_DIR_IN_GUEST`], if any.

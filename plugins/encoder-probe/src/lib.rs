@@ -9,6 +9,9 @@
 //! - `over-batch`: one `encode` of one text more than `info().max-batch`;
 //! - `oov`: `encode-ids` of an id past the vocabulary;
 //! - `long-ids`: `encode-ids` of a list longer than the model's window.
+//!
+//! In every mode, a batch holding the text [`CRASH`] traps after asking the
+//! encoder (a crash with the engine mid-use, for the supervisor).
 
 use std::sync::Mutex;
 
@@ -21,6 +24,9 @@ use embedhost::embedder::encoder;
 use embedhost::embedder::types::{EmbedError, Embeddings, HealthReport, InputKind, ModelInfo};
 use embedhost_plugin_support::linear_memory_bytes;
 use exports::embedhost::embedder::embedder::Guest;
+
+/// The text that makes `embed` trap.
+const CRASH: &str = "embedhost:crash";
 
 struct State {
     mode: String,
@@ -88,6 +94,9 @@ impl Guest for Probe {
             }
             _ => encoder::encode(&texts)?.data,
         };
+        if texts.iter().any(|t| t == CRASH) {
+            panic!("the probe was asked to crash");
+        }
         state.processed += texts.len() as u64;
         Ok(Embeddings {
             dimension: info.dimension,
