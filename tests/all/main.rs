@@ -10,6 +10,7 @@ mod front;
 mod fuzz;
 mod generated;
 mod kernels;
+mod kits;
 mod layering;
 mod model;
 mod model_add;

@@ -179,6 +179,42 @@ pub enum PluginCommand {
         /// The stored plugin's name.
         name: String,
     },
+    /// Write a new plugin project of the `model-plugin` world (it asks the
+    /// host's encoder for vectors) from a kit: Rust, Python or JavaScript,
+    /// with the contract, a pinned build and an example to start from.
+    New(PluginNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginNewArgs {
+    /// The plugin's name: a letter, then letters, digits, `-` or `_`. The
+    /// project is written into a directory of that name.
+    pub name: String,
+    /// The language of the kit.
+    #[arg(long, value_enum)]
+    pub lang: PluginLang,
+    /// Where to make the project's directory (default: here).
+    #[arg(long, value_name = "PARENT")]
+    pub dir: Option<PathBuf>,
+}
+
+/// The languages `plugin new` has a kit for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PluginLang {
+    Rust,
+    Python,
+    Js,
+}
+
+impl PluginLang {
+    /// The language's name for people.
+    pub fn shown(self) -> &'static str {
+        match self {
+            PluginLang::Rust => "a Rust",
+            PluginLang::Python => "a Python",
+            PluginLang::Js => "a JavaScript",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@
 //! worker will use it.
 //!
 //! The clap definitions are in `args.rs`; each command in its own file:
-//! `embed.rs`, `status.rs`, `model.rs`, `plugin.rs`, `index.rs` (`index`,
+//! `embed.rs`, `status.rs`, `model.rs`, `plugin.rs`, `plugin_new.rs` (`plugin new`), `index.rs` (`index`,
 //! `search`), `stats.rs` (`stats`, `forget`), and how a result is shown in `show.rs`.
 //! Here: the entry point, the runtime, finding a running service, and
 //! stdout that tolerates a closed pipe.
@@ -34,6 +34,7 @@ mod embed;
 mod index;
 mod model;
 mod plugin;
+mod plugin_new;
 pub mod show;
 mod stats;
 mod status;
@@ -44,8 +45,8 @@ use clap::Parser;
 
 use crate::config::Config;
 pub use args::{
-    ChildArgs, Cli, Command, EmbedArgs, ModelCommand, PluginCommand, PluginTestArgs, ServeArgs,
-    StatusArgs,
+    ChildArgs, Cli, Command, EmbedArgs, ModelCommand, PluginCommand, PluginLang, PluginNewArgs,
+    PluginTestArgs, ServeArgs, StatusArgs,
 };
 
 /// Runs the command line and returns the process exit code.
@@ -104,6 +105,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => embed::embed(cli.config, args).await,
         Command::Plugin(PluginCommand::Check { path }) => plugin::check(cli.config, path).await,
         Command::Plugin(PluginCommand::Test(args)) => plugin::plugin_test(cli.config, args).await,
+        Command::Plugin(PluginCommand::New(args)) => plugin_new::plugin_new(args),
         Command::Plugin(command) => plugin::store(cli.config, command).await,
         Command::Status(args) => status::status(cli.config, args).await,
         Command::Model(command) => model::model(cli.config, command).await,

@@ -186,7 +186,7 @@ pub(super) async fn store(
             outln!("removed {} ({})", shown(&name), dir.display());
             Ok(())
         }
-        PluginCommand::Check { .. } | PluginCommand::Test(_) => {
+        PluginCommand::Check { .. } | PluginCommand::Test(_) | PluginCommand::New(_) => {
             unreachable!("not a store command")
         }
     }
