@@ -14,9 +14,11 @@
 //! ratio is the plugin's own overhead per batch; the issue asks for 0.9x
 //! or better.
 //!
-//! Then restarts: a new instance of each plugin ready (the engine from its
-//! snapshot beside it, the plugin from the artifact cache), p50 and p99,
-//! against the plain `builtin:bert` loading its weights in `init`.
+//! Then restarts: a new instance of each `model-plugin` ready from its
+//! snapshot (`init` already run, made with the encoder linked; the engine
+//! from its own snapshot beside it), p50 and p99, against the same plugin
+//! started plain (from the artifact cache, `init` run in full), and its
+//! cold start (compiled with no cache, then the first instance).
 
 mod common;
 
@@ -25,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use embedhost::supervisor::{Supervisor, SupervisorConfig};
 use embedhost::wasm::{
-    ArtifactCache, Encoder, InstanceLimits, PluginSource, WasmEmbedder, WasmEngine, WasmPlugin,
-    WasmSpawner,
+    ArtifactCache, Encoder, InstanceLimits, PluginSource, SnapshotStatus, WasmEmbedder, WasmEngine,
+    WasmPlugin, WasmSpawner,
 };
 
 const SECONDS: f64 = 8.0;
@@ -54,19 +56,36 @@ fn engine_plugin(
     (plugin, settings)
 }
 
-/// A plugin measured: its name, the loaded plugin, its `init` table.
-type Measured = (String, WasmPlugin, Vec<(String, String)>);
+/// A plugin measured: its name, the loaded plugin (a `model-plugin` from
+/// its snapshot), its `init` table, and for a `model-plugin` its source.
+type Measured = (
+    String,
+    WasmPlugin,
+    Vec<(String, String)>,
+    Option<PluginSource>,
+);
 
 /// Each plugin measured, `builtin:bert` first.
-fn plugins(engine: &WasmEngine, dir: &std::path::Path) -> Vec<Measured> {
+fn plugins(engine: &WasmEngine, dir: &std::path::Path) -> (Vec<Measured>, Encoder) {
     let (bert, settings) = engine_plugin(engine, dir);
     let encoder = Encoder::new(bert.clone(), settings.clone()).unwrap();
-    let mut out = vec![("builtin:bert".to_string(), bert, settings)];
-    let mut model_plugin = |name: &str, path: PathBuf, config| {
-        let plugin = WasmPlugin::load(engine, &PluginSource::File(path))
-            .unwrap()
-            .with_encoder(encoder.clone());
-        out.push((name.to_string(), plugin, config));
+    let mut out = vec![("builtin:bert".to_string(), bert, settings, None)];
+    let mut model_plugin = |name: &str, path: PathBuf, config: Vec<(String, String)>| {
+        let source = PluginSource::File(path);
+        let plugin = WasmPlugin::load_encoded_snapshot(
+            engine,
+            &source,
+            encoder.clone(),
+            InstanceLimits::default(),
+            &config,
+        )
+        .unwrap();
+        assert!(
+            matches!(plugin.snapshot(), SnapshotStatus::Used(_)),
+            "{name}: {:?}",
+            plugin.snapshot()
+        );
+        out.push((name.to_string(), plugin, config, Some(source)));
     };
     model_plugin(
         "rust encoder probe",
@@ -79,7 +98,7 @@ fn plugins(engine: &WasmEngine, dir: &std::path::Path) -> Vec<Measured> {
             Err(why) => eprintln!("plugins: no {lang} kit plugin: {why}"),
         }
     }
-    out
+    (out, encoder)
 }
 
 fn pool(
@@ -144,10 +163,10 @@ fn main() {
         .unwrap();
     let cache = std::env::temp_dir().join("embedhost-bench-cache");
     let engine = WasmEngine::new(Some(ArtifactCache::new(cache))).unwrap();
-    let plugins = plugins(&engine, &dir);
+    let (plugins, encoder) = plugins(&engine, &dir);
     let pools: Vec<Supervisor> = plugins
         .iter()
-        .map(|(_, plugin, config)| pool(&rt, plugin, config))
+        .map(|(_, plugin, config, _)| pool(&rt, plugin, config))
         .collect();
     let batch = common::short_sentences(32);
     let backends: Vec<(&Supervisor, usize)> = pools.iter().map(|p| (p, 1)).collect();
@@ -172,20 +191,58 @@ fn main() {
         );
     }
     let n = if bench { 200 } else { 3 };
-    for (name, plugin, config) in plugins.iter().skip(1) {
+    for (name, plugin, config, source) in plugins.iter().skip(1) {
+        let source = source.as_ref().unwrap();
+        let plain = WasmPlugin::load(&engine, source)
+            .unwrap()
+            .with_encoder(encoder.clone());
         let times = starts(&rt, plugin, config, n);
-        let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
-        println!("{name:<22} a new instance ready: p50 {p50:?}, p99 {p99:?}");
-        for (which, t) in [("p50", p50), ("p99", p99)] {
+        let plain_times = starts(&rt, &plain, config, n);
+        for (which, p) in [("p50", 0.5), ("p99", 0.99)] {
+            let (t, base) = (percentile(&times, p), percentile(&plain_times, p));
+            println!(
+                "{name:<22} a new instance ready, {which}: {t:?} from the snapshot, {base:?} plain"
+            );
             common::figure(
-                "Restarts of plugins through the encoder import (the engine from its snapshot, the plugin from the artifact cache)",
-                &format!("{name}: a new instance ready, {which}"),
+                "Restarts of plugins through the encoder import (the engine from its snapshot beside each; the issue asks under 10 ms p99)",
+                &format!("{name}: a new instance ready from its snapshot, {which}"),
                 t.as_secs_f64() * 1e3,
                 "ms",
-                ("10 ms, the issue's bound", 10.0),
+                (
+                    &format!("the same plugin started plain (`init` in full), {which}"),
+                    base.as_secs_f64() * 1e3,
+                ),
                 common::Better::Lower,
                 COMMAND,
             );
         }
+        if !bench {
+            // A smoke run skips the compiles with no cache (tens of seconds).
+            continue;
+        }
+        let cold = compile_time(source) + percentile(&plain_times, 0.5);
+        println!("{name:<22} cold start (compile, no cache, then a plain instance): {cold:?}");
+        common::figure(
+            "Restarts of plugins through the encoder import (the engine from its snapshot beside each; the issue asks under 10 ms p99)",
+            &format!("{name}: cold start (compile with no cache, then a plain instance, p50)"),
+            cold.as_secs_f64() * 1e3,
+            "ms",
+            (
+                "a new instance ready from its snapshot, p99",
+                percentile(&times, 0.99).as_secs_f64() * 1e3,
+            ),
+            common::Better::Lower,
+            COMMAND,
+        );
     }
+}
+
+/// What a plugin's first start costs beyond a plain one on a machine that
+/// never saw it: its compile with no artifact cache (the engine's own
+/// snapshot is already made).
+fn compile_time(source: &PluginSource) -> Duration {
+    let at = Instant::now();
+    let engine = WasmEngine::new(None).unwrap();
+    drop(WasmPlugin::load(&engine, source).unwrap());
+    at.elapsed()
 }

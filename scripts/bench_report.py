@@ -8,6 +8,11 @@ lines to the file named by EMBEDHOST_BENCH_REPORT (benches/common/mod.rs,
 edited by hand: the file is this script's output.
 
 Usage: bench_report.py [--heavy] [--out BENCHMARKS.md] [--only NAME ...]
+
+With --only, the sections those benchmarks write replace their namesakes in
+the existing file (or are added before its run times), and the rest of the
+file, with the date of its own run, is kept: a note under the title says
+which sections came from which run.
 """
 
 import argparse
@@ -147,6 +152,32 @@ def ratio_text(value, baseline, better):
     return f"{ratio:.2f}x the baseline ({verdict})"
 
 
+def split(text):
+    """The title part and the `## ` sections of a report, in order."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    return parts[0], [(p.splitlines()[0], p) for p in parts[1:]]
+
+
+def merged(old, new, only):
+    """`old` with the benchmark sections of `new` in place of their namesakes
+    (new ones before the run times), and a note saying which run wrote them."""
+    head, sections = split(old)
+    _, fresh = split(new)
+    fresh = [(t, p) for t, p in fresh if t not in ("## Machine", "## Run time")]
+    titles = [t for t, _ in sections]
+    for title, part in fresh:
+        if title in titles:
+            sections[titles.index(title)] = (title, part)
+        else:
+            at = titles.index("## Run time") if "## Run time" in titles else len(sections)
+            sections.insert(at, (title, part))
+            titles.insert(at, title)
+    note = "Sections of `%s` are from `./x bench-report --only %s` on %s, on the same machine.\n" % (
+        "`, `".join(only), " ".join(only), datetime.date.today().isoformat())
+    head = head.rstrip("\n") + "\n\n" + note + "\n"
+    return head + "".join(p if p.endswith("\n") else p + "\n" for _, p in sections)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--heavy", action="store_true", help="add the largest sizes")
@@ -240,8 +271,12 @@ def main():
         label = name if name.startswith("(") else f"`cargo bench --bench {name}`"
         out.append(f"| {label} | {secs / 60:.1f} |")
     out.append("")
+    text = "\n".join(out)
+    if args.only and os.path.exists(args.out):
+        with open(args.out) as f:
+            text = merged(f.read(), text, args.only)
     with open(args.out, "w") as f:
-        f.write("\n".join(out))
+        f.write(text)
     print(f"bench-report: wrote {args.out}", file=sys.stderr)
 
 

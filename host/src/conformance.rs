@@ -101,6 +101,43 @@ pub struct Report {
     pub texts_per_second: Option<f64>,
     /// Linear memory after the throughput run, from `health`.
     pub memory_bytes: Option<u64>,
+    /// How long a new instance takes to be ready, cold and warm.
+    pub starts: Option<Starts>,
+}
+
+/// How long the plugin takes to be ready, as `plugin test` reports it
+/// (reported, not judged; a benchmark measures restarts:
+/// `cargo bench --bench plugins`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Starts {
+    /// Loading the file (compiling it, or mapping it from the artifact
+    /// cache) and starting the first instance, in milliseconds.
+    pub cold_ms: f64,
+    /// A new instance with `init` run in full: the median of
+    /// [`START_SAMPLES`], in milliseconds.
+    pub plain_ms: f64,
+    /// A new instance from the pre-initialized snapshot (`init` already
+    /// run), the median, if the plugin has one.
+    pub snapshot_ms: Option<f64>,
+}
+
+/// Instances started for each median of [`Starts`].
+pub const START_SAMPLES: usize = 5;
+
+/// The median time to a ready instance of `plugin` over [`START_SAMPLES`]
+/// starts, in milliseconds, or `None` if one failed to start (the suite's
+/// own checks then say why).
+pub async fn median_start(plugin: &WasmPlugin, options: &Options) -> Option<f64> {
+    let mut times = Vec::with_capacity(START_SAMPLES);
+    for _ in 0..START_SAMPLES {
+        let at = std::time::Instant::now();
+        let instance =
+            WasmEmbedder::start(plugin.clone(), options.limits, options.config.clone()).await;
+        times.push(at.elapsed().as_secs_f64() * 1e3);
+        drop(instance.ok()?);
+    }
+    times.sort_by(f64::total_cmp);
+    Some(times[START_SAMPLES / 2])
 }
 
 impl Report {
@@ -144,6 +181,15 @@ impl Report {
             out.push_str(&format!(
                 "{:width$}  {:6}  {rate:.1} texts/s (batches of 32 short sentences, one instance)\n",
                 "throughput", "info"
+            ));
+        }
+        if let Some(s) = &self.starts {
+            let snapshot = s.snapshot_ms.map_or("no snapshot".into(), |ms| {
+                format!("{ms:.1} ms from the snapshot")
+            });
+            out.push_str(&format!(
+                "{:width$}  {:6}  cold {:.0} ms (load and first instance); then {:.1} ms with `init` in full, {snapshot} (medians)\n",
+                "start", "info", s.cold_ms, s.plain_ms
             ));
         }
         if let Some(bytes) = self.memory_bytes {

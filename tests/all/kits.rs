@@ -120,13 +120,19 @@ fn embedhost(args: &[&str]) -> Output {
 }
 
 /// `embedhost plugin test WASM` passes every check, within the time it
-/// prints.
+/// prints, and reports its cold, plain and snapshot starts (every kit is a
+/// `model-plugin`, snapshotted with its encoder linked).
 fn passes_plugin_test(wasm: &Path) {
     let started = Instant::now();
     let out = embedhost(&["plugin", "test", wasm.to_str().unwrap(), "--seconds", "0.5"]);
     let text = show(&out);
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
+    let start = text.lines().find(|l| l.starts_with("start ")).unwrap_or("");
+    assert!(
+        start.contains("cold") && start.contains("ms from the snapshot"),
+        "{text}"
+    );
     eprintln!(
         "kits: plugin test of {} passed in {:.1} s",
         wasm.display(),
@@ -302,13 +308,17 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// `embed TEXTS` with the plugin at `wasm` and `[plugin.config]` `table`.
 fn embed_with(wasm: &str, table: &str, texts: &[&str]) -> Vec<(String, Vec<f32>)> {
+    embed_configured(
+        &format!("[plugin]\npath = {wasm:?}\n[plugin.config]\n{table}\n"),
+        texts,
+    )
+}
+
+/// `embed TEXTS` with the config file `text`.
+fn embed_configured(text: &str, texts: &[&str]) -> Vec<(String, Vec<f32>)> {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("embedhost.toml");
-    std::fs::write(
-        &config,
-        format!("[plugin]\npath = {wasm:?}\n[plugin.config]\n{table}\n"),
-    )
-    .unwrap();
+    std::fs::write(&config, text).unwrap();
     let mut args = vec!["--config", config.to_str().unwrap(), "embed"];
     args.extend_from_slice(texts);
     succeeded(&embedhost(&args))
@@ -346,6 +356,39 @@ fn the_python_kit_gives_the_engines_vectors_and_unit_prefixes_when_cut() {
         let scale = prefix.iter().map(|x| x * x).sum::<f32>().sqrt();
         for (got, want) in c.1.iter().zip(prefix) {
             assert!((got - want / scale).abs() < 1e-4, "{:?}", e.0);
+        }
+    }
+}
+
+/// The Python and JavaScript kits, with no settings, give `builtin:bert`'s
+/// vectors at the same precision: int8 (the default) and fp32 (for the
+/// kits, `[plugin.encoder] precision`).
+#[test]
+fn the_python_and_js_kits_give_builtin_berts_vectors_at_each_precision() {
+    let texts = ["A man is eating food.", "Grüße aus Köln!", "a b c"];
+    for precision in ["int8", "fp32"] {
+        let engine = embed_with(
+            "builtin:bert",
+            &format!("precision = {precision:?}"),
+            &texts,
+        );
+        for wasm in [python_kit(), js_kit()] {
+            let kit = embed_configured(
+                &format!(
+                    "[plugin]\npath = {:?}\n[plugin.encoder]\nprecision = {precision:?}\n",
+                    wasm.to_str().unwrap()
+                ),
+                &texts,
+            );
+            for (e, k) in engine.iter().zip(&kit) {
+                let same = cosine(&e.1, &k.1);
+                assert!(
+                    same >= 0.9999,
+                    "{} at {precision}: {:?}: cosine {same}",
+                    wasm.display(),
+                    e.0
+                );
+            }
         }
     }
 }
@@ -415,4 +458,59 @@ async fn a_python_plugin_allocating_without_bound_hits_the_memory_cap_and_the_ho
         .unwrap();
     assert_eq!((r.vectors.len(), r.failed.len()), (1, 0), "{r:?}");
     supervisor.shutdown().await;
+}
+
+/// The Python kit restarts from a pre-initialized snapshot made with its
+/// encoder linked (as `embedhost` loads a model-plugin), and every instance
+/// started from it gives the engine's vectors. (Its restart times are in
+/// BENCHMARKS.md, from `cargo bench --bench plugins`.)
+#[tokio::test]
+async fn the_python_kit_restarts_from_a_snapshot_made_with_its_encoder() {
+    let engine = WasmEngine::new(Some(ArtifactCache::new(crate::test_cache_dir()))).unwrap();
+    let settings = vec![("model_id".to_string(), "all-MiniLM-L6-v2".to_string())];
+    let plugin = tokio::task::spawn_blocking({
+        let engine = engine.clone();
+        let settings = settings.clone();
+        move || {
+            let bert = WasmPlugin::load_snapshot(
+                &engine,
+                &PluginSource::builtin("bert").unwrap(),
+                &real_model(),
+                InstanceLimits::default(),
+                &settings,
+            )
+            .unwrap();
+            let encoder = embedhost::wasm::Encoder::new(bert, settings).unwrap();
+            WasmPlugin::load_encoded_snapshot(
+                &engine,
+                &PluginSource::File(python_kit()),
+                encoder,
+                InstanceLimits::default(),
+                &[],
+            )
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(plugin.snapshot(), embedhost::wasm::SnapshotStatus::Used(_)),
+        "{:?}",
+        plugin.snapshot()
+    );
+    let expected = embed_with("builtin:bert", "", &["a snapshot restart"]);
+    for _ in 0..5 {
+        let instance = embedhost::wasm::WasmEmbedder::start(
+            plugin.clone(),
+            InstanceLimits::default(),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        let got = instance
+            .embed(vec!["a snapshot restart".into()], false, None)
+            .await
+            .unwrap();
+        assert!(cosine(got.get(0).unwrap(), &expected[0].1) >= 0.9999);
+    }
 }

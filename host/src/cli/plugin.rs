@@ -81,7 +81,9 @@ pub(super) async fn plugin_test(
     config.plugin.replace_path(args.path.clone());
     let engine = crate::launch::engine_for(&config).map_err(|e| e.to_string())?;
     let source = config.plugin_source();
+    let loading = std::time::Instant::now();
     let plugin = WasmPlugin::load(&engine, &source).map_err(|e| e.to_string())?;
+    let loaded = loading.elapsed();
     if plugin.imports_encoder() {
         config.model.dir = args.model_dir.clone().or(config.model.dir.take());
     }
@@ -116,7 +118,12 @@ pub(super) async fn plugin_test(
         throughput_time: std::time::Duration::try_from_secs_f64(args.seconds)
             .map_err(|e| format!("`--seconds {}`: {e}", args.seconds))?,
     };
-    let report = crate::conformance::run(plugin, options).await;
+    let starts = match options.throughput_time.is_zero() {
+        true => None,
+        false => start_times(&engine, &source, &plugin, &options, loaded).await,
+    };
+    let mut report = crate::conformance::run(plugin, options).await;
+    report.starts = starts;
     if args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         outln!("{json}");
@@ -134,6 +141,55 @@ pub(super) async fn plugin_test(
             report.checks.len()
         ))
     }
+}
+
+/// How long `plugin` (loaded from `source` in `loaded`) takes to be ready:
+/// cold, with `init` in full, and from a snapshot as `embedhost` would
+/// make one (a `model-plugin` with its encoder linked; a plugin given a
+/// model over its directory), or `None` if it does not start.
+async fn start_times(
+    engine: &crate::wasm::WasmEngine,
+    source: &crate::wasm::PluginSource,
+    plugin: &WasmPlugin,
+    options: &crate::conformance::Options,
+    loaded: std::time::Duration,
+) -> Option<crate::conformance::Starts> {
+    let at = std::time::Instant::now();
+    drop(
+        WasmEmbedder::start(plugin.clone(), options.limits, options.config.clone())
+            .await
+            .ok()?,
+    );
+    let cold_ms = (loaded + at.elapsed()).as_secs_f64() * 1e3;
+    let plain_ms = crate::conformance::median_start(plugin, options).await?;
+    let (engine, source, limits, table) = (
+        engine.clone(),
+        source.clone(),
+        options.limits,
+        options.config.clone(),
+    );
+    let encoder = plugin.encoder().cloned();
+    let dir = plugin.model_dir().map(std::path::Path::to_path_buf);
+    let snapshot = tokio::task::spawn_blocking(move || match (encoder, dir) {
+        (Some(encoder), _) => {
+            WasmPlugin::load_encoded_snapshot(&engine, &source, encoder, limits, &table).ok()
+        }
+        (None, Some(dir)) => WasmPlugin::load_snapshot(&engine, &source, &dir, limits, &table).ok(),
+        (None, None) => None,
+    })
+    .await
+    .ok()
+    .flatten()
+    .filter(|p| matches!(p.snapshot(), crate::wasm::SnapshotStatus::Used(_)));
+    let snapshot_ms = match snapshot {
+        Some(p) => crate::conformance::median_start(&p, options).await,
+        None => None,
+    };
+    Some(crate::conformance::Starts {
+        cold_ms,
+        plain_ms,
+        snapshot_ms,
+    })
 }
 
 /// Text from the store or the network, escaped and bounded for a terminal.
