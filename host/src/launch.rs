@@ -101,10 +101,8 @@ pub async fn start_backend(
         Backend::Wasm => {
             let engine = engine_for(config)?;
             let plugin = load_wasm(config, &engine, source).await?;
-            let snapshot = match plugin.encoder() {
-                Some(encoder) => encoder.engine().snapshot().clone(),
-                None => plugin.snapshot().clone(),
-            };
+            // A model-plugin's own snapshot (its engine has its own).
+            let snapshot = plugin.snapshot().clone();
             let spawner = WasmSpawner {
                 config: wasm_init_table(config, &plugin),
                 plugin,
@@ -293,11 +291,20 @@ pub async fn fetch_model(config: &Config) -> Result<PathBuf, LaunchError> {
 /// How files are cut: by the model's tokenizer when the config names a
 /// model (its `tokenizer.json`), else by words.
 pub fn tokens(config: &Config, max_input_tokens: usize) -> Result<Tokens, LaunchError> {
-    if !config.uses_model_files() {
+    if !counts_with_model(config) {
         return Ok(Tokens::Words);
     }
     let dir = config.model_dir()?;
     Ok(Tokens::from_model_dir(&dir, max_input_tokens)?)
+}
+
+/// Whether the front door counts with the configured model's tokenizer:
+/// the backend reads the model's files, or the plugin is a `model-plugin`
+/// (its encoder runs the model, with or without a `[model]` section).
+fn counts_with_model(config: &Config) -> bool {
+    config.uses_model_files()
+        || (config.backend == Backend::Wasm
+            && crate::wasm::encoder::wants_encoder(&config.plugin_source()).unwrap_or(false))
 }
 
 /// How a caller of a remote pool serving `info`'s model counts tokens: by
@@ -375,6 +382,19 @@ async fn load_blocking(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `model-plugin` with no `[model]` section counts with the default
+    /// model's tokenizer (its encoder's), not by words as a plain plugin
+    /// without a model does.
+    #[test]
+    fn a_model_plugin_counts_with_its_encoders_model() {
+        let config = |plugin: &str| {
+            let text = format!("[plugin]\npath = {plugin:?}\n");
+            Config::parse(&text, std::path::Path::new("/nonexistent/embedhost.toml")).unwrap()
+        };
+        assert!(counts_with_model(&config(crate::plugins::ENCODER_PROBE)));
+        assert!(!counts_with_model(&config(crate::plugins::STUB)));
+    }
 
     #[test]
     fn a_native_pool_is_fitted_to_its_childrens_ceiling_and_unbounded_children_are_not() {

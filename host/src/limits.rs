@@ -152,6 +152,11 @@ pub const MAX_RESOURCE_HANDLES: usize = 4096;
 /// are bounded by the memory cap and checked by the validation of `embed`.
 pub const MAX_HOSTCALL_BYTES: usize = 1024 * 1024;
 
+/// Longest NAME `embedhost plugin new` takes: it becomes a directory, a
+/// file name, a Cargo package and an npm name (npm allows 214); 64 holds any
+/// real name and keeps paths well under any file system's limit.
+pub const MAX_PLUGIN_NAME_CHARS: usize = 64;
+
 /// Inputs (texts or lists of token ids) one call to the encoder import
 /// may carry (see `wasm::encoder`): a batch the host gives a plugin is
 /// split by its token budget long before this, and a plugin asking for a

@@ -50,11 +50,22 @@ async fn probe(
     precision: &str,
     limits: InstanceLimits,
 ) -> Result<WasmEmbedder, WasmError> {
+    probe_over(mode, precision, limits, true).await
+}
+
+/// [`probe`], the engine from its snapshot or plain (reading its model in
+/// `init`).
+async fn probe_over(
+    mode: &str,
+    precision: &str,
+    limits: InstanceLimits,
+    snapshot: bool,
+) -> Result<WasmEmbedder, WasmError> {
     let engine = engine();
     let (bert, settings) = tokio::task::spawn_blocking({
         let engine = engine.clone();
         let precision = precision.to_string();
-        move || bert(&engine, &precision, true)
+        move || bert(&engine, &precision, snapshot)
     })
     .await
     .unwrap();
@@ -76,7 +87,52 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 /// Texts, vectors, by `embedder`.
 async fn vectors(embedder: &WasmEmbedder, texts: &[String]) -> Vec<Vec<f32>> {
     let v = embedder.embed(texts.to_vec(), false, None).await.unwrap();
+    assert_eq!(v.len(), texts.len());
     v.iter().map(<[f32]>::to_vec).collect()
+}
+
+/// An engine without a snapshot (`[plugin] snapshot = false`, or a model
+/// too large for one) reads its model in `init`: the store opens the
+/// engine's model directory for it, and the plugin gets the same vectors.
+#[tokio::test]
+async fn a_model_plugin_runs_over_an_engine_without_a_snapshot() {
+    let texts: Vec<String> = vec!["a cat".into(), "a dog".into()];
+    let plain = probe_over("encode", "int8", InstanceLimits::default(), false)
+        .await
+        .unwrap();
+    let snapshot = probe("encode", "int8", InstanceLimits::default())
+        .await
+        .unwrap();
+    let (a, b) = (
+        vectors(&plain, &texts).await,
+        vectors(&snapshot, &texts).await,
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!(cosine(x, y) >= 0.9999);
+    }
+}
+
+/// A text the host lets through, larger than the bound on one host call,
+/// reaches the encoder: what a host import may lift grows with what the
+/// host gave the plugin's `embed`, so the plugin can hand its texts on (the
+/// engine truncates it, as `builtin:bert` would).
+#[tokio::test]
+async fn a_text_larger_than_one_host_call_reaches_the_encoder() {
+    let big = "grüße ".repeat(2 * 1024 * 1024 / 7);
+    assert!(big.len() > 2 * embedhost::limits::MAX_HOSTCALL_BYTES);
+    let embedder = probe("encode", "int8", InstanceLimits::default())
+        .await
+        .unwrap();
+    let got = vectors(&embedder, std::slice::from_ref(&big)).await;
+    let engine = engine();
+    let (plain, settings) = tokio::task::spawn_blocking(move || bert(&engine, "int8", true))
+        .await
+        .unwrap();
+    let reference = WasmEmbedder::start(plain, InstanceLimits::default(), settings)
+        .await
+        .unwrap();
+    let want = vectors(&reference, &[big]).await;
+    assert!(cosine(&got[0], &want[0]) >= 0.9999);
 }
 
 #[tokio::test]
@@ -149,6 +205,7 @@ async fn a_crashing_model_plugin_is_supervised_like_any_plugin() {
     assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
     assert_eq!(r.failed[0].index, 1);
     let expected = vectors(&reference, &["a cat".into(), "a dog".into()]).await;
+    assert_eq!(r.vectors.len(), expected.len());
     for (got, want) in r.vectors.iter().zip(&expected) {
         assert!(cosine(got, want) >= 0.9999);
     }

@@ -286,7 +286,7 @@ fn list(store: &ModelStore) -> Vec<serde_json::Value> {
                 let state = match plugin_store::state(store, &m) {
                     FileState::Present => "verified".to_string(),
                     FileState::Missing => "missing".to_string(),
-                    FileState::Corrupt { reason } => format!("changed: {reason}"),
+                    FileState::Corrupt { reason } => format!("changed: {}", shown(&reason)),
                 };
                 serde_json::json!({
                     "name": m.id,

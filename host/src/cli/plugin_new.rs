@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use super::{PluginLang, PluginNewArgs};
 
-/// The longest NAME taken.
-pub const MAX_NAME_CHARS: usize = 64;
+/// The longest NAME taken ([`crate::limits::MAX_PLUGIN_NAME_CHARS`]).
+pub const MAX_NAME_CHARS: usize = crate::limits::MAX_PLUGIN_NAME_CHARS;
 
 /// The contract every kit gets a copy of, in `wit/embedder.wit`.
 const CONTRACT: &str = include_str!("../../../wit/embedder.wit");

@@ -205,25 +205,27 @@ impl Config {
             .collect()
     }
 
-    /// The table the engine behind a `model-plugin`'s encoder gets: what
-    /// `builtin:bert` would get over the configured model (its id, pooling
-    /// and normalization), and `[plugin.encoder]`.
+    /// The table the engine behind a `model-plugin`'s encoder gets: the
+    /// configured model's id and its own pooling and normalization (never
+    /// `[plugin.config]`'s, which are the plugin's), then `[plugin.encoder]`,
+    /// whose keys override them.
     pub fn encoder_config(&self) -> Vec<(String, String)> {
         let mut config = vec![("model_id".to_string(), self.model_id().to_string())];
-        let (pooling, normalize) = self.model_pooling();
+        let (pooling, normalize) = self.own_pooling().unwrap_or((Pooling::default(), true));
         if pooling != Pooling::default() {
             config.push(("pooling".into(), pooling.name().into()));
         }
         if !normalize {
             config.push(("normalize".into(), "false".into()));
         }
-        config.extend(
-            self.plugin
-                .encoder
-                .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "model_id" | "pooling" | "normalize"))
-                .map(|(k, v)| (k.clone(), v.to_string())),
-        );
+        let set: Vec<(String, String)> = self
+            .plugin
+            .encoder
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        config.retain(|(k, _)| !set.iter().any(|(s, _)| s == k));
+        config.extend(set);
         config
     }
 
@@ -266,19 +268,7 @@ impl Config {
     }
 
     fn model_pooling(&self) -> (Pooling, bool) {
-        // A description that cannot be read fails the start (see
-        // `Config::model_form`), so its defaults here are never served.
-        let own = match self.model.dir {
-            Some(_) => self
-                .model_description()
-                .ok()
-                .flatten()
-                .map(|d| (d.pooling(), d.normalize())),
-            None => crate::model::manifest(self.model_id())
-                .ok()
-                .map(|m| (m.pooling_mode(), m.normalize)),
-        };
-        let Some((pooling, normalize)) = own else {
+        let Some((pooling, normalize)) = self.own_pooling() else {
             return (Pooling::default(), true);
         };
         let unset = |key: &str| !self.plugin.config.contains_key(key);
@@ -290,6 +280,23 @@ impl Config {
             },
             !unset("normalize") || normalize,
         )
+    }
+
+    /// The model's own pooling and normalization, if its description or
+    /// manifest says.
+    fn own_pooling(&self) -> Option<(Pooling, bool)> {
+        // A description that cannot be read fails the start (see
+        // `Config::model_form`), so its defaults here are never served.
+        match self.model.dir {
+            Some(_) => self
+                .model_description()
+                .ok()
+                .flatten()
+                .map(|d| (d.pooling(), d.normalize())),
+            None => crate::model::manifest(self.model_id())
+                .ok()
+                .map(|m| (m.pooling_mode(), m.normalize)),
+        }
     }
 
     /// The NATS client's credentials and TLS.

@@ -93,3 +93,34 @@ fn only_the_backend_that_runs_decides_whether_the_models_files_are_used() {
     assert!(uses(""));
     assert!(!uses("[plugin]\npath = \"builtin:stub\"\n"));
 }
+
+/// The encoder's engine gets the model's own pooling and normalization,
+/// never `[plugin.config]`'s (the plugin's own settings); `[plugin.encoder]`
+/// overrides them. (paraphrase-MiniLM-L3-v2 is mean-pooled, not normalized.)
+#[test]
+fn the_encoder_gets_the_models_pooling_and_plugin_encoder_overrides_it() {
+    let parse = |text: &str| Config::parse(text, Path::new("/etc/x/embedhost.toml")).unwrap();
+    let key = |config: &[(String, String)], k: &str| {
+        config
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let c = parse(
+        "[model]\nid = \"paraphrase-minilm-l3-v2\"\n[plugin]\npath = \"p.wasm\"\nconfig = { pooling = \"cls\", normalize = \"true\" }\n",
+    );
+    let encoder = c.encoder_config();
+    assert_eq!(key(&encoder, "pooling"), None, "{encoder:?}");
+    assert_eq!(key(&encoder, "normalize").as_deref(), Some("false"));
+    assert_eq!(
+        key(&encoder, "model_id").as_deref(),
+        Some("paraphrase-minilm-l3-v2")
+    );
+    let c = parse(
+        "[plugin]\npath = \"p.wasm\"\nencoder = { pooling = \"cls\", precision = \"fp32\" }\n",
+    );
+    let encoder = c.encoder_config();
+    assert_eq!(key(&encoder, "pooling").as_deref(), Some("cls"));
+    assert_eq!(key(&encoder, "precision").as_deref(), Some("fp32"));
+    assert_eq!(encoder.iter().filter(|(k, _)| k == "pooling").count(), 1);
+}

@@ -61,10 +61,11 @@ pub enum ContractError {
     },
 }
 
-/// The contract `component` was built for, if it is one this host cannot
+/// The contract `component` was built for, if it is one this host may not
 /// run: of another line (`0.1.x` against `0.2.x`; for 0.x the minor is the
-/// line) or newer than the host's (in any of its imports or exports). A
-/// plugin of an earlier version of the host's line runs (see
+/// line) or newer than the host's (in any of its imports or exports). Read
+/// only when linking fails, to say why with both versions: a plugin of the
+/// host's line whose imports link runs, an earlier version's always (see
 /// `wit/embedder.wit`'s versioning; wasmtime links semver-compatible names).
 pub fn other_version(engine: &Engine, component: &Component) -> Option<ContractError> {
     let host = parse(host_version())?;

@@ -147,6 +147,17 @@ impl WasmPlugin {
     }
 }
 
+/// The model directory the store of `plugin` must open for its encoder's
+/// engine: the engine's, when the engine runs without a snapshot and so
+/// reads its model in `init` (read-only, as a model plugin's own).
+pub(crate) fn engine_reads(plugin: &WasmPlugin) -> Option<&std::path::Path> {
+    let engine = plugin.encoder()?.engine();
+    match engine.snapshot() {
+        super::SnapshotStatus::Used(_) => None,
+        _ => engine.model_dir(),
+    }
+}
+
 /// What a store holds of its encoder: the engine's instance.
 pub(crate) type Linked = Arc<engine_bindings::Engine>;
 

@@ -8,8 +8,10 @@
 //!   measured here, never taken from the plugin's `health` report.
 //! - Counts the cap cannot see are bounded too: core instances, memories,
 //!   tables, resource handles, and bytes copied out per host call: never
-//!   more than [`limits::MAX_HOSTCALL_BYTES`] for a host import, in any
-//!   store; only an export's result gets more ([`bound_hostcalls`]).
+//!   more than [`limits::MAX_HOSTCALL_BYTES`] for a host import, plus twice
+//!   the bytes of the texts the host gave the export being called (see
+//!   [`allow`]), in any store; only an export's result gets more
+//!   ([`bound_hostcalls`]).
 //! - Nothing a plugin logs reaches the host's log unescaped or unthrottled:
 //!   control characters are escaped (no forged lines), lines are cut at a
 //!   named length, and a per-instance token bucket of lines and a
@@ -43,6 +45,8 @@ pub struct HostState {
     /// Bytes the result of the export being called may copy out (see
     /// [`bound_hostcalls`]).
     pub(crate) export_allowance: usize,
+    /// Bytes each host import call may copy in (see [`allow`]).
+    pub(crate) import_allowance: usize,
     /// The engine the plugin's encoder import forwards to, once started
     /// (see [`super::encoder`]).
     pub(crate) encoder: Option<super::encoder::Linked>,
@@ -103,6 +107,7 @@ impl HostState {
             },
             log,
             export_allowance: limits::MAX_HOSTCALL_BYTES,
+            import_allowance: limits::MAX_HOSTCALL_BYTES,
             encoder: None,
         })
     }
@@ -182,11 +187,30 @@ pub(crate) fn bound_hostcalls(store: &mut wasmtime::Store<HostState>) {
     store.call_hook(|mut cx, hook| {
         let fuel = match hook {
             wasmtime::CallHook::ReturningFromWasm => cx.data().export_allowance,
-            _ => limits::MAX_HOSTCALL_BYTES,
+            _ => cx.data().import_allowance,
         };
         cx.set_hostcall_fuel(fuel);
         Ok(())
     });
+}
+
+/// Sets what the next export call (`embed` of `texts` at `dimension`, or
+/// another with no texts) may copy: its result exactly the vectors asked
+/// for plus [`limits::MAX_HOSTCALL_BYTES`] (room for an error text; more is
+/// refused while still in the plugin's memory), and each host import call
+/// [`limits::MAX_HOSTCALL_BYTES`] plus twice the texts' bytes: a
+/// `model-plugin` hands the texts the host gave it on to its encoder
+/// (twice: with room for what it adds), so an import lifts at most what the
+/// host gave plus the bound, never a text the front door let through.
+pub(crate) fn allow(state: &mut HostState, texts: &[String], dimension: u32) {
+    let expected = (texts.len() as u64).saturating_mul(u64::from(dimension) * 4);
+    state.export_allowance = usize::try_from(expected)
+        .unwrap_or(usize::MAX)
+        .saturating_add(limits::MAX_HOSTCALL_BYTES);
+    let given: usize = texts.iter().map(String::len).sum();
+    state.import_allowance = given
+        .saturating_mul(2)
+        .saturating_add(limits::MAX_HOSTCALL_BYTES);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -128,7 +128,7 @@ impl Instance {
         let state = HostState::new(
             plugin.shared_name(),
             limits.memory_bytes,
-            plugin.model_dir(),
+            plugin.model_dir().or(super::encoder::engine_reads(plugin)),
         )
         .map_err(|e| instantiate_error(e.into()))?;
         let mut store = Store::new(engine, state);
@@ -204,14 +204,8 @@ impl Instance {
         });
         let deadline =
             crate::backend::work_deadline(deadline, self.limits.call_deadline_per_kib, texts);
-        // The result may copy out exactly the vectors the host asked for,
-        // plus room for an error text: anything larger is refused while it
-        // is still in the plugin's memory. Host calls made during `embed`
-        // keep their own bound (`host::bound_hostcalls`).
-        let expected = (texts.len() as u64).saturating_mul(u64::from(self.info.dimension) * 4);
-        self.store.data_mut().export_allowance = usize::try_from(expected)
-            .unwrap_or(usize::MAX)
-            .saturating_add(limits::MAX_HOSTCALL_BYTES);
+        // What the result and the host calls may copy (`host::allow`).
+        super::host::allow(self.store.data_mut(), texts, self.info.dimension);
         let result = self.call("embed", deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()
@@ -236,7 +230,7 @@ impl Instance {
     /// A crash, as for [`Instance::embed`].
     pub fn health(&mut self, deadline: Option<Duration>) -> Result<Health, WasmError> {
         let deadline = self.deadline(deadline);
-        self.store.data_mut().export_allowance = limits::MAX_HOSTCALL_BYTES;
+        super::host::allow(self.store.data_mut(), &[], 0);
         let report = self.call("health", deadline, async |plugin, store| {
             plugin
                 .embedhost_embedder_embedder()

@@ -22,6 +22,7 @@ mod error;
 mod host;
 mod instance;
 pub mod log_budget;
+mod preinit;
 pub mod snapshot;
 mod source;
 pub mod structure;
@@ -222,6 +223,8 @@ pub struct WasmPlugin {
     contract_version: Option<Arc<str>>,
     /// Whether it imports the encoder (a `model-plugin`).
     imports_encoder: bool,
+    /// The sha256 of its file (before any snapshot), hex.
+    sha256: Arc<str>,
     /// The engine its encoder import is linked to, in each instance.
     encoder: Option<Arc<Encoder>>,
 }
@@ -255,104 +258,6 @@ impl PartialEq for SnapshotStatus {
 }
 
 impl Eq for SnapshotStatus {}
-
-impl WasmPlugin {
-    /// Loads `source` pre-initialized: `init(config)` already run over the
-    /// model in `model_dir`, so every instance, restarts included, starts
-    /// with the model in memory. The snapshot is made once and kept in the
-    /// engine's artifact cache. Where it cannot be made, the plain plugin
-    /// is loaded with `model_dir` and [`WasmPlugin::snapshot`] says why.
-    ///
-    /// # Errors
-    /// As [`WasmPlugin::load`]: a snapshot's failure is never an error.
-    pub fn load_snapshot(
-        engine: &WasmEngine,
-        source: &PluginSource,
-        model_dir: &std::path::Path,
-        limits: InstanceLimits,
-        config: &[(String, String)],
-    ) -> Result<Self, WasmError> {
-        Self::snapshot_of(engine, source, model_dir, limits, config, None)
-    }
-
-    /// [`WasmPlugin::load_snapshot`], or with `encoder` linked while `init`
-    /// runs (a `model-plugin`: see [`encoder`]), the model directory then
-    /// the engine's, hashed into the snapshot's id but not given to the
-    /// plugin.
-    fn snapshot_of(
-        engine: &WasmEngine,
-        source: &PluginSource,
-        model_dir: &std::path::Path,
-        limits: InstanceLimits,
-        config: &[(String, String)],
-        encoder: Option<&Encoder>,
-    ) -> Result<Self, WasmError> {
-        let name = source.name();
-        let bytes = read(source)?;
-        check_header(&name, &bytes)?;
-        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // A model-plugin's state may hold what its encoder told it.
-            let mut keyed = config.to_vec();
-            if let Some(encoder) = encoder {
-                keyed.push(("\0encoder".into(), String::new()));
-                keyed.extend(encoder.config().iter().cloned());
-            }
-            let id = snapshot::snapshot_id(&bytes, model_dir, &keyed).map_err(|source| {
-                SnapshotUnavailable::Id {
-                    dir: model_dir.to_path_buf(),
-                    source,
-                }
-            })?;
-            let make = || {
-                tracing::info!(plugin = %name, "making a pre-initialized snapshot (once per plugin, model and settings)");
-                let model = (encoder.is_none()).then_some(model_dir);
-                snapshot::make(engine, &name, &bytes, model, limits, config, encoder)
-                    .map_err(wasmtime::Error::new)
-            };
-            match engine.cache() {
-                Some(cache) => cache.load_or_make(engine, &id, make),
-                None => make()
-                    .and_then(|wasm| engine.compile(&wasm))
-                    .map(|c| (c, CacheOutcome::Compiled)),
-            }
-            .map_err(SnapshotUnavailable::loading)
-        }))
-        .unwrap_or(Err(SnapshotUnavailable::Panicked));
-        let reason = match made {
-            Ok((component, outcome)) => match link(engine, &component) {
-                Ok(pre) => {
-                    return Ok(WasmPlugin {
-                        name: name.into(),
-                        engine: engine.clone(),
-                        pre,
-                        cache_outcome: outcome,
-                        model_dir: encoder.is_none().then(|| Arc::from(model_dir)),
-                        snapshot: SnapshotStatus::Used(outcome),
-                        contract_version: contract::plugin_version(engine.engine(), &component)
-                            .map(Arc::from),
-                        imports_encoder: encoder::imports_encoder(engine.engine(), &component),
-                        encoder: encoder.map(|e| Arc::new(e.clone())),
-                    });
-                }
-                Err(reason) => reason.into(),
-            },
-            Err(reason) => reason,
-        };
-        tracing::warn!(plugin = %name, %reason, "no snapshot; each instance runs `init` in full");
-        let mut plugin = Self::from_bytes(engine, name, &bytes)?;
-        plugin = match encoder {
-            Some(encoder) => plugin.with_encoder(encoder.clone()),
-            None => plugin.with_model_dir(model_dir),
-        };
-        plugin.snapshot = SnapshotStatus::Unavailable(Arc::new(reason));
-        Ok(plugin)
-    }
-
-    /// Whether instances start from a pre-initialized snapshot.
-    pub fn snapshot(&self) -> &SnapshotStatus {
-        &self.snapshot
-    }
-}
 
 /// The bytes of a plugin.
 fn read(source: &PluginSource) -> Result<std::borrow::Cow<'static, [u8]>, WasmError> {
@@ -477,6 +382,7 @@ impl WasmPlugin {
             snapshot: SnapshotStatus::NotUsed,
             contract_version: contract::plugin_version(engine.engine(), &component).map(Arc::from),
             imports_encoder: encoder::imports_encoder(engine.engine(), &component),
+            sha256: sha256_hex(bytes).into(),
             encoder: None,
         })
     }
@@ -506,6 +412,11 @@ impl WasmPlugin {
 
     pub(crate) fn engine(&self) -> &WasmEngine {
         &self.engine
+    }
+
+    /// The sha256 of the plugin's file (of the plugin, not of a snapshot).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     /// The contract version the plugin was built for, if not the host's

@@ -250,14 +250,7 @@ pub fn make(
         .saturating_add(crate::limits::HOST_CALL_GRACE);
     let timed_out = |_| SnapshotError::Deadline(limits.init_deadline);
     let initialized = runtime.run_for(bound, async {
-        if let Some(encoder) = encoder {
-            // The engine the plugin's `init` may ask: in this store, not in
-            // the snapshot (each instance starts its own from its snapshot).
-            super::encoder::start(&mut store, encoder)
-                .await
-                .map_err(SnapshotError::InitTrapped)?
-                .map_err(|e| SnapshotError::InitFailed(e.into()))?;
-        }
+        let engine_bytes = start_encoder(&mut store, encoder).await?;
         let instance = linker
             .instantiate_async(&mut store, &component)
             .await
@@ -269,10 +262,11 @@ pub fn make(
             .await
             .map_err(SnapshotError::InitTrapped)?
             .map_err(|e| SnapshotError::InitFailed(e.into()))?;
-        Ok::<_, SnapshotError>(instance)
+        Ok::<_, SnapshotError>((instance, engine_bytes))
     });
-    let instance = initialized.map_err(timed_out)??;
-    let held = store.data().memory_bytes();
+    let (instance, engine_bytes) = initialized.map_err(timed_out)??;
+    // Only the plugin's own memories go into the snapshot.
+    let held = store.data().memory_bytes().saturating_sub(engine_bytes);
     if held > crate::limits::MAX_SNAPSHOT_BYTES {
         return Err(SnapshotError::TooLarge {
             held,
@@ -293,6 +287,22 @@ pub fn make(
         return Err(SnapshotError::State(reason));
     }
     Ok(snapshot)
+}
+
+/// Starts `encoder`'s engine in `store`, for the plugin's `init` to ask:
+/// in the store, not in the snapshot (each instance starts its own engine
+/// from the engine's snapshot). The bytes the store then holds.
+async fn start_encoder(
+    store: &mut Store<HostState>,
+    encoder: Option<&super::Encoder>,
+) -> Result<u64, SnapshotError> {
+    if let Some(encoder) = encoder {
+        super::encoder::start(store, encoder)
+            .await
+            .map_err(SnapshotError::InitTrapped)?
+            .map_err(|e| SnapshotError::InitFailed(e.into()))?;
+    }
+    Ok(store.data().memory_bytes())
 }
 
 /// Wizer's view of the pre-initialized instance: calls to the accessor

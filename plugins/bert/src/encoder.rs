@@ -12,6 +12,11 @@ use crate::embedhost::embedder::types::InvalidInput;
 use crate::exports::embedhost::embedder::encoder::{EncoderInfo, Guest, HiddenStates};
 use crate::{EmbedError, Embeddings, Output, Plugin, lock};
 
+/// The most bytes of token states one `token-states` call may answer (the
+/// host's `ENCODER_MAX_RESULT_BYTES`): past it the call is refused before
+/// the forward pass, not trapped after it.
+const MAX_STATES_BYTES: usize = 256 * 1024 * 1024;
+
 /// The most texts (or id lists) one call may carry: a batch of the host's
 /// is split by its token budget long before this, and a plugin that asks
 /// for more (a million texts) is refused at once, before any is tokenized.
@@ -107,6 +112,19 @@ impl Guest for Plugin {
         let mut guard = lock();
         let model = guard.as_mut().ok_or(EmbedError::NotInitialized)?;
         let (ids, types) = model.tokenize(&texts)?;
+        let row = model.bert.shape.hidden * 4;
+        let mut bytes = 0usize;
+        for (index, list) in ids.iter().enumerate() {
+            bytes = bytes.saturating_add(list.len().saturating_mul(row));
+            if bytes > MAX_STATES_BYTES {
+                return Err(refuse(
+                    index,
+                    format!(
+                        "the states up to this text pass the {MAX_STATES_BYTES} bytes one call answers; ask for fewer texts"
+                    ),
+                ));
+            }
+        }
         let data = model.run(&ids, &types, Output::States)?;
         Ok(HiddenStates {
             dimension: model.info.dimension,
