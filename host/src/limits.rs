@@ -152,6 +152,13 @@ pub const MAX_RESOURCE_HANDLES: usize = 4096;
 /// are bounded by the memory cap and checked by the validation of `embed`.
 pub const MAX_HOSTCALL_BYTES: usize = 1024 * 1024;
 
+/// Longest line of an error the CLI prints (escaped, see
+/// `untrusted::sanitize_lines`): an error quotes at most a path, a key, a
+/// plugin's bounded error value or a server's bounded answer, all well under
+/// this; past it a line is cut and marked, so no message can flood a
+/// terminal.
+pub const MAX_SHOWN_ERROR_LINE: usize = 16 * 1024;
+
 /// Longest NAME `embedhost plugin new` takes: it becomes a directory, a
 /// file name, a Cargo package and an npm name (npm allows 214); 64 holds any
 /// real name and keeps paths well under any file system's limit.

@@ -27,6 +27,18 @@ pub fn sanitize(text: &str, max: usize) -> String {
     out
 }
 
+/// `text` made safe to print as lines on a terminal: each line as
+/// [`sanitize`] makes it (escaped, at most about `max_line` bytes), the line
+/// breaks kept. For the CLI's one error edge: a message the host wrote may
+/// span lines, but any part of it may quote what came from outside (a
+/// stored manifest, a server's answer, a plugin's error value).
+pub fn sanitize_lines(text: &str, max_line: usize) -> String {
+    text.split('\n')
+        .map(|line| sanitize(line, max_line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Whether `c` acts on a terminal or a log instead of being printed:
 /// control characters (newlines, carriage returns, ESC, BEL), the Unicode
 /// line and paragraph separators, and the bidi overrides, isolates and
@@ -47,7 +59,20 @@ pub fn hides(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+
+    /// An error's own line breaks survive; a terminal escape or a line
+    /// break inside a quoted part cannot act (it is one escaped character
+    /// of its line).
+    #[test]
+    fn lines_keep_their_breaks_and_lose_their_escapes() {
+        let text = "first line\nsecond \u{1b}[2J\r with a \u{202e} bidi";
+        let shown = sanitize_lines(text, 1024);
+        assert_eq!(shown.lines().count(), 2);
+        assert!(!shown.chars().any(|c| c != '\n' && hides(c)), "{shown}");
+        assert!(shown.starts_with("first line\nsecond "), "{shown}");
+        assert!(sanitize_lines(&"x".repeat(100), 10).ends_with("[truncated]"));
+    }
+    use super::{hides, sanitize, sanitize_lines};
 
     #[test]
     fn a_newline_cannot_forge_a_host_line() {

@@ -78,7 +78,11 @@ pub fn main() -> ExitCode {
         Ok(()) if OUTPUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("error: {message}");
+            // Escaped at this one edge: any part of a message may quote
+            // what came from outside (limits::MAX_SHOWN_ERROR_LINE a line).
+            let shown =
+                crate::untrusted::sanitize_lines(&message, crate::limits::MAX_SHOWN_ERROR_LINE);
+            eprintln!("error: {shown}");
             ExitCode::FAILURE
         }
     }
