@@ -26,7 +26,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store, StoreContextMut};
 
-use super::bindings::embedhost::embedder::types::{EmbedError, Embeddings, InvalidInput};
+use super::bindings::embedhost::embedder::types::{EmbedError, InvalidInput};
 use super::boundary::classify;
 use super::host::HostState;
 use super::{InstantiateError, WasmError, WasmPlugin};
@@ -46,7 +46,7 @@ pub mod engine_bindings {
     });
 }
 
-use engine_bindings::exports::embedhost::embedder::encoder::{EncoderInfo, HiddenStates};
+use engine_bindings::exports::embedhost::embedder::encoder::EncoderInfo;
 
 /// The interface a `model-plugin` imports.
 pub const ENCODER_INTERFACE: &str = "embedhost:embedder/encoder@0.1.1";
@@ -223,69 +223,61 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     })?;
     instance.func_wrap_async("encode", |mut store, (texts,): (Vec<String>,)| {
         Box::new(async move {
-            if let Err(e) = bounded(texts.len()) {
-                return Ok((Err(e),));
-            }
-            let engine = linked(&store)?;
-            let answer = with_allowance(&mut store, async |store| {
-                engine
-                    .embedhost_embedder_encoder()
-                    .call_encode(store, &texts)
-                    .await
-            })
-            .await?;
-            Ok((answer,))
+            let answer = forward(&mut store, texts.len(), async |engine, store| {
+                engine.call_encode(store, &texts).await
+            });
+            Ok((answer.await?,))
         })
     })?;
     instance.func_wrap_async("tokenize", |mut store, (texts,): (Vec<String>,)| {
         Box::new(async move {
-            if let Err(e) = bounded(texts.len()) {
-                return Ok((Err(e),));
-            }
-            let engine = linked(&store)?;
-            let answer = with_allowance(&mut store, async |store| {
-                engine
-                    .embedhost_embedder_encoder()
-                    .call_tokenize(store, &texts)
-                    .await
-            })
-            .await?;
-            Ok((answer,))
+            let answer = forward(&mut store, texts.len(), async |engine, store| {
+                engine.call_tokenize(store, &texts).await
+            });
+            Ok((answer.await?,))
         })
     })?;
     instance.func_wrap_async("encode-ids", |mut store, (ids,): (Vec<Vec<u32>>,)| {
         Box::new(async move {
-            if let Err(e) = bounded(ids.len()) {
-                return Ok((Err::<Embeddings, _>(e),));
-            }
-            let engine = linked(&store)?;
-            let answer = with_allowance(&mut store, async |store| {
-                engine
-                    .embedhost_embedder_encoder()
-                    .call_encode_ids(store, &ids)
-                    .await
-            })
-            .await?;
-            Ok((answer,))
+            let answer = forward(&mut store, ids.len(), async |engine, store| {
+                engine.call_encode_ids(store, &ids).await
+            });
+            Ok((answer.await?,))
         })
     })?;
     instance.func_wrap_async("token-states", |mut store, (texts,): (Vec<String>,)| {
         Box::new(async move {
-            if let Err(e) = bounded(texts.len()) {
-                return Ok((Err::<HiddenStates, _>(e),));
-            }
-            let engine = linked(&store)?;
-            let answer = with_allowance(&mut store, async |store| {
-                engine
-                    .embedhost_embedder_encoder()
-                    .call_token_states(store, &texts)
-                    .await
-            })
-            .await?;
-            Ok((answer,))
+            let answer = forward(&mut store, texts.len(), async |engine, store| {
+                engine.call_token_states(store, &texts).await
+            });
+            Ok((answer.await?,))
         })
     })?;
     Ok(())
+}
+
+/// The engine's `encoder` export, as each forwarding function calls it.
+type EncoderExport = engine_bindings::exports::embedhost::embedder::encoder::Guest;
+
+/// One forwarded call of `count` inputs: refused past
+/// [`limits::ENCODER_MAX_BATCH`] before the engine sees it, else `call` on
+/// the store's engine under [`with_allowance`].
+async fn forward<T>(
+    store: &mut StoreContextMut<'_, HostState>,
+    count: usize,
+    call: impl AsyncFnOnce(
+        &EncoderExport,
+        &mut StoreContextMut<'_, HostState>,
+    ) -> wasmtime::Result<Result<T, EmbedError>>,
+) -> wasmtime::Result<Result<T, EmbedError>> {
+    if let Err(e) = bounded(count) {
+        return Ok(Err(e));
+    }
+    let engine = linked(store)?;
+    with_allowance(store, async |store| {
+        call(engine.embedhost_embedder_encoder(), store).await
+    })
+    .await
 }
 
 /// The engine linked in `store`.

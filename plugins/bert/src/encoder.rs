@@ -64,13 +64,8 @@ impl Guest for Plugin {
 
     fn encode(texts: Vec<String>) -> Result<Embeddings, EmbedError> {
         bounded(texts.len())?;
-        let mut guard = lock();
-        let model = guard.as_mut().ok_or(EmbedError::NotInitialized)?;
-        let data = model.embed(&texts)?;
-        Ok(Embeddings {
-            dimension: model.info.dimension,
-            data,
-        })
+        // The engine's own `embed`: a text's kind changes nothing here.
+        <Plugin as crate::Guest>::embed(texts, crate::InputKind::Document)
     }
 
     fn tokenize(texts: Vec<String>) -> Result<Vec<Vec<u32>>, EmbedError> {
